@@ -1,0 +1,115 @@
+//! The stored form of every record: a versioned envelope around an rmp-serde payload.
+//!
+//! Records are encoded with `rmp_serde::to_vec_named` (structs as maps), so fields can be added
+//! with `#[serde(default)]` and old code skips fields it does not know. A shipped
+//! `(event_type, event_version)` shape is never edited: a new version is added and the reader
+//! upcasts the old one (see the domain codec in `thinghub-actors`).
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+/// One stored record: what happened, in which shape version, when, and the encoded payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Past-tense name of the event (`ShadowUpdated`), or of the snapshot/record type.
+    pub event_type: String,
+    /// Shape version of `payload` for this `event_type`, starting at 1.
+    pub event_version: u16,
+    /// Wall-clock time the record was decided, Unix milliseconds.
+    pub recorded_at_ms: u64,
+    /// The payload, itself `rmp_serde::to_vec_named` of the typed shape.
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+}
+
+/// Why bytes could not be turned into a record (or a record into bytes).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct CodecError(pub String);
+
+impl Envelope {
+    /// Builds an envelope by encoding `payload` with named fields.
+    pub fn new<T: Serialize>(
+        event_type: &str,
+        event_version: u16,
+        recorded_at_ms: u64,
+        payload: &T,
+    ) -> Result<Envelope, CodecError> {
+        Ok(Envelope {
+            event_type: event_type.to_owned(),
+            event_version,
+            recorded_at_ms,
+            payload: encode(payload)?,
+        })
+    }
+
+    /// Decodes the payload as `T` (the caller has matched `event_type`/`event_version`).
+    pub fn payload_as<T: DeserializeOwned>(&self) -> Result<T, CodecError> {
+        decode(&self.payload)
+    }
+
+    /// The envelope's stored bytes.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, CodecError> {
+        encode(self)
+    }
+
+    /// Parses stored bytes into an envelope.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Envelope, CodecError> {
+        decode(bytes)
+    }
+}
+
+/// Encodes a value as MessagePack with named fields (the only stored encoding).
+pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
+    rmp_serde::to_vec_named(value).map_err(|e| CodecError(format!("encode: {e}")))
+}
+
+/// Decodes MessagePack written by [`encode`].
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    rmp_serde::from_slice(bytes).map_err(|e| CodecError(format!("decode: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct V1 {
+        a: u32,
+    }
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct V1WithAddedField {
+        a: u32,
+        #[serde(default)]
+        b: Option<String>,
+    }
+
+    #[test]
+    fn named_encoding_tolerates_added_fields_both_ways() {
+        let old = encode(&V1 { a: 7 }).expect("encode");
+        let read_by_new: V1WithAddedField = decode(&old).expect("new reads old");
+        assert_eq!(read_by_new, V1WithAddedField { a: 7, b: None });
+
+        let new = encode(&V1WithAddedField {
+            a: 8,
+            b: Some("x".into()),
+        })
+        .expect("encode");
+        let read_by_old: V1 = decode(&new).expect("old reads new");
+        assert_eq!(read_by_old, V1 { a: 8 });
+    }
+
+    #[test]
+    fn envelope_round_trips() {
+        let envelope = Envelope::new("Thing", 1, 42, &V1 { a: 1 }).expect("envelope");
+        let bytes = envelope.to_bytes().expect("bytes");
+        assert_eq!(Envelope::from_bytes(&bytes).expect("decode"), envelope);
+        assert_eq!(envelope.payload_as::<V1>().expect("payload"), V1 { a: 1 });
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        assert!(Envelope::from_bytes(&[0xc1, 0xff, 0x00]).is_err());
+        assert!(Envelope::from_bytes(&[]).is_err());
+    }
+}

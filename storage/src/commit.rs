@@ -1,0 +1,183 @@
+//! Group commit: one thread makes every pending write durable with one flush + fsync.
+//!
+//! Writers insert into sled (memory), then hand the committer a waiter and await it. The thread
+//! takes every waiter queued so far (up to the batch bound), flushes sled, `fsync`s the database
+//! file and any new blob files (sled's flush only issues `sync_file_range`, which is not a
+//! durability barrier, and it never syncs blobs), then wakes them all. Writes that arrive during
+//! a flush form the next batch, so the cost is one fsync per batch, not per write. Exactly one
+//! flush is ever in flight (sled's concurrent `flush_async` deadlocks, upstream issue #1308).
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Instant;
+
+use tokio::sync::oneshot;
+
+use crate::StorageError;
+
+type Waiter = oneshot::Sender<Result<(), StorageError>>;
+
+/// Counters of the group commit since the store was opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CommitStats {
+    /// Flush + fsync rounds completed.
+    pub batches: u64,
+    /// Waiters made durable (appends and explicit syncs).
+    pub waiters: u64,
+    /// Total time spent in flush + fsync, microseconds.
+    pub flush_us_total: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    batches: AtomicU64,
+    waiters: AtomicU64,
+    flush_us_total: AtomicU64,
+}
+
+pub(crate) struct GroupCommit {
+    tx: std::sync::Mutex<Option<mpsc::Sender<Waiter>>>,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    counters: Arc<Counters>,
+}
+
+impl GroupCommit {
+    pub(crate) fn start(
+        db: sled::Db,
+        data_dir: &Path,
+        batch_waiters_max: usize,
+    ) -> Result<GroupCommit, StorageError> {
+        let db_file = File::open(data_dir.join("db"))
+            .map_err(|e| StorageError::Db(format!("open db file for fsync: {e}")))?;
+        let (tx, rx) = mpsc::channel::<Waiter>();
+        let counters = Arc::new(Counters::default());
+        let thread_counters = counters.clone();
+        let blobs_dir = data_dir.join("blobs");
+        let thread = std::thread::Builder::new()
+            .name("thinghub-commit".into())
+            .spawn(move || {
+                let mut syncer = Syncer {
+                    db,
+                    db_file,
+                    blobs_dir,
+                    synced_blobs: HashSet::new(),
+                };
+                run(rx, &mut syncer, batch_waiters_max.max(1), &thread_counters);
+            })
+            .map_err(|e| StorageError::Db(format!("spawn commit thread: {e}")))?;
+        Ok(GroupCommit {
+            tx: std::sync::Mutex::new(Some(tx)),
+            thread: std::sync::Mutex::new(Some(thread)),
+            counters,
+        })
+    }
+
+    /// Resolves once every write made before the call is durable.
+    pub(crate) async fn wait_durable(&self) -> Result<(), StorageError> {
+        let (waiter, done) = oneshot::channel();
+        {
+            let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+            let tx = guard.as_ref().ok_or(StorageError::Closed)?;
+            tx.send(waiter).map_err(|_| StorageError::Closed)?;
+        }
+        done.await.map_err(|_| StorageError::Closed)?
+    }
+
+    pub(crate) fn stats(&self) -> CommitStats {
+        CommitStats {
+            batches: self.counters.batches.load(Ordering::Relaxed),
+            waiters: self.counters.waiters.load(Ordering::Relaxed),
+            flush_us_total: self.counters.flush_us_total.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Drop for GroupCommit {
+    fn drop(&mut self) {
+        // Closing the channel lets the thread finish its last batch and exit.
+        self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(thread) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+struct Syncer {
+    db: sled::Db,
+    db_file: File,
+    blobs_dir: PathBuf,
+    synced_blobs: HashSet<std::ffi::OsString>,
+}
+
+impl Syncer {
+    fn make_durable(&mut self) -> std::io::Result<()> {
+        self.db.flush().map_err(std::io::Error::other)?;
+        self.db_file.sync_all()?;
+        self.sync_new_blobs()
+    }
+
+    /// sled writes values larger than a segment fraction to `blobs/` without any fsync.
+    fn sync_new_blobs(&mut self) -> std::io::Result<()> {
+        let entries = match std::fs::read_dir(&self.blobs_dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let mut present = HashSet::new();
+        let mut synced_any = false;
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name();
+            if !self.synced_blobs.contains(&name) {
+                File::open(entry.path())?.sync_all()?;
+                synced_any = true;
+            }
+            present.insert(name);
+        }
+        if synced_any {
+            File::open(&self.blobs_dir)?.sync_all()?;
+        }
+        self.synced_blobs = present;
+        Ok(())
+    }
+}
+
+fn run(
+    rx: mpsc::Receiver<Waiter>,
+    syncer: &mut Syncer,
+    batch_waiters_max: usize,
+    counters: &Counters,
+) {
+    let mut batch: Vec<Waiter> = Vec::with_capacity(batch_waiters_max);
+    while let Ok(first) = rx.recv() {
+        batch.push(first);
+        while batch.len() < batch_waiters_max {
+            match rx.try_recv() {
+                Ok(waiter) => batch.push(waiter),
+                Err(_) => break,
+            }
+        }
+        let started = Instant::now();
+        let result = syncer.make_durable().map_err(|e| {
+            tracing::error!(error = %e, "group commit failed; writes in this batch are not durable");
+            StorageError::CommitFailed(e.to_string())
+        });
+        counters
+            .flush_us_total
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        counters.batches.fetch_add(1, Ordering::Relaxed);
+        counters
+            .waiters
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        for waiter in batch.drain(..) {
+            let _ = waiter.send(result.clone());
+        }
+    }
+    // Channel closed: make anything written since the last batch durable before exiting.
+    if let Err(e) = syncer.make_durable() {
+        tracing::error!(error = %e, "final flush at shutdown failed");
+    }
+}

@@ -1,0 +1,168 @@
+//! Indexes kept beside the log: `things` (the registry listing) and `deadlines` (timers).
+//!
+//! Both change only inside an [`AppendBatch`](crate::AppendBatch), atomically with the events
+//! that justify them, so an index never points at history that is not durable.
+
+use crate::{thing_key, StorageError, Store};
+
+/// An index change carried by an append.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IndexOp {
+    /// Insert or replace the Thing's registry record (opaque bytes, domain-encoded).
+    PutThing(Vec<u8>),
+    /// Remove the Thing from the registry listing.
+    RemoveThing,
+    /// Register a deadline for the Thing at `at_ms` (Unix ms).
+    PutDeadline {
+        /// When it is due, Unix milliseconds.
+        at_ms: u64,
+    },
+    /// Remove a deadline registered earlier.
+    RemoveDeadline {
+        /// The `at_ms` it was registered with.
+        at_ms: u64,
+    },
+}
+
+/// A deadline read from the index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadlineEntry {
+    /// When it is due, Unix milliseconds.
+    pub at_ms: u64,
+    /// The Thing that owns it.
+    pub thing: String,
+}
+
+pub(crate) fn deadline_key(at_ms: u64, thing_key: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(8 + thing_key.len());
+    key.extend_from_slice(&at_ms.to_be_bytes());
+    key.extend_from_slice(thing_key);
+    key
+}
+
+impl Store {
+    /// Lists up to `limit` registry records with names after `after`, in name order.
+    pub fn list_things(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
+        let iter = match after {
+            Some(after) => self.inner.things.range::<&[u8], _>((
+                std::ops::Bound::Excluded(after.as_bytes()),
+                std::ops::Bound::Unbounded,
+            )),
+            None => self.inner.things.iter(),
+        };
+        let mut out = Vec::new();
+        for item in iter.take(limit) {
+            let (key, value) = item?;
+            let name = String::from_utf8(key.to_vec()).map_err(|_| StorageError::Corrupt {
+                thing: String::from_utf8_lossy(&key).into_owned(),
+                seq: 0,
+                reason: "registry key is not UTF-8".into(),
+            })?;
+            out.push((name, value.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// The registry record of one Thing, if it is registered.
+    pub fn get_thing(&self, name: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.inner.things.get(name.as_bytes())?.map(|v| v.to_vec()))
+    }
+
+    /// Number of registered Things (walks the index: O(n)).
+    pub fn count_things(&self) -> usize {
+        self.inner.things.len()
+    }
+
+    /// Deadlines due at or before `until_ms`, earliest first, at most `limit`.
+    pub fn due_deadlines(
+        &self,
+        until_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<DeadlineEntry>, StorageError> {
+        let end = (until_ms.saturating_add(1)).to_be_bytes();
+        let mut out = Vec::new();
+        for item in self.inner.deadlines.range(..end.as_slice()).take(limit) {
+            let (key, _) = item?;
+            out.push(parse_deadline_key(&key)?);
+        }
+        Ok(out)
+    }
+
+    /// The earliest deadline in the index, if any.
+    pub fn next_deadline(&self) -> Result<Option<DeadlineEntry>, StorageError> {
+        match self.inner.deadlines.first()? {
+            None => Ok(None),
+            Some((key, _)) => Ok(Some(parse_deadline_key(&key)?)),
+        }
+    }
+
+    /// Checks that `name` can be a storage key (length bounds).
+    pub fn validate_thing_name(name: &str) -> Result<(), StorageError> {
+        thing_key(name).map(|_| ())
+    }
+}
+
+fn parse_deadline_key(key: &[u8]) -> Result<DeadlineEntry, StorageError> {
+    let corrupt = |reason: &str| StorageError::Corrupt {
+        thing: String::new(),
+        seq: 0,
+        reason: format!("deadline index: {reason}"),
+    };
+    let at: [u8; 8] = key
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| corrupt("short key"))?;
+    let len = *key.get(8).ok_or_else(|| corrupt("missing thing key"))? as usize;
+    let name = key.get(9..9 + len).ok_or_else(|| corrupt("truncated thing key"))?;
+    Ok(DeadlineEntry {
+        at_ms: u64::from_be_bytes(at),
+        thing: String::from_utf8(name.to_vec()).map_err(|_| corrupt("thing name not UTF-8"))?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{AppendBatch, Envelope, IndexOp, Store, StoreConfig};
+
+    #[tokio::test]
+    async fn registry_listing_pages_in_name_order_and_deadlines_sort_by_time() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&StoreConfig::new(dir.path())).expect("open");
+        for (i, name) in ["c", "a", "b", "d"].iter().enumerate() {
+            store
+                .append(AppendBatch {
+                    thing: (*name).into(),
+                    first_seq: 1,
+                    events: vec![Envelope::new("X", 1, 0, &()).expect("env")],
+                    index: vec![
+                        IndexOp::PutThing(name.as_bytes().to_vec()),
+                        IndexOp::PutDeadline {
+                            at_ms: 100 - i as u64,
+                        },
+                    ],
+                })
+                .await
+                .expect("append");
+        }
+        let page1 = store.list_things(None, 2).expect("list");
+        assert_eq!(
+            page1.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        let page2 = store.list_things(Some("b"), 10).expect("list");
+        assert_eq!(
+            page2.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+            ["c", "d"]
+        );
+        let due = store.due_deadlines(98, 10).expect("due");
+        assert_eq!(
+            due.iter().map(|d| (d.at_ms, d.thing.as_str())).collect::<Vec<_>>(),
+            [(97, "d"), (98, "b")]
+        );
+        assert_eq!(store.next_deadline().expect("next").map(|d| d.at_ms), Some(97));
+    }
+}

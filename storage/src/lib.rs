@@ -1,0 +1,199 @@
+//! thinghub's storage: the append-only per-Thing event log, snapshots and indexes, on sled.
+//!
+//! This is the only crate that knows sled. Everything it stores is an [`Envelope`]
+//! (`event_type`, `event_version`, `recorded_at_ms`, payload) encoded with rmp-serde named fields.
+//!
+//! - [`log`]: `events` tree, key = thing key ‖ seq (big-endian), and the group commit that makes
+//!   many concurrent appends durable with one flush + fsync.
+//! - [`snapshot`]: `snapshots` tree, one (seq, state) per Thing.
+//! - [`index`]: `things` (registry listing) and `deadlines` (timer index) trees, changed in the
+//!   same atomic write as the events that justify them.
+//! - [`kv`]: small durable key/value records (API keys, credentials).
+//!
+//! A thing key is `len(name) as u8 ‖ name`, so no Thing's key is a prefix of another's.
+
+pub mod codec;
+pub mod index;
+pub mod kv;
+pub mod log;
+pub mod snapshot;
+
+mod commit;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use codec::{CodecError, Envelope};
+pub use commit::CommitStats;
+pub use index::{DeadlineEntry, IndexOp};
+pub use log::{AppendBatch, RecordedEvent};
+pub use snapshot::Snapshot;
+
+/// Longest Thing name storage accepts, in bytes (the key length prefix is one byte).
+pub const THING_NAME_BYTES_MAX: usize = 255;
+
+/// Everything that can go wrong in storage.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StorageError {
+    /// The underlying database failed (I/O, or sled's own corruption report).
+    #[error("database error: {0}")]
+    Db(String),
+    /// A stored record could not be decoded; names the Thing and the sequence number.
+    #[error("corrupt record for thing '{thing}' at seq {seq}: {reason}")]
+    Corrupt {
+        /// The Thing whose record is bad.
+        thing: String,
+        /// The sequence number of the bad record (0 for a snapshot or index record).
+        seq: u64,
+        /// What the decoder said.
+        reason: String,
+    },
+    /// An append tried to write a sequence number that already exists (two writers for a Thing).
+    #[error("sequence conflict for thing '{thing}': seq {seq} already exists")]
+    SequenceConflict {
+        /// The Thing being appended to.
+        thing: String,
+        /// The first sequence number of the rejected append.
+        seq: u64,
+    },
+    /// The Thing name cannot be used as a storage key.
+    #[error("invalid thing name for storage: {0}")]
+    InvalidName(String),
+    /// A record could not be encoded.
+    #[error("encode error: {0}")]
+    Encode(String),
+    /// The group commit failed, so the write is not known to be durable.
+    #[error("commit failed, write not durable: {0}")]
+    CommitFailed(String),
+    /// The data directory is held by another process (a running server).
+    #[error("data directory {0} is locked by another process (is a thinghub server running on it?)")]
+    Locked(PathBuf),
+    /// The store is shutting down.
+    #[error("storage is shut down")]
+    Closed,
+}
+
+impl From<sled::Error> for StorageError {
+    fn from(e: sled::Error) -> Self {
+        StorageError::Db(e.to_string())
+    }
+}
+
+impl From<CodecError> for StorageError {
+    fn from(e: CodecError) -> Self {
+        StorageError::Encode(e.0)
+    }
+}
+
+/// How the store is opened.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Directory holding the sled database.
+    pub data_dir: PathBuf,
+    /// sled page cache size in bytes.
+    pub cache_bytes: u64,
+    /// Most appends made durable by one flush (bounds the latency of a batch).
+    pub commit_batch_appends_max: usize,
+}
+
+impl StoreConfig {
+    /// Defaults for a data directory: 256 MiB cache, batches of up to 4096 appends.
+    pub fn new(data_dir: impl Into<PathBuf>) -> StoreConfig {
+        StoreConfig {
+            data_dir: data_dir.into(),
+            cache_bytes: 256 * 1024 * 1024,
+            commit_batch_appends_max: 4096,
+        }
+    }
+}
+
+/// The store. Cheap to clone; all clones share one database and one group-commit thread.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: sled::Db,
+    events: sled::Tree,
+    snapshots: sled::Tree,
+    things: sled::Tree,
+    deadlines: sled::Tree,
+    kv: sled::Tree,
+    committer: commit::GroupCommit,
+    data_dir: PathBuf,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `config.data_dir` and starts the group-commit thread.
+    pub fn open(config: &StoreConfig) -> Result<Store, StorageError> {
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| StorageError::Db(format!("create {}: {e}", config.data_dir.display())))?;
+        let db = sled::Config::new()
+            .path(&config.data_dir)
+            .cache_capacity(config.cache_bytes)
+            // Durability is ours (group commit); sled's background flusher only adds IO.
+            .flush_every_ms(None)
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                    StorageError::Locked(config.data_dir.clone())
+                }
+                sled::Error::Io(ref io) if io.to_string().contains("lock") => {
+                    StorageError::Locked(config.data_dir.clone())
+                }
+                other => StorageError::from(other),
+            })?;
+        let committer = commit::GroupCommit::start(
+            db.clone(),
+            &config.data_dir,
+            config.commit_batch_appends_max,
+        )?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                events: db.open_tree("events")?,
+                snapshots: db.open_tree("snapshots")?,
+                things: db.open_tree("things")?,
+                deadlines: db.open_tree("deadlines")?,
+                kv: db.open_tree("kv")?,
+                db,
+                committer,
+                data_dir: config.data_dir.clone(),
+            }),
+        })
+    }
+
+    /// The data directory this store lives in.
+    pub fn data_dir(&self) -> &Path {
+        &self.inner.data_dir
+    }
+
+    /// Waits until every write made before this call is durable (one group commit).
+    pub async fn sync(&self) -> Result<(), StorageError> {
+        self.inner.committer.wait_durable().await
+    }
+
+    /// Group-commit counters since open.
+    pub fn commit_stats(&self) -> CommitStats {
+        self.inner.committer.stats()
+    }
+
+    /// Bytes the database occupies on disk.
+    pub fn size_on_disk_bytes(&self) -> Result<u64, StorageError> {
+        Ok(self.inner.db.size_on_disk()?)
+    }
+}
+
+/// The key prefix of a Thing: `len ‖ name`.
+pub(crate) fn thing_key(name: &str) -> Result<Vec<u8>, StorageError> {
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes.len() > THING_NAME_BYTES_MAX {
+        return Err(StorageError::InvalidName(format!(
+            "'{name}' must be 1..={THING_NAME_BYTES_MAX} bytes"
+        )));
+    }
+    let mut key = Vec::with_capacity(1 + bytes.len() + 8);
+    key.push(bytes.len() as u8);
+    key.extend_from_slice(bytes);
+    Ok(key)
+}
