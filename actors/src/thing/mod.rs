@@ -1,0 +1,465 @@
+//! The Thing domain: pure `decide` and `apply` over a Thing's state.
+//!
+//! `decide(&state, command, now_ms, limits)` holds all the rules and returns the events to append
+//! plus the reply they will produce; `apply(&mut state, &event)` only folds an event in. No IO,
+//! no clock, no async: the actor shell (`crate::thing_actor`) persists events before applying
+//! them and replying.
+//!
+//! **Architecture invariant:** nothing under `thing/` imports tokio, ractor, sled, rumqttd or axum.
+
+pub mod shadow;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub use shadow::{Origin, Shadow, ShadowDeleted, ShadowLimits, ShadowUpdate, ShadowUpdated};
+
+/// Longest Thing name, in bytes (as AWS IoT).
+pub const THING_NAME_BYTES_MAX: usize = 128;
+/// Longest MQTT client id bound to a Thing, in bytes.
+pub const CLIENT_ID_BYTES_MAX: usize = 128;
+/// Most attributes on one Thing.
+pub const ATTRIBUTES_COUNT_MAX: usize = 50;
+/// Longest attribute name, in bytes.
+pub const ATTRIBUTE_NAME_BYTES_MAX: usize = 128;
+/// Longest attribute value, in bytes.
+pub const ATTRIBUTE_VALUE_BYTES_MAX: usize = 800;
+
+/// The contract's error codes (the same numbers on MQTT `rejected` payloads and HTTP statuses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// 400: the request is malformed.
+    BadRequest,
+    /// 401: missing or wrong credentials.
+    Unauthorized,
+    /// 403: authenticated, but not allowed.
+    Forbidden,
+    /// 404: no such Thing or shadow.
+    NotFound,
+    /// 409: version conflict or the resource already exists.
+    Conflict,
+    /// 413: the document or payload is too large.
+    PayloadTooLarge,
+    /// 415: the payload is not UTF-8.
+    UnsupportedEncoding,
+    /// 429: too many requests in flight.
+    TooManyRequests,
+    /// 500: the server failed; details are logged, not returned.
+    Internal,
+    /// 503: the Thing cannot be served right now (e.g. its log failed to replay).
+    Unavailable,
+}
+
+impl ErrorCode {
+    /// The numeric code of the contract.
+    pub fn as_u16(self) -> u16 {
+        match self {
+            ErrorCode::BadRequest => 400,
+            ErrorCode::Unauthorized => 401,
+            ErrorCode::Forbidden => 403,
+            ErrorCode::NotFound => 404,
+            ErrorCode::Conflict => 409,
+            ErrorCode::PayloadTooLarge => 413,
+            ErrorCode::UnsupportedEncoding => 415,
+            ErrorCode::TooManyRequests => 429,
+            ErrorCode::Internal => 500,
+            ErrorCode::Unavailable => 503,
+        }
+    }
+}
+
+/// A refused request: a reply value, never an actor error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{} {message}", code.as_u16())]
+pub struct Rejection {
+    /// Which error of the contract.
+    pub code: ErrorCode,
+    /// Human-readable, specific message.
+    pub message: String,
+    /// The request's client token, echoed back.
+    pub client_token: Option<String>,
+}
+
+impl Rejection {
+    /// A rejection without a client token.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Rejection {
+        Rejection {
+            code,
+            message: message.into(),
+            client_token: None,
+        }
+    }
+
+    /// The same rejection carrying `token`.
+    pub fn with_token(mut self, token: Option<String>) -> Rejection {
+        self.client_token = token;
+        self
+    }
+}
+
+/// Checks a Thing name: 1..=128 bytes of `[a-zA-Z0-9:_-]` (safe inside MQTT topics and URLs).
+pub fn validate_thing_name(name: &str) -> Result<(), Rejection> {
+    let valid_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'-'));
+    if name.is_empty() || name.len() > THING_NAME_BYTES_MAX || !valid_chars {
+        return Err(Rejection::new(
+            ErrorCode::BadRequest,
+            format!(
+                "invalid thingName '{}': 1..={THING_NAME_BYTES_MAX} characters of [a-zA-Z0-9:_-]",
+                name.chars().take(THING_NAME_BYTES_MAX + 1).collect::<String>()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// All the bounds the domain enforces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Limits {
+    /// Shadow document bounds.
+    pub shadow: ShadowLimits,
+}
+
+/// A Thing's registry record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registration {
+    /// The MQTT client id the device connects with (defaults to the Thing name).
+    pub mqtt_client_id: String,
+    /// Optional type label.
+    #[serde(default)]
+    pub thing_type: Option<String>,
+    /// Free-form string attributes.
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+    /// Unix ms of registration.
+    pub created_at_ms: u64,
+}
+
+/// Everything a Thing actor owns.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ThingState {
+    /// The Thing's name (its identity in topics and URLs).
+    pub name: String,
+    /// `Some` while registered; `None` before registration and after deletion.
+    #[serde(default)]
+    pub registration: Option<Registration>,
+    /// The device shadow.
+    #[serde(default)]
+    pub shadow: Shadow,
+    /// Sequence number of the last event applied.
+    #[serde(default)]
+    pub last_seq: u64,
+}
+
+impl ThingState {
+    /// The empty state of a Thing that has no history.
+    pub fn new(name: impl Into<String>) -> ThingState {
+        ThingState {
+            name: name.into(),
+            ..ThingState::default()
+        }
+    }
+}
+
+/// Register a Thing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegisterThing {
+    /// MQTT client id; defaults to the Thing name.
+    pub mqtt_client_id: Option<String>,
+    /// Optional type label.
+    pub thing_type: Option<String>,
+    /// Attributes.
+    pub attributes: BTreeMap<String, String>,
+}
+
+/// A request that may change a Thing.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ThingCommand {
+    /// Register the Thing (409 if it is registered).
+    Register(RegisterThing),
+    /// Delete the Thing (its history stays in the log).
+    Delete,
+    /// Update the shadow.
+    UpdateShadow {
+        /// The validated request.
+        update: ShadowUpdate,
+        /// Who asks.
+        origin: Origin,
+    },
+    /// Delete the shadow document (the version is kept).
+    DeleteShadow {
+        /// Echoed back.
+        client_token: Option<String>,
+        /// Who asks.
+        origin: Origin,
+    },
+}
+
+/// Something that happened to a Thing: the unit of its log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ThingEvent {
+    /// The Thing was registered.
+    Registered(ThingRegistered),
+    /// The Thing was deleted.
+    Deleted(ThingDeleted),
+    /// A shadow update was accepted.
+    ShadowUpdated(ShadowUpdated),
+    /// The shadow document was deleted.
+    ShadowDeleted(ShadowDeleted),
+}
+
+/// Payload of `ThingRegistered` v1.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThingRegistered {
+    /// MQTT client id.
+    pub mqtt_client_id: String,
+    /// Type label.
+    #[serde(default)]
+    pub thing_type: Option<String>,
+    /// Attributes.
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+    /// Unix ms of registration.
+    pub created_at_ms: u64,
+}
+
+/// Payload of `ThingDeleted` v1.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThingDeleted {
+    /// Unix ms of deletion.
+    pub deleted_at_ms: u64,
+}
+
+/// What a command produced, for the caller to render.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    /// The Thing is registered; its description.
+    Registered(ThingDescription),
+    /// The Thing was deleted.
+    Deleted,
+    /// A shadow update was accepted.
+    ShadowUpdated(Box<shadow::ShadowUpdateResult>),
+    /// The shadow was deleted: `{version, timestamp, clientToken}`.
+    ShadowDeleted(serde_json::Value),
+}
+
+/// The events to append and the reply to send once they are durable.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    /// Events, in order (may be empty for an idempotent no-op).
+    pub events: Vec<ThingEvent>,
+    /// The reply.
+    pub reply: Reply,
+}
+
+/// A Thing as the registry API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThingDescription {
+    /// Thing name.
+    #[serde(rename = "thingName")]
+    pub name: String,
+    /// MQTT client id.
+    #[serde(rename = "mqttClientId")]
+    pub mqtt_client_id: String,
+    /// Type label.
+    #[serde(rename = "thingType", skip_serializing_if = "Option::is_none")]
+    pub thing_type: Option<String>,
+    /// Attributes.
+    pub attributes: BTreeMap<String, String>,
+    /// Unix ms of registration.
+    #[serde(rename = "createdAt")]
+    pub created_at_ms: u64,
+    /// Current shadow version (0 = never updated).
+    #[serde(rename = "shadowVersion")]
+    pub shadow_version: u64,
+}
+
+impl ThingState {
+    /// The registry view, if registered.
+    pub fn describe(&self) -> Option<ThingDescription> {
+        let registration = self.registration.as_ref()?;
+        Some(ThingDescription {
+            name: self.name.clone(),
+            mqtt_client_id: registration.mqtt_client_id.clone(),
+            thing_type: registration.thing_type.clone(),
+            attributes: registration.attributes.clone(),
+            created_at_ms: registration.created_at_ms,
+            shadow_version: self.shadow.version,
+        })
+    }
+
+    /// The 404 of an unregistered Thing.
+    pub fn not_found(&self) -> Rejection {
+        Rejection::new(
+            ErrorCode::NotFound,
+            format!("Thing '{}' not found", self.name),
+        )
+    }
+}
+
+fn validate_label(what: &str, value: &str, bytes_max: usize) -> Result<(), Rejection> {
+    let valid = value
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'-' | b'.'));
+    if value.is_empty() || value.len() > bytes_max || !valid {
+        return Err(Rejection::new(
+            ErrorCode::BadRequest,
+            format!("invalid {what} '{value}': 1..={bytes_max} characters of [a-zA-Z0-9:_.-]"),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_registration(command: &RegisterThing) -> Result<(), Rejection> {
+    if let Some(client_id) = &command.mqtt_client_id {
+        if client_id.is_empty() || client_id.len() > CLIENT_ID_BYTES_MAX {
+            return Err(Rejection::new(
+                ErrorCode::BadRequest,
+                format!("mqttClientId must be 1..={CLIENT_ID_BYTES_MAX} bytes"),
+            ));
+        }
+        if client_id.chars().any(|c| c.is_control()) {
+            return Err(Rejection::new(
+                ErrorCode::BadRequest,
+                "mqttClientId must not contain control characters",
+            ));
+        }
+    }
+    if let Some(thing_type) = &command.thing_type {
+        validate_label("thingType", thing_type, THING_NAME_BYTES_MAX)?;
+    }
+    if command.attributes.len() > ATTRIBUTES_COUNT_MAX {
+        return Err(Rejection::new(
+            ErrorCode::BadRequest,
+            format!("at most {ATTRIBUTES_COUNT_MAX} attributes"),
+        ));
+    }
+    for (name, value) in &command.attributes {
+        validate_label("attribute name", name, ATTRIBUTE_NAME_BYTES_MAX)?;
+        if value.len() > ATTRIBUTE_VALUE_BYTES_MAX {
+            return Err(Rejection::new(
+                ErrorCode::BadRequest,
+                format!("attribute '{name}' value must be at most {ATTRIBUTE_VALUE_BYTES_MAX} bytes"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Decides a command against the current state.
+pub fn decide(
+    state: &ThingState,
+    command: &ThingCommand,
+    now_ms: u64,
+    limits: &Limits,
+) -> Result<Decision, Rejection> {
+    match command {
+        ThingCommand::Register(register) => {
+            if state.registration.is_some() {
+                return Err(Rejection::new(
+                    ErrorCode::Conflict,
+                    format!("Thing '{}' already exists", state.name),
+                ));
+            }
+            validate_registration(register)?;
+            let event = ThingRegistered {
+                mqtt_client_id: register
+                    .mqtt_client_id
+                    .clone()
+                    .unwrap_or_else(|| state.name.clone()),
+                thing_type: register.thing_type.clone(),
+                attributes: register.attributes.clone(),
+                created_at_ms: now_ms,
+            };
+            let mut next = state.clone();
+            let event = ThingEvent::Registered(event);
+            apply(&mut next, &event);
+            let description = next.describe().ok_or_else(|| {
+                Rejection::new(ErrorCode::Internal, "registration did not register")
+            })?;
+            Ok(Decision {
+                events: vec![event],
+                reply: Reply::Registered(description),
+            })
+        }
+        ThingCommand::Delete => {
+            if state.registration.is_none() {
+                return Err(state.not_found());
+            }
+            Ok(Decision {
+                events: vec![ThingEvent::Deleted(ThingDeleted {
+                    deleted_at_ms: now_ms,
+                })],
+                reply: Reply::Deleted,
+            })
+        }
+        ThingCommand::UpdateShadow { update, origin } => {
+            if state.registration.is_none() {
+                return Err(state.not_found().with_token(update.client_token.clone()));
+            }
+            let (event, result) =
+                shadow::decide_update(&state.shadow, update, *origin, now_ms, &limits.shadow)?;
+            Ok(Decision {
+                events: vec![ThingEvent::ShadowUpdated(event)],
+                reply: Reply::ShadowUpdated(Box::new(result)),
+            })
+        }
+        ThingCommand::DeleteShadow {
+            client_token,
+            origin,
+        } => {
+            if state.registration.is_none() {
+                return Err(state.not_found().with_token(client_token.clone()));
+            }
+            let event = shadow::decide_delete(
+                &state.shadow,
+                client_token.clone(),
+                *origin,
+                now_ms,
+                &state.name,
+            )?;
+            let mut reply = serde_json::json!({
+                "version": event.version,
+                "timestamp": event.timestamp_s,
+            });
+            if let Some(token) = client_token {
+                reply["clientToken"] = token.clone().into();
+            }
+            Ok(Decision {
+                events: vec![ThingEvent::ShadowDeleted(event)],
+                reply: Reply::ShadowDeleted(reply),
+            })
+        }
+    }
+}
+
+/// Folds one event into the state. Holds no rules: every check happened in [`decide`].
+pub fn apply(state: &mut ThingState, event: &ThingEvent) {
+    match event {
+        ThingEvent::Registered(registered) => {
+            state.registration = Some(Registration {
+                mqtt_client_id: registered.mqtt_client_id.clone(),
+                thing_type: registered.thing_type.clone(),
+                attributes: registered.attributes.clone(),
+                created_at_ms: registered.created_at_ms,
+            });
+        }
+        ThingEvent::Deleted(deleted) => {
+            state.registration = None;
+            // The document goes with the Thing; the version continues if it is re-registered.
+            state.shadow.apply_deleted(&ShadowDeleted {
+                version: state.shadow.version,
+                timestamp_s: deleted.deleted_at_ms / 1000,
+                client_token: None,
+                origin: Origin::Operator,
+            });
+        }
+        ThingEvent::ShadowUpdated(updated) => state.shadow.apply_updated(updated),
+        ThingEvent::ShadowDeleted(deleted) => state.shadow.apply_deleted(deleted),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,982 @@
+//! The device shadow: desired vs reported state, per-leaf metadata, a version, and the delta.
+//!
+//! Semantics (design.md section 6, AWS IoT Device Shadow compatible):
+//! - An update names `state.desired` and/or `state.reported`. Fields named are set; `null`
+//!   deletes a key; nested objects merge recursively; arrays are replaced whole; a section set to
+//!   `null` is cleared. Objects left with no keys are not stored (setting `{}` stores nothing).
+//! - `version` present and non-zero must equal the current version (409 otherwise); every
+//!   accepted update increments the version by exactly 1. Deleting the shadow keeps the version.
+//! - Every leaf (scalar or whole array) has metadata `{"timestamp": unix_seconds}` of its last set.
+//! - The delta is every desired key whose value differs from reported, recursively, with the full
+//!   path from the root; numbers compare by value (`22` equals `22.0`).
+//!
+//! Everything here is pure: time comes in as an argument.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::{ErrorCode, Rejection};
+
+/// Bounds on a shadow document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShadowLimits {
+    /// Largest `state` (desired + reported, compact JSON) after an update, in bytes.
+    pub state_bytes_max: usize,
+    /// Deepest nesting of objects/arrays inside `desired` or `reported` (the section is level 1).
+    pub depth_max: usize,
+    /// Longest `clientToken`, in bytes.
+    pub client_token_bytes_max: usize,
+}
+
+impl Default for ShadowLimits {
+    fn default() -> Self {
+        ShadowLimits {
+            state_bytes_max: 8 * 1024,
+            depth_max: 6,
+            client_token_bytes_max: 64,
+        }
+    }
+}
+
+/// How an update changes one section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum SectionPatch {
+    /// `"desired": null`: the section is cleared.
+    #[serde(rename = "clear")]
+    Clear,
+    /// `"desired": {...}`: merged into the section (`null` leaves delete keys).
+    #[serde(rename = "merge")]
+    Merge(Map<String, Value>),
+}
+
+impl SectionPatch {
+    /// The patch as the JSON the device sent (`null` or the object).
+    pub fn to_json(&self) -> Value {
+        match self {
+            SectionPatch::Clear => Value::Null,
+            SectionPatch::Merge(map) => Value::Object(map.clone()),
+        }
+    }
+}
+
+/// A validated shadow update request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShadowUpdate {
+    /// Change to `desired`, if named.
+    pub desired: Option<SectionPatch>,
+    /// Change to `reported`, if named.
+    pub reported: Option<SectionPatch>,
+    /// Correlation token echoed in every reply.
+    pub client_token: Option<String>,
+    /// Optimistic lock: `Some(v)` with `v > 0` must equal the current version.
+    pub expected_version: Option<u64>,
+}
+
+impl ShadowUpdate {
+    /// Parses a request body (`{"state":{...},"clientToken"?,"version"?}`) from raw bytes.
+    pub fn parse(bytes: &[u8], limits: &ShadowLimits) -> Result<ShadowUpdate, Rejection> {
+        let value = parse_json_object(bytes)?;
+        ShadowUpdate::from_json(&value, limits)
+    }
+
+    /// Validates an already parsed request body. JSON outside `state`, `clientToken` and
+    /// `version` is ignored.
+    pub fn from_json(body: &Value, limits: &ShadowLimits) -> Result<ShadowUpdate, Rejection> {
+        let Some(body) = body.as_object() else {
+            return Err(Rejection::new(
+                ErrorCode::BadRequest,
+                "Payload must be a JSON object",
+            ));
+        };
+        let client_token = client_token_of(body, limits)?;
+        let reject = |message: &str| {
+            Err(Rejection::new(ErrorCode::BadRequest, message).with_token(client_token.clone()))
+        };
+        let expected_version = match body.get("version") {
+            None | Some(Value::Null) => None,
+            Some(Value::Number(n)) => match n.as_u64() {
+                Some(v) => Some(v),
+                None => return reject("Invalid version: must be a non-negative integer"),
+            },
+            Some(_) => return reject("Invalid version: must be a non-negative integer"),
+        };
+        let state = match body.get("state") {
+            None | Some(Value::Null) => return reject("Missing required node: state"),
+            Some(Value::Object(state)) => state,
+            Some(_) => return reject("State node must be an object"),
+        };
+        let mut sections = [None, None];
+        for (slot, name) in sections.iter_mut().zip(["desired", "reported"]) {
+            *slot = match state.get(name) {
+                None => None,
+                Some(Value::Null) => Some(SectionPatch::Clear),
+                Some(Value::Object(map)) => {
+                    let depth = depth_of_object(map);
+                    if depth > limits.depth_max {
+                        return reject(&format!(
+                            "JSON contains too many levels of nesting; maximum is {}",
+                            limits.depth_max
+                        ));
+                    }
+                    if map.values().any(contains_null_in_array) {
+                        return reject(&format!("{name}: arrays must not contain null"));
+                    }
+                    Some(SectionPatch::Merge(map.clone()))
+                }
+                Some(_) => return reject(&format!("{} node must be an object", capital(name))),
+            };
+        }
+        let [desired, reported] = sections;
+        if desired.is_none() && reported.is_none() {
+            return reject("State contains no desired or reported node");
+        }
+        Ok(ShadowUpdate {
+            desired,
+            reported,
+            client_token,
+            expected_version,
+        })
+    }
+}
+
+/// Parses bytes as a JSON object, with the shadow contract's errors (415 for non-UTF-8, 400 for
+/// invalid JSON). Used by every device-plane parser.
+pub fn parse_json_object(bytes: &[u8]) -> Result<Value, Rejection> {
+    let text = std::str::from_utf8(bytes).map_err(|_| {
+        Rejection::new(
+            ErrorCode::UnsupportedEncoding,
+            "Unsupported document encoding; supported encoding is UTF-8",
+        )
+    })?;
+    let value: Value = serde_json::from_str(text).map_err(|e| {
+        Rejection::new(
+            ErrorCode::BadRequest,
+            format!("Payload contains invalid json: {e}"),
+        )
+    })?;
+    if !value.is_object() {
+        return Err(Rejection::new(
+            ErrorCode::BadRequest,
+            "Payload must be a JSON object",
+        ));
+    }
+    Ok(value)
+}
+
+/// Reads and bounds `clientToken` (absent or null = none).
+pub fn client_token_of(
+    body: &Map<String, Value>,
+    limits: &ShadowLimits,
+) -> Result<Option<String>, Rejection> {
+    match body.get("clientToken") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(token)) if token.len() <= limits.client_token_bytes_max => {
+            Ok(Some(token.clone()))
+        }
+        Some(Value::String(_)) => Err(Rejection::new(
+            ErrorCode::BadRequest,
+            format!(
+                "clientToken must be at most {} bytes",
+                limits.client_token_bytes_max
+            ),
+        )),
+        Some(_) => Err(Rejection::new(
+            ErrorCode::BadRequest,
+            "clientToken must be a string",
+        )),
+    }
+}
+
+fn capital(name: &str) -> String {
+    let mut chars = name.chars();
+    match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}
+
+/// Nesting depth of an object counted as level 1, each nested object/array one more.
+fn depth_of_object(map: &Map<String, Value>) -> usize {
+    1 + map.values().map(depth_of).max().unwrap_or(0)
+}
+
+fn depth_of(value: &Value) -> usize {
+    match value {
+        Value::Object(map) => depth_of_object(map),
+        Value::Array(items) => 1 + items.iter().map(depth_of).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+fn contains_null_in_array(value: &Value) -> bool {
+    match value {
+        Value::Array(items) => items.iter().any(|v| v.is_null() || contains_null_anywhere(v)),
+        Value::Object(map) => map.values().any(contains_null_in_array),
+        _ => false,
+    }
+}
+
+fn contains_null_anywhere(value: &Value) -> bool {
+    match value {
+        Value::Null => true,
+        Value::Array(items) => items.iter().any(contains_null_anywhere),
+        Value::Object(map) => map.values().any(contains_null_anywhere),
+        _ => false,
+    }
+}
+
+/// A Thing's shadow. `exists` is false before the first update and after a delete; the version
+/// survives deletes so it never repeats.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Shadow {
+    /// Desired state (no empty objects).
+    #[serde(default)]
+    pub desired: Map<String, Value>,
+    /// Reported state (no empty objects).
+    #[serde(default)]
+    pub reported: Map<String, Value>,
+    /// Same shape as `desired`; each leaf is `{"timestamp": unix_seconds}`.
+    #[serde(default)]
+    pub metadata_desired: Map<String, Value>,
+    /// Same shape as `reported`; each leaf is `{"timestamp": unix_seconds}`.
+    #[serde(default)]
+    pub metadata_reported: Map<String, Value>,
+    /// Current version; 0 before the first update.
+    #[serde(default)]
+    pub version: u64,
+    /// Whether a shadow document exists.
+    #[serde(default)]
+    pub exists: bool,
+    /// Unix seconds of the last accepted change.
+    #[serde(default)]
+    pub updated_at_s: u64,
+}
+
+/// The event of an accepted update: what the request changed, as it will be replayed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShadowUpdated {
+    /// Change to `desired`.
+    #[serde(default)]
+    pub desired: Option<SectionPatch>,
+    /// Change to `reported`.
+    #[serde(default)]
+    pub reported: Option<SectionPatch>,
+    /// The version the shadow has after this update.
+    pub version: u64,
+    /// Unix seconds stamped on every leaf this update set.
+    pub timestamp_s: u64,
+    /// The request's client token (kept for the audit trail).
+    #[serde(default)]
+    pub client_token: Option<String>,
+    /// Who asked for the change.
+    pub origin: Origin,
+}
+
+/// The event of a deleted shadow document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShadowDeleted {
+    /// The version the shadow had; the next update gets `version + 1`.
+    pub version: u64,
+    /// Unix seconds of the deletion.
+    pub timestamp_s: u64,
+    /// The request's client token.
+    #[serde(default)]
+    pub client_token: Option<String>,
+    /// Who asked for the deletion.
+    pub origin: Origin,
+}
+
+/// Which side of the contract asked for a change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Origin {
+    /// The device itself (MQTT or the ThingDatas HTTP API).
+    #[serde(rename = "device")]
+    Device,
+    /// An operator or backend through the management API.
+    #[serde(rename = "operator")]
+    Operator,
+}
+
+/// The full document: `{state:{desired,reported,delta}, metadata:{desired,reported}, version, timestamp}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShadowDocument {
+    /// Desired state, if any.
+    pub desired: Option<Map<String, Value>>,
+    /// Reported state, if any.
+    pub reported: Option<Map<String, Value>>,
+    /// Delta of desired vs reported, if non-empty.
+    pub delta: Option<Map<String, Value>>,
+    /// Metadata of desired.
+    pub metadata_desired: Option<Map<String, Value>>,
+    /// Metadata of reported.
+    pub metadata_reported: Option<Map<String, Value>>,
+    /// Current version.
+    pub version: u64,
+    /// Unix seconds of the document's last change.
+    pub timestamp_s: u64,
+}
+
+impl ShadowDocument {
+    /// Renders `{state, metadata, version, timestamp}` (+ `clientToken` when given). Empty
+    /// sections are omitted, as AWS IoT does.
+    pub fn to_json(&self, client_token: Option<&str>) -> Value {
+        let mut state = Map::new();
+        let mut metadata = Map::new();
+        put_some(&mut state, "desired", &self.desired);
+        put_some(&mut state, "reported", &self.reported);
+        put_some(&mut state, "delta", &self.delta);
+        put_some(&mut metadata, "desired", &self.metadata_desired);
+        put_some(&mut metadata, "reported", &self.metadata_reported);
+        let mut doc = Map::new();
+        doc.insert("state".into(), Value::Object(state));
+        doc.insert("metadata".into(), Value::Object(metadata));
+        doc.insert("version".into(), self.version.into());
+        doc.insert("timestamp".into(), self.timestamp_s.into());
+        if let Some(token) = client_token {
+            doc.insert("clientToken".into(), token.into());
+        }
+        Value::Object(doc)
+    }
+}
+
+fn put_some(target: &mut Map<String, Value>, key: &str, value: &Option<Map<String, Value>>) {
+    if let Some(map) = value {
+        target.insert(key.into(), Value::Object(map.clone()));
+    }
+}
+
+fn non_empty(map: &Map<String, Value>) -> Option<Map<String, Value>> {
+    (!map.is_empty()).then(|| map.clone())
+}
+
+impl Shadow {
+    /// The full document, or `None` if no shadow exists.
+    pub fn document(&self) -> Option<ShadowDocument> {
+        if !self.exists {
+            return None;
+        }
+        let (delta, _) = self.delta();
+        Some(ShadowDocument {
+            desired: non_empty(&self.desired),
+            reported: non_empty(&self.reported),
+            delta: non_empty(&delta),
+            metadata_desired: non_empty(&self.metadata_desired),
+            metadata_reported: non_empty(&self.metadata_reported),
+            version: self.version,
+            timestamp_s: self.updated_at_s,
+        })
+    }
+
+    /// `(delta state, delta metadata)`: desired keys whose value differs from reported.
+    pub fn delta(&self) -> (Map<String, Value>, Map<String, Value>) {
+        let mut state = Map::new();
+        let mut metadata = Map::new();
+        delta_into(
+            &self.desired,
+            &self.reported,
+            &self.metadata_desired,
+            &mut state,
+            &mut metadata,
+        );
+        (state, metadata)
+    }
+
+    /// Bytes of `{"desired":..,"reported":..}` as compact JSON (the size limit's measure).
+    pub fn state_bytes(&self) -> usize {
+        let mut counter = ByteCounter(0);
+        let state = serde_json::json!({"desired": self.desired, "reported": self.reported});
+        // Writing to a counter cannot fail.
+        let _ = serde_json::to_writer(&mut counter, &state);
+        counter.0
+    }
+
+    /// Applies an accepted update (the event's apply; no validation here).
+    pub fn apply_updated(&mut self, event: &ShadowUpdated) {
+        let stamp = Value::from(event.timestamp_s);
+        if let Some(patch) = &event.desired {
+            apply_patch(
+                &mut self.desired,
+                &mut self.metadata_desired,
+                patch,
+                &stamp,
+            );
+        }
+        if let Some(patch) = &event.reported {
+            apply_patch(
+                &mut self.reported,
+                &mut self.metadata_reported,
+                patch,
+                &stamp,
+            );
+        }
+        self.version = event.version;
+        self.exists = true;
+        self.updated_at_s = event.timestamp_s;
+    }
+
+    /// Applies a deletion: the document is gone, the version stays.
+    pub fn apply_deleted(&mut self, event: &ShadowDeleted) {
+        let version = self.version.max(event.version);
+        *self = Shadow {
+            version,
+            updated_at_s: event.timestamp_s,
+            ..Shadow::default()
+        };
+    }
+}
+
+struct ByteCounter(usize);
+
+impl std::io::Write for ByteCounter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn apply_patch(
+    data: &mut Map<String, Value>,
+    metadata: &mut Map<String, Value>,
+    patch: &SectionPatch,
+    stamp: &Value,
+) {
+    match patch {
+        SectionPatch::Clear => {
+            data.clear();
+            metadata.clear();
+        }
+        SectionPatch::Merge(patch) => merge_object(data, metadata, patch, stamp),
+    }
+}
+
+fn leaf_metadata(stamp: &Value) -> Value {
+    let mut leaf = Map::new();
+    leaf.insert("timestamp".into(), stamp.clone());
+    Value::Object(leaf)
+}
+
+/// Merges `patch` into `data`, keeping `metadata` the same shape, then drops emptied objects.
+fn merge_object(
+    data: &mut Map<String, Value>,
+    metadata: &mut Map<String, Value>,
+    patch: &Map<String, Value>,
+    stamp: &Value,
+) {
+    for (key, change) in patch {
+        match change {
+            Value::Null => {
+                data.remove(key);
+                metadata.remove(key);
+            }
+            Value::Object(child_patch) => {
+                if !matches!(data.get(key), Some(Value::Object(_))) {
+                    data.insert(key.clone(), Value::Object(Map::new()));
+                    metadata.insert(key.clone(), Value::Object(Map::new()));
+                }
+                if !matches!(metadata.get(key), Some(Value::Object(_))) {
+                    metadata.insert(key.clone(), Value::Object(Map::new()));
+                }
+                let emptied = match (data.get_mut(key), metadata.get_mut(key)) {
+                    (Some(Value::Object(child)), Some(Value::Object(child_meta))) => {
+                        merge_object(child, child_meta, child_patch, stamp);
+                        child.is_empty()
+                    }
+                    _ => false,
+                };
+                if emptied {
+                    data.remove(key);
+                    metadata.remove(key);
+                }
+            }
+            leaf => {
+                data.insert(key.clone(), leaf.clone());
+                metadata.insert(key.clone(), leaf_metadata(stamp));
+            }
+        }
+    }
+}
+
+/// Metadata for the leaves a request names (null leaves included), for the accepted reply.
+pub fn patch_metadata(patch: &Map<String, Value>, stamp_s: u64) -> Map<String, Value> {
+    let stamp = Value::from(stamp_s);
+    patch
+        .iter()
+        .map(|(key, value)| {
+            let meta = match value {
+                Value::Object(child) => Value::Object(patch_metadata(child, stamp_s)),
+                _ => leaf_metadata(&stamp),
+            };
+            (key.clone(), meta)
+        })
+        .collect()
+}
+
+fn delta_into(
+    desired: &Map<String, Value>,
+    reported: &Map<String, Value>,
+    metadata: &Map<String, Value>,
+    out_state: &mut Map<String, Value>,
+    out_metadata: &mut Map<String, Value>,
+) {
+    for (key, wanted) in desired {
+        let have = reported.get(key);
+        if have.is_some_and(|have| json_eq(wanted, have)) {
+            continue;
+        }
+        match (wanted, have) {
+            (Value::Object(wanted), Some(Value::Object(have))) => {
+                let empty = Map::new();
+                let child_meta = match metadata.get(key) {
+                    Some(Value::Object(m)) => m,
+                    _ => &empty,
+                };
+                let mut sub_state = Map::new();
+                let mut sub_meta = Map::new();
+                delta_into(wanted, have, child_meta, &mut sub_state, &mut sub_meta);
+                if !sub_state.is_empty() {
+                    out_state.insert(key.clone(), Value::Object(sub_state));
+                    out_metadata.insert(key.clone(), Value::Object(sub_meta));
+                }
+            }
+            _ => {
+                out_state.insert(key.clone(), wanted.clone());
+                if let Some(meta) = metadata.get(key) {
+                    out_metadata.insert(key.clone(), meta.clone());
+                }
+            }
+        }
+    }
+}
+
+/// JSON equality where numbers compare by value (`22 == 22.0`), as firmware expects.
+pub fn json_eq(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => {
+            if x == y {
+                return true;
+            }
+            match (x.as_f64(), y.as_f64()) {
+                (Some(x), Some(y)) => x == y && (x.fract() != 0.0 || x.abs() < 9.0e15),
+                _ => false,
+            }
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(x, y)| json_eq(x, y))
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len()
+                && x
+                    .iter()
+                    .all(|(k, v)| y.get(k).is_some_and(|other| json_eq(v, other)))
+        }
+        _ => a == b,
+    }
+}
+
+/// What an accepted update produced, for every channel to render.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShadowUpdateResult {
+    /// `{state, metadata, version, timestamp, clientToken}` as AWS `update/accepted`.
+    pub accepted: Value,
+    /// `{version, timestamp, state, metadata}` if desired differs from reported afterwards.
+    pub delta: Option<Value>,
+    /// `{previous, current, timestamp, clientToken}` as AWS `update/documents`.
+    pub documents: Value,
+    /// The desired change made by an operator (`{state:{desired}, version, timestamp}`), to be
+    /// published to the device on `shadow/update`; `None` for device updates.
+    pub desired_published: Option<Value>,
+    /// The new version.
+    pub version: u64,
+}
+
+/// Decides an update against `shadow`: the event to append and the replies it will produce.
+pub fn decide_update(
+    shadow: &Shadow,
+    update: &ShadowUpdate,
+    origin: Origin,
+    now_ms: u64,
+    limits: &ShadowLimits,
+) -> Result<(ShadowUpdated, ShadowUpdateResult), Rejection> {
+    let token = update.client_token.clone();
+    if let Some(expected) = update.expected_version.filter(|v| *v != 0) {
+        if expected != shadow.version {
+            return Err(Rejection::new(ErrorCode::Conflict, "Version conflict").with_token(token));
+        }
+    }
+    let timestamp_s = now_ms / 1000;
+    let event = ShadowUpdated {
+        desired: update.desired.clone(),
+        reported: update.reported.clone(),
+        version: shadow.version + 1,
+        timestamp_s,
+        client_token: token.clone(),
+        origin,
+    };
+    let mut next = shadow.clone();
+    next.apply_updated(&event);
+    let state_bytes = next.state_bytes();
+    if state_bytes > limits.state_bytes_max {
+        return Err(Rejection::new(
+            ErrorCode::PayloadTooLarge,
+            format!(
+                "The payload exceeds the maximum size allowed: state would be {state_bytes} bytes, maximum is {}",
+                limits.state_bytes_max
+            ),
+        )
+        .with_token(token));
+    }
+    let result = update_result(shadow, &next, &event);
+    Ok((event, result))
+}
+
+fn update_result(previous: &Shadow, next: &Shadow, event: &ShadowUpdated) -> ShadowUpdateResult {
+    let mut state = Map::new();
+    let mut metadata = Map::new();
+    for (name, patch) in [("desired", &event.desired), ("reported", &event.reported)] {
+        if let Some(patch) = patch {
+            state.insert(name.into(), patch.to_json());
+            let meta = match patch {
+                SectionPatch::Clear => Value::Null,
+                SectionPatch::Merge(map) => Value::Object(patch_metadata(map, event.timestamp_s)),
+            };
+            metadata.insert(name.into(), meta);
+        }
+    }
+    let mut accepted = Map::new();
+    accepted.insert("state".into(), Value::Object(state));
+    accepted.insert("metadata".into(), Value::Object(metadata));
+    accepted.insert("version".into(), event.version.into());
+    accepted.insert("timestamp".into(), event.timestamp_s.into());
+    if let Some(token) = &event.client_token {
+        accepted.insert("clientToken".into(), token.clone().into());
+    }
+
+    let (delta_state, delta_meta) = next.delta();
+    let delta = (!delta_state.is_empty()).then(|| {
+        let mut delta = Map::new();
+        delta.insert("version".into(), event.version.into());
+        delta.insert("timestamp".into(), event.timestamp_s.into());
+        delta.insert("state".into(), Value::Object(delta_state));
+        delta.insert("metadata".into(), Value::Object(delta_meta));
+        if let Some(token) = &event.client_token {
+            delta.insert("clientToken".into(), token.clone().into());
+        }
+        Value::Object(delta)
+    });
+
+    let mut documents = Map::new();
+    documents.insert("previous".into(), documents_side(previous));
+    documents.insert("current".into(), documents_side(next));
+    documents.insert("timestamp".into(), event.timestamp_s.into());
+    if let Some(token) = &event.client_token {
+        documents.insert("clientToken".into(), token.clone().into());
+    }
+
+    let desired_published = match (&event.origin, &event.desired) {
+        (Origin::Operator, Some(patch)) => Some(serde_json::json!({
+            "state": {"desired": patch.to_json()},
+            "version": event.version,
+            "timestamp": event.timestamp_s,
+        })),
+        _ => None,
+    };
+    ShadowUpdateResult {
+        accepted: Value::Object(accepted),
+        delta,
+        documents: Value::Object(documents),
+        desired_published,
+        version: event.version,
+    }
+}
+
+/// One side of `update/documents`: `{state:{desired,reported}, metadata, version}` or `null`
+/// when no shadow existed.
+fn documents_side(shadow: &Shadow) -> Value {
+    if !shadow.exists {
+        return Value::Null;
+    }
+    let mut state = Map::new();
+    let mut metadata = Map::new();
+    put_some(&mut state, "desired", &non_empty(&shadow.desired));
+    put_some(&mut state, "reported", &non_empty(&shadow.reported));
+    put_some(&mut metadata, "desired", &non_empty(&shadow.metadata_desired));
+    put_some(
+        &mut metadata,
+        "reported",
+        &non_empty(&shadow.metadata_reported),
+    );
+    serde_json::json!({"state": state, "metadata": metadata, "version": shadow.version})
+}
+
+/// Decides a deletion: 404 when no shadow exists.
+pub fn decide_delete(
+    shadow: &Shadow,
+    client_token: Option<String>,
+    origin: Origin,
+    now_ms: u64,
+    thing: &str,
+) -> Result<ShadowDeleted, Rejection> {
+    if !shadow.exists {
+        return Err(no_shadow(thing).with_token(client_token));
+    }
+    Ok(ShadowDeleted {
+        version: shadow.version,
+        timestamp_s: now_ms / 1000,
+        client_token,
+        origin,
+    })
+}
+
+/// The 404 of a missing shadow document.
+pub fn no_shadow(thing: &str) -> Rejection {
+    Rejection::new(
+        ErrorCode::NotFound,
+        format!("No shadow exists with name: '{thing}'"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const NOW_MS: u64 = 1_700_000_000_000;
+    const NOW_S: u64 = 1_700_000_000;
+
+    fn limits() -> ShadowLimits {
+        ShadowLimits::default()
+    }
+
+    fn update(body: Value) -> ShadowUpdate {
+        ShadowUpdate::from_json(&body, &limits()).expect("valid update")
+    }
+
+    /// given: the events already accepted; when: an update; then: the outcome.
+    fn given(updates: &[Value]) -> Shadow {
+        let mut shadow = Shadow::default();
+        for (i, body) in updates.iter().enumerate() {
+            let (event, _) = decide_update(
+                &shadow,
+                &update(body.clone()),
+                Origin::Device,
+                NOW_MS + i as u64 * 1000,
+                &limits(),
+            )
+            .expect("given update accepted");
+            shadow.apply_updated(&event);
+        }
+        shadow
+    }
+
+    fn when(shadow: &Shadow, body: Value) -> Result<(Shadow, ShadowUpdateResult), Rejection> {
+        let request = ShadowUpdate::from_json(&body, &limits())?;
+        let (event, result) = decide_update(shadow, &request, Origin::Device, NOW_MS, &limits())?;
+        let mut next = shadow.clone();
+        next.apply_updated(&event);
+        Ok((next, result))
+    }
+
+    fn rejected(body: Value) -> Rejection {
+        ShadowUpdate::from_json(&body, &limits()).expect_err("rejected")
+    }
+
+    #[test]
+    fn first_report_creates_the_shadow_at_version_1_with_leaf_metadata() {
+        let (shadow, result) = when(
+            &given(&[]),
+            json!({"state":{"reported":{"temp":21.5,"nested":{"a":1}}},"clientToken":"t1"}),
+        )
+        .expect("accepted");
+        assert_eq!(shadow.version, 1);
+        assert!(shadow.exists);
+        assert_eq!(shadow.reported, *json!({"temp":21.5,"nested":{"a":1}}).as_object().unwrap());
+        assert_eq!(
+            Value::Object(shadow.metadata_reported.clone()),
+            json!({"temp":{"timestamp":NOW_S},"nested":{"a":{"timestamp":NOW_S}}})
+        );
+        assert_eq!(
+            result.accepted,
+            json!({"state":{"reported":{"temp":21.5,"nested":{"a":1}}},
+                   "metadata":{"reported":{"temp":{"timestamp":NOW_S},"nested":{"a":{"timestamp":NOW_S}}}},
+                   "version":1,"timestamp":NOW_S,"clientToken":"t1"})
+        );
+        assert_eq!(result.delta, None, "no desired, no delta");
+        assert_eq!(result.documents["previous"], Value::Null);
+    }
+
+    #[test]
+    fn nested_objects_merge_null_deletes_and_arrays_replace_whole() {
+        let shadow = given(&[json!({"state":{"reported":{"a":{"x":1,"y":2},"list":[1,2,3],"gone":true}}})]);
+        let (shadow, _) = when(
+            &shadow,
+            json!({"state":{"reported":{"a":{"y":null,"z":3},"list":[9],"gone":null}}}),
+        )
+        .expect("accepted");
+        assert_eq!(Value::Object(shadow.reported.clone()), json!({"a":{"x":1,"z":3},"list":[9]}));
+        assert_eq!(shadow.version, 2);
+        assert!(shadow.metadata_reported.get("gone").is_none());
+    }
+
+    #[test]
+    fn deleting_every_child_removes_the_object() {
+        let shadow = given(&[json!({"state":{"reported":{"a":{"x":1}}}})]);
+        let (shadow, _) =
+            when(&shadow, json!({"state":{"reported":{"a":{"x":null}}}})).expect("accepted");
+        assert_eq!(Value::Object(shadow.reported.clone()), json!({}));
+        assert_eq!(Value::Object(shadow.metadata_reported.clone()), json!({}));
+    }
+
+    #[test]
+    fn section_null_clears_it() {
+        let shadow = given(&[json!({"state":{"desired":{"a":1},"reported":{"b":2}}})]);
+        let (shadow, _) = when(&shadow, json!({"state":{"desired":null}})).expect("accepted");
+        assert!(shadow.desired.is_empty());
+        assert!(shadow.metadata_desired.is_empty());
+        assert_eq!(Value::Object(shadow.reported.clone()), json!({"b":2}));
+    }
+
+    #[test]
+    fn delta_has_full_paths_of_only_the_differing_desired_keys() {
+        let shadow = given(&[
+            json!({"state":{"reported":{"light":{"color":"red","level":5},"fan":1}}}),
+            json!({"state":{"desired":{"light":{"color":"green","level":5},"fan":1.0,"new":true}}}),
+        ]);
+        let (delta, meta) = shadow.delta();
+        assert_eq!(
+            Value::Object(delta),
+            json!({"light":{"color":"green"},"new":true}),
+            "level and fan (1 == 1.0) agree and are left out"
+        );
+        assert_eq!(
+            Value::Object(meta),
+            json!({"light":{"color":{"timestamp":NOW_S + 1}},"new":{"timestamp":NOW_S + 1}})
+        );
+    }
+
+    #[test]
+    fn delta_is_published_only_while_desired_differs() {
+        let shadow = given(&[json!({"state":{"desired":{"t":24}}})]);
+        let (shadow, result) =
+            when(&shadow, json!({"state":{"reported":{"t":22}}})).expect("accepted");
+        assert_eq!(result.delta.expect("delta")["state"], json!({"t":24}));
+        let (_, result) = when(&shadow, json!({"state":{"reported":{"t":24}}})).expect("accepted");
+        assert_eq!(result.delta, None);
+    }
+
+    #[test]
+    fn matching_version_is_accepted_and_a_stale_one_conflicts() {
+        let shadow = given(&[json!({"state":{"reported":{"a":1}}})]);
+        let (next, _) =
+            when(&shadow, json!({"state":{"reported":{"a":2}},"version":1})).expect("accepted");
+        assert_eq!(next.version, 2);
+        let err = when(&next, json!({"state":{"reported":{"a":3}},"version":1,"clientToken":"c"}))
+            .expect_err("conflict");
+        assert_eq!(err.code, ErrorCode::Conflict);
+        assert_eq!(err.message, "Version conflict");
+        assert_eq!(err.client_token.as_deref(), Some("c"));
+        let (next, _) =
+            when(&next, json!({"state":{"reported":{"a":3}},"version":0})).expect("0 = no check");
+        assert_eq!(next.version, 3);
+    }
+
+    #[test]
+    fn malformed_requests_are_400_with_a_specific_message() {
+        let cases = [
+            (json!({"clientToken":"x"}), "Missing required node: state"),
+            (json!({"state":5}), "State node must be an object"),
+            (json!({"state":{"reported":[1]}}), "Reported node must be an object"),
+            (json!({"state":{"desired":"x"}}), "Desired node must be an object"),
+            (json!({"state":{}}), "State contains no desired or reported node"),
+            (json!({"state":{"reported":{}},"version":-1}), "Invalid version: must be a non-negative integer"),
+            (json!({"state":{"reported":{}},"version":"3"}), "Invalid version: must be a non-negative integer"),
+            (json!({"state":{"reported":{"a":[1,null]}}}), "reported: arrays must not contain null"),
+            (json!({"state":{"reported":{}},"clientToken":"x".repeat(65)}), "clientToken must be at most 64 bytes"),
+            (json!({"state":{"reported":{}},"clientToken":5}), "clientToken must be a string"),
+        ];
+        for (body, message) in cases {
+            let err = rejected(body.clone());
+            assert_eq!(err.code, ErrorCode::BadRequest, "{body}");
+            assert_eq!(err.message, message, "{body}");
+        }
+    }
+
+    #[test]
+    fn rejections_echo_the_client_token() {
+        let err = rejected(json!({"clientToken":"abc","state":7}));
+        assert_eq!(err.client_token.as_deref(), Some("abc"));
+    }
+
+    #[test]
+    fn nesting_deeper_than_six_levels_is_rejected() {
+        let six = json!({"state":{"reported":{"a":{"b":{"c":{"d":{"e":{"f":1}}}}}}}});
+        assert!(ShadowUpdate::from_json(&six, &limits()).is_ok());
+        let seven = json!({"state":{"reported":{"a":{"b":{"c":{"d":{"e":{"f":{"g":1}}}}}}}}});
+        let err = rejected(seven);
+        assert_eq!(err.message, "JSON contains too many levels of nesting; maximum is 6");
+    }
+
+    #[test]
+    fn state_over_8_kib_after_merge_is_413() {
+        let shadow = given(&[json!({"state":{"reported":{"a":"x".repeat(5000)}}})]);
+        let err = when(&shadow, json!({"state":{"desired":{"b":"y".repeat(4000)}}}))
+            .expect_err("too large");
+        assert_eq!(err.code, ErrorCode::PayloadTooLarge);
+    }
+
+    #[test]
+    fn invalid_json_is_400_and_non_utf8_is_415() {
+        assert_eq!(
+            ShadowUpdate::parse(b"{nope", &limits()).expect_err("bad").code,
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            ShadowUpdate::parse(&[0xff, 0xfe], &limits()).expect_err("bad").code,
+            ErrorCode::UnsupportedEncoding
+        );
+    }
+
+    #[test]
+    fn delete_keeps_the_version_and_the_next_update_continues_it() {
+        let shadow = given(&[json!({"state":{"reported":{"a":1}}}), json!({"state":{"reported":{"a":2}}})]);
+        let deleted = decide_delete(&shadow, None, Origin::Operator, NOW_MS, "t").expect("delete");
+        let mut shadow = shadow;
+        shadow.apply_deleted(&deleted);
+        assert!(shadow.document().is_none());
+        assert_eq!(
+            decide_delete(&shadow, None, Origin::Operator, NOW_MS, "t")
+                .expect_err("gone")
+                .code,
+            ErrorCode::NotFound
+        );
+        let (shadow, _) = when(&shadow, json!({"state":{"reported":{"b":1}}})).expect("accepted");
+        assert_eq!(shadow.version, 3);
+        assert_eq!(Value::Object(shadow.reported.clone()), json!({"b":1}));
+    }
+
+    #[test]
+    fn operator_desired_changes_are_published_to_the_device() {
+        let request = update(json!({"state":{"desired":{"t":24}}}));
+        let (_, result) =
+            decide_update(&Shadow::default(), &request, Origin::Operator, NOW_MS, &limits())
+                .expect("accepted");
+        assert_eq!(
+            result.desired_published,
+            Some(json!({"state":{"desired":{"t":24}},"version":1,"timestamp":NOW_S}))
+        );
+    }
+
+    #[test]
+    fn document_shows_state_delta_metadata_and_omits_empty_sections() {
+        let shadow = given(&[json!({"state":{"desired":{"t":24}}})]);
+        let doc = shadow.document().expect("exists").to_json(Some("tok"));
+        assert_eq!(
+            doc,
+            json!({"state":{"desired":{"t":24},"delta":{"t":24}},
+                   "metadata":{"desired":{"t":{"timestamp":NOW_S}}},
+                   "version":1,"timestamp":NOW_S,"clientToken":"tok"})
+        );
+    }
+}
