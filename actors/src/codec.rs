@@ -1,1 +1,280 @@
-//! codec placeholder
+//! How the domain is stored: event and state shapes as versioned envelopes, and upcasting.
+//!
+//! Each event variant has a pinned `(event_type, event_version)`. A shipped shape is never
+//! edited: a change adds version N+1, the writer writes N+1, and `decode_event` upcasts every
+//! older version to the current type. Golden fixtures (`tests/fixtures/`) hold the bytes of
+//! every shipped shape and must keep decoding.
+
+use serde::{Deserialize, Serialize};
+use thinghub_storage::{Envelope, RecordedEvent, StorageError};
+
+use crate::thing::{
+    ShadowDeleted, ShadowUpdated, ThingDeleted, ThingEvent, ThingRegistered, ThingState,
+};
+
+/// `event_type` of a registration.
+pub const THING_REGISTERED: &str = "ThingRegistered";
+/// `event_type` of a deletion.
+pub const THING_DELETED: &str = "ThingDeleted";
+/// `event_type` of an accepted shadow update.
+pub const SHADOW_UPDATED: &str = "ShadowUpdated";
+/// `event_type` of a shadow deletion.
+pub const SHADOW_DELETED: &str = "ShadowDeleted";
+/// `event_type` of a snapshot's state.
+pub const THING_STATE: &str = "ThingState";
+/// `event_type` of a registry index record.
+pub const THING_INDEX_RECORD: &str = "ThingIndexRecord";
+
+/// Encodes an event at its current shape version.
+pub fn encode_event(event: &ThingEvent, recorded_at_ms: u64) -> Result<Envelope, StorageError> {
+    let envelope = match event {
+        ThingEvent::Registered(e) => Envelope::new(THING_REGISTERED, 1, recorded_at_ms, e),
+        ThingEvent::Deleted(e) => Envelope::new(THING_DELETED, 1, recorded_at_ms, e),
+        ThingEvent::ShadowUpdated(e) => Envelope::new(SHADOW_UPDATED, 1, recorded_at_ms, e),
+        ThingEvent::ShadowDeleted(e) => Envelope::new(SHADOW_DELETED, 1, recorded_at_ms, e),
+    };
+    Ok(envelope?)
+}
+
+/// Decodes (and upcasts) a stored event; errors name the Thing and seq.
+pub fn decode_event(thing: &str, recorded: &RecordedEvent) -> Result<ThingEvent, StorageError> {
+    let envelope = &recorded.envelope;
+    let corrupt = |reason: String| StorageError::Corrupt {
+        thing: thing.to_owned(),
+        seq: recorded.seq,
+        reason,
+    };
+    let decoded = match (envelope.event_type.as_str(), envelope.event_version) {
+        (THING_REGISTERED, 1) => envelope
+            .payload_as::<ThingRegistered>()
+            .map(ThingEvent::Registered),
+        (THING_DELETED, 1) => envelope
+            .payload_as::<ThingDeleted>()
+            .map(ThingEvent::Deleted),
+        (SHADOW_UPDATED, 1) => envelope
+            .payload_as::<ShadowUpdated>()
+            .map(ThingEvent::ShadowUpdated),
+        (SHADOW_DELETED, 1) => envelope
+            .payload_as::<ShadowDeleted>()
+            .map(ThingEvent::ShadowDeleted),
+        (other, version) => {
+            return Err(corrupt(format!(
+                "unknown event type {other} v{version} (written by a newer thinghub?)"
+            )))
+        }
+    };
+    decoded.map_err(|e| {
+        corrupt(format!(
+            "{} v{}: {}",
+            envelope.event_type, envelope.event_version, e.0
+        ))
+    })
+}
+
+/// Encodes a snapshot state.
+pub fn encode_state(state: &ThingState, recorded_at_ms: u64) -> Result<Envelope, StorageError> {
+    Ok(Envelope::new(THING_STATE, 1, recorded_at_ms, state)?)
+}
+
+/// Decodes a snapshot state.
+pub fn decode_state(thing: &str, envelope: &Envelope) -> Result<ThingState, StorageError> {
+    match (envelope.event_type.as_str(), envelope.event_version) {
+        (THING_STATE, 1) => envelope.payload_as().map_err(|e| StorageError::Corrupt {
+            thing: thing.to_owned(),
+            seq: 0,
+            reason: format!("snapshot state: {}", e.0),
+        }),
+        (other, version) => Err(StorageError::Corrupt {
+            thing: thing.to_owned(),
+            seq: 0,
+            reason: format!("unknown snapshot type {other} v{version}"),
+        }),
+    }
+}
+
+/// What the registry listing stores per Thing (so listing needs no actor activation).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThingIndexRecord {
+    /// MQTT client id.
+    pub mqtt_client_id: String,
+    /// Type label.
+    #[serde(default)]
+    pub thing_type: Option<String>,
+    /// Unix ms of registration.
+    pub created_at_ms: u64,
+}
+
+/// Encodes an index record.
+pub fn encode_index_record(record: &ThingIndexRecord) -> Result<Vec<u8>, StorageError> {
+    Ok(Envelope::new(THING_INDEX_RECORD, 1, record.created_at_ms, record)?.to_bytes()?)
+}
+
+/// Decodes an index record.
+pub fn decode_index_record(thing: &str, bytes: &[u8]) -> Result<ThingIndexRecord, StorageError> {
+    let corrupt = |reason: String| StorageError::Corrupt {
+        thing: thing.to_owned(),
+        seq: 0,
+        reason: format!("registry index: {reason}"),
+    };
+    let envelope = Envelope::from_bytes(bytes).map_err(|e| corrupt(e.0))?;
+    match (envelope.event_type.as_str(), envelope.event_version) {
+        (THING_INDEX_RECORD, 1) => envelope.payload_as().map_err(|e| corrupt(e.0)),
+        (other, version) => Err(corrupt(format!("unknown record {other} v{version}"))),
+    }
+}
+
+/// A one-line human summary of an event, for `thinghub audit`.
+pub fn summarize(event: &ThingEvent) -> String {
+    match event {
+        ThingEvent::Registered(e) => format!(
+            "registered clientId={} type={}",
+            e.mqtt_client_id,
+            e.thing_type.as_deref().unwrap_or("-")
+        ),
+        ThingEvent::Deleted(_) => "thing deleted".into(),
+        ThingEvent::ShadowUpdated(e) => {
+            let section = |p: &Option<crate::thing::shadow::SectionPatch>| {
+                p.as_ref().map(|p| p.to_json().to_string())
+            };
+            let mut parts = vec![format!("v{} by {:?}", e.version, e.origin).to_lowercase()];
+            if let Some(d) = section(&e.desired) {
+                parts.push(format!("desired={d}"));
+            }
+            if let Some(r) = section(&e.reported) {
+                parts.push(format!("reported={r}"));
+            }
+            if let Some(t) = &e.client_token {
+                parts.push(format!("clientToken={t}"));
+            }
+            format!("shadow updated {}", parts.join(" "))
+        }
+        ThingEvent::ShadowDeleted(e) => format!("shadow deleted at v{}", e.version),
+    }
+}
+
+/// The `event_type` string of an event.
+pub fn event_type(event: &ThingEvent) -> &'static str {
+    match event {
+        ThingEvent::Registered(_) => THING_REGISTERED,
+        ThingEvent::Deleted(_) => THING_DELETED,
+        ThingEvent::ShadowUpdated(_) => SHADOW_UPDATED,
+        ThingEvent::ShadowDeleted(_) => SHADOW_DELETED,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::thing::shadow::{Origin, SectionPatch};
+    use std::collections::BTreeMap;
+
+    /// One instance of every shipped shape, with fixed values.
+    fn shipped() -> Vec<(&'static str, ThingEvent)> {
+        let mut attributes = BTreeMap::new();
+        attributes.insert("site".to_string(), "lab-1".to_string());
+        let merge = serde_json::json!({"temp": 21.5, "n": -3, "big": u64::MAX, "on": true,
+            "list": [1, "two"], "nested": {"x": null}});
+        vec![
+            (
+                "ThingRegistered.v1",
+                ThingEvent::Registered(ThingRegistered {
+                    mqtt_client_id: "dev-1".into(),
+                    thing_type: Some("sensor".into()),
+                    attributes,
+                    created_at_ms: 1_700_000_000_123,
+                }),
+            ),
+            (
+                "ThingDeleted.v1",
+                ThingEvent::Deleted(ThingDeleted {
+                    deleted_at_ms: 1_700_000_000_456,
+                }),
+            ),
+            (
+                "ShadowUpdated.v1",
+                ThingEvent::ShadowUpdated(ShadowUpdated {
+                    desired: Some(SectionPatch::Clear),
+                    reported: Some(SectionPatch::Merge(
+                        merge.as_object().cloned().unwrap_or_default(),
+                    )),
+                    version: 7,
+                    timestamp_s: 1_700_000_000,
+                    client_token: Some("tok".into()),
+                    origin: Origin::Device,
+                }),
+            ),
+            (
+                "ShadowDeleted.v1",
+                ThingEvent::ShadowDeleted(ShadowDeleted {
+                    version: 7,
+                    timestamp_s: 1_700_000_001,
+                    client_token: None,
+                    origin: Origin::Operator,
+                }),
+            ),
+        ]
+    }
+
+    fn fixture_path(name: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(format!("{name}.msgpack"))
+    }
+
+    /// Every shipped shape's stored bytes keep decoding to the same event. Run with
+    /// `THINGHUB_WRITE_FIXTURES=1` once when adding a new shape version (never to rewrite one).
+    #[test]
+    fn golden_fixtures_keep_decoding() {
+        for (name, event) in shipped() {
+            let path = fixture_path(name);
+            let envelope = encode_event(&event, 1_700_000_000_999).expect("encode");
+            let bytes = envelope.to_bytes().expect("bytes");
+            if std::env::var_os("THINGHUB_WRITE_FIXTURES").is_some() && !path.exists() {
+                std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+                std::fs::write(&path, &bytes).expect("write fixture");
+            }
+            let stored = std::fs::read(&path)
+                .unwrap_or_else(|e| panic!("fixture {} missing: {e}", path.display()));
+            let recorded = RecordedEvent {
+                seq: 1,
+                envelope: Envelope::from_bytes(&stored).expect("envelope decodes"),
+            };
+            assert_eq!(recorded.envelope.recorded_at_ms, 1_700_000_000_999);
+            assert_eq!(
+                decode_event("fixture", &recorded).expect(name),
+                event,
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_versions_and_garbage_name_the_thing_and_seq() {
+        let recorded = RecordedEvent {
+            seq: 42,
+            envelope: Envelope::new("ShadowUpdated", 99, 0, &()).expect("env"),
+        };
+        let err = decode_event("pump-7", &recorded).expect_err("unknown version");
+        let text = err.to_string();
+        assert!(text.contains("pump-7") && text.contains("seq 42"), "{text}");
+
+        let recorded = RecordedEvent {
+            seq: 3,
+            envelope: Envelope::new("ShadowUpdated", 1, 0, &"not a struct").expect("env"),
+        };
+        let err = decode_event("pump-7", &recorded).expect_err("bad payload");
+        assert!(err.to_string().contains("seq 3"));
+    }
+
+    #[test]
+    fn state_round_trips_through_a_snapshot_envelope() {
+        let mut state = ThingState::new("s");
+        for (_, event) in shipped() {
+            crate::thing::apply(&mut state, &event);
+        }
+        let envelope = encode_state(&state, 5).expect("encode");
+        let bytes = envelope.to_bytes().expect("bytes");
+        let back = decode_state("s", &Envelope::from_bytes(&bytes).expect("env")).expect("decode");
+        assert_eq!(back, state);
+    }
+}

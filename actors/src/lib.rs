@@ -1,7 +1,16 @@
-//! thinghub's domain and its actors.
+//! thinghub's domain and the actors that host it.
 //!
-//! - [`thing`]: the pure domain (decide/apply for registration and the shadow).
+//! - [`thing`]: the pure domain (decide/apply for registration and the shadow). No IO.
 //! - [`codec`]: how domain events and state map to storage envelopes (with upcasting).
+//! - [`thing_actor`]: the persistence shell: replay, decide -> durable append -> apply -> reply.
+//! - [`registry`]: name -> actor routing, activation, the passivation handshake, supervision.
+//! - [`clock`]: the one time source, controllable in tests.
 
+pub mod clock;
 pub mod codec;
+pub mod registry;
 pub mod thing;
+pub mod thing_actor;
+
+pub use registry::{Registry, RegistryConfig, RegistryStats};
+pub use thing_actor::{load_state, Request, Response, ThingContext};

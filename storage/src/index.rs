@@ -117,7 +117,9 @@ fn parse_deadline_key(key: &[u8]) -> Result<DeadlineEntry, StorageError> {
         .and_then(|b| b.try_into().ok())
         .ok_or_else(|| corrupt("short key"))?;
     let len = *key.get(8).ok_or_else(|| corrupt("missing thing key"))? as usize;
-    let name = key.get(9..9 + len).ok_or_else(|| corrupt("truncated thing key"))?;
+    let name = key
+        .get(9..9 + len)
+        .ok_or_else(|| corrupt("truncated thing key"))?;
     Ok(DeadlineEntry {
         at_ms: u64::from_be_bytes(at),
         thing: String::from_utf8(name.to_vec()).map_err(|_| corrupt("thing name not UTF-8"))?,
@@ -160,9 +162,14 @@ mod tests {
         );
         let due = store.due_deadlines(98, 10).expect("due");
         assert_eq!(
-            due.iter().map(|d| (d.at_ms, d.thing.as_str())).collect::<Vec<_>>(),
+            due.iter()
+                .map(|d| (d.at_ms, d.thing.as_str()))
+                .collect::<Vec<_>>(),
             [(97, "d"), (98, "b")]
         );
-        assert_eq!(store.next_deadline().expect("next").map(|d| d.at_ms), Some(97));
+        assert_eq!(
+            store.next_deadline().expect("next").map(|d| d.at_ms),
+            Some(97)
+        );
     }
 }

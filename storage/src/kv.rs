@@ -18,10 +18,10 @@ impl Store {
 
     /// Stores `value` at `key` only if `key` is absent; `false` if it was present.
     pub async fn kv_insert_new(&self, key: &str, value: Vec<u8>) -> Result<bool, StorageError> {
-        let swapped = self
-            .inner
-            .kv
-            .compare_and_swap(key.as_bytes(), None as Option<&[u8]>, Some(value))?;
+        let swapped =
+            self.inner
+                .kv
+                .compare_and_swap(key.as_bytes(), None as Option<&[u8]>, Some(value))?;
         if swapped.is_err() {
             return Ok(false);
         }
@@ -59,8 +59,14 @@ mod tests {
     async fn kv_put_get_insert_new_remove_scan() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(&StoreConfig::new(dir.path())).expect("open");
-        assert!(store.kv_insert_new("k/a", b"1".to_vec()).await.expect("new"));
-        assert!(!store.kv_insert_new("k/a", b"2".to_vec()).await.expect("dup"));
+        assert!(store
+            .kv_insert_new("k/a", b"1".to_vec())
+            .await
+            .expect("new"));
+        assert!(!store
+            .kv_insert_new("k/a", b"2".to_vec())
+            .await
+            .expect("dup"));
         store.kv_put("k/b", b"3".to_vec()).await.expect("put");
         store.kv_put("other", b"4".to_vec()).await.expect("put");
         assert_eq!(store.kv_get("k/a").expect("get"), Some(b"1".to_vec()));

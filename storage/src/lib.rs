@@ -66,7 +66,9 @@ pub enum StorageError {
     #[error("commit failed, write not durable: {0}")]
     CommitFailed(String),
     /// The data directory is held by another process (a running server).
-    #[error("data directory {0} is locked by another process (is a thinghub server running on it?)")]
+    #[error(
+        "data directory {0} is locked by another process (is a thinghub server running on it?)"
+    )]
     Locked(PathBuf),
     /// The store is shutting down.
     #[error("storage is shut down")]

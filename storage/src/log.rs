@@ -89,26 +89,28 @@ impl Store {
                 IndexOp::RemoveDeadline { at_ms } => (b'd', deadline_key(*at_ms, &prefix), None),
             })
             .collect();
-        let result: Result<(), TransactionError<()>> =
-            (&self.inner.events, &self.inner.things, &self.inner.deadlines).transaction(
-                |(events, things, deadlines)| {
-                    for (key, value) in &writes {
-                        events.insert(key.as_slice(), value.as_slice())?;
-                    }
-                    for (tree, key, value) in &index_writes {
-                        let target = if *tree == b't' { things } else { deadlines };
-                        match value {
-                            Some(value) => {
-                                target.insert(key.as_slice(), value.as_slice())?;
-                            }
-                            None => {
-                                target.remove(key.as_slice())?;
-                            }
+        let result: Result<(), TransactionError<()>> = (
+            &self.inner.events,
+            &self.inner.things,
+            &self.inner.deadlines,
+        )
+            .transaction(|(events, things, deadlines)| {
+                for (key, value) in &writes {
+                    events.insert(key.as_slice(), value.as_slice())?;
+                }
+                for (tree, key, value) in &index_writes {
+                    let target = if *tree == b't' { things } else { deadlines };
+                    match value {
+                        Some(value) => {
+                            target.insert(key.as_slice(), value.as_slice())?;
+                        }
+                        None => {
+                            target.remove(key.as_slice())?;
                         }
                     }
-                    Ok::<(), ConflictableTransactionError<()>>(())
-                },
-            );
+                }
+                Ok::<(), ConflictableTransactionError<()>>(())
+            });
         result.map_err(|e| match e {
             TransactionError::Storage(e) => StorageError::from(e),
             TransactionError::Abort(()) => StorageError::Db("transaction aborted".into()),

@@ -29,13 +29,15 @@ impl Store {
     pub fn get_snapshot(&self, thing: &str) -> Result<Option<Snapshot>, StorageError> {
         match self.inner.snapshots.get(thing_key(thing)?)? {
             None => Ok(None),
-            Some(bytes) => crate::codec::decode(&bytes)
-                .map(Some)
-                .map_err(|e| StorageError::Corrupt {
-                    thing: thing.to_owned(),
-                    seq: 0,
-                    reason: format!("snapshot: {}", e.0),
-                }),
+            Some(bytes) => {
+                crate::codec::decode(&bytes)
+                    .map(Some)
+                    .map_err(|e| StorageError::Corrupt {
+                        thing: thing.to_owned(),
+                        seq: 0,
+                        reason: format!("snapshot: {}", e.0),
+                    })
+            }
         }
     }
 

@@ -108,7 +108,9 @@ pub fn validate_thing_name(name: &str) -> Result<(), Rejection> {
             ErrorCode::BadRequest,
             format!(
                 "invalid thingName '{}': 1..={THING_NAME_BYTES_MAX} characters of [a-zA-Z0-9:_-]",
-                name.chars().take(THING_NAME_BYTES_MAX + 1).collect::<String>()
+                name.chars()
+                    .take(THING_NAME_BYTES_MAX + 1)
+                    .collect::<String>()
             ),
         ));
     }
@@ -341,7 +343,9 @@ fn validate_registration(command: &RegisterThing) -> Result<(), Rejection> {
         if value.len() > ATTRIBUTE_VALUE_BYTES_MAX {
             return Err(Rejection::new(
                 ErrorCode::BadRequest,
-                format!("attribute '{name}' value must be at most {ATTRIBUTE_VALUE_BYTES_MAX} bytes"),
+                format!(
+                    "attribute '{name}' value must be at most {ATTRIBUTE_VALUE_BYTES_MAX} bytes"
+                ),
             ));
         }
     }

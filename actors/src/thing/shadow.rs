@@ -210,7 +210,9 @@ fn depth_of(value: &Value) -> usize {
 
 fn contains_null_in_array(value: &Value) -> bool {
     match value {
-        Value::Array(items) => items.iter().any(|v| v.is_null() || contains_null_anywhere(v)),
+        Value::Array(items) => items
+            .iter()
+            .any(|v| v.is_null() || contains_null_anywhere(v)),
         Value::Object(map) => map.values().any(contains_null_in_array),
         _ => false,
     }
@@ -394,12 +396,7 @@ impl Shadow {
     pub fn apply_updated(&mut self, event: &ShadowUpdated) {
         let stamp = Value::from(event.timestamp_s);
         if let Some(patch) = &event.desired {
-            apply_patch(
-                &mut self.desired,
-                &mut self.metadata_desired,
-                patch,
-                &stamp,
-            );
+            apply_patch(&mut self.desired, &mut self.metadata_desired, patch, &stamp);
         }
         if let Some(patch) = &event.reported {
             apply_patch(
@@ -568,8 +565,7 @@ pub fn json_eq(a: &Value, b: &Value) -> bool {
         }
         (Value::Object(x), Value::Object(y)) => {
             x.len() == y.len()
-                && x
-                    .iter()
+                && x.iter()
                     .all(|(k, v)| y.get(k).is_some_and(|other| json_eq(v, other)))
         }
         _ => a == b,
@@ -702,7 +698,11 @@ fn documents_side(shadow: &Shadow) -> Value {
     let mut metadata = Map::new();
     put_some(&mut state, "desired", &non_empty(&shadow.desired));
     put_some(&mut state, "reported", &non_empty(&shadow.reported));
-    put_some(&mut metadata, "desired", &non_empty(&shadow.metadata_desired));
+    put_some(
+        &mut metadata,
+        "desired",
+        &non_empty(&shadow.metadata_desired),
+    );
     put_some(
         &mut metadata,
         "reported",
@@ -792,7 +792,10 @@ mod tests {
         .expect("accepted");
         assert_eq!(shadow.version, 1);
         assert!(shadow.exists);
-        assert_eq!(shadow.reported, *json!({"temp":21.5,"nested":{"a":1}}).as_object().unwrap());
+        assert_eq!(
+            shadow.reported,
+            *json!({"temp":21.5,"nested":{"a":1}}).as_object().unwrap()
+        );
         assert_eq!(
             Value::Object(shadow.metadata_reported.clone()),
             json!({"temp":{"timestamp":NOW_S},"nested":{"a":{"timestamp":NOW_S}}})
@@ -809,13 +812,17 @@ mod tests {
 
     #[test]
     fn nested_objects_merge_null_deletes_and_arrays_replace_whole() {
-        let shadow = given(&[json!({"state":{"reported":{"a":{"x":1,"y":2},"list":[1,2,3],"gone":true}}})]);
+        let shadow =
+            given(&[json!({"state":{"reported":{"a":{"x":1,"y":2},"list":[1,2,3],"gone":true}}})]);
         let (shadow, _) = when(
             &shadow,
             json!({"state":{"reported":{"a":{"y":null,"z":3},"list":[9],"gone":null}}}),
         )
         .expect("accepted");
-        assert_eq!(Value::Object(shadow.reported.clone()), json!({"a":{"x":1,"z":3},"list":[9]}));
+        assert_eq!(
+            Value::Object(shadow.reported.clone()),
+            json!({"a":{"x":1,"z":3},"list":[9]})
+        );
         assert_eq!(shadow.version, 2);
         assert!(shadow.metadata_reported.get("gone").is_none());
     }
@@ -872,8 +879,11 @@ mod tests {
         let (next, _) =
             when(&shadow, json!({"state":{"reported":{"a":2}},"version":1})).expect("accepted");
         assert_eq!(next.version, 2);
-        let err = when(&next, json!({"state":{"reported":{"a":3}},"version":1,"clientToken":"c"}))
-            .expect_err("conflict");
+        let err = when(
+            &next,
+            json!({"state":{"reported":{"a":3}},"version":1,"clientToken":"c"}),
+        )
+        .expect_err("conflict");
         assert_eq!(err.code, ErrorCode::Conflict);
         assert_eq!(err.message, "Version conflict");
         assert_eq!(err.client_token.as_deref(), Some("c"));
@@ -887,14 +897,38 @@ mod tests {
         let cases = [
             (json!({"clientToken":"x"}), "Missing required node: state"),
             (json!({"state":5}), "State node must be an object"),
-            (json!({"state":{"reported":[1]}}), "Reported node must be an object"),
-            (json!({"state":{"desired":"x"}}), "Desired node must be an object"),
-            (json!({"state":{}}), "State contains no desired or reported node"),
-            (json!({"state":{"reported":{}},"version":-1}), "Invalid version: must be a non-negative integer"),
-            (json!({"state":{"reported":{}},"version":"3"}), "Invalid version: must be a non-negative integer"),
-            (json!({"state":{"reported":{"a":[1,null]}}}), "reported: arrays must not contain null"),
-            (json!({"state":{"reported":{}},"clientToken":"x".repeat(65)}), "clientToken must be at most 64 bytes"),
-            (json!({"state":{"reported":{}},"clientToken":5}), "clientToken must be a string"),
+            (
+                json!({"state":{"reported":[1]}}),
+                "Reported node must be an object",
+            ),
+            (
+                json!({"state":{"desired":"x"}}),
+                "Desired node must be an object",
+            ),
+            (
+                json!({"state":{}}),
+                "State contains no desired or reported node",
+            ),
+            (
+                json!({"state":{"reported":{}},"version":-1}),
+                "Invalid version: must be a non-negative integer",
+            ),
+            (
+                json!({"state":{"reported":{}},"version":"3"}),
+                "Invalid version: must be a non-negative integer",
+            ),
+            (
+                json!({"state":{"reported":{"a":[1,null]}}}),
+                "reported: arrays must not contain null",
+            ),
+            (
+                json!({"state":{"reported":{}},"clientToken":"x".repeat(65)}),
+                "clientToken must be at most 64 bytes",
+            ),
+            (
+                json!({"state":{"reported":{}},"clientToken":5}),
+                "clientToken must be a string",
+            ),
         ];
         for (body, message) in cases {
             let err = rejected(body.clone());
@@ -915,7 +949,10 @@ mod tests {
         assert!(ShadowUpdate::from_json(&six, &limits()).is_ok());
         let seven = json!({"state":{"reported":{"a":{"b":{"c":{"d":{"e":{"f":{"g":1}}}}}}}}});
         let err = rejected(seven);
-        assert_eq!(err.message, "JSON contains too many levels of nesting; maximum is 6");
+        assert_eq!(
+            err.message,
+            "JSON contains too many levels of nesting; maximum is 6"
+        );
     }
 
     #[test]
@@ -929,18 +966,25 @@ mod tests {
     #[test]
     fn invalid_json_is_400_and_non_utf8_is_415() {
         assert_eq!(
-            ShadowUpdate::parse(b"{nope", &limits()).expect_err("bad").code,
+            ShadowUpdate::parse(b"{nope", &limits())
+                .expect_err("bad")
+                .code,
             ErrorCode::BadRequest
         );
         assert_eq!(
-            ShadowUpdate::parse(&[0xff, 0xfe], &limits()).expect_err("bad").code,
+            ShadowUpdate::parse(&[0xff, 0xfe], &limits())
+                .expect_err("bad")
+                .code,
             ErrorCode::UnsupportedEncoding
         );
     }
 
     #[test]
     fn delete_keeps_the_version_and_the_next_update_continues_it() {
-        let shadow = given(&[json!({"state":{"reported":{"a":1}}}), json!({"state":{"reported":{"a":2}}})]);
+        let shadow = given(&[
+            json!({"state":{"reported":{"a":1}}}),
+            json!({"state":{"reported":{"a":2}}}),
+        ]);
         let deleted = decide_delete(&shadow, None, Origin::Operator, NOW_MS, "t").expect("delete");
         let mut shadow = shadow;
         shadow.apply_deleted(&deleted);
@@ -959,9 +1003,14 @@ mod tests {
     #[test]
     fn operator_desired_changes_are_published_to_the_device() {
         let request = update(json!({"state":{"desired":{"t":24}}}));
-        let (_, result) =
-            decide_update(&Shadow::default(), &request, Origin::Operator, NOW_MS, &limits())
-                .expect("accepted");
+        let (_, result) = decide_update(
+            &Shadow::default(),
+            &request,
+            Origin::Operator,
+            NOW_MS,
+            &limits(),
+        )
+        .expect("accepted");
         assert_eq!(
             result.desired_published,
             Some(json!({"state":{"desired":{"t":24}},"version":1,"timestamp":NOW_S}))

@@ -47,7 +47,10 @@ fn registering_twice_conflicts() {
     let (state, events) = given(&[register()]);
     assert_eq!(events.len(), 1);
     let description = state.describe().expect("registered");
-    assert_eq!(description.mqtt_client_id, "t1", "client id defaults to the name");
+    assert_eq!(
+        description.mqtt_client_id, "t1",
+        "client id defaults to the name"
+    );
     let err = when(&state, register()).expect_err("conflict");
     assert_eq!(err.code, ErrorCode::Conflict);
     assert_eq!(err.message, "Thing 't1' already exists");
@@ -56,8 +59,11 @@ fn registering_twice_conflicts() {
 #[test]
 fn an_unregistered_thing_rejects_shadow_updates_with_404_and_the_token() {
     let (state, _) = given(&[]);
-    let err = when(&state, report(json!({"state":{"reported":{"a":1}},"clientToken":"k"})))
-        .expect_err("not found");
+    let err = when(
+        &state,
+        report(json!({"state":{"reported":{"a":1}},"clientToken":"k"})),
+    )
+    .expect_err("not found");
     assert_eq!(err.code, ErrorCode::NotFound);
     assert_eq!(err.client_token.as_deref(), Some("k"));
 }
@@ -70,9 +76,11 @@ fn deleting_a_thing_keeps_the_shadow_version_for_its_next_life() {
         ThingCommand::Delete,
         register(),
     ]);
-    assert!(state.shadow.document().is_none(), "document went with the Thing");
-    let decision =
-        when(&state, report(json!({"state":{"reported":{"a":2}}}))).expect("accepted");
+    assert!(
+        state.shadow.document().is_none(),
+        "document went with the Thing"
+    );
+    let decision = when(&state, report(json!({"state":{"reported":{"a":2}}}))).expect("accepted");
     let Reply::ShadowUpdated(result) = decision.reply else {
         panic!("expected ShadowUpdated")
     };
@@ -187,8 +195,12 @@ fn run_live(commands: &[ThingCommand]) -> (ThingState, Vec<ThingEvent>) {
     let mut state = ThingState::new("p");
     let mut log = Vec::new();
     for (i, command) in commands.iter().enumerate() {
-        if let Ok(decision) = decide(&state, command, NOW_MS + i as u64 * 1000, &Limits::default())
-        {
+        if let Ok(decision) = decide(
+            &state,
+            command,
+            NOW_MS + i as u64 * 1000,
+            &Limits::default(),
+        ) {
             for event in decision.events {
                 apply(&mut state, &event);
                 log.push(event);
@@ -207,12 +219,17 @@ fn replay(events: &[ThingEvent]) -> ThingState {
 }
 
 /// Independent definition: every desired leaf path has an equal value in reported.
-fn every_desired_leaf_equals_reported(desired: &Map<String, Value>, reported: &Map<String, Value>) -> bool {
-    desired.iter().all(|(k, wanted)| match (wanted, reported.get(k)) {
-        (Value::Object(w), Some(Value::Object(r))) => every_desired_leaf_equals_reported(w, r),
-        (_, Some(have)) => shadow::json_eq(wanted, have),
-        (_, None) => false,
-    })
+fn every_desired_leaf_equals_reported(
+    desired: &Map<String, Value>,
+    reported: &Map<String, Value>,
+) -> bool {
+    desired
+        .iter()
+        .all(|(k, wanted)| match (wanted, reported.get(k)) {
+            (Value::Object(w), Some(Value::Object(r))) => every_desired_leaf_equals_reported(w, r),
+            (_, Some(have)) => shadow::json_eq(wanted, have),
+            (_, None) => false,
+        })
 }
 
 fn has_empty_object(map: &Map<String, Value>) -> bool {

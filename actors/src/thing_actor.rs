@@ -1,0 +1,380 @@
+//! The Thing actor: the persistence shell around the pure domain.
+//!
+//! One actor per active Thing owns its state. For each command: `decide` -> append the events
+//! (returns when durable) -> `apply` -> maybe snapshot -> reply. Rejections are reply values;
+//! the handler never returns `Err` (that would stop the actor).
+//!
+//! Recovery happens in `post_start` (snapshot + tail replay), so spawning never waits on disk.
+//! A Thing whose log cannot be replayed stays up in a failed mode and answers every request with
+//! 503 naming the bad record, so one corrupt Thing never affects the others.
+//!
+//! A panic inside the domain (decide/apply) is caught here: the request gets a 500, the state is
+//! reloaded from storage (a restart from storage that keeps the mailbox), and queued requests go
+//! on. Any other panic stops the actor; its shard supervisor (`crate::registry`) clears it and the
+//! next request re-activates the Thing from storage.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use thinghub_storage::{AppendBatch, IndexOp, Snapshot, StorageError, Store};
+use tokio::sync::oneshot;
+
+use crate::clock::SharedClock;
+use crate::codec;
+use crate::thing::{
+    self, ErrorCode, Limits, Rejection, Reply, ThingCommand, ThingDescription, ThingEvent,
+    ThingState,
+};
+
+/// Most events read from storage per batch during replay.
+const REPLAY_BATCH_EVENTS: usize = 1024;
+
+/// What every Thing actor shares: storage, the clock and the bounds.
+pub struct ThingContext {
+    /// The event store.
+    pub store: Store,
+    /// The clock.
+    pub clock: SharedClock,
+    /// Domain bounds.
+    pub limits: Limits,
+    /// Write a snapshot after this many events since the last one.
+    pub snapshot_every_events: u64,
+}
+
+/// A request to one Thing.
+#[derive(Debug, Clone)]
+pub enum Request {
+    /// A command that may append events.
+    Command(ThingCommand),
+    /// The registry view (404 if unregistered).
+    Describe,
+    /// The shadow document (404 if the Thing or its shadow does not exist).
+    GetShadow,
+    /// The whole state (verification and tests).
+    GetState,
+}
+
+/// A successful answer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Response {
+    /// A command's reply, sent after its events are durable.
+    Decided(Reply),
+    /// The registry view.
+    Description(ThingDescription),
+    /// The shadow document.
+    Shadow(thing::shadow::ShadowDocument),
+    /// The whole state.
+    State(Box<ThingState>),
+}
+
+/// The reply channel of a request.
+pub type ReplyTo = oneshot::Sender<Result<Response, Rejection>>;
+
+/// Messages a Thing actor handles.
+pub enum ThingMsg {
+    /// A request with its reply channel.
+    Request {
+        /// What is asked.
+        request: Request,
+        /// Where the answer goes.
+        reply: ReplyTo,
+    },
+    /// Sent by the registry when the Thing has been idle: snapshot if needed, then stop.
+    /// The registry routes nothing to this incarnation after it.
+    Passivate,
+    /// Fault injection: panic inside (`guarded`) or outside the domain guard.
+    #[cfg(feature = "test-util")]
+    InjectPanic {
+        /// Whether the panic happens inside the guard (caught by the actor) or not.
+        guarded: bool,
+        /// Receives an internal error when guarded.
+        reply: ReplyTo,
+    },
+}
+
+/// The actor (a unit struct; everything lives in its state).
+pub struct ThingActor;
+
+/// Arguments of a Thing actor.
+pub struct ThingArgs {
+    /// The Thing's name.
+    pub name: String,
+    /// Shared context.
+    pub context: Arc<ThingContext>,
+}
+
+enum Health {
+    Ready,
+    /// Replay failed; every request is answered with this reason.
+    Failed(String),
+}
+
+/// The actor's state.
+pub struct ThingActorState {
+    thing: ThingState,
+    context: Arc<ThingContext>,
+    health: Health,
+    events_since_snapshot: u64,
+}
+
+impl Actor for ThingActor {
+    type Msg = ThingMsg;
+    type State = ThingActorState;
+    type Arguments = ThingArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<ThingMsg>,
+        args: ThingArgs,
+    ) -> Result<ThingActorState, ActorProcessingErr> {
+        Ok(ThingActorState {
+            thing: ThingState::new(args.name),
+            context: args.context,
+            health: Health::Ready,
+            events_since_snapshot: 0,
+        })
+    }
+
+    async fn post_start(
+        &self,
+        _myself: ActorRef<ThingMsg>,
+        state: &mut ThingActorState,
+    ) -> Result<(), ActorProcessingErr> {
+        state.reload();
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<ThingMsg>,
+        message: ThingMsg,
+        state: &mut ThingActorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            ThingMsg::Request { request, reply } => {
+                let answer = state.handle_request(request).await;
+                // The caller may have gone away (timeout, disconnect): nothing to do then.
+                let _ = reply.send(answer);
+            }
+            ThingMsg::Passivate => {
+                if state.events_since_snapshot > 0 {
+                    state.write_snapshot();
+                }
+                myself.stop(Some("passivated".into()));
+            }
+            #[cfg(feature = "test-util")]
+            ThingMsg::InjectPanic { guarded, reply } => {
+                if guarded {
+                    let answer = state.guarded(|_| -> Result<Response, Rejection> {
+                        panic!("injected panic (guarded)")
+                    });
+                    let _ = reply.send(answer);
+                } else {
+                    drop(reply);
+                    panic!("injected panic (unguarded)");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Rebuilds a Thing's state from storage: snapshot (if usable) + every later event.
+pub fn load_state(store: &Store, name: &str) -> Result<ThingState, StorageError> {
+    let mut state = match store.get_snapshot(name) {
+        Ok(Some(Snapshot {
+            seq,
+            state: envelope,
+        })) => match codec::decode_state(name, &envelope) {
+            Ok(mut state) => {
+                state.last_seq = seq;
+                state
+            }
+            Err(e) => {
+                tracing::warn!(thing = name, error = %e, "ignoring unusable snapshot; replaying the whole log");
+                ThingState::new(name)
+            }
+        },
+        Ok(None) => ThingState::new(name),
+        Err(e) => {
+            tracing::warn!(thing = name, error = %e, "ignoring unreadable snapshot; replaying the whole log");
+            ThingState::new(name)
+        }
+    };
+    loop {
+        let batch = store.read_events(name, state.last_seq + 1, REPLAY_BATCH_EVENTS)?;
+        let Some(last) = batch.last() else {
+            return Ok(state);
+        };
+        let last_seq = last.seq;
+        for recorded in &batch {
+            if recorded.seq != state.last_seq + 1 {
+                return Err(StorageError::Corrupt {
+                    thing: name.to_owned(),
+                    seq: recorded.seq,
+                    reason: format!("gap in the log after seq {}", state.last_seq),
+                });
+            }
+            let event = codec::decode_event(name, recorded)?;
+            thing::apply(&mut state, &event);
+            state.last_seq = recorded.seq;
+        }
+        debug_assert_eq!(state.last_seq, last_seq);
+    }
+}
+
+impl ThingActorState {
+    /// (Re)loads the state from storage; on failure the Thing serves 503s.
+    fn reload(&mut self) {
+        let name = self.thing.name.clone();
+        let loaded =
+            std::panic::catch_unwind(AssertUnwindSafe(|| load_state(&self.context.store, &name)));
+        match loaded {
+            Ok(Ok(thing)) => {
+                self.thing = thing;
+                self.health = Health::Ready;
+            }
+            Ok(Err(e)) => {
+                tracing::error!(thing = %name, error = %e, "thing cannot be loaded; serving 503 for it");
+                self.health = Health::Failed(e.to_string());
+            }
+            Err(_) => {
+                tracing::error!(thing = %name, "replay panicked; serving 503 for it");
+                self.health = Health::Failed("replay panicked".into());
+            }
+        }
+        self.events_since_snapshot = 0;
+    }
+
+    /// Runs domain code; a panic becomes a 500 for this request and a reload from storage.
+    fn guarded<T>(
+        &mut self,
+        work: impl FnOnce(&mut Self) -> Result<T, Rejection>,
+    ) -> Result<T, Rejection> {
+        match std::panic::catch_unwind(AssertUnwindSafe(|| work(self))) {
+            Ok(result) => result,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "non-string panic".into());
+                tracing::error!(thing = %self.thing.name, panic = %what, "thing panicked; restarting it from storage");
+                self.reload();
+                Err(internal(
+                    "the request failed inside the server; the thing was restarted",
+                ))
+            }
+        }
+    }
+
+    async fn handle_request(&mut self, request: Request) -> Result<Response, Rejection> {
+        if let Health::Failed(reason) = &self.health {
+            return Err(Rejection::new(
+                ErrorCode::Unavailable,
+                format!("thing '{}' is unavailable: {reason}", self.thing.name),
+            ));
+        }
+        match request {
+            Request::Describe => self
+                .thing
+                .describe()
+                .map(Response::Description)
+                .ok_or_else(|| self.thing.not_found()),
+            Request::GetShadow => {
+                if self.thing.registration.is_none() {
+                    return Err(self.thing.not_found());
+                }
+                self.thing
+                    .shadow
+                    .document()
+                    .map(Response::Shadow)
+                    .ok_or_else(|| thing::shadow::no_shadow(&self.thing.name))
+            }
+            Request::GetState => Ok(Response::State(Box::new(self.thing.clone()))),
+            Request::Command(command) => self.handle_command(command).await,
+        }
+    }
+
+    async fn handle_command(&mut self, command: ThingCommand) -> Result<Response, Rejection> {
+        let now_ms = self.context.clock.now_ms();
+        let limits = self.context.limits;
+        let decision = self.guarded(|me| thing::decide(&me.thing, &command, now_ms, &limits))?;
+        if decision.events.is_empty() {
+            return Ok(Response::Decided(decision.reply));
+        }
+        let batch = self.batch_for(&decision.events, now_ms)?;
+        let count = decision.events.len() as u64;
+        if let Err(e) = self.context.store.append(batch).await {
+            tracing::error!(thing = %self.thing.name, error = %e, "append failed; reloading from storage");
+            // The write may or may not have reached the log: take storage as the truth.
+            self.reload();
+            return Err(internal(
+                "the change could not be made durable; its outcome is unknown",
+            ));
+        }
+        self.guarded(|me| {
+            for event in &decision.events {
+                thing::apply(&mut me.thing, event);
+            }
+            me.thing.last_seq += count;
+            Ok(())
+        })?;
+        self.events_since_snapshot += count;
+        if self.events_since_snapshot >= self.context.snapshot_every_events {
+            self.write_snapshot();
+        }
+        Ok(Response::Decided(decision.reply))
+    }
+
+    fn batch_for(&self, events: &[ThingEvent], now_ms: u64) -> Result<AppendBatch, Rejection> {
+        let mut envelopes = Vec::with_capacity(events.len());
+        let mut index = Vec::new();
+        for event in events {
+            envelopes.push(codec::encode_event(event, now_ms).map_err(|e| {
+                tracing::error!(thing = %self.thing.name, error = %e, "cannot encode event");
+                internal("the change could not be encoded")
+            })?);
+            match event {
+                ThingEvent::Registered(registered) => {
+                    let record = codec::ThingIndexRecord {
+                        mqtt_client_id: registered.mqtt_client_id.clone(),
+                        thing_type: registered.thing_type.clone(),
+                        created_at_ms: registered.created_at_ms,
+                    };
+                    let bytes = codec::encode_index_record(&record)
+                        .map_err(|_| internal("the registry record could not be encoded"))?;
+                    index.push(IndexOp::PutThing(bytes));
+                }
+                ThingEvent::Deleted(_) => index.push(IndexOp::RemoveThing),
+                ThingEvent::ShadowUpdated(_) | ThingEvent::ShadowDeleted(_) => {}
+            }
+        }
+        Ok(AppendBatch {
+            thing: self.thing.name.clone(),
+            first_seq: self.thing.last_seq + 1,
+            events: envelopes,
+            index,
+        })
+    }
+
+    /// Writes a snapshot of the applied state (durable with the next group commit).
+    fn write_snapshot(&mut self) {
+        let snapshot =
+            codec::encode_state(&self.thing, self.context.clock.now_ms()).map(|state| Snapshot {
+                seq: self.thing.last_seq,
+                state,
+            });
+        match snapshot.and_then(|s| self.context.store.put_snapshot(&self.thing.name, &s)) {
+            Ok(()) => self.events_since_snapshot = 0,
+            Err(e) => {
+                tracing::warn!(thing = %self.thing.name, error = %e, "snapshot failed (the log is still complete)")
+            }
+        }
+    }
+}
+
+fn internal(message: &str) -> Rejection {
+    Rejection::new(ErrorCode::Internal, message)
+}

@@ -1,0 +1,264 @@
+//! The actor shell against real storage: durability, replay, snapshots, passivation races,
+//! supervision and corrupt records.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use thinghub_actors::clock::SystemClock;
+use thinghub_actors::thing::{
+    ErrorCode, Limits, Origin, RegisterThing, Reply, ShadowLimits, ShadowUpdate, ThingCommand,
+};
+use thinghub_actors::thing_actor::ThingMsg;
+use thinghub_actors::{load_state, Registry, RegistryConfig, Request, Response, ThingContext};
+use thinghub_storage::{Store, StoreConfig};
+
+async fn start(store: &Store, config: RegistryConfig, snapshot_every_events: u64) -> Registry {
+    let context = Arc::new(ThingContext {
+        store: store.clone(),
+        clock: Arc::new(SystemClock),
+        limits: Limits::default(),
+        snapshot_every_events,
+    });
+    Registry::start(context, config).await.expect("registry")
+}
+
+fn register() -> Request {
+    Request::Command(ThingCommand::Register(RegisterThing {
+        mqtt_client_id: None,
+        thing_type: None,
+        attributes: Default::default(),
+    }))
+}
+
+fn report(value: i64) -> Request {
+    let update = ShadowUpdate::from_json(
+        &json!({"state":{"reported":{"n": value}}}),
+        &ShadowLimits::default(),
+    )
+    .expect("valid");
+    Request::Command(ThingCommand::UpdateShadow {
+        update,
+        origin: Origin::Device,
+    })
+}
+
+fn version_of(response: Response) -> u64 {
+    match response {
+        Response::Decided(Reply::ShadowUpdated(result)) => result.version,
+        other => panic!("expected an accepted update, got {other:?}"),
+    }
+}
+
+async fn shadow_version(registry: &Registry, name: &str) -> u64 {
+    match registry
+        .request(name, Request::GetShadow)
+        .await
+        .expect("shadow")
+    {
+        Response::Shadow(doc) => doc.version,
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_and_versions_survive_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let store = Store::open(&StoreConfig::new(dir.path())).expect("open");
+        let registry = start(&store, RegistryConfig::default(), 500).await;
+        registry.request("t1", register()).await.expect("register");
+        for n in 1..=5 {
+            assert_eq!(
+                version_of(registry.request("t1", report(n)).await.expect("update")),
+                n as u64
+            );
+        }
+        registry.shutdown(Duration::from_secs(5)).await;
+    }
+    let store = Store::open(&StoreConfig::new(dir.path())).expect("reopen");
+    let registry = start(&store, RegistryConfig::default(), 500).await;
+    assert_eq!(shadow_version(&registry, "t1").await, 5);
+    assert_eq!(
+        version_of(registry.request("t1", report(6)).await.expect("update")),
+        6
+    );
+    let err = registry
+        .request("t1", register())
+        .await
+        .expect_err("exists");
+    assert_eq!(err.code, ErrorCode::Conflict);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_are_taken_every_n_events_and_equal_a_full_replay() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(&StoreConfig::new(dir.path())).expect("open");
+    let registry = start(&store, RegistryConfig::default(), 3).await;
+    registry.request("s", register()).await.expect("register");
+    for n in 1..=9 {
+        registry.request("s", report(n)).await.expect("update");
+    }
+    // 10 events: snapshots after events 3, 6 and 9.
+    let snapshot = store
+        .get_snapshot("s")
+        .expect("read")
+        .expect("snapshot written");
+    assert_eq!(snapshot.seq, 9);
+    let live = match registry
+        .request("s", Request::GetState)
+        .await
+        .expect("state")
+    {
+        Response::State(state) => *state,
+        other => panic!("unexpected {other:?}"),
+    };
+    assert_eq!(load_state(&store, "s").expect("snapshot + tail"), live);
+    store.delete_snapshot("s").expect("drop snapshot");
+    assert_eq!(load_state(&store, "s").expect("log alone"), live);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_racing_passivation_are_never_lost() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(&StoreConfig::new(dir.path())).expect("open");
+    let config = RegistryConfig {
+        shards: 4,
+        thing_idle_ms: 1,
+        request_timeout_ms: 30_000,
+    };
+    let registry = start(&store, config, 7).await;
+    let things = 8;
+    let writers_per_thing = 4;
+    let updates_per_writer = 60;
+    for t in 0..things {
+        registry
+            .request(&format!("r{t}"), register())
+            .await
+            .expect("register");
+    }
+    let mut tasks = Vec::new();
+    for t in 0..things {
+        for _ in 0..writers_per_thing {
+            let registry = registry.clone();
+            tasks.push(tokio::spawn(async move {
+                for n in 0..updates_per_writer {
+                    registry
+                        .request(&format!("r{t}"), report(n))
+                        .await
+                        .expect("every request is answered and accepted");
+                    if n % 7 == 0 {
+                        // Let the sweeper catch the Thing idle between bursts.
+                        tokio::task::yield_now().await;
+                    }
+                }
+            }));
+        }
+    }
+    for task in tasks {
+        task.await.expect("writer");
+    }
+    let expected = (writers_per_thing * updates_per_writer) as u64;
+    for t in 0..things {
+        assert_eq!(shadow_version(&registry, &format!("r{t}")).await, expected);
+    }
+    let stats = registry.stats();
+    assert!(stats.passivations > 0, "the race was exercised: {stats:?}");
+    assert_eq!(stats.failures, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_thing_restarts_from_storage_and_others_are_unaffected() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(&StoreConfig::new(dir.path())).expect("open");
+    let registry = start(&store, RegistryConfig::default(), 500).await;
+    for name in ["victim", "bystander"] {
+        registry.request(name, register()).await.expect("register");
+        registry.request(name, report(1)).await.expect("update");
+    }
+
+    // A panic inside the domain guard: this request gets a 500, the actor reloads and goes on.
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    registry.route_raw(
+        "victim",
+        ThingMsg::InjectPanic {
+            guarded: true,
+            reply,
+        },
+    );
+    let err = answer.await.expect("answered").expect_err("internal error");
+    assert_eq!(err.code, ErrorCode::Internal);
+    assert_eq!(shadow_version(&registry, "victim").await, 1);
+
+    // A panic outside it kills the actor: the supervisor clears it; the next request restarts it.
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    registry.route_raw(
+        "victim",
+        ThingMsg::InjectPanic {
+            guarded: false,
+            reply,
+        },
+    );
+    assert!(
+        answer.await.is_err(),
+        "the failed request's reply channel is dropped"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while registry.stats().failures == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "supervisor never saw the failure"
+        );
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        version_of(
+            registry
+                .request("victim", report(2))
+                .await
+                .expect("restarted")
+        ),
+        2
+    );
+    assert_eq!(
+        version_of(
+            registry
+                .request("bystander", report(2))
+                .await
+                .expect("unaffected")
+        ),
+        2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_record_is_named_and_isolated_to_its_thing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(&StoreConfig::new(dir.path())).expect("open");
+    {
+        let registry = start(&store, RegistryConfig::default(), 500).await;
+        for name in ["bad", "good"] {
+            registry.request(name, register()).await.expect("register");
+        }
+        registry.shutdown(Duration::from_secs(5)).await;
+    }
+    store
+        .inject_raw_event("bad", 2, &[0xc1, 0x00, 0xff])
+        .await
+        .expect("inject");
+    let registry = start(&store, RegistryConfig::default(), 500).await;
+    let err = registry
+        .request("bad", Request::Describe)
+        .await
+        .expect_err("unavailable");
+    assert_eq!(err.code, ErrorCode::Unavailable);
+    assert!(
+        err.message.contains("'bad'") && err.message.contains("seq 2"),
+        "{}",
+        err.message
+    );
+    registry
+        .request("good", Request::Describe)
+        .await
+        .expect("good still served");
+}
