@@ -1,1 +1,119 @@
-fn main() {}
+//! The `thinghub` command line: `serve` runs the server; `audit` prints a Thing's history.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use thinghub::config::{Config, LogFormat, ServeArgs};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "thinghub",
+    version,
+    about = "A single-binary IoT device-fleet server"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server (admin key from THINGHUB_ADMIN_KEY=key:secret, else generated once).
+    Serve(ServeArgs),
+    /// Print a Thing's full history from the data directory (server stopped).
+    Audit {
+        /// The Thing's name.
+        thing: String,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// TOML configuration file (for its data_dir).
+        #[arg(long, env = "THINGHUB_CONFIG")]
+        config: Option<PathBuf>,
+        /// Database directory [default: ./data].
+        #[arg(long, env = "THINGHUB_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match config.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            let config = match Config::load(&args) {
+                Ok(config) => config,
+                Err(e) => {
+                    eprintln!("thinghub: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            init_logging(&config);
+            let admin_key = std::env::var("THINGHUB_ADMIN_KEY").ok();
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    eprintln!("thinghub: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let result = runtime.block_on(thinghub::server::serve(
+                config,
+                admin_key,
+                thinghub::server::shutdown_signal(),
+            ));
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "server failed");
+                    eprintln!("thinghub: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Audit {
+            thing,
+            json,
+            config,
+            data_dir,
+        } => {
+            let args = ServeArgs {
+                config,
+                data_dir,
+                ..ServeArgs::default()
+            };
+            let config = match Config::load(&args) {
+                Ok(config) => config,
+                Err(e) => {
+                    eprintln!("thinghub: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let stdout = std::io::stdout();
+            let mut out = stdout.lock();
+            match thinghub::audit::run(&config.data_dir, &thing, json, &mut out) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("thinghub audit: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -4,13 +4,16 @@
 //! - [`codec`]: how domain events and state map to storage envelopes (with upcasting).
 //! - [`thing_actor`]: the persistence shell: replay, decide -> durable append -> apply -> reply.
 //! - [`registry`]: name -> actor routing, activation, the passivation handshake, supervision.
+//! - [`service`]: the typed API frontends call (validation, 404 without activation, history).
 //! - [`clock`]: the one time source, controllable in tests.
 
 pub mod clock;
 pub mod codec;
 pub mod registry;
+pub mod service;
 pub mod thing;
 pub mod thing_actor;
 
 pub use registry::{Registry, RegistryConfig, RegistryStats};
+pub use service::{HistoryEntry, ThingSummary, Things};
 pub use thing_actor::{load_state, Request, Response, ThingContext};

@@ -1,0 +1,254 @@
+//! The application API every frontend calls (HTTP now, MQTT next): typed operations on Things.
+//!
+//! It validates names, answers 404 for unregistered Things from the registry index without
+//! activating an actor (so random names cannot fill memory with actors), routes everything else
+//! to the Thing's actor, and reads the append-only log for history. Frontends parse, authorize
+//! and render; they never hold state.
+
+use serde::Serialize;
+use serde_json::Value;
+use thinghub_storage::{StorageError, Store};
+
+use crate::codec;
+use crate::registry::Registry;
+use crate::thing::shadow::{ShadowDocument, ShadowUpdateResult};
+use crate::thing::{
+    self, ErrorCode, Origin, RegisterThing, Rejection, Reply, ShadowUpdate, ThingCommand,
+    ThingDescription,
+};
+use crate::thing_actor::{Request, Response};
+
+/// A registered Thing as listed (from the index, without activating it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ThingSummary {
+    /// Thing name.
+    #[serde(rename = "thingName")]
+    pub name: String,
+    /// MQTT client id.
+    #[serde(rename = "mqttClientId")]
+    pub mqtt_client_id: String,
+    /// Type label.
+    #[serde(rename = "thingType", skip_serializing_if = "Option::is_none")]
+    pub thing_type: Option<String>,
+    /// Unix ms of registration.
+    #[serde(rename = "createdAt")]
+    pub created_at_ms: u64,
+}
+
+/// One entry of a Thing's audit history.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HistoryEntry {
+    /// Sequence number in the Thing's log.
+    pub seq: u64,
+    /// Unix ms the event was recorded.
+    #[serde(rename = "recordedAt")]
+    pub recorded_at_ms: u64,
+    /// `event_type` of the envelope.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// Shape version of the stored record.
+    #[serde(rename = "eventVersion")]
+    pub event_version: u16,
+    /// One line for people.
+    pub summary: String,
+    /// The event as JSON.
+    pub event: Value,
+}
+
+/// Typed operations on Things.
+#[derive(Clone)]
+pub struct Things {
+    registry: Registry,
+    store: Store,
+}
+
+fn storage_failure(error: StorageError) -> Rejection {
+    match error {
+        StorageError::Corrupt { .. } => {
+            tracing::error!(error = %error, "corrupt record");
+            Rejection::new(ErrorCode::Unavailable, error.to_string())
+        }
+        other => {
+            tracing::error!(error = %other, "storage failure");
+            Rejection::new(ErrorCode::Internal, "storage failure")
+        }
+    }
+}
+
+fn unexpected(response: Response) -> Rejection {
+    tracing::error!(?response, "a thing answered with an unexpected response");
+    Rejection::new(ErrorCode::Internal, "unexpected response")
+}
+
+impl Things {
+    /// Wraps a started registry.
+    pub fn new(registry: Registry) -> Things {
+        let store = registry.context().store.clone();
+        Things { registry, store }
+    }
+
+    /// The registry (stats, shutdown).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// 400 for an invalid name, 404 (with `token`) when it is not registered.
+    fn require_registered(&self, name: &str, token: Option<&String>) -> Result<(), Rejection> {
+        thing::validate_thing_name(name).map_err(|r| r.with_token(token.cloned()))?;
+        match self.store.get_thing(name) {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err(Rejection::new(
+                ErrorCode::NotFound,
+                format!("Thing '{name}' not found"),
+            )
+            .with_token(token.cloned())),
+            Err(e) => Err(storage_failure(e)),
+        }
+    }
+
+    /// Registers a Thing: 409 if it exists.
+    pub async fn register(
+        &self,
+        name: &str,
+        register: RegisterThing,
+    ) -> Result<ThingDescription, Rejection> {
+        thing::validate_thing_name(name)?;
+        let request = Request::Command(ThingCommand::Register(register));
+        match self.registry.request(name, request).await? {
+            Response::Decided(Reply::Registered(description)) => Ok(description),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The registry view of a Thing.
+    pub async fn describe(&self, name: &str) -> Result<ThingDescription, Rejection> {
+        self.require_registered(name, None)?;
+        match self.registry.request(name, Request::Describe).await? {
+            Response::Description(description) => Ok(description),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Deletes a Thing (its history stays in the log).
+    pub async fn delete(&self, name: &str) -> Result<(), Rejection> {
+        self.require_registered(name, None)?;
+        match self
+            .registry
+            .request(name, Request::Command(ThingCommand::Delete))
+            .await?
+        {
+            Response::Decided(Reply::Deleted) => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The shadow document.
+    pub async fn get_shadow(&self, name: &str) -> Result<ShadowDocument, Rejection> {
+        self.require_registered(name, None)?;
+        match self.registry.request(name, Request::GetShadow).await? {
+            Response::Shadow(document) => Ok(document),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Applies a shadow update; the result is returned once it is durable.
+    pub async fn update_shadow(
+        &self,
+        name: &str,
+        update: ShadowUpdate,
+        origin: Origin,
+    ) -> Result<ShadowUpdateResult, Rejection> {
+        self.require_registered(name, update.client_token.as_ref())?;
+        let request = Request::Command(ThingCommand::UpdateShadow { update, origin });
+        match self.registry.request(name, request).await? {
+            Response::Decided(Reply::ShadowUpdated(result)) => Ok(*result),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Deletes the shadow document: `{version, timestamp, clientToken?}`.
+    pub async fn delete_shadow(
+        &self,
+        name: &str,
+        client_token: Option<String>,
+        origin: Origin,
+    ) -> Result<Value, Rejection> {
+        self.require_registered(name, client_token.as_ref())?;
+        let request = Request::Command(ThingCommand::DeleteShadow {
+            client_token,
+            origin,
+        });
+        match self.registry.request(name, request).await? {
+            Response::Decided(Reply::ShadowDeleted(reply)) => Ok(reply),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Registered Things with names after `after`, in name order.
+    pub fn list(&self, after: Option<&str>, limit: usize) -> Result<Vec<ThingSummary>, Rejection> {
+        list_things(&self.store, after, limit).map_err(storage_failure)
+    }
+
+    /// A Thing's history from `from_seq` (inclusive), oldest first.
+    pub fn history(
+        &self,
+        name: &str,
+        from_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<HistoryEntry>, Rejection> {
+        thing::validate_thing_name(name)?;
+        let entries = read_history(&self.store, name, from_seq, limit).map_err(storage_failure)?;
+        if entries.is_empty() && from_seq <= 1 {
+            return Err(Rejection::new(
+                ErrorCode::NotFound,
+                format!("Thing '{name}' has no history"),
+            ));
+        }
+        Ok(entries)
+    }
+}
+
+/// Lists registry records straight from the index.
+pub fn list_things(
+    store: &Store,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<Vec<ThingSummary>, StorageError> {
+    store
+        .list_things(after, limit)?
+        .into_iter()
+        .map(|(name, bytes)| {
+            let record = codec::decode_index_record(&name, &bytes)?;
+            Ok(ThingSummary {
+                name,
+                mqtt_client_id: record.mqtt_client_id,
+                thing_type: record.thing_type,
+                created_at_ms: record.created_at_ms,
+            })
+        })
+        .collect()
+}
+
+/// Reads and decodes a Thing's log for people and auditors (`thinghub audit`, the history API).
+pub fn read_history(
+    store: &Store,
+    name: &str,
+    from_seq: u64,
+    limit: usize,
+) -> Result<Vec<HistoryEntry>, StorageError> {
+    store
+        .read_events(name, from_seq.max(1), limit)?
+        .iter()
+        .map(|recorded| {
+            let event = codec::decode_event(name, recorded)?;
+            Ok(HistoryEntry {
+                seq: recorded.seq,
+                recorded_at_ms: recorded.envelope.recorded_at_ms,
+                event_type: recorded.envelope.event_type.clone(),
+                event_version: recorded.envelope.event_version,
+                summary: codec::summarize(&event),
+                event: serde_json::to_value(&event).unwrap_or(Value::Null),
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,249 @@
+//! One `Config` for the server: defaults < TOML file (`--config`) < `THINGHUB_*` env < flags.
+//!
+//! clap resolves "flag, else env var" for each option; the TOML file sits under both. Every bound
+//! is a named field with its unit in the name.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The server's configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Directory of the database.
+    pub data_dir: PathBuf,
+    /// HTTP listen address (management API, device ThingDatas API, health).
+    pub http_listen: SocketAddr,
+    /// MQTT listen address.
+    pub mqtt_listen: SocketAddr,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `thinghub=debug`.
+    pub log_filter: String,
+    /// A Thing with no request for this long is passivated (its actor stopped).
+    pub thing_idle_ms: u64,
+    /// A snapshot is written after this many events since the last one.
+    pub snapshot_every_events: u64,
+    /// Registry shards (each a map and a supervisor actor).
+    pub registry_shards: usize,
+    /// How long a request waits for its Thing's answer before a 503.
+    pub request_timeout_ms: u64,
+    /// Largest HTTP request body accepted.
+    pub http_body_bytes_max: usize,
+    /// Largest shadow state (desired + reported) after an update.
+    pub shadow_state_bytes_max: usize,
+    /// Deepest nesting inside desired/reported.
+    pub shadow_depth_max: usize,
+    /// Longest clientToken.
+    pub client_token_bytes_max: usize,
+    /// Largest page of a listing.
+    pub list_limit_max: usize,
+    /// sled page cache.
+    pub storage_cache_bytes: u64,
+    /// Most appends made durable by one group commit.
+    pub commit_batch_appends_max: usize,
+    /// How long graceful shutdown waits for Things to stop.
+    pub shutdown_timeout_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("./data"),
+            http_listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            mqtt_listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
+            log_format: LogFormat::Text,
+            log_filter: "info".into(),
+            thing_idle_ms: 60_000,
+            snapshot_every_events: 500,
+            registry_shards: 64,
+            request_timeout_ms: 10_000,
+            http_body_bytes_max: 64 * 1024,
+            shadow_state_bytes_max: 8 * 1024,
+            shadow_depth_max: 6,
+            client_token_bytes_max: 64,
+            list_limit_max: 1000,
+            storage_cache_bytes: 256 * 1024 * 1024,
+            commit_batch_appends_max: 4096,
+            shutdown_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// Options of `thinghub serve` (each flag also reads `THINGHUB_<NAME>`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServeArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "THINGHUB_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Database directory [default: ./data].
+    #[arg(long, env = "THINGHUB_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// HTTP listen address [default: 0.0.0.0:8080].
+    #[arg(long, env = "THINGHUB_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+    /// MQTT listen address [default: 0.0.0.0:1883].
+    #[arg(long, env = "THINGHUB_MQTT_LISTEN")]
+    pub mqtt_listen: Option<SocketAddr>,
+    /// Log format [default: text].
+    #[arg(long, env = "THINGHUB_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// Log filter [default: info].
+    #[arg(long, env = "THINGHUB_LOG_FILTER")]
+    pub log_filter: Option<String>,
+    /// Passivate a Thing after this many idle milliseconds [default: 60000].
+    #[arg(long, env = "THINGHUB_THING_IDLE_MS")]
+    pub thing_idle_ms: Option<u64>,
+    /// Snapshot every N events [default: 500].
+    #[arg(long, env = "THINGHUB_SNAPSHOT_EVERY_EVENTS")]
+    pub snapshot_every_events: Option<u64>,
+    /// Request timeout in milliseconds [default: 10000].
+    #[arg(long, env = "THINGHUB_REQUEST_TIMEOUT_MS")]
+    pub request_timeout_ms: Option<u64>,
+    /// Largest HTTP body in bytes [default: 65536].
+    #[arg(long, env = "THINGHUB_HTTP_BODY_BYTES_MAX")]
+    pub http_body_bytes_max: Option<usize>,
+}
+
+/// Why a configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for `Config`.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said.
+        message: String,
+    },
+    /// A value is out of its allowed range.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Builds the configuration from the file (if any) and the flags/env.
+    pub fn load(args: &ServeArgs) -> Result<Config, ConfigError> {
+        let mut config = match &args.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        macro_rules! overlay {
+            ($($field:ident),*) => {$(
+                if let Some(value) = &args.$field {
+                    config.$field = value.clone();
+                }
+            )*};
+        }
+        overlay!(
+            data_dir,
+            http_listen,
+            mqtt_listen,
+            log_format,
+            log_filter,
+            thing_idle_ms,
+            snapshot_every_events,
+            request_timeout_ms,
+            http_body_bytes_max
+        );
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads a TOML file over the defaults.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("thing_idle_ms", self.thing_idle_ms),
+            ("snapshot_every_events", self.snapshot_every_events),
+            ("request_timeout_ms", self.request_timeout_ms),
+            ("registry_shards", self.registry_shards as u64),
+            ("http_body_bytes_max", self.http_body_bytes_max as u64),
+            ("shadow_state_bytes_max", self.shadow_state_bytes_max as u64),
+            ("shadow_depth_max", self.shadow_depth_max as u64),
+            ("list_limit_max", self.list_limit_max as u64),
+            (
+                "commit_batch_appends_max",
+                self.commit_batch_appends_max as u64,
+            ),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "{name} must be greater than 0"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_overrides_defaults_and_flags_override_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("thinghub.toml");
+        std::fs::write(
+            &path,
+            "data_dir = \"/from/file\"\nthing_idle_ms = 5\nhttp_listen = \"127.0.0.1:9000\"\n",
+        )
+        .expect("write");
+        let args = ServeArgs {
+            config: Some(path),
+            thing_idle_ms: Some(7),
+            ..ServeArgs::default()
+        };
+        let config = Config::load(&args).expect("load");
+        assert_eq!(config.data_dir, PathBuf::from("/from/file"));
+        assert_eq!(config.thing_idle_ms, 7, "flag/env beats file");
+        assert_eq!(config.http_listen, "127.0.0.1:9000".parse().expect("addr"));
+        assert_eq!(config.snapshot_every_events, 500, "default kept");
+    }
+
+    #[test]
+    fn unknown_keys_and_zero_bounds_are_errors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, "thing_idle = 5\n").expect("write");
+        let err = Config::from_file(&path).expect_err("unknown key");
+        assert!(err.to_string().contains("thing_idle"), "{err}");
+        let args = ServeArgs {
+            snapshot_every_events: Some(0),
+            ..ServeArgs::default()
+        };
+        assert!(Config::load(&args).is_err());
+    }
+}

@@ -1,0 +1,65 @@
+//! Admin-key authentication for `/api/v1/...`: `Authorization: Basic base64(key:secret)` or
+//! `Authorization: Bearer key:secret`. Anything else is a 401 with a `WWW-Authenticate` hint.
+
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+
+use super::error::ApiError;
+use super::AppState;
+use crate::auth::split_key;
+
+fn credentials(request: &Request) -> Result<(String, String), &'static str> {
+    let value = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .ok_or("missing Authorization header (use Basic base64(key:secret))")?
+        .to_str()
+        .map_err(|_| "Authorization header is not ASCII")?;
+    let (scheme, rest) = value
+        .split_once(' ')
+        .ok_or("malformed Authorization header")?;
+    let pair = if scheme.eq_ignore_ascii_case("basic") {
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(rest.trim())
+            .map_err(|_| "Basic credentials are not valid base64")?;
+        String::from_utf8(decoded).map_err(|_| "Basic credentials are not UTF-8")?
+    } else if scheme.eq_ignore_ascii_case("bearer") {
+        rest.trim().to_owned()
+    } else {
+        return Err("unsupported Authorization scheme (use Basic or Bearer)");
+    };
+    let (key, secret) = split_key(&pair).ok_or("credentials must be key:secret")?;
+    Ok((key.to_owned(), secret.to_owned()))
+}
+
+/// Middleware: 401 unless the request carries a valid admin key.
+pub async fn require_admin(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let unauthorized = |message: &str| {
+        let mut response = ApiError::new(StatusCode::UNAUTHORIZED, message).into_response();
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Basic realm=\"thinghub\""),
+        );
+        response
+    };
+    let (key, secret) = match credentials(&request) {
+        Ok(pair) => pair,
+        Err(message) => return unauthorized(message),
+    };
+    let keys = state.keys.clone();
+    // A first verification runs argon2 (tens of ms of CPU): keep it off the async workers.
+    let valid = tokio::task::spawn_blocking(move || keys.verify(&key, &secret))
+        .await
+        .unwrap_or(false);
+    if !valid {
+        return unauthorized("invalid API key or secret");
+    }
+    next.run(request).await
+}

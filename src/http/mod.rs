@@ -1,0 +1,92 @@
+//! The HTTP frontend (axum): management API, device ThingDatas API and health.
+//!
+//! Handlers parse and authorize, call [`Things`], and render; they hold no state. The router is
+//! built by [`app`] so tests can drive it without a socket.
+
+pub mod auth;
+mod devices;
+pub mod error;
+pub mod extract;
+mod things;
+
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{Method, StatusCode, Uri};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use thinghub_actors::thing::ShadowLimits;
+use thinghub_actors::Things;
+
+use crate::auth::AdminKeys;
+use error::ApiError;
+
+/// Bounds the HTTP layer applies itself.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    /// Largest request body.
+    pub body_bytes_max: usize,
+    /// Largest page of a listing.
+    pub list_limit_max: usize,
+    /// Shadow bounds (for parsing requests).
+    pub shadow: ShadowLimits,
+}
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    /// The Things service.
+    pub things: Things,
+    /// Admin credentials.
+    pub keys: Arc<AdminKeys>,
+    /// Bounds.
+    pub limits: HttpLimits,
+}
+
+/// The whole HTTP application.
+pub fn app(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/things", post(things::create).get(things::list))
+        .route(
+            "/things/{name}",
+            get(things::describe).delete(things::delete),
+        )
+        .route(
+            "/things/{name}/shadow",
+            get(things::get_shadow)
+                .post(things::update_shadow)
+                .delete(things::delete_shadow),
+        )
+        .route("/things/{name}/history", get(things::history))
+        .route("/thing-datas/{name}/shadow", get(devices::get_shadow))
+        .route("/thing-datas/shadow/reported", post(devices::report))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_admin,
+        ));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .nest("/api/v1", api)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(state.limits.body_bytes_max))
+        .with_state(state)
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+async fn not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("no route for {method} {}", uri.path()),
+    )
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}

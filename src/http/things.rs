@@ -1,0 +1,176 @@
+//! Management API: the Thing registry, shadows (operator side) and history.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::Engine;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use thinghub_actors::thing::{Origin, RegisterThing, ShadowUpdate};
+
+use super::error::ApiError;
+use super::extract::{JsonBody, QueryParams};
+use super::AppState;
+
+/// Body of `POST /api/v1/things`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateThing {
+    thing_name: String,
+    #[serde(default)]
+    mqtt_client_id: Option<String>,
+    #[serde(default)]
+    thing_type: Option<String>,
+    #[serde(default)]
+    attributes: BTreeMap<String, String>,
+}
+
+pub async fn create(
+    State(state): State<AppState>,
+    JsonBody(body): JsonBody<CreateThing>,
+) -> Result<Response, ApiError> {
+    let description = state
+        .things
+        .register(
+            &body.thing_name,
+            RegisterThing {
+                mqtt_client_id: body.mqtt_client_id,
+                thing_type: body.thing_type,
+                attributes: body.attributes,
+            },
+        )
+        .await?;
+    let location = format!("/api/v1/things/{}", description.name);
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        Json(description),
+    )
+        .into_response())
+}
+
+/// Paging parameters.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Page {
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+const PAGE_LIMIT_DEFAULT: usize = 100;
+
+fn page_limit(requested: Option<usize>, max: usize) -> Result<usize, ApiError> {
+    match requested {
+        None => Ok(PAGE_LIMIT_DEFAULT.min(max)),
+        Some(limit) if (1..=max).contains(&limit) => Ok(limit),
+        Some(_) => Err(ApiError::bad_request(format!("limit must be 1..={max}"))),
+    }
+}
+
+fn encode_cursor(name: &str) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(name)
+}
+
+fn decode_cursor(cursor: &str) -> Result<String, ApiError> {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(cursor)
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .ok_or_else(|| ApiError::bad_request("invalid cursor"))
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    QueryParams(page): QueryParams<Page>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = page_limit(page.limit, state.limits.list_limit_max)?;
+    let after = page.cursor.as_deref().map(decode_cursor).transpose()?;
+    let mut items = state.things.list(after.as_deref(), limit + 1)?;
+    let next = (items.len() > limit).then(|| {
+        items.truncate(limit);
+        items.last().map(|last| encode_cursor(&last.name))
+    });
+    Ok(Json(json!({"items": items, "nextCursor": next.flatten()})))
+}
+
+pub async fn describe(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let description = state.things.describe(&name).await?;
+    Ok(Json(json!(description)))
+}
+
+pub async fn delete(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    state.things.delete(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn get_shadow(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let document = state.things.get_shadow(&name).await?;
+    Ok(Json(document.to_json(None)))
+}
+
+pub async fn update_shadow(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    JsonBody(body): JsonBody<Value>,
+) -> Result<Json<Value>, ApiError> {
+    let update = ShadowUpdate::from_json(&body, &state.limits.shadow)?;
+    let result = state
+        .things
+        .update_shadow(&name, update, Origin::Operator)
+        .await?;
+    Ok(Json(result.accepted))
+}
+
+/// Optional body of a shadow deletion.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeleteShadowParams {
+    client_token: Option<String>,
+}
+
+pub async fn delete_shadow(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    QueryParams(params): QueryParams<DeleteShadowParams>,
+) -> Result<Json<Value>, ApiError> {
+    let reply = state
+        .things
+        .delete_shadow(&name, params.client_token, Origin::Operator)
+        .await?;
+    Ok(Json(reply))
+}
+
+/// History paging.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HistoryParams {
+    from_seq: Option<u64>,
+    limit: Option<usize>,
+}
+
+pub async fn history(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    QueryParams(params): QueryParams<HistoryParams>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = page_limit(params.limit, state.limits.list_limit_max)?;
+    let from_seq = params.from_seq.unwrap_or(1);
+    let mut items = state.things.history(&name, from_seq, limit + 1)?;
+    let next = (items.len() > limit).then(|| {
+        items.truncate(limit);
+        items.last().map(|last| last.seq + 1)
+    });
+    Ok(Json(json!({"items": items, "nextFromSeq": next.flatten()})))
+}

@@ -1,0 +1,15 @@
+//! thinghub: a single-binary IoT device-fleet server.
+//!
+//! - [`config`]: one `Config` from defaults, a TOML file, `THINGHUB_*` env vars and flags.
+//! - [`server`]: wiring: storage -> Thing registry -> frontends, and graceful shutdown.
+//! - [`http`]: the axum frontend (management API, device ThingDatas API, health).
+//! - [`auth`]: admin API keys (argon2-hashed at rest).
+//! - [`audit`]: `thinghub audit THING`, a Thing's history for people and auditors.
+//!
+//! The domain and the actors live in `thinghub-actors`; storage in `thinghub-storage`.
+
+pub mod audit;
+pub mod auth;
+pub mod config;
+pub mod http;
+pub mod server;

@@ -1,0 +1,147 @@
+//! Wiring of `thinghub serve`: open storage, start the Thing registry, set up admin keys, serve
+//! HTTP until the shutdown signal, then drain: stop accepting, passivate every Thing (each writes
+//! its snapshot), and make everything durable.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use thinghub_actors::clock::{Clock, SystemClock};
+use thinghub_actors::thing::{Limits, ShadowLimits};
+use thinghub_actors::{Registry, RegistryConfig, ThingContext, Things};
+use thinghub_storage::{StorageError, Store, StoreConfig};
+use tokio::net::TcpListener;
+
+use crate::auth::{AdminKeys, AuthError};
+use crate::config::Config;
+use crate::http::{self, AppState, HttpLimits};
+
+/// Why the server could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Storage could not be opened.
+    #[error("storage: {0}")]
+    Storage(#[from] StorageError),
+    /// Admin keys could not be set up.
+    #[error("admin keys: {0}")]
+    Auth(#[from] AuthError),
+    /// The actor system could not start.
+    #[error("actor system: {0}")]
+    Actors(String),
+    /// A listener could not be bound or failed.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Runs the server until `shutdown` resolves, then drains and flushes.
+pub async fn serve(
+    config: Config,
+    admin_key: Option<String>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let store = Store::open(&StoreConfig {
+        data_dir: config.data_dir.clone(),
+        cache_bytes: config.storage_cache_bytes,
+        commit_batch_appends_max: config.commit_batch_appends_max,
+    })?;
+    let clock = Arc::new(SystemClock);
+    let shadow_limits = ShadowLimits {
+        state_bytes_max: config.shadow_state_bytes_max,
+        depth_max: config.shadow_depth_max,
+        client_token_bytes_max: config.client_token_bytes_max,
+    };
+    let context = Arc::new(ThingContext {
+        store: store.clone(),
+        clock: clock.clone(),
+        limits: Limits {
+            shadow: shadow_limits,
+        },
+        snapshot_every_events: config.snapshot_every_events,
+    });
+    let registry = Registry::start(
+        context,
+        RegistryConfig {
+            shards: config.registry_shards,
+            thing_idle_ms: config.thing_idle_ms,
+            request_timeout_ms: config.request_timeout_ms,
+        },
+    )
+    .await
+    .map_err(|e| ServeError::Actors(e.to_string()))?;
+    let keys = AdminKeys::init(store.clone(), admin_key.as_deref(), clock.now_ms()).await?;
+    let things = Things::new(registry.clone());
+    let state = AppState {
+        things,
+        keys: Arc::new(keys),
+        limits: HttpLimits {
+            body_bytes_max: config.http_body_bytes_max,
+            list_limit_max: config.list_limit_max,
+            shadow: shadow_limits,
+        },
+    };
+
+    let listener = TcpListener::bind(config.http_listen)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: config.http_listen,
+            source,
+        })?;
+    let http_addr = listener.local_addr().map_err(|source| ServeError::Listen {
+        addr: config.http_listen,
+        source,
+    })?;
+    tracing::info!(
+        http = %http_addr,
+        data_dir = %config.data_dir.display(),
+        "listening"
+    );
+    axum::serve(listener, http::app(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: http_addr,
+            source,
+        })?;
+
+    tracing::info!("shutting down: passivating things and flushing");
+    registry
+        .shutdown(Duration::from_millis(config.shutdown_timeout_ms))
+        .await;
+    store.sync().await?;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("Ctrl-C received"),
+        _ = terminate => tracing::info!("SIGTERM received"),
+    }
+}

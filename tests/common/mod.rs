@@ -1,0 +1,141 @@
+//! Test harness: the real `thinghub` binary on 127.0.0.1 port 0 with a temporary data dir.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub const ADMIN_KEY: &str = "ops";
+pub const ADMIN_SECRET: &str = "test-secret";
+/// Longest a server may take to print its listening line.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Kills and reaps the child when dropped, whatever path the test takes.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub struct Server {
+    child: ChildGuard,
+    pub http: SocketAddr,
+    pub data_dir: PathBuf,
+    logs: mpsc::Receiver<String>,
+}
+
+impl Server {
+    /// Starts a server on `data_dir` and waits (bounded) for its listening line.
+    pub fn start(data_dir: &Path, extra_args: &[&str]) -> Server {
+        let child = Command::new(env!("CARGO_BIN_EXE_thinghub"))
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--http-listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(extra_args)
+            .env("THINGHUB_ADMIN_KEY", format!("{ADMIN_KEY}:{ADMIN_SECRET}"))
+            .env_remove("THINGHUB_CONFIG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn thinghub");
+        let mut child = ChildGuard(child);
+        let stderr = child.0.stderr.take().expect("stderr");
+        let (tx, logs) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = logs.recv_timeout(left).unwrap_or_else(|_| {
+                panic!("server did not report listening within {STARTUP_TIMEOUT:?}")
+            });
+            let Ok(value) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if value["fields"]["message"] == "listening" {
+                let http = value["fields"]["http"]
+                    .as_str()
+                    .expect("http addr")
+                    .parse()
+                    .expect("addr");
+                return Server {
+                    child,
+                    http,
+                    data_dir: data_dir.to_owned(),
+                    logs,
+                };
+            }
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http)
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill9(mut self) {
+        self.child.0.kill().expect("kill -9");
+        self.child.0.wait().expect("reap");
+    }
+
+    /// SIGTERM and wait (bounded) for a clean exit; returns the exit status and the log lines.
+    pub fn stop(mut self) -> (std::process::ExitStatus, Vec<String>) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.0.id().to_string()])
+            .status()
+            .expect("kill -TERM");
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let exit = loop {
+            if let Some(exit) = self.child.0.try_wait().expect("try_wait") {
+                break exit;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server did not stop within 30 s of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let lines = self.logs.try_iter().collect();
+        (exit, lines)
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
+/// Sends a request with admin credentials; returns (status, JSON body or Null).
+pub async fn call(
+    method: reqwest::Method,
+    url: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let mut request = client()
+        .request(method, url)
+        .basic_auth(ADMIN_KEY, Some(ADMIN_SECRET));
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.expect("request");
+    let status = response.status().as_u16();
+    let text = response.text().await.expect("body");
+    let json = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
+    (status, json)
+}

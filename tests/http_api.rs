@@ -1,0 +1,382 @@
+//! The management and device HTTP APIs against the real server process.
+
+mod common;
+
+use common::{call, client, Server};
+use reqwest::Method;
+use serde_json::json;
+
+#[tokio::test]
+async fn register_report_set_desired_read_delta_and_conflict() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+
+    let (status, body) = call(
+        Method::POST,
+        &server.url("/api/v1/things"),
+        Some(json!({"thingName":"pump-1","thingType":"pump","attributes":{"site":"lab"}})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["mqttClientId"], "pump-1");
+    let (status, body) = call(
+        Method::POST,
+        &server.url("/api/v1/things"),
+        Some(json!({"thingName":"pump-1"})),
+    )
+    .await;
+    assert_eq!((status, body["code"].as_u64()), (409, Some(409)));
+
+    // The device reports over the ThingDatas API.
+    let (status, body) = call(
+        Method::POST,
+        &server.url("/api/v1/thing-datas/shadow/reported"),
+        Some(json!({"thingName":"pump-1","state":{"reported":{"speed":3,"temp":21.5}},"clientToken":"c1"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["version"], 1);
+    assert_eq!(body["clientToken"], "c1");
+    assert!(body["metadata"]["reported"]["speed"]["timestamp"].is_u64());
+
+    // The operator sets desired; the document shows the delta.
+    let (status, body) = call(
+        Method::POST,
+        &server.url("/api/v1/things/pump-1/shadow"),
+        Some(json!({"state":{"desired":{"speed":5,"temp":21.5}}})),
+    )
+    .await;
+    assert_eq!((status, &body["version"]), (200, &json!(2)), "{body}");
+    let (status, doc) = call(
+        Method::GET,
+        &server.url("/api/v1/thing-datas/pump-1/shadow"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        doc["state"]["delta"],
+        json!({"speed":5}),
+        "temp agrees, only speed differs"
+    );
+    assert_eq!(doc["state"]["reported"], json!({"speed":3,"temp":21.5}));
+    assert_eq!(doc["version"], 2);
+
+    // A stale version is a 409 that echoes the client token.
+    let (status, body) = call(
+        Method::POST,
+        &server.url("/api/v1/thing-datas/shadow/reported"),
+        Some(json!({"thingName":"pump-1","state":{"reported":{"speed":5}},"version":1,"clientToken":"c2"})),
+    )
+    .await;
+    assert_eq!(status, 409);
+    assert_eq!(
+        body,
+        json!({"code":409,"message":"Version conflict","clientToken":"c2"})
+    );
+
+    // Reporting the desired value clears the delta.
+    let (status, _) = call(
+        Method::POST,
+        &server.url("/api/v1/thing-datas/shadow/reported"),
+        Some(json!({"thingName":"pump-1","state":{"reported":{"speed":5}},"version":2})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (_, doc) = call(
+        Method::GET,
+        &server.url("/api/v1/things/pump-1/shadow"),
+        None,
+    )
+    .await;
+    assert!(doc["state"].get("delta").is_none(), "{doc}");
+    assert_eq!(doc["version"], 3);
+}
+
+#[tokio::test]
+async fn bad_input_gets_specific_errors_and_the_server_keeps_serving() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &["--http-body-bytes-max", "4096"]);
+    call(
+        Method::POST,
+        &server.url("/api/v1/things"),
+        Some(json!({"thingName":"t"})),
+    )
+    .await;
+
+    let raw = |body: Vec<u8>| {
+        client()
+            .post(server.url("/api/v1/things/t/shadow"))
+            .basic_auth(common::ADMIN_KEY, Some(common::ADMIN_SECRET))
+            .body(body)
+            .send()
+    };
+    let check = |status: u16, code: u16, message_part: &str, response: (u16, serde_json::Value)| {
+        assert_eq!(response.0, status, "{}", response.1);
+        assert_eq!(response.1["code"], code, "{}", response.1);
+        let message = response.1["message"].as_str().expect("message");
+        assert!(
+            message.contains(message_part),
+            "{message:?} lacks {message_part:?}"
+        );
+    };
+    let to_pair = |r: reqwest::Response| async move {
+        let status = r.status().as_u16();
+        (
+            status,
+            r.json::<serde_json::Value>()
+                .await
+                .expect("json error body"),
+        )
+    };
+
+    check(
+        400,
+        400,
+        "invalid json",
+        to_pair(raw(b"{\"state\":".to_vec()).await.expect("send")).await,
+    );
+    check(
+        415,
+        415,
+        "UTF-8",
+        to_pair(raw(vec![0xff, 0xfe, 0x7b]).await.expect("send")).await,
+    );
+    check(
+        413,
+        413,
+        "maximum size",
+        to_pair(raw(vec![b' '; 5000]).await.expect("send")).await,
+    );
+    check(
+        400,
+        400,
+        "Missing required node: state",
+        call(
+            Method::POST,
+            &server.url("/api/v1/things/t/shadow"),
+            Some(json!({"version":1})),
+        )
+        .await,
+    );
+    check(
+        400,
+        400,
+        "nesting",
+        call(
+            Method::POST,
+            &server.url("/api/v1/things/t/shadow"),
+            Some(json!({"state":{"desired":{"a":{"b":{"c":{"d":{"e":{"f":{"g":1}}}}}}}}})),
+        )
+        .await,
+    );
+    check(
+        400,
+        400,
+        "arrays must not contain null",
+        call(
+            Method::POST,
+            &server.url("/api/v1/things/t/shadow"),
+            Some(json!({"state":{"desired":{"a":[null]}}})),
+        )
+        .await,
+    );
+    // The state limit (8 KiB) is on the merged document, so build it up in bodies under 4 KiB.
+    for (section, key) in [("desired", "a"), ("reported", "b")] {
+        let (status, body) = call(
+            Method::POST,
+            &server.url("/api/v1/things/t/shadow"),
+            Some(json!({"state":{section:{key:"x".repeat(3000)}}})),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    check(
+        413,
+        413,
+        "maximum size allowed",
+        call(
+            Method::POST,
+            &server.url("/api/v1/things/t/shadow"),
+            Some(json!({"state":{"desired":{"c":"y".repeat(3000)}}})),
+        )
+        .await,
+    );
+    call(Method::DELETE, &server.url("/api/v1/things/t/shadow"), None).await;
+    check(
+        404,
+        404,
+        "Thing 'ghost' not found",
+        call(
+            Method::GET,
+            &server.url("/api/v1/things/ghost/shadow"),
+            None,
+        )
+        .await,
+    );
+    check(
+        404,
+        404,
+        "No shadow exists",
+        call(Method::GET, &server.url("/api/v1/things/t/shadow"), None).await,
+    );
+    check(
+        400,
+        400,
+        "invalid thingName",
+        call(
+            Method::POST,
+            &server.url("/api/v1/things"),
+            Some(json!({"thingName":"a/b"})),
+        )
+        .await,
+    );
+    check(
+        400,
+        400,
+        "unknown field",
+        call(
+            Method::POST,
+            &server.url("/api/v1/things"),
+            Some(json!({"thingNme":"x"})),
+        )
+        .await,
+    );
+    check(
+        400,
+        400,
+        "accepts only state.reported",
+        call(
+            Method::POST,
+            &server.url("/api/v1/thing-datas/shadow/reported"),
+            Some(json!({"thingName":"t","state":{"desired":{"a":1}}})),
+        )
+        .await,
+    );
+    check(
+        400,
+        400,
+        "thingName",
+        call(
+            Method::POST,
+            &server.url("/api/v1/thing-datas/shadow/reported"),
+            Some(json!({"state":{"reported":{"a":1}}})),
+        )
+        .await,
+    );
+    check(
+        400,
+        400,
+        "limit",
+        call(Method::GET, &server.url("/api/v1/things?limit=0"), None).await,
+    );
+    check(
+        404,
+        404,
+        "no route",
+        call(Method::GET, &server.url("/api/v1/nothing"), None).await,
+    );
+
+    let unauthenticated = client()
+        .get(server.url("/api/v1/things"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(unauthenticated.status(), 401);
+    assert!(unauthenticated.headers().contains_key("www-authenticate"));
+    let wrong = client()
+        .get(server.url("/api/v1/things"))
+        .basic_auth(common::ADMIN_KEY, Some("nope"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(wrong.status(), 401);
+    let bearer = client()
+        .get(server.url("/api/v1/things"))
+        .bearer_auth(format!("{}:{}", common::ADMIN_KEY, common::ADMIN_SECRET))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(bearer.status(), 200);
+
+    // Still serving after all of that.
+    let (status, _) = call(
+        Method::POST,
+        &server.url("/api/v1/things/t/shadow"),
+        Some(json!({"state":{"desired":{"ok":true}}})),
+    )
+    .await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn listing_pages_with_a_cursor_and_deletes_keep_history() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    for name in ["d", "b", "e", "a", "c"] {
+        let (status, _) = call(
+            Method::POST,
+            &server.url("/api/v1/things"),
+            Some(json!({"thingName": name})),
+        )
+        .await;
+        assert_eq!(status, 201);
+    }
+    let mut names = Vec::new();
+    let mut url = server.url("/api/v1/things?limit=2");
+    for _ in 0..10 {
+        let (status, page) = call(Method::GET, &url, None).await;
+        assert_eq!(status, 200);
+        for item in page["items"].as_array().expect("items") {
+            names.push(item["thingName"].as_str().expect("name").to_owned());
+        }
+        match page["nextCursor"].as_str() {
+            Some(cursor) => url = server.url(&format!("/api/v1/things?limit=2&cursor={cursor}")),
+            None => break,
+        }
+    }
+    assert_eq!(names, ["a", "b", "c", "d", "e"]);
+
+    call(
+        Method::POST,
+        &server.url("/api/v1/things/c/shadow"),
+        Some(json!({"state":{"desired":{"x":1}}})),
+    )
+    .await;
+    let (status, body) = call(Method::DELETE, &server.url("/api/v1/things/c/shadow"), None).await;
+    assert_eq!((status, &body["version"]), (200, &json!(1)));
+    let (status, _) = call(Method::GET, &server.url("/api/v1/things/c/shadow"), None).await;
+    assert_eq!(status, 404);
+    let (_, body) = call(
+        Method::POST,
+        &server.url("/api/v1/things/c/shadow"),
+        Some(json!({"state":{"desired":{"x":2}}})),
+    )
+    .await;
+    assert_eq!(body["version"], 2, "the version survives a shadow delete");
+
+    let (status, _) = call(Method::DELETE, &server.url("/api/v1/things/c"), None).await;
+    assert_eq!(status, 204);
+    let (status, _) = call(Method::GET, &server.url("/api/v1/things/c"), None).await;
+    assert_eq!(status, 404);
+    let (_, page) = call(Method::GET, &server.url("/api/v1/things"), None).await;
+    assert_eq!(page["items"].as_array().expect("items").len(), 4);
+    let (status, history) = call(Method::GET, &server.url("/api/v1/things/c/history"), None).await;
+    assert_eq!(status, 200);
+    let types: Vec<&str> = history["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|e| e["type"].as_str().expect("type"))
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "ThingRegistered",
+            "ShadowUpdated",
+            "ShadowDeleted",
+            "ShadowUpdated",
+            "ThingDeleted"
+        ]
+    );
+}
