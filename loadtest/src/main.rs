@@ -1,1 +1,395 @@
-fn main() {}
+//! `thinghub-loadtest`: benchmarks and load scenarios for thinghub.
+//!
+//! In-process scenarios (they drive the storage and actor crates directly):
+//! - `commit`: group-commit throughput, durable appends/s with 1, 100 and 1,000 writers.
+//! - `actors`: Things registered, active and passivated: activations/s, updates/s, RSS per
+//!   active and per passivated Thing, replay time after a restart.
+//!
+//! Every scenario is bounded by count and time and prints a table on stdout.
+
+#![allow(clippy::print_stdout)] // a command-line report is this program's output
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use hdrhistogram::Histogram;
+use thinghub_actors::clock::SystemClock;
+use thinghub_actors::thing::{
+    Limits, Origin, RegisterThing, ShadowLimits, ShadowUpdate, ThingCommand,
+};
+use thinghub_actors::{Registry, RegistryConfig, Request, ThingContext};
+use thinghub_storage::{AppendBatch, Envelope, Store, StoreConfig};
+
+#[derive(Debug, Parser)]
+#[command(name = "thinghub-loadtest", about = "Benchmarks and load scenarios for thinghub")]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// Durable appends/s through the group commit, per number of concurrent writers.
+    Commit {
+        /// Comma-separated writer counts.
+        #[arg(long, value_delimiter = ',', default_value = "1,100,1000")]
+        writers: Vec<usize>,
+        /// Seconds per writer count.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Payload bytes per event.
+        #[arg(long, default_value_t = 200)]
+        event_bytes: usize,
+        /// Data directory (default: a temporary one, removed afterwards).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Thing actors at scale: registration, activation, updates, passivation, replay.
+    Actors {
+        /// Things registered.
+        #[arg(long, default_value_t = 100_000)]
+        things: usize,
+        /// Things made active at once (≤ things).
+        #[arg(long, default_value_t = 100_000)]
+        active: usize,
+        /// Shadow updates spread over the active Things.
+        #[arg(long, default_value_t = 200_000)]
+        updates: usize,
+        /// Requests in flight.
+        #[arg(long, default_value_t = 1000)]
+        concurrency: usize,
+        /// Upper bound on the whole run, seconds.
+        #[arg(long, default_value_t = 600)]
+        max_seconds: u64,
+        /// Data directory (default: a temporary one, removed afterwards).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("runtime")?;
+    match cli.scenario {
+        Scenario::Commit {
+            writers,
+            seconds,
+            event_bytes,
+            data_dir,
+        } => runtime.block_on(commit(writers, seconds, event_bytes, data_dir)),
+        Scenario::Actors {
+            things,
+            active,
+            updates,
+            concurrency,
+            max_seconds,
+            data_dir,
+        } => runtime.block_on(actors(ActorsRun {
+            things,
+            active,
+            updates,
+            concurrency,
+            deadline: Instant::now() + Duration::from_secs(max_seconds),
+            data_dir,
+        })),
+    }
+}
+
+/// A data directory that is removed afterwards unless the user named one.
+struct DataDir {
+    path: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+}
+
+fn data_dir(requested: Option<PathBuf>) -> Result<DataDir> {
+    Ok(match requested {
+        Some(path) => DataDir { path, _temp: None },
+        None => {
+            let temp = tempfile::tempdir().context("tempdir")?;
+            DataDir {
+                path: temp.path().to_owned(),
+                _temp: Some(temp),
+            }
+        }
+    })
+}
+
+fn histogram() -> Histogram<u64> {
+    // 1 µs .. 60 s, 3 significant digits.
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+}
+
+/// Resident set size of this process, bytes (Linux `/proc/self/statm`).
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+async fn commit(
+    writer_counts: Vec<usize>,
+    seconds: u64,
+    event_bytes: usize,
+    requested_dir: Option<PathBuf>,
+) -> Result<()> {
+    let dir = data_dir(requested_dir)?;
+    let store = Store::open(&StoreConfig::new(&dir.path))?;
+    let payload = vec![0x5au8; event_bytes];
+    println!("group commit: durable appends (1 event of {event_bytes} B each), {seconds} s per row");
+    println!(
+        "{:>8} {:>14} {:>14} {:>10} {:>10} {:>10}",
+        "writers", "appends/s", "appends/flush", "p50 ms", "p99 ms", "max ms"
+    );
+    for (round, &writers) in writer_counts.iter().enumerate() {
+        let before = store.commit_stats();
+        let deadline = Instant::now() + Duration::from_secs(seconds);
+        let started = Instant::now();
+        let mut tasks = Vec::with_capacity(writers);
+        for writer in 0..writers {
+            let store = store.clone();
+            let payload = payload.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut latencies = histogram();
+                let thing = format!("r{round}w{writer}");
+                let mut seq = 1u64;
+                while Instant::now() < deadline {
+                    let envelope = Envelope::new("BenchAppended", 1, 0, &serde_bytes_wrapper(&payload))?;
+                    let sent = Instant::now();
+                    store
+                        .append(AppendBatch {
+                            thing: thing.clone(),
+                            first_seq: seq,
+                            events: vec![envelope],
+                            index: vec![],
+                        })
+                        .await?;
+                    latencies.saturating_record(sent.elapsed().as_micros() as u64);
+                    seq += 1;
+                }
+                Ok::<_, anyhow::Error>((seq - 1, latencies))
+            }));
+        }
+        let mut appended = 0u64;
+        let mut latencies = histogram();
+        for task in tasks {
+            let (count, histogram) = task.await??;
+            appended += count;
+            latencies.add(&histogram).context("merge histograms")?;
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let after = store.commit_stats();
+        let flushes = (after.batches - before.batches).max(1);
+        println!(
+            "{:>8} {:>14.0} {:>14.1} {:>10.2} {:>10.2} {:>10.2}",
+            writers,
+            appended as f64 / elapsed,
+            (after.waiters - before.waiters) as f64 / flushes as f64,
+            latencies.value_at_quantile(0.5) as f64 / 1000.0,
+            latencies.value_at_quantile(0.99) as f64 / 1000.0,
+            latencies.max() as f64 / 1000.0,
+        );
+    }
+    Ok(())
+}
+
+fn serde_bytes_wrapper(bytes: &[u8]) -> &serde_bytes::Bytes {
+    serde_bytes::Bytes::new(bytes)
+}
+
+struct ActorsRun {
+    things: usize,
+    active: usize,
+    updates: usize,
+    concurrency: usize,
+    deadline: Instant,
+    data_dir: Option<PathBuf>,
+}
+
+async fn start_registry(store: &Store, shards: usize) -> Result<Registry> {
+    let context = Arc::new(ThingContext {
+        store: store.clone(),
+        clock: Arc::new(SystemClock),
+        limits: Limits::default(),
+        snapshot_every_events: 500,
+    });
+    Registry::start(
+        context,
+        RegistryConfig {
+            shards,
+            // Passivation is driven explicitly by the scenario.
+            thing_idle_ms: 24 * 3600 * 1000,
+            request_timeout_ms: 60_000,
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("registry: {e}"))
+}
+
+/// Runs `count` requests built by `make` with `concurrency` in flight; returns (seconds, latencies).
+async fn drive(
+    registry: &Registry,
+    count: usize,
+    concurrency: usize,
+    deadline: Instant,
+    make: impl Fn(usize) -> (String, Request) + Send + Sync + 'static,
+) -> Result<(f64, Histogram<u64>)> {
+    let make = Arc::new(make);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency.max(1) {
+        let registry = registry.clone();
+        let make = make.clone();
+        let next = next.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = histogram();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= count {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("the run exceeded its time bound");
+                }
+                let (name, request) = make(i);
+                let sent = Instant::now();
+                registry
+                    .request(&name, request)
+                    .await
+                    .map_err(|r| anyhow::anyhow!("{name}: {r}"))?;
+                latencies.saturating_record(sent.elapsed().as_micros() as u64);
+            }
+            Ok(latencies)
+        }));
+    }
+    let mut latencies = histogram();
+    for task in tasks {
+        latencies.add(&task.await??).context("merge")?;
+    }
+    Ok((started.elapsed().as_secs_f64(), latencies))
+}
+
+async fn wait_passivated(registry: &Registry, deadline: Instant) -> Result<()> {
+    registry.passivate_idle(Duration::ZERO);
+    while registry.stats().active_things > 0 {
+        if Instant::now() > deadline {
+            bail!("things did not passivate in time");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+fn thing_name(i: usize) -> String {
+    format!("thing-{i:08}")
+}
+
+fn update(n: usize) -> Request {
+    let body = serde_json::json!({"state": {"reported": {"n": n, "temperature": 21.5, "firmware": "1.4.2"}}});
+    let update = ShadowUpdate::from_json(&body, &ShadowLimits::default()).expect("valid update");
+    Request::Command(ThingCommand::UpdateShadow {
+        update,
+        origin: Origin::Device,
+    })
+}
+
+fn ms(histogram: &Histogram<u64>, quantile: f64) -> f64 {
+    histogram.value_at_quantile(quantile) as f64 / 1000.0
+}
+
+async fn actors(run: ActorsRun) -> Result<()> {
+    if run.active > run.things {
+        bail!("--active must not exceed --things");
+    }
+    let dir = data_dir(run.data_dir.clone())?;
+    let store = Store::open(&StoreConfig::new(&dir.path))?;
+    let registry = start_registry(&store, 64).await?;
+    let rss_start = rss_bytes();
+
+    let (seconds, _) = drive(&registry, run.things, run.concurrency, run.deadline, |i| {
+        (
+            thing_name(i),
+            Request::Command(ThingCommand::Register(RegisterThing {
+                mqtt_client_id: None,
+                thing_type: Some("bench".into()),
+                attributes: Default::default(),
+            })),
+        )
+    })
+    .await?;
+    let register_rate = run.things as f64 / seconds;
+    wait_passivated(&registry, run.deadline).await?;
+    let rss_passivated = rss_bytes();
+
+    let (seconds, activate_latency) = drive(&registry, run.active, run.concurrency, run.deadline, |i| {
+        (thing_name(i), Request::Describe)
+    })
+    .await?;
+    let activation_rate = run.active as f64 / seconds;
+    let rss_active = rss_bytes();
+    let active_now = registry.stats().active_things;
+
+    let active = run.active.max(1);
+    let (seconds, update_latency) = drive(&registry, run.updates, run.concurrency, run.deadline, move |i| {
+        (thing_name(i % active), update(i))
+    })
+    .await?;
+    let update_rate = run.updates as f64 / seconds;
+    let rss_after_updates = rss_bytes();
+
+    wait_passivated(&registry, run.deadline).await?;
+    let rss_after_passivation = rss_bytes();
+    registry.shutdown(Duration::from_secs(60)).await;
+    drop(registry);
+    let disk_bytes = store.size_on_disk_bytes()?;
+    drop(store);
+
+    let reopened = Instant::now();
+    let store = Store::open(&StoreConfig::new(&dir.path))?;
+    let registry = start_registry(&store, 64).await?;
+    let open_seconds = reopened.elapsed().as_secs_f64();
+    let (replay_seconds, _) = drive(&registry, run.active, run.concurrency, run.deadline, |i| {
+        (thing_name(i), Request::GetShadow)
+    })
+    .await?;
+    registry.shutdown(Duration::from_secs(60)).await;
+
+    let per = |bytes: u64, count: usize| bytes as f64 / count.max(1) as f64;
+    println!("actors: {} registered, {} active, {} updates, {} in flight", run.things, run.active, run.updates, run.concurrency);
+    println!("{:<44} {:>14}", "metric", "value");
+    println!("{:<44} {:>14.0}", "registrations/s (spawn + durable append)", register_rate);
+    println!("{:<44} {:>14.0}", "activations/s (spawn + replay)", activation_rate);
+    println!("{:<44} {:>14.2}", "activation p99 ms", ms(&activate_latency, 0.99));
+    println!("{:<44} {:>14}", "active things after activation", active_now);
+    println!("{:<44} {:>14.0}", "RSS per active thing, bytes", per(rss_active.saturating_sub(rss_passivated), run.active));
+    println!("{:<44} {:>14.0}", "durable shadow updates/s", update_rate);
+    println!("{:<44} {:>14.2}", "update p50 ms", ms(&update_latency, 0.5));
+    println!("{:<44} {:>14.2}", "update p99 ms", ms(&update_latency, 0.99));
+    println!("{:<44} {:>14.1}", "RSS at start, MiB", rss_start as f64 / 1048576.0);
+    println!("{:<44} {:>14.1}", "RSS all passivated (after registration), MiB", rss_passivated as f64 / 1048576.0);
+    println!("{:<44} {:>14.1}", "RSS all active, MiB", rss_active as f64 / 1048576.0);
+    println!("{:<44} {:>14.1}", "RSS after updates, MiB", rss_after_updates as f64 / 1048576.0);
+    println!("{:<44} {:>14.1}", "RSS after passivating all again, MiB", rss_after_passivation as f64 / 1048576.0);
+    println!("{:<44} {:>14.0}", "RSS per registered thing, bytes", per(rss_passivated.saturating_sub(rss_start), run.things));
+    println!("{:<44} {:>14.1}", "disk use, MiB", disk_bytes as f64 / 1048576.0);
+    println!("{:<44} {:>14.3}", "restart: open storage + registry, s", open_seconds);
+    println!("{:<44} {:>14.2}", "restart: re-activate all active things, s", replay_seconds);
+    Ok(())
+}

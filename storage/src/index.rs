@@ -1,7 +1,9 @@
 //! Indexes kept beside the log: `things` (the registry listing) and `deadlines` (timers).
 //!
-//! Both change only inside an [`AppendBatch`](crate::AppendBatch), atomically with the events
-//! that justify them, so an index never points at history that is not durable.
+//! Both are derived from the log: they change in an [`AppendBatch`](crate::AppendBatch), written
+//! right after its events, and become durable in the same group commit. A crash between the two
+//! writes leaves the index one change behind the log (never ahead of an acknowledged change);
+//! the Thing's actor compares and repairs its entries when it is activated.
 
 use crate::{thing_key, StorageError, Store};
 

@@ -6,8 +6,8 @@
 //! - [`log`]: `events` tree, key = thing key ‖ seq (big-endian), and the group commit that makes
 //!   many concurrent appends durable with one flush + fsync.
 //! - [`snapshot`]: `snapshots` tree, one (seq, state) per Thing.
-//! - [`index`]: `things` (registry listing) and `deadlines` (timer index) trees, changed in the
-//!   same atomic write as the events that justify them.
+//! - [`index`]: `things` (registry listing) and `deadlines` (timer index) trees, derived from the
+//!   log, written right after the events that justify them and repaired by the Thing's owner.
 //! - [`kv`]: small durable key/value records (API keys, credentials).
 //!
 //! A thing key is `len(name) as u8 ‖ name`, so no Thing's key is a prefix of another's.

@@ -5,12 +5,10 @@
 //! first key already exists is refused ([`StorageError::SequenceConflict`]), which catches two
 //! writers for one Thing.
 
-use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
-
 use crate::index::{deadline_key, IndexOp};
 use crate::{thing_key, Envelope, StorageError, Store};
 
-/// Events to append to one Thing's log, with the index changes they imply, written atomically.
+/// Events to append to one Thing's log (all or nothing), with the index changes they imply.
 #[derive(Debug, Clone)]
 pub struct AppendBatch {
     /// The Thing whose log is appended to.
@@ -19,7 +17,7 @@ pub struct AppendBatch {
     pub first_seq: u64,
     /// The events, in order; event `i` gets seq `first_seq + i`.
     pub events: Vec<Envelope>,
-    /// Index changes made in the same atomic write.
+    /// Index changes, written after the events (see [`Store::append`]).
     pub index: Vec<IndexOp>,
 }
 
@@ -52,6 +50,13 @@ impl Store {
     }
 
     /// Writes a batch to the database without waiting for durability.
+    ///
+    /// Events go in with plain inserts, never `apply_batch` or a transaction: those take sled's
+    /// global write guard, which waits for any flush in progress (a flush holds the read guard
+    /// through its IO) and then routes every later operation through the lock. Only an append
+    /// of several events uses `apply_batch`, to keep them all-or-nothing. Index changes are
+    /// written after the events: indexes are derived from the log, and the owner of a Thing
+    /// repairs them on activation if a crash fell between the two writes.
     fn write_batch(&self, batch: &AppendBatch) -> Result<(), StorageError> {
         let prefix = thing_key(&batch.thing)?;
         let mut writes = Vec::with_capacity(batch.events.len());
@@ -59,62 +64,63 @@ impl Store {
             let seq = batch.first_seq + i as u64;
             writes.push((event_key(&prefix, seq), envelope.to_bytes()?));
         }
-        if let Some((first_key, _)) = writes.first() {
+        if writes.len() == 1 {
+            if let Some((key, value)) = writes.pop() {
+                // Detect a reused sequence number from the insert itself (no second lookup on the
+                // hot path); put the old record back before reporting it.
+                if let Some(previous) = self.inner.events.insert(key.as_slice(), value)? {
+                    self.inner.events.insert(key, previous)?;
+                    return Err(StorageError::SequenceConflict {
+                        thing: batch.thing.clone(),
+                        seq: batch.first_seq,
+                    });
+                }
+            }
+        } else if let Some((first_key, _)) = writes.first() {
             if self.inner.events.contains_key(first_key)? {
                 return Err(StorageError::SequenceConflict {
                     thing: batch.thing.clone(),
                     seq: batch.first_seq,
                 });
             }
-        }
-        if batch.index.is_empty() {
             let mut sled_batch = sled::Batch::default();
             for (key, value) in writes {
                 sled_batch.insert(key, value);
             }
             self.inner.events.apply_batch(sled_batch)?;
-            return Ok(());
         }
-        let index_writes: Vec<(u8, Vec<u8>, Option<Vec<u8>>)> = batch
-            .index
-            .iter()
-            .map(|op| match op {
-                IndexOp::PutThing(record) => {
-                    (b't', batch.thing.as_bytes().to_vec(), Some(record.clone()))
-                }
-                IndexOp::RemoveThing => (b't', batch.thing.as_bytes().to_vec(), None),
-                IndexOp::PutDeadline { at_ms } => {
-                    (b'd', deadline_key(*at_ms, &prefix), Some(Vec::new()))
-                }
-                IndexOp::RemoveDeadline { at_ms } => (b'd', deadline_key(*at_ms, &prefix), None),
-            })
-            .collect();
-        let result: Result<(), TransactionError<()>> = (
-            &self.inner.events,
-            &self.inner.things,
-            &self.inner.deadlines,
-        )
-            .transaction(|(events, things, deadlines)| {
-                for (key, value) in &writes {
-                    events.insert(key.as_slice(), value.as_slice())?;
-                }
-                for (tree, key, value) in &index_writes {
-                    let target = if *tree == b't' { things } else { deadlines };
-                    match value {
-                        Some(value) => {
-                            target.insert(key.as_slice(), value.as_slice())?;
-                        }
-                        None => {
-                            target.remove(key.as_slice())?;
-                        }
-                    }
-                }
-                Ok::<(), ConflictableTransactionError<()>>(())
-            });
-        result.map_err(|e| match e {
-            TransactionError::Storage(e) => StorageError::from(e),
-            TransactionError::Abort(()) => StorageError::Db("transaction aborted".into()),
-        })
+        for op in &batch.index {
+            self.apply_index_op(&batch.thing, &prefix, op)?;
+        }
+        Ok(())
+    }
+
+    fn apply_index_op(&self, thing: &str, prefix: &[u8], op: &IndexOp) -> Result<(), StorageError> {
+        match op {
+            IndexOp::PutThing(record) => {
+                self.inner.things.insert(thing.as_bytes(), record.as_slice())?;
+            }
+            IndexOp::RemoveThing => {
+                self.inner.things.remove(thing.as_bytes())?;
+            }
+            IndexOp::PutDeadline { at_ms } => {
+                self.inner.deadlines.insert(deadline_key(*at_ms, prefix), &[])?;
+            }
+            IndexOp::RemoveDeadline { at_ms } => {
+                self.inner.deadlines.remove(deadline_key(*at_ms, prefix))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies index changes outside an append (repairs by the Thing's owner); durable with the
+    /// next group commit.
+    pub fn repair_index(&self, thing: &str, ops: &[IndexOp]) -> Result<(), StorageError> {
+        let prefix = thing_key(thing)?;
+        for op in ops {
+            self.apply_index_op(thing, &prefix, op)?;
+        }
+        Ok(())
     }
 
     /// Reads up to `limit` events of `thing` with seq ≥ `from_seq`, in order.
