@@ -234,6 +234,7 @@ impl ThingActorState {
             Ok(Ok(thing)) => {
                 self.thing = thing;
                 self.health = Health::Ready;
+                self.repair_index();
             }
             Ok(Err(e)) => {
                 tracing::error!(thing = %name, error = %e, "thing cannot be loaded; serving 503 for it");
@@ -245,6 +246,41 @@ impl ThingActorState {
             }
         }
         self.events_since_snapshot = 0;
+    }
+
+    /// Makes the registry index agree with the log (a crash can fall between the two writes).
+    fn repair_index(&self) {
+        let name = &self.thing.name;
+        let store = &self.context.store;
+        let wanted = self
+            .thing
+            .registration
+            .as_ref()
+            .map(|r| codec::ThingIndexRecord {
+                mqtt_client_id: r.mqtt_client_id.clone(),
+                thing_type: r.thing_type.clone(),
+                created_at_ms: r.created_at_ms,
+            });
+        let present = match store.get_thing(name) {
+            Ok(bytes) => bytes.map(|b| codec::decode_index_record(name, &b)),
+            Err(e) => {
+                tracing::warn!(thing = %name, error = %e, "cannot read the registry index");
+                return;
+            }
+        };
+        let op = match (wanted, present) {
+            (Some(wanted), Some(Ok(present))) if wanted == present => return,
+            (None, None) => return,
+            (Some(wanted), _) => match codec::encode_index_record(&wanted) {
+                Ok(bytes) => IndexOp::PutThing(bytes),
+                Err(_) => return,
+            },
+            (None, Some(_)) => IndexOp::RemoveThing,
+        };
+        tracing::warn!(thing = %name, ?op, "registry index disagreed with the log; repaired");
+        if let Err(e) = store.repair_index(name, &[op]) {
+            tracing::warn!(thing = %name, error = %e, "cannot repair the registry index");
+        }
     }
 
     /// Runs domain code; a panic becomes a 500 for this request and a reload from storage.

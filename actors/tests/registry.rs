@@ -262,3 +262,51 @@ async fn a_corrupt_record_is_named_and_isolated_to_its_thing() {
         .await
         .expect("good still served");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activation_repairs_a_registry_index_that_lags_the_log() {
+    use thinghub_storage::IndexOp;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(&StoreConfig::new(dir.path())).expect("open");
+    let registry = start(&store, RegistryConfig::default(), 500).await;
+    registry
+        .request("lagging", register())
+        .await
+        .expect("register");
+    registry
+        .request("ghost", register())
+        .await
+        .expect("register");
+    registry
+        .request("ghost", Request::Command(ThingCommand::Delete))
+        .await
+        .expect("delete");
+    registry.shutdown(Duration::from_secs(5)).await;
+
+    // As if a crash fell between each event and its index write.
+    store
+        .repair_index("lagging", &[IndexOp::RemoveThing])
+        .expect("remove");
+    store
+        .repair_index("ghost", &[IndexOp::PutThing(b"stale".to_vec())])
+        .expect("put");
+
+    let registry = start(&store, RegistryConfig::default(), 500).await;
+    registry
+        .request("lagging", Request::Describe)
+        .await
+        .expect("registered per the log");
+    let err = registry
+        .request("ghost", Request::Describe)
+        .await
+        .expect_err("deleted per the log");
+    assert_eq!(err.code, ErrorCode::NotFound);
+    assert!(
+        store.get_thing("lagging").expect("read").is_some(),
+        "index entry restored"
+    );
+    assert!(
+        store.get_thing("ghost").expect("read").is_none(),
+        "stale entry removed"
+    );
+}

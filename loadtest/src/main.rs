@@ -24,7 +24,10 @@ use thinghub_actors::{Registry, RegistryConfig, Request, ThingContext};
 use thinghub_storage::{AppendBatch, Envelope, Store, StoreConfig};
 
 #[derive(Debug, Parser)]
-#[command(name = "thinghub-loadtest", about = "Benchmarks and load scenarios for thinghub")]
+#[command(
+    name = "thinghub-loadtest",
+    about = "Benchmarks and load scenarios for thinghub"
+)]
 struct Cli {
     #[command(subcommand)]
     scenario: Scenario,
@@ -152,7 +155,9 @@ async fn commit(
     let dir = data_dir(requested_dir)?;
     let store = Store::open(&StoreConfig::new(&dir.path))?;
     let payload = vec![0x5au8; event_bytes];
-    println!("group commit: durable appends (1 event of {event_bytes} B each), {seconds} s per row");
+    println!(
+        "group commit: durable appends (1 event of {event_bytes} B each), {seconds} s per row"
+    );
     println!(
         "{:>8} {:>14} {:>14} {:>10} {:>10} {:>10}",
         "writers", "appends/s", "appends/flush", "p50 ms", "p99 ms", "max ms"
@@ -170,7 +175,8 @@ async fn commit(
                 let thing = format!("r{round}w{writer}");
                 let mut seq = 1u64;
                 while Instant::now() < deadline {
-                    let envelope = Envelope::new("BenchAppended", 1, 0, &serde_bytes_wrapper(&payload))?;
+                    let envelope =
+                        Envelope::new("BenchAppended", 1, 0, &serde_bytes_wrapper(&payload))?;
                     let sent = Instant::now();
                     store
                         .append(AppendBatch {
@@ -338,18 +344,23 @@ async fn actors(run: ActorsRun) -> Result<()> {
     wait_passivated(&registry, run.deadline).await?;
     let rss_passivated = rss_bytes();
 
-    let (seconds, activate_latency) = drive(&registry, run.active, run.concurrency, run.deadline, |i| {
-        (thing_name(i), Request::Describe)
-    })
-    .await?;
+    let (seconds, activate_latency) =
+        drive(&registry, run.active, run.concurrency, run.deadline, |i| {
+            (thing_name(i), Request::Describe)
+        })
+        .await?;
     let activation_rate = run.active as f64 / seconds;
     let rss_active = rss_bytes();
     let active_now = registry.stats().active_things;
 
     let active = run.active.max(1);
-    let (seconds, update_latency) = drive(&registry, run.updates, run.concurrency, run.deadline, move |i| {
-        (thing_name(i % active), update(i))
-    })
+    let (seconds, update_latency) = drive(
+        &registry,
+        run.updates,
+        run.concurrency,
+        run.deadline,
+        move |i| (thing_name(i % active), update(i)),
+    )
     .await?;
     let update_rate = run.updates as f64 / seconds;
     let rss_after_updates = rss_bytes();
@@ -372,24 +383,82 @@ async fn actors(run: ActorsRun) -> Result<()> {
     registry.shutdown(Duration::from_secs(60)).await;
 
     let per = |bytes: u64, count: usize| bytes as f64 / count.max(1) as f64;
-    println!("actors: {} registered, {} active, {} updates, {} in flight", run.things, run.active, run.updates, run.concurrency);
+    println!(
+        "actors: {} registered, {} active, {} updates, {} in flight",
+        run.things, run.active, run.updates, run.concurrency
+    );
     println!("{:<44} {:>14}", "metric", "value");
-    println!("{:<44} {:>14.0}", "registrations/s (spawn + durable append)", register_rate);
-    println!("{:<44} {:>14.0}", "activations/s (spawn + replay)", activation_rate);
-    println!("{:<44} {:>14.2}", "activation p99 ms", ms(&activate_latency, 0.99));
-    println!("{:<44} {:>14}", "active things after activation", active_now);
-    println!("{:<44} {:>14.0}", "RSS per active thing, bytes", per(rss_active.saturating_sub(rss_passivated), run.active));
+    println!(
+        "{:<44} {:>14.0}",
+        "registrations/s (spawn + durable append)", register_rate
+    );
+    println!(
+        "{:<44} {:>14.0}",
+        "activations/s (spawn + replay)", activation_rate
+    );
+    println!(
+        "{:<44} {:>14.2}",
+        "activation p99 ms",
+        ms(&activate_latency, 0.99)
+    );
+    println!(
+        "{:<44} {:>14}",
+        "active things after activation", active_now
+    );
+    println!(
+        "{:<44} {:>14.0}",
+        "RSS per active thing, bytes",
+        per(rss_active.saturating_sub(rss_passivated), run.active)
+    );
     println!("{:<44} {:>14.0}", "durable shadow updates/s", update_rate);
     println!("{:<44} {:>14.2}", "update p50 ms", ms(&update_latency, 0.5));
-    println!("{:<44} {:>14.2}", "update p99 ms", ms(&update_latency, 0.99));
-    println!("{:<44} {:>14.1}", "RSS at start, MiB", rss_start as f64 / 1048576.0);
-    println!("{:<44} {:>14.1}", "RSS all passivated (after registration), MiB", rss_passivated as f64 / 1048576.0);
-    println!("{:<44} {:>14.1}", "RSS all active, MiB", rss_active as f64 / 1048576.0);
-    println!("{:<44} {:>14.1}", "RSS after updates, MiB", rss_after_updates as f64 / 1048576.0);
-    println!("{:<44} {:>14.1}", "RSS after passivating all again, MiB", rss_after_passivation as f64 / 1048576.0);
-    println!("{:<44} {:>14.0}", "RSS per registered thing, bytes", per(rss_passivated.saturating_sub(rss_start), run.things));
-    println!("{:<44} {:>14.1}", "disk use, MiB", disk_bytes as f64 / 1048576.0);
-    println!("{:<44} {:>14.3}", "restart: open storage + registry, s", open_seconds);
-    println!("{:<44} {:>14.2}", "restart: re-activate all active things, s", replay_seconds);
+    println!(
+        "{:<44} {:>14.2}",
+        "update p99 ms",
+        ms(&update_latency, 0.99)
+    );
+    println!(
+        "{:<44} {:>14.1}",
+        "RSS at start, MiB",
+        rss_start as f64 / 1048576.0
+    );
+    println!(
+        "{:<44} {:>14.1}",
+        "RSS all passivated (after registration), MiB",
+        rss_passivated as f64 / 1048576.0
+    );
+    println!(
+        "{:<44} {:>14.1}",
+        "RSS all active, MiB",
+        rss_active as f64 / 1048576.0
+    );
+    println!(
+        "{:<44} {:>14.1}",
+        "RSS after updates, MiB",
+        rss_after_updates as f64 / 1048576.0
+    );
+    println!(
+        "{:<44} {:>14.1}",
+        "RSS after passivating all again, MiB",
+        rss_after_passivation as f64 / 1048576.0
+    );
+    println!(
+        "{:<44} {:>14.0}",
+        "RSS per registered thing, bytes",
+        per(rss_passivated.saturating_sub(rss_start), run.things)
+    );
+    println!(
+        "{:<44} {:>14.1}",
+        "disk use, MiB",
+        disk_bytes as f64 / 1048576.0
+    );
+    println!(
+        "{:<44} {:>14.3}",
+        "restart: open storage + registry, s", open_seconds
+    );
+    println!(
+        "{:<44} {:>14.2}",
+        "restart: re-activate all active things, s", replay_seconds
+    );
     Ok(())
 }

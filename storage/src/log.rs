@@ -98,13 +98,17 @@ impl Store {
     fn apply_index_op(&self, thing: &str, prefix: &[u8], op: &IndexOp) -> Result<(), StorageError> {
         match op {
             IndexOp::PutThing(record) => {
-                self.inner.things.insert(thing.as_bytes(), record.as_slice())?;
+                self.inner
+                    .things
+                    .insert(thing.as_bytes(), record.as_slice())?;
             }
             IndexOp::RemoveThing => {
                 self.inner.things.remove(thing.as_bytes())?;
             }
             IndexOp::PutDeadline { at_ms } => {
-                self.inner.deadlines.insert(deadline_key(*at_ms, prefix), &[])?;
+                self.inner
+                    .deadlines
+                    .insert(deadline_key(*at_ms, prefix), &[])?;
             }
             IndexOp::RemoveDeadline { at_ms } => {
                 self.inner.deadlines.remove(deadline_key(*at_ms, prefix))?;
