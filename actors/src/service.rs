@@ -151,15 +151,21 @@ impl Things {
         }
     }
 
-    /// Applies a shadow update; the result is returned once it is durable.
+    /// Applies a shadow update; the result is returned once it is durable. `want_documents`
+    /// renders `update/documents` too (only when someone will publish it).
     pub async fn update_shadow(
         &self,
         name: &str,
         update: ShadowUpdate,
         origin: Origin,
+        want_documents: bool,
     ) -> Result<ShadowUpdateResult, Rejection> {
         self.require_registered(name, update.client_token.as_ref())?;
-        let request = Request::Command(ThingCommand::UpdateShadow { update, origin });
+        let request = Request::Command(ThingCommand::UpdateShadow {
+            update,
+            origin,
+            want_documents,
+        });
         match self.registry.request(name, request).await? {
             Response::Decided(Reply::ShadowUpdated(result)) => Ok(*result),
             other => Err(unexpected(other)),

@@ -40,6 +40,7 @@ fn report(value: i64) -> Request {
     Request::Command(ThingCommand::UpdateShadow {
         update,
         origin: Origin::Device,
+        want_documents: false,
     })
 }
 

@@ -57,7 +57,7 @@ pub async fn report(
     let update = ShadowUpdate::from_json(&body, &state.limits.shadow)?;
     let result = state
         .things
-        .update_shadow(&name, update, Origin::Device)
+        .update_shadow(&name, update, Origin::Device, false)
         .await?;
     Ok(Json(result.accepted))
 }

@@ -128,7 +128,7 @@ pub async fn update_shadow(
     let update = ShadowUpdate::from_json(&body, &state.limits.shadow)?;
     let result = state
         .things
-        .update_shadow(&name, update, Origin::Operator)
+        .update_shadow(&name, update, Origin::Operator, false)
         .await?;
     Ok(Json(result.accepted))
 }

@@ -189,6 +189,8 @@ pub enum ThingCommand {
         update: ShadowUpdate,
         /// Who asks.
         origin: Origin,
+        /// Render `update/documents` (previous and current) in the reply.
+        want_documents: bool,
     },
     /// Delete the shadow document (the version is kept).
     DeleteShadow {
@@ -399,12 +401,22 @@ pub fn decide(
                 reply: Reply::Deleted,
             })
         }
-        ThingCommand::UpdateShadow { update, origin } => {
+        ThingCommand::UpdateShadow {
+            update,
+            origin,
+            want_documents,
+        } => {
             if state.registration.is_none() {
                 return Err(state.not_found().with_token(update.client_token.clone()));
             }
-            let (event, result) =
-                shadow::decide_update(&state.shadow, update, *origin, now_ms, &limits.shadow)?;
+            let (event, result) = shadow::decide_update(
+                &state.shadow,
+                update,
+                *origin,
+                now_ms,
+                &limits.shadow,
+                *want_documents,
+            )?;
             Ok(Decision {
                 events: vec![ThingEvent::ShadowUpdated(event)],
                 reply: Reply::ShadowUpdated(Box::new(result)),

@@ -579,8 +579,9 @@ pub struct ShadowUpdateResult {
     pub accepted: Value,
     /// `{version, timestamp, state, metadata}` if desired differs from reported afterwards.
     pub delta: Option<Value>,
-    /// `{previous, current, timestamp, clientToken}` as AWS `update/documents`.
-    pub documents: Value,
+    /// `{previous, current, timestamp, clientToken}` as AWS `update/documents`, when asked for
+    /// (it copies the whole document twice, so it is rendered only if someone listens).
+    pub documents: Option<Value>,
     /// The desired change made by an operator (`{state:{desired}, version, timestamp}`), to be
     /// published to the device on `shadow/update`; `None` for device updates.
     pub desired_published: Option<Value>,
@@ -595,6 +596,7 @@ pub fn decide_update(
     origin: Origin,
     now_ms: u64,
     limits: &ShadowLimits,
+    want_documents: bool,
 ) -> Result<(ShadowUpdated, ShadowUpdateResult), Rejection> {
     let token = update.client_token.clone();
     if let Some(expected) = update.expected_version.filter(|v| *v != 0) {
@@ -624,11 +626,16 @@ pub fn decide_update(
         )
         .with_token(token));
     }
-    let result = update_result(shadow, &next, &event);
+    let result = update_result(shadow, &next, &event, want_documents);
     Ok((event, result))
 }
 
-fn update_result(previous: &Shadow, next: &Shadow, event: &ShadowUpdated) -> ShadowUpdateResult {
+fn update_result(
+    previous: &Shadow,
+    next: &Shadow,
+    event: &ShadowUpdated,
+    want_documents: bool,
+) -> ShadowUpdateResult {
     let mut state = Map::new();
     let mut metadata = Map::new();
     for (name, patch) in [("desired", &event.desired), ("reported", &event.reported)] {
@@ -663,13 +670,16 @@ fn update_result(previous: &Shadow, next: &Shadow, event: &ShadowUpdated) -> Sha
         Value::Object(delta)
     });
 
-    let mut documents = Map::new();
-    documents.insert("previous".into(), documents_side(previous));
-    documents.insert("current".into(), documents_side(next));
-    documents.insert("timestamp".into(), event.timestamp_s.into());
-    if let Some(token) = &event.client_token {
-        documents.insert("clientToken".into(), token.clone().into());
-    }
+    let documents = want_documents.then(|| {
+        let mut documents = Map::new();
+        documents.insert("previous".into(), documents_side(previous));
+        documents.insert("current".into(), documents_side(next));
+        documents.insert("timestamp".into(), event.timestamp_s.into());
+        if let Some(token) = &event.client_token {
+            documents.insert("clientToken".into(), token.clone().into());
+        }
+        Value::Object(documents)
+    });
 
     let desired_published = match (&event.origin, &event.desired) {
         (Origin::Operator, Some(patch)) => Some(serde_json::json!({
@@ -682,7 +692,7 @@ fn update_result(previous: &Shadow, next: &Shadow, event: &ShadowUpdated) -> Sha
     ShadowUpdateResult {
         accepted: Value::Object(accepted),
         delta,
-        documents: Value::Object(documents),
+        documents,
         desired_published,
         version: event.version,
     }
@@ -764,6 +774,7 @@ mod tests {
                 Origin::Device,
                 NOW_MS + i as u64 * 1000,
                 &limits(),
+                true,
             )
             .expect("given update accepted");
             shadow.apply_updated(&event);
@@ -773,7 +784,8 @@ mod tests {
 
     fn when(shadow: &Shadow, body: Value) -> Result<(Shadow, ShadowUpdateResult), Rejection> {
         let request = ShadowUpdate::from_json(&body, &limits())?;
-        let (event, result) = decide_update(shadow, &request, Origin::Device, NOW_MS, &limits())?;
+        let (event, result) =
+            decide_update(shadow, &request, Origin::Device, NOW_MS, &limits(), true)?;
         let mut next = shadow.clone();
         next.apply_updated(&event);
         Ok((next, result))
@@ -807,7 +819,10 @@ mod tests {
                    "version":1,"timestamp":NOW_S,"clientToken":"t1"})
         );
         assert_eq!(result.delta, None, "no desired, no delta");
-        assert_eq!(result.documents["previous"], Value::Null);
+        assert_eq!(
+            result.documents.expect("asked for")["previous"],
+            Value::Null
+        );
     }
 
     #[test]
@@ -1009,6 +1024,7 @@ mod tests {
             Origin::Operator,
             NOW_MS,
             &limits(),
+            false,
         )
         .expect("accepted");
         assert_eq!(

@@ -21,6 +21,7 @@ fn report(body: Value) -> ThingCommand {
     ThingCommand::UpdateShadow {
         update: ShadowUpdate::from_json(&body, &ShadowLimits::default()).expect("valid"),
         origin: Origin::Device,
+        want_documents: false,
     }
 }
 
@@ -184,6 +185,7 @@ fn command() -> impl Strategy<Value = ThingCommand> {
                 Some(ThingCommand::UpdateShadow {
                     update,
                     origin: if operator { Origin::Operator } else { Origin::Device },
+                    want_documents: operator,
                 })
             }
         ),
