@@ -76,6 +76,21 @@ enum Scenario {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// Internal: the measuring half of `actors`, run in a fresh process so that memory freed by
+    /// earlier phases cannot hide what active Things cost. Prints one JSON object.
+    #[command(hide = true)]
+    ActorsMeasure {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        active: usize,
+        #[arg(long)]
+        updates: usize,
+        #[arg(long)]
+        concurrency: usize,
+        #[arg(long)]
+        max_seconds: u64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -110,9 +125,22 @@ fn main() -> Result<()> {
             active,
             updates,
             concurrency,
-            deadline: Instant::now() + Duration::from_secs(max_seconds),
+            max_seconds,
             data_dir,
         })),
+        Scenario::ActorsMeasure {
+            data_dir,
+            active,
+            updates,
+            concurrency,
+            max_seconds,
+        } => runtime.block_on(actors_measure(
+            data_dir,
+            active,
+            updates,
+            concurrency,
+            Instant::now() + Duration::from_secs(max_seconds),
+        )),
     }
 }
 
@@ -229,7 +257,7 @@ struct ActorsRun {
     active: usize,
     updates: usize,
     concurrency: usize,
-    deadline: Instant,
+    max_seconds: u64,
     data_dir: Option<PathBuf>,
 }
 
@@ -330,141 +358,179 @@ async fn actors(run: ActorsRun) -> Result<()> {
     if run.active > run.things {
         bail!("--active must not exceed --things");
     }
+    let deadline = Instant::now() + Duration::from_secs(run.max_seconds);
     let dir = data_dir(run.data_dir.clone())?;
-    let store = Store::open(&StoreConfig::new(&dir.path))?;
-    let registry = start_registry(&store, 64).await?;
-    let rss_start = rss_bytes();
-
-    let (seconds, _) = drive(&registry, run.things, run.concurrency, run.deadline, |i| {
-        (
-            thing_name(i),
-            Request::Command(ThingCommand::Register(RegisterThing {
-                mqtt_client_id: None,
-                thing_type: Some("bench".into()),
-                attributes: Default::default(),
-            })),
-        )
-    })
-    .await?;
-    let register_rate = run.things as f64 / seconds;
-    wait_passivated(&registry, run.deadline).await?;
-    let rss_passivated = rss_bytes();
-
-    let (seconds, activate_latency) =
-        drive(&registry, run.active, run.concurrency, run.deadline, |i| {
-            (thing_name(i), Request::Describe)
+    let register_rate = {
+        let store = Store::open(&StoreConfig::new(&dir.path))?;
+        let registry = start_registry(&store, 64).await?;
+        let (seconds, _) = drive(&registry, run.things, run.concurrency, deadline, |i| {
+            (
+                thing_name(i),
+                Request::Command(ThingCommand::Register(RegisterThing {
+                    mqtt_client_id: None,
+                    thing_type: Some("bench".into()),
+                    attributes: Default::default(),
+                })),
+            )
         })
         .await?;
-    let activation_rate = run.active as f64 / seconds;
-    let rss_active = rss_bytes();
-    let active_now = registry.stats().active_things;
+        registry.shutdown(Duration::from_secs(60)).await;
+        run.things as f64 / seconds
+    };
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .as_secs()
+        .max(1);
+    let output = tokio::process::Command::new(std::env::current_exe()?)
+        .arg("actors-measure")
+        .arg("--data-dir")
+        .arg(&dir.path)
+        .args(["--active", &run.active.to_string()])
+        .args(["--updates", &run.updates.to_string()])
+        .args(["--concurrency", &run.concurrency.to_string()])
+        .args(["--max-seconds", &left.to_string()])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .await
+        .context("run the measuring process")?;
+    if !output.status.success() {
+        bail!("the measuring process failed: {}", output.status);
+    }
+    let m: serde_json::Value =
+        serde_json::from_slice(&output.stdout).context("measurement JSON")?;
+    let mib = |key: &str| m[key].as_f64().unwrap_or(0.0) / 1048576.0;
+    let per_active = |a: &str, b: &str| {
+        (m[a].as_f64().unwrap_or(0.0) - m[b].as_f64().unwrap_or(0.0)) / run.active.max(1) as f64
+    };
+    println!(
+        "actors: {} registered, {} active, {} updates, {} in flight",
+        run.things, run.active, run.updates, run.concurrency
+    );
+    let rows: Vec<(&str, String)> = vec![
+        (
+            "registrations/s (spawn + durable append)",
+            format!("{register_rate:.0}"),
+        ),
+        (
+            "activations/s (spawn + replay), fresh process",
+            format!("{:.0}", m["activation_rate"].as_f64().unwrap_or(0.0)),
+        ),
+        (
+            "activation p99 ms",
+            format!("{:.2}", m["activation_p99_ms"].as_f64().unwrap_or(0.0)),
+        ),
+        (
+            "RSS per active thing, bytes",
+            format!("{:.0}", per_active("rss_active", "rss_start")),
+        ),
+        (
+            "durable shadow updates/s",
+            format!("{:.0}", m["update_rate"].as_f64().unwrap_or(0.0)),
+        ),
+        (
+            "update p50 ms",
+            format!("{:.2}", m["update_p50_ms"].as_f64().unwrap_or(0.0)),
+        ),
+        (
+            "update p99 ms",
+            format!("{:.2}", m["update_p99_ms"].as_f64().unwrap_or(0.0)),
+        ),
+        (
+            "RSS per active thing after updates, bytes",
+            format!("{:.0}", per_active("rss_after_updates", "rss_start")),
+        ),
+        // Not returned to the OS: the allocator keeps it and the next activations reuse it.
+        (
+            "RSS per thing once passivated, bytes",
+            format!("{:.0}", per_active("rss_passivated", "rss_start")),
+        ),
+        (
+            "RSS: storage + registry open, MiB",
+            format!("{:.1}", mib("rss_start")),
+        ),
+        ("RSS: all active, MiB", format!("{:.1}", mib("rss_active"))),
+        (
+            "RSS: after updates, MiB",
+            format!("{:.1}", mib("rss_after_updates")),
+        ),
+        (
+            "RSS: all passivated again, MiB",
+            format!("{:.1}", mib("rss_passivated")),
+        ),
+        ("disk use, MiB", format!("{:.1}", mib("disk_bytes"))),
+        (
+            "restart: open storage + registry, s",
+            format!("{:.3}", m["open_seconds"].as_f64().unwrap_or(0.0)),
+        ),
+        (
+            "restart: re-activate all active things, s",
+            format!("{:.2}", m["reactivate_seconds"].as_f64().unwrap_or(0.0)),
+        ),
+    ];
+    println!("{:<48} {:>14}", "metric", "value");
+    for (name, value) in rows {
+        println!("{name:<48} {value:>14}");
+    }
+    Ok(())
+}
 
-    let active = run.active.max(1);
-    let (seconds, update_latency) = drive(
-        &registry,
-        run.updates,
-        run.concurrency,
-        run.deadline,
-        move |i| (thing_name(i % active), update(i)),
-    )
+async fn actors_measure(
+    data_dir: PathBuf,
+    active: usize,
+    updates: usize,
+    concurrency: usize,
+    deadline: Instant,
+) -> Result<()> {
+    let store = Store::open(&StoreConfig::new(&data_dir))?;
+    let registry = start_registry(&store, 64).await?;
+    let rss_start = rss_bytes();
+    let (seconds, activation) = drive(&registry, active, concurrency, deadline, |i| {
+        (thing_name(i), Request::Describe)
+    })
     .await?;
-    let update_rate = run.updates as f64 / seconds;
+    let activation_rate = active as f64 / seconds;
+    let rss_active = rss_bytes();
+    let active_things = registry.stats().active_things;
+    if active_things != active as u64 {
+        bail!("expected {active} active things, the registry has {active_things}");
+    }
+    let modulo = active.max(1);
+    let (seconds, update_latency) = drive(&registry, updates, concurrency, deadline, move |i| {
+        (thing_name(i % modulo), update(i))
+    })
+    .await?;
+    let update_rate = updates as f64 / seconds;
     let rss_after_updates = rss_bytes();
-
-    wait_passivated(&registry, run.deadline).await?;
-    let rss_after_passivation = rss_bytes();
+    wait_passivated(&registry, deadline).await?;
+    let rss_passivated = rss_bytes();
     registry.shutdown(Duration::from_secs(60)).await;
     drop(registry);
     let disk_bytes = store.size_on_disk_bytes()?;
     drop(store);
 
     let reopened = Instant::now();
-    let store = Store::open(&StoreConfig::new(&dir.path))?;
+    let store = Store::open(&StoreConfig::new(&data_dir))?;
     let registry = start_registry(&store, 64).await?;
     let open_seconds = reopened.elapsed().as_secs_f64();
-    let (replay_seconds, _) = drive(&registry, run.active, run.concurrency, run.deadline, |i| {
-        (thing_name(i), Request::GetShadow)
+    let (reactivate_seconds, _) = drive(&registry, active, concurrency, deadline, |i| {
+        (thing_name(i), Request::Describe)
     })
     .await?;
     registry.shutdown(Duration::from_secs(60)).await;
-
-    let per = |bytes: u64, count: usize| bytes as f64 / count.max(1) as f64;
-    println!(
-        "actors: {} registered, {} active, {} updates, {} in flight",
-        run.things, run.active, run.updates, run.concurrency
-    );
-    println!("{:<44} {:>14}", "metric", "value");
-    println!(
-        "{:<44} {:>14.0}",
-        "registrations/s (spawn + durable append)", register_rate
-    );
-    println!(
-        "{:<44} {:>14.0}",
-        "activations/s (spawn + replay)", activation_rate
-    );
-    println!(
-        "{:<44} {:>14.2}",
-        "activation p99 ms",
-        ms(&activate_latency, 0.99)
-    );
-    println!(
-        "{:<44} {:>14}",
-        "active things after activation", active_now
-    );
-    println!(
-        "{:<44} {:>14.0}",
-        "RSS per active thing, bytes",
-        per(rss_active.saturating_sub(rss_passivated), run.active)
-    );
-    println!("{:<44} {:>14.0}", "durable shadow updates/s", update_rate);
-    println!("{:<44} {:>14.2}", "update p50 ms", ms(&update_latency, 0.5));
-    println!(
-        "{:<44} {:>14.2}",
-        "update p99 ms",
-        ms(&update_latency, 0.99)
-    );
-    println!(
-        "{:<44} {:>14.1}",
-        "RSS at start, MiB",
-        rss_start as f64 / 1048576.0
-    );
-    println!(
-        "{:<44} {:>14.1}",
-        "RSS all passivated (after registration), MiB",
-        rss_passivated as f64 / 1048576.0
-    );
-    println!(
-        "{:<44} {:>14.1}",
-        "RSS all active, MiB",
-        rss_active as f64 / 1048576.0
-    );
-    println!(
-        "{:<44} {:>14.1}",
-        "RSS after updates, MiB",
-        rss_after_updates as f64 / 1048576.0
-    );
-    println!(
-        "{:<44} {:>14.1}",
-        "RSS after passivating all again, MiB",
-        rss_after_passivation as f64 / 1048576.0
-    );
-    println!(
-        "{:<44} {:>14.0}",
-        "RSS per registered thing, bytes",
-        per(rss_passivated.saturating_sub(rss_start), run.things)
-    );
-    println!(
-        "{:<44} {:>14.1}",
-        "disk use, MiB",
-        disk_bytes as f64 / 1048576.0
-    );
-    println!(
-        "{:<44} {:>14.3}",
-        "restart: open storage + registry, s", open_seconds
-    );
-    println!(
-        "{:<44} {:>14.2}",
-        "restart: re-activate all active things, s", replay_seconds
-    );
+    let report = serde_json::json!({
+        "activation_rate": activation_rate,
+        "activation_p99_ms": ms(&activation, 0.99),
+        "update_rate": update_rate,
+        "update_p50_ms": ms(&update_latency, 0.5),
+        "update_p99_ms": ms(&update_latency, 0.99),
+        "rss_start": rss_start,
+        "rss_active": rss_active,
+        "rss_after_updates": rss_after_updates,
+        "rss_passivated": rss_passivated,
+        "disk_bytes": disk_bytes,
+        "open_seconds": open_seconds,
+        "reactivate_seconds": reactivate_seconds,
+    });
+    println!("{report}");
     Ok(())
 }
