@@ -398,10 +398,9 @@ async fn actors(run: ActorsRun) -> Result<()> {
     }
     let m: serde_json::Value =
         serde_json::from_slice(&output.stdout).context("measurement JSON")?;
-    let mib = |key: &str| m[key].as_f64().unwrap_or(0.0) / 1048576.0;
-    let per_active = |a: &str, b: &str| {
-        (m[a].as_f64().unwrap_or(0.0) - m[b].as_f64().unwrap_or(0.0)) / run.active.max(1) as f64
-    };
+    let num = |key: &str| m[key].as_f64().unwrap_or(0.0);
+    let mib = |key: &str| num(key) / 1048576.0;
+    let per_active = |a: &str, b: &str| (num(a) - num(b)) / run.active.max(1) as f64;
     println!(
         "actors: {} registered, {} active, {} updates, {} in flight",
         run.things, run.active, run.updates, run.concurrency
@@ -413,11 +412,11 @@ async fn actors(run: ActorsRun) -> Result<()> {
         ),
         (
             "activations/s (spawn + replay), fresh process",
-            format!("{:.0}", m["activation_rate"].as_f64().unwrap_or(0.0)),
+            format!("{:.0}", num("activation_rate")),
         ),
         (
             "activation p99 ms",
-            format!("{:.2}", m["activation_p99_ms"].as_f64().unwrap_or(0.0)),
+            format!("{:.2}", num("activation_p99_ms")),
         ),
         (
             "RSS per active thing, bytes",
@@ -425,16 +424,10 @@ async fn actors(run: ActorsRun) -> Result<()> {
         ),
         (
             "durable shadow updates/s",
-            format!("{:.0}", m["update_rate"].as_f64().unwrap_or(0.0)),
+            format!("{:.0}", num("update_rate")),
         ),
-        (
-            "update p50 ms",
-            format!("{:.2}", m["update_p50_ms"].as_f64().unwrap_or(0.0)),
-        ),
-        (
-            "update p99 ms",
-            format!("{:.2}", m["update_p99_ms"].as_f64().unwrap_or(0.0)),
-        ),
+        ("update p50 ms", format!("{:.2}", num("update_p50_ms"))),
+        ("update p99 ms", format!("{:.2}", num("update_p99_ms"))),
         (
             "RSS per active thing after updates, bytes",
             format!("{:.0}", per_active("rss_after_updates", "rss_start")),
@@ -460,11 +453,11 @@ async fn actors(run: ActorsRun) -> Result<()> {
         ("disk use, MiB", format!("{:.1}", mib("disk_bytes"))),
         (
             "restart: open storage + registry, s",
-            format!("{:.3}", m["open_seconds"].as_f64().unwrap_or(0.0)),
+            format!("{:.3}", num("open_seconds")),
         ),
         (
             "restart: re-activate all active things, s",
-            format!("{:.2}", m["reactivate_seconds"].as_f64().unwrap_or(0.0)),
+            format!("{:.2}", num("reactivate_seconds")),
         ),
     ];
     println!("{:<48} {:>14}", "metric", "value");

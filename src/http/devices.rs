@@ -1,7 +1,7 @@
 //! Device ThingDatas API (`/api/v1/thing-datas/...`): what a device without MQTT uses.
 //! Same semantics and error codes as the MQTT topics.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::Json;
 use serde_json::Value;
 use thinghub_actors::thing::shadow::client_token_of;
@@ -10,14 +10,6 @@ use thinghub_actors::thing::{Origin, ShadowUpdate};
 use super::error::ApiError;
 use super::extract::JsonBody;
 use super::AppState;
-
-pub async fn get_shadow(
-    State(state): State<AppState>,
-    Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    let document = state.things.get_shadow(&name).await?;
-    Ok(Json(document.to_json(None)))
-}
 
 /// `POST /api/v1/thing-datas/shadow/reported` `{thingName, state:{reported}, clientToken?, version?}`.
 pub async fn report(

@@ -58,7 +58,8 @@ pub fn app(state: AppState) -> Router {
                 .delete(things::delete_shadow),
         )
         .route("/things/{name}/history", get(things::history))
-        .route("/thing-datas/{name}/shadow", get(devices::get_shadow))
+        // The device reads the same document as the operator.
+        .route("/thing-datas/{name}/shadow", get(things::get_shadow))
         .route("/thing-datas/shadow/reported", post(devices::report))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),

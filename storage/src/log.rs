@@ -42,6 +42,25 @@ fn seq_of(prefix_len: usize, key: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(tail))
 }
 
+/// Decodes one stored event; errors name the Thing and the seq.
+fn decode_record(
+    thing: &str,
+    prefix_len: usize,
+    (key, value): (sled::IVec, sled::IVec),
+) -> Result<RecordedEvent, StorageError> {
+    let seq = seq_of(prefix_len, &key).ok_or_else(|| StorageError::Corrupt {
+        thing: thing.to_owned(),
+        seq: 0,
+        reason: format!("malformed event key of {} bytes", key.len()),
+    })?;
+    let envelope = Envelope::from_bytes(&value).map_err(|e| StorageError::Corrupt {
+        thing: thing.to_owned(),
+        seq,
+        reason: e.0,
+    })?;
+    Ok(RecordedEvent { seq, envelope })
+}
+
 impl Store {
     /// Appends `batch` and returns once it is durable (group commit: flush + fsync).
     pub async fn append(&self, batch: AppendBatch) -> Result<(), StorageError> {
@@ -139,22 +158,12 @@ impl Store {
         let prefix = thing_key(thing)?;
         let start = event_key(&prefix, from_seq);
         let end = event_key(&prefix, u64::MAX);
-        let mut out = Vec::new();
-        for item in self.inner.events.range(start..=end).take(limit) {
-            let (key, value) = item?;
-            let seq = seq_of(prefix.len(), &key).ok_or_else(|| StorageError::Corrupt {
-                thing: thing.to_owned(),
-                seq: 0,
-                reason: format!("malformed event key of {} bytes", key.len()),
-            })?;
-            let envelope = Envelope::from_bytes(&value).map_err(|e| StorageError::Corrupt {
-                thing: thing.to_owned(),
-                seq,
-                reason: e.0,
-            })?;
-            out.push(RecordedEvent { seq, envelope });
-        }
-        Ok(out)
+        self.inner
+            .events
+            .range(start..=end)
+            .take(limit)
+            .map(|item| decode_record(thing, prefix.len(), item?))
+            .collect()
     }
 
     /// Reads up to `limit` events of `thing` with seq ≤ `until_seq`, newest first.
@@ -167,18 +176,13 @@ impl Store {
         let prefix = thing_key(thing)?;
         let start = event_key(&prefix, 0);
         let end = event_key(&prefix, until_seq);
-        let mut out = Vec::new();
-        for item in self.inner.events.range(start..=end).rev().take(limit) {
-            let (key, value) = item?;
-            let seq = seq_of(prefix.len(), &key).unwrap_or(0);
-            let envelope = Envelope::from_bytes(&value).map_err(|e| StorageError::Corrupt {
-                thing: thing.to_owned(),
-                seq,
-                reason: e.0,
-            })?;
-            out.push(RecordedEvent { seq, envelope });
-        }
-        Ok(out)
+        self.inner
+            .events
+            .range(start..=end)
+            .rev()
+            .take(limit)
+            .map(|item| decode_record(thing, prefix.len(), item?))
+            .collect()
     }
 
     /// The highest sequence number in `thing`'s log (0 when it has none).
