@@ -3,6 +3,7 @@
 //! - [`config`]: one `Config` from defaults, a TOML file, `THINGHUB_*` env vars and flags.
 //! - [`server`]: wiring: storage -> Thing registry -> frontends, and graceful shutdown.
 //! - [`http`]: the axum frontend (management API, device ThingDatas API, health).
+//! - [`mqtt`]: the MQTT broker layer (in progress: topics and matching so far).
 //! - [`auth`]: admin API keys (argon2-hashed at rest).
 //! - [`audit`]: `thinghub audit THING`, a Thing's history for people and auditors.
 //!
@@ -12,4 +13,5 @@ pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod http;
+pub mod mqtt;
 pub mod server;

@@ -1,0 +1,347 @@
+//! MQTT topic names and filters: validation, matching, shared subscriptions, and the trie that
+//! finds every subscription matching a topic.
+//!
+//! Rules (MQTT 3.1.1 section 4.7 and 5.0 section 4.7):
+//! - A topic name is 1..=65535 bytes of UTF-8 without `+`, `#` or NUL.
+//! - A filter's `+` must fill a whole level; `#` must be the whole last level.
+//! - A filter starting with a wildcard (`+` or `#`) does not match a topic starting with `$`.
+//! - `$share/{group}/{filter}` is a shared subscription: one member of the group gets each message.
+
+use std::collections::HashMap;
+
+/// Longest topic or filter, in bytes (the MQTT string limit).
+pub const TOPIC_BYTES_MAX: usize = 65_535;
+
+/// Why a topic name or filter is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TopicError {
+    /// Empty.
+    #[error("topic must not be empty")]
+    Empty,
+    /// Over the MQTT string limit.
+    #[error("topic is longer than {TOPIC_BYTES_MAX} bytes")]
+    TooLong,
+    /// Contains NUL.
+    #[error("topic must not contain NUL")]
+    Nul,
+    /// A topic name (not a filter) with `+` or `#`.
+    #[error("a topic name must not contain wildcards")]
+    WildcardInName,
+    /// `+` or `#` not filling a whole level, or `#` not last.
+    #[error("wildcards must fill a whole level and # must be last")]
+    BadWildcard,
+    /// `$share/` without a valid group and filter.
+    #[error("shared subscription must be $share/{{group}}/{{filter}}")]
+    BadShare,
+}
+
+fn check_common(text: &str) -> Result<(), TopicError> {
+    if text.is_empty() {
+        return Err(TopicError::Empty);
+    }
+    if text.len() > TOPIC_BYTES_MAX {
+        return Err(TopicError::TooLong);
+    }
+    if text.contains('\0') {
+        return Err(TopicError::Nul);
+    }
+    Ok(())
+}
+
+/// Checks a topic name (what a PUBLISH carries).
+pub fn validate_topic_name(topic: &str) -> Result<(), TopicError> {
+    check_common(topic)?;
+    if topic.contains(['+', '#']) {
+        return Err(TopicError::WildcardInName);
+    }
+    Ok(())
+}
+
+/// Checks a plain (non-shared) topic filter.
+pub fn validate_filter(filter: &str) -> Result<(), TopicError> {
+    check_common(filter)?;
+    let levels: Vec<&str> = filter.split('/').collect();
+    let last = levels.len() - 1;
+    for (i, level) in levels.iter().enumerate() {
+        let has_plus = level.contains('+');
+        let has_hash = level.contains('#');
+        if (has_plus && *level != "+") || (has_hash && (*level != "#" || i != last)) {
+            return Err(TopicError::BadWildcard);
+        }
+    }
+    Ok(())
+}
+
+/// A subscription filter, possibly shared.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ParsedFilter {
+    /// The share group for `$share/{group}/...`.
+    pub share_group: Option<String>,
+    /// The filter matched against topics.
+    pub filter: String,
+}
+
+/// Parses and validates a SUBSCRIBE filter, recognising `$share/{group}/{filter}`.
+pub fn parse_filter(text: &str) -> Result<ParsedFilter, TopicError> {
+    if let Some(rest) = text.strip_prefix("$share/") {
+        let (group, filter) = rest.split_once('/').ok_or(TopicError::BadShare)?;
+        if group.is_empty() || group.contains(['+', '#']) || filter.is_empty() {
+            return Err(TopicError::BadShare);
+        }
+        validate_filter(filter)?;
+        return Ok(ParsedFilter {
+            share_group: Some(group.to_owned()),
+            filter: filter.to_owned(),
+        });
+    }
+    validate_filter(text)?;
+    Ok(ParsedFilter {
+        share_group: None,
+        filter: text.to_owned(),
+    })
+}
+
+/// Whether `filter` matches `topic` (both already validated).
+pub fn matches(filter: &str, topic: &str) -> bool {
+    if topic.starts_with('$') && filter.starts_with(['+', '#']) {
+        return false;
+    }
+    let mut filter_levels = filter.split('/');
+    let mut topic_levels = topic.split('/');
+    loop {
+        match (filter_levels.next(), topic_levels.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(f), Some(t)) if f == t => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// Maps filters to subscribers and finds every subscriber of a topic in time proportional to the
+/// topic's depth (not to the number of subscriptions).
+#[derive(Debug)]
+pub struct FilterTrie<V> {
+    root: Node<V>,
+    len: usize,
+}
+
+#[derive(Debug)]
+struct Node<V> {
+    children: HashMap<String, Node<V>>,
+    /// Subscribers whose filter ends here.
+    here: Vec<V>,
+    /// Subscribers of `.../#` at this node.
+    multi: Vec<V>,
+}
+
+impl<V> Default for Node<V> {
+    fn default() -> Self {
+        Node {
+            children: HashMap::new(),
+            here: Vec::new(),
+            multi: Vec::new(),
+        }
+    }
+}
+
+impl<V> Default for FilterTrie<V> {
+    fn default() -> Self {
+        FilterTrie {
+            root: Node::default(),
+            len: 0,
+        }
+    }
+}
+
+impl<V: PartialEq + Clone> FilterTrie<V> {
+    /// Adds `value` under `filter` (a validated, non-shared filter). Returns false if present.
+    pub fn insert(&mut self, filter: &str, value: V) -> bool {
+        let mut node = &mut self.root;
+        let mut levels = filter.split('/').peekable();
+        while let Some(level) = levels.next() {
+            if level == "#" && levels.peek().is_none() {
+                if node.multi.contains(&value) {
+                    return false;
+                }
+                node.multi.push(value);
+                self.len += 1;
+                return true;
+            }
+            node = node.children.entry(level.to_owned()).or_default();
+        }
+        if node.here.contains(&value) {
+            return false;
+        }
+        node.here.push(value);
+        self.len += 1;
+        true
+    }
+
+    /// Removes `value` from `filter`; returns whether it was there. Empty nodes are pruned.
+    pub fn remove(&mut self, filter: &str, value: &V) -> bool {
+        let levels: Vec<&str> = filter.split('/').collect();
+        let removed = remove_at(&mut self.root, &levels, value);
+        if removed {
+            self.len -= 1;
+        }
+        removed
+    }
+
+    /// Every value whose filter matches `topic`, applying the `$` rule.
+    pub fn matching(&self, topic: &str, out: &mut Vec<V>) {
+        let levels: Vec<&str> = topic.split('/').collect();
+        let dollar = topic.starts_with('$');
+        collect(&self.root, &levels, 0, dollar, out);
+    }
+
+    /// Number of (filter, value) pairs.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there are no subscriptions.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+fn remove_at<V: PartialEq>(node: &mut Node<V>, levels: &[&str], value: &V) -> bool {
+    let Some((first, rest)) = levels.split_first() else {
+        return remove_value(&mut node.here, value);
+    };
+    if *first == "#" && rest.is_empty() {
+        return remove_value(&mut node.multi, value);
+    }
+    let Some(child) = node.children.get_mut(*first) else {
+        return false;
+    };
+    let removed = remove_at(child, rest, value);
+    if child.children.is_empty() && child.here.is_empty() && child.multi.is_empty() {
+        node.children.remove(*first);
+    }
+    removed
+}
+
+fn remove_value<V: PartialEq>(values: &mut Vec<V>, value: &V) -> bool {
+    match values.iter().position(|v| v == value) {
+        Some(i) => {
+            values.swap_remove(i);
+            true
+        }
+        None => false,
+    }
+}
+
+fn collect<V: Clone>(
+    node: &Node<V>,
+    levels: &[&str],
+    depth: usize,
+    dollar: bool,
+    out: &mut Vec<V>,
+) {
+    // At the root of a `$` topic, wildcards must not match the first level.
+    let wildcards_allowed = !(depth == 0 && dollar);
+    if wildcards_allowed {
+        // `a/#` also matches `a` itself: the parent level.
+        out.extend(node.multi.iter().cloned());
+    }
+    let Some((level, rest)) = levels.split_first() else {
+        out.extend(node.here.iter().cloned());
+        return;
+    };
+    if let Some(child) = node.children.get(*level) {
+        collect(child, rest, depth + 1, dollar, out);
+    }
+    if wildcards_allowed {
+        if let Some(child) = node.children.get("+") {
+            collect(child, rest, depth + 1, dollar, out);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_match_topics_by_the_spec() {
+        let cases = [
+            ("a/b/c", "a/b/c", true),
+            ("a/+/c", "a/b/c", true),
+            ("a/+/c", "a/b/d", false),
+            ("a/#", "a", true),
+            ("a/#", "a/b/c", true),
+            ("#", "a/b", true),
+            ("+", "a", true),
+            ("+", "a/b", false),
+            ("+/+", "/a", true),
+            ("a/b", "a/b/c", false),
+            ("#", "$SYS/x", false),
+            ("+/things/t1", "$emqx/things/t1", false),
+            (
+                "$emqx/things/+/shadow/update",
+                "$emqx/things/t1/shadow/update",
+                true,
+            ),
+            ("$emqx/#", "$emqx/things/t1", true),
+        ];
+        for (filter, topic, expected) in cases {
+            assert_eq!(matches(filter, topic), expected, "{filter} ~ {topic}");
+            let mut trie = FilterTrie::default();
+            trie.insert(filter, 1u32);
+            let mut out = Vec::new();
+            trie.matching(topic, &mut out);
+            assert_eq!(!out.is_empty(), expected, "trie: {filter} ~ {topic}");
+        }
+    }
+
+    #[test]
+    fn invalid_names_and_filters_are_refused() {
+        assert_eq!(validate_topic_name("a/+"), Err(TopicError::WildcardInName));
+        assert_eq!(validate_topic_name(""), Err(TopicError::Empty));
+        assert_eq!(validate_topic_name("a\0b"), Err(TopicError::Nul));
+        for bad in ["a/b#", "a/#/b", "a+/b", "++"] {
+            assert_eq!(validate_filter(bad), Err(TopicError::BadWildcard), "{bad}");
+        }
+        for good in ["#", "+", "a/+/b/#", "/", "$emqx/things/+/shadow/#"] {
+            assert!(validate_filter(good).is_ok(), "{good}");
+        }
+    }
+
+    #[test]
+    fn shared_subscriptions_parse_into_group_and_filter() {
+        assert_eq!(
+            parse_filter("$share/g1/a/+").expect("shared"),
+            ParsedFilter {
+                share_group: Some("g1".into()),
+                filter: "a/+".into()
+            }
+        );
+        for bad in ["$share/g1", "$share//a", "$share/g+/a", "$share/g/a#"] {
+            assert!(parse_filter(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_trie_finds_every_match_once_and_forgets_removed_filters() {
+        let mut trie = FilterTrie::default();
+        assert!(trie.insert("a/b", "exact"));
+        assert!(!trie.insert("a/b", "exact"), "duplicate");
+        trie.insert("a/+", "plus");
+        trie.insert("a/#", "hash");
+        trie.insert("#", "all");
+        trie.insert("b/#", "other");
+        let mut out = Vec::new();
+        trie.matching("a/b", &mut out);
+        out.sort();
+        assert_eq!(out, ["all", "exact", "hash", "plus"]);
+        assert!(trie.remove("a/+", &"plus"));
+        assert!(!trie.remove("a/+", &"plus"));
+        out.clear();
+        trie.matching("a/b", &mut out);
+        assert_eq!(out.len(), 3);
+        assert_eq!(trie.len(), 4);
+    }
+}
