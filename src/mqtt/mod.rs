@@ -1,5 +1,7 @@
 //! The MQTT frontend: our own broker layer on rumqttd's protocol codec.
 //!
+//! - [`codec`]: the adapter over rumqttd's codec (version detection, private fields, panics).
 //! - [`topic`]: topic names and filters, the `$` rule, `$share`, the subscription trie.
 
+pub mod codec;
 pub mod topic;
