@@ -52,7 +52,60 @@ pub enum AuthError {
 pub struct AdminKeys {
     store: Store,
     env_key: Option<(String, [u8; 32])>,
-    verified: Mutex<HashMap<String, [u8; 32]>>,
+    verified: VerifiedCache,
+}
+
+/// argon2id PHC string of `secret` with a fresh salt.
+pub fn hash_secret(secret: &str) -> Result<String, AuthError> {
+    let salt = SaltString::generate(&mut OsRng);
+    Argon2::default()
+        .hash_password(secret.as_bytes(), &salt)
+        .map(|hash| hash.to_string())
+        .map_err(|e| AuthError::Hash(e.to_string()))
+}
+
+/// Whether `secret` matches an argon2 PHC string (false for an unreadable hash).
+pub fn verify_secret(phc: &str, secret: &str) -> bool {
+    PasswordHash::new(phc)
+        .map(|hash| {
+            Argon2::default()
+                .verify_password(secret.as_bytes(), &hash)
+                .is_ok()
+        })
+        .unwrap_or(false)
+}
+
+/// Secrets that verified once, as SHA-256, so argon2 runs once per (name, secret), bounded.
+#[derive(Default)]
+pub struct VerifiedCache {
+    entries: Mutex<HashMap<String, [u8; 32]>>,
+}
+
+impl VerifiedCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, [u8; 32]>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether `name` last verified with exactly `secret`.
+    pub fn hit(&self, name: &str, secret: &str) -> bool {
+        self.lock()
+            .get(name)
+            .is_some_and(|cached| constant_time_eq(cached, &sha256(secret)))
+    }
+
+    /// Remembers a successful verification.
+    pub fn remember(&self, name: &str, secret: &str) {
+        let mut entries = self.lock();
+        if entries.len() >= VERIFIED_CACHE_ENTRIES_MAX {
+            entries.clear();
+        }
+        entries.insert(name.to_owned(), sha256(secret));
+    }
+
+    /// Forgets `name` (its secret changed or it was deleted).
+    pub fn forget(&self, name: &str) {
+        self.lock().remove(name);
+    }
 }
 
 fn sha256(secret: &str) -> [u8; 32] {
@@ -86,7 +139,7 @@ impl AdminKeys {
         let keys = AdminKeys {
             store,
             env_key,
-            verified: Mutex::new(HashMap::new()),
+            verified: VerifiedCache::default(),
         };
         let stored = keys.store.kv_scan_prefix(KEY_PREFIX, 1)?;
         if keys.env_key.is_none() && stored.is_empty() {
@@ -108,11 +161,7 @@ impl AdminKeys {
 
     /// Stores a new key with an argon2id hash of its secret.
     pub async fn create(&self, key: &str, secret: &str, now_ms: u64) -> Result<(), AuthError> {
-        let salt = SaltString::generate(&mut OsRng);
-        let secret_hash = Argon2::default()
-            .hash_password(secret.as_bytes(), &salt)
-            .map_err(|e| AuthError::Hash(e.to_string()))?
-            .to_string();
+        let secret_hash = hash_secret(secret)?;
         let record = ApiKeyRecord {
             secret_hash,
             role: "admin".into(),
@@ -135,10 +184,8 @@ impl AdminKeys {
                 return true;
             }
         }
-        if let Some(cached) = self.cache().get(key) {
-            if constant_time_eq(cached, &digest) {
-                return true;
-            }
+        if self.verified.hit(key, secret) {
+            return true;
         }
         let record = match self.store.kv_get(&format!("{KEY_PREFIX}{key}")) {
             Ok(Some(bytes)) => bytes,
@@ -156,25 +203,11 @@ impl AdminKeys {
                 return false;
             }
         };
-        let valid = PasswordHash::new(&record.secret_hash)
-            .map(|hash| {
-                Argon2::default()
-                    .verify_password(secret.as_bytes(), &hash)
-                    .is_ok()
-            })
-            .unwrap_or(false);
+        let valid = verify_secret(&record.secret_hash, secret);
         if valid {
-            let mut cache = self.cache();
-            if cache.len() >= VERIFIED_CACHE_ENTRIES_MAX {
-                cache.clear();
-            }
-            cache.insert(key.to_owned(), digest);
+            self.verified.remember(key, secret);
         }
         valid
-    }
-
-    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, [u8; 32]>> {
-        self.verified.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 

@@ -56,6 +56,30 @@ pub struct Config {
     pub commit_batch_appends_max: usize,
     /// How long graceful shutdown waits for Things to stop.
     pub shutdown_timeout_ms: u64,
+    /// System topic prefix (`$emqx/things/...`).
+    pub topic_prefix: String,
+    /// Accept MQTT clients without credentials (development only).
+    pub allow_anonymous: bool,
+    /// Most simultaneous MQTT connections (beyond: CONNACK "server busy").
+    pub mqtt_connections_max: usize,
+    /// Largest MQTT packet accepted, bytes.
+    pub mqtt_packet_bytes_max: usize,
+    /// Outbound QoS 1/2 messages in flight per session (a v5 client's receive maximum can lower it).
+    pub mqtt_inflight_max: usize,
+    /// Messages queued per session (offline or beyond the window); the oldest is dropped past it.
+    pub mqtt_session_queue_max: usize,
+    /// Longest a disconnected persistent session is kept, seconds.
+    pub mqtt_session_expiry_max_s: u64,
+    /// Most retained messages.
+    pub mqtt_retained_max: usize,
+    /// Time a new connection has to send CONNECT.
+    pub mqtt_connect_timeout_ms: u64,
+    /// Outbound packets buffered per connection before it counts as a slow consumer.
+    pub mqtt_outbound_queue_max: usize,
+    /// Topic aliases a v5 client may use.
+    pub mqtt_topic_alias_max: u16,
+    /// Longest MQTT client id, bytes.
+    pub mqtt_client_id_bytes_max: usize,
 }
 
 impl Default for Config {
@@ -78,6 +102,18 @@ impl Default for Config {
             storage_cache_bytes: 256 * 1024 * 1024,
             commit_batch_appends_max: 4096,
             shutdown_timeout_ms: 10_000,
+            topic_prefix: "$emqx".into(),
+            allow_anonymous: false,
+            mqtt_connections_max: 100_000,
+            mqtt_packet_bytes_max: 256 * 1024,
+            mqtt_inflight_max: 32,
+            mqtt_session_queue_max: 1000,
+            mqtt_session_expiry_max_s: 2 * 3600,
+            mqtt_retained_max: 100_000,
+            mqtt_connect_timeout_ms: 10_000,
+            mqtt_outbound_queue_max: 1024,
+            mqtt_topic_alias_max: 16,
+            mqtt_client_id_bytes_max: 256,
         }
     }
 }
@@ -115,6 +151,15 @@ pub struct ServeArgs {
     /// Largest HTTP body in bytes [default: 65536].
     #[arg(long, env = "THINGHUB_HTTP_BODY_BYTES_MAX")]
     pub http_body_bytes_max: Option<usize>,
+    /// Accept MQTT clients without credentials (development only; logged loudly).
+    #[arg(long, env = "THINGHUB_ALLOW_ANONYMOUS")]
+    pub allow_anonymous: Option<bool>,
+    /// System topic prefix [default: $emqx].
+    #[arg(long, env = "THINGHUB_TOPIC_PREFIX")]
+    pub topic_prefix: Option<String>,
+    /// Most simultaneous MQTT connections [default: 100000].
+    #[arg(long, env = "THINGHUB_MQTT_CONNECTIONS_MAX")]
+    pub mqtt_connections_max: Option<usize>,
 }
 
 /// Why a configuration could not be built.
@@ -164,7 +209,10 @@ impl Config {
             thing_idle_ms,
             snapshot_every_events,
             request_timeout_ms,
-            http_body_bytes_max
+            http_body_bytes_max,
+            allow_anonymous,
+            topic_prefix,
+            mqtt_connections_max
         );
         config.validate()?;
         Ok(config)
@@ -196,6 +244,18 @@ impl Config {
                 "commit_batch_appends_max",
                 self.commit_batch_appends_max as u64,
             ),
+            ("mqtt_connections_max", self.mqtt_connections_max as u64),
+            ("mqtt_packet_bytes_max", self.mqtt_packet_bytes_max as u64),
+            ("mqtt_inflight_max", self.mqtt_inflight_max as u64),
+            ("mqtt_session_queue_max", self.mqtt_session_queue_max as u64),
+            (
+                "mqtt_outbound_queue_max",
+                self.mqtt_outbound_queue_max as u64,
+            ),
+            (
+                "mqtt_client_id_bytes_max",
+                self.mqtt_client_id_bytes_max as u64,
+            ),
         ];
         for (name, value) in positive {
             if value == 0 {
@@ -203,6 +263,12 @@ impl Config {
                     "{name} must be greater than 0"
                 )));
             }
+        }
+        let prefix = &self.topic_prefix;
+        if !prefix.starts_with('$') || prefix.len() < 2 || prefix.contains(['+', '#', '/']) {
+            return Err(ConfigError::Invalid(format!(
+                "topic_prefix '{prefix}' must be one topic level starting with $, without wildcards"
+            )));
         }
         Ok(())
     }

@@ -5,6 +5,7 @@
 //! - [`http`]: the axum frontend (management API, device ThingDatas API, health).
 //! - [`mqtt`]: the MQTT broker layer (in progress: topics and matching so far).
 //! - [`auth`]: admin API keys (argon2-hashed at rest).
+//! - [`users`]: MQTT credentials (argon2id-hashed), bound to Things or superusers.
 //! - [`audit`]: `thinghub audit THING`, a Thing's history for people and auditors.
 //!
 //! The domain and the actors live in `thinghub-actors`; storage in `thinghub-storage`.
@@ -15,3 +16,4 @@ pub mod config;
 pub mod http;
 pub mod mqtt;
 pub mod server;
+pub mod users;

@@ -16,6 +16,13 @@ use tokio::net::TcpListener;
 use crate::auth::{AdminKeys, AuthError};
 use crate::config::Config;
 use crate::http::{self, AppState, HttpLimits};
+use crate::mqtt::{
+    self,
+    acl::Acl,
+    broker::{Broker, BrokerLimits},
+    connection::{ConnectionConfig, MqttContext},
+};
+use crate::users::MqttUsers;
 
 /// Why the server could not run.
 #[derive(Debug, thiserror::Error)]
@@ -39,7 +46,7 @@ pub enum ServeError {
     },
 }
 
-/// Runs the server until `shutdown` resolves, then drains and flushes.
+/// Runs the server (HTTP and MQTT) until `shutdown` resolves, then drains and flushes.
 pub async fn serve(
     config: Config,
     admin_key: Option<String>,
@@ -75,10 +82,12 @@ pub async fn serve(
     .await
     .map_err(|e| ServeError::Actors(e.to_string()))?;
     let keys = AdminKeys::init(store.clone(), admin_key.as_deref(), clock.now_ms()).await?;
+    let users = Arc::new(MqttUsers::new(store.clone()));
     let things = Things::new(registry.clone());
     let state = AppState {
         things,
         keys: Arc::new(keys),
+        users: users.clone(),
         limits: HttpLimits {
             body_bytes_max: config.http_body_bytes_max,
             list_limit_max: config.list_limit_max,
@@ -96,18 +105,69 @@ pub async fn serve(
         addr: config.http_listen,
         source,
     })?;
+    let mqtt_listener = TcpListener::bind(config.mqtt_listen)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: config.mqtt_listen,
+            source,
+        })?;
+    let mqtt_addr = mqtt_listener
+        .local_addr()
+        .map_err(|source| ServeError::Listen {
+            addr: config.mqtt_listen,
+            source,
+        })?;
+    if config.allow_anonymous {
+        tracing::warn!("MQTT accepts ANONYMOUS clients (--allow-anonymous): for development only");
+    }
+    let mqtt = Arc::new(MqttContext {
+        broker: Arc::new(Broker::new(BrokerLimits {
+            inflight_max: config.mqtt_inflight_max,
+            session_queue_max: config.mqtt_session_queue_max,
+            session_expiry_max: Duration::from_secs(config.mqtt_session_expiry_max_s),
+            retained_max: config.mqtt_retained_max,
+        })),
+        users,
+        acl: Acl::new(&config.topic_prefix),
+        config: ConnectionConfig {
+            allow_anonymous: config.allow_anonymous,
+            connect_timeout: Duration::from_millis(config.mqtt_connect_timeout_ms),
+            packet_bytes_max: config.mqtt_packet_bytes_max,
+            outbound_queue_max: config.mqtt_outbound_queue_max,
+            topic_alias_max: config.mqtt_topic_alias_max,
+            client_id_bytes_max: config.mqtt_client_id_bytes_max,
+        },
+    });
+
     tracing::info!(
         http = %http_addr,
+        mqtt = %mqtt_addr,
         data_dir = %config.data_dir.display(),
         "listening"
     );
+    // One shutdown signal, fanned out to both frontends.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let mqtt_task = tokio::spawn(mqtt::serve(
+        mqtt_listener,
+        mqtt.clone(),
+        config.mqtt_connections_max,
+        stopped(stop_rx.clone()),
+    ));
     axum::serve(listener, http::app(state))
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(stopped(stop_rx))
         .await
         .map_err(|source| ServeError::Listen {
             addr: http_addr,
             source,
         })?;
+    let _ = mqtt_task.await;
 
     tracing::info!("shutting down: passivating things and flushing");
     registry

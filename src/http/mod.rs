@@ -8,6 +8,7 @@ mod devices;
 pub mod error;
 pub mod extract;
 mod things;
+mod users;
 
 use std::sync::Arc;
 
@@ -19,6 +20,7 @@ use thinghub_actors::thing::ShadowLimits;
 use thinghub_actors::Things;
 
 use crate::auth::AdminKeys;
+use crate::users::MqttUsers;
 use error::ApiError;
 
 /// Bounds the HTTP layer applies itself.
@@ -39,6 +41,8 @@ pub struct AppState {
     pub things: Things,
     /// Admin credentials.
     pub keys: Arc<AdminKeys>,
+    /// MQTT credentials.
+    pub users: Arc<MqttUsers>,
     /// Bounds.
     pub limits: HttpLimits,
 }
@@ -61,6 +65,14 @@ pub fn app(state: AppState) -> Router {
         // The device reads the same document as the operator.
         .route("/thing-datas/{name}/shadow", get(things::get_shadow))
         .route("/thing-datas/shadow/reported", post(devices::report))
+        .route(
+            "/authentication/users",
+            post(users::create).get(users::list),
+        )
+        .route(
+            "/authentication/users/{username}",
+            get(users::get).put(users::update).delete(users::delete),
+        )
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_admin,

@@ -1,9 +1,70 @@
 //! The MQTT frontend: our own broker layer on rumqttd's protocol codec.
 //!
-//! - [`broker`]: sessions, subscriptions, retained messages, delivery and the in-flight window.
-//! - [`codec`]: the adapter over rumqttd's codec (version detection, private fields, panics).
 //! - [`topic`]: topic names and filters, the `$` rule, `$share`, the subscription trie.
+//! - [`codec`]: the adapter over rumqttd's codec (version detection, private fields, panics).
+//! - [`broker`]: sessions, subscriptions, retained messages, delivery and the in-flight window.
+//! - [`acl`]: who may publish or subscribe where.
+//! - [`connection`]: one task per connection (CONNECT, authentication, packets, keep-alive).
+//!
+//! [`serve`] accepts connections until shutdown.
 
+pub mod acl;
 pub mod broker;
 pub mod codec;
+pub mod connection;
 pub mod topic;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use broker::CloseReason;
+use connection::MqttContext;
+
+/// How often expired persistent sessions are dropped.
+const SESSION_SWEEP_PERIOD: Duration = Duration::from_secs(1);
+
+/// Accepts MQTT connections on `listener` until `shutdown` resolves, then closes them all.
+pub async fn serve(
+    listener: TcpListener,
+    ctx: Arc<MqttContext>,
+    connections_max: usize,
+    shutdown: impl Future<Output = ()>,
+) {
+    let permits = Arc::new(Semaphore::new(connections_max));
+    let sweeper = {
+        let broker = ctx.broker.clone();
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(SESSION_SWEEP_PERIOD);
+            loop {
+                ticker.tick().await;
+                let expired = broker.expire_sessions();
+                if expired > 0 {
+                    tracing::debug!(expired, "expired persistent MQTT sessions");
+                }
+            }
+        })
+    };
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let permit = permits.clone().try_acquire_owned().ok();
+                    tokio::spawn(connection::serve(stream, peer, ctx.clone(), permit));
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off briefly rather than spin.
+                    tracing::warn!(error = %e, "MQTT accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            () = &mut shutdown => break,
+        }
+    }
+    sweeper.abort();
+    ctx.broker.close_all(CloseReason::ServerShutdown);
+}

@@ -27,6 +27,7 @@ impl Drop for ChildGuard {
 pub struct Server {
     child: ChildGuard,
     pub http: SocketAddr,
+    pub mqtt: SocketAddr,
     pub data_dir: PathBuf,
     logs: mpsc::Receiver<String>,
 }
@@ -38,7 +39,13 @@ impl Server {
             .arg("serve")
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--http-listen", "127.0.0.1:0", "--log-format", "json"])
+            .args([
+                "--http-listen",
+                "127.0.0.1:0",
+                "--mqtt-listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--log-format", "json"])
             .args(extra_args)
             .env("THINGHUB_ADMIN_KEY", format!("{ADMIN_KEY}:{ADMIN_SECRET}"))
             .env_remove("THINGHUB_CONFIG")
@@ -66,14 +73,17 @@ impl Server {
                 continue;
             };
             if value["fields"]["message"] == "listening" {
-                let http = value["fields"]["http"]
-                    .as_str()
-                    .expect("http addr")
-                    .parse()
-                    .expect("addr");
+                let addr = |key: &str| -> SocketAddr {
+                    value["fields"][key]
+                        .as_str()
+                        .expect("listening address")
+                        .parse()
+                        .expect("addr")
+                };
                 return Server {
                     child,
-                    http,
+                    http: addr("http"),
+                    mqtt: addr("mqtt"),
                     data_dir: data_dir.to_owned(),
                     logs,
                 };

@@ -1,0 +1,704 @@
+//! One task per MQTT connection: CONNECT and authentication, then packets in both directions
+//! until DISCONNECT, keep-alive expiry, takeover, a protocol error or shutdown.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use rumqttd::protocol::{
+    ConnAck, ConnAckProperties, Disconnect, DisconnectReasonCode, LastWill, LastWillProperties,
+    Packet, PingResp, PubAck, PubAckProperties, PubAckReason, PubComp, PubCompReason, PubRec,
+    PubRecReason, PubRel, PubRelReason, PublishProperties, RetainForwardRule, SubAck,
+    SubscribeReasonCode, UnsubAck, UnsubAckReason,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::time::Instant;
+
+use super::acl::{Acl, Action, Identity};
+use super::broker::{Broker, CloseReason, Message, Outbound, SubOptions};
+use super::codec::{self, CodecError, Refusal, Version};
+use super::topic;
+use crate::users::MqttUsers;
+
+/// Connection bounds and policies.
+#[derive(Debug, Clone)]
+pub struct ConnectionConfig {
+    /// Accept clients without credentials (development only).
+    pub allow_anonymous: bool,
+    /// Time a new connection has to send CONNECT.
+    pub connect_timeout: Duration,
+    /// Largest packet accepted (and sent), bytes.
+    pub packet_bytes_max: usize,
+    /// Outbound messages buffered per connection before it counts as a slow consumer.
+    pub outbound_queue_max: usize,
+    /// Topic aliases a v5 client may use.
+    pub topic_alias_max: u16,
+    /// Longest client id, bytes.
+    pub client_id_bytes_max: usize,
+}
+
+/// What every connection shares.
+pub struct MqttContext {
+    /// Sessions and routing.
+    pub broker: Arc<Broker>,
+    /// Credentials.
+    pub users: Arc<MqttUsers>,
+    /// Authorization.
+    pub acl: Acl,
+    /// Policies.
+    pub config: ConnectionConfig,
+}
+
+/// Read buffer growth step, bytes (buffers grow only while data arrives).
+const READ_CHUNK_BYTES: usize = 1024;
+
+struct Will {
+    topic: Arc<str>,
+    payload: Bytes,
+    qos: u8,
+    retain: bool,
+    delay: Duration,
+}
+
+struct Conn {
+    version: Version,
+    reader: OwnedReadHalf,
+    writer: OwnedWriteHalf,
+    read_buf: BytesMut,
+    write_buf: BytesMut,
+    peer: SocketAddr,
+}
+
+impl Conn {
+    async fn send(&mut self, packet: Packet) -> std::io::Result<()> {
+        self.write_buf.clear();
+        codec::write(self.version, packet, &mut self.write_buf)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        self.writer.write_all(&self.write_buf).await?;
+        if self.write_buf.capacity() > 4 * READ_CHUNK_BYTES {
+            self.write_buf = BytesMut::new();
+        }
+        Ok(())
+    }
+
+    /// Reads more bytes; `Ok(false)` on end of stream.
+    async fn fill(&mut self) -> std::io::Result<bool> {
+        if self.read_buf.capacity() - self.read_buf.len() < READ_CHUNK_BYTES / 4 {
+            self.read_buf.reserve(READ_CHUNK_BYTES);
+        }
+        Ok(self.reader.read_buf(&mut self.read_buf).await? > 0)
+    }
+}
+
+/// Serves one accepted socket. `permit` is `None` when the connection limit is reached: the
+/// client then gets a "server busy" CONNACK.
+pub async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<MqttContext>,
+    permit: Option<OwnedSemaphorePermit>,
+) {
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
+    }
+    let (reader, writer) = stream.into_split();
+    let mut conn = Conn {
+        version: Version::V311,
+        reader,
+        writer,
+        read_buf: BytesMut::new(),
+        write_buf: BytesMut::new(),
+        peer,
+    };
+    let connect =
+        match tokio::time::timeout(ctx.config.connect_timeout, read_connect(&mut conn, &ctx)).await
+        {
+            Ok(Ok(Some(packet))) => packet,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "connection closed before CONNECT completed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "no CONNECT within the connect timeout");
+                return;
+            }
+        };
+    if permit.is_none() {
+        tracing::warn!(%peer, "connection limit reached; refusing");
+        let _ = refuse(&mut conn, Refusal::ServerBusy).await;
+        return;
+    }
+    if let Err(e) = run_session(conn, connect, &ctx).await {
+        tracing::debug!(%peer, error = %e, "connection ended with an IO error");
+    }
+    drop(permit);
+}
+
+/// Reads the CONNECT packet (choosing the protocol version from it).
+async fn read_connect(conn: &mut Conn, ctx: &MqttContext) -> std::io::Result<Option<Packet>> {
+    loop {
+        match codec::connect_level(&conn.read_buf) {
+            Ok(4) => conn.version = Version::V311,
+            Ok(5) => conn.version = Version::V5,
+            Ok(level) => {
+                tracing::info!(peer = %conn.peer, level, "refusing unsupported MQTT protocol level");
+                conn.writer.write_all(&codec::raw_connack_v3(1)).await?;
+                return Ok(None);
+            }
+            Err(CodecError::Incomplete) => {
+                if !conn.fill().await? {
+                    return Ok(None);
+                }
+                continue;
+            }
+            Err(e) => {
+                tracing::info!(peer = %conn.peer, error = %e, "invalid first packet; closing");
+                return Ok(None);
+            }
+        }
+        match codec::read(
+            conn.version,
+            &mut conn.read_buf,
+            ctx.config.packet_bytes_max,
+        ) {
+            Ok(packet @ Packet::Connect(..)) => return Ok(Some(packet)),
+            Ok(_) => return Ok(None),
+            Err(CodecError::Incomplete) => {
+                if !conn.fill().await? {
+                    return Ok(None);
+                }
+            }
+            Err(e) => {
+                tracing::info!(peer = %conn.peer, error = %e, "malformed CONNECT; refusing");
+                if conn.version == Version::V5 {
+                    let _ = refuse(conn, Refusal::Malformed).await;
+                }
+                return Ok(None);
+            }
+        }
+    }
+}
+
+async fn refuse(conn: &mut Conn, refusal: Refusal) -> std::io::Result<()> {
+    let connack = ConnAck {
+        session_present: false,
+        code: codec::refusal_code(conn.version, refusal),
+    };
+    conn.send(Packet::ConnAck(connack, None)).await?;
+    conn.writer.shutdown().await
+}
+
+fn new_client_id() -> String {
+    use rand::Rng;
+    format!("thinghub-{:016x}", rand::thread_rng().gen::<u64>())
+}
+
+/// Strips the `?SDK=...` suffix the AWS IoT Device SDKs append to usernames.
+fn plain_username(username: &str) -> &str {
+    match username.find("?SDK=") {
+        Some(i) => &username[..i],
+        None => username,
+    }
+}
+
+async fn run_session(mut conn: Conn, connect: Packet, ctx: &MqttContext) -> std::io::Result<()> {
+    let Packet::Connect(connect, properties, last_will, will_properties, login) = connect else {
+        return Ok(());
+    };
+    let v5 = conn.version == Version::V5;
+    // Client id: empty is allowed for a clean session (the server assigns one).
+    let mut assigned = None;
+    let client_id = if connect.client_id.is_empty() {
+        if !v5 && !connect.clean_session {
+            return refuse(&mut conn, Refusal::BadClientId).await;
+        }
+        let id = new_client_id();
+        assigned = Some(id.clone());
+        id
+    } else if connect.client_id.len() > ctx.config.client_id_bytes_max {
+        return refuse(&mut conn, Refusal::BadClientId).await;
+    } else {
+        connect.client_id.clone()
+    };
+
+    // Authentication.
+    let identity = match login {
+        Some(login) => {
+            let username = plain_username(&login.username).to_owned();
+            let users = ctx.users.clone();
+            let password = login.password.clone();
+            let name = username.clone();
+            let outcome = tokio::task::spawn_blocking(move || users.authenticate(&name, &password))
+                .await
+                .ok()
+                .flatten();
+            match outcome {
+                Some(auth) => Identity {
+                    client_id: client_id.clone(),
+                    username: Some(username),
+                    thing: auth.thing_name,
+                    superuser: auth.superuser,
+                },
+                None => {
+                    tracing::info!(peer = %conn.peer, %client_id, %username, "bad username or password");
+                    return refuse(&mut conn, Refusal::BadCredentials).await;
+                }
+            }
+        }
+        None if ctx.config.allow_anonymous => Identity {
+            client_id: client_id.clone(),
+            username: None,
+            thing: None,
+            superuser: false,
+        },
+        None => {
+            tracing::info!(peer = %conn.peer, %client_id, "anonymous connection refused");
+            return refuse(&mut conn, Refusal::NotAuthorized).await;
+        }
+    };
+
+    let expiry = if v5 {
+        Duration::from_secs(u64::from(
+            properties
+                .as_ref()
+                .and_then(|p| p.session_expiry_interval)
+                .unwrap_or(0),
+        ))
+    } else if connect.clean_session {
+        Duration::ZERO
+    } else {
+        Duration::MAX
+    };
+    let receive_maximum = properties
+        .as_ref()
+        .and_then(|p| p.receive_maximum)
+        .map(usize::from);
+    let will = last_will.map(|w| to_will(w, will_properties));
+
+    let (tx, mut rx) = mpsc::channel(ctx.config.outbound_queue_max.max(1));
+    let registered = ctx.broker.connect(
+        &client_id,
+        connect.clean_session,
+        expiry,
+        receive_maximum,
+        tx,
+    );
+    let connack_properties = v5.then(|| ConnAckProperties {
+        assigned_client_identifier: assigned,
+        topic_alias_max: Some(ctx.config.topic_alias_max),
+        max_packet_size: Some(ctx.config.packet_bytes_max as u32),
+        retain_available: Some(1),
+        wildcard_subscription_available: Some(1),
+        subscription_identifiers_available: Some(1),
+        shared_subscription_available: Some(1),
+        max_qos: None,
+        ..ConnAckProperties::default()
+    });
+    conn.send(Packet::ConnAck(
+        ConnAck {
+            session_present: registered.session_present,
+            code: rumqttd::protocol::ConnectReturnCode::Success,
+        },
+        connack_properties,
+    ))
+    .await?;
+    tracing::debug!(peer = %conn.peer, %client_id, thing = ?identity.thing, "connected");
+
+    let keep_alive = Duration::from_millis(u64::from(connect.keep_alive) * 1500);
+    let mut session = Session {
+        identity,
+        aliases: HashMap::new(),
+        incoming_qos2: HashSet::new(),
+    };
+    let reason = session_loop(&mut conn, ctx, &mut session, &mut rx, keep_alive).await;
+
+    if v5 {
+        let code = match reason {
+            CloseReason::Takeover => Some(DisconnectReasonCode::SessionTakenOver),
+            CloseReason::KeepAliveTimeout => Some(DisconnectReasonCode::KeepAliveTimeout),
+            CloseReason::ServerShutdown => Some(DisconnectReasonCode::ServerShuttingDown),
+            CloseReason::Kicked => Some(DisconnectReasonCode::AdministrativeAction),
+            CloseReason::ProtocolError => Some(DisconnectReasonCode::ProtocolError),
+            CloseReason::SlowConsumer => Some(DisconnectReasonCode::QuotaExceeded),
+            CloseReason::Normal | CloseReason::ConnectionLost => None,
+        };
+        if let Some(reason_code) = code {
+            let _ = conn
+                .send(Packet::Disconnect(Disconnect { reason_code }, None))
+                .await;
+        }
+    }
+    let _ = conn.writer.shutdown().await;
+    let was_current = ctx.broker.disconnect(&client_id, registered.connection_id);
+    tracing::debug!(peer = %conn.peer, %client_id, reason = reason.as_str(), was_current, "disconnected");
+
+    if let Some(will) = will.filter(|_| reason.publishes_will()) {
+        publish_will(ctx, &session.identity, will);
+    }
+    Ok(())
+}
+
+fn to_will(will: LastWill, properties: Option<LastWillProperties>) -> Will {
+    Will {
+        topic: Arc::from(String::from_utf8_lossy(&will.topic).as_ref()),
+        payload: will.message,
+        qos: codec::qos_number(will.qos),
+        retain: will.retain,
+        delay: Duration::from_secs(u64::from(
+            properties.and_then(|p| p.delay_interval).unwrap_or(0),
+        )),
+    }
+}
+
+fn publish_will(ctx: &MqttContext, identity: &Identity, will: Will) {
+    if topic::validate_topic_name(&will.topic).is_err()
+        || !ctx.acl.allows(identity, Action::Publish, &will.topic)
+    {
+        tracing::info!(client_id = %identity.client_id, topic = %will.topic, "will message not allowed; dropped");
+        ctx.broker.stats.acl_denied.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    let message = Message {
+        topic: will.topic,
+        payload: will.payload,
+        qos: will.qos,
+        retain: will.retain,
+        publisher: Some(Arc::from(identity.client_id.as_str())),
+    };
+    if will.delay.is_zero() {
+        ctx.broker.publish(message);
+        return;
+    }
+    // v5 will delay: published only if the client has not come back by then.
+    let broker = ctx.broker.clone();
+    let client_id = identity.client_id.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(will.delay).await;
+        if !broker.is_connected(&client_id) {
+            broker.publish(message);
+        }
+    });
+}
+
+struct Session {
+    identity: Identity,
+    aliases: HashMap<u16, Arc<str>>,
+    incoming_qos2: HashSet<u16>,
+}
+
+async fn session_loop(
+    conn: &mut Conn,
+    ctx: &MqttContext,
+    session: &mut Session,
+    rx: &mut mpsc::Receiver<Outbound>,
+    keep_alive: Duration,
+) -> CloseReason {
+    // Keep-alive 0 means no timeout.
+    let no_timeout = Duration::from_secs(365 * 24 * 3600);
+    let deadline = tokio::time::sleep(if keep_alive.is_zero() {
+        no_timeout
+    } else {
+        keep_alive
+    });
+    tokio::pin!(deadline);
+    loop {
+        // Handle every complete packet already buffered.
+        loop {
+            match codec::read(
+                conn.version,
+                &mut conn.read_buf,
+                ctx.config.packet_bytes_max,
+            ) {
+                Ok(packet) => {
+                    if !keep_alive.is_zero() {
+                        deadline.as_mut().reset(Instant::now() + keep_alive);
+                    }
+                    match handle_packet(conn, ctx, session, packet).await {
+                        Ok(None) => {}
+                        Ok(Some(reason)) => return reason,
+                        Err(_) => return CloseReason::ConnectionLost,
+                    }
+                }
+                Err(CodecError::Incomplete) => break,
+                Err(e) => {
+                    tracing::info!(peer = %conn.peer, client_id = %session.identity.client_id, error = %e, "protocol error; closing");
+                    return CloseReason::ProtocolError;
+                }
+            }
+        }
+        if conn.read_buf.is_empty() && conn.read_buf.capacity() > 4 * READ_CHUNK_BYTES {
+            conn.read_buf = BytesMut::new();
+        }
+        tokio::select! {
+            filled = conn.fill() => match filled {
+                Ok(true) => {}
+                Ok(false) | Err(_) => return CloseReason::ConnectionLost,
+            },
+            outbound = rx.recv() => match outbound {
+                Some(Outbound::Close(reason)) => return reason,
+                Some(outbound) => {
+                    if write_outbound(conn, outbound).await.is_err() {
+                        return CloseReason::ConnectionLost;
+                    }
+                }
+                None => return CloseReason::ServerShutdown,
+            },
+            () = &mut deadline => return CloseReason::KeepAliveTimeout,
+        }
+    }
+}
+
+async fn write_outbound(conn: &mut Conn, outbound: Outbound) -> std::io::Result<()> {
+    match outbound {
+        Outbound::Publish {
+            topic,
+            payload,
+            qos,
+            pkid,
+            retain,
+            dup,
+            subscription_id,
+        } => {
+            let publish = codec::make_publish(&topic, &payload, qos, pkid, retain, dup);
+            let properties = match (conn.version, subscription_id) {
+                (Version::V5, Some(id)) => Some(PublishProperties {
+                    payload_format_indicator: None,
+                    message_expiry_interval: None,
+                    topic_alias: None,
+                    response_topic: None,
+                    correlation_data: None,
+                    user_properties: Vec::new(),
+                    subscription_identifiers: vec![id],
+                    content_type: None,
+                }),
+                _ => None,
+            };
+            conn.send(Packet::Publish(publish, properties)).await
+        }
+        Outbound::PubRel(pkid) => {
+            conn.send(Packet::PubRel(
+                PubRel {
+                    pkid,
+                    reason: PubRelReason::Success,
+                },
+                None,
+            ))
+            .await
+        }
+        Outbound::Close(_) => Ok(()),
+    }
+}
+
+/// Handles one packet from the client; `Some(reason)` ends the connection.
+async fn handle_packet(
+    conn: &mut Conn,
+    ctx: &MqttContext,
+    session: &mut Session,
+    packet: Packet,
+) -> std::io::Result<Option<CloseReason>> {
+    let v5 = conn.version == Version::V5;
+    let client_id = session.identity.client_id.clone();
+    match packet {
+        Packet::Publish(publish, properties) => {
+            ctx.broker.stats.messages_in.fetch_add(1, Ordering::Relaxed);
+            let (qos, pkid, _dup) = codec::publish_header(&publish);
+            // Topic (v5 topic aliases: a non-empty topic with an alias sets it; an empty one uses it).
+            let alias = properties.as_ref().and_then(|p| p.topic_alias);
+            let topic: Arc<str> = if publish.topic.is_empty() {
+                match alias.and_then(|a| session.aliases.get(&a)) {
+                    Some(topic) => topic.clone(),
+                    None => {
+                        tracing::info!(%client_id, "PUBLISH with an empty topic and no known alias");
+                        return Ok(Some(CloseReason::ProtocolError));
+                    }
+                }
+            } else {
+                let Ok(text) = std::str::from_utf8(&publish.topic) else {
+                    return Ok(Some(CloseReason::ProtocolError));
+                };
+                if topic::validate_topic_name(text).is_err() {
+                    tracing::info!(%client_id, topic = text, "invalid topic name; closing");
+                    return Ok(Some(CloseReason::ProtocolError));
+                }
+                let topic: Arc<str> = Arc::from(text);
+                if let Some(alias) = alias {
+                    if alias == 0 || alias > ctx.config.topic_alias_max {
+                        return Ok(Some(CloseReason::ProtocolError));
+                    }
+                    session.aliases.insert(alias, topic.clone());
+                }
+                topic
+            };
+            let allowed = ctx.acl.allows(&session.identity, Action::Publish, &topic);
+            if !allowed {
+                ctx.broker.stats.acl_denied.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(%client_id, %topic, "publish denied by ACL; dropped");
+            }
+            let duplicate_qos2 = qos == 2 && session.incoming_qos2.contains(&pkid);
+            if allowed && !duplicate_qos2 {
+                ctx.broker.publish(Message {
+                    topic,
+                    payload: publish.payload,
+                    qos,
+                    retain: publish.retain,
+                    publisher: Some(Arc::from(client_id.as_str())),
+                });
+            }
+            match qos {
+                1 => {
+                    let reason = if allowed || !v5 {
+                        PubAckReason::Success
+                    } else {
+                        PubAckReason::NotAuthorized
+                    };
+                    conn.send(Packet::PubAck(
+                        PubAck { pkid, reason },
+                        v5_puback_props(v5, allowed),
+                    ))
+                    .await?;
+                }
+                2 => {
+                    session.incoming_qos2.insert(pkid);
+                    let reason = if allowed || !v5 {
+                        PubRecReason::Success
+                    } else {
+                        PubRecReason::NotAuthorized
+                    };
+                    conn.send(Packet::PubRec(PubRec { pkid, reason }, None))
+                        .await?;
+                }
+                _ => {}
+            }
+        }
+        Packet::PubAck(ack, _) => ctx.broker.acknowledged(&client_id, ack.pkid),
+        Packet::PubRec(rec, _) => ctx.broker.received(&client_id, rec.pkid),
+        Packet::PubComp(comp, _) => ctx.broker.acknowledged(&client_id, comp.pkid),
+        Packet::PubRel(rel, _) => {
+            let known = session.incoming_qos2.remove(&rel.pkid);
+            let reason = if known || !v5 {
+                PubCompReason::Success
+            } else {
+                PubCompReason::PacketIdentifierNotFound
+            };
+            conn.send(Packet::PubComp(
+                PubComp {
+                    pkid: rel.pkid,
+                    reason,
+                },
+                None,
+            ))
+            .await?;
+        }
+        Packet::Subscribe(subscribe, properties) => {
+            let subscription_id = properties.as_ref().and_then(|p| p.id);
+            let mut codes = Vec::with_capacity(subscribe.filters.len());
+            for filter in subscribe.filters {
+                let code = match topic::parse_filter(&filter.path) {
+                    Err(e) => {
+                        tracing::info!(%client_id, filter = %filter.path, error = %e, "invalid filter");
+                        if v5 {
+                            SubscribeReasonCode::TopicFilterInvalid
+                        } else {
+                            SubscribeReasonCode::Failure
+                        }
+                    }
+                    Ok(parsed)
+                        if !ctx.acl.allows(
+                            &session.identity,
+                            Action::Subscribe,
+                            &parsed.filter,
+                        ) =>
+                    {
+                        ctx.broker.stats.acl_denied.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(%client_id, filter = %filter.path, "subscription denied by ACL");
+                        if v5 {
+                            SubscribeReasonCode::NotAuthorized
+                        } else {
+                            SubscribeReasonCode::Failure
+                        }
+                    }
+                    Ok(parsed) => {
+                        let qos = codec::qos_number(filter.qos);
+                        let options = SubOptions {
+                            qos,
+                            no_local: v5 && filter.nolocal,
+                            retain_as_published: v5 && filter.preserve_retain,
+                            retain_handling: match filter.retain_forward_rule {
+                                RetainForwardRule::OnEverySubscribe => 0,
+                                RetainForwardRule::OnNewSubscribe => 1,
+                                RetainForwardRule::Never => 2,
+                            },
+                            subscription_id,
+                        };
+                        ctx.broker
+                            .subscribe(&client_id, &filter.path, parsed, options);
+                        SubscribeReasonCode::Success(codec::qos_of(qos))
+                    }
+                };
+                codes.push(code);
+            }
+            conn.send(Packet::SubAck(
+                SubAck {
+                    pkid: subscribe.pkid,
+                    return_codes: codes,
+                },
+                None,
+            ))
+            .await?;
+        }
+        Packet::Unsubscribe(unsubscribe, _) => {
+            let reasons = unsubscribe
+                .filters
+                .iter()
+                .map(|filter| {
+                    if ctx.broker.unsubscribe(&client_id, filter) {
+                        UnsubAckReason::Success
+                    } else {
+                        UnsubAckReason::NoSubscriptionExisted
+                    }
+                })
+                .collect();
+            conn.send(Packet::UnsubAck(
+                UnsubAck {
+                    pkid: unsubscribe.pkid,
+                    reasons,
+                },
+                None,
+            ))
+            .await?;
+        }
+        Packet::PingReq(_) => conn.send(Packet::PingResp(PingResp)).await?,
+        Packet::Disconnect(disconnect, _) => {
+            return Ok(Some(
+                if disconnect.reason_code == DisconnectReasonCode::DisconnectWithWillMessage {
+                    CloseReason::ConnectionLost
+                } else {
+                    CloseReason::Normal
+                },
+            ));
+        }
+        Packet::Connect(..) => {
+            tracing::info!(%client_id, "second CONNECT on a connection; closing");
+            return Ok(Some(CloseReason::ProtocolError));
+        }
+        other => {
+            tracing::info!(%client_id, packet = ?std::mem::discriminant(&other), "unexpected packet from a client; closing");
+            return Ok(Some(CloseReason::ProtocolError));
+        }
+    }
+    Ok(None)
+}
+
+fn v5_puback_props(v5: bool, allowed: bool) -> Option<PubAckProperties> {
+    (v5 && !allowed).then(|| PubAckProperties {
+        reason_string: Some("publish not authorized".into()),
+        user_properties: Vec::new(),
+    })
+}

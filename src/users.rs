@@ -1,0 +1,313 @@
+//! MQTT credentials: users with argon2id-hashed passwords, optionally bound to a Thing or marked
+//! superuser. Stored in the `kv` tree as `mqttuser/{username}`; managed over
+//! `/api/v1/authentication/users`; checked on every MQTT CONNECT.
+
+use serde::{Deserialize, Serialize};
+use thinghub_storage::{Envelope, StorageError, Store};
+
+use crate::auth::{hash_secret, verify_secret, AuthError, VerifiedCache};
+
+const USER_PREFIX: &str = "mqttuser/";
+const USER_RECORD: &str = "MqttUser";
+/// Longest username or password, in bytes.
+pub const CREDENTIAL_BYTES_MAX: usize = 256;
+/// Most users returned by one listing.
+pub const USERS_LIST_MAX: usize = 10_000;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct UserRecord {
+    password_hash: String,
+    #[serde(default)]
+    thing_name: Option<String>,
+    #[serde(default)]
+    superuser: bool,
+    created_at_ms: u64,
+}
+
+/// A user as the API shows it (never the hash).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UserView {
+    /// Username.
+    pub username: String,
+    /// The Thing this user connects as, if bound explicitly.
+    #[serde(rename = "thingName", skip_serializing_if = "Option::is_none")]
+    pub thing_name: Option<String>,
+    /// Whether the user may use any topic.
+    pub superuser: bool,
+    /// Unix ms of creation.
+    #[serde(rename = "createdAt")]
+    pub created_at_ms: u64,
+}
+
+/// Who a CONNECT authenticated as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authenticated {
+    /// The Thing bound to the user (explicitly, or by a username equal to a registered Thing).
+    pub thing_name: Option<String>,
+    /// Superuser.
+    pub superuser: bool,
+}
+
+/// Why a user operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UserError {
+    /// A user with that name exists.
+    #[error("user '{0}' already exists")]
+    Exists(String),
+    /// No such user.
+    #[error("user '{0}' not found")]
+    NotFound(String),
+    /// Invalid input.
+    #[error("{0}")]
+    Invalid(String),
+    /// Storage failed.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// Hashing failed.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+}
+
+/// The user store.
+pub struct MqttUsers {
+    store: Store,
+    verified: VerifiedCache,
+}
+
+fn check_credential(what: &str, value: &str) -> Result<(), UserError> {
+    if value.is_empty() || value.len() > CREDENTIAL_BYTES_MAX {
+        return Err(UserError::Invalid(format!(
+            "{what} must be 1..={CREDENTIAL_BYTES_MAX} bytes"
+        )));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(UserError::Invalid(format!(
+            "{what} must not contain control characters"
+        )));
+    }
+    Ok(())
+}
+
+impl MqttUsers {
+    /// The users kept in `store`.
+    pub fn new(store: Store) -> MqttUsers {
+        MqttUsers {
+            store,
+            verified: VerifiedCache::default(),
+        }
+    }
+
+    fn key(username: &str) -> String {
+        format!("{USER_PREFIX}{username}")
+    }
+
+    fn read(&self, username: &str) -> Result<Option<UserRecord>, UserError> {
+        match self.store.kv_get(&Self::key(username))? {
+            None => Ok(None),
+            Some(bytes) => Envelope::from_bytes(&bytes)
+                .and_then(|e| e.payload_as())
+                .map(Some)
+                .map_err(|e| {
+                    UserError::Storage(StorageError::Corrupt {
+                        thing: String::new(),
+                        seq: 0,
+                        reason: format!("user record '{username}': {}", e.0),
+                    })
+                }),
+        }
+    }
+
+    fn encode(record: &UserRecord) -> Result<Vec<u8>, UserError> {
+        Envelope::new(USER_RECORD, 1, record.created_at_ms, record)
+            .and_then(|e| e.to_bytes())
+            .map_err(|e| UserError::Invalid(e.0))
+    }
+
+    fn view(username: &str, record: &UserRecord) -> UserView {
+        UserView {
+            username: username.to_owned(),
+            thing_name: record.thing_name.clone(),
+            superuser: record.superuser,
+            created_at_ms: record.created_at_ms,
+        }
+    }
+
+    /// Creates a user; 409-style error if it exists.
+    pub async fn create(
+        &self,
+        username: &str,
+        password: &str,
+        thing_name: Option<String>,
+        superuser: bool,
+        now_ms: u64,
+    ) -> Result<UserView, UserError> {
+        check_credential("username", username)?;
+        check_credential("password", password)?;
+        if let Some(thing) = &thing_name {
+            thinghub_actors::thing::validate_thing_name(thing)
+                .map_err(|r| UserError::Invalid(r.message))?;
+        }
+        let record = UserRecord {
+            password_hash: hash_secret(password)?,
+            thing_name,
+            superuser,
+            created_at_ms: now_ms,
+        };
+        if !self
+            .store
+            .kv_insert_new(&Self::key(username), Self::encode(&record)?)
+            .await?
+        {
+            return Err(UserError::Exists(username.to_owned()));
+        }
+        Ok(Self::view(username, &record))
+    }
+
+    /// One user.
+    pub fn get(&self, username: &str) -> Result<UserView, UserError> {
+        self.read(username)?
+            .map(|record| Self::view(username, &record))
+            .ok_or_else(|| UserError::NotFound(username.to_owned()))
+    }
+
+    /// All users, in name order (bounded).
+    pub fn list(&self) -> Result<Vec<UserView>, UserError> {
+        let mut out = Vec::new();
+        for (key, bytes) in self.store.kv_scan_prefix(USER_PREFIX, USERS_LIST_MAX)? {
+            let username = key.trim_start_matches(USER_PREFIX);
+            match Envelope::from_bytes(&bytes).and_then(|e| e.payload_as::<UserRecord>()) {
+                Ok(record) => out.push(Self::view(username, &record)),
+                Err(e) => tracing::error!(username, error = %e, "unreadable user record skipped"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Changes a user's password, binding or superuser flag (each only if given).
+    pub async fn update(
+        &self,
+        username: &str,
+        password: Option<&str>,
+        thing_name: Option<Option<String>>,
+        superuser: Option<bool>,
+    ) -> Result<UserView, UserError> {
+        let mut record = self
+            .read(username)?
+            .ok_or_else(|| UserError::NotFound(username.to_owned()))?;
+        if let Some(password) = password {
+            check_credential("password", password)?;
+            record.password_hash = hash_secret(password)?;
+        }
+        if let Some(thing_name) = thing_name {
+            if let Some(thing) = &thing_name {
+                thinghub_actors::thing::validate_thing_name(thing)
+                    .map_err(|r| UserError::Invalid(r.message))?;
+            }
+            record.thing_name = thing_name;
+        }
+        if let Some(superuser) = superuser {
+            record.superuser = superuser;
+        }
+        self.store
+            .kv_put(&Self::key(username), Self::encode(&record)?)
+            .await?;
+        self.verified.forget(username);
+        Ok(Self::view(username, &record))
+    }
+
+    /// Deletes a user.
+    pub async fn delete(&self, username: &str) -> Result<(), UserError> {
+        let existed = self.store.kv_remove(&Self::key(username)).await?;
+        self.verified.forget(username);
+        if existed {
+            Ok(())
+        } else {
+            Err(UserError::NotFound(username.to_owned()))
+        }
+    }
+
+    /// Checks CONNECT credentials. `None` for an unknown user or a wrong password.
+    pub fn authenticate(&self, username: &str, password: &str) -> Option<Authenticated> {
+        let record = match self.read(username) {
+            Ok(Some(record)) => record,
+            Ok(None) => return None,
+            Err(e) => {
+                tracing::error!(username, error = %e, "cannot read user");
+                return None;
+            }
+        };
+        if !self.verified.hit(username, password) {
+            if !verify_secret(&record.password_hash, password) {
+                return None;
+            }
+            self.verified.remember(username, password);
+        }
+        let thing_name = record.thing_name.or_else(|| {
+            // A username equal to a registered Thing's name connects as that Thing.
+            self.store
+                .get_thing(username)
+                .ok()
+                .flatten()
+                .map(|_| username.to_owned())
+        });
+        Some(Authenticated {
+            thing_name,
+            superuser: record.superuser,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use thinghub_storage::StoreConfig;
+
+    #[tokio::test]
+    async fn users_are_created_once_verified_updated_and_deleted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let users = MqttUsers::new(Store::open(&StoreConfig::new(dir.path())).expect("open"));
+        users
+            .create("dev1", "pw1", Some("pump-1".into()), false, 0)
+            .await
+            .expect("create");
+        assert!(matches!(
+            users.create("dev1", "x", None, false, 0).await,
+            Err(UserError::Exists(_))
+        ));
+        assert_eq!(
+            users.authenticate("dev1", "pw1"),
+            Some(Authenticated {
+                thing_name: Some("pump-1".into()),
+                superuser: false
+            })
+        );
+        assert_eq!(users.authenticate("dev1", "nope"), None);
+        assert_eq!(users.authenticate("ghost", "pw1"), None);
+        users
+            .update("dev1", Some("pw2"), None, Some(true))
+            .await
+            .expect("update");
+        assert_eq!(
+            users.authenticate("dev1", "pw1"),
+            None,
+            "the cached old password is forgotten"
+        );
+        assert!(
+            users
+                .authenticate("dev1", "pw2")
+                .expect("new password")
+                .superuser
+        );
+        assert_eq!(users.list().expect("list").len(), 1);
+        users.delete("dev1").await.expect("delete");
+        assert_eq!(users.authenticate("dev1", "pw2"), None);
+        assert!(matches!(
+            users.delete("dev1").await,
+            Err(UserError::NotFound(_))
+        ));
+        assert!(matches!(
+            users.create("", "pw", None, false, 0).await,
+            Err(UserError::Invalid(_))
+        ));
+    }
+}
