@@ -1,0 +1,593 @@
+//! The MQTT broker layer against the real server, driven by rumqttc (v3.1.1 and v5) over TCP.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{call, Server};
+use reqwest::Method;
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, LastWill, MqttOptions, Packet, QoS,
+};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+/// Bound on every wait in these tests.
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A v3.1.1 client whose event loop runs in a task; events arrive on a channel.
+struct Client {
+    client: AsyncClient,
+    events: mpsc::UnboundedReceiver<Result<Packet, String>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Client {
+    async fn connect(
+        server: &Server,
+        id: &str,
+        credentials: Option<(&str, &str)>,
+        setup: impl FnOnce(&mut MqttOptions),
+    ) -> Result<(Client, bool), ConnectionError> {
+        let mut options = MqttOptions::new(id, server.mqtt.ip().to_string(), server.mqtt.port());
+        options.set_keep_alive(Duration::from_secs(30));
+        if let Some((user, password)) = credentials {
+            options.set_credentials(user, password);
+        }
+        setup(&mut options);
+        let (client, mut eventloop) = AsyncClient::new(options, 64);
+        let session_present = loop {
+            match tokio::time::timeout(WAIT, eventloop.poll())
+                .await
+                .expect("connect in time")?
+            {
+                Event::Incoming(Packet::ConnAck(ack)) => break ack.session_present,
+                _ => continue,
+            }
+        };
+        let (tx, events) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(packet)) => {
+                        if tx.send(Ok(packet)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Event::Outgoing(_)) => {}
+                    Err(e) => {
+                        let _ = tx.send(Err(e.to_string()));
+                        return;
+                    }
+                }
+            }
+        });
+        Ok((
+            Client {
+                client,
+                events,
+                task,
+            },
+            session_present,
+        ))
+    }
+
+    /// Waits for the next packet matching `want` (bounded), skipping others.
+    async fn expect<T>(&mut self, what: &str, mut want: impl FnMut(&Packet) -> Option<T>) -> T {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let next = tokio::time::timeout_at(deadline, self.events.recv())
+                .await
+                .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+            match next {
+                Some(Ok(packet)) => {
+                    if let Some(found) = want(&packet) {
+                        return found;
+                    }
+                }
+                Some(Err(e)) => panic!("connection ended while waiting for {what}: {e}"),
+                None => panic!("event loop stopped while waiting for {what}"),
+            }
+        }
+    }
+
+    async fn publish_on(&mut self, topic: &str) -> rumqttc::Publish {
+        let topic = topic.to_owned();
+        self.expect(&format!("a publish on {topic}"), move |p| match p {
+            Packet::Publish(publish) if publish.topic == topic => Some(publish.clone()),
+            _ => None,
+        })
+        .await
+    }
+
+    async fn subscribe(&mut self, filter: &str, qos: QoS) -> Vec<rumqttc::SubscribeReasonCode> {
+        self.client.subscribe(filter, qos).await.expect("subscribe");
+        self.expect("SUBACK", |p| match p {
+            Packet::SubAck(ack) => Some(ack.return_codes.clone()),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Whether the connection gets closed by the server (bounded wait).
+    async fn closed_by_server(&mut self) -> bool {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Err(_) => return false,
+                Ok(None) | Ok(Some(Err(_))) => return true,
+                Ok(Some(Ok(Packet::Disconnect))) => return true,
+                Ok(Some(Ok(_))) => {}
+            }
+        }
+    }
+
+    /// Drops the TCP connection without DISCONNECT.
+    fn kill(self) {
+        self.task.abort();
+    }
+}
+
+async fn create_user(server: &Server, body: serde_json::Value) {
+    let (status, body) = call(
+        Method::POST,
+        &server.url("/api/v1/authentication/users"),
+        Some(body),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+}
+
+async fn backend(server: &Server, id: &str) -> Client {
+    Client::connect(server, id, Some(("backend", "backend-pw")), |_| {})
+        .await
+        .expect("backend connects")
+        .0
+}
+
+async fn start() -> (tempfile::TempDir, Server) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    create_user(
+        &server,
+        json!({"username":"backend","password":"backend-pw","superuser":true}),
+    )
+    .await;
+    (dir, server)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_or_missing_credentials_are_refused_with_the_right_connack_code() {
+    let (_dir, server) = start().await;
+    let wrong = Client::connect(&server, "c1", Some(("backend", "nope")), |_| {}).await;
+    assert!(
+        matches!(
+            wrong,
+            Err(ConnectionError::ConnectionRefused(
+                ConnectReturnCode::BadUserNamePassword
+            ))
+        ),
+        "{:?}",
+        wrong.err()
+    );
+    let anonymous = Client::connect(&server, "c2", None, |_| {}).await;
+    assert!(
+        matches!(
+            anonymous,
+            Err(ConnectionError::ConnectionRefused(
+                ConnectReturnCode::NotAuthorized
+            ))
+        ),
+        "{:?}",
+        anonymous.err()
+    );
+    // v5 gets the v5 reason code.
+    let mut options =
+        rumqttc::v5::MqttOptions::new("c3", server.mqtt.ip().to_string(), server.mqtt.port());
+    options.set_credentials("backend", "wrong");
+    let (_client, mut eventloop) = rumqttc::v5::AsyncClient::new(options, 8);
+    let refused = tokio::time::timeout(WAIT, eventloop.poll())
+        .await
+        .expect("answer in time");
+    assert!(
+        matches!(
+            refused,
+            Err(rumqttc::v5::ConnectionError::ConnectionRefused(
+                rumqttc::v5::mqttbytes::v5::ConnectReturnCode::BadUserNamePassword
+            ))
+        ),
+        "{refused:?}"
+    );
+    // And the server still serves good clients.
+    backend(&server, "ok").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos_0_and_1_flow_at_the_lower_qos_and_retained_messages_reach_late_subscribers() {
+    let (_dir, server) = start().await;
+    let mut sub1 = backend(&server, "sub1").await;
+    let mut sub0 = backend(&server, "sub0").await;
+    assert_eq!(
+        sub1.subscribe("app/+/temp", QoS::AtLeastOnce).await,
+        [rumqttc::SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
+    sub0.subscribe("app/#", QoS::AtMostOnce).await;
+    let publisher = backend(&server, "pub").await;
+    publisher
+        .client
+        .publish("app/k1/temp", QoS::AtLeastOnce, false, "21.5")
+        .await
+        .expect("publish");
+    let got = sub1.publish_on("app/k1/temp").await;
+    assert_eq!(
+        (got.qos, &got.payload[..]),
+        (QoS::AtLeastOnce, &b"21.5"[..])
+    );
+    let got = sub0.publish_on("app/k1/temp").await;
+    assert_eq!(
+        got.qos,
+        QoS::AtMostOnce,
+        "delivered at min(publish, subscription) QoS"
+    );
+
+    publisher
+        .client
+        .publish("app/k1/config", QoS::AtLeastOnce, true, "v2")
+        .await
+        .expect("retained");
+    sub0.publish_on("app/k1/config").await;
+    let mut late = backend(&server, "late").await;
+    late.subscribe("app/k1/config", QoS::AtLeastOnce).await;
+    let retained = late.publish_on("app/k1/config").await;
+    assert!(
+        retained.retain,
+        "a retained message is flagged retained to a new subscriber"
+    );
+    assert_eq!(&retained.payload[..], b"v2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos_2_is_delivered_exactly_once() {
+    let (_dir, server) = start().await;
+    let mut subscriber = backend(&server, "s2").await;
+    subscriber.subscribe("q2/t", QoS::ExactlyOnce).await;
+    let publisher = backend(&server, "p2").await;
+    for n in 0..5 {
+        publisher
+            .client
+            .publish("q2/t", QoS::ExactlyOnce, false, format!("m{n}"))
+            .await
+            .expect("publish");
+    }
+    for n in 0..5 {
+        let got = subscriber.publish_on("q2/t").await;
+        assert_eq!(
+            (got.qos, got.payload.to_vec()),
+            (QoS::ExactlyOnce, format!("m{n}").into_bytes())
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_connection_publishes_its_will_and_a_clean_disconnect_does_not() {
+    let (_dir, server) = start().await;
+    let mut watcher = backend(&server, "watcher").await;
+    watcher.subscribe("status/#", QoS::AtLeastOnce).await;
+    let (dying, _) = Client::connect(&server, "dying", Some(("backend", "backend-pw")), |o| {
+        o.set_last_will(LastWill::new(
+            "status/dying",
+            "offline",
+            QoS::AtLeastOnce,
+            false,
+        ));
+    })
+    .await
+    .expect("connect");
+    dying.kill();
+    assert_eq!(
+        &watcher.publish_on("status/dying").await.payload[..],
+        b"offline"
+    );
+
+    let (polite, _) = Client::connect(&server, "polite", Some(("backend", "backend-pw")), |o| {
+        o.set_last_will(LastWill::new(
+            "status/polite",
+            "offline",
+            QoS::AtLeastOnce,
+            false,
+        ));
+    })
+    .await
+    .expect("connect");
+    polite.client.disconnect().await.expect("disconnect");
+    // A marker published afterwards arrives first if no will was sent.
+    let marker = backend(&server, "marker").await;
+    marker
+        .client
+        .publish("status/marker", QoS::AtLeastOnce, false, "m")
+        .await
+        .expect("publish");
+    let next = watcher
+        .expect("the marker", |p| match p {
+            Packet::Publish(p) => Some(p.topic.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(next, "status/marker", "no will after a clean DISCONNECT");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persistent_session_gets_what_was_published_while_it_was_offline() {
+    let (_dir, server) = start().await;
+    let persistent = |o: &mut MqttOptions| {
+        o.set_clean_session(false);
+    };
+    let (mut device, present) = Client::connect(
+        &server,
+        "sleepy",
+        Some(("backend", "backend-pw")),
+        persistent,
+    )
+    .await
+    .expect("connect");
+    assert!(!present);
+    device.subscribe("inbox/sleepy", QoS::AtLeastOnce).await;
+    device.client.disconnect().await.expect("disconnect");
+    assert!(device.closed_by_server().await);
+
+    let publisher = backend(&server, "sender").await;
+    for n in 0..3 {
+        publisher
+            .client
+            .publish("inbox/sleepy", QoS::AtLeastOnce, false, format!("{n}"))
+            .await
+            .expect("publish");
+    }
+    // Wait (bounded) until the broker has routed them: a QoS 1 round trip of our own.
+    let mut probe = backend(&server, "probe").await;
+    probe.subscribe("probe", QoS::AtLeastOnce).await;
+    publisher
+        .client
+        .publish("probe", QoS::AtLeastOnce, false, "x")
+        .await
+        .expect("probe");
+    probe.publish_on("probe").await;
+
+    let (mut device, present) = Client::connect(
+        &server,
+        "sleepy",
+        Some(("backend", "backend-pw")),
+        persistent,
+    )
+    .await
+    .expect("reconnect");
+    assert!(present, "the session was kept");
+    for n in 0..3 {
+        assert_eq!(
+            device.publish_on("inbox/sleepy").await.payload.to_vec(),
+            format!("{n}").into_bytes()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_connection_with_the_same_client_id_takes_over() {
+    let (_dir, server) = start().await;
+    let mut first = backend(&server, "twin").await;
+    let mut second = backend(&server, "twin").await;
+    assert!(
+        first.closed_by_server().await,
+        "the old connection is closed"
+    );
+    second.subscribe("twin/x", QoS::AtMostOnce).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dollar_topics_are_not_matched_by_leading_wildcards() {
+    let (_dir, server) = start().await;
+    let mut all = backend(&server, "all").await;
+    all.subscribe("#", QoS::AtMostOnce).await;
+    let mut system = backend(&server, "system").await;
+    system
+        .subscribe("$emqx/things/+/shadow/update", QoS::AtMostOnce)
+        .await;
+    let publisher = backend(&server, "p").await;
+    publisher
+        .client
+        .publish(
+            "$emqx/things/t1/shadow/update",
+            QoS::AtLeastOnce,
+            false,
+            "{}",
+        )
+        .await
+        .expect("publish");
+    publisher
+        .client
+        .publish("plain/after", QoS::AtLeastOnce, false, "x")
+        .await
+        .expect("publish");
+    system.publish_on("$emqx/things/t1/shadow/update").await;
+    let first_seen = all
+        .expect("a publish", |p| match p {
+            Packet::Publish(p) => Some(p.topic.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(first_seen, "plain/after", "# must not match a $ topic");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thing_may_use_only_its_own_topics() {
+    let (_dir, server) = start().await;
+    for name in ["t1", "t2"] {
+        let (status, _) = call(
+            Method::POST,
+            &server.url("/api/v1/things"),
+            Some(json!({"thingName": name})),
+        )
+        .await;
+        assert_eq!(status, 201);
+    }
+    // Bound by name: the username equals a registered Thing.
+    create_user(&server, json!({"username":"t1","password":"pw"})).await;
+    let (mut t1, _) = Client::connect(&server, "t1", Some(("t1", "pw")), |_| {})
+        .await
+        .expect("connect");
+    let own = t1
+        .subscribe("$emqx/things/t1/shadow/update/delta", QoS::AtLeastOnce)
+        .await;
+    assert_eq!(
+        own,
+        [rumqttc::SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
+    let other = t1
+        .subscribe("$emqx/things/t2/shadow/update/delta", QoS::AtLeastOnce)
+        .await;
+    assert_eq!(other, [rumqttc::SubscribeReasonCode::Failure]);
+    let wildcard = t1
+        .subscribe("$emqx/things/+/shadow/update/delta", QoS::AtLeastOnce)
+        .await;
+    assert_eq!(wildcard, [rumqttc::SubscribeReasonCode::Failure]);
+
+    // A denied publish is dropped (and acknowledged in 3.1.1).
+    let mut spy = backend(&server, "spy").await;
+    spy.subscribe("$emqx/things/#", QoS::AtLeastOnce).await;
+    t1.client
+        .publish(
+            "$emqx/things/t2/shadow/update",
+            QoS::AtLeastOnce,
+            false,
+            "{}",
+        )
+        .await
+        .expect("publish");
+    t1.client
+        .publish(
+            "$emqx/things/t1/shadow/update",
+            QoS::AtLeastOnce,
+            false,
+            "{}",
+        )
+        .await
+        .expect("publish");
+    let seen = spy
+        .expect("a publish", |p| match p {
+            Packet::Publish(p) => Some(p.topic.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(seen, "$emqx/things/t1/shadow/update");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_subscriptions_split_messages_between_members() {
+    let (_dir, server) = start().await;
+    let mut a = backend(&server, "worker-a").await;
+    let mut b = backend(&server, "worker-b").await;
+    a.subscribe("$share/workers/jobs/+", QoS::AtLeastOnce).await;
+    b.subscribe("$share/workers/jobs/+", QoS::AtLeastOnce).await;
+    let publisher = backend(&server, "boss").await;
+    for n in 0..4 {
+        publisher
+            .client
+            .publish(format!("jobs/{n}"), QoS::AtLeastOnce, false, "x")
+            .await
+            .expect("publish");
+    }
+    let mut topics = Vec::new();
+    for worker in [&mut a, &mut b] {
+        for _ in 0..2 {
+            topics.push(
+                worker
+                    .expect("a job", |p| match p {
+                        Packet::Publish(p) => Some(p.topic.clone()),
+                        _ => None,
+                    })
+                    .await,
+            );
+        }
+    }
+    topics.sort();
+    assert_eq!(
+        topics,
+        ["jobs/0", "jobs/1", "jobs/2", "jobs/3"],
+        "each job exactly once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_packets_close_only_that_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_dir, server) = start().await;
+    let mut healthy = backend(&server, "healthy").await;
+    healthy.subscribe("still/here", QoS::AtLeastOnce).await;
+    for garbage in [
+        vec![0xff, 0xff, 0xff, 0xff, 0xff], // not a CONNECT
+        vec![0x10, 0x03, 0x00, 0x04, b'X'], // truncated CONNECT, then EOF
+        vec![
+            0x10, 0x0c, 0x00, 0x04, b'X', b'Y', b'Z', b'W', 4, 2, 0, 60, 0, 0,
+        ], // wrong protocol name
+    ] {
+        let mut socket = tokio::net::TcpStream::connect(server.mqtt)
+            .await
+            .expect("tcp");
+        socket.write_all(&garbage).await.expect("write");
+        socket.shutdown().await.expect("shutdown write");
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(WAIT, socket.read_to_end(&mut rest)).await;
+        assert!(read.is_ok(), "the server closes the connection");
+    }
+    // A valid CONNECT followed by a packet with an impossible remaining length.
+    let mut socket = tokio::net::TcpStream::connect(server.mqtt)
+        .await
+        .expect("tcp");
+    let connect = [
+        0x10, 0x0c, 0x00, 0x04, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, 0,
+    ];
+    socket.write_all(&connect).await.expect("write");
+    socket
+        .write_all(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x7f])
+        .await
+        .expect("write");
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(WAIT, socket.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "closed after the malformed packet");
+
+    let publisher = backend(&server, "after").await;
+    publisher
+        .client
+        .publish("still/here", QoS::AtLeastOnce, false, "yes")
+        .await
+        .expect("publish");
+    healthy.publish_on("still/here").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_zero_is_accepted_and_an_empty_client_id_gets_one_assigned() {
+    let (_dir, server) = start().await;
+    let (mut quiet, _) = Client::connect(&server, "quiet", Some(("backend", "backend-pw")), |o| {
+        o.set_keep_alive(Duration::ZERO);
+    })
+    .await
+    .expect("keep-alive 0 connects");
+    quiet.subscribe("k/0", QoS::AtMostOnce).await;
+
+    let mut options =
+        rumqttc::v5::MqttOptions::new("", server.mqtt.ip().to_string(), server.mqtt.port());
+    options.set_credentials("backend", "backend-pw");
+    let (_client, mut eventloop) = rumqttc::v5::AsyncClient::new(options, 8);
+    let assigned = loop {
+        match tokio::time::timeout(WAIT, eventloop.poll())
+            .await
+            .expect("in time")
+            .expect("connects")
+        {
+            rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::ConnAck(ack)) => {
+                break ack.properties.and_then(|p| p.assigned_client_identifier);
+            }
+            _ => continue,
+        }
+    };
+    assert!(assigned.is_some_and(|id| id.starts_with("thinghub-")));
+}
