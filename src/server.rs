@@ -85,7 +85,7 @@ pub async fn serve(
     let users = Arc::new(MqttUsers::new(store.clone()));
     let things = Things::new(registry.clone());
     let state = AppState {
-        things,
+        things: things.clone(),
         keys: Arc::new(keys),
         users: users.clone(),
         limits: HttpLimits {
@@ -128,6 +128,7 @@ pub async fn serve(
             retained_max: config.mqtt_retained_max,
         })),
         users,
+        things: things.clone(),
         acl: Acl::new(&config.topic_prefix),
         config: ConnectionConfig {
             allow_anonymous: config.allow_anonymous,

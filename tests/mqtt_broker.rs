@@ -591,3 +591,157 @@ async fn keep_alive_zero_is_accepted_and_an_empty_client_id_gets_one_assigned() 
     };
     assert!(assigned.is_some_and(|id| id.starts_with("thinghub-")));
 }
+
+async fn describe(server: &Server, name: &str) -> serde_json::Value {
+    let (status, body) = call(
+        Method::GET,
+        &server.url(&format!("/api/v1/things/{name}")),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// Polls (bounded) until the Thing's description satisfies `done`.
+async fn wait_for_thing(
+    server: &Server,
+    name: &str,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let body = describe(server, name).await;
+        if done(&body) {
+            return body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connects_and_disconnects_of_a_thing_are_in_its_status_and_history() {
+    let (_dir, server) = start().await;
+    let (status, _) = call(
+        Method::POST,
+        &server.url("/api/v1/things"),
+        Some(json!({"thingName":"pump-9"})),
+    )
+    .await;
+    assert_eq!(status, 201);
+    create_user(
+        &server,
+        json!({"username":"dev9","password":"pw","thingName":"pump-9"}),
+    )
+    .await;
+    assert_eq!(describe(&server, "pump-9").await["online"], false);
+
+    let (first, _) = Client::connect(&server, "pump-9-client", Some(("dev9", "pw")), |_| {})
+        .await
+        .expect("connect");
+    wait_for_thing(&server, "pump-9", "online", |b| b["online"] == true).await;
+
+    // A takeover: the old connection's disconnect is recorded but the Thing stays online.
+    let (second, _) = Client::connect(&server, "pump-9-client", Some(("dev9", "pw")), |o| {
+        o.set_keep_alive(Duration::from_secs(1));
+    })
+    .await
+    .expect("takeover");
+    drop(first);
+    // Stop the second client's pings: the server ends it after 1.5 x keep-alive.
+    second.kill();
+    let body = wait_for_thing(&server, "pump-9", "offline", |b| b["online"] == false).await;
+    assert!(
+        ["keepalive_timeout", "connection_lost"]
+            .contains(&body["lastDisconnectReason"].as_str().unwrap_or("")),
+        "{body}"
+    );
+    assert!(body["lastSeenAt"].is_u64());
+
+    let (_, history) = call(
+        Method::GET,
+        &server.url("/api/v1/things/pump-9/history"),
+        None,
+    )
+    .await;
+    let summaries: Vec<String> = history["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {}",
+                e["type"].as_str().unwrap_or(""),
+                e["summary"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    let types: Vec<&str> = summaries
+        .iter()
+        .map(|s| s.split(' ').next().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "ThingRegistered",
+            "ThingConnected",
+            "ThingConnected",
+            "ThingDisconnected",
+            "ThingDisconnected"
+        ],
+        "{summaries:#?}"
+    );
+    assert!(summaries[3].contains("reason=takeover"), "{summaries:#?}");
+
+    // A client that goes silent with its socket open is ended after 1.5 x keep-alive.
+    let mut silent = raw_connect(&server, "pump-9-raw", "dev9", "pw", 1).await;
+    wait_for_thing(&server, "pump-9", "online again", |b| b["online"] == true).await;
+    let body = wait_for_thing(&server, "pump-9", "keep-alive expiry", |b| {
+        b["online"] == false
+    })
+    .await;
+    assert_eq!(body["lastDisconnectReason"], "keepalive_timeout", "{body}");
+    let mut rest = Vec::new();
+    use tokio::io::AsyncReadExt;
+    tokio::time::timeout(WAIT, silent.read_to_end(&mut rest))
+        .await
+        .expect("closed")
+        .expect("read");
+}
+
+/// A hand-written MQTT 3.1.1 CONNECT (clean session, username + password); returns the socket
+/// after a successful CONNACK.
+async fn raw_connect(
+    server: &Server,
+    client_id: &str,
+    username: &str,
+    password: &str,
+    keep_alive_s: u16,
+) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0b1100_0010];
+    body.extend_from_slice(&keep_alive_s.to_be_bytes());
+    for field in [client_id, username, password] {
+        body.extend_from_slice(&(field.len() as u16).to_be_bytes());
+        body.extend_from_slice(field.as_bytes());
+    }
+    assert!(body.len() < 128, "single-byte remaining length");
+    let mut packet = vec![0x10, body.len() as u8];
+    packet.extend_from_slice(&body);
+    let mut socket = tokio::net::TcpStream::connect(server.mqtt)
+        .await
+        .expect("tcp");
+    socket.write_all(&packet).await.expect("write CONNECT");
+    let mut connack = [0u8; 4];
+    tokio::time::timeout(WAIT, socket.read_exact(&mut connack))
+        .await
+        .expect("CONNACK in time")
+        .expect("read");
+    assert_eq!(connack, [0x20, 0x02, 0x00, 0x00], "accepted");
+    socket
+}

@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 use thinghub_storage::{Envelope, RecordedEvent, StorageError};
 
 use crate::thing::{
-    ShadowDeleted, ShadowUpdated, ThingDeleted, ThingEvent, ThingRegistered, ThingState,
+    ShadowDeleted, ShadowUpdated, ThingConnected, ThingDeleted, ThingDisconnected, ThingEvent,
+    ThingRegistered, ThingState,
 };
 
 /// `event_type` of a registration.
@@ -20,6 +21,10 @@ pub const THING_DELETED: &str = "ThingDeleted";
 pub const SHADOW_UPDATED: &str = "ShadowUpdated";
 /// `event_type` of a shadow deletion.
 pub const SHADOW_DELETED: &str = "ShadowDeleted";
+/// `event_type` of a client connect.
+pub const THING_CONNECTED: &str = "ThingConnected";
+/// `event_type` of a client disconnect.
+pub const THING_DISCONNECTED: &str = "ThingDisconnected";
 /// `event_type` of a snapshot's state.
 pub const THING_STATE: &str = "ThingState";
 /// `event_type` of a registry index record.
@@ -32,6 +37,8 @@ pub fn encode_event(event: &ThingEvent, recorded_at_ms: u64) -> Result<Envelope,
         ThingEvent::Deleted(e) => Envelope::new(THING_DELETED, 1, recorded_at_ms, e),
         ThingEvent::ShadowUpdated(e) => Envelope::new(SHADOW_UPDATED, 1, recorded_at_ms, e),
         ThingEvent::ShadowDeleted(e) => Envelope::new(SHADOW_DELETED, 1, recorded_at_ms, e),
+        ThingEvent::Connected(e) => Envelope::new(THING_CONNECTED, 1, recorded_at_ms, e),
+        ThingEvent::Disconnected(e) => Envelope::new(THING_DISCONNECTED, 1, recorded_at_ms, e),
     };
     Ok(envelope?)
 }
@@ -57,6 +64,12 @@ pub fn decode_event(thing: &str, recorded: &RecordedEvent) -> Result<ThingEvent,
         (SHADOW_DELETED, 1) => envelope
             .payload_as::<ShadowDeleted>()
             .map(ThingEvent::ShadowDeleted),
+        (THING_CONNECTED, 1) => envelope
+            .payload_as::<ThingConnected>()
+            .map(ThingEvent::Connected),
+        (THING_DISCONNECTED, 1) => envelope
+            .payload_as::<ThingDisconnected>()
+            .map(ThingEvent::Disconnected),
         (other, version) => {
             return Err(corrupt(format!(
                 "unknown event type {other} v{version} (written by a newer thinghub?)"
@@ -149,6 +162,14 @@ pub fn summarize(event: &ThingEvent) -> String {
             format!("shadow updated {}", parts.join(" "))
         }
         ThingEvent::ShadowDeleted(e) => format!("shadow deleted at v{}", e.version),
+        ThingEvent::Connected(e) => format!(
+            "connected clientId={} connection={}",
+            e.client_id, e.connection_id
+        ),
+        ThingEvent::Disconnected(e) => format!(
+            "disconnected clientId={} connection={} reason={}",
+            e.client_id, e.connection_id, e.reason
+        ),
     }
 }
 
@@ -159,6 +180,8 @@ pub fn event_type(event: &ThingEvent) -> &'static str {
         ThingEvent::Deleted(_) => THING_DELETED,
         ThingEvent::ShadowUpdated(_) => SHADOW_UPDATED,
         ThingEvent::ShadowDeleted(_) => SHADOW_DELETED,
+        ThingEvent::Connected(_) => THING_CONNECTED,
+        ThingEvent::Disconnected(_) => THING_DISCONNECTED,
     }
 }
 
@@ -210,6 +233,23 @@ mod tests {
                     timestamp_s: 1_700_000_001,
                     client_token: None,
                     origin: Origin::Operator,
+                }),
+            ),
+            (
+                "ThingConnected.v1",
+                ThingEvent::Connected(ThingConnected {
+                    client_id: "dev-1".into(),
+                    connection_id: 42,
+                    at_ms: 1_700_000_002_000,
+                }),
+            ),
+            (
+                "ThingDisconnected.v1",
+                ThingEvent::Disconnected(ThingDisconnected {
+                    client_id: "dev-1".into(),
+                    connection_id: 42,
+                    reason: "keepalive_timeout".into(),
+                    at_ms: 1_700_000_003_000,
                 }),
             ),
         ]

@@ -190,6 +190,52 @@ impl Things {
         }
     }
 
+    /// Records that the Thing's MQTT client connected (durable before it returns).
+    pub async fn record_connected(
+        &self,
+        name: &str,
+        client_id: &str,
+        connection_id: u64,
+    ) -> Result<(), Rejection> {
+        self.require_registered(name, None)?;
+        let command = ThingCommand::RecordConnected {
+            client_id: client_id.to_owned(),
+            connection_id,
+        };
+        match self
+            .registry
+            .request(name, Request::Command(command))
+            .await?
+        {
+            Response::Decided(Reply::Recorded) => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Records that the Thing's MQTT client disconnected, and why.
+    pub async fn record_disconnected(
+        &self,
+        name: &str,
+        client_id: &str,
+        connection_id: u64,
+        reason: &str,
+    ) -> Result<(), Rejection> {
+        self.require_registered(name, None)?;
+        let command = ThingCommand::RecordDisconnected {
+            client_id: client_id.to_owned(),
+            connection_id,
+            reason: reason.to_owned(),
+        };
+        match self
+            .registry
+            .request(name, Request::Command(command))
+            .await?
+        {
+            Response::Decided(Reply::Recorded) => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Registered Things with names after `after`, in name order.
     pub fn list(&self, after: Option<&str>, limit: usize) -> Result<Vec<ThingSummary>, Rejection> {
         list_things(&self.store, after, limit).map_err(storage_failure)

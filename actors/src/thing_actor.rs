@@ -384,7 +384,10 @@ impl ThingActorState {
                     index.push(IndexOp::PutThing(bytes));
                 }
                 ThingEvent::Deleted(_) => index.push(IndexOp::RemoveThing),
-                ThingEvent::ShadowUpdated(_) | ThingEvent::ShadowDeleted(_) => {}
+                ThingEvent::ShadowUpdated(_)
+                | ThingEvent::ShadowDeleted(_)
+                | ThingEvent::Connected(_)
+                | ThingEvent::Disconnected(_) => {}
             }
         }
         Ok(AppendBatch {

@@ -25,6 +25,7 @@ use super::broker::{Broker, CloseReason, Message, Outbound, SubOptions};
 use super::codec::{self, CodecError, Refusal, Version};
 use super::topic;
 use crate::users::MqttUsers;
+use thinghub_actors::Things;
 
 /// Connection bounds and policies.
 #[derive(Debug, Clone)]
@@ -47,6 +48,8 @@ pub struct ConnectionConfig {
 pub struct MqttContext {
     /// Sessions and routing.
     pub broker: Arc<Broker>,
+    /// The Things (lifecycle events).
+    pub things: Things,
     /// Credentials.
     pub users: Arc<MqttUsers>,
     /// Authorization.
@@ -310,6 +313,15 @@ async fn run_session(mut conn: Conn, connect: Packet, ctx: &MqttContext) -> std:
     ))
     .await?;
     tracing::debug!(peer = %conn.peer, %client_id, thing = ?identity.thing, "connected");
+    if let Some(thing) = &identity.thing {
+        if let Err(e) = ctx
+            .things
+            .record_connected(thing, &client_id, registered.connection_id)
+            .await
+        {
+            tracing::warn!(%thing, %client_id, error = %e, "cannot record the connect");
+        }
+    }
 
     let keep_alive = Duration::from_millis(u64::from(connect.keep_alive) * 1500);
     let mut session = Session {
@@ -338,6 +350,15 @@ async fn run_session(mut conn: Conn, connect: Packet, ctx: &MqttContext) -> std:
     let _ = conn.writer.shutdown().await;
     let was_current = ctx.broker.disconnect(&client_id, registered.connection_id);
     tracing::debug!(peer = %conn.peer, %client_id, reason = reason.as_str(), was_current, "disconnected");
+    if let Some(thing) = &session.identity.thing {
+        if let Err(e) = ctx
+            .things
+            .record_disconnected(thing, &client_id, registered.connection_id, reason.as_str())
+            .await
+        {
+            tracing::warn!(%thing, %client_id, error = %e, "cannot record the disconnect");
+        }
+    }
 
     if let Some(will) = will.filter(|_| reason.publishes_will()) {
         publish_will(ctx, &session.identity, will);

@@ -26,6 +26,8 @@ use connection::MqttContext;
 
 /// How often expired persistent sessions are dropped.
 const SESSION_SWEEP_PERIOD: Duration = Duration::from_secs(1);
+/// How long shutdown waits for connections to finish (their Disconnected events included).
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
 
 /// Accepts MQTT connections on `listener` until `shutdown` resolves, then closes them all.
 pub async fn serve(
@@ -67,4 +69,12 @@ pub async fn serve(
     }
     sweeper.abort();
     ctx.broker.close_all(CloseReason::ServerShutdown);
+    // Every live connection holds a permit: all permits back = all connections finished.
+    let all = u32::try_from(connections_max).unwrap_or(u32::MAX);
+    if tokio::time::timeout(SHUTDOWN_DRAIN, permits.acquire_many(all))
+        .await
+        .is_err()
+    {
+        tracing::warn!("some MQTT connections did not finish within {SHUTDOWN_DRAIN:?}");
+    }
 }

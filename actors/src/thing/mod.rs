@@ -153,6 +153,32 @@ pub struct ThingState {
     /// Sequence number of the last event applied.
     #[serde(default)]
     pub last_seq: u64,
+    /// MQTT connection status.
+    #[serde(default)]
+    pub connection: ConnectionStatus,
+}
+
+/// Whether the Thing's MQTT client is connected, and since when.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectionStatus {
+    /// A client is connected as this Thing now.
+    #[serde(default)]
+    pub online: bool,
+    /// The client id of the current (or last) connection.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// The broker's id of the current (or last) connection.
+    #[serde(default)]
+    pub connection_id: u64,
+    /// Unix ms of the last connect.
+    #[serde(default)]
+    pub connected_at_ms: Option<u64>,
+    /// Unix ms of the last disconnect.
+    #[serde(default)]
+    pub disconnected_at_ms: Option<u64>,
+    /// Why the last connection ended.
+    #[serde(default)]
+    pub disconnect_reason: Option<String>,
 }
 
 impl ThingState {
@@ -199,6 +225,22 @@ pub enum ThingCommand {
         /// Who asks.
         origin: Origin,
     },
+    /// The Thing's MQTT client connected.
+    RecordConnected {
+        /// MQTT client id.
+        client_id: String,
+        /// The broker's id of this connection.
+        connection_id: u64,
+    },
+    /// The Thing's MQTT client disconnected.
+    RecordDisconnected {
+        /// MQTT client id.
+        client_id: String,
+        /// The broker's id of the connection that ended.
+        connection_id: u64,
+        /// normal, keepalive_timeout, takeover, kicked, protocol_error, server_shutdown, ...
+        reason: String,
+    },
 }
 
 /// Something that happened to a Thing: the unit of its log.
@@ -212,6 +254,34 @@ pub enum ThingEvent {
     ShadowUpdated(ShadowUpdated),
     /// The shadow document was deleted.
     ShadowDeleted(ShadowDeleted),
+    /// The Thing's MQTT client connected.
+    Connected(ThingConnected),
+    /// The Thing's MQTT client disconnected.
+    Disconnected(ThingDisconnected),
+}
+
+/// Payload of `ThingConnected` v1.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThingConnected {
+    /// MQTT client id.
+    pub client_id: String,
+    /// The broker's id of this connection.
+    pub connection_id: u64,
+    /// Unix ms.
+    pub at_ms: u64,
+}
+
+/// Payload of `ThingDisconnected` v1.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThingDisconnected {
+    /// MQTT client id.
+    pub client_id: String,
+    /// The broker's id of the connection that ended.
+    pub connection_id: u64,
+    /// Why it ended.
+    pub reason: String,
+    /// Unix ms.
+    pub at_ms: u64,
 }
 
 /// Payload of `ThingRegistered` v1.
@@ -247,6 +317,8 @@ pub enum Reply {
     ShadowUpdated(Box<shadow::ShadowUpdateResult>),
     /// The shadow was deleted: `{version, timestamp, clientToken}`.
     ShadowDeleted(serde_json::Value),
+    /// A connect or disconnect was recorded.
+    Recorded,
 }
 
 /// The events to append and the reply to send once they are durable.
@@ -278,6 +350,23 @@ pub struct ThingDescription {
     /// Current shadow version (0 = never updated).
     #[serde(rename = "shadowVersion")]
     pub shadow_version: u64,
+    /// Whether its MQTT client is connected.
+    pub online: bool,
+    /// Unix ms of the last connect.
+    #[serde(rename = "lastConnectedAt", skip_serializing_if = "Option::is_none")]
+    pub last_connected_at_ms: Option<u64>,
+    /// Unix ms of the last disconnect.
+    #[serde(rename = "lastDisconnectedAt", skip_serializing_if = "Option::is_none")]
+    pub last_disconnected_at_ms: Option<u64>,
+    /// Why the last connection ended.
+    #[serde(
+        rename = "lastDisconnectReason",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub last_disconnect_reason: Option<String>,
+    /// Unix ms the Thing was last seen (connect or disconnect).
+    #[serde(rename = "lastSeenAt", skip_serializing_if = "Option::is_none")]
+    pub last_seen_at_ms: Option<u64>,
 }
 
 impl ThingState {
@@ -291,6 +380,14 @@ impl ThingState {
             attributes: registration.attributes.clone(),
             created_at_ms: registration.created_at_ms,
             shadow_version: self.shadow.version,
+            online: self.connection.online,
+            last_connected_at_ms: self.connection.connected_at_ms,
+            last_disconnected_at_ms: self.connection.disconnected_at_ms,
+            last_disconnect_reason: self.connection.disconnect_reason.clone(),
+            last_seen_at_ms: self
+                .connection
+                .connected_at_ms
+                .max(self.connection.disconnected_at_ms),
         })
     }
 
@@ -448,6 +545,42 @@ pub fn decide(
                 reply: Reply::ShadowDeleted(reply),
             })
         }
+        ThingCommand::RecordConnected {
+            client_id,
+            connection_id,
+        } => {
+            if state.registration.is_none() {
+                return Err(state.not_found());
+            }
+            Ok(Decision {
+                events: vec![ThingEvent::Connected(ThingConnected {
+                    client_id: client_id.clone(),
+                    connection_id: *connection_id,
+                    at_ms: now_ms,
+                })],
+                reply: Reply::Recorded,
+            })
+        }
+        ThingCommand::RecordDisconnected {
+            client_id,
+            connection_id,
+            reason,
+        } => {
+            if state.registration.is_none() {
+                return Err(state.not_found());
+            }
+            // Always recorded (the audit trail); it changes the status only if it ends the
+            // current connection (a taken-over connection may report after its successor).
+            Ok(Decision {
+                events: vec![ThingEvent::Disconnected(ThingDisconnected {
+                    client_id: client_id.clone(),
+                    connection_id: *connection_id,
+                    reason: reason.clone(),
+                    at_ms: now_ms,
+                })],
+                reply: Reply::Recorded,
+            })
+        }
     }
 }
 
@@ -474,6 +607,19 @@ pub fn apply(state: &mut ThingState, event: &ThingEvent) {
         }
         ThingEvent::ShadowUpdated(updated) => state.shadow.apply_updated(updated),
         ThingEvent::ShadowDeleted(deleted) => state.shadow.apply_deleted(deleted),
+        ThingEvent::Connected(connected) => {
+            state.connection.online = true;
+            state.connection.client_id = Some(connected.client_id.clone());
+            state.connection.connection_id = connected.connection_id;
+            state.connection.connected_at_ms = Some(connected.at_ms);
+        }
+        ThingEvent::Disconnected(disconnected) => {
+            if disconnected.connection_id == state.connection.connection_id {
+                state.connection.online = false;
+                state.connection.disconnected_at_ms = Some(disconnected.at_ms);
+                state.connection.disconnect_reason = Some(disconnected.reason.clone());
+            }
+        }
     }
 }
 

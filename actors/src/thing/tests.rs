@@ -132,6 +132,56 @@ fn deleting_a_missing_shadow_is_404() {
     assert_eq!(err.message, "No shadow exists with name: 't1'");
 }
 
+#[test]
+fn a_late_disconnect_of_a_taken_over_connection_does_not_mark_the_thing_offline() {
+    let connected = |id| ThingCommand::RecordConnected {
+        client_id: "dev".into(),
+        connection_id: id,
+    };
+    let disconnected = |id, reason: &str| ThingCommand::RecordDisconnected {
+        client_id: "dev".into(),
+        connection_id: id,
+        reason: reason.into(),
+    };
+    let (state, events) = given(&[
+        register(),
+        connected(1),
+        connected(2),
+        disconnected(1, "takeover"),
+    ]);
+    assert_eq!(events.len(), 4, "the stale disconnect is still recorded");
+    let description = state.describe().expect("registered");
+    assert!(description.online, "connection 2 is live");
+    assert_eq!(description.last_disconnect_reason, None);
+
+    let (state, _) = given(&[
+        register(),
+        connected(1),
+        disconnected(1, "keepalive_timeout"),
+    ]);
+    let description = state.describe().expect("registered");
+    assert!(!description.online);
+    assert_eq!(
+        description.last_disconnect_reason.as_deref(),
+        Some("keepalive_timeout")
+    );
+    assert_eq!(description.last_seen_at_ms, Some(NOW_MS));
+}
+
+#[test]
+fn lifecycle_of_an_unregistered_thing_is_404() {
+    let (state, _) = given(&[]);
+    let err = when(
+        &state,
+        ThingCommand::RecordConnected {
+            client_id: "x".into(),
+            connection_id: 1,
+        },
+    )
+    .expect_err("not registered");
+    assert_eq!(err.code, ErrorCode::NotFound);
+}
+
 // ---- proptest laws ----
 
 fn key() -> impl Strategy<Value = String> {
@@ -172,6 +222,12 @@ fn command() -> impl Strategy<Value = ThingCommand> {
         1 => Just(register()),
         1 => Just(ThingCommand::Delete),
         1 => Just(ThingCommand::DeleteShadow { client_token: None, origin: Origin::Operator }),
+        1 => (1u64..4).prop_map(|id| ThingCommand::RecordConnected { client_id: "c".into(), connection_id: id }),
+        1 => (1u64..4).prop_map(|id| ThingCommand::RecordDisconnected {
+            client_id: "c".into(),
+            connection_id: id,
+            reason: "normal".into(),
+        }),
         8 => (section(), section(), prop::option::of(0u64..6), any::<bool>()).prop_filter_map(
             "needs a section",
             |(desired, reported, version, operator)| {
