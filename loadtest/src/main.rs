@@ -5,9 +5,15 @@
 //! - `actors`: Things registered, active and passivated: activations/s, updates/s, RSS per
 //!   active and per passivated Thing, replay time after a restart.
 //!
+//! Over the network (a thinghub it starts in its own process):
+//! - `mqtt`: idle connections (server RSS per connection) and QoS 1 publishers feeding one
+//!   subscriber (messages/s, publish-to-receive latency).
+//!
 //! Every scenario is bounded by count and time and prints a table on stdout.
 
 #![allow(clippy::print_stdout)] // a command-line report is this program's output
+
+mod mqtt;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -76,6 +82,27 @@ enum Scenario {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// The MQTT broker: idle connections and QoS 1 throughput against a thinghub it starts.
+    Mqtt {
+        /// Idle connections held open (each with a persistent session and one subscription).
+        #[arg(long, default_value_t = 10_000)]
+        idle_connections: usize,
+        /// QoS 1 publishing clients.
+        #[arg(long, default_value_t = 4)]
+        publishers: usize,
+        /// Seconds of publishing.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// QoS 1 messages in flight per publisher.
+        #[arg(long, default_value_t = 100)]
+        inflight: u16,
+    },
+    /// Internal: a thinghub server on 127.0.0.1 port 0 (used by `mqtt`).
+    #[command(hide = true)]
+    Server {
+        /// Data directory.
+        data_dir: PathBuf,
+    },
     /// Internal: the measuring half of `actors`, run in a fresh process so that memory freed by
     /// earlier phases cannot hide what active Things cost. Prints one JSON object.
     #[command(hide = true)]
@@ -94,14 +121,22 @@ enum Scenario {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
+    let cli = Cli::parse();
+    let filter = match cli.scenario {
+        // The parent reads the server's "listening" line.
+        Scenario::Server { .. } => "info",
+        _ => "warn",
+    };
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter)),
         )
-        .with_writer(std::io::stderr)
-        .init();
-    let cli = Cli::parse();
+        .with_writer(std::io::stderr);
+    match cli.scenario {
+        Scenario::Server { .. } => logs.json().init(),
+        _ => logs.init(),
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -128,6 +163,32 @@ fn main() -> Result<()> {
             max_seconds,
             data_dir,
         })),
+        Scenario::Mqtt {
+            idle_connections,
+            publishers,
+            seconds,
+            inflight,
+        } => runtime.block_on(mqtt::run(mqtt::MqttRun {
+            idle_connections,
+            publishers,
+            seconds,
+            inflight,
+        })),
+        Scenario::Server { data_dir } => {
+            let config = thinghub::config::Config {
+                data_dir,
+                http_listen: "127.0.0.1:0".parse()?,
+                mqtt_listen: "127.0.0.1:0".parse()?,
+                ..thinghub::config::Config::default()
+            };
+            let admin_key = std::env::var("THINGHUB_ADMIN_KEY").ok();
+            runtime.block_on(thinghub::server::serve(
+                config,
+                admin_key,
+                thinghub::server::shutdown_signal(),
+            ))?;
+            Ok(())
+        }
         Scenario::ActorsMeasure {
             data_dir,
             active,

@@ -56,3 +56,29 @@ fn actors_scenario_measures_in_a_fresh_process() {
         assert!(out.contains(metric), "missing {metric}:\n{out}");
     }
 }
+
+#[test]
+fn mqtt_scenario_reports_idle_memory_and_throughput() {
+    let out = run(&[
+        "mqtt",
+        "--idle-connections",
+        "50",
+        "--publishers",
+        "2",
+        "--seconds",
+        "1",
+    ]);
+    for metric in [
+        "server RSS per idle connection, bytes",
+        "QoS 1 messages/s delivered to the subscriber",
+    ] {
+        assert!(out.contains(metric), "missing {metric}:\n{out}");
+    }
+    let delivered: f64 = out
+        .lines()
+        .find(|l| l.starts_with("QoS 1 messages/s"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .expect("a rate");
+    assert!(delivered > 0.0, "{out}");
+}

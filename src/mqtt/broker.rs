@@ -43,26 +43,31 @@ pub struct Message {
     pub publisher: Option<Arc<str>>,
 }
 
-/// What a connection is told to write or do.
+/// A PUBLISH for a connection to write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboundPublish {
+    /// Topic.
+    pub topic: Arc<str>,
+    /// Payload.
+    pub payload: Bytes,
+    /// QoS it is delivered at.
+    pub qos: u8,
+    /// Packet id (0 for QoS 0).
+    pub pkid: u16,
+    /// Retain flag.
+    pub retain: bool,
+    /// Retransmission.
+    pub dup: bool,
+    /// v5 subscription identifier.
+    pub subscription_id: Option<usize>,
+}
+
+/// What a connection is told to write or do. Small on purpose (the publish is boxed): every
+/// connection's channel allocates a block of 32 of these up front.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outbound {
     /// Write a PUBLISH.
-    Publish {
-        /// Topic.
-        topic: Arc<str>,
-        /// Payload.
-        payload: Bytes,
-        /// QoS it is delivered at.
-        qos: u8,
-        /// Packet id (0 for QoS 0).
-        pkid: u16,
-        /// Retain flag.
-        retain: bool,
-        /// Retransmission.
-        dup: bool,
-        /// v5 subscription identifier.
-        subscription_id: Option<usize>,
-    },
+    Publish(Box<OutboundPublish>),
     /// Write a PUBREL (outbound QoS 2, after PUBREC).
     PubRel(u16),
     /// Close the connection.
@@ -297,7 +302,7 @@ impl Broker {
         // Retransmit what was in flight, in packet-id order.
         for (pkid, pending) in &session.inflight {
             let outbound = match pending {
-                Some(p) => Outbound::Publish {
+                Some(p) => Outbound::Publish(Box::new(OutboundPublish {
                     topic: p.topic.clone(),
                     payload: p.payload.clone(),
                     qos: p.qos,
@@ -305,7 +310,7 @@ impl Broker {
                     retain: p.retain,
                     dup: true,
                     subscription_id: p.subscription_id,
-                },
+                })),
                 None => Outbound::PubRel(*pkid),
             };
             let _ = tx.try_send(outbound);
@@ -582,15 +587,17 @@ impl Broker {
         }
         if pending.qos == 0 {
             if let Some(connection) = &session.connection {
-                let sent = connection.tx.try_send(Outbound::Publish {
-                    topic: pending.topic,
-                    payload: pending.payload,
-                    qos: 0,
-                    pkid: 0,
-                    retain: pending.retain,
-                    dup: false,
-                    subscription_id: pending.subscription_id,
-                });
+                let sent = connection
+                    .tx
+                    .try_send(Outbound::Publish(Box::new(OutboundPublish {
+                        topic: pending.topic,
+                        payload: pending.payload,
+                        qos: 0,
+                        pkid: 0,
+                        retain: pending.retain,
+                        dup: false,
+                        subscription_id: pending.subscription_id,
+                    })));
                 match sent {
                     Ok(()) => self.stats.messages_out.fetch_add(1, Ordering::Relaxed),
                     Err(_) => self.stats.messages_dropped.fetch_add(1, Ordering::Relaxed),
@@ -631,7 +638,7 @@ impl Broker {
             } else {
                 0
             };
-            let outbound = Outbound::Publish {
+            let outbound = Outbound::Publish(Box::new(OutboundPublish {
                 topic: pending.topic.clone(),
                 payload: pending.payload.clone(),
                 qos: pending.qos,
@@ -639,7 +646,7 @@ impl Broker {
                 retain: pending.retain,
                 dup: false,
                 subscription_id: pending.subscription_id,
-            };
+            }));
             if needs_slot {
                 session.inflight.insert(pkid, Some(pending));
             }
@@ -718,7 +725,7 @@ mod tests {
 
     fn qos_pkid(outbound: &Outbound) -> (u8, u16, bool) {
         match outbound {
-            Outbound::Publish { qos, pkid, dup, .. } => (*qos, *pkid, *dup),
+            Outbound::Publish(p) => (p.qos, p.pkid, p.dup),
             other => panic!("not a publish: {other:?}"),
         }
     }
@@ -807,7 +814,7 @@ mod tests {
         assert_eq!(out.len(), 2);
         assert!(out
             .iter()
-            .all(|o| matches!(o, Outbound::Publish { retain: true, .. })));
+            .all(|o| matches!(o, Outbound::Publish(p) if p.retain)));
         let mut clear = message("r/1", 0, true);
         clear.payload = Bytes::new();
         broker.publish(clear);

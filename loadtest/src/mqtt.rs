@@ -1,0 +1,342 @@
+//! The MQTT broker benchmark: idle connections (RSS per connection, with its session) and QoS 1
+//! publishers feeding one subscriber (msgs/s, latency), against a thinghub in its own process.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Source addresses idle connections are spread over (each has its own ephemeral port range).
+const SOURCE_ADDRESSES: u8 = 8;
+/// Admin credentials of a server this benchmark starts itself.
+const ADMIN: (&str, &str) = ("bench", "bench-secret");
+/// The benchmark's MQTT superuser.
+const BENCH_USER: (&str, &str) = ("bench-user", "bench-pw");
+
+/// What to run.
+pub struct MqttRun {
+    /// Idle connections to hold open.
+    pub idle_connections: usize,
+    /// Publishing clients.
+    pub publishers: usize,
+    /// Seconds of publishing.
+    pub seconds: u64,
+    /// QoS 1 messages in flight per publisher.
+    pub inflight: u16,
+}
+
+/// A thinghub started for the run (killed on drop).
+pub struct ChildServer {
+    child: tokio::process::Child,
+    /// HTTP address.
+    pub http: SocketAddr,
+    /// MQTT address.
+    pub mqtt: SocketAddr,
+    _data: tempfile::TempDir,
+}
+
+impl ChildServer {
+    /// Starts `thinghub-loadtest server` (the real server code) with a temporary data dir.
+    pub async fn start() -> Result<ChildServer> {
+        use tokio::io::AsyncBufReadExt;
+        let data = tempfile::tempdir()?;
+        let mut child = tokio::process::Command::new(std::env::current_exe()?)
+            .arg("server")
+            .arg(data.path())
+            .env("THINGHUB_ADMIN_KEY", format!("{}:{}", ADMIN.0, ADMIN.1))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("start the server process")?;
+        let stderr = child.stderr.take().context("server stderr")?;
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        let listening = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = lines.next_line().await? {
+                let Ok(value) = serde_json::from_str::<serde_json::Value>(&line) else {
+                    continue;
+                };
+                if value["fields"]["message"] == "listening" {
+                    return Ok::<_, anyhow::Error>(value);
+                }
+            }
+            bail!("the server exited before listening")
+        })
+        .await
+        .context("the server did not start within 30 s")??;
+        // Keep draining its log so it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let addr = |key: &str| -> Result<SocketAddr> {
+            Ok(listening["fields"][key]
+                .as_str()
+                .context("address")?
+                .parse()?)
+        };
+        Ok(ChildServer {
+            http: addr("http")?,
+            mqtt: addr("mqtt")?,
+            child,
+            _data: data,
+        })
+    }
+
+    /// The server process's resident set size, bytes.
+    pub fn rss_bytes(&self) -> u64 {
+        let Some(pid) = self.child.id() else { return 0 };
+        let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).unwrap_or_default();
+        statm
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 4096
+    }
+}
+
+async fn create_bench_user(http: SocketAddr) -> Result<()> {
+    let response = reqwest::Client::new()
+        .post(format!("http://{http}/api/v1/authentication/users"))
+        .basic_auth(ADMIN.0, Some(ADMIN.1))
+        .json(&serde_json::json!({"username": BENCH_USER.0, "password": BENCH_USER.1, "superuser": true}))
+        .send()
+        .await?;
+    if !response.status().is_success() && response.status() != reqwest::StatusCode::CONFLICT {
+        bail!("creating the benchmark user failed: {}", response.status());
+    }
+    Ok(())
+}
+
+fn put_str(out: &mut Vec<u8>, text: &str) {
+    out.extend_from_slice(&(text.len() as u16).to_be_bytes());
+    out.extend_from_slice(text.as_bytes());
+}
+
+fn put_remaining_length(out: &mut Vec<u8>, mut len: usize) {
+    loop {
+        let mut byte = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        out.push(byte);
+        if len == 0 {
+            break;
+        }
+    }
+}
+
+/// An idle 3.1.1 client: CONNECT (keep-alive 0, persistent session) + one QoS 1 subscription.
+async fn idle_connection(server: SocketAddr, index: usize) -> Result<tokio::net::TcpStream> {
+    let source = IpAddr::V4(Ipv4Addr::new(
+        127,
+        0,
+        0,
+        1 + (index % SOURCE_ADDRESSES as usize) as u8,
+    ));
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source, 0))?;
+    let mut stream = socket.connect(server).await?;
+    let client_id = format!("idle-{index}");
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0b1100_0000, 0, 0];
+    put_str(&mut body, &client_id);
+    put_str(&mut body, BENCH_USER.0);
+    put_str(&mut body, BENCH_USER.1);
+    let mut packet = vec![0x10];
+    put_remaining_length(&mut packet, body.len());
+    packet.extend_from_slice(&body);
+    let mut sub_body = vec![0, 1];
+    put_str(&mut sub_body, &format!("idle/{index}/inbox"));
+    sub_body.push(1);
+    packet.push(0x82);
+    put_remaining_length(&mut packet, sub_body.len());
+    packet.extend_from_slice(&sub_body);
+    stream.write_all(&packet).await?;
+    // CONNACK (4 bytes) + SUBACK (5 bytes).
+    let mut acks = [0u8; 9];
+    tokio::time::timeout(Duration::from_secs(30), stream.read_exact(&mut acks)).await??;
+    if acks[3] != 0 || acks[4] != 0x90 || acks[8] != 1 {
+        bail!("idle connection {index} refused: {acks:?}");
+    }
+    Ok(stream)
+}
+
+fn open_files_max() -> usize {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|limits| {
+            limits
+                .lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(1024)
+}
+
+/// Runs the benchmark and prints its table.
+pub async fn run(run: MqttRun) -> Result<()> {
+    let server = ChildServer::start().await?;
+    create_bench_user(server.http).await?;
+    let limit = open_files_max().saturating_sub(200);
+    if run.idle_connections > limit {
+        bail!(
+            "--idle-connections {} exceeds this process's open-file limit ({limit} usable)",
+            run.idle_connections
+        );
+    }
+    // Warm up: the first CONNECT runs argon2 (~19 MiB the allocator keeps afterwards), which
+    // is not a per-connection cost.
+    drop(idle_connection(server.mqtt, usize::MAX / 2).await?);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_before = server.rss_bytes();
+    let started = Instant::now();
+    let mut idle = Vec::with_capacity(run.idle_connections);
+    let mut pending = tokio::task::JoinSet::new();
+    for index in 0..run.idle_connections {
+        pending.spawn(idle_connection(server.mqtt, index));
+        if pending.len() >= 200 {
+            if let Some(joined) = pending.join_next().await {
+                idle.push(joined??);
+            }
+        }
+    }
+    while let Some(joined) = pending.join_next().await {
+        idle.push(joined??);
+    }
+    let connect_seconds = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_idle = server.rss_bytes();
+
+    // Throughput: publishers -> one subscriber, QoS 1, payload carries the send time.
+    let epoch = Instant::now();
+    let received = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (sub_client, mut sub_loop) =
+        AsyncClient::new(options(server.mqtt, "bench-sub", 1000), 10_000);
+    sub_client.subscribe("bench/#", QoS::AtLeastOnce).await?;
+    let latencies = {
+        let received = received.clone();
+        tokio::spawn(async move {
+            let mut histogram =
+                Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+            loop {
+                match sub_loop.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(publish))) => {
+                        if let Ok(bytes) =
+                            <[u8; 8]>::try_from(&publish.payload[..8.min(publish.payload.len())])
+                        {
+                            let sent_us = u64::from_be_bytes(bytes);
+                            let now_us = epoch.elapsed().as_micros() as u64;
+                            histogram.saturating_record(now_us.saturating_sub(sent_us));
+                        }
+                        received.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(Event::Incoming(Packet::Disconnect)) | Err(_) => return histogram,
+                    Ok(_) => {}
+                }
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut publishers = Vec::new();
+    for p in 0..run.publishers {
+        // A request channel no deeper than the window: publish() then waits for the broker, so
+        // the timestamp measures the broker, not a queue inside the client.
+        let window = usize::from(run.inflight.max(1));
+        let (client, mut eventloop) = AsyncClient::new(
+            options(server.mqtt, &format!("bench-pub-{p}"), run.inflight),
+            window,
+        );
+        let stop = stop.clone();
+        tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+        publishers.push(tokio::spawn(async move {
+            let topic = format!("bench/{p}");
+            let mut sent = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let mut payload = (epoch.elapsed().as_micros() as u64).to_be_bytes().to_vec();
+                payload.extend_from_slice(&[0u8; 56]);
+                if client
+                    .publish(&topic, QoS::AtLeastOnce, false, Bytes::from(payload))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                sent += 1;
+            }
+            sent
+        }));
+    }
+    let window_start = received.load(Ordering::Relaxed);
+    let measured_from = Instant::now();
+    tokio::time::sleep(Duration::from_secs(run.seconds)).await;
+    let window_received = received.load(Ordering::Relaxed) - window_start;
+    let window_seconds = measured_from.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let mut sent = 0;
+    for publisher in publishers {
+        sent += publisher.await.unwrap_or(0);
+    }
+    sub_client.disconnect().await.ok();
+    let histogram = tokio::time::timeout(Duration::from_secs(10), latencies)
+        .await
+        .ok()
+        .and_then(|h| h.ok());
+    drop(idle);
+
+    let per_idle =
+        (rss_idle.saturating_sub(rss_before)) as f64 / run.idle_connections.max(1) as f64;
+    let ms = |q: f64| {
+        histogram
+            .as_ref()
+            .map(|h| h.value_at_quantile(q) as f64 / 1000.0)
+            .unwrap_or(f64::NAN)
+    };
+    println!(
+        "mqtt: {} idle connections over {} source addresses, {} QoS 1 publishers -> 1 subscriber, {} s",
+        run.idle_connections, SOURCE_ADDRESSES, run.publishers, run.seconds
+    );
+    println!("{:<44} {:>14}", "metric", "value");
+    println!(
+        "{:<44} {:>14.0}",
+        "idle connections opened/s (CONNECT+SUBSCRIBE)",
+        run.idle_connections as f64 / connect_seconds
+    );
+    println!(
+        "{:<44} {:>14.0}",
+        "server RSS per idle connection, bytes", per_idle
+    );
+    println!(
+        "{:<44} {:>14.1}",
+        "server RSS before / with idle, MiB",
+        rss_before as f64 / 1048576.0
+    );
+    println!("{:<44} {:>14.1}", "", rss_idle as f64 / 1048576.0);
+    println!(
+        "{:<44} {:>14.0}",
+        "QoS 1 messages/s delivered to the subscriber",
+        window_received as f64 / window_seconds
+    );
+    println!("{:<44} {:>14}", "messages published (total)", sent);
+    println!("{:<44} {:>14.2}", "publish -> receive p50 ms", ms(0.5));
+    println!("{:<44} {:>14.2}", "publish -> receive p99 ms", ms(0.99));
+    println!(
+        "{:<44} {:>14.1}",
+        "server RSS after the run, MiB",
+        server.rss_bytes() as f64 / 1048576.0
+    );
+    Ok(())
+}
+
+fn options(server: SocketAddr, id: &str, inflight: u16) -> MqttOptions {
+    let mut options = MqttOptions::new(id, server.ip().to_string(), server.port());
+    options.set_credentials(BENCH_USER.0, BENCH_USER.1);
+    options.set_keep_alive(Duration::from_secs(60));
+    options.set_inflight(inflight.max(1));
+    options
+}
