@@ -33,6 +33,9 @@ pub enum ServeError {
     /// Admin keys could not be set up.
     #[error("admin keys: {0}")]
     Auth(#[from] AuthError),
+    /// The ACL rules could not be loaded.
+    #[error("ACL rules: {0}")]
+    Acl(String),
     /// The actor system could not start.
     #[error("actor system: {0}")]
     Actors(String),
@@ -83,11 +86,14 @@ pub async fn serve(
     .map_err(|e| ServeError::Actors(e.to_string()))?;
     let keys = AdminKeys::init(store.clone(), admin_key.as_deref(), clock.now_ms()).await?;
     let users = Arc::new(MqttUsers::new(store.clone()));
+    let acl = Acl::load(&config.topic_prefix, store.clone())
+        .map_err(|e| ServeError::Acl(e.to_string()))?;
     let things = Things::new(registry.clone());
     let state = AppState {
         things: things.clone(),
         keys: Arc::new(keys),
         users: users.clone(),
+        acl: acl.clone(),
         limits: HttpLimits {
             body_bytes_max: config.http_body_bytes_max,
             list_limit_max: config.list_limit_max,
@@ -129,7 +135,7 @@ pub async fn serve(
         })),
         users,
         things: things.clone(),
-        acl: Acl::new(&config.topic_prefix),
+        acl,
         config: ConnectionConfig {
             allow_anonymous: config.allow_anonymous,
             connect_timeout: Duration::from_millis(config.mqtt_connect_timeout_ms),

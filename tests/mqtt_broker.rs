@@ -745,3 +745,71 @@ async fn raw_connect(
     assert_eq!(connack, [0x20, 0x02, 0x00, 0x00], "accepted");
     socket
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_acl_rules_override_the_defaults_in_order() {
+    let (_dir, server) = start().await;
+    let (status, _) = call(
+        Method::POST,
+        &server.url("/api/v1/things"),
+        Some(json!({"thingName":"t7"})),
+    )
+    .await;
+    assert_eq!(status, 201);
+    create_user(&server, json!({"username":"t7","password":"pw"})).await;
+    let rules = server.url("/api/v1/authorization/rules");
+    let (status, deny) = call(
+        Method::POST,
+        &rules,
+        Some(json!({"permission":"deny","action":"subscribe","topic":"$emqx/things/${username}/jobs/#"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{deny}");
+    let (status, _) = call(
+        Method::POST,
+        &rules,
+        Some(
+            json!({"username":"t7","permission":"allow","action":"all","topic":"fleet/broadcast"}),
+        ),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let (status, body) = call(
+        Method::POST,
+        &rules,
+        Some(json!({"permission":"allow","action":"all","topic":"a/#/b"})),
+    )
+    .await;
+    assert_eq!((status, body["code"].as_u64()), (400, Some(400)), "{body}");
+    let (_, listed) = call(Method::GET, &rules, None).await;
+    assert_eq!(listed["items"].as_array().map(Vec::len), Some(2));
+
+    let (mut t7, _) = Client::connect(&server, "t7", Some(("t7", "pw")), |_| {})
+        .await
+        .expect("connect");
+    assert_eq!(
+        t7.subscribe("$emqx/things/t7/jobs/notify", QoS::AtLeastOnce)
+            .await,
+        [rumqttc::SubscribeReasonCode::Failure]
+    );
+    assert_eq!(
+        t7.subscribe("fleet/broadcast", QoS::AtLeastOnce).await,
+        [rumqttc::SubscribeReasonCode::Success(QoS::AtLeastOnce)],
+        "outside its namespace, allowed by a rule"
+    );
+    assert_eq!(
+        t7.subscribe("$emqx/things/t7/shadow/update/delta", QoS::AtLeastOnce)
+            .await,
+        [rumqttc::SubscribeReasonCode::Success(QoS::AtLeastOnce)],
+        "no rule matches: the default applies"
+    );
+    let id = deny["id"].as_str().expect("id");
+    let (status, _) = call(Method::DELETE, &format!("{rules}/{id}"), None).await;
+    assert_eq!(status, 204);
+    assert_eq!(
+        t7.subscribe("$emqx/things/t7/jobs/notify", QoS::AtLeastOnce)
+            .await,
+        [rumqttc::SubscribeReasonCode::Success(QoS::AtLeastOnce)],
+        "allowed again once the rule is deleted"
+    );
+}

@@ -4,6 +4,7 @@
 //! built by [`app`] so tests can drive it without a socket.
 
 pub mod auth;
+mod authorization;
 mod devices;
 pub mod error;
 pub mod extract;
@@ -20,6 +21,7 @@ use thinghub_actors::thing::ShadowLimits;
 use thinghub_actors::Things;
 
 use crate::auth::AdminKeys;
+use crate::mqtt::acl::Acl;
 use crate::users::MqttUsers;
 use error::ApiError;
 
@@ -43,6 +45,8 @@ pub struct AppState {
     pub keys: Arc<AdminKeys>,
     /// MQTT credentials.
     pub users: Arc<MqttUsers>,
+    /// MQTT authorization rules.
+    pub acl: Acl,
     /// Bounds.
     pub limits: HttpLimits,
 }
@@ -72,6 +76,16 @@ pub fn app(state: AppState) -> Router {
         .route(
             "/authentication/users/{username}",
             get(users::get).put(users::update).delete(users::delete),
+        )
+        .route(
+            "/authorization/rules",
+            post(authorization::create).get(authorization::list),
+        )
+        .route(
+            "/authorization/rules/{id}",
+            get(authorization::get)
+                .put(authorization::replace)
+                .delete(authorization::delete),
         )
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
