@@ -80,6 +80,9 @@ pub struct Config {
     pub mqtt_topic_alias_max: u16,
     /// Longest MQTT client id, bytes.
     pub mqtt_client_id_bytes_max: usize,
+    /// Longest MQTT keep-alive accepted, seconds (0 = the client's choice); v5 clients asking
+    /// for more, or for none, are told this value (server keep-alive).
+    pub mqtt_keep_alive_max_s: u16,
 }
 
 impl Default for Config {
@@ -114,6 +117,7 @@ impl Default for Config {
             mqtt_outbound_queue_max: 1024,
             mqtt_topic_alias_max: 16,
             mqtt_client_id_bytes_max: 256,
+            mqtt_keep_alive_max_s: 0,
         }
     }
 }

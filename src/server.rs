@@ -143,6 +143,7 @@ pub async fn serve(
             outbound_queue_max: config.mqtt_outbound_queue_max,
             topic_alias_max: config.mqtt_topic_alias_max,
             client_id_bytes_max: config.mqtt_client_id_bytes_max,
+            keep_alive_max_s: config.mqtt_keep_alive_max_s,
         },
     });
 

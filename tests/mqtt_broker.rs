@@ -813,3 +813,90 @@ async fn operator_acl_rules_override_the_defaults_in_order() {
         "allowed again once the rule is deleted"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v5_properties_and_expiry_are_forwarded_and_oversize_packets_withheld() {
+    use rumqttc::v5::mqttbytes::v5::{Packet as P5, PublishProperties};
+    use rumqttc::v5::mqttbytes::QoS as Q5;
+    use rumqttc::v5::{AsyncClient as C5, Event as E5, MqttOptions as O5};
+    let (_dir, server) = start().await;
+    let options = |id: &str, max_packet: Option<u32>| {
+        let mut o = O5::new(id, server.mqtt.ip().to_string(), server.mqtt.port());
+        o.set_credentials("backend", "backend-pw");
+        o.set_max_packet_size(max_packet);
+        o
+    };
+    let (subscriber, mut sub_loop) = C5::new(options("v5-sub", Some(512)), 16);
+    subscriber
+        .subscribe("v5/#", Q5::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    // Run the subscriber until it holds its SUBACK.
+    loop {
+        match tokio::time::timeout(WAIT, sub_loop.poll())
+            .await
+            .expect("in time")
+            .expect("connected")
+        {
+            E5::Incoming(P5::SubAck(_)) => break,
+            _ => continue,
+        }
+    }
+    let (publisher, mut pub_loop) = C5::new(options("v5-pub", None), 16);
+    tokio::spawn(async move { while pub_loop.poll().await.is_ok() {} });
+    let properties = PublishProperties {
+        payload_format_indicator: Some(1),
+        message_expiry_interval: Some(3600),
+        topic_alias: None,
+        response_topic: Some("v5/replies".into()),
+        correlation_data: Some(bytes::Bytes::from_static(b"req-1")),
+        user_properties: vec![("k".into(), "v".into())],
+        subscription_identifiers: vec![],
+        content_type: Some("application/json".into()),
+    };
+    publisher
+        .publish_with_properties("v5/a", Q5::AtLeastOnce, false, "{}", properties)
+        .await
+        .expect("publish");
+    publisher
+        .publish("v5/big", Q5::AtLeastOnce, false, vec![b'x'; 2000])
+        .await
+        .expect("publish big");
+    publisher
+        .publish("v5/small", Q5::AtLeastOnce, false, "ok")
+        .await
+        .expect("publish small");
+
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while seen.len() < 2 {
+        let event = tokio::time::timeout_at(deadline, sub_loop.poll())
+            .await
+            .expect("in time")
+            .expect(
+                "the subscriber stays connected (nothing over its maximum packet size arrives)",
+            );
+        if let E5::Incoming(P5::Publish(publish)) = event {
+            seen.push((
+                String::from_utf8_lossy(&publish.topic).into_owned(),
+                publish.properties,
+            ));
+        }
+    }
+    assert_eq!(seen[0].0, "v5/a");
+    let forwarded = seen[0].1.clone().expect("properties forwarded");
+    assert_eq!(forwarded.content_type.as_deref(), Some("application/json"));
+    assert_eq!(forwarded.response_topic.as_deref(), Some("v5/replies"));
+    assert_eq!(forwarded.correlation_data.as_deref(), Some(&b"req-1"[..]));
+    assert_eq!(
+        forwarded.user_properties,
+        [("k".to_string(), "v".to_string())]
+    );
+    assert_eq!(forwarded.payload_format_indicator, Some(1));
+    let expiry = forwarded.message_expiry_interval.expect("remaining expiry");
+    assert!((3590..=3600).contains(&expiry), "{expiry}");
+    assert_eq!(
+        seen[1].0, "v5/small",
+        "the 2 KB message was withheld from a 512-byte client"
+    );
+}

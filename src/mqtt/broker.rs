@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use rumqttd::protocol::PublishProperties;
 use tokio::sync::mpsc;
 
 use super::topic::{self, FilterTrie, ParsedFilter};
@@ -41,6 +42,17 @@ pub struct Message {
     pub retain: bool,
     /// The publishing client, for noLocal (None for the server's own messages).
     pub publisher: Option<Arc<str>>,
+    /// v5 properties forwarded to v5 subscribers (content type, response topic, correlation
+    /// data, user properties, payload format); aliases and subscription ids are per hop.
+    pub properties: Option<Arc<PublishProperties>>,
+    /// v5 message expiry: not delivered after this instant.
+    pub expires_at: Option<Instant>,
+}
+
+impl Message {
+    fn expired(&self, now: Instant) -> bool {
+        self.expires_at.is_some_and(|at| at <= now)
+    }
 }
 
 /// A PUBLISH for a connection to write.
@@ -60,6 +72,10 @@ pub struct OutboundPublish {
     pub dup: bool,
     /// v5 subscription identifier.
     pub subscription_id: Option<usize>,
+    /// v5 properties to forward.
+    pub properties: Option<Arc<PublishProperties>>,
+    /// v5 message expiry (the remaining interval is sent).
+    pub expires_at: Option<Instant>,
 }
 
 /// What a connection is told to write or do. Small on purpose (the publish is boxed): every
@@ -152,6 +168,28 @@ struct Pending {
     qos: u8,
     retain: bool,
     subscription_id: Option<usize>,
+    properties: Option<Arc<PublishProperties>>,
+    expires_at: Option<Instant>,
+}
+
+impl Pending {
+    fn outbound(&self, pkid: u16, dup: bool) -> Outbound {
+        Outbound::Publish(Box::new(OutboundPublish {
+            topic: self.topic.clone(),
+            payload: self.payload.clone(),
+            qos: self.qos,
+            pkid,
+            retain: self.retain,
+            dup,
+            subscription_id: self.subscription_id,
+            properties: self.properties.clone(),
+            expires_at: self.expires_at,
+        }))
+    }
+
+    fn expired(&self, now: Instant) -> bool {
+        self.expires_at.is_some_and(|at| at <= now)
+    }
 }
 
 #[derive(Debug)]
@@ -212,12 +250,14 @@ pub struct BrokerStats {
     pub messages_dropped: AtomicU64,
     /// Publishes or subscriptions refused by the ACL.
     pub acl_denied: AtomicU64,
+    /// Messages not delivered because their v5 expiry passed.
+    pub messages_expired: AtomicU64,
 }
 
 struct State {
     sessions: HashMap<Arc<str>, Session>,
     trie: FilterTrie<Subscriber>,
-    retained: HashMap<Arc<str>, (Bytes, u8)>,
+    retained: HashMap<Arc<str>, Message>,
     share_cursor: HashMap<(Arc<str>, Arc<str>), usize>,
     next_connection_id: u64,
 }
@@ -301,16 +341,10 @@ impl Broker {
         session.disconnected_at = None;
         // Retransmit what was in flight, in packet-id order.
         for (pkid, pending) in &session.inflight {
+            // An unacknowledged QoS 1/2 message is resent even if it expired meanwhile: the
+            // client may already have it, and the packet id must be settled.
             let outbound = match pending {
-                Some(p) => Outbound::Publish(Box::new(OutboundPublish {
-                    topic: p.topic.clone(),
-                    payload: p.payload.clone(),
-                    qos: p.qos,
-                    pkid: *pkid,
-                    retain: p.retain,
-                    dup: true,
-                    subscription_id: p.subscription_id,
-                })),
+                Some(p) => p.outbound(*pkid, true),
                 None => Outbound::PubRel(*pkid),
             };
             let _ = tx.try_send(outbound);
@@ -385,19 +419,23 @@ impl Broker {
         let send_retained = parsed.share_group.is_none()
             && (options.retain_handling == 0 || (options.retain_handling == 1 && is_new));
         if send_retained {
-            let mut matching: Vec<(Arc<str>, Bytes, u8)> = retained
+            let now = Instant::now();
+            retained.retain(|_, message| !message.expired(now));
+            let mut matching: Vec<&Message> = retained
                 .iter()
                 .filter(|(topic, _)| topic::matches(&parsed.filter, topic))
-                .map(|(topic, (payload, qos))| (topic.clone(), payload.clone(), *qos))
+                .map(|(_, message)| message)
                 .collect();
-            matching.sort_by(|a, b| a.0.cmp(&b.0));
-            for (topic, payload, qos) in matching {
+            matching.sort_by(|a, b| a.topic.cmp(&b.topic));
+            for message in matching {
                 let pending = Pending {
-                    topic,
-                    payload,
-                    qos: qos.min(options.qos),
+                    topic: message.topic.clone(),
+                    payload: message.payload.clone(),
+                    qos: message.qos.min(options.qos),
                     retain: true,
                     subscription_id: options.subscription_id,
+                    properties: message.properties.clone(),
+                    expires_at: message.expires_at,
                 };
                 self.enqueue(session, pending);
             }
@@ -435,6 +473,10 @@ impl Broker {
     /// Routes a message to every matching subscription and updates retained messages.
     /// Returns the number of sessions it was delivered or queued to.
     pub fn publish(&self, message: Message) -> usize {
+        if message.expired(Instant::now()) {
+            self.stats.messages_expired.fetch_add(1, Ordering::Relaxed);
+            return 0;
+        }
         let mut state = self.lock();
         if message.retain {
             if message.payload.is_empty() {
@@ -442,10 +484,9 @@ impl Broker {
             } else if state.retained.len() < self.limits.retained_max
                 || state.retained.contains_key(&message.topic)
             {
-                state.retained.insert(
-                    message.topic.clone(),
-                    (message.payload.clone(), message.qos),
-                );
+                state
+                    .retained
+                    .insert(message.topic.clone(), message.clone());
             } else {
                 tracing::warn!(topic = %message.topic, "retained message store is full; not retained");
             }
@@ -508,6 +549,8 @@ impl Broker {
                 qos: message.qos.min(subscriber.options.qos),
                 retain: message.retain && subscriber.options.retain_as_published,
                 subscription_id: subscriber.options.subscription_id,
+                properties: message.properties.clone(),
+                expires_at: message.expires_at,
             };
             self.enqueue(session, pending);
             delivered += 1;
@@ -587,17 +630,7 @@ impl Broker {
         }
         if pending.qos == 0 {
             if let Some(connection) = &session.connection {
-                let sent = connection
-                    .tx
-                    .try_send(Outbound::Publish(Box::new(OutboundPublish {
-                        topic: pending.topic,
-                        payload: pending.payload,
-                        qos: 0,
-                        pkid: 0,
-                        retain: pending.retain,
-                        dup: false,
-                        subscription_id: pending.subscription_id,
-                    })));
+                let sent = connection.tx.try_send(pending.outbound(0, false));
                 match sent {
                     Ok(()) => self.stats.messages_out.fetch_add(1, Ordering::Relaxed),
                     Err(_) => self.stats.messages_dropped.fetch_add(1, Ordering::Relaxed),
@@ -627,6 +660,10 @@ impl Broker {
             let Some(pending) = session.queue.pop_front() else {
                 break;
             };
+            if pending.expired(Instant::now()) {
+                self.stats.messages_expired.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             let pkid = if needs_slot {
                 match session.allocate_pkid() {
                     Some(pkid) => pkid,
@@ -638,15 +675,7 @@ impl Broker {
             } else {
                 0
             };
-            let outbound = Outbound::Publish(Box::new(OutboundPublish {
-                topic: pending.topic.clone(),
-                payload: pending.payload.clone(),
-                qos: pending.qos,
-                pkid,
-                retain: pending.retain,
-                dup: false,
-                subscription_id: pending.subscription_id,
-            }));
+            let outbound = pending.outbound(pkid, false);
             if needs_slot {
                 session.inflight.insert(pkid, Some(pending));
             }
@@ -703,7 +732,38 @@ mod tests {
             qos,
             retain,
             publisher: None,
+            properties: None,
+            expires_at: None,
         }
+    }
+
+    #[test]
+    fn expired_messages_are_not_queued_for_delivery_nor_kept_retained() {
+        let broker = broker();
+        let (tx, first) = mpsc::channel(16);
+        let offline = broker.connect("p", false, Duration::from_secs(60), None, tx);
+        subscribe(&broker, "p", "t", 1);
+        drop(first);
+        assert!(broker.disconnect("p", offline.connection_id));
+        let soon = Instant::now() + Duration::from_millis(30);
+        let mut short = message("t", 1, true);
+        short.expires_at = Some(soon);
+        broker.publish(short);
+        broker.publish(message("t", 1, false));
+        while Instant::now() < soon + Duration::from_millis(5) {
+            std::thread::yield_now();
+        }
+        let (tx, mut rx) = mpsc::channel(16);
+        broker.connect("p", false, Duration::from_secs(60), None, tx);
+        assert_eq!(drain(&mut rx).len(), 1, "only the message without expiry");
+        assert_eq!(broker.stats.messages_expired.load(Ordering::Relaxed), 1);
+        let (tx, mut rx) = mpsc::channel(16);
+        broker.connect("late", true, Duration::ZERO, None, tx);
+        subscribe(&broker, "late", "t", 1);
+        assert!(
+            drain(&mut rx).is_empty(),
+            "the expired retained message is gone"
+        );
     }
 
     fn subscribe(broker: &Broker, client: &str, filter: &str, qos: u8) {

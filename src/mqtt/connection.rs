@@ -42,6 +42,9 @@ pub struct ConnectionConfig {
     pub topic_alias_max: u16,
     /// Longest client id, bytes.
     pub client_id_bytes_max: usize,
+    /// Longest keep-alive the server accepts, seconds (0 = the client's choice). v5 clients are
+    /// told the effective value (server keep-alive); 3.1.1 clients keep their own.
+    pub keep_alive_max_s: u16,
 }
 
 /// What every connection shares.
@@ -69,6 +72,8 @@ struct Will {
     qos: u8,
     retain: bool,
     delay: Duration,
+    properties: Option<Arc<PublishProperties>>,
+    expiry: Option<Duration>,
 }
 
 struct Conn {
@@ -78,6 +83,8 @@ struct Conn {
     read_buf: BytesMut,
     write_buf: BytesMut,
     peer: SocketAddr,
+    /// v5: the client's maximum packet size; larger packets are never sent to it.
+    client_packet_bytes_max: Option<usize>,
 }
 
 impl Conn {
@@ -142,6 +149,7 @@ pub async fn serve(
         read_buf: BytesMut::new(),
         write_buf: BytesMut::new(),
         peer,
+        client_packet_bytes_max: None,
     };
     let connect =
         match tokio::time::timeout(ctx.config.connect_timeout, read_connect(&mut conn, &ctx)).await
@@ -312,6 +320,16 @@ async fn run_session(mut conn: Conn, connect: Packet, ctx: &MqttContext) -> std:
         .as_ref()
         .and_then(|p| p.receive_maximum)
         .map(usize::from);
+    conn.client_packet_bytes_max = properties
+        .as_ref()
+        .and_then(|p| p.max_packet_size)
+        .map(|m| m as usize);
+    let keep_alive_max = ctx.config.keep_alive_max_s;
+    let server_keep_alive = (v5
+        && keep_alive_max > 0
+        && (connect.keep_alive == 0 || connect.keep_alive > keep_alive_max))
+        .then_some(keep_alive_max);
+    let keep_alive_s = server_keep_alive.unwrap_or(connect.keep_alive);
     let will = last_will.map(|w| to_will(w, will_properties));
 
     let (tx, mut rx) = mpsc::channel(ctx.config.outbound_queue_max.max(1));
@@ -330,6 +348,7 @@ async fn run_session(mut conn: Conn, connect: Packet, ctx: &MqttContext) -> std:
         wildcard_subscription_available: Some(1),
         subscription_identifiers_available: Some(1),
         shared_subscription_available: Some(1),
+        server_keep_alive,
         max_qos: None,
         ..ConnAckProperties::default()
     });
@@ -352,7 +371,7 @@ async fn run_session(mut conn: Conn, connect: Packet, ctx: &MqttContext) -> std:
         }
     }
 
-    let keep_alive = Duration::from_millis(u64::from(connect.keep_alive) * 1500);
+    let keep_alive = Duration::from_millis(u64::from(keep_alive_s) * 1500);
     let mut session = Session {
         identity,
         aliases: HashMap::new(),
@@ -396,15 +415,44 @@ async fn run_session(mut conn: Conn, connect: Packet, ctx: &MqttContext) -> std:
 }
 
 fn to_will(will: LastWill, properties: Option<LastWillProperties>) -> Will {
+    let delay = Duration::from_secs(u64::from(
+        properties
+            .as_ref()
+            .and_then(|p| p.delay_interval)
+            .unwrap_or(0),
+    ));
+    let expiry = properties
+        .as_ref()
+        .and_then(|p| p.message_expiry_interval)
+        .map(|s| Duration::from_secs(u64::from(s)));
+    let forwarded = properties.map(|p| PublishProperties {
+        payload_format_indicator: p.payload_format_indicator,
+        message_expiry_interval: None,
+        topic_alias: None,
+        response_topic: p.response_topic,
+        correlation_data: p.correlation_data,
+        user_properties: p.user_properties,
+        subscription_identifiers: Vec::new(),
+        content_type: p.content_type,
+    });
     Will {
         topic: Arc::from(String::from_utf8_lossy(&will.topic).as_ref()),
         payload: will.message,
         qos: codec::qos_number(will.qos),
         retain: will.retain,
-        delay: Duration::from_secs(u64::from(
-            properties.and_then(|p| p.delay_interval).unwrap_or(0),
-        )),
+        delay,
+        properties: forwarded.filter(has_forwarded_fields).map(Arc::new),
+        expiry,
     }
+}
+
+/// Whether properties carry anything worth forwarding (aliases and ids are per hop).
+fn has_forwarded_fields(p: &PublishProperties) -> bool {
+    p.payload_format_indicator.is_some()
+        || p.response_topic.is_some()
+        || p.correlation_data.is_some()
+        || !p.user_properties.is_empty()
+        || p.content_type.is_some()
 }
 
 fn publish_will(ctx: &MqttContext, identity: &Identity, will: Will) {
@@ -415,14 +463,21 @@ fn publish_will(ctx: &MqttContext, identity: &Identity, will: Will) {
         ctx.broker.stats.acl_denied.fetch_add(1, Ordering::Relaxed);
         return;
     }
-    let message = Message {
+    let mut message = Message {
         topic: will.topic,
         payload: will.payload,
         qos: will.qos,
         retain: will.retain,
         publisher: Some(Arc::from(identity.client_id.as_str())),
+        properties: will.properties,
+        expires_at: None,
+    };
+    let expiry = will.expiry;
+    let stamp_expiry = move |message: &mut Message| {
+        message.expires_at = expiry.map(|e| std::time::Instant::now() + e);
     };
     if will.delay.is_zero() {
+        stamp_expiry(&mut message);
         ctx.broker.publish(message);
         return;
     }
@@ -432,6 +487,8 @@ fn publish_will(ctx: &MqttContext, identity: &Identity, will: Will) {
     tokio::spawn(async move {
         tokio::time::sleep(will.delay).await;
         if !broker.is_connected(&client_id) {
+            // The expiry interval starts when the will is published.
+            stamp_expiry(&mut message);
             broker.publish(message);
         }
     });
@@ -503,10 +560,21 @@ async fn session_loop(
                             return reason;
                         }
                         Some(outbound) => {
-                            if encode_outbound(conn, outbound).is_err() {
-                                return CloseReason::ProtocolError;
+                            let settles = match &outbound {
+                                Outbound::Publish(p) if p.qos > 0 => Some(p.pkid),
+                                _ => None,
+                            };
+                            match encode_outbound(conn, outbound) {
+                                Ok(()) => encoded += 1,
+                                Err(CodecError::TooLarge(bytes)) => {
+                                    tracing::debug!(client_id = %session.identity.client_id, bytes, "publish larger than the client's maximum packet size; discarded");
+                                    ctx.broker.stats.messages_dropped.fetch_add(1, Ordering::Relaxed);
+                                    if let Some(pkid) = settles {
+                                        ctx.broker.acknowledged(&session.identity.client_id, pkid);
+                                    }
+                                }
+                                Err(_) => return CloseReason::ProtocolError,
                             }
-                            encoded += 1;
                         }
                         None => return CloseReason::ServerShutdown,
                     }
@@ -531,18 +599,39 @@ async fn session_loop(
 fn encode_outbound(conn: &mut Conn, outbound: Outbound) -> Result<(), CodecError> {
     match outbound {
         Outbound::Publish(publish) => {
-            let properties = match (conn.version, publish.subscription_id) {
-                (Version::V5, Some(id)) => Some(PublishProperties {
-                    payload_format_indicator: None,
-                    message_expiry_interval: None,
-                    topic_alias: None,
-                    response_topic: None,
-                    correlation_data: None,
-                    user_properties: Vec::new(),
-                    subscription_identifiers: vec![id],
-                    content_type: None,
-                }),
-                _ => None,
+            let properties = match conn.version {
+                Version::V311 => None,
+                Version::V5 => {
+                    let remaining_s = publish.expires_at.map(|at| {
+                        let left = at.saturating_duration_since(std::time::Instant::now());
+                        // Whole seconds, rounded up, at least 1 (0 would mean "no expiry").
+                        left.as_secs()
+                            .saturating_add(u64::from(left.subsec_nanos() > 0))
+                            .clamp(1, u64::from(u32::MAX)) as u32
+                    });
+                    let mut properties =
+                        publish
+                            .properties
+                            .as_deref()
+                            .cloned()
+                            .unwrap_or(PublishProperties {
+                                payload_format_indicator: None,
+                                message_expiry_interval: None,
+                                topic_alias: None,
+                                response_topic: None,
+                                correlation_data: None,
+                                user_properties: Vec::new(),
+                                subscription_identifiers: Vec::new(),
+                                content_type: None,
+                            });
+                    properties.message_expiry_interval = remaining_s;
+                    properties.subscription_identifiers =
+                        publish.subscription_id.into_iter().collect();
+                    let any = has_forwarded_fields(&properties)
+                        || properties.message_expiry_interval.is_some()
+                        || !properties.subscription_identifiers.is_empty();
+                    any.then_some(properties)
+                }
             };
             let packet = codec::make_publish(
                 &publish.topic,
@@ -552,11 +641,21 @@ fn encode_outbound(conn: &mut Conn, outbound: Outbound) -> Result<(), CodecError
                 publish.retain,
                 publish.dup,
             );
+            let before = conn.write_buf.len();
             codec::write(
                 conn.version,
                 Packet::Publish(packet, properties),
                 &mut conn.write_buf,
-            )
+            )?;
+            if conn
+                .client_packet_bytes_max
+                .is_some_and(|max| conn.write_buf.len() - before > max)
+            {
+                // Larger than the client accepts: discard it, as if sent (MQTT 5 3.1.2.25).
+                conn.write_buf.truncate(before);
+                return Err(CodecError::TooLarge(publish.payload.len()));
+            }
+            Ok(())
         }
         Outbound::PubRel(pkid) => codec::write(
             conn.version,
@@ -620,12 +719,27 @@ async fn handle_packet(
             }
             let duplicate_qos2 = qos == 2 && session.incoming_qos2.contains(&pkid);
             if allowed && !duplicate_qos2 {
+                let expires_at = properties
+                    .as_ref()
+                    .and_then(|p| p.message_expiry_interval)
+                    .map(|s| std::time::Instant::now() + Duration::from_secs(u64::from(s)));
+                let forwarded = properties
+                    .map(|p| PublishProperties {
+                        topic_alias: None,
+                        subscription_identifiers: Vec::new(),
+                        message_expiry_interval: None,
+                        ..p
+                    })
+                    .filter(has_forwarded_fields)
+                    .map(Arc::new);
                 ctx.broker.publish(Message {
                     topic,
                     payload: publish.payload,
                     qos,
                     retain: publish.retain,
                     publisher: Some(Arc::from(client_id.as_str())),
+                    properties: forwarded,
+                    expires_at,
                 });
             }
             match qos {
