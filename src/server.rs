@@ -19,6 +19,7 @@ use crate::http::{self, AppState, HttpLimits};
 use crate::mqtt::{
     self,
     acl::Acl,
+    bridge::Bridge,
     broker::{Broker, BrokerLimits},
     connection::{ConnectionConfig, MqttContext},
 };
@@ -89,8 +90,21 @@ pub async fn serve(
     let acl = Acl::load(&config.topic_prefix, store.clone())
         .map_err(|e| ServeError::Acl(e.to_string()))?;
     let things = Things::new(registry.clone());
+    let broker = Arc::new(Broker::new(BrokerLimits {
+        inflight_max: config.mqtt_inflight_max,
+        session_queue_max: config.mqtt_session_queue_max,
+        session_expiry_max: Duration::from_secs(config.mqtt_session_expiry_max_s),
+        retained_max: config.mqtt_retained_max,
+    }));
+    let bridge = Arc::new(Bridge::new(
+        broker.clone(),
+        things.clone(),
+        &config.topic_prefix,
+        shadow_limits,
+    ));
     let state = AppState {
         things: things.clone(),
+        bridge: bridge.clone(),
         keys: Arc::new(keys),
         users: users.clone(),
         acl: acl.clone(),
@@ -127,12 +141,8 @@ pub async fn serve(
         tracing::warn!("MQTT accepts ANONYMOUS clients (--allow-anonymous): for development only");
     }
     let mqtt = Arc::new(MqttContext {
-        broker: Arc::new(Broker::new(BrokerLimits {
-            inflight_max: config.mqtt_inflight_max,
-            session_queue_max: config.mqtt_session_queue_max,
-            session_expiry_max: Duration::from_secs(config.mqtt_session_expiry_max_s),
-            retained_max: config.mqtt_retained_max,
-        })),
+        broker: broker.clone(),
+        bridge: bridge.clone(),
         users,
         things: things.clone(),
         acl,

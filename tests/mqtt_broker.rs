@@ -389,17 +389,12 @@ async fn dollar_topics_are_not_matched_by_leading_wildcards() {
     all.subscribe("#", QoS::AtMostOnce).await;
     let mut system = backend(&server, "system").await;
     system
-        .subscribe("$emqx/things/+/shadow/update", QoS::AtMostOnce)
+        .subscribe("$emqx/things/+/telemetry", QoS::AtMostOnce)
         .await;
     let publisher = backend(&server, "p").await;
     publisher
         .client
-        .publish(
-            "$emqx/things/t1/shadow/update",
-            QoS::AtLeastOnce,
-            false,
-            "{}",
-        )
+        .publish("$emqx/things/t1/telemetry", QoS::AtLeastOnce, false, "{}")
         .await
         .expect("publish");
     publisher
@@ -407,7 +402,7 @@ async fn dollar_topics_are_not_matched_by_leading_wildcards() {
         .publish("plain/after", QoS::AtLeastOnce, false, "x")
         .await
         .expect("publish");
-    system.publish_on("$emqx/things/t1/shadow/update").await;
+    system.publish_on("$emqx/things/t1/telemetry").await;
     let first_seen = all
         .expect("a publish", |p| match p {
             Packet::Publish(p) => Some(p.topic.clone()),
@@ -454,21 +449,11 @@ async fn a_thing_may_use_only_its_own_topics() {
     let mut spy = backend(&server, "spy").await;
     spy.subscribe("$emqx/things/#", QoS::AtLeastOnce).await;
     t1.client
-        .publish(
-            "$emqx/things/t2/shadow/update",
-            QoS::AtLeastOnce,
-            false,
-            "{}",
-        )
+        .publish("$emqx/things/t2/telemetry", QoS::AtLeastOnce, false, "{}")
         .await
         .expect("publish");
     t1.client
-        .publish(
-            "$emqx/things/t1/shadow/update",
-            QoS::AtLeastOnce,
-            false,
-            "{}",
-        )
+        .publish("$emqx/things/t1/telemetry", QoS::AtLeastOnce, false, "{}")
         .await
         .expect("publish");
     let seen = spy
@@ -477,7 +462,7 @@ async fn a_thing_may_use_only_its_own_topics() {
             _ => None,
         })
         .await;
-    assert_eq!(seen, "$emqx/things/t1/shadow/update");
+    assert_eq!(seen, "$emqx/things/t1/telemetry");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -49,7 +49,13 @@ pub async fn report(
     let update = ShadowUpdate::from_json(&body, &state.limits.shadow)?;
     let result = state
         .things
-        .update_shadow(&name, update, Origin::Device, false)
+        .update_shadow(
+            &name,
+            update,
+            Origin::Device,
+            state.bridge.wants_documents(&name),
+        )
         .await?;
+    state.bridge.shadow_updated(&name, &result);
     Ok(Json(result.accepted))
 }

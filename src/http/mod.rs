@@ -22,6 +22,7 @@ use thinghub_actors::Things;
 
 use crate::auth::AdminKeys;
 use crate::mqtt::acl::Acl;
+use crate::mqtt::bridge::Bridge;
 use crate::users::MqttUsers;
 use error::ApiError;
 
@@ -41,6 +42,8 @@ pub struct HttpLimits {
 pub struct AppState {
     /// The Things service.
     pub things: Things,
+    /// Publishes the MQTT side effects of changes made over HTTP.
+    pub bridge: Arc<Bridge>,
     /// Admin credentials.
     pub keys: Arc<AdminKeys>,
     /// MQTT credentials.

@@ -126,10 +126,13 @@ pub async fn update_shadow(
     JsonBody(body): JsonBody<Value>,
 ) -> Result<Json<Value>, ApiError> {
     let update = ShadowUpdate::from_json(&body, &state.limits.shadow)?;
+    let want_documents = state.bridge.wants_documents(&name);
     let result = state
         .things
-        .update_shadow(&name, update, Origin::Operator, false)
+        .update_shadow(&name, update, Origin::Operator, want_documents)
         .await?;
+    // Durable now: the desired change goes to the device, the delta and accepted to listeners.
+    state.bridge.shadow_updated(&name, &result);
     Ok(Json(result.accepted))
 }
 
@@ -149,6 +152,7 @@ pub async fn delete_shadow(
         .things
         .delete_shadow(&name, params.client_token, Origin::Operator)
         .await?;
+    state.bridge.shadow_deleted(&name, &reply);
     Ok(Json(reply))
 }
 

@@ -380,6 +380,13 @@ impl Broker {
         true
     }
 
+    /// Whether any subscription matches `topic`.
+    pub fn has_subscribers(&self, topic: &str) -> bool {
+        let mut matched = Vec::new();
+        self.lock().trie.matching(topic, &mut matched);
+        !matched.is_empty()
+    }
+
     /// Whether a connection with this client id is live.
     pub fn is_connected(&self, client_id: &str) -> bool {
         self.lock()

@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::time::Instant;
 
 use super::acl::{Acl, Action, Identity};
+use super::bridge::Bridge;
 use super::broker::{Broker, CloseReason, Message, Outbound, SubOptions};
 use super::codec::{self, CodecError, Refusal, Version};
 use super::topic;
@@ -53,6 +54,8 @@ pub struct MqttContext {
     pub broker: Arc<Broker>,
     /// The Things (lifecycle events).
     pub things: Things,
+    /// The per-Thing fast path.
+    pub bridge: Arc<Bridge>,
     /// Credentials.
     pub users: Arc<MqttUsers>,
     /// Authorization.
@@ -718,7 +721,25 @@ async fn handle_packet(
                 tracing::info!(%client_id, %topic, "publish denied by ACL; dropped");
             }
             let duplicate_qos2 = qos == 2 && session.incoming_qos2.contains(&pkid);
-            if allowed && !duplicate_qos2 {
+            let request = if allowed && !duplicate_qos2 {
+                ctx.bridge
+                    .parse(&topic)
+                    .map(|(thing, op)| (thing.to_owned(), op))
+            } else {
+                None
+            };
+            if let Some((thing, op)) = request {
+                // The fast path: the Thing's actor answers; the request is not routed to
+                // subscribers. The PUBACK below goes out only after the answer (durable).
+                let origin = if session.identity.thing.as_deref() == Some(thing.as_str()) {
+                    thinghub_actors::thing::Origin::Device
+                } else {
+                    thinghub_actors::thing::Origin::Operator
+                };
+                ctx.bridge
+                    .request(&thing, op, &publish.payload, origin)
+                    .await;
+            } else if allowed && !duplicate_qos2 {
                 let expires_at = properties
                     .as_ref()
                     .and_then(|p| p.message_expiry_interval)

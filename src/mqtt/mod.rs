@@ -4,11 +4,13 @@
 //! - [`codec`]: the adapter over rumqttd's codec (version detection, private fields, panics).
 //! - [`broker`]: sessions, subscriptions, retained messages, delivery and the in-flight window.
 //! - [`acl`]: who may publish or subscribe where.
+//! - [`bridge`]: the per-Thing fast path: shadow requests to the Thing actor, replies to subscribers.
 //! - [`connection`]: one task per connection (CONNECT, authentication, packets, keep-alive).
 //!
 //! [`serve`] accepts connections until shutdown.
 
 pub mod acl;
+pub mod bridge;
 pub mod broker;
 pub mod codec;
 pub mod connection;

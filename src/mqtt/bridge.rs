@@ -1,0 +1,231 @@
+//! The per-Thing fast path between MQTT and the Thing actors.
+//!
+//! A client's PUBLISH on `{prefix}/things/{name}/shadow/{update,get,delete}` is a request: it is
+//! not routed to subscribers, it goes to the Thing's actor, and the answer (sent only after the
+//! change is durable) is published on `.../accepted` or `.../rejected`, plus `update/delta` when
+//! desired differs from reported and `update/documents` when anyone listens. Changes made over
+//! HTTP publish the same effects (an operator's desired change also goes to the device on
+//! `shadow/update`).
+//!
+//! **Architecture invariant:** the server's own publications go straight to subscribers through
+//! the broker; only PUBLISH packets read from a client socket reach [`Bridge::request`], so the
+//! server can never read its own `shadow/update` back as a device report.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde_json::{json, Map, Value};
+use thinghub_actors::thing::shadow::{client_token_of, parse_json_object, ShadowUpdateResult};
+use thinghub_actors::thing::{Origin, Rejection, ShadowLimits, ShadowUpdate};
+use thinghub_actors::Things;
+
+use super::broker::{Broker, Message};
+
+/// A shadow request read from a topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShadowOp {
+    /// `shadow/update`.
+    Update,
+    /// `shadow/get`.
+    Get,
+    /// `shadow/delete`.
+    Delete,
+}
+
+impl ShadowOp {
+    fn name(self) -> &'static str {
+        match self {
+            ShadowOp::Update => "update",
+            ShadowOp::Get => "get",
+            ShadowOp::Delete => "delete",
+        }
+    }
+}
+
+/// `{prefix}/things/{thing}/shadow/{update|get|delete}` -> `(thing, op)`; anything else is not
+/// a request (replies such as `.../update/accepted` included).
+pub fn parse_shadow_request<'t>(prefix: &str, topic: &'t str) -> Option<(&'t str, ShadowOp)> {
+    let rest = topic.strip_prefix(prefix)?.strip_prefix("/things/")?;
+    let (thing, action) = rest.split_once("/shadow/")?;
+    let op = match action {
+        "update" => ShadowOp::Update,
+        "get" => ShadowOp::Get,
+        "delete" => ShadowOp::Delete,
+        _ => return None,
+    };
+    (!thing.is_empty() && !thing.contains('/')).then_some((thing, op))
+}
+
+/// The fast path.
+pub struct Bridge {
+    broker: Arc<Broker>,
+    things: Things,
+    prefix: String,
+    limits: ShadowLimits,
+    clock: Arc<dyn Fn() -> u64 + Send + Sync>,
+}
+
+impl Bridge {
+    /// A bridge for system topics under `prefix`.
+    pub fn new(broker: Arc<Broker>, things: Things, prefix: &str, limits: ShadowLimits) -> Bridge {
+        Bridge {
+            broker,
+            things,
+            prefix: prefix.to_owned(),
+            limits,
+            clock: Arc::new(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0)
+            }),
+        }
+    }
+
+    /// Whether `topic` is a shadow request: `(thing, op)`.
+    pub fn parse<'t>(&self, topic: &'t str) -> Option<(&'t str, ShadowOp)> {
+        parse_shadow_request(&self.prefix, topic)
+    }
+
+    fn topic(&self, thing: &str, tail: &str) -> String {
+        format!("{}/things/{thing}/shadow/{tail}", self.prefix)
+    }
+
+    fn publish(&self, topic: String, payload: &Value) {
+        self.broker.publish(Message {
+            topic: Arc::from(topic),
+            payload: Bytes::from(payload.to_string()),
+            qos: 1,
+            retain: false,
+            publisher: None,
+            properties: None,
+            expires_at: None,
+        });
+    }
+
+    fn rejected(&self, thing: &str, op: ShadowOp, rejection: &Rejection) {
+        let mut body = json!({
+            "code": rejection.code.as_u16(),
+            "message": rejection.message,
+            "timestamp": (self.clock)(),
+        });
+        if let Some(token) = &rejection.client_token {
+            body["clientToken"] = token.clone().into();
+        }
+        self.publish(self.topic(thing, &format!("{}/rejected", op.name())), &body);
+    }
+
+    /// Handles a request from a client; returns once the answer has been published (for an
+    /// update: after the change is durable).
+    pub async fn request(&self, thing: &str, op: ShadowOp, payload: &[u8], origin: Origin) {
+        let outcome = match op {
+            ShadowOp::Update => self.update(thing, payload, origin).await,
+            ShadowOp::Get => self.get(thing, payload).await,
+            ShadowOp::Delete => self.delete(thing, payload, origin).await,
+        };
+        if let Err(rejection) = outcome {
+            self.rejected(thing, op, &rejection);
+        }
+    }
+
+    async fn update(&self, thing: &str, payload: &[u8], origin: Origin) -> Result<(), Rejection> {
+        let update = ShadowUpdate::parse(payload, &self.limits)?;
+        let want_documents = self
+            .broker
+            .has_subscribers(&self.topic(thing, "update/documents"));
+        let result = self
+            .things
+            .update_shadow(thing, update, origin, want_documents)
+            .await?;
+        self.shadow_updated(thing, &result);
+        Ok(())
+    }
+
+    /// Publishes what an accepted update produced: `update/accepted`, the desired change to the
+    /// device (operator updates), `update/delta` and `update/documents`.
+    pub fn shadow_updated(&self, thing: &str, result: &ShadowUpdateResult) {
+        self.publish(self.topic(thing, "update/accepted"), &result.accepted);
+        if let Some(desired) = &result.desired_published {
+            self.publish(self.topic(thing, "update"), desired);
+        }
+        if let Some(delta) = &result.delta {
+            self.publish(self.topic(thing, "update/delta"), delta);
+        }
+        if let Some(documents) = &result.documents {
+            self.publish(self.topic(thing, "update/documents"), documents);
+        }
+    }
+
+    /// Whether `update/documents` of `thing` has a subscriber (so it is worth rendering).
+    pub fn wants_documents(&self, thing: &str) -> bool {
+        self.broker
+            .has_subscribers(&self.topic(thing, "update/documents"))
+    }
+
+    fn token_of(&self, payload: &[u8]) -> Result<Option<String>, Rejection> {
+        if payload.iter().all(u8::is_ascii_whitespace) {
+            return Ok(None);
+        }
+        let body = parse_json_object(payload)?;
+        client_token_of(body.as_object().unwrap_or(&Map::new()), &self.limits)
+    }
+
+    async fn get(&self, thing: &str, payload: &[u8]) -> Result<(), Rejection> {
+        let token = self.token_of(payload)?;
+        let document = self
+            .things
+            .get_shadow(thing)
+            .await
+            .map_err(|r| r.with_token(token.clone()))?;
+        self.publish(
+            self.topic(thing, "get/accepted"),
+            &document.to_json(token.as_deref()),
+        );
+        Ok(())
+    }
+
+    async fn delete(&self, thing: &str, payload: &[u8], origin: Origin) -> Result<(), Rejection> {
+        let token = self.token_of(payload)?;
+        let reply = self.things.delete_shadow(thing, token, origin).await?;
+        self.shadow_deleted(thing, &reply);
+        Ok(())
+    }
+
+    /// Publishes `delete/accepted` for a deletion made anywhere.
+    pub fn shadow_deleted(&self, thing: &str, reply: &Value) {
+        self.publish(self.topic(thing, "delete/accepted"), reply);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{parse_shadow_request, ShadowOp};
+
+    #[test]
+    fn only_exact_shadow_request_topics_are_requests() {
+        let parse = |topic| parse_shadow_request("$emqx", topic);
+        assert_eq!(
+            parse("$emqx/things/t1/shadow/update"),
+            Some(("t1", ShadowOp::Update))
+        );
+        assert_eq!(
+            parse("$emqx/things/t1/shadow/get"),
+            Some(("t1", ShadowOp::Get))
+        );
+        assert_eq!(
+            parse("$emqx/things/t1/shadow/delete"),
+            Some(("t1", ShadowOp::Delete))
+        );
+        for not_a_request in [
+            "$emqx/things/t1/shadow/update/accepted",
+            "$emqx/things/t1/shadow/update/delta",
+            "$emqx/things/t1/events/x",
+            "$emqx/things//shadow/update",
+            "$emqx/things/a/b/shadow/update",
+            "$aws/things/t1/shadow/update",
+            "$emqxx/things/t1/shadow/update",
+        ] {
+            assert_eq!(parse(not_a_request), None, "{not_a_request}");
+        }
+    }
+}

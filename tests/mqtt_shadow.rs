@@ -1,0 +1,299 @@
+//! The device shadow over MQTT (the per-Thing fast path), against the real server.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{call, Server};
+use reqwest::Method;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+struct Device {
+    client: AsyncClient,
+    events: mpsc::UnboundedReceiver<Packet>,
+}
+
+impl Device {
+    async fn connect(server: &Server, id: &str, user: (&str, &str), clean: bool) -> (Device, bool) {
+        let mut options = MqttOptions::new(id, server.mqtt.ip().to_string(), server.mqtt.port());
+        options.set_credentials(user.0, user.1);
+        options.set_keep_alive(Duration::from_secs(30));
+        options.set_clean_session(clean);
+        let (client, mut eventloop) = AsyncClient::new(options, 64);
+        let present = loop {
+            match tokio::time::timeout(WAIT, eventloop.poll())
+                .await
+                .expect("in time")
+                .expect("connect")
+            {
+                Event::Incoming(Packet::ConnAck(ack)) => break ack.session_present,
+                _ => continue,
+            }
+        };
+        let (tx, events) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(event) = eventloop.poll().await {
+                if let Event::Incoming(packet) = event {
+                    if tx.send(packet).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        (Device { client, events }, present)
+    }
+
+    async fn subscribe(&mut self, filter: &str) {
+        self.client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .expect("subscribe");
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv())
+                .await
+                .expect("SUBACK in time")
+            {
+                Some(Packet::SubAck(ack)) => {
+                    assert!(
+                        matches!(
+                            ack.return_codes[0],
+                            rumqttc::SubscribeReasonCode::Success(_)
+                        ),
+                        "{filter}"
+                    );
+                    return;
+                }
+                Some(_) => continue,
+                None => panic!("connection closed"),
+            }
+        }
+    }
+
+    /// The next publish (bounded wait), as (topic, JSON).
+    async fn next(&mut self) -> (String, Value) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv())
+                .await
+                .expect("a publish in time")
+            {
+                Some(Packet::Publish(p)) => {
+                    return (
+                        p.topic.clone(),
+                        serde_json::from_slice(&p.payload).expect("JSON payload"),
+                    );
+                }
+                Some(_) => continue,
+                None => panic!("connection closed"),
+            }
+        }
+    }
+
+    async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload.into())
+            .await
+            .expect("publish");
+    }
+}
+
+async fn setup() -> (tempfile::TempDir, Server) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let (status, _) = call(
+        Method::POST,
+        &server.url("/api/v1/things"),
+        Some(json!({"thingName":"lamp"})),
+    )
+    .await;
+    assert_eq!(status, 201);
+    for user in [
+        json!({"username":"lamp","password":"pw"}),
+        json!({"username":"ops","password":"ops-pw","superuser":true}),
+    ] {
+        let (status, _) = call(
+            Method::POST,
+            &server.url("/api/v1/authentication/users"),
+            Some(user),
+        )
+        .await;
+        assert_eq!(status, 201);
+    }
+    (dir, server)
+}
+
+const T: &str = "$emqx/things/lamp/shadow";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_desire_delta_conflict_get_over_mqtt() {
+    let (_dir, server) = setup().await;
+    let (mut lamp, _) = Device::connect(&server, "lamp", ("lamp", "pw"), true).await;
+    for tail in [
+        "update",
+        "update/accepted",
+        "update/rejected",
+        "update/delta",
+        "get/accepted",
+        "get/rejected",
+    ] {
+        lamp.subscribe(&format!("{T}/{tail}")).await;
+    }
+    let (mut backend, _) = Device::connect(&server, "backend", ("ops", "ops-pw"), true).await;
+    backend
+        .subscribe("$emqx/things/+/shadow/update/documents")
+        .await;
+
+    // Report -> accepted (with the token), and nothing echoed back on shadow/update.
+    lamp.publish(
+        &format!("{T}/update"),
+        r#"{"state":{"reported":{"on":false,"level":3}},"clientToken":"r1"}"#,
+    )
+    .await;
+    let (topic, accepted) = lamp.next().await;
+    assert_eq!(topic, format!("{T}/update/accepted"));
+    assert_eq!(
+        (
+            accepted["version"].as_u64(),
+            accepted["clientToken"].as_str()
+        ),
+        (Some(1), Some("r1"))
+    );
+    let (topic, documents) = backend.next().await;
+    assert_eq!(topic, format!("{T}/update/documents"));
+    assert_eq!(documents["previous"], Value::Null);
+    assert_eq!(
+        documents["current"]["state"]["reported"],
+        json!({"on":false,"level":3})
+    );
+
+    // The operator wants it on: the device gets the desired change and the delta.
+    let (status, _) = call(
+        Method::POST,
+        &server.url("/api/v1/things/lamp/shadow"),
+        Some(json!({"state":{"desired":{"on":true,"level":3}}})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(lamp.next().await);
+    }
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(got[0].0, format!("{T}/update"));
+    assert_eq!(got[0].1["state"]["desired"], json!({"on":true,"level":3}));
+    assert_eq!(got[0].1["version"], 2);
+    assert_eq!(got[1].0, format!("{T}/update/accepted"));
+    assert_eq!(got[2].0, format!("{T}/update/delta"));
+    assert_eq!(
+        got[2].1["state"],
+        json!({"on":true}),
+        "level agrees, only 'on' differs"
+    );
+
+    // A stale version is rejected with 409 and the token; bad JSON with 400.
+    lamp.publish(
+        &format!("{T}/update"),
+        r#"{"state":{"reported":{"on":true}},"version":1,"clientToken":"r2"}"#,
+    )
+    .await;
+    let (topic, rejected) = lamp.next().await;
+    assert_eq!(topic, format!("{T}/update/rejected"));
+    assert_eq!(
+        (rejected["code"].as_u64(), rejected["clientToken"].as_str()),
+        (Some(409), Some("r2"))
+    );
+    lamp.publish(&format!("{T}/update"), "{not json").await;
+    let (topic, rejected) = lamp.next().await;
+    assert_eq!(
+        (topic.as_str(), rejected["code"].as_u64()),
+        (format!("{T}/update/rejected").as_str(), Some(400))
+    );
+
+    // Report the desired value with the right version: accepted, no delta.
+    lamp.publish(
+        &format!("{T}/update"),
+        r#"{"state":{"reported":{"on":true}},"version":2}"#,
+    )
+    .await;
+    let (topic, accepted) = lamp.next().await;
+    assert_eq!(
+        (topic.as_str(), accepted["version"].as_u64()),
+        (format!("{T}/update/accepted").as_str(), Some(3))
+    );
+
+    // get -> the whole document, with the token.
+    lamp.publish(&format!("{T}/get"), r#"{"clientToken":"g1"}"#)
+        .await;
+    let (topic, document) = lamp.next().await;
+    assert_eq!(topic, format!("{T}/get/accepted"));
+    assert_eq!(document["clientToken"], "g1");
+    assert_eq!(document["version"], 3);
+    assert!(document["state"].get("delta").is_none(), "{document}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_device_with_a_persistent_session_gets_the_delta_on_reconnect() {
+    let (_dir, server) = setup().await;
+    let (mut lamp, _) = Device::connect(&server, "lamp", ("lamp", "pw"), false).await;
+    lamp.subscribe(&format!("{T}/update/delta")).await;
+    lamp.client.disconnect().await.expect("disconnect");
+    // Wait (bounded) until the server has seen it go.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, body) = call(Method::GET, &server.url("/api/v1/things/lamp"), None).await;
+        if body["online"] == false && body["lastDisconnectReason"] == "normal" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, _) = call(
+        Method::POST,
+        &server.url("/api/v1/things/lamp/shadow"),
+        Some(json!({"state":{"desired":{"on":true}}})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (mut lamp, present) = Device::connect(&server, "lamp", ("lamp", "pw"), false).await;
+    assert!(present);
+    let (topic, delta) = lamp.next().await;
+    assert_eq!(topic, format!("{T}/update/delta"));
+    assert_eq!(delta["state"], json!({"on":true}));
+}
+
+/// Publishes `payload` on `request` and expects `{request}/rejected` with `code`.
+async fn expect_rejected(device: &mut Device, request: &str, payload: &str, code: u64) {
+    device.publish(request, payload).await;
+    let (topic, rejected) = device.next().await;
+    assert_eq!(topic, format!("{request}/rejected"));
+    assert_eq!(
+        rejected["code"].as_u64(),
+        Some(code),
+        "{request}: {rejected}"
+    );
+    assert!(rejected["message"].as_str().is_some_and(|m| !m.is_empty()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_requests_for_unknown_things_and_bad_payloads_are_rejected_on_the_reply_topic() {
+    let (_dir, server) = setup().await;
+    let (mut ops, _) = Device::connect(&server, "ops", ("ops", "ops-pw"), true).await;
+    ops.subscribe("$emqx/things/+/shadow/+/rejected").await;
+    expect_rejected(&mut ops, "$emqx/things/ghost/shadow/get", "", 404).await;
+    // No shadow document yet.
+    expect_rejected(&mut ops, "$emqx/things/lamp/shadow/get", "", 404).await;
+    expect_rejected(
+        &mut ops,
+        "$emqx/things/lamp/shadow/update",
+        r#"{"state":{"reported":{"a":[1,null]}}}"#,
+        400,
+    )
+    .await;
+    expect_rejected(&mut ops, "$emqx/things/lamp/shadow/delete", "", 404).await;
+    expect_rejected(&mut ops, "$emqx/things/lamp/shadow/get", "[1,2]", 400).await;
+}
