@@ -48,6 +48,8 @@ pub struct Config {
     pub shadow_depth_max: usize,
     /// Longest clientToken.
     pub client_token_bytes_max: usize,
+    /// Largest device event `data`, bytes.
+    pub event_data_bytes_max: usize,
     /// Largest page of a listing.
     pub list_limit_max: usize,
     /// sled page cache.
@@ -101,6 +103,7 @@ impl Default for Config {
             shadow_state_bytes_max: 8 * 1024,
             shadow_depth_max: 6,
             client_token_bytes_max: 64,
+            event_data_bytes_max: 4 * 1024,
             list_limit_max: 1000,
             storage_cache_bytes: 256 * 1024 * 1024,
             commit_batch_appends_max: 4096,
@@ -244,6 +247,7 @@ impl Config {
             ("shadow_state_bytes_max", self.shadow_state_bytes_max as u64),
             ("shadow_depth_max", self.shadow_depth_max as u64),
             ("list_limit_max", self.list_limit_max as u64),
+            ("event_data_bytes_max", self.event_data_bytes_max as u64),
             (
                 "commit_batch_appends_max",
                 self.commit_batch_appends_max as u64,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use thinghub_actors::clock::{Clock, SystemClock};
-use thinghub_actors::thing::{Limits, ShadowLimits};
+use thinghub_actors::thing::{EventLimits, Limits, ShadowLimits};
 use thinghub_actors::{Registry, RegistryConfig, ThingContext, Things};
 use thinghub_storage::{StorageError, Store, StoreConfig};
 use tokio::net::TcpListener;
@@ -67,11 +67,16 @@ pub async fn serve(
         depth_max: config.shadow_depth_max,
         client_token_bytes_max: config.client_token_bytes_max,
     };
+    let event_limits = EventLimits {
+        data_bytes_max: config.event_data_bytes_max,
+        ..EventLimits::default()
+    };
     let context = Arc::new(ThingContext {
         store: store.clone(),
         clock: clock.clone(),
         limits: Limits {
             shadow: shadow_limits,
+            events: event_limits,
         },
         snapshot_every_events: config.snapshot_every_events,
     });
@@ -101,6 +106,7 @@ pub async fn serve(
         things.clone(),
         &config.topic_prefix,
         shadow_limits,
+        event_limits,
     ));
     let state = AppState {
         things: things.clone(),
@@ -112,6 +118,7 @@ pub async fn serve(
             body_bytes_max: config.http_body_bytes_max,
             list_limit_max: config.list_limit_max,
             shadow: shadow_limits,
+            events: event_limits,
         },
     };
 

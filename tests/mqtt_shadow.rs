@@ -297,3 +297,101 @@ async fn shadow_requests_for_unknown_things_and_bad_payloads_are_rejected_on_the
     expect_rejected(&mut ops, "$emqx/things/lamp/shadow/delete", "", 404).await;
     expect_rejected(&mut ops, "$emqx/things/lamp/shadow/get", "[1,2]", 400).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_are_stored_listed_newest_first_and_invalid_ones_rejected() {
+    let (_dir, server) = setup().await;
+    let (mut lamp, _) = Device::connect(&server, "lamp", ("lamp", "pw"), true).await;
+    lamp.subscribe("$emqx/things/lamp/events/+/rejected").await;
+    lamp.subscribe("$emqx/things/lamp/events/+/accepted").await;
+    let e = "$emqx/things/lamp/events";
+
+    lamp.publish(
+        &format!("{e}/overheat"),
+        r#"{"eventType":"overheat","severity":"warn","data":{"t":71.5}}"#,
+    )
+    .await;
+    let (topic, accepted) = lamp.next().await;
+    assert_eq!(topic, format!("{e}/overheat/accepted"));
+    assert_eq!(accepted["data"], json!({"t":71.5}));
+    for (payload, reason) in [
+        (
+            r#"{"eventType":"other","severity":"warn"}"#,
+            "does not match",
+        ),
+        (r#"{"eventType":"overheat","severity":"fatal"}"#, "severity"),
+        ("not json", "invalid json"),
+    ] {
+        lamp.publish(&format!("{e}/overheat"), payload).await;
+        let (topic, rejected) = lamp.next().await;
+        assert_eq!(topic, format!("{e}/overheat/rejected"));
+        assert_eq!(rejected["code"], 400);
+        assert!(
+            rejected["message"].as_str().unwrap_or("").contains(reason),
+            "{rejected}"
+        );
+    }
+    lamp.publish(
+        &format!("{e}/boot"),
+        r#"{"eventType":"boot","severity":"info","timestamp":1700000000000}"#,
+    )
+    .await;
+    lamp.next().await;
+
+    // Over HTTP too.
+    let (status, stored) = call(
+        Method::POST,
+        &server.url("/api/v1/thing-datas/events"),
+        Some(json!({"thingName":"lamp","eventType":"overheat","severity":"error","data":{"t":90}})),
+    )
+    .await;
+    assert_eq!(status, 201, "{stored}");
+    let (status, body) = call(
+        Method::POST,
+        &server.url("/api/v1/thing-datas/events"),
+        Some(json!({"thingName":"lamp","eventType":"x","severity":"loud"})),
+    )
+    .await;
+    assert_eq!((status, body["code"].as_u64()), (400, Some(400)));
+
+    // Newest first; only the three valid events were stored.
+    let (status, page) = call(Method::GET, &server.url("/api/v1/things/lamp/events"), None).await;
+    assert_eq!(status, 200);
+    let types: Vec<&str> = page["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|i| i["eventType"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(types, ["overheat", "boot", "overheat"]);
+    assert_eq!(
+        page["items"][1]["timestamp"], 1_700_000_000_000u64,
+        "the device's timestamp is kept"
+    );
+
+    // Filters and paging.
+    let (_, filtered) = call(
+        Method::GET,
+        &server.url("/api/v1/things/lamp/events?type=overheat&limit=1"),
+        None,
+    )
+    .await;
+    assert_eq!(filtered["items"][0]["data"], json!({"t":90}));
+    let cursor = filtered["nextCursor"].as_u64().expect("more pages");
+    let (_, next) = call(
+        Method::GET,
+        &server.url(&format!(
+            "/api/v1/things/lamp/events?type=overheat&limit=1&cursor={cursor}"
+        )),
+        None,
+    )
+    .await;
+    assert_eq!(next["items"][0]["data"], json!({"t":71.5}));
+    let (_, old) = call(
+        Method::GET,
+        &server.url("/api/v1/things/lamp/events?until=1700000000001"),
+        None,
+    )
+    .await;
+    assert_eq!(old["items"].as_array().map(Vec::len), Some(1));
+}

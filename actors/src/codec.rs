@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 use thinghub_storage::{Envelope, RecordedEvent, StorageError};
 
 use crate::thing::{
-    ShadowDeleted, ShadowUpdated, ThingConnected, ThingDeleted, ThingDisconnected, ThingEvent,
-    ThingRegistered, ThingState,
+    EventIngested, ShadowDeleted, ShadowUpdated, ThingConnected, ThingDeleted, ThingDisconnected,
+    ThingEvent, ThingRegistered, ThingState,
 };
 
 /// `event_type` of a registration.
@@ -21,6 +21,8 @@ pub const THING_DELETED: &str = "ThingDeleted";
 pub const SHADOW_UPDATED: &str = "ShadowUpdated";
 /// `event_type` of a shadow deletion.
 pub const SHADOW_DELETED: &str = "ShadowDeleted";
+/// `event_type` of an accepted device event.
+pub const EVENT_INGESTED: &str = "EventIngested";
 /// `event_type` of a client connect.
 pub const THING_CONNECTED: &str = "ThingConnected";
 /// `event_type` of a client disconnect.
@@ -37,6 +39,7 @@ pub fn encode_event(event: &ThingEvent, recorded_at_ms: u64) -> Result<Envelope,
         ThingEvent::Deleted(e) => Envelope::new(THING_DELETED, 1, recorded_at_ms, e),
         ThingEvent::ShadowUpdated(e) => Envelope::new(SHADOW_UPDATED, 1, recorded_at_ms, e),
         ThingEvent::ShadowDeleted(e) => Envelope::new(SHADOW_DELETED, 1, recorded_at_ms, e),
+        ThingEvent::EventIngested(e) => Envelope::new(EVENT_INGESTED, 1, recorded_at_ms, e),
         ThingEvent::Connected(e) => Envelope::new(THING_CONNECTED, 1, recorded_at_ms, e),
         ThingEvent::Disconnected(e) => Envelope::new(THING_DISCONNECTED, 1, recorded_at_ms, e),
     };
@@ -64,6 +67,9 @@ pub fn decode_event(thing: &str, recorded: &RecordedEvent) -> Result<ThingEvent,
         (SHADOW_DELETED, 1) => envelope
             .payload_as::<ShadowDeleted>()
             .map(ThingEvent::ShadowDeleted),
+        (EVENT_INGESTED, 1) => envelope
+            .payload_as::<EventIngested>()
+            .map(ThingEvent::EventIngested),
         (THING_CONNECTED, 1) => envelope
             .payload_as::<ThingConnected>()
             .map(ThingEvent::Connected),
@@ -162,6 +168,15 @@ pub fn summarize(event: &ThingEvent) -> String {
             format!("shadow updated {}", parts.join(" "))
         }
         ThingEvent::ShadowDeleted(e) => format!("shadow deleted at v{}", e.version),
+        ThingEvent::EventIngested(e) => format!(
+            "event {} severity={} data={}",
+            e.event_type,
+            serde_json::to_value(e.severity)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+            serde_json::Value::Object(e.data.clone())
+        ),
         ThingEvent::Connected(e) => format!(
             "connected clientId={} connection={}",
             e.client_id, e.connection_id
@@ -180,6 +195,7 @@ pub fn event_type(event: &ThingEvent) -> &'static str {
         ThingEvent::Deleted(_) => THING_DELETED,
         ThingEvent::ShadowUpdated(_) => SHADOW_UPDATED,
         ThingEvent::ShadowDeleted(_) => SHADOW_DELETED,
+        ThingEvent::EventIngested(_) => EVENT_INGESTED,
         ThingEvent::Connected(_) => THING_CONNECTED,
         ThingEvent::Disconnected(_) => THING_DISCONNECTED,
     }
@@ -233,6 +249,19 @@ mod tests {
                     timestamp_s: 1_700_000_001,
                     client_token: None,
                     origin: Origin::Operator,
+                }),
+            ),
+            (
+                "EventIngested.v1",
+                ThingEvent::EventIngested(EventIngested {
+                    event_type: "highTemperature".into(),
+                    severity: crate::thing::Severity::Warn,
+                    data: serde_json::json!({"currentTemp": 45.2})
+                        .as_object()
+                        .cloned()
+                        .unwrap_or_default(),
+                    timestamp_ms: 1_700_000_004_000,
+                    ingested_at_ms: 1_700_000_004_100,
                 }),
             ),
             (

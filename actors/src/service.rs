@@ -13,8 +13,8 @@ use crate::codec;
 use crate::registry::Registry;
 use crate::thing::shadow::{ShadowDocument, ShadowUpdateResult};
 use crate::thing::{
-    self, ErrorCode, Origin, RegisterThing, Rejection, Reply, ShadowUpdate, ThingCommand,
-    ThingDescription,
+    self, ErrorCode, EventIngested, IngestEvent, Origin, RegisterThing, Rejection, Reply,
+    ShadowUpdate, ThingCommand, ThingDescription, ThingEvent,
 };
 use crate::thing_actor::{Request, Response};
 
@@ -236,6 +236,34 @@ impl Things {
         }
     }
 
+    /// Stores a device event (durable before it returns).
+    pub async fn ingest_event(
+        &self,
+        name: &str,
+        event: IngestEvent,
+    ) -> Result<EventIngested, Rejection> {
+        self.require_registered(name, None)?;
+        match self
+            .registry
+            .request(name, Request::Command(ThingCommand::IngestEvent(event)))
+            .await?
+        {
+            Response::Decided(Reply::EventStored(stored)) => Ok(stored),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// A Thing's events, newest first, from the log (see [`list_events`]).
+    pub fn events(
+        &self,
+        name: &str,
+        query: &EventQuery,
+        limit: usize,
+    ) -> Result<EventPage, Rejection> {
+        self.require_registered(name, None)?;
+        list_events(&self.store, name, query, limit).map_err(storage_failure)
+    }
+
     /// Registered Things with names after `after`, in name order.
     pub fn list(&self, after: Option<&str>, limit: usize) -> Result<Vec<ThingSummary>, Rejection> {
         list_things(&self.store, after, limit).map_err(storage_failure)
@@ -257,6 +285,99 @@ impl Things {
             ));
         }
         Ok(entries)
+    }
+}
+
+/// Most log records one events page may scan (a bound on the cost of sparse filters).
+pub const EVENTS_SCAN_RECORDS_MAX: usize = 100_000;
+/// Records read from the log per step of an events scan.
+const EVENTS_SCAN_STEP: usize = 1024;
+
+/// Filters of an events listing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventQuery {
+    /// Only this event type.
+    pub event_type: Option<String>,
+    /// Only events with timestamp ≥ this (Unix ms).
+    pub since_ms: Option<u64>,
+    /// Only events with timestamp ≤ this (Unix ms).
+    pub until_ms: Option<u64>,
+    /// Continue below this log sequence number (the previous page's cursor).
+    pub before_seq: Option<u64>,
+}
+
+/// A page of events, newest first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventPage {
+    /// `(seq, event)` pairs.
+    pub items: Vec<(u64, EventIngested)>,
+    /// Where the next page starts (pass as `before_seq`); `None` at the beginning of the log.
+    pub next_before_seq: Option<u64>,
+}
+
+/// Reads a Thing's events newest first, applying the filters, scanning at most
+/// [`EVENTS_SCAN_RECORDS_MAX`] log records per page (a cursor continues a longer scan).
+pub fn list_events(
+    store: &Store,
+    name: &str,
+    query: &EventQuery,
+    limit: usize,
+) -> Result<EventPage, StorageError> {
+    let mut items = Vec::new();
+    let mut below = query.before_seq.unwrap_or(u64::MAX);
+    let mut scanned = 0usize;
+    loop {
+        if below == 0 {
+            return Ok(EventPage {
+                items,
+                next_before_seq: None,
+            });
+        }
+        let batch = store.read_events_rev(name, below - 1, EVENTS_SCAN_STEP)?;
+        let Some(last) = batch.last() else {
+            return Ok(EventPage {
+                items,
+                next_before_seq: None,
+            });
+        };
+        let batch_end = last.seq;
+        for recorded in &batch {
+            scanned += 1;
+            below = recorded.seq;
+            if recorded.envelope.event_type != codec::EVENT_INGESTED {
+                continue;
+            }
+            let ThingEvent::EventIngested(event) = codec::decode_event(name, recorded)? else {
+                continue;
+            };
+            let wanted = query
+                .event_type
+                .as_ref()
+                .is_none_or(|t| *t == event.event_type)
+                && query.since_ms.is_none_or(|s| event.timestamp_ms >= s)
+                && query.until_ms.is_none_or(|u| event.timestamp_ms <= u);
+            if wanted {
+                items.push((recorded.seq, event));
+                if items.len() >= limit {
+                    return Ok(EventPage {
+                        items,
+                        next_before_seq: Some(recorded.seq),
+                    });
+                }
+            }
+            if scanned >= EVENTS_SCAN_RECORDS_MAX {
+                return Ok(EventPage {
+                    items,
+                    next_before_seq: Some(recorded.seq),
+                });
+            }
+        }
+        if batch.len() < EVENTS_SCAN_STEP || batch_end <= 1 {
+            return Ok(EventPage {
+                items,
+                next_before_seq: None,
+            });
+        }
     }
 }
 

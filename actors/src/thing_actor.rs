@@ -386,6 +386,7 @@ impl ThingActorState {
                 ThingEvent::Deleted(_) => index.push(IndexOp::RemoveThing),
                 ThingEvent::ShadowUpdated(_)
                 | ThingEvent::ShadowDeleted(_)
+                | ThingEvent::EventIngested(_)
                 | ThingEvent::Connected(_)
                 | ThingEvent::Disconnected(_) => {}
             }

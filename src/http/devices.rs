@@ -5,7 +5,7 @@ use axum::extract::State;
 use axum::Json;
 use serde_json::Value;
 use thinghub_actors::thing::shadow::client_token_of;
-use thinghub_actors::thing::{Origin, ShadowUpdate};
+use thinghub_actors::thing::{IngestEvent, Origin, ShadowUpdate};
 
 use super::error::ApiError;
 use super::extract::JsonBody;
@@ -58,4 +58,21 @@ pub async fn report(
         .await?;
     state.bridge.shadow_updated(&name, &result);
     Ok(Json(result.accepted))
+}
+
+/// `POST /api/v1/thing-datas/events` `{thingName, eventType, severity, data?, timestamp?}`: 201
+/// with the stored event; 400 for an invalid one (never stored).
+pub async fn event(
+    State(state): State<AppState>,
+    JsonBody(body): JsonBody<Value>,
+) -> Result<(axum::http::StatusCode, Json<Value>), ApiError> {
+    let name = match body.get("thingName") {
+        Some(Value::String(name)) => name.clone(),
+        Some(_) => return Err(ApiError::bad_request("thingName must be a string")),
+        None => return Err(ApiError::bad_request("Missing required field: thingName")),
+    };
+    let event = IngestEvent::from_json(&body, None, &state.limits.events)?;
+    let stored = state.things.ingest_event(&name, event).await?;
+    state.bridge.event_stored(&name, &stored);
+    Ok((axum::http::StatusCode::CREATED, Json(stored.to_json(None))))
 }

@@ -17,7 +17,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::http::{Method, StatusCode, Uri};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use thinghub_actors::thing::ShadowLimits;
+use thinghub_actors::thing::{EventLimits, ShadowLimits};
 use thinghub_actors::Things;
 
 use crate::auth::AdminKeys;
@@ -35,6 +35,8 @@ pub struct HttpLimits {
     pub list_limit_max: usize,
     /// Shadow bounds (for parsing requests).
     pub shadow: ShadowLimits,
+    /// Event bounds.
+    pub events: EventLimits,
 }
 
 /// What every handler can reach.
@@ -69,6 +71,8 @@ pub fn app(state: AppState) -> Router {
                 .delete(things::delete_shadow),
         )
         .route("/things/{name}/history", get(things::history))
+        .route("/things/{name}/events", get(things::events))
+        .route("/thing-datas/events", post(devices::event))
         // The device reads the same document as the operator.
         .route("/thing-datas/{name}/shadow", get(things::get_shadow))
         .route("/thing-datas/shadow/reported", post(devices::report))

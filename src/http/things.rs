@@ -9,6 +9,7 @@ use axum::Json;
 use base64::Engine;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use thinghub_actors::service::EventQuery;
 use thinghub_actors::thing::{Origin, RegisterThing, ShadowUpdate};
 
 use super::error::ApiError;
@@ -177,4 +178,40 @@ pub async fn history(
         items.last().map(|last| last.seq + 1)
     });
     Ok(Json(json!({"items": items, "nextFromSeq": next.flatten()})))
+}
+
+/// Events listing parameters (times in Unix ms).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsParams {
+    #[serde(rename = "type")]
+    event_type: Option<String>,
+    since: Option<u64>,
+    until: Option<u64>,
+    limit: Option<usize>,
+    cursor: Option<u64>,
+}
+
+/// `GET /api/v1/things/{name}/events?type&since&until&limit&cursor`: newest first.
+pub async fn events(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    QueryParams(params): QueryParams<EventsParams>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = page_limit(params.limit, state.limits.list_limit_max)?;
+    let query = EventQuery {
+        event_type: params.event_type,
+        since_ms: params.since,
+        until_ms: params.until,
+        before_seq: params.cursor,
+    };
+    let page = state.things.events(&name, &query, limit)?;
+    let items: Vec<Value> = page
+        .items
+        .iter()
+        .map(|(seq, event)| event.to_json(Some(*seq)))
+        .collect();
+    Ok(Json(
+        json!({"items": items, "nextCursor": page.next_before_seq}),
+    ))
 }

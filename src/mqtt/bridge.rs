@@ -16,7 +16,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde_json::{json, Map, Value};
 use thinghub_actors::thing::shadow::{client_token_of, parse_json_object, ShadowUpdateResult};
-use thinghub_actors::thing::{Origin, Rejection, ShadowLimits, ShadowUpdate};
+use thinghub_actors::thing::{
+    EventIngested, EventLimits, IngestEvent, Origin, Rejection, ShadowLimits, ShadowUpdate,
+};
 use thinghub_actors::Things;
 
 use super::broker::{Broker, Message};
@@ -56,23 +58,42 @@ pub fn parse_shadow_request<'t>(prefix: &str, topic: &'t str) -> Option<(&'t str
     (!thing.is_empty() && !thing.contains('/')).then_some((thing, op))
 }
 
+/// `{prefix}/things/{thing}/events/{eventType}` -> `(thing, eventType)`.
+pub fn parse_event_topic<'t>(prefix: &str, topic: &'t str) -> Option<(&'t str, &'t str)> {
+    let rest = topic.strip_prefix(prefix)?.strip_prefix("/things/")?;
+    let (thing, event_type) = rest.split_once("/events/")?;
+    let one_level = |s: &str| !s.is_empty() && !s.contains('/');
+    (one_level(thing) && one_level(event_type)).then_some((thing, event_type))
+}
+
 /// The fast path.
 pub struct Bridge {
     broker: Arc<Broker>,
     things: Things,
     prefix: String,
     limits: ShadowLimits,
+    event_limits: EventLimits,
+    /// Device events rejected over MQTT (invalid, or for an unknown Thing).
+    pub events_rejected: std::sync::atomic::AtomicU64,
     clock: Arc<dyn Fn() -> u64 + Send + Sync>,
 }
 
 impl Bridge {
     /// A bridge for system topics under `prefix`.
-    pub fn new(broker: Arc<Broker>, things: Things, prefix: &str, limits: ShadowLimits) -> Bridge {
+    pub fn new(
+        broker: Arc<Broker>,
+        things: Things,
+        prefix: &str,
+        limits: ShadowLimits,
+        event_limits: EventLimits,
+    ) -> Bridge {
         Bridge {
             broker,
             things,
             prefix: prefix.to_owned(),
             limits,
+            event_limits,
+            events_rejected: std::sync::atomic::AtomicU64::new(0),
             clock: Arc::new(|| {
                 std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
@@ -191,6 +212,49 @@ impl Bridge {
         Ok(())
     }
 
+    /// Whether `topic` is a device event: `(thing, eventType)`.
+    pub fn parse_event<'t>(&self, topic: &'t str) -> Option<(&'t str, &'t str)> {
+        parse_event_topic(&self.prefix, topic)
+    }
+
+    /// Stores a device event published over MQTT; answers on `events/{type}/rejected` (always)
+    /// or `events/{type}/accepted` (when anyone listens).
+    pub async fn event(&self, thing: &str, event_type: &str, payload: &[u8]) {
+        let stored = async {
+            let body = parse_json_object(payload)?;
+            let event = IngestEvent::from_json(&body, Some(event_type), &self.event_limits)?;
+            self.things.ingest_event(thing, event).await
+        }
+        .await;
+        let topic =
+            |tail: &str| format!("{}/things/{thing}/events/{event_type}/{tail}", self.prefix);
+        match stored {
+            Ok(stored) => self.event_stored(thing, &stored),
+            Err(rejection) => {
+                self.events_rejected
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::debug!(%thing, %event_type, reason = %rejection.message, "event rejected");
+                let body = json!({
+                    "code": rejection.code.as_u16(),
+                    "message": rejection.message,
+                    "timestamp": (self.clock)(),
+                });
+                self.publish(topic("rejected"), &body);
+            }
+        }
+    }
+
+    /// Publishes `events/{type}/accepted` with the stored event, if anyone listens.
+    pub fn event_stored(&self, thing: &str, stored: &EventIngested) {
+        let topic = format!(
+            "{}/things/{thing}/events/{}/accepted",
+            self.prefix, stored.event_type
+        );
+        if self.broker.has_subscribers(&topic) {
+            self.publish(topic, &stored.to_json(None));
+        }
+    }
+
     /// Publishes `delete/accepted` for a deletion made anywhere.
     pub fn shadow_deleted(&self, thing: &str, reply: &Value) {
         self.publish(self.topic(thing, "delete/accepted"), reply);
@@ -199,7 +263,27 @@ impl Bridge {
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_shadow_request, ShadowOp};
+    use super::{parse_event_topic, parse_shadow_request, ShadowOp};
+
+    #[test]
+    fn event_topics_name_one_thing_and_one_type() {
+        assert_eq!(
+            parse_event_topic("$emqx", "$emqx/things/t1/events/overheat"),
+            Some(("t1", "overheat"))
+        );
+        for not_an_event in [
+            "$emqx/things/t1/events/overheat/accepted",
+            "$emqx/things/t1/events/",
+            "$emqx/things//events/x",
+            "$emqx/things/t1/shadow/update",
+        ] {
+            assert_eq!(
+                parse_event_topic("$emqx", not_an_event),
+                None,
+                "{not_an_event}"
+            );
+        }
+    }
 
     #[test]
     fn only_exact_shadow_request_topics_are_requests() {

@@ -728,7 +728,19 @@ async fn handle_packet(
             } else {
                 None
             };
-            if let Some((thing, op)) = request {
+            let event = if allowed && !duplicate_qos2 && request.is_none() {
+                ctx.bridge
+                    .parse_event(&topic)
+                    .map(|(thing, event_type)| (thing.to_owned(), event_type.to_owned()))
+            } else {
+                None
+            };
+            if let Some((thing, event_type)) = event {
+                // Stored in the Thing's log before the PUBACK below.
+                ctx.bridge
+                    .event(&thing, &event_type, &publish.payload)
+                    .await;
+            } else if let Some((thing, op)) = request {
                 // The fast path: the Thing's actor answers; the request is not routed to
                 // subscribers. The PUBACK below goes out only after the answer (durable).
                 let origin = if session.identity.thing.as_deref() == Some(thing.as_str()) {

@@ -7,12 +7,14 @@
 //!
 //! **Architecture invariant:** nothing under `thing/` imports tokio, ractor, sled, rumqttd or axum.
 
+pub mod events;
 pub mod shadow;
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub use events::{EventIngested, EventLimits, IngestEvent, Severity};
 pub use shadow::{Origin, Shadow, ShadowDeleted, ShadowLimits, ShadowUpdate, ShadowUpdated};
 
 /// Longest Thing name, in bytes (as AWS IoT).
@@ -122,6 +124,8 @@ pub fn validate_thing_name(name: &str) -> Result<(), Rejection> {
 pub struct Limits {
     /// Shadow document bounds.
     pub shadow: ShadowLimits,
+    /// Event bounds.
+    pub events: EventLimits,
 }
 
 /// A Thing's registry record.
@@ -156,6 +160,9 @@ pub struct ThingState {
     /// MQTT connection status.
     #[serde(default)]
     pub connection: ConnectionStatus,
+    /// Unix ms of the last accepted device event.
+    #[serde(default)]
+    pub last_event_at_ms: Option<u64>,
 }
 
 /// Whether the Thing's MQTT client is connected, and since when.
@@ -225,6 +232,8 @@ pub enum ThingCommand {
         /// Who asks.
         origin: Origin,
     },
+    /// Store a device event.
+    IngestEvent(IngestEvent),
     /// The Thing's MQTT client connected.
     RecordConnected {
         /// MQTT client id.
@@ -254,6 +263,8 @@ pub enum ThingEvent {
     ShadowUpdated(ShadowUpdated),
     /// The shadow document was deleted.
     ShadowDeleted(ShadowDeleted),
+    /// A device event was accepted.
+    EventIngested(EventIngested),
     /// The Thing's MQTT client connected.
     Connected(ThingConnected),
     /// The Thing's MQTT client disconnected.
@@ -319,6 +330,8 @@ pub enum Reply {
     ShadowDeleted(serde_json::Value),
     /// A connect or disconnect was recorded.
     Recorded,
+    /// An event was stored: its JSON (`seq` is filled in by the caller).
+    EventStored(EventIngested),
 }
 
 /// The events to append and the reply to send once they are durable.
@@ -545,6 +558,16 @@ pub fn decide(
                 reply: Reply::ShadowDeleted(reply),
             })
         }
+        ThingCommand::IngestEvent(event) => {
+            if state.registration.is_none() {
+                return Err(state.not_found());
+            }
+            let ingested = event.ingested(now_ms);
+            Ok(Decision {
+                events: vec![ThingEvent::EventIngested(ingested.clone())],
+                reply: Reply::EventStored(ingested),
+            })
+        }
         ThingCommand::RecordConnected {
             client_id,
             connection_id,
@@ -607,6 +630,9 @@ pub fn apply(state: &mut ThingState, event: &ThingEvent) {
         }
         ThingEvent::ShadowUpdated(updated) => state.shadow.apply_updated(updated),
         ThingEvent::ShadowDeleted(deleted) => state.shadow.apply_deleted(deleted),
+        ThingEvent::EventIngested(event) => {
+            state.last_event_at_ms = Some(event.ingested_at_ms);
+        }
         ThingEvent::Connected(connected) => {
             state.connection.online = true;
             state.connection.client_id = Some(connected.client_id.clone());
