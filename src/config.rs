@@ -62,6 +62,8 @@ pub struct Config {
     pub topic_prefix: String,
     /// Accept MQTT clients without credentials (development only).
     pub allow_anonymous: bool,
+    /// AWS IoT compatible mode: Things also answer on `$aws/things/{name}/shadow/...`.
+    pub aws_compat: bool,
     /// Most simultaneous MQTT connections (beyond: CONNACK "server busy").
     pub mqtt_connections_max: usize,
     /// Largest MQTT packet accepted, bytes.
@@ -110,6 +112,7 @@ impl Default for Config {
             shutdown_timeout_ms: 10_000,
             topic_prefix: "$emqx".into(),
             allow_anonymous: false,
+            aws_compat: false,
             mqtt_connections_max: 100_000,
             mqtt_packet_bytes_max: 256 * 1024,
             mqtt_inflight_max: 32,
@@ -159,8 +162,11 @@ pub struct ServeArgs {
     #[arg(long, env = "THINGHUB_HTTP_BODY_BYTES_MAX")]
     pub http_body_bytes_max: Option<usize>,
     /// Accept MQTT clients without credentials (development only; logged loudly).
-    #[arg(long, env = "THINGHUB_ALLOW_ANONYMOUS")]
+    #[arg(long, env = "THINGHUB_ALLOW_ANONYMOUS", num_args = 0..=1, default_missing_value = "true")]
     pub allow_anonymous: Option<bool>,
+    /// AWS IoT compatible mode: also serve `$aws/things/{name}/shadow/...`.
+    #[arg(long, env = "THINGHUB_AWS_COMPAT", num_args = 0..=1, default_missing_value = "true")]
+    pub aws_compat: Option<bool>,
     /// System topic prefix [default: $emqx].
     #[arg(long, env = "THINGHUB_TOPIC_PREFIX")]
     pub topic_prefix: Option<String>,
@@ -218,6 +224,7 @@ impl Config {
             request_timeout_ms,
             http_body_bytes_max,
             allow_anonymous,
+            aws_compat,
             topic_prefix,
             mqtt_connections_max
         );

@@ -92,7 +92,7 @@ pub async fn serve(
     .map_err(|e| ServeError::Actors(e.to_string()))?;
     let keys = AdminKeys::init(store.clone(), admin_key.as_deref(), clock.now_ms()).await?;
     let users = Arc::new(MqttUsers::new(store.clone()));
-    let acl = Acl::load(&config.topic_prefix, store.clone())
+    let acl = Acl::load(&config.topic_prefix, config.aws_compat, store.clone())
         .map_err(|e| ServeError::Acl(e.to_string()))?;
     let things = Things::new(registry.clone());
     let broker = Arc::new(Broker::new(BrokerLimits {
@@ -107,6 +107,7 @@ pub async fn serve(
         &config.topic_prefix,
         shadow_limits,
         event_limits,
+        config.aws_compat,
     ));
     let state = AppState {
         things: things.clone(),

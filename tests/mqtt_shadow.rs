@@ -395,3 +395,159 @@ async fn events_are_stored_listed_newest_first_and_invalid_ones_rejected() {
     .await;
     assert_eq!(old["items"].as_array().map(Vec::len), Some(1));
 }
+
+async fn next(rx: &mut mpsc::UnboundedReceiver<(String, Value)>) -> (String, Value) {
+    tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("a publish in time")
+        .expect("open")
+}
+
+/// A v5 client on `$aws/...`, as firmware built on the AWS IoT Device SDK would be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aws_compat_mode_serves_the_shadow_on_aws_topics_to_a_v5_device() {
+    use rumqttc::v5::mqttbytes::v5::Packet as P5;
+    use rumqttc::v5::mqttbytes::QoS as Q5;
+    use rumqttc::v5::{AsyncClient as C5, Event as E5, MqttOptions as O5};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &["--aws-compat"]);
+    let (status, _) = call(
+        Method::POST,
+        &server.url("/api/v1/things"),
+        Some(json!({"thingName":"lamp"})),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let (status, _) = call(
+        Method::POST,
+        &server.url("/api/v1/authentication/users"),
+        Some(json!({"username":"lamp","password":"pw"})),
+    )
+    .await;
+    assert_eq!(status, 201);
+
+    let mut options = O5::new("lamp", server.mqtt.ip().to_string(), server.mqtt.port());
+    // The AWS SDKs append ?SDK=... to the username; it is stripped before authentication.
+    options.set_credentials("lamp?SDK=Python&Version=1.0", "pw");
+    let (client, mut eventloop) = C5::new(options, 32);
+    let a = "$aws/things/lamp/shadow";
+    for tail in [
+        "update/accepted",
+        "update/rejected",
+        "update/delta",
+        "get/accepted",
+    ] {
+        client
+            .subscribe(format!("{a}/{tail}"), Q5::AtLeastOnce)
+            .await
+            .expect("subscribe");
+    }
+    let mut subacks = 0;
+    let (tx, mut rx) = mpsc::unbounded_channel::<(String, Value)>();
+    while subacks < 4 {
+        match tokio::time::timeout(WAIT, eventloop.poll())
+            .await
+            .expect("in time")
+            .expect("connected")
+        {
+            E5::Incoming(P5::SubAck(ack)) => {
+                assert!(
+                    ack.return_codes.iter().all(|c| matches!(
+                        c,
+                        rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)
+                    )),
+                    "{ack:?}"
+                );
+                subacks += 1;
+            }
+            _ => continue,
+        }
+    }
+    tokio::spawn(async move {
+        while let Ok(event) = eventloop.poll().await {
+            if let E5::Incoming(P5::Publish(p)) = event {
+                let topic = String::from_utf8_lossy(&p.topic).into_owned();
+                let body = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
+                if tx.send((topic, body)).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    client
+        .publish(
+            format!("{a}/update"),
+            Q5::AtLeastOnce,
+            false,
+            r#"{"state":{"reported":{"on":false}},"clientToken":"aws-1"}"#,
+        )
+        .await
+        .expect("publish");
+    let (topic, accepted) = next(&mut rx).await;
+    assert_eq!(
+        (
+            topic.as_str(),
+            accepted["clientToken"].as_str(),
+            accepted["version"].as_u64()
+        ),
+        (
+            format!("{a}/update/accepted").as_str(),
+            Some("aws-1"),
+            Some(1)
+        )
+    );
+
+    let (status, _) = call(
+        Method::POST,
+        &server.url("/api/v1/things/lamp/shadow"),
+        Some(json!({"state":{"desired":{"on":true}}})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let mut got = [next(&mut rx).await, next(&mut rx).await];
+    got.sort_by(|x, y| x.0.cmp(&y.0));
+    assert_eq!(got[0].0, format!("{a}/update/accepted"));
+    assert_eq!(
+        (got[1].0.as_str(), &got[1].1["state"]),
+        (format!("{a}/update/delta").as_str(), &json!({"on":true}))
+    );
+
+    client
+        .publish(
+            format!("{a}/update"),
+            Q5::AtLeastOnce,
+            false,
+            r#"{"state":{"reported":{"on":true}},"version":1,"clientToken":"aws-2"}"#,
+        )
+        .await
+        .expect("publish");
+    let (topic, rejected) = next(&mut rx).await;
+    assert_eq!(
+        (
+            topic.as_str(),
+            rejected["code"].as_u64(),
+            rejected["clientToken"].as_str()
+        ),
+        (
+            format!("{a}/update/rejected").as_str(),
+            Some(409),
+            Some("aws-2")
+        )
+    );
+
+    client
+        .publish(
+            format!("{a}/get"),
+            Q5::AtLeastOnce,
+            false,
+            r#"{"clientToken":"aws-3"}"#,
+        )
+        .await
+        .expect("publish");
+    let (topic, document) = next(&mut rx).await;
+    assert_eq!(topic, format!("{a}/get/accepted"));
+    assert_eq!(
+        (document["version"].as_u64(), &document["state"]["delta"]),
+        (Some(2), &json!({"on":true}))
+    );
+}

@@ -153,6 +153,7 @@ impl AclRule {
 #[derive(Clone)]
 pub struct Acl {
     prefix: String,
+    aws_compat: bool,
     rules: Arc<RwLock<Vec<AclRule>>>,
     store: Option<Store>,
 }
@@ -168,13 +169,15 @@ impl Acl {
     pub fn new(prefix: &str) -> Acl {
         Acl {
             prefix: prefix.to_owned(),
+            aws_compat: false,
             rules: Arc::default(),
             store: None,
         }
     }
 
-    /// The default rules plus the operator rules kept in `store`.
-    pub fn load(prefix: &str, store: Store) -> Result<Acl, RuleError> {
+    /// The default rules plus the operator rules kept in `store`; with `aws_compat` a Thing also
+    /// owns `$aws/things/{itsName}/...`.
+    pub fn load(prefix: &str, aws_compat: bool, store: Store) -> Result<Acl, RuleError> {
         let mut rules = Vec::new();
         for (key, bytes) in store.kv_scan_prefix(RULE_PREFIX, ACL_RULES_MAX)? {
             match Envelope::from_bytes(&bytes).and_then(|e| e.payload_as::<AclRule>()) {
@@ -184,6 +187,7 @@ impl Acl {
         }
         Ok(Acl {
             prefix: prefix.to_owned(),
+            aws_compat,
             rules: Arc::new(RwLock::new(rules)),
             store: Some(store),
         })
@@ -277,12 +281,19 @@ impl Acl {
         }
         if let Some(thing) = &who.thing {
             let prefix = &self.prefix;
-            return [
+            let native = [
                 format!("{prefix}/things/{thing}/"),
                 format!("{prefix}/commands/things/{thing}/"),
-            ]
-            .iter()
-            .any(|own| topic.starts_with(own.as_str()));
+            ];
+            let aws = [
+                format!("$aws/things/{thing}/"),
+                format!("$aws/commands/things/{thing}/"),
+            ];
+            let aws: &[String] = if self.aws_compat { &aws } else { &[] };
+            return native
+                .iter()
+                .chain(aws)
+                .any(|own| topic.starts_with(own.as_str()));
         }
         !topic.starts_with('$')
     }
@@ -346,7 +357,7 @@ mod tests {
     async fn operator_rules_come_first_in_order_with_placeholders() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(&thinghub_storage::StoreConfig::new(dir.path())).expect("open");
-        let acl = Acl::load("$emqx", store.clone()).expect("load");
+        let acl = Acl::load("$emqx", false, store.clone()).expect("load");
         let t1 = thing("t1");
         // Deny a Thing its own events; allow every user a personal telemetry tree.
         acl.add_rule(
@@ -387,7 +398,7 @@ mod tests {
         );
 
         // Rules survive a restart, in order.
-        let reloaded = Acl::load("$emqx", store).expect("reload");
+        let reloaded = Acl::load("$emqx", false, store).expect("reload");
         assert_eq!(reloaded.rules(), acl.rules());
         let first = acl.rules()[0].id.clone();
         acl.delete_rule(&first).await.expect("delete");
@@ -410,6 +421,19 @@ mod tests {
         for rule in bad {
             assert!(rule.validate().is_err(), "{rule:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn aws_compat_gives_a_thing_its_aws_namespace_too() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&thinghub_storage::StoreConfig::new(dir.path())).expect("open");
+        let t1 = thing("t1");
+        let compat = Acl::load("$emqx", true, store.clone()).expect("load");
+        assert!(compat.allows(&t1, Action::Publish, "$aws/things/t1/shadow/update"));
+        assert!(!compat.allows(&t1, Action::Publish, "$aws/things/t2/shadow/update"));
+        assert!(compat.allows(&t1, Action::Publish, "$emqx/things/t1/shadow/update"));
+        let native = Acl::load("$emqx", false, store).expect("load");
+        assert!(!native.allows(&t1, Action::Publish, "$aws/things/t1/shadow/update"));
     }
 
     #[test]

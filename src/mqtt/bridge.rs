@@ -58,6 +58,18 @@ pub fn parse_shadow_request<'t>(prefix: &str, topic: &'t str) -> Option<(&'t str
     (!thing.is_empty() && !thing.contains('/')).then_some((thing, op))
 }
 
+/// The topic prefix of the AWS IoT compatible mode.
+pub const AWS_PREFIX: &str = "$aws";
+
+/// Which topic namespace a request came in on (replies to it go back there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Namespace {
+    /// `{prefix}/things/...` (`$emqx` by default).
+    Native,
+    /// `$aws/things/...` (`--aws-compat`).
+    Aws,
+}
+
 /// `{prefix}/things/{thing}/events/{eventType}` -> `(thing, eventType)`.
 pub fn parse_event_topic<'t>(prefix: &str, topic: &'t str) -> Option<(&'t str, &'t str)> {
     let rest = topic.strip_prefix(prefix)?.strip_prefix("/things/")?;
@@ -71,6 +83,7 @@ pub struct Bridge {
     broker: Arc<Broker>,
     things: Things,
     prefix: String,
+    aws_compat: bool,
     limits: ShadowLimits,
     event_limits: EventLimits,
     /// Device events rejected over MQTT (invalid, or for an unknown Thing).
@@ -86,11 +99,13 @@ impl Bridge {
         prefix: &str,
         limits: ShadowLimits,
         event_limits: EventLimits,
+        aws_compat: bool,
     ) -> Bridge {
         Bridge {
             broker,
             things,
             prefix: prefix.to_owned(),
+            aws_compat,
             limits,
             event_limits,
             events_rejected: std::sync::atomic::AtomicU64::new(0),
@@ -103,13 +118,44 @@ impl Bridge {
         }
     }
 
-    /// Whether `topic` is a shadow request: `(thing, op)`.
-    pub fn parse<'t>(&self, topic: &'t str) -> Option<(&'t str, ShadowOp)> {
-        parse_shadow_request(&self.prefix, topic)
+    /// Whether `topic` is a shadow request: `(thing, op, namespace)`.
+    pub fn parse<'t>(&self, topic: &'t str) -> Option<(&'t str, ShadowOp, Namespace)> {
+        if let Some((thing, op)) = parse_shadow_request(&self.prefix, topic) {
+            return Some((thing, op, Namespace::Native));
+        }
+        if self.aws_compat {
+            if let Some((thing, op)) = parse_shadow_request(AWS_PREFIX, topic) {
+                return Some((thing, op, Namespace::Aws));
+            }
+        }
+        None
+    }
+
+    fn namespaces(&self) -> &'static [Namespace] {
+        if self.aws_compat {
+            &[Namespace::Native, Namespace::Aws]
+        } else {
+            &[Namespace::Native]
+        }
+    }
+
+    fn topic_in(&self, namespace: Namespace, thing: &str, tail: &str) -> String {
+        let prefix = match namespace {
+            Namespace::Native => self.prefix.as_str(),
+            Namespace::Aws => AWS_PREFIX,
+        };
+        format!("{prefix}/things/{thing}/shadow/{tail}")
     }
 
     fn topic(&self, thing: &str, tail: &str) -> String {
-        format!("{}/things/{thing}/shadow/{tail}", self.prefix)
+        self.topic_in(Namespace::Native, thing, tail)
+    }
+
+    /// Publishes `payload` on `tail` in every enabled namespace.
+    fn broadcast(&self, thing: &str, tail: &str, payload: &Value) {
+        for namespace in self.namespaces() {
+            self.publish(self.topic_in(*namespace, thing, tail), payload);
+        }
     }
 
     fn publish(&self, topic: String, payload: &Value) {
@@ -124,7 +170,7 @@ impl Bridge {
         });
     }
 
-    fn rejected(&self, thing: &str, op: ShadowOp, rejection: &Rejection) {
+    fn rejected(&self, namespace: Namespace, thing: &str, op: ShadowOp, rejection: &Rejection) {
         let mut body = json!({
             "code": rejection.code.as_u16(),
             "message": rejection.message,
@@ -133,27 +179,35 @@ impl Bridge {
         if let Some(token) = &rejection.client_token {
             body["clientToken"] = token.clone().into();
         }
-        self.publish(self.topic(thing, &format!("{}/rejected", op.name())), &body);
+        self.publish(
+            self.topic_in(namespace, thing, &format!("{}/rejected", op.name())),
+            &body,
+        );
     }
 
     /// Handles a request from a client; returns once the answer has been published (for an
     /// update: after the change is durable).
-    pub async fn request(&self, thing: &str, op: ShadowOp, payload: &[u8], origin: Origin) {
+    pub async fn request(
+        &self,
+        thing: &str,
+        op: ShadowOp,
+        namespace: Namespace,
+        payload: &[u8],
+        origin: Origin,
+    ) {
         let outcome = match op {
             ShadowOp::Update => self.update(thing, payload, origin).await,
-            ShadowOp::Get => self.get(thing, payload).await,
+            ShadowOp::Get => self.get(namespace, thing, payload).await,
             ShadowOp::Delete => self.delete(thing, payload, origin).await,
         };
         if let Err(rejection) = outcome {
-            self.rejected(thing, op, &rejection);
+            self.rejected(namespace, thing, op, &rejection);
         }
     }
 
     async fn update(&self, thing: &str, payload: &[u8], origin: Origin) -> Result<(), Rejection> {
         let update = ShadowUpdate::parse(payload, &self.limits)?;
-        let want_documents = self
-            .broker
-            .has_subscribers(&self.topic(thing, "update/documents"));
+        let want_documents = self.wants_documents(thing);
         let result = self
             .things
             .update_shadow(thing, update, origin, want_documents)
@@ -165,22 +219,26 @@ impl Bridge {
     /// Publishes what an accepted update produced: `update/accepted`, the desired change to the
     /// device (operator updates), `update/delta` and `update/documents`.
     pub fn shadow_updated(&self, thing: &str, result: &ShadowUpdateResult) {
-        self.publish(self.topic(thing, "update/accepted"), &result.accepted);
+        self.broadcast(thing, "update/accepted", &result.accepted);
         if let Some(desired) = &result.desired_published {
+            // EMQX Fleets devices take cloud-side desired changes on shadow/update; on AWS that
+            // topic is a request, so AWS devices rely on update/delta alone.
             self.publish(self.topic(thing, "update"), desired);
         }
         if let Some(delta) = &result.delta {
-            self.publish(self.topic(thing, "update/delta"), delta);
+            self.broadcast(thing, "update/delta", delta);
         }
         if let Some(documents) = &result.documents {
-            self.publish(self.topic(thing, "update/documents"), documents);
+            self.broadcast(thing, "update/documents", documents);
         }
     }
 
     /// Whether `update/documents` of `thing` has a subscriber (so it is worth rendering).
     pub fn wants_documents(&self, thing: &str) -> bool {
-        self.broker
-            .has_subscribers(&self.topic(thing, "update/documents"))
+        self.namespaces().iter().any(|namespace| {
+            self.broker
+                .has_subscribers(&self.topic_in(*namespace, thing, "update/documents"))
+        })
     }
 
     fn token_of(&self, payload: &[u8]) -> Result<Option<String>, Rejection> {
@@ -191,7 +249,12 @@ impl Bridge {
         client_token_of(body.as_object().unwrap_or(&Map::new()), &self.limits)
     }
 
-    async fn get(&self, thing: &str, payload: &[u8]) -> Result<(), Rejection> {
+    async fn get(
+        &self,
+        namespace: Namespace,
+        thing: &str,
+        payload: &[u8],
+    ) -> Result<(), Rejection> {
         let token = self.token_of(payload)?;
         let document = self
             .things
@@ -199,7 +262,7 @@ impl Bridge {
             .await
             .map_err(|r| r.with_token(token.clone()))?;
         self.publish(
-            self.topic(thing, "get/accepted"),
+            self.topic_in(namespace, thing, "get/accepted"),
             &document.to_json(token.as_deref()),
         );
         Ok(())
@@ -257,7 +320,7 @@ impl Bridge {
 
     /// Publishes `delete/accepted` for a deletion made anywhere.
     pub fn shadow_deleted(&self, thing: &str, reply: &Value) {
-        self.publish(self.topic(thing, "delete/accepted"), reply);
+        self.broadcast(thing, "delete/accepted", reply);
     }
 }
 

@@ -724,7 +724,7 @@ async fn handle_packet(
             let request = if allowed && !duplicate_qos2 {
                 ctx.bridge
                     .parse(&topic)
-                    .map(|(thing, op)| (thing.to_owned(), op))
+                    .map(|(thing, op, namespace)| (thing.to_owned(), op, namespace))
             } else {
                 None
             };
@@ -740,7 +740,7 @@ async fn handle_packet(
                 ctx.bridge
                     .event(&thing, &event_type, &publish.payload)
                     .await;
-            } else if let Some((thing, op)) = request {
+            } else if let Some((thing, op, namespace)) = request {
                 // The fast path: the Thing's actor answers; the request is not routed to
                 // subscribers. The PUBACK below goes out only after the answer (durable).
                 let origin = if session.identity.thing.as_deref() == Some(thing.as_str()) {
@@ -749,7 +749,7 @@ async fn handle_packet(
                     thinghub_actors::thing::Origin::Operator
                 };
                 ctx.bridge
-                    .request(&thing, op, &publish.payload, origin)
+                    .request(&thing, op, namespace, &publish.payload, origin)
                     .await;
             } else if allowed && !duplicate_qos2 {
                 let expires_at = properties
