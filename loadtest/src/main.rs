@@ -8,12 +8,14 @@
 //! Over the network (a thinghub it starts in its own process):
 //! - `mqtt`: idle connections (server RSS per connection) and QoS 1 publishers feeding one
 //!   subscriber (messages/s, publish-to-receive latency).
+//! - `shadow`: devices doing durable shadow update round trips, beside a raw echo.
 //!
 //! Every scenario is bounded by count and time and prints a table on stdout.
 
 #![allow(clippy::print_stdout)] // a command-line report is this program's output
 
 mod mqtt;
+mod shadow;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -97,6 +99,15 @@ enum Scenario {
         #[arg(long, default_value_t = 100)]
         inflight: u16,
     },
+    /// Shadow updates over MQTT (report -> accepted, durable) beside a raw echo in the same run.
+    Shadow {
+        /// Simulated devices.
+        #[arg(long, default_value_t = 200)]
+        devices: usize,
+        /// Seconds per phase (shadow, then echo).
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
     /// Internal: a thinghub server on 127.0.0.1 port 0 (used by `mqtt`).
     #[command(hide = true)]
     Server {
@@ -174,6 +185,9 @@ fn main() -> Result<()> {
             seconds,
             inflight,
         })),
+        Scenario::Shadow { devices, seconds } => {
+            runtime.block_on(shadow::run(shadow::ShadowRun { devices, seconds }))
+        }
         Scenario::Server { data_dir } => {
             let config = thinghub::config::Config {
                 data_dir,

@@ -82,3 +82,25 @@ fn mqtt_scenario_reports_idle_memory_and_throughput() {
         .expect("a rate");
     assert!(delivered > 0.0, "{out}");
 }
+
+#[test]
+fn shadow_scenario_reports_durable_updates_beside_the_echo() {
+    let out = run(&["shadow", "--devices", "4", "--seconds", "1"]);
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("round trips/s"))
+        .unwrap_or_else(|| panic!("no rates:\n{out}"));
+    let rates: Vec<f64> = row
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    assert_eq!(rates.len(), 2, "{row}");
+    assert!(
+        rates.iter().all(|r| *r > 0.0),
+        "both phases made round trips: {row}"
+    );
+    assert!(
+        out.contains("durable shadow updates / raw echo (ratio)"),
+        "{out}"
+    );
+}
