@@ -91,6 +91,15 @@ impl Client {
         }
     }
 
+    /// The topic of the next publish (bounded wait).
+    async fn next_topic(&mut self, what: &str) -> String {
+        self.expect(what, |p| match p {
+            Packet::Publish(p) => Some(p.topic.clone()),
+            _ => None,
+        })
+        .await
+    }
+
     async fn publish_on(&mut self, topic: &str) -> rumqttc::Publish {
         let topic = topic.to_owned();
         self.expect(&format!("a publish on {topic}"), move |p| match p {
@@ -307,12 +316,7 @@ async fn a_lost_connection_publishes_its_will_and_a_clean_disconnect_does_not() 
         .publish("status/marker", QoS::AtLeastOnce, false, "m")
         .await
         .expect("publish");
-    let next = watcher
-        .expect("the marker", |p| match p {
-            Packet::Publish(p) => Some(p.topic.clone()),
-            _ => None,
-        })
-        .await;
+    let next = watcher.next_topic("the marker").await;
     assert_eq!(next, "status/marker", "no will after a clean DISCONNECT");
 }
 
@@ -403,12 +407,7 @@ async fn dollar_topics_are_not_matched_by_leading_wildcards() {
         .await
         .expect("publish");
     system.publish_on("$emqx/things/t1/telemetry").await;
-    let first_seen = all
-        .expect("a publish", |p| match p {
-            Packet::Publish(p) => Some(p.topic.clone()),
-            _ => None,
-        })
-        .await;
+    let first_seen = all.next_topic("a publish").await;
     assert_eq!(first_seen, "plain/after", "# must not match a $ topic");
 }
 
@@ -456,12 +455,7 @@ async fn a_thing_may_use_only_its_own_topics() {
         .publish("$emqx/things/t1/telemetry", QoS::AtLeastOnce, false, "{}")
         .await
         .expect("publish");
-    let seen = spy
-        .expect("a publish", |p| match p {
-            Packet::Publish(p) => Some(p.topic.clone()),
-            _ => None,
-        })
-        .await;
+    let seen = spy.next_topic("a publish").await;
     assert_eq!(seen, "$emqx/things/t1/telemetry");
 }
 
@@ -483,14 +477,7 @@ async fn shared_subscriptions_split_messages_between_members() {
     let mut topics = Vec::new();
     for worker in [&mut a, &mut b] {
         for _ in 0..2 {
-            topics.push(
-                worker
-                    .expect("a job", |p| match p {
-                        Packet::Publish(p) => Some(p.topic.clone()),
-                        _ => None,
-                    })
-                    .await,
-            );
+            topics.push(worker.next_topic("a job").await);
         }
     }
     topics.sort();

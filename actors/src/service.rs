@@ -197,19 +197,14 @@ impl Things {
         client_id: &str,
         connection_id: u64,
     ) -> Result<(), Rejection> {
-        self.require_registered(name, None)?;
-        let command = ThingCommand::RecordConnected {
-            client_id: client_id.to_owned(),
-            connection_id,
-        };
-        match self
-            .registry
-            .request(name, Request::Command(command))
-            .await?
-        {
-            Response::Decided(Reply::Recorded) => Ok(()),
-            other => Err(unexpected(other)),
-        }
+        self.record(
+            name,
+            ThingCommand::RecordConnected {
+                client_id: client_id.to_owned(),
+                connection_id,
+            },
+        )
+        .await
     }
 
     /// Records that the Thing's MQTT client disconnected, and why.
@@ -220,12 +215,19 @@ impl Things {
         connection_id: u64,
         reason: &str,
     ) -> Result<(), Rejection> {
+        self.record(
+            name,
+            ThingCommand::RecordDisconnected {
+                client_id: client_id.to_owned(),
+                connection_id,
+                reason: reason.to_owned(),
+            },
+        )
+        .await
+    }
+
+    async fn record(&self, name: &str, command: ThingCommand) -> Result<(), Rejection> {
         self.require_registered(name, None)?;
-        let command = ThingCommand::RecordDisconnected {
-            client_id: client_id.to_owned(),
-            connection_id,
-            reason: reason.to_owned(),
-        };
         match self
             .registry
             .request(name, Request::Command(command))
