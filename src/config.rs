@@ -40,6 +40,8 @@ pub struct Config {
     pub registry_shards: usize,
     /// How long a request waits for its Thing's answer before a 503.
     pub request_timeout_ms: u64,
+    /// Requests one Thing may have in flight; more are refused with 429.
+    pub thing_requests_in_flight_max: u32,
     /// Largest HTTP request body accepted.
     pub http_body_bytes_max: usize,
     /// Largest shadow state (desired + reported) after an update.
@@ -101,6 +103,7 @@ impl Default for Config {
             snapshot_every_events: 500,
             registry_shards: 64,
             request_timeout_ms: 10_000,
+            thing_requests_in_flight_max: 10,
             http_body_bytes_max: 64 * 1024,
             shadow_state_bytes_max: 8 * 1024,
             shadow_depth_max: 6,
@@ -249,6 +252,10 @@ impl Config {
             ("thing_idle_ms", self.thing_idle_ms),
             ("snapshot_every_events", self.snapshot_every_events),
             ("request_timeout_ms", self.request_timeout_ms),
+            (
+                "thing_requests_in_flight_max",
+                u64::from(self.thing_requests_in_flight_max),
+            ),
             ("registry_shards", self.registry_shards as u64),
             ("http_body_bytes_max", self.http_body_bytes_max as u64),
             ("shadow_state_bytes_max", self.shadow_state_bytes_max as u64),

@@ -86,6 +86,7 @@ pub async fn serve(
             shards: config.registry_shards,
             thing_idle_ms: config.thing_idle_ms,
             request_timeout_ms: config.request_timeout_ms,
+            requests_in_flight_max: config.thing_requests_in_flight_max,
         },
     )
     .await

@@ -38,6 +38,8 @@ pub struct RegistryConfig {
     pub thing_idle_ms: u64,
     /// How long a caller waits for a Thing's answer before giving up with 503.
     pub request_timeout_ms: u64,
+    /// Requests one Thing may have in flight; more are refused at once with 429.
+    pub requests_in_flight_max: u32,
 }
 
 impl Default for RegistryConfig {
@@ -46,6 +48,7 @@ impl Default for RegistryConfig {
             shards: 64,
             thing_idle_ms: 60_000,
             request_timeout_ms: 10_000,
+            requests_in_flight_max: 10,
         }
     }
 }
@@ -82,6 +85,28 @@ enum Slot {
 struct ShardMap {
     slots: HashMap<String, Slot>,
     names: HashMap<ActorId, String>,
+    /// Requests in flight per Thing (absent = 0).
+    in_flight: HashMap<String, u32>,
+}
+
+/// Holds one of a Thing's in-flight places; gives it back when dropped (even if the caller
+/// stops waiting), so a cancelled request cannot leak a place.
+struct InFlight<'r> {
+    registry: &'r Registry,
+    shard: usize,
+    name: &'r str,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut map = lock(&self.registry.inner.shards[self.shard]);
+        if let Some(count) = map.in_flight.get_mut(self.name) {
+            *count -= 1;
+            if *count == 0 {
+                map.in_flight.remove(self.name);
+            }
+        }
+    }
 }
 
 struct Shard {
@@ -196,7 +221,9 @@ impl Registry {
     }
 
     /// Sends `request` to the Thing `name` (activating it if needed) and awaits the answer.
+    /// 429 when the Thing already has `requests_in_flight_max` requests in flight.
     pub async fn request(&self, name: &str, request: Request) -> Result<Response, Rejection> {
+        let _place = self.admit(name)?;
         let (reply, answer) = oneshot::channel();
         self.route(name, ThingMsg::Request { request, reply });
         let timeout = Duration::from_millis(self.inner.config.request_timeout_ms);
@@ -224,6 +251,25 @@ impl Registry {
             passivations: self.inner.passivations.load(Ordering::Relaxed),
             failures: self.inner.failures.load(Ordering::Relaxed),
         }
+    }
+
+    fn admit<'r>(&'r self, name: &'r str) -> Result<InFlight<'r>, Rejection> {
+        let shard = self.shard_of(name);
+        let max = self.inner.config.requests_in_flight_max;
+        let mut map = lock(&self.inner.shards[shard]);
+        let count = map.in_flight.entry(name.to_owned()).or_insert(0);
+        if *count >= max {
+            return Err(Rejection::new(
+                ErrorCode::TooManyRequests,
+                format!("Too many requests: thing '{name}' already has {max} requests in flight"),
+            ));
+        }
+        *count += 1;
+        Ok(InFlight {
+            registry: self,
+            shard,
+            name,
+        })
     }
 
     fn shard_of(&self, name: &str) -> usize {

@@ -127,6 +127,7 @@ async fn requests_racing_passivation_are_never_lost() {
         shards: 4,
         thing_idle_ms: 1,
         request_timeout_ms: 30_000,
+        requests_in_flight_max: 10,
     };
     let registry = start(&store, config, 7).await;
     let things = 8;
@@ -310,4 +311,48 @@ async fn activation_repairs_a_registry_index_that_lags_the_log() {
         store.get_thing("ghost").expect("read").is_none(),
         "stale entry removed"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_beyond_the_in_flight_bound_get_429_and_the_rest_all_land() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(&StoreConfig::new(dir.path())).expect("open");
+    let config = RegistryConfig {
+        requests_in_flight_max: 3,
+        ..RegistryConfig::default()
+    };
+    let registry = start(&store, config, 500).await;
+    registry
+        .request("busy", register())
+        .await
+        .expect("register");
+    let mut tasks = Vec::new();
+    for n in 0..40 {
+        let registry = registry.clone();
+        tasks.push(tokio::spawn(async move {
+            registry.request("busy", report(n)).await
+        }));
+    }
+    let (mut accepted, mut throttled) = (0u64, 0u64);
+    for task in tasks {
+        match task.await.expect("join") {
+            Ok(_) => accepted += 1,
+            Err(e) if e.code == ErrorCode::TooManyRequests => throttled += 1,
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+    assert_eq!(accepted + throttled, 40);
+    assert!(throttled > 0, "40 at once over a bound of 3");
+    assert_eq!(
+        shadow_version(&registry, "busy").await,
+        accepted,
+        "every accepted update landed"
+    );
+    // The places were all given back.
+    for n in 0..5 {
+        registry
+            .request("busy", report(100 + n))
+            .await
+            .expect("sequential requests pass");
+    }
 }

@@ -350,6 +350,7 @@ async fn start_registry(store: &Store, shards: usize) -> Result<Registry> {
             // Passivation is driven explicitly by the scenario.
             thing_idle_ms: 24 * 3600 * 1000,
             request_timeout_ms: 60_000,
+            requests_in_flight_max: 10,
         },
     )
     .await

@@ -3,11 +3,13 @@
 //! broker with the same devices in the same run, so the ratio is the figure.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use hdrhistogram::Histogram;
 use rumqttc::{Event, MqttOptions, Packet, QoS};
+use tokio::sync::Barrier;
 
 use crate::mqtt::{create_bench_user, ChildServer, ADMIN, BENCH_USER};
 
@@ -58,15 +60,16 @@ async fn register_things(http: SocketAddr, devices: usize) -> Result<()> {
     Ok(())
 }
 
-/// One device: `request_topic` publishes, waits for a publish on `reply_topic` carrying its
-/// token, repeats until `until`.
+/// One device: connects and subscribes, waits at `start` for every other device, then
+/// publishes on `request_topic` and waits for its token on `reply_topic`, for `duration`.
 async fn device(
     mqtt: SocketAddr,
     id: String,
     request_topic: String,
     reply_topic: String,
     shadow: bool,
-    until: Instant,
+    start: Arc<Barrier>,
+    duration: Duration,
 ) -> Result<(u64, Histogram<u64>)> {
     let mut options = MqttOptions::new(&id, mqtt.ip().to_string(), mqtt.port());
     options.set_credentials(BENCH_USER.0, BENCH_USER.1);
@@ -79,6 +82,10 @@ async fn device(
             _ => continue,
         }
     }
+    // The clock starts when every device is connected and subscribed, so connection setup is
+    // not measured (and a short phase cannot end before any round trip).
+    start.wait().await;
+    let until = Instant::now() + duration;
     let mut latencies = histogram();
     let mut count = 0u64;
     while Instant::now() < until {
@@ -123,8 +130,8 @@ async fn phase(
     seconds: u64,
     shadow: bool,
 ) -> Result<PhaseResult> {
-    let started = Instant::now();
-    let until = started + Duration::from_secs(seconds);
+    let start = Arc::new(Barrier::new(devices + 1));
+    let duration = Duration::from_secs(seconds);
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..devices {
         let (request, reply) = if shadow {
@@ -141,9 +148,15 @@ async fn phase(
             request,
             reply,
             shadow,
-            until,
+            start.clone(),
+            duration,
         ));
     }
+    // Bounded: a device that cannot connect fails its task and never reaches the barrier.
+    tokio::time::timeout(Duration::from_secs(60), start.wait())
+        .await
+        .context("devices did not all connect within 60 s")?;
+    let started = Instant::now();
     let mut round_trips = 0;
     let mut latencies = histogram();
     while let Some(done) = tasks.join_next().await {
