@@ -66,7 +66,7 @@ fn mqtt_scenario_reports_idle_memory_and_throughput() {
         "--publishers",
         "2",
         "--seconds",
-        "1",
+        "2",
     ]);
     for metric in [
         "server RSS per idle connection, bytes",
