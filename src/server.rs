@@ -113,6 +113,7 @@ pub async fn serve(
     let state = AppState {
         things: things.clone(),
         bridge: bridge.clone(),
+        broker: broker.clone(),
         keys: Arc::new(keys),
         users: users.clone(),
         acl: acl.clone(),

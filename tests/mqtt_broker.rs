@@ -872,3 +872,67 @@ async fn v5_properties_and_expiry_are_forwarded_and_oversize_packets_withheld() 
         "the 2 KB message was withheld from a 512-byte client"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_list_inspect_and_kick_clients() {
+    let (_dir, server) = start().await;
+    let (status, _) = call(
+        Method::POST,
+        &server.url("/api/v1/things"),
+        Some(json!({"thingName":"k1"})),
+    )
+    .await;
+    assert_eq!(status, 201);
+    create_user(&server, json!({"username":"k1","password":"pw"})).await;
+    let (mut device, _) = Client::connect(&server, "k1-client", Some(("k1", "pw")), |o| {
+        o.set_clean_session(false);
+    })
+    .await
+    .expect("connect");
+    device
+        .subscribe("$emqx/things/k1/shadow/update/delta", QoS::AtLeastOnce)
+        .await;
+
+    let (status, page) = call(Method::GET, &server.url("/api/v1/clients"), None).await;
+    assert_eq!(status, 200);
+    let listed = page["items"].as_array().expect("items");
+    assert!(
+        listed.iter().any(|c| c["clientId"] == "k1-client"),
+        "{page}"
+    );
+    let (status, client) = call(Method::GET, &server.url("/api/v1/clients/k1-client"), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(client["connected"], true);
+    assert_eq!(client["thingName"], "k1");
+    assert_eq!(client["protocol"], "3.1.1");
+    assert_eq!(client["persistent"], true);
+    assert_eq!(
+        client["subscriptions"],
+        json!(["$emqx/things/k1/shadow/update/delta"])
+    );
+
+    let (status, _) = call(
+        Method::DELETE,
+        &server.url("/api/v1/clients/k1-client"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 204);
+    assert!(device.closed_by_server().await, "kicked");
+    let body = wait_for_thing(&server, "k1", "kicked", |b| b["online"] == false).await;
+    assert_eq!(body["lastDisconnectReason"], "kicked");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (status, _) = call(Method::GET, &server.url("/api/v1/clients/k1-client"), None).await;
+        if status == 404 {
+            break; // the session was discarded
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "session still present"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, body) = call(Method::DELETE, &server.url("/api/v1/clients/nobody"), None).await;
+    assert_eq!((status, body["code"].as_u64()), (404, Some(404)));
+}

@@ -5,6 +5,7 @@
 
 pub mod auth;
 mod authorization;
+mod clients;
 mod devices;
 pub mod error;
 pub mod extract;
@@ -23,6 +24,7 @@ use thinghub_actors::Things;
 use crate::auth::AdminKeys;
 use crate::mqtt::acl::Acl;
 use crate::mqtt::bridge::Bridge;
+use crate::mqtt::broker::Broker;
 use crate::users::MqttUsers;
 use error::ApiError;
 
@@ -46,6 +48,8 @@ pub struct AppState {
     pub things: Things,
     /// Publishes the MQTT side effects of changes made over HTTP.
     pub bridge: Arc<Bridge>,
+    /// The MQTT broker (clients API).
+    pub broker: Arc<Broker>,
     /// Admin credentials.
     pub keys: Arc<AdminKeys>,
     /// MQTT credentials.
@@ -83,6 +87,11 @@ pub fn app(state: AppState) -> Router {
         .route(
             "/authentication/users/{username}",
             get(users::get).put(users::update).delete(users::delete),
+        )
+        .route("/clients", get(clients::list))
+        .route(
+            "/clients/{client_id}",
+            get(clients::get).delete(clients::kick),
         )
         .route(
             "/authorization/rules",

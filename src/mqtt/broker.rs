@@ -196,6 +196,60 @@ impl Pending {
 struct Connection {
     id: u64,
     tx: mpsc::Sender<Outbound>,
+    info: Option<ConnectionInfo>,
+}
+
+/// Who is on a live connection (for the clients API).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ConnectionInfo {
+    /// Authenticated username.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// The Thing the client acts as.
+    #[serde(rename = "thingName", skip_serializing_if = "Option::is_none")]
+    pub thing: Option<String>,
+    /// Remote address.
+    pub peer: String,
+    /// `3.1.1` or `5.0`.
+    pub protocol: &'static str,
+    /// Unix ms of the CONNECT.
+    #[serde(rename = "connectedAt")]
+    pub connected_at_ms: u64,
+}
+
+/// A session as the clients API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ClientView {
+    /// Client id.
+    #[serde(rename = "clientId")]
+    pub client_id: String,
+    /// Whether a connection is live.
+    pub connected: bool,
+    /// The live connection's details.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub connection: Option<ConnectionInfo>,
+    /// Whether the session outlives the connection.
+    pub persistent: bool,
+    /// Subscribed filters.
+    pub subscriptions: Vec<String>,
+    /// Outbound QoS 1/2 messages awaiting acknowledgement.
+    pub inflight: usize,
+    /// Messages waiting (offline, or beyond the window).
+    pub queued: usize,
+}
+
+fn view(client_id: &str, session: &Session) -> ClientView {
+    let mut subscriptions: Vec<String> = session.subscriptions.keys().cloned().collect();
+    subscriptions.sort();
+    ClientView {
+        client_id: client_id.to_owned(),
+        connected: session.connection.is_some(),
+        connection: session.connection.as_ref().and_then(|c| c.info.clone()),
+        persistent: session.persistent,
+        subscriptions,
+        inflight: session.inflight.len(),
+        queued: session.queue.len(),
+    }
 }
 
 #[derive(Debug)]
@@ -352,6 +406,7 @@ impl Broker {
         session.connection = Some(Connection {
             id: connection_id,
             tx,
+            info: None,
         });
         self.drain_queue(session);
         Registered {
@@ -376,6 +431,62 @@ impl Broker {
             session.disconnected_at = Some(Instant::now());
         } else if let Some((key, session)) = sessions.remove_entry(client_id) {
             remove_subscriptions(trie, &key, &session);
+        }
+        true
+    }
+
+    /// Records who is on a connection (shown by the clients API).
+    pub fn describe_connection(&self, client_id: &str, connection_id: u64, info: ConnectionInfo) {
+        let mut state = self.lock();
+        if let Some(connection) = state
+            .sessions
+            .get_mut(client_id)
+            .and_then(|s| s.connection.as_mut())
+            .filter(|c| c.id == connection_id)
+        {
+            connection.info = Some(info);
+        }
+    }
+
+    /// Sessions with client ids after `after`, in client-id order, at most `limit`.
+    pub fn clients(&self, after: Option<&str>, limit: usize) -> Vec<ClientView> {
+        let state = self.lock();
+        let mut ids: Vec<&Arc<str>> = state
+            .sessions
+            .keys()
+            .filter(|id| after.is_none_or(|after| id.as_ref() > after))
+            .collect();
+        ids.sort();
+        ids.into_iter()
+            .take(limit)
+            .filter_map(|id| state.sessions.get(id).map(|s| view(id, s)))
+            .collect()
+    }
+
+    /// One session.
+    pub fn client(&self, client_id: &str) -> Option<ClientView> {
+        let state = self.lock();
+        state.sessions.get(client_id).map(|s| view(client_id, s))
+    }
+
+    /// Disconnects a client (reason "kicked") and discards its session. False if unknown.
+    pub fn kick(&self, client_id: &str) -> bool {
+        let mut state = self.lock();
+        let State { sessions, trie, .. } = &mut *state;
+        let Some(session) = sessions.get_mut(client_id) else {
+            return false;
+        };
+        match &session.connection {
+            Some(connection) => {
+                // The connection's own disconnect then removes the (no longer persistent) session.
+                session.persistent = false;
+                let _ = connection.tx.try_send(Outbound::Close(CloseReason::Kicked));
+            }
+            None => {
+                if let Some((key, session)) = sessions.remove_entry(client_id) {
+                    remove_subscriptions(trie, &key, &session);
+                }
+            }
         }
         true
     }

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 
 use super::acl::{Acl, Action, Identity};
 use super::bridge::Bridge;
-use super::broker::{Broker, CloseReason, Message, Outbound, SubOptions};
+use super::broker::{Broker, CloseReason, ConnectionInfo, Message, Outbound, SubOptions};
 use super::codec::{self, CodecError, Refusal, Version};
 use super::topic;
 use crate::users::MqttUsers;
@@ -364,6 +364,20 @@ async fn run_session(mut conn: Conn, connect: Packet, ctx: &MqttContext) -> std:
     ))
     .await?;
     tracing::debug!(peer = %conn.peer, %client_id, thing = ?identity.thing, "connected");
+    ctx.broker.describe_connection(
+        &client_id,
+        registered.connection_id,
+        ConnectionInfo {
+            username: identity.username.clone(),
+            thing: identity.thing.clone(),
+            peer: conn.peer.to_string(),
+            protocol: if v5 { "5.0" } else { "3.1.1" },
+            connected_at_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+        },
+    );
     if let Some(thing) = &identity.thing {
         if let Err(e) = ctx
             .things
