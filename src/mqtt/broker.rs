@@ -5,7 +5,7 @@
 //! retransmitted with DUP on reconnect) and its bounded queue of messages waiting for the window
 //! or for the client to come back. Delivery happens at min(publish QoS, subscription QoS).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -264,6 +264,9 @@ struct Session {
     queue: VecDeque<Pending>,
     window: usize,
     next_pkid: u16,
+    /// Inbound QoS 2 packet ids received but not yet released (PUBREL). Kept in the session so
+    /// a PUBLISH resent after a reconnect is not delivered twice. Bounded by the u16 id space.
+    incoming_qos2: HashSet<u16>,
 }
 
 impl Session {
@@ -278,6 +281,7 @@ impl Session {
             queue: VecDeque::new(),
             window,
             next_pkid: 1,
+            incoming_qos2: HashSet::new(),
         }
     }
 
@@ -433,6 +437,25 @@ impl Broker {
             remove_subscriptions(trie, &key, &session);
         }
         true
+    }
+
+    /// An inbound QoS 2 PUBLISH arrived: true the first time for `pkid` (deliver it), false for
+    /// a resend of one not yet released (do not deliver again).
+    pub fn qos2_arrived(&self, client_id: &str, pkid: u16) -> bool {
+        let mut state = self.lock();
+        state
+            .sessions
+            .get_mut(client_id)
+            .is_some_and(|s| s.incoming_qos2.insert(pkid))
+    }
+
+    /// PUBREL: the client releases `pkid`; true if it was pending.
+    pub fn qos2_released(&self, client_id: &str, pkid: u16) -> bool {
+        let mut state = self.lock();
+        state
+            .sessions
+            .get_mut(client_id)
+            .is_some_and(|s| s.incoming_qos2.remove(&pkid))
     }
 
     /// Records who is on a connection (shown by the clients API).
@@ -1017,6 +1040,28 @@ mod tests {
         }
         let counts: Vec<usize> = receivers.iter_mut().map(|rx| drain(rx).len()).collect();
         assert_eq!(counts, [2, 2]);
+    }
+
+    #[test]
+    fn an_unreleased_qos2_id_survives_a_reconnect_so_a_resend_is_not_delivered_twice() {
+        let broker = broker();
+        let (tx, _rx) = mpsc::channel(16);
+        let first = broker.connect("q", false, Duration::from_secs(60), None, tx);
+        assert!(broker.qos2_arrived("q", 7), "first arrival is delivered");
+        assert!(!broker.qos2_arrived("q", 7), "a resend is not");
+        broker.disconnect("q", first.connection_id);
+        let (tx, _rx) = mpsc::channel(16);
+        broker.connect("q", false, Duration::from_secs(60), None, tx);
+        assert!(
+            !broker.qos2_arrived("q", 7),
+            "still pending after the reconnect"
+        );
+        assert!(broker.qos2_released("q", 7));
+        assert!(!broker.qos2_released("q", 7));
+        assert!(
+            broker.qos2_arrived("q", 7),
+            "a released id can be used again"
+        );
     }
 
     #[test]

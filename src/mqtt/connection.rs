@@ -1,7 +1,7 @@
 //! One task per MQTT connection: CONNECT and authentication, then packets in both directions
 //! until DISCONNECT, keep-alive expiry, takeover, a protocol error or shutdown.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -392,7 +392,6 @@ async fn run_session(mut conn: Conn, connect: Packet, ctx: &MqttContext) -> std:
     let mut session = Session {
         identity,
         aliases: HashMap::new(),
-        incoming_qos2: HashSet::new(),
     };
     let reason = session_loop(&mut conn, ctx, &mut session, &mut rx, keep_alive).await;
 
@@ -514,7 +513,6 @@ fn publish_will(ctx: &MqttContext, identity: &Identity, will: Will) {
 struct Session {
     identity: Identity,
     aliases: HashMap<u16, Arc<str>>,
-    incoming_qos2: HashSet<u16>,
 }
 
 async fn session_loop(
@@ -734,7 +732,7 @@ async fn handle_packet(
                 ctx.broker.stats.acl_denied.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(%client_id, %topic, "publish denied by ACL; dropped");
             }
-            let duplicate_qos2 = qos == 2 && session.incoming_qos2.contains(&pkid);
+            let duplicate_qos2 = qos == 2 && !ctx.broker.qos2_arrived(&client_id, pkid);
             let request = if allowed && !duplicate_qos2 {
                 ctx.bridge
                     .parse(&topic)
@@ -803,7 +801,6 @@ async fn handle_packet(
                     .await?;
                 }
                 2 => {
-                    session.incoming_qos2.insert(pkid);
                     let reason = if allowed || !v5 {
                         PubRecReason::Success
                     } else {
@@ -819,7 +816,7 @@ async fn handle_packet(
         Packet::PubRec(rec, _) => ctx.broker.received(&client_id, rec.pkid),
         Packet::PubComp(comp, _) => ctx.broker.acknowledged(&client_id, comp.pkid),
         Packet::PubRel(rel, _) => {
-            let known = session.incoming_qos2.remove(&rel.pkid);
+            let known = ctx.broker.qos2_released(&client_id, rel.pkid);
             let reason = if known || !v5 {
                 PubCompReason::Success
             } else {
