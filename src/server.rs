@@ -109,6 +109,7 @@ pub async fn serve(
         shadow_limits,
         event_limits,
         config.aws_compat,
+        clock.clone(),
     ));
     let state = AppState {
         things: things.clone(),

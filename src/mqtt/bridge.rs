@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use serde_json::{json, Map, Value};
+use thinghub_actors::clock::SharedClock;
 use thinghub_actors::thing::shadow::{client_token_of, parse_json_object, ShadowUpdateResult};
 use thinghub_actors::thing::{
     EventIngested, EventLimits, IngestEvent, Origin, Rejection, ShadowLimits, ShadowUpdate,
@@ -88,7 +89,7 @@ pub struct Bridge {
     event_limits: EventLimits,
     /// Device events rejected over MQTT (invalid, or for an unknown Thing).
     pub events_rejected: std::sync::atomic::AtomicU64,
-    clock: Arc<dyn Fn() -> u64 + Send + Sync>,
+    clock: SharedClock,
 }
 
 impl Bridge {
@@ -100,6 +101,7 @@ impl Bridge {
         limits: ShadowLimits,
         event_limits: EventLimits,
         aws_compat: bool,
+        clock: SharedClock,
     ) -> Bridge {
         Bridge {
             broker,
@@ -109,12 +111,7 @@ impl Bridge {
             limits,
             event_limits,
             events_rejected: std::sync::atomic::AtomicU64::new(0),
-            clock: Arc::new(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0)
-            }),
+            clock,
         }
     }
 
@@ -174,7 +171,7 @@ impl Bridge {
         let mut body = json!({
             "code": rejection.code.as_u16(),
             "message": rejection.message,
-            "timestamp": (self.clock)(),
+            "timestamp": self.clock.now_ms() / 1000,
         });
         if let Some(token) = &rejection.client_token {
             body["clientToken"] = token.clone().into();
@@ -300,7 +297,7 @@ impl Bridge {
                 let body = json!({
                     "code": rejection.code.as_u16(),
                     "message": rejection.message,
-                    "timestamp": (self.clock)(),
+                    "timestamp": self.clock.now_ms() / 1000,
                 });
                 self.publish(topic("rejected"), &body);
             }
