@@ -54,6 +54,22 @@ pub struct Config {
     pub event_data_bytes_max: usize,
     /// Largest page of a listing.
     pub list_limit_max: usize,
+    /// Command TTL when the request names none, seconds.
+    pub command_ttl_default_s: u64,
+    /// Longest command TTL accepted, seconds (the shortest is 1).
+    pub command_ttl_max_s: u64,
+    /// Longest command `action`, bytes.
+    pub command_action_bytes_max: usize,
+    /// Largest command `params` and device `result` (compact JSON), bytes.
+    pub command_params_bytes_max: usize,
+    /// Command executions one Thing may have pending; more are refused with 429.
+    pub command_pending_max: usize,
+    /// Finished command executions kept in a Thing's state (all stay in its log).
+    pub command_finished_kept_max: u32,
+    /// Things whose deadlines are being fired at once by the deadline timer.
+    pub deadline_fire_concurrency_max: usize,
+    /// Longest sleep of the deadline timer between index scans, milliseconds.
+    pub deadline_scan_interval_max_ms: u64,
     /// sled page cache.
     pub storage_cache_bytes: u64,
     /// Most appends made durable by one group commit.
@@ -110,6 +126,14 @@ impl Default for Config {
             client_token_bytes_max: 64,
             event_data_bytes_max: 4 * 1024,
             list_limit_max: 1000,
+            command_ttl_default_s: 60,
+            command_ttl_max_s: 7 * 24 * 3600,
+            command_action_bytes_max: 128,
+            command_params_bytes_max: 8 * 1024,
+            command_pending_max: 100,
+            command_finished_kept_max: 100,
+            deadline_fire_concurrency_max: 512,
+            deadline_scan_interval_max_ms: 1_000,
             storage_cache_bytes: 256 * 1024 * 1024,
             commit_batch_appends_max: 4096,
             shutdown_timeout_ms: 10_000,
@@ -262,6 +286,29 @@ impl Config {
             ("shadow_depth_max", self.shadow_depth_max as u64),
             ("list_limit_max", self.list_limit_max as u64),
             ("event_data_bytes_max", self.event_data_bytes_max as u64),
+            ("command_ttl_default_s", self.command_ttl_default_s),
+            ("command_ttl_max_s", self.command_ttl_max_s),
+            (
+                "command_action_bytes_max",
+                self.command_action_bytes_max as u64,
+            ),
+            (
+                "command_params_bytes_max",
+                self.command_params_bytes_max as u64,
+            ),
+            ("command_pending_max", self.command_pending_max as u64),
+            (
+                "command_finished_kept_max",
+                u64::from(self.command_finished_kept_max),
+            ),
+            (
+                "deadline_fire_concurrency_max",
+                self.deadline_fire_concurrency_max as u64,
+            ),
+            (
+                "deadline_scan_interval_max_ms",
+                self.deadline_scan_interval_max_ms,
+            ),
             (
                 "commit_batch_appends_max",
                 self.commit_batch_appends_max as u64,
@@ -285,6 +332,12 @@ impl Config {
                     "{name} must be greater than 0"
                 )));
             }
+        }
+        if self.command_ttl_default_s > self.command_ttl_max_s {
+            return Err(ConfigError::Invalid(format!(
+                "command_ttl_default_s ({}) must not exceed command_ttl_max_s ({})",
+                self.command_ttl_default_s, self.command_ttl_max_s
+            )));
         }
         let prefix = &self.topic_prefix;
         if !prefix.starts_with('$') || prefix.len() < 2 || prefix.contains(['+', '#', '/']) {

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use thinghub_actors::clock::{Clock, SystemClock};
-use thinghub_actors::thing::{EventLimits, Limits, ShadowLimits};
+use thinghub_actors::deadlines::{DeadlineConfig, DeadlineWake};
+use thinghub_actors::thing::{CommandLimits, EventLimits, Limits, ShadowLimits};
 use thinghub_actors::{Registry, RegistryConfig, ThingContext, Things};
 use thinghub_storage::{StorageError, Store, StoreConfig};
 use tokio::net::TcpListener;
@@ -71,14 +72,26 @@ pub async fn serve(
         data_bytes_max: config.event_data_bytes_max,
         ..EventLimits::default()
     };
+    let command_limits = CommandLimits {
+        action_bytes_max: config.command_action_bytes_max,
+        params_bytes_max: config.command_params_bytes_max,
+        result_bytes_max: config.command_params_bytes_max,
+        ttl_s_default: config.command_ttl_default_s,
+        ttl_s_min: 1,
+        ttl_s_max: config.command_ttl_max_s,
+        pending_max: config.command_pending_max,
+        finished_kept_max: config.command_finished_kept_max,
+    };
     let context = Arc::new(ThingContext {
         store: store.clone(),
         clock: clock.clone(),
         limits: Limits {
             shadow: shadow_limits,
             events: event_limits,
+            commands: command_limits,
         },
         snapshot_every_events: config.snapshot_every_events,
+        deadlines: DeadlineWake::new(),
     });
     let registry = Registry::start(
         context,
@@ -87,6 +100,11 @@ pub async fn serve(
             thing_idle_ms: config.thing_idle_ms,
             request_timeout_ms: config.request_timeout_ms,
             requests_in_flight_max: config.thing_requests_in_flight_max,
+            deadlines: DeadlineConfig {
+                fire_concurrency_max: config.deadline_fire_concurrency_max,
+                scan_interval_max_ms: config.deadline_scan_interval_max_ms,
+                ..DeadlineConfig::default()
+            },
         },
     )
     .await

@@ -8,6 +8,9 @@
 use serde::{Deserialize, Serialize};
 use thinghub_storage::{Envelope, RecordedEvent, StorageError};
 
+use crate::thing::commands::{
+    CommandEvent, CommandFinished, CommandResponded, CommandResponseRefused, CommandSent,
+};
 use crate::thing::{
     EventIngested, ShadowDeleted, ShadowUpdated, ThingConnected, ThingDeleted, ThingDisconnected,
     ThingEvent, ThingRegistered, ThingState,
@@ -27,6 +30,16 @@ pub const EVENT_INGESTED: &str = "EventIngested";
 pub const THING_CONNECTED: &str = "ThingConnected";
 /// `event_type` of a client disconnect.
 pub const THING_DISCONNECTED: &str = "ThingDisconnected";
+/// `event_type` of a command sent to the device.
+pub const COMMAND_SENT: &str = "CommandSent";
+/// `event_type` of an accepted device answer to a command.
+pub const COMMAND_RESPONDED: &str = "CommandResponded";
+/// `event_type` of a command whose deadline passed.
+pub const COMMAND_TIMED_OUT: &str = "CommandTimedOut";
+/// `event_type` of a command canceled by an operator.
+pub const COMMAND_CANCELED: &str = "CommandCanceled";
+/// `event_type` of a device answer that was refused (recorded for the audit trail).
+pub const COMMAND_RESPONSE_REFUSED: &str = "CommandResponseRefused";
 /// `event_type` of a snapshot's state.
 pub const THING_STATE: &str = "ThingState";
 /// `event_type` of a registry index record.
@@ -42,6 +55,15 @@ pub fn encode_event(event: &ThingEvent, recorded_at_ms: u64) -> Result<Envelope,
         ThingEvent::EventIngested(e) => Envelope::new(EVENT_INGESTED, 1, recorded_at_ms, e),
         ThingEvent::Connected(e) => Envelope::new(THING_CONNECTED, 1, recorded_at_ms, e),
         ThingEvent::Disconnected(e) => Envelope::new(THING_DISCONNECTED, 1, recorded_at_ms, e),
+        ThingEvent::Command(command) => match command {
+            CommandEvent::Sent(e) => Envelope::new(COMMAND_SENT, 1, recorded_at_ms, e),
+            CommandEvent::Responded(e) => Envelope::new(COMMAND_RESPONDED, 1, recorded_at_ms, e),
+            CommandEvent::TimedOut(e) => Envelope::new(COMMAND_TIMED_OUT, 1, recorded_at_ms, e),
+            CommandEvent::Canceled(e) => Envelope::new(COMMAND_CANCELED, 1, recorded_at_ms, e),
+            CommandEvent::ResponseRefused(e) => {
+                Envelope::new(COMMAND_RESPONSE_REFUSED, 1, recorded_at_ms, e)
+            }
+        },
     };
     Ok(envelope?)
 }
@@ -76,6 +98,21 @@ pub fn decode_event(thing: &str, recorded: &RecordedEvent) -> Result<ThingEvent,
         (THING_DISCONNECTED, 1) => envelope
             .payload_as::<ThingDisconnected>()
             .map(ThingEvent::Disconnected),
+        (COMMAND_SENT, 1) => envelope
+            .payload_as::<CommandSent>()
+            .map(|e| ThingEvent::Command(CommandEvent::Sent(e))),
+        (COMMAND_RESPONDED, 1) => envelope
+            .payload_as::<CommandResponded>()
+            .map(|e| ThingEvent::Command(CommandEvent::Responded(e))),
+        (COMMAND_TIMED_OUT, 1) => envelope
+            .payload_as::<CommandFinished>()
+            .map(|e| ThingEvent::Command(CommandEvent::TimedOut(e))),
+        (COMMAND_CANCELED, 1) => envelope
+            .payload_as::<CommandFinished>()
+            .map(|e| ThingEvent::Command(CommandEvent::Canceled(e))),
+        (COMMAND_RESPONSE_REFUSED, 1) => envelope
+            .payload_as::<CommandResponseRefused>()
+            .map(|e| ThingEvent::Command(CommandEvent::ResponseRefused(e))),
         (other, version) => {
             return Err(corrupt(format!(
                 "unknown event type {other} v{version} (written by a newer thinghub?)"
@@ -90,15 +127,24 @@ pub fn decode_event(thing: &str, recorded: &RecordedEvent) -> Result<ThingEvent,
     })
 }
 
+/// The snapshot shape written now. v2 added `commands`; v1 (no commands) is upcast by decoding
+/// it with none, which is what a v1-era Thing had.
+pub const THING_STATE_VERSION: u16 = 2;
+
 /// Encodes a snapshot state.
 pub fn encode_state(state: &ThingState, recorded_at_ms: u64) -> Result<Envelope, StorageError> {
-    Ok(Envelope::new(THING_STATE, 1, recorded_at_ms, state)?)
+    Ok(Envelope::new(
+        THING_STATE,
+        THING_STATE_VERSION,
+        recorded_at_ms,
+        state,
+    )?)
 }
 
 /// Decodes a snapshot state.
 pub fn decode_state(thing: &str, envelope: &Envelope) -> Result<ThingState, StorageError> {
     match (envelope.event_type.as_str(), envelope.event_version) {
-        (THING_STATE, 1) => envelope.payload_as().map_err(|e| StorageError::Corrupt {
+        (THING_STATE, 1 | 2) => envelope.payload_as().map_err(|e| StorageError::Corrupt {
             thing: thing.to_owned(),
             seq: 0,
             reason: format!("snapshot state: {}", e.0),
@@ -185,6 +231,31 @@ pub fn summarize(event: &ThingEvent) -> String {
             "disconnected clientId={} connection={} reason={}",
             e.client_id, e.connection_id, e.reason
         ),
+        ThingEvent::Command(command) => match command {
+            CommandEvent::Sent(e) => format!(
+                "command sent execution={} command={} action={} ttl={}s params={}",
+                e.execution_id,
+                e.command_id,
+                e.action,
+                e.ttl_s,
+                serde_json::Value::Object(e.params.clone().unwrap_or_default())
+            ),
+            CommandEvent::Responded(e) => format!(
+                "command answered execution={} status={}{}",
+                e.execution_id,
+                e.status.as_str(),
+                e.result
+                    .as_ref()
+                    .map(|r| format!(" result={}", serde_json::Value::Object(r.clone())))
+                    .unwrap_or_default()
+            ),
+            CommandEvent::TimedOut(e) => format!("command timed out execution={}", e.execution_id),
+            CommandEvent::Canceled(e) => format!("command canceled execution={}", e.execution_id),
+            CommandEvent::ResponseRefused(e) => format!(
+                "command answer refused execution={} status={} reason={}",
+                e.execution_id, e.status, e.reason
+            ),
+        },
     }
 }
 
@@ -198,6 +269,11 @@ pub fn event_type(event: &ThingEvent) -> &'static str {
         ThingEvent::EventIngested(_) => EVENT_INGESTED,
         ThingEvent::Connected(_) => THING_CONNECTED,
         ThingEvent::Disconnected(_) => THING_DISCONNECTED,
+        ThingEvent::Command(CommandEvent::Sent(_)) => COMMAND_SENT,
+        ThingEvent::Command(CommandEvent::Responded(_)) => COMMAND_RESPONDED,
+        ThingEvent::Command(CommandEvent::TimedOut(_)) => COMMAND_TIMED_OUT,
+        ThingEvent::Command(CommandEvent::Canceled(_)) => COMMAND_CANCELED,
+        ThingEvent::Command(CommandEvent::ResponseRefused(_)) => COMMAND_RESPONSE_REFUSED,
     }
 }
 
@@ -273,6 +349,59 @@ mod tests {
                 }),
             ),
             (
+                "CommandSent.v1",
+                ThingEvent::Command(CommandEvent::Sent(CommandSent {
+                    execution_id: "ex-1".into(),
+                    command_id: "cmd-1".into(),
+                    action: "setTemperature".into(),
+                    params: serde_json::json!({"value": 24}).as_object().cloned(),
+                    ttl_s: 30,
+                    created_at_ms: 1_700_000_005_000,
+                    expires_at_ms: 1_700_000_035_000,
+                })),
+            ),
+            (
+                "CommandResponded.v1",
+                ThingEvent::Command(CommandEvent::Responded(CommandResponded {
+                    execution_id: "ex-1".into(),
+                    status: crate::thing::CommandStatus::Failed,
+                    result: serde_json::json!({"currentTemperature": 22})
+                        .as_object()
+                        .cloned(),
+                    status_reason: Some(crate::thing::commands::StatusReason {
+                        reason_code: "DEVICE_TOO_BUSY".into(),
+                        reason_description: Some("busy".into()),
+                    }),
+                    at_ms: 1_700_000_006_000,
+                    finished_kept_max: 100,
+                })),
+            ),
+            (
+                "CommandTimedOut.v1",
+                ThingEvent::Command(CommandEvent::TimedOut(CommandFinished {
+                    execution_id: "ex-2".into(),
+                    at_ms: 1_700_000_036_000,
+                    finished_kept_max: 100,
+                })),
+            ),
+            (
+                "CommandCanceled.v1",
+                ThingEvent::Command(CommandEvent::Canceled(CommandFinished {
+                    execution_id: "ex-3".into(),
+                    at_ms: 1_700_000_007_000,
+                    finished_kept_max: 100,
+                })),
+            ),
+            (
+                "CommandResponseRefused.v1",
+                ThingEvent::Command(CommandEvent::ResponseRefused(CommandResponseRefused {
+                    execution_id: "ex-2".into(),
+                    status: "SUCCEEDED".into(),
+                    reason: "execution 'ex-2' is already TIMED_OUT".into(),
+                    at_ms: 1_700_000_037_000,
+                })),
+            ),
+            (
                 "ThingDisconnected.v1",
                 ThingEvent::Disconnected(ThingDisconnected {
                     client_id: "dev-1".into(),
@@ -333,6 +462,24 @@ mod tests {
         };
         let err = decode_event("pump-7", &recorded).expect_err("bad payload");
         assert!(err.to_string().contains("seq 3"));
+    }
+
+    /// A v1 snapshot (written before commands existed) decodes with no commands.
+    #[test]
+    fn a_v1_snapshot_upcasts_to_no_commands() {
+        let mut state = ThingState::new("s");
+        for (_, event) in shipped() {
+            if !matches!(event, ThingEvent::Command(_)) {
+                crate::thing::apply(&mut state, &event);
+            }
+        }
+        let mut v1 = serde_json::to_value(&state).expect("to value");
+        v1.as_object_mut().expect("object").remove("commands");
+        let envelope = Envelope::new(THING_STATE, 1, 5, &v1).expect("encode v1");
+        let bytes = envelope.to_bytes().expect("bytes");
+        let back = decode_state("s", &Envelope::from_bytes(&bytes).expect("env")).expect("decode");
+        assert_eq!(back, state);
+        assert!(back.commands.pending.is_empty());
     }
 
     #[test]

@@ -1,14 +1,16 @@
 //! thinghub's domain and the actors that host it.
 //!
-//! - [`thing`]: the pure domain (decide/apply for registration and the shadow). No IO.
+//! - [`thing`]: the pure domain (decide/apply for registration, shadow, events, commands). No IO.
 //! - [`codec`]: how domain events and state map to storage envelopes (with upcasting).
 //! - [`thing_actor`]: the persistence shell: replay, decide -> durable append -> apply -> reply.
 //! - [`registry`]: name -> actor routing, activation, the passivation handshake, supervision.
+//! - [`deadlines`]: the one timer that fires command deadlines from the storage index.
 //! - [`service`]: the typed API frontends call (validation, 404 without activation, history).
 //! - [`clock`]: the one time source, controllable in tests.
 
 pub mod clock;
 pub mod codec;
+pub mod deadlines;
 pub mod registry;
 pub mod service;
 pub mod thing;

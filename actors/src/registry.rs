@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tokio::sync::oneshot;
 
+use crate::deadlines::{self, DeadlineConfig, DeadlineStats, TimerCounters};
 use crate::thing::{ErrorCode, Rejection};
 use crate::thing_actor::{Request, Response, ThingActor, ThingArgs, ThingContext, ThingMsg};
 
@@ -40,6 +41,8 @@ pub struct RegistryConfig {
     pub request_timeout_ms: u64,
     /// Requests one Thing may have in flight; more are refused at once with 429.
     pub requests_in_flight_max: u32,
+    /// The deadline timer.
+    pub deadlines: DeadlineConfig,
 }
 
 impl Default for RegistryConfig {
@@ -49,6 +52,7 @@ impl Default for RegistryConfig {
             thing_idle_ms: 60_000,
             request_timeout_ms: 10_000,
             requests_in_flight_max: 10,
+            deadlines: DeadlineConfig::default(),
         }
     }
 }
@@ -114,8 +118,9 @@ struct Shard {
     supervisor: ActorCell,
 }
 
-struct Inner {
+pub(crate) struct Inner {
     shards: Vec<Shard>,
+    deadline_counters: TimerCounters,
     context: Arc<ThingContext>,
     config: RegistryConfig,
     activations: AtomicU64,
@@ -202,6 +207,7 @@ impl Registry {
         }
         let inner = Arc::new(Inner {
             shards,
+            deadline_counters: TimerCounters::default(),
             context,
             config,
             activations: AtomicU64::new(0),
@@ -212,7 +218,21 @@ impl Registry {
         let _ = handle.set(Arc::downgrade(&inner));
         let registry = Registry { inner };
         registry.spawn_sweeper();
+        deadlines::spawn(Arc::downgrade(&registry.inner), config.deadlines);
         Ok(registry)
+    }
+
+    pub(crate) fn from_inner(inner: Arc<Inner>) -> Registry {
+        Registry { inner }
+    }
+
+    pub(crate) fn deadline_counters(&self) -> &TimerCounters {
+        &self.inner.deadline_counters
+    }
+
+    /// The deadline timer's counters.
+    pub fn deadline_stats(&self) -> DeadlineStats {
+        self.inner.deadline_counters.snapshot()
     }
 
     /// The shared context (store, clock, limits).

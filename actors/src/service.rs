@@ -11,10 +11,12 @@ use thinghub_storage::{StorageError, Store};
 
 use crate::codec;
 use crate::registry::Registry;
+use crate::thing::commands::{CommandPage, PageCursor};
 use crate::thing::shadow::{ShadowDocument, ShadowUpdateResult};
 use crate::thing::{
-    self, ErrorCode, EventIngested, IngestEvent, Origin, RegisterThing, Rejection, Reply,
-    ShadowUpdate, ThingCommand, ThingDescription, ThingEvent,
+    self, CommandExecution, CommandOutcome, CommandResponse, CommandStatus, ErrorCode,
+    EventIngested, IngestEvent, Origin, RegisterThing, Rejection, Reply, SendCommand, ShadowUpdate,
+    ThingCommand, ThingDescription, ThingEvent,
 };
 use crate::thing_actor::{Request, Response};
 
@@ -255,6 +257,106 @@ impl Things {
         }
     }
 
+    /// A fresh execution id: 128 random bits as a UUID (v4 layout).
+    pub fn new_execution_id() -> String {
+        new_uuid()
+    }
+
+    /// Sends a command (validated by the caller with [`SendCommand::from_json`]); returns the
+    /// execution once `CommandSent` is durable. The caller then publishes the request.
+    pub async fn send_command(
+        &self,
+        name: &str,
+        command: SendCommand,
+    ) -> Result<CommandExecution, Rejection> {
+        self.require_registered(name, None)?;
+        self.command_request(name, ThingCommand::SendCommand(command))
+            .await
+    }
+
+    /// Applies a device's answer; a refused one is recorded in the log, then returned as `Err`.
+    pub async fn respond_command(
+        &self,
+        name: &str,
+        response: CommandResponse,
+    ) -> Result<CommandExecution, Rejection> {
+        self.require_registered(name, None)?;
+        self.command_request(name, ThingCommand::RespondCommand(response))
+            .await
+    }
+
+    /// Cancels a pending execution.
+    pub async fn cancel_command(
+        &self,
+        name: &str,
+        execution_id: &str,
+    ) -> Result<CommandExecution, Rejection> {
+        self.require_registered(name, None)?;
+        thing::commands::validate_id("executionId", execution_id)?;
+        self.command_request(
+            name,
+            ThingCommand::CancelCommand {
+                execution_id: execution_id.to_owned(),
+            },
+        )
+        .await
+    }
+
+    async fn command_request(
+        &self,
+        name: &str,
+        command: ThingCommand,
+    ) -> Result<CommandExecution, Rejection> {
+        match self
+            .registry
+            .request(name, Request::Command(command))
+            .await?
+        {
+            Response::Decided(Reply::Command(CommandOutcome::Execution(execution))) => {
+                Ok(*execution)
+            }
+            Response::Decided(Reply::Command(CommandOutcome::Refused(rejection))) => Err(rejection),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// One execution of a Thing (pending or in the kept history).
+    pub async fn get_command(
+        &self,
+        name: &str,
+        execution_id: &str,
+    ) -> Result<CommandExecution, Rejection> {
+        self.require_registered(name, None)?;
+        thing::commands::validate_id("executionId", execution_id)?;
+        let request = Request::GetCommand {
+            execution_id: execution_id.to_owned(),
+        };
+        match self.registry.request(name, request).await? {
+            Response::Execution(execution) => Ok(*execution),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// A page of a Thing's executions, newest first.
+    pub async fn list_commands(
+        &self,
+        name: &str,
+        status: Option<CommandStatus>,
+        cursor: Option<PageCursor>,
+        limit: usize,
+    ) -> Result<CommandPage, Rejection> {
+        self.require_registered(name, None)?;
+        let request = Request::ListCommands {
+            status,
+            cursor,
+            limit,
+        };
+        match self.registry.request(name, request).await? {
+            Response::Executions(page) => Ok(page),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// A Thing's events, newest first, from the log (see [`list_events`]).
     pub fn events(
         &self,
@@ -288,6 +390,22 @@ impl Things {
         }
         Ok(entries)
     }
+}
+
+fn new_uuid() -> String {
+    use rand::Rng;
+    let mut bytes: [u8; 16] = rand::thread_rng().gen();
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
 }
 
 /// Most log records one events page may scan (a bound on the cost of sparse filters).

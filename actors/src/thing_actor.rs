@@ -22,9 +22,11 @@ use tokio::sync::oneshot;
 
 use crate::clock::SharedClock;
 use crate::codec;
+use crate::deadlines::DeadlineWake;
+use crate::thing::commands::{CommandPage, PageCursor};
 use crate::thing::{
-    self, ErrorCode, Limits, Rejection, Reply, ThingCommand, ThingDescription, ThingEvent,
-    ThingState,
+    self, CommandExecution, CommandOutcome, CommandStatus, ErrorCode, Limits, Rejection, Reply,
+    ThingCommand, ThingDescription, ThingEvent, ThingState,
 };
 
 /// Most events read from storage per batch during replay.
@@ -40,6 +42,8 @@ pub struct ThingContext {
     pub limits: Limits,
     /// Write a snapshot after this many events since the last one.
     pub snapshot_every_events: u64,
+    /// Tells the deadline timer about new deadlines.
+    pub deadlines: Arc<DeadlineWake>,
 }
 
 /// A request to one Thing.
@@ -53,6 +57,25 @@ pub enum Request {
     GetShadow,
     /// The whole state (verification and tests).
     GetState,
+    /// The deadline index entry `at_ms` of this Thing is due (sent by the deadline timer).
+    FireDeadline {
+        /// The entry that fired.
+        at_ms: u64,
+    },
+    /// One command execution (404 if it is not in the state).
+    GetCommand {
+        /// Which one.
+        execution_id: String,
+    },
+    /// A page of command executions, newest first.
+    ListCommands {
+        /// Only this status.
+        status: Option<CommandStatus>,
+        /// Continue after this position.
+        cursor: Option<PageCursor>,
+        /// Page size.
+        limit: usize,
+    },
 }
 
 /// A successful answer.
@@ -66,6 +89,15 @@ pub enum Response {
     Shadow(thing::shadow::ShadowDocument),
     /// The whole state.
     State(Box<ThingState>),
+    /// Deadlines fired: how many executions timed out.
+    Fired {
+        /// Executions moved to TIMED_OUT.
+        timed_out: usize,
+    },
+    /// One command execution.
+    Execution(Box<CommandExecution>),
+    /// A page of command executions.
+    Executions(CommandPage),
 }
 
 /// The reply channel of a request.
@@ -235,6 +267,7 @@ impl ThingActorState {
                 self.thing = thing;
                 self.health = Health::Ready;
                 self.repair_index();
+                self.repair_deadline();
             }
             Ok(Err(e)) => {
                 tracing::error!(thing = %name, error = %e, "thing cannot be loaded; serving 503 for it");
@@ -280,6 +313,30 @@ impl ThingActorState {
         tracing::warn!(thing = %name, ?op, "registry index disagreed with the log; repaired");
         if let Err(e) = store.repair_index(name, &[op]) {
             tracing::warn!(thing = %name, error = %e, "cannot repair the registry index");
+        }
+    }
+
+    /// Makes sure the Thing's earliest pending deadline is in the deadline index (the index
+    /// entry is written before the events that need it, so this only matters after a repair
+    /// or a lost index write).
+    fn repair_deadline(&self) {
+        let Some(at_ms) = self.thing.commands.next_deadline_ms() else {
+            return;
+        };
+        let name = &self.thing.name;
+        let store = &self.context.store;
+        match store.has_deadline(name, at_ms) {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(thing = %name, at_ms, "pending deadline missing from the index; repaired");
+                match store.repair_index(name, &[IndexOp::PutDeadline { at_ms }]) {
+                    Ok(()) => self.context.deadlines.scheduled(at_ms),
+                    Err(e) => {
+                        tracing::warn!(thing = %name, error = %e, "cannot repair the deadline index")
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(thing = %name, error = %e, "cannot read the deadline index"),
         }
     }
 
@@ -329,18 +386,92 @@ impl ThingActorState {
                     .ok_or_else(|| thing::shadow::no_shadow(&self.thing.name))
             }
             Request::GetState => Ok(Response::State(Box::new(self.thing.clone()))),
-            Request::Command(command) => self.handle_command(command).await,
+            Request::Command(command) => self.handle_command(command, None).await,
+            Request::FireDeadline { at_ms } => {
+                match self
+                    .handle_command(ThingCommand::FireDeadlines, Some(at_ms))
+                    .await?
+                {
+                    Response::Decided(Reply::Command(CommandOutcome::TimedOut(timed_out))) => {
+                        Ok(Response::Fired { timed_out })
+                    }
+                    other => Ok(other),
+                }
+            }
+            Request::GetCommand { execution_id } => {
+                if self.thing.registration.is_none() {
+                    return Err(self.thing.not_found());
+                }
+                self.thing
+                    .commands
+                    .get(&execution_id)
+                    .map(|e| Response::Execution(Box::new(e.clone())))
+                    .ok_or_else(|| {
+                        Rejection::new(
+                            ErrorCode::NotFound,
+                            format!(
+                                "execution '{execution_id}' not found (finished executions beyond the kept history are only in the Thing's history)"
+                            ),
+                        )
+                    })
+            }
+            Request::ListCommands {
+                status,
+                cursor,
+                limit,
+            } => {
+                if self.thing.registration.is_none() {
+                    return Err(self.thing.not_found());
+                }
+                Ok(Response::Executions(self.thing.commands.page(
+                    status,
+                    cursor.as_ref(),
+                    limit,
+                )))
+            }
         }
     }
 
-    async fn handle_command(&mut self, command: ThingCommand) -> Result<Response, Rejection> {
+    /// Decides, appends durably, applies, replies. `fired` is the deadline index entry that
+    /// triggered a `FireDeadlines` (removed if it is no longer the Thing's next deadline).
+    async fn handle_command(
+        &mut self,
+        command: ThingCommand,
+        fired: Option<u64>,
+    ) -> Result<Response, Rejection> {
         let now_ms = self.context.clock.now_ms();
         let limits = self.context.limits;
         let decision = self.guarded(|me| thing::decide(&me.thing, &command, now_ms, &limits))?;
+        let deadline_before = self.thing.commands.next_deadline_ms();
+        let deadline_after = self
+            .thing
+            .commands
+            .next_deadline_after(decision.command_events());
+        let mut deadline_ops = Vec::new();
+        if deadline_after != deadline_before {
+            deadline_ops.extend(deadline_after.map(|at_ms| IndexOp::PutDeadline { at_ms }));
+            deadline_ops.extend(deadline_before.map(|at_ms| IndexOp::RemoveDeadline { at_ms }));
+        }
+        if let Some(fired) = fired {
+            if Some(fired) != deadline_after && Some(fired) != deadline_before {
+                // A stale entry (e.g. left by a crash): nothing of this Thing is due at it.
+                deadline_ops.push(IndexOp::RemoveDeadline { at_ms: fired });
+            }
+        }
         if decision.events.is_empty() {
+            if !deadline_ops.is_empty() {
+                if let Err(e) = self
+                    .context
+                    .store
+                    .repair_index(&self.thing.name, &deadline_ops)
+                {
+                    tracing::warn!(thing = %self.thing.name, error = %e, "cannot clean the deadline index");
+                }
+            }
             return Ok(Response::Decided(decision.reply));
         }
-        let batch = self.batch_for(&decision.events, now_ms)?;
+        let mut batch = self.batch_for(&decision.events, now_ms)?;
+        batch.index.extend(deadline_ops);
         let count = decision.events.len() as u64;
         if let Err(e) = self.context.store.append(batch).await {
             tracing::error!(thing = %self.thing.name, error = %e, "append failed; reloading from storage");
@@ -360,6 +491,11 @@ impl ThingActorState {
         self.events_since_snapshot += count;
         if self.events_since_snapshot >= self.context.snapshot_every_events {
             self.write_snapshot();
+        }
+        if deadline_after != deadline_before {
+            if let Some(at_ms) = deadline_after {
+                self.context.deadlines.scheduled(at_ms);
+            }
         }
         Ok(Response::Decided(decision.reply))
     }
@@ -388,7 +524,8 @@ impl ThingActorState {
                 | ThingEvent::ShadowDeleted(_)
                 | ThingEvent::EventIngested(_)
                 | ThingEvent::Connected(_)
-                | ThingEvent::Disconnected(_) => {}
+                | ThingEvent::Disconnected(_)
+                | ThingEvent::Command(_) => {}
             }
         }
         Ok(AppendBatch {

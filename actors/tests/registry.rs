@@ -18,6 +18,7 @@ async fn start(store: &Store, config: RegistryConfig, snapshot_every_events: u64
         store: store.clone(),
         clock: Arc::new(SystemClock),
         limits: Limits::default(),
+        deadlines: thinghub_actors::deadlines::DeadlineWake::new(),
         snapshot_every_events,
     });
     Registry::start(context, config).await.expect("registry")

@@ -341,6 +341,7 @@ async fn start_registry(store: &Store, shards: usize) -> Result<Registry> {
         store: store.clone(),
         clock: Arc::new(SystemClock),
         limits: Limits::default(),
+        deadlines: thinghub_actors::deadlines::DeadlineWake::new(),
         snapshot_every_events: 500,
     });
     Registry::start(
@@ -351,6 +352,7 @@ async fn start_registry(store: &Store, shards: usize) -> Result<Registry> {
             thing_idle_ms: 24 * 3600 * 1000,
             request_timeout_ms: 60_000,
             requests_in_flight_max: 10,
+            ..RegistryConfig::default()
         },
     )
     .await

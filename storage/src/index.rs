@@ -1,9 +1,10 @@
 //! Indexes kept beside the log: `things` (the registry listing) and `deadlines` (timers).
 //!
 //! Both are derived from the log: they change in an [`AppendBatch`](crate::AppendBatch), written
-//! right after its events, and become durable in the same group commit. A crash between the two
-//! writes leaves the index one change behind the log (never ahead of an acknowledged change);
-//! the Thing's actor compares and repairs its entries when it is activated.
+//! right after its events (a new deadline right before them), and become durable in the same
+//! group commit. A crash between the writes leaves the `things` index one change behind the log
+//! (never behind an acknowledged change) and at worst an extra deadline entry (which fires,
+//! finds nothing due, and is removed); the Thing's actor repairs its entries on activation.
 
 use crate::{thing_key, StorageError, Store};
 
@@ -100,6 +101,30 @@ impl Store {
             None => Ok(None),
             Some((key, _)) => Ok(Some(parse_deadline_key(&key)?)),
         }
+    }
+
+    /// The first `limit` deadlines of the index, earliest first (due or not).
+    pub fn first_deadlines(&self, limit: usize) -> Result<Vec<DeadlineEntry>, StorageError> {
+        let mut out = Vec::new();
+        for item in self.inner.deadlines.iter().take(limit) {
+            let (key, _) = item?;
+            out.push(parse_deadline_key(&key)?);
+        }
+        Ok(out)
+    }
+
+    /// Whether the index holds the deadline `at_ms` of `thing`.
+    pub fn has_deadline(&self, thing: &str, at_ms: u64) -> Result<bool, StorageError> {
+        let prefix = thing_key(thing)?;
+        Ok(self
+            .inner
+            .deadlines
+            .contains_key(deadline_key(at_ms, &prefix))?)
+    }
+
+    /// Number of deadlines in the index (walks it: O(n)).
+    pub fn count_deadlines(&self) -> usize {
+        self.inner.deadlines.len()
     }
 
     /// Checks that `name` can be a storage key (length bounds).

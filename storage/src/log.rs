@@ -17,7 +17,8 @@ pub struct AppendBatch {
     pub first_seq: u64,
     /// The events, in order; event `i` gets seq `first_seq + i`.
     pub events: Vec<Envelope>,
-    /// Index changes, written after the events (see [`Store::append`]).
+    /// Index changes: deadline insertions are written before the events, the rest after
+    /// (see [`Store::append`]).
     pub index: Vec<IndexOp>,
 }
 
@@ -74,10 +75,18 @@ impl Store {
     /// global write guard, which waits for any flush in progress (a flush holds the read guard
     /// through its IO) and then routes every later operation through the lock. Only an append
     /// of several events uses `apply_batch`, to keep them all-or-nothing. Index changes are
-    /// written after the events: indexes are derived from the log, and the owner of a Thing
-    /// repairs them on activation if a crash fell between the two writes.
+    /// written after the events (new deadlines before them): indexes are derived from the log,
+    /// and the owner of a Thing repairs them on activation if a crash fell between the writes.
     fn write_batch(&self, batch: &AppendBatch) -> Result<(), StorageError> {
         let prefix = thing_key(&batch.thing)?;
+        // A new deadline goes in *before* the events that set it: a crash in between leaves an
+        // entry with nothing due (the timer activates the Thing, which removes it), never a
+        // pending deadline that no index entry will ever fire.
+        for op in &batch.index {
+            if matches!(op, IndexOp::PutDeadline { .. }) {
+                self.apply_index_op(&batch.thing, &prefix, op)?;
+            }
+        }
         let mut writes = Vec::with_capacity(batch.events.len());
         for (i, envelope) in batch.events.iter().enumerate() {
             let seq = batch.first_seq + i as u64;
@@ -109,7 +118,9 @@ impl Store {
             self.inner.events.apply_batch(sled_batch)?;
         }
         for op in &batch.index {
-            self.apply_index_op(&batch.thing, &prefix, op)?;
+            if !matches!(op, IndexOp::PutDeadline { .. }) {
+                self.apply_index_op(&batch.thing, &prefix, op)?;
+            }
         }
         Ok(())
     }

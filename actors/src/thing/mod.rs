@@ -7,6 +7,7 @@
 //!
 //! **Architecture invariant:** nothing under `thing/` imports tokio, ractor, sled, rumqttd or axum.
 
+pub mod commands;
 pub mod events;
 pub mod shadow;
 
@@ -14,6 +15,10 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub use commands::{
+    CommandEvent, CommandExecution, CommandLimits, CommandOutcome, CommandResponse, CommandStatus,
+    Commands, SendCommand,
+};
 pub use events::{EventIngested, EventLimits, IngestEvent, Severity};
 pub use shadow::{Origin, Shadow, ShadowDeleted, ShadowLimits, ShadowUpdate, ShadowUpdated};
 
@@ -126,6 +131,8 @@ pub struct Limits {
     pub shadow: ShadowLimits,
     /// Event bounds.
     pub events: EventLimits,
+    /// Command bounds.
+    pub commands: CommandLimits,
 }
 
 /// A Thing's registry record.
@@ -163,6 +170,10 @@ pub struct ThingState {
     /// Unix ms of the last accepted device event.
     #[serde(default)]
     pub last_event_at_ms: Option<u64>,
+    /// Command executions: pending (with deadlines) and recently finished. Added in snapshot
+    /// shape v2; a v1 snapshot decodes with none.
+    #[serde(default)]
+    pub commands: Commands,
 }
 
 /// Whether the Thing's MQTT client is connected, and since when.
@@ -250,6 +261,18 @@ pub enum ThingCommand {
         /// normal, keepalive_timeout, takeover, kicked, protocol_error, server_shutdown, ...
         reason: String,
     },
+    /// Send a command to the device.
+    SendCommand(SendCommand),
+    /// The device answered a command.
+    RespondCommand(CommandResponse),
+    /// An operator cancels an execution.
+    CancelCommand {
+        /// Which execution.
+        execution_id: String,
+    },
+    /// The deadline index says a deadline of this Thing is due: time out what has expired.
+    /// Works on deleted Things too, so every deadline ends.
+    FireDeadlines,
 }
 
 /// Something that happened to a Thing: the unit of its log.
@@ -269,6 +292,8 @@ pub enum ThingEvent {
     Connected(ThingConnected),
     /// The Thing's MQTT client disconnected.
     Disconnected(ThingDisconnected),
+    /// A command execution changed (or a device answer was refused).
+    Command(CommandEvent),
 }
 
 /// Payload of `ThingConnected` v1.
@@ -332,6 +357,8 @@ pub enum Reply {
     Recorded,
     /// An event was stored: its JSON (`seq` is filled in by the caller).
     EventStored(EventIngested),
+    /// A command request's outcome (a refused device answer is recorded, then reported here).
+    Command(CommandOutcome),
 }
 
 /// The events to append and the reply to send once they are durable.
@@ -604,6 +631,55 @@ pub fn decide(
                 reply: Reply::Recorded,
             })
         }
+        ThingCommand::SendCommand(send) => {
+            if state.registration.is_none() {
+                return Err(state.not_found());
+            }
+            let decision = commands::decide_send(&state.commands, send, now_ms, &limits.commands)?;
+            Ok(command_decision(decision))
+        }
+        ThingCommand::RespondCommand(response) => {
+            if state.registration.is_none() {
+                return Err(state.not_found());
+            }
+            let decision =
+                commands::decide_respond(&state.commands, response, now_ms, &limits.commands);
+            Ok(command_decision(decision))
+        }
+        ThingCommand::CancelCommand { execution_id } => {
+            if state.registration.is_none() {
+                return Err(state.not_found());
+            }
+            let decision =
+                commands::decide_cancel(&state.commands, execution_id, now_ms, &limits.commands)?;
+            Ok(command_decision(decision))
+        }
+        ThingCommand::FireDeadlines => Ok(command_decision(commands::decide_fire(
+            &state.commands,
+            now_ms,
+            &limits.commands,
+        ))),
+    }
+}
+
+fn command_decision(decision: commands::CommandDecision) -> Decision {
+    Decision {
+        events: decision
+            .events
+            .into_iter()
+            .map(ThingEvent::Command)
+            .collect(),
+        reply: Reply::Command(decision.outcome),
+    }
+}
+
+impl Decision {
+    /// The command events among `events` (for the deadline index).
+    pub fn command_events(&self) -> impl Iterator<Item = &CommandEvent> + '_ {
+        self.events.iter().filter_map(|e| match e {
+            ThingEvent::Command(c) => Some(c),
+            _ => None,
+        })
     }
 }
 
@@ -646,6 +722,7 @@ pub fn apply(state: &mut ThingState, event: &ThingEvent) {
                 state.connection.disconnect_reason = Some(disconnected.reason.clone());
             }
         }
+        ThingEvent::Command(event) => state.commands.apply(event),
     }
 }
 

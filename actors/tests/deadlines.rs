@@ -1,0 +1,217 @@
+//! The deadline timer with real actors and storage, on a manual clock: deadlines fire at their
+//! time, activate passivated Things, survive a restart, and stale index entries are cleaned up.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use thinghub_actors::clock::ManualClock;
+use thinghub_actors::deadlines::{DeadlineConfig, DeadlineWake};
+use thinghub_actors::thing::{
+    CommandExecution, CommandOutcome, CommandStatus, Limits, RegisterThing, Reply, SendCommand,
+    ThingCommand,
+};
+use thinghub_actors::{Registry, RegistryConfig, Request, Response, ThingContext};
+use thinghub_storage::{IndexOp, Store, StoreConfig};
+
+const T0: u64 = 1_700_000_000_000;
+
+async fn start(store: &Store, clock: Arc<ManualClock>) -> Registry {
+    let context = Arc::new(ThingContext {
+        store: store.clone(),
+        clock,
+        limits: Limits::default(),
+        snapshot_every_events: 500,
+        deadlines: DeadlineWake::new(),
+    });
+    let config = RegistryConfig {
+        deadlines: DeadlineConfig {
+            // The clock is manual: rescan often so an advance is seen quickly.
+            scan_interval_max_ms: 10,
+            retry_after_ms: 10,
+            ..DeadlineConfig::default()
+        },
+        ..RegistryConfig::default()
+    };
+    Registry::start(context, config).await.expect("registry")
+}
+
+async fn register(registry: &Registry, name: &str) {
+    registry
+        .request(
+            name,
+            Request::Command(ThingCommand::Register(RegisterThing {
+                mqtt_client_id: None,
+                thing_type: None,
+                attributes: Default::default(),
+            })),
+        )
+        .await
+        .expect("register");
+}
+
+async fn send(registry: &Registry, name: &str, id: &str, ttl_s: u64) -> CommandExecution {
+    let command = SendCommand {
+        execution_id: id.into(),
+        command_id: "c".into(),
+        action: "reboot".into(),
+        params: None,
+        ttl_s: Some(ttl_s),
+    };
+    match registry
+        .request(name, Request::Command(ThingCommand::SendCommand(command)))
+        .await
+        .expect("send")
+    {
+        Response::Decided(Reply::Command(CommandOutcome::Execution(e))) => *e,
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+async fn status(registry: &Registry, name: &str, id: &str) -> CommandStatus {
+    let request = Request::GetCommand {
+        execution_id: id.into(),
+    };
+    match registry.request(name, request).await.expect("get") {
+        Response::Execution(e) => e.status,
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+/// Polls (bounded) until the execution has `want`.
+async fn wait_for(registry: &Registry, name: &str, id: &str, want: CommandStatus) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = status(registry, name, id).await;
+        if now == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name}/{id} stayed {now:?}, expected {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_fires_at_its_time_and_not_before() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(&StoreConfig::new(dir.path())).expect("open");
+    let clock = ManualClock::new(T0);
+    let registry = start(&store, clock.clone()).await;
+    register(&registry, "t1").await;
+    let execution = send(&registry, "t1", "e1", 30).await;
+    assert!(store
+        .has_deadline("t1", execution.expires_at_ms)
+        .expect("index"));
+
+    clock.advance_ms(29_999);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(status(&registry, "t1", "e1").await, CommandStatus::Sent);
+
+    clock.advance_ms(1);
+    wait_for(&registry, "t1", "e1", CommandStatus::TimedOut).await;
+    // The index entry goes once nothing is pending.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while store.count_deadlines() != 0 {
+        assert!(Instant::now() < deadline, "deadline entry was not removed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(registry.deadline_stats().timed_out, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passivated_thing_is_activated_by_its_deadline() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(&StoreConfig::new(dir.path())).expect("open");
+    let clock = ManualClock::new(T0);
+    let registry = start(&store, clock.clone()).await;
+    register(&registry, "sleepy").await;
+    send(&registry, "sleepy", "e1", 5).await;
+    send(&registry, "sleepy", "e2", 10).await;
+    registry.passivate_idle(Duration::ZERO);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while registry.stats().active_things != 0 {
+        assert!(Instant::now() < deadline, "did not passivate");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let activations = registry.stats().activations;
+    clock.advance_ms(5_000);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while registry.deadline_stats().timed_out < 1 {
+        assert!(Instant::now() < deadline, "deadline did not fire");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(registry.stats().activations > activations, "re-activated");
+    assert_eq!(
+        status(&registry, "sleepy", "e1").await,
+        CommandStatus::TimedOut
+    );
+    assert_eq!(status(&registry, "sleepy", "e2").await, CommandStatus::Sent);
+    // The next deadline is now the Thing's one entry.
+    assert!(store.has_deadline("sleepy", T0 + 10_000).expect("index"));
+    assert_eq!(store.count_deadlines(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadlines_that_passed_while_down_fire_right_after_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::new(T0);
+    {
+        let store = Store::open(&StoreConfig::new(dir.path())).expect("open");
+        let registry = start(&store, clock.clone()).await;
+        register(&registry, "t1").await;
+        send(&registry, "t1", "e1", 60).await;
+        registry.shutdown(Duration::from_secs(5)).await;
+    }
+    // "Down" for two minutes.
+    clock.advance_ms(120_000);
+    let store = Store::open(&StoreConfig::new(dir.path())).expect("reopen");
+    let registry = start(&store, clock.clone()).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while registry.deadline_stats().timed_out < 1 {
+        assert!(Instant::now() < deadline, "no fire after restart");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(status(&registry, "t1", "e1").await, CommandStatus::TimedOut);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_index_entry_fires_changes_nothing_and_is_removed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(&StoreConfig::new(dir.path())).expect("open");
+    let clock = ManualClock::new(T0);
+    let registry = start(&store, clock.clone()).await;
+    register(&registry, "t1").await;
+    send(&registry, "t1", "e1", 60).await;
+    // As if a crash left an entry behind (the entry is written before its events).
+    store
+        .repair_index("t1", &[IndexOp::PutDeadline { at_ms: T0 + 1 }])
+        .expect("stray entry");
+    registry.context().deadlines.scheduled(T0 + 1);
+    clock.advance_ms(10);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while store.has_deadline("t1", T0 + 1).expect("index") {
+        assert!(Instant::now() < deadline, "stale entry not removed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(status(&registry, "t1", "e1").await, CommandStatus::Sent);
+    assert!(store.has_deadline("t1", T0 + 60_000).expect("index"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activation_restores_a_missing_deadline_entry() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(&StoreConfig::new(dir.path())).expect("open");
+    let clock = ManualClock::new(T0);
+    let registry = start(&store, clock.clone()).await;
+    register(&registry, "t1").await;
+    send(&registry, "t1", "e1", 60).await;
+    registry.passivate_idle(Duration::ZERO);
+    store
+        .repair_index("t1", &[IndexOp::RemoveDeadline { at_ms: T0 + 60_000 }])
+        .expect("lose entry");
+    // Any request re-activates the Thing, which repairs its entry.
+    assert_eq!(status(&registry, "t1", "e1").await, CommandStatus::Sent);
+    assert!(store.has_deadline("t1", T0 + 60_000).expect("index"));
+}
