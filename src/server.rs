@@ -82,14 +82,15 @@ pub async fn serve(
         pending_max: config.command_pending_max,
         finished_kept_max: config.command_finished_kept_max,
     };
+    let limits = Limits {
+        shadow: shadow_limits,
+        events: event_limits,
+        commands: command_limits,
+    };
     let context = Arc::new(ThingContext {
         store: store.clone(),
         clock: clock.clone(),
-        limits: Limits {
-            shadow: shadow_limits,
-            events: event_limits,
-            commands: command_limits,
-        },
+        limits,
         snapshot_every_events: config.snapshot_every_events,
         deadlines: DeadlineWake::new(),
     });
@@ -124,8 +125,7 @@ pub async fn serve(
         broker.clone(),
         things.clone(),
         &config.topic_prefix,
-        shadow_limits,
-        event_limits,
+        &limits,
         config.aws_compat,
         clock.clone(),
     ));
@@ -141,6 +141,7 @@ pub async fn serve(
             list_limit_max: config.list_limit_max,
             shadow: shadow_limits,
             events: event_limits,
+            commands: command_limits,
         },
     };
 

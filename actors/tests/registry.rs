@@ -129,6 +129,7 @@ async fn requests_racing_passivation_are_never_lost() {
         thing_idle_ms: 1,
         request_timeout_ms: 30_000,
         requests_in_flight_max: 10,
+        ..RegistryConfig::default()
     };
     let registry = start(&store, config, 7).await;
     let things = 8;

@@ -6,6 +6,7 @@
 pub mod auth;
 mod authorization;
 mod clients;
+mod commands;
 mod devices;
 pub mod error;
 pub mod extract;
@@ -18,7 +19,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::http::{Method, StatusCode, Uri};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use thinghub_actors::thing::{EventLimits, ShadowLimits};
+use thinghub_actors::thing::{CommandLimits, EventLimits, ShadowLimits};
 use thinghub_actors::Things;
 
 use crate::auth::AdminKeys;
@@ -39,6 +40,8 @@ pub struct HttpLimits {
     pub shadow: ShadowLimits,
     /// Event bounds.
     pub events: EventLimits,
+    /// Command bounds.
+    pub commands: CommandLimits,
 }
 
 /// What every handler can reach.
@@ -76,6 +79,15 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/things/{name}/history", get(things::history))
         .route("/things/{name}/events", get(things::events))
+        .route(
+            "/things/{name}/commands",
+            post(commands::send).get(commands::list),
+        )
+        .route("/things/{name}/commands/{execution_id}", get(commands::get))
+        .route(
+            "/things/{name}/commands/{execution_id}/cancel",
+            post(commands::cancel),
+        )
         .route("/thing-datas/events", post(devices::event))
         // The device reads the same document as the operator.
         .route("/thing-datas/{name}/shadow", get(things::get_shadow))

@@ -63,7 +63,7 @@ pub struct Page {
 
 const PAGE_LIMIT_DEFAULT: usize = 100;
 
-fn page_limit(requested: Option<usize>, max: usize) -> Result<usize, ApiError> {
+pub(super) fn page_limit(requested: Option<usize>, max: usize) -> Result<usize, ApiError> {
     match requested {
         None => Ok(PAGE_LIMIT_DEFAULT.min(max)),
         Some(limit) if (1..=max).contains(&limit) => Ok(limit),

@@ -18,7 +18,8 @@ use serde_json::{json, Map, Value};
 use thinghub_actors::clock::SharedClock;
 use thinghub_actors::thing::shadow::{client_token_of, parse_json_object, ShadowUpdateResult};
 use thinghub_actors::thing::{
-    EventIngested, EventLimits, IngestEvent, Origin, Rejection, ShadowLimits, ShadowUpdate,
+    CommandExecution, CommandLimits, CommandResponse, ErrorCode, EventIngested, EventLimits,
+    IngestEvent, Limits, Origin, Rejection, ShadowLimits, ShadowUpdate,
 };
 use thinghub_actors::Things;
 
@@ -79,6 +80,43 @@ pub fn parse_event_topic<'t>(prefix: &str, topic: &'t str) -> Option<(&'t str, &
     (one_level(thing) && one_level(event_type)).then_some((thing, event_type))
 }
 
+/// `{prefix}/commands/things/{thing}/executions/{id}/response` -> `(thing, id)`; with `aws`
+/// also a trailing `/json` (the AWS IoT Commands payload-format suffix).
+pub fn parse_command_response<'t>(
+    prefix: &str,
+    topic: &'t str,
+    aws: bool,
+) -> Option<(&'t str, &'t str)> {
+    let rest = topic
+        .strip_prefix(prefix)?
+        .strip_prefix("/commands/things/")?;
+    let (thing, rest) = rest.split_once("/executions/")?;
+    let (execution_id, tail) = rest.split_once('/')?;
+    let one_level = |s: &str| !s.is_empty() && !s.contains('/');
+    let is_response = tail == "response" || (aws && tail == "response/json");
+    (is_response && one_level(thing) && one_level(execution_id)).then_some((thing, execution_id))
+}
+
+/// The AWS IoT Commands name of a refusal (`RejectedErrorCode`).
+fn aws_error_name(rejection: &Rejection) -> &'static str {
+    match rejection.code {
+        ErrorCode::BadRequest
+            if rejection
+                .message
+                .starts_with("Payload contains invalid json") =>
+        {
+            "InvalidJson"
+        }
+        ErrorCode::BadRequest | ErrorCode::PayloadTooLarge | ErrorCode::UnsupportedEncoding => {
+            "InvalidRequest"
+        }
+        ErrorCode::NotFound => "ResourceNotFound",
+        ErrorCode::Conflict => "TerminalStateReached",
+        ErrorCode::TooManyRequests => "RequestThrottled",
+        _ => "InternalError",
+    }
+}
+
 /// The fast path.
 pub struct Bridge {
     broker: Arc<Broker>,
@@ -87,6 +125,9 @@ pub struct Bridge {
     aws_compat: bool,
     limits: ShadowLimits,
     event_limits: EventLimits,
+    command_limits: CommandLimits,
+    /// Command responses refused over MQTT (malformed, unknown, late or duplicate).
+    pub command_responses_refused: std::sync::atomic::AtomicU64,
     /// Device events rejected over MQTT (invalid, or for an unknown Thing).
     pub events_rejected: std::sync::atomic::AtomicU64,
     clock: SharedClock,
@@ -98,8 +139,7 @@ impl Bridge {
         broker: Arc<Broker>,
         things: Things,
         prefix: &str,
-        limits: ShadowLimits,
-        event_limits: EventLimits,
+        limits: &Limits,
         aws_compat: bool,
         clock: SharedClock,
     ) -> Bridge {
@@ -108,8 +148,10 @@ impl Bridge {
             things,
             prefix: prefix.to_owned(),
             aws_compat,
-            limits,
-            event_limits,
+            limits: limits.shadow,
+            event_limits: limits.events,
+            command_limits: limits.commands,
+            command_responses_refused: std::sync::atomic::AtomicU64::new(0),
             events_rejected: std::sync::atomic::AtomicU64::new(0),
             clock,
         }
@@ -315,6 +357,105 @@ impl Bridge {
         }
     }
 
+    /// Whether `topic` is a device's answer to a command: `(thing, executionId, namespace)`.
+    pub fn parse_command_response<'t>(
+        &self,
+        topic: &'t str,
+    ) -> Option<(&'t str, &'t str, Namespace)> {
+        if let Some((thing, id)) = parse_command_response(&self.prefix, topic, false) {
+            return Some((thing, id, Namespace::Native));
+        }
+        if self.aws_compat {
+            if let Some((thing, id)) = parse_command_response(AWS_PREFIX, topic, true) {
+                return Some((thing, id, Namespace::Aws));
+            }
+        }
+        None
+    }
+
+    fn execution_topic(&self, namespace: Namespace, thing: &str, id: &str, tail: &str) -> String {
+        match namespace {
+            Namespace::Native => {
+                format!(
+                    "{}/commands/things/{thing}/executions/{id}/{tail}",
+                    self.prefix
+                )
+            }
+            // AWS IoT Commands topics end with the payload format.
+            Namespace::Aws => {
+                format!("{AWS_PREFIX}/commands/things/{thing}/executions/{id}/{tail}/json")
+            }
+        }
+    }
+
+    /// Publishes a durable command's request to the device (QoS 1; a persistent session keeps
+    /// it while the device is away).
+    pub fn command_sent(&self, thing: &str, execution: &CommandExecution) {
+        let request = execution.request_json();
+        for namespace in self.namespaces() {
+            let topic = self.execution_topic(*namespace, thing, &execution.execution_id, "request");
+            self.publish(topic, &request);
+        }
+    }
+
+    /// Applies a device's answer (durable, or refused and recorded, before this returns) and
+    /// replies on `.../response/accepted` or `.../response/rejected`.
+    pub async fn command_response(
+        &self,
+        thing: &str,
+        execution_id: &str,
+        namespace: Namespace,
+        payload: &[u8],
+    ) {
+        let outcome = async {
+            let body = parse_json_object(payload)?;
+            let response = CommandResponse::from_json(execution_id, &body, &self.command_limits)?;
+            self.things.respond_command(thing, response).await
+        }
+        .await;
+        let timestamp = self.clock.now_ms() / 1000;
+        match (outcome, namespace) {
+            (Ok(execution), Namespace::Native) => {
+                let topic =
+                    self.execution_topic(namespace, thing, execution_id, "response/accepted");
+                if self.broker.has_subscribers(&topic) {
+                    let body = json!({
+                        "executionId": execution.execution_id,
+                        "status": execution.status.as_str(),
+                        "timestamp": timestamp,
+                    });
+                    self.publish(topic, &body);
+                }
+            }
+            (Ok(execution), Namespace::Aws) => {
+                let topic =
+                    self.execution_topic(namespace, thing, execution_id, "response/accepted");
+                self.publish(topic, &json!({"executionId": execution.execution_id}));
+            }
+            (Err(rejection), namespace) => {
+                self.command_responses_refused
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(%thing, %execution_id, code = rejection.code.as_u16(), reason = %rejection.message, "command response refused");
+                let body = match namespace {
+                    Namespace::Native => json!({
+                        "code": rejection.code.as_u16(),
+                        "message": rejection.message,
+                        "executionId": execution_id,
+                        "timestamp": timestamp,
+                    }),
+                    Namespace::Aws => json!({
+                        "error": aws_error_name(&rejection),
+                        "errorMessage": rejection.message,
+                        "executionId": execution_id,
+                    }),
+                };
+                let topic =
+                    self.execution_topic(namespace, thing, execution_id, "response/rejected");
+                self.publish(topic, &body);
+            }
+        }
+    }
+
     /// Publishes `delete/accepted` for a deletion made anywhere.
     pub fn shadow_deleted(&self, thing: &str, reply: &Value) {
         self.broadcast(thing, "delete/accepted", reply);
@@ -323,7 +464,39 @@ impl Bridge {
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_event_topic, parse_shadow_request, ShadowOp};
+    use super::{parse_command_response, parse_event_topic, parse_shadow_request, ShadowOp};
+
+    #[test]
+    fn command_response_topics_name_one_thing_and_one_execution() {
+        let native = |topic| parse_command_response("$emqx", topic, false);
+        assert_eq!(
+            native("$emqx/commands/things/t1/executions/e-1/response"),
+            Some(("t1", "e-1"))
+        );
+        for not_a_response in [
+            "$emqx/commands/things/t1/executions/e-1/request",
+            "$emqx/commands/things/t1/executions/e-1/response/json",
+            "$emqx/commands/things/t1/executions/e-1/response/accepted",
+            "$emqx/commands/things//executions/e-1/response",
+            "$emqx/commands/things/t1/executions//response",
+            "$emqx/things/t1/executions/e-1/response",
+        ] {
+            assert_eq!(native(not_a_response), None, "{not_a_response}");
+        }
+        let aws = |topic| parse_command_response("$aws", topic, true);
+        assert_eq!(
+            aws("$aws/commands/things/t1/executions/e-1/response/json"),
+            Some(("t1", "e-1"))
+        );
+        assert_eq!(
+            aws("$aws/commands/things/t1/executions/e-1/response"),
+            Some(("t1", "e-1"))
+        );
+        assert_eq!(
+            aws("$aws/commands/things/t1/executions/e-1/response/accepted/json"),
+            None
+        );
+    }
 
     #[test]
     fn event_topics_name_one_thing_and_one_type() {

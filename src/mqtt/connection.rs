@@ -747,7 +747,20 @@ async fn handle_packet(
             } else {
                 None
             };
-            if let Some((thing, event_type)) = event {
+            let command_response =
+                if allowed && !duplicate_qos2 && request.is_none() && event.is_none() {
+                    ctx.bridge
+                        .parse_command_response(&topic)
+                        .map(|(thing, id, namespace)| (thing.to_owned(), id.to_owned(), namespace))
+                } else {
+                    None
+                };
+            if let Some((thing, execution_id, namespace)) = command_response {
+                // Applied (or refused and recorded) in the Thing's log before the PUBACK below.
+                ctx.bridge
+                    .command_response(&thing, &execution_id, namespace, &publish.payload)
+                    .await;
+            } else if let Some((thing, event_type)) = event {
                 // Stored in the Thing's log before the PUBACK below.
                 ctx.bridge
                     .event(&thing, &event_type, &publish.payload)

@@ -1201,23 +1201,23 @@ mod tests {
                 .map_err(|r| r.message)
         };
         assert_eq!(
-            parse(json!([])).unwrap_err(),
+            parse(json!([])).expect_err("refused"),
             "Payload must be a JSON object"
         );
         assert_eq!(
-            parse(json!({})).unwrap_err(),
+            parse(json!({})).expect_err("refused"),
             "Missing required field: action"
         );
         assert_eq!(
-            parse(json!({"action": 3})).unwrap_err(),
+            parse(json!({"action": 3})).expect_err("refused"),
             "action must be a string"
         );
         assert_eq!(
-            parse(json!({"action": "a", "params": [1]})).unwrap_err(),
+            parse(json!({"action": "a", "params": [1]})).expect_err("refused"),
             "params must be a JSON object"
         );
         assert!(parse(json!({"action": "a", "ttl": -1}))
-            .unwrap_err()
+            .expect_err("refused")
             .starts_with("ttl must be whole seconds"));
         let ok = parse(json!({"action": "reboot", "ttl": 5})).expect("valid");
         assert_eq!((ok.command_id.as_str(), ok.ttl_s), ("c1", Some(5)));
@@ -1225,16 +1225,16 @@ mod tests {
         let answer =
             |body: Value| CommandResponse::from_json("e1", &body, &limits()).map_err(|r| r.message);
         assert_eq!(
-            answer(json!({})).unwrap_err(),
+            answer(json!({})).expect_err("refused"),
             "Missing required field: status"
         );
         assert_eq!(
-            answer(json!({"status": "FAILED", "result": 1})).unwrap_err(),
+            answer(json!({"status": "FAILED", "result": 1})).expect_err("refused"),
             "result must be a JSON object"
         );
         assert!(
             answer(json!({"status": "FAILED", "statusReason": {"reasonCode": "bad code"}}))
-                .unwrap_err()
+                .expect_err("refused")
                 .contains("reasonCode")
         );
         let parsed = answer(json!({"status": "FAILED",

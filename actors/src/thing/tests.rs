@@ -367,3 +367,36 @@ proptest! {
         );
     }
 }
+
+#[test]
+fn commands_need_a_registered_thing_but_deadlines_fire_even_after_deletion() {
+    let send = ThingCommand::SendCommand(SendCommand {
+        execution_id: "e1".into(),
+        command_id: "c1".into(),
+        action: "reboot".into(),
+        params: None,
+        ttl_s: Some(5),
+    });
+    let (state, _) = given(&[]);
+    assert_eq!(
+        when(&state, send.clone()).expect_err("404").code,
+        ErrorCode::NotFound
+    );
+    let (mut state, _) = given(&[register(), send, ThingCommand::Delete]);
+    let decision = decide(
+        &state,
+        &ThingCommand::FireDeadlines,
+        NOW_MS + 5_000,
+        &Limits::default(),
+    )
+    .expect("fires");
+    assert_eq!(decision.events.len(), 1);
+    for event in &decision.events {
+        apply(&mut state, event);
+    }
+    assert_eq!(state.commands.next_deadline_ms(), None);
+    assert_eq!(
+        state.commands.get("e1").map(|e| e.status),
+        Some(CommandStatus::TimedOut)
+    );
+}

@@ -1,0 +1,104 @@
+//! Management API: commands to a Thing (send, inspect, list, cancel).
+//!
+//! A command is durable (`CommandSent` in the Thing's log, its deadline in the index) before the
+//! request is published to the device and before the 201 is returned.
+
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use thinghub_actors::thing::commands::PageCursor;
+use thinghub_actors::thing::{CommandStatus, SendCommand};
+use thinghub_actors::Things;
+
+use super::error::ApiError;
+use super::extract::{JsonBody, QueryParams};
+use super::things::page_limit;
+use super::AppState;
+
+/// `POST /api/v1/things/{name}/commands` `{action, params?, ttl?, commandId?}` -> 201.
+pub async fn send(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    JsonBody(body): JsonBody<Value>,
+) -> Result<Response, ApiError> {
+    let command = SendCommand::from_json(
+        &body,
+        Things::new_execution_id(),
+        Things::new_execution_id,
+        &state.limits.commands,
+    )?;
+    let execution = state.things.send_command(&name, command).await?;
+    // Durable now: publish the request (queued in a persistent session if the device is away).
+    state.bridge.command_sent(&name, &execution);
+    let location = format!("/api/v1/things/{name}/commands/{}", execution.execution_id);
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        Json(execution.to_json(&name)),
+    )
+        .into_response())
+}
+
+/// `GET /api/v1/things/{name}/commands/{executionId}`.
+pub async fn get(
+    State(state): State<AppState>,
+    Path((name, execution_id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let execution = state.things.get_command(&name, &execution_id).await?;
+    Ok(Json(execution.to_json(&name)))
+}
+
+/// `POST /api/v1/things/{name}/commands/{executionId}/cancel` -> CANCELED (409 if it ended).
+pub async fn cancel(
+    State(state): State<AppState>,
+    Path((name, execution_id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let execution = state.things.cancel_command(&name, &execution_id).await?;
+    Ok(Json(execution.to_json(&name)))
+}
+
+/// Listing parameters.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    status: Option<String>,
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+/// `GET /api/v1/things/{name}/commands?status&limit&cursor`: newest first.
+pub async fn list(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    QueryParams(params): QueryParams<ListParams>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = page_limit(params.limit, state.limits.list_limit_max)?;
+    let status = params
+        .status
+        .as_deref()
+        .map(|s| {
+            CommandStatus::parse(s).ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "unknown status '{s}': one of SENT, IN_PROGRESS, SUCCEEDED, FAILED, REJECTED, TIMED_OUT, CANCELED"
+                ))
+            })
+        })
+        .transpose()?;
+    let cursor = params
+        .cursor
+        .as_deref()
+        .map(PageCursor::parse)
+        .transpose()?;
+    let page = state
+        .things
+        .list_commands(&name, status, cursor, limit)
+        .await?;
+    let items: Vec<Value> = page.items.iter().map(|e| e.to_json(&name)).collect();
+    Ok(Json(json!({
+        "items": items,
+        "nextCursor": page.next_cursor.map(|c| c.to_string()),
+    })))
+}
