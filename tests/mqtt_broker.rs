@@ -653,10 +653,13 @@ async fn connects_and_disconnects_of_a_thing_are_in_its_status_and_history() {
             )
         })
         .collect();
-    let types: Vec<&str> = summaries
+    let mut types: Vec<&str> = summaries
         .iter()
         .map(|s| s.split(' ').next().unwrap_or(""))
         .collect();
+    // The successor's connect and the predecessor's takeover disconnect are recorded by two
+    // connections concurrently: either order is right.
+    types[1..4].sort_unstable();
     assert_eq!(
         types,
         [
@@ -668,7 +671,13 @@ async fn connects_and_disconnects_of_a_thing_are_in_its_status_and_history() {
         ],
         "{summaries:#?}"
     );
-    assert!(summaries[3].contains("reason=takeover"), "{summaries:#?}");
+    assert!(
+        summaries[1..4]
+            .iter()
+            .any(|s| s.contains("reason=takeover")),
+        "{summaries:#?}"
+    );
+    assert!(!summaries[4].contains("reason=takeover"), "{summaries:#?}");
 
     // A client that goes silent with its socket open is ended after 1.5 x keep-alive.
     let mut silent = raw_connect(&server, "pump-9-raw", "dev9", "pw", 1).await;

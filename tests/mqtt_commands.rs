@@ -359,12 +359,12 @@ async fn a_deadline_that_passes_during_a_kill_9_fires_right_after_restart() {
         assert!(now_ms() < expires + 10_000, "clock did not advance");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let restarting = now_ms();
     let server = Server::start(dir.path(), &[]);
-    let restarted = now_ms();
     let timed_out = wait_for_status(&server, &id, "TIMED_OUT").await;
     let completed = timed_out["completedAt"].as_u64().expect("completedAt");
     assert!(
-        completed >= restarted,
+        completed >= restarting,
         "fired after the restart: {timed_out}"
     );
     let (_, history) = call(

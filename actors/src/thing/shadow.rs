@@ -806,7 +806,9 @@ mod tests {
         assert!(shadow.exists);
         assert_eq!(
             shadow.reported,
-            *json!({"temp":21.5,"nested":{"a":1}}).as_object().expect("object")
+            *json!({"temp":21.5,"nested":{"a":1}})
+                .as_object()
+                .expect("object")
         );
         assert_eq!(
             Value::Object(shadow.metadata_reported.clone()),
