@@ -162,6 +162,15 @@ fn scan_once(registry: &Registry, firing: &Firing, config: &DeadlineConfig) -> u
         if !lock(firing).insert(key.clone()) {
             continue;
         }
+        // The entries were read before fires that finished during this scan removed theirs.
+        if !context
+            .store
+            .has_deadline(&entry.thing, entry.at_ms)
+            .unwrap_or(true)
+        {
+            lock(firing).remove(&key);
+            continue;
+        }
         started += 1;
         fire(registry.clone(), firing.clone(), key, config.retry_after_ms);
     }

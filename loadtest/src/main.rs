@@ -14,6 +14,7 @@
 
 #![allow(clippy::print_stdout)] // a command-line report is this program's output
 
+mod commands;
 mod mqtt;
 mod shadow;
 
@@ -108,6 +109,36 @@ enum Scenario {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
+    /// Command fan-out: connected devices answer every command; commands/s and send->SUCCEEDED.
+    Commands {
+        /// Connected simulated devices (each a Thing).
+        #[arg(long, default_value_t = 10_000)]
+        devices: usize,
+        /// Commands sent in total (spread round-robin over the devices).
+        #[arg(long, default_value_t = 50_000)]
+        commands: usize,
+        /// HTTP sends in flight.
+        #[arg(long, default_value_t = 256)]
+        concurrency: usize,
+        /// Upper bound on the sending phase, seconds.
+        #[arg(long, default_value_t = 120)]
+        max_seconds: u64,
+    },
+    /// Timer cost: P pending command deadlines on passivated Things; memory and fire accuracy.
+    Deadlines {
+        /// Pending commands (one per Thing).
+        #[arg(long, default_value_t = 100_000)]
+        pending: usize,
+        /// TTL of every command, seconds (the fires come this long after the sends).
+        #[arg(long, default_value_t = 10)]
+        ttl_s: u64,
+        /// Requests in flight while registering and sending.
+        #[arg(long, default_value_t = 1000)]
+        concurrency: usize,
+        /// Upper bound on the whole run, seconds.
+        #[arg(long, default_value_t = 300)]
+        max_seconds: u64,
+    },
     /// Internal: a thinghub server on 127.0.0.1 port 0 (used by `mqtt`).
     #[command(hide = true)]
     Server {
@@ -185,6 +216,23 @@ fn main() -> Result<()> {
             seconds,
             inflight,
         })),
+        Scenario::Commands {
+            devices,
+            commands,
+            concurrency,
+            max_seconds,
+        } => runtime.block_on(commands::run(commands::CommandsRun {
+            devices,
+            commands,
+            concurrency,
+            max_seconds,
+        })),
+        Scenario::Deadlines {
+            pending,
+            ttl_s,
+            concurrency,
+            max_seconds,
+        } => runtime.block_on(deadlines(pending, ttl_s, concurrency, max_seconds)),
         Scenario::Shadow { devices, seconds } => {
             runtime.block_on(shadow::run(shadow::ShadowRun { devices, seconds }))
         }
@@ -603,5 +651,162 @@ async fn actors_measure(
         "reactivate_seconds": reactivate_seconds,
     });
     println!("{report}");
+    Ok(())
+}
+
+/// The deadline timer under load: `pending` commands with the same TTL on Things that are all
+/// passivated before their deadlines; each fire re-activates its Thing.
+async fn deadlines(pending: usize, ttl_s: u64, concurrency: usize, max_seconds: u64) -> Result<()> {
+    use thinghub_actors::thing::{CommandStatus, SendCommand};
+    let deadline = Instant::now() + Duration::from_secs(max_seconds);
+    let dir = data_dir(None)?;
+    let store = Store::open(&StoreConfig::new(&dir.path))?;
+    let registry = start_registry(&store, 64).await?;
+    let name = |i: usize| format!("timer-{i:08}");
+    drive(&registry, pending, concurrency, deadline, move |i| {
+        (
+            name(i),
+            Request::Command(ThingCommand::Register(RegisterThing {
+                mqtt_client_id: None,
+                thing_type: None,
+                attributes: Default::default(),
+            })),
+        )
+    })
+    .await?;
+    wait_passivated(&registry, deadline).await?;
+    let rss_registered = rss_bytes();
+    let (send_seconds, _) = drive(&registry, pending, concurrency, deadline, move |i| {
+        (
+            name(i),
+            Request::Command(ThingCommand::SendCommand(SendCommand {
+                execution_id: format!("ex-{i}"),
+                command_id: "bench".into(),
+                action: "reboot".into(),
+                params: None,
+                ttl_s: Some(ttl_s),
+            })),
+        )
+    })
+    .await?;
+    let rss_active = rss_bytes();
+    wait_passivated(&registry, deadline).await?;
+    let rss_passivated = rss_bytes();
+    let index_entries = store.count_deadlines();
+    let waiting_since = Instant::now();
+    let mut first_fire = None;
+    while (registry.deadline_stats().timed_out as usize) < pending {
+        if first_fire.is_none() && registry.deadline_stats().timed_out > 0 {
+            first_fire = Some(Instant::now());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "only {} of {pending} deadlines fired in time",
+                registry.deadline_stats().timed_out
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let all_fired = Instant::now();
+    let fire_window = all_fired
+        .duration_since(first_fire.unwrap_or(waiting_since))
+        .as_secs_f64();
+    let stats = registry.deadline_stats();
+    // How late each fired: completedAt - expiresAt, read back from each Thing.
+    let lateness = Arc::new(std::sync::Mutex::new(histogram()));
+    let wrong = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..concurrency.clamp(1, 256) {
+        let (registry, lateness, wrong) = (registry.clone(), lateness.clone(), wrong.clone());
+        tasks.spawn(async move {
+            let mut i = worker;
+            while i < pending {
+                let request = Request::GetCommand {
+                    execution_id: format!("ex-{i}"),
+                };
+                match registry.request(&name(i), request).await {
+                    Ok(thinghub_actors::Response::Execution(e))
+                        if e.status == CommandStatus::TimedOut =>
+                    {
+                        let late_ms = e
+                            .completed_at_ms
+                            .unwrap_or(0)
+                            .saturating_sub(e.expires_at_ms);
+                        lateness
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .saturating_record(late_ms.max(1) * 1000);
+                    }
+                    _ => {
+                        wrong.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                i += 256;
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done?;
+    }
+    let lateness = lateness.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let ms = |q: f64| lateness.value_at_quantile(q) as f64 / 1000.0;
+    let per = |after: u64, before: u64| after.saturating_sub(before) as f64 / pending as f64;
+    println!("deadlines: {pending} pending commands (one per Thing), ttl {ttl_s} s, Things passivated before the deadlines");
+    let rows = [
+        (
+            "commands sent/s (durable, with index entry)",
+            format!("{:.0}", pending as f64 / send_seconds),
+        ),
+        (
+            "deadline index entries while pending",
+            index_entries.to_string(),
+        ),
+        (
+            "RSS per pending command, Thing active, bytes",
+            format!("{:.0}", per(rss_active, rss_registered)),
+        ),
+        (
+            "RSS per pending command, Thing passivated, bytes",
+            format!("{:.0}", per(rss_passivated, rss_registered)),
+        ),
+        (
+            "fires (Thing activations by the timer)",
+            stats.fires.to_string(),
+        ),
+        ("timed out", stats.timed_out.to_string()),
+        ("fire retries", stats.retries.to_string()),
+        (
+            "fire window (first to last), s",
+            format!("{fire_window:.2}"),
+        ),
+        (
+            "fires/s over the window",
+            format!("{:.0}", pending as f64 / fire_window.max(1e-9)),
+        ),
+        (
+            "lateness p50 ms (completedAt - expiresAt)",
+            format!("{:.0}", ms(0.5)),
+        ),
+        ("lateness p99 ms", format!("{:.0}", ms(0.99))),
+        (
+            "lateness max ms",
+            format!("{:.0}", lateness.max() as f64 / 1000.0),
+        ),
+        (
+            "not TIMED_OUT when read back",
+            wrong.load(std::sync::atomic::Ordering::Relaxed).to_string(),
+        ),
+        (
+            "deadline index entries after",
+            store.count_deadlines().to_string(),
+        ),
+    ];
+    for (name, value) in rows {
+        println!("{name:<50} {value:>14}");
+    }
+    if wrong.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+        bail!("some executions did not time out");
+    }
+    registry.shutdown(Duration::from_secs(30)).await;
     Ok(())
 }

@@ -31,7 +31,7 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
 }
 
-async fn register_things(http: SocketAddr, devices: usize) -> Result<()> {
+pub(crate) async fn register_things(http: SocketAddr, devices: usize) -> Result<()> {
     let client = reqwest::Client::new();
     let mut pending = tokio::task::JoinSet::new();
     for i in 0..devices {
