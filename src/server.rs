@@ -143,6 +143,7 @@ pub async fn serve(
             events: event_limits,
             commands: command_limits,
         },
+        started: std::time::Instant::now(),
     };
 
     let listener = TcpListener::bind(config.http_listen)

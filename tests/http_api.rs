@@ -380,3 +380,64 @@ async fn listing_pages_with_a_cursor_and_deletes_keep_history() {
         ]
     );
 }
+
+#[tokio::test]
+async fn metrics_are_served_as_json_and_prometheus_text_to_admins_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let (status, _) = call(
+        Method::POST,
+        &server.url("/api/v1/things"),
+        Some(json!({"thingName":"m1"})),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let (status, metrics) = call(Method::GET, &server.url("/api/v1/metrics"), None).await;
+    assert_eq!(status, 200);
+    assert!(
+        metrics["process"]["rssBytes"].as_u64().unwrap_or(0) > 0,
+        "{metrics}"
+    );
+    assert!(
+        metrics["things"]["activations"].as_u64().unwrap_or(0) >= 1,
+        "{metrics}"
+    );
+    assert!(
+        metrics["storage"]["durableWrites"].as_u64().unwrap_or(0) >= 1,
+        "{metrics}"
+    );
+    assert_eq!(metrics["mqtt"]["connections"], 0, "{metrics}");
+
+    let response = common::client()
+        .get(server.url("/metrics"))
+        .basic_auth(common::ADMIN_KEY, Some(common::ADMIN_SECRET))
+        .send()
+        .await
+        .expect("scrape");
+    assert_eq!(response.status(), 200);
+    assert!(response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/plain; version=0.0.4")));
+    let text = response.text().await.expect("text");
+    for line in [
+        "# TYPE thinghub_things_active gauge",
+        "# TYPE thinghub_thing_activations_total counter",
+        "thinghub_mqtt_connections 0",
+    ] {
+        assert!(text.lines().any(|l| l == line), "missing {line}:\n{text}");
+    }
+    // Every sample line is `name value` with a number.
+    for sample in text.lines().filter(|l| !l.starts_with('#')) {
+        let (name, value) = sample.split_once(' ').expect("name value");
+        assert!(name.starts_with("thinghub_"), "{sample}");
+        value.parse::<f64>().expect("a number");
+    }
+    let anonymous = common::client()
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .expect("scrape");
+    assert_eq!(anonymous.status(), 401);
+}

@@ -10,6 +10,7 @@ mod commands;
 mod devices;
 pub mod error;
 pub mod extract;
+mod metrics;
 mod things;
 mod users;
 
@@ -61,6 +62,8 @@ pub struct AppState {
     pub acl: Acl,
     /// Bounds.
     pub limits: HttpLimits,
+    /// When the server started (uptime in the metrics).
+    pub started: std::time::Instant,
 }
 
 /// The whole HTTP application.
@@ -100,6 +103,7 @@ pub fn app(state: AppState) -> Router {
             "/authentication/users/{username}",
             get(users::get).put(users::update).delete(users::delete),
         )
+        .route("/metrics", get(metrics::json))
         .route("/clients", get(clients::list))
         .route(
             "/clients/{client_id}",
@@ -119,8 +123,16 @@ pub fn app(state: AppState) -> Router {
             state.clone(),
             auth::require_admin,
         ));
+    // Prometheus scrapes the same admin-key protected data (scrape config `basic_auth`).
+    let prometheus = Router::new()
+        .route("/metrics", get(metrics::prometheus))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_admin,
+        ));
     Router::new()
         .route("/healthz", get(healthz))
+        .merge(prometheus)
         .nest("/api/v1", api)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -1,0 +1,260 @@
+//! What operators and the load-test harness read: process, Things, storage, MQTT and timer
+//! counters, as JSON (`GET /api/v1/metrics`) and in the Prometheus text format (`GET /metrics`).
+//! Every value is a cheap read (counters and atomics); nothing walks the database.
+
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::Json;
+use serde_json::{json, Value};
+
+use super::AppState;
+
+/// One metric: Prometheus name, type, help, value, and where it goes in the JSON.
+struct Metric {
+    name: &'static str,
+    kind: &'static str,
+    help: &'static str,
+    value: f64,
+    group: &'static str,
+    key: &'static str,
+}
+
+/// The process's resident set size, bytes (0 where /proc is not available).
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|statm| statm.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map(|pages| pages * 4096)
+        .unwrap_or(0)
+}
+
+fn collect(state: &AppState) -> Vec<Metric> {
+    let registry = state.things.registry();
+    let things = registry.stats();
+    let timer = registry.deadline_stats();
+    let commit = registry.context().store.commit_stats();
+    let broker = &state.broker.stats;
+    let (sessions, connections) = state.broker.counts();
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed) as f64;
+    let m = |name, kind, help, value: f64, group, key| Metric {
+        name,
+        kind,
+        help,
+        value,
+        group,
+        key,
+    };
+    vec![
+        m(
+            "thinghub_process_resident_memory_bytes",
+            "gauge",
+            "Resident set size of the server process.",
+            rss_bytes() as f64,
+            "process",
+            "rssBytes",
+        ),
+        m(
+            "thinghub_process_uptime_seconds",
+            "gauge",
+            "Seconds since the server started.",
+            state.started.elapsed().as_secs_f64(),
+            "process",
+            "uptimeSeconds",
+        ),
+        m(
+            "thinghub_things_active",
+            "gauge",
+            "Thing actors alive now.",
+            things.active_things as f64,
+            "things",
+            "activeActors",
+        ),
+        m(
+            "thinghub_thing_activations_total",
+            "counter",
+            "Thing actors started (replays).",
+            things.activations as f64,
+            "things",
+            "activations",
+        ),
+        m(
+            "thinghub_thing_passivations_total",
+            "counter",
+            "Thing actors stopped after idling.",
+            things.passivations as f64,
+            "things",
+            "passivations",
+        ),
+        m(
+            "thinghub_thing_failures_total",
+            "counter",
+            "Thing actors that died unexpectedly.",
+            things.failures as f64,
+            "things",
+            "failures",
+        ),
+        m(
+            "thinghub_storage_commits_total",
+            "counter",
+            "Group commits (flush + fsync).",
+            commit.batches as f64,
+            "storage",
+            "commits",
+        ),
+        m(
+            "thinghub_storage_durable_writes_total",
+            "counter",
+            "Appends and syncs made durable.",
+            commit.waiters as f64,
+            "storage",
+            "durableWrites",
+        ),
+        m(
+            "thinghub_storage_commit_seconds_total",
+            "counter",
+            "Time spent in flush + fsync.",
+            commit.flush_us_total as f64 / 1e6,
+            "storage",
+            "commitSecondsTotal",
+        ),
+        m(
+            "thinghub_mqtt_connections",
+            "gauge",
+            "Connected MQTT clients.",
+            connections as f64,
+            "mqtt",
+            "connections",
+        ),
+        m(
+            "thinghub_mqtt_sessions",
+            "gauge",
+            "MQTT sessions, connected or persistent.",
+            sessions as f64,
+            "mqtt",
+            "sessions",
+        ),
+        m(
+            "thinghub_mqtt_messages_in_total",
+            "counter",
+            "PUBLISH packets received from clients.",
+            load(&broker.messages_in),
+            "mqtt",
+            "messagesIn",
+        ),
+        m(
+            "thinghub_mqtt_messages_out_total",
+            "counter",
+            "PUBLISH packets handed to connections.",
+            load(&broker.messages_out),
+            "mqtt",
+            "messagesOut",
+        ),
+        m(
+            "thinghub_mqtt_messages_dropped_total",
+            "counter",
+            "Messages dropped (full queues).",
+            load(&broker.messages_dropped),
+            "mqtt",
+            "messagesDropped",
+        ),
+        m(
+            "thinghub_mqtt_messages_expired_total",
+            "counter",
+            "Messages whose v5 expiry passed undelivered.",
+            load(&broker.messages_expired),
+            "mqtt",
+            "messagesExpired",
+        ),
+        m(
+            "thinghub_mqtt_acl_denied_total",
+            "counter",
+            "Publishes and subscriptions refused by the ACL.",
+            load(&broker.acl_denied),
+            "mqtt",
+            "aclDenied",
+        ),
+        m(
+            "thinghub_device_events_rejected_total",
+            "counter",
+            "Device events rejected over MQTT.",
+            load(&state.bridge.events_rejected),
+            "mqtt",
+            "eventsRejected",
+        ),
+        m(
+            "thinghub_command_responses_refused_total",
+            "counter",
+            "Command answers refused over MQTT.",
+            load(&state.bridge.command_responses_refused),
+            "mqtt",
+            "commandResponsesRefused",
+        ),
+        m(
+            "thinghub_deadline_fires_total",
+            "counter",
+            "Deadline fires sent to Things.",
+            timer.fires as f64,
+            "deadlines",
+            "fires",
+        ),
+        m(
+            "thinghub_deadline_timed_out_total",
+            "counter",
+            "Command executions timed out by the timer.",
+            timer.timed_out as f64,
+            "deadlines",
+            "timedOut",
+        ),
+        m(
+            "thinghub_deadline_retries_total",
+            "counter",
+            "Deadline fires that failed and were retried.",
+            timer.retries as f64,
+            "deadlines",
+            "retries",
+        ),
+        m(
+            "thinghub_deadline_fires_in_flight",
+            "gauge",
+            "Deadline fires in flight.",
+            timer.in_flight as f64,
+            "deadlines",
+            "inFlight",
+        ),
+    ]
+}
+
+/// `GET /api/v1/metrics`: `{process:{...}, things:{...}, storage:{...}, mqtt:{...}, deadlines:{...}}`.
+pub async fn json(State(state): State<AppState>) -> Json<Value> {
+    let mut body = json!({});
+    for metric in collect(&state) {
+        let value = if metric.value.fract() == 0.0 && metric.value >= 0.0 {
+            json!(metric.value as u64)
+        } else {
+            json!(metric.value)
+        };
+        body[metric.group][metric.key] = value;
+    }
+    Json(body)
+}
+
+/// `GET /metrics`: the Prometheus text exposition format (version 0.0.4).
+pub async fn prometheus(State(state): State<AppState>) -> impl IntoResponse {
+    let mut text = String::new();
+    for metric in collect(&state) {
+        let _ = writeln!(text, "# HELP {} {}", metric.name, metric.help);
+        let _ = writeln!(text, "# TYPE {} {}", metric.name, metric.kind);
+        let _ = writeln!(text, "{} {}", metric.name, metric.value);
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+}
