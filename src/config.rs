@@ -54,6 +54,8 @@ pub struct Config {
     pub event_data_bytes_max: usize,
     /// Largest page of a listing.
     pub list_limit_max: usize,
+    /// Most lines one bulk registration (`POST /api/v1/things/bulk`) reads.
+    pub bulk_lines_max: usize,
     /// Command TTL when the request names none, seconds.
     pub command_ttl_default_s: u64,
     /// Longest command TTL accepted, seconds (the shortest is 1).
@@ -126,6 +128,7 @@ impl Default for Config {
             client_token_bytes_max: 64,
             event_data_bytes_max: 4 * 1024,
             list_limit_max: 1000,
+            bulk_lines_max: 1_000_000,
             command_ttl_default_s: 60,
             command_ttl_max_s: 7 * 24 * 3600,
             command_action_bytes_max: 128,
@@ -285,6 +288,7 @@ impl Config {
             ("shadow_state_bytes_max", self.shadow_state_bytes_max as u64),
             ("shadow_depth_max", self.shadow_depth_max as u64),
             ("list_limit_max", self.list_limit_max as u64),
+            ("bulk_lines_max", self.bulk_lines_max as u64),
             ("event_data_bytes_max", self.event_data_bytes_max as u64),
             ("command_ttl_default_s", self.command_ttl_default_s),
             ("command_ttl_max_s", self.command_ttl_max_s),

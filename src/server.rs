@@ -142,6 +142,7 @@ pub async fn serve(
             shadow: shadow_limits,
             events: event_limits,
             commands: command_limits,
+            bulk_lines_max: config.bulk_lines_max,
         },
         started: std::time::Instant::now(),
     };

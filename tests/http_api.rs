@@ -441,3 +441,75 @@ async fn metrics_are_served_as_json_and_prometheus_text_to_admins_only() {
         .expect("scrape");
     assert_eq!(anonymous.status(), 401);
 }
+
+#[tokio::test]
+async fn bulk_registration_streams_ndjson_with_an_answer_per_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &["--http-body-bytes-max", "4096"]);
+    let mut body = String::new();
+    for i in 0..50 {
+        body.push_str(&format!(
+            "{{\"thingName\":\"bulk-{i}\",\"thingType\":\"meter\"}}\n"
+        ));
+    }
+    body.push_str("{\"thingName\":\"bulk-0\"}\n"); // line 51: exists
+    body.push_str("not json\n"); // line 52
+    body.push_str("\n"); // blank: skipped, not counted
+    body.push_str("{\"thingName\":\"bad name!\"}\n"); // line 53
+    body.push_str(&format!(
+        "{{\"thingName\":\"long\",\"thingType\":\"{}\"}}\n",
+        "x".repeat(5000)
+    )); // line 54: longer than the line bound
+    body.push_str("{\"thingName\":\"bulk-dev\",\"password\":\"pw-1\"}"); // line 55, no final newline
+    let response = client()
+        .post(server.url("/api/v1/things/bulk"))
+        .basic_auth(common::ADMIN_KEY, Some(common::ADMIN_SECRET))
+        .body(body)
+        .send()
+        .await
+        .expect("bulk");
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.expect("ndjson");
+    let answers: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each answer is JSON"))
+        .collect();
+    let summary = answers.last().expect("summary");
+    assert_eq!(
+        summary["summary"],
+        json!({"lines": 55, "created": 51, "failed": 4}),
+        "{text}"
+    );
+    let by_line = |n: u64| {
+        answers
+            .iter()
+            .find(|a| a["line"] == n)
+            .unwrap_or_else(|| panic!("no answer for line {n}: {text}"))
+    };
+    assert_eq!(by_line(51)["code"], 409);
+    assert_eq!(by_line(52)["code"], 400);
+    assert_eq!(by_line(53)["code"], 400);
+    assert_eq!(by_line(54)["code"], 413);
+    assert_eq!(by_line(55)["credentials"], "created");
+    let (status, listed) = call(Method::GET, &server.url("/api/v1/things?limit=1000"), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(listed["items"].as_array().map(Vec::len), Some(51));
+    let (status, user) = call(
+        Method::GET,
+        &server.url("/api/v1/authentication/users/bulk-dev"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(user["thingName"], "bulk-dev");
+    // A Thing named "bulk" is still reachable.
+    let (status, _) = call(
+        Method::POST,
+        &server.url("/api/v1/things"),
+        Some(json!({"thingName":"bulk"})),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let (status, thing) = call(Method::GET, &server.url("/api/v1/things/bulk"), None).await;
+    assert_eq!((status, thing["thingName"].clone()), (200, json!("bulk")));
+}

@@ -5,6 +5,7 @@
 
 pub mod auth;
 mod authorization;
+mod bulk;
 mod clients;
 mod commands;
 mod devices;
@@ -43,6 +44,8 @@ pub struct HttpLimits {
     pub events: EventLimits,
     /// Command bounds.
     pub commands: CommandLimits,
+    /// Most lines one bulk registration reads.
+    pub bulk_lines_max: usize,
 }
 
 /// What every handler can reach.
@@ -70,6 +73,17 @@ pub struct AppState {
 pub fn app(state: AppState) -> Router {
     let api = Router::new()
         .route("/things", post(things::create).get(things::list))
+        // A Thing may be named "bulk": reads and deletes of that path still reach it.
+        .route(
+            "/things/bulk",
+            post(bulk::register)
+                .get(|state: axum::extract::State<AppState>| {
+                    things::describe(state, axum::extract::Path("bulk".to_owned()))
+                })
+                .delete(|state: axum::extract::State<AppState>| {
+                    things::delete(state, axum::extract::Path("bulk".to_owned()))
+                }),
+        )
         .route(
             "/things/{name}",
             get(things::describe).delete(things::delete),

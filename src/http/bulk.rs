@@ -1,0 +1,221 @@
+//! `POST /api/v1/things/bulk`: register many Things from NDJSON, streaming both ways.
+//!
+//! Each request line is `{"thingName","mqttClientId"?,"thingType"?,"attributes"?,"password"?}`
+//! (`password` also creates the Thing's MQTT user, bound to it). The body is read as it
+//! arrives and each line is registered (durably) with a bounded number in flight; the answer is
+//! NDJSON too, one line per input line as it completes (`{"line","thingName","code":201}` or
+//! `{"line","code","message"}`), then `{"summary":{"lines","created","failed"}}`. A bad line
+//! never stops the others.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use thinghub_actors::clock::{Clock, SystemClock};
+use thinghub_actors::thing::RegisterThing;
+use tokio::sync::{mpsc, Semaphore};
+
+use super::error::ApiError;
+use super::extract::parse_json;
+use super::AppState;
+
+/// Registrations in flight per bulk request.
+const BULK_IN_FLIGHT_MAX: usize = 64;
+/// Result lines buffered toward a slow reader before registration pauses.
+const BULK_RESULTS_BUFFERED_MAX: usize = 1024;
+
+/// One line of a bulk registration.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct BulkThing {
+    thing_name: String,
+    #[serde(default)]
+    mqtt_client_id: Option<String>,
+    #[serde(default)]
+    thing_type: Option<String>,
+    #[serde(default)]
+    attributes: BTreeMap<String, String>,
+    #[serde(default)]
+    password: Option<String>,
+}
+
+fn error_line(line: u64, error: &ApiError) -> Value {
+    json!({"line": line, "code": error.status.as_u16(), "message": error.message})
+}
+
+async fn register_one(state: &AppState, line: u64, bytes: &[u8]) -> Value {
+    let thing: BulkThing = match parse_json(bytes) {
+        Ok(thing) => thing,
+        Err(error) => return error_line(line, &error),
+    };
+    let registered = state
+        .things
+        .register(
+            &thing.thing_name,
+            RegisterThing {
+                mqtt_client_id: thing.mqtt_client_id,
+                thing_type: thing.thing_type,
+                attributes: thing.attributes,
+            },
+        )
+        .await;
+    if let Err(rejection) = registered {
+        let mut answer = error_line(line, &ApiError::from(rejection));
+        answer["thingName"] = thing.thing_name.into();
+        return answer;
+    }
+    let mut answer = json!({"line": line, "thingName": thing.thing_name, "code": 201});
+    if let Some(password) = thing.password {
+        let users = state.users.clone();
+        let name = thing.thing_name.clone();
+        // argon2 is CPU-heavy by design: off the async workers.
+        let created = tokio::task::spawn_blocking(move || {
+            tokio::runtime::Handle::current().block_on(users.create(
+                &name,
+                &password,
+                Some(name.clone()),
+                false,
+                SystemClock.now_ms(),
+            ))
+        })
+        .await;
+        answer["credentials"] = match created {
+            Ok(Ok(_)) => "created".into(),
+            Ok(Err(error)) => ApiError::from(error).message.into(),
+            Err(_) => "internal error".into(),
+        };
+    }
+    answer
+}
+
+/// Reads lines from `body` and registers each; sends one result line per input line.
+async fn run(state: AppState, body: Body, results: mpsc::Sender<Value>) {
+    let line_bytes_max = state.limits.body_bytes_max;
+    let lines_max = state.limits.bulk_lines_max;
+    let permits = Arc::new(Semaphore::new(BULK_IN_FLIGHT_MAX));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut stream = body.into_data_stream();
+    let mut pending: Vec<u8> = Vec::new();
+    let mut skipping_long_line = false;
+    let mut line_number: u64 = 0;
+    let mut read_error = None;
+    let mut finished = false;
+    while !finished {
+        let chunk: Bytes = match stream.next().await {
+            Some(Ok(chunk)) => chunk,
+            Some(Err(e)) => {
+                read_error = Some(format!("the request body could not be read: {e}"));
+                break;
+            }
+            None => {
+                finished = true;
+                Bytes::from_static(b"\n")
+            }
+        };
+        let mut rest: &[u8] = &chunk;
+        while !rest.is_empty() {
+            let (part, complete) = match rest.iter().position(|&b| b == b'\n') {
+                Some(at) => (&rest[..at], true),
+                None => (rest, false),
+            };
+            rest = if complete {
+                &rest[part.len() + 1..]
+            } else {
+                &[]
+            };
+            if !skipping_long_line {
+                pending.extend_from_slice(part);
+            }
+            if pending.len() > line_bytes_max && !skipping_long_line {
+                skipping_long_line = true;
+                pending.clear();
+            }
+            if !complete {
+                continue;
+            }
+            let line: Vec<u8> = std::mem::take(&mut pending);
+            let too_long = std::mem::replace(&mut skipping_long_line, false);
+            if !too_long && line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            line_number += 1;
+            if line_number > lines_max as u64 {
+                read_error = Some(format!(
+                    "at most {lines_max} lines per request; line {line_number} and later were not read"
+                ));
+                finished = true;
+                break;
+            }
+            if too_long {
+                let error = ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("line is longer than {line_bytes_max} bytes"),
+                );
+                if results.send(error_line(line_number, &error)).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                return;
+            };
+            let (state, results) = (state.clone(), results.clone());
+            tasks.spawn(async move {
+                let answer = register_one(&state, line_number, &line).await;
+                drop(permit);
+                let _ = results.send(answer).await;
+            });
+            while tasks.try_join_next().is_some() {}
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+    if let Some(message) = read_error {
+        tracing::warn!(%message, "bulk registration stopped early");
+        let _ = results.send(json!({"code": 400, "message": message})).await;
+    }
+}
+
+/// `POST /api/v1/things/bulk` (NDJSON in, NDJSON out).
+pub async fn register(State(state): State<AppState>, body: Body) -> Response {
+    let (tx, rx) = mpsc::channel::<Value>(BULK_RESULTS_BUFFERED_MAX);
+    let (summary_tx, summary_rx) = mpsc::channel::<Value>(BULK_RESULTS_BUFFERED_MAX);
+    tokio::spawn(run(state, body, tx));
+    // Counts results on their way out and appends the summary.
+    tokio::spawn(async move {
+        let mut rx = rx;
+        let (mut lines, mut created, mut failed) = (0u64, 0u64, 0u64);
+        while let Some(result) = rx.recv().await {
+            if result.get("line").is_some() {
+                lines += 1;
+                if result["code"] == 201 {
+                    created += 1;
+                } else {
+                    failed += 1;
+                }
+            }
+            if summary_tx.send(result).await.is_err() {
+                return;
+            }
+        }
+        let _ = summary_tx
+            .send(json!({"summary": {"lines": lines, "created": created, "failed": failed}}))
+            .await;
+    });
+    let stream = futures_util::stream::unfold(summary_rx, |mut rx| async move {
+        let value = rx.recv().await?;
+        let mut line = value.to_string();
+        line.push('\n');
+        Some((Ok::<_, std::convert::Infallible>(Bytes::from(line)), rx))
+    });
+    (
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}
