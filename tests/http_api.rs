@@ -454,7 +454,7 @@ async fn bulk_registration_streams_ndjson_with_an_answer_per_line() {
     }
     body.push_str("{\"thingName\":\"bulk-0\"}\n"); // line 51: exists
     body.push_str("not json\n"); // line 52
-    body.push_str("\n"); // blank: skipped, not counted
+    body.push('\n'); // blank: skipped, not counted
     body.push_str("{\"thingName\":\"bad name!\"}\n"); // line 53
     body.push_str(&format!(
         "{{\"thingName\":\"long\",\"thingType\":\"{}\"}}\n",
