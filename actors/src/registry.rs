@@ -477,6 +477,26 @@ impl Registry {
         }
     }
 
+    /// Passivates one Thing now if it has no request in flight (bulk work that touches each
+    /// Thing once should not leave a million actors behind until they idle out).
+    pub fn passivate_now(&self, name: &str) {
+        let shard = &self.inner.shards[self.shard_of(name)];
+        let mut map = lock(shard);
+        if map.in_flight.contains_key(name) {
+            return;
+        }
+        if let Some(slot) = map.slots.get_mut(name) {
+            if let Slot::Active { actor, .. } = slot {
+                // Under the lock: Passivate is the last message this incarnation receives.
+                let _ = actor.send_message(ThingMsg::Passivate);
+                *slot = Slot::Stopping {
+                    actor: actor.get_id(),
+                    buffered: Vec::new(),
+                };
+            }
+        }
+    }
+
     /// Passivates every Thing and waits (bounded) until all actors have stopped; then flushes.
     pub async fn shutdown(&self, wait: Duration) {
         let deadline = Instant::now() + wait;

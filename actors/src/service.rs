@@ -122,6 +122,11 @@ impl Things {
         }
     }
 
+    /// Lets a Thing's actor go now if nothing else is using it (after bulk registration).
+    pub fn release(&self, name: &str) {
+        self.registry.passivate_now(name);
+    }
+
     /// The registry view of a Thing.
     pub async fn describe(&self, name: &str) -> Result<ThingDescription, Rejection> {
         self.require_registered(name, None)?;

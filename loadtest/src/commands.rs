@@ -22,7 +22,9 @@ use rumqttc::mqttbytes::QoS;
 use rumqttc::{Event, MqttOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::mqtt::{create_bench_user, ChildServer, ADMIN, BENCH_USER};
+use crate::mqtt::{create_bench_user, BENCH_USER};
+use crate::report::{progress, Report, Timeline};
+use crate::target::{Target, TargetArgs};
 
 /// Source addresses the devices are spread over.
 const SOURCE_ADDRESSES: u8 = 8;
@@ -155,11 +157,16 @@ struct Timings {
 }
 
 /// Runs `commands` and prints its table.
-pub async fn run(run: CommandsRun) -> Result<()> {
-    let server = ChildServer::start().await?;
-    create_bench_user(server.http).await?;
-    crate::shadow::register_things(server.http, run.devices).await?;
-    let rss_before = server.rss_bytes();
+pub async fn run(
+    target_args: &TargetArgs,
+    run: CommandsRun,
+    report_dir: Option<&std::path::Path>,
+) -> Result<()> {
+    crate::mqtt::raise_open_files_limit(run.devices);
+    let server = Target::open(target_args).await?;
+    create_bench_user(&server).await?;
+    crate::register::register_things(&server, run.devices, 0).await?;
+    let rss_before = server.rss_bytes().await?;
 
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(run.devices.max(1));
     let mut devices = tokio::task::JoinSet::new();
@@ -179,7 +186,7 @@ pub async fn run(run: CommandsRun) -> Result<()> {
         wait_ready(&mut ready_rx, connected_by, connected, run.devices).await?;
         connected += 1;
     }
-    let rss_connected = server.rss_bytes();
+    let rss_connected = server.rss_bytes().await?;
 
     // The operator side watches every durable answer.
     let mut options = MqttOptions::new(
@@ -205,10 +212,14 @@ pub async fn run(run: CommandsRun) -> Result<()> {
     }
     let timings = Arc::new(Mutex::new(Timings::default()));
     let latencies = Arc::new(Mutex::new(histogram()));
+    let timeline = Arc::new(Mutex::new(Timeline::new(Duration::from_secs(1))));
+    let bar = progress(run.commands as u64, "commands");
     let succeeded = Arc::new(AtomicU64::new(0));
     let record = {
         let timings = timings.clone();
         let latencies = latencies.clone();
+        let timeline = timeline.clone();
+        let bar = bar.clone();
         let succeeded = succeeded.clone();
         move |id: String, sent: Option<Instant>, done: Option<Instant>| {
             let mut t = timings.lock().unwrap_or_else(|p| p.into_inner());
@@ -230,10 +241,16 @@ pub async fn run(run: CommandsRun) -> Result<()> {
                 _ => return,
             };
             succeeded.fetch_add(1, Ordering::Relaxed);
+            bar.inc(1);
+            let latency_us = done.saturating_duration_since(sent).as_micros() as u64;
             latencies
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .saturating_record(done.saturating_duration_since(sent).as_micros() as u64);
+                .saturating_record(latency_us);
+            timeline
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .record(done, latency_us);
         }
     };
     let record = Arc::new(record);
@@ -265,8 +282,10 @@ pub async fn run(run: CommandsRun) -> Result<()> {
     let started = Instant::now();
     let stop_at = started + Duration::from_secs(run.max_seconds);
     let mut senders = tokio::task::JoinSet::new();
+    let admin = Arc::new(server.admin.clone());
     for _ in 0..run.concurrency.max(1) {
         let http = http.clone();
+        let admin = admin.clone();
         let next = next.clone();
         let record = record.clone();
         let send_latencies = send_latencies.clone();
@@ -283,7 +302,7 @@ pub async fn run(run: CommandsRun) -> Result<()> {
                     .post(format!(
                         "http://{base}/api/v1/things/bench-{thing}/commands"
                     ))
-                    .basic_auth(ADMIN.0, Some(ADMIN.1))
+                    .basic_auth(&admin.0, Some(&admin.1))
                     .json(&serde_json::json!({"action": "ping", "params": {"n": n}, "ttl": 60}))
                     .send()
                     .await?;
@@ -314,62 +333,36 @@ pub async fn run(run: CommandsRun) -> Result<()> {
     }
     let seconds = started.elapsed().as_secs_f64();
     let done = succeeded.load(Ordering::Relaxed);
-    let rss_after = server.rss_bytes();
+    let rss_after = server.rss_bytes().await?;
     devices.abort_all();
 
+    bar.finish_and_clear();
     let latencies = latencies.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let send_latencies = send_latencies
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone();
-    let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-    println!(
-        "commands: {} connected devices, {} commands, {} HTTP sends in flight",
-        run.devices, sent, run.concurrency
-    );
-    let rows = [
-        ("commands SUCCEEDED", format!("{done} of {sent}")),
-        (
+    let mut report = Report::new("commands");
+    report
+        .param("devices", run.devices)
+        .param("commands", sent)
+        .param("concurrency", run.concurrency)
+        .text("commands SUCCEEDED", format!("{done} of {sent}"))
+        .number(
             "commands/s (send -> durable SUCCEEDED)",
-            format!("{:.0}", done as f64 / seconds),
-        ),
-        (
-            "send -> SUCCEEDED p50 ms",
-            format!("{:.2}", ms(&latencies, 0.5)),
-        ),
-        (
-            "send -> SUCCEEDED p99 ms",
-            format!("{:.2}", ms(&latencies, 0.99)),
-        ),
-        (
-            "send -> SUCCEEDED max ms",
-            format!("{:.2}", latencies.max() as f64 / 1000.0),
-        ),
-        (
-            "HTTP 201 p50 ms",
-            format!("{:.2}", ms(&send_latencies, 0.5)),
-        ),
-        (
-            "HTTP 201 p99 ms",
-            format!("{:.2}", ms(&send_latencies, 0.99)),
-        ),
-        (
-            "server RSS per connected device, KB",
-            format!(
-                "{:.1}",
-                rss_connected.saturating_sub(rss_before) as f64
-                    / run.devices.max(1) as f64
-                    / 1000.0
-            ),
-        ),
-        (
-            "server RSS after, MiB",
-            format!("{:.1}", rss_after as f64 / 1048576.0),
-        ),
-    ];
-    for (name, value) in rows {
-        println!("{name:<46} {value:>16}");
-    }
+            done as f64 / seconds,
+            0,
+        )
+        .latencies("send -> SUCCEEDED", &latencies)
+        .latencies("HTTP 201", &send_latencies)
+        .number(
+            "server RSS per connected device, bytes",
+            rss_connected.saturating_sub(rss_before) as f64 / run.devices.max(1) as f64,
+            0,
+        )
+        .number("server RSS after, MiB", rss_after as f64 / 1048576.0, 1);
+    report.latency_over_time = timeline.lock().unwrap_or_else(|p| p.into_inner()).slices();
+    report.finish(report_dir)?;
     if done < sent {
         bail!("{} commands did not reach SUCCEEDED", sent - done);
     }

@@ -15,8 +15,12 @@
 #![allow(clippy::print_stdout)] // a command-line report is this program's output
 
 mod commands;
+mod crash;
 mod mqtt;
+mod register;
+mod report;
 mod shadow;
+mod target;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -43,8 +47,29 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
     about = "Benchmarks and load scenarios for thinghub"
 )]
 struct Cli {
+    /// Also write report.json, report.md and latency.svg to this directory.
+    #[arg(long, global = true)]
+    report: Option<PathBuf>,
     #[command(subcommand)]
     scenario: Scenario,
+}
+
+/// `10`, `10s`, `2m` or `500ms`.
+fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(at) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration '{text}': expected e.g. 10s, 2m, 500ms"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        _ => return Err(format!("invalid duration unit in '{text}': use ms, s or m")),
+    };
+    Ok(Duration::from_secs_f64(seconds))
 }
 
 #[derive(Debug, Subcommand)]
@@ -99,15 +124,80 @@ enum Scenario {
         /// QoS 1 messages in flight per publisher.
         #[arg(long, default_value_t = 100)]
         inflight: u16,
+        #[command(flatten)]
+        target: target::TargetArgs,
+    },
+    /// Register Things through the streaming bulk endpoint; Things/s, server RSS and disk after.
+    Register {
+        /// Things to register (`bench-0` ...).
+        #[arg(long, default_value_t = 100_000)]
+        things: usize,
+        /// How many of them also get MQTT credentials (argon2id each: slow by design).
+        #[arg(long, default_value_t = 0)]
+        credentials: usize,
+        #[command(flatten)]
+        target: target::TargetArgs,
+    },
+    /// Idle MQTT connections over several 127.0.0.x sources: connect rate, failures, RSS each.
+    Connect {
+        /// Connections.
+        #[arg(long, default_value_t = 10_000)]
+        devices: usize,
+        /// Connects per second (0 = as fast as 200 handshakes in flight allow).
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
+        #[command(flatten)]
+        target: target::TargetArgs,
+    },
+    /// Raw publish -> echo -> reply round trips (QoS 1) through thinghub or any broker.
+    Echo {
+        /// Simulated devices.
+        #[arg(long, default_value_t = 200)]
+        devices: usize,
+        /// How long.
+        #[arg(long, alias = "seconds", value_parser = parse_duration, default_value = "10s")]
+        duration: Duration,
+        /// Any MQTT broker on loopback (e.g. mosquitto); without it, thinghub.
+        #[arg(long)]
+        broker: Option<std::net::SocketAddr>,
+        #[command(flatten)]
+        target: target::TargetArgs,
+    },
+    /// kill -9 at random moments under load; every acknowledged change must survive.
+    Crash {
+        /// Kill/restart cycles.
+        #[arg(long, default_value_t = 10)]
+        cycles: usize,
+        /// Things written to.
+        #[arg(long, default_value_t = 20)]
+        things: usize,
+        /// Concurrent HTTP writers.
+        #[arg(long, default_value_t = 16)]
+        writers: usize,
+        /// Longest load before the kill, milliseconds (the moment is random).
+        #[arg(long, default_value_t = 1500)]
+        load_ms_max: u64,
     },
     /// Shadow updates over MQTT (report -> accepted, durable) beside a raw echo in the same run.
     Shadow {
         /// Simulated devices.
         #[arg(long, default_value_t = 200)]
         devices: usize,
-        /// Seconds per phase (shadow, then echo).
-        #[arg(long, default_value_t = 10)]
-        seconds: u64,
+        /// How long each phase runs (shadow, then echo).
+        #[arg(long, alias = "seconds", value_parser = parse_duration, default_value = "10s")]
+        duration: Duration,
+        /// Most round trips per second per device (0 = unpaced).
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
+        /// Share of rounds that are operator desired updates over HTTP (0..=1).
+        #[arg(long, default_value_t = 0.0)]
+        desired_share: f64,
+        /// Another broker on loopback (e.g. `mosquitto -p 18830`) whose raw echo runs as a
+        /// third phase of the same run, for the ratio.
+        #[arg(long)]
+        baseline_broker: Option<std::net::SocketAddr>,
+        #[command(flatten)]
+        target: target::TargetArgs,
     },
     /// Command fan-out: connected devices answer every command; commands/s and send->SUCCEEDED.
     Commands {
@@ -123,6 +213,8 @@ enum Scenario {
         /// Upper bound on the sending phase, seconds.
         #[arg(long, default_value_t = 120)]
         max_seconds: u64,
+        #[command(flatten)]
+        target: target::TargetArgs,
     },
     /// Timer cost: P pending command deadlines on passivated Things; memory and fire accuracy.
     Deadlines {
@@ -183,6 +275,7 @@ fn main() -> Result<()> {
         .enable_all()
         .build()
         .context("runtime")?;
+    let report_dir = cli.report.as_deref();
     match cli.scenario {
         Scenario::Commit {
             writers,
@@ -210,32 +303,93 @@ fn main() -> Result<()> {
             publishers,
             seconds,
             inflight,
-        } => runtime.block_on(mqtt::run(mqtt::MqttRun {
-            idle_connections,
-            publishers,
-            seconds,
-            inflight,
-        })),
+            target,
+        } => runtime.block_on(mqtt::run(
+            &target,
+            mqtt::MqttRun {
+                idle_connections,
+                publishers,
+                seconds,
+                inflight,
+            },
+            report_dir,
+        )),
+        Scenario::Register {
+            things,
+            credentials,
+            target,
+        } => runtime.block_on(register::run(&target, things, credentials, report_dir)),
+        Scenario::Connect {
+            devices,
+            rate,
+            target,
+        } => runtime.block_on(mqtt::run_connect(&target, devices, rate, report_dir)),
+        Scenario::Echo {
+            devices,
+            duration,
+            broker,
+            target,
+        } => runtime.block_on(shadow::run_echo(
+            &target,
+            broker,
+            devices,
+            duration.as_secs().max(1),
+            report_dir,
+        )),
+        Scenario::Crash {
+            cycles,
+            things,
+            writers,
+            load_ms_max,
+        } => runtime.block_on(crash::run(
+            crash::CrashRun {
+                cycles,
+                things,
+                writers,
+                load_ms_max,
+            },
+            report_dir,
+        )),
         Scenario::Commands {
             devices,
             commands,
             concurrency,
             max_seconds,
-        } => runtime.block_on(commands::run(commands::CommandsRun {
-            devices,
-            commands,
-            concurrency,
-            max_seconds,
-        })),
+            target,
+        } => runtime.block_on(commands::run(
+            &target,
+            commands::CommandsRun {
+                devices,
+                commands,
+                concurrency,
+                max_seconds,
+            },
+            report_dir,
+        )),
         Scenario::Deadlines {
             pending,
             ttl_s,
             concurrency,
             max_seconds,
         } => runtime.block_on(deadlines(pending, ttl_s, concurrency, max_seconds)),
-        Scenario::Shadow { devices, seconds } => {
-            runtime.block_on(shadow::run(shadow::ShadowRun { devices, seconds }))
-        }
+        Scenario::Shadow {
+            devices,
+            duration,
+            rate,
+            desired_share,
+            baseline_broker,
+            target,
+        } => runtime.block_on(shadow::run(
+            &target,
+            shadow::ShadowRun {
+                devices,
+                seconds: duration.as_secs().max(1),
+                rate,
+                desired_share,
+                baseline_broker,
+            },
+            report_dir,
+        )),
         Scenario::Server { data_dir } => {
             let config = thinghub::config::Config {
                 data_dir,

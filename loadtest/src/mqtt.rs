@@ -38,17 +38,27 @@ pub struct ChildServer {
     pub http: SocketAddr,
     /// MQTT address.
     pub mqtt: SocketAddr,
-    _data: tempfile::TempDir,
+    data_dir: std::path::PathBuf,
+    _temp: Option<tempfile::TempDir>,
+    startup: Duration,
 }
 
 impl ChildServer {
     /// Starts `thinghub-loadtest server` (the real server code) with a temporary data dir.
     pub async fn start() -> Result<ChildServer> {
+        let temp = tempfile::tempdir()?;
+        let mut server = ChildServer::start_in(temp.path()).await?;
+        server._temp = Some(temp);
+        Ok(server)
+    }
+
+    /// Starts a server on `data_dir` (kept after the run).
+    pub async fn start_in(data_dir: &std::path::Path) -> Result<ChildServer> {
         use tokio::io::AsyncBufReadExt;
-        let data = tempfile::tempdir()?;
+        let started = Instant::now();
         let mut child = tokio::process::Command::new(std::env::current_exe()?)
             .arg("server")
-            .arg(data.path())
+            .arg(data_dir)
             .env("THINGHUB_ADMIN_KEY", format!("{}:{}", ADMIN.0, ADMIN.1))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
@@ -70,6 +80,7 @@ impl ChildServer {
         })
         .await
         .context("the server did not start within 30 s")??;
+        let startup = started.elapsed();
         // Keep draining its log so it never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         let addr = |key: &str| -> Result<SocketAddr> {
@@ -82,28 +93,34 @@ impl ChildServer {
             http: addr("http")?,
             mqtt: addr("mqtt")?,
             child,
-            _data: data,
+            data_dir: data_dir.to_owned(),
+            _temp: None,
+            startup,
         })
     }
 
-    /// The server process's resident set size, bytes.
-    pub fn rss_bytes(&self) -> u64 {
-        let Some(pid) = self.child.id() else { return 0 };
-        let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).unwrap_or_default();
-        statm
-            .split_whitespace()
-            .nth(1)
-            .and_then(|p| p.parse::<u64>().ok())
-            .unwrap_or(0)
-            * 4096
+    /// The server's data directory.
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.data_dir
+    }
+
+    /// How long it took from spawning to its listening line.
+    pub fn startup(&self) -> Duration {
+        self.startup
+    }
+
+    /// SIGKILL, then reap: no shutdown code runs in the server.
+    pub async fn kill9(mut self) -> Result<()> {
+        self.child.start_kill().context("kill -9")?;
+        self.child.wait().await.context("reap")?;
+        Ok(())
     }
 }
 
-/// Creates the benchmark's MQTT superuser.
-pub async fn create_bench_user(http: SocketAddr) -> Result<()> {
-    let response = reqwest::Client::new()
-        .post(format!("http://{http}/api/v1/authentication/users"))
-        .basic_auth(ADMIN.0, Some(ADMIN.1))
+/// Creates the benchmark's MQTT superuser (409 = it exists already: fine).
+pub async fn create_bench_user(target: &crate::target::Target) -> Result<()> {
+    let response = target
+        .request(reqwest::Method::POST, "/api/v1/authentication/users")
         .json(&serde_json::json!({"username": BENCH_USER.0, "password": BENCH_USER.1, "superuser": true}))
         .send()
         .await?;
@@ -190,9 +207,14 @@ pub fn client(options: MqttOptions, capacity: usize) -> (AsyncClient, rumqttc::E
 }
 
 /// Runs the benchmark and prints its table.
-pub async fn run(run: MqttRun) -> Result<()> {
-    let server = ChildServer::start().await?;
-    create_bench_user(server.http).await?;
+pub async fn run(
+    target_args: &crate::target::TargetArgs,
+    run: MqttRun,
+    report_dir: Option<&std::path::Path>,
+) -> Result<()> {
+    raise_open_files_limit(run.idle_connections);
+    let server = crate::target::Target::open(target_args).await?;
+    create_bench_user(&server).await?;
     let limit = open_files_max().saturating_sub(200);
     if run.idle_connections > limit {
         bail!(
@@ -204,7 +226,7 @@ pub async fn run(run: MqttRun) -> Result<()> {
     // is not a per-connection cost.
     drop(idle_connection(server.mqtt, usize::MAX / 2).await?);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let rss_before = server.rss_bytes();
+    let rss_before = server.rss_bytes().await?;
     let started = Instant::now();
     let mut idle = Vec::with_capacity(run.idle_connections);
     let mut pending = tokio::task::JoinSet::new();
@@ -221,7 +243,7 @@ pub async fn run(run: MqttRun) -> Result<()> {
     }
     let connect_seconds = started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let rss_idle = server.rss_bytes();
+    let rss_idle = server.rss_bytes().await?;
 
     // Throughput: publishers -> one subscriber, QoS 1, payload carries the send time.
     let epoch = Instant::now();
@@ -307,40 +329,149 @@ pub async fn run(run: MqttRun) -> Result<()> {
             .map(|h| h.value_at_quantile(q) as f64 / 1000.0)
             .unwrap_or(f64::NAN)
     };
-    println!(
-        "mqtt: {} idle connections over {} source addresses, {} QoS 1 publishers -> 1 subscriber, {} s",
-        run.idle_connections, SOURCE_ADDRESSES, run.publishers, run.seconds
-    );
-    println!("{:<44} {:>14}", "metric", "value");
-    println!(
-        "{:<44} {:>14.0}",
-        "idle connections opened/s (CONNECT+SUBSCRIBE)",
-        run.idle_connections as f64 / connect_seconds
-    );
-    println!(
-        "{:<44} {:>14.0}",
-        "server RSS per idle connection, bytes", per_idle
-    );
-    println!(
-        "{:<44} {:>14.1}",
-        "server RSS before / with idle, MiB",
-        rss_before as f64 / 1048576.0
-    );
-    println!("{:<44} {:>14.1}", "", rss_idle as f64 / 1048576.0);
-    println!(
-        "{:<44} {:>14.0}",
-        "QoS 1 messages/s delivered to the subscriber",
-        window_received as f64 / window_seconds
-    );
-    println!("{:<44} {:>14}", "messages published (total)", sent);
-    println!("{:<44} {:>14.2}", "publish -> receive p50 ms", ms(0.5));
-    println!("{:<44} {:>14.2}", "publish -> receive p99 ms", ms(0.99));
-    println!(
-        "{:<44} {:>14.1}",
-        "server RSS after the run, MiB",
-        server.rss_bytes() as f64 / 1048576.0
-    );
-    Ok(())
+    let mut report = crate::report::Report::new("mqtt");
+    report
+        .param("idle_connections", run.idle_connections)
+        .param("source_addresses", SOURCE_ADDRESSES)
+        .param("publishers", run.publishers)
+        .param("seconds", run.seconds)
+        .number(
+            "idle connections opened/s (CONNECT+SUBSCRIBE)",
+            run.idle_connections as f64 / connect_seconds,
+            0,
+        )
+        .number("server RSS per idle connection, bytes", per_idle, 0)
+        .number(
+            "server RSS before idle, MiB",
+            rss_before as f64 / 1048576.0,
+            1,
+        )
+        .number("server RSS with idle, MiB", rss_idle as f64 / 1048576.0, 1)
+        .number(
+            "QoS 1 messages/s delivered to the subscriber",
+            window_received as f64 / window_seconds,
+            0,
+        )
+        .number("messages published (total)", sent as f64, 0)
+        .number("publish -> receive p50 ms", ms(0.5), 2)
+        .number("publish -> receive p99 ms", ms(0.99), 2)
+        .number(
+            "server RSS after the run, MiB",
+            server.rss_bytes().await? as f64 / 1048576.0,
+            1,
+        );
+    report.finish(report_dir)
+}
+
+/// Raises this process's soft open-file limit toward the hard one (a server this run starts
+/// inherits it); says so when the hard limit is below what `connections` needs.
+pub fn raise_open_files_limit(connections: usize) {
+    let wanted = connections as u64 + 1024;
+    match rlimit::increase_nofile_limit(wanted) {
+        Ok(got) if got < wanted => tracing::warn!(
+            hard_limit = got,
+            "the hard open-file limit caps this run at about {} connections",
+            got.saturating_sub(1024)
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
+}
+
+/// Runs `connect`: `devices` idle MQTT connections (CONNECT + one subscription each) at up to
+/// `rate` connects/s, spread over 127.0.0.x source addresses.
+pub async fn run_connect(
+    target_args: &crate::target::TargetArgs,
+    devices: usize,
+    rate: f64,
+    report_dir: Option<&std::path::Path>,
+) -> Result<()> {
+    raise_open_files_limit(devices);
+    let server = crate::target::Target::open(target_args).await?;
+    create_bench_user(&server).await?;
+    let limit = open_files_max().saturating_sub(200);
+    if devices > limit {
+        bail!("--devices {devices} exceeds this process's open-file limit ({limit} usable)");
+    }
+    // Warm up the credential cache (the first CONNECT runs argon2).
+    drop(idle_connection(server.mqtt, usize::MAX / 2).await?);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_before = server.rss_bytes().await?;
+    let bar = crate::report::progress(devices as u64, "connecting");
+    let started = Instant::now();
+    let mut open = Vec::with_capacity(devices);
+    let mut failures: Vec<String> = Vec::new();
+    let mut pending = tokio::task::JoinSet::new();
+    let mut latencies = crate::histogram();
+    for index in 0..devices {
+        if rate > 0.0 {
+            let due = started + Duration::from_secs_f64(index as f64 / rate);
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let mqtt = server.mqtt;
+        pending.spawn(async move {
+            let began = Instant::now();
+            (idle_connection(mqtt, index).await, began.elapsed())
+        });
+        while pending.len() >= 200 {
+            if let Some(joined) = pending.join_next().await {
+                let (result, took) = joined?;
+                bar.inc(1);
+                match result {
+                    Ok(stream) => {
+                        latencies.saturating_record(took.as_micros() as u64);
+                        open.push(stream);
+                    }
+                    Err(e) => failures.push(e.to_string()),
+                }
+            }
+        }
+    }
+    while let Some(joined) = pending.join_next().await {
+        let (result, took) = joined?;
+        bar.inc(1);
+        match result {
+            Ok(stream) => {
+                latencies.saturating_record(took.as_micros() as u64);
+                open.push(stream);
+            }
+            Err(e) => failures.push(e.to_string()),
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let metrics = server.metrics().await?;
+    let rss_after = metrics["process"]["rssBytes"].as_u64().unwrap_or(0);
+    let mut report = crate::report::Report::new("connect");
+    report
+        .param("devices", devices)
+        .param("rate", rate)
+        .param("source_addresses", SOURCE_ADDRESSES)
+        .number("connected", open.len() as f64, 0)
+        .number("failures", failures.len() as f64, 0)
+        .number(
+            "connects/s (CONNECT+SUBACK)",
+            open.len() as f64 / seconds,
+            0,
+        )
+        .latencies("connect", &latencies)
+        .number(
+            "server connections (metrics)",
+            metrics["mqtt"]["connections"].as_f64().unwrap_or(0.0),
+            0,
+        )
+        .number(
+            "server RSS per connection, bytes",
+            rss_after.saturating_sub(rss_before) as f64 / open.len().max(1) as f64,
+            0,
+        )
+        .number("server RSS after, MiB", rss_after as f64 / 1048576.0, 1);
+    if let Some(first) = failures.first() {
+        report.text("first failure", first);
+    }
+    drop(open);
+    report.finish(report_dir)
 }
 
 fn options(server: SocketAddr, id: &str, inflight: u16) -> MqttOptions {

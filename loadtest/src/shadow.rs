@@ -1,8 +1,15 @@
-//! The shadow benchmark: N devices doing report -> update/accepted round trips (QoS 1, each
-//! acknowledged only once durable), beside a raw publish -> echo round trip through the same
-//! broker with the same devices in the same run, so the ratio is the figure.
+//! `shadow` and `echo`.
+//!
+//! `shadow`: N devices doing report -> `update/accepted` round trips (QoS 1, each acknowledged
+//! only once durable); a share of the rounds are operator-side desired updates over HTTP that
+//! the device must receive on `shadow/update`. Then the same devices do a raw publish -> echo
+//! round trip through the same broker in the same run, so the ratio is the figure.
+//!
+//! `echo`: only the raw round trip, through any broker (`--broker HOST:PORT`, e.g. a mosquitto
+//! on loopback), so thinghub's echo can be put beside another broker's.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,145 +18,186 @@ use hdrhistogram::Histogram;
 use rumqttc::{Event, MqttOptions, Packet, QoS};
 use tokio::sync::Barrier;
 
-use crate::mqtt::{create_bench_user, ChildServer, ADMIN, BENCH_USER};
+use crate::mqtt::{create_bench_user, BENCH_USER};
+use crate::register::register_things;
+use crate::report::{progress, Report, Timeline};
+use crate::target::{Target, TargetArgs};
 
-/// What to run.
+/// What `shadow` runs.
 pub struct ShadowRun {
     /// Simulated devices (each a connection and a Thing).
     pub devices: usize,
     /// Seconds per phase.
     pub seconds: u64,
+    /// Most round trips per second per device (0 = as fast as the round trips go).
+    pub rate: f64,
+    /// Share of rounds that are operator desired updates (0..=1).
+    pub desired_share: f64,
+    /// Another broker (e.g. mosquitto on loopback) whose raw echo runs as a third phase.
+    pub baseline_broker: Option<SocketAddr>,
 }
 
 struct PhaseResult {
     round_trips: u64,
+    operator_rounds: u64,
     seconds: f64,
     latencies: Histogram<u64>,
+    timeline: Timeline,
 }
 
-fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
+/// What one device does per round.
+#[derive(Clone)]
+enum Work {
+    /// Shadow report (and, every `operator_every` rounds, an operator desired update).
+    Shadow {
+        thing: String,
+        http: Option<(Arc<Target>, u64)>,
+    },
+    /// Raw echo on `topic`.
+    Echo { topic: String },
 }
 
-pub(crate) async fn register_things(http: SocketAddr, devices: usize) -> Result<()> {
-    let client = reqwest::Client::new();
-    let mut pending = tokio::task::JoinSet::new();
-    for i in 0..devices {
-        let client = client.clone();
-        pending.spawn(async move {
-            let response = client
-                .post(format!("http://{http}/api/v1/things"))
-                .basic_auth(ADMIN.0, Some(ADMIN.1))
-                .json(&serde_json::json!({"thingName": format!("bench-{i}")}))
-                .send()
-                .await?;
-            if !response.status().is_success() {
-                bail!("registering bench-{i}: {}", response.status());
-            }
-            Ok(())
-        });
-        if pending.len() >= 64 {
-            if let Some(done) = pending.join_next().await {
-                done??;
-            }
-        }
-    }
-    while let Some(done) = pending.join_next().await {
-        done??;
-    }
-    Ok(())
-}
-
-/// One device: connects and subscribes, waits at `start` for every other device, then
-/// publishes on `request_topic` and waits for its token on `reply_topic`, for `duration`.
+/// One device: connects and subscribes, waits at `start` for every other device, then does
+/// rounds until `duration` has passed.
+#[allow(clippy::too_many_arguments)]
 async fn device(
     mqtt: SocketAddr,
+    credentials: Option<(String, String)>,
     id: String,
-    request_topic: String,
-    reply_topic: String,
-    shadow: bool,
+    work: Work,
+    rate: f64,
     start: Arc<Barrier>,
     duration: Duration,
-) -> Result<(u64, Histogram<u64>)> {
+    mut timeline: Timeline,
+) -> Result<(u64, u64, Histogram<u64>, Timeline)> {
     let mut options = MqttOptions::new(&id, mqtt.ip().to_string(), mqtt.port());
-    options.set_credentials(BENCH_USER.0, BENCH_USER.1);
+    if let Some((user, password)) = &credentials {
+        options.set_credentials(user, password);
+    }
     options.set_keep_alive(Duration::from_secs(60));
     let (client, mut eventloop) = crate::mqtt::client(options, 16);
-    client.subscribe(&reply_topic, QoS::AtLeastOnce).await?;
-    loop {
-        match tokio::time::timeout(Duration::from_secs(30), eventloop.poll()).await?? {
-            Event::Incoming(Packet::SubAck(_)) => break,
-            _ => continue,
+    let filters: Vec<String> = match &work {
+        Work::Shadow { thing, .. } => vec![
+            format!("$emqx/things/{thing}/shadow/update/accepted"),
+            format!("$emqx/things/{thing}/shadow/update"),
+        ],
+        Work::Echo { topic } => vec![topic.clone()],
+    };
+    for filter in &filters {
+        client.subscribe(filter, QoS::AtLeastOnce).await?;
+    }
+    let mut acked = 0;
+    while acked < filters.len() {
+        if let Event::Incoming(Packet::SubAck(_)) =
+            tokio::time::timeout(Duration::from_secs(30), eventloop.poll()).await??
+        {
+            acked += 1;
         }
     }
-    // The clock starts when every device is connected and subscribed, so connection setup is
-    // not measured (and a short phase cannot end before any round trip).
+    // The clock starts when every device is connected and subscribed.
     start.wait().await;
-    let until = Instant::now() + duration;
-    let mut latencies = histogram();
-    let mut count = 0u64;
+    let began = Instant::now();
+    let until = began + duration;
+    let mut latencies = crate::histogram();
+    let (mut count, mut operator_rounds) = (0u64, 0u64);
+    let pace = (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate));
     while Instant::now() < until {
         let token = format!("{id}-{count}");
-        let payload = if shadow {
-            format!(
-                r#"{{"state":{{"reported":{{"temperature":21.5,"n":{count}}}}},"clientToken":"{token}"}}"#
-            )
-        } else {
-            format!(r#"{{"clientToken":"{token}"}}"#)
-        };
         let sent = Instant::now();
-        client
-            .publish(&request_topic, QoS::AtLeastOnce, false, payload)
-            .await?;
+        let reply_topic = match &work {
+            Work::Shadow {
+                thing,
+                http: Some((target, every)),
+            } if count % every == every - 1 => {
+                // The operator changes desired over HTTP; the device must receive it.
+                operator_rounds += 1;
+                let response = target
+                    .request(
+                        reqwest::Method::POST,
+                        &format!("/api/v1/things/{thing}/shadow"),
+                    )
+                    .json(&serde_json::json!({"state": {"desired": {"op": token}}}))
+                    .send()
+                    .await?;
+                if !response.status().is_success() {
+                    bail!("operator update of {thing}: {}", response.status());
+                }
+                format!("$emqx/things/{thing}/shadow/update")
+            }
+            Work::Shadow { thing, .. } => {
+                let payload = format!(
+                    r#"{{"state":{{"reported":{{"temperature":21.5,"n":{count}}}}},"clientToken":"{token}"}}"#
+                );
+                let topic = format!("$emqx/things/{thing}/shadow/update");
+                client
+                    .publish(&topic, QoS::AtLeastOnce, false, payload)
+                    .await?;
+                format!("{topic}/accepted")
+            }
+            Work::Echo { topic } => {
+                client
+                    .publish(
+                        topic,
+                        QoS::AtLeastOnce,
+                        false,
+                        format!(r#"{{"clientToken":"{token}"}}"#),
+                    )
+                    .await?;
+                topic.clone()
+            }
+        };
         loop {
             let event = tokio::time::timeout(Duration::from_secs(30), eventloop.poll())
                 .await
                 .context("no reply within 30 s")??;
             if let Event::Incoming(Packet::Publish(publish)) = event {
-                if publish.topic == reply_topic
-                    && memchr_contains(&publish.payload, token.as_bytes())
-                {
+                if publish.topic == reply_topic && contains(&publish.payload, token.as_bytes()) {
                     break;
                 }
             }
         }
-        latencies.saturating_record(sent.elapsed().as_micros() as u64);
+        let now = Instant::now();
+        let latency_us = now.duration_since(sent).as_micros() as u64;
+        latencies.saturating_record(latency_us);
+        timeline.record(now, latency_us);
         count += 1;
+        if let Some(pace) = pace {
+            let next = began + pace.mul_f64(count as f64);
+            tokio::time::sleep_until(next.into()).await;
+        }
     }
     let _ = client.disconnect().await;
-    Ok((count, latencies))
+    Ok((count, operator_rounds, latencies, timeline))
 }
 
-fn memchr_contains(haystack: &[u8], needle: &[u8]) -> bool {
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
+/// Runs one phase: `devices` devices doing `work(i)` for `seconds`.
 async fn phase(
     mqtt: SocketAddr,
+    credentials: Option<(String, String)>,
     devices: usize,
     seconds: u64,
-    shadow: bool,
+    rate: f64,
+    label: &str,
+    work: impl Fn(usize) -> Work,
 ) -> Result<PhaseResult> {
     let start = Arc::new(Barrier::new(devices + 1));
     let duration = Duration::from_secs(seconds);
+    let timeline = Timeline::new(Duration::from_secs(1));
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..devices {
-        let (request, reply) = if shadow {
-            let base = format!("$emqx/things/bench-{i}/shadow/update");
-            (base.clone(), format!("{base}/accepted"))
-        } else {
-            let topic = format!("bench/echo/{i}");
-            (topic.clone(), topic)
-        };
-        let kind = if shadow { "s" } else { "e" };
         tasks.spawn(device(
             mqtt,
-            format!("bench-{kind}-{i}"),
-            request,
-            reply,
-            shadow,
+            credentials.clone(),
+            format!("bench-{label}-{i}"),
+            work(i),
+            rate,
             start.clone(),
             duration,
+            timeline.sibling(),
         ));
     }
     // Bounded: a device that cannot connect fails its task and never reaches the barrier.
@@ -157,61 +205,186 @@ async fn phase(
         .await
         .context("devices did not all connect within 60 s")?;
     let started = Instant::now();
-    let mut round_trips = 0;
-    let mut latencies = histogram();
+    let bar = progress(seconds, label);
+    let ticker = {
+        let bar = bar.clone();
+        tokio::spawn(async move {
+            for _ in 0..seconds {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                bar.inc(1);
+            }
+        })
+    };
+    let mut result = PhaseResult {
+        round_trips: 0,
+        operator_rounds: 0,
+        seconds: 0.0,
+        latencies: crate::histogram(),
+        timeline,
+    };
     while let Some(done) = tasks.join_next().await {
-        let (count, histogram) = done??;
-        round_trips += count;
-        latencies.add(&histogram).context("merge")?;
+        let (count, operator, histogram, device_timeline) = done??;
+        result.round_trips += count;
+        result.operator_rounds += operator;
+        result.latencies.add(&histogram).context("merge")?;
+        result.timeline.merge(&device_timeline);
     }
-    Ok(PhaseResult {
-        round_trips,
-        seconds: started.elapsed().as_secs_f64(),
-        latencies,
-    })
+    ticker.abort();
+    bar.finish_and_clear();
+    result.seconds = started.elapsed().as_secs_f64();
+    Ok(result)
 }
 
-/// Runs both phases and prints the table.
-pub async fn run(run: ShadowRun) -> Result<()> {
-    let server = ChildServer::start().await?;
-    create_bench_user(server.http).await?;
-    register_things(server.http, run.devices).await?;
-    let shadow = phase(server.mqtt, run.devices, run.seconds, true).await?;
-    let echo = phase(server.mqtt, run.devices, run.seconds, false).await?;
+fn echo_work(i: usize) -> Work {
+    Work::Echo {
+        topic: format!("bench/echo/{i}"),
+    }
+}
+
+/// Runs `shadow` (shadow phase, then echo phase through the same broker).
+pub async fn run(
+    target_args: &TargetArgs,
+    run: ShadowRun,
+    report_dir: Option<&Path>,
+) -> Result<()> {
+    if !(0.0..=1.0).contains(&run.desired_share) {
+        bail!("--desired-share must be within 0..=1");
+    }
+    let target = Arc::new(Target::open(target_args).await?);
+    create_bench_user(&target).await?;
+    register_things(&target, run.devices, 0).await?;
+    let bench = Some((BENCH_USER.0.to_owned(), BENCH_USER.1.to_owned()));
+    let operator_every =
+        (run.desired_share > 0.0).then(|| (1.0 / run.desired_share).round().max(1.0) as u64);
+    let shadow = {
+        let target = target.clone();
+        phase(
+            target.mqtt,
+            bench.clone(),
+            run.devices,
+            run.seconds,
+            run.rate,
+            "shadow",
+            move |i| Work::Shadow {
+                thing: format!("bench-{i}"),
+                http: operator_every.map(|every| (target.clone(), every)),
+            },
+        )
+        .await?
+    };
+    let echo = phase(
+        target.mqtt,
+        bench,
+        run.devices,
+        run.seconds,
+        run.rate,
+        "echo",
+        echo_work,
+    )
+    .await?;
+    let baseline = match run.baseline_broker {
+        Some(broker) if !broker.ip().is_loopback() => {
+            bail!("{broker} is not a loopback address: load tests target 127.0.0.0/8 only")
+        }
+        Some(broker) => Some(
+            phase(
+                broker,
+                None,
+                run.devices,
+                run.seconds,
+                run.rate,
+                "baseline",
+                echo_work,
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let rate = |p: &PhaseResult| p.round_trips as f64 / p.seconds;
-    let ms = |p: &PhaseResult, q: f64| p.latencies.value_at_quantile(q) as f64 / 1000.0;
-    println!(
-        "shadow: {} devices, QoS 1, one request in flight per device, {} s per phase",
-        run.devices, run.seconds
-    );
-    println!("{:<46} {:>12} {:>12}", "metric", "shadow", "echo");
-    println!(
-        "{:<46} {:>12.0} {:>12.0}",
-        "round trips/s",
-        rate(&shadow),
-        rate(&echo)
-    );
-    println!(
-        "{:<46} {:>12.2} {:>12.2}",
-        "p50 ms",
-        ms(&shadow, 0.5),
-        ms(&echo, 0.5)
-    );
-    println!(
-        "{:<46} {:>12.2} {:>12.2}",
-        "p99 ms",
-        ms(&shadow, 0.99),
-        ms(&echo, 0.99)
-    );
-    println!(
-        "{:<46} {:>12.2}",
-        "durable shadow updates / raw echo (ratio)",
-        rate(&shadow) / rate(&echo).max(1e-9)
-    );
-    println!(
-        "{:<46} {:>12.1}",
-        "server RSS after, MiB",
-        server.rss_bytes() as f64 / 1048576.0
-    );
-    Ok(())
+    let mut report = Report::new("shadow");
+    report
+        .param("devices", run.devices)
+        .param("seconds", run.seconds)
+        .param("rate_per_device", run.rate)
+        .param("desired_share", run.desired_share)
+        .number("durable shadow round trips/s", rate(&shadow), 0)
+        .number(
+            "  of which operator desired -> device",
+            shadow.operator_rounds as f64 / shadow.seconds,
+            0,
+        )
+        .latencies("shadow", &shadow.latencies)
+        .number(
+            "raw echo round trips/s (same broker, same run)",
+            rate(&echo),
+            0,
+        )
+        .latencies("echo", &echo.latencies)
+        .number(
+            "durable shadow / raw echo (ratio)",
+            rate(&shadow) / rate(&echo).max(1e-9),
+            2,
+        )
+        .number(
+            "server RSS after, MiB",
+            target.rss_bytes().await? as f64 / 1048576.0,
+            1,
+        );
+    if let (Some(baseline), Some(broker)) = (&baseline, run.baseline_broker) {
+        report
+            .param("baseline_broker", broker)
+            .number("baseline broker raw echo round trips/s", rate(baseline), 0)
+            .latencies("baseline echo", &baseline.latencies)
+            .number(
+                "durable shadow / baseline echo (ratio)",
+                rate(&shadow) / rate(baseline).max(1e-9),
+                2,
+            )
+            .number(
+                "thinghub echo / baseline echo (ratio)",
+                rate(&echo) / rate(baseline).max(1e-9),
+                2,
+            );
+    }
+    report.latency_over_time = shadow.timeline.slices();
+    report.finish(report_dir)
+}
+
+/// Runs `echo` against thinghub (the target) or any broker (`broker`).
+pub async fn run_echo(
+    target_args: &TargetArgs,
+    broker: Option<SocketAddr>,
+    devices: usize,
+    seconds: u64,
+    report_dir: Option<&Path>,
+) -> Result<()> {
+    let mut report = Report::new("echo");
+    let (mqtt, credentials, _target) = match broker {
+        Some(broker) => {
+            if !broker.ip().is_loopback() {
+                bail!("{broker} is not a loopback address: load tests target 127.0.0.0/8 only");
+            }
+            report.param("broker", broker);
+            (broker, None, None)
+        }
+        None => {
+            let target = Target::open(target_args).await?;
+            create_bench_user(&target).await?;
+            report.param("broker", format!("thinghub {}", target.mqtt));
+            let credentials = Some((BENCH_USER.0.to_owned(), BENCH_USER.1.to_owned()));
+            (target.mqtt, credentials, Some(target))
+        }
+    };
+    let echo = phase(mqtt, credentials, devices, seconds, 0.0, "echo", echo_work).await?;
+    report
+        .param("devices", devices)
+        .param("seconds", seconds)
+        .number(
+            "raw echo round trips/s (QoS 1)",
+            echo.round_trips as f64 / echo.seconds,
+            0,
+        )
+        .latencies("echo", &echo.latencies);
+    report.latency_over_time = echo.timeline.slices();
+    report.finish(report_dir)
 }

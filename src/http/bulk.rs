@@ -70,6 +70,8 @@ async fn register_one(state: &AppState, line: u64, bytes: &[u8]) -> Value {
         answer["thingName"] = thing.thing_name.into();
         return answer;
     }
+    // Registered and durable: its actor need not stay in memory until it idles out.
+    state.things.release(&thing.thing_name);
     let mut answer = json!({"line": line, "thingName": thing.thing_name, "code": 201});
     if let Some(password) = thing.password {
         let users = state.users.clone();
