@@ -371,7 +371,13 @@ fn main() -> Result<()> {
             ttl_s,
             concurrency,
             max_seconds,
-        } => runtime.block_on(deadlines(pending, ttl_s, concurrency, max_seconds)),
+        } => runtime.block_on(deadlines(
+            pending,
+            ttl_s,
+            concurrency,
+            max_seconds,
+            report_dir,
+        )),
         Scenario::Shadow {
             devices,
             duration,
@@ -810,7 +816,13 @@ async fn actors_measure(
 
 /// The deadline timer under load: `pending` commands with the same TTL on Things that are all
 /// passivated before their deadlines; each fire re-activates its Thing.
-async fn deadlines(pending: usize, ttl_s: u64, concurrency: usize, max_seconds: u64) -> Result<()> {
+async fn deadlines(
+    pending: usize,
+    ttl_s: u64,
+    concurrency: usize,
+    max_seconds: u64,
+    report_dir: Option<&std::path::Path>,
+) -> Result<()> {
     use thinghub_actors::thing::{CommandStatus, SendCommand};
     let deadline = Instant::now() + Duration::from_secs(max_seconds);
     let dir = data_dir(None)?;
@@ -905,59 +917,58 @@ async fn deadlines(pending: usize, ttl_s: u64, concurrency: usize, max_seconds: 
     let lateness = lateness.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let ms = |q: f64| lateness.value_at_quantile(q) as f64 / 1000.0;
     let per = |after: u64, before: u64| after.saturating_sub(before) as f64 / pending as f64;
-    println!("deadlines: {pending} pending commands (one per Thing), ttl {ttl_s} s, Things passivated before the deadlines");
-    let rows = [
-        (
+    let mut report = report::Report::new("deadlines");
+    report
+        .param("pending", pending)
+        .param("ttl_s", ttl_s)
+        .param("things", "one per command, passivated before the deadlines")
+        .number(
             "commands sent/s (durable, with index entry)",
-            format!("{:.0}", pending as f64 / send_seconds),
-        ),
-        (
+            pending as f64 / send_seconds,
+            0,
+        )
+        .number(
             "deadline index entries while pending",
-            index_entries.to_string(),
-        ),
-        (
+            index_entries as f64,
+            0,
+        )
+        .number(
             "RSS per pending command, Thing active, bytes",
-            format!("{:.0}", per(rss_active, rss_registered)),
-        ),
-        (
+            per(rss_active, rss_registered),
+            0,
+        )
+        .number(
             "RSS per pending command, Thing passivated, bytes",
-            format!("{:.0}", per(rss_passivated, rss_registered)),
-        ),
-        (
+            per(rss_passivated, rss_registered),
+            0,
+        )
+        .number(
             "fires (Thing activations by the timer)",
-            stats.fires.to_string(),
-        ),
-        ("timed out", stats.timed_out.to_string()),
-        ("fire retries", stats.retries.to_string()),
-        (
-            "fire window (first to last), s",
-            format!("{fire_window:.2}"),
-        ),
-        (
+            stats.fires as f64,
+            0,
+        )
+        .number("timed out", stats.timed_out as f64, 0)
+        .number("fire retries", stats.retries as f64, 0)
+        .number("fire window (first to last), s", fire_window, 2)
+        .number(
             "fires/s over the window",
-            format!("{:.0}", pending as f64 / fire_window.max(1e-9)),
-        ),
-        (
-            "lateness p50 ms (completedAt - expiresAt)",
-            format!("{:.0}", ms(0.5)),
-        ),
-        ("lateness p99 ms", format!("{:.0}", ms(0.99))),
-        (
-            "lateness max ms",
-            format!("{:.0}", lateness.max() as f64 / 1000.0),
-        ),
-        (
+            pending as f64 / fire_window.max(1e-9),
+            0,
+        )
+        .number("lateness p50 ms (completedAt - expiresAt)", ms(0.5), 0)
+        .number("lateness p99 ms", ms(0.99), 0)
+        .number("lateness max ms", lateness.max() as f64 / 1000.0, 0)
+        .number(
             "not TIMED_OUT when read back",
-            wrong.load(std::sync::atomic::Ordering::Relaxed).to_string(),
-        ),
-        (
+            wrong.load(std::sync::atomic::Ordering::Relaxed) as f64,
+            0,
+        )
+        .number(
             "deadline index entries after",
-            store.count_deadlines().to_string(),
-        ),
-    ];
-    for (name, value) in rows {
-        println!("{name:<50} {value:>14}");
-    }
+            store.count_deadlines() as f64,
+            0,
+        );
+    report.finish(report_dir)?;
     if wrong.load(std::sync::atomic::Ordering::Relaxed) > 0 {
         bail!("some executions did not time out");
     }
