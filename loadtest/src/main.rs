@@ -231,6 +231,22 @@ enum Scenario {
         #[arg(long, default_value_t = 300)]
         max_seconds: u64,
     },
+    /// Restart to serving with a big log: fill a data dir with N events, then time a server's
+    /// start to its listening line and to the first Thing served.
+    Restart {
+        /// Events in the log.
+        #[arg(long, default_value_t = 10_000_000)]
+        events: u64,
+        /// Things they are spread over.
+        #[arg(long, default_value_t = 10_000)]
+        things: usize,
+        /// Restarts measured.
+        #[arg(long, default_value_t = 3)]
+        restarts: usize,
+        /// Data directory (default: a temporary one, removed afterwards).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
     /// Internal: a thinghub server on 127.0.0.1 port 0 (used by `mqtt`).
     #[command(hide = true)]
     Server {
@@ -366,6 +382,12 @@ fn main() -> Result<()> {
             },
             report_dir,
         )),
+        Scenario::Restart {
+            events,
+            things,
+            restarts,
+            data_dir,
+        } => runtime.block_on(restart(events, things, restarts, data_dir, report_dir)),
         Scenario::Deadlines {
             pending,
             ttl_s,
@@ -974,4 +996,139 @@ async fn deadlines(
     }
     registry.shutdown(Duration::from_secs(30)).await;
     Ok(())
+}
+
+/// Fills a data dir with `events` real domain events (registrations and shadow updates, with
+/// the registry index), then times restarts of the real server on it.
+async fn restart(
+    events: u64,
+    things: usize,
+    restarts: usize,
+    requested_dir: Option<PathBuf>,
+    report_dir: Option<&std::path::Path>,
+) -> Result<()> {
+    use thinghub_actors::codec;
+    use thinghub_actors::thing::shadow::{SectionPatch, ShadowUpdated};
+    use thinghub_actors::thing::{ThingEvent, ThingRegistered};
+    use thinghub_storage::IndexOp;
+    let dir = data_dir(requested_dir)?;
+    let things = things.max(1);
+    let per_thing = (events / things as u64).max(1);
+    let filled = {
+        let store = Store::open(&StoreConfig::new(&dir.path))?;
+        let already = store.count_things();
+        let bar = report::progress(things as u64 * per_thing, "writing");
+        let started = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        // One writer per Thing slice; each appends its Thing's events in order.
+        let writers = 1000.min(things);
+        for writer in 0..writers {
+            let (store, bar) = (store.clone(), bar.clone());
+            tasks.spawn(async move {
+                let mut thing = writer;
+                while thing < things {
+                    let name = format!("restart-{thing:06}");
+                    let first = store.last_seq(&name)?;
+                    for seq in first + 1..=per_thing {
+                        let (event, index) = if seq == 1 {
+                            let registered = ThingRegistered {
+                                mqtt_client_id: name.clone(),
+                                thing_type: None,
+                                attributes: Default::default(),
+                                created_at_ms: 1_700_000_000_000,
+                            };
+                            let record = codec::ThingIndexRecord {
+                                mqtt_client_id: name.clone(),
+                                thing_type: None,
+                                created_at_ms: registered.created_at_ms,
+                            };
+                            (
+                                ThingEvent::Registered(registered),
+                                vec![IndexOp::PutThing(codec::encode_index_record(&record)?)],
+                            )
+                        } else {
+                            let mut merge = serde_json::Map::new();
+                            merge.insert("n".into(), seq.into());
+                            merge.insert("temperature".into(), 21.5.into());
+                            (
+                                ThingEvent::ShadowUpdated(ShadowUpdated {
+                                    desired: None,
+                                    reported: Some(SectionPatch::Merge(merge)),
+                                    version: seq - 1,
+                                    timestamp_s: 1_700_000_000 + seq,
+                                    client_token: None,
+                                    origin: thinghub_actors::thing::Origin::Device,
+                                }),
+                                Vec::new(),
+                            )
+                        };
+                        store
+                            .append(AppendBatch {
+                                thing: name.clone(),
+                                first_seq: seq,
+                                events: vec![codec::encode_event(&event, 1_700_000_000_000)?],
+                                index,
+                            })
+                            .await?;
+                        bar.inc(1);
+                    }
+                    thing += writers;
+                }
+                Ok::<_, anyhow::Error>(())
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done??;
+        }
+        bar.finish_and_clear();
+        let seconds = started.elapsed().as_secs_f64();
+        store.sync().await?;
+        (already, seconds)
+    };
+    let disk = target::dir_bytes(&dir.path);
+    let mut to_listening = histogram();
+    let mut to_served = histogram();
+    let client = reqwest::Client::new();
+    for round in 0..restarts.max(1) {
+        let spawned = Instant::now();
+        let server = mqtt::ChildServer::start_in(&dir.path).await?;
+        to_listening.saturating_record(server.startup().as_micros() as u64);
+        let name = format!("restart-{:06}", (round * 7919) % things);
+        let response = client
+            .get(format!(
+                "http://{}/api/v1/things/{name}/shadow",
+                server.http
+            ))
+            .basic_auth(mqtt::ADMIN.0, Some(mqtt::ADMIN.1))
+            .send()
+            .await?;
+        if !response.status().is_success() {
+            bail!("GET {name}/shadow after restart: {}", response.status());
+        }
+        to_served.saturating_record(spawned.elapsed().as_micros() as u64);
+        server.kill9().await?;
+    }
+    let mut report = report::Report::new("restart");
+    report
+        .param("events", things as u64 * per_thing)
+        .param("things", things)
+        .param("restarts", restarts)
+        .text(
+            "log written now",
+            if filled.0 >= things {
+                "no (reused)".to_owned()
+            } else {
+                format!(
+                    "{:.0} events/s",
+                    (things as u64 * per_thing) as f64 / filled.1
+                )
+            },
+        )
+        .number("data dir on disk, MiB", disk as f64 / 1048576.0, 0)
+        .latencies("process start -> listening", &to_listening)
+        .latencies(
+            "process start -> first Thing served (its replay included)",
+            &to_served,
+        );
+    report.finish(report_dir)
 }

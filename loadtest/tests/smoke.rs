@@ -248,3 +248,27 @@ fn crash_scenario_verifies_every_acknowledged_change() {
         "{out}"
     );
 }
+
+#[test]
+fn restart_scenario_serves_after_a_restart_on_a_filled_log() {
+    let out = run(&[
+        "restart",
+        "--events",
+        "2000",
+        "--things",
+        "20",
+        "--restarts",
+        "1",
+    ]);
+    assert!(
+        value(&out, "process start -> listening p50 ms") > 0.0,
+        "{out}"
+    );
+    assert!(
+        value(
+            &out,
+            "process start -> first Thing served (its replay included) p50 ms"
+        ) > 0.0,
+        "{out}"
+    );
+}
