@@ -298,7 +298,7 @@ fn main() -> Result<()> {
             seconds,
             event_bytes,
             data_dir,
-        } => runtime.block_on(commit(writers, seconds, event_bytes, data_dir)),
+        } => runtime.block_on(commit(writers, seconds, event_bytes, data_dir, report_dir)),
         Scenario::Actors {
             things,
             active,
@@ -306,14 +306,17 @@ fn main() -> Result<()> {
             concurrency,
             max_seconds,
             data_dir,
-        } => runtime.block_on(actors(ActorsRun {
-            things,
-            active,
-            updates,
-            concurrency,
-            max_seconds,
-            data_dir,
-        })),
+        } => runtime.block_on(actors(
+            ActorsRun {
+                things,
+                active,
+                updates,
+                concurrency,
+                max_seconds,
+                data_dir,
+            },
+            report_dir,
+        )),
         Scenario::Mqtt {
             idle_connections,
             publishers,
@@ -489,17 +492,15 @@ async fn commit(
     seconds: u64,
     event_bytes: usize,
     requested_dir: Option<PathBuf>,
+    report_dir: Option<&std::path::Path>,
 ) -> Result<()> {
     let dir = data_dir(requested_dir)?;
     let store = Store::open(&StoreConfig::new(&dir.path))?;
     let payload = vec![0x5au8; event_bytes];
-    println!(
-        "group commit: durable appends (1 event of {event_bytes} B each), {seconds} s per row"
-    );
-    println!(
-        "{:>8} {:>14} {:>14} {:>10} {:>10} {:>10}",
-        "writers", "appends/s", "appends/flush", "p50 ms", "p99 ms", "max ms"
-    );
+    let mut report = report::Report::new("commit");
+    report
+        .param("event_bytes", event_bytes)
+        .param("seconds_per_writer_count", seconds);
     for (round, &writers) in writer_counts.iter().enumerate() {
         let before = store.commit_stats();
         let deadline = Instant::now() + Duration::from_secs(seconds);
@@ -540,17 +541,29 @@ async fn commit(
         let elapsed = started.elapsed().as_secs_f64();
         let after = store.commit_stats();
         let flushes = (after.batches - before.batches).max(1);
-        println!(
-            "{:>8} {:>14.0} {:>14.1} {:>10.2} {:>10.2} {:>10.2}",
-            writers,
-            appended as f64 / elapsed,
-            (after.waiters - before.waiters) as f64 / flushes as f64,
-            latencies.value_at_quantile(0.5) as f64 / 1000.0,
-            latencies.value_at_quantile(0.99) as f64 / 1000.0,
-            latencies.max() as f64 / 1000.0,
-        );
+        report
+            .number(
+                &format!("{writers} writers: durable appends/s"),
+                appended as f64 / elapsed,
+                0,
+            )
+            .number(
+                &format!("{writers} writers: appends per flush"),
+                (after.waiters - before.waiters) as f64 / flushes as f64,
+                1,
+            )
+            .number(
+                &format!("{writers} writers: p50 ms"),
+                latencies.value_at_quantile(0.5) as f64 / 1000.0,
+                2,
+            )
+            .number(
+                &format!("{writers} writers: p99 ms"),
+                latencies.value_at_quantile(0.99) as f64 / 1000.0,
+                2,
+            );
     }
-    Ok(())
+    report.finish(report_dir)
 }
 
 fn serde_bytes_wrapper(bytes: &[u8]) -> &serde_bytes::Bytes {
@@ -662,7 +675,7 @@ fn ms(histogram: &Histogram<u64>, quantile: f64) -> f64 {
     histogram.value_at_quantile(quantile) as f64 / 1000.0
 }
 
-async fn actors(run: ActorsRun) -> Result<()> {
+async fn actors(run: ActorsRun, report_dir: Option<&std::path::Path>) -> Result<()> {
     if run.active > run.things {
         bail!("--active must not exceed --things");
     }
@@ -709,10 +722,6 @@ async fn actors(run: ActorsRun) -> Result<()> {
     let num = |key: &str| m[key].as_f64().unwrap_or(0.0);
     let mib = |key: &str| num(key) / 1048576.0;
     let per_active = |a: &str, b: &str| (num(a) - num(b)) / run.active.max(1) as f64;
-    println!(
-        "actors: {} registered, {} active, {} updates, {} in flight",
-        run.things, run.active, run.updates, run.concurrency
-    );
     let rows: Vec<(&str, String)> = vec![
         (
             "registrations/s (spawn + durable append)",
@@ -768,11 +777,27 @@ async fn actors(run: ActorsRun) -> Result<()> {
             format!("{:.2}", num("reactivate_seconds")),
         ),
     ];
-    println!("{:<48} {:>14}", "metric", "value");
+    let mut report = report::Report::new("actors");
+    report
+        .param("things", run.things)
+        .param("active", run.active)
+        .param("updates", run.updates)
+        .param("in_flight", run.concurrency);
     for (name, value) in rows {
-        println!("{name:<48} {value:>14}");
+        match value.parse::<f64>() {
+            Ok(number) => {
+                report.rows.push(report::Row {
+                    metric: name.to_owned(),
+                    value,
+                    number: Some(number),
+                });
+            }
+            Err(_) => {
+                report.text(name, value);
+            }
+        }
     }
-    Ok(())
+    report.finish(report_dir)
 }
 
 async fn actors_measure(
