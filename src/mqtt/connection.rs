@@ -154,23 +154,27 @@ pub async fn serve(
         peer,
         client_packet_bytes_max: None,
     };
-    let connect =
-        match tokio::time::timeout(ctx.config.connect_timeout, read_connect(&mut conn, &ctx)).await
-        {
-            Ok(Ok(Some(packet))) => packet,
-            Ok(Ok(None)) => return,
-            Ok(Err(e)) => {
-                tracing::debug!(%peer, error = %e, "connection closed before CONNECT completed");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!(%peer, "no CONNECT within the connect timeout");
-                return;
-            }
-        };
+    let connect = match tokio::time::timeout(
+        ctx.config.connect_timeout,
+        Box::pin(read_connect(&mut conn, &ctx)),
+    )
+    .await
+    {
+        // Boxed: the packet is only read while establishing the session.
+        Ok(Ok(Some(packet))) => Box::new(packet),
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "connection closed before CONNECT completed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "no CONNECT within the connect timeout");
+            return;
+        }
+    };
     if permit.is_none() {
         tracing::warn!(%peer, "connection limit reached; refusing");
-        let _ = refuse(&mut conn, Refusal::ServerBusy).await;
+        let _ = Box::pin(refuse(&mut conn, Refusal::ServerBusy)).await;
         return;
     }
     if let Err(e) = run_session(conn, connect, &ctx).await {
@@ -246,22 +250,60 @@ fn plain_username(username: &str) -> &str {
     }
 }
 
-async fn run_session(mut conn: Conn, connect: Packet, ctx: &MqttContext) -> std::io::Result<()> {
-    let Packet::Connect(connect, properties, last_will, will_properties, login) = connect else {
+/// What a connection keeps for its whole life once its CONNECT was accepted (small on purpose:
+/// an idle connection's task holds this and `session_loop`'s state, nothing else).
+struct Established {
+    session: Session,
+    rx: mpsc::Receiver<Outbound>,
+    connection_id: u64,
+    keep_alive: Duration,
+    will: Option<Box<Will>>,
+    v5: bool,
+}
+
+async fn run_session(
+    mut conn: Conn,
+    connect: Box<Packet>,
+    ctx: &MqttContext,
+) -> std::io::Result<()> {
+    // Boxed: the CONNECT handling's state (the packet, properties, authentication) is freed
+    // once the session runs, so an idle connection does not carry it.
+    let Some(mut established) = Box::pin(establish(&mut conn, connect, ctx)).await? else {
         return Ok(());
+    };
+    let reason = session_loop(
+        &mut conn,
+        ctx,
+        &mut established.session,
+        &mut established.rx,
+        established.keep_alive,
+    )
+    .await;
+    Box::pin(close(&mut conn, ctx, established, reason)).await;
+    Ok(())
+}
+
+/// CONNECT -> authentication -> session attach -> CONNACK; `None` when the client was refused.
+async fn establish(
+    conn: &mut Conn,
+    connect: Box<Packet>,
+    ctx: &MqttContext,
+) -> std::io::Result<Option<Established>> {
+    let Packet::Connect(connect, properties, last_will, will_properties, login) = *connect else {
+        return Ok(None);
     };
     let v5 = conn.version == Version::V5;
     // Client id: empty is allowed for a clean session (the server assigns one).
     let mut assigned = None;
     let client_id = if connect.client_id.is_empty() {
         if !v5 && !connect.clean_session {
-            return refuse(&mut conn, Refusal::BadClientId).await;
+            return refuse(conn, Refusal::BadClientId).await.map(|()| None);
         }
         let id = new_client_id();
         assigned = Some(id.clone());
         id
     } else if connect.client_id.len() > ctx.config.client_id_bytes_max {
-        return refuse(&mut conn, Refusal::BadClientId).await;
+        return refuse(conn, Refusal::BadClientId).await.map(|()| None);
     } else {
         connect.client_id.clone()
     };
@@ -291,7 +333,7 @@ async fn run_session(mut conn: Conn, connect: Packet, ctx: &MqttContext) -> std:
                 },
                 None => {
                     tracing::info!(peer = %conn.peer, %client_id, %username, "bad username or password");
-                    return refuse(&mut conn, Refusal::BadCredentials).await;
+                    return refuse(conn, Refusal::BadCredentials).await.map(|()| None);
                 }
             }
         }
@@ -303,7 +345,7 @@ async fn run_session(mut conn: Conn, connect: Packet, ctx: &MqttContext) -> std:
         },
         None => {
             tracing::info!(peer = %conn.peer, %client_id, "anonymous connection refused");
-            return refuse(&mut conn, Refusal::NotAuthorized).await;
+            return refuse(conn, Refusal::NotAuthorized).await.map(|()| None);
         }
     };
 
@@ -335,7 +377,7 @@ async fn run_session(mut conn: Conn, connect: Packet, ctx: &MqttContext) -> std:
     let keep_alive_s = server_keep_alive.unwrap_or(connect.keep_alive);
     let will = last_will.map(|w| to_will(w, will_properties));
 
-    let (tx, mut rx) = mpsc::channel(ctx.config.outbound_queue_max.max(1));
+    let (tx, rx) = mpsc::channel(ctx.config.outbound_queue_max.max(1));
     let registered = ctx.broker.connect(
         &client_id,
         connect.clean_session,
@@ -388,13 +430,30 @@ async fn run_session(mut conn: Conn, connect: Packet, ctx: &MqttContext) -> std:
         }
     }
 
-    let keep_alive = Duration::from_millis(u64::from(keep_alive_s) * 1500);
-    let mut session = Session {
-        identity,
-        aliases: HashMap::new(),
-    };
-    let reason = session_loop(&mut conn, ctx, &mut session, &mut rx, keep_alive).await;
+    Ok(Some(Established {
+        session: Session {
+            identity,
+            aliases: HashMap::new(),
+        },
+        rx,
+        connection_id: registered.connection_id,
+        keep_alive: Duration::from_millis(u64::from(keep_alive_s) * 1500),
+        will: will.map(Box::new),
+        v5,
+    }))
+}
 
+/// After the session loop: DISCONNECT (v5), socket shutdown, session detach, the Thing's
+/// disconnect event, the will.
+async fn close(conn: &mut Conn, ctx: &MqttContext, established: Established, reason: CloseReason) {
+    let Established {
+        session,
+        connection_id,
+        will,
+        v5,
+        ..
+    } = established;
+    let client_id = session.identity.client_id.clone();
     if v5 {
         let code = match reason {
             CloseReason::Takeover => Some(DisconnectReasonCode::SessionTakenOver),
@@ -412,12 +471,12 @@ async fn run_session(mut conn: Conn, connect: Packet, ctx: &MqttContext) -> std:
         }
     }
     let _ = conn.writer.shutdown().await;
-    let was_current = ctx.broker.disconnect(&client_id, registered.connection_id);
+    let was_current = ctx.broker.disconnect(&client_id, connection_id);
     tracing::debug!(peer = %conn.peer, %client_id, reason = reason.as_str(), was_current, "disconnected");
     if let Some(thing) = &session.identity.thing {
         if let Err(e) = ctx
             .things
-            .record_disconnected(thing, &client_id, registered.connection_id, reason.as_str())
+            .record_disconnected(thing, &client_id, connection_id, reason.as_str())
             .await
         {
             tracing::warn!(%thing, %client_id, error = %e, "cannot record the disconnect");
@@ -425,9 +484,8 @@ async fn run_session(mut conn: Conn, connect: Packet, ctx: &MqttContext) -> std:
     }
 
     if let Some(will) = will.filter(|_| reason.publishes_will()) {
-        publish_will(ctx, &session.identity, will);
+        publish_will(ctx, &session.identity, *will);
     }
-    Ok(())
 }
 
 fn to_will(will: LastWill, properties: Option<LastWillProperties>) -> Will {
@@ -542,7 +600,9 @@ async fn session_loop(
                     if !keep_alive.is_zero() {
                         deadline.as_mut().reset(Instant::now() + keep_alive);
                     }
-                    match handle_packet(conn, ctx, session, packet).await {
+                    // Boxed: handling a packet (fast-path requests to Thing actors included) needs
+                    // kilobytes of future state that an idle connection should not carry.
+                    match Box::pin(handle_packet(conn, ctx, session, packet)).await {
                         Ok(None) => {}
                         Ok(Some(reason)) => return reason,
                         Err(_) => return CloseReason::ConnectionLost,
