@@ -91,15 +91,18 @@ struct Conn {
 }
 
 impl Conn {
+    /// Writes `packet` now, after anything queued before it.
     async fn send(&mut self, packet: Packet) -> std::io::Result<()> {
-        self.write_buf.clear();
+        self.queue(packet)?;
+        self.flush_encoded().await
+    }
+
+    /// Encodes `packet` behind what is queued; the session loop writes the queue, with the
+    /// outbound messages produced meanwhile, in one syscall once the packets read so far are
+    /// handled.
+    fn queue(&mut self, packet: Packet) -> std::io::Result<()> {
         codec::write(self.version, packet, &mut self.write_buf)
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        self.writer.write_all(&self.write_buf).await?;
-        if self.write_buf.capacity() > 4 * READ_CHUNK_BYTES {
-            self.write_buf = BytesMut::new();
-        }
-        Ok(())
+            .map_err(|e| std::io::Error::other(e.to_string()))
     }
 
     /// Writes what `encode_outbound` put in the write buffer.
@@ -618,6 +621,29 @@ async fn session_loop(
         if conn.read_buf.is_empty() && conn.read_buf.capacity() > 0 {
             conn.read_buf = BytesMut::new();
         }
+        if !conn.write_buf.is_empty() {
+            // Acknowledgements queued by the packets just handled go out together with what
+            // they produced for this client meanwhile (a fast-path reply), in one write.
+            let mut encoded = 0;
+            while encoded < WRITE_BATCH_PACKETS_MAX {
+                match rx.try_recv() {
+                    Ok(Outbound::Close(reason)) => {
+                        let _ = conn.flush_encoded().await;
+                        return reason;
+                    }
+                    Ok(outbound) => {
+                        if let Err(reason) = encode_or_discard(conn, ctx, session, outbound) {
+                            return reason;
+                        }
+                        encoded += 1;
+                    }
+                    Err(_) => break,
+                }
+            }
+            if conn.flush_encoded().await.is_err() {
+                return CloseReason::ConnectionLost;
+            }
+        }
         tokio::select! {
             filled = conn.fill() => match filled {
                 Ok(true) => {}
@@ -635,21 +661,10 @@ async fn session_loop(
                             return reason;
                         }
                         Some(outbound) => {
-                            let settles = match &outbound {
-                                Outbound::Publish(p) if p.qos > 0 => Some(p.pkid),
-                                _ => None,
-                            };
-                            match encode_outbound(conn, outbound) {
-                                Ok(()) => encoded += 1,
-                                Err(CodecError::TooLarge(bytes)) => {
-                                    tracing::debug!(client_id = %session.identity.client_id, bytes, "publish larger than the client's maximum packet size; discarded");
-                                    ctx.broker.stats.messages_dropped.fetch_add(1, Ordering::Relaxed);
-                                    if let Some(pkid) = settles {
-                                        ctx.broker.acknowledged(&session.identity.client_id, pkid);
-                                    }
-                                }
-                                Err(_) => return CloseReason::ProtocolError,
+                            if let Err(reason) = encode_or_discard(conn, ctx, session, outbound) {
+                                return reason;
                             }
+                            encoded += 1;
                         }
                         None => return CloseReason::ServerShutdown,
                     }
@@ -667,6 +682,35 @@ async fn session_loop(
             },
             () = &mut deadline => return CloseReason::KeepAliveTimeout,
         }
+    }
+}
+
+/// Appends one outbound packet to the write buffer; a publish larger than the client's maximum
+/// packet size is discarded (counted, and settled so the window moves on).
+fn encode_or_discard(
+    conn: &mut Conn,
+    ctx: &MqttContext,
+    session: &Session,
+    outbound: Outbound,
+) -> Result<(), CloseReason> {
+    let settles = match &outbound {
+        Outbound::Publish(p) if p.qos > 0 => Some(p.pkid),
+        _ => None,
+    };
+    match encode_outbound(conn, outbound) {
+        Ok(()) => Ok(()),
+        Err(CodecError::TooLarge(bytes)) => {
+            tracing::debug!(client_id = %session.identity.client_id, bytes, "publish larger than the client's maximum packet size; discarded");
+            ctx.broker
+                .stats
+                .messages_dropped
+                .fetch_add(1, Ordering::Relaxed);
+            if let Some(pkid) = settles {
+                ctx.broker.acknowledged(&session.identity.client_id, pkid);
+            }
+            Ok(())
+        }
+        Err(_) => Err(CloseReason::ProtocolError),
     }
 }
 
@@ -867,11 +911,11 @@ async fn handle_packet(
                     } else {
                         PubAckReason::NotAuthorized
                     };
-                    conn.send(Packet::PubAck(
+                    // Queued: it goes out with the fast path's reply in one write.
+                    conn.queue(Packet::PubAck(
                         PubAck { pkid, reason },
                         v5_puback_props(v5, allowed),
-                    ))
-                    .await?;
+                    ))?;
                 }
                 2 => {
                     let reason = if allowed || !v5 {
