@@ -93,12 +93,27 @@ async fn wait_for(registry: &Registry, name: &str, id: &str, want: CommandStatus
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_deadline_fires_at_its_time_and_not_before() {
+/// Polls `done` (bounded: 5 s) until it holds; fails naming `what` otherwise.
+async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A store in a temporary dir, a manual clock at T0, and a registry on them.
+async fn setup() -> (tempfile::TempDir, Store, Arc<ManualClock>, Registry) {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(&StoreConfig::new(dir.path())).expect("open");
     let clock = ManualClock::new(T0);
     let registry = start(&store, clock.clone()).await;
+    (dir, store, clock, registry)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_fires_at_its_time_and_not_before() {
+    let (_dir, store, clock, registry) = setup().await;
     register(&registry, "t1").await;
     let execution = send(&registry, "t1", "e1", 30).await;
     assert!(store
@@ -112,36 +127,27 @@ async fn a_deadline_fires_at_its_time_and_not_before() {
     clock.advance_ms(1);
     wait_for(&registry, "t1", "e1", CommandStatus::TimedOut).await;
     // The index entry goes once nothing is pending.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while store.count_deadlines() != 0 {
-        assert!(Instant::now() < deadline, "deadline entry was not removed");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_until("deadline entry was not removed", || {
+        store.count_deadlines() == 0
+    })
+    .await;
     assert_eq!(registry.deadline_stats().timed_out, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_passivated_thing_is_activated_by_its_deadline() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = Store::open(&StoreConfig::new(dir.path())).expect("open");
-    let clock = ManualClock::new(T0);
-    let registry = start(&store, clock.clone()).await;
+    let (_dir, store, clock, registry) = setup().await;
     register(&registry, "sleepy").await;
     send(&registry, "sleepy", "e1", 5).await;
     send(&registry, "sleepy", "e2", 10).await;
     registry.passivate_idle(Duration::ZERO);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while registry.stats().active_things != 0 {
-        assert!(Instant::now() < deadline, "did not passivate");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_until("did not passivate", || registry.stats().active_things == 0).await;
     let activations = registry.stats().activations;
     clock.advance_ms(5_000);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while registry.deadline_stats().timed_out < 1 {
-        assert!(Instant::now() < deadline, "deadline did not fire");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_until("deadline did not fire", || {
+        registry.deadline_stats().timed_out >= 1
+    })
+    .await;
     assert!(registry.stats().activations > activations, "re-activated");
     assert_eq!(
         status(&registry, "sleepy", "e1").await,
@@ -168,20 +174,16 @@ async fn deadlines_that_passed_while_down_fire_right_after_restart() {
     clock.advance_ms(120_000);
     let store = Store::open(&StoreConfig::new(dir.path())).expect("reopen");
     let registry = start(&store, clock.clone()).await;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while registry.deadline_stats().timed_out < 1 {
-        assert!(Instant::now() < deadline, "no fire after restart");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_until("no fire after restart", || {
+        registry.deadline_stats().timed_out >= 1
+    })
+    .await;
     assert_eq!(status(&registry, "t1", "e1").await, CommandStatus::TimedOut);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_index_entry_fires_changes_nothing_and_is_removed() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = Store::open(&StoreConfig::new(dir.path())).expect("open");
-    let clock = ManualClock::new(T0);
-    let registry = start(&store, clock.clone()).await;
+    let (_dir, store, clock, registry) = setup().await;
     register(&registry, "t1").await;
     send(&registry, "t1", "e1", 60).await;
     // As if a crash left an entry behind (the entry is written before its events).
@@ -190,21 +192,17 @@ async fn a_stale_index_entry_fires_changes_nothing_and_is_removed() {
         .expect("stray entry");
     registry.context().deadlines.scheduled(T0 + 1);
     clock.advance_ms(10);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while store.has_deadline("t1", T0 + 1).expect("index") {
-        assert!(Instant::now() < deadline, "stale entry not removed");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_until("stale entry not removed", || {
+        !store.has_deadline("t1", T0 + 1).expect("index")
+    })
+    .await;
     assert_eq!(status(&registry, "t1", "e1").await, CommandStatus::Sent);
     assert!(store.has_deadline("t1", T0 + 60_000).expect("index"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn activation_restores_a_missing_deadline_entry() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = Store::open(&StoreConfig::new(dir.path())).expect("open");
-    let clock = ManualClock::new(T0);
-    let registry = start(&store, clock.clone()).await;
+    let (_dir, store, _clock, registry) = setup().await;
     register(&registry, "t1").await;
     send(&registry, "t1", "e1", 60).await;
     registry.passivate_idle(Duration::ZERO);

@@ -401,7 +401,7 @@ impl PageCursor {
 
     /// Parses `{createdAt}.{executionId}`.
     pub fn parse(text: &str) -> Result<PageCursor, Rejection> {
-        let invalid = || bad(format!("invalid cursor '{text}'"));
+        let invalid = || Rejection::bad_request(format!("invalid cursor '{text}'"));
         let (created, id) = text.split_once('.').ok_or_else(invalid)?;
         Ok(PageCursor {
             created_at_ms: created.parse().map_err(|_| invalid())?,
@@ -453,10 +453,6 @@ pub struct CommandResponse {
     pub status_reason: Option<StatusReason>,
 }
 
-fn bad(message: impl Into<String>) -> Rejection {
-    Rejection::new(ErrorCode::BadRequest, message)
-}
-
 fn json_bytes(value: &Map<String, Value>) -> usize {
     serde_json::to_vec(value)
         .map(|v| v.len())
@@ -469,7 +465,7 @@ pub fn validate_id(what: &str, id: &str) -> Result<(), Rejection> {
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'));
     if id.is_empty() || id.len() > COMMAND_ID_BYTES_MAX || !valid {
-        return Err(bad(format!(
+        return Err(Rejection::bad_request(format!(
             "invalid {what} '{id}': 1..={COMMAND_ID_BYTES_MAX} characters of [A-Za-z0-9_-]"
         )));
     }
@@ -486,32 +482,32 @@ impl SendCommand {
         limits: &CommandLimits,
     ) -> Result<SendCommand, Rejection> {
         let Some(body) = body.as_object() else {
-            return Err(bad("Payload must be a JSON object"));
+            return Err(Rejection::bad_request("Payload must be a JSON object"));
         };
         let action = match body.get("action") {
             Some(Value::String(action)) => action.clone(),
-            Some(_) => return Err(bad("action must be a string")),
-            None => return Err(bad("Missing required field: action")),
+            Some(_) => return Err(Rejection::bad_request("action must be a string")),
+            None => return Err(Rejection::bad_request("Missing required field: action")),
         };
         let params = match body.get("params") {
             None | Some(Value::Null) => None,
             Some(Value::Object(params)) => Some(params.clone()),
-            Some(_) => return Err(bad("params must be a JSON object")),
+            Some(_) => return Err(Rejection::bad_request("params must be a JSON object")),
         };
         let ttl_s = match body.get("ttl") {
             None | Some(Value::Null) => None,
             Some(Value::Number(n)) => Some(n.as_u64().ok_or_else(|| {
-                bad(format!(
+                Rejection::bad_request(format!(
                     "ttl must be whole seconds in {}..={}",
                     limits.ttl_s_min, limits.ttl_s_max
                 ))
             })?),
-            Some(_) => return Err(bad("ttl must be a number of seconds")),
+            Some(_) => return Err(Rejection::bad_request("ttl must be a number of seconds")),
         };
         let command_id = match body.get("commandId") {
             None | Some(Value::Null) => new_command_id(),
             Some(Value::String(id)) => id.clone(),
-            Some(_) => return Err(bad("commandId must be a string")),
+            Some(_) => return Err(Rejection::bad_request("commandId must be a string")),
         };
         let command = SendCommand {
             execution_id,
@@ -529,13 +525,15 @@ impl SendCommand {
         validate_id("executionId", &self.execution_id)?;
         validate_id("commandId", &self.command_id)?;
         if self.action.is_empty() || self.action.len() > limits.action_bytes_max {
-            return Err(bad(format!(
+            return Err(Rejection::bad_request(format!(
                 "action must be 1..={} bytes",
                 limits.action_bytes_max
             )));
         }
         if self.action.chars().any(char::is_control) {
-            return Err(bad("action must not contain control characters"));
+            return Err(Rejection::bad_request(
+                "action must not contain control characters",
+            ));
         }
         if let Some(params) = &self.params {
             let bytes = json_bytes(params);
@@ -551,7 +549,7 @@ impl SendCommand {
         }
         if let Some(ttl_s) = self.ttl_s {
             if ttl_s < limits.ttl_s_min || ttl_s > limits.ttl_s_max {
-                return Err(bad(format!(
+                return Err(Rejection::bad_request(format!(
                     "ttl {ttl_s} is out of range {}..={} seconds",
                     limits.ttl_s_min, limits.ttl_s_max
                 )));
@@ -573,15 +571,15 @@ impl CommandResponse {
     ) -> Result<CommandResponse, Rejection> {
         validate_id("executionId", execution_id)?;
         let Some(body) = body.as_object() else {
-            return Err(bad("Payload must be a JSON object"));
+            return Err(Rejection::bad_request("Payload must be a JSON object"));
         };
         let status = match body.get("status") {
             Some(Value::String(status)) => status.clone(),
-            Some(_) => return Err(bad("status must be a string")),
-            None => return Err(bad("Missing required field: status")),
+            Some(_) => return Err(Rejection::bad_request("status must be a string")),
+            None => return Err(Rejection::bad_request("Missing required field: status")),
         };
         if status.len() > REASON_CODE_BYTES_MAX {
-            return Err(bad("status is too long"));
+            return Err(Rejection::bad_request("status is too long"));
         }
         let result = match body.get("result") {
             None | Some(Value::Null) => None,
@@ -598,12 +596,12 @@ impl CommandResponse {
                 }
                 Some(result.clone())
             }
-            Some(_) => return Err(bad("result must be a JSON object")),
+            Some(_) => return Err(Rejection::bad_request("result must be a JSON object")),
         };
         let status_reason = match body.get("statusReason") {
             None | Some(Value::Null) => None,
             Some(Value::Object(reason)) => Some(parse_reason(reason)?),
-            Some(_) => return Err(bad("statusReason must be a JSON object")),
+            Some(_) => return Err(Rejection::bad_request("statusReason must be a JSON object")),
         };
         Ok(CommandResponse {
             execution_id: execution_id.to_owned(),
@@ -617,13 +615,17 @@ impl CommandResponse {
 fn parse_reason(reason: &Map<String, Value>) -> Result<StatusReason, Rejection> {
     let reason_code = match reason.get("reasonCode") {
         Some(Value::String(code)) => code.clone(),
-        _ => return Err(bad("statusReason.reasonCode must be a string")),
+        _ => {
+            return Err(Rejection::bad_request(
+                "statusReason.reasonCode must be a string",
+            ))
+        }
     };
     let valid = reason_code
         .bytes()
         .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-'));
     if reason_code.is_empty() || reason_code.len() > REASON_CODE_BYTES_MAX || !valid {
-        return Err(bad(format!(
+        return Err(Rejection::bad_request(format!(
             "statusReason.reasonCode must be 1..={REASON_CODE_BYTES_MAX} characters of [A-Z0-9_-]"
         )));
     }
@@ -633,7 +635,7 @@ fn parse_reason(reason: &Map<String, Value>) -> Result<StatusReason, Rejection> 
             Some(text.clone())
         }
         Some(_) => {
-            return Err(bad(format!(
+            return Err(Rejection::bad_request(format!(
                 "statusReason.reasonDescription must be a string of at most {REASON_DESCRIPTION_BYTES_MAX} bytes"
             )))
         }

@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::{ErrorCode, Rejection};
+use super::Rejection;
 
 /// Bounds on events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,17 +71,13 @@ pub struct EventIngested {
     pub ingested_at_ms: u64,
 }
 
-fn bad(message: impl Into<String>) -> Rejection {
-    Rejection::new(ErrorCode::BadRequest, message)
-}
-
 /// Checks an event type: 1..=max bytes of `[A-Za-z0-9_.-]` (one MQTT topic level).
 pub fn validate_event_type(event_type: &str, limits: &EventLimits) -> Result<(), Rejection> {
     let valid = event_type
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
     if event_type.is_empty() || event_type.len() > limits.event_type_bytes_max || !valid {
-        return Err(bad(format!(
+        return Err(Rejection::bad_request(format!(
             "invalid eventType '{event_type}': 1..={} characters of [A-Za-z0-9_.-]",
             limits.event_type_bytes_max
         )));
@@ -98,17 +94,17 @@ impl IngestEvent {
         limits: &EventLimits,
     ) -> Result<IngestEvent, Rejection> {
         let Some(body) = body.as_object() else {
-            return Err(bad("Payload must be a JSON object"));
+            return Err(Rejection::bad_request("Payload must be a JSON object"));
         };
         let event_type = match body.get("eventType") {
             Some(Value::String(t)) => t.clone(),
-            Some(_) => return Err(bad("eventType must be a string")),
-            None => return Err(bad("Missing required field: eventType")),
+            Some(_) => return Err(Rejection::bad_request("eventType must be a string")),
+            None => return Err(Rejection::bad_request("Missing required field: eventType")),
         };
         validate_event_type(&event_type, limits)?;
         if let Some(topic_type) = topic_type {
             if topic_type != event_type {
-                return Err(bad(format!(
+                return Err(Rejection::bad_request(format!(
                     "eventType '{event_type}' does not match the topic's '{topic_type}'"
                 )));
             }
@@ -119,24 +115,24 @@ impl IngestEvent {
                 "warn" => Severity::Warn,
                 "error" => Severity::Error,
                 other => {
-                    return Err(bad(format!(
+                    return Err(Rejection::bad_request(format!(
                         "severity must be info, warn or error, not '{other}'"
                     )))
                 }
             },
-            Some(_) => return Err(bad("severity must be a string")),
-            None => return Err(bad("Missing required field: severity")),
+            Some(_) => return Err(Rejection::bad_request("severity must be a string")),
+            None => return Err(Rejection::bad_request("Missing required field: severity")),
         };
         let data = match body.get("data") {
             None | Some(Value::Null) => Map::new(),
             Some(Value::Object(data)) => data.clone(),
-            Some(_) => return Err(bad("data must be a JSON object")),
+            Some(_) => return Err(Rejection::bad_request("data must be a JSON object")),
         };
         let data_bytes = serde_json::to_vec(&data)
             .map(|v| v.len())
             .unwrap_or(usize::MAX);
         if data_bytes > limits.data_bytes_max {
-            return Err(bad(format!(
+            return Err(Rejection::bad_request(format!(
                 "data is {data_bytes} bytes; the maximum is {}",
                 limits.data_bytes_max
             )));
@@ -144,10 +140,12 @@ impl IngestEvent {
         let timestamp_ms = match body.get("timestamp") {
             None | Some(Value::Null) => None,
             Some(Value::Number(n)) => Some(n.as_u64().ok_or_else(|| {
-                bad("timestamp must be Unix milliseconds (a non-negative integer)")
+                Rejection::bad_request(
+                    "timestamp must be Unix milliseconds (a non-negative integer)",
+                )
             })?),
             Some(_) => {
-                return Err(bad(
+                return Err(Rejection::bad_request(
                     "timestamp must be Unix milliseconds (a non-negative integer)",
                 ))
             }

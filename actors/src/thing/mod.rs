@@ -98,6 +98,11 @@ impl Rejection {
         }
     }
 
+    /// A 400 with `message`.
+    pub fn bad_request(message: impl Into<String>) -> Rejection {
+        Rejection::new(ErrorCode::BadRequest, message)
+    }
+
     /// The same rejection carrying `token`.
     pub fn with_token(mut self, token: Option<String>) -> Rejection {
         self.client_token = token;
