@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::device::{Device, WAIT};
-use common::{call, Server};
+use common::{call, create, Server};
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -20,20 +20,13 @@ async fn setup(extra_args: &[&str]) -> (tempfile::TempDir, Server) {
 }
 
 async fn register(server: &Server) {
-    let (status, _) = call(
-        Method::POST,
-        &server.url("/api/v1/things"),
-        Some(json!({"thingName":"lamp"})),
+    create(server, "/api/v1/things", json!({"thingName":"lamp"})).await;
+    create(
+        server,
+        "/api/v1/authentication/users",
+        json!({"username":"lamp","password":"pw"}),
     )
     .await;
-    assert_eq!(status, 201);
-    let (status, _) = call(
-        Method::POST,
-        &server.url("/api/v1/authentication/users"),
-        Some(json!({"username":"lamp","password":"pw"})),
-    )
-    .await;
-    assert_eq!(status, 201);
 }
 
 async fn send(server: &Server, body: Value) -> (u16, Value) {

@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::device::{Device, WAIT};
-use common::{call, Server};
+use common::{call, create, Server};
 use reqwest::Method;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -13,24 +13,12 @@ use tokio::sync::mpsc;
 async fn setup() -> (tempfile::TempDir, Server) {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = Server::start(dir.path(), &[]);
-    let (status, _) = call(
-        Method::POST,
-        &server.url("/api/v1/things"),
-        Some(json!({"thingName":"lamp"})),
-    )
-    .await;
-    assert_eq!(status, 201);
+    create(&server, "/api/v1/things", json!({"thingName":"lamp"})).await;
     for user in [
         json!({"username":"lamp","password":"pw"}),
         json!({"username":"ops","password":"ops-pw","superuser":true}),
     ] {
-        let (status, _) = call(
-            Method::POST,
-            &server.url("/api/v1/authentication/users"),
-            Some(user),
-        )
-        .await;
-        assert_eq!(status, 201);
+        create(&server, "/api/v1/authentication/users", user).await;
     }
     (dir, server)
 }
@@ -319,20 +307,13 @@ async fn aws_compat_mode_serves_the_shadow_on_aws_topics_to_a_v5_device() {
     use rumqttc::v5::{AsyncClient as C5, Event as E5, MqttOptions as O5};
     let dir = tempfile::tempdir().expect("tempdir");
     let server = Server::start(dir.path(), &["--aws-compat"]);
-    let (status, _) = call(
-        Method::POST,
-        &server.url("/api/v1/things"),
-        Some(json!({"thingName":"lamp"})),
+    create(&server, "/api/v1/things", json!({"thingName":"lamp"})).await;
+    create(
+        &server,
+        "/api/v1/authentication/users",
+        json!({"username":"lamp","password":"pw"}),
     )
     .await;
-    assert_eq!(status, 201);
-    let (status, _) = call(
-        Method::POST,
-        &server.url("/api/v1/authentication/users"),
-        Some(json!({"username":"lamp","password":"pw"})),
-    )
-    .await;
-    assert_eq!(status, 201);
 
     let mut options = O5::new("lamp", server.mqtt.ip().to_string(), server.mqtt.port());
     // The AWS SDKs append ?SDK=... to the username; it is stripped before authentication.

@@ -151,3 +151,11 @@ pub async fn call(
     let json = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
     (status, json)
 }
+
+/// POSTs `body` to `path` with admin credentials and requires 201; returns the created body.
+pub async fn create(server: &Server, path: &str, body: serde_json::Value) -> serde_json::Value {
+    let (status, created) =
+        call(reqwest::Method::POST, &server.url(path), Some(body.clone())).await;
+    assert_eq!(status, 201, "POST {path} {body} -> {created}");
+    created
+}
