@@ -442,11 +442,18 @@ impl ThingActorState {
         let now_ms = self.context.clock.now_ms();
         let limits = self.context.limits;
         let decision = self.guarded(|me| thing::decide(&me.thing, &command, now_ms, &limits))?;
-        let deadline_before = self.thing.commands.next_deadline_ms();
-        let deadline_after = self
-            .thing
-            .commands
-            .next_deadline_after(decision.command_events());
+        // Only command events move deadlines: other requests (the shadow hot path) skip this.
+        let (deadline_before, deadline_after) =
+            if fired.is_none() && decision.command_events().next().is_none() {
+                (None, None)
+            } else {
+                (
+                    self.thing.commands.next_deadline_ms(),
+                    self.thing
+                        .commands
+                        .next_deadline_after(decision.command_events()),
+                )
+            };
         let mut deadline_ops = Vec::new();
         if deadline_after != deadline_before {
             deadline_ops.extend(deadline_after.map(|at_ms| IndexOp::PutDeadline { at_ms }));

@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use bytes::BytesMut;
-use hdrhistogram::Histogram;
 use rumqttc::mqttbytes::v4::{Connect, Packet, PubAck, Publish, Subscribe};
 use rumqttc::mqttbytes::QoS;
 use rumqttc::{Event, MqttOptions};
@@ -41,10 +40,6 @@ pub struct CommandsRun {
     pub concurrency: usize,
     /// Upper bound on the sending phase, seconds.
     pub max_seconds: u64,
-}
-
-fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds")
 }
 
 fn encode(packet: &Packet) -> Result<BytesMut> {
@@ -211,7 +206,7 @@ pub async fn run(
         }
     }
     let timings = Arc::new(Mutex::new(Timings::default()));
-    let latencies = Arc::new(Mutex::new(histogram()));
+    let latencies = Arc::new(Mutex::new(crate::histogram()));
     let timeline = Arc::new(Mutex::new(Timeline::new(Duration::from_secs(1))));
     let bar = progress(run.commands as u64, "commands");
     let succeeded = Arc::new(AtomicU64::new(0));
@@ -278,7 +273,7 @@ pub async fn run(
         .pool_max_idle_per_host(run.concurrency)
         .build()?;
     let next = Arc::new(AtomicU64::new(0));
-    let send_latencies = Arc::new(Mutex::new(histogram()));
+    let send_latencies = Arc::new(Mutex::new(crate::histogram()));
     let started = Instant::now();
     let stop_at = started + Duration::from_secs(run.max_seconds);
     let mut senders = tokio::task::JoinSet::new();
