@@ -65,7 +65,7 @@ pub fn hash_secret(secret: &str) -> Result<String, AuthError> {
 }
 
 /// Whether `secret` matches an argon2 PHC string (false for an unreadable hash).
-pub fn verify_secret(phc: &str, secret: &str) -> bool {
+fn verify_secret(phc: &str, secret: &str) -> bool {
     PasswordHash::new(phc)
         .map(|hash| {
             Argon2::default()
@@ -73,6 +73,29 @@ pub fn verify_secret(phc: &str, secret: &str) -> bool {
                 .is_ok()
         })
         .unwrap_or(false)
+}
+
+/// An argon2id hash of a random secret, made once per process with the same parameters as
+/// every stored hash.
+fn dummy_hash() -> &'static str {
+    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DUMMY.get_or_init(|| {
+        let secret: [u8; 16] = rand::thread_rng().gen();
+        hash_secret(&format!("{secret:?}")).unwrap_or_default()
+    })
+}
+
+/// Whether `secret` matches the stored hash of a known name; for an unknown name (`None`) the
+/// same argon2 verification runs against a dummy hash and the answer is false, so a known name
+/// with a wrong secret and an unknown name take the same time (no enumeration by timing).
+pub fn verify_known_secret(phc: Option<&str>, secret: &str) -> bool {
+    match phc {
+        Some(phc) => verify_secret(phc, secret),
+        None => {
+            let _ = verify_secret(dummy_hash(), secret);
+            false
+        }
+    }
 }
 
 /// Secrets that verified once, as SHA-256, so argon2 runs once per (name, secret), bounded.
@@ -176,34 +199,39 @@ impl AdminKeys {
         Ok(())
     }
 
-    /// Whether `key:secret` is a valid admin credential.
-    pub fn verify(&self, key: &str, secret: &str) -> bool {
-        let digest = sha256(secret);
+    /// Whether `key:secret` is the env key or verified before: no argon2, cheap enough for async
+    /// code, and not subject to throttling (an attacker failing on a key must not lock out the
+    /// operator who holds its secret).
+    pub fn verify_cached(&self, key: &str, secret: &str) -> bool {
         if let Some((env_key, env_digest)) = &self.env_key {
-            if env_key == key && constant_time_eq(env_digest, &digest) {
+            if env_key == key && constant_time_eq(env_digest, &sha256(secret)) {
                 return true;
             }
         }
-        if self.verified.hit(key, secret) {
+        self.verified.hit(key, secret)
+    }
+
+    /// Whether `key:secret` is a valid admin credential (argon2 on a cache miss: call it off
+    /// the async workers).
+    pub fn verify(&self, key: &str, secret: &str) -> bool {
+        if self.verify_cached(key, secret) {
             return true;
         }
         let record = match self.store.kv_get(&format!("{KEY_PREFIX}{key}")) {
-            Ok(Some(bytes)) => bytes,
-            Ok(None) => return false,
+            Ok(Some(bytes)) => match Envelope::from_bytes(&bytes).and_then(|e| e.payload_as()) {
+                Ok(record) => Some::<ApiKeyRecord>(record),
+                Err(e) => {
+                    tracing::error!(key, error = %e, "stored API key record is unreadable");
+                    None
+                }
+            },
+            Ok(None) => None,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read API key");
-                return false;
+                None
             }
         };
-        let record: ApiKeyRecord = match Envelope::from_bytes(&record).and_then(|e| e.payload_as())
-        {
-            Ok(record) => record,
-            Err(e) => {
-                tracing::error!(key, error = %e, "stored API key record is unreadable");
-                return false;
-            }
-        };
-        let valid = verify_secret(&record.secret_hash, secret);
+        let valid = verify_known_secret(record.as_ref().map(|r| r.secret_hash.as_str()), secret);
         if valid {
             self.verified.remember(key, secret);
         }

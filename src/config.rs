@@ -107,6 +107,39 @@ pub struct Config {
     /// Longest MQTT keep-alive accepted, seconds (0 = the client's choice); v5 clients asking
     /// for more, or for none, are told this value (server keep-alive).
     pub mqtt_keep_alive_max_s: u16,
+    /// MQTT sessions (connected or persistent) in total; a CONNECT that needs a new one past it
+    /// is refused (3.1.1: server unavailable, v5: quota exceeded).
+    pub mqtt_sessions_max: usize,
+    /// Bytes (topic + payload) queued or in flight per MQTT session; the oldest is dropped past it.
+    pub mqtt_session_queue_bytes_max: usize,
+    /// Bytes queued or in flight over all MQTT sessions; the receiving session's oldest message
+    /// is dropped past it.
+    pub mqtt_queued_bytes_max: usize,
+    /// Bytes (topic + payload) of retained messages; a retained publish past it is refused
+    /// (v5: PUBACK 0x97).
+    pub mqtt_retained_bytes_max: usize,
+    /// QoS 1/2 publishes a v5 client may have unacknowledged (its Receive Maximum); more closes
+    /// the connection (0x93).
+    pub mqtt_inbound_inflight_max: u16,
+    /// Failed authentications per source address or username before backoff starts.
+    pub auth_failures_free: u32,
+    /// The first backoff after the free failures, milliseconds (it doubles per failure).
+    pub auth_backoff_base_ms: u64,
+    /// The longest backoff, milliseconds.
+    pub auth_backoff_max_ms: u64,
+    /// Source addresses and usernames the authentication throttle tracks at once.
+    pub auth_throttle_entries_max: usize,
+    /// Simultaneous HTTP connections; past it a client gets 503 and the socket closes.
+    pub http_connections_max: usize,
+    /// Time a request's headers have to arrive, counted from when the connection is ready for
+    /// a request (just accepted, or after the previous response), milliseconds.
+    pub http_header_read_timeout_ms: u64,
+    /// An HTTP keep-alive connection with no request for this long is closed, milliseconds
+    /// (at most `http_header_read_timeout_ms`, which also bounds an idle connection).
+    pub http_keep_alive_idle_ms: u64,
+    /// Time a request body has to arrive once its headers did, milliseconds (408 beyond; the
+    /// streamed bulk registration is exempt).
+    pub http_body_read_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -154,6 +187,19 @@ impl Default for Config {
             mqtt_topic_alias_max: 16,
             mqtt_client_id_bytes_max: 256,
             mqtt_keep_alive_max_s: 0,
+            mqtt_sessions_max: 1_000_000,
+            mqtt_session_queue_bytes_max: 4 * 1024 * 1024,
+            mqtt_queued_bytes_max: 1024 * 1024 * 1024,
+            mqtt_retained_bytes_max: 64 * 1024 * 1024,
+            mqtt_inbound_inflight_max: 32,
+            auth_failures_free: 5,
+            auth_backoff_base_ms: 200,
+            auth_backoff_max_ms: 30_000,
+            auth_throttle_entries_max: 100_000,
+            http_connections_max: 10_000,
+            http_header_read_timeout_ms: 10_000,
+            http_keep_alive_idle_ms: 10_000,
+            http_body_read_timeout_ms: 30_000,
         }
     }
 }
@@ -329,6 +375,33 @@ impl Config {
                 "mqtt_client_id_bytes_max",
                 self.mqtt_client_id_bytes_max as u64,
             ),
+            ("mqtt_sessions_max", self.mqtt_sessions_max as u64),
+            (
+                "mqtt_session_queue_bytes_max",
+                self.mqtt_session_queue_bytes_max as u64,
+            ),
+            ("mqtt_queued_bytes_max", self.mqtt_queued_bytes_max as u64),
+            (
+                "mqtt_retained_bytes_max",
+                self.mqtt_retained_bytes_max as u64,
+            ),
+            (
+                "mqtt_inbound_inflight_max",
+                u64::from(self.mqtt_inbound_inflight_max),
+            ),
+            ("auth_backoff_base_ms", self.auth_backoff_base_ms),
+            ("auth_backoff_max_ms", self.auth_backoff_max_ms),
+            (
+                "auth_throttle_entries_max",
+                self.auth_throttle_entries_max as u64,
+            ),
+            ("http_connections_max", self.http_connections_max as u64),
+            (
+                "http_header_read_timeout_ms",
+                self.http_header_read_timeout_ms,
+            ),
+            ("http_keep_alive_idle_ms", self.http_keep_alive_idle_ms),
+            ("http_body_read_timeout_ms", self.http_body_read_timeout_ms),
         ];
         for (name, value) in positive {
             if value == 0 {
@@ -341,6 +414,19 @@ impl Config {
             return Err(ConfigError::Invalid(format!(
                 "command_ttl_default_s ({}) must not exceed command_ttl_max_s ({})",
                 self.command_ttl_default_s, self.command_ttl_max_s
+            )));
+        }
+        if self.http_keep_alive_idle_ms > self.http_header_read_timeout_ms {
+            return Err(ConfigError::Invalid(format!(
+                "http_keep_alive_idle_ms ({}) must not exceed http_header_read_timeout_ms ({}): \
+                 an idle connection is also waiting for a request's headers",
+                self.http_keep_alive_idle_ms, self.http_header_read_timeout_ms
+            )));
+        }
+        if self.auth_backoff_base_ms > self.auth_backoff_max_ms {
+            return Err(ConfigError::Invalid(format!(
+                "auth_backoff_base_ms ({}) must not exceed auth_backoff_max_ms ({})",
+                self.auth_backoff_base_ms, self.auth_backoff_max_ms
             )));
         }
         let prefix = &self.topic_prefix;

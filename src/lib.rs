@@ -3,9 +3,10 @@
 //! - [`config`]: one `Config` from defaults, a TOML file, `THINGHUB_*` env vars and flags.
 //! - [`server`]: wiring: storage -> Thing registry -> frontends, and graceful shutdown.
 //! - [`http`]: the axum frontend (management API, device ThingDatas API, health).
-//! - [`mqtt`]: the MQTT broker layer (in progress: topics and matching so far).
+//! - [`mqtt`]: the MQTT broker layer on rumqttd's codec.
 //! - [`auth`]: admin API keys (argon2-hashed at rest).
 //! - [`users`]: MQTT credentials (argon2id-hashed), bound to Things or superusers.
+//! - [`throttle`]: failed-authentication backoff per source address and username.
 //! - [`audit`]: `thinghub audit THING`, a Thing's history for people and auditors.
 //!
 //! The domain and the actors live in `thinghub-actors`; storage in `thinghub-storage`.
@@ -16,4 +17,5 @@ pub mod config;
 pub mod http;
 pub mod mqtt;
 pub mod server;
+pub mod throttle;
 pub mod users;

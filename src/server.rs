@@ -24,6 +24,7 @@ use crate::mqtt::{
     broker::{Broker, BrokerLimits},
     connection::{ConnectionConfig, MqttContext},
 };
+use crate::throttle::{AuthThrottle, ThrottleConfig};
 use crate::users::MqttUsers;
 
 /// Why the server could not run.
@@ -118,8 +119,18 @@ pub async fn serve(
     let broker = Arc::new(Broker::new(BrokerLimits {
         inflight_max: config.mqtt_inflight_max,
         session_queue_max: config.mqtt_session_queue_max,
+        session_queue_bytes_max: config.mqtt_session_queue_bytes_max,
+        queued_bytes_max: config.mqtt_queued_bytes_max,
+        sessions_max: config.mqtt_sessions_max,
         session_expiry_max: Duration::from_secs(config.mqtt_session_expiry_max_s),
         retained_max: config.mqtt_retained_max,
+        retained_bytes_max: config.mqtt_retained_bytes_max,
+    }));
+    let throttle = Arc::new(AuthThrottle::new(ThrottleConfig {
+        failures_free: config.auth_failures_free,
+        backoff_base: Duration::from_millis(config.auth_backoff_base_ms),
+        backoff_max: Duration::from_millis(config.auth_backoff_max_ms),
+        entries_max: config.auth_throttle_entries_max,
     }));
     let bridge = Arc::new(Bridge::new(
         broker.clone(),
@@ -135,6 +146,7 @@ pub async fn serve(
         broker: broker.clone(),
         keys: Arc::new(keys),
         users: users.clone(),
+        throttle: throttle.clone(),
         acl: acl.clone(),
         limits: HttpLimits {
             body_bytes_max: config.http_body_bytes_max,
@@ -176,6 +188,7 @@ pub async fn serve(
         broker: broker.clone(),
         bridge: bridge.clone(),
         users,
+        throttle,
         things: things.clone(),
         acl,
         config: ConnectionConfig {
@@ -186,6 +199,7 @@ pub async fn serve(
             topic_alias_max: config.mqtt_topic_alias_max,
             client_id_bytes_max: config.mqtt_client_id_bytes_max,
             keep_alive_max_s: config.mqtt_keep_alive_max_s,
+            inbound_inflight_max: config.mqtt_inbound_inflight_max,
         },
     });
 
@@ -210,13 +224,19 @@ pub async fn serve(
         config.mqtt_connections_max,
         stopped(stop_rx.clone()),
     ));
-    axum::serve(listener, http::app(state))
-        .with_graceful_shutdown(stopped(stop_rx))
-        .await
-        .map_err(|source| ServeError::Listen {
-            addr: http_addr,
-            source,
-        })?;
+    http::listener::serve(
+        listener,
+        http::app(state),
+        http::listener::ListenerConfig {
+            connections_max: config.http_connections_max,
+            header_read_timeout: Duration::from_millis(config.http_header_read_timeout_ms),
+            keep_alive_idle: Duration::from_millis(config.http_keep_alive_idle_ms),
+            body_read_timeout: Duration::from_millis(config.http_body_read_timeout_ms),
+            drain_timeout: Duration::from_millis(config.shutdown_timeout_ms),
+        },
+        stopped(stop_rx),
+    )
+    .await;
     let _ = mqtt_task.await;
 
     tracing::info!("shutting down: passivating things and flushing");

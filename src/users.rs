@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 use thinghub_storage::{Envelope, StorageError, Store};
 
-use crate::auth::{hash_secret, verify_secret, AuthError, VerifiedCache};
+use crate::auth::{hash_secret, verify_known_secret, AuthError, VerifiedCache};
 
 const USER_PREFIX: &str = "mqttuser/";
 const USER_RECORD: &str = "MqttUser";
@@ -44,6 +44,9 @@ pub struct UserView {
 pub struct Authenticated {
     /// The Thing bound to the user (explicitly, or by a username equal to a registered Thing).
     pub thing_name: Option<String>,
+    /// The bound Thing's `mqttClientId`: the only client id the user may connect with. `None`
+    /// when the user is bound to a Thing that is not registered.
+    pub thing_client_id: Option<String>,
     /// Superuser.
     pub superuser: bool,
 }
@@ -76,6 +79,20 @@ pub struct MqttUsers {
     /// a reconnect storm of one user must not run thousands in parallel (measured: 89 KB of RSS
     /// per connection at 2,000 simultaneous CONNECTs without this gate).
     argon2_gate: std::sync::Mutex<()>,
+}
+
+/// Characters a username may not contain: ACL placeholders (`${username}`) put the username
+/// into topic filters, where these would widen what a rule grants.
+const USERNAME_FORBIDDEN_CHARS: [char; 3] = ['+', '#', '/'];
+
+fn check_username(username: &str) -> Result<(), UserError> {
+    check_credential("username", username)?;
+    if username.contains(USERNAME_FORBIDDEN_CHARS) {
+        return Err(UserError::Invalid(format!(
+            "username must not contain '+', '#' or '/' (they are topic wildcards and separators): '{username}'"
+        )));
+    }
+    Ok(())
 }
 
 fn check_credential(what: &str, value: &str) -> Result<(), UserError> {
@@ -146,7 +163,7 @@ impl MqttUsers {
         superuser: bool,
         now_ms: u64,
     ) -> Result<UserView, UserError> {
-        check_credential("username", username)?;
+        check_username(username)?;
         check_credential("password", password)?;
         if let Some(thing) = &thing_name {
             thinghub_actors::thing::validate_thing_name(thing)
@@ -241,43 +258,69 @@ impl MqttUsers {
         Some(self.authenticated(username, record))
     }
 
+    /// The registered Thing's `mqttClientId`, if it is registered (and its record readable).
+    fn thing_client_id(&self, thing: &str) -> Option<String> {
+        let bytes = self.store.get_thing(thing).ok().flatten()?;
+        match thinghub_actors::codec::decode_index_record(thing, &bytes) {
+            Ok(record) => Some(record.mqtt_client_id),
+            Err(e) => {
+                tracing::error!(thing, error = %e, "unreadable registry record");
+                None
+            }
+        }
+    }
+
     fn authenticated(&self, username: &str, record: UserRecord) -> Authenticated {
-        let thing_name = record.thing_name.or_else(|| {
+        let (thing_name, thing_client_id) = match record.thing_name {
+            Some(thing) => {
+                let client_id = self.thing_client_id(&thing);
+                (Some(thing), client_id)
+            }
             // A username equal to a registered Thing's name connects as that Thing.
-            self.store
-                .get_thing(username)
-                .ok()
-                .flatten()
-                .map(|_| username.to_owned())
-        });
+            None => match self.thing_client_id(username) {
+                Some(client_id) => (Some(username.to_owned()), Some(client_id)),
+                None => (None, None),
+            },
+        };
         Authenticated {
             thing_name,
+            thing_client_id,
             superuser: record.superuser,
         }
     }
 
+    /// The rights `username` has now (`None` once deleted), without checking a password: what
+    /// revocation re-evaluates live sessions against.
+    pub fn rights(&self, username: &str) -> Result<Option<Authenticated>, UserError> {
+        Ok(self
+            .read(username)?
+            .map(|record| self.authenticated(username, record)))
+    }
+
     /// Checks CONNECT credentials (argon2 on a cache miss: call it off the async workers).
     /// `None` for an unknown user or a wrong password.
+    /// An unknown user costs the same argon2 verification as a wrong password (against a dummy
+    /// hash), so usernames cannot be told apart by timing.
     pub fn authenticate(&self, username: &str, password: &str) -> Option<Authenticated> {
         let record = match self.read(username) {
-            Ok(Some(record)) => record,
-            Ok(None) => return None,
+            Ok(record) => record,
             Err(e) => {
                 tracing::error!(username, error = %e, "cannot read user");
-                return None;
+                None
             }
         };
-        if !self.verified.hit(username, password) {
+        if record.is_none() || !self.verified.hit(username, password) {
             let _gate = self.argon2_gate.lock().unwrap_or_else(|p| p.into_inner());
             // Someone else may have verified the same secret while we waited.
-            if !self.verified.hit(username, password) {
-                if !verify_secret(&record.password_hash, password) {
+            if record.is_none() || !self.verified.hit(username, password) {
+                let hash = record.as_ref().map(|r| r.password_hash.as_str());
+                if !verify_known_secret(hash, password) {
                     return None;
                 }
                 self.verified.remember(username, password);
             }
         }
-        Some(self.authenticated(username, record))
+        record.map(|record| self.authenticated(username, record))
     }
 }
 
@@ -302,8 +345,10 @@ mod tests {
             users.authenticate("dev1", "pw1"),
             Some(Authenticated {
                 thing_name: Some("pump-1".into()),
+                thing_client_id: None,
                 superuser: false
-            })
+            }),
+            "bound to a Thing that is not registered: no client id to connect with"
         );
         assert_eq!(users.authenticate("dev1", "nope"), None);
         assert_eq!(users.authenticate("ghost", "pw1"), None);
@@ -329,9 +374,14 @@ mod tests {
             users.delete("dev1").await,
             Err(UserError::NotFound(_))
         ));
-        assert!(matches!(
-            users.create("", "pw", None, false, 0).await,
-            Err(UserError::Invalid(_))
-        ));
+        for bad in ["", "a/b", "#", "dev+1"] {
+            assert!(
+                matches!(
+                    users.create(bad, "pw", None, false, 0).await,
+                    Err(UserError::Invalid(_))
+                ),
+                "{bad:?}"
+            );
+        }
     }
 }

@@ -4,138 +4,11 @@ mod common;
 
 use std::time::Duration;
 
+use common::mqtt::{Client, WAIT};
 use common::{call, Server};
 use reqwest::Method;
-use rumqttc::{
-    AsyncClient, ConnectReturnCode, ConnectionError, Event, LastWill, MqttOptions, Packet, QoS,
-};
+use rumqttc::{ConnectReturnCode, ConnectionError, LastWill, MqttOptions, QoS};
 use serde_json::json;
-use tokio::sync::mpsc;
-
-/// Bound on every wait in these tests.
-const WAIT: Duration = Duration::from_secs(10);
-
-/// A v3.1.1 client whose event loop runs in a task; events arrive on a channel.
-struct Client {
-    client: AsyncClient,
-    events: mpsc::UnboundedReceiver<Result<Packet, String>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Client {
-    async fn connect(
-        server: &Server,
-        id: &str,
-        credentials: Option<(&str, &str)>,
-        setup: impl FnOnce(&mut MqttOptions),
-    ) -> Result<(Client, bool), ConnectionError> {
-        let mut options = MqttOptions::new(id, server.mqtt.ip().to_string(), server.mqtt.port());
-        options.set_keep_alive(Duration::from_secs(30));
-        if let Some((user, password)) = credentials {
-            options.set_credentials(user, password);
-        }
-        setup(&mut options);
-        let (client, mut eventloop) = AsyncClient::new(options, 64);
-        let session_present = loop {
-            match tokio::time::timeout(WAIT, eventloop.poll())
-                .await
-                .expect("connect in time")?
-            {
-                Event::Incoming(Packet::ConnAck(ack)) => break ack.session_present,
-                _ => continue,
-            }
-        };
-        let (tx, events) = mpsc::unbounded_channel();
-        let task = tokio::spawn(async move {
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(packet)) => {
-                        if tx.send(Ok(packet)).is_err() {
-                            return;
-                        }
-                    }
-                    Ok(Event::Outgoing(_)) => {}
-                    Err(e) => {
-                        let _ = tx.send(Err(e.to_string()));
-                        return;
-                    }
-                }
-            }
-        });
-        Ok((
-            Client {
-                client,
-                events,
-                task,
-            },
-            session_present,
-        ))
-    }
-
-    /// Waits for the next packet matching `want` (bounded), skipping others.
-    async fn expect<T>(&mut self, what: &str, mut want: impl FnMut(&Packet) -> Option<T>) -> T {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let next = tokio::time::timeout_at(deadline, self.events.recv())
-                .await
-                .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
-            match next {
-                Some(Ok(packet)) => {
-                    if let Some(found) = want(&packet) {
-                        return found;
-                    }
-                }
-                Some(Err(e)) => panic!("connection ended while waiting for {what}: {e}"),
-                None => panic!("event loop stopped while waiting for {what}"),
-            }
-        }
-    }
-
-    /// The topic of the next publish (bounded wait).
-    async fn next_topic(&mut self, what: &str) -> String {
-        self.expect(what, |p| match p {
-            Packet::Publish(p) => Some(p.topic.clone()),
-            _ => None,
-        })
-        .await
-    }
-
-    async fn publish_on(&mut self, topic: &str) -> rumqttc::Publish {
-        let topic = topic.to_owned();
-        self.expect(&format!("a publish on {topic}"), move |p| match p {
-            Packet::Publish(publish) if publish.topic == topic => Some(publish.clone()),
-            _ => None,
-        })
-        .await
-    }
-
-    async fn subscribe(&mut self, filter: &str, qos: QoS) -> Vec<rumqttc::SubscribeReasonCode> {
-        self.client.subscribe(filter, qos).await.expect("subscribe");
-        self.expect("SUBACK", |p| match p {
-            Packet::SubAck(ack) => Some(ack.return_codes.clone()),
-            _ => None,
-        })
-        .await
-    }
-
-    /// Whether the connection gets closed by the server (bounded wait).
-    async fn closed_by_server(&mut self) -> bool {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            match tokio::time::timeout_at(deadline, self.events.recv()).await {
-                Err(_) => return false,
-                Ok(None) | Ok(Some(Err(_))) => return true,
-                Ok(Some(Ok(Packet::Disconnect))) => return true,
-                Ok(Some(Ok(_))) => {}
-            }
-        }
-    }
-
-    /// Drops the TCP connection without DISCONNECT.
-    fn kill(self) {
-        self.task.abort();
-    }
-}
 
 async fn create_user(server: &Server, body: serde_json::Value) {
     let (status, body) = call(
@@ -602,7 +475,7 @@ async fn connects_and_disconnects_of_a_thing_are_in_its_status_and_history() {
     let (status, _) = call(
         Method::POST,
         &server.url("/api/v1/things"),
-        Some(json!({"thingName":"pump-9"})),
+        Some(json!({"thingName":"pump-9","mqttClientId":"pump-9-client"})),
     )
     .await;
     assert_eq!(status, 201);
@@ -680,7 +553,7 @@ async fn connects_and_disconnects_of_a_thing_are_in_its_status_and_history() {
     assert!(!summaries[4].contains("reason=takeover"), "{summaries:#?}");
 
     // A client that goes silent with its socket open is ended after 1.5 x keep-alive.
-    let mut silent = raw_connect(&server, "pump-9-raw", "dev9", "pw", 1).await;
+    let mut silent = raw_connect(&server, "pump-9-client", "dev9", "pw", 1).await;
     wait_for_thing(&server, "pump-9", "online again", |b| b["online"] == true).await;
     let body = wait_for_thing(&server, "pump-9", "keep-alive expiry", |b| {
         b["online"] == false
@@ -888,7 +761,7 @@ async fn operators_list_inspect_and_kick_clients() {
     let (status, _) = call(
         Method::POST,
         &server.url("/api/v1/things"),
-        Some(json!({"thingName":"k1"})),
+        Some(json!({"thingName":"k1","mqttClientId":"k1-client"})),
     )
     .await;
     assert_eq!(status, 201);

@@ -1,5 +1,6 @@
 //! `/api/v1/authorization/rules`: operator ACL rules, evaluated in creation order before the
-//! default rules (superusers bypass them).
+//! default rules (superusers bypass them). A change applies at once: subscriptions the new
+//! rules no longer allow are removed from every session.
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -31,6 +32,7 @@ pub async fn create(
     JsonBody(rule): JsonBody<AclRule>,
 ) -> Result<Response, ApiError> {
     let rule = state.acl.add_rule(rule, SystemClock.now_ms()).await?;
+    crate::mqtt::reauthorize_subscriptions(&state.broker, &state.acl);
     Ok((StatusCode::CREATED, Json(rule)).into_response())
 }
 
@@ -50,7 +52,9 @@ pub async fn replace(
     Path(id): Path<String>,
     JsonBody(rule): JsonBody<AclRule>,
 ) -> Result<Json<AclRule>, ApiError> {
-    Ok(Json(state.acl.replace_rule(&id, rule).await?))
+    let rule = state.acl.replace_rule(&id, rule).await?;
+    crate::mqtt::reauthorize_subscriptions(&state.broker, &state.acl);
+    Ok(Json(rule))
 }
 
 pub async fn delete(
@@ -58,5 +62,6 @@ pub async fn delete(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     state.acl.delete_rule(&id).await?;
+    crate::mqtt::reauthorize_subscriptions(&state.broker, &state.acl);
     Ok(StatusCode::NO_CONTENT)
 }

@@ -7,17 +7,35 @@ use axum::http::StatusCode;
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
+use super::listener::BodyReadTimeout;
 
-/// A JSON body: 413 past the body limit, 415 if not UTF-8, 400 if not valid JSON or the wrong
-/// shape. The Content-Type header is not required (devices often omit it).
+/// The body read timeout when the request did not come through the listener (tests that drive
+/// the router directly).
+const BODY_READ_TIMEOUT_DEFAULT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A JSON body: 413 past the body limit, 408 if it does not arrive in time, 415 if not UTF-8,
+/// 400 if not valid JSON or the wrong shape. The Content-Type header is not required (devices often omit it).
 pub struct JsonBody<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
-        let bytes = Bytes::from_request(request, state)
+        let timeout = request
+            .extensions()
+            .get::<BodyReadTimeout>()
+            .map_or(BODY_READ_TIMEOUT_DEFAULT, |t| t.0);
+        let bytes = tokio::time::timeout(timeout, Bytes::from_request(request, state))
             .await
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!(
+                        "the request body did not arrive within {} ms",
+                        timeout.as_millis()
+                    ),
+                )
+            })?
             .map_err(|rejection| {
                 if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                     ApiError::new(

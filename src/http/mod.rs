@@ -11,6 +11,7 @@ mod commands;
 mod devices;
 pub mod error;
 pub mod extract;
+pub mod listener;
 mod metrics;
 mod things;
 mod users;
@@ -18,7 +19,8 @@ mod users;
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
-use axum::http::{Method, StatusCode, Uri};
+use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
+use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use thinghub_actors::thing::{CommandLimits, EventLimits, ShadowLimits};
@@ -28,6 +30,7 @@ use crate::auth::AdminKeys;
 use crate::mqtt::acl::Acl;
 use crate::mqtt::bridge::Bridge;
 use crate::mqtt::broker::Broker;
+use crate::throttle::AuthThrottle;
 use crate::users::MqttUsers;
 use error::ApiError;
 
@@ -61,6 +64,8 @@ pub struct AppState {
     pub keys: Arc<AdminKeys>,
     /// MQTT credentials.
     pub users: Arc<MqttUsers>,
+    /// Failed-authentication throttling (shared with MQTT).
+    pub throttle: Arc<AuthThrottle>,
     /// MQTT authorization rules.
     pub acl: Acl,
     /// Bounds.
@@ -151,7 +156,39 @@ pub fn app(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.limits.body_bytes_max))
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
+}
+
+/// Largest error body read back to wrap it in JSON.
+const ERROR_BODY_BYTES_MAX: usize = 16 * 1024;
+
+/// Every error answer is `{code, message}` JSON: axum's own rejections (an invalid UTF-8 path
+/// segment, say) render plain text, and this wraps them. 5xx details are not passed on.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let reason = status.canonical_reason().unwrap_or("error").to_owned();
+    let message = match axum::body::to_bytes(body, ERROR_BODY_BYTES_MAX).await {
+        Ok(text) if status.is_client_error() && !text.is_empty() => {
+            String::from_utf8_lossy(&text).into_owned()
+        }
+        _ => reason,
+    };
+    let json = serde_json::json!({"code": status.as_u16(), "message": message}).to_string();
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(json))
 }
 
 async fn healthz() -> Json<serde_json::Value> {

@@ -109,7 +109,12 @@ pub async fn delete(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
+    let client_id = state.things.describe(&name).await?.mqtt_client_id;
     state.things.delete(&name).await?;
+    // The device acting as this Thing loses its connection and session with it.
+    if state.broker.thing_deleted(&name, &client_id) {
+        tracing::info!(thing = %name, %client_id, "Thing deleted: its MQTT session was closed");
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 

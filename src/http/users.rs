@@ -109,6 +109,7 @@ pub async fn update(
     })
     .await
     .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error"))??;
+    revoke(&state, &view.username);
     Ok(Json(json!(view)))
 }
 
@@ -117,5 +118,12 @@ pub async fn delete(
     Path(username): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     state.users.delete(&username).await?;
+    revoke(&state, &username);
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Revocation bites at once: the user's live MQTT connections close and its sessions are
+/// re-evaluated against what it may do now.
+fn revoke(state: &AppState, username: &str) {
+    crate::mqtt::revoke_user(&state.broker, &state.acl, &state.users, username);
 }

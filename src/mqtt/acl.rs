@@ -1,14 +1,21 @@
 //! Who may publish or subscribe where.
 //!
-//! Operator rules (`/api/v1/authorization/rules`) are checked first, in creation order; the first
-//! rule that matches the client and the topic decides. Superusers bypass them. Then the default
-//! rules:
-//! - A superuser (backend application) may use any topic.
-//! - A client connected as a Thing may use only `{prefix}/things/{itsName}/...` and
-//!   `{prefix}/commands/things/{itsName}/...`. A filter is allowed only if it starts with one of
-//!   those literal prefixes, so its wildcards can only match inside them.
-//! - Any other client (a plain user, or anonymous in development mode) may use every topic
-//!   outside the `$` system namespace.
+//! 1. Server topics are the server's: nobody (not even a superuser) may publish on a reply or
+//!    notification topic of the system namespaces (`.../accepted`, `.../rejected`,
+//!    `.../delta`, `.../documents`, command `.../request`, `jobs/notify*`), so backends can
+//!    trust what arrives there.
+//! 2. A superuser (backend application) may use any other topic.
+//! 3. Operator rules (`/api/v1/authorization/rules`) are checked next, in creation order; the
+//!    first rule that matches the client and the topic decides. `${username}` and `${clientid}`
+//!    are filled in per client, but only with a value that is one plain topic level: a value
+//!    that is empty or contains `+`, `#` or `/` makes an allow rule grant nothing and a deny
+//!    rule deny (fail closed). A rule grants a subscription only if its filter covers the whole
+//!    subscribed filter (`a/+` does not grant `a/#`).
+//! 4. The default rules: a client connected as a Thing may use only `{prefix}/things/{itsName}/...`
+//!    and `{prefix}/commands/things/{itsName}/...` (a filter only if it starts with one of those
+//!    literal prefixes, so its wildcards stay inside them). Any other client (a plain user, or
+//!    anonymous in development mode) may use every topic outside the server's namespaces
+//!    (`{prefix}`, `$aws`, `$SYS`); other `$` topics are ordinary topics.
 
 use std::sync::{Arc, RwLock};
 
@@ -116,6 +123,31 @@ impl AclRule {
             .map_err(|e| RuleError::Invalid(format!("topic '{}': {e}", self.topic)))
     }
 
+    /// The rule's filter for `who`, placeholders filled in. A value that is not one plain topic
+    /// level (empty, or with `+`, `#` or `/`) is attacker-chosen text that must never widen a
+    /// grant: an allow rule then does not apply (`None`), and a deny rule denies for every
+    /// value of that level (the placeholder becomes `+`).
+    fn expand(&self, who: &Identity) -> Option<String> {
+        let plain_level = |value: &str| !value.is_empty() && !value.contains(['+', '#', '/']);
+        let deny = self.permission == Permission::Deny;
+        let mut filter = self.topic.clone();
+        for (placeholder, value) in [
+            ("${username}", who.username.as_deref().unwrap_or("")),
+            ("${clientid}", who.client_id.as_str()),
+        ] {
+            if !filter.contains(placeholder) {
+                continue;
+            }
+            let value = match (plain_level(value), deny) {
+                (true, _) => value,
+                (false, true) => "+",
+                (false, false) => return None,
+            };
+            filter = filter.replace(placeholder, value);
+        }
+        Some(filter)
+    }
+
     fn applies(&self, who: &Identity, action: Action, topic: &str) -> bool {
         if self.username.is_some() && self.username.as_deref() != who.username.as_deref() {
             return false;
@@ -137,15 +169,20 @@ impl AclRule {
             return false;
         }
         if self.topic.contains("${username}") && who.username.is_none() {
+            // A rule about usernames does not concern anonymous clients.
             return false;
         }
-        let filter = self
-            .topic
-            .replace("${username}", who.username.as_deref().unwrap_or(""))
-            .replace("${clientid}", &who.client_id);
-        // For SUBSCRIBE `topic` is itself a filter; its wildcard levels compare as plain levels,
-        // so a rule on `a/#` covers a subscription to `a/+/b`.
-        filter == topic || topic::matches(&filter, topic)
+        let Some(filter) = self.expand(who) else {
+            return false;
+        };
+        match (action, self.permission) {
+            (Action::Publish, _) => topic::matches(&filter, topic),
+            // For SUBSCRIBE `topic` is itself a filter: an allow must cover all of it, and a
+            // deny applies as soon as the two share a topic (else `a/#` would slip past a
+            // deny on `a/secret`).
+            (Action::Subscribe, Permission::Allow) => topic::covers(&filter, topic),
+            (Action::Subscribe, Permission::Deny) => topic::intersects(&filter, topic),
+        }
     }
 }
 
@@ -267,8 +304,57 @@ impl Acl {
         Ok(())
     }
 
+    /// The namespaces the server publishes in: `{prefix}` and `$aws`.
+    fn server_namespaces(&self) -> [&str; 2] {
+        [self.prefix.as_str(), "$aws"]
+    }
+
+    /// Whether `topic` is one the server publishes replies or notifications on: under a server
+    /// namespace's `things/{name}/` or `commands/things/{name}/`, a last level (before an AWS
+    /// `/json` suffix) of `accepted`, `rejected`, `delta` or `documents`, a command `request`,
+    /// or `jobs/notify` and `jobs/notify-next`.
+    pub fn is_server_topic(&self, topic: &str) -> bool {
+        for namespace in self.server_namespaces() {
+            let Some(rest) = topic
+                .strip_prefix(namespace)
+                .and_then(|rest| rest.strip_prefix('/'))
+            else {
+                continue;
+            };
+            let (commands, rest) = match rest.strip_prefix("commands/things/") {
+                Some(rest) => (true, rest),
+                None => match rest.strip_prefix("things/") {
+                    Some(rest) => (false, rest),
+                    None => continue,
+                },
+            };
+            let Some((_thing, tail)) = rest.split_once('/') else {
+                continue;
+            };
+            let tail = tail.strip_suffix("/json").unwrap_or(tail);
+            let last = tail.rsplit('/').next().unwrap_or(tail);
+            let reply = matches!(last, "accepted" | "rejected" | "delta" | "documents");
+            let request = commands && last == "request";
+            let notify = !commands && matches!(tail, "jobs/notify" | "jobs/notify-next");
+            if reply || request || notify {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Whether `topic` (a name or a filter) lies in a namespace only the server and Things use:
+    /// `{prefix}`, `$aws` or `$SYS`.
+    fn in_server_namespace(&self, topic: &str) -> bool {
+        let first = topic.split('/').next().unwrap_or(topic);
+        first == self.prefix || first == "$aws" || first == "$SYS"
+    }
+
     /// Whether `who` may `action` on `topic` (a topic name, or a filter without `$share/g/`).
     pub fn allows(&self, who: &Identity, action: Action, topic: &str) -> bool {
+        if action == Action::Publish && self.is_server_topic(topic) {
+            return false;
+        }
         if who.superuser {
             return true;
         }
@@ -295,7 +381,7 @@ impl Acl {
                 .chain(aws)
                 .any(|own| topic.starts_with(own.as_str()));
         }
-        !topic.starts_with('$')
+        !self.in_server_namespace(topic)
     }
 }
 
@@ -452,5 +538,164 @@ mod tests {
         };
         assert!(acl.allows(&plain, Action::Publish, "app/x"));
         assert!(!acl.allows(&plain, Action::Publish, "$emqx/things/t1/shadow/update"));
+        for reserved in ["$emqx/#", "$aws/things/t1/shadow/get", "$SYS/broker/uptime"] {
+            assert!(
+                !acl.allows(&plain, Action::Subscribe, reserved),
+                "{reserved}"
+            );
+        }
+        // Other `$` topics are ordinary topics.
+        assert!(acl.allows(&plain, Action::Publish, "$app/telemetry"));
+        assert!(acl.allows(&plain, Action::Subscribe, "$app/#"));
+        assert!(acl.allows(&plain, Action::Subscribe, "$emqxx/a"));
+    }
+
+    #[test]
+    fn server_reply_topics_are_publishable_by_nobody() {
+        let acl = Acl::new("$emqx");
+        let backend = Identity {
+            superuser: true,
+            ..thing("b")
+        };
+        let t1 = thing("t1");
+        let server_topics = [
+            "$emqx/things/t1/shadow/update/accepted",
+            "$emqx/things/t1/shadow/update/rejected",
+            "$emqx/things/t1/shadow/update/delta",
+            "$emqx/things/t1/shadow/update/documents",
+            "$emqx/things/t1/shadow/get/accepted",
+            "$emqx/things/t1/shadow/delete/rejected",
+            "$emqx/things/t1/events/overheat/accepted",
+            "$emqx/things/t1/jobs/notify",
+            "$emqx/things/t1/jobs/notify-next",
+            "$emqx/things/t1/jobs/j1/update/accepted",
+            "$emqx/commands/things/t1/executions/e1/request",
+            "$emqx/commands/things/t1/executions/e1/response/accepted",
+            "$aws/things/t1/shadow/update/delta",
+            "$aws/commands/things/t1/executions/e1/request/json",
+            "$aws/commands/things/t1/executions/e1/response/rejected/json",
+        ];
+        for topic in server_topics {
+            assert!(acl.is_server_topic(topic), "{topic}");
+            for who in [&t1, &backend] {
+                assert!(!acl.allows(who, Action::Publish, topic), "{topic}");
+            }
+            assert!(acl.allows(&t1, Action::Subscribe, topic) || topic.starts_with("$aws"));
+        }
+        for request in [
+            "$emqx/things/t1/shadow/update",
+            "$emqx/things/t1/shadow/get",
+            "$emqx/things/t1/events/overheat",
+            "$emqx/things/t1/jobs/start-next",
+            "$emqx/commands/things/t1/executions/e1/response",
+            "$aws/commands/things/t1/executions/e1/response/json",
+            "app/accepted",
+        ] {
+            assert!(!acl.is_server_topic(request), "{request}");
+        }
+    }
+
+    #[test]
+    fn a_deny_rule_stops_every_filter_that_reaches_its_topics() {
+        let acl = Acl::new("$emqx");
+        acl.rules.write().expect("lock").push(rule(
+            None,
+            Permission::Deny,
+            RuleAction::Subscribe,
+            "$emqx/things/${username}/jobs/#",
+        ));
+        let t1 = thing("t1");
+        for filter in [
+            "$emqx/things/t1/jobs/notify",
+            "$emqx/things/t1/#",
+            "$emqx/things/t1/+/notify",
+        ] {
+            assert!(!acl.allows(&t1, Action::Subscribe, filter), "{filter}");
+        }
+        assert!(acl.allows(&t1, Action::Subscribe, "$emqx/things/t1/shadow/#"));
+    }
+
+    #[test]
+    fn a_rule_grants_a_subscription_only_if_it_covers_the_whole_filter() {
+        let acl = Acl::new("$emqx");
+        acl.rules.write().expect("lock").push(rule(
+            None,
+            Permission::Allow,
+            RuleAction::All,
+            "fleet/+",
+        ));
+        let t1 = thing("t1");
+        assert!(acl.allows(&t1, Action::Subscribe, "fleet/status"));
+        assert!(acl.allows(&t1, Action::Subscribe, "fleet/+"));
+        assert!(!acl.allows(&t1, Action::Subscribe, "fleet/#"));
+        assert!(!acl.allows(&t1, Action::Subscribe, "fleet/a/b"));
+        assert!(acl.allows(&t1, Action::Publish, "fleet/status"));
+    }
+
+    #[test]
+    fn placeholders_never_expand_to_wildcards_or_separators() {
+        let acl = Acl::new("$emqx");
+        {
+            let mut rules = acl.rules.write().expect("lock");
+            rules.push(rule(
+                None,
+                Permission::Deny,
+                RuleAction::All,
+                "ctl/${clientid}/lock",
+            ));
+            rules.push(rule(
+                None,
+                Permission::Allow,
+                RuleAction::All,
+                "devices/${clientid}/#",
+            ));
+            rules.push(rule(
+                None,
+                Permission::Allow,
+                RuleAction::All,
+                "users/${username}/#",
+            ));
+        }
+        // Bound to a Thing: the defaults grant nothing outside its own topics, so whatever is
+        // allowed below comes from the rules.
+        let bound = |client_id: &str, username: Option<&str>| Identity {
+            client_id: client_id.into(),
+            username: username.map(String::from),
+            thing: Some("t".into()),
+            superuser: false,
+        };
+        let honest = bound("c1", Some("u1"));
+        assert!(acl.allows(&honest, Action::Subscribe, "devices/c1/#"));
+        assert!(acl.allows(&honest, Action::Subscribe, "users/u1/inbox"));
+        assert!(!acl.allows(&honest, Action::Subscribe, "devices/c2/#"));
+        for evil in ["#", "+", "a/b", ""] {
+            let attacker = bound(evil, Some(evil));
+            for filter in [
+                "devices/#",
+                "devices/+/#",
+                "devices/a/b/#",
+                "users/#",
+                "users/+/x",
+            ] {
+                assert!(
+                    !acl.allows(&attacker, Action::Subscribe, filter),
+                    "{evil:?} must not get {filter}"
+                );
+            }
+            // A plain user may publish anywhere outside the server namespaces by default.
+            let unbound = Identity {
+                thing: None,
+                ..attacker
+            };
+            assert!(
+                !acl.allows(&unbound, Action::Publish, "ctl/x/lock"),
+                "a deny rule with an unsafe value fails closed"
+            );
+            assert!(acl.allows(&unbound, Action::Publish, "other/topic"));
+            assert!(
+                !acl.allows(&unbound, Action::Subscribe, "ctl/#"),
+                "a deny stops a wider filter too"
+            );
+        }
     }
 }

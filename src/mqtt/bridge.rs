@@ -198,7 +198,8 @@ impl Bridge {
     }
 
     fn publish(&self, topic: String, payload: &Value) {
-        self.broker.publish(Message {
+        // Never retained, so never refused by a retained bound.
+        let _ = self.broker.publish(Message {
             topic: Arc::from(topic),
             payload: Bytes::from(payload.to_string()),
             qos: 1,

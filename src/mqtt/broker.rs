@@ -1,19 +1,28 @@
 //! The broker's shared state: sessions, subscriptions, retained messages, and delivery.
 //!
 //! Connections (see `connection.rs`) own sockets; this owns everything that outlives one:
-//! a session's subscriptions, its outbound in-flight window (QoS 1/2 awaiting acknowledgement,
-//! retransmitted with DUP on reconnect) and its bounded queue of messages waiting for the window
-//! or for the client to come back. Delivery happens at min(publish QoS, subscription QoS).
+//! a session's owner, its subscriptions, its outbound in-flight window (QoS 1/2 awaiting
+//! acknowledgement, retransmitted with DUP on reconnect), its bounded queue of messages waiting
+//! for the window or for the client to come back, and its will while the will delay runs.
+//! Delivery happens at min(publish QoS, subscription QoS).
+//!
+//! **Invariant:** a session belongs to the identity (username, or none for anonymous
+//! development clients) that created it. A CONNECT by anyone else with that client id is
+//! refused: it can neither resume, read, discard nor kick the session.
+//!
+//! Every store here is bounded: sessions in total, messages and bytes queued per session and in
+//! total, retained messages and their bytes. What a bound drops or refuses is counted.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rumqttd::protocol::PublishProperties;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
+use super::acl::Identity;
 use super::topic::{self, FilterTrie, ParsedFilter};
 
 /// Broker bounds.
@@ -23,10 +32,20 @@ pub struct BrokerLimits {
     pub inflight_max: usize,
     /// Messages queued per session (offline, or beyond the window); the oldest is dropped past it.
     pub session_queue_max: usize,
+    /// Bytes (topic + payload) queued or in flight per session; the oldest is dropped past it.
+    pub session_queue_bytes_max: usize,
+    /// Bytes queued or in flight over all sessions; the receiving session's oldest is dropped
+    /// past it.
+    pub queued_bytes_max: usize,
+    /// Sessions (connected or persistent) in total; a CONNECT that would create one more is
+    /// refused.
+    pub sessions_max: usize,
     /// Longest a disconnected persistent session is kept.
     pub session_expiry_max: Duration,
     /// Most retained messages kept.
     pub retained_max: usize,
+    /// Most bytes (topic + payload) of retained messages kept.
+    pub retained_bytes_max: usize,
 }
 
 /// A message being routed.
@@ -53,6 +72,11 @@ impl Message {
     fn expired(&self, now: Instant) -> bool {
         self.expires_at.is_some_and(|at| at <= now)
     }
+
+    /// Bytes this message holds in a store (topic + payload).
+    fn size(&self) -> usize {
+        self.topic.len() + self.payload.len()
+    }
 }
 
 /// A PUBLISH for a connection to write.
@@ -70,24 +94,23 @@ pub struct OutboundPublish {
     pub retain: bool,
     /// Retransmission.
     pub dup: bool,
-    /// v5 subscription identifier.
-    pub subscription_id: Option<usize>,
+    /// v5 subscription identifiers of every matching subscription that has one.
+    pub subscription_ids: Vec<usize>,
     /// v5 properties to forward.
     pub properties: Option<Arc<PublishProperties>>,
     /// v5 message expiry (the remaining interval is sent).
     pub expires_at: Option<Instant>,
 }
 
-/// What a connection is told to write or do. Small on purpose (the publish is boxed): every
-/// connection's channel allocates a block of 32 of these up front.
+/// What a connection is told to write. Small on purpose (the publish is boxed): every
+/// connection's channel allocates a block of 32 of these up front. Closing goes through the
+/// connection's [`Closer`], never through this channel (which may be full).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outbound {
     /// Write a PUBLISH.
     Publish(Box<OutboundPublish>),
     /// Write a PUBREL (outbound QoS 2, after PUBREC).
     PubRel(u16),
-    /// Close the connection.
-    Close(CloseReason),
 }
 
 /// Why a connection ended (also the reason recorded in lifecycle events).
@@ -109,9 +132,26 @@ pub enum CloseReason {
     ConnectionLost,
     /// The client could not keep up with its outbound messages.
     SlowConsumer,
+    /// The user was deleted, or its password, binding or rights changed.
+    Revoked,
+    /// The client sent more unacknowledged QoS 1/2 publishes than the server's receive maximum.
+    ReceiveMaximumExceeded,
 }
 
 impl CloseReason {
+    const ALL: [CloseReason; 10] = [
+        CloseReason::Normal,
+        CloseReason::KeepAliveTimeout,
+        CloseReason::Takeover,
+        CloseReason::Kicked,
+        CloseReason::ProtocolError,
+        CloseReason::ServerShutdown,
+        CloseReason::ConnectionLost,
+        CloseReason::SlowConsumer,
+        CloseReason::Revoked,
+        CloseReason::ReceiveMaximumExceeded,
+    ];
+
     /// Stable lower-case name.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -123,13 +163,79 @@ impl CloseReason {
             CloseReason::ServerShutdown => "server_shutdown",
             CloseReason::ConnectionLost => "connection_lost",
             CloseReason::SlowConsumer => "slow_consumer",
+            CloseReason::Revoked => "revoked",
+            CloseReason::ReceiveMaximumExceeded => "receive_maximum_exceeded",
         }
     }
 
-    /// Whether the will message is published (everything but a normal DISCONNECT).
+    /// Whether the will message is published: not after a normal DISCONNECT, and not for a
+    /// revoked identity (its rights are gone).
     pub fn publishes_will(self) -> bool {
-        self != CloseReason::Normal
+        !matches!(self, CloseReason::Normal | CloseReason::Revoked)
     }
+
+    fn code(self) -> u8 {
+        CloseReason::ALL
+            .iter()
+            .position(|r| *r == self)
+            .map_or(0, |i| i as u8 + 1)
+    }
+
+    fn from_code(code: u8) -> Option<CloseReason> {
+        CloseReason::ALL
+            .get(usize::from(code).checked_sub(1)?)
+            .copied()
+    }
+}
+
+/// Tells one connection to close, out of band: the outbound channel may be full (that is what
+/// a slow consumer is), so a close request must not depend on room in it. The first reason wins.
+#[derive(Debug, Default)]
+pub struct Closer {
+    reason: AtomicU8,
+    notify: Notify,
+}
+
+impl Closer {
+    /// Asks the connection to close for `reason` (ignored if it was already asked).
+    pub fn close(&self, reason: CloseReason) {
+        if self
+            .reason
+            .compare_exchange(0, reason.code(), Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.notify.notify_one();
+        }
+    }
+
+    /// The reason, once asked.
+    pub fn reason(&self) -> Option<CloseReason> {
+        CloseReason::from_code(self.reason.load(Ordering::Acquire))
+    }
+
+    /// Resolves once the connection is asked to close.
+    pub async fn closed(&self) -> CloseReason {
+        loop {
+            if let Some(reason) = self.reason() {
+                return reason;
+            }
+            // `notify_one` leaves a permit when nobody waits, so a close between the check
+            // above and this await is not lost.
+            self.notify.notified().await;
+        }
+    }
+}
+
+/// A will message, held by the broker from CONNECT until the connection ends (and then for its
+/// delay, unless the session ends first or the client comes back).
+#[derive(Debug, Clone)]
+pub struct Will {
+    /// The message (its `expires_at` is stamped when it is published).
+    pub message: Message,
+    /// v5 Will Delay Interval.
+    pub delay: Duration,
+    /// v5 Message Expiry Interval, counted from publication.
+    pub expiry: Option<Duration>,
 }
 
 /// Subscription options.
@@ -167,7 +273,7 @@ struct Pending {
     payload: Bytes,
     qos: u8,
     retain: bool,
-    subscription_id: Option<usize>,
+    subscription_ids: Vec<usize>,
     properties: Option<Arc<PublishProperties>>,
     expires_at: Option<Instant>,
 }
@@ -181,7 +287,7 @@ impl Pending {
             pkid,
             retain: self.retain,
             dup,
-            subscription_id: self.subscription_id,
+            subscription_ids: self.subscription_ids.clone(),
             properties: self.properties.clone(),
             expires_at: self.expires_at,
         }))
@@ -190,24 +296,24 @@ impl Pending {
     fn expired(&self, now: Instant) -> bool {
         self.expires_at.is_some_and(|at| at <= now)
     }
+
+    fn size(&self) -> usize {
+        self.topic.len() + self.payload.len()
+    }
 }
 
 #[derive(Debug)]
 struct Connection {
     id: u64,
     tx: mpsc::Sender<Outbound>,
+    closer: Arc<Closer>,
     info: Option<ConnectionInfo>,
+    will: Option<Box<Will>>,
 }
 
-/// Who is on a live connection (for the clients API).
+/// Where a live connection comes from (for the clients API).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ConnectionInfo {
-    /// Authenticated username.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub username: Option<String>,
-    /// The Thing the client acts as.
-    #[serde(rename = "thingName", skip_serializing_if = "Option::is_none")]
-    pub thing: Option<String>,
     /// Remote address.
     pub peer: String,
     /// `3.1.1` or `5.0`.
@@ -223,6 +329,12 @@ pub struct ClientView {
     /// Client id.
     #[serde(rename = "clientId")]
     pub client_id: String,
+    /// The user that owns the session.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// The Thing the client acts as.
+    #[serde(rename = "thingName", skip_serializing_if = "Option::is_none")]
+    pub thing: Option<String>,
     /// Whether a connection is live.
     pub connected: bool,
     /// The live connection's details.
@@ -236,6 +348,11 @@ pub struct ClientView {
     pub inflight: usize,
     /// Messages waiting (offline, or beyond the window).
     pub queued: usize,
+    /// Bytes held for the client (queued and in flight).
+    #[serde(rename = "queuedBytes")]
+    pub queued_bytes: usize,
+    /// Messages dropped for this session by a bound since it was created.
+    pub dropped: u64,
 }
 
 fn view(client_id: &str, session: &Session) -> ClientView {
@@ -243,17 +360,23 @@ fn view(client_id: &str, session: &Session) -> ClientView {
     subscriptions.sort();
     ClientView {
         client_id: client_id.to_owned(),
+        username: session.identity.username.clone(),
+        thing: session.identity.thing.clone(),
         connected: session.connection.is_some(),
         connection: session.connection.as_ref().and_then(|c| c.info.clone()),
         persistent: session.persistent,
         subscriptions,
         inflight: session.inflight.len(),
         queued: session.queue.len(),
+        queued_bytes: session.queued_bytes,
+        dropped: session.dropped,
     }
 }
 
 #[derive(Debug)]
 struct Session {
+    /// The owner (its username decides who may attach) and its rights.
+    identity: Identity,
     connection: Option<Connection>,
     persistent: bool,
     expiry: Duration,
@@ -262,16 +385,23 @@ struct Session {
     /// Outbound QoS 1/2 awaiting PUBACK/PUBREC (value) or PUBCOMP (`None` payload after PUBREC).
     inflight: BTreeMap<u16, Option<Pending>>,
     queue: VecDeque<Pending>,
+    /// Bytes of the messages in `queue` and `inflight`.
+    queued_bytes: usize,
     window: usize,
     next_pkid: u16,
     /// Inbound QoS 2 packet ids received but not yet released (PUBREL). Kept in the session so
-    /// a PUBLISH resent after a reconnect is not delivered twice. Bounded by the u16 id space.
+    /// a PUBLISH resent after a reconnect is not delivered twice. Bounded by the receive maximum.
     incoming_qos2: HashSet<u16>,
+    /// A will waiting for its delay (or for the session to end), and when it is due.
+    pending_will: Option<(Box<Will>, Instant)>,
+    /// Messages dropped by a bound.
+    dropped: u64,
 }
 
 impl Session {
-    fn new(persistent: bool, expiry: Duration, window: usize) -> Session {
+    fn new(identity: Identity, persistent: bool, expiry: Duration, window: usize) -> Session {
         Session {
+            identity,
             connection: None,
             persistent,
             expiry,
@@ -279,9 +409,12 @@ impl Session {
             subscriptions: HashMap::new(),
             inflight: BTreeMap::new(),
             queue: VecDeque::new(),
+            queued_bytes: 0,
             window,
             next_pkid: 1,
             incoming_qos2: HashSet::new(),
+            pending_will: None,
+            dropped: 0,
         }
     }
 
@@ -297,25 +430,44 @@ impl Session {
     }
 }
 
-/// Counters since start.
+/// Counters since start (and two gauges: queued and retained bytes).
 #[derive(Debug, Default)]
 pub struct BrokerStats {
     /// PUBLISH packets received from clients.
     pub messages_in: AtomicU64,
     /// PUBLISH packets handed to connections.
     pub messages_out: AtomicU64,
-    /// Messages dropped (full queues, QoS 0 to a busy connection).
+    /// Messages dropped (full queues, byte bounds, QoS 0 to a busy connection).
     pub messages_dropped: AtomicU64,
     /// Publishes or subscriptions refused by the ACL.
     pub acl_denied: AtomicU64,
     /// Messages not delivered because their v5 expiry passed.
     pub messages_expired: AtomicU64,
+    /// CONNECTs refused because the session belongs to another identity.
+    pub sessions_not_owner: AtomicU64,
+    /// CONNECTs refused because `sessions_max` was reached.
+    pub sessions_refused: AtomicU64,
+    /// Retained publishes refused because a retained bound was reached.
+    pub retained_refused: AtomicU64,
+    /// Connections closed because they could not keep up.
+    pub slow_consumers: AtomicU64,
+    /// Connections closed because their user was deleted or changed.
+    pub revoked: AtomicU64,
+    /// Subscriptions removed because the ACL no longer allows them.
+    pub subscriptions_revoked: AtomicU64,
+    /// Bytes queued or in flight over all sessions now (gauge).
+    pub queued_bytes: AtomicU64,
+    /// Bytes of retained messages now (gauge).
+    pub retained_bytes: AtomicU64,
 }
 
 struct State {
     sessions: HashMap<Arc<str>, Session>,
+    /// username -> the client ids of its sessions (for revocation without a scan).
+    owners: HashMap<Arc<str>, HashSet<Arc<str>>>,
     trie: FilterTrie<Subscriber>,
     retained: HashMap<Arc<str>, Message>,
+    retained_bytes: usize,
     share_cursor: HashMap<(Arc<str>, Arc<str>), usize>,
     next_connection_id: u64,
 }
@@ -328,6 +480,21 @@ pub struct Broker {
     pub stats: BrokerStats,
 }
 
+/// What a CONNECT asks of the broker.
+#[derive(Debug)]
+pub struct ConnectRequest {
+    /// Who is connecting (the client id is in it).
+    pub identity: Identity,
+    /// Clean start (3.1.1 clean session).
+    pub clean_start: bool,
+    /// Session expiry asked for (zero: the session ends with the connection).
+    pub expiry: Duration,
+    /// The client's receive maximum (v5).
+    pub receive_maximum: Option<usize>,
+    /// The will, already checked against the ACL.
+    pub will: Option<Will>,
+}
+
 /// What registering a connection produced.
 #[derive(Debug)]
 pub struct Registered {
@@ -335,6 +502,44 @@ pub struct Registered {
     pub connection_id: u64,
     /// Whether a previous session was resumed.
     pub session_present: bool,
+    /// The session expiry granted (lower than asked when capped).
+    pub expiry: Duration,
+}
+
+/// Why the broker refused a CONNECT.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConnectRefusal {
+    /// The client id's session belongs to another identity.
+    #[error("the session of this client id belongs to another user")]
+    NotOwner,
+    /// `sessions_max` sessions exist.
+    #[error("the session limit is reached")]
+    SessionsFull,
+}
+
+/// Why the broker refused a PUBLISH.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PublishRefusal {
+    /// Retaining it would pass `retained_max` or `retained_bytes_max`.
+    #[error("the retained message store is full")]
+    RetainedQuotaExceeded,
+}
+
+/// How a user's credentials or rights changed (see [`Broker::revoke_user`]).
+pub enum UserChange<'a> {
+    /// The user was deleted: its connections close and its sessions are discarded.
+    Deleted,
+    /// Its password, Thing binding or superuser flag changed: its connections close. Sessions
+    /// bound to another Thing than before are discarded; the others keep only the subscriptions
+    /// `allowed` still permits under the new rights.
+    Updated {
+        /// The Thing the user is bound to now.
+        thing: Option<String>,
+        /// Whether it is a superuser now.
+        superuser: bool,
+        /// Whether an identity may subscribe to a filter.
+        allowed: &'a dyn Fn(&Identity, &str) -> bool,
+    },
 }
 
 impl Broker {
@@ -343,8 +548,10 @@ impl Broker {
         Broker {
             state: Mutex::new(State {
                 sessions: HashMap::new(),
+                owners: HashMap::new(),
                 trie: FilterTrie::default(),
                 retained: HashMap::new(),
+                retained_bytes: 0,
                 share_cursor: HashMap::new(),
                 next_connection_id: 1,
             }),
@@ -357,42 +564,76 @@ impl Broker {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Attaches a connection to the client's session, taking over any live one. A persistent
-    /// session is resumed: unacknowledged messages are resent (DUP), then the queue drains.
+    /// Attaches a connection to the client's session, taking over any live one of the same
+    /// owner. A persistent session is resumed: unacknowledged messages are resent (DUP), then
+    /// the queue drains. Refused when the session belongs to another identity, or when it would
+    /// be one session too many.
     pub fn connect(
         &self,
-        client_id: &str,
-        clean_start: bool,
-        expiry: Duration,
-        receive_maximum: Option<usize>,
+        request: ConnectRequest,
         tx: mpsc::Sender<Outbound>,
-    ) -> Registered {
-        let mut state = self.lock();
+        closer: Arc<Closer>,
+    ) -> Result<Registered, ConnectRefusal> {
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let key: Arc<str> = Arc::from(request.identity.client_id.as_str());
+        match state.sessions.get(&key) {
+            Some(existing) if existing.identity.username != request.identity.username => {
+                self.stats
+                    .sessions_not_owner
+                    .fetch_add(1, Ordering::Relaxed);
+                return Err(ConnectRefusal::NotOwner);
+            }
+            None if state.sessions.len() >= self.limits.sessions_max => {
+                self.stats.sessions_refused.fetch_add(1, Ordering::Relaxed);
+                return Err(ConnectRefusal::SessionsFull);
+            }
+            _ => {}
+        }
         let connection_id = state.next_connection_id;
         state.next_connection_id += 1;
-        let window = receive_maximum
+        let window = request
+            .receive_maximum
             .unwrap_or(self.limits.inflight_max)
             .clamp(1, self.limits.inflight_max.max(1));
-        let expiry = expiry.min(self.limits.session_expiry_max);
+        let expiry = request.expiry.min(self.limits.session_expiry_max);
         let persistent = !expiry.is_zero();
-        let key: Arc<str> = Arc::from(client_id);
-        if let Some(old) = state.sessions.get_mut(&key) {
-            if let Some(connection) = old.connection.take() {
-                let _ = connection
-                    .tx
-                    .try_send(Outbound::Close(CloseReason::Takeover));
+        // Wills that this CONNECT releases: the taken-over connection's (unless this client
+        // resumes the session within its delay) and a delayed one if the session ends here.
+        let mut wills = Vec::new();
+        if let Some(session) = state.sessions.get_mut(&key) {
+            if let Some(old) = session.connection.take() {
+                old.closer.close(CloseReason::Takeover);
+                if let Some(will) = old.will {
+                    if will.delay.is_zero() || request.clean_start {
+                        wills.push(*will);
+                    }
+                }
+            }
+            if let Some((will, _)) = session.pending_will.take() {
+                if request.clean_start {
+                    wills.push(*will);
+                }
             }
         }
-        if clean_start {
-            if let Some(old) = state.sessions.remove(&key) {
-                remove_subscriptions(&mut state.trie, &key, &old);
-            }
+        if request.clean_start {
+            self.remove_session(state, &key);
         }
         let session_present = state.sessions.contains_key(&key);
+        if !session_present {
+            if let Some(username) = &request.identity.username {
+                state
+                    .owners
+                    .entry(Arc::from(username.as_str()))
+                    .or_default()
+                    .insert(key.clone());
+            }
+        }
         let session = state
             .sessions
             .entry(key.clone())
-            .or_insert_with(|| Session::new(persistent, expiry, window));
+            .or_insert_with(|| Session::new(request.identity.clone(), persistent, expiry, window));
+        session.identity = request.identity;
         session.persistent = persistent;
         session.expiry = expiry;
         session.window = window;
@@ -410,43 +651,89 @@ impl Broker {
         session.connection = Some(Connection {
             id: connection_id,
             tx,
+            closer,
             info: None,
+            will: request.will.map(Box::new),
         });
         self.drain_queue(session);
-        Registered {
+        for will in wills {
+            self.publish_will(state, will);
+        }
+        Ok(Registered {
             connection_id,
             session_present,
-        }
+            expiry,
+        })
     }
 
-    /// Detaches a connection. A clean session ends here; a persistent one waits for its client.
-    /// Returns false if this connection had already been taken over.
-    pub fn disconnect(&self, client_id: &str, connection_id: u64) -> bool {
-        let mut state = self.lock();
-        let State { sessions, trie, .. } = &mut *state;
-        let Some(session) = sessions.get_mut(client_id) else {
+    /// Detaches a connection that ended for `reason`. A clean session ends here; a persistent
+    /// one waits for its client. The connection's will is published now, or after its delay
+    /// (or when the session ends, if that comes first). Returns false if this connection had
+    /// already been taken over.
+    pub fn disconnect(&self, client_id: &str, connection_id: u64, reason: CloseReason) -> bool {
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let Some(session) = state.sessions.get_mut(client_id) else {
             return false;
         };
         if session.connection.as_ref().map(|c| c.id) != Some(connection_id) {
             return false;
         }
-        session.connection = None;
+        let will = session
+            .connection
+            .take()
+            .and_then(|c| c.will)
+            .filter(|_| reason.publishes_will());
+        let now = Instant::now();
         if session.persistent {
-            session.disconnected_at = Some(Instant::now());
-        } else if let Some((key, session)) = sessions.remove_entry(client_id) {
-            remove_subscriptions(trie, &key, &session);
+            session.disconnected_at = Some(now);
+            match will {
+                Some(will) if !will.delay.is_zero() => {
+                    let wait = will.delay.min(session.expiry);
+                    let due = now.checked_add(wait).unwrap_or(now);
+                    session.pending_will = Some((will, due));
+                }
+                Some(will) => self.publish_will(state, *will),
+                None => {}
+            }
+        } else {
+            self.remove_session(state, client_id);
+            if let Some(will) = will {
+                self.publish_will(state, *will);
+            }
         }
         true
     }
 
-    /// An inbound QoS 2 PUBLISH arrived: true the first time for `pkid` (deliver it), false for
-    /// a resend of one not yet released (do not deliver again).
-    pub fn qos2_arrived(&self, client_id: &str, pkid: u16) -> bool {
+    /// v5: the client's DISCONNECT carried a new Session Expiry Interval. Returns the expiry
+    /// granted (capped), or `None` if this connection is no longer the session's.
+    pub fn set_session_expiry(
+        &self,
+        client_id: &str,
+        connection_id: u64,
+        expiry: Duration,
+    ) -> Option<Duration> {
         let mut state = self.lock();
-        state
+        let session = state
             .sessions
             .get_mut(client_id)
-            .is_some_and(|s| s.incoming_qos2.insert(pkid))
+            .filter(|s| s.connection.as_ref().map(|c| c.id) == Some(connection_id))?;
+        let expiry = expiry.min(self.limits.session_expiry_max);
+        session.expiry = expiry;
+        session.persistent = !expiry.is_zero();
+        Some(expiry)
+    }
+
+    /// An inbound QoS 2 PUBLISH arrived: `Some(n)` the first time for `pkid` (deliver it; `n`
+    /// QoS 2 messages of this client now await release), `None` for a resend of one not yet
+    /// released (do not deliver again).
+    pub fn qos2_arrived(&self, client_id: &str, pkid: u16) -> Option<usize> {
+        let mut state = self.lock();
+        let session = state.sessions.get_mut(client_id)?;
+        session
+            .incoming_qos2
+            .insert(pkid)
+            .then_some(session.incoming_qos2.len())
     }
 
     /// PUBREL: the client releases `pkid`; true if it was pending.
@@ -458,7 +745,7 @@ impl Broker {
             .is_some_and(|s| s.incoming_qos2.remove(&pkid))
     }
 
-    /// Records who is on a connection (shown by the clients API).
+    /// Records where a connection comes from (shown by the clients API).
     pub fn describe_connection(&self, client_id: &str, connection_id: u64, info: ConnectionInfo) {
         let mut state = self.lock();
         if let Some(connection) = state
@@ -494,24 +781,109 @@ impl Broker {
 
     /// Disconnects a client (reason "kicked") and discards its session. False if unknown.
     pub fn kick(&self, client_id: &str) -> bool {
-        let mut state = self.lock();
-        let State { sessions, trie, .. } = &mut *state;
-        let Some(session) = sessions.get_mut(client_id) else {
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let Some(session) = state.sessions.get_mut(client_id) else {
             return false;
         };
         match &session.connection {
             Some(connection) => {
                 // The connection's own disconnect then removes the (no longer persistent) session.
                 session.persistent = false;
-                let _ = connection.tx.try_send(Outbound::Close(CloseReason::Kicked));
+                connection.closer.close(CloseReason::Kicked);
             }
             None => {
-                if let Some((key, session)) = sessions.remove_entry(client_id) {
-                    remove_subscriptions(trie, &key, &session);
+                if let Some(will) = self
+                    .remove_session(state, client_id)
+                    .and_then(|s| s.pending_will)
+                {
+                    self.publish_will(state, *will.0);
                 }
             }
         }
         true
+    }
+
+    /// A user's credentials or rights changed: every live connection of its sessions closes
+    /// (reason `revoked`, no will), and its sessions are discarded or re-authorized (see
+    /// [`UserChange`]). Returns the number of connections told to close.
+    pub fn revoke_user(&self, username: &str, change: UserChange<'_>) -> usize {
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let Some(client_ids) = state.owners.get(username).cloned() else {
+            return 0;
+        };
+        let mut closed = 0;
+        for client_id in client_ids {
+            let Some(session) = state.sessions.get_mut(&client_id) else {
+                continue;
+            };
+            session.pending_will = None;
+            if let Some(connection) = &mut session.connection {
+                connection.will = None;
+                connection.closer.close(CloseReason::Revoked);
+                closed += 1;
+            }
+            let discard = match &change {
+                UserChange::Deleted => true,
+                UserChange::Updated { thing, .. } => *thing != session.identity.thing,
+            };
+            if discard {
+                tracing::info!(%client_id, username, "session discarded: its user was deleted or rebound");
+                self.remove_session(state, &client_id);
+                continue;
+            }
+            if let UserChange::Updated {
+                superuser, allowed, ..
+            } = &change
+            {
+                session.identity.superuser = *superuser;
+                let removed = revoke_subscriptions(&mut state.trie, &client_id, session, allowed);
+                self.stats
+                    .subscriptions_revoked
+                    .fetch_add(removed as u64, Ordering::Relaxed);
+            }
+        }
+        self.stats
+            .revoked
+            .fetch_add(closed as u64, Ordering::Relaxed);
+        closed
+    }
+
+    /// A Thing was deleted: the session of its client id, if it acts as that Thing, is closed
+    /// (reason `revoked`) and discarded. Returns whether there was one.
+    pub fn thing_deleted(&self, thing: &str, client_id: &str) -> bool {
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let Some(session) = state
+            .sessions
+            .get_mut(client_id)
+            .filter(|s| s.identity.thing.as_deref() == Some(thing))
+        else {
+            return false;
+        };
+        if let Some(connection) = &mut session.connection {
+            connection.will = None;
+            connection.closer.close(CloseReason::Revoked);
+            self.stats.revoked.fetch_add(1, Ordering::Relaxed);
+        }
+        self.remove_session(state, client_id);
+        true
+    }
+
+    /// The ACL rules changed: every session keeps only the subscriptions `allowed` still
+    /// permits. Returns the number removed.
+    pub fn reauthorize_subscriptions(&self, allowed: &dyn Fn(&Identity, &str) -> bool) -> usize {
+        let mut guard = self.lock();
+        let State { sessions, trie, .. } = &mut *guard;
+        let mut removed = 0;
+        for (client_id, session) in sessions.iter_mut() {
+            removed += revoke_subscriptions(trie, client_id, session, allowed);
+        }
+        self.stats
+            .subscriptions_revoked
+            .fetch_add(removed as u64, Ordering::Relaxed);
+        removed
     }
 
     /// Whether any subscription matches `topic`.
@@ -529,17 +901,18 @@ impl Broker {
             .is_some_and(|s| s.connection.is_some())
     }
 
-    /// Adds (or replaces) a subscription; returns the granted QoS and whether it is new.
-    /// Retained messages are delivered per the retain handling option.
+    /// Adds (or replaces) a subscription. Retained messages are delivered per the retain
+    /// handling option.
     pub fn subscribe(&self, client_id: &str, raw: &str, parsed: ParsedFilter, options: SubOptions) {
-        let mut state = self.lock();
+        let mut guard = self.lock();
         let key: Arc<str> = Arc::from(client_id);
         let State {
             sessions,
             trie,
             retained,
+            retained_bytes,
             ..
-        } = &mut *state;
+        } = &mut *guard;
         let Some(session) = sessions.get_mut(&key) else {
             return;
         };
@@ -561,7 +934,16 @@ impl Broker {
             && (options.retain_handling == 0 || (options.retain_handling == 1 && is_new));
         if send_retained {
             let now = Instant::now();
-            retained.retain(|_, message| !message.expired(now));
+            retained.retain(|_, message| {
+                let keep = !message.expired(now);
+                if !keep {
+                    *retained_bytes -= message.size();
+                }
+                keep
+            });
+            self.stats
+                .retained_bytes
+                .store(*retained_bytes as u64, Ordering::Relaxed);
             let mut matching: Vec<&Message> = retained
                 .iter()
                 .filter(|(topic, _)| topic::matches(&parsed.filter, topic))
@@ -574,7 +956,7 @@ impl Broker {
                     payload: message.payload.clone(),
                     qos: message.qos.min(options.qos),
                     retain: true,
-                    subscription_id: options.subscription_id,
+                    subscription_ids: options.subscription_id.into_iter().collect(),
                     properties: message.properties.clone(),
                     expires_at: message.expires_at,
                 };
@@ -596,47 +978,30 @@ impl Broker {
         else {
             return false;
         };
-        let probe = Subscriber {
-            client: key,
-            share: parsed.share_group.as_deref().map(Arc::from),
-            filter: Arc::from(parsed.filter.as_str()),
-            options: SubOptions {
-                qos: 0,
-                no_local: false,
-                retain_as_published: false,
-                retain_handling: 0,
-                subscription_id: None,
-            },
-        };
-        trie.remove(&parsed.filter, &probe)
+        trie.remove(&parsed.filter, &probe(&key, &parsed))
     }
 
     /// Routes a message to every matching subscription and updates retained messages.
-    /// Returns the number of sessions it was delivered or queued to.
-    pub fn publish(&self, message: Message) -> usize {
+    /// Returns the number of sessions it was delivered or queued to; refused (and neither
+    /// retained nor routed) when retaining it would pass a retained bound.
+    pub fn publish(&self, message: Message) -> Result<usize, PublishRefusal> {
         if message.expired(Instant::now()) {
             self.stats.messages_expired.fetch_add(1, Ordering::Relaxed);
-            return 0;
+            return Ok(0);
         }
         let mut state = self.lock();
+        self.route(&mut state, message)
+    }
+
+    fn route(&self, state: &mut State, message: Message) -> Result<usize, PublishRefusal> {
         if message.retain {
-            if message.payload.is_empty() {
-                state.retained.remove(&message.topic);
-            } else if state.retained.len() < self.limits.retained_max
-                || state.retained.contains_key(&message.topic)
-            {
-                state
-                    .retained
-                    .insert(message.topic.clone(), message.clone());
-            } else {
-                tracing::warn!(topic = %message.topic, "retained message store is full; not retained");
-            }
+            self.retain(state, &message)?;
         }
         let mut matched = Vec::new();
         state.trie.matching(&message.topic, &mut matched);
-        // One delivery per client (highest QoS among its matching subscriptions), one member per
-        // share group.
-        let mut per_client: HashMap<Arc<str>, Subscriber> = HashMap::new();
+        // One delivery per client (at the highest QoS among its matching subscriptions, with
+        // the identifiers of all of them), one member per share group.
+        let mut per_client: HashMap<Arc<str>, (Subscriber, Vec<usize>)> = HashMap::new();
         let mut groups: HashMap<(Arc<str>, Arc<str>), Vec<Subscriber>> = HashMap::new();
         for subscriber in matched {
             if subscriber.options.no_local && message.publisher.as_ref() == Some(&subscriber.client)
@@ -648,14 +1013,7 @@ impl Broker {
                     .entry((group.clone(), subscriber.filter.clone()))
                     .or_default()
                     .push(subscriber),
-                None => {
-                    let entry = per_client
-                        .entry(subscriber.client.clone())
-                        .or_insert(subscriber.clone());
-                    if subscriber.options.qos > entry.options.qos {
-                        *entry = subscriber;
-                    }
-                }
+                None => add_delivery(&mut per_client, subscriber),
             }
         }
         for (group_key, mut members) in groups {
@@ -677,10 +1035,10 @@ impl Broker {
             let cursor = state.share_cursor.entry(group_key).or_insert(0);
             let chosen = candidates[*cursor % candidates.len()].clone();
             *cursor = cursor.wrapping_add(1);
-            per_client.entry(chosen.client.clone()).or_insert(chosen);
+            add_delivery(&mut per_client, chosen);
         }
         let mut delivered = 0;
-        for (client, subscriber) in per_client {
+        for (client, (subscriber, subscription_ids)) in per_client {
             let Some(session) = state.sessions.get_mut(&client) else {
                 continue;
             };
@@ -689,21 +1047,63 @@ impl Broker {
                 payload: message.payload.clone(),
                 qos: message.qos.min(subscriber.options.qos),
                 retain: message.retain && subscriber.options.retain_as_published,
-                subscription_id: subscriber.options.subscription_id,
+                subscription_ids,
                 properties: message.properties.clone(),
                 expires_at: message.expires_at,
             };
             self.enqueue(session, pending);
             delivered += 1;
         }
-        delivered
+        Ok(delivered)
+    }
+
+    /// Stores (or clears, for an empty payload) the retained message of a topic, within bounds.
+    fn retain(&self, state: &mut State, message: &Message) -> Result<(), PublishRefusal> {
+        let previous = state.retained.get(&message.topic).map(Message::size);
+        if message.payload.is_empty() {
+            if let Some(previous) = previous {
+                state.retained.remove(&message.topic);
+                state.retained_bytes -= previous;
+            }
+        } else {
+            let count = state.retained.len() + usize::from(previous.is_none());
+            let bytes = state.retained_bytes - previous.unwrap_or(0) + message.size();
+            if count > self.limits.retained_max || bytes > self.limits.retained_bytes_max {
+                self.stats.retained_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    topic = %message.topic,
+                    publisher = message.publisher.as_deref().unwrap_or("-"),
+                    retained = state.retained.len(),
+                    retained_bytes = state.retained_bytes,
+                    "retained message store is full; publish refused"
+                );
+                return Err(PublishRefusal::RetainedQuotaExceeded);
+            }
+            state.retained_bytes = bytes;
+            state
+                .retained
+                .insert(message.topic.clone(), message.clone());
+        }
+        self.stats
+            .retained_bytes
+            .store(state.retained_bytes as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Retained messages and their bytes now.
+    pub fn retained_counts(&self) -> (usize, usize) {
+        let state = self.lock();
+        (state.retained.len(), state.retained_bytes)
     }
 
     /// PUBACK (QoS 1) or PUBCOMP (QoS 2) from the client: the slot frees and the queue drains.
     pub fn acknowledged(&self, client_id: &str, pkid: u16) {
         let mut state = self.lock();
         if let Some(session) = state.sessions.get_mut(client_id) {
-            if session.inflight.remove(&pkid).is_some() {
+            if let Some(slot) = session.inflight.remove(&pkid) {
+                if let Some(pending) = slot {
+                    self.release_bytes(session, pending.size());
+                }
                 self.drain_queue(session);
             }
         }
@@ -714,32 +1114,48 @@ impl Broker {
         let mut state = self.lock();
         if let Some(session) = state.sessions.get_mut(client_id) {
             if let Some(slot) = session.inflight.get_mut(&pkid) {
-                *slot = None;
+                if let Some(pending) = slot.take() {
+                    self.release_bytes(session, pending.size());
+                }
             }
-            if let Some(connection) = &session.connection {
-                let _ = connection.tx.try_send(Outbound::PubRel(pkid));
-            }
+            self.send(session, Outbound::PubRel(pkid));
         }
     }
 
-    /// Drops persistent sessions whose client stayed away longer than their expiry.
+    /// Drops persistent sessions whose client stayed away longer than their expiry, and
+    /// publishes the wills whose delay passed (or whose session ended).
     pub fn expire_sessions(&self) -> usize {
-        let mut state = self.lock();
+        let mut guard = self.lock();
+        let state = &mut *guard;
         let now = Instant::now();
-        let expired: Vec<Arc<str>> = state
-            .sessions
-            .iter()
-            .filter(|(_, s)| {
-                s.connection.is_none()
-                    && s.disconnected_at
-                        .is_some_and(|at| now.duration_since(at) >= s.expiry)
-            })
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in &expired {
-            if let Some(session) = state.sessions.remove(key) {
-                remove_subscriptions(&mut state.trie, key, &session);
+        let mut expired = Vec::new();
+        let mut wills = Vec::new();
+        for (key, session) in state.sessions.iter_mut() {
+            if session.connection.is_some() {
+                continue;
             }
+            let gone = session
+                .disconnected_at
+                .is_some_and(|at| now.duration_since(at) >= session.expiry);
+            if gone {
+                expired.push(key.clone());
+            } else if session
+                .pending_will
+                .as_ref()
+                .is_some_and(|(_, due)| *due <= now)
+            {
+                if let Some((will, _)) = session.pending_will.take() {
+                    wills.push(will);
+                }
+            }
+        }
+        for key in &expired {
+            if let Some(session) = self.remove_session(state, key) {
+                wills.extend(session.pending_will.map(|(will, _)| will));
+            }
+        }
+        for will in wills {
+            self.publish_will(state, *will);
         }
         expired.len()
     }
@@ -749,7 +1165,7 @@ impl Broker {
         let state = self.lock();
         for session in state.sessions.values() {
             if let Some(connection) = &session.connection {
-                let _ = connection.tx.try_send(Outbound::Close(reason));
+                connection.closer.close(reason);
             }
         }
     }
@@ -765,34 +1181,112 @@ impl Broker {
         (state.sessions.len(), connected)
     }
 
+    fn remove_session(&self, state: &mut State, client_id: &str) -> Option<Session> {
+        let (key, session) = state.sessions.remove_entry(client_id)?;
+        for (parsed, _) in session.subscriptions.values() {
+            state.trie.remove(&parsed.filter, &probe(&key, parsed));
+        }
+        if let Some(username) = &session.identity.username {
+            if let Some(ids) = state.owners.get_mut(username.as_str()) {
+                ids.remove(&key);
+                if ids.is_empty() {
+                    state.owners.remove(username.as_str());
+                }
+            }
+        }
+        self.stats
+            .queued_bytes
+            .fetch_sub(session.queued_bytes as u64, Ordering::Relaxed);
+        Some(session)
+    }
+
+    fn publish_will(&self, state: &mut State, will: Will) {
+        let mut message = will.message;
+        // The expiry interval starts when the will is published.
+        message.expires_at = will.expiry.map(|e| Instant::now() + e);
+        if let Err(e) = self.route(state, message) {
+            tracing::warn!(error = %e, "will message not published");
+        }
+    }
+
+    fn release_bytes(&self, session: &mut Session, bytes: usize) {
+        session.queued_bytes -= bytes;
+        self.stats
+            .queued_bytes
+            .fetch_sub(bytes as u64, Ordering::Relaxed);
+    }
+
+    fn drop_message(&self, session: &mut Session, why: &'static str) {
+        session.dropped += 1;
+        self.stats.messages_dropped.fetch_add(1, Ordering::Relaxed);
+        // The first drop of a session is worth an operator's attention; the rest are counted
+        // (per session in the clients API, in total in the metrics).
+        if session.dropped == 1 {
+            tracing::warn!(client_id = %session.identity.client_id, why, "message dropped for a session");
+        } else {
+            tracing::debug!(client_id = %session.identity.client_id, why, "message dropped for a session");
+        }
+    }
+
+    /// Hands `outbound` to the live connection; a full channel closes it as a slow consumer
+    /// (its in-flight messages are resent when it comes back). False if not handed over.
+    fn send(&self, session: &mut Session, outbound: Outbound) -> bool {
+        let Some(connection) = &session.connection else {
+            return false;
+        };
+        if connection.tx.try_send(outbound).is_ok() {
+            return true;
+        }
+        if connection.closer.reason().is_none() {
+            self.stats.slow_consumers.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(client_id = %session.identity.client_id, "outbound queue full; closing the slow consumer");
+        }
+        connection.closer.close(CloseReason::SlowConsumer);
+        false
+    }
+
     fn enqueue(&self, session: &mut Session, pending: Pending) {
         if session.connection.is_none() && !session.persistent {
             return;
         }
-        if pending.qos == 0 {
-            if let Some(connection) = &session.connection {
-                let sent = connection.tx.try_send(pending.outbound(0, false));
-                match sent {
-                    Ok(()) => self.stats.messages_out.fetch_add(1, Ordering::Relaxed),
-                    Err(_) => self.stats.messages_dropped.fetch_add(1, Ordering::Relaxed),
-                };
-                return;
+        if pending.qos == 0 && session.connection.is_some() {
+            if self.send(session, pending.outbound(0, false)) {
+                self.stats.messages_out.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.drop_message(session, "outbound queue full");
             }
+            return;
         }
-        if session.queue.len() >= self.limits.session_queue_max {
-            session.queue.pop_front();
-            self.stats.messages_dropped.fetch_add(1, Ordering::Relaxed);
+        let size = pending.size();
+        let over = |session: &Session| {
+            session.queue.len() >= self.limits.session_queue_max
+                || session.queued_bytes + size > self.limits.session_queue_bytes_max
+                || self.stats.queued_bytes.load(Ordering::Relaxed) as usize + size
+                    > self.limits.queued_bytes_max
+        };
+        // Make room by dropping this session's oldest queued messages; if that is not enough
+        // (the bytes are in flight), the new message is the one dropped.
+        while over(session) {
+            let Some(oldest) = session.queue.pop_front() else {
+                self.drop_message(session, "queue bound reached");
+                return;
+            };
+            self.release_bytes(session, oldest.size());
+            self.drop_message(session, "queue bound reached");
         }
+        session.queued_bytes += size;
+        self.stats
+            .queued_bytes
+            .fetch_add(size as u64, Ordering::Relaxed);
         session.queue.push_back(pending);
         self.drain_queue(session);
     }
 
     /// Moves queued messages into the in-flight window of a connected session.
     fn drain_queue(&self, session: &mut Session) {
-        let Some(connection) = &session.connection else {
+        if session.connection.is_none() {
             return;
-        };
-        let tx = connection.tx.clone();
+        }
         while let Some(front) = session.queue.front() {
             let needs_slot = front.qos > 0;
             if needs_slot && session.inflight.len() >= session.window {
@@ -802,6 +1296,7 @@ impl Broker {
                 break;
             };
             if pending.expired(Instant::now()) {
+                self.release_bytes(session, pending.size());
                 self.stats.messages_expired.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
@@ -819,11 +1314,14 @@ impl Broker {
             let outbound = pending.outbound(pkid, false);
             if needs_slot {
                 session.inflight.insert(pkid, Some(pending));
+            } else {
+                self.release_bytes(session, pending.size());
             }
-            if tx.try_send(outbound).is_err() {
-                // The connection cannot keep up: close it; in-flight messages are resent on
-                // reconnect, so nothing acknowledged-by-us is lost.
-                let _ = tx.try_send(Outbound::Close(CloseReason::SlowConsumer));
+            if !self.send(session, outbound) {
+                // In flight: resent when the client is back. A QoS 0 message is lost.
+                if !needs_slot {
+                    self.drop_message(session, "outbound queue full");
+                }
                 break;
             }
             self.stats.messages_out.fetch_add(1, Ordering::Relaxed);
@@ -831,29 +1329,86 @@ impl Broker {
     }
 }
 
-fn remove_subscriptions(trie: &mut FilterTrie<Subscriber>, key: &Arc<str>, session: &Session) {
-    for (parsed, options) in session.subscriptions.values() {
-        let probe = Subscriber {
-            client: key.clone(),
-            share: parsed.share_group.as_deref().map(Arc::from),
-            filter: Arc::from(parsed.filter.as_str()),
-            options: *options,
-        };
-        trie.remove(&parsed.filter, &probe);
+/// Adds `subscriber` to the per-client deliveries: the highest QoS wins and every subscription
+/// identifier is kept.
+fn add_delivery(
+    per_client: &mut HashMap<Arc<str>, (Subscriber, Vec<usize>)>,
+    subscriber: Subscriber,
+) {
+    let id = subscriber.options.subscription_id;
+    match per_client.get_mut(&subscriber.client) {
+        Some((best, ids)) => {
+            ids.extend(id);
+            if subscriber.options.qos > best.options.qos {
+                *best = subscriber;
+            }
+        }
+        None => {
+            per_client.insert(
+                subscriber.client.clone(),
+                (subscriber, id.into_iter().collect()),
+            );
+        }
     }
+}
+
+/// The trie entry of a session's subscription (equality ignores the options).
+fn probe(key: &Arc<str>, parsed: &ParsedFilter) -> Subscriber {
+    Subscriber {
+        client: key.clone(),
+        share: parsed.share_group.as_deref().map(Arc::from),
+        filter: Arc::from(parsed.filter.as_str()),
+        options: SubOptions {
+            qos: 0,
+            no_local: false,
+            retain_as_published: false,
+            retain_handling: 0,
+            subscription_id: None,
+        },
+    }
+}
+
+/// Removes the subscriptions of `session` that `allowed` no longer permits; returns how many.
+fn revoke_subscriptions(
+    trie: &mut FilterTrie<Subscriber>,
+    key: &Arc<str>,
+    session: &mut Session,
+    allowed: &dyn Fn(&Identity, &str) -> bool,
+) -> usize {
+    let denied: Vec<String> = session
+        .subscriptions
+        .iter()
+        .filter(|(_, (parsed, _))| !allowed(&session.identity, &parsed.filter))
+        .map(|(raw, _)| raw.clone())
+        .collect();
+    for raw in &denied {
+        if let Some((parsed, _)) = session.subscriptions.remove(raw) {
+            trie.remove(&parsed.filter, &probe(key, &parsed));
+            tracing::info!(client_id = %key, filter = %raw, "subscription removed: no longer allowed");
+        }
+    }
+    denied.len()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn broker() -> Broker {
-        Broker::new(BrokerLimits {
+    fn limits() -> BrokerLimits {
+        BrokerLimits {
             inflight_max: 2,
             session_queue_max: 3,
+            session_queue_bytes_max: 1 << 20,
+            queued_bytes_max: 1 << 20,
+            sessions_max: 100,
             session_expiry_max: Duration::from_secs(3600),
             retained_max: 100,
-        })
+            retained_bytes_max: 1 << 20,
+        }
+    }
+
+    fn broker() -> Broker {
+        Broker::new(limits())
     }
 
     fn options(qos: u8) -> SubOptions {
@@ -878,33 +1433,55 @@ mod tests {
         }
     }
 
-    #[test]
-    fn expired_messages_are_not_queued_for_delivery_nor_kept_retained() {
-        let broker = broker();
-        let (tx, first) = mpsc::channel(16);
-        let offline = broker.connect("p", false, Duration::from_secs(60), None, tx);
-        subscribe(&broker, "p", "t", 1);
-        drop(first);
-        assert!(broker.disconnect("p", offline.connection_id));
-        let soon = Instant::now() + Duration::from_millis(30);
-        let mut short = message("t", 1, true);
-        short.expires_at = Some(soon);
-        broker.publish(short);
-        broker.publish(message("t", 1, false));
-        while Instant::now() < soon + Duration::from_millis(5) {
-            std::thread::yield_now();
+    fn identity(client: &str, user: &str) -> Identity {
+        Identity {
+            client_id: client.into(),
+            username: Some(user.into()),
+            thing: None,
+            superuser: false,
         }
-        let (tx, mut rx) = mpsc::channel(16);
-        broker.connect("p", false, Duration::from_secs(60), None, tx);
-        assert_eq!(drain(&mut rx).len(), 1, "only the message without expiry");
-        assert_eq!(broker.stats.messages_expired.load(Ordering::Relaxed), 1);
-        let (tx, mut rx) = mpsc::channel(16);
-        broker.connect("late", true, Duration::ZERO, None, tx);
-        subscribe(&broker, "late", "t", 1);
-        assert!(
-            drain(&mut rx).is_empty(),
-            "the expired retained message is gone"
-        );
+    }
+
+    /// A connection of `user` with client id `client` (expiry 0 = clean, non-persistent).
+    struct Attached {
+        registered: Registered,
+        rx: mpsc::Receiver<Outbound>,
+        closer: Arc<Closer>,
+    }
+
+    fn request(client: &str, user: &str, clean: bool, expiry_s: u64) -> ConnectRequest {
+        ConnectRequest {
+            identity: identity(client, user),
+            clean_start: clean,
+            expiry: Duration::from_secs(expiry_s),
+            receive_maximum: None,
+            will: None,
+        }
+    }
+
+    fn attach_with(broker: &Broker, request: ConnectRequest, capacity: usize) -> Attached {
+        let (tx, rx) = mpsc::channel(capacity);
+        let closer = Arc::new(Closer::default());
+        let registered = broker
+            .connect(request, tx, closer.clone())
+            .expect("connect accepted");
+        Attached {
+            registered,
+            rx,
+            closer,
+        }
+    }
+
+    fn attach(broker: &Broker, client: &str, clean: bool, expiry_s: u64) -> Attached {
+        attach_with(broker, request(client, "u", clean, expiry_s), 16)
+    }
+
+    fn leave(broker: &Broker, client: &str, attached: &Attached) -> bool {
+        broker.disconnect(
+            client,
+            attached.registered.connection_id,
+            CloseReason::ConnectionLost,
+        )
     }
 
     fn subscribe(broker: &Broker, client: &str, filter: &str, qos: u8) {
@@ -924,6 +1501,16 @@ mod tests {
         out
     }
 
+    fn publishes(rx: &mut mpsc::Receiver<Outbound>) -> Vec<OutboundPublish> {
+        drain(rx)
+            .into_iter()
+            .filter_map(|o| match o {
+                Outbound::Publish(p) => Some(*p),
+                Outbound::PubRel(_) => None,
+            })
+            .collect()
+    }
+
     fn qos_pkid(outbound: &Outbound) -> (u8, u16, bool) {
         match outbound {
             Outbound::Publish(p) => (p.qos, p.pkid, p.dup),
@@ -932,17 +1519,46 @@ mod tests {
     }
 
     #[test]
+    fn expired_messages_are_not_queued_for_delivery_nor_kept_retained() {
+        let broker = broker();
+        let offline = attach(&broker, "p", false, 60);
+        subscribe(&broker, "p", "t", 1);
+        assert!(leave(&broker, "p", &offline));
+        let soon = Instant::now() + Duration::from_millis(30);
+        let mut short = message("t", 1, true);
+        short.expires_at = Some(soon);
+        broker.publish(short).expect("published");
+        broker.publish(message("t", 1, false)).expect("published");
+        while Instant::now() < soon + Duration::from_millis(5) {
+            std::thread::yield_now();
+        }
+        let mut back = attach(&broker, "p", false, 60);
+        assert_eq!(
+            drain(&mut back.rx).len(),
+            1,
+            "only the message without expiry"
+        );
+        assert_eq!(broker.stats.messages_expired.load(Ordering::Relaxed), 1);
+        let mut late = attach(&broker, "late", true, 0);
+        subscribe(&broker, "late", "t", 1);
+        assert!(
+            drain(&mut late.rx).is_empty(),
+            "the expired retained message is gone"
+        );
+        assert_eq!(broker.retained_counts(), (0, 0));
+    }
+
+    #[test]
     fn delivery_is_at_the_lower_qos_and_the_window_holds_the_rest() {
         let broker = broker();
-        let (tx, mut rx) = mpsc::channel(16);
-        broker.connect("c", true, Duration::ZERO, None, tx);
+        let mut c = attach(&broker, "c", true, 0);
         subscribe(&broker, "c", "t/#", 1);
-        broker.publish(message("t/a", 2, false));
-        broker.publish(message("t/a", 0, false));
-        broker.publish(message("t/a", 1, false));
-        broker.publish(message("t/a", 1, false));
-        let out = drain(&mut rx);
-        let got: Vec<_> = out.iter().map(qos_pkid).collect();
+        for qos in [2, 0, 1, 1] {
+            broker
+                .publish(message("t/a", qos, false))
+                .expect("published");
+        }
+        let got: Vec<_> = drain(&mut c.rx).iter().map(qos_pkid).collect();
         assert_eq!(
             got,
             [(1, 1, false), (0, 0, false), (1, 2, false)],
@@ -950,7 +1566,7 @@ mod tests {
         );
         broker.acknowledged("c", 1);
         assert_eq!(
-            drain(&mut rx).iter().map(qos_pkid).collect::<Vec<_>>(),
+            drain(&mut c.rx).iter().map(qos_pkid).collect::<Vec<_>>(),
             [(1, 3, false)]
         );
     }
@@ -958,108 +1574,392 @@ mod tests {
     #[test]
     fn a_persistent_session_queues_while_offline_and_resends_in_flight_with_dup() {
         let broker = broker();
-        let (tx, mut rx) = mpsc::channel(16);
-        let first = broker.connect("p", false, Duration::from_secs(60), None, tx);
-        assert!(!first.session_present);
+        let mut first = attach(&broker, "p", false, 60);
+        assert!(!first.registered.session_present);
         subscribe(&broker, "p", "t", 1);
-        broker.publish(message("t", 1, false));
-        assert_eq!(drain(&mut rx).len(), 1, "sent, not acknowledged");
-        assert!(broker.disconnect("p", first.connection_id));
+        broker.publish(message("t", 1, false)).expect("published");
+        assert_eq!(drain(&mut first.rx).len(), 1, "sent, not acknowledged");
+        assert!(leave(&broker, "p", &first));
         for _ in 0..5 {
-            broker.publish(message("t", 1, false));
+            broker.publish(message("t", 1, false)).expect("published");
         }
-        let (tx, mut rx) = mpsc::channel(16);
-        let second = broker.connect("p", false, Duration::from_secs(60), None, tx);
-        assert!(second.session_present);
-        let got: Vec<_> = drain(&mut rx).iter().map(qos_pkid).collect();
+        let mut second = attach(&broker, "p", false, 60);
+        assert!(second.registered.session_present);
+        let got: Vec<_> = drain(&mut second.rx).iter().map(qos_pkid).collect();
         // pkid 1 again with DUP, then one more fills the window of 2; the queue kept the newest 3.
         assert_eq!(got, [(1, 1, true), (1, 2, false)]);
         assert_eq!(broker.stats.messages_dropped.load(Ordering::Relaxed), 2);
+        assert_eq!(broker.client("p").expect("session").dropped, 2);
     }
 
     #[test]
     fn a_clean_session_ends_at_disconnect_and_takeover_closes_the_old_connection() {
         let broker = broker();
-        let (tx1, mut rx1) = mpsc::channel(16);
-        let first = broker.connect("c", true, Duration::ZERO, None, tx1);
+        let first = attach(&broker, "c", true, 0);
         subscribe(&broker, "c", "t", 0);
-        let (tx2, _rx2) = mpsc::channel(16);
-        let second = broker.connect("c", false, Duration::from_secs(10), None, tx2);
+        let second = attach(&broker, "c", false, 10);
         assert!(
-            second.session_present,
+            second.registered.session_present,
             "the session lives on across a takeover"
         );
-        assert_eq!(drain(&mut rx1), [Outbound::Close(CloseReason::Takeover)]);
+        assert_eq!(first.closer.reason(), Some(CloseReason::Takeover));
         assert!(
-            !broker.disconnect("c", first.connection_id),
+            !leave(&broker, "c", &first),
             "taken-over connection is stale"
         );
-        assert!(broker.disconnect("c", second.connection_id));
-        let (tx3, _rx3) = mpsc::channel(16);
-        assert!(
-            !broker
-                .connect("c", true, Duration::ZERO, None, tx3)
-                .session_present
+        assert!(leave(&broker, "c", &second));
+        let third = attach(&broker, "c", true, 0);
+        assert!(!third.registered.session_present);
+    }
+
+    #[test]
+    fn a_session_belongs_to_its_owner_and_nobody_else_may_resume_or_kick_it() {
+        let broker = broker();
+        let mut owner = attach_with(&broker, request("dev-b", "user-b", false, 60), 16);
+        subscribe(&broker, "dev-b", "inbox/b", 1);
+        let (tx, _rx) = mpsc::channel(16);
+        for clean in [false, true] {
+            let thief = request("dev-b", "user-a", clean, 60);
+            assert_eq!(
+                broker
+                    .connect(thief, tx.clone(), Arc::new(Closer::default()))
+                    .expect_err("refused"),
+                ConnectRefusal::NotOwner
+            );
+        }
+        assert_eq!(owner.closer.reason(), None, "the owner stays connected");
+        broker
+            .publish(message("inbox/b", 1, false))
+            .expect("published");
+        assert_eq!(drain(&mut owner.rx).len(), 1, "and still gets its messages");
+        // Offline too: the session waits for its owner only.
+        assert!(leave(&broker, "dev-b", &owner));
+        let anonymous = ConnectRequest {
+            identity: Identity {
+                username: None,
+                ..identity("dev-b", "")
+            },
+            ..request("dev-b", "", false, 60)
+        };
+        assert_eq!(
+            broker
+                .connect(anonymous, tx, Arc::new(Closer::default()))
+                .expect_err("refused"),
+            ConnectRefusal::NotOwner
         );
+        let back = attach_with(&broker, request("dev-b", "user-b", false, 60), 16);
+        assert!(back.registered.session_present);
     }
 
     #[test]
     fn retained_messages_reach_new_subscribers_and_an_empty_payload_clears_them() {
         let broker = broker();
-        broker.publish(message("r/1", 1, true));
-        broker.publish(message("r/2", 0, true));
-        let (tx, mut rx) = mpsc::channel(16);
-        broker.connect("c", true, Duration::ZERO, None, tx);
+        broker.publish(message("r/1", 1, true)).expect("published");
+        broker.publish(message("r/2", 0, true)).expect("published");
+        let mut c = attach(&broker, "c", true, 0);
         subscribe(&broker, "c", "r/+", 1);
-        let out = drain(&mut rx);
+        let out = drain(&mut c.rx);
         assert_eq!(out.len(), 2);
         assert!(out
             .iter()
             .all(|o| matches!(o, Outbound::Publish(p) if p.retain)));
         let mut clear = message("r/1", 0, true);
         clear.payload = Bytes::new();
-        broker.publish(clear);
-        let (tx, mut rx) = mpsc::channel(16);
-        broker.connect("d", true, Duration::ZERO, None, tx);
+        broker.publish(clear).expect("published");
+        let mut d = attach(&broker, "d", true, 0);
         subscribe(&broker, "d", "r/+", 1);
-        assert_eq!(drain(&mut rx).len(), 1);
+        assert_eq!(drain(&mut d.rx).len(), 1);
+        assert_eq!(broker.retained_counts(), (1, "r/2x".len()));
+    }
+
+    #[test]
+    fn retained_bounds_refuse_new_topics_but_allow_replacing_and_clearing() {
+        let broker = Broker::new(BrokerLimits {
+            retained_max: 2,
+            retained_bytes_max: 10,
+            ..limits()
+        });
+        broker.publish(message("a", 0, true)).expect("2 bytes");
+        broker.publish(message("b", 0, true)).expect("2 bytes");
+        assert_eq!(
+            broker.publish(message("c", 0, true)),
+            Err(PublishRefusal::RetainedQuotaExceeded),
+            "a third topic passes retained_max"
+        );
+        let mut big = message("a", 0, true);
+        big.payload = Bytes::from_static(b"0123456789");
+        assert_eq!(
+            broker.publish(big),
+            Err(PublishRefusal::RetainedQuotaExceeded),
+            "replacing with 11 bytes passes retained_bytes_max"
+        );
+        let mut replaced = message("a", 0, true);
+        replaced.payload = Bytes::from_static(b"0123456");
+        broker.publish(replaced).expect("8 + 2 bytes fit");
+        let mut clear = message("b", 0, true);
+        clear.payload = Bytes::new();
+        broker.publish(clear).expect("clearing always works");
+        assert_eq!(broker.retained_counts(), (1, 8));
+        assert_eq!(broker.stats.retained_refused.load(Ordering::Relaxed), 2);
+        assert_eq!(broker.stats.retained_bytes.load(Ordering::Relaxed), 8);
+    }
+
+    #[test]
+    fn queued_bytes_are_bounded_per_session_and_in_total() {
+        let broker = Broker::new(BrokerLimits {
+            session_queue_max: 1000,
+            session_queue_bytes_max: 30,
+            queued_bytes_max: 50,
+            ..limits()
+        });
+        let payload = Bytes::from(vec![b'x'; 9]);
+        let publish = |topic: &str| {
+            let mut m = message(topic, 1, false);
+            m.payload = payload.clone();
+            broker.publish(m).expect("published")
+        };
+        for client in ["s1", "s2"] {
+            let offline = attach(&broker, client, false, 60);
+            subscribe(&broker, client, client, 1);
+            assert!(leave(&broker, client, &offline));
+        }
+        // 11 bytes each ("s1" + 9): the session bound keeps 2 of 5.
+        for _ in 0..5 {
+            publish("s1");
+        }
+        assert_eq!(broker.client("s1").expect("s1").queued, 2);
+        assert_eq!(broker.client("s1").expect("s1").queued_bytes, 22);
+        // The total bound (50) keeps s2 to what is left after s1's 22 bytes: 2 messages.
+        for _ in 0..5 {
+            publish("s2");
+        }
+        let s2 = broker.client("s2").expect("s2");
+        assert_eq!((s2.queued, s2.dropped), (2, 3));
+        assert_eq!(broker.stats.queued_bytes.load(Ordering::Relaxed), 44);
+        // Delivery releases the bytes; a discarded session gives its bytes back.
+        let mut back = attach(&broker, "s1", false, 60);
+        for p in publishes(&mut back.rx) {
+            broker.acknowledged("s1", p.pkid);
+        }
+        assert_eq!(broker.stats.queued_bytes.load(Ordering::Relaxed), 22);
+        assert!(broker.kick("s2"));
+        assert_eq!(broker.stats.queued_bytes.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn sessions_past_the_bound_are_refused_but_existing_ones_resume() {
+        let broker = Broker::new(BrokerLimits {
+            sessions_max: 2,
+            ..limits()
+        });
+        let a = attach(&broker, "a", false, 60);
+        let _b = attach(&broker, "b", false, 60);
+        let (tx, _rx) = mpsc::channel(4);
+        assert_eq!(
+            broker
+                .connect(request("c", "u", true, 0), tx, Arc::new(Closer::default()))
+                .expect_err("refused"),
+            ConnectRefusal::SessionsFull
+        );
+        assert!(leave(&broker, "a", &a));
+        let again = attach(&broker, "a", false, 60);
+        assert!(
+            again.registered.session_present,
+            "a resume is not a new session"
+        );
+        assert_eq!(broker.stats.sessions_refused.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_full_outbound_channel_closes_the_slow_consumer_and_keeps_its_messages_in_flight() {
+        let broker = Broker::new(BrokerLimits {
+            inflight_max: 10,
+            ..limits()
+        });
+        let slow = attach_with(&broker, request("slow", "u", false, 60), 2);
+        subscribe(&broker, "slow", "t", 1);
+        for _ in 0..3 {
+            broker.publish(message("t", 1, false)).expect("published");
+        }
+        assert_eq!(slow.closer.reason(), Some(CloseReason::SlowConsumer));
+        assert_eq!(broker.stats.slow_consumers.load(Ordering::Relaxed), 1);
+        assert!(broker.disconnect(
+            "slow",
+            slow.registered.connection_id,
+            CloseReason::SlowConsumer
+        ));
+        let mut back = attach(&broker, "slow", false, 60);
+        assert_eq!(
+            drain(&mut back.rx).iter().map(qos_pkid).collect::<Vec<_>>(),
+            [(1, 1, true), (1, 2, true), (1, 3, true)],
+            "all three come back: nothing was lost"
+        );
+    }
+
+    #[test]
+    fn a_message_carries_the_ids_of_every_matching_subscription() {
+        let broker = broker();
+        let mut c = attach(&broker, "c", true, 0);
+        for (filter, id) in [("a/+", Some(1)), ("a/#", Some(7)), ("+/b", None)] {
+            let mut opts = options(1);
+            opts.subscription_id = id;
+            broker.subscribe(
+                "c",
+                filter,
+                topic::parse_filter(filter).expect("filter"),
+                opts,
+            );
+        }
+        broker.publish(message("a/b", 1, false)).expect("published");
+        let got = publishes(&mut c.rx);
+        assert_eq!(got.len(), 1, "one delivery per client");
+        let mut ids = got[0].subscription_ids.clone();
+        ids.sort_unstable();
+        assert_eq!(ids, [1, 7]);
+    }
+
+    fn will(topic: &str, delay_s: u64) -> Will {
+        Will {
+            message: message(topic, 0, false),
+            delay: Duration::from_secs(delay_s),
+            expiry: None,
+        }
+    }
+
+    #[test]
+    fn a_delayed_will_waits_for_its_delay_is_cancelled_by_a_return_and_fires_when_the_session_ends()
+    {
+        let broker = broker();
+        let mut watcher = attach(&broker, "w", true, 0);
+        subscribe(&broker, "w", "will/#", 0);
+        // Back within the delay: never published.
+        let with_will = |client: &str, expiry_s: u64, delay_s: u64| ConnectRequest {
+            will: Some(will(&format!("will/{client}"), delay_s)),
+            ..request(client, "u", false, expiry_s)
+        };
+        let first = attach_with(&broker, with_will("back", 3600, 60), 16);
+        assert!(leave(&broker, "back", &first));
+        broker.expire_sessions();
+        let _again = attach(&broker, "back", false, 3600);
+        broker.expire_sessions();
+        assert!(
+            publishes(&mut watcher.rx).is_empty(),
+            "cancelled by the return"
+        );
+        // The session ends (expiry 0 s) before the delay (60 s): published at once.
+        let short = attach_with(&broker, with_will("short", 0, 60), 16);
+        assert!(leave(&broker, "short", &short));
+        let got = publishes(&mut watcher.rx);
+        assert_eq!(got.len(), 1);
+        assert_eq!(&*got[0].topic, "will/short");
+        // A normal DISCONNECT discards the will.
+        let normal = attach_with(&broker, with_will("normal", 60, 0), 16);
+        assert!(broker.disconnect(
+            "normal",
+            normal.registered.connection_id,
+            CloseReason::Normal
+        ));
+        assert!(publishes(&mut watcher.rx).is_empty());
+    }
+
+    #[test]
+    fn a_session_expiry_shortened_at_disconnect_releases_the_pending_will() {
+        let broker = broker();
+        let mut watcher = attach(&broker, "w", true, 0);
+        subscribe(&broker, "w", "will/#", 0);
+        let gone = attach_with(
+            &broker,
+            ConnectRequest {
+                will: Some(will("will/x", 3600)),
+                ..request("x", "u", false, 3600)
+            },
+            16,
+        );
+        assert_eq!(
+            broker.set_session_expiry("x", gone.registered.connection_id, Duration::ZERO),
+            Some(Duration::ZERO)
+        );
+        assert!(leave(&broker, "x", &gone));
+        assert_eq!(
+            publishes(&mut watcher.rx).len(),
+            1,
+            "session over, will out"
+        );
+        assert!(broker.client("x").is_none());
+    }
+
+    #[test]
+    fn a_revoked_user_loses_its_connections_sessions_and_subscriptions() {
+        let broker = broker();
+        let live = attach_with(&broker, request("d1", "dev", false, 60), 16);
+        subscribe(&broker, "d1", "secret/#", 0);
+        subscribe(&broker, "d1", "open/#", 0);
+        let offline = attach_with(&broker, request("d2", "dev", false, 60), 16);
+        subscribe(&broker, "d2", "secret/#", 0);
+        assert!(leave(&broker, "d2", &offline));
+        let other = attach_with(&broker, request("o", "other", false, 60), 16);
+
+        let allowed = |_: &Identity, filter: &str| !filter.starts_with("secret");
+        let closed = broker.revoke_user(
+            "dev",
+            UserChange::Updated {
+                thing: None,
+                superuser: false,
+                allowed: &allowed,
+            },
+        );
+        assert_eq!(closed, 1);
+        assert_eq!(live.closer.reason(), Some(CloseReason::Revoked));
+        assert_eq!(other.closer.reason(), None, "another user is untouched");
+        assert_eq!(broker.client("d1").expect("kept").subscriptions, ["open/#"]);
+        assert!(broker.client("d2").expect("kept").subscriptions.is_empty());
+        assert!(!broker.has_subscribers("secret/x"));
+
+        broker.revoke_user("dev", UserChange::Deleted);
+        assert!(broker.client("d1").is_none() && broker.client("d2").is_none());
+        assert!(broker.client("o").is_some());
     }
 
     #[test]
     fn shared_subscriptions_deliver_each_message_to_one_member() {
         let broker = broker();
-        let mut receivers = Vec::new();
+        let mut members = Vec::new();
         for client in ["a", "b"] {
-            let (tx, rx) = mpsc::channel(16);
-            broker.connect(client, true, Duration::ZERO, None, tx);
+            let attached = attach(&broker, client, true, 0);
             subscribe(&broker, client, "$share/g/jobs/+", 0);
-            receivers.push(rx);
+            members.push(attached);
         }
         for _ in 0..4 {
-            broker.publish(message("jobs/x", 0, false));
+            broker
+                .publish(message("jobs/x", 0, false))
+                .expect("published");
         }
-        let counts: Vec<usize> = receivers.iter_mut().map(|rx| drain(rx).len()).collect();
+        let counts: Vec<usize> = members.iter_mut().map(|m| drain(&mut m.rx).len()).collect();
         assert_eq!(counts, [2, 2]);
     }
 
     #[test]
     fn an_unreleased_qos2_id_survives_a_reconnect_so_a_resend_is_not_delivered_twice() {
         let broker = broker();
-        let (tx, _rx) = mpsc::channel(16);
-        let first = broker.connect("q", false, Duration::from_secs(60), None, tx);
-        assert!(broker.qos2_arrived("q", 7), "first arrival is delivered");
-        assert!(!broker.qos2_arrived("q", 7), "a resend is not");
-        broker.disconnect("q", first.connection_id);
-        let (tx, _rx) = mpsc::channel(16);
-        broker.connect("q", false, Duration::from_secs(60), None, tx);
-        assert!(
-            !broker.qos2_arrived("q", 7),
+        let first = attach(&broker, "q", false, 60);
+        assert_eq!(
+            broker.qos2_arrived("q", 7),
+            Some(1),
+            "first arrival is delivered"
+        );
+        assert_eq!(broker.qos2_arrived("q", 7), None, "a resend is not");
+        leave(&broker, "q", &first);
+        let _again = attach(&broker, "q", false, 60);
+        assert_eq!(
+            broker.qos2_arrived("q", 7),
+            None,
             "still pending after the reconnect"
         );
         assert!(broker.qos2_released("q", 7));
         assert!(!broker.qos2_released("q", 7));
-        assert!(
+        assert_eq!(
             broker.qos2_arrived("q", 7),
+            Some(1),
             "a released id can be used again"
         );
     }
@@ -1067,16 +1967,23 @@ mod tests {
     #[test]
     fn no_local_skips_the_publishers_own_messages() {
         let broker = broker();
-        let (tx, mut rx) = mpsc::channel(16);
-        broker.connect("me", true, Duration::ZERO, None, tx);
+        let mut me = attach(&broker, "me", true, 0);
         let mut opts = options(0);
         opts.no_local = true;
         broker.subscribe("me", "t", topic::parse_filter("t").expect("filter"), opts);
         let mut own = message("t", 0, false);
         own.publisher = Some(Arc::from("me"));
-        broker.publish(own);
-        assert!(drain(&mut rx).is_empty());
-        broker.publish(message("t", 0, false));
-        assert_eq!(drain(&mut rx).len(), 1);
+        broker.publish(own).expect("published");
+        assert!(drain(&mut me.rx).is_empty());
+        broker.publish(message("t", 0, false)).expect("published");
+        assert_eq!(drain(&mut me.rx).len(), 1);
+    }
+
+    #[test]
+    fn close_reasons_round_trip_through_their_codes() {
+        for reason in CloseReason::ALL {
+            assert_eq!(CloseReason::from_code(reason.code()), Some(reason));
+        }
+        assert_eq!(CloseReason::from_code(0), None);
     }
 }

@@ -39,15 +39,41 @@ pub enum CodecError {
     UnsupportedLevel(u8),
 }
 
-/// Reads the protocol level of a CONNECT at the start of `buffer`, if enough bytes are there.
-pub fn connect_level(buffer: &[u8]) -> Result<u8, CodecError> {
+/// What the fixed part of a CONNECT says before the codec reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectHeader {
+    /// Protocol level (4 = 3.1.1, 5 = 5.0).
+    pub level: u8,
+    /// The connect flags byte.
+    pub flags: u8,
+}
+
+impl ConnectHeader {
+    /// The flag rules rumqttd's codec does not check: the reserved bit is 0 (3.1.1 and 5.0,
+    /// section 3.1.2.3), and in 3.1.1 a password needs a username (3.1.2.9).
+    pub fn check(self) -> Result<(), CodecError> {
+        if self.flags & 0b0000_0001 != 0 {
+            return Err(CodecError::Malformed("CONNECT reserved flag is set".into()));
+        }
+        if self.level == 4 && self.flags & 0b0100_0000 != 0 && self.flags & 0b1000_0000 == 0 {
+            return Err(CodecError::Malformed(
+                "CONNECT has a password flag without a username flag".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Reads the protocol level and flags of a CONNECT at the start of `buffer`, if enough bytes
+/// are there.
+pub fn connect_header(buffer: &[u8]) -> Result<ConnectHeader, CodecError> {
     let mut cursor = buffer;
     if cursor.is_empty() {
         return Err(CodecError::Incomplete);
     }
-    if cursor[0] >> 4 != 1 {
+    if cursor[0] != 0x10 {
         return Err(CodecError::Malformed(
-            "the first packet must be CONNECT".into(),
+            "the first packet must be CONNECT (with fixed-header flags 0)".into(),
         ));
     }
     cursor.advance(1);
@@ -71,14 +97,55 @@ pub fn connect_level(buffer: &[u8]) -> Result<u8, CodecError> {
     }
     let name_len = u16::from_be_bytes([cursor[0], cursor[1]]) as usize;
     cursor.advance(2);
-    if cursor.len() < name_len + 1 {
+    if cursor.len() < name_len + 2 {
         return Err(CodecError::Incomplete);
     }
     let name = &cursor[..name_len];
     if name != b"MQTT" && name != b"MQIsdp" {
         return Err(CodecError::Malformed("protocol name is not MQTT".into()));
     }
-    Ok(cursor[name_len])
+    Ok(ConnectHeader {
+        level: cursor[name_len],
+        flags: cursor[name_len + 1],
+    })
+}
+
+fn codec_error(error: rumqttd::protocol::Error) -> CodecError {
+    match error {
+        rumqttd::protocol::Error::InsufficientBytes(_) => CodecError::Incomplete,
+        rumqttd::protocol::Error::PayloadSizeLimitExceeded(n) => CodecError::TooLarge(n),
+        e => CodecError::Malformed(e.to_string()),
+    }
+}
+
+/// Checks the fixed header of the packet at the front of `buffer` (rumqttd checks none of
+/// these flags): PUBREL, SUBSCRIBE and UNSUBSCRIBE carry flags 0b0010, the other packets a
+/// client sends carry 0, a PUBLISH has no QoS 3 and no DUP at QoS 0, and packets only a server
+/// sends are refused. Returns the header once the whole packet is buffered.
+fn check_fixed_header(
+    buffer: &BytesMut,
+    packet_bytes_max: usize,
+) -> Result<rumqttd::protocol::v4::FixedHeader, CodecError> {
+    let header =
+        rumqttd::protocol::v4::check(buffer.iter(), packet_bytes_max).map_err(codec_error)?;
+    let (kind, flags) = (header.byte1 >> 4, header.byte1 & 0x0f);
+    let qos = (flags >> 1) & 0b11;
+    let valid = match kind {
+        3 => qos != 3 && !(qos == 0 && flags & 0b1000 != 0),
+        6 | 8 | 10 => flags == 0b0010,
+        1 | 4 | 5 | 7 | 14 => flags == 0,
+        12 => flags == 0 && header.remaining_len == 0,
+        // 0 (reserved), CONNACK, SUBACK, UNSUBACK, PINGRESP: server-only; AUTH: not served.
+        _ => false,
+    };
+    if valid {
+        Ok(header)
+    } else {
+        Err(CodecError::Malformed(format!(
+            "invalid fixed header 0x{:02x} (packet type {kind}, flags 0b{flags:04b})",
+            header.byte1
+        )))
+    }
 }
 
 /// Decodes one packet from the front of `buffer` (consuming it), or says more bytes are needed.
@@ -87,36 +154,61 @@ pub fn read(
     buffer: &mut BytesMut,
     packet_bytes_max: usize,
 ) -> Result<Packet, CodecError> {
+    let header = check_fixed_header(buffer, packet_bytes_max)?;
+    if version == Version::V5 && header.byte1 == 0xe0 && header.remaining_len == 1 {
+        // A v5 DISCONNECT with only a reason code: rumqttd would need a property length too.
+        let code = buffer[header.fixed_header_len];
+        buffer.advance(header.frame_length());
+        let reason_code = if code == 0 {
+            rumqttd::protocol::DisconnectReasonCode::NormalDisconnection
+        } else {
+            // Any other code means the will is published (MQTT 5 section 3.14.2.1).
+            rumqttd::protocol::DisconnectReasonCode::DisconnectWithWillMessage
+        };
+        return Ok(Packet::Disconnect(
+            rumqttd::protocol::Disconnect { reason_code },
+            None,
+        ));
+    }
+    let framed = buffer.len();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match version {
         Version::V311 => V4.read_mut(buffer, packet_bytes_max),
         Version::V5 => V5.read_mut(buffer, packet_bytes_max),
     }));
     match result {
         Ok(Ok(packet)) => Ok(packet),
-        Ok(Err(rumqttd::protocol::Error::InsufficientBytes(_))) => Err(CodecError::Incomplete),
-        Ok(Err(rumqttd::protocol::Error::PayloadSizeLimitExceeded(n))) => {
-            Err(CodecError::TooLarge(n))
-        }
-        Ok(Err(e)) => Err(CodecError::Malformed(e.to_string())),
+        // The packet was framed whole: "more bytes" from inside it means it is cut short.
+        Ok(Err(rumqttd::protocol::Error::InsufficientBytes(_))) if buffer.len() < framed => Err(
+            CodecError::Malformed("packet shorter than its contents say".into()),
+        ),
+        Ok(Err(e)) => Err(codec_error(e)),
         Err(_) => Err(CodecError::Malformed(
             "the codec could not parse the packet".into(),
         )),
     }
 }
 
+/// A v5 DISCONNECT from the server with `reason_code` (written by hand: rumqttd's writer drops
+/// the reason code or the property length, and rumqttc refuses a DISCONNECT shorter than 2).
+pub fn server_disconnect_v5(reason_code: u8) -> [u8; 4] {
+    [0xe0, 0x02, reason_code, 0x00]
+}
+
 /// Encodes `packet` onto `buffer`.
 pub fn write(version: Version, packet: Packet, buffer: &mut BytesMut) -> Result<(), CodecError> {
+    let before = buffer.len();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match version {
         Version::V311 => V4.write(packet, buffer),
         Version::V5 => V5.write(packet, buffer),
     }));
-    match result {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(CodecError::Malformed(e.to_string())),
-        Err(_) => Err(CodecError::Malformed(
-            "the codec could not encode the packet".into(),
-        )),
-    }
+    let error = match result {
+        Ok(Ok(_)) => return Ok(()),
+        Ok(Err(e)) => CodecError::Malformed(e.to_string()),
+        Err(_) => CodecError::Malformed("the codec could not encode the packet".into()),
+    };
+    // A failed write may have left half a packet behind: never send it.
+    buffer.truncate(before);
+    Err(error)
 }
 
 /// QoS as a number.
@@ -176,6 +268,10 @@ pub enum Refusal {
     NotAuthorized,
     /// Too many connections.
     ServerBusy,
+    /// A bound (sessions) is reached.
+    QuotaExceeded,
+    /// Too many failed authentications from this address or for this username: retry later.
+    Throttled,
     /// Malformed CONNECT.
     Malformed,
 }
@@ -187,7 +283,9 @@ pub fn refusal_code(version: Version, refusal: Refusal) -> ConnectReturnCode {
         (Version::V311, Refusal::BadClientId) => ConnectReturnCode::ClientIdentifierNotValid,
         (Version::V311, Refusal::BadCredentials) => ConnectReturnCode::BadUserNamePassword,
         (Version::V311, Refusal::NotAuthorized) => ConnectReturnCode::NotAuthorized,
-        (Version::V311, Refusal::ServerBusy) => ConnectReturnCode::ServiceUnavailable,
+        (Version::V311, Refusal::ServerBusy | Refusal::QuotaExceeded | Refusal::Throttled) => {
+            ConnectReturnCode::ServiceUnavailable
+        }
         // 3.1.1 has no code for a malformed CONNECT: the spec says close without CONNACK;
         // "identifier rejected" is never sent for it (see connection.rs).
         (Version::V311, Refusal::Malformed) => ConnectReturnCode::ServiceUnavailable,
@@ -198,6 +296,8 @@ pub fn refusal_code(version: Version, refusal: Refusal) -> ConnectReturnCode {
         (Version::V5, Refusal::BadCredentials) => ConnectReturnCode::BadUserNamePassword,
         (Version::V5, Refusal::NotAuthorized) => ConnectReturnCode::NotAuthorized,
         (Version::V5, Refusal::ServerBusy) => ConnectReturnCode::ServerBusy,
+        (Version::V5, Refusal::QuotaExceeded) => ConnectReturnCode::QuotaExceeded,
+        (Version::V5, Refusal::Throttled) => ConnectReturnCode::ConnectionRateExceeded,
         (Version::V5, Refusal::Malformed) => ConnectReturnCode::MalformedPacket,
     }
 }
@@ -228,19 +328,99 @@ mod tests {
     }
 
     #[test]
-    fn connect_level_is_read_from_partial_and_whole_packets() {
-        // CONNECT, remaining length 12, "MQTT", level 5, ...
+    fn connect_header_is_read_from_partial_and_whole_packets() {
+        // CONNECT, remaining length 12, "MQTT", level 5, flags 2 (clean start), ...
         let connect = [0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 5, 2, 0, 60, 0, 0];
-        assert_eq!(connect_level(&connect), Ok(5));
-        assert_eq!(connect_level(&connect[..5]), Err(CodecError::Incomplete));
-        assert!(matches!(
-            connect_level(&[0x30, 0]),
-            Err(CodecError::Malformed(_))
-        ));
+        let header = connect_header(&connect).expect("header");
+        assert_eq!((header.level, header.flags), (5, 2));
+        assert_eq!(header.check(), Ok(()));
+        assert_eq!(connect_header(&connect[..5]), Err(CodecError::Incomplete));
+        assert_eq!(connect_header(&connect[..9]), Err(CodecError::Incomplete));
+        for bad_first in [[0x30, 0], [0x11, 0]] {
+            assert!(matches!(
+                connect_header(&bad_first),
+                Err(CodecError::Malformed(_))
+            ));
+        }
         let v31 = [
             0x10, 14, 0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3, 2, 0, 60, 0, 0,
         ];
-        assert_eq!(connect_level(&v31), Ok(3));
+        assert_eq!(connect_header(&v31).map(|h| h.level), Ok(3));
+        let reserved = ConnectHeader {
+            level: 5,
+            flags: 0b0000_0011,
+        };
+        assert!(reserved.check().is_err());
+        let password_only = ConnectHeader {
+            level: 4,
+            flags: 0b0100_0010,
+        };
+        assert!(password_only.check().is_err());
+    }
+
+    #[test]
+    fn fixed_header_flags_are_checked_per_packet_type() {
+        let malformed = [
+            vec![0x80, 0x06, 0x00, 0x01, 0x00, 0x01, b'a', 0x00], // SUBSCRIBE, flags 0
+            vec![0xa0, 0x05, 0x00, 0x01, 0x00, 0x01, b'a'],       // UNSUBSCRIBE, flags 0
+            vec![0x60, 0x02, 0x00, 0x01],                         // PUBREL, flags 0
+            vec![0x41, 0x02, 0x00, 0x01],                         // PUBACK, flags 1
+            vec![0x36, 0x05, 0x00, 0x01, b'a', 0x00, 0x01],       // PUBLISH QoS 3
+            vec![0x38, 0x03, 0x00, 0x01, b'a'],                   // PUBLISH QoS 0 + DUP
+            vec![0xc1, 0x00],                                     // PINGREQ, flags 1
+            vec![0x20, 0x02, 0x00, 0x00],                         // CONNACK from a client
+            vec![0x90, 0x03, 0x00, 0x01, 0x00],                   // SUBACK from a client
+        ];
+        for bytes in malformed {
+            for version in [Version::V311, Version::V5] {
+                let mut buffer = BytesMut::from(&bytes[..]);
+                assert!(
+                    matches!(
+                        read(version, &mut buffer, 1024),
+                        Err(CodecError::Malformed(_))
+                    ),
+                    "{bytes:02x?} {version:?}"
+                );
+            }
+        }
+        let mut ok = BytesMut::from(&[0x62, 0x02, 0x00, 0x01][..]);
+        assert!(matches!(
+            read(Version::V311, &mut ok, 1024),
+            Ok(Packet::PubRel(..))
+        ));
+    }
+
+    #[test]
+    fn a_v5_disconnect_with_only_a_reason_code_is_read_and_a_cut_short_packet_is_malformed() {
+        for (code, expected) in [
+            (
+                0x00,
+                rumqttd::protocol::DisconnectReasonCode::NormalDisconnection,
+            ),
+            (
+                0x04,
+                rumqttd::protocol::DisconnectReasonCode::DisconnectWithWillMessage,
+            ),
+            (
+                0x80,
+                rumqttd::protocol::DisconnectReasonCode::DisconnectWithWillMessage,
+            ),
+        ] {
+            let mut buffer = BytesMut::from(&[0xe0, 0x01, code][..]);
+            match read(Version::V5, &mut buffer, 1024) {
+                Ok(Packet::Disconnect(disconnect, None)) => {
+                    assert_eq!(disconnect.reason_code, expected)
+                }
+                other => panic!("{code:#x}: {other:?}"),
+            }
+            assert!(buffer.is_empty());
+        }
+        // A v5 PUBLISH without its property length.
+        let mut cut = BytesMut::from(&[0x30, 0x03, 0x00, 0x01, b'a'][..]);
+        assert!(matches!(
+            read(Version::V5, &mut cut, 1024),
+            Err(CodecError::Malformed(_))
+        ));
     }
 
     #[test]
@@ -277,6 +457,8 @@ mod tests {
                 Refusal::BadCredentials,
                 Refusal::NotAuthorized,
                 Refusal::ServerBusy,
+                Refusal::QuotaExceeded,
+                Refusal::Throttled,
                 Refusal::Malformed,
             ] {
                 let connack = rumqttd::protocol::ConnAck {

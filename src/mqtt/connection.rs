@@ -1,5 +1,6 @@
 //! One task per MQTT connection: CONNECT and authentication, then packets in both directions
-//! until DISCONNECT, keep-alive expiry, takeover, a protocol error or shutdown.
+//! until DISCONNECT, keep-alive expiry, takeover, a close request (kick, revocation, slow
+//! consumer, shutdown), a protocol error or a lost socket.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -7,12 +8,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use rumqttd::protocol::{
-    ConnAck, ConnAckProperties, Disconnect, DisconnectReasonCode, LastWill, LastWillProperties,
-    Packet, PingResp, PubAck, PubAckProperties, PubAckReason, PubComp, PubCompReason, PubRec,
-    PubRecReason, PubRel, PubRelReason, PublishProperties, RetainForwardRule, SubAck,
-    SubscribeReasonCode, UnsubAck, UnsubAckReason,
+    ConnAck, ConnAckProperties, DisconnectReasonCode, LastWill, LastWillProperties, Packet,
+    PingResp, PubAck, PubAckProperties, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason,
+    PubRel, PubRelReason, PublishProperties, RetainForwardRule, SubAck, SubscribeReasonCode,
+    UnsubAck, UnsubAckReason,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -22,9 +23,13 @@ use tokio::time::Instant;
 
 use super::acl::{Acl, Action, Identity};
 use super::bridge::Bridge;
-use super::broker::{Broker, CloseReason, ConnectionInfo, Message, Outbound, SubOptions};
+use super::broker::{
+    Broker, CloseReason, Closer, ConnectRefusal, ConnectRequest, ConnectionInfo, Message, Outbound,
+    PublishRefusal, SubOptions, Will,
+};
 use super::codec::{self, CodecError, Refusal, Version};
 use super::topic;
+use crate::throttle::{AuthThrottle, Verdict};
 use crate::users::MqttUsers;
 use thinghub_actors::Things;
 
@@ -39,13 +44,17 @@ pub struct ConnectionConfig {
     pub packet_bytes_max: usize,
     /// Outbound messages buffered per connection before it counts as a slow consumer.
     pub outbound_queue_max: usize,
-    /// Topic aliases a v5 client may use.
+    /// Topic aliases per direction: a v5 client may use this many, and the server uses up to
+    /// this many (fewer if the client announces a lower Topic Alias Maximum).
     pub topic_alias_max: u16,
     /// Longest client id, bytes.
     pub client_id_bytes_max: usize,
     /// Longest keep-alive the server accepts, seconds (0 = the client's choice). v5 clients are
     /// told the effective value (server keep-alive); 3.1.1 clients keep their own.
     pub keep_alive_max_s: u16,
+    /// QoS 1/2 publishes a v5 client may have unacknowledged (its Receive Maximum, announced in
+    /// CONNACK); more closes the connection with 0x93.
+    pub inbound_inflight_max: u16,
 }
 
 /// What every connection shares.
@@ -58,6 +67,8 @@ pub struct MqttContext {
     pub bridge: Arc<Bridge>,
     /// Credentials.
     pub users: Arc<MqttUsers>,
+    /// Failed-authentication throttling (shared with HTTP).
+    pub throttle: Arc<AuthThrottle>,
     /// Authorization.
     pub acl: Acl,
     /// Policies.
@@ -69,16 +80,6 @@ const READ_CHUNK_BYTES: usize = 4096;
 /// Most outbound packets encoded into one write.
 const WRITE_BATCH_PACKETS_MAX: usize = 64;
 
-struct Will {
-    topic: Arc<str>,
-    payload: Bytes,
-    qos: u8,
-    retain: bool,
-    delay: Duration,
-    properties: Option<Arc<PublishProperties>>,
-    expiry: Option<Duration>,
-}
-
 struct Conn {
     version: Version,
     reader: OwnedReadHalf,
@@ -88,15 +89,14 @@ struct Conn {
     peer: SocketAddr,
     /// v5: the client's maximum packet size; larger packets are never sent to it.
     client_packet_bytes_max: Option<usize>,
+    /// v5: topic aliases the server set up toward the client, and how many it may use.
+    aliases_out: HashMap<Arc<str>, u16>,
+    alias_out_max: u16,
+    /// QoS 1 PUBACKs queued since the last write (they count against the receive maximum).
+    pubacks_queued: u16,
 }
 
 impl Conn {
-    /// Writes `packet` now, after anything queued before it.
-    async fn send(&mut self, packet: Packet) -> std::io::Result<()> {
-        self.queue(packet)?;
-        self.flush_encoded().await
-    }
-
     /// Encodes `packet` behind what is queued; the session loop writes the queue, with the
     /// outbound messages produced meanwhile, in one syscall once the packets read so far are
     /// handled.
@@ -105,12 +105,19 @@ impl Conn {
             .map_err(|e| std::io::Error::other(e.to_string()))
     }
 
-    /// Writes what `encode_outbound` put in the write buffer.
+    /// Writes `packet` now, after anything queued before it (only before the session runs).
+    async fn send(&mut self, packet: Packet) -> std::io::Result<()> {
+        self.queue(packet)?;
+        self.flush_encoded().await
+    }
+
+    /// Writes what is queued in the write buffer.
     async fn flush_encoded(&mut self) -> std::io::Result<()> {
         if !self.write_buf.is_empty() {
             self.writer.write_all(&self.write_buf).await?;
             self.write_buf.clear();
         }
+        self.pubacks_queued = 0;
         if self.write_buf.capacity() > 16 * READ_CHUNK_BYTES {
             self.write_buf = BytesMut::new();
         }
@@ -156,6 +163,9 @@ pub async fn serve(
         write_buf: BytesMut::new(),
         peer,
         client_packet_bytes_max: None,
+        aliases_out: HashMap::new(),
+        alias_out_max: 0,
+        pubacks_queued: 0,
     };
     let connect = match tokio::time::timeout(
         ctx.config.connect_timeout,
@@ -189,13 +199,24 @@ pub async fn serve(
 /// Reads the CONNECT packet (choosing the protocol version from it).
 async fn read_connect(conn: &mut Conn, ctx: &MqttContext) -> std::io::Result<Option<Packet>> {
     loop {
-        match codec::connect_level(&conn.read_buf) {
-            Ok(4) => conn.version = Version::V311,
-            Ok(5) => conn.version = Version::V5,
-            Ok(level) => {
-                tracing::info!(peer = %conn.peer, level, "refusing unsupported MQTT protocol level");
-                conn.writer.write_all(&codec::raw_connack_v3(1)).await?;
-                return Ok(None);
+        match codec::connect_header(&conn.read_buf) {
+            Ok(header) => {
+                match header.level {
+                    4 => conn.version = Version::V311,
+                    5 => conn.version = Version::V5,
+                    level => {
+                        tracing::info!(peer = %conn.peer, level, "refusing unsupported MQTT protocol level");
+                        conn.writer.write_all(&codec::raw_connack_v3(1)).await?;
+                        return Ok(None);
+                    }
+                }
+                if let Err(e) = header.check() {
+                    tracing::info!(peer = %conn.peer, error = %e, "malformed CONNECT; closing");
+                    if conn.version == Version::V5 {
+                        let _ = refuse(conn, Refusal::Malformed).await;
+                    }
+                    return Ok(None);
+                }
             }
             Err(CodecError::Incomplete) => {
                 if !conn.fill().await? {
@@ -258,9 +279,7 @@ fn plain_username(username: &str) -> &str {
 struct Established {
     session: Session,
     rx: mpsc::Receiver<Outbound>,
-    connection_id: u64,
     keep_alive: Duration,
-    will: Option<Box<Will>>,
     v5: bool,
 }
 
@@ -284,6 +303,74 @@ async fn run_session(
     .await;
     Box::pin(close(&mut conn, ctx, established, reason)).await;
     Ok(())
+}
+
+/// Checks the CONNECT's credentials (throttled per source address and username) and returns
+/// who the client is, or the refusal to answer with.
+async fn authenticate(
+    conn: &Conn,
+    ctx: &MqttContext,
+    client_id: &str,
+    login: Option<rumqttd::protocol::Login>,
+) -> Result<Identity, Refusal> {
+    let Some(login) = login else {
+        if ctx.config.allow_anonymous {
+            return Ok(Identity {
+                client_id: client_id.to_owned(),
+                username: None,
+                thing: None,
+                superuser: false,
+            });
+        }
+        tracing::debug!(peer = %conn.peer, %client_id, "anonymous connection refused");
+        ctx.throttle.failed(conn.peer.ip(), None, "mqtt");
+        return Err(Refusal::NotAuthorized);
+    };
+    let username = plain_username(&login.username).to_owned();
+    let users = ctx.users.clone();
+    // The cache answers repeat connects inline; only a miss pays for argon2, on a blocking
+    // thread (spawning one per CONNECT cost ~25 KB of RSS per connection).
+    let outcome = match users.authenticate_cached(&username, &login.password) {
+        Some(auth) => Some(auth),
+        None => {
+            if let Verdict::Wait(wait) = ctx.throttle.check(conn.peer.ip(), Some(&username)) {
+                tracing::debug!(peer = %conn.peer, %username, ?wait, "authentication throttled");
+                return Err(Refusal::Throttled);
+            }
+            let name = username.clone();
+            let password = login.password;
+            tokio::task::spawn_blocking(move || users.authenticate(&name, &password))
+                .await
+                .ok()
+                .flatten()
+        }
+    };
+    let Some(auth) = outcome else {
+        ctx.throttle.failed(conn.peer.ip(), Some(&username), "mqtt");
+        return Err(Refusal::BadCredentials);
+    };
+    ctx.throttle.succeeded(conn.peer.ip(), &username);
+    if let Some(thing) = &auth.thing_name {
+        // A Thing's user connects as that Thing, with its client id and no other: anything else
+        // could take over, read or kick another device's session.
+        match &auth.thing_client_id {
+            Some(own) if own == client_id => {}
+            Some(own) => {
+                tracing::info!(peer = %conn.peer, %username, %thing, %client_id, expected = %own, "a Thing's user must connect with the Thing's mqttClientId");
+                return Err(Refusal::BadClientId);
+            }
+            None => {
+                tracing::info!(peer = %conn.peer, %username, %thing, "the user's Thing is not registered");
+                return Err(Refusal::NotAuthorized);
+            }
+        }
+    }
+    Ok(Identity {
+        client_id: client_id.to_owned(),
+        username: Some(username),
+        thing: auth.thing_name,
+        superuser: auth.superuser,
+    })
 }
 
 /// CONNECT -> authentication -> session attach -> CONNACK; `None` when the client was refused.
@@ -311,54 +398,18 @@ async fn establish(
         connect.client_id.clone()
     };
 
-    // Authentication.
-    let identity = match login {
-        Some(login) => {
-            let username = plain_username(&login.username).to_owned();
-            let users = ctx.users.clone();
-            let password = login.password.clone();
-            let name = username.clone();
-            // The cache answers repeat connects inline; only a miss pays for argon2, on a
-            // blocking thread (spawning one per CONNECT cost ~25 KB of RSS per connection).
-            let outcome = match users.authenticate_cached(&name, &password) {
-                Some(auth) => Some(auth),
-                None => tokio::task::spawn_blocking(move || users.authenticate(&name, &password))
-                    .await
-                    .ok()
-                    .flatten(),
-            };
-            match outcome {
-                Some(auth) => Identity {
-                    client_id: client_id.clone(),
-                    username: Some(username),
-                    thing: auth.thing_name,
-                    superuser: auth.superuser,
-                },
-                None => {
-                    tracing::info!(peer = %conn.peer, %client_id, %username, "bad username or password");
-                    return refuse(conn, Refusal::BadCredentials).await.map(|()| None);
-                }
-            }
-        }
-        None if ctx.config.allow_anonymous => Identity {
-            client_id: client_id.clone(),
-            username: None,
-            thing: None,
-            superuser: false,
-        },
-        None => {
-            tracing::info!(peer = %conn.peer, %client_id, "anonymous connection refused");
-            return refuse(conn, Refusal::NotAuthorized).await.map(|()| None);
-        }
+    let identity = match authenticate(conn, ctx, &client_id, login).await {
+        Ok(identity) => identity,
+        Err(refusal) => return refuse(conn, refusal).await.map(|()| None),
     };
 
-    let expiry = if v5 {
-        Duration::from_secs(u64::from(
-            properties
-                .as_ref()
-                .and_then(|p| p.session_expiry_interval)
-                .unwrap_or(0),
-        ))
+    let expiry_requested = if v5 {
+        match properties.as_ref().and_then(|p| p.session_expiry_interval) {
+            // 0xFFFFFFFF: the session does not expire (the server's bound still applies).
+            Some(u32::MAX) => Duration::MAX,
+            Some(s) => Duration::from_secs(u64::from(s)),
+            None => Duration::ZERO,
+        }
     } else if connect.clean_session {
         Duration::ZERO
     } else {
@@ -372,24 +423,68 @@ async fn establish(
         .as_ref()
         .and_then(|p| p.max_packet_size)
         .map(|m| m as usize);
+    conn.alias_out_max = properties
+        .as_ref()
+        .and_then(|p| p.topic_alias_max)
+        .unwrap_or(0)
+        .min(ctx.config.topic_alias_max);
     let keep_alive_max = ctx.config.keep_alive_max_s;
     let server_keep_alive = (v5
         && keep_alive_max > 0
         && (connect.keep_alive == 0 || connect.keep_alive > keep_alive_max))
         .then_some(keep_alive_max);
     let keep_alive_s = server_keep_alive.unwrap_or(connect.keep_alive);
-    let will = last_will.map(|w| to_will(w, will_properties));
+    let will = match last_will {
+        None => None,
+        Some(will) => match to_will(will, will_properties, &client_id) {
+            Ok(will)
+                if ctx
+                    .acl
+                    .allows(&identity, Action::Publish, &will.message.topic) =>
+            {
+                Some(will)
+            }
+            Ok(will) => {
+                tracing::info!(%client_id, topic = %will.message.topic, "will message not allowed by the ACL; dropped");
+                ctx.broker.stats.acl_denied.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            Err(e) => {
+                tracing::info!(peer = %conn.peer, %client_id, error = %e, "invalid will topic; refusing");
+                if v5 {
+                    let _ = refuse(conn, Refusal::Malformed).await;
+                }
+                return Ok(None);
+            }
+        },
+    };
 
     let (tx, rx) = mpsc::channel(ctx.config.outbound_queue_max.max(1));
-    let registered = ctx.broker.connect(
-        &client_id,
-        connect.clean_session,
-        expiry,
+    let closer = Arc::new(Closer::default());
+    let request = ConnectRequest {
+        identity: identity.clone(),
+        clean_start: connect.clean_session,
+        expiry: expiry_requested,
         receive_maximum,
-        tx,
-    );
+        will,
+    };
+    let registered = match ctx.broker.connect(request, tx, closer.clone()) {
+        Ok(registered) => registered,
+        Err(refusal) => {
+            tracing::info!(peer = %conn.peer, %client_id, username = identity.username.as_deref().unwrap_or("-"), error = %refusal, "connection refused");
+            let refusal = match refusal {
+                ConnectRefusal::NotOwner => Refusal::NotAuthorized,
+                ConnectRefusal::SessionsFull => Refusal::QuotaExceeded,
+            };
+            return refuse(conn, refusal).await.map(|()| None);
+        }
+    };
+    let expiry_lowered = registered.expiry < expiry_requested;
     let connack_properties = v5.then(|| ConnAckProperties {
         assigned_client_identifier: assigned,
+        session_expiry_interval: expiry_lowered
+            .then(|| u32::try_from(registered.expiry.as_secs()).unwrap_or(u32::MAX - 1)),
+        receive_max: Some(ctx.config.inbound_inflight_max),
         topic_alias_max: Some(ctx.config.topic_alias_max),
         max_packet_size: Some(ctx.config.packet_bytes_max as u32),
         retain_available: Some(1),
@@ -413,8 +508,6 @@ async fn establish(
         &client_id,
         registered.connection_id,
         ConnectionInfo {
-            username: identity.username.clone(),
-            thing: identity.thing.clone(),
             peer: conn.peer.to_string(),
             protocol: if v5 { "5.0" } else { "3.1.1" },
             connected_at_ms: std::time::SystemTime::now()
@@ -436,62 +529,86 @@ async fn establish(
     Ok(Some(Established {
         session: Session {
             identity,
+            connection_id: registered.connection_id,
+            closer,
+            persistent_at_connect: !registered.expiry.is_zero(),
             aliases: HashMap::new(),
+            qos2_pending: 0,
         },
         rx,
-        connection_id: registered.connection_id,
         keep_alive: Duration::from_millis(u64::from(keep_alive_s) * 1500),
-        will: will.map(Box::new),
         v5,
     }))
 }
 
-/// After the session loop: DISCONNECT (v5), socket shutdown, session detach, the Thing's
-/// disconnect event, the will.
+/// The v5 DISCONNECT reason code the server sends when it closes a connection for `reason`.
+fn disconnect_code(reason: CloseReason) -> Option<DisconnectReasonCode> {
+    match reason {
+        CloseReason::Takeover => Some(DisconnectReasonCode::SessionTakenOver),
+        CloseReason::KeepAliveTimeout => Some(DisconnectReasonCode::KeepAliveTimeout),
+        CloseReason::ServerShutdown => Some(DisconnectReasonCode::ServerShuttingDown),
+        CloseReason::Kicked => Some(DisconnectReasonCode::AdministrativeAction),
+        CloseReason::ProtocolError => Some(DisconnectReasonCode::ProtocolError),
+        CloseReason::SlowConsumer => Some(DisconnectReasonCode::QuotaExceeded),
+        CloseReason::Revoked => Some(DisconnectReasonCode::NotAuthorized),
+        CloseReason::ReceiveMaximumExceeded => Some(DisconnectReasonCode::ReceiveMaximumExceeded),
+        CloseReason::Normal | CloseReason::ConnectionLost => None,
+    }
+}
+
+/// The wire value of a reason code (rumqttd's enum has no explicit discriminants).
+fn disconnect_code_byte(code: DisconnectReasonCode) -> u8 {
+    match code {
+        DisconnectReasonCode::SessionTakenOver => 0x8e,
+        DisconnectReasonCode::KeepAliveTimeout => 0x8d,
+        DisconnectReasonCode::ServerShuttingDown => 0x8b,
+        DisconnectReasonCode::AdministrativeAction => 0x98,
+        DisconnectReasonCode::ProtocolError => 0x82,
+        DisconnectReasonCode::QuotaExceeded => 0x97,
+        DisconnectReasonCode::NotAuthorized => 0x87,
+        DisconnectReasonCode::ReceiveMaximumExceeded => 0x93,
+        _ => 0x80,
+    }
+}
+
+/// After the session loop: DISCONNECT (v5), socket shutdown, session detach (the broker
+/// publishes the will or holds it for its delay), the Thing's disconnect event.
 async fn close(conn: &mut Conn, ctx: &MqttContext, established: Established, reason: CloseReason) {
-    let Established {
-        session,
-        connection_id,
-        will,
-        v5,
-        ..
-    } = established;
+    let Established { session, v5, .. } = established;
     let client_id = session.identity.client_id.clone();
     if v5 {
-        let code = match reason {
-            CloseReason::Takeover => Some(DisconnectReasonCode::SessionTakenOver),
-            CloseReason::KeepAliveTimeout => Some(DisconnectReasonCode::KeepAliveTimeout),
-            CloseReason::ServerShutdown => Some(DisconnectReasonCode::ServerShuttingDown),
-            CloseReason::Kicked => Some(DisconnectReasonCode::AdministrativeAction),
-            CloseReason::ProtocolError => Some(DisconnectReasonCode::ProtocolError),
-            CloseReason::SlowConsumer => Some(DisconnectReasonCode::QuotaExceeded),
-            CloseReason::Normal | CloseReason::ConnectionLost => None,
-        };
-        if let Some(reason_code) = code {
-            let _ = conn
-                .send(Packet::Disconnect(Disconnect { reason_code }, None))
-                .await;
+        if let Some(code) = disconnect_code(reason) {
+            let bytes = codec::server_disconnect_v5(disconnect_code_byte(code));
+            // Bounded: a client that stopped reading must not hold the close up.
+            let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, conn.writer.write_all(&bytes)).await;
         }
     }
-    let _ = conn.writer.shutdown().await;
-    let was_current = ctx.broker.disconnect(&client_id, connection_id);
+    let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, conn.writer.shutdown()).await;
+    let was_current = ctx
+        .broker
+        .disconnect(&client_id, session.connection_id, reason);
     tracing::debug!(peer = %conn.peer, %client_id, reason = reason.as_str(), was_current, "disconnected");
     if let Some(thing) = &session.identity.thing {
         if let Err(e) = ctx
             .things
-            .record_disconnected(thing, &client_id, connection_id, reason.as_str())
+            .record_disconnected(thing, &client_id, session.connection_id, reason.as_str())
             .await
         {
             tracing::warn!(%thing, %client_id, error = %e, "cannot record the disconnect");
         }
     }
-
-    if let Some(will) = will.filter(|_| reason.publishes_will()) {
-        publish_will(ctx, &session.identity, *will);
-    }
 }
 
-fn to_will(will: LastWill, properties: Option<LastWillProperties>) -> Will {
+/// How long closing a connection may wait for its socket.
+const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+
+fn to_will(
+    will: LastWill,
+    properties: Option<LastWillProperties>,
+    client_id: &str,
+) -> Result<Will, topic::TopicError> {
+    let topic = std::str::from_utf8(&will.topic).map_err(|_| topic::TopicError::Empty)?;
+    topic::validate_topic_name(topic)?;
     let delay = Duration::from_secs(u64::from(
         properties
             .as_ref()
@@ -512,15 +629,19 @@ fn to_will(will: LastWill, properties: Option<LastWillProperties>) -> Will {
         subscription_identifiers: Vec::new(),
         content_type: p.content_type,
     });
-    Will {
-        topic: Arc::from(String::from_utf8_lossy(&will.topic).as_ref()),
-        payload: will.message,
-        qos: codec::qos_number(will.qos),
-        retain: will.retain,
+    Ok(Will {
+        message: Message {
+            topic: Arc::from(topic),
+            payload: will.message,
+            qos: codec::qos_number(will.qos),
+            retain: will.retain,
+            publisher: Some(Arc::from(client_id)),
+            properties: forwarded.filter(has_forwarded_fields).map(Arc::new),
+            expires_at: None,
+        },
         delay,
-        properties: forwarded.filter(has_forwarded_fields).map(Arc::new),
         expiry,
-    }
+    })
 }
 
 /// Whether properties carry anything worth forwarding (aliases and ids are per hop).
@@ -532,48 +653,26 @@ fn has_forwarded_fields(p: &PublishProperties) -> bool {
         || p.content_type.is_some()
 }
 
-fn publish_will(ctx: &MqttContext, identity: &Identity, will: Will) {
-    if topic::validate_topic_name(&will.topic).is_err()
-        || !ctx.acl.allows(identity, Action::Publish, &will.topic)
-    {
-        tracing::info!(client_id = %identity.client_id, topic = %will.topic, "will message not allowed; dropped");
-        ctx.broker.stats.acl_denied.fetch_add(1, Ordering::Relaxed);
-        return;
-    }
-    let mut message = Message {
-        topic: will.topic,
-        payload: will.payload,
-        qos: will.qos,
-        retain: will.retain,
-        publisher: Some(Arc::from(identity.client_id.as_str())),
-        properties: will.properties,
-        expires_at: None,
-    };
-    let expiry = will.expiry;
-    let stamp_expiry = move |message: &mut Message| {
-        message.expires_at = expiry.map(|e| std::time::Instant::now() + e);
-    };
-    if will.delay.is_zero() {
-        stamp_expiry(&mut message);
-        ctx.broker.publish(message);
-        return;
-    }
-    // v5 will delay: published only if the client has not come back by then.
-    let broker = ctx.broker.clone();
-    let client_id = identity.client_id.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(will.delay).await;
-        if !broker.is_connected(&client_id) {
-            // The expiry interval starts when the will is published.
-            stamp_expiry(&mut message);
-            broker.publish(message);
-        }
-    });
-}
-
 struct Session {
     identity: Identity,
+    connection_id: u64,
+    closer: Arc<Closer>,
+    /// Whether the CONNECT asked for a session that outlives the connection (v5: a DISCONNECT
+    /// may then change its expiry, but may not make a non-persistent one persistent).
+    persistent_at_connect: bool,
+    /// Topic aliases the client set up.
     aliases: HashMap<u16, Arc<str>>,
+    /// Inbound QoS 2 messages awaiting PUBREL (as last reported by the broker).
+    qos2_pending: usize,
+}
+
+/// Writes the queued bytes unless the connection is asked to close first (a client that stopped
+/// reading must not pin its task in a write forever).
+async fn flush_or_close(conn: &mut Conn, closer: &Closer) -> Result<(), CloseReason> {
+    tokio::select! {
+        written = conn.flush_encoded() => written.map_err(|_| CloseReason::ConnectionLost),
+        reason = closer.closed() => Err(reason),
+    }
 }
 
 async fn session_loop(
@@ -583,6 +682,7 @@ async fn session_loop(
     rx: &mut mpsc::Receiver<Outbound>,
     keep_alive: Duration,
 ) -> CloseReason {
+    let closer = session.closer.clone();
     // Keep-alive 0 means no timeout.
     let no_timeout = Duration::from_secs(365 * 24 * 3600);
     let deadline = tokio::time::sleep(if keep_alive.is_zero() {
@@ -594,6 +694,9 @@ async fn session_loop(
     loop {
         // Handle every complete packet already buffered.
         loop {
+            if let Some(reason) = closer.reason() {
+                return reason;
+            }
             match codec::read(
                 conn.version,
                 &mut conn.read_buf,
@@ -607,7 +710,12 @@ async fn session_loop(
                     // kilobytes of future state that an idle connection should not carry.
                     match Box::pin(handle_packet(conn, ctx, session, packet)).await {
                         Ok(None) => {}
-                        Ok(Some(reason)) => return reason,
+                        Ok(Some(reason)) => {
+                            // Acknowledgements already queued still go out (bounded).
+                            let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, conn.flush_encoded())
+                                .await;
+                            return reason;
+                        }
                         Err(_) => return CloseReason::ConnectionLost,
                     }
                 }
@@ -626,22 +734,16 @@ async fn session_loop(
             // they produced for this client meanwhile (a fast-path reply), in one write.
             let mut encoded = 0;
             while encoded < WRITE_BATCH_PACKETS_MAX {
-                match rx.try_recv() {
-                    Ok(Outbound::Close(reason)) => {
-                        let _ = conn.flush_encoded().await;
-                        return reason;
-                    }
-                    Ok(outbound) => {
-                        if let Err(reason) = encode_or_discard(conn, ctx, session, outbound) {
-                            return reason;
-                        }
-                        encoded += 1;
-                    }
-                    Err(_) => break,
+                let Ok(outbound) = rx.try_recv() else {
+                    break;
+                };
+                if let Err(reason) = encode_or_discard(conn, ctx, session, outbound) {
+                    return reason;
                 }
+                encoded += 1;
             }
-            if conn.flush_encoded().await.is_err() {
-                return CloseReason::ConnectionLost;
+            if let Err(reason) = flush_or_close(conn, &closer).await {
+                return reason;
             }
         }
         tokio::select! {
@@ -653,20 +755,16 @@ async fn session_loop(
                 // Encode everything already queued, then write it with one syscall.
                 let mut next = outbound;
                 let mut encoded = 0;
-                conn.write_buf.clear();
                 loop {
                     match next {
-                        Some(Outbound::Close(reason)) => {
-                            let _ = conn.flush_encoded().await;
-                            return reason;
-                        }
                         Some(outbound) => {
                             if let Err(reason) = encode_or_discard(conn, ctx, session, outbound) {
                                 return reason;
                             }
                             encoded += 1;
                         }
-                        None => return CloseReason::ServerShutdown,
+                        // The broker dropped the session (revocation, kick): its reason is set.
+                        None => return closer.reason().unwrap_or(CloseReason::ServerShutdown),
                     }
                     if encoded >= WRITE_BATCH_PACKETS_MAX {
                         break;
@@ -676,10 +774,14 @@ async fn session_loop(
                         Err(_) => break,
                     }
                 }
-                if conn.flush_encoded().await.is_err() {
-                    return CloseReason::ConnectionLost;
+                if let Err(reason) = flush_or_close(conn, &closer).await {
+                    return reason;
                 }
             },
+            reason = closer.closed() => {
+                let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, conn.flush_encoded()).await;
+                return reason;
+            }
             () = &mut deadline => return CloseReason::KeepAliveTimeout,
         }
     }
@@ -718,6 +820,15 @@ fn encode_or_discard(
 fn encode_outbound(conn: &mut Conn, outbound: Outbound) -> Result<(), CodecError> {
     match outbound {
         Outbound::Publish(publish) => {
+            // v5 topic alias toward the client: a known topic goes out as an empty topic plus
+            // its alias; a new one takes a free alias (sent with the topic) while any is left.
+            let (alias, known_alias) = match conn.aliases_out.get(&publish.topic) {
+                Some(&alias) => (Some(alias), true),
+                None if (conn.aliases_out.len() as u16) < conn.alias_out_max => {
+                    (Some(conn.aliases_out.len() as u16 + 1), false)
+                }
+                None => (None, false),
+            };
             let properties = match conn.version {
                 Version::V311 => None,
                 Version::V5 => {
@@ -744,16 +855,18 @@ fn encode_outbound(conn: &mut Conn, outbound: Outbound) -> Result<(), CodecError
                                 content_type: None,
                             });
                     properties.message_expiry_interval = remaining_s;
-                    properties.subscription_identifiers =
-                        publish.subscription_id.into_iter().collect();
+                    properties.subscription_identifiers = publish.subscription_ids.clone();
+                    properties.topic_alias = alias;
                     let any = has_forwarded_fields(&properties)
                         || properties.message_expiry_interval.is_some()
+                        || properties.topic_alias.is_some()
                         || !properties.subscription_identifiers.is_empty();
                     any.then_some(properties)
                 }
             };
+            let topic = if known_alias { "" } else { &publish.topic };
             let packet = codec::make_publish(
-                &publish.topic,
+                topic,
                 &publish.payload,
                 publish.qos,
                 publish.pkid,
@@ -770,9 +883,13 @@ fn encode_outbound(conn: &mut Conn, outbound: Outbound) -> Result<(), CodecError
                 .client_packet_bytes_max
                 .is_some_and(|max| conn.write_buf.len() - before > max)
             {
-                // Larger than the client accepts: discard it, as if sent (MQTT 5 3.1.2.25).
+                // Larger than the client accepts: discard it, as if sent (MQTT 5 3.1.2.25). A
+                // new alias it carried was never seen by the client, so it is not kept.
                 conn.write_buf.truncate(before);
                 return Err(CodecError::TooLarge(publish.payload.len()));
+            }
+            if let (Some(alias), false) = (alias, known_alias) {
+                conn.aliases_out.insert(publish.topic.clone(), alias);
             }
             Ok(())
         }
@@ -787,11 +904,11 @@ fn encode_outbound(conn: &mut Conn, outbound: Outbound) -> Result<(), CodecError
             ),
             &mut conn.write_buf,
         ),
-        Outbound::Close(_) => Ok(()),
     }
 }
 
-/// Handles one packet from the client; `Some(reason)` ends the connection.
+/// Handles one packet from the client; `Some(reason)` ends the connection. Replies are queued
+/// and written by the session loop once the packets read so far are handled.
 async fn handle_packet(
     conn: &mut Conn,
     ctx: &MqttContext,
@@ -802,154 +919,35 @@ async fn handle_packet(
     let client_id = session.identity.client_id.clone();
     match packet {
         Packet::Publish(publish, properties) => {
-            ctx.broker.stats.messages_in.fetch_add(1, Ordering::Relaxed);
-            let (qos, pkid, _dup) = codec::publish_header(&publish);
-            // Topic (v5 topic aliases: a non-empty topic with an alias sets it; an empty one uses it).
-            let alias = properties.as_ref().and_then(|p| p.topic_alias);
-            let topic: Arc<str> = if publish.topic.is_empty() {
-                match alias.and_then(|a| session.aliases.get(&a)) {
-                    Some(topic) => topic.clone(),
-                    None => {
-                        tracing::info!(%client_id, "PUBLISH with an empty topic and no known alias");
-                        return Ok(Some(CloseReason::ProtocolError));
-                    }
-                }
-            } else {
-                let Ok(text) = std::str::from_utf8(&publish.topic) else {
-                    return Ok(Some(CloseReason::ProtocolError));
-                };
-                if topic::validate_topic_name(text).is_err() {
-                    tracing::info!(%client_id, topic = text, "invalid topic name; closing");
-                    return Ok(Some(CloseReason::ProtocolError));
-                }
-                let topic: Arc<str> = Arc::from(text);
-                if let Some(alias) = alias {
-                    if alias == 0 || alias > ctx.config.topic_alias_max {
-                        return Ok(Some(CloseReason::ProtocolError));
-                    }
-                    session.aliases.insert(alias, topic.clone());
-                }
-                topic
-            };
-            let allowed = ctx.acl.allows(&session.identity, Action::Publish, &topic);
-            if !allowed {
-                ctx.broker.stats.acl_denied.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(%client_id, %topic, "publish denied by ACL; dropped");
-            }
-            let duplicate_qos2 = qos == 2 && !ctx.broker.qos2_arrived(&client_id, pkid);
-            let request = if allowed && !duplicate_qos2 {
-                ctx.bridge
-                    .parse(&topic)
-                    .map(|(thing, op, namespace)| (thing.to_owned(), op, namespace))
-            } else {
-                None
-            };
-            let event = if allowed && !duplicate_qos2 && request.is_none() {
-                ctx.bridge
-                    .parse_event(&topic)
-                    .map(|(thing, event_type)| (thing.to_owned(), event_type.to_owned()))
-            } else {
-                None
-            };
-            let command_response =
-                if allowed && !duplicate_qos2 && request.is_none() && event.is_none() {
-                    ctx.bridge
-                        .parse_command_response(&topic)
-                        .map(|(thing, id, namespace)| (thing.to_owned(), id.to_owned(), namespace))
-                } else {
-                    None
-                };
-            if let Some((thing, execution_id, namespace)) = command_response {
-                // Applied (or refused and recorded) in the Thing's log before the PUBACK below.
-                ctx.bridge
-                    .command_response(&thing, &execution_id, namespace, &publish.payload)
-                    .await;
-            } else if let Some((thing, event_type)) = event {
-                // Stored in the Thing's log before the PUBACK below.
-                ctx.bridge
-                    .event(&thing, &event_type, &publish.payload)
-                    .await;
-            } else if let Some((thing, op, namespace)) = request {
-                // The fast path: the Thing's actor answers; the request is not routed to
-                // subscribers. The PUBACK below goes out only after the answer (durable).
-                let origin = if session.identity.thing.as_deref() == Some(thing.as_str()) {
-                    thinghub_actors::thing::Origin::Device
-                } else {
-                    thinghub_actors::thing::Origin::Operator
-                };
-                ctx.bridge
-                    .request(&thing, op, namespace, &publish.payload, origin)
-                    .await;
-            } else if allowed && !duplicate_qos2 {
-                let expires_at = properties
-                    .as_ref()
-                    .and_then(|p| p.message_expiry_interval)
-                    .map(|s| std::time::Instant::now() + Duration::from_secs(u64::from(s)));
-                let forwarded = properties
-                    .map(|p| PublishProperties {
-                        topic_alias: None,
-                        subscription_identifiers: Vec::new(),
-                        message_expiry_interval: None,
-                        ..p
-                    })
-                    .filter(has_forwarded_fields)
-                    .map(Arc::new);
-                ctx.broker.publish(Message {
-                    topic,
-                    payload: publish.payload,
-                    qos,
-                    retain: publish.retain,
-                    publisher: Some(Arc::from(client_id.as_str())),
-                    properties: forwarded,
-                    expires_at,
-                });
-            }
-            match qos {
-                1 => {
-                    let reason = if allowed || !v5 {
-                        PubAckReason::Success
-                    } else {
-                        PubAckReason::NotAuthorized
-                    };
-                    // Queued: it goes out with the fast path's reply in one write.
-                    conn.queue(Packet::PubAck(
-                        PubAck { pkid, reason },
-                        v5_puback_props(v5, allowed),
-                    ))?;
-                }
-                2 => {
-                    let reason = if allowed || !v5 {
-                        PubRecReason::Success
-                    } else {
-                        PubRecReason::NotAuthorized
-                    };
-                    conn.send(Packet::PubRec(PubRec { pkid, reason }, None))
-                        .await?;
-                }
-                _ => {}
-            }
+            return handle_publish(conn, ctx, session, publish, properties).await;
         }
         Packet::PubAck(ack, _) => ctx.broker.acknowledged(&client_id, ack.pkid),
         Packet::PubRec(rec, _) => ctx.broker.received(&client_id, rec.pkid),
         Packet::PubComp(comp, _) => ctx.broker.acknowledged(&client_id, comp.pkid),
         Packet::PubRel(rel, _) => {
             let known = ctx.broker.qos2_released(&client_id, rel.pkid);
+            if known {
+                session.qos2_pending = session.qos2_pending.saturating_sub(1);
+            }
             let reason = if known || !v5 {
                 PubCompReason::Success
             } else {
                 PubCompReason::PacketIdentifierNotFound
             };
-            conn.send(Packet::PubComp(
+            conn.queue(Packet::PubComp(
                 PubComp {
                     pkid: rel.pkid,
                     reason,
                 },
                 None,
-            ))
-            .await?;
+            ))?;
         }
         Packet::Subscribe(subscribe, properties) => {
             let subscription_id = properties.as_ref().and_then(|p| p.id);
+            if subscription_id == Some(0) {
+                tracing::info!(%client_id, "subscription identifier 0; closing");
+                return Ok(Some(CloseReason::ProtocolError));
+            }
             let mut codes = Vec::with_capacity(subscribe.filters.len());
             for filter in subscribe.filters {
                 let code = match topic::parse_filter(&filter.path) {
@@ -996,14 +994,13 @@ async fn handle_packet(
                 };
                 codes.push(code);
             }
-            conn.send(Packet::SubAck(
+            conn.queue(Packet::SubAck(
                 SubAck {
                     pkid: subscribe.pkid,
                     return_codes: codes,
                 },
                 None,
-            ))
-            .await?;
+            ))?;
         }
         Packet::Unsubscribe(unsubscribe, _) => {
             let reasons = unsubscribe
@@ -1017,22 +1014,36 @@ async fn handle_packet(
                     }
                 })
                 .collect();
-            conn.send(Packet::UnsubAck(
+            conn.queue(Packet::UnsubAck(
                 UnsubAck {
                     pkid: unsubscribe.pkid,
                     reasons,
                 },
                 None,
-            ))
-            .await?;
+            ))?;
         }
-        Packet::PingReq(_) => conn.send(Packet::PingResp(PingResp)).await?,
-        Packet::Disconnect(disconnect, _) => {
-            return Ok(Some(
-                if disconnect.reason_code == DisconnectReasonCode::DisconnectWithWillMessage {
-                    CloseReason::ConnectionLost
+        Packet::PingReq(_) => conn.queue(Packet::PingResp(PingResp))?,
+        Packet::Disconnect(disconnect, properties) => {
+            if let Some(seconds) = properties.and_then(|p| p.session_expiry_interval) {
+                // MQTT 5 3.14.2.2.2: a session that was not persistent may not become one here.
+                if !session.persistent_at_connect && seconds > 0 {
+                    tracing::info!(%client_id, "DISCONNECT sets a session expiry on a non-persistent session; protocol error");
+                    return Ok(Some(CloseReason::ProtocolError));
+                }
+                let expiry = if seconds == u32::MAX {
+                    Duration::MAX
                 } else {
+                    Duration::from_secs(u64::from(seconds))
+                };
+                ctx.broker
+                    .set_session_expiry(&client_id, session.connection_id, expiry);
+            }
+            return Ok(Some(
+                if disconnect.reason_code == DisconnectReasonCode::NormalDisconnection {
                     CloseReason::Normal
+                } else {
+                    // Any other reason code: the will is published (MQTT 5 3.14.2.1).
+                    CloseReason::ConnectionLost
                 },
             ));
         }
@@ -1048,9 +1059,176 @@ async fn handle_packet(
     Ok(None)
 }
 
-fn v5_puback_props(v5: bool, allowed: bool) -> Option<PubAckProperties> {
-    (v5 && !allowed).then(|| PubAckProperties {
-        reason_string: Some("publish not authorized".into()),
+/// What a client's PUBLISH became.
+enum PublishOutcome {
+    /// Handled (routed, or answered by the fast path).
+    Accepted,
+    /// Refused by the ACL (dropped, counted).
+    NotAuthorized,
+    /// Refused by a retained bound.
+    QuotaExceeded,
+}
+
+async fn handle_publish(
+    conn: &mut Conn,
+    ctx: &MqttContext,
+    session: &mut Session,
+    publish: rumqttd::protocol::Publish,
+    properties: Option<PublishProperties>,
+) -> std::io::Result<Option<CloseReason>> {
+    let v5 = conn.version == Version::V5;
+    let client_id = session.identity.client_id.clone();
+    ctx.broker.stats.messages_in.fetch_add(1, Ordering::Relaxed);
+    let (qos, pkid, _dup) = codec::publish_header(&publish);
+    // Receive maximum (v5): QoS 1 counts until its PUBACK is written, QoS 2 until PUBREL.
+    let receive_max = usize::from(ctx.config.inbound_inflight_max);
+    if v5 && qos == 1 && usize::from(conn.pubacks_queued) + session.qos2_pending >= receive_max {
+        tracing::info!(%client_id, receive_max, "receive maximum exceeded; closing");
+        return Ok(Some(CloseReason::ReceiveMaximumExceeded));
+    }
+    // Topic (v5 topic aliases: a non-empty topic with an alias sets it; an empty one uses it).
+    let alias = properties.as_ref().and_then(|p| p.topic_alias);
+    if alias.is_some_and(|a| a == 0 || a > ctx.config.topic_alias_max) {
+        tracing::info!(%client_id, ?alias, "topic alias out of range; closing");
+        return Ok(Some(CloseReason::ProtocolError));
+    }
+    let topic: Arc<str> = if publish.topic.is_empty() {
+        match alias.and_then(|a| session.aliases.get(&a)) {
+            Some(topic) => topic.clone(),
+            None => {
+                tracing::info!(%client_id, "PUBLISH with an empty topic and no known alias");
+                return Ok(Some(CloseReason::ProtocolError));
+            }
+        }
+    } else {
+        let Ok(text) = std::str::from_utf8(&publish.topic) else {
+            return Ok(Some(CloseReason::ProtocolError));
+        };
+        if topic::validate_topic_name(text).is_err() {
+            tracing::info!(%client_id, topic = text, "invalid topic name; closing");
+            return Ok(Some(CloseReason::ProtocolError));
+        }
+        let topic: Arc<str> = Arc::from(text);
+        if let Some(alias) = alias {
+            session.aliases.insert(alias, topic.clone());
+        }
+        topic
+    };
+    if qos == 2 {
+        match ctx.broker.qos2_arrived(&client_id, pkid) {
+            // A resend of one not yet released: acknowledged again, not delivered again.
+            None => {
+                conn.queue(Packet::PubRec(
+                    PubRec {
+                        pkid,
+                        reason: PubRecReason::Success,
+                    },
+                    None,
+                ))?;
+                return Ok(None);
+            }
+            Some(pending) => {
+                session.qos2_pending = pending;
+                if v5 && pending + usize::from(conn.pubacks_queued) > receive_max {
+                    tracing::info!(%client_id, receive_max, "receive maximum exceeded; closing");
+                    return Ok(Some(CloseReason::ReceiveMaximumExceeded));
+                }
+            }
+        }
+    }
+    let outcome = if !ctx.acl.allows(&session.identity, Action::Publish, &topic) {
+        ctx.broker.stats.acl_denied.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(%client_id, %topic, "publish denied by ACL; dropped");
+        PublishOutcome::NotAuthorized
+    } else if let Some((thing, execution_id, namespace)) = ctx.bridge.parse_command_response(&topic)
+    {
+        // Applied (or refused and recorded) in the Thing's log before the PUBACK below.
+        ctx.bridge
+            .command_response(thing, execution_id, namespace, &publish.payload)
+            .await;
+        PublishOutcome::Accepted
+    } else if let Some((thing, event_type)) = ctx.bridge.parse_event(&topic) {
+        // Stored in the Thing's log before the PUBACK below.
+        ctx.bridge.event(thing, event_type, &publish.payload).await;
+        PublishOutcome::Accepted
+    } else if let Some((thing, op, namespace)) = ctx.bridge.parse(&topic) {
+        // The fast path: the Thing's actor answers; the request is not routed to subscribers.
+        // The PUBACK below goes out only after the answer (durable).
+        let origin = if session.identity.thing.as_deref() == Some(thing) {
+            thinghub_actors::thing::Origin::Device
+        } else {
+            thinghub_actors::thing::Origin::Operator
+        };
+        ctx.bridge
+            .request(thing, op, namespace, &publish.payload, origin)
+            .await;
+        PublishOutcome::Accepted
+    } else {
+        let expires_at = properties
+            .as_ref()
+            .and_then(|p| p.message_expiry_interval)
+            .map(|s| std::time::Instant::now() + Duration::from_secs(u64::from(s)));
+        let forwarded = properties
+            .map(|p| PublishProperties {
+                topic_alias: None,
+                subscription_identifiers: Vec::new(),
+                message_expiry_interval: None,
+                ..p
+            })
+            .filter(has_forwarded_fields)
+            .map(Arc::new);
+        let routed = ctx.broker.publish(Message {
+            topic,
+            payload: publish.payload,
+            qos,
+            retain: publish.retain,
+            publisher: Some(Arc::from(client_id.as_str())),
+            properties: forwarded,
+            expires_at,
+        });
+        match routed {
+            Ok(_) => PublishOutcome::Accepted,
+            Err(PublishRefusal::RetainedQuotaExceeded) => PublishOutcome::QuotaExceeded,
+        }
+    };
+    match qos {
+        1 => {
+            let reason = match (outcome, v5) {
+                (PublishOutcome::Accepted, _) | (_, false) => PubAckReason::Success,
+                (PublishOutcome::NotAuthorized, true) => PubAckReason::NotAuthorized,
+                (PublishOutcome::QuotaExceeded, true) => PubAckReason::QuotaExceeded,
+            };
+            let properties = v5_reason_string(reason);
+            // Queued: it goes out with the fast path's reply in one write.
+            conn.queue(Packet::PubAck(PubAck { pkid, reason }, properties))?;
+            conn.pubacks_queued = conn.pubacks_queued.saturating_add(1);
+        }
+        2 => {
+            let reason = match (outcome, v5) {
+                (PublishOutcome::Accepted, _) | (_, false) => PubRecReason::Success,
+                (PublishOutcome::NotAuthorized, true) => PubRecReason::NotAuthorized,
+                (PublishOutcome::QuotaExceeded, true) => PubRecReason::QuotaExceeded,
+            };
+            if reason != PubRecReason::Success {
+                // A failure PUBREC ends the exchange: no PUBREL follows, so the id is free now.
+                ctx.broker.qos2_released(&client_id, pkid);
+                session.qos2_pending = session.qos2_pending.saturating_sub(1);
+            }
+            conn.queue(Packet::PubRec(PubRec { pkid, reason }, None))?;
+        }
+        _ => {}
+    }
+    Ok(None)
+}
+
+fn v5_reason_string(reason: PubAckReason) -> Option<PubAckProperties> {
+    let text = match reason {
+        PubAckReason::NotAuthorized => "publish not authorized",
+        PubAckReason::QuotaExceeded => "retained message store is full",
+        _ => return None,
+    };
+    Some(PubAckProperties {
+        reason_string: Some(text.into()),
         user_properties: Vec::new(),
     })
 }

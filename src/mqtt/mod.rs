@@ -23,13 +23,62 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use broker::CloseReason;
+use acl::{Acl, Action, Identity};
+use broker::{Broker, CloseReason, UserChange};
 use connection::MqttContext;
+
+use crate::users::MqttUsers;
 
 /// How often expired persistent sessions are dropped.
 const SESSION_SWEEP_PERIOD: Duration = Duration::from_secs(1);
 /// How long shutdown waits for connections to finish (their Disconnected events included).
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
+
+/// A user was changed or deleted over the API: its live connections close at once (v5:
+/// DISCONNECT 0x87) and its sessions are discarded (deleted, or bound to another Thing) or keep
+/// only the subscriptions its new rights allow. Returns the connections closed.
+pub fn revoke_user(broker: &Broker, acl: &Acl, users: &MqttUsers, username: &str) -> usize {
+    let allowed = |who: &Identity, filter: &str| acl.allows(who, Action::Subscribe, filter);
+    let change = match users.rights(username) {
+        Ok(Some(rights)) => UserChange::Updated {
+            thing: rights.thing_name,
+            superuser: rights.superuser,
+            allowed: &allowed,
+        },
+        Ok(None) => UserChange::Deleted,
+        Err(e) => {
+            // Fail closed: rights that cannot be read are no rights.
+            tracing::error!(username, error = %e, "cannot read a changed user; revoking its sessions");
+            UserChange::Deleted
+        }
+    };
+    let closed = broker.revoke_user(username, change);
+    if closed > 0 {
+        tracing::info!(
+            username,
+            closed,
+            "user changed: its MQTT connections were closed"
+        );
+    }
+    closed
+}
+
+/// The ACL rules changed: subscriptions they no longer allow are removed from every session.
+pub fn reauthorize_subscriptions(broker: &Broker, acl: &Acl) -> usize {
+    let removed = broker.reauthorize_subscriptions(&|who: &Identity, filter: &str| {
+        acl.allows(who, Action::Subscribe, filter)
+    });
+    if removed > 0 {
+        tracing::info!(
+            removed,
+            "ACL rules changed: subscriptions no longer allowed were removed"
+        );
+    }
+    removed
+}
+
+/// How often failed authentications are summarized in the log.
+const AUTH_REPORT_PERIOD: Duration = Duration::from_secs(10);
 
 /// Accepts MQTT connections on `listener` until `shutdown` resolves, then closes them all.
 pub async fn serve(
@@ -52,6 +101,16 @@ pub async fn serve(
             }
         })
     };
+    let reporter = {
+        let throttle = ctx.throttle.clone();
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(AUTH_REPORT_PERIOD);
+            loop {
+                ticker.tick().await;
+                throttle.report(AUTH_REPORT_PERIOD);
+            }
+        })
+    };
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -70,6 +129,7 @@ pub async fn serve(
         }
     }
     sweeper.abort();
+    reporter.abort();
     ctx.broker.close_all(CloseReason::ServerShutdown);
     // Every live connection holds a permit: all permits back = all connections finished.
     let all = u32::try_from(connections_max).unwrap_or(u32::MAX);

@@ -119,6 +119,46 @@ pub fn matches(filter: &str, topic: &str) -> bool {
     }
 }
 
+/// Whether filter `outer` matches every topic filter `inner` can match (so a rule on `outer`
+/// may grant a subscription to `inner`). Wildcards in `inner` are not plain levels: `a/+`
+/// does not cover `a/#`, and a filter starting with a wildcard covers no `$` filter.
+pub fn covers(outer: &str, inner: &str) -> bool {
+    if outer.starts_with(['+', '#']) && inner.starts_with('$') {
+        return false;
+    }
+    let mut outer_levels = outer.split('/');
+    let mut inner_levels = inner.split('/');
+    loop {
+        match (outer_levels.next(), inner_levels.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(level)) if level != "#" => {}
+            (Some(o), Some(i)) if o == i && o != "+" => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// Whether some topic matches both filters `a` and `b`.
+pub fn intersects(a: &str, b: &str) -> bool {
+    let dollar = |f: &str| f.starts_with('$');
+    let wild = |f: &str| f.starts_with(['+', '#']);
+    if (wild(a) && dollar(b)) || (wild(b) && dollar(a)) {
+        return false;
+    }
+    let mut a_levels = a.split('/');
+    let mut b_levels = b.split('/');
+    loop {
+        match (a_levels.next(), b_levels.next()) {
+            (Some("#"), _) | (_, Some("#")) => return true,
+            (None, None) => return true,
+            (Some("+"), Some(_)) | (Some(_), Some("+")) => {}
+            (Some(x), Some(y)) if x == y => {}
+            _ => return false,
+        }
+    }
+}
+
 /// Maps filters to subscribers and finds every subscriber of a topic in time proportional to the
 /// topic's depth (not to the number of subscriptions).
 #[derive(Debug)]
@@ -264,6 +304,47 @@ fn collect<V: Clone>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn filters_intersect_when_some_topic_matches_both() {
+        let cases = [
+            ("a/secret", "a/#", true),
+            ("a/secret", "a/+", true),
+            ("a/+/c", "a/b/+", true),
+            ("a/#", "a", true),
+            ("a/b", "a/c", false),
+            ("a/+", "a/b/c", false),
+            ("#", "$SYS/x", false),
+            ("$SYS/#", "$SYS/+", true),
+        ];
+        for (a, b, expected) in cases {
+            assert_eq!(intersects(a, b), expected, "{a} ∩ {b}");
+            assert_eq!(intersects(b, a), expected, "{b} ∩ {a}");
+        }
+    }
+
+    #[test]
+    fn a_filter_covers_another_only_if_it_matches_everything_the_other_can() {
+        let cases = [
+            ("a/#", "a/+/b", true),
+            ("a/#", "a", true),
+            ("a/#", "a/#", true),
+            ("a/+", "a/b", true),
+            ("a/+", "a/+", true),
+            ("#", "a/#", true),
+            ("a/+", "a/#", false),
+            ("a/+", "a/b/c", false),
+            ("a/b", "a/+", false),
+            ("a", "a/#", false),
+            ("+/b", "$SYS/b", false),
+            ("#", "$SYS/#", false),
+            ("$SYS/#", "$SYS/x", true),
+            ("devices/c1/#", "devices/#", false),
+        ];
+        for (outer, inner, expected) in cases {
+            assert_eq!(covers(outer, inner), expected, "{outer} covers {inner}");
+        }
+    }
 
     #[test]
     fn filters_match_topics_by_the_spec() {

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod device;
+pub mod mqtt;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

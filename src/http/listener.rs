@@ -1,0 +1,210 @@
+//! The HTTP accept loop: hyper's HTTP/1 server under the bounds `axum::serve` cannot set.
+//!
+//! - At most `connections_max` connections; past it a client gets `503` with a JSON body and the
+//!   socket closes (answering costs a small, separately bounded task).
+//! - A request's headers must arrive within `header_read_timeout` of the connection being ready
+//!   for a request (hyper re-arms this timer when a keep-alive connection goes idle), so
+//!   half-sent requests cannot hold sockets.
+//! - A keep-alive connection with no request for `keep_alive_idle` is closed.
+//! - Each request carries the peer address ([`ConnectInfo`]) and the body read timeout
+//!   ([`BodyReadTimeout`]) as extensions.
+//! - Shutdown stops accepting, lets requests in flight finish (idle connections close at once)
+//!   and gives up on the rest after `drain_timeout`.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ConnectInfo;
+use axum::Router;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::{service_fn, Service as _};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+/// Bounds of the HTTP listener.
+#[derive(Debug, Clone, Copy)]
+pub struct ListenerConfig {
+    /// Simultaneous connections.
+    pub connections_max: usize,
+    /// Time a request's headers have to arrive once the connection is ready for a request.
+    pub header_read_timeout: Duration,
+    /// A keep-alive connection with no request in flight for this long is closed.
+    pub keep_alive_idle: Duration,
+    /// Time a request body has to arrive (read by the JSON extractor).
+    pub body_read_timeout: Duration,
+    /// How long shutdown waits for requests in flight.
+    pub drain_timeout: Duration,
+}
+
+/// The body read timeout, as a request extension (see [`super::extract::JsonBody`]).
+#[derive(Debug, Clone, Copy)]
+pub struct BodyReadTimeout(pub Duration);
+
+const BUSY_BODY: &str =
+    r#"{"code":503,"message":"too many simultaneous HTTP connections; retry later"}"#;
+/// Refusals being written at once (a flood past the connection limit is simply closed).
+const REFUSALS_IN_FLIGHT_MAX: usize = 64;
+/// How long a refusal may take to write.
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Serves `router` on `listener` until `shutdown` resolves, then drains.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    config: ListenerConfig,
+    shutdown: impl Future<Output = ()>,
+) {
+    let permits = Arc::new(Semaphore::new(config.connections_max));
+    let refusals = Arc::new(Semaphore::new(REFUSALS_IN_FLIGHT_MAX));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut connections = JoinSet::new();
+    let mut shutdown = pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off briefly rather than spin.
+                    tracing::warn!(error = %e, "HTTP accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        while connections.try_join_next().is_some() {}
+        match permits.clone().try_acquire_owned() {
+            Ok(permit) => {
+                connections.spawn(connection(
+                    stream,
+                    peer,
+                    router.clone(),
+                    config,
+                    stop_rx.clone(),
+                    permit,
+                ));
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "HTTP connection limit reached; refusing");
+                if let Ok(permit) = refusals.clone().try_acquire_owned() {
+                    tokio::spawn(refuse(stream, permit));
+                }
+            }
+        }
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    let drain = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(config.drain_timeout, drain)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = connections.len(),
+            "HTTP connections still open after the drain timeout; closing them"
+        );
+        connections.shutdown().await;
+    }
+}
+
+/// Counts the requests in flight on one connection (the idle timer runs only at zero).
+struct Busy(watch::Sender<usize>);
+
+impl Busy {
+    fn enter(counter: &watch::Sender<usize>) -> Busy {
+        counter.send_modify(|n| *n += 1);
+        Busy(counter.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    router: Router,
+    config: ListenerConfig,
+    mut stop: watch::Receiver<bool>,
+    _permit: OwnedSemaphorePermit,
+) {
+    let _ = stream.set_nodelay(true);
+    let (busy_tx, mut busy_rx) = watch::channel(0usize);
+    let router = TowerToHyperService::new(router);
+    let service = service_fn(move |mut request: hyper::Request<Incoming>| {
+        request.extensions_mut().insert(ConnectInfo(peer));
+        request
+            .extensions_mut()
+            .insert(BodyReadTimeout(config.body_read_timeout));
+        let busy = Busy::enter(&busy_tx);
+        let response = router.call(request);
+        async move {
+            let response = response.await;
+            drop(busy);
+            response
+        }
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout)
+        .keep_alive(true);
+    let mut conn = pin!(builder.serve_connection(TokioIo::new(stream), service));
+    let idle = tokio::time::sleep(config.keep_alive_idle);
+    let mut idle = pin!(idle);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(%peer, error = %e, "HTTP connection closed");
+                }
+                break;
+            }
+            _ = stop.wait_for(|stop| *stop), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            Ok(()) = busy_rx.changed() => {
+                if *busy_rx.borrow_and_update() == 0 {
+                    idle.as_mut().reset(Instant::now() + config.keep_alive_idle);
+                }
+            }
+            () = &mut idle, if !closing && *busy_rx.borrow() == 0 => {
+                closing = true;
+                // Idle keep-alive: closes at once; a request being read finishes first.
+                conn.as_mut().graceful_shutdown();
+            }
+        }
+    }
+}
+
+/// Answers a connection past the limit with 503 and closes it.
+async fn refuse(mut stream: TcpStream, _permit: OwnedSemaphorePermit) {
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{BUSY_BODY}",
+        BUSY_BODY.len()
+    );
+    let _ = tokio::time::timeout(REFUSAL_TIMEOUT, async {
+        stream.write_all(answer.as_bytes()).await?;
+        stream.shutdown().await?;
+        // Read what the client sent, so closing does not reset the answer away.
+        let mut sink = [0u8; 1024];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<(), std::io::Error>(())
+    })
+    .await;
+}
