@@ -39,6 +39,8 @@ fn collect(state: &AppState) -> Vec<Metric> {
     let commit = registry.context().store.commit_stats();
     let broker = &state.broker.stats;
     let (sessions, connections) = state.broker.counts();
+    let (retained, retained_bytes) = state.broker.retained_counts();
+    let auth = &state.throttle.stats;
     let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed) as f64;
     let m = |name, kind, help, value: f64, group, key| Metric {
         name,
@@ -156,7 +158,7 @@ fn collect(state: &AppState) -> Vec<Metric> {
         m(
             "thinghub_mqtt_messages_dropped_total",
             "counter",
-            "Messages dropped (full queues).",
+            "Messages dropped by a bound (queue length or bytes, a full outbound channel).",
             load(&broker.messages_dropped),
             "mqtt",
             "messagesDropped",
@@ -176,6 +178,102 @@ fn collect(state: &AppState) -> Vec<Metric> {
             load(&broker.acl_denied),
             "mqtt",
             "aclDenied",
+        ),
+        m(
+            "thinghub_mqtt_queued_bytes",
+            "gauge",
+            "Bytes (topic + payload) queued or in flight for MQTT sessions.",
+            load(&broker.queued_bytes),
+            "mqtt",
+            "queuedBytes",
+        ),
+        m(
+            "thinghub_mqtt_retained_messages",
+            "gauge",
+            "Retained messages.",
+            retained as f64,
+            "mqtt",
+            "retainedMessages",
+        ),
+        m(
+            "thinghub_mqtt_retained_bytes",
+            "gauge",
+            "Bytes (topic + payload) of retained messages.",
+            retained_bytes as f64,
+            "mqtt",
+            "retainedBytes",
+        ),
+        m(
+            "thinghub_mqtt_retained_refused_total",
+            "counter",
+            "Retained publishes refused by a retained bound.",
+            load(&broker.retained_refused),
+            "mqtt",
+            "retainedRefused",
+        ),
+        m(
+            "thinghub_mqtt_sessions_refused_total",
+            "counter",
+            "CONNECTs refused because mqtt_sessions_max sessions exist.",
+            load(&broker.sessions_refused),
+            "mqtt",
+            "sessionsRefused",
+        ),
+        m(
+            "thinghub_mqtt_sessions_not_owner_total",
+            "counter",
+            "CONNECTs refused because the client id's session belongs to another user.",
+            load(&broker.sessions_not_owner),
+            "mqtt",
+            "sessionsNotOwner",
+        ),
+        m(
+            "thinghub_mqtt_slow_consumers_total",
+            "counter",
+            "Connections closed because they could not keep up.",
+            load(&broker.slow_consumers),
+            "mqtt",
+            "slowConsumers",
+        ),
+        m(
+            "thinghub_mqtt_revoked_total",
+            "counter",
+            "Connections closed because their user was deleted or changed.",
+            load(&broker.revoked),
+            "mqtt",
+            "revoked",
+        ),
+        m(
+            "thinghub_mqtt_subscriptions_revoked_total",
+            "counter",
+            "Subscriptions removed because the ACL no longer allows them.",
+            load(&broker.subscriptions_revoked),
+            "mqtt",
+            "subscriptionsRevoked",
+        ),
+        m(
+            "thinghub_auth_mqtt_failures_total",
+            "counter",
+            "Failed MQTT authentications.",
+            load(&auth.mqtt_failures),
+            "auth",
+            "mqttFailures",
+        ),
+        m(
+            "thinghub_auth_http_failures_total",
+            "counter",
+            "Failed HTTP authentications.",
+            load(&auth.http_failures),
+            "auth",
+            "httpFailures",
+        ),
+        m(
+            "thinghub_auth_throttled_total",
+            "counter",
+            "Authentications refused while their address or name was backing off.",
+            load(&auth.throttled),
+            "auth",
+            "throttled",
         ),
         m(
             "thinghub_device_events_rejected_total",
@@ -228,7 +326,7 @@ fn collect(state: &AppState) -> Vec<Metric> {
     ]
 }
 
-/// `GET /api/v1/metrics`: `{process:{...}, things:{...}, storage:{...}, mqtt:{...}, deadlines:{...}}`.
+/// `GET /api/v1/metrics`: `{process, things, storage, mqtt, auth, deadlines}`.
 pub async fn json(State(state): State<AppState>) -> Json<Value> {
     let mut body = json!({});
     for metric in collect(&state) {

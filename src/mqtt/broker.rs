@@ -342,6 +342,9 @@ pub struct ClientView {
     pub connection: Option<ConnectionInfo>,
     /// Whether the session outlives the connection.
     pub persistent: bool,
+    /// How long the session is kept after its connection ends, seconds.
+    #[serde(rename = "sessionExpiryInterval")]
+    pub expiry_interval_s: u64,
     /// Subscribed filters.
     pub subscriptions: Vec<String>,
     /// Outbound QoS 1/2 messages awaiting acknowledgement.
@@ -365,6 +368,7 @@ fn view(client_id: &str, session: &Session) -> ClientView {
         connected: session.connection.is_some(),
         connection: session.connection.as_ref().and_then(|c| c.info.clone()),
         persistent: session.persistent,
+        expiry_interval_s: session.expiry.as_secs(),
         subscriptions,
         inflight: session.inflight.len(),
         queued: session.queue.len(),

@@ -94,6 +94,14 @@ impl Server {
         }
     }
 
+    /// Starts a server whose configuration file holds `toml`, with its data in `dir/data`.
+    pub fn start_configured(dir: &Path, toml: &str) -> Server {
+        let config = dir.join("thinghub.toml");
+        std::fs::write(&config, toml).expect("write the config file");
+        let config = config.to_str().expect("UTF-8 path").to_owned();
+        Server::start(&dir.join("data"), &["--config", &config])
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.http)
     }
