@@ -139,6 +139,24 @@ fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The `kv` key prefix of stored API keys.
+pub const API_KEY_PREFIX: &str = KEY_PREFIX;
+
+/// Whether a stored API key record decodes (`thinghub check`).
+pub fn check_stored_key(bytes: &[u8]) -> Result<(), String> {
+    let envelope = Envelope::from_bytes(bytes).map_err(|e| e.0)?;
+    if envelope.event_type != API_KEY_RECORD {
+        return Err(format!(
+            "expected an {API_KEY_RECORD} record, found {}",
+            envelope.event_type
+        ));
+    }
+    envelope
+        .payload_as::<ApiKeyRecord>()
+        .map(|_| ())
+        .map_err(|e| e.0)
+}
+
 /// Splits `key:secret`.
 pub fn split_key(pair: &str) -> Option<(&str, &str)> {
     let (key, secret) = pair.split_once(':')?;

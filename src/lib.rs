@@ -8,11 +8,14 @@
 //! - [`users`]: MQTT credentials (argon2id-hashed), bound to Things or superusers.
 //! - [`throttle`]: failed-authentication backoff per source address and username.
 //! - [`audit`]: `thinghub audit THING`, a Thing's history for people and auditors.
+//! - [`check`]: `thinghub check`, every record decoded and every Thing replayed against its
+//!   snapshot and indexes.
 //!
 //! The domain and the actors live in `thinghub-actors`; storage in `thinghub-storage`.
 
 pub mod audit;
 pub mod auth;
+pub mod check;
 pub mod config;
 pub mod http;
 pub mod mqtt;

@@ -24,6 +24,24 @@ struct UserRecord {
     created_at_ms: u64,
 }
 
+/// The `kv` key prefix of stored MQTT users.
+pub const MQTT_USER_PREFIX: &str = USER_PREFIX;
+
+/// Whether a stored user record decodes (`thinghub check`).
+pub fn check_stored_user(bytes: &[u8]) -> Result<(), String> {
+    let envelope = Envelope::from_bytes(bytes).map_err(|e| e.0)?;
+    if envelope.event_type != USER_RECORD {
+        return Err(format!(
+            "expected a {USER_RECORD} record, found {}",
+            envelope.event_type
+        ));
+    }
+    envelope
+        .payload_as::<UserRecord>()
+        .map(|_| ())
+        .map_err(|e| e.0)
+}
+
 /// A user as the API shows it (never the hash).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct UserView {
@@ -183,6 +201,17 @@ impl MqttUsers {
             return Err(UserError::Exists(username.to_owned()));
         }
         Ok(Self::view(username, &record))
+    }
+
+    /// Checks that `username` and `password` would make a new user (valid, and the name free)
+    /// without hashing anything.
+    pub fn check_new(&self, username: &str, password: &str) -> Result<(), UserError> {
+        check_username(username)?;
+        check_credential("password", password)?;
+        match self.read(username)? {
+            Some(_) => Err(UserError::Exists(username.to_owned())),
+            None => Ok(()),
+        }
     }
 
     /// One user.

@@ -454,13 +454,21 @@ async fn bulk_registration_streams_ndjson_with_an_answer_per_line() {
     }
     body.push_str("{\"thingName\":\"bulk-0\"}\n"); // line 51: exists
     body.push_str("not json\n"); // line 52
-    body.push('\n'); // blank: skipped, not counted
-    body.push_str("{\"thingName\":\"bad name!\"}\n"); // line 53
+    body.push('\n'); // line 53, blank: no answer, but it counts (editors number it)
+    body.push_str("{\"thingName\":\"bad name!\"}\n"); // line 54
     body.push_str(&format!(
         "{{\"thingName\":\"long\",\"thingType\":\"{}\"}}\n",
         "x".repeat(5000)
-    )); // line 54: longer than the line bound
-    body.push_str("{\"thingName\":\"bulk-dev\",\"password\":\"pw-1\"}"); // line 55, no final newline
+    )); // line 55: longer than the line bound
+    body.push_str("{\"thingName\":\"taken\",\"password\":\"pw\"}\n"); // line 56: user exists
+    body.push_str("{\"thingName\":\"no-pw\",\"password\":\"\"}\n"); // line 57: bad password
+    body.push_str("{\"thingName\":\"bulk-dev\",\"password\":\"pw-1\"}"); // line 58, no final newline
+    common::create(
+        &server,
+        "/api/v1/authentication/users",
+        json!({"username":"taken","password":"pw"}),
+    )
+    .await;
     let response = client()
         .post(server.url("/api/v1/things/bulk"))
         .basic_auth(common::ADMIN_KEY, Some(common::ADMIN_SECRET))
@@ -477,7 +485,7 @@ async fn bulk_registration_streams_ndjson_with_an_answer_per_line() {
     let summary = answers.last().expect("summary");
     assert_eq!(
         summary["summary"],
-        json!({"lines": 55, "created": 51, "failed": 4}),
+        json!({"lines": 57, "created": 51, "failed": 6}),
         "{text}"
     );
     let by_line = |n: u64| {
@@ -488,9 +496,31 @@ async fn bulk_registration_streams_ndjson_with_an_answer_per_line() {
     };
     assert_eq!(by_line(51)["code"], 409);
     assert_eq!(by_line(52)["code"], 400);
-    assert_eq!(by_line(53)["code"], 400);
-    assert_eq!(by_line(54)["code"], 413);
-    assert_eq!(by_line(55)["credentials"], "created");
+    assert!(
+        answers.iter().all(|a| a["line"] != 53),
+        "a blank line gets no answer"
+    );
+    assert_eq!(by_line(54)["code"], 400);
+    assert_eq!(by_line(55)["code"], 413);
+    // Credentials that cannot be created: an error, and no Thing left behind.
+    assert_eq!(
+        (
+            by_line(56)["code"].clone(),
+            by_line(56)["thingName"].clone()
+        ),
+        (json!(409), json!("taken"))
+    );
+    assert_eq!(by_line(57)["code"], 400);
+    assert_eq!(by_line(58)["credentials"], "created");
+    for absent in ["taken", "no-pw"] {
+        let (status, _) = call(
+            Method::GET,
+            &server.url(&format!("/api/v1/things/{absent}")),
+            None,
+        )
+        .await;
+        assert_eq!(status, 404, "{absent} was not registered");
+    }
     let (status, listed) = call(Method::GET, &server.url("/api/v1/things?limit=1000"), None).await;
     assert_eq!(status, 200);
     assert_eq!(listed["items"].as_array().map(Vec::len), Some(51));

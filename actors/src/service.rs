@@ -64,15 +64,17 @@ pub struct Things {
     store: Store,
 }
 
+/// A Thing whose records cannot be read is unavailable (503, naming what is wrong), like a
+/// Thing whose actor cannot replay its log; only a failure to encode is our own bug (500).
 fn storage_failure(error: StorageError) -> Rejection {
     match error {
-        StorageError::Corrupt { .. } => {
-            tracing::error!(error = %error, "corrupt record");
-            Rejection::new(ErrorCode::Unavailable, error.to_string())
+        StorageError::Encode(_) => {
+            tracing::error!(error = %error, "storage failure");
+            Rejection::new(ErrorCode::Internal, "storage failure")
         }
         other => {
-            tracing::error!(error = %other, "storage failure");
-            Rejection::new(ErrorCode::Internal, "storage failure")
+            tracing::error!(error = %other, "a record cannot be read");
+            Rejection::new(ErrorCode::Unavailable, other.to_string())
         }
     }
 }

@@ -54,6 +54,14 @@ async fn register_one(state: &AppState, line: u64, bytes: &[u8]) -> Value {
         Ok(thing) => thing,
         Err(error) => return error_line(line, &error),
     };
+    // Credentials that could not be created must not leave a Thing behind with a 201.
+    if let Some(password) = &thing.password {
+        if let Err(error) = state.users.check_new(&thing.thing_name, password) {
+            let mut answer = error_line(line, &ApiError::from(error));
+            answer["thingName"] = thing.thing_name.into();
+            return answer;
+        }
+    }
     let registered = state
         .things
         .register(
@@ -87,11 +95,28 @@ async fn register_one(state: &AppState, line: u64, bytes: &[u8]) -> Value {
             ))
         })
         .await;
-        answer["credentials"] = match created {
-            Ok(Ok(_)) => "created".into(),
-            Ok(Err(error)) => ApiError::from(error).message.into(),
-            Err(_) => "internal error".into(),
+        let failed = match created {
+            Ok(Ok(_)) => None,
+            Ok(Err(error)) => Some(ApiError::from(error)),
+            Err(_) => Some(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal error",
+            )),
         };
+        match failed {
+            None => answer["credentials"] = "created".into(),
+            // Checked above, so only a race or a storage failure lands here: the Thing exists,
+            // its credentials do not, and the line says so with the failure's code.
+            Some(error) => {
+                answer = error_line(line, &error);
+                answer["thingName"] = thing.thing_name.into();
+                answer["message"] = format!(
+                    "the Thing was registered but its credentials were not: {}",
+                    error.message
+                )
+                .into();
+            }
+        }
     }
     answer
 }
@@ -106,6 +131,7 @@ async fn run(state: AppState, body: Body, results: mpsc::Sender<Value>) {
     let mut pending: Vec<u8> = Vec::new();
     let mut skipping_long_line = false;
     let mut line_number: u64 = 0;
+    let mut entries: u64 = 0;
     let mut read_error = None;
     let mut finished = false;
     while !finished {
@@ -143,11 +169,14 @@ async fn run(state: AppState, body: Body, results: mpsc::Sender<Value>) {
             }
             let line: Vec<u8> = std::mem::take(&mut pending);
             let too_long = std::mem::replace(&mut skipping_long_line, false);
+            // Every physical line counts, so answers name the line an editor shows; blank
+            // lines get no answer.
+            line_number += 1;
             if !too_long && line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            line_number += 1;
-            if line_number > lines_max as u64 {
+            entries += 1;
+            if entries > lines_max as u64 {
                 read_error = Some(format!(
                     "at most {lines_max} lines per request; line {line_number} and later were not read"
                 ));

@@ -29,6 +29,22 @@ const RULE_RECORD: &str = "AclRule";
 /// Most operator rules (each CONNECT-time check walks them all).
 pub const ACL_RULES_MAX: usize = 1000;
 
+/// The `kv` key prefix of stored ACL rules.
+pub const ACL_RULE_PREFIX: &str = RULE_PREFIX;
+
+/// Whether a stored ACL rule record decodes and is a valid rule (`thinghub check`).
+pub fn check_stored_rule(bytes: &[u8]) -> Result<(), String> {
+    let envelope = Envelope::from_bytes(bytes).map_err(|e| e.0)?;
+    if envelope.event_type != RULE_RECORD {
+        return Err(format!(
+            "expected an {RULE_RECORD} record, found {}",
+            envelope.event_type
+        ));
+    }
+    let rule = envelope.payload_as::<AclRule>().map_err(|e| e.0)?;
+    rule.validate().map_err(|e| e.to_string())
+}
+
 /// What a client wants to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {

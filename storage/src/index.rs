@@ -133,7 +133,7 @@ impl Store {
     }
 }
 
-fn parse_deadline_key(key: &[u8]) -> Result<DeadlineEntry, StorageError> {
+pub(crate) fn parse_deadline_key(key: &[u8]) -> Result<DeadlineEntry, StorageError> {
     let corrupt = |reason: &str| StorageError::Corrupt {
         thing: String::new(),
         seq: 0,

@@ -9,11 +9,14 @@
 //! - [`index`]: `things` (registry listing) and `deadlines` (timer index) trees, derived from the
 //!   log, written right after the events that justify them and repaired by the Thing's owner.
 //! - [`kv`]: small durable key/value records (API keys, credentials).
+//! - [`integrity`]: named errors for a damaged data directory, and the walks `thinghub check`
+//!   makes over every tree.
 //!
 //! A thing key is `len(name) as u8 ‖ name`, so no Thing's key is a prefix of another's.
 
 pub mod codec;
 pub mod index;
+pub mod integrity;
 pub mod kv;
 pub mod log;
 pub mod snapshot;
@@ -73,11 +76,34 @@ pub enum StorageError {
     /// The store is shutting down.
     #[error("storage is shut down")]
     Closed,
+    /// A file of the database is damaged: which one, what is wrong, and what to do.
+    #[error("the database in {} is damaged: {}: {problem}. What to do: {advice}", dir.display(), file.display())]
+    Damaged {
+        /// The data directory.
+        dir: PathBuf,
+        /// The damaged file.
+        file: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+        /// What the operator can do.
+        advice: String,
+    },
 }
 
 impl From<sled::Error> for StorageError {
     fn from(e: sled::Error) -> Self {
-        StorageError::Db(e.to_string())
+        match e {
+            // A record that fails its checksum on a read: name where, as sled gives it.
+            sled::Error::Corruption { at, .. } => StorageError::Db(format!(
+                "sled found a damaged record ({}); run `thinghub check` with the server stopped",
+                match at {
+                    Some(sled::DiskPtr::Inline(offset)) => format!("db at byte offset {offset}"),
+                    Some(sled::DiskPtr::Blob(_, blob)) => format!("blobs/{blob}"),
+                    None => "location unknown".into(),
+                }
+            )),
+            other => StorageError::Db(other.to_string()),
+        }
     }
 }
 
@@ -131,21 +157,32 @@ impl Store {
     pub fn open(config: &StoreConfig) -> Result<Store, StorageError> {
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| StorageError::Db(format!("create {}: {e}", config.data_dir.display())))?;
-        let db = sled::Config::new()
-            .path(&config.data_dir)
-            .cache_capacity(config.cache_bytes)
-            // Durability is ours (group commit); sled's background flusher only adds IO.
-            .flush_every_ms(None)
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock => {
-                    StorageError::Locked(config.data_dir.clone())
-                }
-                sled::Error::Io(ref io) if io.to_string().contains("lock") => {
-                    StorageError::Locked(config.data_dir.clone())
-                }
-                other => StorageError::from(other),
-            })?;
+        let dir = &config.data_dir;
+        // sled panics instead of failing on some damage: the panic is a damaged file too.
+        let opened = std::panic::catch_unwind(|| {
+            sled::Config::new()
+                .path(dir)
+                .cache_capacity(config.cache_bytes)
+                // Durability is ours (group commit); sled's background flusher only adds IO.
+                .flush_every_ms(None)
+                .open()
+        });
+        let db = match opened {
+            Ok(Ok(db)) => db,
+            Ok(Err(sled::Error::Io(io)))
+                if io.kind() == std::io::ErrorKind::WouldBlock
+                    || io.to_string().contains("lock") =>
+            {
+                return Err(StorageError::Locked(dir.clone()))
+            }
+            Ok(Err(e)) => {
+                return Err(integrity::diagnose(dir, Some(&e)).unwrap_or_else(|| e.into()))
+            }
+            Err(_) => {
+                return Err(integrity::diagnose(dir, None)
+                    .unwrap_or_else(|| StorageError::Db("sled failed while opening".into())))
+            }
+        };
         let committer = commit::GroupCommit::start(
             db.clone(),
             &config.data_dir,
