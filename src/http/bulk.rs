@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, Semaphore};
 
 use super::error::ApiError;
 use super::extract::parse_json;
+use super::ndjson::{Line, LineSplitter};
 use super::AppState;
 
 /// Registrations in flight per bulk request.
@@ -33,7 +34,7 @@ const BULK_RESULTS_BUFFERED_MAX: usize = 1024;
 /// One line of a bulk registration.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct BulkThing {
+pub struct BulkThing {
     thing_name: String,
     #[serde(default)]
     mqtt_client_id: Option<String>,
@@ -49,8 +50,13 @@ fn error_line(line: u64, error: &ApiError) -> Value {
     json!({"line": line, "code": error.status.as_u16(), "message": error.message})
 }
 
+/// Parses one line of a bulk registration (the contract's 400/415 errors).
+pub fn parse_line(bytes: &[u8]) -> Result<BulkThing, ApiError> {
+    parse_json(bytes)
+}
+
 async fn register_one(state: &AppState, line: u64, bytes: &[u8]) -> Value {
-    let thing: BulkThing = match parse_json(bytes) {
+    let thing: BulkThing = match parse_line(bytes) {
         Ok(thing) => thing,
         Err(error) => return error_line(line, &error),
     };
@@ -123,86 +129,62 @@ async fn register_one(state: &AppState, line: u64, bytes: &[u8]) -> Value {
 
 /// Reads lines from `body` and registers each; sends one result line per input line.
 async fn run(state: AppState, body: Body, results: mpsc::Sender<Value>) {
-    let line_bytes_max = state.limits.body_bytes_max;
-    let lines_max = state.limits.bulk_lines_max;
+    let lines_max = state.limits.bulk_lines_max as u64;
     let permits = Arc::new(Semaphore::new(BULK_IN_FLIGHT_MAX));
     let mut tasks = tokio::task::JoinSet::new();
     let mut stream = body.into_data_stream();
-    let mut pending: Vec<u8> = Vec::new();
-    let mut skipping_long_line = false;
-    let mut line_number: u64 = 0;
+    let mut splitter = LineSplitter::new(state.limits.body_bytes_max);
+    let mut lines = Vec::new();
     let mut entries: u64 = 0;
     let mut read_error = None;
     let mut finished = false;
     while !finished {
-        let chunk: Bytes = match stream.next().await {
-            Some(Ok(chunk)) => chunk,
+        match stream.next().await {
+            Some(Ok(chunk)) => splitter.push(&chunk, &mut lines),
             Some(Err(e)) => {
                 read_error = Some(format!("the request body could not be read: {e}"));
                 break;
             }
             None => {
                 finished = true;
-                Bytes::from_static(b"\n")
+                splitter.finish(&mut lines);
             }
-        };
-        let mut rest: &[u8] = &chunk;
-        while !rest.is_empty() {
-            let (part, complete) = match rest.iter().position(|&b| b == b'\n') {
-                Some(at) => (&rest[..at], true),
-                None => (rest, false),
-            };
-            rest = if complete {
-                &rest[part.len() + 1..]
-            } else {
-                &[]
-            };
-            if !skipping_long_line {
-                pending.extend_from_slice(part);
-            }
-            if pending.len() > line_bytes_max && !skipping_long_line {
-                skipping_long_line = true;
-                pending.clear();
-            }
-            if !complete {
-                continue;
-            }
-            let line: Vec<u8> = std::mem::take(&mut pending);
-            let too_long = std::mem::replace(&mut skipping_long_line, false);
-            // Every physical line counts, so answers name the line an editor shows; blank
-            // lines get no answer.
-            line_number += 1;
-            if !too_long && line.iter().all(u8::is_ascii_whitespace) {
-                continue;
-            }
+        }
+        for line in lines.drain(..) {
             entries += 1;
-            if entries > lines_max as u64 {
+            if entries > lines_max {
+                let number = match &line {
+                    Line::Entry { number, .. } | Line::TooLong { number } => *number,
+                };
                 read_error = Some(format!(
-                    "at most {lines_max} lines per request; line {line_number} and later were not read"
+                    "at most {lines_max} lines per request; line {number} and later were not read"
                 ));
                 finished = true;
                 break;
             }
-            if too_long {
-                let error = ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("line is longer than {line_bytes_max} bytes"),
-                );
-                if results.send(error_line(line_number, &error)).await.is_err() {
-                    return;
+            match line {
+                Line::TooLong { number } => {
+                    let error = ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!("line is longer than {} bytes", state.limits.body_bytes_max),
+                    );
+                    if results.send(error_line(number, &error)).await.is_err() {
+                        return;
+                    }
                 }
-                continue;
+                Line::Entry { number, bytes } => {
+                    let Ok(permit) = permits.clone().acquire_owned().await else {
+                        return;
+                    };
+                    let (state, results) = (state.clone(), results.clone());
+                    tasks.spawn(async move {
+                        let answer = register_one(&state, number, &bytes).await;
+                        drop(permit);
+                        let _ = results.send(answer).await;
+                    });
+                    while tasks.try_join_next().is_some() {}
+                }
             }
-            let Ok(permit) = permits.clone().acquire_owned().await else {
-                return;
-            };
-            let (state, results) = (state.clone(), results.clone());
-            tasks.spawn(async move {
-                let answer = register_one(&state, line_number, &line).await;
-                drop(permit);
-                let _ = results.send(answer).await;
-            });
-            while tasks.try_join_next().is_some() {}
         }
     }
     while tasks.join_next().await.is_some() {}

@@ -5,7 +5,7 @@
 
 pub mod auth;
 mod authorization;
-mod bulk;
+pub mod bulk;
 mod clients;
 mod commands;
 mod devices;
@@ -13,6 +13,7 @@ pub mod error;
 pub mod extract;
 pub mod listener;
 mod metrics;
+pub mod ndjson;
 mod things;
 mod users;
 
