@@ -99,9 +99,21 @@ pub fn verify_known_secret(phc: Option<&str>, secret: &str) -> bool {
 }
 
 /// Secrets that verified once, as SHA-256, so argon2 runs once per (name, secret), bounded.
+///
+/// Each entry is bound to the stored hash it verified against (`stored`): once the stored
+/// hash changes (a new password), the old secret no longer hits, even if a verification that
+/// started before the change remembers it after.
 #[derive(Default)]
 pub struct VerifiedCache {
     entries: Mutex<HashMap<String, [u8; 32]>>,
+}
+
+fn cache_digest(stored: &str, secret: &str) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    hasher.update(stored.as_bytes());
+    hasher.update([0]);
+    hasher.update(secret.as_bytes());
+    hasher.finalize().into()
 }
 
 impl VerifiedCache {
@@ -109,20 +121,20 @@ impl VerifiedCache {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Whether `name` last verified with exactly `secret`.
-    pub fn hit(&self, name: &str, secret: &str) -> bool {
+    /// Whether `name` last verified with exactly `secret` against the stored hash `stored`.
+    pub fn hit(&self, name: &str, secret: &str, stored: &str) -> bool {
         self.lock()
             .get(name)
-            .is_some_and(|cached| constant_time_eq(cached, &sha256(secret)))
+            .is_some_and(|cached| constant_time_eq(cached, &cache_digest(stored, secret)))
     }
 
-    /// Remembers a successful verification.
-    pub fn remember(&self, name: &str, secret: &str) {
+    /// Remembers a successful verification of `secret` against `stored`.
+    pub fn remember(&self, name: &str, secret: &str, stored: &str) {
         let mut entries = self.lock();
         if entries.len() >= VERIFIED_CACHE_ENTRIES_MAX {
             entries.clear();
         }
-        entries.insert(name.to_owned(), sha256(secret));
+        entries.insert(name.to_owned(), cache_digest(stored, secret));
     }
 
     /// Forgets `name` (its secret changed or it was deleted).
@@ -226,7 +238,8 @@ impl AdminKeys {
                 return true;
             }
         }
-        self.verified.hit(key, secret)
+        // Stored keys cannot be changed over the API: the cache needs no stored-hash binding.
+        self.verified.hit(key, secret, "")
     }
 
     /// Whether `key:secret` is a valid admin credential (argon2 on a cache miss: call it off
@@ -251,7 +264,7 @@ impl AdminKeys {
         };
         let valid = verify_known_secret(record.as_ref().map(|r| r.secret_hash.as_str()), secret);
         if valid {
-            self.verified.remember(key, secret);
+            self.verified.remember(key, secret, "");
         }
         valid
     }

@@ -11,7 +11,7 @@
 //!   MQTT users, ACL rules), and sled can read every page;
 //! - each Thing's sequence numbers run 1, 2, 3, ... without a gap;
 //! - replaying the log from its start gives the state the snapshot holds at the snapshot's seq;
-//! - the registry index and the deadline index agree with the replayed state.
+//! - the registry, client id and deadline indexes agree with the replayed state.
 //!
 //! Every problem is printed with the Thing (or record) it concerns; the exit status says whether
 //! there were any.
@@ -148,11 +148,12 @@ fn thing_subject(name: &str) -> String {
 }
 
 fn check_store(store: &Store, report: &mut CheckReport) {
-    const KNOWN_TREES: [&str; 6] = [
+    const KNOWN_TREES: [&str; 7] = [
         "__sled__default",
         "events",
         "snapshots",
         "things",
+        "client_ids",
         "deadlines",
         "kv",
     ];
@@ -386,6 +387,25 @@ fn finish(store: &Store, report: &mut CheckReport, replay: Replay) {
             &subject,
             "the registry index record differs from the log (repaired when the Thing is next activated)",
         ),
+    }
+    if let Some(registration) = &replay.state.registration {
+        let client_id = &registration.mqtt_client_id;
+        match store.client_id_owner(client_id) {
+            Ok(Some(owner)) if owner == replay.name => {}
+            Ok(Some(owner)) => problem(
+                report,
+                &subject,
+                format!("its client id '{client_id}' is indexed as Thing '{owner}''s"),
+            ),
+            Ok(None) => problem(
+                report,
+                &subject,
+                format!(
+                    "its client id '{client_id}' is missing from the client id index (repaired when the Thing is next activated)"
+                ),
+            ),
+            Err(e) => problem(report, &subject, format!("client id index: {e}")),
+        }
     }
     if let Some(at_ms) = replay.state.commands.next_deadline_ms() {
         match store.has_deadline(&replay.name, at_ms) {

@@ -121,6 +121,12 @@ pub struct Config {
     /// QoS 1/2 publishes a v5 client may have unacknowledged (its Receive Maximum); more closes
     /// the connection (0x93).
     pub mqtt_inbound_inflight_max: u16,
+    /// A write to an MQTT client that makes no progress for this long closes the connection as
+    /// a slow consumer, milliseconds.
+    pub mqtt_write_stall_max_ms: u64,
+    /// Sessions one user (not a Thing's user: that one has one client id) may own; a CONNECT
+    /// needing one more is refused (3.1.1: server unavailable, v5: quota exceeded).
+    pub mqtt_user_sessions_max: usize,
     /// Failed authentications per source address or username before backoff starts.
     pub auth_failures_free: u32,
     /// The first backoff after the free failures, milliseconds (it doubles per failure).
@@ -137,9 +143,12 @@ pub struct Config {
     /// An HTTP keep-alive connection with no request for this long is closed, milliseconds
     /// (at most `http_header_read_timeout_ms`, which also bounds an idle connection).
     pub http_keep_alive_idle_ms: u64,
-    /// Time a request body has to arrive once its headers did, milliseconds (408 beyond; the
-    /// streamed bulk registration is exempt).
+    /// Time a request body has to arrive once its headers did, milliseconds (408 beyond); for
+    /// the streamed bulk registration, the longest the body may pause or its reader stop.
     pub http_body_read_timeout_ms: u64,
+    /// A write of a response that makes no progress for this long closes the connection,
+    /// milliseconds.
+    pub http_write_stall_max_ms: u64,
 }
 
 impl Default for Config {
@@ -192,6 +201,8 @@ impl Default for Config {
             mqtt_queued_bytes_max: 1024 * 1024 * 1024,
             mqtt_retained_bytes_max: 64 * 1024 * 1024,
             mqtt_inbound_inflight_max: 32,
+            mqtt_write_stall_max_ms: 30_000,
+            mqtt_user_sessions_max: 1000,
             auth_failures_free: 5,
             auth_backoff_base_ms: 200,
             auth_backoff_max_ms: 30_000,
@@ -200,6 +211,7 @@ impl Default for Config {
             http_header_read_timeout_ms: 10_000,
             http_keep_alive_idle_ms: 10_000,
             http_body_read_timeout_ms: 30_000,
+            http_write_stall_max_ms: 30_000,
         }
     }
 }
@@ -389,6 +401,8 @@ impl Config {
                 "mqtt_inbound_inflight_max",
                 u64::from(self.mqtt_inbound_inflight_max),
             ),
+            ("mqtt_write_stall_max_ms", self.mqtt_write_stall_max_ms),
+            ("mqtt_user_sessions_max", self.mqtt_user_sessions_max as u64),
             ("auth_backoff_base_ms", self.auth_backoff_base_ms),
             ("auth_backoff_max_ms", self.auth_backoff_max_ms),
             (
@@ -402,6 +416,7 @@ impl Config {
             ),
             ("http_keep_alive_idle_ms", self.http_keep_alive_idle_ms),
             ("http_body_read_timeout_ms", self.http_body_read_timeout_ms),
+            ("http_write_stall_max_ms", self.http_write_stall_max_ms),
         ];
         for (name, value) in positive {
             if value == 0 {

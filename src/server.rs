@@ -111,6 +111,13 @@ pub async fn serve(
     )
     .await
     .map_err(|e| ServeError::Actors(e.to_string()))?;
+    let backfilled = thinghub_actors::service::backfill_client_ids(&store)?;
+    if backfilled > 0 {
+        tracing::info!(
+            things = backfilled,
+            "indexed the MQTT client ids of Things registered before the client id index existed"
+        );
+    }
     let keys = AdminKeys::init(store.clone(), admin_key.as_deref(), clock.now_ms()).await?;
     let users = Arc::new(MqttUsers::new(store.clone()));
     let acl = Acl::load(&config.topic_prefix, config.aws_compat, store.clone())
@@ -122,6 +129,7 @@ pub async fn serve(
         session_queue_bytes_max: config.mqtt_session_queue_bytes_max,
         queued_bytes_max: config.mqtt_queued_bytes_max,
         sessions_max: config.mqtt_sessions_max,
+        user_sessions_max: config.mqtt_user_sessions_max,
         session_expiry_max: Duration::from_secs(config.mqtt_session_expiry_max_s),
         retained_max: config.mqtt_retained_max,
         retained_bytes_max: config.mqtt_retained_bytes_max,
@@ -200,6 +208,7 @@ pub async fn serve(
             client_id_bytes_max: config.mqtt_client_id_bytes_max,
             keep_alive_max_s: config.mqtt_keep_alive_max_s,
             inbound_inflight_max: config.mqtt_inbound_inflight_max,
+            write_stall_max: Duration::from_millis(config.mqtt_write_stall_max_ms),
         },
     });
 
@@ -232,6 +241,7 @@ pub async fn serve(
             header_read_timeout: Duration::from_millis(config.http_header_read_timeout_ms),
             keep_alive_idle: Duration::from_millis(config.http_keep_alive_idle_ms),
             body_read_timeout: Duration::from_millis(config.http_body_read_timeout_ms),
+            write_stall: Duration::from_millis(config.http_write_stall_max_ms),
             drain_timeout: Duration::from_millis(config.shutdown_timeout_ms),
         },
         stopped(stop_rx),

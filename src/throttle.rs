@@ -1,12 +1,14 @@
 //! Failed-authentication throttling, shared by MQTT CONNECT and the HTTP API keys.
 //!
-//! Every failure counts against the source address and against the username (or API key).
-//! After `failures_free` failures a key is blocked for `backoff_base` x 2^(n - free - 1), capped
-//! at `backoff_max`; while either of a request's keys is blocked it is refused at once, without
-//! running argon2 (so a password guesser gets nowhere and costs almost nothing). A success
-//! clears the username's count (not the address's: one valid account must not reset a guesser
-//! sharing the address). The table is bounded: entries idle for a whole `backoff_max` after
-//! their block are forgotten first, then the least recently failed.
+//! Every wrong secret counts against the source address (IPv6: its /64, which one host can
+//! fill) and against the username (or API key); a request without credentials is refused
+//! without counting (it guesses nothing and costs nothing). After `failures_free` failures a
+//! key is blocked for `backoff_base` x 2^(n - free - 1), capped at `backoff_max`; while either
+//! of a request's keys is blocked it is refused at once, without running argon2 (so a password
+//! guesser gets nowhere and costs almost nothing). Failures are forgotten once a key has been
+//! quiet for `backoff_max`, and a success clears the username's count (not the address's: one
+//! valid account must not reset a guesser sharing the address). The table is bounded: when it
+//! is full, entries no longer blocking anything go first, then the least recently failed half.
 //!
 //! Failures are logged in aggregate: one line per reporting period with counts and the busiest
 //! source, not one line per attempt.
@@ -104,6 +106,15 @@ impl AuthThrottle {
     }
 
     fn keys(address: IpAddr, name: Option<&str>) -> impl Iterator<Item = Key> {
+        let address = match address {
+            // One host commonly holds a whole /64: throttle the network, not each address.
+            IpAddr::V6(v6) => {
+                let mut octets = v6.octets();
+                octets[8..].fill(0);
+                IpAddr::from(octets)
+            }
+            v4 => v4,
+        };
         std::iter::once(Key::Address(address)).chain(name.map(|n| Key::Name(n.to_owned())))
     }
 
@@ -156,6 +167,10 @@ impl AuthThrottle {
                 blocked_until: now,
                 last_failure: now,
             });
+            if now.saturating_duration_since(entry.last_failure) >= self.config.backoff_max {
+                // Quiet for a whole maximum backoff: start counting again.
+                entry.failures = 0;
+            }
             entry.failures = entry.failures.saturating_add(1);
             entry.last_failure = now;
             if let Some(over) = entry.failures.checked_sub(self.config.failures_free) {
@@ -172,27 +187,22 @@ impl AuthThrottle {
         }
     }
 
-    /// Keeps the table under its bound: forgets entries idle for a whole `backoff_max` after
-    /// their block, else the one that failed least recently.
+    /// Keeps the table under its bound: when full, forgets the entries that block nothing now,
+    /// and if that frees nothing, the half that failed least recently (so the cost of making
+    /// room is spread over the many insertions the freed half allows).
     fn make_room(&self, table: &mut Table, now: Instant) {
         if table.entries.len() < self.config.entries_max {
             return;
         }
-        let idle = self.config.backoff_max;
-        table
-            .entries
-            .retain(|_, e| now.saturating_duration_since(e.blocked_until) < idle);
-        while table.entries.len() >= self.config.entries_max.max(1) {
-            let Some(oldest) = table
-                .entries
-                .iter()
-                .min_by_key(|(_, e)| e.last_failure)
-                .map(|(k, _)| k.clone())
-            else {
-                break;
-            };
-            table.entries.remove(&oldest);
+        table.entries.retain(|_, e| e.blocked_until > now);
+        if table.entries.len() < self.config.entries_max {
+            return;
         }
+        let mut ages: Vec<Instant> = table.entries.values().map(|e| e.last_failure).collect();
+        let middle = ages.len() / 2;
+        let (_, cutoff, _) = ages.select_nth_unstable(middle);
+        let cutoff = *cutoff;
+        table.entries.retain(|_, e| e.last_failure > cutoff);
     }
 
     /// Records a successful authentication: the name's failures are forgiven.
@@ -295,6 +305,32 @@ mod tests {
         assert_eq!(t.check_at(ip(99), Some("victim"), now), Verdict::Go);
         assert_eq!(t.stats.mqtt_failures.load(Ordering::Relaxed), 3);
         assert_eq!(t.stats.http_failures.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn failures_are_forgotten_after_a_quiet_maximum_backoff() {
+        let t = throttle(100);
+        let start = Instant::now();
+        for n in 0..10u64 {
+            // One failure every 2 s with a 1 s maximum backoff: never blocked.
+            let at = start + Duration::from_secs(2 * n);
+            t.failed_at(ip(1), Some("u"), "mqtt", at);
+            assert_eq!(t.check_at(ip(1), Some("u"), at), Verdict::Go, "failure {n}");
+        }
+    }
+
+    #[test]
+    fn an_ipv6_host_is_throttled_by_its_64_network() {
+        let t = throttle(100);
+        let now = Instant::now();
+        for n in 0..3u16 {
+            let address = IpAddr::from([0x2001, 0xdb8, 0, 1, 0, 0, 0, n]);
+            t.failed_at(address, None, "mqtt", now);
+        }
+        let same_64 = IpAddr::from([0x2001, 0xdb8, 0, 1, 0xffff, 0, 0, 9]);
+        assert!(matches!(t.check_at(same_64, None, now), Verdict::Wait(_)));
+        let other_64 = IpAddr::from([0x2001, 0xdb8, 0, 2, 0, 0, 0, 1]);
+        assert_eq!(t.check_at(other_64, None, now), Verdict::Go);
     }
 
     #[test]

@@ -67,6 +67,10 @@ pub struct Authenticated {
     pub thing_client_id: Option<String>,
     /// Superuser.
     pub superuser: bool,
+    /// Identifies the user record these rights were read from (password hash, binding,
+    /// superuser): a CONNECT compares it again after registering its session, so a change made
+    /// while it was authenticating is not missed.
+    pub fingerprint: [u8; 32],
 }
 
 /// Why a user operation failed.
@@ -87,6 +91,20 @@ pub enum UserError {
     /// Hashing failed.
     #[error(transparent)]
     Auth(#[from] AuthError),
+}
+
+fn fingerprint(record: &UserRecord) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    hasher.update(record.password_hash.as_bytes());
+    hasher.update([0]);
+    hasher.update(record.thing_name.as_deref().unwrap_or("").as_bytes());
+    hasher.update([
+        0,
+        u8::from(record.thing_name.is_some()),
+        u8::from(record.superuser),
+    ]);
+    hasher.finalize().into()
 }
 
 /// The user store.
@@ -280,10 +298,10 @@ impl MqttUsers {
     /// Checks credentials against the verified-secret cache only (no argon2): `Some` when the
     /// user exists and this exact password verified before. Cheap enough for async code.
     pub fn authenticate_cached(&self, username: &str, password: &str) -> Option<Authenticated> {
-        if !self.verified.hit(username, password) {
+        let record = self.read(username).ok().flatten()?;
+        if !self.verified.hit(username, password, &record.password_hash) {
             return None;
         }
-        let record = self.read(username).ok().flatten()?;
         Some(self.authenticated(username, record))
     }
 
@@ -300,6 +318,7 @@ impl MqttUsers {
     }
 
     fn authenticated(&self, username: &str, record: UserRecord) -> Authenticated {
+        let fingerprint = fingerprint(&record);
         let (thing_name, thing_client_id) = match record.thing_name {
             Some(thing) => {
                 let client_id = self.thing_client_id(&thing);
@@ -315,6 +334,25 @@ impl MqttUsers {
             thing_name,
             thing_client_id,
             superuser: record.superuser,
+            fingerprint,
+        }
+    }
+
+    /// The fingerprint of `username`'s record now (`None` once deleted); see
+    /// [`Authenticated::fingerprint`].
+    pub fn fingerprint(&self, username: &str) -> Result<Option<[u8; 32]>, UserError> {
+        Ok(self.read(username)?.as_ref().map(fingerprint))
+    }
+
+    /// The registered Thing whose `mqttClientId` is `client_id`, if any: that client id is
+    /// reserved for the users bound to that Thing.
+    pub fn client_id_reserved_by(&self, client_id: &str) -> Option<String> {
+        match thinghub_actors::service::client_id_owner(&self.store, client_id) {
+            Ok(owner) => owner,
+            Err(e) => {
+                tracing::error!(%client_id, error = %e, "cannot read the client id index");
+                None
+            }
         }
     }
 
@@ -338,15 +376,19 @@ impl MqttUsers {
                 None
             }
         };
-        if record.is_none() || !self.verified.hit(username, password) {
+        let hash = record.as_ref().map(|r| r.password_hash.as_str());
+        let cached =
+            |hash: Option<&str>| hash.is_some_and(|h| self.verified.hit(username, password, h));
+        if !cached(hash) {
             let _gate = self.argon2_gate.lock().unwrap_or_else(|p| p.into_inner());
             // Someone else may have verified the same secret while we waited.
-            if record.is_none() || !self.verified.hit(username, password) {
-                let hash = record.as_ref().map(|r| r.password_hash.as_str());
+            if !cached(hash) {
                 if !verify_known_secret(hash, password) {
                     return None;
                 }
-                self.verified.remember(username, password);
+                if let Some(hash) = hash {
+                    self.verified.remember(username, password, hash);
+                }
             }
         }
         record.map(|record| self.authenticated(username, record))
@@ -375,7 +417,8 @@ mod tests {
             Some(Authenticated {
                 thing_name: Some("pump-1".into()),
                 thing_client_id: None,
-                superuser: false
+                superuser: false,
+                fingerprint: users.fingerprint("dev1").expect("read").expect("exists"),
             }),
             "bound to a Thing that is not registered: no client id to connect with"
         );
@@ -397,6 +440,11 @@ mod tests {
                 .superuser
         );
         assert_eq!(users.list().expect("list").len(), 1);
+        // A verification that started before the password change and remembers the old
+        // password after it cannot make the old password work again.
+        let old_hash = hash_secret("pw1").expect("hash");
+        users.verified.remember("dev1", "pw1", &old_hash);
+        assert_eq!(users.authenticate_cached("dev1", "pw1"), None);
         users.delete("dev1").await.expect("delete");
         assert_eq!(users.authenticate("dev1", "pw2"), None);
         assert!(matches!(

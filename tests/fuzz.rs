@@ -450,8 +450,33 @@ fn mqtt_corpus() -> Vec<Vec<u8>> {
 }
 
 /// Decodes packets from `bytes` as both versions until the bytes run out; each decoded packet
-/// is encoded again (which must not panic either).
+/// is encoded again (which must not panic either). The same bytes are also framed as one
+/// packet with a correct remaining length, so mutations reach the decoders behind the framing.
 fn mqtt_codec(bytes: &[u8]) {
+    decode_stream(bytes);
+    if let Some((&first, body)) = bytes.split_first() {
+        let mut framed = vec![first];
+        let mut length = body.len();
+        loop {
+            let mut byte = (length % 128) as u8;
+            length /= 128;
+            if length > 0 {
+                byte |= 0x80;
+            }
+            framed.push(byte);
+            if length == 0 {
+                break;
+            }
+        }
+        framed.extend_from_slice(body);
+        decode_stream(&framed);
+    }
+}
+
+/// Packets the codec accepted (how deep the mutations reach).
+static PACKETS_DECODED: AtomicU64 = AtomicU64::new(0);
+
+fn decode_stream(bytes: &[u8]) {
     if let Ok(header) = codec::connect_header(bytes) {
         let _ = header.check();
     }
@@ -460,6 +485,7 @@ fn mqtt_codec(bytes: &[u8]) {
         for _ in 0..64 {
             match codec::read(version, &mut buffer, 64 * 1024) {
                 Ok(packet) => {
+                    PACKETS_DECODED.fetch_add(1, Ordering::Relaxed);
                     if let rumqttd::protocol::Packet::Publish(publish, _) = &packet {
                         let _ = codec::publish_header(publish);
                     }
@@ -479,6 +505,10 @@ fn fuzz_mqtt_codec() {
         json: false,
         run: mqtt_codec,
     });
+    eprintln!(
+        "fuzz mqtt-codec: {} packets decoded",
+        PACKETS_DECODED.load(Ordering::Relaxed)
+    );
 }
 
 /// Three lines: two filters and a topic. Laws: a valid topic matches itself; a filter covers

@@ -82,6 +82,28 @@ async fn sessions_past_the_bound_are_refused_and_existing_ones_still_resume() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_may_own_only_so_many_sessions() {
+    let (_dir, server) = start("mqtt_user_sessions_max = 2\n").await;
+    let _a = backend(&server, "u1", true).await;
+    let _b = backend(&server, "u2", true).await;
+    match Client::connect(&server, "u3", Some(USER), |_| {}).await {
+        Err(ConnectionError::ConnectionRefused(code)) => {
+            assert_eq!(code, ConnectReturnCode::ServiceUnavailable)
+        }
+        other => panic!("expected a refusal, got {:?}", other.err()),
+    }
+    create(
+        &server,
+        "/api/v1/authentication/users",
+        json!({"username":"other","password":"pw"}),
+    )
+    .await;
+    Client::connect(&server, "o1", Some(("other", "pw")), |_| {})
+        .await
+        .expect("another user is not affected");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queued_bytes_are_bounded_per_session_and_in_total() {
     // 1,000-byte payloads on 6-byte topics: 1,006 bytes each.
     let (_dir, server) =
@@ -125,15 +147,14 @@ async fn queued_bytes_are_bounded_per_session_and_in_total() {
         assert!(tokio::time::Instant::now() < deadline, "{q1} {q2}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    assert_eq!(q1["queued"], 9, "9 x 1,006 bytes fit in 10,000: {q1}");
-    assert_eq!(q1["queuedBytes"], 9054);
-    assert_eq!(
-        q2["queued"], 5,
-        "the total bound leaves q2 5 x 1,006 bytes: {q2}"
-    );
+    // Past half the total bound (7,500 bytes), a session keeps its fair share: q1 alone, 7
+    // messages (7,042 bytes); then q2 beside it, 7,500 / 2 = 3,750 bytes, 3 messages.
+    assert_eq!(q1["queued"], 7, "{q1}");
+    assert_eq!(q1["queuedBytes"], 7042);
+    assert_eq!(q2["queued"], 3, "{q2}");
     let m = metrics(&server).await;
-    assert_eq!(m["mqtt"]["queuedBytes"], 9054 + 5030, "{m}");
-    assert!(m["mqtt"]["messagesDropped"].as_u64() >= Some(26), "{m}");
+    assert_eq!(m["mqtt"]["queuedBytes"], 7042 + 3018, "{m}");
+    assert!(m["mqtt"]["messagesDropped"].as_u64() >= Some(30), "{m}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -259,6 +280,91 @@ async fn a_slow_consumer_is_disconnected_and_its_history_says_so() {
         );
     }
     assert_eq!(metrics(&server).await["mqtt"]["slowConsumers"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_closed_when_writes_stall() {
+    // A large outbound queue, so the stall, not the queue, is what ends it.
+    let (_dir, server) =
+        start("mqtt_outbound_queue_max = 100000\nmqtt_write_stall_max_ms = 300\n").await;
+    let mut raw = Raw::open(&server).await;
+    let mut connect = vec![0x10, 0, 0, 4, b'M', b'Q', b'T', b'T', 4, 0b1100_0010, 0, 60];
+    for field in ["reader", "backend", "backend-pw"] {
+        connect.extend_from_slice(&(field.len() as u16).to_be_bytes());
+        connect.extend_from_slice(field.as_bytes());
+    }
+    connect[1] = (connect.len() - 2) as u8;
+    raw.send_bytes(&connect).await;
+    raw.send_bytes(&[0x82, 0x08, 0x00, 0x01, 0x00, 0x03, b'b', b'i', b'g', 0x00])
+        .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, view) = call(Method::GET, &server.url("/api/v1/clients/reader"), None).await;
+        if view["subscriptions"] == json!(["big"]) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "subscribed: {view}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (publisher, _) = Client::connect(&server, "flood", Some(USER), |o| {
+        o.set_max_packet_size(1 << 20, 1 << 20);
+    })
+    .await
+    .expect("connect");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        for _ in 0..50 {
+            publisher
+                .client
+                .publish("big", QoS::AtMostOnce, false, vec![b'x'; 60_000])
+                .await
+                .expect("publish");
+        }
+        let (status, _) = call(Method::GET, &server.url("/api/v1/clients/reader"), None).await;
+        if status == 404 {
+            break; // closed, and its clean session gone
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "closed once its writes stalled"
+        );
+    }
+    assert!(metrics(&server).await["mqtt"]["slowConsumers"].as_u64() >= Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_upload_that_stalls_is_ended_with_an_error_line() {
+    let (_dir, server) = start("http_body_read_timeout_ms = 300\n").await;
+    let mut socket = tokio::net::TcpStream::connect(server.http)
+        .await
+        .expect("tcp");
+    let line = "{\"thingName\":\"first\"}\n";
+    let request = format!(
+        "POST /api/v1/things/bulk HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {}\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{line}\r\n",
+        base64_basic(),
+        line.len()
+    );
+    socket.write_all(request.as_bytes()).await.expect("write");
+    // ... and then nothing more: the run stops with an error line and a summary.
+    let mut answer = Vec::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut buffer = [0u8; 4096];
+        let n = tokio::time::timeout_at(deadline, socket.read(&mut buffer))
+            .await
+            .expect("answered in time")
+            .expect("read");
+        answer.extend_from_slice(&buffer[..n]);
+        let text = String::from_utf8_lossy(&answer);
+        if n == 0 || text.contains("\"summary\"") {
+            assert!(text.contains("\"code\":201"), "{text}");
+            assert!(
+                text.contains("no part of the request body arrived"),
+                "{text}"
+            );
+            break;
+        }
+    }
 }
 
 /// Sends raw bytes over HTTP/1.1 and reads until the server closes (bounded).

@@ -86,9 +86,30 @@ async fn a_device_cannot_take_over_read_or_kick_another_devices_session() {
         }
         other => panic!("expected 0x85, got {:?}", other.err()),
     }
-    // Not even a superuser may resume or discard a session another user owns.
+    // Nor a superuser: a Thing's client id is its users' alone.
     for clean in [false, true] {
         let attempt = Client::connect(&server, "dev-b", Some(("backend", "backend-pw")), |o| {
+            o.set_clean_session(clean);
+        })
+        .await;
+        refused_with(attempt, ConnectReturnCode::BadClientId);
+    }
+    // And any session belongs to its owner: a superuser may not resume or discard a plain
+    // user's either.
+    create(
+        &server,
+        "/api/v1/authentication/users",
+        json!({"username":"app","password":"pw"}),
+    )
+    .await;
+    let (app, _) = Client::connect(&server, "app-1", Some(("app", "pw")), |o| {
+        o.set_clean_session(false);
+    })
+    .await
+    .expect("app");
+    app.kill();
+    for clean in [false, true] {
+        let attempt = Client::connect(&server, "app-1", Some(("backend", "backend-pw")), |o| {
             o.set_clean_session(clean);
         })
         .await;
@@ -150,6 +171,52 @@ async fn a_things_user_must_use_the_things_client_id_and_the_thing_must_exist() 
         Client::connect(&server, "ghost", Some(("orphan", "pw")), |_| {}).await,
         ConnectReturnCode::NotAuthorized,
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nobody_but_a_things_user_may_use_its_client_id() {
+    let (_dir, server) = start().await;
+    create(
+        &server,
+        "/api/v1/things",
+        json!({"thingName":"valve","mqttClientId":"valve-7"}),
+    )
+    .await;
+    create(
+        &server,
+        "/api/v1/authentication/users",
+        json!({"username":"app","password":"pw"}),
+    )
+    .await;
+    // A plain user or a superuser squatting the device's client id (to hold its session and
+    // lock it out) is refused, whether the id is the registered one or not.
+    for user in [("app", "pw"), ("backend", "backend-pw")] {
+        refused_with(
+            Client::connect(&server, "valve-7", Some(user), |o| {
+                o.set_clean_session(false);
+            })
+            .await,
+            ConnectReturnCode::BadClientId,
+        );
+    }
+    // Another Thing may not be registered with it either.
+    let (status, body) = call(
+        Method::POST,
+        &server.url("/api/v1/things"),
+        Some(json!({"thingName":"copycat","mqttClientId":"valve-7"})),
+    )
+    .await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["message"].as_str().unwrap_or("").contains("valve"),
+        "{body}"
+    );
+    // Once the Thing is deleted, the id is free again.
+    let (status, _) = call(Method::DELETE, &server.url("/api/v1/things/valve"), None).await;
+    assert_eq!(status, 204);
+    Client::connect(&server, "valve-7", Some(("app", "pw")), |_| {})
+        .await
+        .expect("free once the Thing is gone");
 }
 
 async fn history_types(server: &Server, thing: &str) -> Vec<String> {

@@ -110,13 +110,22 @@ impl Things {
         }
     }
 
-    /// Registers a Thing: 409 if it exists.
+    /// Registers a Thing: 409 if it exists, or if its MQTT client id belongs to another Thing.
     pub async fn register(
         &self,
         name: &str,
         register: RegisterThing,
     ) -> Result<ThingDescription, Rejection> {
         thing::validate_thing_name(name)?;
+        let client_id = register.mqtt_client_id.as_deref().unwrap_or(name);
+        if let Some(owner) = client_id_owner(&self.store, client_id).map_err(storage_failure)? {
+            if owner != name {
+                return Err(Rejection::new(
+                    ErrorCode::Conflict,
+                    format!("mqttClientId '{client_id}' belongs to Thing '{owner}'"),
+                ));
+            }
+        }
         let request = Request::Command(ThingCommand::Register(register));
         match self.registry.request(name, request).await? {
             Response::Decided(Reply::Registered(description)) => Ok(description),
@@ -504,6 +513,49 @@ pub fn list_events(
                 items,
                 next_before_seq: None,
             });
+        }
+    }
+}
+
+/// The registered Thing whose MQTT client id is `client_id`, checked against its registry
+/// record (the `client_ids` index may lag the log after a crash).
+pub fn client_id_owner(store: &Store, client_id: &str) -> Result<Option<String>, StorageError> {
+    let Some(owner) = store.client_id_owner(client_id)? else {
+        return Ok(None);
+    };
+    let Some(bytes) = store.get_thing(&owner)? else {
+        return Ok(None);
+    };
+    let record = codec::decode_index_record(&owner, &bytes)?;
+    Ok((record.mqtt_client_id == client_id).then_some(owner))
+}
+
+/// Registry index records read per step of [`backfill_client_ids`].
+const BACKFILL_PAGE_RECORDS: usize = 1000;
+
+/// Fills the `client_ids` index from the registry index when it is empty (a database written
+/// before the index existed). Returns the entries written.
+pub fn backfill_client_ids(store: &Store) -> Result<usize, StorageError> {
+    if !store.client_ids_empty() {
+        return Ok(0);
+    }
+    let mut written = 0;
+    let mut after: Option<String> = None;
+    loop {
+        let page = store.list_things(after.as_deref(), BACKFILL_PAGE_RECORDS)?;
+        for (name, bytes) in &page {
+            let record = codec::decode_index_record(name, bytes)?;
+            store.repair_index(
+                name,
+                &[thinghub_storage::IndexOp::PutClientId(
+                    record.mqtt_client_id,
+                )],
+            )?;
+            written += 1;
+        }
+        match page.last() {
+            Some((last, _)) if page.len() == BACKFILL_PAGE_RECORDS => after = Some(last.clone()),
+            _ => return Ok(written),
         }
     }
 }

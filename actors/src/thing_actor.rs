@@ -267,6 +267,7 @@ impl ThingActorState {
                 self.thing = thing;
                 self.health = Health::Ready;
                 self.repair_index();
+                self.repair_client_id();
                 self.repair_deadline();
             }
             Ok(Err(e)) => {
@@ -313,6 +314,27 @@ impl ThingActorState {
         tracing::warn!(thing = %name, ?op, "registry index disagreed with the log; repaired");
         if let Err(e) = store.repair_index(name, &[op]) {
             tracing::warn!(thing = %name, error = %e, "cannot repair the registry index");
+        }
+    }
+
+    /// Makes the `client_ids` index name this Thing for its MQTT client id.
+    fn repair_client_id(&self) {
+        let Some(registration) = &self.thing.registration else {
+            return;
+        };
+        let name = &self.thing.name;
+        let client_id = &registration.mqtt_client_id;
+        let store = &self.context.store;
+        match store.client_id_owner(client_id) {
+            Ok(Some(owner)) if owner == *name => {}
+            Ok(_) => {
+                tracing::warn!(thing = %name, %client_id, "client id index disagreed with the log; repaired");
+                if let Err(e) = store.repair_index(name, &[IndexOp::PutClientId(client_id.clone())])
+                {
+                    tracing::warn!(thing = %name, error = %e, "cannot repair the client id index");
+                }
+            }
+            Err(e) => tracing::warn!(thing = %name, error = %e, "cannot read the client id index"),
         }
     }
 
@@ -525,8 +547,14 @@ impl ThingActorState {
                     let bytes = codec::encode_index_record(&record)
                         .map_err(|_| internal("the registry record could not be encoded"))?;
                     index.push(IndexOp::PutThing(bytes));
+                    index.push(IndexOp::PutClientId(registered.mqtt_client_id.clone()));
                 }
-                ThingEvent::Deleted(_) => index.push(IndexOp::RemoveThing),
+                ThingEvent::Deleted(_) => {
+                    index.push(IndexOp::RemoveThing);
+                    if let Some(registration) = &self.thing.registration {
+                        index.push(IndexOp::RemoveClientId(registration.mqtt_client_id.clone()));
+                    }
+                }
                 ThingEvent::ShadowUpdated(_)
                 | ThingEvent::ShadowDeleted(_)
                 | ThingEvent::EventIngested(_)

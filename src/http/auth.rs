@@ -59,10 +59,8 @@ pub async fn require_admin(
         .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |info| info.0.ip());
     let (key, secret) = match credentials(&request) {
         Ok(pair) => pair,
-        Err(message) => {
-            state.throttle.failed(address, None, "http");
-            return unauthorized(message);
-        }
+        // No secret was tried (a probe, a misconfigured client): refused, not counted.
+        Err(message) => return unauthorized(message),
     };
     if state.keys.verify_cached(&key, &secret) {
         return next.run(request).await;

@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -23,6 +24,7 @@ use tokio::sync::{mpsc, Semaphore};
 
 use super::error::ApiError;
 use super::extract::parse_json;
+use super::listener::BodyReadTimeout;
 use super::ndjson::{Line, LineSplitter};
 use super::AppState;
 
@@ -30,6 +32,9 @@ use super::AppState;
 const BULK_IN_FLIGHT_MAX: usize = 64;
 /// Result lines buffered toward a slow reader before registration pauses.
 const BULK_RESULTS_BUFFERED_MAX: usize = 1024;
+/// How long the body or the reader may stall when the request did not come through the
+/// listener (which sets `http_body_read_timeout_ms`).
+const BULK_STALL_DEFAULT: Duration = Duration::from_secs(30);
 
 /// One line of a bulk registration.
 #[derive(Debug, Deserialize)]
@@ -127,8 +132,9 @@ async fn register_one(state: &AppState, line: u64, bytes: &[u8]) -> Value {
     answer
 }
 
-/// Reads lines from `body` and registers each; sends one result line per input line.
-async fn run(state: AppState, body: Body, results: mpsc::Sender<Value>) {
+/// Reads lines from `body` and registers each; sends one result line per input line. A body
+/// that stops arriving, or a client that stops reading the answers, for `stall` ends the run.
+async fn run(state: AppState, body: Body, results: mpsc::Sender<Value>, stall: Duration) {
     let lines_max = state.limits.bulk_lines_max as u64;
     let permits = Arc::new(Semaphore::new(BULK_IN_FLIGHT_MAX));
     let mut tasks = tokio::task::JoinSet::new();
@@ -139,15 +145,23 @@ async fn run(state: AppState, body: Body, results: mpsc::Sender<Value>) {
     let mut read_error = None;
     let mut finished = false;
     while !finished {
-        match stream.next().await {
-            Some(Ok(chunk)) => splitter.push(&chunk, &mut lines),
-            Some(Err(e)) => {
+        match tokio::time::timeout(stall, stream.next()).await {
+            Ok(Some(Ok(chunk))) => splitter.push(&chunk, &mut lines),
+            Ok(Some(Err(e))) => {
                 read_error = Some(format!("the request body could not be read: {e}"));
                 break;
             }
-            None => {
+            Ok(None) => {
                 finished = true;
                 splitter.finish(&mut lines);
+            }
+            Err(_) => {
+                read_error = Some(format!(
+                    "no part of the request body arrived for {} ms after line {}; stopped",
+                    stall.as_millis(),
+                    splitter.line_number()
+                ));
+                break;
             }
         }
         for line in lines.drain(..) {
@@ -168,7 +182,11 @@ async fn run(state: AppState, body: Body, results: mpsc::Sender<Value>) {
                         StatusCode::PAYLOAD_TOO_LARGE,
                         format!("line is longer than {} bytes", state.limits.body_bytes_max),
                     );
-                    if results.send(error_line(number, &error)).await.is_err() {
+                    if results
+                        .send_timeout(error_line(number, &error), stall)
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -180,7 +198,8 @@ async fn run(state: AppState, body: Body, results: mpsc::Sender<Value>) {
                     tasks.spawn(async move {
                         let answer = register_one(&state, number, &bytes).await;
                         drop(permit);
-                        let _ = results.send(answer).await;
+                        // A client that stops reading the answers ends the run (bounded).
+                        let _ = results.send_timeout(answer, stall).await;
                     });
                     while tasks.try_join_next().is_some() {}
                 }
@@ -190,15 +209,22 @@ async fn run(state: AppState, body: Body, results: mpsc::Sender<Value>) {
     while tasks.join_next().await.is_some() {}
     if let Some(message) = read_error {
         tracing::warn!(%message, "bulk registration stopped early");
-        let _ = results.send(json!({"code": 400, "message": message})).await;
+        let _ = results
+            .send_timeout(json!({"code": 400, "message": message}), stall)
+            .await;
     }
 }
 
 /// `POST /api/v1/things/bulk` (NDJSON in, NDJSON out).
-pub async fn register(State(state): State<AppState>, body: Body) -> Response {
+pub async fn register(
+    State(state): State<AppState>,
+    timeout: Option<axum::Extension<BodyReadTimeout>>,
+    body: Body,
+) -> Response {
+    let stall = timeout.map_or(BULK_STALL_DEFAULT, |t| t.0 .0);
     let (tx, rx) = mpsc::channel::<Value>(BULK_RESULTS_BUFFERED_MAX);
     let (summary_tx, summary_rx) = mpsc::channel::<Value>(BULK_RESULTS_BUFFERED_MAX);
-    tokio::spawn(run(state, body, tx));
+    tokio::spawn(run(state, body, tx, stall));
     // Counts results on their way out and appends the summary.
     tokio::spawn(async move {
         let mut rx = rx;
@@ -212,12 +238,15 @@ pub async fn register(State(state): State<AppState>, body: Body) -> Response {
                     failed += 1;
                 }
             }
-            if summary_tx.send(result).await.is_err() {
+            if summary_tx.send_timeout(result, stall).await.is_err() {
                 return;
             }
         }
         let _ = summary_tx
-            .send(json!({"summary": {"lines": lines, "created": created, "failed": failed}}))
+            .send_timeout(
+                json!({"summary": {"lines": lines, "created": created, "failed": failed}}),
+                stall,
+            )
             .await;
     });
     let stream = futures_util::stream::unfold(summary_rx, |mut rx| async move {

@@ -6,6 +6,8 @@
 //!   for a request (hyper re-arms this timer when a keep-alive connection goes idle), so
 //!   half-sent requests cannot hold sockets.
 //! - A keep-alive connection with no request for `keep_alive_idle` is closed.
+//! - A write to the client that makes no progress for `write_stall` closes the connection (a
+//!   client that stops reading a response cannot hold it; hyper has no write timeout).
 //! - Each request carries the peer address ([`ConnectInfo`]) and the body read timeout
 //!   ([`BodyReadTimeout`]) as extensions.
 //! - Shutdown stops accepting, lets requests in flight finish (idle connections close at once)
@@ -41,6 +43,8 @@ pub struct ListenerConfig {
     pub keep_alive_idle: Duration,
     /// Time a request body has to arrive (read by the JSON extractor).
     pub body_read_timeout: Duration,
+    /// A write that makes no progress for this long closes the connection.
+    pub write_stall: Duration,
     /// How long shutdown waits for requests in flight.
     pub drain_timeout: Duration,
 }
@@ -161,7 +165,12 @@ async fn connection(
         .timer(TokioTimer::new())
         .header_read_timeout(config.header_read_timeout)
         .keep_alive(true);
-    let mut conn = pin!(builder.serve_connection(TokioIo::new(stream), service));
+    let io = StallGuard {
+        inner: stream,
+        stall: config.write_stall,
+        timer: None,
+    };
+    let mut conn = pin!(builder.serve_connection(TokioIo::new(io), service));
     let idle = tokio::time::sleep(config.keep_alive_idle);
     let mut idle = pin!(idle);
     let mut closing = false;
@@ -188,6 +197,90 @@ async fn connection(
                 conn.as_mut().graceful_shutdown();
             }
         }
+    }
+}
+
+/// A socket whose writes fail with `TimedOut` once one has made no progress for `stall`.
+struct StallGuard {
+    inner: TcpStream,
+    stall: Duration,
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl StallGuard {
+    /// Passes a write's outcome on; while it is pending, runs the stall timer.
+    fn guard<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        outcome: std::task::Poll<std::io::Result<T>>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        use std::future::Future as _;
+        use std::task::Poll;
+        match outcome {
+            Poll::Ready(result) => {
+                self.timer = None;
+                Poll::Ready(result)
+            }
+            Poll::Pending => {
+                let stall = self.stall;
+                let timer = self
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(std::io::ErrorKind::TimedOut.into())),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for StallGuard {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for StallGuard {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let outcome = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.guard(cx, outcome)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let outcome = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.guard(cx, outcome)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let outcome = std::pin::Pin::new(&mut self.inner).poll_flush(cx);
+        self.guard(cx, outcome)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

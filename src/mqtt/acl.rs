@@ -7,10 +7,11 @@
 //! 2. A superuser (backend application) may use any other topic.
 //! 3. Operator rules (`/api/v1/authorization/rules`) are checked next, in creation order; the
 //!    first rule that matches the client and the topic decides. `${username}` and `${clientid}`
-//!    are filled in per client, but only with a value that is one plain topic level: a value
-//!    that is empty or contains `+`, `#` or `/` makes an allow rule grant nothing and a deny
-//!    rule deny (fail closed). A rule grants a subscription only if its filter covers the whole
-//!    subscribed filter (`a/+` does not grant `a/#`).
+//!    are filled in per client (in one pass), but only with a value that is one plain topic
+//!    level: a value that is empty or contains `+`, `#` or `/` makes an allow rule grant
+//!    nothing and a deny rule deny everything from that level on (fail closed). An allow grants
+//!    a subscription only if its filter covers the whole subscribed filter (`a/+` does not grant
+//!    `a/#`); a deny refuses every filter that reaches its topics.
 //! 4. The default rules: a client connected as a Thing may use only `{prefix}/things/{itsName}/...`
 //!    and `{prefix}/commands/things/{itsName}/...` (a filter only if it starts with one of those
 //!    literal prefixes, so its wildcards stay inside them). Any other client (a plain user, or
@@ -139,29 +140,47 @@ impl AclRule {
             .map_err(|e| RuleError::Invalid(format!("topic '{}': {e}", self.topic)))
     }
 
-    /// The rule's filter for `who`, placeholders filled in. A value that is not one plain topic
-    /// level (empty, or with `+`, `#` or `/`) is attacker-chosen text that must never widen a
-    /// grant: an allow rule then does not apply (`None`), and a deny rule denies for every
-    /// value of that level (the placeholder becomes `+`).
+    /// The rule's filter for `who`, placeholders filled in, in one pass (a value is never
+    /// scanned for placeholders itself). A value that is not one plain topic level (empty, or
+    /// with `+`, `#` or `/`) is attacker-chosen text that must never widen a grant: an allow
+    /// rule then does not apply (`None`), and in a deny rule the level holding it and all after
+    /// become `#`, so the deny covers whatever the value could have made of the topic.
     fn expand(&self, who: &Identity) -> Option<String> {
         let plain_level = |value: &str| !value.is_empty() && !value.contains(['+', '#', '/']);
         let deny = self.permission == Permission::Deny;
-        let mut filter = self.topic.clone();
-        for (placeholder, value) in [
-            ("${username}", who.username.as_deref().unwrap_or("")),
-            ("${clientid}", who.client_id.as_str()),
-        ] {
-            if !filter.contains(placeholder) {
-                continue;
+        let mut levels = Vec::new();
+        for level in self.topic.split('/') {
+            let mut out = String::with_capacity(level.len());
+            let mut rest = level;
+            let mut unsafe_value = false;
+            while let Some(at) = rest.find("${") {
+                out.push_str(&rest[..at]);
+                let tail = &rest[at..];
+                let value = if let Some(after) = tail.strip_prefix("${username}") {
+                    rest = after;
+                    who.username.as_deref().unwrap_or("")
+                } else if let Some(after) = tail.strip_prefix("${clientid}") {
+                    rest = after;
+                    who.client_id.as_str()
+                } else {
+                    out.push_str("${");
+                    rest = &tail[2..];
+                    continue;
+                };
+                unsafe_value |= !plain_level(value);
+                out.push_str(value);
             }
-            let value = match (plain_level(value), deny) {
-                (true, _) => value,
-                (false, true) => "+",
-                (false, false) => return None,
-            };
-            filter = filter.replace(placeholder, value);
+            out.push_str(rest);
+            if unsafe_value {
+                if !deny {
+                    return None;
+                }
+                levels.push("#".to_owned());
+                break;
+            }
+            levels.push(out);
         }
-        Some(filter)
+        Some(levels.join("/"))
     }
 
     fn applies(&self, who: &Identity, action: Action, topic: &str) -> bool {
@@ -609,6 +628,45 @@ mod tests {
         ] {
             assert!(!acl.is_server_topic(request), "{request}");
         }
+    }
+
+    #[test]
+    fn a_placeholder_value_is_never_expanded_again_and_a_deny_covers_its_whole_level() {
+        let acl = Acl::new("$emqx");
+        {
+            let mut rules = acl.rules.write().expect("lock");
+            rules.push(rule(
+                None,
+                Permission::Allow,
+                RuleAction::All,
+                "users/${username}/#",
+            ));
+            rules.push(rule(
+                None,
+                Permission::Deny,
+                RuleAction::Publish,
+                "ctl/dev-${clientid}/cmd",
+            ));
+        }
+        // A username that spells a placeholder gets its literal self, not the client id.
+        let sneaky = Identity {
+            client_id: "alice".into(),
+            username: Some("${clientid}".into()),
+            thing: Some("t".into()),
+            superuser: false,
+        };
+        assert!(!acl.allows(&sneaky, Action::Subscribe, "users/alice/#"));
+        // A deny with the placeholder inside a level covers whatever the value could reach.
+        let slashed = Identity {
+            client_id: "a/b".into(),
+            username: Some("u".into()),
+            thing: None,
+            superuser: false,
+        };
+        for topic in ["ctl/dev-a/b/cmd", "ctl/dev-a/cmd", "ctl/x"] {
+            assert!(!acl.allows(&slashed, Action::Publish, topic), "{topic}");
+        }
+        assert!(acl.allows(&slashed, Action::Publish, "other/topic"));
     }
 
     #[test]

@@ -34,12 +34,16 @@ pub struct BrokerLimits {
     pub session_queue_max: usize,
     /// Bytes (topic + payload) queued or in flight per session; the oldest is dropped past it.
     pub session_queue_bytes_max: usize,
-    /// Bytes queued or in flight over all sessions; the receiving session's oldest is dropped
-    /// past it.
+    /// Bytes queued or in flight over all sessions (a hard bound). Past half of it, a session
+    /// holding more than its fair share (half the bound divided by the sessions holding bytes)
+    /// loses its oldest messages first, while one holding less still receives: one user's
+    /// backlog cannot starve the others.
     pub queued_bytes_max: usize,
     /// Sessions (connected or persistent) in total; a CONNECT that would create one more is
     /// refused.
     pub sessions_max: usize,
+    /// Sessions one username may own (so one user cannot fill the session table).
+    pub user_sessions_max: usize,
     /// Longest a disconnected persistent session is kept.
     pub session_expiry_max: Duration,
     /// Most retained messages kept.
@@ -461,6 +465,8 @@ pub struct BrokerStats {
     pub subscriptions_revoked: AtomicU64,
     /// Bytes queued or in flight over all sessions now (gauge).
     pub queued_bytes: AtomicU64,
+    /// Sessions holding queued or in-flight bytes now (gauge; the fair-share divisor).
+    pub sessions_holding: AtomicU64,
     /// Bytes of retained messages now (gauge).
     pub retained_bytes: AtomicU64,
 }
@@ -519,6 +525,9 @@ pub enum ConnectRefusal {
     /// `sessions_max` sessions exist.
     #[error("the session limit is reached")]
     SessionsFull,
+    /// The user owns `user_sessions_max` sessions.
+    #[error("the user's session limit is reached")]
+    UserSessionsFull,
 }
 
 /// Why the broker refused a PUBLISH.
@@ -544,6 +553,18 @@ pub enum UserChange<'a> {
         /// Whether an identity may subscribe to a filter.
         allowed: &'a dyn Fn(&Identity, &str) -> bool,
     },
+}
+
+/// The session of `client_id` if `connection_id` is its live connection: a connection that was
+/// taken over, kicked or revoked must not act on the session that outlived it.
+fn live_session<'s>(
+    sessions: &'s mut HashMap<Arc<str>, Session>,
+    client_id: &str,
+    connection_id: u64,
+) -> Option<&'s mut Session> {
+    sessions
+        .get_mut(client_id)
+        .filter(|s| s.connection.as_ref().map(|c| c.id) == Some(connection_id))
 }
 
 impl Broker {
@@ -591,6 +612,16 @@ impl Broker {
             None if state.sessions.len() >= self.limits.sessions_max => {
                 self.stats.sessions_refused.fetch_add(1, Ordering::Relaxed);
                 return Err(ConnectRefusal::SessionsFull);
+            }
+            None if request.identity.username.as_deref().is_some_and(|user| {
+                state
+                    .owners
+                    .get(user)
+                    .is_some_and(|ids| ids.len() >= self.limits.user_sessions_max)
+            }) =>
+            {
+                self.stats.sessions_refused.fetch_add(1, Ordering::Relaxed);
+                return Err(ConnectRefusal::UserSessionsFull);
             }
             _ => {}
         }
@@ -731,9 +762,9 @@ impl Broker {
     /// An inbound QoS 2 PUBLISH arrived: `Some(n)` the first time for `pkid` (deliver it; `n`
     /// QoS 2 messages of this client now await release), `None` for a resend of one not yet
     /// released (do not deliver again).
-    pub fn qos2_arrived(&self, client_id: &str, pkid: u16) -> Option<usize> {
+    pub fn qos2_arrived(&self, client_id: &str, connection_id: u64, pkid: u16) -> Option<usize> {
         let mut state = self.lock();
-        let session = state.sessions.get_mut(client_id)?;
+        let session = live_session(&mut state.sessions, client_id, connection_id)?;
         session
             .incoming_qos2
             .insert(pkid)
@@ -741,11 +772,9 @@ impl Broker {
     }
 
     /// PUBREL: the client releases `pkid`; true if it was pending.
-    pub fn qos2_released(&self, client_id: &str, pkid: u16) -> bool {
+    pub fn qos2_released(&self, client_id: &str, connection_id: u64, pkid: u16) -> bool {
         let mut state = self.lock();
-        state
-            .sessions
-            .get_mut(client_id)
+        live_session(&mut state.sessions, client_id, connection_id)
             .is_some_and(|s| s.incoming_qos2.remove(&pkid))
     }
 
@@ -907,7 +936,14 @@ impl Broker {
 
     /// Adds (or replaces) a subscription. Retained messages are delivered per the retain
     /// handling option.
-    pub fn subscribe(&self, client_id: &str, raw: &str, parsed: ParsedFilter, options: SubOptions) {
+    pub fn subscribe(
+        &self,
+        client_id: &str,
+        connection_id: u64,
+        raw: &str,
+        parsed: ParsedFilter,
+        options: SubOptions,
+    ) {
         let mut guard = self.lock();
         let key: Arc<str> = Arc::from(client_id);
         let State {
@@ -917,7 +953,7 @@ impl Broker {
             retained_bytes,
             ..
         } = &mut *guard;
-        let Some(session) = sessions.get_mut(&key) else {
+        let Some(session) = live_session(sessions, client_id, connection_id) else {
             return;
         };
         let subscriber = Subscriber {
@@ -970,14 +1006,13 @@ impl Broker {
     }
 
     /// Removes a subscription; returns whether it existed.
-    pub fn unsubscribe(&self, client_id: &str, raw: &str) -> bool {
+    pub fn unsubscribe(&self, client_id: &str, connection_id: u64, raw: &str) -> bool {
         let mut state = self.lock();
         let State { sessions, trie, .. } = &mut *state;
         let Some(key) = sessions.get_key_value(client_id).map(|(k, _)| k.clone()) else {
             return false;
         };
-        let Some((parsed, _)) = sessions
-            .get_mut(&key)
+        let Some((parsed, _)) = live_session(sessions, client_id, connection_id)
             .and_then(|session| session.subscriptions.remove(raw))
         else {
             return false;
@@ -1101,9 +1136,9 @@ impl Broker {
     }
 
     /// PUBACK (QoS 1) or PUBCOMP (QoS 2) from the client: the slot frees and the queue drains.
-    pub fn acknowledged(&self, client_id: &str, pkid: u16) {
+    pub fn acknowledged(&self, client_id: &str, connection_id: u64, pkid: u16) {
         let mut state = self.lock();
-        if let Some(session) = state.sessions.get_mut(client_id) {
+        if let Some(session) = live_session(&mut state.sessions, client_id, connection_id) {
             if let Some(slot) = session.inflight.remove(&pkid) {
                 if let Some(pending) = slot {
                     self.release_bytes(session, pending.size());
@@ -1114,9 +1149,9 @@ impl Broker {
     }
 
     /// PUBREC from the client (QoS 2): the message is kept as released and PUBREL goes out.
-    pub fn received(&self, client_id: &str, pkid: u16) {
+    pub fn received(&self, client_id: &str, connection_id: u64, pkid: u16) {
         let mut state = self.lock();
-        if let Some(session) = state.sessions.get_mut(client_id) {
+        if let Some(session) = live_session(&mut state.sessions, client_id, connection_id) {
             if let Some(slot) = session.inflight.get_mut(&pkid) {
                 if let Some(pending) = slot.take() {
                     self.release_bytes(session, pending.size());
@@ -1198,9 +1233,12 @@ impl Broker {
                 }
             }
         }
-        self.stats
-            .queued_bytes
-            .fetch_sub(session.queued_bytes as u64, Ordering::Relaxed);
+        if session.queued_bytes > 0 {
+            self.stats
+                .queued_bytes
+                .fetch_sub(session.queued_bytes as u64, Ordering::Relaxed);
+            self.stats.sessions_holding.fetch_sub(1, Ordering::Relaxed);
+        }
         Some(session)
     }
 
@@ -1213,8 +1251,21 @@ impl Broker {
         }
     }
 
+    fn hold_bytes(&self, session: &mut Session, bytes: usize) {
+        if session.queued_bytes == 0 && bytes > 0 {
+            self.stats.sessions_holding.fetch_add(1, Ordering::Relaxed);
+        }
+        session.queued_bytes += bytes;
+        self.stats
+            .queued_bytes
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
     fn release_bytes(&self, session: &mut Session, bytes: usize) {
         session.queued_bytes -= bytes;
+        if session.queued_bytes == 0 && bytes > 0 {
+            self.stats.sessions_holding.fetch_sub(1, Ordering::Relaxed);
+        }
         self.stats
             .queued_bytes
             .fetch_sub(bytes as u64, Ordering::Relaxed);
@@ -1263,10 +1314,13 @@ impl Broker {
         }
         let size = pending.size();
         let over = |session: &Session| {
+            let total = self.stats.queued_bytes.load(Ordering::Relaxed) as usize + size;
+            let pressure = self.limits.queued_bytes_max / 2;
+            let holding = self.stats.sessions_holding.load(Ordering::Relaxed).max(1) as usize;
             session.queue.len() >= self.limits.session_queue_max
                 || session.queued_bytes + size > self.limits.session_queue_bytes_max
-                || self.stats.queued_bytes.load(Ordering::Relaxed) as usize + size
-                    > self.limits.queued_bytes_max
+                || total > self.limits.queued_bytes_max
+                || (total > pressure && session.queued_bytes + size > pressure / holding)
         };
         // Make room by dropping this session's oldest queued messages; if that is not enough
         // (the bytes are in flight), the new message is the one dropped.
@@ -1278,10 +1332,7 @@ impl Broker {
             self.release_bytes(session, oldest.size());
             self.drop_message(session, "queue bound reached");
         }
-        session.queued_bytes += size;
-        self.stats
-            .queued_bytes
-            .fetch_add(size as u64, Ordering::Relaxed);
+        self.hold_bytes(session, size);
         session.queue.push_back(pending);
         self.drain_queue(session);
     }
@@ -1405,6 +1456,7 @@ mod tests {
             session_queue_bytes_max: 1 << 20,
             queued_bytes_max: 1 << 20,
             sessions_max: 100,
+            user_sessions_max: 100,
             session_expiry_max: Duration::from_secs(3600),
             retained_max: 100,
             retained_bytes_max: 1 << 20,
@@ -1488,12 +1540,28 @@ mod tests {
         )
     }
 
+    /// The live connection of `client` (tests act as that connection).
+    fn live(broker: &Broker, client: &str) -> u64 {
+        broker
+            .lock()
+            .sessions
+            .get(client)
+            .and_then(|s| s.connection.as_ref())
+            .map(|c| c.id)
+            .expect("connected")
+    }
+
     fn subscribe(broker: &Broker, client: &str, filter: &str, qos: u8) {
+        subscribe_with(broker, client, filter, options(qos));
+    }
+
+    fn subscribe_with(broker: &Broker, client: &str, filter: &str, options: SubOptions) {
         broker.subscribe(
             client,
+            live(broker, client),
             filter,
             topic::parse_filter(filter).expect("filter"),
-            options(qos),
+            options,
         );
     }
 
@@ -1568,7 +1636,7 @@ mod tests {
             [(1, 1, false), (0, 0, false), (1, 2, false)],
             "window of 2 holds the 4th"
         );
-        broker.acknowledged("c", 1);
+        broker.acknowledged("c", c.registered.connection_id, 1);
         assert_eq!(
             drain(&mut c.rx).iter().map(qos_pkid).collect::<Vec<_>>(),
             [(1, 3, false)]
@@ -1733,21 +1801,24 @@ mod tests {
         }
         assert_eq!(broker.client("s1").expect("s1").queued, 2);
         assert_eq!(broker.client("s1").expect("s1").queued_bytes, 22);
-        // The total bound (50) keeps s2 to what is left after s1's 22 bytes: 2 messages.
+        // Past half the total bound (25), s2 may hold its fair share: 25 / 2 sessions = 12
+        // bytes, one message.
         for _ in 0..5 {
             publish("s2");
         }
         let s2 = broker.client("s2").expect("s2");
-        assert_eq!((s2.queued, s2.dropped), (2, 3));
-        assert_eq!(broker.stats.queued_bytes.load(Ordering::Relaxed), 44);
+        assert_eq!((s2.queued, s2.dropped), (1, 4));
+        assert_eq!(broker.stats.queued_bytes.load(Ordering::Relaxed), 33);
+        assert_eq!(broker.stats.sessions_holding.load(Ordering::Relaxed), 2);
         // Delivery releases the bytes; a discarded session gives its bytes back.
         let mut back = attach(&broker, "s1", false, 60);
         for p in publishes(&mut back.rx) {
-            broker.acknowledged("s1", p.pkid);
+            broker.acknowledged("s1", back.registered.connection_id, p.pkid);
         }
-        assert_eq!(broker.stats.queued_bytes.load(Ordering::Relaxed), 22);
+        assert_eq!(broker.stats.queued_bytes.load(Ordering::Relaxed), 11);
         assert!(broker.kick("s2"));
         assert_eq!(broker.stats.queued_bytes.load(Ordering::Relaxed), 0);
+        assert_eq!(broker.stats.sessions_holding.load(Ordering::Relaxed), 0);
     }
 
     #[test]
@@ -1807,12 +1878,7 @@ mod tests {
         for (filter, id) in [("a/+", Some(1)), ("a/#", Some(7)), ("+/b", None)] {
             let mut opts = options(1);
             opts.subscription_id = id;
-            broker.subscribe(
-                "c",
-                filter,
-                topic::parse_filter(filter).expect("filter"),
-                opts,
-            );
+            subscribe_with(&broker, "c", filter, opts);
         }
         broker.publish(message("a/b", 1, false)).expect("published");
         let got = publishes(&mut c.rx);
@@ -1946,23 +2012,30 @@ mod tests {
     fn an_unreleased_qos2_id_survives_a_reconnect_so_a_resend_is_not_delivered_twice() {
         let broker = broker();
         let first = attach(&broker, "q", false, 60);
+        let id = first.registered.connection_id;
         assert_eq!(
-            broker.qos2_arrived("q", 7),
+            broker.qos2_arrived("q", id, 7),
             Some(1),
             "first arrival is delivered"
         );
-        assert_eq!(broker.qos2_arrived("q", 7), None, "a resend is not");
+        assert_eq!(broker.qos2_arrived("q", id, 7), None, "a resend is not");
         leave(&broker, "q", &first);
-        let _again = attach(&broker, "q", false, 60);
+        let again = attach(&broker, "q", false, 60);
         assert_eq!(
-            broker.qos2_arrived("q", 7),
+            broker.qos2_arrived("q", id, 8),
+            None,
+            "the old connection no longer acts on the session"
+        );
+        let id = again.registered.connection_id;
+        assert_eq!(
+            broker.qos2_arrived("q", id, 7),
             None,
             "still pending after the reconnect"
         );
-        assert!(broker.qos2_released("q", 7));
-        assert!(!broker.qos2_released("q", 7));
+        assert!(broker.qos2_released("q", id, 7));
+        assert!(!broker.qos2_released("q", id, 7));
         assert_eq!(
-            broker.qos2_arrived("q", 7),
+            broker.qos2_arrived("q", id, 7),
             Some(1),
             "a released id can be used again"
         );
@@ -1974,7 +2047,7 @@ mod tests {
         let mut me = attach(&broker, "me", true, 0);
         let mut opts = options(0);
         opts.no_local = true;
-        broker.subscribe("me", "t", topic::parse_filter("t").expect("filter"), opts);
+        subscribe_with(&broker, "me", "t", opts);
         let mut own = message("t", 0, false);
         own.publisher = Some(Arc::from("me"));
         broker.publish(own).expect("published");

@@ -55,6 +55,9 @@ pub struct ConnectionConfig {
     /// QoS 1/2 publishes a v5 client may have unacknowledged (its Receive Maximum, announced in
     /// CONNACK); more closes the connection with 0x93.
     pub inbound_inflight_max: u16,
+    /// A write to the client that makes no progress for this long closes the connection as a
+    /// slow consumer (a client that stops reading must not hold its task and socket).
+    pub write_stall_max: Duration,
 }
 
 /// What every connection shares.
@@ -94,6 +97,11 @@ struct Conn {
     alias_out_max: u16,
     /// QoS 1 PUBACKs queued since the last write (they count against the receive maximum).
     pubacks_queued: u16,
+    /// How long a write may make no progress.
+    write_stall_max: Duration,
+    /// A write was cut off part-way: the stream may end inside a packet, so nothing more
+    /// (a v5 DISCONNECT) may be written to it.
+    write_broken: bool,
 }
 
 impl Conn {
@@ -111,11 +119,27 @@ impl Conn {
         self.flush_encoded().await
     }
 
-    /// Writes what is queued in the write buffer.
+    /// Writes what is queued in the write buffer, consuming it as it goes (so a flush cut off
+    /// part-way, by a close request, leaves exactly the unwritten rest; `write_broken` says the
+    /// stream may end inside a packet until that rest is written). A write that makes no
+    /// progress for `write_stall_max` fails with `TimedOut`.
     async fn flush_encoded(&mut self) -> std::io::Result<()> {
-        if !self.write_buf.is_empty() {
-            self.writer.write_all(&self.write_buf).await?;
-            self.write_buf.clear();
+        while !self.write_buf.is_empty() {
+            // Straight into the socket when it has room (no timer on the common path).
+            match self.writer.try_write(&self.write_buf) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.write_broken = n < self.write_buf.len();
+                    bytes::Buf::advance(&mut self.write_buf, n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    match tokio::time::timeout(self.write_stall_max, self.writer.writable()).await {
+                        Ok(ready) => ready?,
+                        Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
+                    }
+                }
+                Err(e) => return Err(e),
+            }
         }
         self.pubacks_queued = 0;
         if self.write_buf.capacity() > 16 * READ_CHUNK_BYTES {
@@ -166,6 +190,8 @@ pub async fn serve(
         aliases_out: HashMap::new(),
         alias_out_max: 0,
         pubacks_queued: 0,
+        write_stall_max: ctx.config.write_stall_max,
+        write_broken: false,
     };
     let connect = match tokio::time::timeout(
         ctx.config.connect_timeout,
@@ -305,25 +331,39 @@ async fn run_session(
     Ok(())
 }
 
+/// Refuses a client id that a registered Thing reserves (its `mqttClientId`) to anyone not
+/// bound to that Thing: otherwise they could hold the device's session and lock it out.
+fn reserved_client_id(conn: &Conn, ctx: &MqttContext, client_id: &str) -> Result<(), Refusal> {
+    match ctx.users.client_id_reserved_by(client_id) {
+        Some(thing) => {
+            tracing::info!(peer = %conn.peer, %client_id, %thing, "client id reserved for a Thing's users; refusing");
+            Err(Refusal::BadClientId)
+        }
+        None => Ok(()),
+    }
+}
+
 /// Checks the CONNECT's credentials (throttled per source address and username) and returns
-/// who the client is, or the refusal to answer with.
+/// who the client is (with the fingerprint of the user record it was checked against), or the
+/// refusal to answer with.
 async fn authenticate(
     conn: &Conn,
     ctx: &MqttContext,
     client_id: &str,
     login: Option<rumqttd::protocol::Login>,
-) -> Result<Identity, Refusal> {
+) -> Result<(Identity, Option<[u8; 32]>), Refusal> {
     let Some(login) = login else {
         if ctx.config.allow_anonymous {
-            return Ok(Identity {
+            reserved_client_id(conn, ctx, client_id)?;
+            let identity = Identity {
                 client_id: client_id.to_owned(),
                 username: None,
                 thing: None,
                 superuser: false,
-            });
+            };
+            return Ok((identity, None));
         }
         tracing::debug!(peer = %conn.peer, %client_id, "anonymous connection refused");
-        ctx.throttle.failed(conn.peer.ip(), None, "mqtt");
         return Err(Refusal::NotAuthorized);
     };
     let username = plain_username(&login.username).to_owned();
@@ -350,6 +390,9 @@ async fn authenticate(
         return Err(Refusal::BadCredentials);
     };
     ctx.throttle.succeeded(conn.peer.ip(), &username);
+    if auth.thing_name.is_none() {
+        reserved_client_id(conn, ctx, client_id)?;
+    }
     if let Some(thing) = &auth.thing_name {
         // A Thing's user connects as that Thing, with its client id and no other: anything else
         // could take over, read or kick another device's session.
@@ -365,12 +408,13 @@ async fn authenticate(
             }
         }
     }
-    Ok(Identity {
+    let identity = Identity {
         client_id: client_id.to_owned(),
         username: Some(username),
         thing: auth.thing_name,
         superuser: auth.superuser,
-    })
+    };
+    Ok((identity, Some(auth.fingerprint)))
 }
 
 /// CONNECT -> authentication -> session attach -> CONNACK; `None` when the client was refused.
@@ -398,8 +442,8 @@ async fn establish(
         connect.client_id.clone()
     };
 
-    let identity = match authenticate(conn, ctx, &client_id, login).await {
-        Ok(identity) => identity,
+    let (identity, fingerprint) = match authenticate(conn, ctx, &client_id, login).await {
+        Ok(found) => found,
         Err(refusal) => return refuse(conn, refusal).await.map(|()| None),
     };
 
@@ -474,11 +518,25 @@ async fn establish(
             tracing::info!(peer = %conn.peer, %client_id, username = identity.username.as_deref().unwrap_or("-"), error = %refusal, "connection refused");
             let refusal = match refusal {
                 ConnectRefusal::NotOwner => Refusal::NotAuthorized,
-                ConnectRefusal::SessionsFull => Refusal::QuotaExceeded,
+                ConnectRefusal::SessionsFull | ConnectRefusal::UserSessionsFull => {
+                    Refusal::QuotaExceeded
+                }
             };
             return refuse(conn, refusal).await.map(|()| None);
         }
     };
+    // The user may have been changed or deleted while this CONNECT was being authenticated,
+    // after its revocation looked for sessions to close: check again now that the session is
+    // registered (a later change finds it and closes it).
+    if let (Some(username), Some(fingerprint)) = (&identity.username, fingerprint) {
+        if ctx.users.fingerprint(username).ok().flatten() != Some(fingerprint) {
+            tracing::info!(peer = %conn.peer, %client_id, %username, "the user changed while connecting; refusing");
+            ctx.broker
+                .disconnect(&client_id, registered.connection_id, CloseReason::Revoked);
+            super::revoke_user(&ctx.broker, &ctx.acl, &ctx.users, username);
+            return refuse(conn, Refusal::NotAuthorized).await.map(|()| None);
+        }
+    }
     let expiry_lowered = registered.expiry < expiry_requested;
     let connack_properties = v5.then(|| ConnAckProperties {
         assigned_client_identifier: assigned,
@@ -576,7 +634,7 @@ fn disconnect_code_byte(code: DisconnectReasonCode) -> u8 {
 async fn close(conn: &mut Conn, ctx: &MqttContext, established: Established, reason: CloseReason) {
     let Established { session, v5, .. } = established;
     let client_id = session.identity.client_id.clone();
-    if v5 {
+    if v5 && !conn.write_broken {
         if let Some(code) = disconnect_code(reason) {
             let bytes = codec::server_disconnect_v5(disconnect_code_byte(code));
             // Bounded: a client that stopped reading must not hold the close up.
@@ -666,11 +724,22 @@ struct Session {
     qos2_pending: usize,
 }
 
-/// Writes the queued bytes unless the connection is asked to close first (a client that stopped
-/// reading must not pin its task in a write forever).
-async fn flush_or_close(conn: &mut Conn, closer: &Closer) -> Result<(), CloseReason> {
+/// Writes the queued bytes unless the connection is asked to close first; a client that stopped
+/// reading is closed as a slow consumer once a write makes no progress for `write_stall_max`.
+async fn flush_or_close(
+    conn: &mut Conn,
+    ctx: &MqttContext,
+    closer: &Closer,
+) -> Result<(), CloseReason> {
     tokio::select! {
-        written = conn.flush_encoded() => written.map_err(|_| CloseReason::ConnectionLost),
+        written = conn.flush_encoded() => written.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::TimedOut {
+                ctx.broker.stats.slow_consumers.fetch_add(1, Ordering::Relaxed);
+                CloseReason::SlowConsumer
+            } else {
+                CloseReason::ConnectionLost
+            }
+        }),
         reason = closer.closed() => Err(reason),
     }
 }
@@ -742,7 +811,7 @@ async fn session_loop(
                 }
                 encoded += 1;
             }
-            if let Err(reason) = flush_or_close(conn, &closer).await {
+            if let Err(reason) = flush_or_close(conn, ctx, &closer).await {
                 return reason;
             }
         }
@@ -774,7 +843,7 @@ async fn session_loop(
                         Err(_) => break,
                     }
                 }
-                if let Err(reason) = flush_or_close(conn, &closer).await {
+                if let Err(reason) = flush_or_close(conn, ctx, &closer).await {
                     return reason;
                 }
             },
@@ -808,7 +877,8 @@ fn encode_or_discard(
                 .messages_dropped
                 .fetch_add(1, Ordering::Relaxed);
             if let Some(pkid) = settles {
-                ctx.broker.acknowledged(&session.identity.client_id, pkid);
+                ctx.broker
+                    .acknowledged(&session.identity.client_id, session.connection_id, pkid);
             }
             Ok(())
         }
@@ -917,15 +987,20 @@ async fn handle_packet(
 ) -> std::io::Result<Option<CloseReason>> {
     let v5 = conn.version == Version::V5;
     let client_id = session.identity.client_id.clone();
+    let connection_id = session.connection_id;
     match packet {
         Packet::Publish(publish, properties) => {
             return handle_publish(conn, ctx, session, publish, properties).await;
         }
-        Packet::PubAck(ack, _) => ctx.broker.acknowledged(&client_id, ack.pkid),
-        Packet::PubRec(rec, _) => ctx.broker.received(&client_id, rec.pkid),
-        Packet::PubComp(comp, _) => ctx.broker.acknowledged(&client_id, comp.pkid),
+        Packet::PubAck(ack, _) => ctx.broker.acknowledged(&client_id, connection_id, ack.pkid),
+        Packet::PubRec(rec, _) => ctx.broker.received(&client_id, connection_id, rec.pkid),
+        Packet::PubComp(comp, _) => ctx
+            .broker
+            .acknowledged(&client_id, connection_id, comp.pkid),
         Packet::PubRel(rel, _) => {
-            let known = ctx.broker.qos2_released(&client_id, rel.pkid);
+            let known = ctx
+                .broker
+                .qos2_released(&client_id, connection_id, rel.pkid);
             if known {
                 session.qos2_pending = session.qos2_pending.saturating_sub(1);
             }
@@ -987,8 +1062,13 @@ async fn handle_packet(
                             },
                             subscription_id,
                         };
-                        ctx.broker
-                            .subscribe(&client_id, &filter.path, parsed, options);
+                        ctx.broker.subscribe(
+                            &client_id,
+                            connection_id,
+                            &filter.path,
+                            parsed,
+                            options,
+                        );
                         SubscribeReasonCode::Success(codec::qos_of(qos))
                     }
                 };
@@ -1007,7 +1087,7 @@ async fn handle_packet(
                 .filters
                 .iter()
                 .map(|filter| {
-                    if ctx.broker.unsubscribe(&client_id, filter) {
+                    if ctx.broker.unsubscribe(&client_id, connection_id, filter) {
                         UnsubAckReason::Success
                     } else {
                         UnsubAckReason::NoSubscriptionExisted
@@ -1115,7 +1195,10 @@ async fn handle_publish(
         topic
     };
     if qos == 2 {
-        match ctx.broker.qos2_arrived(&client_id, pkid) {
+        match ctx
+            .broker
+            .qos2_arrived(&client_id, session.connection_id, pkid)
+        {
             // A resend of one not yet released: acknowledged again, not delivered again.
             None => {
                 conn.queue(Packet::PubRec(
@@ -1211,7 +1294,8 @@ async fn handle_publish(
             };
             if reason != PubRecReason::Success {
                 // A failure PUBREC ends the exchange: no PUBREL follows, so the id is free now.
-                ctx.broker.qos2_released(&client_id, pkid);
+                ctx.broker
+                    .qos2_released(&client_id, session.connection_id, pkid);
                 session.qos2_pending = session.qos2_pending.saturating_sub(1);
             }
             conn.queue(Packet::PubRec(PubRec { pkid, reason }, None))?;

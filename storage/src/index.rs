@@ -1,4 +1,5 @@
-//! Indexes kept beside the log: `things` (the registry listing) and `deadlines` (timers).
+//! Indexes kept beside the log: `things` (the registry listing), `client_ids` (which Thing an
+//! MQTT client id belongs to) and `deadlines` (timers).
 //!
 //! Both are derived from the log: they change in an [`AppendBatch`](crate::AppendBatch), written
 //! right after its events (a new deadline right before them), and become durable in the same
@@ -25,6 +26,10 @@ pub enum IndexOp {
         /// The `at_ms` it was registered with.
         at_ms: u64,
     },
+    /// Record that this MQTT client id belongs to the Thing (the `client_ids` index).
+    PutClientId(String),
+    /// Forget that this MQTT client id belongs to the Thing (only if it still does).
+    RemoveClientId(String),
 }
 
 /// A deadline read from the index.
@@ -93,6 +98,28 @@ impl Store {
             out.push(parse_deadline_key(&key)?);
         }
         Ok(out)
+    }
+
+    /// The Thing the `client_ids` index names for an MQTT client id. The index is derived from
+    /// the log and may lag it after a crash: check the Thing's registry record before trusting it.
+    pub fn client_id_owner(&self, client_id: &str) -> Result<Option<String>, StorageError> {
+        match self.inner.client_ids.get(client_id.as_bytes())? {
+            None => Ok(None),
+            Some(name) => {
+                String::from_utf8(name.to_vec())
+                    .map(Some)
+                    .map_err(|_| StorageError::Corrupt {
+                        thing: String::new(),
+                        seq: 0,
+                        reason: format!("client id index: the owner of '{client_id}' is not UTF-8"),
+                    })
+            }
+        }
+    }
+
+    /// Whether the `client_ids` index is empty (a database from before it existed).
+    pub fn client_ids_empty(&self) -> bool {
+        self.inner.client_ids.is_empty()
     }
 
     /// The earliest deadline in the index, if any.

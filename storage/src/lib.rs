@@ -6,7 +6,7 @@
 //! - [`log`]: `events` tree, key = thing key ‖ seq (big-endian), and the group commit that makes
 //!   many concurrent appends durable with one flush + fsync.
 //! - [`snapshot`]: `snapshots` tree, one (seq, state) per Thing.
-//! - [`index`]: `things` (registry listing) and `deadlines` (timer index) trees, derived from the
+//! - [`index`]: `things` (registry listing), `client_ids` and `deadlines` (timer index) trees, derived from the
 //!   log, written right after the events that justify them and repaired by the Thing's owner.
 //! - [`kv`]: small durable key/value records (API keys, credentials).
 //! - [`integrity`]: named errors for a damaged data directory, and the walks `thinghub check`
@@ -146,6 +146,7 @@ struct Inner {
     events: sled::Tree,
     snapshots: sled::Tree,
     things: sled::Tree,
+    client_ids: sled::Tree,
     deadlines: sled::Tree,
     kv: sled::Tree,
     committer: commit::GroupCommit,
@@ -193,6 +194,7 @@ impl Store {
                 events: db.open_tree("events")?,
                 snapshots: db.open_tree("snapshots")?,
                 things: db.open_tree("things")?,
+                client_ids: db.open_tree("client_ids")?,
                 deadlines: db.open_tree("deadlines")?,
                 kv: db.open_tree("kv")?,
                 db,

@@ -143,6 +143,19 @@ impl Store {
             IndexOp::RemoveDeadline { at_ms } => {
                 self.inner.deadlines.remove(deadline_key(*at_ms, prefix))?;
             }
+            IndexOp::PutClientId(client_id) => {
+                self.inner
+                    .client_ids
+                    .insert(client_id.as_bytes(), thing.as_bytes())?;
+            }
+            IndexOp::RemoveClientId(client_id) => {
+                // Only if it is still this Thing's: another Thing may have taken it since.
+                let _ = self.inner.client_ids.compare_and_swap(
+                    client_id.as_bytes(),
+                    Some(thing.as_bytes()),
+                    None as Option<&[u8]>,
+                )?;
+            }
         }
         Ok(())
     }
