@@ -124,8 +124,9 @@ pub struct Config {
     /// A write to an MQTT client that makes no progress for this long closes the connection as
     /// a slow consumer, milliseconds.
     pub mqtt_write_stall_max_ms: u64,
-    /// Sessions one user (not a Thing's user: that one has one client id) may own; a CONNECT
-    /// needing one more is refused (3.1.1: server unavailable, v5: quota exceeded).
+    /// Sessions one plain user may own (a Thing's user has one client id; superusers are
+    /// trusted backends and not counted); a CONNECT needing one more is refused (3.1.1: server
+    /// unavailable, v5: quota exceeded).
     pub mqtt_user_sessions_max: usize,
     /// Failed authentications per source address or username before backoff starts.
     pub auth_failures_free: u32,

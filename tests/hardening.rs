@@ -84,23 +84,33 @@ async fn sessions_past_the_bound_are_refused_and_existing_ones_still_resume() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_may_own_only_so_many_sessions() {
     let (_dir, server) = start("mqtt_user_sessions_max = 2\n").await;
-    let _a = backend(&server, "u1", true).await;
-    let _b = backend(&server, "u2", true).await;
-    match Client::connect(&server, "u3", Some(USER), |_| {}).await {
+    create(
+        &server,
+        "/api/v1/authentication/users",
+        json!({"username":"app","password":"pw"}),
+    )
+    .await;
+    let app = |id: &'static str| {
+        let server = &server;
+        async move {
+            Client::connect(server, id, Some(("app", "pw")), |o| {
+                o.set_clean_session(false);
+            })
+            .await
+        }
+    };
+    let _a = app("u1").await.expect("first");
+    let _b = app("u2").await.expect("second");
+    match app("u3").await {
         Err(ConnectionError::ConnectionRefused(code)) => {
             assert_eq!(code, ConnectReturnCode::ServiceUnavailable)
         }
         other => panic!("expected a refusal, got {:?}", other.err()),
     }
-    create(
-        &server,
-        "/api/v1/authentication/users",
-        json!({"username":"other","password":"pw"}),
-    )
-    .await;
-    Client::connect(&server, "o1", Some(("other", "pw")), |_| {})
-        .await
-        .expect("another user is not affected");
+    for id in ["b1", "b2", "b3"] {
+        backend(&server, id, true).await;
+    }
+    // (superusers, backend applications, are not counted)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

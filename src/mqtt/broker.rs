@@ -42,7 +42,8 @@ pub struct BrokerLimits {
     /// Sessions (connected or persistent) in total; a CONNECT that would create one more is
     /// refused.
     pub sessions_max: usize,
-    /// Sessions one username may own (so one user cannot fill the session table).
+    /// Sessions one username may own (so one user cannot fill the session table); superusers
+    /// (backend applications, trusted by the operator) are not counted.
     pub user_sessions_max: usize,
     /// Longest a disconnected persistent session is kept.
     pub session_expiry_max: Duration,
@@ -613,12 +614,13 @@ impl Broker {
                 self.stats.sessions_refused.fetch_add(1, Ordering::Relaxed);
                 return Err(ConnectRefusal::SessionsFull);
             }
-            None if request.identity.username.as_deref().is_some_and(|user| {
-                state
-                    .owners
-                    .get(user)
-                    .is_some_and(|ids| ids.len() >= self.limits.user_sessions_max)
-            }) =>
+            None if !request.identity.superuser
+                && request.identity.username.as_deref().is_some_and(|user| {
+                    state
+                        .owners
+                        .get(user)
+                        .is_some_and(|ids| ids.len() >= self.limits.user_sessions_max)
+                }) =>
             {
                 self.stats.sessions_refused.fetch_add(1, Ordering::Relaxed);
                 return Err(ConnectRefusal::UserSessionsFull);

@@ -133,7 +133,13 @@ impl Conn {
                     bytes::Buf::advance(&mut self.write_buf, n);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    match tokio::time::timeout(self.write_stall_max, self.writer.writable()).await {
+                    // Boxed: the timer exists only while the socket is full, so an idle
+                    // connection's task does not carry it.
+                    let wait = Box::pin(tokio::time::timeout(
+                        self.write_stall_max,
+                        self.writer.writable(),
+                    ));
+                    match wait.await {
                         Ok(ready) => ready?,
                         Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
                     }
@@ -766,33 +772,37 @@ async fn session_loop(
             if let Some(reason) = closer.reason() {
                 return reason;
             }
-            match codec::read(
+            // The packet is taken out of the read result before the await below, so the
+            // connection's resting state does not keep a packet-sized slot.
+            let packet = match codec::read(
                 conn.version,
                 &mut conn.read_buf,
                 ctx.config.packet_bytes_max,
             ) {
-                Ok(packet) => {
-                    if !keep_alive.is_zero() {
-                        deadline.as_mut().reset(Instant::now() + keep_alive);
-                    }
-                    // Boxed: handling a packet (fast-path requests to Thing actors included) needs
-                    // kilobytes of future state that an idle connection should not carry.
-                    match Box::pin(handle_packet(conn, ctx, session, packet)).await {
-                        Ok(None) => {}
-                        Ok(Some(reason)) => {
-                            // Acknowledgements already queued still go out (bounded).
-                            let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, conn.flush_encoded())
-                                .await;
-                            return reason;
-                        }
-                        Err(_) => return CloseReason::ConnectionLost,
-                    }
-                }
+                Ok(packet) => packet,
                 Err(CodecError::Incomplete) => break,
                 Err(e) => {
                     tracing::info!(peer = %conn.peer, client_id = %session.identity.client_id, error = %e, "protocol error; closing");
                     return CloseReason::ProtocolError;
                 }
+            };
+            if !keep_alive.is_zero() {
+                deadline.as_mut().reset(Instant::now() + keep_alive);
+            }
+            // Boxed: handling a packet (fast-path requests to Thing actors included) needs
+            // kilobytes of future state that an idle connection should not carry.
+            match Box::pin(handle_packet(conn, ctx, session, packet)).await {
+                Ok(None) => {}
+                Ok(Some(reason)) => {
+                    // Acknowledgements already queued still go out (bounded).
+                    let _ = Box::pin(tokio::time::timeout(
+                        CLOSE_WRITE_TIMEOUT,
+                        conn.flush_encoded(),
+                    ))
+                    .await;
+                    return reason;
+                }
+                Err(_) => return CloseReason::ConnectionLost,
             }
         }
         if conn.read_buf.is_empty() && conn.read_buf.capacity() > 0 {
@@ -848,7 +858,8 @@ async fn session_loop(
                 }
             },
             reason = closer.closed() => {
-                let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, conn.flush_encoded()).await;
+                let _ = Box::pin(tokio::time::timeout(CLOSE_WRITE_TIMEOUT, conn.flush_encoded()))
+                    .await;
                 return reason;
             }
             () = &mut deadline => return CloseReason::KeepAliveTimeout,
