@@ -285,6 +285,18 @@ impl Raw {
         }
     }
 
+    /// A socket with a small receive buffer: a client that stops reading fills it fast, so
+    /// the server's writes stall after kilobytes, not megabytes.
+    pub async fn open_slow_reader(server: &Server) -> Raw {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+        let stream = socket.connect(server.mqtt).await.expect("tcp connect");
+        Raw {
+            stream,
+            buffer: BytesMut::new(),
+        }
+    }
+
     pub async fn send_bytes(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.expect("write");
     }
