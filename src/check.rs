@@ -507,7 +507,8 @@ fn check_kv(store: &Store, report: &mut CheckReport) {
             return;
         }
     };
-    let kinds: [(&str, RecordCheck); 3] = [
+    let kinds: [(&str, RecordCheck); 4] = [
+        ("meta/", |_| Ok(())),
         (crate::auth::API_KEY_PREFIX, crate::auth::check_stored_key),
         (
             crate::users::MQTT_USER_PREFIX,

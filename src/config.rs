@@ -124,6 +124,9 @@ pub struct Config {
     /// A write to an MQTT client that makes no progress for this long closes the connection as
     /// a slow consumer, milliseconds.
     pub mqtt_write_stall_max_ms: u64,
+    /// Bytes (topic + payload) handed to one MQTT connection and not yet written; past it the
+    /// connection is closed as a slow consumer.
+    pub mqtt_outbound_bytes_max: usize,
     /// Sessions one plain user may own (a Thing's user has one client id; superusers are
     /// trusted backends and not counted); a CONNECT needing one more is refused (3.1.1: server
     /// unavailable, v5: quota exceeded).
@@ -203,6 +206,7 @@ impl Default for Config {
             mqtt_retained_bytes_max: 64 * 1024 * 1024,
             mqtt_inbound_inflight_max: 32,
             mqtt_write_stall_max_ms: 30_000,
+            mqtt_outbound_bytes_max: 8 * 1024 * 1024,
             mqtt_user_sessions_max: 1000,
             auth_failures_free: 5,
             auth_backoff_base_ms: 200,
@@ -403,6 +407,10 @@ impl Config {
                 u64::from(self.mqtt_inbound_inflight_max),
             ),
             ("mqtt_write_stall_max_ms", self.mqtt_write_stall_max_ms),
+            (
+                "mqtt_outbound_bytes_max",
+                self.mqtt_outbound_bytes_max as u64,
+            ),
             ("mqtt_user_sessions_max", self.mqtt_user_sessions_max as u64),
             ("auth_backoff_base_ms", self.auth_backoff_base_ms),
             ("auth_backoff_max_ms", self.auth_backoff_max_ms),

@@ -75,6 +75,19 @@ fn init_logging(config: &Config) {
     }
 }
 
+/// The configuration of a command that works on a stopped server's data directory.
+fn offline_config(config: Option<PathBuf>, data_dir: Option<PathBuf>) -> Result<Config, ExitCode> {
+    let args = ServeArgs {
+        config,
+        data_dir,
+        ..ServeArgs::default()
+    };
+    Config::load(&args).map_err(|e| {
+        eprintln!("thinghub: {e}");
+        ExitCode::from(2)
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -118,17 +131,9 @@ fn main() -> ExitCode {
             config,
             data_dir,
         } => {
-            let args = ServeArgs {
-                config,
-                data_dir,
-                ..ServeArgs::default()
-            };
-            let config = match Config::load(&args) {
+            let config = match offline_config(config, data_dir) {
                 Ok(config) => config,
-                Err(e) => {
-                    eprintln!("thinghub: {e}");
-                    return ExitCode::from(2);
-                }
+                Err(code) => return code,
             };
             let stdout = std::io::stdout();
             let mut out = stdout.lock();
@@ -146,17 +151,9 @@ fn main() -> ExitCode {
             scratch_dir,
             in_place,
         } => {
-            let args = ServeArgs {
-                config,
-                data_dir,
-                ..ServeArgs::default()
-            };
-            let config = match Config::load(&args) {
+            let config = match offline_config(config, data_dir) {
                 Ok(config) => config,
-                Err(e) => {
-                    eprintln!("thinghub: {e}");
-                    return ExitCode::from(2);
-                }
+                Err(code) => return code,
             };
             let options = thinghub::check::CheckOptions {
                 data_dir: config.data_dir,

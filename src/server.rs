@@ -63,6 +63,14 @@ pub async fn serve(
         cache_bytes: config.storage_cache_bytes,
         commit_batch_appends_max: config.commit_batch_appends_max,
     })?;
+    // Before any Thing is activated (the deadline timer activates some at once).
+    let backfilled = thinghub_actors::service::backfill_client_ids(&store).await?;
+    if backfilled > 0 {
+        tracing::info!(
+            things = backfilled,
+            "indexed the MQTT client ids of Things registered before the client id index existed"
+        );
+    }
     let clock = Arc::new(SystemClock);
     let shadow_limits = ShadowLimits {
         state_bytes_max: config.shadow_state_bytes_max,
@@ -111,13 +119,6 @@ pub async fn serve(
     )
     .await
     .map_err(|e| ServeError::Actors(e.to_string()))?;
-    let backfilled = thinghub_actors::service::backfill_client_ids(&store)?;
-    if backfilled > 0 {
-        tracing::info!(
-            things = backfilled,
-            "indexed the MQTT client ids of Things registered before the client id index existed"
-        );
-    }
     let keys = AdminKeys::init(store.clone(), admin_key.as_deref(), clock.now_ms()).await?;
     let users = Arc::new(MqttUsers::new(store.clone()));
     let acl = Acl::load(&config.topic_prefix, config.aws_compat, store.clone())
@@ -127,6 +128,7 @@ pub async fn serve(
         inflight_max: config.mqtt_inflight_max,
         session_queue_max: config.mqtt_session_queue_max,
         session_queue_bytes_max: config.mqtt_session_queue_bytes_max,
+        outbound_bytes_max: config.mqtt_outbound_bytes_max,
         queued_bytes_max: config.mqtt_queued_bytes_max,
         sessions_max: config.mqtt_sessions_max,
         user_sessions_max: config.mqtt_user_sessions_max,

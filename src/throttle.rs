@@ -8,7 +8,7 @@
 //! guesser gets nowhere and costs almost nothing). Failures are forgotten once a key has been
 //! quiet for `backoff_max`, and a success clears the username's count (not the address's: one
 //! valid account must not reset a guesser sharing the address). The table is bounded: when it
-//! is full, entries no longer blocking anything go first, then the least recently failed half.
+//! is full, entries quiet for a maximum backoff go first, then the least recently failed half.
 //!
 //! Failures are logged in aggregate: one line per reporting period with counts and the busiest
 //! source, not one line per attempt.
@@ -187,14 +187,18 @@ impl AuthThrottle {
         }
     }
 
-    /// Keeps the table under its bound: when full, forgets the entries that block nothing now,
-    /// and if that frees nothing, the half that failed least recently (so the cost of making
-    /// room is spread over the many insertions the freed half allows).
+    /// Keeps the table under its bound: when full, forgets the entries quiet for a whole
+    /// maximum backoff (their count would restart anyway), and if that frees nothing, the half
+    /// that failed least recently (so the cost of making room is spread over the many
+    /// insertions the freed half allows, and a key under attack, failing often, stays).
     fn make_room(&self, table: &mut Table, now: Instant) {
         if table.entries.len() < self.config.entries_max {
             return;
         }
-        table.entries.retain(|_, e| e.blocked_until > now);
+        let quiet = self.config.backoff_max;
+        table.entries.retain(|_, e| {
+            e.blocked_until > now || now.saturating_duration_since(e.last_failure) < quiet
+        });
         if table.entries.len() < self.config.entries_max {
             return;
         }

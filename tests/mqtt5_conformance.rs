@@ -7,27 +7,18 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::mqtt::{connect5, Client5, Raw, WAIT};
-use common::{call, create, Server};
+use common::{call, Server};
 use reqwest::Method;
 use rumqttc::v5::mqttbytes::v5::{
     ConnectReturnCode as Code5, Disconnect, DisconnectProperties, DisconnectReasonCode, LastWill,
     LastWillProperties, Packet as P5, Publish, PublishProperties, SubscribeProperties,
 };
 use rumqttc::v5::mqttbytes::QoS;
-use serde_json::json;
 
-const USER: (&str, &str) = ("backend", "backend-pw");
+const USER: (&str, &str) = common::BACKEND;
 
 async fn start(toml: &str) -> (tempfile::TempDir, Server) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let server = Server::start_configured(dir.path(), toml);
-    create(
-        &server,
-        "/api/v1/authentication/users",
-        json!({"username":"backend","password":"backend-pw","superuser":true}),
-    )
-    .await;
-    (dir, server)
+    common::start_with_backend(toml).await
 }
 
 async fn client(server: &Server, id: &str) -> Client5 {

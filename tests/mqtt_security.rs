@@ -13,15 +13,7 @@ use rumqttc::{ConnectReturnCode, ConnectionError, QoS};
 use serde_json::json;
 
 async fn start() -> (tempfile::TempDir, Server) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let server = Server::start(dir.path(), &[]);
-    create(
-        &server,
-        "/api/v1/authentication/users",
-        json!({"username":"backend","password":"backend-pw","superuser":true}),
-    )
-    .await;
-    (dir, server)
+    common::start_with_backend("").await
 }
 
 /// Registers a Thing and its bound user (username = thing name, password "pw").
@@ -211,12 +203,53 @@ async fn nobody_but_a_things_user_may_use_its_client_id() {
         body["message"].as_str().unwrap_or("").contains("valve"),
         "{body}"
     );
+    // A bulk body naming one client id twice registers one Thing with it, not two.
+    let body = "{\"thingName\":\"twin-a\",\"mqttClientId\":\"twin\"}\n{\"thingName\":\"twin-b\",\"mqttClientId\":\"twin\"}\n";
+    let answer = common::client()
+        .post(server.url("/api/v1/things/bulk"))
+        .basic_auth(common::ADMIN_KEY, Some(common::ADMIN_SECRET))
+        .body(body)
+        .send()
+        .await
+        .expect("bulk")
+        .text()
+        .await
+        .expect("answer");
+    assert!(
+        answer.contains(r#""summary":{"created":1,"failed":1,"lines":2}"#),
+        "{answer}"
+    );
     // Once the Thing is deleted, the id is free again.
     let (status, _) = call(Method::DELETE, &server.url("/api/v1/things/valve"), None).await;
     assert_eq!(status, 204);
     Client::connect(&server, "valve-7", Some(("app", "pw")), |_| {})
         .await
         .expect("free once the Thing is gone");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registering_a_thing_takes_its_client_id_back_from_an_earlier_squatter() {
+    let (_dir, server) = start().await;
+    create(
+        &server,
+        "/api/v1/authentication/users",
+        json!({"username":"app","password":"pw"}),
+    )
+    .await;
+    // Before the Thing exists, its future client id is free: someone takes it.
+    let (mut squatter, _) = Client::connect(&server, "gate-1", Some(("app", "pw")), |o| {
+        o.set_clean_session(false);
+    })
+    .await
+    .expect("free for now");
+    device(&server, "gate-1").await;
+    assert!(squatter.closed_by_server().await, "closed at registration");
+    let (_gate, present) = Client::connect(&server, "gate-1", Some(("gate-1", "pw")), |o| {
+        o.set_clean_session(false);
+    })
+    .await
+    .expect("the device gets in");
+    assert!(!present, "nothing of the squatter's session is left");
 }
 
 async fn history_types(server: &Server, thing: &str) -> Vec<String> {

@@ -7,7 +7,7 @@
 
 use serde::Serialize;
 use serde_json::Value;
-use thinghub_storage::{StorageError, Store};
+use thinghub_storage::{Claim, StorageError, Store};
 
 use crate::codec;
 use crate::registry::Registry;
@@ -117,20 +117,31 @@ impl Things {
         register: RegisterThing,
     ) -> Result<ThingDescription, Rejection> {
         thing::validate_thing_name(name)?;
-        let client_id = register.mqtt_client_id.as_deref().unwrap_or(name);
-        if let Some(owner) = client_id_owner(&self.store, client_id).map_err(storage_failure)? {
-            if owner != name {
-                return Err(Rejection::new(
-                    ErrorCode::Conflict,
-                    format!("mqttClientId '{client_id}' belongs to Thing '{owner}'"),
-                ));
-            }
+        let client_id = register
+            .mqtt_client_id
+            .clone()
+            .unwrap_or_else(|| name.to_owned());
+        // Claimed before the registration is appended, atomically, so two registrations (a
+        // bulk body naming one id twice) cannot both get it.
+        let claimed = claim_client_id(&self.store, &client_id, name).map_err(storage_failure)?;
+        if let Err(owner) = claimed {
+            return Err(Rejection::new(
+                ErrorCode::Conflict,
+                format!("mqttClientId '{client_id}' belongs to Thing '{owner}'"),
+            ));
         }
         let request = Request::Command(ThingCommand::Register(register));
-        match self.registry.request(name, request).await? {
-            Response::Decided(Reply::Registered(description)) => Ok(description),
-            other => Err(unexpected(other)),
+        let registered = match self.registry.request(name, request).await {
+            Ok(Response::Decided(Reply::Registered(description))) => Ok(description),
+            Ok(other) => Err(unexpected(other)),
+            Err(rejection) => Err(rejection),
+        };
+        if registered.is_err() && claimed == Ok(true) {
+            // Not registered: give back what this call claimed (a crash here leaves a claim
+            // that names an unregistered Thing, which `client_id_owner` ignores).
+            let _ = self.store.release_client_id(&client_id, name);
         }
+        registered
     }
 
     /// Lets a Thing's actor go now if nothing else is using it (after bulk registration).
@@ -530,13 +541,57 @@ pub fn client_id_owner(store: &Store, client_id: &str) -> Result<Option<String>,
     Ok((record.mqtt_client_id == client_id).then_some(owner))
 }
 
+/// Whether `owner`'s registry record names `client_id` (so its `client_ids` entry is live).
+fn holds_client_id(store: &Store, owner: &str, client_id: &str) -> Result<bool, StorageError> {
+    let Some(bytes) = store.get_thing(owner)? else {
+        return Ok(false);
+    };
+    Ok(codec::decode_index_record(owner, &bytes)?.mqtt_client_id == client_id)
+}
+
+/// Claims `client_id` for `thing`: `Ok(true)` when this call took it, `Ok(false)` when the
+/// Thing held it already, `Err(owner)` when another registered Thing holds it. An entry left
+/// by a Thing that no longer holds the id (deleted, re-registered with another id, or a claim
+/// whose registration never landed) is taken over.
+pub fn claim_client_id(
+    store: &Store,
+    client_id: &str,
+    thing: &str,
+) -> Result<Result<bool, String>, StorageError> {
+    // Bounded: each round either claims, finds a live owner, or loses a race to another claim.
+    for _ in 0..CLAIM_ROUNDS_MAX {
+        let owner = match store.claim_client_id(client_id, thing)? {
+            Claim::Claimed => return Ok(Ok(true)),
+            Claim::Held => return Ok(Ok(false)),
+            Claim::HeldBy(owner) => owner,
+        };
+        if holds_client_id(store, &owner, client_id)? {
+            return Ok(Err(owner));
+        }
+        if store.take_over_client_id(client_id, &owner, thing)? {
+            return Ok(Ok(true));
+        }
+    }
+    Err(StorageError::Db(format!(
+        "client id '{client_id}' kept changing hands while being claimed"
+    )))
+}
+
+/// Attempts at claiming a client id before giving up (each lost one means another claim won).
+const CLAIM_ROUNDS_MAX: usize = 16;
+
+/// The `kv` key that says the `client_ids` index was filled from the registry index.
+const CLIENT_IDS_BACKFILLED: &str = "meta/client_ids_backfilled";
+
 /// Registry index records read per step of [`backfill_client_ids`].
 const BACKFILL_PAGE_RECORDS: usize = 1000;
 
-/// Fills the `client_ids` index from the registry index when it is empty (a database written
-/// before the index existed). Returns the entries written.
-pub fn backfill_client_ids(store: &Store) -> Result<usize, StorageError> {
-    if !store.client_ids_empty() {
+/// Fills the `client_ids` index from the registry index, once (a database written before the
+/// index existed): a flag in `kv` records that it finished, so an interrupted fill is redone.
+/// Two Things registered with one id before uniqueness was enforced: the first in name order
+/// keeps it, and the conflict is logged. Returns the entries written.
+pub async fn backfill_client_ids(store: &Store) -> Result<usize, StorageError> {
+    if store.kv_get(CLIENT_IDS_BACKFILLED)?.is_some() {
         return Ok(0);
     }
     let mut written = 0;
@@ -545,19 +600,24 @@ pub fn backfill_client_ids(store: &Store) -> Result<usize, StorageError> {
         let page = store.list_things(after.as_deref(), BACKFILL_PAGE_RECORDS)?;
         for (name, bytes) in &page {
             let record = codec::decode_index_record(name, bytes)?;
-            store.repair_index(
-                name,
-                &[thinghub_storage::IndexOp::PutClientId(
-                    record.mqtt_client_id,
-                )],
-            )?;
-            written += 1;
+            match claim_client_id(store, &record.mqtt_client_id, name)? {
+                Ok(true) => written += 1,
+                Ok(false) => {}
+                Err(owner) => tracing::error!(
+                    thing = %name,
+                    client_id = %record.mqtt_client_id,
+                    %owner,
+                    "two Things are registered with one MQTT client id; it stays reserved for the first"
+                ),
+            }
         }
         match page.last() {
             Some((last, _)) if page.len() == BACKFILL_PAGE_RECORDS => after = Some(last.clone()),
-            _ => return Ok(written),
+            _ => break,
         }
     }
+    store.kv_put(CLIENT_IDS_BACKFILLED, b"1".to_vec()).await?;
+    Ok(written)
 }
 
 /// Lists registry records straight from the index.

@@ -358,3 +358,78 @@ async fn requests_beyond_the_in_flight_bound_get_429_and_the_rest_all_land() {
             .expect("sequential requests pass");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_ids_are_claimed_once_backfilled_once_and_freed_by_deletion() {
+    use thinghub_actors::codec::{encode_index_record, ThingIndexRecord};
+    use thinghub_actors::service::{backfill_client_ids, claim_client_id, client_id_owner};
+    use thinghub_storage::IndexOp;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(&StoreConfig::new(dir.path())).expect("open");
+    // A database from before the index: two Things registered with one client id.
+    for name in ["a-first", "b-second"] {
+        let record = encode_index_record(&ThingIndexRecord {
+            mqtt_client_id: "shared".into(),
+            thing_type: None,
+            created_at_ms: 1,
+        })
+        .expect("record");
+        store
+            .repair_index(name, &[IndexOp::PutThing(record)])
+            .expect("index");
+    }
+    assert_eq!(backfill_client_ids(&store).await.expect("backfill"), 1);
+    assert_eq!(
+        client_id_owner(&store, "shared").expect("read").as_deref(),
+        Some("a-first"),
+        "the first in name order keeps it"
+    );
+    assert_eq!(
+        backfill_client_ids(&store).await.expect("again"),
+        0,
+        "done once"
+    );
+    assert_eq!(
+        claim_client_id(&store, "shared", "c-third").expect("claim"),
+        Err("a-first".to_owned())
+    );
+
+    // Live registrations: a second Thing asking for a taken id is refused; deletion frees it.
+    let registry = start(&store, RegistryConfig::default(), 500).await;
+    let things = thinghub_actors::Things::new(registry.clone());
+    let with_id = |id: &str| RegisterThing {
+        mqtt_client_id: Some(id.into()),
+        thing_type: None,
+        attributes: Default::default(),
+    };
+    things
+        .register("valve", with_id("v-7"))
+        .await
+        .expect("registered");
+    let refused = things
+        .register("copycat", with_id("v-7"))
+        .await
+        .expect_err("taken");
+    assert_eq!(refused.code, ErrorCode::Conflict);
+    assert_eq!(
+        client_id_owner(&store, "v-7").expect("read").as_deref(),
+        Some("valve"),
+        "a refused registration leaves the owner's claim alone"
+    );
+    // A refused re-registration of the owner itself does not give its own id up either.
+    things
+        .register("valve", with_id("v-7"))
+        .await
+        .expect_err("exists");
+    assert_eq!(
+        client_id_owner(&store, "v-7").expect("read").as_deref(),
+        Some("valve")
+    );
+    things.delete("valve").await.expect("deleted");
+    assert_eq!(client_id_owner(&store, "v-7").expect("read"), None);
+    things
+        .register("copycat", with_id("v-7"))
+        .await
+        .expect("free once the owner is gone");
+    registry.shutdown(Duration::from_secs(5)).await;
+}

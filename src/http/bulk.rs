@@ -8,6 +8,7 @@
 //! never stops the others.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -84,10 +85,17 @@ async fn register_one(state: &AppState, line: u64, bytes: &[u8]) -> Value {
             },
         )
         .await;
-    if let Err(rejection) = registered {
-        let mut answer = error_line(line, &ApiError::from(rejection));
-        answer["thingName"] = thing.thing_name.into();
-        return answer;
+    match registered {
+        Err(rejection) => {
+            let mut answer = error_line(line, &ApiError::from(rejection));
+            answer["thingName"] = thing.thing_name.into();
+            return answer;
+        }
+        Ok(description) => crate::mqtt::thing_registered(
+            &state.broker,
+            &description.name,
+            &description.mqtt_client_id,
+        ),
     }
     // Registered and durable: its actor need not stay in memory until it idles out.
     state.things.release(&thing.thing_name);
@@ -144,7 +152,17 @@ async fn run(state: AppState, body: Body, results: mpsc::Sender<Value>, stall: D
     let mut entries: u64 = 0;
     let mut read_error = None;
     let mut finished = false;
+    // Set when an answer could not be delivered in time: the client stopped reading, so no
+    // more lines are registered (each would be a change it never hears about).
+    let reader_gone = Arc::new(AtomicBool::new(false));
     while !finished {
+        if reader_gone.load(Ordering::Relaxed) || results.is_closed() {
+            tracing::warn!(
+                line = splitter.line_number(),
+                "bulk registration stopped: its answers are not being read"
+            );
+            return;
+        }
         match tokio::time::timeout(stall, stream.next()).await {
             Ok(Some(Ok(chunk))) => splitter.push(&chunk, &mut lines),
             Ok(Some(Err(e))) => {
@@ -187,19 +205,27 @@ async fn run(state: AppState, body: Body, results: mpsc::Sender<Value>, stall: D
                         .await
                         .is_err()
                     {
-                        return;
+                        reader_gone.store(true, Ordering::Relaxed);
                     }
                 }
                 Line::Entry { number, bytes } => {
                     let Ok(permit) = permits.clone().acquire_owned().await else {
                         return;
                     };
-                    let (state, results) = (state.clone(), results.clone());
+                    if reader_gone.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let (state, results, gone) =
+                        (state.clone(), results.clone(), reader_gone.clone());
                     tasks.spawn(async move {
                         let answer = register_one(&state, number, &bytes).await;
+                        // A client that stops reading the answers ends the run (bounded); the
+                        // permit is held until the answer is handed over, so registration
+                        // waits for a slow reader instead of running ahead of it.
+                        if results.send_timeout(answer, stall).await.is_err() {
+                            gone.store(true, Ordering::Relaxed);
+                        }
                         drop(permit);
-                        // A client that stops reading the answers ends the run (bounded).
-                        let _ = results.send_timeout(answer, stall).await;
                     });
                     while tasks.try_join_next().is_some() {}
                 }

@@ -188,6 +188,14 @@ fn collect(state: &AppState) -> Vec<Metric> {
             "queuedBytes",
         ),
         m(
+            "thinghub_mqtt_outbound_bytes",
+            "gauge",
+            "Bytes handed to MQTT connections and not yet written.",
+            load(&broker.outbound_bytes),
+            "mqtt",
+            "outboundBytes",
+        ),
+        m(
             "thinghub_mqtt_retained_messages",
             "gauge",
             "Retained messages.",

@@ -44,6 +44,12 @@ pub async fn create(
             },
         )
         .await?;
+    // The client id is reserved for the Thing's users from now on.
+    crate::mqtt::thing_registered(
+        &state.broker,
+        &description.name,
+        &description.mqtt_client_id,
+    );
     let location = format!("/api/v1/things/{}", description.name);
     Ok((
         StatusCode::CREATED,

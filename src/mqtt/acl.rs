@@ -145,7 +145,7 @@ impl AclRule {
     /// with `+`, `#` or `/`) is attacker-chosen text that must never widen a grant: an allow
     /// rule then does not apply (`None`), and in a deny rule the level holding it and all after
     /// become `#`, so the deny covers whatever the value could have made of the topic.
-    fn expand(&self, who: &Identity) -> Option<String> {
+    fn expand(&self, who: &Identity) -> Option<Expanded> {
         let plain_level = |value: &str| !value.is_empty() && !value.contains(['+', '#', '/']);
         let deny = self.permission == Permission::Deny;
         let mut levels = Vec::new();
@@ -175,12 +175,16 @@ impl AclRule {
                 if !deny {
                     return None;
                 }
+                if levels.is_empty() {
+                    // `#` alone would not match `$` topics: this deny covers every topic.
+                    return Some(Expanded::Everything);
+                }
                 levels.push("#".to_owned());
                 break;
             }
             levels.push(out);
         }
-        Some(levels.join("/"))
+        Some(Expanded::Filter(levels.join("/")))
     }
 
     fn applies(&self, who: &Identity, action: Action, topic: &str) -> bool {
@@ -207,8 +211,10 @@ impl AclRule {
             // A rule about usernames does not concern anonymous clients.
             return false;
         }
-        let Some(filter) = self.expand(who) else {
-            return false;
+        let filter = match self.expand(who) {
+            None => return false,
+            Some(Expanded::Everything) => return true,
+            Some(Expanded::Filter(filter)) => filter,
         };
         match (action, self.permission) {
             (Action::Publish, _) => topic::matches(&filter, topic),
@@ -219,6 +225,14 @@ impl AclRule {
             (Action::Subscribe, Permission::Deny) => topic::intersects(&filter, topic),
         }
     }
+}
+
+/// A rule's topic with its placeholders filled in.
+enum Expanded {
+    /// A filter to match.
+    Filter(String),
+    /// Every topic (a deny rule whose first level held an unsafe value).
+    Everything,
 }
 
 /// The ACL: operator rules (persisted, cached in memory) over the default rules.
@@ -667,6 +681,18 @@ mod tests {
             assert!(!acl.allows(&slashed, Action::Publish, topic), "{topic}");
         }
         assert!(acl.allows(&slashed, Action::Publish, "other/topic"));
+        // In the first level, the deny covers `$` topics too (which `#` would not match).
+        acl.rules.write().expect("lock").push(rule(
+            None,
+            Permission::Deny,
+            RuleAction::Publish,
+            "${clientid}/cmd",
+        ));
+        let dollar = Identity {
+            client_id: "$x/y".into(),
+            ..slashed
+        };
+        assert!(!acl.allows(&dollar, Action::Publish, "$x/y/cmd"));
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //! total, retained messages and their bytes. What a bound drops or refuses is counted.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -34,10 +34,13 @@ pub struct BrokerLimits {
     pub session_queue_max: usize,
     /// Bytes (topic + payload) queued or in flight per session; the oldest is dropped past it.
     pub session_queue_bytes_max: usize,
-    /// Bytes queued or in flight over all sessions (a hard bound). Past half of it, a session
-    /// holding more than its fair share (half the bound divided by the sessions holding bytes)
-    /// loses its oldest messages first, while one holding less still receives: one user's
-    /// backlog cannot starve the others.
+    /// Bytes handed to one connection's channel and not yet written; past it the connection is
+    /// closed as a slow consumer.
+    pub outbound_bytes_max: usize,
+    /// Bytes queued or in flight over all sessions, a hard bound. Half of it is shared, first
+    /// come first served; the other half is reserved as each session's fair share (half the
+    /// bound divided by the number of sessions), so a session within its share always
+    /// receives, however much another user has queued.
     pub queued_bytes_max: usize,
     /// Sessions (connected or persistent) in total; a CONNECT that would create one more is
     /// refused.
@@ -109,13 +112,23 @@ pub struct OutboundPublish {
 
 /// What a connection is told to write. Small on purpose (the publish is boxed): every
 /// connection's channel allocates a block of 32 of these up front. Closing goes through the
-/// connection's [`Closer`], never through this channel (which may be full).
+/// connection's [`Link`], never through this channel (which may be full).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outbound {
     /// Write a PUBLISH.
     Publish(Box<OutboundPublish>),
     /// Write a PUBREL (outbound QoS 2, after PUBREC).
     PubRel(u16),
+}
+
+impl Outbound {
+    /// Bytes it holds (topic + payload), as counted against a connection's outbound budget.
+    pub fn size(&self) -> usize {
+        match self {
+            Outbound::Publish(p) => p.topic.len() + p.payload.len(),
+            Outbound::PubRel(_) => 0,
+        }
+    }
 }
 
 /// Why a connection ended (also the reason recorded in lifecycle events).
@@ -193,15 +206,17 @@ impl CloseReason {
     }
 }
 
-/// Tells one connection to close, out of band: the outbound channel may be full (that is what
-/// a slow consumer is), so a close request must not depend on room in it. The first reason wins.
+/// What the broker and one connection share besides the outbound channel: a close request,
+/// out of band (the channel may be full: that is what a slow consumer is; the first reason
+/// wins), and the bytes handed to the channel and not yet taken out (bounded per connection).
 #[derive(Debug, Default)]
-pub struct Closer {
+pub struct Link {
     reason: AtomicU8,
     notify: Notify,
+    outbound_bytes: AtomicUsize,
 }
 
-impl Closer {
+impl Link {
     /// Asks the connection to close for `reason` (ignored if it was already asked).
     pub fn close(&self, reason: CloseReason) {
         if self
@@ -228,6 +243,11 @@ impl Closer {
             // above and this await is not lost.
             self.notify.notified().await;
         }
+    }
+
+    /// Bytes in the outbound channel now.
+    pub fn outbound_bytes(&self) -> usize {
+        self.outbound_bytes.load(Ordering::Relaxed)
     }
 }
 
@@ -311,7 +331,7 @@ impl Pending {
 struct Connection {
     id: u64,
     tx: mpsc::Sender<Outbound>,
-    closer: Arc<Closer>,
+    link: Arc<Link>,
     info: Option<ConnectionInfo>,
     will: Option<Box<Will>>,
 }
@@ -466,8 +486,8 @@ pub struct BrokerStats {
     pub subscriptions_revoked: AtomicU64,
     /// Bytes queued or in flight over all sessions now (gauge).
     pub queued_bytes: AtomicU64,
-    /// Sessions holding queued or in-flight bytes now (gauge; the fair-share divisor).
-    pub sessions_holding: AtomicU64,
+    /// Bytes handed to connections' channels and not yet written (gauge).
+    pub outbound_bytes: AtomicU64,
     /// Bytes of retained messages now (gauge).
     pub retained_bytes: AtomicU64,
 }
@@ -491,8 +511,23 @@ pub struct Broker {
     pub stats: BrokerStats,
 }
 
+/// Whether the identity a CONNECT was authenticated as still holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verified {
+    /// Nothing changed.
+    Yes,
+    /// The user (or its Thing) changed or went away since it was authenticated.
+    Changed,
+    /// The stores could not be read.
+    Unreadable,
+}
+
+/// Checks again, under the broker lock, what a CONNECT was authenticated against: a
+/// revocation then either happens before it (and the CONNECT is refused) or after the session
+/// is registered (and the revocation finds it), never in between.
+pub type Verify = Box<dyn Fn() -> Verified + Send + Sync>;
+
 /// What a CONNECT asks of the broker.
-#[derive(Debug)]
 pub struct ConnectRequest {
     /// Who is connecting (the client id is in it).
     pub identity: Identity,
@@ -504,6 +539,18 @@ pub struct ConnectRequest {
     pub receive_maximum: Option<usize>,
     /// The will, already checked against the ACL.
     pub will: Option<Will>,
+    /// Checked under the broker lock before anything changes (`None`: nothing to check).
+    pub verify: Option<Verify>,
+}
+
+impl std::fmt::Debug for ConnectRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectRequest")
+            .field("identity", &self.identity)
+            .field("clean_start", &self.clean_start)
+            .field("expiry", &self.expiry)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What registering a connection produced.
@@ -529,6 +576,12 @@ pub enum ConnectRefusal {
     /// The user owns `user_sessions_max` sessions.
     #[error("the user's session limit is reached")]
     UserSessionsFull,
+    /// The user or its Thing changed while the CONNECT was being authenticated.
+    #[error("the user or its Thing changed while connecting")]
+    Revoked,
+    /// The user could not be read again.
+    #[error("the user could not be read")]
+    Unverifiable,
 }
 
 /// Why the broker refused a PUBLISH.
@@ -598,10 +651,15 @@ impl Broker {
         &self,
         request: ConnectRequest,
         tx: mpsc::Sender<Outbound>,
-        closer: Arc<Closer>,
+        link: Arc<Link>,
     ) -> Result<Registered, ConnectRefusal> {
         let mut guard = self.lock();
         let state = &mut *guard;
+        match request.verify.as_ref().map(|verify| verify()) {
+            None | Some(Verified::Yes) => {}
+            Some(Verified::Changed) => return Err(ConnectRefusal::Revoked),
+            Some(Verified::Unreadable) => return Err(ConnectRefusal::Unverifiable),
+        }
         let key: Arc<str> = Arc::from(request.identity.client_id.as_str());
         match state.sessions.get(&key) {
             Some(existing) if existing.identity.username != request.identity.username => {
@@ -640,7 +698,7 @@ impl Broker {
         let mut wills = Vec::new();
         if let Some(session) = state.sessions.get_mut(&key) {
             if let Some(old) = session.connection.take() {
-                old.closer.close(CloseReason::Takeover);
+                old.link.close(CloseReason::Takeover);
                 if let Some(will) = old.will {
                     if will.delay.is_zero() || request.clean_start {
                         wills.push(*will);
@@ -683,12 +741,16 @@ impl Broker {
                 Some(p) => p.outbound(*pkid, true),
                 None => Outbound::PubRel(*pkid),
             };
-            let _ = tx.try_send(outbound);
+            if !self.hand_over(&link, &tx, outbound) {
+                // Still in flight, resent next time; this connection cannot take them now.
+                link.close(CloseReason::SlowConsumer);
+                break;
+            }
         }
         session.connection = Some(Connection {
             id: connection_id,
             tx,
-            closer,
+            link,
             info: None,
             will: request.will.map(Box::new),
         });
@@ -825,7 +887,7 @@ impl Broker {
             Some(connection) => {
                 // The connection's own disconnect then removes the (no longer persistent) session.
                 session.persistent = false;
-                connection.closer.close(CloseReason::Kicked);
+                connection.link.close(CloseReason::Kicked);
             }
             None => {
                 if let Some(will) = self
@@ -856,7 +918,7 @@ impl Broker {
             session.pending_will = None;
             if let Some(connection) = &mut session.connection {
                 connection.will = None;
-                connection.closer.close(CloseReason::Revoked);
+                connection.link.close(CloseReason::Revoked);
                 closed += 1;
             }
             let discard = match &change {
@@ -899,9 +961,33 @@ impl Broker {
         };
         if let Some(connection) = &mut session.connection {
             connection.will = None;
-            connection.closer.close(CloseReason::Revoked);
+            connection.link.close(CloseReason::Revoked);
             self.stats.revoked.fetch_add(1, Ordering::Relaxed);
         }
+        self.remove_session(state, client_id);
+        true
+    }
+
+    /// `client_id` now belongs to Thing `thing` (just registered): a session of it held by
+    /// anyone not acting as that Thing is closed and discarded, so nobody who took the id
+    /// before the registration keeps the device out. Returns whether there was one.
+    pub fn reserve_client_id(&self, client_id: &str, thing: &str) -> bool {
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let Some(session) = state
+            .sessions
+            .get_mut(client_id)
+            .filter(|s| s.identity.thing.as_deref() != Some(thing))
+        else {
+            return false;
+        };
+        session.pending_will = None;
+        if let Some(connection) = &mut session.connection {
+            connection.will = None;
+            connection.link.close(CloseReason::Revoked);
+            self.stats.revoked.fetch_add(1, Ordering::Relaxed);
+        }
+        tracing::info!(%client_id, %thing, "session of a client id now reserved for a Thing discarded");
         self.remove_session(state, client_id);
         true
     }
@@ -955,6 +1041,7 @@ impl Broker {
             retained_bytes,
             ..
         } = &mut *guard;
+        let fair_share = self.fair_share(sessions.len());
         let Some(session) = live_session(sessions, client_id, connection_id) else {
             return;
         };
@@ -1002,7 +1089,7 @@ impl Broker {
                     properties: message.properties.clone(),
                     expires_at: message.expires_at,
                 };
-                self.enqueue(session, pending);
+                self.enqueue(session, pending, fair_share);
             }
         }
     }
@@ -1078,6 +1165,7 @@ impl Broker {
             *cursor = cursor.wrapping_add(1);
             add_delivery(&mut per_client, chosen);
         }
+        let fair_share = self.fair_share(state.sessions.len());
         let mut delivered = 0;
         for (client, (subscriber, subscription_ids)) in per_client {
             let Some(session) = state.sessions.get_mut(&client) else {
@@ -1092,7 +1180,7 @@ impl Broker {
                 properties: message.properties.clone(),
                 expires_at: message.expires_at,
             };
-            self.enqueue(session, pending);
+            self.enqueue(session, pending, fair_share);
             delivered += 1;
         }
         Ok(delivered)
@@ -1206,7 +1294,7 @@ impl Broker {
         let state = self.lock();
         for session in state.sessions.values() {
             if let Some(connection) = &session.connection {
-                connection.closer.close(reason);
+                connection.link.close(reason);
             }
         }
     }
@@ -1235,12 +1323,9 @@ impl Broker {
                 }
             }
         }
-        if session.queued_bytes > 0 {
-            self.stats
-                .queued_bytes
-                .fetch_sub(session.queued_bytes as u64, Ordering::Relaxed);
-            self.stats.sessions_holding.fetch_sub(1, Ordering::Relaxed);
-        }
+        self.stats
+            .queued_bytes
+            .fetch_sub(session.queued_bytes as u64, Ordering::Relaxed);
         Some(session)
     }
 
@@ -1253,10 +1338,12 @@ impl Broker {
         }
     }
 
+    /// Bytes each session may always hold: half the total bound shared out over the sessions.
+    fn fair_share(&self, sessions: usize) -> usize {
+        self.limits.queued_bytes_max / 2 / sessions.max(1)
+    }
+
     fn hold_bytes(&self, session: &mut Session, bytes: usize) {
-        if session.queued_bytes == 0 && bytes > 0 {
-            self.stats.sessions_holding.fetch_add(1, Ordering::Relaxed);
-        }
         session.queued_bytes += bytes;
         self.stats
             .queued_bytes
@@ -1265,9 +1352,6 @@ impl Broker {
 
     fn release_bytes(&self, session: &mut Session, bytes: usize) {
         session.queued_bytes -= bytes;
-        if session.queued_bytes == 0 && bytes > 0 {
-            self.stats.sessions_holding.fetch_sub(1, Ordering::Relaxed);
-        }
         self.stats
             .queued_bytes
             .fetch_sub(bytes as u64, Ordering::Relaxed);
@@ -1285,24 +1369,55 @@ impl Broker {
         }
     }
 
-    /// Hands `outbound` to the live connection; a full channel closes it as a slow consumer
-    /// (its in-flight messages are resent when it comes back). False if not handed over.
+    /// Hands `outbound` to the live connection; a full channel (or more than
+    /// `outbound_bytes_max` not yet written) closes it as a slow consumer (its in-flight
+    /// messages are resent when it comes back). False if not handed over.
     fn send(&self, session: &mut Session, outbound: Outbound) -> bool {
         let Some(connection) = &session.connection else {
             return false;
         };
-        if connection.tx.try_send(outbound).is_ok() {
+        if self.hand_over(&connection.link, &connection.tx, outbound) {
             return true;
         }
-        if connection.closer.reason().is_none() {
+        if connection.link.reason().is_none() {
             self.stats.slow_consumers.fetch_add(1, Ordering::Relaxed);
             tracing::info!(client_id = %session.identity.client_id, "outbound queue full; closing the slow consumer");
         }
-        connection.closer.close(CloseReason::SlowConsumer);
+        connection.link.close(CloseReason::SlowConsumer);
         false
     }
 
-    fn enqueue(&self, session: &mut Session, pending: Pending) {
+    /// Puts `outbound` in a connection's channel, counting its bytes against the connection's
+    /// budget until the connection takes it out ([`Broker::taken`]).
+    fn hand_over(&self, link: &Link, tx: &mpsc::Sender<Outbound>, outbound: Outbound) -> bool {
+        let size = outbound.size();
+        let held = link.outbound_bytes.load(Ordering::Relaxed);
+        // One message always fits an empty channel, whatever its size.
+        if held > 0 && held + size > self.limits.outbound_bytes_max {
+            return false;
+        }
+        link.outbound_bytes.fetch_add(size, Ordering::Relaxed);
+        self.stats
+            .outbound_bytes
+            .fetch_add(size as u64, Ordering::Relaxed);
+        if tx.try_send(outbound).is_ok() {
+            return true;
+        }
+        self.taken(link, size);
+        false
+    }
+
+    /// A connection took `bytes` out of its channel (written, discarded, or dropped at close).
+    pub fn taken(&self, link: &Link, bytes: usize) {
+        link.outbound_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        self.stats
+            .outbound_bytes
+            .fetch_sub(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// Queues `pending` for `session` within the bounds. `fair_share` is half the total bound
+    /// divided by the number of sessions: bytes a session may always hold.
+    fn enqueue(&self, session: &mut Session, pending: Pending, fair_share: usize) {
         if session.connection.is_none() && !session.persistent {
             return;
         }
@@ -1315,14 +1430,15 @@ impl Broker {
             return;
         }
         let size = pending.size();
+        // Within its fair share a session always gets the bytes; beyond it, only while the
+        // shared half has room. Fair shares add up to half the bound and the shared half is
+        // the other: the total never passes it.
+        let shared = self.limits.queued_bytes_max / 2;
         let over = |session: &Session| {
             let total = self.stats.queued_bytes.load(Ordering::Relaxed) as usize + size;
-            let pressure = self.limits.queued_bytes_max / 2;
-            let holding = self.stats.sessions_holding.load(Ordering::Relaxed).max(1) as usize;
             session.queue.len() >= self.limits.session_queue_max
                 || session.queued_bytes + size > self.limits.session_queue_bytes_max
-                || total > self.limits.queued_bytes_max
-                || (total > pressure && session.queued_bytes + size > pressure / holding)
+                || (session.queued_bytes + size > fair_share && total > shared)
         };
         // Make room by dropping this session's oldest queued messages; if that is not enough
         // (the bytes are in flight), the new message is the one dropped.
@@ -1456,6 +1572,7 @@ mod tests {
             inflight_max: 2,
             session_queue_max: 3,
             session_queue_bytes_max: 1 << 20,
+            outbound_bytes_max: 1 << 20,
             queued_bytes_max: 1 << 20,
             sessions_max: 100,
             user_sessions_max: 100,
@@ -1504,7 +1621,7 @@ mod tests {
     struct Attached {
         registered: Registered,
         rx: mpsc::Receiver<Outbound>,
-        closer: Arc<Closer>,
+        link: Arc<Link>,
     }
 
     fn request(client: &str, user: &str, clean: bool, expiry_s: u64) -> ConnectRequest {
@@ -1514,19 +1631,20 @@ mod tests {
             expiry: Duration::from_secs(expiry_s),
             receive_maximum: None,
             will: None,
+            verify: None,
         }
     }
 
     fn attach_with(broker: &Broker, request: ConnectRequest, capacity: usize) -> Attached {
         let (tx, rx) = mpsc::channel(capacity);
-        let closer = Arc::new(Closer::default());
+        let link = Arc::new(Link::default());
         let registered = broker
-            .connect(request, tx, closer.clone())
+            .connect(request, tx, link.clone())
             .expect("connect accepted");
         Attached {
             registered,
             rx,
-            closer,
+            link,
         }
     }
 
@@ -1676,7 +1794,7 @@ mod tests {
             second.registered.session_present,
             "the session lives on across a takeover"
         );
-        assert_eq!(first.closer.reason(), Some(CloseReason::Takeover));
+        assert_eq!(first.link.reason(), Some(CloseReason::Takeover));
         assert!(
             !leave(&broker, "c", &first),
             "taken-over connection is stale"
@@ -1696,12 +1814,12 @@ mod tests {
             let thief = request("dev-b", "user-a", clean, 60);
             assert_eq!(
                 broker
-                    .connect(thief, tx.clone(), Arc::new(Closer::default()))
+                    .connect(thief, tx.clone(), Arc::new(Link::default()))
                     .expect_err("refused"),
                 ConnectRefusal::NotOwner
             );
         }
-        assert_eq!(owner.closer.reason(), None, "the owner stays connected");
+        assert_eq!(owner.link.reason(), None, "the owner stays connected");
         broker
             .publish(message("inbox/b", 1, false))
             .expect("published");
@@ -1717,7 +1835,7 @@ mod tests {
         };
         assert_eq!(
             broker
-                .connect(anonymous, tx, Arc::new(Closer::default()))
+                .connect(anonymous, tx, Arc::new(Link::default()))
                 .expect_err("refused"),
             ConnectRefusal::NotOwner
         );
@@ -1803,15 +1921,14 @@ mod tests {
         }
         assert_eq!(broker.client("s1").expect("s1").queued, 2);
         assert_eq!(broker.client("s1").expect("s1").queued_bytes, 22);
-        // Past half the total bound (25), s2 may hold its fair share: 25 / 2 sessions = 12
-        // bytes, one message.
+        // s1 took the shared half (25 bytes); s2 still gets its fair share, 25 / 2 sessions =
+        // 12 bytes: one message, however much s1 holds.
         for _ in 0..5 {
             publish("s2");
         }
         let s2 = broker.client("s2").expect("s2");
         assert_eq!((s2.queued, s2.dropped), (1, 4));
         assert_eq!(broker.stats.queued_bytes.load(Ordering::Relaxed), 33);
-        assert_eq!(broker.stats.sessions_holding.load(Ordering::Relaxed), 2);
         // Delivery releases the bytes; a discarded session gives its bytes back.
         let mut back = attach(&broker, "s1", false, 60);
         for p in publishes(&mut back.rx) {
@@ -1820,7 +1937,6 @@ mod tests {
         assert_eq!(broker.stats.queued_bytes.load(Ordering::Relaxed), 11);
         assert!(broker.kick("s2"));
         assert_eq!(broker.stats.queued_bytes.load(Ordering::Relaxed), 0);
-        assert_eq!(broker.stats.sessions_holding.load(Ordering::Relaxed), 0);
     }
 
     #[test]
@@ -1834,7 +1950,7 @@ mod tests {
         let (tx, _rx) = mpsc::channel(4);
         assert_eq!(
             broker
-                .connect(request("c", "u", true, 0), tx, Arc::new(Closer::default()))
+                .connect(request("c", "u", true, 0), tx, Arc::new(Link::default()))
                 .expect_err("refused"),
             ConnectRefusal::SessionsFull
         );
@@ -1858,7 +1974,7 @@ mod tests {
         for _ in 0..3 {
             broker.publish(message("t", 1, false)).expect("published");
         }
-        assert_eq!(slow.closer.reason(), Some(CloseReason::SlowConsumer));
+        assert_eq!(slow.link.reason(), Some(CloseReason::SlowConsumer));
         assert_eq!(broker.stats.slow_consumers.load(Ordering::Relaxed), 1);
         assert!(broker.disconnect(
             "slow",
@@ -1871,6 +1987,55 @@ mod tests {
             [(1, 1, true), (1, 2, true), (1, 3, true)],
             "all three come back: nothing was lost"
         );
+    }
+
+    #[test]
+    fn a_connection_holding_too_many_unwritten_bytes_is_closed_as_slow() {
+        let broker = Broker::new(BrokerLimits {
+            outbound_bytes_max: 5,
+            ..limits()
+        });
+        let mut c = attach_with(&broker, request("c", "u", true, 0), 64);
+        subscribe(&broker, "c", "t", 0);
+        broker.publish(message("t", 0, false)).expect("published");
+        broker.publish(message("t", 0, false)).expect("published");
+        assert_eq!(c.link.outbound_bytes(), 4, "two messages of 2 bytes");
+        assert_eq!(c.link.reason(), None);
+        broker.publish(message("t", 0, false)).expect("published");
+        assert_eq!(
+            c.link.reason(),
+            Some(CloseReason::SlowConsumer),
+            "6 > 5 bytes"
+        );
+        // What the connection takes out is given back.
+        for outbound in drain(&mut c.rx) {
+            broker.taken(&c.link, outbound.size());
+        }
+        assert_eq!(c.link.outbound_bytes(), 0);
+        assert_eq!(broker.stats.outbound_bytes.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_thing_registered_later_takes_its_client_id_back_from_whoever_held_it() {
+        let broker = broker();
+        let squatter = attach_with(&broker, request("future-dev", "app", false, 3600), 16);
+        assert!(broker.reserve_client_id("future-dev", "future-dev"));
+        assert_eq!(squatter.link.reason(), Some(CloseReason::Revoked));
+        assert!(broker.client("future-dev").is_none());
+        let device = ConnectRequest {
+            identity: Identity {
+                thing: Some("future-dev".into()),
+                ..identity("future-dev", "future-dev")
+            },
+            ..request("future-dev", "future-dev", false, 60)
+        };
+        let mut device = attach_with(&broker, device, 16);
+        assert!(!device.registered.session_present);
+        assert!(
+            !broker.reserve_client_id("future-dev", "future-dev"),
+            "its own session stays"
+        );
+        assert!(drain(&mut device.rx).is_empty());
     }
 
     #[test]
@@ -1981,8 +2146,8 @@ mod tests {
             },
         );
         assert_eq!(closed, 1);
-        assert_eq!(live.closer.reason(), Some(CloseReason::Revoked));
-        assert_eq!(other.closer.reason(), None, "another user is untouched");
+        assert_eq!(live.link.reason(), Some(CloseReason::Revoked));
+        assert_eq!(other.link.reason(), None, "another user is untouched");
         assert_eq!(broker.client("d1").expect("kept").subscriptions, ["open/#"]);
         assert!(broker.client("d2").expect("kept").subscriptions.is_empty());
         assert!(!broker.has_subscribers("secret/x"));

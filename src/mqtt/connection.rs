@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use super::acl::{Acl, Action, Identity};
 use super::bridge::Bridge;
 use super::broker::{
-    Broker, CloseReason, Closer, ConnectRefusal, ConnectRequest, ConnectionInfo, Message, Outbound,
+    Broker, CloseReason, ConnectRefusal, ConnectRequest, ConnectionInfo, Link, Message, Outbound,
     PublishRefusal, SubOptions, Will,
 };
 use super::codec::{self, CodecError, Refusal, Version};
@@ -510,39 +510,29 @@ async fn establish(
     };
 
     let (tx, rx) = mpsc::channel(ctx.config.outbound_queue_max.max(1));
-    let closer = Arc::new(Closer::default());
+    let link = Arc::new(Link::default());
     let request = ConnectRequest {
         identity: identity.clone(),
         clean_start: connect.clean_session,
         expiry: expiry_requested,
         receive_maximum,
         will,
+        verify: verification(ctx, &identity, fingerprint),
     };
-    let registered = match ctx.broker.connect(request, tx, closer.clone()) {
+    let registered = match ctx.broker.connect(request, tx, link.clone()) {
         Ok(registered) => registered,
         Err(refusal) => {
             tracing::info!(peer = %conn.peer, %client_id, username = identity.username.as_deref().unwrap_or("-"), error = %refusal, "connection refused");
             let refusal = match refusal {
-                ConnectRefusal::NotOwner => Refusal::NotAuthorized,
+                ConnectRefusal::NotOwner | ConnectRefusal::Revoked => Refusal::NotAuthorized,
                 ConnectRefusal::SessionsFull | ConnectRefusal::UserSessionsFull => {
                     Refusal::QuotaExceeded
                 }
+                ConnectRefusal::Unverifiable => Refusal::ServerBusy,
             };
             return refuse(conn, refusal).await.map(|()| None);
         }
     };
-    // The user may have been changed or deleted while this CONNECT was being authenticated,
-    // after its revocation looked for sessions to close: check again now that the session is
-    // registered (a later change finds it and closes it).
-    if let (Some(username), Some(fingerprint)) = (&identity.username, fingerprint) {
-        if ctx.users.fingerprint(username).ok().flatten() != Some(fingerprint) {
-            tracing::info!(peer = %conn.peer, %client_id, %username, "the user changed while connecting; refusing");
-            ctx.broker
-                .disconnect(&client_id, registered.connection_id, CloseReason::Revoked);
-            super::revoke_user(&ctx.broker, &ctx.acl, &ctx.users, username);
-            return refuse(conn, Refusal::NotAuthorized).await.map(|()| None);
-        }
-    }
     let expiry_lowered = registered.expiry < expiry_requested;
     let connack_properties = v5.then(|| ConnAckProperties {
         assigned_client_identifier: assigned,
@@ -594,7 +584,7 @@ async fn establish(
         session: Session {
             identity,
             connection_id: registered.connection_id,
-            closer,
+            link,
             persistent_at_connect: !registered.expiry.is_zero(),
             aliases: HashMap::new(),
             qos2_pending: 0,
@@ -602,6 +592,38 @@ async fn establish(
         rx,
         keep_alive: Duration::from_millis(u64::from(keep_alive_s) * 1500),
         v5,
+    }))
+}
+
+/// What the broker checks again under its lock before registering the session: the user record
+/// is the one the password was checked against, and a Thing's user's Thing still holds the
+/// client id (a change or a deletion racing the CONNECT cannot slip past its revocation).
+fn verification(
+    ctx: &MqttContext,
+    identity: &Identity,
+    fingerprint: Option<[u8; 32]>,
+) -> Option<super::broker::Verify> {
+    use super::broker::Verified;
+    let username = identity.username.clone()?;
+    let fingerprint = fingerprint?;
+    let users = ctx.users.clone();
+    let thing = identity.thing.clone();
+    let client_id = identity.client_id.clone();
+    Some(Box::new(move || {
+        match users.fingerprint(&username) {
+            Ok(Some(now)) if now == fingerprint => {}
+            Ok(_) => return Verified::Changed,
+            Err(e) => {
+                tracing::error!(%username, error = %e, "cannot read the user again");
+                return Verified::Unreadable;
+            }
+        }
+        match &thing {
+            Some(thing) if users.client_id_reserved_by(&client_id).as_ref() != Some(thing) => {
+                Verified::Changed
+            }
+            _ => Verified::Yes,
+        }
     }))
 }
 
@@ -638,7 +660,12 @@ fn disconnect_code_byte(code: DisconnectReasonCode) -> u8 {
 /// After the session loop: DISCONNECT (v5), socket shutdown, session detach (the broker
 /// publishes the will or holds it for its delay), the Thing's disconnect event.
 async fn close(conn: &mut Conn, ctx: &MqttContext, established: Established, reason: CloseReason) {
-    let Established { session, v5, .. } = established;
+    let Established {
+        session,
+        v5,
+        mut rx,
+        ..
+    } = established;
     let client_id = session.identity.client_id.clone();
     if v5 && !conn.write_broken {
         if let Some(code) = disconnect_code(reason) {
@@ -651,6 +678,11 @@ async fn close(conn: &mut Conn, ctx: &MqttContext, established: Established, rea
     let was_current = ctx
         .broker
         .disconnect(&client_id, session.connection_id, reason);
+    // Nothing more can arrive (the broker dropped the sender): give back what is left.
+    rx.close();
+    while let Ok(outbound) = rx.try_recv() {
+        ctx.broker.taken(&session.link, outbound.size());
+    }
     tracing::debug!(peer = %conn.peer, %client_id, reason = reason.as_str(), was_current, "disconnected");
     if let Some(thing) = &session.identity.thing {
         if let Err(e) = ctx
@@ -720,7 +752,7 @@ fn has_forwarded_fields(p: &PublishProperties) -> bool {
 struct Session {
     identity: Identity,
     connection_id: u64,
-    closer: Arc<Closer>,
+    link: Arc<Link>,
     /// Whether the CONNECT asked for a session that outlives the connection (v5: a DISCONNECT
     /// may then change its expiry, but may not make a non-persistent one persistent).
     persistent_at_connect: bool,
@@ -735,7 +767,7 @@ struct Session {
 async fn flush_or_close(
     conn: &mut Conn,
     ctx: &MqttContext,
-    closer: &Closer,
+    link: &Link,
 ) -> Result<(), CloseReason> {
     tokio::select! {
         written = conn.flush_encoded() => written.map_err(|e| {
@@ -746,7 +778,7 @@ async fn flush_or_close(
                 CloseReason::ConnectionLost
             }
         }),
-        reason = closer.closed() => Err(reason),
+        reason = link.closed() => Err(reason),
     }
 }
 
@@ -757,7 +789,7 @@ async fn session_loop(
     rx: &mut mpsc::Receiver<Outbound>,
     keep_alive: Duration,
 ) -> CloseReason {
-    let closer = session.closer.clone();
+    let link = session.link.clone();
     // Keep-alive 0 means no timeout.
     let no_timeout = Duration::from_secs(365 * 24 * 3600);
     let deadline = tokio::time::sleep(if keep_alive.is_zero() {
@@ -769,7 +801,7 @@ async fn session_loop(
     loop {
         // Handle every complete packet already buffered.
         loop {
-            if let Some(reason) = closer.reason() {
+            if let Some(reason) = link.reason() {
                 return reason;
             }
             // The packet is taken out of the read result before the await below, so the
@@ -821,7 +853,7 @@ async fn session_loop(
                 }
                 encoded += 1;
             }
-            if let Err(reason) = flush_or_close(conn, ctx, &closer).await {
+            if let Err(reason) = flush_or_close(conn, ctx, &link).await {
                 return reason;
             }
         }
@@ -843,7 +875,7 @@ async fn session_loop(
                             encoded += 1;
                         }
                         // The broker dropped the session (revocation, kick): its reason is set.
-                        None => return closer.reason().unwrap_or(CloseReason::ServerShutdown),
+                        None => return link.reason().unwrap_or(CloseReason::ServerShutdown),
                     }
                     if encoded >= WRITE_BATCH_PACKETS_MAX {
                         break;
@@ -853,11 +885,11 @@ async fn session_loop(
                         Err(_) => break,
                     }
                 }
-                if let Err(reason) = flush_or_close(conn, ctx, &closer).await {
+                if let Err(reason) = flush_or_close(conn, ctx, &link).await {
                     return reason;
                 }
             },
-            reason = closer.closed() => {
+            reason = link.closed() => {
                 let _ = Box::pin(tokio::time::timeout(CLOSE_WRITE_TIMEOUT, conn.flush_encoded()))
                     .await;
                 return reason;
@@ -879,6 +911,7 @@ fn encode_or_discard(
         Outbound::Publish(p) if p.qos > 0 => Some(p.pkid),
         _ => None,
     };
+    ctx.broker.taken(&session.link, outbound.size());
     match encode_outbound(conn, outbound) {
         Ok(()) => Ok(()),
         Err(CodecError::TooLarge(bytes)) => {

@@ -63,6 +63,14 @@ pub fn revoke_user(broker: &Broker, acl: &Acl, users: &MqttUsers, username: &str
     closed
 }
 
+/// A Thing was registered: its client id is reserved from now on, so a session of it held by
+/// anyone not acting as that Thing is closed and discarded.
+pub fn thing_registered(broker: &Broker, thing: &str, client_id: &str) {
+    if broker.reserve_client_id(client_id, thing) {
+        tracing::info!(%thing, %client_id, "a session of the newly reserved client id was closed");
+    }
+}
+
 /// The ACL rules changed: subscriptions they no longer allow are removed from every session.
 pub fn reauthorize_subscriptions(broker: &Broker, acl: &Acl) -> usize {
     let removed = broker.reauthorize_subscriptions(&|who: &Identity, filter: &str| {

@@ -32,6 +32,17 @@ pub enum IndexOp {
     RemoveClientId(String),
 }
 
+/// The outcome of [`Store::claim_client_id`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// The id was free and is now the Thing's.
+    Claimed,
+    /// The entry already named the Thing.
+    Held,
+    /// Another Thing's entry holds it (possibly stale: check that Thing's registry record).
+    HeldBy(String),
+}
+
 /// A deadline read from the index.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadlineEntry {
@@ -117,9 +128,55 @@ impl Store {
         }
     }
 
-    /// Whether the `client_ids` index is empty (a database from before it existed).
-    pub fn client_ids_empty(&self) -> bool {
-        self.inner.client_ids.is_empty()
+    /// Claims `client_id` for `thing` if no entry holds it. Atomic, so two registrations
+    /// cannot both claim one id.
+    pub fn claim_client_id(&self, client_id: &str, thing: &str) -> Result<Claim, StorageError> {
+        match self.inner.client_ids.compare_and_swap(
+            client_id.as_bytes(),
+            None as Option<&[u8]>,
+            Some(thing.as_bytes()),
+        )? {
+            Ok(()) => Ok(Claim::Claimed),
+            Err(conflict) => {
+                let owner = conflict
+                    .current
+                    .map(|v| String::from_utf8_lossy(&v).into_owned())
+                    .unwrap_or_default();
+                Ok(if owner == thing {
+                    Claim::Held
+                } else {
+                    Claim::HeldBy(owner)
+                })
+            }
+        }
+    }
+
+    /// Moves `client_id` from `from` to `to` if `from` still holds it; returns whether it did.
+    pub fn take_over_client_id(
+        &self,
+        client_id: &str,
+        from: &str,
+        to: &str,
+    ) -> Result<bool, StorageError> {
+        Ok(self
+            .inner
+            .client_ids
+            .compare_and_swap(
+                client_id.as_bytes(),
+                Some(from.as_bytes()),
+                Some(to.as_bytes()),
+            )?
+            .is_ok())
+    }
+
+    /// Gives `client_id` up if `thing` still holds it.
+    pub fn release_client_id(&self, client_id: &str, thing: &str) -> Result<(), StorageError> {
+        let _ = self.inner.client_ids.compare_and_swap(
+            client_id.as_bytes(),
+            Some(thing.as_bytes()),
+            None as Option<&[u8]>,
+        )?;
+        Ok(())
     }
 
     /// The earliest deadline in the index, if any.

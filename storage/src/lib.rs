@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 pub use codec::{CodecError, Envelope};
 pub use commit::CommitStats;
-pub use index::{DeadlineEntry, IndexOp};
+pub use index::{Claim, DeadlineEntry, IndexOp};
 pub use log::{AppendBatch, RecordedEvent};
 pub use snapshot::Snapshot;
 

@@ -161,6 +161,22 @@ pub async fn call(
     (status, json)
 }
 
+/// The superuser the MQTT tests use as their backend application.
+pub const BACKEND: (&str, &str) = ("backend", "backend-pw");
+
+/// A server configured with `toml`, with the [`BACKEND`] superuser created.
+pub async fn start_with_backend(toml: &str) -> (tempfile::TempDir, Server) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start_configured(dir.path(), toml);
+    create(
+        &server,
+        "/api/v1/authentication/users",
+        serde_json::json!({"username": BACKEND.0, "password": BACKEND.1, "superuser": true}),
+    )
+    .await;
+    (dir, server)
+}
+
 /// POSTs `body` to `path` with admin credentials and requires 201; returns the created body.
 pub async fn create(server: &Server, path: &str, body: serde_json::Value) -> serde_json::Value {
     let (status, created) =

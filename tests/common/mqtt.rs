@@ -297,6 +297,30 @@ impl Raw {
         }
     }
 
+    /// Sends a hand-written 3.1.1 CONNECT (clean session, username and password) without
+    /// waiting for the CONNACK.
+    pub async fn send_connect_v311(&mut self, client_id: &str, user: (&str, &str)) {
+        let mut packet = vec![0x10, 0, 0, 4, b'M', b'Q', b'T', b'T', 4, 0b1100_0010, 0, 60];
+        for field in [client_id, user.0, user.1] {
+            packet.extend_from_slice(&(field.len() as u16).to_be_bytes());
+            packet.extend_from_slice(field.as_bytes());
+        }
+        assert!(packet.len() - 2 < 128, "single-byte remaining length");
+        packet[1] = (packet.len() - 2) as u8;
+        self.send_bytes(&packet).await;
+    }
+
+    /// Sends a hand-written 3.1.1 SUBSCRIBE (packet id 1, QoS 0) without waiting for the SUBACK.
+    pub async fn send_subscribe_v311(&mut self, filter: &str) {
+        let mut packet = vec![0x82, 0, 0, 1];
+        packet.extend_from_slice(&(filter.len() as u16).to_be_bytes());
+        packet.extend_from_slice(filter.as_bytes());
+        packet.push(0);
+        assert!(packet.len() - 2 < 128, "single-byte remaining length");
+        packet[1] = (packet.len() - 2) as u8;
+        self.send_bytes(&packet).await;
+    }
+
     pub async fn send_bytes(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.expect("write");
     }
