@@ -5,6 +5,9 @@
 //! to the Thing's actor, and reads the append-only log for history. Frontends parse, authorize
 //! and render; they never hold state.
 
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
 use serde::Serialize;
 use serde_json::Value;
 use thinghub_storage::{Claim, StorageError, Store};
@@ -62,6 +65,25 @@ pub struct HistoryEntry {
 pub struct Things {
     registry: Registry,
     store: Store,
+    /// MQTT client ids whose registration is in progress in this process. A `client_ids`
+    /// entry that names an unregistered Thing is a claim in flight if it is here, and a claim
+    /// left by a crash (free to take) if it is not.
+    claims_in_flight: Arc<Mutex<HashSet<String>>>,
+}
+
+/// Removes a client id from the claims in flight when its registration ends, whatever way.
+struct ClaimInFlight<'a> {
+    claims: &'a Mutex<HashSet<String>>,
+    client_id: String,
+}
+
+impl Drop for ClaimInFlight<'_> {
+    fn drop(&mut self) {
+        self.claims
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.client_id);
+    }
 }
 
 /// A Thing whose records cannot be read is unavailable (503, naming what is wrong), like a
@@ -88,7 +110,11 @@ impl Things {
     /// Wraps a started registry.
     pub fn new(registry: Registry) -> Things {
         let store = registry.context().store.clone();
-        Things { registry, store }
+        Things {
+            registry,
+            store,
+            claims_in_flight: Arc::default(),
+        }
     }
 
     /// The registry (stats, shutdown).
@@ -121,8 +147,25 @@ impl Things {
             .mqtt_client_id
             .clone()
             .unwrap_or_else(|| name.to_owned());
-        // Claimed before the registration is appended, atomically, so two registrations (a
-        // bulk body naming one id twice) cannot both get it.
+        // One registration per client id at a time in this process, and the id claimed before
+        // the registration is appended: two registrations (a bulk body naming one id twice)
+        // cannot both get it.
+        let _in_flight = {
+            let mut claims = self
+                .claims_in_flight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if !claims.insert(client_id.clone()) {
+                return Err(Rejection::new(
+                    ErrorCode::Conflict,
+                    format!("mqttClientId '{client_id}' is being registered for another Thing"),
+                ));
+            }
+            ClaimInFlight {
+                claims: &self.claims_in_flight,
+                client_id: client_id.clone(),
+            }
+        };
         let claimed = claim_client_id(&self.store, &client_id, name).map_err(storage_failure)?;
         if let Err(owner) = claimed {
             return Err(Rejection::new(
@@ -552,7 +595,9 @@ fn holds_client_id(store: &Store, owner: &str, client_id: &str) -> Result<bool, 
 /// Claims `client_id` for `thing`: `Ok(true)` when this call took it, `Ok(false)` when the
 /// Thing held it already, `Err(owner)` when another registered Thing holds it. An entry left
 /// by a Thing that no longer holds the id (deleted, re-registered with another id, or a claim
-/// whose registration never landed) is taken over.
+/// whose registration never landed) is taken over: callers make sure no registration of
+/// `client_id` is in flight (the registration path holds it in `claims_in_flight`; start-up
+/// and activation repairs concern registered Things).
 pub fn claim_client_id(
     store: &Store,
     client_id: &str,

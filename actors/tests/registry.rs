@@ -425,6 +425,19 @@ async fn client_ids_are_claimed_once_backfilled_once_and_freed_by_deletion() {
         client_id_owner(&store, "v-7").expect("read").as_deref(),
         Some("valve")
     );
+    // Two registrations racing for one id: exactly one gets it.
+    for round in 0..20 {
+        let (a, b) = (format!("race-a-{round}"), format!("race-b-{round}"));
+        let id = format!("race-{round}");
+        let (first, second) = tokio::join!(
+            things.register(&a, with_id(&id)),
+            things.register(&b, with_id(&id))
+        );
+        assert!(
+            first.is_ok() != second.is_ok(),
+            "round {round}: {first:?} / {second:?}"
+        );
+    }
     things.delete("valve").await.expect("deleted");
     assert_eq!(client_id_owner(&store, "v-7").expect("read"), None);
     things

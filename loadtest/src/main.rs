@@ -160,6 +160,10 @@ enum Scenario {
         /// Any MQTT broker on loopback (e.g. mosquitto); without it, thinghub.
         #[arg(long)]
         broker: Option<std::net::SocketAddr>,
+        /// Echo over MQTT 5, each device announcing this Topic Alias Maximum (the broker then
+        /// sends every echo after the first as an empty topic and an alias).
+        #[arg(long)]
+        v5_topic_alias_max: Option<u16>,
         #[command(flatten)]
         target: target::TargetArgs,
     },
@@ -347,12 +351,14 @@ fn main() -> Result<()> {
             devices,
             duration,
             broker,
+            v5_topic_alias_max,
             target,
         } => runtime.block_on(shadow::run_echo(
             &target,
             broker,
             devices,
             duration.as_secs().max(1),
+            v5_topic_alias_max,
             report_dir,
         )),
         Scenario::Crash {

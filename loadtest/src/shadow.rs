@@ -170,11 +170,95 @@ async fn device(
     Ok((count, operator_rounds, latencies, timeline))
 }
 
+/// The echo over MQTT 5 with server topic aliases: the device announces a Topic Alias Maximum
+/// of `alias_max`, so every echo after the first comes back as an empty topic and an alias.
+#[allow(clippy::too_many_arguments)]
+async fn echo_device_v5(
+    mqtt: SocketAddr,
+    credentials: Option<(String, String)>,
+    id: String,
+    topic: String,
+    alias_max: u16,
+    start: Arc<Barrier>,
+    duration: Duration,
+    mut timeline: Timeline,
+) -> Result<(u64, u64, Histogram<u64>, Timeline)> {
+    use rumqttc::v5::mqttbytes::v5::Packet as P5;
+    use rumqttc::v5::mqttbytes::QoS as Q5;
+    use rumqttc::v5::{AsyncClient, Event as E5, MqttOptions as O5};
+    let mut options = O5::new(&id, mqtt.ip().to_string(), mqtt.port());
+    if let Some((user, password)) = &credentials {
+        options.set_credentials(user, password);
+    }
+    options.set_keep_alive(Duration::from_secs(60));
+    options.set_topic_alias_max(Some(alias_max));
+    // As for the 3.1.1 clients: without TCP_NODELAY every round trip waits out Nagle.
+    let mut network = rumqttc::NetworkOptions::new();
+    network.set_tcp_nodelay(true);
+    options.set_network_options(network);
+    let (client, mut eventloop) = AsyncClient::new(options, 16);
+    client.subscribe(&topic, Q5::AtLeastOnce).await?;
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(30), eventloop.poll()).await??;
+        if let E5::Incoming(P5::SubAck(_)) = event {
+            break;
+        }
+    }
+    start.wait().await;
+    let began = Instant::now();
+    let until = began + duration;
+    let mut latencies = crate::histogram();
+    let mut aliases: std::collections::HashMap<u16, bytes::Bytes> = Default::default();
+    let mut count = 0u64;
+    while Instant::now() < until {
+        let token = format!("{id}-{count}");
+        let sent = Instant::now();
+        client
+            .publish(
+                &topic,
+                Q5::AtLeastOnce,
+                false,
+                format!(r#"{{"clientToken":"{token}"}}"#),
+            )
+            .await?;
+        loop {
+            let event = tokio::time::timeout(Duration::from_secs(30), eventloop.poll())
+                .await
+                .context("no reply within 30 s")??;
+            let E5::Incoming(P5::Publish(publish)) = event else {
+                continue;
+            };
+            // rumqttc hands over aliased publishes unresolved: resolve them here.
+            let alias = publish.properties.as_ref().and_then(|p| p.topic_alias);
+            let name = match (publish.topic.is_empty(), alias) {
+                (false, Some(alias)) => {
+                    aliases.insert(alias, publish.topic.clone());
+                    publish.topic.clone()
+                }
+                (true, Some(alias)) => aliases.get(&alias).cloned().unwrap_or_default(),
+                _ => publish.topic.clone(),
+            };
+            if name == topic.as_bytes() && contains(&publish.payload, token.as_bytes()) {
+                break;
+            }
+        }
+        let now = Instant::now();
+        let latency_us = now.duration_since(sent).as_micros() as u64;
+        latencies.saturating_record(latency_us);
+        timeline.record(now, latency_us);
+        count += 1;
+    }
+    let _ = client.disconnect().await;
+    Ok((count, 0, latencies, timeline))
+}
+
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-/// Runs one phase: `devices` devices doing `work(i)` for `seconds`.
+/// Runs one phase: `devices` devices doing `work(i)` for `seconds` (the echo over MQTT 5 with
+/// server topic aliases when `v5_aliases` is set).
+#[allow(clippy::too_many_arguments)]
 async fn phase(
     mqtt: SocketAddr,
     credentials: Option<(String, String)>,
@@ -183,22 +267,36 @@ async fn phase(
     rate: f64,
     label: &str,
     work: impl Fn(usize) -> Work,
+    v5_aliases: Option<u16>,
 ) -> Result<PhaseResult> {
     let start = Arc::new(Barrier::new(devices + 1));
     let duration = Duration::from_secs(seconds);
     let timeline = Timeline::new(Duration::from_secs(1));
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..devices {
-        tasks.spawn(device(
-            mqtt,
-            credentials.clone(),
-            format!("bench-{label}-{i}"),
-            work(i),
-            rate,
-            start.clone(),
-            duration,
-            timeline.sibling(),
-        ));
+        let id = format!("bench-{label}-{i}");
+        match (work(i), v5_aliases) {
+            (Work::Echo { topic }, Some(alias_max)) => tasks.spawn(echo_device_v5(
+                mqtt,
+                credentials.clone(),
+                id,
+                topic,
+                alias_max,
+                start.clone(),
+                duration,
+                timeline.sibling(),
+            )),
+            (work, _) => tasks.spawn(device(
+                mqtt,
+                credentials.clone(),
+                id,
+                work,
+                rate,
+                start.clone(),
+                duration,
+                timeline.sibling(),
+            )),
+        };
     }
     // Bounded: a device that cannot connect fails its task and never reaches the barrier.
     tokio::time::timeout(Duration::from_secs(60), start.wait())
@@ -269,6 +367,7 @@ pub async fn run(
                 thing: format!("bench-{i}"),
                 http: operator_every.map(|every| (target.clone(), every)),
             },
+            None,
         )
         .await?
     };
@@ -280,6 +379,7 @@ pub async fn run(
         run.rate,
         "echo",
         echo_work,
+        None,
     )
     .await?;
     let baseline = match run.baseline_broker {
@@ -295,6 +395,7 @@ pub async fn run(
                 run.rate,
                 "baseline",
                 echo_work,
+                None,
             )
             .await?,
         ),
@@ -356,9 +457,13 @@ pub async fn run_echo(
     broker: Option<SocketAddr>,
     devices: usize,
     seconds: u64,
+    v5_aliases: Option<u16>,
     report_dir: Option<&Path>,
 ) -> Result<()> {
     let mut report = Report::new("echo");
+    if let Some(alias_max) = v5_aliases {
+        report.param("mqtt", format!("5.0, Topic Alias Maximum {alias_max}"));
+    }
     let (mqtt, credentials, _target) = match broker {
         Some(broker) => {
             if !broker.ip().is_loopback() {
@@ -375,7 +480,17 @@ pub async fn run_echo(
             (target.mqtt, credentials, Some(target))
         }
     };
-    let echo = phase(mqtt, credentials, devices, seconds, 0.0, "echo", echo_work).await?;
+    let echo = phase(
+        mqtt,
+        credentials,
+        devices,
+        seconds,
+        0.0,
+        "echo",
+        echo_work,
+        v5_aliases,
+    )
+    .await?;
     report
         .param("devices", devices)
         .param("seconds", seconds)
