@@ -16,6 +16,7 @@ use std::time::Instant;
 
 use tokio::sync::oneshot;
 
+use crate::feed::FeedClock;
 use crate::StorageError;
 
 type Waiter = oneshot::Sender<Result<(), StorageError>>;
@@ -49,6 +50,7 @@ impl GroupCommit {
         db: sled::Db,
         data_dir: &Path,
         batch_waiters_max: usize,
+        feed: Arc<FeedClock>,
     ) -> Result<GroupCommit, StorageError> {
         let db_file = File::open(data_dir.join("db"))
             .map_err(|e| StorageError::Db(format!("open db file for fsync: {e}")))?;
@@ -65,7 +67,13 @@ impl GroupCommit {
                     blobs_dir,
                     synced_blobs: HashSet::new(),
                 };
-                run(rx, &mut syncer, batch_waiters_max.max(1), &thread_counters);
+                run(
+                    rx,
+                    &mut syncer,
+                    batch_waiters_max.max(1),
+                    &thread_counters,
+                    &feed,
+                );
             })
             .map_err(|e| StorageError::Db(format!("spawn commit thread: {e}")))?;
         Ok(GroupCommit {
@@ -150,6 +158,7 @@ fn run(
     syncer: &mut Syncer,
     batch_waiters_max: usize,
     counters: &Counters,
+    feed: &FeedClock,
 ) {
     let mut batch: Vec<Waiter> = Vec::with_capacity(batch_waiters_max);
     while let Ok(first) = rx.recv() {
@@ -161,6 +170,8 @@ fn run(
             }
         }
         let started = Instant::now();
+        // Every feed position below this is written now, so durable once the flush succeeds.
+        let feed_end = feed.written_end();
         let result = syncer.make_durable().map_err(|e| {
             tracing::error!(error = %e, "group commit failed; writes in this batch are not durable");
             StorageError::CommitFailed(e.to_string())
@@ -168,6 +179,9 @@ fn run(
         counters
             .flush_us_total
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        if result.is_ok() {
+            feed.durable_to(feed_end);
+        }
         counters.batches.fetch_add(1, Ordering::Relaxed);
         counters
             .waiters
@@ -177,7 +191,9 @@ fn run(
         }
     }
     // Channel closed: make anything written since the last batch durable before exiting.
-    if let Err(e) = syncer.make_durable() {
-        tracing::error!(error = %e, "final flush at shutdown failed");
+    let feed_end = feed.written_end();
+    match syncer.make_durable() {
+        Ok(()) => feed.durable_to(feed_end),
+        Err(e) => tracing::error!(error = %e, "final flush at shutdown failed"),
     }
 }

@@ -8,6 +8,8 @@
 //! - [`snapshot`]: `snapshots` tree, one (seq, state) per Thing.
 //! - [`index`]: `things` (registry listing), `client_ids` and `deadlines` (timer index) trees, derived from the
 //!   log, written right after the events that justify them and repaired by the Thing's owner.
+//! - [`feed`]: the change feed (one commit-ordered position per append) and consumer cursors.
+//! - [`records`]: MQTT sessions and retained messages kept between runs.
 //! - [`kv`]: small durable key/value records (API keys, credentials).
 //! - [`integrity`]: named errors for a damaged data directory, and the walks `thinghub check`
 //!   makes over every tree.
@@ -15,10 +17,12 @@
 //! A thing key is `len(name) as u8 ‖ name`, so no Thing's key is a prefix of another's.
 
 pub mod codec;
+pub mod feed;
 pub mod index;
 pub mod integrity;
 pub mod kv;
 pub mod log;
+pub mod records;
 pub mod snapshot;
 
 mod commit;
@@ -28,8 +32,10 @@ use std::sync::Arc;
 
 pub use codec::{CodecError, Envelope};
 pub use commit::CommitStats;
+pub use feed::FeedEntry;
 pub use index::{Claim, DeadlineEntry, IndexOp};
 pub use log::{AppendBatch, RecordedEvent};
+pub use records::{Record, RecordChange, RecordSet};
 pub use snapshot::Snapshot;
 
 /// Longest Thing name storage accepts, in bytes (the key length prefix is one byte).
@@ -149,6 +155,11 @@ struct Inner {
     client_ids: sled::Tree,
     deadlines: sled::Tree,
     kv: sled::Tree,
+    feed: sled::Tree,
+    cursors: sled::Tree,
+    sessions: sled::Tree,
+    retained: sled::Tree,
+    feed_clock: Arc<feed::FeedClock>,
     committer: commit::GroupCommit,
     data_dir: PathBuf,
 }
@@ -184,13 +195,21 @@ impl Store {
                     .unwrap_or_else(|| StorageError::Db("sled failed while opening".into())))
             }
         };
+        let feed = db.open_tree("feed")?;
+        let feed_clock = Arc::new(feed::FeedClock::new(feed::next_position_after(&feed)?));
         let committer = commit::GroupCommit::start(
             db.clone(),
             &config.data_dir,
             config.commit_batch_appends_max,
+            feed_clock.clone(),
         )?;
         Ok(Store {
             inner: Arc::new(Inner {
+                feed,
+                cursors: db.open_tree("cursors")?,
+                sessions: db.open_tree("sessions")?,
+                retained: db.open_tree("retained")?,
+                feed_clock,
                 events: db.open_tree("events")?,
                 snapshots: db.open_tree("snapshots")?,
                 things: db.open_tree("things")?,
