@@ -148,8 +148,12 @@ fn thing_subject(name: &str) -> String {
 }
 
 fn check_store(store: &Store, report: &mut CheckReport) {
-    const KNOWN_TREES: [&str; 7] = [
+    const KNOWN_TREES: [&str; 11] = [
         "__sled__default",
+        "feed",
+        "cursors",
+        "sessions",
+        "retained",
         "events",
         "snapshots",
         "things",

@@ -78,6 +78,12 @@ pub struct Config {
     pub commit_batch_appends_max: usize,
     /// How long graceful shutdown waits for Things to stop.
     pub shutdown_timeout_ms: u64,
+    /// How often the effects cursor is saved and the MQTT sessions and retained messages are
+    /// stored (what devices publish to each other is written behind by at most this much).
+    pub effects_checkpoint_interval_ms: u64,
+    /// How long a committed change's effects may stay undelivered (an actor that failed
+    /// between its commit and its delivery) before its Thing is asked to deliver them again.
+    pub effects_straggler_grace_ms: u64,
     /// System topic prefix (`$emqx/things/...`).
     pub topic_prefix: String,
     /// Accept MQTT clients without credentials (development only).
@@ -186,6 +192,8 @@ impl Default for Config {
             storage_cache_bytes: 256 * 1024 * 1024,
             commit_batch_appends_max: 4096,
             shutdown_timeout_ms: 10_000,
+            effects_checkpoint_interval_ms: 200,
+            effects_straggler_grace_ms: 10_000,
             topic_prefix: "$emqx".into(),
             allow_anonymous: false,
             aws_compat: false,
@@ -379,6 +387,14 @@ impl Config {
             (
                 "commit_batch_appends_max",
                 self.commit_batch_appends_max as u64,
+            ),
+            (
+                "effects_checkpoint_interval_ms",
+                self.effects_checkpoint_interval_ms,
+            ),
+            (
+                "effects_straggler_grace_ms",
+                self.effects_straggler_grace_ms,
             ),
             ("mqtt_connections_max", self.mqtt_connections_max as u64),
             ("mqtt_packet_bytes_max", self.mqtt_packet_bytes_max as u64),

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use thinghub_actors::clock::{Clock, SystemClock};
 use thinghub_actors::deadlines::{DeadlineConfig, DeadlineWake};
+use thinghub_actors::outbox::{self, Outbox, OutboxConfig};
 use thinghub_actors::thing::{CommandLimits, EventLimits, Limits, ShadowLimits};
 use thinghub_actors::{Registry, RegistryConfig, ThingContext, Things};
 use thinghub_storage::{StorageError, Store, StoreConfig};
@@ -19,10 +20,13 @@ use crate::config::Config;
 use crate::http::{self, AppState, HttpLimits};
 use crate::mqtt::{
     self,
-    acl::Acl,
+    acl::{Acl, Action, Identity},
     bridge::Bridge,
     broker::{Broker, BrokerLimits},
     connection::{ConnectionConfig, MqttContext},
+    device::Topics,
+    effects::MqttEffects,
+    persist::{Persistence, StoredSession},
 };
 use crate::throttle::{AuthThrottle, ThrottleConfig};
 use crate::users::MqttUsers;
@@ -96,12 +100,38 @@ pub async fn serve(
         events: event_limits,
         commands: command_limits,
     };
+    // The broker and its stored state come first: the Things' effects go to it.
+    let broker = Arc::new(Broker::new(BrokerLimits {
+        inflight_max: config.mqtt_inflight_max,
+        session_queue_max: config.mqtt_session_queue_max,
+        session_queue_bytes_max: config.mqtt_session_queue_bytes_max,
+        outbound_bytes_max: config.mqtt_outbound_bytes_max,
+        queued_bytes_max: config.mqtt_queued_bytes_max,
+        sessions_max: config.mqtt_sessions_max,
+        user_sessions_max: config.mqtt_user_sessions_max,
+        session_expiry_max: Duration::from_secs(config.mqtt_session_expiry_max_s),
+        retained_max: config.mqtt_retained_max,
+        retained_bytes_max: config.mqtt_retained_bytes_max,
+    }));
+    let users = Arc::new(MqttUsers::new(store.clone()));
+    let acl = Acl::load(&config.topic_prefix, config.aws_compat, store.clone())
+        .map_err(|e| ServeError::Acl(e.to_string()))?;
+    let persistence = Arc::new(Persistence::new(store.clone(), broker.clone()));
+    restore_mqtt(&persistence, &users, &acl, config.allow_anonymous)?;
+    let topics = Topics::new(&config.topic_prefix, config.aws_compat);
+    let sink = Arc::new(MqttEffects::new(
+        broker.clone(),
+        topics.clone(),
+        persistence.clone(),
+    ));
+    let outbox = Arc::new(Outbox::new(&store, sink)?);
     let context = Arc::new(ThingContext {
         store: store.clone(),
         clock: clock.clone(),
         limits,
         snapshot_every_events: config.snapshot_every_events,
         deadlines: DeadlineWake::new(),
+        outbox: outbox.clone(),
     });
     let registry = Registry::start(
         context,
@@ -119,23 +149,16 @@ pub async fn serve(
     )
     .await
     .map_err(|e| ServeError::Actors(e.to_string()))?;
+    // What the change feed holds beyond the cursor (a crash between a commit and its
+    // publication) is delivered again before any client can connect.
+    let outbox_config = OutboxConfig {
+        checkpoint_interval: Duration::from_millis(config.effects_checkpoint_interval_ms),
+        straggler_grace: Duration::from_millis(config.effects_straggler_grace_ms),
+        ..OutboxConfig::default()
+    };
+    let cursor = outbox::recover_at_start(&registry, &outbox, &outbox_config).await;
     let keys = AdminKeys::init(store.clone(), admin_key.as_deref(), clock.now_ms()).await?;
-    let users = Arc::new(MqttUsers::new(store.clone()));
-    let acl = Acl::load(&config.topic_prefix, config.aws_compat, store.clone())
-        .map_err(|e| ServeError::Acl(e.to_string()))?;
     let things = Things::new(registry.clone());
-    let broker = Arc::new(Broker::new(BrokerLimits {
-        inflight_max: config.mqtt_inflight_max,
-        session_queue_max: config.mqtt_session_queue_max,
-        session_queue_bytes_max: config.mqtt_session_queue_bytes_max,
-        outbound_bytes_max: config.mqtt_outbound_bytes_max,
-        queued_bytes_max: config.mqtt_queued_bytes_max,
-        sessions_max: config.mqtt_sessions_max,
-        user_sessions_max: config.mqtt_user_sessions_max,
-        session_expiry_max: Duration::from_secs(config.mqtt_session_expiry_max_s),
-        retained_max: config.mqtt_retained_max,
-        retained_bytes_max: config.mqtt_retained_bytes_max,
-    }));
     let throttle = Arc::new(AuthThrottle::new(ThrottleConfig {
         failures_free: config.auth_failures_free,
         backoff_base: Duration::from_millis(config.auth_backoff_base_ms),
@@ -145,14 +168,15 @@ pub async fn serve(
     let bridge = Arc::new(Bridge::new(
         broker.clone(),
         things.clone(),
-        &config.topic_prefix,
+        topics,
         &limits,
-        config.aws_compat,
         clock.clone(),
     ));
     let state = AppState {
         things: things.clone(),
-        bridge: bridge.clone(),
+        device_stats: bridge.stats.clone(),
+        outbox: outbox.clone(),
+        persistence: persistence.clone(),
         broker: broker.clone(),
         keys: Arc::new(keys),
         users: users.clone(),
@@ -199,7 +223,6 @@ pub async fn serve(
         bridge: bridge.clone(),
         users,
         throttle,
-        things: things.clone(),
         acl,
         config: ConnectionConfig {
             allow_anonymous: config.allow_anonymous,
@@ -226,6 +249,16 @@ pub async fn serve(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
+    // The keeper stops after the frontends and the Things: its last round stores the sessions
+    // as the connections left them and moves the cursor over the last effects.
+    let (keeper_stop, keeper_stop_rx) = tokio::sync::watch::channel(false);
+    let keeper = tokio::spawn(outbox::run(
+        registry.clone(),
+        outbox.clone(),
+        outbox_config,
+        cursor,
+        keeper_stop_rx,
+    ));
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
@@ -255,8 +288,63 @@ pub async fn serve(
     registry
         .shutdown(Duration::from_millis(config.shutdown_timeout_ms))
         .await;
+    let _ = keeper_stop.send(true);
+    if keeper.await.is_err() {
+        tracing::error!("the outbox keeper failed at shutdown");
+    }
     store.sync().await?;
     tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+/// Loads the stored MQTT sessions and retained messages, each session only if its owner still
+/// holds it: its user exists and is bound to the same Thing, and that Thing still holds the
+/// client id (anonymous sessions only while anonymous clients are allowed, and never on a
+/// Thing's client id); subscriptions only where the ACL still allows them.
+fn restore_mqtt(
+    persistence: &Persistence,
+    users: &MqttUsers,
+    acl: &Acl,
+    allow_anonymous: bool,
+) -> Result<(), ServeError> {
+    let owner_holds = |stored: &StoredSession| -> Option<Identity> {
+        let reserved_by = users.client_id_reserved_by(&stored.client_id);
+        let (thing, superuser) = match &stored.username {
+            Some(username) => match users.rights(username) {
+                Ok(Some(rights)) => (rights.thing_name, rights.superuser),
+                Ok(None) => return None,
+                Err(e) => {
+                    tracing::error!(%username, error = %e, "cannot read a stored session's user; not restoring it");
+                    return None;
+                }
+            },
+            None if allow_anonymous => (None, false),
+            None => return None,
+        };
+        if thing != stored.thing || reserved_by.is_some() && reserved_by != thing {
+            return None;
+        }
+        Some(Identity {
+            client_id: stored.client_id.clone(),
+            username: stored.username.clone(),
+            thing,
+            superuser,
+        })
+    };
+    let allowed = |who: &Identity, filter: &str| acl.allows(who, Action::Subscribe, filter);
+    let report = persistence.restore(&owner_holds, &allowed)?;
+    tracing::info!(
+        sessions = report.sessions,
+        retained = report.retained,
+        expired = report.sessions_expired,
+        revoked = report.sessions_revoked,
+        over_bound = report.sessions_over_bound,
+        messages_dropped = report.messages_dropped,
+        subscriptions_dropped = report.subscriptions_dropped,
+        retained_dropped = report.retained_dropped,
+        unreadable = report.unreadable,
+        "restored stored MQTT state"
+    );
     Ok(())
 }
 

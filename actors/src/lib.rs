@@ -5,12 +5,14 @@
 //! - [`thing_actor`]: the persistence shell: replay, decide -> durable append -> apply -> reply.
 //! - [`registry`]: name -> actor routing, activation, the passivation handshake, supervision.
 //! - [`deadlines`]: the one timer that fires command deadlines from the storage index.
+//! - [`outbox`]: effects of committed changes to the sink, at least once (the change feed).
 //! - [`service`]: the typed API frontends call (validation, 404 without activation, history).
 //! - [`clock`]: the one time source, controllable in tests.
 
 pub mod clock;
 pub mod codec;
 pub mod deadlines;
+pub mod outbox;
 pub mod registry;
 pub mod service;
 pub mod thing;

@@ -27,7 +27,7 @@ use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, Supervisio
 use tokio::sync::oneshot;
 
 use crate::deadlines::{self, DeadlineConfig, DeadlineStats, TimerCounters};
-use crate::thing::{ErrorCode, Rejection};
+use crate::thing::{Rejection, RejectionKind};
 use crate::thing_actor::{Request, Response, ThingActor, ThingArgs, ThingContext, ThingMsg};
 
 /// Registry bounds and timings.
@@ -250,11 +250,11 @@ impl Registry {
         match tokio::time::timeout(timeout, answer).await {
             Ok(Ok(answer)) => answer,
             Ok(Err(_)) => Err(Rejection::new(
-                ErrorCode::Internal,
+                RejectionKind::Internal,
                 "the thing failed while handling the request; it will be restarted from storage",
             )),
             Err(_) => Err(Rejection::new(
-                ErrorCode::Unavailable,
+                RejectionKind::Timeout,
                 format!(
                     "thing '{name}' did not answer within {} ms",
                     self.inner.config.request_timeout_ms
@@ -280,7 +280,7 @@ impl Registry {
         let count = map.in_flight.entry(name.to_owned()).or_insert(0);
         if *count >= max {
             return Err(Rejection::new(
-                ErrorCode::TooManyRequests,
+                RejectionKind::TooManyRequests,
                 format!("Too many requests: thing '{name}' already has {max} requests in flight"),
             ));
         }
@@ -392,7 +392,7 @@ impl Registry {
                     for message in buffered {
                         if let ThingMsg::Request { reply, .. } = message {
                             let _ = reply.send(Err(Rejection::new(
-                                ErrorCode::Unavailable,
+                                RejectionKind::Unavailable,
                                 "the thing could not be started",
                             )));
                         }

@@ -17,8 +17,8 @@ use crate::registry::Registry;
 use crate::thing::commands::{CommandPage, PageCursor};
 use crate::thing::shadow::{ShadowDocument, ShadowUpdateResult};
 use crate::thing::{
-    self, CommandExecution, CommandOutcome, CommandResponse, CommandStatus, ErrorCode,
-    EventIngested, IngestEvent, Origin, RegisterThing, Rejection, Reply, SendCommand, ShadowUpdate,
+    self, CommandExecution, CommandOutcome, CommandResponse, CommandStatus, EventIngested,
+    IngestEvent, Origin, RegisterThing, Rejection, RejectionKind, Reply, SendCommand, ShadowUpdate,
     ThingCommand, ThingDescription, ThingEvent,
 };
 use crate::thing_actor::{Request, Response};
@@ -92,18 +92,18 @@ fn storage_failure(error: StorageError) -> Rejection {
     match error {
         StorageError::Encode(_) => {
             tracing::error!(error = %error, "storage failure");
-            Rejection::new(ErrorCode::Internal, "storage failure")
+            Rejection::new(RejectionKind::Internal, "storage failure")
         }
         other => {
             tracing::error!(error = %other, "a record cannot be read");
-            Rejection::new(ErrorCode::Unavailable, other.to_string())
+            Rejection::new(RejectionKind::Unavailable, other.to_string())
         }
     }
 }
 
 fn unexpected(response: Response) -> Rejection {
     tracing::error!(?response, "a thing answered with an unexpected response");
-    Rejection::new(ErrorCode::Internal, "unexpected response")
+    Rejection::new(RejectionKind::Internal, "unexpected response")
 }
 
 impl Things {
@@ -128,7 +128,7 @@ impl Things {
         match self.store.get_thing(name) {
             Ok(Some(_)) => Ok(()),
             Ok(None) => Err(Rejection::new(
-                ErrorCode::NotFound,
+                RejectionKind::ThingNotFound,
                 format!("Thing '{name}' not found"),
             )
             .with_token(token.cloned())),
@@ -157,7 +157,7 @@ impl Things {
                 .unwrap_or_else(|p| p.into_inner());
             if !claims.insert(client_id.clone()) {
                 return Err(Rejection::new(
-                    ErrorCode::Conflict,
+                    RejectionKind::AlreadyExists,
                     format!("mqttClientId '{client_id}' is being registered for another Thing"),
                 ));
             }
@@ -169,7 +169,7 @@ impl Things {
         let claimed = claim_client_id(&self.store, &client_id, name).map_err(storage_failure)?;
         if let Err(owner) = claimed {
             return Err(Rejection::new(
-                ErrorCode::Conflict,
+                RejectionKind::AlreadyExists,
                 format!("mqttClientId '{client_id}' belongs to Thing '{owner}'"),
             ));
         }
@@ -209,7 +209,7 @@ impl Things {
             .request(name, Request::Command(ThingCommand::Delete))
             .await?
         {
-            Response::Decided(Reply::Deleted) => Ok(()),
+            Response::Decided(Reply::Deleted { .. }) => Ok(()),
             other => Err(unexpected(other)),
         }
     }
@@ -223,20 +223,20 @@ impl Things {
         }
     }
 
-    /// Applies a shadow update; the result is returned once it is durable. `want_documents`
-    /// renders `update/documents` too (only when someone will publish it).
+    /// Applies a shadow update; the result is returned once it is durable (its effects are
+    /// on their way to the sink by then).
     pub async fn update_shadow(
         &self,
         name: &str,
         update: ShadowUpdate,
         origin: Origin,
-        want_documents: bool,
     ) -> Result<ShadowUpdateResult, Rejection> {
         self.require_registered(name, update.client_token.as_ref())?;
         let request = Request::Command(ThingCommand::UpdateShadow {
             update,
             origin,
-            want_documents,
+            // The Thing asks its sink whether anyone listens for `update/documents`.
+            want_documents: false,
         });
         match self.registry.request(name, request).await? {
             Response::Decided(Reply::ShadowUpdated(result)) => Ok(*result),
@@ -454,7 +454,7 @@ impl Things {
         let entries = read_history(&self.store, name, from_seq, limit).map_err(storage_failure)?;
         if entries.is_empty() && from_seq <= 1 {
             return Err(Rejection::new(
-                ErrorCode::NotFound,
+                RejectionKind::ThingNotFound,
                 format!("Thing '{name}' has no history"),
             ));
         }

@@ -23,9 +23,10 @@ use tokio::sync::oneshot;
 use crate::clock::SharedClock;
 use crate::codec;
 use crate::deadlines::DeadlineWake;
+use crate::outbox::Outbox;
 use crate::thing::commands::{CommandPage, PageCursor};
 use crate::thing::{
-    self, CommandExecution, CommandOutcome, CommandStatus, ErrorCode, Limits, Rejection, Reply,
+    self, CommandExecution, CommandOutcome, CommandStatus, Limits, Rejection, RejectionKind, Reply,
     ThingCommand, ThingDescription, ThingEvent, ThingState,
 };
 
@@ -44,6 +45,8 @@ pub struct ThingContext {
     pub snapshot_every_events: u64,
     /// Tells the deadline timer about new deadlines.
     pub deadlines: Arc<DeadlineWake>,
+    /// Where the effects of committed changes go (see [`crate::outbox`]).
+    pub outbox: Arc<Outbox>,
 }
 
 /// A request to one Thing.
@@ -66,6 +69,14 @@ pub enum Request {
     GetCommand {
         /// Which one.
         execution_id: String,
+    },
+    /// Deliver again what the Thing owes for its events `first_seq..=last_seq` (sent by the
+    /// outbox keeper for change-feed positions whose effects may not have been delivered).
+    Redeliver {
+        /// First event of the range.
+        first_seq: u64,
+        /// Last event of the range (events beyond the log's end are ignored).
+        last_seq: u64,
     },
     /// A page of command executions, newest first.
     ListCommands {
@@ -98,6 +109,8 @@ pub enum Response {
     Execution(Box<CommandExecution>),
     /// A page of command executions.
     Executions(CommandPage),
+    /// Effects delivered again: how many.
+    Redelivered(usize),
 }
 
 /// The reply channel of a request.
@@ -387,7 +400,7 @@ impl ThingActorState {
     async fn handle_request(&mut self, request: Request) -> Result<Response, Rejection> {
         if let Health::Failed(reason) = &self.health {
             return Err(Rejection::new(
-                ErrorCode::Unavailable,
+                RejectionKind::Unavailable,
                 format!("thing '{}' is unavailable: {reason}", self.thing.name),
             ));
         }
@@ -420,6 +433,10 @@ impl ThingActorState {
                     other => Ok(other),
                 }
             }
+            Request::Redeliver {
+                first_seq,
+                last_seq,
+            } => self.redeliver(first_seq, last_seq),
             Request::GetCommand { execution_id } => {
                 if self.thing.registration.is_none() {
                     return Err(self.thing.not_found());
@@ -430,7 +447,7 @@ impl ThingActorState {
                     .map(|e| Response::Execution(Box::new(e.clone())))
                     .ok_or_else(|| {
                         Rejection::new(
-                            ErrorCode::NotFound,
+                            RejectionKind::ExecutionNotFound,
                             format!(
                                 "execution '{execution_id}' not found (finished executions beyond the kept history are only in the Thing's history)"
                             ),
@@ -458,9 +475,13 @@ impl ThingActorState {
     /// triggered a `FireDeadlines` (removed if it is no longer the Thing's next deadline).
     async fn handle_command(
         &mut self,
-        command: ThingCommand,
+        mut command: ThingCommand,
         fired: Option<u64>,
     ) -> Result<Response, Rejection> {
+        if let ThingCommand::UpdateShadow { want_documents, .. } = &mut command {
+            // Rendered for the sink only, and only when someone listens.
+            *want_documents = self.context.outbox.sink().wants_documents(&self.thing.name);
+        }
         let now_ms = self.context.clock.now_ms();
         let limits = self.context.limits;
         let decision = self.guarded(|me| thing::decide(&me.thing, &command, now_ms, &limits))?;
@@ -502,21 +523,30 @@ impl ThingActorState {
         let mut batch = self.batch_for(&decision.events, now_ms)?;
         batch.index.extend(deadline_ops);
         let count = decision.events.len() as u64;
-        if let Err(e) = self.context.store.append(batch).await {
-            tracing::error!(thing = %self.thing.name, error = %e, "append failed; reloading from storage");
-            // The write may or may not have reached the log: take storage as the truth.
-            self.reload();
-            return Err(internal(
-                "the change could not be made durable; its outcome is unknown",
-            ));
-        }
-        self.guarded(|me| {
+        let position = match self.context.store.append(batch).await {
+            Ok(position) => position,
+            Err(e) => {
+                tracing::error!(thing = %self.thing.name, error = %e, "append failed; reloading from storage");
+                // The write may or may not have reached the log: take storage as the truth (the
+                // outbox recovers the effects of whatever did land).
+                self.reload();
+                return Err(internal(
+                    "the change could not be made durable; its outcome is unknown",
+                ));
+            }
+        };
+        let effects = self.guarded(|me| {
             for event in &decision.events {
                 thing::apply(&mut me.thing, event);
             }
             me.thing.last_seq += count;
-            Ok(())
+            Ok(thing::effects::of_decision(&decision, &me.thing))
         })?;
+        // Before the reply: whoever waits on it (a device's PUBACK, an HTTP 200) can rely on
+        // the effects being on their way.
+        self.context
+            .outbox
+            .deliver(&self.thing.name, position, &effects);
         self.events_since_snapshot += count;
         if self.events_since_snapshot >= self.context.snapshot_every_events {
             self.write_snapshot();
@@ -527,6 +557,45 @@ impl ThingActorState {
             }
         }
         Ok(Response::Decided(decision.reply))
+    }
+
+    /// Delivers again what the Thing owes for its events `first_seq..=last_seq`.
+    fn redeliver(&mut self, first_seq: u64, last_seq: u64) -> Result<Response, Rejection> {
+        let name = self.thing.name.clone();
+        let last_seq = last_seq.min(self.thing.last_seq);
+        let mut events = Vec::new();
+        let mut next = first_seq.max(1);
+        while next <= last_seq {
+            let wanted = usize::try_from(last_seq - next + 1)
+                .unwrap_or(usize::MAX)
+                .min(REPLAY_BATCH_EVENTS);
+            let batch = self
+                .context
+                .store
+                .read_events(&name, next, wanted)
+                .map_err(|e| {
+                    tracing::error!(thing = %name, error = %e, "cannot read events to redeliver their effects");
+                    Rejection::new(RejectionKind::Unavailable, format!("cannot read the log: {e}"))
+                })?;
+            let Some(last) = batch.last() else { break };
+            next = last.seq + 1;
+            for recorded in batch.iter().filter(|r| r.seq <= last_seq) {
+                events.push(codec::decode_event(&name, recorded).map_err(|e| {
+                    Rejection::new(
+                        RejectionKind::Unavailable,
+                        format!("cannot decode the log: {e}"),
+                    )
+                })?);
+            }
+        }
+        let now_s = self.context.clock.now_ms() / 1000;
+        let effects =
+            self.guarded(|me| Ok(thing::effects::for_recovery(&events, &me.thing, now_s)))?;
+        if !effects.is_empty() {
+            tracing::info!(thing = %name, first_seq, last_seq, effects = effects.len(), "effects delivered again");
+            self.context.outbox.sink().deliver(&name, &effects);
+        }
+        Ok(Response::Redelivered(effects.len()))
     }
 
     fn batch_for(&self, events: &[ThingEvent], now_ms: u64) -> Result<AppendBatch, Rejection> {
@@ -588,5 +657,5 @@ impl ThingActorState {
 }
 
 fn internal(message: &str) -> Rejection {
-    Rejection::new(ErrorCode::Internal, message)
+    Rejection::new(RejectionKind::Internal, message)
 }

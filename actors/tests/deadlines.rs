@@ -22,6 +22,7 @@ async fn start(store: &Store, clock: Arc<ManualClock>) -> Registry {
         limits: Limits::default(),
         snapshot_every_events: 500,
         deadlines: DeadlineWake::new(),
+        outbox: thinghub_actors::outbox::Outbox::without_frontend(store).expect("outbox"),
     });
     let config = RegistryConfig {
         deadlines: DeadlineConfig {

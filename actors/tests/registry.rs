@@ -19,6 +19,7 @@ async fn start(store: &Store, config: RegistryConfig, snapshot_every_events: u64
         clock: Arc::new(SystemClock),
         limits: Limits::default(),
         deadlines: thinghub_actors::deadlines::DeadlineWake::new(),
+        outbox: thinghub_actors::outbox::Outbox::without_frontend(store).expect("outbox"),
         snapshot_every_events,
     });
     Registry::start(context, config).await.expect("registry")
@@ -89,7 +90,7 @@ async fn state_and_versions_survive_a_restart() {
         .request("t1", register())
         .await
         .expect_err("exists");
-    assert_eq!(err.code, ErrorCode::Conflict);
+    assert_eq!(err.code(), ErrorCode::Conflict);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -191,7 +192,7 @@ async fn a_panicking_thing_restarts_from_storage_and_others_are_unaffected() {
         },
     );
     let err = answer.await.expect("answered").expect_err("internal error");
-    assert_eq!(err.code, ErrorCode::Internal);
+    assert_eq!(err.code(), ErrorCode::Internal);
     assert_eq!(shadow_version(&registry, "victim").await, 1);
 
     // A panic outside it kills the actor: the supervisor clears it; the next request restarts it.
@@ -255,7 +256,7 @@ async fn a_corrupt_record_is_named_and_isolated_to_its_thing() {
         .request("bad", Request::Describe)
         .await
         .expect_err("unavailable");
-    assert_eq!(err.code, ErrorCode::Unavailable);
+    assert_eq!(err.code(), ErrorCode::Unavailable);
     assert!(
         err.message.contains("'bad'") && err.message.contains("seq 2"),
         "{}",
@@ -304,7 +305,7 @@ async fn activation_repairs_a_registry_index_that_lags_the_log() {
         .request("ghost", Request::Describe)
         .await
         .expect_err("deleted per the log");
-    assert_eq!(err.code, ErrorCode::NotFound);
+    assert_eq!(err.code(), ErrorCode::NotFound);
     assert!(
         store.get_thing("lagging").expect("read").is_some(),
         "index entry restored"
@@ -339,7 +340,7 @@ async fn requests_beyond_the_in_flight_bound_get_429_and_the_rest_all_land() {
     for task in tasks {
         match task.await.expect("join") {
             Ok(_) => accepted += 1,
-            Err(e) if e.code == ErrorCode::TooManyRequests => throttled += 1,
+            Err(e) if e.code() == ErrorCode::TooManyRequests => throttled += 1,
             Err(e) => panic!("unexpected {e:?}"),
         }
     }
@@ -410,7 +411,7 @@ async fn client_ids_are_claimed_once_backfilled_once_and_freed_by_deletion() {
         .register("copycat", with_id("v-7"))
         .await
         .expect_err("taken");
-    assert_eq!(refused.code, ErrorCode::Conflict);
+    assert_eq!(refused.code(), ErrorCode::Conflict);
     assert_eq!(
         client_id_owner(&store, "v-7").expect("read").as_deref(),
         Some("valve"),

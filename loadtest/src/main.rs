@@ -591,6 +591,7 @@ async fn start_registry(store: &Store, shards: usize) -> Result<Registry> {
         clock: Arc::new(SystemClock),
         limits: Limits::default(),
         deadlines: thinghub_actors::deadlines::DeadlineWake::new(),
+        outbox: thinghub_actors::outbox::Outbox::without_frontend(store).expect("outbox"),
         snapshot_every_events: 500,
     });
     Registry::start(

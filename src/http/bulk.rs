@@ -85,17 +85,10 @@ async fn register_one(state: &AppState, line: u64, bytes: &[u8]) -> Value {
             },
         )
         .await;
-    match registered {
-        Err(rejection) => {
-            let mut answer = error_line(line, &ApiError::from(rejection));
-            answer["thingName"] = thing.thing_name.into();
-            return answer;
-        }
-        Ok(description) => crate::mqtt::thing_registered(
-            &state.broker,
-            &description.name,
-            &description.mqtt_client_id,
-        ),
+    if let Err(rejection) = registered {
+        let mut answer = error_line(line, &ApiError::from(rejection));
+        answer["thingName"] = thing.thing_name.into();
+        return answer;
     }
     // Registered and durable: its actor need not stay in memory until it idles out.
     state.things.release(&thing.thing_name);

@@ -1,7 +1,8 @@
 //! Management API: commands to a Thing (send, inspect, list, cancel).
 //!
 //! A command is durable (`CommandSent` in the Thing's log, its deadline in the index) before the
-//! request is published to the device and before the 201 is returned.
+//! 201 is returned; its request to the device is the Thing's effect (published, or queued in
+//! the device's persistent session, before the 201, and again after a crash if need be).
 
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
@@ -31,8 +32,6 @@ pub async fn send(
         &state.limits.commands,
     )?;
     let execution = state.things.send_command(&name, command).await?;
-    // Durable now: publish the request (queued in a persistent session if the device is away).
-    state.bridge.command_sent(&name, &execution);
     let location = format!("/api/v1/things/{name}/commands/{}", execution.execution_id);
     Ok((
         StatusCode::CREATED,

@@ -49,14 +49,8 @@ pub async fn report(
     let update = ShadowUpdate::from_json(&body, &state.limits.shadow)?;
     let result = state
         .things
-        .update_shadow(
-            &name,
-            update,
-            Origin::Device,
-            state.bridge.wants_documents(&name),
-        )
+        .update_shadow(&name, update, Origin::Device)
         .await?;
-    state.bridge.shadow_updated(&name, &result);
     Ok(Json(result.accepted))
 }
 
@@ -73,6 +67,5 @@ pub async fn event(
     };
     let event = IngestEvent::from_json(&body, None, &state.limits.events)?;
     let stored = state.things.ingest_event(&name, event).await?;
-    state.bridge.event_stored(&name, &stored);
     Ok((axum::http::StatusCode::CREATED, Json(stored.to_json(None))))
 }

@@ -43,7 +43,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
 impl From<Rejection> for ApiError {
     fn from(rejection: Rejection) -> ApiError {
         ApiError {
-            status: status_of(rejection.code),
+            status: status_of(rejection.code()),
             message: rejection.message,
             client_token: rejection.client_token,
         }

@@ -41,6 +41,8 @@ fn collect(state: &AppState) -> Vec<Metric> {
     let (sessions, connections) = state.broker.counts();
     let (retained, retained_bytes) = state.broker.retained_counts();
     let auth = &state.throttle.stats;
+    let outbox = &registry.context().outbox;
+    let persist = &state.persistence.stats;
     let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed) as f64;
     let m = |name, kind, help, value: f64, group, key| Metric {
         name,
@@ -287,7 +289,7 @@ fn collect(state: &AppState) -> Vec<Metric> {
             "thinghub_device_events_rejected_total",
             "counter",
             "Device events rejected over MQTT.",
-            load(&state.bridge.events_rejected),
+            load(&state.device_stats.events_rejected),
             "mqtt",
             "eventsRejected",
         ),
@@ -295,9 +297,86 @@ fn collect(state: &AppState) -> Vec<Metric> {
             "thinghub_command_responses_refused_total",
             "counter",
             "Command answers refused over MQTT.",
-            load(&state.bridge.command_responses_refused),
+            load(&state.device_stats.command_responses_refused),
             "mqtt",
             "commandResponsesRefused",
+        ),
+        m(
+            "thinghub_effects_delivered_total",
+            "counter",
+            "Committed changes whose effects their Thing handed to the sink as it made them.",
+            load(&outbox.stats.delivered),
+            "effects",
+            "delivered",
+        ),
+        m(
+            "thinghub_effects_recovered_total",
+            "counter",
+            "Committed changes whose effects were delivered again from the change feed (after a crash, or a straggler).",
+            load(&outbox.stats.recovered),
+            "effects",
+            "recovered",
+        ),
+        m(
+            "thinghub_effects_cursor",
+            "gauge",
+            "Change-feed position up to which every change's effects are handled.",
+            outbox.handled_through() as f64,
+            "effects",
+            "cursor",
+        ),
+        m(
+            "thinghub_effects_lag",
+            "gauge",
+            "Durable changes whose effects are not handled yet.",
+            registry
+                .context()
+                .store
+                .feed_durable_end()
+                .saturating_sub(1)
+                .saturating_sub(outbox.handled_through()) as f64,
+            "effects",
+            "lag",
+        ),
+        m(
+            "thinghub_mqtt_sessions_written_total",
+            "counter",
+            "Persistent session records written to storage (put or removed).",
+            load(&persist.sessions_written),
+            "mqtt",
+            "sessionsWritten",
+        ),
+        m(
+            "thinghub_mqtt_retained_written_total",
+            "counter",
+            "Retained message records written to storage (put or removed).",
+            load(&persist.retained_written),
+            "mqtt",
+            "retainedWritten",
+        ),
+        m(
+            "thinghub_mqtt_persist_failures_total",
+            "counter",
+            "Checkpoints of MQTT state that failed (retried).",
+            load(&persist.failures),
+            "mqtt",
+            "persistFailures",
+        ),
+        m(
+            "thinghub_mqtt_sessions_restored",
+            "gauge",
+            "Persistent sessions restored at start-up.",
+            load(&persist.sessions_restored),
+            "mqtt",
+            "sessionsRestored",
+        ),
+        m(
+            "thinghub_mqtt_restore_dropped",
+            "gauge",
+            "Sessions, messages and retained messages not restored at start-up (expired, revoked, past a bound, unreadable).",
+            load(&persist.restore_dropped),
+            "mqtt",
+            "restoreDropped",
         ),
         m(
             "thinghub_deadline_fires_total",
@@ -334,7 +413,7 @@ fn collect(state: &AppState) -> Vec<Metric> {
     ]
 }
 
-/// `GET /api/v1/metrics`: `{process, things, storage, mqtt, auth, deadlines}`.
+/// `GET /api/v1/metrics`: `{process, things, storage, mqtt, auth, effects, deadlines}`.
 pub async fn json(State(state): State<AppState>) -> Json<Value> {
     let mut body = json!({});
     for metric in collect(&state) {

@@ -29,8 +29,8 @@ use thinghub_actors::Things;
 
 use crate::auth::AdminKeys;
 use crate::mqtt::acl::Acl;
-use crate::mqtt::bridge::Bridge;
 use crate::mqtt::broker::Broker;
+use crate::mqtt::DeviceStats;
 use crate::throttle::AuthThrottle;
 use crate::users::MqttUsers;
 use error::ApiError;
@@ -57,8 +57,12 @@ pub struct HttpLimits {
 pub struct AppState {
     /// The Things service.
     pub things: Things,
-    /// Publishes the MQTT side effects of changes made over HTTP.
-    pub bridge: Arc<Bridge>,
+    /// Device requests refused over MQTT (metrics).
+    pub device_stats: Arc<DeviceStats>,
+    /// The outbox (metrics: effects delivered and recovered, the cursor).
+    pub outbox: Arc<thinghub_actors::outbox::Outbox>,
+    /// Stored MQTT state (metrics).
+    pub persistence: Arc<crate::mqtt::persist::Persistence>,
     /// The MQTT broker (clients API).
     pub broker: Arc<Broker>,
     /// Admin credentials.

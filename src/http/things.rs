@@ -44,12 +44,6 @@ pub async fn create(
             },
         )
         .await?;
-    // The client id is reserved for the Thing's users from now on.
-    crate::mqtt::thing_registered(
-        &state.broker,
-        &description.name,
-        &description.mqtt_client_id,
-    );
     let location = format!("/api/v1/things/{}", description.name);
     Ok((
         StatusCode::CREATED,
@@ -115,12 +109,8 @@ pub async fn delete(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let client_id = state.things.describe(&name).await?.mqtt_client_id;
+    // The device acting as this Thing loses its session: an effect of the deletion.
     state.things.delete(&name).await?;
-    // The device acting as this Thing loses its connection and session with it.
-    if state.broker.thing_deleted(&name, &client_id) {
-        tracing::info!(thing = %name, %client_id, "Thing deleted: its MQTT session was closed");
-    }
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -138,13 +128,12 @@ pub async fn update_shadow(
     JsonBody(body): JsonBody<Value>,
 ) -> Result<Json<Value>, ApiError> {
     let update = ShadowUpdate::from_json(&body, &state.limits.shadow)?;
-    let want_documents = state.bridge.wants_documents(&name);
+    // Durable when it returns; the desired change, the delta and `update/accepted` are the
+    // Thing's effects, on their way whatever happens to this request now.
     let result = state
         .things
-        .update_shadow(&name, update, Origin::Operator, want_documents)
+        .update_shadow(&name, update, Origin::Operator)
         .await?;
-    // Durable now: the desired change goes to the device, the delta and accepted to listeners.
-    state.bridge.shadow_updated(&name, &result);
     Ok(Json(result.accepted))
 }
 
@@ -164,7 +153,6 @@ pub async fn delete_shadow(
         .things
         .delete_shadow(&name, params.client_token, Origin::Operator)
         .await?;
-    state.bridge.shadow_deleted(&name, &reply);
     Ok(Json(reply))
 }
 

@@ -23,6 +23,9 @@ use rumqttd::protocol::PublishProperties;
 use tokio::sync::{mpsc, Notify};
 
 use super::acl::Identity;
+use super::persist::{
+    Changes, StoredMessage, StoredOptions, StoredProperties, StoredSession, TimeBase,
+};
 use super::topic::{self, FilterTrie, ParsedFilter};
 
 /// Broker bounds.
@@ -425,6 +428,8 @@ struct Session {
     pending_will: Option<(Box<Will>, Instant)>,
     /// Messages dropped by a bound.
     dropped: u64,
+    /// Whether storage holds a record of it (so removing it must remove the record).
+    stored: bool,
 }
 
 impl Session {
@@ -444,7 +449,13 @@ impl Session {
             incoming_qos2: HashSet::new(),
             pending_will: None,
             dropped: 0,
+            stored: false,
         }
+    }
+
+    /// Whether a change to it must reach storage.
+    fn kept(&self) -> bool {
+        self.persistent || self.stored
     }
 
     fn allocate_pkid(&mut self) -> Option<u16> {
@@ -501,6 +512,21 @@ struct State {
     retained_bytes: usize,
     share_cursor: HashMap<(Arc<str>, Arc<str>), usize>,
     next_connection_id: u64,
+    /// Sessions changed since the last checkpoint (persistent or stored ones only).
+    dirty: HashSet<Arc<str>>,
+    /// Retained topics changed since the last checkpoint.
+    retained_dirty: HashSet<Arc<str>>,
+}
+
+impl State {
+    /// Notes that the session of `client_id` changed, if storage cares.
+    fn touch(&mut self, client_id: &str) {
+        if let Some((key, session)) = self.sessions.get_key_value(client_id) {
+            if session.kept() {
+                self.dirty.insert(key.clone());
+            }
+        }
+    }
 }
 
 /// The broker. Shared by every connection.
@@ -633,6 +659,8 @@ impl Broker {
                 retained_bytes: 0,
                 share_cursor: HashMap::new(),
                 next_connection_id: 1,
+                dirty: HashSet::new(),
+                retained_dirty: HashSet::new(),
             }),
             limits,
             stats: BrokerStats::default(),
@@ -755,6 +783,7 @@ impl Broker {
             will: request.will.map(Box::new),
         });
         self.drain_queue(session);
+        state.touch(&key);
         for will in wills {
             self.publish_will(state, will);
         }
@@ -786,6 +815,7 @@ impl Broker {
         let now = Instant::now();
         if session.persistent {
             session.disconnected_at = Some(now);
+            state.dirty.insert(Arc::from(client_id));
             match will {
                 Some(will) if !will.delay.is_zero() => {
                     let wait = will.delay.min(session.expiry);
@@ -820,6 +850,7 @@ impl Broker {
         let expiry = expiry.min(self.limits.session_expiry_max);
         session.expiry = expiry;
         session.persistent = !expiry.is_zero();
+        state.touch(client_id);
         Some(expiry)
     }
 
@@ -829,17 +860,23 @@ impl Broker {
     pub fn qos2_arrived(&self, client_id: &str, connection_id: u64, pkid: u16) -> Option<usize> {
         let mut state = self.lock();
         let session = live_session(&mut state.sessions, client_id, connection_id)?;
-        session
+        let first = session
             .incoming_qos2
             .insert(pkid)
-            .then_some(session.incoming_qos2.len())
+            .then_some(session.incoming_qos2.len());
+        state.touch(client_id);
+        first
     }
 
     /// PUBREL: the client releases `pkid`; true if it was pending.
     pub fn qos2_released(&self, client_id: &str, connection_id: u64, pkid: u16) -> bool {
         let mut state = self.lock();
-        live_session(&mut state.sessions, client_id, connection_id)
-            .is_some_and(|s| s.incoming_qos2.remove(&pkid))
+        let released = live_session(&mut state.sessions, client_id, connection_id)
+            .is_some_and(|s| s.incoming_qos2.remove(&pkid));
+        if released {
+            state.touch(client_id);
+        }
+        released
     }
 
     /// Records where a connection comes from (shown by the clients API).
@@ -888,6 +925,7 @@ impl Broker {
                 // The connection's own disconnect then removes the (no longer persistent) session.
                 session.persistent = false;
                 connection.link.close(CloseReason::Kicked);
+                state.touch(client_id);
             }
             None => {
                 if let Some(will) = self
@@ -936,6 +974,9 @@ impl Broker {
             {
                 session.identity.superuser = *superuser;
                 let removed = revoke_subscriptions(&mut state.trie, &client_id, session, allowed);
+                if session.kept() {
+                    state.dirty.insert(client_id.clone());
+                }
                 self.stats
                     .subscriptions_revoked
                     .fetch_add(removed as u64, Ordering::Relaxed);
@@ -996,10 +1037,19 @@ impl Broker {
     /// permits. Returns the number removed.
     pub fn reauthorize_subscriptions(&self, allowed: &dyn Fn(&Identity, &str) -> bool) -> usize {
         let mut guard = self.lock();
-        let State { sessions, trie, .. } = &mut *guard;
+        let State {
+            sessions,
+            trie,
+            dirty,
+            ..
+        } = &mut *guard;
         let mut removed = 0;
         for (client_id, session) in sessions.iter_mut() {
-            removed += revoke_subscriptions(trie, client_id, session, allowed);
+            let here = revoke_subscriptions(trie, client_id, session, allowed);
+            if here > 0 && session.kept() {
+                dirty.insert(client_id.clone());
+            }
+            removed += here;
         }
         self.stats
             .subscriptions_revoked
@@ -1039,12 +1089,17 @@ impl Broker {
             trie,
             retained,
             retained_bytes,
+            dirty,
+            retained_dirty,
             ..
         } = &mut *guard;
         let fair_share = self.fair_share(sessions.len());
         let Some(session) = live_session(sessions, client_id, connection_id) else {
             return;
         };
+        if session.kept() {
+            dirty.insert(key.clone());
+        }
         let subscriber = Subscriber {
             client: key.clone(),
             share: parsed.share_group.as_deref().map(Arc::from),
@@ -1063,10 +1118,11 @@ impl Broker {
             && (options.retain_handling == 0 || (options.retain_handling == 1 && is_new));
         if send_retained {
             let now = Instant::now();
-            retained.retain(|_, message| {
+            retained.retain(|topic, message| {
                 let keep = !message.expired(now);
                 if !keep {
                     *retained_bytes -= message.size();
+                    retained_dirty.insert(topic.clone());
                 }
                 keep
             });
@@ -1106,7 +1162,9 @@ impl Broker {
         else {
             return false;
         };
-        trie.remove(&parsed.filter, &probe(&key, &parsed))
+        let removed = trie.remove(&parsed.filter, &probe(&key, &parsed));
+        state.touch(client_id);
+        removed
     }
 
     /// Routes a message to every matching subscription and updates retained messages.
@@ -1171,6 +1229,9 @@ impl Broker {
             let Some(session) = state.sessions.get_mut(&client) else {
                 continue;
             };
+            if session.kept() {
+                state.dirty.insert(client.clone());
+            }
             let pending = Pending {
                 topic: message.topic.clone(),
                 payload: message.payload.clone(),
@@ -1193,6 +1254,7 @@ impl Broker {
             if let Some(previous) = previous {
                 state.retained.remove(&message.topic);
                 state.retained_bytes -= previous;
+                state.retained_dirty.insert(message.topic.clone());
             }
         } else {
             let count = state.retained.len() + usize::from(previous.is_none());
@@ -1212,6 +1274,7 @@ impl Broker {
             state
                 .retained
                 .insert(message.topic.clone(), message.clone());
+            state.retained_dirty.insert(message.topic.clone());
         }
         self.stats
             .retained_bytes
@@ -1227,13 +1290,19 @@ impl Broker {
 
     /// PUBACK (QoS 1) or PUBCOMP (QoS 2) from the client: the slot frees and the queue drains.
     pub fn acknowledged(&self, client_id: &str, connection_id: u64, pkid: u16) {
-        let mut state = self.lock();
-        if let Some(session) = live_session(&mut state.sessions, client_id, connection_id) {
+        let mut guard = self.lock();
+        let State {
+            sessions, dirty, ..
+        } = &mut *guard;
+        if let Some(session) = live_session(sessions, client_id, connection_id) {
             if let Some(slot) = session.inflight.remove(&pkid) {
                 if let Some(pending) = slot {
                     self.release_bytes(session, pending.size());
                 }
                 self.drain_queue(session);
+                if session.kept() {
+                    dirty.insert(Arc::from(client_id));
+                }
             }
         }
     }
@@ -1249,6 +1318,7 @@ impl Broker {
             }
             self.send(session, Outbound::PubRel(pkid));
         }
+        state.touch(client_id);
     }
 
     /// Drops persistent sessions whose client stayed away longer than their expiry, and
@@ -1312,6 +1382,9 @@ impl Broker {
 
     fn remove_session(&self, state: &mut State, client_id: &str) -> Option<Session> {
         let (key, session) = state.sessions.remove_entry(client_id)?;
+        if session.stored {
+            state.dirty.insert(key.clone());
+        }
         for (parsed, _) in session.subscriptions.values() {
             state.trie.remove(&parsed.filter, &probe(&key, parsed));
         }
@@ -1499,6 +1572,308 @@ impl Broker {
             }
             self.stats.messages_out.fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+/// What [`Broker::restore`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RestoreReport {
+    /// Sessions restored.
+    pub sessions: usize,
+    /// Sessions not restored: their expiry passed while the server was down.
+    pub sessions_expired: usize,
+    /// Sessions not restored: their user or Thing no longer holds them.
+    pub sessions_revoked: usize,
+    /// Sessions not restored: past `sessions_max` (or a user's `user_sessions_max`).
+    pub sessions_over_bound: usize,
+    /// Messages dropped from restored queues by the queue bounds or because they expired.
+    pub messages_dropped: usize,
+    /// Subscriptions the ACL no longer allows, or no longer valid, not restored.
+    pub subscriptions_dropped: usize,
+    /// Retained messages restored.
+    pub retained: usize,
+    /// Retained messages dropped: expired, or past a retained bound.
+    pub retained_dropped: usize,
+    /// Records that could not be decoded (dropped).
+    pub unreadable: usize,
+}
+
+impl Broker {
+    /// Takes what changed since the last call, in stored form (see [`super::persist`]).
+    pub fn take_changes(&self, time: TimeBase) -> Changes {
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let mut changes = Changes::default();
+        for key in std::mem::take(&mut state.dirty) {
+            let stored = match state.sessions.get_mut(&key) {
+                Some(session) if session.persistent => {
+                    session.stored = true;
+                    Some(stored_session(&key, session, time))
+                }
+                Some(session) => {
+                    session.stored = false;
+                    None
+                }
+                None => None,
+            };
+            changes.sessions.push((key.to_string(), stored));
+        }
+        for topic in std::mem::take(&mut state.retained_dirty) {
+            let stored = state.retained.get(&topic).map(|m| {
+                stored_message(
+                    &m.topic,
+                    &m.payload,
+                    m.qos,
+                    true,
+                    &[],
+                    m.properties.as_deref(),
+                    m.expires_at,
+                    time,
+                )
+            });
+            changes.retained.push((topic.to_string(), stored));
+        }
+        changes
+    }
+
+    /// Marks sessions and retained topics changed again (their checkpoint failed).
+    pub fn mark_changed<'a>(
+        &self,
+        sessions: impl Iterator<Item = &'a str>,
+        retained: impl Iterator<Item = &'a str>,
+    ) {
+        let mut state = self.lock();
+        state.dirty.extend(sessions.map(Arc::from));
+        state.retained_dirty.extend(retained.map(Arc::from));
+    }
+
+    /// Loads stored sessions and retained messages into an empty broker, within the current
+    /// bounds. `owner_holds` gives the identity a session is restored with (`None`: dropped);
+    /// `allowed` says whether it may still subscribe to a filter. Everything not restored is
+    /// marked, so the next checkpoint removes it from storage.
+    pub fn restore(
+        &self,
+        mut sessions: Vec<StoredSession>,
+        mut retained: Vec<StoredMessage>,
+        owner_holds: &dyn Fn(&StoredSession) -> Option<Identity>,
+        allowed: &dyn Fn(&Identity, &str) -> bool,
+        time: TimeBase,
+    ) -> RestoreReport {
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let mut report = RestoreReport::default();
+        // Most recently active first: when a bound cuts, the freshest sessions stay.
+        sessions.sort_by_key(|s| std::cmp::Reverse(s.disconnected_at_ms.unwrap_or(u64::MAX)));
+        for stored in sessions {
+            let key: Arc<str> = Arc::from(stored.client_id.as_str());
+            let expiry = if stored.expiry_s == u64::MAX {
+                Duration::MAX
+            } else {
+                Duration::from_secs(stored.expiry_s)
+            }
+            .min(self.limits.session_expiry_max);
+            // A session connected when the server stopped counts its expiry from now.
+            let disconnected_at = stored
+                .disconnected_at_ms
+                .map_or(time.now, |ms| time.to_instant(ms));
+            if expiry.is_zero() || time.now.duration_since(disconnected_at) >= expiry {
+                report.sessions_expired += 1;
+                state.dirty.insert(key);
+                continue;
+            }
+            let Some(identity) = owner_holds(&stored) else {
+                report.sessions_revoked += 1;
+                tracing::info!(client_id = %key, "stored session not restored: its user or Thing no longer holds it");
+                state.dirty.insert(key);
+                continue;
+            };
+            let user_full = !identity.superuser
+                && identity.username.as_deref().is_some_and(|user| {
+                    state
+                        .owners
+                        .get(user)
+                        .is_some_and(|ids| ids.len() >= self.limits.user_sessions_max)
+                });
+            if state.sessions.len() >= self.limits.sessions_max || user_full {
+                report.sessions_over_bound += 1;
+                tracing::warn!(client_id = %key, "stored session not restored: a session bound is reached");
+                state.dirty.insert(key);
+                continue;
+            }
+            let mut session = Session::new(identity, true, expiry, self.limits.inflight_max.max(1));
+            session.disconnected_at = Some(disconnected_at);
+            session.next_pkid = stored.next_pkid.max(1);
+            session.incoming_qos2 = stored.incoming_qos2.into_iter().collect();
+            session.dropped = stored.dropped;
+            session.stored = true;
+            for (raw, options) in stored.subscriptions {
+                let parsed = match topic::parse_filter(&raw) {
+                    Ok(parsed) if allowed(&session.identity, &parsed.filter) => parsed,
+                    _ => {
+                        report.subscriptions_dropped += 1;
+                        tracing::info!(client_id = %key, filter = %raw, "stored subscription not restored: no longer valid or allowed");
+                        continue;
+                    }
+                };
+                let options = SubOptions::from(options);
+                state.trie.insert(
+                    &parsed.filter,
+                    Subscriber {
+                        client: key.clone(),
+                        share: parsed.share_group.as_deref().map(Arc::from),
+                        filter: Arc::from(parsed.filter.as_str()),
+                        options,
+                    },
+                );
+                session.subscriptions.insert(raw, (parsed, options));
+            }
+            // In flight: kept whatever the bounds (their packet ids must be settled).
+            for (pkid, message) in stored.inflight {
+                let pending = message.map(|m| pending_of(m, time));
+                if let Some(p) = &pending {
+                    self.hold_bytes(&mut session, p.size());
+                }
+                session.inflight.insert(pkid, pending);
+            }
+            let fair_share = self.fair_share(state.sessions.len() + 1);
+            let dropped_before = session.dropped;
+            for message in stored.queue {
+                let pending = pending_of(message, time);
+                if pending.expired(time.now) {
+                    report.messages_dropped += 1;
+                    continue;
+                }
+                // The bounds as for a live message (the oldest goes first).
+                session.connection = None;
+                self.enqueue(&mut session, pending, fair_share);
+            }
+            report.messages_dropped += (session.dropped - dropped_before) as usize;
+            if session.dropped > dropped_before {
+                tracing::warn!(client_id = %key, dropped = session.dropped - dropped_before, "stored messages past the queue bounds dropped at restore");
+            }
+            if let Some(username) = &session.identity.username {
+                state
+                    .owners
+                    .entry(Arc::from(username.as_str()))
+                    .or_default()
+                    .insert(key.clone());
+            }
+            // Rewritten at the first checkpoint in the current form.
+            state.dirty.insert(key.clone());
+            state.sessions.insert(key, session);
+            report.sessions += 1;
+        }
+        retained.sort_by(|a, b| a.topic.cmp(&b.topic));
+        for stored in retained {
+            let topic: Arc<str> = Arc::from(stored.topic.as_str());
+            let pending = pending_of(stored, time);
+            let size = pending.size();
+            let over = state.retained.len() >= self.limits.retained_max
+                || state.retained_bytes + size > self.limits.retained_bytes_max;
+            if pending.expired(time.now) || pending.payload.is_empty() || over {
+                if over {
+                    tracing::warn!(%topic, "stored retained message not restored: a retained bound is reached");
+                }
+                report.retained_dropped += 1;
+                state.retained_dirty.insert(topic);
+                continue;
+            }
+            state.retained_bytes += size;
+            state.retained.insert(
+                topic.clone(),
+                Message {
+                    topic,
+                    payload: pending.payload,
+                    qos: pending.qos,
+                    retain: true,
+                    publisher: None,
+                    properties: pending.properties,
+                    expires_at: pending.expires_at,
+                },
+            );
+            report.retained += 1;
+        }
+        self.stats
+            .retained_bytes
+            .store(state.retained_bytes as u64, Ordering::Relaxed);
+        report
+    }
+}
+
+/// A session in stored form.
+fn stored_session(key: &str, session: &Session, time: TimeBase) -> StoredSession {
+    let message = |p: &Pending| {
+        stored_message(
+            &p.topic,
+            &p.payload,
+            p.qos,
+            p.retain,
+            &p.subscription_ids,
+            p.properties.as_deref(),
+            p.expires_at,
+            time,
+        )
+    };
+    StoredSession {
+        client_id: key.to_owned(),
+        username: session.identity.username.clone(),
+        thing: session.identity.thing.clone(),
+        superuser: session.identity.superuser,
+        expiry_s: session.expiry.as_secs(),
+        disconnected_at_ms: match (&session.connection, session.disconnected_at) {
+            (None, Some(at)) => Some(time.to_unix_ms(at)),
+            _ => None,
+        },
+        subscriptions: session
+            .subscriptions
+            .iter()
+            .map(|(raw, (_, options))| (raw.clone(), StoredOptions::from(*options)))
+            .collect(),
+        inflight: session
+            .inflight
+            .iter()
+            .map(|(pkid, pending)| (*pkid, pending.as_ref().map(message)))
+            .collect(),
+        queue: session.queue.iter().map(message).collect(),
+        next_pkid: session.next_pkid,
+        incoming_qos2: session.incoming_qos2.iter().copied().collect(),
+        dropped: session.dropped,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn stored_message(
+    topic: &str,
+    payload: &Bytes,
+    qos: u8,
+    retain: bool,
+    subscription_ids: &[usize],
+    properties: Option<&PublishProperties>,
+    expires_at: Option<Instant>,
+    time: TimeBase,
+) -> StoredMessage {
+    StoredMessage {
+        topic: topic.to_owned(),
+        payload: payload.to_vec(),
+        qos,
+        retain,
+        subscription_ids: subscription_ids.to_vec(),
+        properties: properties.map(StoredProperties::from),
+        expires_at_ms: expires_at.map(|at| time.to_unix_ms(at)),
+    }
+}
+
+fn pending_of(message: StoredMessage, time: TimeBase) -> Pending {
+    Pending {
+        topic: Arc::from(message.topic.as_str()),
+        payload: Bytes::from(message.payload),
+        qos: message.qos.min(2),
+        retain: message.retain,
+        subscription_ids: message.subscription_ids,
+        properties: message
+            .properties
+            .map(|p| Arc::new(PublishProperties::from(p))),
+        expires_at: message.expires_at_ms.map(|ms| time.to_instant(ms)),
     }
 }
 

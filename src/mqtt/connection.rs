@@ -31,7 +31,6 @@ use super::codec::{self, CodecError, Refusal, Version};
 use super::topic;
 use crate::throttle::{AuthThrottle, Verdict};
 use crate::users::MqttUsers;
-use thinghub_actors::Things;
 
 /// Connection bounds and policies.
 #[derive(Debug, Clone)]
@@ -64,9 +63,7 @@ pub struct ConnectionConfig {
 pub struct MqttContext {
     /// Sessions and routing.
     pub broker: Arc<Broker>,
-    /// The Things (lifecycle events).
-    pub things: Things,
-    /// The per-Thing fast path.
+    /// The per-Thing fast path (the only way to the Things).
     pub bridge: Arc<Bridge>,
     /// Credentials.
     pub users: Arc<MqttUsers>,
@@ -571,13 +568,9 @@ async fn establish(
         },
     );
     if let Some(thing) = &identity.thing {
-        if let Err(e) = ctx
-            .things
-            .record_connected(thing, &client_id, registered.connection_id)
-            .await
-        {
-            tracing::warn!(%thing, %client_id, error = %e, "cannot record the connect");
-        }
+        ctx.bridge
+            .connected(thing, &client_id, registered.connection_id)
+            .await;
     }
 
     Ok(Some(Established {
@@ -685,13 +678,9 @@ async fn close(conn: &mut Conn, ctx: &MqttContext, established: Established, rea
     }
     tracing::debug!(peer = %conn.peer, %client_id, reason = reason.as_str(), was_current, "disconnected");
     if let Some(thing) = &session.identity.thing {
-        if let Err(e) = ctx
-            .things
-            .record_disconnected(thing, &client_id, session.connection_id, reason.as_str())
-            .await
-        {
-            tracing::warn!(%thing, %client_id, error = %e, "cannot record the disconnect");
-        }
+        ctx.bridge
+            .disconnected(thing, &client_id, session.connection_id, reason.as_str())
+            .await;
     }
 }
 
@@ -1029,147 +1018,25 @@ async fn handle_packet(
     session: &mut Session,
     packet: Packet,
 ) -> std::io::Result<Option<CloseReason>> {
-    let v5 = conn.version == Version::V5;
-    let client_id = session.identity.client_id.clone();
+    let client_id = session.identity.client_id.as_str();
     let connection_id = session.connection_id;
     match packet {
         Packet::Publish(publish, properties) => {
             return handle_publish(conn, ctx, session, publish, properties).await;
         }
-        Packet::PubAck(ack, _) => ctx.broker.acknowledged(&client_id, connection_id, ack.pkid),
-        Packet::PubRec(rec, _) => ctx.broker.received(&client_id, connection_id, rec.pkid),
-        Packet::PubComp(comp, _) => ctx
-            .broker
-            .acknowledged(&client_id, connection_id, comp.pkid),
-        Packet::PubRel(rel, _) => {
-            let known = ctx
-                .broker
-                .qos2_released(&client_id, connection_id, rel.pkid);
-            if known {
-                session.qos2_pending = session.qos2_pending.saturating_sub(1);
-            }
-            let reason = if known || !v5 {
-                PubCompReason::Success
-            } else {
-                PubCompReason::PacketIdentifierNotFound
-            };
-            conn.queue(Packet::PubComp(
-                PubComp {
-                    pkid: rel.pkid,
-                    reason,
-                },
-                None,
-            ))?;
-        }
+        Packet::PubAck(ack, _) => ctx.broker.acknowledged(client_id, connection_id, ack.pkid),
+        Packet::PubRec(rec, _) => ctx.broker.received(client_id, connection_id, rec.pkid),
+        Packet::PubComp(comp, _) => ctx.broker.acknowledged(client_id, connection_id, comp.pkid),
+        Packet::PubRel(rel, _) => handle_pubrel(conn, ctx, session, rel.pkid)?,
         Packet::Subscribe(subscribe, properties) => {
-            let subscription_id = properties.as_ref().and_then(|p| p.id);
-            if subscription_id == Some(0) {
-                tracing::info!(%client_id, "subscription identifier 0; closing");
-                return Ok(Some(CloseReason::ProtocolError));
-            }
-            let mut codes = Vec::with_capacity(subscribe.filters.len());
-            for filter in subscribe.filters {
-                let code = match topic::parse_filter(&filter.path) {
-                    Err(e) => {
-                        tracing::info!(%client_id, filter = %filter.path, error = %e, "invalid filter");
-                        if v5 {
-                            SubscribeReasonCode::TopicFilterInvalid
-                        } else {
-                            SubscribeReasonCode::Failure
-                        }
-                    }
-                    Ok(parsed)
-                        if !ctx.acl.allows(
-                            &session.identity,
-                            Action::Subscribe,
-                            &parsed.filter,
-                        ) =>
-                    {
-                        ctx.broker.stats.acl_denied.fetch_add(1, Ordering::Relaxed);
-                        tracing::info!(%client_id, filter = %filter.path, "subscription denied by ACL");
-                        if v5 {
-                            SubscribeReasonCode::NotAuthorized
-                        } else {
-                            SubscribeReasonCode::Failure
-                        }
-                    }
-                    Ok(parsed) => {
-                        let qos = codec::qos_number(filter.qos);
-                        let options = SubOptions {
-                            qos,
-                            no_local: v5 && filter.nolocal,
-                            retain_as_published: v5 && filter.preserve_retain,
-                            retain_handling: match filter.retain_forward_rule {
-                                RetainForwardRule::OnEverySubscribe => 0,
-                                RetainForwardRule::OnNewSubscribe => 1,
-                                RetainForwardRule::Never => 2,
-                            },
-                            subscription_id,
-                        };
-                        ctx.broker.subscribe(
-                            &client_id,
-                            connection_id,
-                            &filter.path,
-                            parsed,
-                            options,
-                        );
-                        SubscribeReasonCode::Success(codec::qos_of(qos))
-                    }
-                };
-                codes.push(code);
-            }
-            conn.queue(Packet::SubAck(
-                SubAck {
-                    pkid: subscribe.pkid,
-                    return_codes: codes,
-                },
-                None,
-            ))?;
+            return handle_subscribe(conn, ctx, session, subscribe, properties);
         }
-        Packet::Unsubscribe(unsubscribe, _) => {
-            let reasons = unsubscribe
-                .filters
-                .iter()
-                .map(|filter| {
-                    if ctx.broker.unsubscribe(&client_id, connection_id, filter) {
-                        UnsubAckReason::Success
-                    } else {
-                        UnsubAckReason::NoSubscriptionExisted
-                    }
-                })
-                .collect();
-            conn.queue(Packet::UnsubAck(
-                UnsubAck {
-                    pkid: unsubscribe.pkid,
-                    reasons,
-                },
-                None,
-            ))?;
-        }
+        Packet::Unsubscribe(unsubscribe, _) => handle_unsubscribe(conn, ctx, session, unsubscribe)?,
         Packet::PingReq(_) => conn.queue(Packet::PingResp(PingResp))?,
         Packet::Disconnect(disconnect, properties) => {
-            if let Some(seconds) = properties.and_then(|p| p.session_expiry_interval) {
-                // MQTT 5 3.14.2.2.2: a session that was not persistent may not become one here.
-                if !session.persistent_at_connect && seconds > 0 {
-                    tracing::info!(%client_id, "DISCONNECT sets a session expiry on a non-persistent session; protocol error");
-                    return Ok(Some(CloseReason::ProtocolError));
-                }
-                let expiry = if seconds == u32::MAX {
-                    Duration::MAX
-                } else {
-                    Duration::from_secs(u64::from(seconds))
-                };
-                ctx.broker
-                    .set_session_expiry(&client_id, session.connection_id, expiry);
-            }
-            return Ok(Some(
-                if disconnect.reason_code == DisconnectReasonCode::NormalDisconnection {
-                    CloseReason::Normal
-                } else {
-                    // Any other reason code: the will is published (MQTT 5 3.14.2.1).
-                    CloseReason::ConnectionLost
-                },
-            ));
+            return Ok(Some(handle_disconnect(
+                ctx, session, disconnect, properties,
+            )));
         }
         Packet::Connect(..) => {
             tracing::info!(%client_id, "second CONNECT on a connection; closing");
@@ -1181,6 +1048,162 @@ async fn handle_packet(
         }
     }
     Ok(None)
+}
+
+/// PUBREL: the client releases an inbound QoS 2 id; PUBCOMP answers (v5: "not found" for an
+/// unknown id).
+fn handle_pubrel(
+    conn: &mut Conn,
+    ctx: &MqttContext,
+    session: &mut Session,
+    pkid: u16,
+) -> std::io::Result<()> {
+    let known = ctx
+        .broker
+        .qos2_released(&session.identity.client_id, session.connection_id, pkid);
+    if known {
+        session.qos2_pending = session.qos2_pending.saturating_sub(1);
+    }
+    let reason = if known || conn.version != Version::V5 {
+        PubCompReason::Success
+    } else {
+        PubCompReason::PacketIdentifierNotFound
+    };
+    conn.queue(Packet::PubComp(PubComp { pkid, reason }, None))
+}
+
+/// SUBSCRIBE: each filter is validated, authorized and added; SUBACK answers per filter.
+fn handle_subscribe(
+    conn: &mut Conn,
+    ctx: &MqttContext,
+    session: &mut Session,
+    subscribe: rumqttd::protocol::Subscribe,
+    properties: Option<rumqttd::protocol::SubscribeProperties>,
+) -> std::io::Result<Option<CloseReason>> {
+    let v5 = conn.version == Version::V5;
+    let client_id = &session.identity.client_id;
+    let subscription_id = properties.as_ref().and_then(|p| p.id);
+    if subscription_id == Some(0) {
+        tracing::info!(%client_id, "subscription identifier 0; closing");
+        return Ok(Some(CloseReason::ProtocolError));
+    }
+    let mut codes = Vec::with_capacity(subscribe.filters.len());
+    for filter in subscribe.filters {
+        let code = match topic::parse_filter(&filter.path) {
+            Err(e) => {
+                tracing::info!(%client_id, filter = %filter.path, error = %e, "invalid filter");
+                if v5 {
+                    SubscribeReasonCode::TopicFilterInvalid
+                } else {
+                    SubscribeReasonCode::Failure
+                }
+            }
+            Ok(parsed)
+                if !ctx
+                    .acl
+                    .allows(&session.identity, Action::Subscribe, &parsed.filter) =>
+            {
+                ctx.broker.stats.acl_denied.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(%client_id, filter = %filter.path, "subscription denied by ACL");
+                if v5 {
+                    SubscribeReasonCode::NotAuthorized
+                } else {
+                    SubscribeReasonCode::Failure
+                }
+            }
+            Ok(parsed) => {
+                let qos = codec::qos_number(filter.qos);
+                let options = SubOptions {
+                    qos,
+                    no_local: v5 && filter.nolocal,
+                    retain_as_published: v5 && filter.preserve_retain,
+                    retain_handling: match filter.retain_forward_rule {
+                        RetainForwardRule::OnEverySubscribe => 0,
+                        RetainForwardRule::OnNewSubscribe => 1,
+                        RetainForwardRule::Never => 2,
+                    },
+                    subscription_id,
+                };
+                ctx.broker.subscribe(
+                    client_id,
+                    session.connection_id,
+                    &filter.path,
+                    parsed,
+                    options,
+                );
+                SubscribeReasonCode::Success(codec::qos_of(qos))
+            }
+        };
+        codes.push(code);
+    }
+    conn.queue(Packet::SubAck(
+        SubAck {
+            pkid: subscribe.pkid,
+            return_codes: codes,
+        },
+        None,
+    ))?;
+    Ok(None)
+}
+
+/// UNSUBSCRIBE: UNSUBACK with a reason per filter.
+fn handle_unsubscribe(
+    conn: &mut Conn,
+    ctx: &MqttContext,
+    session: &mut Session,
+    unsubscribe: rumqttd::protocol::Unsubscribe,
+) -> std::io::Result<()> {
+    let reasons = unsubscribe
+        .filters
+        .iter()
+        .map(|filter| {
+            if ctx
+                .broker
+                .unsubscribe(&session.identity.client_id, session.connection_id, filter)
+            {
+                UnsubAckReason::Success
+            } else {
+                UnsubAckReason::NoSubscriptionExisted
+            }
+        })
+        .collect();
+    conn.queue(Packet::UnsubAck(
+        UnsubAck {
+            pkid: unsubscribe.pkid,
+            reasons,
+        },
+        None,
+    ))
+}
+
+/// DISCONNECT from the client: a v5 session expiry change, then the reason the connection ends
+/// with (any reason code but "normal" publishes the will, MQTT 5 3.14.2.1).
+fn handle_disconnect(
+    ctx: &MqttContext,
+    session: &mut Session,
+    disconnect: rumqttd::protocol::Disconnect,
+    properties: Option<rumqttd::protocol::DisconnectProperties>,
+) -> CloseReason {
+    let client_id = &session.identity.client_id;
+    if let Some(seconds) = properties.and_then(|p| p.session_expiry_interval) {
+        // MQTT 5 3.14.2.2.2: a session that was not persistent may not become one here.
+        if !session.persistent_at_connect && seconds > 0 {
+            tracing::info!(%client_id, "DISCONNECT sets a session expiry on a non-persistent session; protocol error");
+            return CloseReason::ProtocolError;
+        }
+        let expiry = if seconds == u32::MAX {
+            Duration::MAX
+        } else {
+            Duration::from_secs(u64::from(seconds))
+        };
+        ctx.broker
+            .set_session_expiry(client_id, session.connection_id, expiry);
+    }
+    if disconnect.reason_code == DisconnectReasonCode::NormalDisconnection {
+        CloseReason::Normal
+    } else {
+        CloseReason::ConnectionLost
+    }
 }
 
 /// What a client's PUBLISH became.
@@ -1267,27 +1290,11 @@ async fn handle_publish(
         ctx.broker.stats.acl_denied.fetch_add(1, Ordering::Relaxed);
         tracing::info!(%client_id, %topic, "publish denied by ACL; dropped");
         PublishOutcome::NotAuthorized
-    } else if let Some((thing, execution_id, namespace)) = ctx.bridge.parse_command_response(&topic)
-    {
-        // Applied (or refused and recorded) in the Thing's log before the PUBACK below.
-        ctx.bridge
-            .command_response(thing, execution_id, namespace, &publish.payload)
-            .await;
-        PublishOutcome::Accepted
-    } else if let Some((thing, event_type)) = ctx.bridge.parse_event(&topic) {
-        // Stored in the Thing's log before the PUBACK below.
-        ctx.bridge.event(thing, event_type, &publish.payload).await;
-        PublishOutcome::Accepted
-    } else if let Some((thing, op, namespace)) = ctx.bridge.parse(&topic) {
+    } else if let Some(request) = ctx.bridge.parse(&topic) {
         // The fast path: the Thing's actor answers; the request is not routed to subscribers.
-        // The PUBACK below goes out only after the answer (durable).
-        let origin = if session.identity.thing.as_deref() == Some(thing) {
-            thinghub_actors::thing::Origin::Device
-        } else {
-            thinghub_actors::thing::Origin::Operator
-        };
+        // The PUBACK below goes out only after the answer (durable, its effects out).
         ctx.bridge
-            .request(thing, op, namespace, &publish.payload, origin)
+            .handle(request, &publish.payload, session.identity.thing.as_deref())
             .await;
         PublishOutcome::Accepted
     } else {

@@ -4,7 +4,10 @@
 //! - [`codec`]: the adapter over rumqttd's codec (version detection, private fields, panics).
 //! - [`broker`]: sessions, subscriptions, retained messages, delivery and the in-flight window.
 //! - [`acl`]: who may publish or subscribe where.
-//! - [`bridge`]: the per-Thing fast path: shadow requests to the Thing actor, replies to subscribers.
+//! - [`device`]: the device contract's topics: typed requests in, reply and effect topics out.
+//! - [`bridge`]: the per-Thing fast path: requests to the Thing actor, replies to the requester.
+//! - [`effects`]: the effect sink: what committed changes cause, published to subscribers.
+//! - [`persist`]: persistent sessions and retained messages kept across restarts.
 //! - [`connection`]: one task per connection (CONNECT, authentication, packets, keep-alive).
 //!
 //! [`serve`] accepts connections until shutdown.
@@ -14,9 +17,13 @@ pub mod bridge;
 pub mod broker;
 pub mod codec;
 pub mod connection;
+pub mod device;
+pub mod effects;
+pub mod persist;
 pub mod topic;
 
 use std::future::Future;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +35,15 @@ use broker::{Broker, CloseReason, UserChange};
 use connection::MqttContext;
 
 use crate::users::MqttUsers;
+
+/// Device requests refused, by kind (shown in the metrics).
+#[derive(Debug, Default)]
+pub struct DeviceStats {
+    /// Command responses refused over MQTT (malformed, unknown, late or duplicate).
+    pub command_responses_refused: AtomicU64,
+    /// Device events rejected over MQTT (invalid, or for an unknown Thing).
+    pub events_rejected: AtomicU64,
+}
 
 /// How often expired persistent sessions are dropped.
 const SESSION_SWEEP_PERIOD: Duration = Duration::from_secs(1);
@@ -61,14 +77,6 @@ pub fn revoke_user(broker: &Broker, acl: &Acl, users: &MqttUsers, username: &str
         );
     }
     closed
-}
-
-/// A Thing was registered: its client id is reserved from now on, so a session of it held by
-/// anyone not acting as that Thing is closed and discarded.
-pub fn thing_registered(broker: &Broker, thing: &str, client_id: &str) {
-    if broker.reserve_client_id(client_id, thing) {
-        tracing::info!(%thing, %client_id, "a session of the newly reserved client id was closed");
-    }
 }
 
 /// The ACL rules changed: subscriptions they no longer allow are removed from every session.

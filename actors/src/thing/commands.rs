@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, VecDeque};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::{ErrorCode, Rejection};
+use super::{Rejection, RejectionKind};
 
 /// Bounds on commands (all config values).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -539,7 +539,7 @@ impl SendCommand {
             let bytes = json_bytes(params);
             if bytes > limits.params_bytes_max {
                 return Err(Rejection::new(
-                    ErrorCode::PayloadTooLarge,
+                    RejectionKind::PayloadTooLarge,
                     format!(
                         "params is {bytes} bytes; the maximum is {}",
                         limits.params_bytes_max
@@ -587,7 +587,7 @@ impl CommandResponse {
                 let bytes = json_bytes(result);
                 if bytes > limits.result_bytes_max {
                     return Err(Rejection::new(
-                        ErrorCode::PayloadTooLarge,
+                        RejectionKind::PayloadTooLarge,
                         format!(
                             "result is {bytes} bytes; the maximum is {}",
                             limits.result_bytes_max
@@ -774,7 +774,7 @@ pub fn decide_send(
     command.validate(limits)?;
     if commands.get(&command.execution_id).is_some() {
         return Err(Rejection::new(
-            ErrorCode::Conflict,
+            RejectionKind::AlreadyExists,
             format!("execution '{}' already exists", command.execution_id),
         ));
     }
@@ -786,7 +786,7 @@ pub fn decide_send(
         .count();
     if live >= limits.pending_max {
         return Err(Rejection::new(
-            ErrorCode::TooManyRequests,
+            RejectionKind::TooManyRequests,
             format!(
                 "Too many pending commands: the thing already has {} awaiting an answer",
                 limits.pending_max
@@ -821,7 +821,7 @@ pub fn decide_respond(
     limits: &CommandLimits,
 ) -> CommandDecision {
     let mut events = time_outs(commands, now_ms, limits);
-    let refuse = |events: &mut Vec<CommandEvent>, code: ErrorCode, reason: String| {
+    let refuse = |events: &mut Vec<CommandEvent>, kind: RejectionKind, reason: String| {
         events.push(CommandEvent::ResponseRefused(CommandResponseRefused {
             execution_id: response.execution_id.clone(),
             status: response.status.clone(),
@@ -830,7 +830,7 @@ pub fn decide_respond(
         }));
         CommandDecision {
             events: std::mem::take(events),
-            outcome: CommandOutcome::Refused(Rejection::new(code, reason)),
+            outcome: CommandOutcome::Refused(Rejection::new(kind, reason)),
         }
     };
     let status = match CommandStatus::parse(&response.status) {
@@ -839,7 +839,7 @@ pub fn decide_respond(
                 "unknown status '{}': expected SUCCEEDED, FAILED, REJECTED, TIMED_OUT, CANCELED or IN_PROGRESS",
                 response.status
             );
-            return refuse(&mut events, ErrorCode::BadRequest, reason);
+            return refuse(&mut events, RejectionKind::InvalidRequest, reason);
         }
         Some(status) => status,
     };
@@ -849,14 +849,14 @@ pub fn decide_respond(
     match commands.get(&response.execution_id) {
         None => {
             let reason = format!("unknown execution '{}'", response.execution_id);
-            refuse(&mut events, ErrorCode::NotFound, reason)
+            refuse(&mut events, RejectionKind::ExecutionNotFound, reason)
         }
         Some(_) if timed_out_now => {
             let reason = format!(
                 "execution '{}' is already TIMED_OUT (its ttl passed)",
                 response.execution_id
             );
-            refuse(&mut events, ErrorCode::Conflict, reason)
+            refuse(&mut events, RejectionKind::TerminalStateReached, reason)
         }
         Some(execution) if execution.status.is_terminal() => {
             let reason = format!(
@@ -864,7 +864,7 @@ pub fn decide_respond(
                 response.execution_id,
                 execution.status.as_str()
             );
-            refuse(&mut events, ErrorCode::Conflict, reason)
+            refuse(&mut events, RejectionKind::TerminalStateReached, reason)
         }
         Some(_) => {
             events.push(CommandEvent::Responded(CommandResponded {
@@ -899,7 +899,7 @@ pub fn decide_cancel(
     let mut events = time_outs(commands, now_ms, limits);
     let Some(execution) = commands.get(execution_id) else {
         return Err(Rejection::new(
-            ErrorCode::NotFound,
+            RejectionKind::ExecutionNotFound,
             format!("execution '{execution_id}' not found"),
         ));
     };
@@ -916,7 +916,7 @@ pub fn decide_cancel(
         return Ok(CommandDecision {
             events,
             outcome: CommandOutcome::Refused(Rejection::new(
-                ErrorCode::Conflict,
+                RejectionKind::TerminalStateReached,
                 format!(
                     "execution '{execution_id}' is already {}; it cannot be canceled",
                     status.as_str()
@@ -969,7 +969,7 @@ fn outcome_of(
         .map(Box::new)
         .ok_or_else(|| {
             Rejection::new(
-                ErrorCode::Internal,
+                RejectionKind::Internal,
                 "the execution is missing after its own change",
             )
         })
@@ -978,6 +978,7 @@ fn outcome_of(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::thing::ErrorCode;
     use proptest::prelude::*;
     use serde_json::json;
 
@@ -1075,7 +1076,7 @@ mod tests {
             [CommandEvent::ResponseRefused(r)] if r.status == "FAILED"
         ));
         let rejection = refused(then(&mut commands, decision));
-        assert_eq!(rejection.code, ErrorCode::Conflict);
+        assert_eq!(rejection.code(), ErrorCode::Conflict);
         assert_eq!(rejection.message, "execution 'e1' is already SUCCEEDED");
         assert_eq!(commands, before, "a refused answer changes nothing");
     }
@@ -1085,13 +1086,13 @@ mod tests {
         let commands = given_sent(&["e1"], 30);
         let decision = decide_respond(&commands, &response("nope", "SUCCEEDED"), T0, &limits());
         assert_eq!(decision.events.len(), 1);
-        assert_eq!(refused(decision.outcome).code, ErrorCode::NotFound);
+        assert_eq!(refused(decision.outcome).code(), ErrorCode::NotFound);
 
         for status in ["DONE", "SENT", "succeeded"] {
             let decision = decide_respond(&commands, &response("e1", status), T0, &limits());
             assert_eq!(decision.events.len(), 1, "{status}");
             let rejection = refused(decision.outcome);
-            assert_eq!(rejection.code, ErrorCode::BadRequest, "{status}");
+            assert_eq!(rejection.code(), ErrorCode::BadRequest, "{status}");
             assert!(rejection.message.contains("unknown status"), "{status}");
         }
     }
@@ -1138,7 +1139,7 @@ mod tests {
             [CommandEvent::TimedOut(_), CommandEvent::ResponseRefused(_)]
         ));
         let rejection = refused(then(&mut commands, decision));
-        assert_eq!(rejection.code, ErrorCode::Conflict);
+        assert_eq!(rejection.code(), ErrorCode::Conflict);
         assert!(
             rejection.message.contains("TIMED_OUT"),
             "{}",
@@ -1156,11 +1157,11 @@ mod tests {
 
         let again = decide_cancel(&commands, "e1", T0 + 2, &limits()).expect("decided");
         let rejection = refused(again.outcome);
-        assert_eq!(rejection.code, ErrorCode::Conflict);
+        assert_eq!(rejection.code(), ErrorCode::Conflict);
         assert!(rejection.message.contains("already CANCELED"));
 
         let unknown = decide_cancel(&commands, "nope", T0, &limits()).expect_err("404");
-        assert_eq!(unknown.code, ErrorCode::NotFound);
+        assert_eq!(unknown.code(), ErrorCode::NotFound);
 
         let late = decide_cancel(&commands, "e2", T0 + 10_000, &limits()).expect("decided");
         assert!(matches!(
@@ -1177,23 +1178,23 @@ mod tests {
             decide_send(&commands, &command, T0, &limits()).expect_err("refused")
         };
         let err = check(send("e1", Some(10)));
-        assert_eq!(err.code, ErrorCode::Conflict);
+        assert_eq!(err.code(), ErrorCode::Conflict);
         for ttl in [0, limits().ttl_s_max + 1] {
             let err = check(send("e9", Some(ttl)));
-            assert_eq!(err.code, ErrorCode::BadRequest);
+            assert_eq!(err.code(), ErrorCode::BadRequest);
             assert!(err.message.contains("out of range"), "{}", err.message);
         }
         let mut empty = send("e9", None);
         empty.action = String::new();
-        assert_eq!(check(empty).code, ErrorCode::BadRequest);
+        assert_eq!(check(empty).code(), ErrorCode::BadRequest);
         let mut big = send("e9", None);
         big.params = json!({"blob": "x".repeat(limits().params_bytes_max)})
             .as_object()
             .cloned();
-        assert_eq!(check(big).code, ErrorCode::PayloadTooLarge);
+        assert_eq!(check(big).code(), ErrorCode::PayloadTooLarge);
         let mut bad_id = send("e/9", None);
         bad_id.execution_id = "e/9".into();
-        assert_eq!(check(bad_id).code, ErrorCode::BadRequest);
+        assert_eq!(check(bad_id).code(), ErrorCode::BadRequest);
     }
 
     #[test]
@@ -1260,7 +1261,7 @@ mod tests {
             then(&mut commands, decision);
         }
         let err = decide_send(&commands, &send("e3", Some(10)), T0, &small).expect_err("full");
-        assert_eq!(err.code, ErrorCode::TooManyRequests);
+        assert_eq!(err.code(), ErrorCode::TooManyRequests);
         // Once they expired, sending times them out and goes ahead.
         let decision = decide_send(&commands, &send("e3", Some(10)), T0 + 10_000, &small)
             .expect("expired ones make room");

@@ -8,6 +8,7 @@
 //! **Architecture invariant:** nothing under `thing/` imports tokio, ractor, sled, rumqttd or axum.
 
 pub mod commands;
+pub mod effects;
 pub mod events;
 pub mod shadow;
 
@@ -78,29 +79,88 @@ impl ErrorCode {
 
 /// A refused request: a reply value, never an actor error.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{} {message}", code.as_u16())]
+#[error("{} {message}", kind.code().as_u16())]
 pub struct Rejection {
-    /// Which error of the contract.
-    pub code: ErrorCode,
+    /// What went wrong; the contract's code (HTTP status, MQTT `code`) follows from it.
+    pub kind: RejectionKind,
     /// Human-readable, specific message.
     pub message: String,
     /// The request's client token, echoed back.
     pub client_token: Option<String>,
 }
 
+/// Why a request was refused: frontends map it to their protocol's codes and names (HTTP
+/// status, the shadow `code`, AWS IoT `RejectedErrorCode`), never the message text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectionKind {
+    /// The request is malformed or breaks a rule of the contract.
+    InvalidRequest,
+    /// The payload is not valid JSON.
+    InvalidJson,
+    /// The document or payload is too large.
+    PayloadTooLarge,
+    /// The payload is not UTF-8.
+    UnsupportedEncoding,
+    /// No such Thing.
+    ThingNotFound,
+    /// The Thing has no shadow document.
+    ShadowNotFound,
+    /// No such command execution.
+    ExecutionNotFound,
+    /// The request named a version that is not the current one.
+    VersionConflict,
+    /// What the request would create exists (a Thing, an execution id, a client id).
+    AlreadyExists,
+    /// The command execution already ended.
+    TerminalStateReached,
+    /// Too many requests in flight, or too many pending commands.
+    TooManyRequests,
+    /// The Thing did not answer in time.
+    Timeout,
+    /// The Thing cannot be served right now (its log cannot be read or replayed).
+    Unavailable,
+    /// The server failed; details are logged, not returned.
+    Internal,
+}
+
+impl RejectionKind {
+    /// The contract's code.
+    pub fn code(self) -> ErrorCode {
+        match self {
+            RejectionKind::InvalidRequest | RejectionKind::InvalidJson => ErrorCode::BadRequest,
+            RejectionKind::PayloadTooLarge => ErrorCode::PayloadTooLarge,
+            RejectionKind::UnsupportedEncoding => ErrorCode::UnsupportedEncoding,
+            RejectionKind::ThingNotFound
+            | RejectionKind::ShadowNotFound
+            | RejectionKind::ExecutionNotFound => ErrorCode::NotFound,
+            RejectionKind::VersionConflict
+            | RejectionKind::AlreadyExists
+            | RejectionKind::TerminalStateReached => ErrorCode::Conflict,
+            RejectionKind::TooManyRequests => ErrorCode::TooManyRequests,
+            RejectionKind::Timeout | RejectionKind::Unavailable => ErrorCode::Unavailable,
+            RejectionKind::Internal => ErrorCode::Internal,
+        }
+    }
+}
+
 impl Rejection {
     /// A rejection without a client token.
-    pub fn new(code: ErrorCode, message: impl Into<String>) -> Rejection {
+    pub fn new(kind: RejectionKind, message: impl Into<String>) -> Rejection {
         Rejection {
-            code,
+            kind,
             message: message.into(),
             client_token: None,
         }
     }
 
-    /// A 400 with `message`.
+    /// An invalid request with `message`.
     pub fn bad_request(message: impl Into<String>) -> Rejection {
-        Rejection::new(ErrorCode::BadRequest, message)
+        Rejection::new(RejectionKind::InvalidRequest, message)
+    }
+
+    /// The contract's code.
+    pub fn code(&self) -> ErrorCode {
+        self.kind.code()
     }
 
     /// The same rejection carrying `token`.
@@ -117,7 +177,7 @@ pub fn validate_thing_name(name: &str) -> Result<(), Rejection> {
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'-'));
     if name.is_empty() || name.len() > THING_NAME_BYTES_MAX || !valid_chars {
         return Err(Rejection::new(
-            ErrorCode::BadRequest,
+            RejectionKind::InvalidRequest,
             format!(
                 "invalid thingName '{}': 1..={THING_NAME_BYTES_MAX} characters of [a-zA-Z0-9:_-]",
                 name.chars()
@@ -352,8 +412,11 @@ pub struct ThingDeleted {
 pub enum Reply {
     /// The Thing is registered; its description.
     Registered(ThingDescription),
-    /// The Thing was deleted.
-    Deleted,
+    /// The Thing was deleted; the MQTT client id it held.
+    Deleted {
+        /// Free again from now on.
+        mqtt_client_id: String,
+    },
     /// A shadow update was accepted.
     ShadowUpdated(Box<shadow::ShadowUpdateResult>),
     /// The shadow was deleted: `{version, timestamp, clientToken}`.
@@ -439,7 +502,7 @@ impl ThingState {
     /// The 404 of an unregistered Thing.
     pub fn not_found(&self) -> Rejection {
         Rejection::new(
-            ErrorCode::NotFound,
+            RejectionKind::ThingNotFound,
             format!("Thing '{}' not found", self.name),
         )
     }
@@ -451,7 +514,7 @@ fn validate_label(what: &str, value: &str, bytes_max: usize) -> Result<(), Rejec
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'-' | b'.'));
     if value.is_empty() || value.len() > bytes_max || !valid {
         return Err(Rejection::new(
-            ErrorCode::BadRequest,
+            RejectionKind::InvalidRequest,
             format!("invalid {what} '{value}': 1..={bytes_max} characters of [a-zA-Z0-9:_.-]"),
         ));
     }
@@ -462,13 +525,13 @@ fn validate_registration(command: &RegisterThing) -> Result<(), Rejection> {
     if let Some(client_id) = &command.mqtt_client_id {
         if client_id.is_empty() || client_id.len() > CLIENT_ID_BYTES_MAX {
             return Err(Rejection::new(
-                ErrorCode::BadRequest,
+                RejectionKind::InvalidRequest,
                 format!("mqttClientId must be 1..={CLIENT_ID_BYTES_MAX} bytes"),
             ));
         }
         if client_id.chars().any(|c| c.is_control()) {
             return Err(Rejection::new(
-                ErrorCode::BadRequest,
+                RejectionKind::InvalidRequest,
                 "mqttClientId must not contain control characters",
             ));
         }
@@ -478,7 +541,7 @@ fn validate_registration(command: &RegisterThing) -> Result<(), Rejection> {
     }
     if command.attributes.len() > ATTRIBUTES_COUNT_MAX {
         return Err(Rejection::new(
-            ErrorCode::BadRequest,
+            RejectionKind::InvalidRequest,
             format!("at most {ATTRIBUTES_COUNT_MAX} attributes"),
         ));
     }
@@ -486,7 +549,7 @@ fn validate_registration(command: &RegisterThing) -> Result<(), Rejection> {
         validate_label("attribute name", name, ATTRIBUTE_NAME_BYTES_MAX)?;
         if value.len() > ATTRIBUTE_VALUE_BYTES_MAX {
             return Err(Rejection::new(
-                ErrorCode::BadRequest,
+                RejectionKind::InvalidRequest,
                 format!(
                     "attribute '{name}' value must be at most {ATTRIBUTE_VALUE_BYTES_MAX} bytes"
                 ),
@@ -507,7 +570,7 @@ pub fn decide(
         ThingCommand::Register(register) => {
             if state.registration.is_some() {
                 return Err(Rejection::new(
-                    ErrorCode::Conflict,
+                    RejectionKind::AlreadyExists,
                     format!("Thing '{}' already exists", state.name),
                 ));
             }
@@ -525,7 +588,7 @@ pub fn decide(
             let event = ThingEvent::Registered(event);
             apply(&mut next, &event);
             let description = next.describe().ok_or_else(|| {
-                Rejection::new(ErrorCode::Internal, "registration did not register")
+                Rejection::new(RejectionKind::Internal, "registration did not register")
             })?;
             Ok(Decision {
                 events: vec![event],
@@ -533,14 +596,16 @@ pub fn decide(
             })
         }
         ThingCommand::Delete => {
-            if state.registration.is_none() {
+            let Some(registration) = &state.registration else {
                 return Err(state.not_found());
-            }
+            };
             Ok(Decision {
                 events: vec![ThingEvent::Deleted(ThingDeleted {
                     deleted_at_ms: now_ms,
                 })],
-                reply: Reply::Deleted,
+                reply: Reply::Deleted {
+                    mqtt_client_id: registration.mqtt_client_id.clone(),
+                },
             })
         }
         ThingCommand::UpdateShadow {

@@ -15,7 +15,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::{ErrorCode, Rejection};
+use super::{Rejection, RejectionKind};
 
 /// Bounds on a shadow document.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,13 +84,14 @@ impl ShadowUpdate {
     pub fn from_json(body: &Value, limits: &ShadowLimits) -> Result<ShadowUpdate, Rejection> {
         let Some(body) = body.as_object() else {
             return Err(Rejection::new(
-                ErrorCode::BadRequest,
+                RejectionKind::InvalidRequest,
                 "Payload must be a JSON object",
             ));
         };
         let client_token = client_token_of(body, limits)?;
         let reject = |message: &str| {
-            Err(Rejection::new(ErrorCode::BadRequest, message).with_token(client_token.clone()))
+            Err(Rejection::new(RejectionKind::InvalidRequest, message)
+                .with_token(client_token.clone()))
         };
         let expected_version = match body.get("version") {
             None | Some(Value::Null) => None,
@@ -144,19 +145,19 @@ impl ShadowUpdate {
 pub fn parse_json_object(bytes: &[u8]) -> Result<Value, Rejection> {
     let text = std::str::from_utf8(bytes).map_err(|_| {
         Rejection::new(
-            ErrorCode::UnsupportedEncoding,
+            RejectionKind::UnsupportedEncoding,
             "Unsupported document encoding; supported encoding is UTF-8",
         )
     })?;
     let value: Value = serde_json::from_str(text).map_err(|e| {
         Rejection::new(
-            ErrorCode::BadRequest,
+            RejectionKind::InvalidJson,
             format!("Payload contains invalid json: {e}"),
         )
     })?;
     if !value.is_object() {
         return Err(Rejection::new(
-            ErrorCode::BadRequest,
+            RejectionKind::InvalidRequest,
             "Payload must be a JSON object",
         ));
     }
@@ -174,14 +175,14 @@ pub fn client_token_of(
             Ok(Some(token.clone()))
         }
         Some(Value::String(_)) => Err(Rejection::new(
-            ErrorCode::BadRequest,
+            RejectionKind::InvalidRequest,
             format!(
                 "clientToken must be at most {} bytes",
                 limits.client_token_bytes_max
             ),
         )),
         Some(_) => Err(Rejection::new(
-            ErrorCode::BadRequest,
+            RejectionKind::InvalidRequest,
             "clientToken must be a string",
         )),
     }
@@ -601,7 +602,10 @@ pub fn decide_update(
     let token = update.client_token.clone();
     if let Some(expected) = update.expected_version.filter(|v| *v != 0) {
         if expected != shadow.version {
-            return Err(Rejection::new(ErrorCode::Conflict, "Version conflict").with_token(token));
+            return Err(
+                Rejection::new(RejectionKind::VersionConflict, "Version conflict")
+                    .with_token(token),
+            );
         }
     }
     let timestamp_s = now_ms / 1000;
@@ -618,7 +622,7 @@ pub fn decide_update(
     let state_bytes = next.state_bytes();
     if state_bytes > limits.state_bytes_max {
         return Err(Rejection::new(
-            ErrorCode::PayloadTooLarge,
+            RejectionKind::PayloadTooLarge,
             format!(
                 "The payload exceeds the maximum size allowed: state would be {state_bytes} bytes, maximum is {}",
                 limits.state_bytes_max
@@ -743,7 +747,7 @@ pub fn decide_delete(
 /// The 404 of a missing shadow document.
 pub fn no_shadow(thing: &str) -> Rejection {
     Rejection::new(
-        ErrorCode::NotFound,
+        RejectionKind::ShadowNotFound,
         format!("No shadow exists with name: '{thing}'"),
     )
 }
@@ -751,6 +755,7 @@ pub fn no_shadow(thing: &str) -> Rejection {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::thing::ErrorCode;
     use serde_json::json;
 
     const NOW_MS: u64 = 1_700_000_000_000;
@@ -901,7 +906,7 @@ mod tests {
             json!({"state":{"reported":{"a":3}},"version":1,"clientToken":"c"}),
         )
         .expect_err("conflict");
-        assert_eq!(err.code, ErrorCode::Conflict);
+        assert_eq!(err.code(), ErrorCode::Conflict);
         assert_eq!(err.message, "Version conflict");
         assert_eq!(err.client_token.as_deref(), Some("c"));
         let (next, _) =
@@ -949,7 +954,7 @@ mod tests {
         ];
         for (body, message) in cases {
             let err = rejected(body.clone());
-            assert_eq!(err.code, ErrorCode::BadRequest, "{body}");
+            assert_eq!(err.code(), ErrorCode::BadRequest, "{body}");
             assert_eq!(err.message, message, "{body}");
         }
     }
@@ -977,7 +982,7 @@ mod tests {
         let shadow = given(&[json!({"state":{"reported":{"a":"x".repeat(5000)}}})]);
         let err = when(&shadow, json!({"state":{"desired":{"b":"y".repeat(4000)}}}))
             .expect_err("too large");
-        assert_eq!(err.code, ErrorCode::PayloadTooLarge);
+        assert_eq!(err.code(), ErrorCode::PayloadTooLarge);
     }
 
     #[test]
@@ -985,13 +990,13 @@ mod tests {
         assert_eq!(
             ShadowUpdate::parse(b"{nope", &limits())
                 .expect_err("bad")
-                .code,
+                .code(),
             ErrorCode::BadRequest
         );
         assert_eq!(
             ShadowUpdate::parse(&[0xff, 0xfe], &limits())
                 .expect_err("bad")
-                .code,
+                .code(),
             ErrorCode::UnsupportedEncoding
         );
     }
@@ -1009,7 +1014,7 @@ mod tests {
         assert_eq!(
             decide_delete(&shadow, None, Origin::Operator, NOW_MS, "t")
                 .expect_err("gone")
-                .code,
+                .code(),
             ErrorCode::NotFound
         );
         let (shadow, _) = when(&shadow, json!({"state":{"reported":{"b":1}}})).expect("accepted");

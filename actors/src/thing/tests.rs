@@ -53,7 +53,7 @@ fn registering_twice_conflicts() {
         "client id defaults to the name"
     );
     let err = when(&state, register()).expect_err("conflict");
-    assert_eq!(err.code, ErrorCode::Conflict);
+    assert_eq!(err.code(), ErrorCode::Conflict);
     assert_eq!(err.message, "Thing 't1' already exists");
 }
 
@@ -65,7 +65,7 @@ fn an_unregistered_thing_rejects_shadow_updates_with_404_and_the_token() {
         report(json!({"state":{"reported":{"a":1}},"clientToken":"k"})),
     )
     .expect_err("not found");
-    assert_eq!(err.code, ErrorCode::NotFound);
+    assert_eq!(err.code(), ErrorCode::NotFound);
     assert_eq!(err.client_token.as_deref(), Some("k"));
 }
 
@@ -102,7 +102,7 @@ fn invalid_registrations_are_400() {
         }),
     )
     .expect_err("bad attribute");
-    assert_eq!(err.code, ErrorCode::BadRequest);
+    assert_eq!(err.code(), ErrorCode::BadRequest);
 }
 
 #[test]
@@ -112,7 +112,7 @@ fn thing_names_are_topic_and_url_safe() {
     }
     for bad in ["", "a/b", "a+b", "#", "caf\u{e9}", "a b", &"x".repeat(129)] {
         assert_eq!(
-            validate_thing_name(bad).expect_err(bad).code,
+            validate_thing_name(bad).expect_err(bad).code(),
             ErrorCode::BadRequest
         );
     }
@@ -179,7 +179,7 @@ fn lifecycle_of_an_unregistered_thing_is_404() {
         },
     )
     .expect_err("not registered");
-    assert_eq!(err.code, ErrorCode::NotFound);
+    assert_eq!(err.code(), ErrorCode::NotFound);
 }
 
 // ---- proptest laws ----
@@ -379,7 +379,7 @@ fn commands_need_a_registered_thing_but_deadlines_fire_even_after_deletion() {
     });
     let (state, _) = given(&[]);
     assert_eq!(
-        when(&state, send.clone()).expect_err("404").code,
+        when(&state, send.clone()).expect_err("404").code(),
         ErrorCode::NotFound
     );
     let (mut state, _) = given(&[register(), send, ThingCommand::Delete]);

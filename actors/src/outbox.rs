@@ -1,0 +1,402 @@
+//! The outbox: what a committed change causes for others leaves its Thing here, in step with
+//! the change feed (the log is the outbox).
+//!
+//! The live path: a Thing actor appends (durable, with its feed position), applies, derives
+//! the change's effects ([`crate::thing::effects`]) and hands them to the [`EffectSink`] the
+//! server provides, before it replies; the position is then marked handled.
+//!
+//! The durable path: [`run`] keeps the consumer's cursor (`effects`) at the highest position
+//! below which every position is handled. Before moving it, it asks the sink to make what it
+//! was given durable ([`EffectSink::checkpoint`]), so the cursor never passes an effect that a
+//! crash could still lose. A position not handled in time (a crash between the commit and the
+//! delivery, before a restart; an append that failed after taking its position; a straggler)
+//! is recovered: its Thing is asked to deliver again what it owes for those events
+//! ([`crate::thing::effects::for_recovery`]). So every effect of a durable change is delivered
+//! at least once; duplicates are allowed (effects carry versions and execution ids).
+//!
+//! **Architecture invariant:** frontends never publish what a change causes for others; only
+//! the sink does, from effects derived on the actor side.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use thinghub_storage::{FeedEntry, Store};
+
+use crate::registry::Registry;
+use crate::thing::effects::Effect;
+use crate::thing::RejectionKind;
+use crate::thing_actor::Request;
+
+/// The name of the effects consumer's cursor in storage.
+pub const CONSUMER: &str = "effects";
+
+/// Where effects go: the server's frontends (MQTT) implement it.
+pub trait EffectSink: Send + Sync + 'static {
+    /// Whether rendering `update/documents` for `thing` is worth it (it copies the whole
+    /// document twice): whether anyone listens.
+    fn wants_documents(&self, thing: &str) -> bool;
+
+    /// Delivers `effects` of `thing` (called after they are durable). Never blocks.
+    fn deliver(&self, thing: &str, effects: &[Effect]);
+
+    /// Writes everything delivered so far to storage on the sink's side (queued messages in
+    /// stored sessions, say); the outbox then makes it durable with one group commit before
+    /// its cursor moves past it. Returns whether anything was written.
+    fn checkpoint(&self) -> Result<bool, String>;
+}
+
+/// A sink that drops every effect: for stores used without a frontend (in-process benchmarks
+/// and tests of the actors alone).
+#[derive(Debug, Default)]
+pub struct NoFrontend;
+
+impl EffectSink for NoFrontend {
+    fn wants_documents(&self, _thing: &str) -> bool {
+        false
+    }
+
+    fn deliver(&self, _thing: &str, _effects: &[Effect]) {}
+
+    fn checkpoint(&self) -> Result<bool, String> {
+        Ok(false)
+    }
+}
+
+/// Positions handled: everything up to `through`, plus some beyond it out of order.
+#[derive(Debug)]
+struct Handled {
+    through: u64,
+    ahead: BTreeSet<u64>,
+    /// When `through` last moved (a position stuck longer than the grace is recovered).
+    moved_at: Instant,
+}
+
+/// Counters since start.
+#[derive(Debug, Default)]
+pub struct OutboxStats {
+    /// Positions whose effects were delivered by their Thing as it committed them.
+    pub delivered: AtomicU64,
+    /// Positions recovered by asking their Thing again.
+    pub recovered: AtomicU64,
+    /// Cursor saves.
+    pub checkpoints: AtomicU64,
+}
+
+/// The outbox (one per node, shared by every Thing actor through their context).
+pub struct Outbox {
+    sink: Arc<dyn EffectSink>,
+    handled: Mutex<Handled>,
+    /// Positions below this were written before this process started: nothing will deliver
+    /// them live, so they are recovered at once.
+    started_at: u64,
+    /// Counters.
+    pub stats: OutboxStats,
+}
+
+impl Outbox {
+    /// An outbox over `store`'s feed (resuming from its cursor), delivering to `sink`.
+    pub fn new(
+        store: &Store,
+        sink: Arc<dyn EffectSink>,
+    ) -> Result<Outbox, thinghub_storage::StorageError> {
+        let through = store.cursor(CONSUMER)?;
+        Ok(Outbox {
+            sink,
+            handled: Mutex::new(Handled {
+                through,
+                ahead: BTreeSet::new(),
+                moved_at: Instant::now(),
+            }),
+            started_at: store.feed_next_position(),
+            stats: OutboxStats::default(),
+        })
+    }
+
+    /// An outbox whose effects go nowhere ([`NoFrontend`]): for the actors without a server.
+    pub fn without_frontend(store: &Store) -> Result<Arc<Outbox>, thinghub_storage::StorageError> {
+        Outbox::new(store, Arc::new(NoFrontend)).map(Arc::new)
+    }
+
+    /// The sink.
+    pub fn sink(&self) -> &dyn EffectSink {
+        &*self.sink
+    }
+
+    /// Delivers the effects of the change at `position` and marks it handled.
+    pub fn deliver(&self, thing: &str, position: u64, effects: &[Effect]) {
+        if !effects.is_empty() {
+            self.sink.deliver(thing, effects);
+        }
+        self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+        self.mark(position);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Handled> {
+        self.handled.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks `position` handled.
+    pub fn mark(&self, position: u64) {
+        let mut handled = self.lock();
+        if position <= handled.through {
+            return;
+        }
+        if position == handled.through + 1 {
+            handled.through = position;
+            loop {
+                let next = handled.through + 1;
+                if !handled.ahead.remove(&next) {
+                    break;
+                }
+                handled.through = next;
+            }
+            handled.moved_at = Instant::now();
+        } else {
+            handled.ahead.insert(position);
+        }
+    }
+
+    /// Every position up to this one is handled.
+    pub fn handled_through(&self) -> u64 {
+        self.lock().through
+    }
+
+    /// Positions after `through` that are not handled yet, up to `limit` of them below `end`,
+    /// if they are due for recovery: written before this process started, or stuck for
+    /// longer than `grace`.
+    fn due(&self, end: u64, grace: Duration, limit: usize) -> Vec<u64> {
+        let handled = self.lock();
+        let first = handled.through + 1;
+        if first >= end {
+            return Vec::new();
+        }
+        let stuck = handled.moved_at.elapsed() >= grace;
+        (first..end)
+            .filter(|p| !handled.ahead.contains(p))
+            .filter(|p| *p < self.started_at || stuck)
+            .take(limit)
+            .collect()
+    }
+}
+
+/// How the outbox keeper runs.
+#[derive(Debug, Clone, Copy)]
+pub struct OutboxConfig {
+    /// How often the cursor is saved (and the sink checkpointed).
+    pub checkpoint_interval: Duration,
+    /// How long a position may stay unhandled before its Thing is asked again.
+    pub straggler_grace: Duration,
+    /// Positions recovered per round.
+    pub recover_batch_max: usize,
+    /// Feed entries trimmed per round.
+    pub trim_batch_max: usize,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        OutboxConfig {
+            checkpoint_interval: Duration::from_millis(200),
+            straggler_grace: Duration::from_secs(10),
+            recover_batch_max: 1024,
+            trim_batch_max: 50_000,
+        }
+    }
+}
+
+/// Keeps the outbox's cursor until `stop` resolves: recovers what is due, checkpoints the sink,
+/// saves the cursor, trims the feed. One more round runs at stop.
+pub async fn run(
+    registry: Registry,
+    outbox: Arc<Outbox>,
+    config: OutboxConfig,
+    mut saved: u64,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let stopping = tokio::time::timeout(config.checkpoint_interval, stop.wait_for(|s| *s))
+            .await
+            .is_ok();
+        saved = round(&registry, &outbox, &config, saved).await;
+        if stopping {
+            return;
+        }
+    }
+}
+
+/// Delivers again the effects of every change made before this process started and not
+/// handled then (a crash between commits and their publication), before frontends accept
+/// anyone. Returns the cursor as saved.
+pub async fn recover_at_start(registry: &Registry, outbox: &Outbox, config: &OutboxConfig) -> u64 {
+    let mut saved = outbox.handled_through();
+    let owed = outbox.started_at.saturating_sub(1).saturating_sub(saved);
+    if owed > 0 {
+        tracing::info!(
+            changes = owed,
+            cursor = saved,
+            "delivering again the effects of changes made before the restart"
+        );
+    }
+    while outbox.handled_through().saturating_add(1) < outbox.started_at {
+        let before = outbox.handled_through();
+        saved = round(registry, outbox, config, saved).await;
+        if outbox.handled_through() == before {
+            // Things too busy to answer: give them a round's time.
+            tokio::time::sleep(config.checkpoint_interval).await;
+        }
+    }
+    if owed > 0 {
+        tracing::info!(
+            recovered = outbox.stats.recovered.load(Ordering::Relaxed),
+            "effects of earlier changes delivered again"
+        );
+    }
+    saved
+}
+
+/// One round of the keeper; returns the cursor as saved now.
+pub async fn round(registry: &Registry, outbox: &Outbox, config: &OutboxConfig, saved: u64) -> u64 {
+    let store = &registry.context().store;
+    recover(registry, store, outbox, config).await;
+    // Read before the checkpoint: everything delivered up to it is in what gets written.
+    let through = outbox.handled_through();
+    let wrote = match outbox.sink.checkpoint() {
+        Ok(wrote) => wrote,
+        Err(e) => {
+            tracing::error!(error = %e, "the effect sink could not checkpoint; the cursor stays");
+            return saved;
+        }
+    };
+    if !wrote && through == saved {
+        return saved;
+    }
+    // The sink's side durable first: the cursor never passes an effect a crash could lose.
+    if let Err(e) = store.sync().await {
+        tracing::error!(error = %e, "cannot make the effect sink's state durable; the cursor stays");
+        return saved;
+    }
+    if through == saved {
+        return saved;
+    }
+    match store.set_cursor(CONSUMER, through) {
+        Ok(()) => {
+            outbox.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = store.trim_feed(config.trim_batch_max) {
+                tracing::warn!(error = %e, "cannot trim the change feed");
+            }
+            through
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot save the effects cursor");
+            saved
+        }
+    }
+}
+
+/// Asks the Things of the positions due for recovery to deliver again what they owe.
+async fn recover(registry: &Registry, store: &Store, outbox: &Outbox, config: &OutboxConfig) {
+    let end = store.feed_durable_end();
+    let due = outbox.due(end, config.straggler_grace, config.recover_batch_max);
+    let Some(&first) = due.first() else {
+        return;
+    };
+    let limit = config.recover_batch_max.saturating_mul(2).max(1);
+    let entries = match store.read_feed(first - 1, limit) {
+        Ok(entries) => entries,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the change feed");
+            return;
+        }
+    };
+    // Positions beyond what this read covered are left for the next round.
+    let covered_to = match entries.last() {
+        Some(last) if entries.len() >= limit => last.position,
+        _ => u64::MAX,
+    };
+    let due: Vec<u64> = due.into_iter().filter(|p| *p <= covered_to).collect();
+    let due: BTreeSet<u64> = due.into_iter().collect();
+    // One request per Thing for the whole range of its due entries.
+    let mut by_thing: BTreeMap<String, (u64, u64, Vec<u64>)> = BTreeMap::new();
+    let mut present = BTreeSet::new();
+    for FeedEntry {
+        position,
+        thing,
+        first_seq,
+        count,
+    } in entries.into_iter().filter(|e| due.contains(&e.position))
+    {
+        present.insert(position);
+        let last_seq = first_seq + u64::from(count.max(1)) - 1;
+        let range = by_thing
+            .entry(thing)
+            .or_insert((first_seq, last_seq, Vec::new()));
+        range.0 = range.0.min(first_seq);
+        range.1 = range.1.max(last_seq);
+        range.2.push(position);
+    }
+    // A due position without an entry was trimmed or never written: nothing to deliver.
+    for position in due.iter().filter(|p| !present.contains(p)) {
+        outbox.mark(*position);
+    }
+    for (thing, (first_seq, last_seq, positions)) in by_thing {
+        let request = Request::Redeliver {
+            first_seq,
+            last_seq,
+        };
+        match registry.request(&thing, request).await {
+            Ok(_) => {}
+            Err(rejection)
+                if matches!(
+                    rejection.kind,
+                    RejectionKind::TooManyRequests | RejectionKind::Timeout
+                ) =>
+            {
+                // Busy: the next round tries again.
+                continue;
+            }
+            Err(rejection) => {
+                // A Thing whose log cannot be read owes nothing it can name: do not hold every
+                // other consumer's progress behind it.
+                tracing::error!(%thing, first_seq, last_seq, error = %rejection.message, "effects of these events cannot be recovered");
+            }
+        }
+        outbox
+            .stats
+            .recovered
+            .fetch_add(positions.len() as u64, Ordering::Relaxed);
+        for position in positions {
+            outbox.mark(position);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_handled_mark_moves_over_out_of_order_positions_and_stops_at_a_gap() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&thinghub_storage::StoreConfig::new(dir.path())).expect("open");
+        let outbox = Outbox::new(&store, Arc::new(NoFrontend)).expect("outbox");
+        for position in [2, 3, 5] {
+            outbox.mark(position);
+        }
+        assert_eq!(outbox.handled_through(), 0, "1 is missing");
+        outbox.mark(1);
+        assert_eq!(outbox.handled_through(), 3, "4 is missing");
+        assert_eq!(
+            outbox.due(6, Duration::from_secs(3600), 10),
+            Vec::<u64>::new(),
+            "not due yet"
+        );
+        assert_eq!(
+            outbox.due(6, Duration::ZERO, 10),
+            [4],
+            "stuck: 4 is due, 5 is handled"
+        );
+        outbox.mark(4);
+        assert_eq!(outbox.handled_through(), 5);
+    }
+}

@@ -1,0 +1,136 @@
+//! The MQTT effect sink: renders what committed changes cause (see
+//! `thinghub_actors::outbox`) as publications and session changes, for every enabled
+//! namespace. The Thing actor hands effects here after the change is durable and before it
+//! replies; after a crash the outbox hands them again from the change feed.
+//!
+//! | effect | published on (every enabled namespace unless noted) |
+//! |---|---|
+//! | shadow accepted | `.../shadow/update/accepted` |
+//! | desired pushed | `{prefix}/things/{t}/shadow/update` (native only: on AWS that topic is a request; AWS devices use the delta) |
+//! | delta | `.../shadow/update/delta` |
+//! | documents | `.../shadow/update/documents` (rendered only when someone subscribes) |
+//! | shadow deleted | `.../shadow/delete/accepted` |
+//! | command requested | `.../commands/things/{t}/executions/{id}/request` (AWS: `.../request/json`) |
+//! | event accepted | `{prefix}/things/{t}/events/{type}/accepted`, when someone subscribes |
+//! | Thing registered | the client id is reserved: a session of it held by anyone else is closed |
+//! | Thing deleted | the session acting as the Thing is closed and discarded |
+//!
+//! A command answer and a command's end (timed out, canceled) publish nothing here: the
+//! answering device gets its reply from the bridge, and no device topic announces an end.
+//!
+//! Everything is published at QoS 1, so a persistent session keeps it while its device is
+//! away; [`EffectSink::checkpoint`] stores the sessions before the outbox's cursor moves.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde_json::Value;
+use thinghub_actors::outbox::EffectSink;
+use thinghub_actors::thing::effects::Effect;
+
+use super::broker::{Broker, Message};
+use super::device::{Namespace, Topics};
+use super::persist::Persistence;
+
+/// The sink.
+pub struct MqttEffects {
+    broker: Arc<Broker>,
+    topics: Topics,
+    persistence: Arc<Persistence>,
+}
+
+impl MqttEffects {
+    /// A sink publishing through `broker` on `topics`, storing sessions with `persistence`.
+    pub fn new(broker: Arc<Broker>, topics: Topics, persistence: Arc<Persistence>) -> MqttEffects {
+        MqttEffects {
+            broker,
+            topics,
+            persistence,
+        }
+    }
+
+    fn publish(&self, topic: String, payload: &Value) {
+        // Never retained, so never refused by a retained bound.
+        let _ = self.broker.publish(Message {
+            topic: Arc::from(topic),
+            payload: Bytes::from(payload.to_string()),
+            qos: 1,
+            retain: false,
+            publisher: None,
+            properties: None,
+            expires_at: None,
+        });
+    }
+
+    /// Publishes `payload` on `shadow/{tail}` in every enabled namespace.
+    fn shadow_broadcast(&self, thing: &str, tail: &str, payload: &Value) {
+        for namespace in self.topics.namespaces() {
+            self.publish(self.topics.shadow(*namespace, thing, tail), payload);
+        }
+    }
+
+    fn render(&self, thing: &str, effect: &Effect) {
+        match effect {
+            Effect::ThingRegistered { mqtt_client_id } => {
+                if self.broker.reserve_client_id(mqtt_client_id, thing) {
+                    tracing::info!(%thing, client_id = %mqtt_client_id, "a session of the newly reserved client id was closed");
+                }
+            }
+            Effect::ThingDeleted { mqtt_client_id } => {
+                if self.broker.thing_deleted(thing, mqtt_client_id) {
+                    tracing::info!(%thing, client_id = %mqtt_client_id, "Thing deleted: its MQTT session was closed");
+                }
+            }
+            Effect::ShadowAccepted(accepted) => {
+                self.shadow_broadcast(thing, "update/accepted", accepted)
+            }
+            Effect::DesiredPushed(desired) => self.publish(
+                self.topics.shadow(Namespace::Native, thing, "update"),
+                desired,
+            ),
+            Effect::Delta(delta) => self.shadow_broadcast(thing, "update/delta", delta),
+            Effect::Documents(documents) => {
+                self.shadow_broadcast(thing, "update/documents", documents)
+            }
+            Effect::ShadowDeleted(reply) => self.shadow_broadcast(thing, "delete/accepted", reply),
+            Effect::CommandRequested(execution) => {
+                let request = execution.request_json();
+                for namespace in self.topics.namespaces() {
+                    let topic = self.topics.execution(
+                        *namespace,
+                        thing,
+                        &execution.execution_id,
+                        "request",
+                    );
+                    self.publish(topic, &request);
+                }
+            }
+            Effect::EventAccepted(stored) => {
+                let topic = self.topics.event(thing, &stored.event_type, "accepted");
+                if self.broker.has_subscribers(&topic) {
+                    self.publish(topic, &stored.to_json(None));
+                }
+            }
+            Effect::CommandAnswered { .. } | Effect::CommandEnded { .. } => {}
+        }
+    }
+}
+
+impl EffectSink for MqttEffects {
+    fn wants_documents(&self, thing: &str) -> bool {
+        self.topics.namespaces().iter().any(|namespace| {
+            self.broker
+                .has_subscribers(&self.topics.shadow(*namespace, thing, "update/documents"))
+        })
+    }
+
+    fn deliver(&self, thing: &str, effects: &[Effect]) {
+        for effect in effects {
+            self.render(thing, effect);
+        }
+    }
+
+    fn checkpoint(&self) -> Result<bool, String> {
+        self.persistence.checkpoint()
+    }
+}
