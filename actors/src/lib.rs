@@ -12,6 +12,8 @@
 pub mod clock;
 pub mod codec;
 pub mod deadlines;
+#[cfg(feature = "test-util")]
+pub mod fault;
 pub mod outbox;
 pub mod registry;
 pub mod service;

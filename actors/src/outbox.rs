@@ -82,6 +82,8 @@ pub struct OutboxStats {
     pub recovered: AtomicU64,
     /// Cursor saves.
     pub checkpoints: AtomicU64,
+    /// Sink checkpoints that wrote something and were then made durable.
+    pub sink_writes_synced: AtomicU64,
 }
 
 /// The outbox (one per node, shared by every Thing actor through their context).
@@ -126,6 +128,8 @@ impl Outbox {
 
     /// Delivers the effects of the change at `position` and marks it handled.
     pub fn deliver(&self, thing: &str, position: u64, effects: &[Effect]) {
+        #[cfg(feature = "test-util")]
+        crate::fault::before_effects(thing, effects);
         if !effects.is_empty() {
             self.sink.deliver(thing, effects);
         }
@@ -275,6 +279,12 @@ pub async fn round(registry: &Registry, outbox: &Outbox, config: &OutboxConfig, 
     if let Err(e) = store.sync().await {
         tracing::error!(error = %e, "cannot make the effect sink's state durable; the cursor stays");
         return saved;
+    }
+    if wrote {
+        outbox
+            .stats
+            .sink_writes_synced
+            .fetch_add(1, Ordering::Relaxed);
     }
     if through == saved {
         return saved;

@@ -198,7 +198,13 @@ impl Actor for ThingActor {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             ThingMsg::Request { request, reply } => {
+                #[cfg(feature = "test-util")]
+                let hold = crate::fault::reply_hold(&request);
                 let answer = state.handle_request(request).await;
+                #[cfg(feature = "test-util")]
+                if let Some(hold) = hold {
+                    tokio::time::sleep(hold).await;
+                }
                 // The caller may have gone away (timeout, disconnect): nothing to do then.
                 let _ = reply.send(answer);
             }

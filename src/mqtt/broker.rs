@@ -1636,6 +1636,12 @@ impl Broker {
         changes
     }
 
+    /// Sessions and retained topics changed since the last checkpoint.
+    pub fn unstored_changes(&self) -> usize {
+        let state = self.lock();
+        state.dirty.len() + state.retained_dirty.len()
+    }
+
     /// Marks sessions and retained topics changed again (their checkpoint failed).
     pub fn mark_changed<'a>(
         &self,
@@ -2604,5 +2610,166 @@ mod tests {
             assert_eq!(CloseReason::from_code(reason.code()), Some(reason));
         }
         assert_eq!(CloseReason::from_code(0), None);
+    }
+
+    fn keep_owner(stored: &StoredSession) -> Option<Identity> {
+        Some(Identity {
+            client_id: stored.client_id.clone(),
+            username: stored.username.clone(),
+            thing: stored.thing.clone(),
+            superuser: stored.superuser,
+        })
+    }
+
+    fn allow_all(_: &Identity, _: &str) -> bool {
+        true
+    }
+
+    fn changed_sessions(broker: &Broker) -> Vec<(String, bool)> {
+        let mut changes: Vec<(String, bool)> = broker
+            .take_changes(TimeBase::now())
+            .sessions
+            .into_iter()
+            .map(|(id, stored)| (id, stored.is_some()))
+            .collect();
+        changes.sort();
+        changes
+    }
+
+    #[test]
+    fn only_persistent_sessions_reach_storage_and_their_end_removes_them() {
+        let broker = broker();
+        let clean = attach(&broker, "clean", true, 0);
+        subscribe(&broker, "clean", "a", 1);
+        broker.publish(message("a", 1, false)).expect("published");
+        assert_eq!(
+            changed_sessions(&broker),
+            [],
+            "clean sessions are never stored"
+        );
+        leave(&broker, "clean", &clean);
+
+        let kept = attach(&broker, "kept", false, 600);
+        subscribe(&broker, "kept", "a", 1);
+        assert_eq!(changed_sessions(&broker), [("kept".into(), true)]);
+        assert_eq!(changed_sessions(&broker), [], "nothing changed since");
+        leave(&broker, "kept", &kept);
+        broker.publish(message("a", 1, false)).expect("published");
+        let changes = broker.take_changes(TimeBase::now());
+        let stored = changes.sessions[0].1.as_ref().expect("stored");
+        assert_eq!(stored.queue.len(), 1, "the queued message is stored");
+        assert!(stored.disconnected_at_ms.is_some());
+        assert_eq!(stored.subscriptions[0].0, "a");
+
+        assert!(broker.kick("kept"));
+        assert_eq!(
+            changed_sessions(&broker),
+            [("kept".into(), false)],
+            "removed"
+        );
+    }
+
+    #[test]
+    fn a_restored_session_resumes_with_its_queue_and_subscriptions_and_retained_survive() {
+        let before = broker();
+        let kept = attach(&before, "kept", false, 600);
+        subscribe(&before, "kept", "a/+", 1);
+        leave(&before, "kept", &kept);
+        for _ in 0..2 {
+            before.publish(message("a/1", 1, false)).expect("published");
+        }
+        before.publish(message("r", 1, true)).expect("retained");
+        let changes = before.take_changes(TimeBase::now());
+        let sessions: Vec<StoredSession> = changes
+            .sessions
+            .into_iter()
+            .filter_map(|(_, s)| s)
+            .collect();
+        let retained: Vec<StoredMessage> = changes
+            .retained
+            .into_iter()
+            .filter_map(|(_, m)| m)
+            .collect();
+
+        let after = broker();
+        let report = after.restore(sessions, retained, &keep_owner, &allow_all, TimeBase::now());
+        assert_eq!((report.sessions, report.retained), (1, 1), "{report:?}");
+        let mut again = attach(&after, "kept", false, 600);
+        assert!(again.registered.session_present);
+        assert_eq!(publishes(&mut again.rx).len(), 2, "the two queued messages");
+        after.publish(message("a/2", 1, false)).expect("published");
+        assert_eq!(publishes(&mut again.rx).len(), 0, "window of 2 is full");
+        let fresh = attach(&after, "fresh", true, 0);
+        let mut fresh_rx = fresh.rx;
+        subscribe(&after, "fresh", "r", 1);
+        assert_eq!(publishes(&mut fresh_rx).len(), 1, "the retained message");
+    }
+
+    fn stored_session(client: &str, disconnected_ago_s: u64, expiry_s: u64) -> StoredSession {
+        let now = TimeBase::now();
+        StoredSession {
+            client_id: client.into(),
+            username: Some("u".into()),
+            thing: None,
+            superuser: false,
+            expiry_s,
+            disconnected_at_ms: Some(now.unix_now_ms - disconnected_ago_s * 1000),
+            subscriptions: vec![
+                ("ok/#".into(), StoredOptions::from(options(1))),
+                ("secret/#".into(), StoredOptions::from(options(1))),
+                ("bad/#/x".into(), StoredOptions::from(options(1))),
+            ],
+            inflight: Vec::new(),
+            queue: (0..5)
+                .map(|n| StoredMessage {
+                    topic: "ok/1".into(),
+                    payload: vec![n],
+                    qos: 1,
+                    retain: false,
+                    subscription_ids: Vec::new(),
+                    properties: None,
+                    expires_at_ms: None,
+                })
+                .collect(),
+            next_pkid: 1,
+            incoming_qos2: Vec::new(),
+            dropped: 0,
+        }
+    }
+
+    #[test]
+    fn restore_drops_what_expired_while_down_is_revoked_or_is_past_a_bound() {
+        let broker = broker();
+        let sessions = vec![
+            stored_session("fresh", 10, 600),
+            stored_session("expired-while-down", 700, 600),
+            stored_session("revoked", 10, 600),
+        ];
+        let owner = |s: &StoredSession| (s.client_id != "revoked").then(|| keep_owner(s)).flatten();
+        let allowed = |_: &Identity, filter: &str| !filter.starts_with("secret");
+        let report = broker.restore(sessions, Vec::new(), &owner, &allowed, TimeBase::now());
+        assert_eq!(report.sessions, 1);
+        assert_eq!(
+            report.sessions_expired, 1,
+            "expiry counts while the server is down"
+        );
+        assert_eq!(report.sessions_revoked, 1);
+        assert_eq!(report.subscriptions_dropped, 2, "not allowed, and invalid");
+        assert_eq!(report.messages_dropped, 2, "the queue bound is 3");
+        let view = broker.client("fresh").expect("restored");
+        assert_eq!(view.subscriptions, ["ok/#"]);
+        assert_eq!(view.queued, 3);
+        let removed: Vec<(String, bool)> = changed_sessions(&broker)
+            .into_iter()
+            .filter(|(_, kept)| !kept)
+            .collect();
+        assert_eq!(
+            removed,
+            [
+                ("expired-while-down".into(), false),
+                ("revoked".into(), false)
+            ],
+            "what was not restored leaves storage at the first checkpoint"
+        );
     }
 }

@@ -221,6 +221,8 @@ impl Changes {
 /// Counters since start.
 #[derive(Debug, Default)]
 pub struct PersistStats {
+    /// Checkpoints that wrote something.
+    pub checkpoints_written: AtomicU64,
     /// Session records written (put or removed).
     pub sessions_written: AtomicU64,
     /// Retained records written (put or removed).
@@ -291,6 +293,9 @@ impl Persistence {
             .and_then(|()| self.store.write_records(RecordSet::MqttRetained, retained))
             .map_err(|e| e.to_string())?;
         self.stats.sessions_written.fetch_add(s, Ordering::Relaxed);
+        self.stats
+            .checkpoints_written
+            .fetch_add(1, Ordering::Relaxed);
         self.stats.retained_written.fetch_add(r, Ordering::Relaxed);
         Ok(())
     }

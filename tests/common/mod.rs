@@ -38,6 +38,11 @@ pub struct Server {
 impl Server {
     /// Starts a server on `data_dir` and waits (bounded) for its listening line.
     pub fn start(data_dir: &Path, extra_args: &[&str]) -> Server {
+        Server::start_with_env(data_dir, extra_args, &[])
+    }
+
+    /// [`Server::start`] with extra environment variables (fault injection).
+    pub fn start_with_env(data_dir: &Path, extra_args: &[&str], envs: &[(&str, &str)]) -> Server {
         let child = Command::new(env!("CARGO_BIN_EXE_thinghub"))
             .arg("serve")
             .arg("--data-dir")
@@ -52,6 +57,7 @@ impl Server {
             .args(extra_args)
             .env("THINGHUB_ADMIN_KEY", format!("{ADMIN_KEY}:{ADMIN_SECRET}"))
             .env_remove("THINGHUB_CONFIG")
+            .envs(envs.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -104,6 +110,24 @@ impl Server {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.http)
+    }
+
+    /// Waits (bounded) for the process to end by itself (an injected abort); returns whether
+    /// it did.
+    pub fn exited(&mut self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if self.child.0.try_wait().expect("try_wait").is_some() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// Log lines printed so far (JSON).
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.try_iter().collect()
     }
 
     /// SIGKILL: no shutdown code runs.

@@ -67,6 +67,25 @@ pub enum Effect {
     EventAccepted(EventIngested),
 }
 
+impl Effect {
+    /// A short name (logs, metrics, fault injection).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Effect::ThingRegistered { .. } => "thing-registered",
+            Effect::ThingDeleted { .. } => "thing-deleted",
+            Effect::ShadowAccepted(_) => "shadow-accepted",
+            Effect::DesiredPushed(_) => "desired-pushed",
+            Effect::Delta(_) => "delta",
+            Effect::Documents(_) => "documents",
+            Effect::ShadowDeleted(_) => "shadow-deleted",
+            Effect::CommandRequested(_) => "command-requested",
+            Effect::CommandAnswered { .. } => "command-answered",
+            Effect::CommandEnded { .. } => "command-ended",
+            Effect::EventAccepted(_) => "event-accepted",
+        }
+    }
+}
+
 /// The effects of `decision`, whose events are durable and applied (`after` is the state then).
 pub fn of_decision(decision: &Decision, after: &ThingState) -> Vec<Effect> {
     let mut effects = Vec::new();
