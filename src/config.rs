@@ -81,6 +81,9 @@ pub struct Config {
     /// How often the effects cursor is saved and the MQTT sessions and retained messages are
     /// stored (what devices publish to each other is written behind by at most this much).
     pub effects_checkpoint_interval_ms: u64,
+    /// Longest a persistent session's SUBACK waits for its subscriptions to be durable; past it
+    /// they are refused, milliseconds.
+    pub mqtt_subscribe_durable_wait_ms: u64,
     /// How long a committed change's effects may stay undelivered (an actor that failed
     /// between its commit and its delivery) before its Thing is asked to deliver them again.
     pub effects_straggler_grace_ms: u64,
@@ -194,6 +197,7 @@ impl Default for Config {
             shutdown_timeout_ms: 10_000,
             effects_checkpoint_interval_ms: 200,
             effects_straggler_grace_ms: 10_000,
+            mqtt_subscribe_durable_wait_ms: 10_000,
             topic_prefix: "$emqx".into(),
             allow_anonymous: false,
             aws_compat: false,

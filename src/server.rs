@@ -1,6 +1,8 @@
-//! Wiring of `thinghub serve`: open storage, start the Thing registry, set up admin keys, serve
-//! HTTP until the shutdown signal, then drain: stop accepting, passivate every Thing (each writes
-//! its snapshot), and make everything durable.
+//! Wiring of `thinghub serve`: open storage, restore the stored MQTT state, start the node (the
+//! Thing registry and its background tasks; it first delivers what the change feed still owes),
+//! set up admin keys, serve HTTP and MQTT until the shutdown signal, then drain: stop accepting,
+//! close connections, and shut the node down (every Thing writes its snapshot, the MQTT state
+//! is stored, one sync).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -8,10 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use thinghub_actors::clock::{Clock, SystemClock};
-use thinghub_actors::deadlines::{DeadlineConfig, DeadlineWake};
-use thinghub_actors::outbox::{self, Outbox, OutboxConfig};
+use thinghub_actors::context::DeadlineWake;
+use thinghub_actors::deadlines::DeadlineConfig;
+use thinghub_actors::outbox::{Outbox, OutboxConfig};
 use thinghub_actors::thing::{CommandLimits, EventLimits, Limits, ShadowLimits};
-use thinghub_actors::{Registry, RegistryConfig, ThingContext, Things};
+use thinghub_actors::{Node, NodeConfig, RegistryConfig, ThingContext, Things};
 use thinghub_storage::{StorageError, Store, StoreConfig};
 use tokio::net::TcpListener;
 
@@ -133,30 +136,32 @@ pub async fn serve(
         deadlines: DeadlineWake::new(),
         outbox: outbox.clone(),
     });
-    let registry = Registry::start(
+    // The node delivers what the change feed still owes (a crash between a commit and its
+    // publication) before it returns, so before any client can connect.
+    let mut node = Node::start(
         context,
-        RegistryConfig {
-            shards: config.registry_shards,
-            thing_idle_ms: config.thing_idle_ms,
-            request_timeout_ms: config.request_timeout_ms,
-            requests_in_flight_max: config.thing_requests_in_flight_max,
+        NodeConfig {
+            registry: RegistryConfig {
+                shards: config.registry_shards,
+                thing_idle_ms: config.thing_idle_ms,
+                request_timeout_ms: config.request_timeout_ms,
+                requests_in_flight_max: config.thing_requests_in_flight_max,
+            },
             deadlines: DeadlineConfig {
                 fire_concurrency_max: config.deadline_fire_concurrency_max,
                 scan_interval_max_ms: config.deadline_scan_interval_max_ms,
                 ..DeadlineConfig::default()
             },
+            outbox: OutboxConfig {
+                checkpoint_interval: Duration::from_millis(config.effects_checkpoint_interval_ms),
+                straggler_grace: Duration::from_millis(config.effects_straggler_grace_ms),
+                ..OutboxConfig::default()
+            },
         },
     )
     .await
     .map_err(|e| ServeError::Actors(e.to_string()))?;
-    // What the change feed holds beyond the cursor (a crash between a commit and its
-    // publication) is delivered again before any client can connect.
-    let outbox_config = OutboxConfig {
-        checkpoint_interval: Duration::from_millis(config.effects_checkpoint_interval_ms),
-        straggler_grace: Duration::from_millis(config.effects_straggler_grace_ms),
-        ..OutboxConfig::default()
-    };
-    let cursor = outbox::recover_at_start(&registry, &outbox, &outbox_config).await;
+    let registry = node.registry().clone();
     let keys = AdminKeys::init(store.clone(), admin_key.as_deref(), clock.now_ms()).await?;
     let things = Things::new(registry.clone());
     let throttle = Arc::new(AuthThrottle::new(ThrottleConfig {
@@ -234,6 +239,7 @@ pub async fn serve(
             keep_alive_max_s: config.mqtt_keep_alive_max_s,
             inbound_inflight_max: config.mqtt_inbound_inflight_max,
             write_stall_max: Duration::from_millis(config.mqtt_write_stall_max_ms),
+            subscribe_durable_wait: Duration::from_millis(config.mqtt_subscribe_durable_wait_ms),
         },
     });
 
@@ -249,16 +255,7 @@ pub async fn serve(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    // The keeper stops after the frontends and the Things: its last round stores the sessions
-    // as the connections left them and moves the cursor over the last effects.
-    let (keeper_stop, keeper_stop_rx) = tokio::sync::watch::channel(false);
-    let keeper = tokio::spawn(outbox::run(
-        registry.clone(),
-        outbox.clone(),
-        outbox_config,
-        cursor,
-        keeper_stop_rx,
-    ));
+    mqtt::spawn_background(&mut node, &mqtt);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
@@ -284,15 +281,9 @@ pub async fn serve(
     .await;
     let _ = mqtt_task.await;
 
-    tracing::info!("shutting down: passivating things and flushing");
-    registry
-        .shutdown(Duration::from_millis(config.shutdown_timeout_ms))
-        .await;
-    let _ = keeper_stop.send(true);
-    if keeper.await.is_err() {
-        tracing::error!("the outbox keeper failed at shutdown");
-    }
-    store.sync().await?;
+    tracing::info!("shutting down: passivating things, storing MQTT state and flushing");
+    node.shutdown(Duration::from_millis(config.shutdown_timeout_ms))
+        .await?;
     tracing::info!("stopped cleanly");
     Ok(())
 }

@@ -296,7 +296,7 @@ async fn leave_messages(server: &Server) {
 /// After the restart: a new message on a topic only the restored subscription matches, and
 /// the retained message for a new subscriber.
 async fn check_after_restart(server: &Server) {
-    let (mut publisher, _) = Client::connect(server, "publisher", Some(BACKEND), |_| {})
+    let (publisher, _) = Client::connect(server, "publisher", Some(BACKEND), |_| {})
         .await
         .expect("publisher");
     let (mut fresh, _) = Client::connect(server, "fresh", Some(BACKEND), |_| {})

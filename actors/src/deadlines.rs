@@ -14,13 +14,13 @@
 //! due" to the Thing; the Thing's `decide` finds what has expired by its own clock reading.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::sync::watch;
 
-use crate::registry::{Inner, Registry};
+use crate::registry::Registry;
 use crate::thing_actor::{Request, Response};
 
 /// Timer bounds.
@@ -45,94 +45,23 @@ impl Default for DeadlineConfig {
     }
 }
 
-/// How actors tell the timer that a deadline was added (shared through the Thing context).
-#[derive(Debug)]
-pub struct DeadlineWake {
-    notify: Notify,
-    /// When the timer will next look at the index, Unix ms.
-    next_scan_ms: AtomicU64,
-}
-
-impl Default for DeadlineWake {
-    fn default() -> Self {
-        DeadlineWake {
-            notify: Notify::new(),
-            next_scan_ms: AtomicU64::new(0),
-        }
-    }
-}
-
-impl DeadlineWake {
-    /// A new handle.
-    pub fn new() -> Arc<DeadlineWake> {
-        Arc::new(DeadlineWake::default())
-    }
-
-    /// A deadline at `at_ms` is now durable in the index: wake the timer if it would sleep past it.
-    pub fn scheduled(&self, at_ms: u64) {
-        if at_ms < self.next_scan_ms.load(Ordering::Relaxed) {
-            self.notify.notify_one();
-        }
-    }
-
-    fn poke(&self) {
-        self.notify.notify_one();
-    }
-}
-
-/// Counters since start.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct DeadlineStats {
-    /// Fire requests sent to Things.
-    pub fires: u64,
-    /// Executions timed out by them.
-    pub timed_out: u64,
-    /// Fire requests that failed and were retried.
-    pub retries: u64,
-    /// Fires in flight now.
-    pub in_flight: u64,
-}
-
-#[derive(Default)]
-pub(crate) struct TimerCounters {
-    fires: AtomicU64,
-    timed_out: AtomicU64,
-    retries: AtomicU64,
-    in_flight: AtomicU64,
-}
-
-impl TimerCounters {
-    pub(crate) fn snapshot(&self) -> DeadlineStats {
-        DeadlineStats {
-            fires: self.fires.load(Ordering::Relaxed),
-            timed_out: self.timed_out.load(Ordering::Relaxed),
-            retries: self.retries.load(Ordering::Relaxed),
-            in_flight: self.in_flight.load(Ordering::Relaxed),
-        }
-    }
-}
-
 type Firing = Arc<Mutex<HashSet<(u64, String)>>>;
 
-/// Starts the timer task; it ends when the registry is dropped.
-pub(crate) fn spawn(weak: Weak<Inner>, config: DeadlineConfig) {
-    tokio::spawn(async move {
-        let firing: Firing = Arc::default();
-        loop {
-            let Some(inner) = weak.upgrade() else { return };
-            let registry = Registry::from_inner(inner);
-            let wake = registry.context().deadlines.clone();
-            let sleep_ms = scan_once(&registry, &firing, &config);
-            let now_ms = registry.context().clock.now_ms();
-            wake.next_scan_ms
-                .store(now_ms.saturating_add(sleep_ms), Ordering::Relaxed);
-            drop(registry);
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(sleep_ms)) => {}
-                _ = wake.notify.notified() => {}
-            }
+/// Runs the timer until `stop` turns true (fires already started finish on their own).
+pub async fn run(registry: Registry, config: DeadlineConfig, mut stop: watch::Receiver<bool>) {
+    let firing: Firing = Arc::default();
+    let wake = registry.context().deadlines.clone();
+    loop {
+        let sleep_ms = scan_once(&registry, &firing, &config);
+        let now_ms = registry.context().clock.now_ms();
+        wake.next_scan_ms
+            .store(now_ms.saturating_add(sleep_ms), Ordering::Relaxed);
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(sleep_ms)) => {}
+            _ = wake.notify.notified() => {}
+            _ = stop.wait_for(|stop| *stop) => return,
         }
-    });
+    }
 }
 
 /// Fires what is due (up to the concurrency bound); returns how long to sleep.
@@ -178,7 +107,7 @@ fn scan_once(registry: &Registry, firing: &Firing, config: &DeadlineConfig) -> u
 }
 
 fn fire(registry: Registry, firing: Firing, key: (u64, String), retry_after_ms: u64) {
-    let counters = registry.deadline_counters();
+    let counters = &registry.context().deadlines.counters;
     counters.fires.fetch_add(1, Ordering::Relaxed);
     counters.in_flight.fetch_add(1, Ordering::Relaxed);
     tokio::spawn(async move {
@@ -186,7 +115,7 @@ fn fire(registry: Registry, firing: Firing, key: (u64, String), retry_after_ms: 
         let answer = registry
             .request(thing, Request::FireDeadline { at_ms: *at_ms })
             .await;
-        let counters = registry.deadline_counters();
+        let counters = &registry.context().deadlines.counters;
         match answer {
             Ok(Response::Fired { timed_out }) => {
                 counters

@@ -6,20 +6,26 @@
 //! - [`registry`]: name -> actor routing, activation, the passivation handshake, supervision.
 //! - [`deadlines`]: the one timer that fires command deadlines from the storage index.
 //! - [`outbox`]: effects of committed changes to the sink, at least once (the change feed).
+//! - [`context`]: what Thing actors share with the node's background tasks.
+//! - [`node`]: the registry and its background tasks (sweeper, timer, outbox keeper), one shutdown.
 //! - [`service`]: the typed API frontends call (validation, 404 without activation, history).
 //! - [`clock`]: the one time source, controllable in tests.
 
 pub mod clock;
 pub mod codec;
+pub mod context;
 pub mod deadlines;
 #[cfg(feature = "test-util")]
 pub mod fault;
+pub mod node;
 pub mod outbox;
 pub mod registry;
 pub mod service;
 pub mod thing;
 pub mod thing_actor;
 
+pub use context::ThingContext;
+pub use node::{Node, NodeConfig};
 pub use registry::{Registry, RegistryConfig, RegistryStats};
 pub use service::{HistoryEntry, ThingSummary, Things};
-pub use thing_actor::{load_state, Request, Response, ThingContext};
+pub use thing_actor::{load_state, Request, Response};

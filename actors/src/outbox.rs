@@ -5,7 +5,7 @@
 //! the change's effects ([`crate::thing::effects`]) and hands them to the [`EffectSink`] the
 //! server provides, before it replies; the position is then marked handled.
 //!
-//! The durable path: [`run`] keeps the consumer's cursor (`effects`) at the highest position
+//! The durable path: the node's keeper ([`crate::node`]) keeps the consumer's cursor (`effects`) at the highest position
 //! below which every position is handled. Before moving it, it asks the sink to make what it
 //! was given durable ([`EffectSink::checkpoint`]), so the cursor never passes an effect that a
 //! crash could still lose. A position not handled in time (a crash between the commit and the
@@ -17,17 +17,14 @@
 //! **Architecture invariant:** frontends never publish what a change causes for others; only
 //! the sink does, from effects derived on the actor side.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use thinghub_storage::{FeedEntry, Store};
+use thinghub_storage::Store;
 
-use crate::registry::Registry;
 use crate::thing::effects::Effect;
-use crate::thing::RejectionKind;
-use crate::thing_actor::Request;
 
 /// The name of the effects consumer's cursor in storage.
 pub const CONSUMER: &str = "effects";
@@ -45,6 +42,15 @@ pub trait EffectSink: Send + Sync + 'static {
     /// stored sessions, say); the outbox then makes it durable with one group commit before
     /// its cursor moves past it. Returns whether anything was written.
     fn checkpoint(&self) -> Result<bool, String>;
+
+    /// What the checkpoints wrote so far is durable now (a group commit succeeded after them).
+    fn synced(&self) {}
+
+    /// Notified when someone waits for the sink's state to be durable (the keeper then runs a
+    /// round at once instead of at its next interval).
+    fn hurry(&self) -> Arc<tokio::sync::Notify> {
+        Arc::new(tokio::sync::Notify::new())
+    }
 }
 
 /// A sink that drops every effect: for stores used without a frontend (in-process benchmarks
@@ -88,11 +94,11 @@ pub struct OutboxStats {
 
 /// The outbox (one per node, shared by every Thing actor through their context).
 pub struct Outbox {
-    sink: Arc<dyn EffectSink>,
+    pub(crate) sink: Arc<dyn EffectSink>,
     handled: Mutex<Handled>,
     /// Positions below this were written before this process started: nothing will deliver
     /// them live, so they are recovered at once.
-    started_at: u64,
+    pub(crate) started_at: u64,
     /// Counters.
     pub stats: OutboxStats,
 }
@@ -170,7 +176,7 @@ impl Outbox {
     /// Positions after `through` that are not handled yet, up to `limit` of them below `end`,
     /// if they are due for recovery: written before this process started, or stuck for
     /// longer than `grace`.
-    fn due(&self, end: u64, grace: Duration, limit: usize) -> Vec<u64> {
+    pub(crate) fn due(&self, end: u64, grace: Duration, limit: usize) -> Vec<u64> {
         let handled = self.lock();
         let first = handled.through + 1;
         if first >= end {
@@ -205,178 +211,6 @@ impl Default for OutboxConfig {
             straggler_grace: Duration::from_secs(10),
             recover_batch_max: 1024,
             trim_batch_max: 50_000,
-        }
-    }
-}
-
-/// Keeps the outbox's cursor until `stop` resolves: recovers what is due, checkpoints the sink,
-/// saves the cursor, trims the feed. One more round runs at stop.
-pub async fn run(
-    registry: Registry,
-    outbox: Arc<Outbox>,
-    config: OutboxConfig,
-    mut saved: u64,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
-    loop {
-        let stopping = tokio::time::timeout(config.checkpoint_interval, stop.wait_for(|s| *s))
-            .await
-            .is_ok();
-        saved = round(&registry, &outbox, &config, saved).await;
-        if stopping {
-            return;
-        }
-    }
-}
-
-/// Delivers again the effects of every change made before this process started and not
-/// handled then (a crash between commits and their publication), before frontends accept
-/// anyone. Returns the cursor as saved.
-pub async fn recover_at_start(registry: &Registry, outbox: &Outbox, config: &OutboxConfig) -> u64 {
-    let mut saved = outbox.handled_through();
-    let owed = outbox.started_at.saturating_sub(1).saturating_sub(saved);
-    if owed > 0 {
-        tracing::info!(
-            changes = owed,
-            cursor = saved,
-            "delivering again the effects of changes made before the restart"
-        );
-    }
-    while outbox.handled_through().saturating_add(1) < outbox.started_at {
-        let before = outbox.handled_through();
-        saved = round(registry, outbox, config, saved).await;
-        if outbox.handled_through() == before {
-            // Things too busy to answer: give them a round's time.
-            tokio::time::sleep(config.checkpoint_interval).await;
-        }
-    }
-    if owed > 0 {
-        tracing::info!(
-            recovered = outbox.stats.recovered.load(Ordering::Relaxed),
-            "effects of earlier changes delivered again"
-        );
-    }
-    saved
-}
-
-/// One round of the keeper; returns the cursor as saved now.
-pub async fn round(registry: &Registry, outbox: &Outbox, config: &OutboxConfig, saved: u64) -> u64 {
-    let store = &registry.context().store;
-    recover(registry, store, outbox, config).await;
-    // Read before the checkpoint: everything delivered up to it is in what gets written.
-    let through = outbox.handled_through();
-    let wrote = match outbox.sink.checkpoint() {
-        Ok(wrote) => wrote,
-        Err(e) => {
-            tracing::error!(error = %e, "the effect sink could not checkpoint; the cursor stays");
-            return saved;
-        }
-    };
-    if !wrote && through == saved {
-        return saved;
-    }
-    // The sink's side durable first: the cursor never passes an effect a crash could lose.
-    if let Err(e) = store.sync().await {
-        tracing::error!(error = %e, "cannot make the effect sink's state durable; the cursor stays");
-        return saved;
-    }
-    if wrote {
-        outbox
-            .stats
-            .sink_writes_synced
-            .fetch_add(1, Ordering::Relaxed);
-    }
-    if through == saved {
-        return saved;
-    }
-    match store.set_cursor(CONSUMER, through) {
-        Ok(()) => {
-            outbox.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = store.trim_feed(config.trim_batch_max) {
-                tracing::warn!(error = %e, "cannot trim the change feed");
-            }
-            through
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "cannot save the effects cursor");
-            saved
-        }
-    }
-}
-
-/// Asks the Things of the positions due for recovery to deliver again what they owe.
-async fn recover(registry: &Registry, store: &Store, outbox: &Outbox, config: &OutboxConfig) {
-    let end = store.feed_durable_end();
-    let due = outbox.due(end, config.straggler_grace, config.recover_batch_max);
-    let Some(&first) = due.first() else {
-        return;
-    };
-    let limit = config.recover_batch_max.saturating_mul(2).max(1);
-    let entries = match store.read_feed(first - 1, limit) {
-        Ok(entries) => entries,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot read the change feed");
-            return;
-        }
-    };
-    // Positions beyond what this read covered are left for the next round.
-    let covered_to = match entries.last() {
-        Some(last) if entries.len() >= limit => last.position,
-        _ => u64::MAX,
-    };
-    let due: Vec<u64> = due.into_iter().filter(|p| *p <= covered_to).collect();
-    let due: BTreeSet<u64> = due.into_iter().collect();
-    // One request per Thing for the whole range of its due entries.
-    let mut by_thing: BTreeMap<String, (u64, u64, Vec<u64>)> = BTreeMap::new();
-    let mut present = BTreeSet::new();
-    for FeedEntry {
-        position,
-        thing,
-        first_seq,
-        count,
-    } in entries.into_iter().filter(|e| due.contains(&e.position))
-    {
-        present.insert(position);
-        let last_seq = first_seq + u64::from(count.max(1)) - 1;
-        let range = by_thing
-            .entry(thing)
-            .or_insert((first_seq, last_seq, Vec::new()));
-        range.0 = range.0.min(first_seq);
-        range.1 = range.1.max(last_seq);
-        range.2.push(position);
-    }
-    // A due position without an entry was trimmed or never written: nothing to deliver.
-    for position in due.iter().filter(|p| !present.contains(p)) {
-        outbox.mark(*position);
-    }
-    for (thing, (first_seq, last_seq, positions)) in by_thing {
-        let request = Request::Redeliver {
-            first_seq,
-            last_seq,
-        };
-        match registry.request(&thing, request).await {
-            Ok(_) => {}
-            Err(rejection)
-                if matches!(
-                    rejection.kind,
-                    RejectionKind::TooManyRequests | RejectionKind::Timeout
-                ) =>
-            {
-                // Busy: the next round tries again.
-                continue;
-            }
-            Err(rejection) => {
-                // A Thing whose log cannot be read owes nothing it can name: do not hold every
-                // other consumer's progress behind it.
-                tracing::error!(%thing, first_seq, last_seq, error = %rejection.message, "effects of these events cannot be recovered");
-            }
-        }
-        outbox
-            .stats
-            .recovered
-            .fetch_add(positions.len() as u64, Ordering::Relaxed);
-        for position in positions {
-            outbox.mark(position);
         }
     }
 }

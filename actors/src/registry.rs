@@ -26,9 +26,10 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tokio::sync::oneshot;
 
-use crate::deadlines::{self, DeadlineConfig, DeadlineStats, TimerCounters};
+use crate::context::DeadlineStats;
+use crate::context::ThingContext;
 use crate::thing::{Rejection, RejectionKind};
-use crate::thing_actor::{Request, Response, ThingActor, ThingArgs, ThingContext, ThingMsg};
+use crate::thing_actor::{Request, Response, ThingActor, ThingArgs, ThingMsg};
 
 /// Registry bounds and timings.
 #[derive(Debug, Clone, Copy)]
@@ -41,8 +42,6 @@ pub struct RegistryConfig {
     pub request_timeout_ms: u64,
     /// Requests one Thing may have in flight; more are refused at once with 429.
     pub requests_in_flight_max: u32,
-    /// The deadline timer.
-    pub deadlines: DeadlineConfig,
 }
 
 impl Default for RegistryConfig {
@@ -52,7 +51,6 @@ impl Default for RegistryConfig {
             thing_idle_ms: 60_000,
             request_timeout_ms: 10_000,
             requests_in_flight_max: 10,
-            deadlines: DeadlineConfig::default(),
         }
     }
 }
@@ -120,7 +118,6 @@ struct Shard {
 
 pub(crate) struct Inner {
     shards: Vec<Shard>,
-    deadline_counters: TimerCounters,
     context: Arc<ThingContext>,
     config: RegistryConfig,
     activations: AtomicU64,
@@ -207,7 +204,6 @@ impl Registry {
         }
         let inner = Arc::new(Inner {
             shards,
-            deadline_counters: TimerCounters::default(),
             context,
             config,
             activations: AtomicU64::new(0),
@@ -216,23 +212,12 @@ impl Registry {
             alive: AtomicU64::new(0),
         });
         let _ = handle.set(Arc::downgrade(&inner));
-        let registry = Registry { inner };
-        registry.spawn_sweeper();
-        deadlines::spawn(Arc::downgrade(&registry.inner), config.deadlines);
-        Ok(registry)
-    }
-
-    pub(crate) fn from_inner(inner: Arc<Inner>) -> Registry {
-        Registry { inner }
-    }
-
-    pub(crate) fn deadline_counters(&self) -> &TimerCounters {
-        &self.inner.deadline_counters
+        Ok(Registry { inner })
     }
 
     /// The deadline timer's counters.
     pub fn deadline_stats(&self) -> DeadlineStats {
-        self.inner.deadline_counters.snapshot()
+        self.inner.context.deadlines.stats()
     }
 
     /// The shared context (store, clock, limits).
@@ -440,19 +425,18 @@ impl Registry {
         self.spawn_activation(shard_index, name);
     }
 
-    fn spawn_sweeper(&self) {
-        let weak = Arc::downgrade(&self.inner);
+    /// Passivates idle Things until `stop` turns true (run by the node).
+    pub async fn run_sweeper(self, mut stop: tokio::sync::watch::Receiver<bool>) {
         let idle = Duration::from_millis(self.inner.config.thing_idle_ms);
         let period = (idle / 4).clamp(Duration::from_millis(5), Duration::from_secs(1));
-        tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(period);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                ticker.tick().await;
-                let Some(inner) = weak.upgrade() else { return };
-                Registry { inner }.passivate_idle(idle);
+        let mut ticker = tokio::time::interval(period);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => self.passivate_idle(idle),
+                _ = stop.wait_for(|stop| *stop) => return,
             }
-        });
+        }
     }
 
     /// Passivates every Thing idle for at least `idle` (all of them with `Duration::ZERO`).
@@ -497,7 +481,8 @@ impl Registry {
         }
     }
 
-    /// Passivates every Thing and waits (bounded) until all actors have stopped; then flushes.
+    /// Passivates every Thing and waits (bounded) until all actors have stopped (their
+    /// snapshots are durable with the next sync: [`crate::Node::shutdown`] makes it).
     pub async fn shutdown(&self, wait: Duration) {
         let deadline = Instant::now() + wait;
         loop {
@@ -513,9 +498,6 @@ impl Registry {
         }
         for shard in &self.inner.shards {
             shard.supervisor.stop(None);
-        }
-        if let Err(e) = self.inner.context.store.sync().await {
-            tracing::error!(error = %e, "final flush failed");
         }
     }
 

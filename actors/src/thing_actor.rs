@@ -20,34 +20,16 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use thinghub_storage::{AppendBatch, IndexOp, Snapshot, StorageError, Store};
 use tokio::sync::oneshot;
 
-use crate::clock::SharedClock;
 use crate::codec;
-use crate::deadlines::DeadlineWake;
-use crate::outbox::Outbox;
+pub use crate::context::ThingContext;
 use crate::thing::commands::{CommandPage, PageCursor};
 use crate::thing::{
-    self, CommandExecution, CommandOutcome, CommandStatus, Limits, Rejection, RejectionKind, Reply,
+    self, CommandExecution, CommandOutcome, CommandStatus, Rejection, RejectionKind, Reply,
     ThingCommand, ThingDescription, ThingEvent, ThingState,
 };
 
 /// Most events read from storage per batch during replay.
 const REPLAY_BATCH_EVENTS: usize = 1024;
-
-/// What every Thing actor shares: storage, the clock and the bounds.
-pub struct ThingContext {
-    /// The event store.
-    pub store: Store,
-    /// The clock.
-    pub clock: SharedClock,
-    /// Domain bounds.
-    pub limits: Limits,
-    /// Write a snapshot after this many events since the last one.
-    pub snapshot_every_events: u64,
-    /// Tells the deadline timer about new deadlines.
-    pub deadlines: Arc<DeadlineWake>,
-    /// Where the effects of committed changes go (see [`crate::outbox`]).
-    pub outbox: Arc<Outbox>,
-}
 
 /// A request to one Thing.
 #[derive(Debug, Clone)]

@@ -5,17 +5,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use thinghub_actors::clock::ManualClock;
-use thinghub_actors::deadlines::{DeadlineConfig, DeadlineWake};
+use thinghub_actors::context::DeadlineWake;
+use thinghub_actors::deadlines::DeadlineConfig;
 use thinghub_actors::thing::{
     CommandExecution, CommandOutcome, CommandStatus, Limits, RegisterThing, Reply, SendCommand,
     ThingCommand,
 };
-use thinghub_actors::{Registry, RegistryConfig, Request, Response, ThingContext};
+use thinghub_actors::{Node, NodeConfig, Registry, Request, Response, ThingContext};
 use thinghub_storage::{IndexOp, Store, StoreConfig};
 
 const T0: u64 = 1_700_000_000_000;
 
-async fn start(store: &Store, clock: Arc<ManualClock>) -> Registry {
+async fn start(store: &Store, clock: Arc<ManualClock>) -> Node {
     let context = Arc::new(ThingContext {
         store: store.clone(),
         clock,
@@ -24,16 +25,16 @@ async fn start(store: &Store, clock: Arc<ManualClock>) -> Registry {
         deadlines: DeadlineWake::new(),
         outbox: thinghub_actors::outbox::Outbox::without_frontend(store).expect("outbox"),
     });
-    let config = RegistryConfig {
+    let config = NodeConfig {
         deadlines: DeadlineConfig {
             // The clock is manual: rescan often so an advance is seen quickly.
             scan_interval_max_ms: 10,
             retry_after_ms: 10,
             ..DeadlineConfig::default()
         },
-        ..RegistryConfig::default()
+        ..NodeConfig::default()
     };
-    Registry::start(context, config).await.expect("registry")
+    Node::start(context, config).await.expect("node")
 }
 
 async fn register(registry: &Registry, name: &str) {
@@ -104,17 +105,18 @@ async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
 }
 
 /// A store in a temporary dir, a manual clock at T0, and a registry on them.
-async fn setup() -> (tempfile::TempDir, Store, Arc<ManualClock>, Registry) {
+async fn setup() -> (tempfile::TempDir, Store, Arc<ManualClock>, Node) {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(&StoreConfig::new(dir.path())).expect("open");
     let clock = ManualClock::new(T0);
-    let registry = start(&store, clock.clone()).await;
-    (dir, store, clock, registry)
+    let node = start(&store, clock.clone()).await;
+    (dir, store, clock, node)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deadline_fires_at_its_time_and_not_before() {
-    let (_dir, store, clock, registry) = setup().await;
+    let (_dir, store, clock, node) = setup().await;
+    let registry = node.registry().clone();
     register(&registry, "t1").await;
     let execution = send(&registry, "t1", "e1", 30).await;
     assert!(store
@@ -137,7 +139,8 @@ async fn a_deadline_fires_at_its_time_and_not_before() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_passivated_thing_is_activated_by_its_deadline() {
-    let (_dir, store, clock, registry) = setup().await;
+    let (_dir, store, clock, node) = setup().await;
+    let registry = node.registry().clone();
     register(&registry, "sleepy").await;
     send(&registry, "sleepy", "e1", 5).await;
     send(&registry, "sleepy", "e2", 10).await;
@@ -166,15 +169,19 @@ async fn deadlines_that_passed_while_down_fire_right_after_restart() {
     let clock = ManualClock::new(T0);
     {
         let store = Store::open(&StoreConfig::new(dir.path())).expect("open");
-        let registry = start(&store, clock.clone()).await;
+        let node = start(&store, clock.clone()).await;
+        let registry = node.registry().clone();
         register(&registry, "t1").await;
         send(&registry, "t1", "e1", 60).await;
-        registry.shutdown(Duration::from_secs(5)).await;
+        node.shutdown(Duration::from_secs(5))
+            .await
+            .expect("shutdown");
     }
     // "Down" for two minutes.
     clock.advance_ms(120_000);
     let store = Store::open(&StoreConfig::new(dir.path())).expect("reopen");
-    let registry = start(&store, clock.clone()).await;
+    let node = start(&store, clock.clone()).await;
+    let registry = node.registry().clone();
     wait_until("no fire after restart", || {
         registry.deadline_stats().timed_out >= 1
     })
@@ -184,7 +191,8 @@ async fn deadlines_that_passed_while_down_fire_right_after_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_index_entry_fires_changes_nothing_and_is_removed() {
-    let (_dir, store, clock, registry) = setup().await;
+    let (_dir, store, clock, node) = setup().await;
+    let registry = node.registry().clone();
     register(&registry, "t1").await;
     send(&registry, "t1", "e1", 60).await;
     // As if a crash left an entry behind (the entry is written before its events).
@@ -203,7 +211,8 @@ async fn a_stale_index_entry_fires_changes_nothing_and_is_removed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn activation_restores_a_missing_deadline_entry() {
-    let (_dir, store, _clock, registry) = setup().await;
+    let (_dir, store, _clock, node) = setup().await;
+    let registry = node.registry().clone();
     register(&registry, "t1").await;
     send(&registry, "t1", "e1", 60).await;
     registry.passivate_idle(Duration::ZERO);

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use thinghub_actors::clock::SystemClock;
+use thinghub_actors::node;
 use thinghub_actors::outbox::{self, EffectSink, Outbox, OutboxConfig};
 use thinghub_actors::thing::effects::Effect;
 use thinghub_actors::thing::{
@@ -57,7 +58,7 @@ async fn start(store: &Store, sink: Arc<dyn EffectSink>) -> (Things, Arc<Outbox>
         store: store.clone(),
         clock: Arc::new(SystemClock),
         limits: Limits::default(),
-        deadlines: thinghub_actors::deadlines::DeadlineWake::new(),
+        deadlines: thinghub_actors::context::DeadlineWake::new(),
         outbox: outbox.clone(),
         snapshot_every_events: 3,
     });
@@ -147,8 +148,7 @@ async fn effects_lost_with_a_process_are_delivered_again_and_only_what_is_still_
     // The next start: what the Thing still owes is delivered again before anything else.
     let again = Arc::new(Recorder::default());
     let (things, outbox) = start(&store, again.clone()).await;
-    let saved =
-        outbox::recover_at_start(things.registry(), &outbox, &OutboxConfig::default()).await;
+    let saved = node::recover_at_start(things.registry(), &outbox, &OutboxConfig::default()).await;
     let redelivered = again.take();
     let names: Vec<&str> = redelivered.iter().map(|(_, e)| e.name()).collect();
     assert_eq!(
@@ -168,6 +168,6 @@ async fn effects_lost_with_a_process_are_delivered_again_and_only_what_is_still_
     // Once the cursor is past them, they are not delivered again.
     let third = Arc::new(Recorder::default());
     let (things, outbox) = start(&store, third.clone()).await;
-    outbox::recover_at_start(things.registry(), &outbox, &OutboxConfig::default()).await;
+    node::recover_at_start(things.registry(), &outbox, &OutboxConfig::default()).await;
     assert_eq!(third.names(), Vec::<String>::new());
 }

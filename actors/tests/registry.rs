@@ -10,19 +10,29 @@ use thinghub_actors::thing::{
     ErrorCode, Limits, Origin, RegisterThing, Reply, ShadowLimits, ShadowUpdate, ThingCommand,
 };
 use thinghub_actors::thing_actor::ThingMsg;
-use thinghub_actors::{load_state, Registry, RegistryConfig, Request, Response, ThingContext};
+use thinghub_actors::{
+    load_state, Node, NodeConfig, Registry, RegistryConfig, Request, Response, ThingContext,
+};
 use thinghub_storage::{Store, StoreConfig};
 
-async fn start(store: &Store, config: RegistryConfig, snapshot_every_events: u64) -> Registry {
+async fn start(store: &Store, config: RegistryConfig, snapshot_every_events: u64) -> Node {
     let context = Arc::new(ThingContext {
         store: store.clone(),
         clock: Arc::new(SystemClock),
         limits: Limits::default(),
-        deadlines: thinghub_actors::deadlines::DeadlineWake::new(),
+        deadlines: thinghub_actors::context::DeadlineWake::new(),
         outbox: thinghub_actors::outbox::Outbox::without_frontend(store).expect("outbox"),
         snapshot_every_events,
     });
-    Registry::start(context, config).await.expect("registry")
+    Node::start(
+        context,
+        NodeConfig {
+            registry: config,
+            ..NodeConfig::default()
+        },
+    )
+    .await
+    .expect("node")
 }
 
 fn register() -> Request {
@@ -69,7 +79,8 @@ async fn state_and_versions_survive_a_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
     {
         let store = Store::open(&StoreConfig::new(dir.path())).expect("open");
-        let registry = start(&store, RegistryConfig::default(), 500).await;
+        let node = start(&store, RegistryConfig::default(), 500).await;
+        let registry = node.registry().clone();
         registry.request("t1", register()).await.expect("register");
         for n in 1..=5 {
             assert_eq!(
@@ -77,10 +88,13 @@ async fn state_and_versions_survive_a_restart() {
                 n as u64
             );
         }
-        registry.shutdown(Duration::from_secs(5)).await;
+        node.shutdown(Duration::from_secs(5))
+            .await
+            .expect("shutdown");
     }
     let store = Store::open(&StoreConfig::new(dir.path())).expect("reopen");
-    let registry = start(&store, RegistryConfig::default(), 500).await;
+    let node = start(&store, RegistryConfig::default(), 500).await;
+    let registry = node.registry().clone();
     assert_eq!(shadow_version(&registry, "t1").await, 5);
     assert_eq!(
         version_of(registry.request("t1", report(6)).await.expect("update")),
@@ -97,7 +111,8 @@ async fn state_and_versions_survive_a_restart() {
 async fn snapshots_are_taken_every_n_events_and_equal_a_full_replay() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(&StoreConfig::new(dir.path())).expect("open");
-    let registry = start(&store, RegistryConfig::default(), 3).await;
+    let node = start(&store, RegistryConfig::default(), 3).await;
+    let registry = node.registry().clone();
     registry.request("s", register()).await.expect("register");
     for n in 1..=9 {
         registry.request("s", report(n)).await.expect("update");
@@ -130,9 +145,9 @@ async fn requests_racing_passivation_are_never_lost() {
         thing_idle_ms: 1,
         request_timeout_ms: 30_000,
         requests_in_flight_max: 10,
-        ..RegistryConfig::default()
     };
-    let registry = start(&store, config, 7).await;
+    let node = start(&store, config, 7).await;
+    let registry = node.registry().clone();
     let things = 8;
     let writers_per_thing = 4;
     let updates_per_writer = 60;
@@ -176,7 +191,8 @@ async fn requests_racing_passivation_are_never_lost() {
 async fn a_panicking_thing_restarts_from_storage_and_others_are_unaffected() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(&StoreConfig::new(dir.path())).expect("open");
-    let registry = start(&store, RegistryConfig::default(), 500).await;
+    let node = start(&store, RegistryConfig::default(), 500).await;
+    let registry = node.registry().clone();
     for name in ["victim", "bystander"] {
         registry.request(name, register()).await.expect("register");
         registry.request(name, report(1)).await.expect("update");
@@ -241,17 +257,21 @@ async fn a_corrupt_record_is_named_and_isolated_to_its_thing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(&StoreConfig::new(dir.path())).expect("open");
     {
-        let registry = start(&store, RegistryConfig::default(), 500).await;
+        let node = start(&store, RegistryConfig::default(), 500).await;
+        let registry = node.registry().clone();
         for name in ["bad", "good"] {
             registry.request(name, register()).await.expect("register");
         }
-        registry.shutdown(Duration::from_secs(5)).await;
+        node.shutdown(Duration::from_secs(5))
+            .await
+            .expect("shutdown");
     }
     store
         .inject_raw_event("bad", 2, &[0xc1, 0x00, 0xff])
         .await
         .expect("inject");
-    let registry = start(&store, RegistryConfig::default(), 500).await;
+    let node = start(&store, RegistryConfig::default(), 500).await;
+    let registry = node.registry().clone();
     let err = registry
         .request("bad", Request::Describe)
         .await
@@ -273,7 +293,8 @@ async fn activation_repairs_a_registry_index_that_lags_the_log() {
     use thinghub_storage::IndexOp;
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(&StoreConfig::new(dir.path())).expect("open");
-    let registry = start(&store, RegistryConfig::default(), 500).await;
+    let node = start(&store, RegistryConfig::default(), 500).await;
+    let registry = node.registry().clone();
     registry
         .request("lagging", register())
         .await
@@ -286,7 +307,9 @@ async fn activation_repairs_a_registry_index_that_lags_the_log() {
         .request("ghost", Request::Command(ThingCommand::Delete))
         .await
         .expect("delete");
-    registry.shutdown(Duration::from_secs(5)).await;
+    node.shutdown(Duration::from_secs(5))
+        .await
+        .expect("shutdown");
 
     // As if a crash fell between each event and its index write.
     store
@@ -296,7 +319,9 @@ async fn activation_repairs_a_registry_index_that_lags_the_log() {
         .repair_index("ghost", &[IndexOp::PutThing(b"stale".to_vec())])
         .expect("put");
 
-    let registry = start(&store, RegistryConfig::default(), 500).await;
+    let node = start(&store, RegistryConfig::default(), 500).await;
+
+    let registry = node.registry().clone();
     registry
         .request("lagging", Request::Describe)
         .await
@@ -324,7 +349,8 @@ async fn requests_beyond_the_in_flight_bound_get_429_and_the_rest_all_land() {
         requests_in_flight_max: 3,
         ..RegistryConfig::default()
     };
-    let registry = start(&store, config, 500).await;
+    let node = start(&store, config, 500).await;
+    let registry = node.registry().clone();
     registry
         .request("busy", register())
         .await
@@ -396,7 +422,8 @@ async fn client_ids_are_claimed_once_backfilled_once_and_freed_by_deletion() {
     );
 
     // Live registrations: a second Thing asking for a taken id is refused; deletion frees it.
-    let registry = start(&store, RegistryConfig::default(), 500).await;
+    let node = start(&store, RegistryConfig::default(), 500).await;
+    let registry = node.registry().clone();
     let things = thinghub_actors::Things::new(registry.clone());
     let with_id = |id: &str| RegisterThing {
         mqtt_client_id: Some(id.into()),
@@ -445,5 +472,7 @@ async fn client_ids_are_claimed_once_backfilled_once_and_freed_by_deletion() {
         .register("copycat", with_id("v-7"))
         .await
         .expect("free once the owner is gone");
-    registry.shutdown(Duration::from_secs(5)).await;
+    node.shutdown(Duration::from_secs(5))
+        .await
+        .expect("shutdown");
 }

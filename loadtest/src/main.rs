@@ -585,28 +585,33 @@ struct ActorsRun {
     data_dir: Option<PathBuf>,
 }
 
-async fn start_registry(store: &Store, shards: usize) -> Result<Registry> {
+/// A node on `store` (the registry with its background tasks: the deadline timer, the outbox
+/// keeper; effects go nowhere). Keep it alive for the scenario.
+async fn start_node(store: &Store, shards: usize) -> Result<thinghub_actors::Node> {
     let context = Arc::new(ThingContext {
         store: store.clone(),
         clock: Arc::new(SystemClock),
         limits: Limits::default(),
-        deadlines: thinghub_actors::deadlines::DeadlineWake::new(),
-        outbox: thinghub_actors::outbox::Outbox::without_frontend(store).expect("outbox"),
+        deadlines: thinghub_actors::context::DeadlineWake::new(),
+        outbox: thinghub_actors::outbox::Outbox::without_frontend(store)
+            .map_err(|e| anyhow::anyhow!("outbox: {e}"))?,
         snapshot_every_events: 500,
     });
-    Registry::start(
+    thinghub_actors::Node::start(
         context,
-        RegistryConfig {
-            shards,
-            // Passivation is driven explicitly by the scenario.
-            thing_idle_ms: 24 * 3600 * 1000,
-            request_timeout_ms: 60_000,
-            requests_in_flight_max: 10,
-            ..RegistryConfig::default()
+        thinghub_actors::NodeConfig {
+            registry: RegistryConfig {
+                shards,
+                // Passivation is driven explicitly by the scenario.
+                thing_idle_ms: 24 * 3600 * 1000,
+                request_timeout_ms: 60_000,
+                requests_in_flight_max: 10,
+            },
+            ..thinghub_actors::NodeConfig::default()
         },
     )
     .await
-    .map_err(|e| anyhow::anyhow!("registry: {e}"))
+    .map_err(|e| anyhow::anyhow!("node: {e}"))
 }
 
 /// Runs `count` requests built by `make` with `concurrency` in flight; returns (seconds, latencies).
@@ -690,7 +695,8 @@ async fn actors(run: ActorsRun, report_dir: Option<&std::path::Path>) -> Result<
     let dir = data_dir(run.data_dir.clone())?;
     let register_rate = {
         let store = Store::open(&StoreConfig::new(&dir.path))?;
-        let registry = start_registry(&store, 64).await?;
+        let node = start_node(&store, 64).await?;
+        let registry = node.registry().clone();
         let (seconds, _) = drive(&registry, run.things, run.concurrency, deadline, |i| {
             (
                 thing_name(i),
@@ -702,7 +708,7 @@ async fn actors(run: ActorsRun, report_dir: Option<&std::path::Path>) -> Result<
             )
         })
         .await?;
-        registry.shutdown(Duration::from_secs(60)).await;
+        node.shutdown(Duration::from_secs(60)).await?;
         run.things as f64 / seconds
     };
     let left = deadline
@@ -815,7 +821,8 @@ async fn actors_measure(
     deadline: Instant,
 ) -> Result<()> {
     let store = Store::open(&StoreConfig::new(&data_dir))?;
-    let registry = start_registry(&store, 64).await?;
+    let node = start_node(&store, 64).await?;
+    let registry = node.registry().clone();
     let rss_start = rss_bytes();
     let (seconds, activation) = drive(&registry, active, concurrency, deadline, |i| {
         (thing_name(i), Request::Describe)
@@ -836,20 +843,21 @@ async fn actors_measure(
     let rss_after_updates = rss_bytes();
     wait_passivated(&registry, deadline).await?;
     let rss_passivated = rss_bytes();
-    registry.shutdown(Duration::from_secs(60)).await;
+    node.shutdown(Duration::from_secs(60)).await?;
     drop(registry);
     let disk_bytes = store.size_on_disk_bytes()?;
     drop(store);
 
     let reopened = Instant::now();
     let store = Store::open(&StoreConfig::new(&data_dir))?;
-    let registry = start_registry(&store, 64).await?;
+    let node = start_node(&store, 64).await?;
+    let registry = node.registry().clone();
     let open_seconds = reopened.elapsed().as_secs_f64();
     let (reactivate_seconds, _) = drive(&registry, active, concurrency, deadline, |i| {
         (thing_name(i), Request::Describe)
     })
     .await?;
-    registry.shutdown(Duration::from_secs(60)).await;
+    node.shutdown(Duration::from_secs(60)).await?;
     let report = serde_json::json!({
         "activation_rate": activation_rate,
         "activation_p99_ms": ms(&activation, 0.99),
@@ -881,7 +889,8 @@ async fn deadlines(
     let deadline = Instant::now() + Duration::from_secs(max_seconds);
     let dir = data_dir(None)?;
     let store = Store::open(&StoreConfig::new(&dir.path))?;
-    let registry = start_registry(&store, 64).await?;
+    let node = start_node(&store, 64).await?;
+    let registry = node.registry().clone();
     let name = |i: usize| format!("timer-{i:08}");
     drive(&registry, pending, concurrency, deadline, move |i| {
         (
@@ -1026,7 +1035,7 @@ async fn deadlines(
     if wrong.load(std::sync::atomic::Ordering::Relaxed) > 0 {
         bail!("some executions did not time out");
     }
-    registry.shutdown(Duration::from_secs(30)).await;
+    node.shutdown(Duration::from_secs(30)).await?;
     Ok(())
 }
 

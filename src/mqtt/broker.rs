@@ -535,6 +535,12 @@ pub struct Broker {
     limits: BrokerLimits,
     /// Counters.
     pub stats: BrokerStats,
+    /// Checkpoints taken so far ([`Broker::take_changes`]); incremented under the state lock.
+    checkpoints_taken: AtomicU64,
+    /// Every checkpoint up to this one is durable.
+    checkpoints_durable: tokio::sync::watch::Sender<u64>,
+    /// Someone waits for durability: the checkpointing task should not wait for its interval.
+    checkpoint_wanted: Arc<Notify>,
 }
 
 /// Whether the identity a CONNECT was authenticated as still holds.
@@ -664,7 +670,39 @@ impl Broker {
             }),
             limits,
             stats: BrokerStats::default(),
+            checkpoints_taken: AtomicU64::new(0),
+            checkpoints_durable: tokio::sync::watch::Sender::new(0),
+            checkpoint_wanted: Arc::new(Notify::new()),
         }
+    }
+
+    /// Notified when a caller of [`Broker::wait_durable`] starts waiting.
+    pub fn checkpoint_wanted(&self) -> Arc<Notify> {
+        self.checkpoint_wanted.clone()
+    }
+
+    /// Waits until every change made to the broker before this call is durable (stored by a
+    /// checkpoint that was then synced), up to `wait`; returns whether it is. A SUBACK of a
+    /// persistent session waits for it: an acknowledged subscription survives a crash.
+    pub async fn wait_durable(&self, wait: Duration) -> bool {
+        // A checkpoint taken after this read sees the change (it takes the lock after ours).
+        let target = self.checkpoints_taken.load(Ordering::Acquire) + 1;
+        let mut durable = self.checkpoints_durable.subscribe();
+        self.checkpoint_wanted.notify_one();
+        tokio::time::timeout(wait, durable.wait_for(|done| *done >= target))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Checkpoints up to `generation` are durable.
+    pub fn checkpoints_durable_to(&self, generation: u64) {
+        self.checkpoints_durable.send_if_modified(|done| {
+            let moved = generation > *done;
+            if moved {
+                *done = generation;
+            }
+            moved
+        });
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -1603,7 +1641,10 @@ impl Broker {
     pub fn take_changes(&self, time: TimeBase) -> Changes {
         let mut guard = self.lock();
         let state = &mut *guard;
-        let mut changes = Changes::default();
+        let mut changes = Changes {
+            generation: self.checkpoints_taken.fetch_add(1, Ordering::AcqRel) + 1,
+            ..Changes::default()
+        };
         for key in std::mem::take(&mut state.dirty) {
             let stored = match state.sessions.get_mut(&key) {
                 Some(session) if session.persistent => {

@@ -57,6 +57,8 @@ pub struct ConnectionConfig {
     /// A write to the client that makes no progress for this long closes the connection as a
     /// slow consumer (a client that stops reading must not hold its task and socket).
     pub write_stall_max: Duration,
+    /// Longest a persistent session's SUBACK waits for its subscriptions to be durable.
+    pub subscribe_durable_wait: Duration,
 }
 
 /// What every connection shares.
@@ -1029,7 +1031,7 @@ async fn handle_packet(
         Packet::PubComp(comp, _) => ctx.broker.acknowledged(client_id, connection_id, comp.pkid),
         Packet::PubRel(rel, _) => handle_pubrel(conn, ctx, session, rel.pkid)?,
         Packet::Subscribe(subscribe, properties) => {
-            return handle_subscribe(conn, ctx, session, subscribe, properties);
+            return handle_subscribe(conn, ctx, session, subscribe, properties).await;
         }
         Packet::Unsubscribe(unsubscribe, _) => handle_unsubscribe(conn, ctx, session, unsubscribe)?,
         Packet::PingReq(_) => conn.queue(Packet::PingResp(PingResp))?,
@@ -1072,8 +1074,11 @@ fn handle_pubrel(
     conn.queue(Packet::PubComp(PubComp { pkid, reason }, None))
 }
 
-/// SUBSCRIBE: each filter is validated, authorized and added; SUBACK answers per filter.
-fn handle_subscribe(
+/// SUBSCRIBE: each filter is validated, authorized and added; SUBACK answers per filter. For a
+/// persistent session the SUBACK waits until the subscriptions are durable (stored and synced),
+/// so an acknowledged subscription survives a crash; if storage cannot make them durable in
+/// time they are removed again and refused (3.1.1: 0x80, v5: 0x83).
+async fn handle_subscribe(
     conn: &mut Conn,
     ctx: &MqttContext,
     session: &mut Session,
@@ -1088,7 +1093,7 @@ fn handle_subscribe(
         return Ok(Some(CloseReason::ProtocolError));
     }
     let mut codes = Vec::with_capacity(subscribe.filters.len());
-    for filter in subscribe.filters {
+    for filter in &subscribe.filters {
         let code = match topic::parse_filter(&filter.path) {
             Err(e) => {
                 tracing::info!(%client_id, filter = %filter.path, error = %e, "invalid filter");
@@ -1135,6 +1140,35 @@ fn handle_subscribe(
             }
         };
         codes.push(code);
+    }
+    let added: Vec<&str> = subscribe
+        .filters
+        .iter()
+        .zip(&codes)
+        .filter(|(_, code)| matches!(code, SubscribeReasonCode::Success(_)))
+        .map(|(filter, _)| filter.path.as_str())
+        .collect();
+    if session.persistent_at_connect
+        && !added.is_empty()
+        && !ctx
+            .broker
+            .wait_durable(ctx.config.subscribe_durable_wait)
+            .await
+    {
+        tracing::error!(%client_id, "subscriptions could not be made durable in time; refused");
+        for filter in &added {
+            ctx.broker
+                .unsubscribe(client_id, session.connection_id, filter);
+        }
+        for code in codes.iter_mut() {
+            if matches!(code, SubscribeReasonCode::Success(_)) {
+                *code = if v5 {
+                    SubscribeReasonCode::ImplementationSpecific
+                } else {
+                    SubscribeReasonCode::Failure
+                };
+            }
+        }
     }
     conn.queue(Packet::SubAck(
         SubAck {

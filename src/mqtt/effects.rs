@@ -133,4 +133,12 @@ impl EffectSink for MqttEffects {
     fn checkpoint(&self) -> Result<bool, String> {
         self.persistence.checkpoint()
     }
+
+    fn synced(&self) {
+        self.persistence.synced();
+    }
+
+    fn hurry(&self) -> Arc<tokio::sync::Notify> {
+        self.broker.checkpoint_wanted()
+    }
 }

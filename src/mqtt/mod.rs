@@ -96,6 +96,36 @@ pub fn reauthorize_subscriptions(broker: &Broker, acl: &Acl) -> usize {
 /// How often failed authentications are summarized in the log.
 const AUTH_REPORT_PERIOD: Duration = Duration::from_secs(10);
 
+/// Hands the MQTT frontend's background tasks to the node (stopped at its shutdown): the
+/// session sweeper (expired sessions, delayed wills) and the failed-authentication report.
+pub fn spawn_background(node: &mut thinghub_actors::Node, ctx: &Arc<MqttContext>) {
+    let broker = ctx.broker.clone();
+    node.spawn("MQTT session sweeper", move |mut stop| async move {
+        let mut ticker = tokio::time::interval(SESSION_SWEEP_PERIOD);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {
+                    let expired = broker.expire_sessions();
+                    if expired > 0 {
+                        tracing::debug!(expired, "expired persistent MQTT sessions");
+                    }
+                }
+                _ = stop.wait_for(|stop| *stop) => return,
+            }
+        }
+    });
+    let throttle = ctx.throttle.clone();
+    node.spawn("authentication report", move |mut stop| async move {
+        let mut ticker = tokio::time::interval(AUTH_REPORT_PERIOD);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => throttle.report(AUTH_REPORT_PERIOD),
+                _ = stop.wait_for(|stop| *stop) => return,
+            }
+        }
+    });
+}
+
 /// Accepts MQTT connections on `listener` until `shutdown` resolves, then closes them all.
 pub async fn serve(
     listener: TcpListener,
@@ -104,29 +134,6 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let permits = Arc::new(Semaphore::new(connections_max));
-    let sweeper = {
-        let broker = ctx.broker.clone();
-        tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(SESSION_SWEEP_PERIOD);
-            loop {
-                ticker.tick().await;
-                let expired = broker.expire_sessions();
-                if expired > 0 {
-                    tracing::debug!(expired, "expired persistent MQTT sessions");
-                }
-            }
-        })
-    };
-    let reporter = {
-        let throttle = ctx.throttle.clone();
-        tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(AUTH_REPORT_PERIOD);
-            loop {
-                ticker.tick().await;
-                throttle.report(AUTH_REPORT_PERIOD);
-            }
-        })
-    };
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -144,8 +151,6 @@ pub async fn serve(
             () = &mut shutdown => break,
         }
     }
-    sweeper.abort();
-    reporter.abort();
     ctx.broker.close_all(CloseReason::ServerShutdown);
     // Every live connection holds a permit: all permits back = all connections finished.
     let all = u32::try_from(connections_max).unwrap_or(u32::MAX);

@@ -205,6 +205,8 @@ impl TimeBase {
 /// What changed in the broker since the last checkpoint (`None`: remove the record).
 #[derive(Debug, Default)]
 pub struct Changes {
+    /// Which checkpoint this is (they are numbered from 1).
+    pub generation: u64,
     /// Sessions by client id.
     pub sessions: Vec<(String, Option<StoredSession>)>,
     /// Retained messages by topic.
@@ -239,6 +241,8 @@ pub struct PersistStats {
 pub struct Persistence {
     store: Store,
     broker: Arc<Broker>,
+    /// The last checkpoint written (durable at the next sync).
+    written: AtomicU64,
     /// Counters.
     pub stats: PersistStats,
 }
@@ -253,6 +257,7 @@ impl Persistence {
         Persistence {
             store,
             broker,
+            written: AtomicU64::new(0),
             stats: PersistStats::default(),
         }
     }
@@ -262,9 +267,14 @@ impl Persistence {
     pub fn checkpoint(&self) -> Result<bool, String> {
         let changes = self.broker.take_changes(TimeBase::now());
         if changes.is_empty() {
+            // Nothing to store: this checkpoint is durable once the earlier ones are.
+            self.written.fetch_max(changes.generation, Ordering::AcqRel);
             return Ok(false);
         }
         let written = self.write(&changes);
+        if written.is_ok() {
+            self.written.fetch_max(changes.generation, Ordering::AcqRel);
+        }
         if let Err(e) = &written {
             self.stats.failures.fetch_add(1, Ordering::Relaxed);
             tracing::error!(error = %e, "cannot store MQTT sessions; retrying at the next checkpoint");
@@ -274,6 +284,12 @@ impl Persistence {
             );
         }
         written.map(|()| true)
+    }
+
+    /// Everything written by the checkpoints so far is durable now.
+    pub fn synced(&self) {
+        self.broker
+            .checkpoints_durable_to(self.written.load(Ordering::Acquire));
     }
 
     fn write(&self, changes: &Changes) -> Result<(), String> {
