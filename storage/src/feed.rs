@@ -1,52 +1,227 @@
 //! The change feed: one commit-ordered sequence over every Thing's appends (the outbox).
 //!
-//! Each append takes the next position and records `position -> (thing, first seq, count)` in
-//! the `feed` tree, written *before* its events (so events on disk always have their feed
-//! entry; a feed entry whose append did not land points at nothing, or at events written
-//! later by the same Thing: a consumer then does its work twice, never zero times). The entry
-//! becomes durable with the same group commit as the events: no extra fsync.
+//! Each append takes the next position and its entry `position -> (thing, first seq, count)` is
+//! recorded in the `feed` tree *before* its events are written, so events on disk always have
+//! their entry (sled recovers a prefix of its log). An entry whose append did not land points
+//! at nothing, or at events written later by the same Thing: a consumer then does its work
+//! twice, never zero times. The entry becomes durable with the same group commit as the events:
+//! no extra fsync.
 //!
-//! Positions are handed out under a shared gate that the group commit takes exclusively for an
-//! instant when a batch starts: every position below the value it reads then is written, so
-//! once the batch is durable they all are ([`Store::feed_durable_end`]). Consumers read the
+//! Entries are not inserted one by one: a sled insert costs about as much CPU as the event's
+//! own, and a second insert per append cut the group commit's throughput at 1,000 writers to
+//! 0.55x. Appends combine (flat combining): the first to register while nobody records becomes
+//! the recorder and inserts every entry registered meanwhile as one block (key = first
+//! position, value = the entries in order); the others wait for it. Under load a block holds
+//! many entries; alone, an append inserts its own small block inline.
+//!
+//! The clock knows which positions are still being written; when a group commit starts it reads
+//! the lowest of them (or the next position if none): every position below is written, so once
+//! the flush succeeds they all are durable ([`Store::feed_durable_end`]). Consumers read the
 //! feed only below that bound, so they never act on a change that could still be lost.
 //!
 //! Consumers keep a named cursor (`cursors` tree), advanced only after their work is done; the
-//! feed is trimmed below the slowest cursor (the per-Thing logs are kept whole), always keeping
-//! its last entry so that positions never restart.
+//! feed is trimmed below the slowest cursor (the per-Thing logs are kept whole), whole blocks at
+//! a time, always keeping the last block so that positions never restart.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::RwLock;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use crate::{thing_key, StorageError, Store};
 
+/// Blocks one combiner records before it hands the role to a waiting append (so that no append
+/// records others' entries for long).
+const COMBINE_ROUNDS_MAX: usize = 4;
+
+/// What a waiting append is told.
+pub(crate) enum Turn {
+    /// Its entry is recorded (or recording it failed).
+    Recorded(Result<(), StorageError>),
+    /// It records the pending entries itself now (its own included).
+    Combine,
+}
+
 /// What appends and the group commit share about the feed.
 pub(crate) struct FeedClock {
-    /// Appends hold it shared while they take a position and write; the group commit takes it
-    /// exclusively for an instant to read a bound below which every position is written.
-    pub(crate) gate: RwLock<()>,
-    /// The next position to hand out.
-    pub(crate) next: AtomicU64,
+    state: Mutex<ClockState>,
     /// Every position below this is durable.
     pub(crate) durable: watch::Sender<u64>,
+}
+
+struct ClockState {
+    /// The next position to hand out.
+    next: u64,
+    /// Positions from `writing_first` on, in order: whether each is still being written (the
+    /// finished ones at the front are dropped, so the front is the lowest still writing).
+    writing: VecDeque<bool>,
+    writing_first: u64,
+    /// Entries registered and not yet recorded, from position `pending_first` on (the sender
+    /// is absent for the combiner's own entry).
+    pending: Vec<(Vec<u8>, Option<oneshot::Sender<Turn>>)>,
+    pending_first: u64,
+    /// An append is recording entries now.
+    combining: bool,
+}
+
+/// A position being written; its append is finished when this is dropped (whatever the outcome).
+pub(crate) struct Writing {
+    clock: Arc<FeedClock>,
+    /// The position.
+    pub(crate) position: u64,
+}
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        let mut state = self.clock.lock();
+        let index = (self.position - state.writing_first) as usize;
+        if let Some(flag) = state.writing.get_mut(index) {
+            *flag = false;
+        }
+        while state.writing.front() == Some(&false) {
+            state.writing.pop_front();
+            state.writing_first += 1;
+        }
+    }
 }
 
 impl FeedClock {
     pub(crate) fn new(next: u64) -> FeedClock {
         FeedClock {
-            gate: RwLock::new(()),
-            next: AtomicU64::new(next),
+            state: Mutex::new(ClockState {
+                next,
+                writing: VecDeque::new(),
+                writing_first: next,
+                pending: Vec::new(),
+                pending_first: next,
+                combining: false,
+            }),
             durable: watch::Sender::new(next),
         }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ClockState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes the next position for an append about to write `entry` and returns once the entry
+    /// is recorded in `feed` (not yet durable): by this append if nobody else is recording
+    /// (flat combining: it records every entry registered meanwhile too), or by the append
+    /// recording now.
+    pub(crate) async fn record(
+        self: &Arc<Self>,
+        feed: &sled::Tree,
+        entry: Vec<u8>,
+    ) -> Result<Writing, StorageError> {
+        let (writing, mut waiting) = {
+            let mut state = self.lock();
+            let position = state.next;
+            state.next += 1;
+            if state.writing.is_empty() {
+                state.writing_first = position;
+            }
+            state.writing.push_back(true);
+            if state.pending.is_empty() {
+                state.pending_first = position;
+            }
+            let waiting = if state.combining {
+                let (tx, rx) = oneshot::channel();
+                state.pending.push((entry, Some(tx)));
+                Some(rx)
+            } else {
+                state.combining = true;
+                state.pending.push((entry, None));
+                None
+            };
+            let writing = Writing {
+                clock: self.clone(),
+                position,
+            };
+            (writing, waiting)
+        };
+        loop {
+            match waiting.take() {
+                None => {
+                    // Let the appends that are ready to run register first: under load the
+                    // block then holds many entries; alone, this costs one trip through the
+                    // scheduler.
+                    tokio::task::yield_now().await;
+                    self.combine(feed)?;
+                    return Ok(writing);
+                }
+                Some(turn) => match turn.await {
+                    Ok(Turn::Recorded(result)) => return result.map(|()| writing),
+                    Ok(Turn::Combine) => {}
+                    Err(_) => return Err(StorageError::Closed),
+                },
+            }
+        }
+    }
+
+    /// Records pending entries in blocks; the first block holds the caller's own entry, whose
+    /// result is returned. Hands the role over after [`COMBINE_ROUNDS_MAX`] blocks.
+    fn combine(&self, feed: &sled::Tree) -> Result<(), StorageError> {
+        let mut own = None;
+        for round in 0.. {
+            let (first, pending) = {
+                let mut state = self.lock();
+                if state.pending.is_empty() {
+                    state.combining = false;
+                    break;
+                }
+                if round >= COMBINE_ROUNDS_MAX {
+                    // The oldest waiting append still listening records the rest (its own entry
+                    // included); if none listens any more, this one goes on.
+                    let handed_over = state
+                        .pending
+                        .iter_mut()
+                        .filter_map(|(_, tx)| tx.take())
+                        .any(|next| next.send(Turn::Combine).is_ok());
+                    if handed_over {
+                        break;
+                    }
+                }
+                let first = state.pending_first;
+                state.pending_first += state.pending.len() as u64;
+                (first, std::mem::take(&mut state.pending))
+            };
+            let mut block =
+                Vec::with_capacity(4 + pending.iter().map(|(e, _)| e.len()).sum::<usize>());
+            block.extend_from_slice(&(pending.len() as u32).to_be_bytes());
+            for (entry, _) in &pending {
+                block.extend_from_slice(entry);
+            }
+            let result = feed
+                .insert(first.to_be_bytes(), block)
+                .map(|_| ())
+                .map_err(StorageError::from);
+            if let Err(e) = &result {
+                tracing::error!(error = %e, first, "cannot record change-feed entries; their appends fail");
+            }
+            for (_, waiter) in pending {
+                if let Some(waiter) = waiter {
+                    let _ = waiter.send(Turn::Recorded(result.clone()));
+                }
+            }
+            own.get_or_insert(result);
+        }
+        own.unwrap_or(Ok(()))
+    }
+
+    /// The next position to hand out.
+    pub(crate) fn next(&self) -> u64 {
+        self.lock().next
     }
 
     /// Called by the group commit before it flushes: every position below the value returned
     /// is written, so it will be durable once the flush succeeds.
     pub(crate) fn written_end(&self) -> u64 {
-        let _exclusive = self.gate.write().unwrap_or_else(|p| p.into_inner());
-        self.next.load(Ordering::Acquire)
+        let state = self.lock();
+        if state.writing.is_empty() {
+            state.next
+        } else {
+            state.writing_first
+        }
     }
 
     /// The flush that started at `end` succeeded.
@@ -74,42 +249,61 @@ pub struct FeedEntry {
     pub count: u32,
 }
 
-pub(crate) fn encode_entry(thing_key: &[u8], first_seq: u64, count: u32) -> Vec<u8> {
-    let mut value = Vec::with_capacity(thing_key.len() + 12);
-    value.extend_from_slice(thing_key);
+/// The entry of an append: thing key ‖ first seq ‖ count (self-delimiting: the thing key
+/// starts with its length).
+pub(crate) fn entry_for(thing: &str, first_seq: u64, count: usize) -> Result<Vec<u8>, StorageError> {
+    let key = thing_key(thing)?;
+    let mut value = Vec::with_capacity(key.len() + 12);
+    value.extend_from_slice(&key);
     value.extend_from_slice(&first_seq.to_be_bytes());
-    value.extend_from_slice(&count.to_be_bytes());
-    value
+    value.extend_from_slice(&(count as u32).to_be_bytes());
+    Ok(value)
 }
 
-fn decode_entry(key: &[u8], value: &[u8]) -> Result<FeedEntry, StorageError> {
-    let corrupt = |reason: &str| StorageError::Corrupt {
+fn corrupt(reason: &str) -> StorageError {
+    StorageError::Corrupt {
         thing: String::new(),
         seq: 0,
         reason: format!("change feed: {reason}"),
-    };
-    let position: [u8; 8] = key.try_into().map_err(|_| corrupt("malformed key"))?;
-    let len = *value.first().ok_or_else(|| corrupt("empty entry"))? as usize;
-    let name = value
-        .get(1..1 + len)
-        .ok_or_else(|| corrupt("truncated thing name"))?;
-    let tail = value
-        .get(1 + len..)
-        .ok_or_else(|| corrupt("truncated entry"))?;
-    let first_seq: [u8; 8] = tail
-        .get(..8)
+    }
+}
+
+/// The entries of one block.
+fn decode_block(key: &[u8], value: &[u8]) -> Result<Vec<FeedEntry>, StorageError> {
+    let first: [u8; 8] = key.try_into().map_err(|_| corrupt("malformed key"))?;
+    let first = u64::from_be_bytes(first);
+    let count: [u8; 4] = value
+        .get(..4)
         .and_then(|b| b.try_into().ok())
-        .ok_or_else(|| corrupt("truncated seq"))?;
-    let count: [u8; 4] = tail
-        .get(8..12)
-        .and_then(|b| b.try_into().ok())
-        .ok_or_else(|| corrupt("truncated count"))?;
-    Ok(FeedEntry {
-        position: u64::from_be_bytes(position),
-        thing: String::from_utf8(name.to_vec()).map_err(|_| corrupt("thing name not UTF-8"))?,
-        first_seq: u64::from_be_bytes(first_seq),
-        count: u32::from_be_bytes(count),
-    })
+        .ok_or_else(|| corrupt("truncated block"))?;
+    let count = u32::from_be_bytes(count) as usize;
+    let mut rest = &value[4..];
+    let mut entries = Vec::with_capacity(count);
+    for i in 0..count {
+        let len = *rest.first().ok_or_else(|| corrupt("truncated entry"))? as usize;
+        let name = rest
+            .get(1..1 + len)
+            .ok_or_else(|| corrupt("truncated thing name"))?;
+        let tail = rest
+            .get(1 + len..1 + len + 12)
+            .ok_or_else(|| corrupt("truncated entry"))?;
+        let first_seq = u64::from_be_bytes(tail[..8].try_into().map_err(|_| corrupt("seq"))?);
+        let n = u32::from_be_bytes(tail[8..12].try_into().map_err(|_| corrupt("count"))?);
+        entries.push(FeedEntry {
+            position: first + i as u64,
+            thing: String::from_utf8(name.to_vec()).map_err(|_| corrupt("thing name not UTF-8"))?,
+            first_seq,
+            count: n,
+        });
+        rest = &rest[1 + len + 12..];
+    }
+    Ok(entries)
+}
+
+/// The first position of a block key.
+fn block_first(key: &[u8]) -> Result<u64, StorageError> {
+    let first: [u8; 8] = key.try_into().map_err(|_| corrupt("malformed key"))?;
+    Ok(u64::from_be_bytes(first))
 }
 
 impl Store {
@@ -118,18 +312,25 @@ impl Store {
     pub fn read_feed(&self, after: u64, limit: usize) -> Result<Vec<FeedEntry>, StorageError> {
         let end = self.feed_durable_end();
         let start = after.saturating_add(1);
-        if start >= end {
+        if start >= end || limit == 0 {
             return Ok(Vec::new());
         }
+        // The block holding `start` begins at or before it.
+        let from = match self.inner.feed.range(..=start.to_be_bytes()).next_back() {
+            Some(item) => block_first(&item?.0)?,
+            None => 0,
+        };
         let mut out = Vec::new();
-        for item in self
-            .inner
-            .feed
-            .range(start.to_be_bytes()..end.to_be_bytes())
-            .take(limit)
-        {
+        for item in self.inner.feed.range(from.to_be_bytes()..end.to_be_bytes()) {
             let (key, value) = item?;
-            out.push(decode_entry(&key, &value)?);
+            for entry in decode_block(&key, &value)? {
+                if entry.position >= start && entry.position < end {
+                    out.push(entry);
+                    if out.len() == limit {
+                        return Ok(out);
+                    }
+                }
+            }
         }
         Ok(out)
     }
@@ -147,7 +348,7 @@ impl Store {
 
     /// The next position an append will take.
     pub fn feed_next_position(&self) -> u64 {
-        self.inner.feed_clock.next.load(Ordering::Acquire)
+        self.inner.feed_clock.next()
     }
 
     /// A consumer's cursor: every position up to it has been handled (0 = none yet).
@@ -170,8 +371,8 @@ impl Store {
         Ok(())
     }
 
-    /// Removes feed entries below every consumer's cursor, at most `limit` of them, always
-    /// keeping the last entry. Returns how many went.
+    /// Removes feed blocks whose every entry is at or below every consumer's cursor, at most
+    /// `limit` blocks, always keeping the last block. Returns how many went.
     pub fn trim_feed(&self, limit: usize) -> Result<usize, StorageError> {
         let mut slowest = u64::MAX;
         for item in self.inner.cursors.iter() {
@@ -183,53 +384,49 @@ impl Store {
         if slowest == u64::MAX {
             return Ok(0); // no consumer yet: keep everything
         }
-        let last = match self.inner.feed.last()? {
-            Some((key, _)) => <[u8; 8]>::try_from(key.as_ref()).map_or(0, u64::from_be_bytes),
-            None => return Ok(0),
-        };
-        // Entries at or below the slowest cursor are handled by everyone; keep the last one.
-        let below = slowest.saturating_add(1).min(last);
-        let keys: Vec<sled::IVec> = self
-            .inner
-            .feed
-            .range(..below.to_be_bytes())
-            .keys()
-            .take(limit)
-            .collect::<Result<_, _>>()?;
-        for key in &keys {
+        // A block can go when the next block starts at or below slowest + 1 (all its entries
+        // are handled); the last block always stays.
+        let mut removable = Vec::new();
+        let mut previous: Option<sled::IVec> = None;
+        for key in self.inner.feed.iter().keys() {
+            let key = key?;
+            let next_first = block_first(&key)?;
+            match previous.take() {
+                Some(prev) if next_first <= slowest.saturating_add(1) => removable.push(prev),
+                Some(_) => break,
+                None => {}
+            }
+            if removable.len() >= limit {
+                break;
+            }
+            previous = Some(key);
+        }
+        for key in &removable {
             self.inner.feed.remove(key)?;
         }
-        Ok(keys.len())
+        Ok(removable.len())
     }
 
     /// Entries in the feed now (walks it: O(n); tests and `check`).
-    pub fn feed_len(&self) -> usize {
-        self.inner.feed.len()
+    pub fn feed_len(&self) -> Result<usize, StorageError> {
+        let mut n = 0;
+        for item in self.inner.feed.iter() {
+            let (key, value) = item?;
+            n += decode_block(&key, &value)?.len();
+        }
+        Ok(n)
     }
 }
 
 /// The position after the feed's last entry (1 for an empty feed): where an open resumes.
 pub(crate) fn next_position_after(feed: &sled::Tree) -> Result<u64, StorageError> {
     Ok(match feed.last()? {
-        Some((key, _)) => <[u8; 8]>::try_from(key.as_ref())
-            .map(u64::from_be_bytes)
-            .map_err(|_| StorageError::Corrupt {
-                thing: String::new(),
-                seq: 0,
-                reason: "change feed: malformed key".into(),
-            })?
-            .saturating_add(1),
+        Some((key, value)) => {
+            let entries = decode_block(&key, &value)?;
+            block_first(&key)? + entries.len() as u64
+        }
         None => 1,
     })
-}
-
-/// The thing key of a feed entry (for writers).
-pub(crate) fn entry_for(
-    thing: &str,
-    first_seq: u64,
-    count: usize,
-) -> Result<Vec<u8>, StorageError> {
-    Ok(encode_entry(&thing_key(thing)?, first_seq, count as u32))
 }
 
 #[cfg(test)]
@@ -275,7 +472,7 @@ mod tests {
         );
         store.set_cursor("slow", c).expect("cursor");
         store.trim_feed(100).expect("trim");
-        assert_eq!(store.feed_len(), 1, "the last entry stays");
+        assert_eq!(store.feed_len().expect("len"), 1, "the last block stays");
         drop(store);
 
         // Positions never restart.

@@ -67,7 +67,18 @@ impl Store {
     /// Appends `batch` and returns its change-feed position once it is durable (group commit:
     /// flush + fsync; the feed entry is durable with it).
     pub async fn append(&self, batch: AppendBatch) -> Result<u64, StorageError> {
-        let position = self.write_batch(&batch)?;
+        // The feed entry is recorded first (events on disk always have one); the position
+        // counts as being written until the events are, so the group commit knows which
+        // positions a flush covers.
+        let entry = crate::feed::entry_for(&batch.thing, batch.first_seq, batch.events.len())?;
+        let writing = self
+            .inner
+            .feed_clock
+            .record(&self.inner.feed, entry)
+            .await?;
+        self.write_batch(&batch)?;
+        let position = writing.position;
+        drop(writing);
         self.inner.committer.wait_durable().await?;
         Ok(position)
     }
@@ -80,17 +91,8 @@ impl Store {
     /// of several events uses `apply_batch`, to keep them all-or-nothing. Index changes are
     /// written after the events (new deadlines before them): indexes are derived from the log,
     /// and the owner of a Thing repairs them on activation if a crash fell between the writes.
-    fn write_batch(&self, batch: &AppendBatch) -> Result<u64, StorageError> {
+    fn write_batch(&self, batch: &AppendBatch) -> Result<(), StorageError> {
         let prefix = thing_key(&batch.thing)?;
-        // The feed entry goes in first (events on disk always have one), under the shared gate
-        // so that the group commit knows which positions a flush covers.
-        let clock = &self.inner.feed_clock;
-        let _gate = clock.gate.read().unwrap_or_else(|p| p.into_inner());
-        let position = clock.next.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        self.inner.feed.insert(
-            position.to_be_bytes(),
-            crate::feed::entry_for(&batch.thing, batch.first_seq, batch.events.len())?,
-        )?;
         // A new deadline goes in *before* the events that set it: a crash in between leaves an
         // entry with nothing due (the timer activates the Thing, which removes it), never a
         // pending deadline that no index entry will ever fire.
@@ -134,7 +136,7 @@ impl Store {
                 self.apply_index_op(&batch.thing, &prefix, op)?;
             }
         }
-        Ok(position)
+        Ok(())
     }
 
     fn apply_index_op(&self, thing: &str, prefix: &[u8], op: &IndexOp) -> Result<(), StorageError> {
