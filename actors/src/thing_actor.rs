@@ -550,9 +550,48 @@ impl ThingActorState {
     /// Delivers again what the Thing owes for its events `first_seq..=last_seq`.
     fn redeliver(&mut self, first_seq: u64, last_seq: u64) -> Result<Response, Rejection> {
         let name = self.thing.name.clone();
+        let first_seq = first_seq.max(1);
         let last_seq = last_seq.min(self.thing.last_seq);
         let mut events = Vec::new();
-        let mut next = first_seq.max(1);
+        self.read_log(first_seq, last_seq, |event| events.push(event))?;
+        let client_id_before = if thing::effects::needs_client_id_before(&events) {
+            let mut held = None;
+            self.read_log(1, first_seq.saturating_sub(1), |event| {
+                match event {
+                    ThingEvent::Registered(registered) => held = Some(registered.mqtt_client_id),
+                    ThingEvent::Deleted(_) => held = None,
+                    _ => {}
+                }
+            })?;
+            held
+        } else {
+            None
+        };
+        let now_s = self.context.clock.now_ms() / 1000;
+        let effects = self.guarded(|me| {
+            Ok(thing::effects::for_recovery(
+                &events,
+                &me.thing,
+                client_id_before.as_deref(),
+                now_s,
+            ))
+        })?;
+        if !effects.is_empty() {
+            tracing::info!(thing = %name, first_seq, last_seq, effects = effects.len(), "effects delivered again");
+            self.context.outbox.sink().deliver(&name, &effects);
+        }
+        Ok(Response::Redelivered(effects.len()))
+    }
+
+    /// Feeds the decoded events `first_seq..=last_seq` of the log to `each` in order.
+    fn read_log(
+        &self,
+        first_seq: u64,
+        last_seq: u64,
+        mut each: impl FnMut(ThingEvent),
+    ) -> Result<(), Rejection> {
+        let name = &self.thing.name;
+        let mut next = first_seq;
         while next <= last_seq {
             let wanted = usize::try_from(last_seq - next + 1)
                 .unwrap_or(usize::MAX)
@@ -560,30 +599,24 @@ impl ThingActorState {
             let batch = self
                 .context
                 .store
-                .read_events(&name, next, wanted)
+                .read_events(name, next, wanted)
                 .map_err(|e| {
                     tracing::error!(thing = %name, error = %e, "cannot read events to redeliver their effects");
                     Rejection::new(RejectionKind::Unavailable, format!("cannot read the log: {e}"))
                 })?;
             let Some(last) = batch.last() else { break };
-            next = last.seq + 1;
+            next = last.seq.saturating_add(1);
             for recorded in batch.iter().filter(|r| r.seq <= last_seq) {
-                events.push(codec::decode_event(&name, recorded).map_err(|e| {
+                let event = codec::decode_event(name, recorded).map_err(|e| {
                     Rejection::new(
                         RejectionKind::Unavailable,
                         format!("cannot decode the log: {e}"),
                     )
-                })?);
+                })?;
+                each(event);
             }
         }
-        let now_s = self.context.clock.now_ms() / 1000;
-        let effects =
-            self.guarded(|me| Ok(thing::effects::for_recovery(&events, &me.thing, now_s)))?;
-        if !effects.is_empty() {
-            tracing::info!(thing = %name, first_seq, last_seq, effects = effects.len(), "effects delivered again");
-            self.context.outbox.sink().deliver(&name, &effects);
-        }
-        Ok(Response::Redelivered(effects.len()))
+        Ok(())
     }
 
     fn batch_for(&self, events: &[ThingEvent], now_ms: u64) -> Result<AppendBatch, Rejection> {

@@ -153,14 +153,21 @@ async fn effects_lost_with_a_process_are_delivered_again_and_only_what_is_still_
     let names: Vec<&str> = redelivered.iter().map(|(_, e)| e.name()).collect();
     assert_eq!(
         names,
-        ["command-requested", "desired-pushed", "delta"],
-        "the pending command, the current desired and delta; not the answered command"
+        [
+            "thing-registered",
+            "command-requested",
+            "command-answered",
+            "shadow-accepted",
+            "desired-pushed",
+            "delta",
+        ],
+        "each event's effects again, but no request for the command already answered"
     );
     assert!(matches!(
-        &redelivered[0].1,
+        &redelivered[1].1,
         Effect::CommandRequested(e) if e.execution_id == pending.execution_id
     ));
-    assert!(matches!(&redelivered[2].1, Effect::Delta(d) if d["state"] == json!({"speed":5})));
+    assert!(matches!(&redelivered[5].1, Effect::Delta(d) if d["state"] == json!({"speed":5})));
     assert!(saved > 0, "the cursor moved past what was recovered");
     assert_eq!(store.cursor(outbox::CONSUMER).expect("cursor"), saved);
     things.registry().shutdown(Duration::from_secs(5)).await;

@@ -3,20 +3,17 @@
 //!
 //! - [`of_decision`]: the effects of a change just made durable (the live path; the decision's
 //!   reply already holds what was rendered while deciding: the accepted document, the delta).
-//! - [`for_recovery`]: what a Thing still owes its device for events whose effects may not have
-//!   been delivered (after a crash, or a straggler in the change feed): the requests of its
-//!   pending commands, and its current desired state and delta. Duplicates are fine: every
-//!   effect carries its version or execution id, so a device can drop a repeat.
+//! - [`for_recovery`]: the effects owed again for events whose delivery may have been cut short
+//!   (after a crash, or a straggler in the change feed), re-derived from each event, minus what a
+//!   newer state supersedes. Duplicates are fine: every effect carries its version or execution
+//!   id, so a device can drop a repeat.
 //!
 //! Effects name no topic: the sink (the MQTT frontend) renders them.
-//!
-//! Registrations and deletions are not owed again after a crash: the only state they act on
-//! (MQTT sessions holding the client id) is verified against the registry when the stored
-//! sessions are restored.
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::commands::{CommandEvent, CommandStatus};
+use super::shadow;
 use super::{CommandExecution, Decision, EventIngested, Reply, ThingEvent, ThingState};
 
 /// One thing a committed change causes.
@@ -115,78 +112,99 @@ pub fn of_decision(decision: &Decision, after: &ThingState) -> Vec<Effect> {
         Reply::Command(_) | Reply::Recorded => {}
     }
     for event in decision.command_events() {
-        match event {
-            CommandEvent::Sent(sent) => {
-                if let Some(execution) = after.commands.get(&sent.execution_id) {
-                    effects.push(Effect::CommandRequested(Box::new(execution.clone())));
-                }
-            }
-            CommandEvent::Responded(answer) => effects.push(Effect::CommandAnswered {
-                execution_id: answer.execution_id.clone(),
-                status: answer.status,
-                at_ms: answer.at_ms,
-            }),
-            CommandEvent::TimedOut(finished) => effects.push(Effect::CommandEnded {
-                execution_id: finished.execution_id.clone(),
-                status: CommandStatus::TimedOut,
-                at_ms: finished.at_ms,
-            }),
-            CommandEvent::Canceled(finished) => effects.push(Effect::CommandEnded {
-                execution_id: finished.execution_id.clone(),
-                status: CommandStatus::Canceled,
-                at_ms: finished.at_ms,
-            }),
-            // A refused answer is the answering device's own reply, rendered by its frontend.
-            CommandEvent::ResponseRefused(_) => {}
-        }
+        effects.extend(of_command_event(event, after));
     }
     effects
 }
 
-/// What the Thing, as it is `now`, still owes its device for `events` (see the module doc).
-/// `now_s` stamps the re-rendered documents.
-pub fn for_recovery(events: &[ThingEvent], now: &ThingState, now_s: u64) -> Vec<Effect> {
+/// What a command event causes; `now` is a state at or after it (a request is owed only while
+/// its execution is still pending there).
+fn of_command_event(event: &CommandEvent, now: &ThingState) -> Option<Effect> {
+    match event {
+        CommandEvent::Sent(sent) => now
+            .commands
+            .get(&sent.execution_id)
+            .filter(|execution| !execution.status.is_terminal())
+            .map(|execution| Effect::CommandRequested(Box::new(execution.clone()))),
+        CommandEvent::Responded(answer) => Some(Effect::CommandAnswered {
+            execution_id: answer.execution_id.clone(),
+            status: answer.status,
+            at_ms: answer.at_ms,
+        }),
+        CommandEvent::TimedOut(finished) => Some(Effect::CommandEnded {
+            execution_id: finished.execution_id.clone(),
+            status: CommandStatus::TimedOut,
+            at_ms: finished.at_ms,
+        }),
+        CommandEvent::Canceled(finished) => Some(Effect::CommandEnded {
+            execution_id: finished.execution_id.clone(),
+            status: CommandStatus::Canceled,
+            at_ms: finished.at_ms,
+        }),
+        // A refused answer is the answering device's own reply, rendered by its frontend.
+        CommandEvent::ResponseRefused(_) => None,
+    }
+}
+
+/// The effects owed again for `events` (consecutive, in log order), whose delivery may have been
+/// cut short (a crash between the commit and the sink, or a straggler in the change feed); `now`
+/// is the Thing's state after them and possibly after later events. Each event gives what it gave
+/// when it was made, with these differences, all of them because a newer state supersedes:
+/// - a command request only while its execution is still pending;
+/// - a registration only while the Thing still holds that client id, a deletion only while the
+///   Thing is still deleted (`client_id_before` is the client id it held when `events` begin,
+///   for a deletion whose registration lies before them);
+/// - no `update/documents` (the previous document is not kept) and no per-update delta: one delta
+///   of the current shadow instead, when any of `events` changed it and desired differs;
+/// `now_s` stamps that delta.
+pub fn for_recovery(
+    events: &[ThingEvent],
+    now: &ThingState,
+    client_id_before: Option<&str>,
+    now_s: u64,
+) -> Vec<Effect> {
     let mut effects = Vec::new();
-    let mut desired_changed = false;
     let mut shadow_changed = false;
+    let mut client_id = client_id_before.map(str::to_owned);
+    let held_now = now.registration.as_ref().map(|r| r.mqtt_client_id.as_str());
     for event in events {
         match event {
-            ThingEvent::Command(CommandEvent::Sent(sent)) => {
-                if let Some(execution) = now
-                    .commands
-                    .get(&sent.execution_id)
-                    .filter(|e| !e.status.is_terminal())
-                {
-                    effects.push(Effect::CommandRequested(Box::new(execution.clone())));
+            ThingEvent::Registered(registered) => {
+                client_id = Some(registered.mqtt_client_id.clone());
+                if held_now == Some(registered.mqtt_client_id.as_str()) {
+                    effects.push(Effect::ThingRegistered {
+                        mqtt_client_id: registered.mqtt_client_id.clone(),
+                    });
+                }
+            }
+            ThingEvent::Deleted(_) => {
+                if let (None, Some(held)) = (held_now, &client_id) {
+                    effects.push(Effect::ThingDeleted {
+                        mqtt_client_id: held.clone(),
+                    });
                 }
             }
             ThingEvent::ShadowUpdated(update) => {
                 shadow_changed = true;
-                desired_changed |=
-                    update.origin == super::Origin::Operator && update.desired.is_some();
+                effects.push(Effect::ShadowAccepted(shadow::accepted_of(update)));
+                effects.extend(shadow::desired_pushed_of(update).map(Effect::DesiredPushed));
             }
-            ThingEvent::ShadowDeleted(_) => shadow_changed = true,
-            _ => {}
+            ThingEvent::ShadowDeleted(deleted) => {
+                shadow_changed = true;
+                effects.push(Effect::ShadowDeleted(shadow::deleted_of(deleted)));
+            }
+            ThingEvent::EventIngested(ingested) => {
+                effects.push(Effect::EventAccepted(ingested.clone()));
+            }
+            ThingEvent::Command(command) => effects.extend(of_command_event(command, now)),
+            ThingEvent::Connected(_) | ThingEvent::Disconnected(_) => {}
         }
     }
-    if now.registration.is_none() || !now.shadow.exists {
-        return effects;
-    }
-    let shadow = &now.shadow;
-    if desired_changed {
-        let mut desired = Map::new();
-        desired.insert("desired".into(), Value::Object(shadow.desired.clone()));
-        effects.push(Effect::DesiredPushed(serde_json::json!({
-            "state": desired,
-            "version": shadow.version,
-            "timestamp": now_s,
-        })));
-    }
-    if shadow_changed {
-        let (state, metadata) = shadow.delta();
+    if shadow_changed && now.registration.is_some() && now.shadow.exists {
+        let (state, metadata) = now.shadow.delta();
         if !state.is_empty() {
             effects.push(Effect::Delta(serde_json::json!({
-                "version": shadow.version,
+                "version": now.shadow.version,
                 "timestamp": now_s,
                 "state": state,
                 "metadata": metadata,
@@ -194,6 +212,19 @@ pub fn for_recovery(events: &[ThingEvent], now: &ThingState, now_s: u64) -> Vec<
         }
     }
     effects
+}
+
+/// Whether recovering `events` needs the client id the Thing held before them: they delete it
+/// without registering it first.
+pub fn needs_client_id_before(events: &[ThingEvent]) -> bool {
+    for event in events {
+        match event {
+            ThingEvent::Registered(_) => return false,
+            ThingEvent::Deleted(_) => return true,
+            _ => {}
+        }
+    }
+    false
 }
 
 #[cfg(test)]
@@ -291,7 +322,7 @@ mod tests {
     }
 
     #[test]
-    fn recovery_owes_pending_requests_and_the_current_desired_and_delta_only() {
+    fn recovery_gives_each_events_effects_but_no_request_already_answered() {
         let mut state = registered();
         let mut events = Vec::new();
         for (id, ttl) in [("e1", 60), ("e2", 60)] {
@@ -316,21 +347,74 @@ mod tests {
                 .0
                 .events,
         );
+        for speed in [5, 6] {
+            events.extend(
+                run(
+                    &mut state,
+                    update(json!({"state":{"desired":{"speed":speed}}}), Origin::Operator),
+                    4_000,
+                )
+                .0
+                .events,
+            );
+        }
+        let effects = for_recovery(&events, &state, None, 10);
+        let names: Vec<&str> = effects.iter().map(Effect::name).collect();
+        assert_eq!(
+            names,
+            [
+                "command-requested",
+                "command-answered",
+                "shadow-accepted",
+                "desired-pushed",
+                "shadow-accepted",
+                "desired-pushed",
+                "delta"
+            ]
+        );
+        assert!(matches!(&effects[0], Effect::CommandRequested(e) if e.execution_id == "e2"));
+        assert!(
+            matches!(&effects[3], Effect::DesiredPushed(d) if d["state"]["desired"]["speed"] == 5)
+        );
+        assert!(
+            matches!(&effects[5], Effect::DesiredPushed(d) if d["state"]["desired"]["speed"] == 6)
+        );
+        assert!(matches!(&effects[6], Effect::Delta(d) if d["state"]["speed"] == 6));
+    }
+
+    #[test]
+    fn recovery_of_a_deletion_closes_the_session_of_the_client_id_held_before() {
+        let mut state = registered();
+        let (deletion, _) = run(&mut state, ThingCommand::Delete, 2_000);
+        assert!(needs_client_id_before(&deletion.events));
+        let effects = for_recovery(&deletion.events, &state, Some("t1"), 10);
+        assert_eq!(
+            effects,
+            [Effect::ThingDeleted {
+                mqtt_client_id: "t1".into()
+            }]
+        );
+        // Registered again since: the deletion is superseded, the registration is owed.
+        let mut events = deletion.events.clone();
         events.extend(
             run(
                 &mut state,
-                update(json!({"state":{"desired":{"speed":5}}}), Origin::Operator),
-                4_000,
+                ThingCommand::Register(RegisterThing {
+                    mqtt_client_id: Some("t1-new".into()),
+                    thing_type: None,
+                    attributes: Default::default(),
+                }),
+                3_000,
             )
             .0
             .events,
         );
-        let effects = for_recovery(&events, &state, 10);
-        assert_eq!(effects.len(), 3, "{effects:?}");
-        assert!(matches!(&effects[0], Effect::CommandRequested(e) if e.execution_id == "e2"));
-        assert!(
-            matches!(&effects[1], Effect::DesiredPushed(d) if d["state"]["desired"]["speed"] == 5)
+        let effects = for_recovery(&events, &state, Some("t1"), 10);
+        assert_eq!(
+            effects,
+            [Effect::ThingRegistered {
+                mqtt_client_id: "t1-new".into()
+            }]
         );
-        assert!(matches!(&effects[2], Effect::Delta(d) if d["state"]["speed"] == 5));
     }
 }

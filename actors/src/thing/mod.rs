@@ -643,16 +643,9 @@ pub fn decide(
                 now_ms,
                 &state.name,
             )?;
-            let mut reply = serde_json::json!({
-                "version": event.version,
-                "timestamp": event.timestamp_s,
-            });
-            if let Some(token) = client_token {
-                reply["clientToken"] = token.clone().into();
-            }
             Ok(Decision {
+                reply: Reply::ShadowDeleted(shadow::deleted_of(&event)),
                 events: vec![ThingEvent::ShadowDeleted(event)],
-                reply: Reply::ShadowDeleted(reply),
             })
         }
         ThingCommand::IngestEvent(event) => {

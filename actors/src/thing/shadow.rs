@@ -634,12 +634,8 @@ pub fn decide_update(
     Ok((event, result))
 }
 
-fn update_result(
-    previous: &Shadow,
-    next: &Shadow,
-    event: &ShadowUpdated,
-    want_documents: bool,
-) -> ShadowUpdateResult {
+/// `update/accepted` of an update: rendered from its event alone.
+pub fn accepted_of(event: &ShadowUpdated) -> Value {
     let mut state = Map::new();
     let mut metadata = Map::new();
     for (name, patch) in [("desired", &event.desired), ("reported", &event.reported)] {
@@ -660,7 +656,39 @@ fn update_result(
     if let Some(token) = &event.client_token {
         accepted.insert("clientToken".into(), token.clone().into());
     }
+    Value::Object(accepted)
+}
 
+/// The desired change an operator's update pushes to the device, if it is one.
+pub fn desired_pushed_of(event: &ShadowUpdated) -> Option<Value> {
+    match (&event.origin, &event.desired) {
+        (Origin::Operator, Some(patch)) => Some(serde_json::json!({
+            "state": {"desired": patch.to_json()},
+            "version": event.version,
+            "timestamp": event.timestamp_s,
+        })),
+        _ => None,
+    }
+}
+
+/// `delete/accepted` of a deletion: `{version, timestamp, clientToken?}`.
+pub fn deleted_of(event: &ShadowDeleted) -> Value {
+    let mut reply = serde_json::json!({
+        "version": event.version,
+        "timestamp": event.timestamp_s,
+    });
+    if let Some(token) = &event.client_token {
+        reply["clientToken"] = token.clone().into();
+    }
+    reply
+}
+
+fn update_result(
+    previous: &Shadow,
+    next: &Shadow,
+    event: &ShadowUpdated,
+    want_documents: bool,
+) -> ShadowUpdateResult {
     let (delta_state, delta_meta) = next.delta();
     let delta = (!delta_state.is_empty()).then(|| {
         let mut delta = Map::new();
@@ -685,19 +713,11 @@ fn update_result(
         Value::Object(documents)
     });
 
-    let desired_published = match (&event.origin, &event.desired) {
-        (Origin::Operator, Some(patch)) => Some(serde_json::json!({
-            "state": {"desired": patch.to_json()},
-            "version": event.version,
-            "timestamp": event.timestamp_s,
-        })),
-        _ => None,
-    };
     ShadowUpdateResult {
-        accepted: Value::Object(accepted),
+        accepted: accepted_of(event),
+        desired_published: desired_pushed_of(event),
         delta,
         documents,
-        desired_published,
         version: event.version,
     }
 }
