@@ -87,6 +87,10 @@ pub struct Config {
     /// How long a committed change's effects may stay undelivered (an actor that failed
     /// between its commit and its delivery) before its Thing is asked to deliver them again.
     pub effects_straggler_grace_ms: u64,
+    /// How many times in a row the keeper asks a Thing to deliver its owed effects again when
+    /// it fails (its log unreadable, say) before giving those effects up (logged and counted
+    /// in `effects.abandoned`) so the cursor can move for everyone else.
+    pub effects_recover_attempts_max: u32,
     /// System topic prefix (`$emqx/things/...`).
     pub topic_prefix: String,
     /// Accept MQTT clients without credentials (development only).
@@ -197,6 +201,7 @@ impl Default for Config {
             shutdown_timeout_ms: 10_000,
             effects_checkpoint_interval_ms: 200,
             effects_straggler_grace_ms: 10_000,
+            effects_recover_attempts_max: 20,
             mqtt_subscribe_durable_wait_ms: 10_000,
             topic_prefix: "$emqx".into(),
             allow_anonymous: false,
@@ -399,6 +404,10 @@ impl Config {
             (
                 "effects_straggler_grace_ms",
                 self.effects_straggler_grace_ms,
+            ),
+            (
+                "effects_recover_attempts_max",
+                u64::from(self.effects_recover_attempts_max),
             ),
             ("mqtt_connections_max", self.mqtt_connections_max as u64),
             ("mqtt_packet_bytes_max", self.mqtt_packet_bytes_max as u64),

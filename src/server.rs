@@ -155,6 +155,7 @@ pub async fn serve(
             outbox: OutboxConfig {
                 checkpoint_interval: Duration::from_millis(config.effects_checkpoint_interval_ms),
                 straggler_grace: Duration::from_millis(config.effects_straggler_grace_ms),
+                recover_attempts_max: config.effects_recover_attempts_max,
                 ..OutboxConfig::default()
             },
         },

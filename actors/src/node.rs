@@ -8,8 +8,9 @@
 //! caller opens its listeners after [`Node::start`] returns.
 //!
 //! Shutdown: the frontends stop first (the caller), then the sweeper, the timer and the
-//! frontends' tasks, then every Thing passivates (writing its snapshot), then the keeper runs its
-//! last round (storing the sink's state and moving the cursor), then one sync.
+//! frontends' tasks, then the keeper runs its last round (recovering stragglers, storing the
+//! sink's state and moving the cursor), then every Thing passivates (writing its snapshot), then
+//! one sync.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -25,7 +26,6 @@ use crate::context::ThingContext;
 use crate::deadlines::{self, DeadlineConfig};
 use crate::outbox::{Outbox, OutboxConfig, CONSUMER};
 use crate::registry::{Registry, RegistryConfig};
-use crate::thing::RejectionKind;
 use crate::thing_actor::Request;
 
 /// How the node runs.
@@ -127,9 +127,10 @@ impl Node {
         for task in self.tasks {
             finish(task, wait).await;
         }
-        self.registry.shutdown(wait).await;
+        // The keeper's last round still needs the Things (to recover a straggler).
         let _ = self.keeper_stop.send(true);
         finish(self.keeper, wait).await;
+        self.registry.shutdown(wait).await;
         self.registry.context().store.sync().await
     }
 }
@@ -283,7 +284,7 @@ async fn recover(registry: &Registry, store: &Store, outbox: &Outbox, config: &O
     } in entries.into_iter().filter(|e| due.contains(&e.position))
     {
         present.insert(position);
-        let last_seq = first_seq + u64::from(count.max(1)) - 1;
+        let last_seq = first_seq.saturating_add(u64::from(count.max(1)) - 1);
         let range = by_thing
             .entry(thing)
             .or_insert((first_seq, last_seq, Vec::new()));
@@ -300,27 +301,38 @@ async fn recover(registry: &Registry, store: &Store, outbox: &Outbox, config: &O
             first_seq,
             last_seq,
         };
-        match registry.request(&thing, request).await {
-            Ok(_) => {}
-            Err(rejection)
-                if matches!(
-                    rejection.kind,
-                    RejectionKind::TooManyRequests | RejectionKind::Timeout
-                ) =>
-            {
-                // Busy: the next round tries again.
-                continue;
+        let answer = registry.ask(&thing, request).await;
+        let mut failures = outbox
+            .recover_failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match answer {
+            Ok(_) => {
+                failures.remove(&thing);
+                outbox
+                    .stats
+                    .recovered
+                    .fetch_add(positions.len() as u64, Ordering::Relaxed);
             }
             Err(rejection) => {
-                // A Thing whose log cannot be read owes nothing it can name: do not hold every
-                // other consumer's progress behind it.
-                tracing::error!(%thing, first_seq, last_seq, error = %rejection.message, "effects of these events cannot be recovered");
+                let attempts = failures.entry(thing.clone()).or_insert(0);
+                *attempts += 1;
+                if *attempts < config.recover_attempts_max {
+                    // Not handled: the next round asks again.
+                    tracing::warn!(%thing, first_seq, last_seq, attempt = *attempts, error = %rejection.message, "effects of these events not delivered again yet");
+                    continue;
+                }
+                // A Thing that keeps failing (its log unreadable, say) must not hold every
+                // other Thing's effects behind it for good.
+                failures.remove(&thing);
+                outbox
+                    .stats
+                    .abandoned
+                    .fetch_add(positions.len() as u64, Ordering::Relaxed);
+                tracing::error!(%thing, first_seq, last_seq, attempts = config.recover_attempts_max, error = %rejection.message, "effects of these events given up: they may never have reached anyone");
             }
         }
-        outbox
-            .stats
-            .recovered
-            .fetch_add(positions.len() as u64, Ordering::Relaxed);
+        drop(failures);
         for position in positions {
             outbox.mark(position);
         }

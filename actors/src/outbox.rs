@@ -90,12 +90,17 @@ pub struct OutboxStats {
     pub checkpoints: AtomicU64,
     /// Sink checkpoints that wrote something and were then made durable.
     pub sink_writes_synced: AtomicU64,
+    /// Positions whose effects were given up: their Thing failed to deliver them again
+    /// `recover_attempts_max` times in a row (each one logged with the Thing and its events).
+    pub abandoned: AtomicU64,
 }
 
 /// The outbox (one per node, shared by every Thing actor through their context).
 pub struct Outbox {
     pub(crate) sink: Arc<dyn EffectSink>,
     handled: Mutex<Handled>,
+    /// Failed recovery attempts in a row, per Thing (the keeper's alone).
+    pub(crate) recover_failures: Mutex<std::collections::HashMap<String, u32>>,
     /// Positions below this were written before this process started: nothing will deliver
     /// them live, so they are recovered at once.
     pub(crate) started_at: u64,
@@ -117,6 +122,7 @@ impl Outbox {
                 ahead: BTreeSet::new(),
                 moved_at: Instant::now(),
             }),
+            recover_failures: Mutex::new(std::collections::HashMap::new()),
             started_at: store.feed_next_position(),
             stats: OutboxStats::default(),
         })
@@ -179,10 +185,10 @@ impl Outbox {
     pub(crate) fn due(&self, end: u64, grace: Duration, limit: usize) -> Vec<u64> {
         let handled = self.lock();
         let first = handled.through + 1;
-        if first >= end {
+        let stuck = handled.moved_at.elapsed() >= grace;
+        if first >= end || !(stuck || first < self.started_at) {
             return Vec::new();
         }
-        let stuck = handled.moved_at.elapsed() >= grace;
         (first..end)
             .filter(|p| !handled.ahead.contains(p))
             .filter(|p| *p < self.started_at || stuck)
@@ -202,6 +208,8 @@ pub struct OutboxConfig {
     pub recover_batch_max: usize,
     /// Feed entries trimmed per round.
     pub trim_batch_max: usize,
+    /// Failed recoveries in a row before a Thing's owed effects are given up.
+    pub recover_attempts_max: u32,
 }
 
 impl Default for OutboxConfig {
@@ -211,6 +219,7 @@ impl Default for OutboxConfig {
             straggler_grace: Duration::from_secs(10),
             recover_batch_max: 1024,
             trim_batch_max: 50_000,
+            recover_attempts_max: 20,
         }
     }
 }

@@ -229,6 +229,13 @@ impl Registry {
     /// 429 when the Thing already has `requests_in_flight_max` requests in flight.
     pub async fn request(&self, name: &str, request: Request) -> Result<Response, Rejection> {
         let _place = self.admit(name)?;
+        self.ask(name, request).await
+    }
+
+    /// Sends `request` without taking one of the Thing's request places: for the node's own
+    /// background work (one request per Thing at a time), which must not be refused because
+    /// clients keep the Thing busy.
+    pub(crate) async fn ask(&self, name: &str, request: Request) -> Result<Response, Rejection> {
         let (reply, answer) = oneshot::channel();
         self.route(name, ThingMsg::Request { request, reply });
         let timeout = Duration::from_millis(self.inner.config.request_timeout_ms);

@@ -556,12 +556,10 @@ impl ThingActorState {
         self.read_log(first_seq, last_seq, |event| events.push(event))?;
         let client_id_before = if thing::effects::needs_client_id_before(&events) {
             let mut held = None;
-            self.read_log(1, first_seq.saturating_sub(1), |event| {
-                match event {
-                    ThingEvent::Registered(registered) => held = Some(registered.mqtt_client_id),
-                    ThingEvent::Deleted(_) => held = None,
-                    _ => {}
-                }
+            self.read_log(1, first_seq.saturating_sub(1), |event| match event {
+                ThingEvent::Registered(registered) => held = Some(registered.mqtt_client_id),
+                ThingEvent::Deleted(_) => held = None,
+                _ => {}
             })?;
             held
         } else {

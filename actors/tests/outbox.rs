@@ -2,6 +2,7 @@
 //! changes commit; effects lost with a process (a sink that never got them) are delivered
 //! again from the change feed at the next start, and only those the Thing still owes.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -177,4 +178,66 @@ async fn effects_lost_with_a_process_are_delivered_again_and_only_what_is_still_
     let (things, outbox) = start(&store, third.clone()).await;
     node::recover_at_start(things.registry(), &outbox, &OutboxConfig::default()).await;
     assert_eq!(third.names(), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn a_thing_that_cannot_deliver_again_is_retried_then_given_up_without_holding_others() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(&StoreConfig::new(dir.path())).expect("open");
+    let (things, _) = start(&store, Arc::new(Recorder::default())).await;
+    for name in ["broken", "fine"] {
+        things
+            .register(
+                name,
+                RegisterThing {
+                    mqtt_client_id: None,
+                    thing_type: None,
+                    attributes: Default::default(),
+                },
+            )
+            .await
+            .expect("register");
+        things
+            .update_shadow(name, desired(5), Origin::Operator)
+            .await
+            .expect("desired");
+    }
+    things.registry().shutdown(Duration::from_secs(5)).await;
+    // Its shadow update (seq 2) can no longer be read.
+    store
+        .inject_raw_event("broken", 2, b"\xc1 not msgpack")
+        .await
+        .expect("damage");
+
+    let again = Arc::new(Recorder::default());
+    let (things, outbox) = start(&store, again.clone()).await;
+    let config = OutboxConfig {
+        recover_attempts_max: 3,
+        ..OutboxConfig::default()
+    };
+    let mut saved = 0;
+    for attempt in 1..3 {
+        saved = node::round(things.registry(), &outbox, &config, saved).await;
+        assert_eq!(
+            outbox.handled_through(),
+            0,
+            "attempt {attempt}: the failing Thing's first position is still owed"
+        );
+        assert_eq!(outbox.stats.abandoned.load(Ordering::Relaxed), 0);
+    }
+    assert!(
+        again.names().contains(&"fine:desired-pushed".to_owned()),
+        "the other Thing's effects went out meanwhile: {:?}",
+        again.names()
+    );
+    saved = node::round(things.registry(), &outbox, &config, saved).await;
+    assert_eq!(
+        outbox.stats.abandoned.load(Ordering::Relaxed),
+        2,
+        "the broken Thing's two changes are given up after 3 attempts"
+    );
+    assert_eq!(outbox.handled_through(), 4, "the cursor moves for everyone");
+    assert_eq!(saved, 4);
+    assert_eq!(store.cursor(outbox::CONSUMER).expect("cursor"), 4);
+    things.registry().shutdown(Duration::from_secs(5)).await;
 }

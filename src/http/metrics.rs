@@ -318,6 +318,22 @@ fn collect(state: &AppState) -> Vec<Metric> {
             "recovered",
         ),
         m(
+            "thinghub_effects_abandoned_total",
+            "counter",
+            "Committed changes whose effects were given up after their Thing failed to deliver them again effects_recover_attempts_max times in a row (each logged).",
+            load(&outbox.stats.abandoned),
+            "effects",
+            "abandoned",
+        ),
+        m(
+            "thinghub_effects_feed_damaged_blocks_total",
+            "counter",
+            "Change-feed blocks found undecodable and skipped (each logged).",
+            registry.context().store.feed_damaged_blocks() as f64,
+            "effects",
+            "feedDamagedBlocks",
+        ),
+        m(
             "thinghub_effects_sink_writes_synced_total",
             "counter",
             "Checkpoints of MQTT sessions and retained messages made durable (compare with thinghub_mqtt_checkpoints_written_total).",

@@ -47,6 +47,8 @@ pub(crate) struct FeedClock {
     state: Mutex<ClockState>,
     /// Every position below this is durable.
     pub(crate) durable: watch::Sender<u64>,
+    /// Blocks `read_feed` found undecodable and skipped.
+    damaged_blocks: std::sync::atomic::AtomicU64,
 }
 
 struct ClockState {
@@ -97,6 +99,7 @@ impl FeedClock {
                 combining: false,
             }),
             durable: watch::Sender::new(next),
+            damaged_blocks: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -251,7 +254,11 @@ pub struct FeedEntry {
 
 /// The entry of an append: thing key ‖ first seq ‖ count (self-delimiting: the thing key
 /// starts with its length).
-pub(crate) fn entry_for(thing: &str, first_seq: u64, count: usize) -> Result<Vec<u8>, StorageError> {
+pub(crate) fn entry_for(
+    thing: &str,
+    first_seq: u64,
+    count: usize,
+) -> Result<Vec<u8>, StorageError> {
     let key = thing_key(thing)?;
     let mut value = Vec::with_capacity(key.len() + 12);
     value.extend_from_slice(&key);
@@ -290,7 +297,9 @@ fn decode_block(key: &[u8], value: &[u8]) -> Result<Vec<FeedEntry>, StorageError
         let first_seq = u64::from_be_bytes(tail[..8].try_into().map_err(|_| corrupt("seq"))?);
         let n = u32::from_be_bytes(tail[8..12].try_into().map_err(|_| corrupt("count"))?);
         entries.push(FeedEntry {
-            position: first + i as u64,
+            position: first
+                .checked_add(i as u64)
+                .ok_or_else(|| corrupt("position overflow"))?,
             thing: String::from_utf8(name.to_vec()).map_err(|_| corrupt("thing name not UTF-8"))?,
             first_seq,
             count: n,
@@ -316,14 +325,29 @@ impl Store {
             return Ok(Vec::new());
         }
         // The block holding `start` begins at or before it.
+        // (A malformed key there: scan from the first block; the loop below skips it.)
         let from = match self.inner.feed.range(..=start.to_be_bytes()).next_back() {
-            Some(item) => block_first(&item?.0)?,
+            Some(item) => block_first(&item?.0).unwrap_or(0),
             None => 0,
         };
         let mut out = Vec::new();
         for item in self.inner.feed.range(from.to_be_bytes()..end.to_be_bytes()) {
             let (key, value) = item?;
-            for entry in decode_block(&key, &value)? {
+            let block = match decode_block(&key, &value) {
+                Ok(block) => block,
+                Err(e) => {
+                    // Its positions cannot name their Things: skipping them is all a reader can
+                    // do (the events themselves are in their logs); not skipping would stop
+                    // every consumer here for good.
+                    self.inner
+                        .feed_clock
+                        .damaged_blocks
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::error!(key = ?key.as_ref(), error = %e, "a change-feed block is damaged; its entries are skipped");
+                    continue;
+                }
+            };
+            for entry in block {
                 if entry.position >= start && entry.position < end {
                     out.push(entry);
                     if out.len() == limit {
@@ -333,6 +357,14 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// Feed blocks found damaged (and skipped) by `read_feed` since the store opened.
+    pub fn feed_damaged_blocks(&self) -> u64 {
+        self.inner
+            .feed_clock
+            .damaged_blocks
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Every position below this is durable (with its events); the feed may be read up to it.
@@ -442,6 +474,28 @@ mod tests {
                 .collect(),
             index: Vec::new(),
         }
+    }
+
+    #[tokio::test]
+    async fn a_damaged_block_is_skipped_and_counted_instead_of_stopping_every_reader() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&StoreConfig::new(dir.path())).expect("open");
+        let a = store.append(batch("a", 1, 1)).await.expect("a");
+        let b = store.append(batch("b", 1, 1)).await.expect("b");
+        let c = store.append(batch("c", 1, 1)).await.expect("c");
+        store
+            .inner
+            .feed
+            .insert(b.to_be_bytes(), &b"\x00\x00\x00\x05truncated"[..])
+            .expect("damage");
+        let read: Vec<u64> = store
+            .read_feed(0, 10)
+            .expect("read")
+            .iter()
+            .map(|e| e.position)
+            .collect();
+        assert_eq!(read, [a, c]);
+        assert_eq!(store.feed_damaged_blocks(), 1);
     }
 
     #[tokio::test]

@@ -351,7 +351,10 @@ mod tests {
             events.extend(
                 run(
                     &mut state,
-                    update(json!({"state":{"desired":{"speed":speed}}}), Origin::Operator),
+                    update(
+                        json!({"state":{"desired":{"speed":speed}}}),
+                        Origin::Operator,
+                    ),
                     4_000,
                 )
                 .0
