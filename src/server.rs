@@ -300,7 +300,12 @@ fn restore_mqtt(
     allow_anonymous: bool,
 ) -> Result<(), ServeError> {
     let owner_holds = |stored: &StoredSession| -> Option<Identity> {
-        let reserved_by = users.client_id_reserved_by(&stored.client_id);
+        // The same rule as at CONNECT: a Thing's session needs the client id its Thing
+        // reserves; anyone else's, a client id no Thing reserves. Unreadable: not restored.
+        let reserved_by = match users.client_id_reserved_by(&stored.client_id) {
+            Ok(owner) => owner,
+            Err(_) => return None,
+        };
         let (thing, superuser) = match &stored.username {
             Some(username) => match users.rights(username) {
                 Ok(Some(rights)) => (rights.thing_name, rights.superuser),
@@ -313,7 +318,7 @@ fn restore_mqtt(
             None if allow_anonymous => (None, false),
             None => return None,
         };
-        if thing != stored.thing || reserved_by.is_some() && reserved_by != thing {
+        if thing != stored.thing || reserved_by != thing {
             return None;
         }
         Some(Identity {

@@ -346,14 +346,12 @@ impl MqttUsers {
 
     /// The registered Thing whose `mqttClientId` is `client_id`, if any: that client id is
     /// reserved for the users bound to that Thing.
-    pub fn client_id_reserved_by(&self, client_id: &str) -> Option<String> {
-        match thinghub_actors::service::client_id_owner(&self.store, client_id) {
-            Ok(owner) => owner,
-            Err(e) => {
-                tracing::error!(%client_id, error = %e, "cannot read the client id index");
-                None
-            }
-        }
+    /// An error when the index cannot be read: callers refuse rather than guess.
+    pub fn client_id_reserved_by(&self, client_id: &str) -> Result<Option<String>, UserError> {
+        thinghub_actors::service::client_id_owner(&self.store, client_id).map_err(|e| {
+            tracing::error!(%client_id, error = %e, "cannot read the client id index");
+            UserError::Storage(e)
+        })
     }
 
     /// The rights `username` has now (`None` once deleted), without checking a password: what

@@ -390,3 +390,49 @@ async fn a_v5_persistent_session_survives_a_restart_with_its_queue_and_subscript
         "the subscription was restored"
     );
 }
+
+/// A Thing deleted in a crash (after `ThingDeleted` is durable, before its session is closed):
+/// its stored session must not come back. Before the deletion's effect was re-derived and the
+/// restore checked that a Thing's session still holds a client id its Thing reserves, the
+/// deleted device's session (with its queued command requests) was restored and held the freed
+/// client id: anyone else connecting with it was refused as a takeover, for as long as the
+/// session lived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_of_a_thing_deleted_in_a_crash_is_not_restored_for_anyone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut server = Server::start_with_env(dir.path(), &[], &[(FAULT, "thing-deleted")]);
+    create(&server, "/api/v1/things", json!({"thingName":"lamp"})).await;
+    for (username, thing) in [("lamp-user", Some("lamp")), ("other", None)] {
+        let mut user = json!({"username": username, "password": "pw"});
+        if let Some(thing) = thing {
+            user["thingName"] = thing.into();
+        }
+        create(&server, "/api/v1/authentication/users", user).await;
+    }
+    let (mut lamp, _) = Device::connect(&server, "lamp", ("lamp-user", "pw"), false).await;
+    lamp.subscribe(REQUESTS).await;
+    let (status, _) = call(
+        Method::POST,
+        &server.url("/api/v1/things/lamp/commands"),
+        Some(json!({"action":"reboot","ttl":300})),
+    )
+    .await;
+    assert_eq!(status, 201);
+    lamp.next().await;
+    stored(&server).await;
+
+    let gone = common::client()
+        .delete(server.url("/api/v1/things/lamp"))
+        .basic_auth(common::ADMIN_KEY, Some(common::ADMIN_SECRET))
+        .send()
+        .await;
+    assert!(gone.is_err(), "the server aborted: {gone:?}");
+    assert!(server.exited(), "the fault injection aborted the server");
+
+    let server = Server::start(dir.path(), &[]);
+    let (_, present) = Device::connect(&server, "lamp", ("other", "pw"), false).await;
+    assert!(
+        !present,
+        "the freed client id is usable and nothing of the deleted Thing's session is left"
+    );
+}

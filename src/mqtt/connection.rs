@@ -340,11 +340,13 @@ async fn run_session(
 /// bound to that Thing: otherwise they could hold the device's session and lock it out.
 fn reserved_client_id(conn: &Conn, ctx: &MqttContext, client_id: &str) -> Result<(), Refusal> {
     match ctx.users.client_id_reserved_by(client_id) {
-        Some(thing) => {
+        Ok(Some(thing)) => {
             tracing::info!(peer = %conn.peer, %client_id, %thing, "client id reserved for a Thing's users; refusing");
             Err(Refusal::BadClientId)
         }
-        None => Ok(()),
+        Ok(None) => Ok(()),
+        // Unknown whether it is reserved: refuse rather than risk a device's session.
+        Err(_) => Err(Refusal::ServerBusy),
     }
 }
 
@@ -613,11 +615,13 @@ fn verification(
                 return Verified::Unreadable;
             }
         }
-        match &thing {
-            Some(thing) if users.client_id_reserved_by(&client_id).as_ref() != Some(thing) => {
-                Verified::Changed
-            }
-            _ => Verified::Yes,
+        let Some(thing) = &thing else {
+            return Verified::Yes;
+        };
+        match users.client_id_reserved_by(&client_id) {
+            Ok(owner) if owner.as_ref() == Some(thing) => Verified::Yes,
+            Ok(_) => Verified::Changed,
+            Err(_) => Verified::Unreadable,
         }
     }))
 }
