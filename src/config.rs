@@ -82,7 +82,8 @@ pub struct Config {
     /// stored (what devices publish to each other is written behind by at most this much).
     pub effects_checkpoint_interval_ms: u64,
     /// Longest a persistent session's SUBACK waits for its subscriptions to be durable; past it
-    /// they are refused, milliseconds.
+    /// the new ones are refused, milliseconds (0: never wait, so a persistent session can add
+    /// none).
     pub mqtt_subscribe_durable_wait_ms: u64,
     /// How long a committed change's effects may stay undelivered (an actor that failed
     /// between its commit and its delivery) before its Thing is asked to deliver them again.

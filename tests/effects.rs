@@ -436,3 +436,60 @@ async fn a_session_of_a_thing_deleted_in_a_crash_is_not_restored_for_anyone() {
         "the freed client id is usable and nothing of the deleted Thing's session is left"
     );
 }
+
+/// When storage cannot make a persistent session's subscriptions durable within
+/// `mqtt_subscribe_durable_wait_ms` (0 here: never in time), the new filters are refused and
+/// removed; a filter the session already had, durably, is subscribed again and must stay (it
+/// used to be removed with the new ones, silently ending a subscription the device relied on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_not_durable_in_time_is_refused_without_removing_one_already_held() {
+    let (dir, server) = start_with_backend("").await;
+    let (mut subscriber, _) = Client::connect(&server, "sub", Some(BACKEND), |o| {
+        o.set_clean_session(false);
+    })
+    .await
+    .expect("subscriber");
+    subscriber.subscribe("held/#", QoS::AtLeastOnce).await;
+    subscriber.client.disconnect().await.expect("disconnect");
+    let (exit, _) = server.stop();
+    assert!(exit.success());
+
+    let server = Server::start_configured(dir.path(), "mqtt_subscribe_durable_wait_ms = 0\n");
+    let (mut subscriber, present) = Client::connect(&server, "sub", Some(BACKEND), |o| {
+        o.set_clean_session(false);
+    })
+    .await
+    .expect("subscriber again");
+    assert!(present);
+    let codes = subscriber.subscribe("new/#", QoS::AtLeastOnce).await;
+    assert_eq!(
+        codes,
+        [rumqttc::SubscribeReasonCode::Failure],
+        "not durable"
+    );
+    let codes = subscriber.subscribe("held/#", QoS::AtMostOnce).await;
+    assert!(
+        matches!(codes[..], [rumqttc::SubscribeReasonCode::Success(_)]),
+        "{codes:?}"
+    );
+    let (publisher, _) = Client::connect(&server, "publisher", Some(BACKEND), |_| {})
+        .await
+        .expect("publisher");
+    for topic in ["new/1", "held/1"] {
+        publisher
+            .client
+            .publish(topic, QoS::AtLeastOnce, false, topic)
+            .await
+            .expect("publish");
+    }
+    let first = subscriber
+        .expect("a publish", |p| match p {
+            Packet::Publish(publish) => Some(publish.topic.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(
+        first, "held/1",
+        "new/1 was published first and must not be delivered"
+    );
+}

@@ -218,7 +218,7 @@ pub async fn round(registry: &Registry, outbox: &Outbox, config: &OutboxConfig, 
             return saved;
         }
     };
-    if !wrote && through == saved {
+    if !wrote && through == saved && !outbox.sink.unsynced() {
         return saved;
     }
     // The sink's side durable first: the cursor never passes an effect a crash could lose.

@@ -46,6 +46,12 @@ pub trait EffectSink: Send + Sync + 'static {
     /// What the checkpoints wrote so far is durable now (a group commit succeeded after them).
     fn synced(&self) {}
 
+    /// Whether a checkpoint wrote something that no group commit has covered yet (its sync
+    /// failed): the keeper then syncs even when the next checkpoint writes nothing.
+    fn unsynced(&self) -> bool {
+        false
+    }
+
     /// Notified when someone waits for the sink's state to be durable (the keeper then runs a
     /// round at once instead of at its next interval).
     fn hurry(&self) -> Arc<tokio::sync::Notify> {

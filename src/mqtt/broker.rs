@@ -1111,7 +1111,8 @@ impl Broker {
     }
 
     /// Adds (or replaces) a subscription. Retained messages are delivered per the retain
-    /// handling option.
+    /// handling option. Returns whether it is new (not a replacement), false if the connection
+    /// no longer holds the session.
     pub fn subscribe(
         &self,
         client_id: &str,
@@ -1119,7 +1120,7 @@ impl Broker {
         raw: &str,
         parsed: ParsedFilter,
         options: SubOptions,
-    ) {
+    ) -> bool {
         let mut guard = self.lock();
         let key: Arc<str> = Arc::from(client_id);
         let State {
@@ -1133,7 +1134,7 @@ impl Broker {
         } = &mut *guard;
         let fair_share = self.fair_share(sessions.len());
         let Some(session) = live_session(sessions, client_id, connection_id) else {
-            return;
+            return false;
         };
         if session.kept() {
             dirty.insert(key.clone());
@@ -1186,6 +1187,7 @@ impl Broker {
                 self.enqueue(session, pending, fair_share);
             }
         }
+        is_new
     }
 
     /// Removes a subscription; returns whether it existed.
@@ -1989,7 +1991,7 @@ fn revoke_subscriptions(
 mod tests {
     use super::*;
 
-    fn limits() -> BrokerLimits {
+    pub(super) fn limits() -> BrokerLimits {
         BrokerLimits {
             inflight_max: 2,
             session_queue_max: 3,
@@ -2812,5 +2814,77 @@ mod tests {
             ],
             "what was not restored leaves storage at the first checkpoint"
         );
+    }
+}
+
+#[cfg(test)]
+mod durability_tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use thinghub_storage::{Store, StoreConfig};
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::mqtt::persist::Persistence;
+
+    /// A SUBACK whose subscription an earlier checkpoint already stored and synced waits for
+    /// the next checkpoint; when that one has nothing to write it must still answer it (it
+    /// used to wait for some other change, or its whole bound, and then refuse).
+    #[tokio::test]
+    async fn a_durability_wait_is_answered_by_an_empty_checkpoint_after_a_synced_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&StoreConfig::new(dir.path())).expect("open");
+        let broker = Arc::new(Broker::new(super::tests::limits()));
+        let persistence = Persistence::new(store.clone(), broker.clone());
+        let (tx, _rx) = mpsc::channel(16);
+        let registered = broker
+            .connect(
+                ConnectRequest {
+                    identity: Identity {
+                        client_id: "c".into(),
+                        username: Some("u".into()),
+                        thing: None,
+                        superuser: false,
+                    },
+                    clean_start: false,
+                    expiry: Duration::from_secs(3600),
+                    receive_maximum: None,
+                    will: None,
+                    verify: None,
+                },
+                tx,
+                Arc::new(Link::default()),
+            )
+            .expect("connect");
+        assert!(broker.subscribe(
+            "c",
+            registered.connection_id,
+            "a/b",
+            topic::parse_filter("a/b").expect("filter"),
+            SubOptions {
+                qos: 1,
+                no_local: false,
+                retain_as_published: false,
+                retain_handling: 0,
+                subscription_id: None,
+            },
+        ));
+        assert!(persistence.checkpoint().expect("checkpoint"), "wrote it");
+        store.sync().await.expect("sync");
+        persistence.synced();
+
+        let wanted = broker.checkpoint_wanted();
+        let started = wanted.notified();
+        let waiting = tokio::spawn({
+            let broker = broker.clone();
+            async move { broker.wait_durable(Duration::from_secs(5)).await }
+        });
+        started.await;
+        assert!(
+            !persistence.checkpoint().expect("checkpoint"),
+            "nothing new"
+        );
+        assert!(waiting.await.expect("join"), "answered by that checkpoint");
     }
 }

@@ -1081,7 +1081,8 @@ fn handle_pubrel(
 /// SUBSCRIBE: each filter is validated, authorized and added; SUBACK answers per filter. For a
 /// persistent session the SUBACK waits until the subscriptions are durable (stored and synced),
 /// so an acknowledged subscription survives a crash; if storage cannot make them durable in
-/// time they are removed again and refused (3.1.1: 0x80, v5: 0x83).
+/// time the new ones are removed again and refused (3.1.1: 0x80, v5: 0x83). A filter the
+/// session already had stays (it is durable; only its new options are written behind).
 async fn handle_subscribe(
     conn: &mut Conn,
     ctx: &MqttContext,
@@ -1097,6 +1098,7 @@ async fn handle_subscribe(
         return Ok(Some(CloseReason::ProtocolError));
     }
     let mut codes = Vec::with_capacity(subscribe.filters.len());
+    let mut added = Vec::new();
     for filter in &subscribe.filters {
         let code = match topic::parse_filter(&filter.path) {
             Err(e) => {
@@ -1133,25 +1135,20 @@ async fn handle_subscribe(
                     },
                     subscription_id,
                 };
-                ctx.broker.subscribe(
+                if ctx.broker.subscribe(
                     client_id,
                     session.connection_id,
                     &filter.path,
                     parsed,
                     options,
-                );
+                ) {
+                    added.push(filter.path.as_str());
+                }
                 SubscribeReasonCode::Success(codec::qos_of(qos))
             }
         };
         codes.push(code);
     }
-    let added: Vec<&str> = subscribe
-        .filters
-        .iter()
-        .zip(&codes)
-        .filter(|(_, code)| matches!(code, SubscribeReasonCode::Success(_)))
-        .map(|(filter, _)| filter.path.as_str())
-        .collect();
     if session.persistent_at_connect
         && !added.is_empty()
         && !ctx
@@ -1164,8 +1161,8 @@ async fn handle_subscribe(
             ctx.broker
                 .unsubscribe(client_id, session.connection_id, filter);
         }
-        for code in codes.iter_mut() {
-            if matches!(code, SubscribeReasonCode::Success(_)) {
+        for (filter, code) in subscribe.filters.iter().zip(codes.iter_mut()) {
+            if added.contains(&filter.path.as_str()) {
                 *code = if v5 {
                     SubscribeReasonCode::ImplementationSpecific
                 } else {

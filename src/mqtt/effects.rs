@@ -138,6 +138,10 @@ impl EffectSink for MqttEffects {
         self.persistence.synced();
     }
 
+    fn unsynced(&self) -> bool {
+        self.persistence.unsynced()
+    }
+
     fn hurry(&self) -> Arc<tokio::sync::Notify> {
         self.broker.checkpoint_wanted()
     }

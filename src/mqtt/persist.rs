@@ -243,6 +243,8 @@ pub struct Persistence {
     broker: Arc<Broker>,
     /// The last checkpoint written (durable at the next sync).
     written: AtomicU64,
+    /// Something was written that no sync has covered yet (a sync failed, or is to come).
+    unsynced: std::sync::atomic::AtomicBool,
     /// Counters.
     pub stats: PersistStats,
 }
@@ -258,6 +260,7 @@ impl Persistence {
             store,
             broker,
             written: AtomicU64::new(0),
+            unsynced: std::sync::atomic::AtomicBool::new(false),
             stats: PersistStats::default(),
         }
     }
@@ -267,12 +270,17 @@ impl Persistence {
     pub fn checkpoint(&self) -> Result<bool, String> {
         let changes = self.broker.take_changes(TimeBase::now());
         if changes.is_empty() {
-            // Nothing to store: this checkpoint is durable once the earlier ones are.
+            // Nothing to store: this checkpoint is durable once the earlier ones are; at once
+            // if they are (a SUBACK waiting for it must not wait for some other change).
             self.written.fetch_max(changes.generation, Ordering::AcqRel);
+            if !self.unsynced() {
+                self.broker.checkpoints_durable_to(changes.generation);
+            }
             return Ok(false);
         }
         let written = self.write(&changes);
         if written.is_ok() {
+            self.unsynced.store(true, Ordering::Release);
             self.written.fetch_max(changes.generation, Ordering::AcqRel);
         }
         if let Err(e) = &written {
@@ -288,8 +296,14 @@ impl Persistence {
 
     /// Everything written by the checkpoints so far is durable now.
     pub fn synced(&self) {
+        self.unsynced.store(false, Ordering::Release);
         self.broker
             .checkpoints_durable_to(self.written.load(Ordering::Acquire));
+    }
+
+    /// Whether a checkpoint wrote something no sync has covered yet.
+    pub fn unsynced(&self) -> bool {
+        self.unsynced.load(Ordering::Acquire)
     }
 
     fn write(&self, changes: &Changes) -> Result<(), String> {
