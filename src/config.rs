@@ -85,6 +85,10 @@ pub struct Config {
     /// the new ones are refused, milliseconds (0: never wait, so a persistent session can add
     /// none).
     pub mqtt_subscribe_durable_wait_ms: u64,
+    /// Longest the stored "server alive at" mark may go unwritten while nothing else is stored,
+    /// milliseconds: a persistent session connected when the server dies counts its expiry
+    /// from that mark, so it is at most this much late (never early).
+    pub mqtt_alive_mark_interval_ms: u64,
     /// How long a committed change's effects may stay undelivered (an actor that failed
     /// between its commit and its delivery) before its Thing is asked to deliver them again.
     pub effects_straggler_grace_ms: u64,
@@ -204,6 +208,7 @@ impl Default for Config {
             effects_straggler_grace_ms: 10_000,
             effects_recover_attempts_max: 20,
             mqtt_subscribe_durable_wait_ms: 10_000,
+            mqtt_alive_mark_interval_ms: 10_000,
             topic_prefix: "$emqx".into(),
             allow_anonymous: false,
             aws_compat: false,
@@ -405,6 +410,10 @@ impl Config {
             (
                 "effects_straggler_grace_ms",
                 self.effects_straggler_grace_ms,
+            ),
+            (
+                "mqtt_alive_mark_interval_ms",
+                self.mqtt_alive_mark_interval_ms,
             ),
             (
                 "effects_recover_attempts_max",

@@ -119,7 +119,11 @@ pub async fn serve(
     let users = Arc::new(MqttUsers::new(store.clone()));
     let acl = Acl::load(&config.topic_prefix, config.aws_compat, store.clone())
         .map_err(|e| ServeError::Acl(e.to_string()))?;
-    let persistence = Arc::new(Persistence::new(store.clone(), broker.clone()));
+    let persistence = Arc::new(Persistence::new(
+        store.clone(),
+        broker.clone(),
+        Duration::from_millis(config.mqtt_alive_mark_interval_ms),
+    ));
     restore_mqtt(&persistence, &users, &acl, config.allow_anonymous)?;
     let topics = Topics::new(&config.topic_prefix, config.aws_compat);
     let sink = Arc::new(MqttEffects::new(

@@ -1988,10 +1988,10 @@ fn revoke_subscriptions(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    pub(super) fn limits() -> BrokerLimits {
+    pub(crate) fn limits() -> BrokerLimits {
         BrokerLimits {
             inflight_max: 2,
             session_queue_max: 3,
@@ -2836,7 +2836,8 @@ mod durability_tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(&StoreConfig::new(dir.path())).expect("open");
         let broker = Arc::new(Broker::new(super::tests::limits()));
-        let persistence = Persistence::new(store.clone(), broker.clone());
+        let persistence =
+            Persistence::new(store.clone(), broker.clone(), Duration::from_secs(3600));
         let (tx, _rx) = mpsc::channel(16);
         let registered = broker
             .connect(

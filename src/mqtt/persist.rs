@@ -16,7 +16,7 @@
 //! it).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -237,6 +237,9 @@ pub struct PersistStats {
     pub restore_dropped: AtomicU64,
 }
 
+/// Where the last "server alive at" Unix ms is stored (`kv`).
+const ALIVE_MARK_KEY: &str = "mqtt/alive_at_ms";
+
 /// Writes and restores the broker's durable state.
 pub struct Persistence {
     store: Store,
@@ -245,6 +248,10 @@ pub struct Persistence {
     written: AtomicU64,
     /// Something was written that no sync has covered yet (a sync failed, or is to come).
     unsynced: std::sync::atomic::AtomicBool,
+    /// How stale the stored "server alive at" mark may get while nothing else is written.
+    alive_mark_interval: Duration,
+    /// When the mark was last written.
+    alive_marked_at: Mutex<Option<Instant>>,
     /// Counters.
     pub stats: PersistStats,
 }
@@ -255,21 +262,36 @@ fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, String> {
 
 impl Persistence {
     /// Persistence of `broker`'s state in `store`.
-    pub fn new(store: Store, broker: Arc<Broker>) -> Persistence {
+    /// `alive_mark_interval`: see `mqtt_alive_mark_interval_ms`.
+    pub fn new(store: Store, broker: Arc<Broker>, alive_mark_interval: Duration) -> Persistence {
         Persistence {
             store,
             broker,
             written: AtomicU64::new(0),
             unsynced: std::sync::atomic::AtomicBool::new(false),
+            alive_mark_interval,
+            alive_marked_at: Mutex::new(None),
             stats: PersistStats::default(),
         }
     }
 
     /// Writes what changed since the last checkpoint (durable with the next group commit).
     /// Returns whether anything was written. On failure the changes are kept for the next one.
+    ///
+    /// Every write also stores when the server was last known alive: a session still connected
+    /// when the server died counts its expiry from then, not from the restart. The mark alone
+    /// is written when it is `alive_mark_interval` old.
     pub fn checkpoint(&self) -> Result<bool, String> {
-        let changes = self.broker.take_changes(TimeBase::now());
-        if changes.is_empty() {
+        let time = TimeBase::now();
+        let changes = self.broker.take_changes(time);
+        let mark_due = {
+            let marked_at = self
+                .alive_marked_at
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            marked_at.is_none_or(|at| time.now.duration_since(at) >= self.alive_mark_interval)
+        };
+        if changes.is_empty() && !mark_due {
             // Nothing to store: this checkpoint is durable once the earlier ones are; at once
             // if they are (a SUBACK waiting for it must not wait for some other change).
             self.written.fetch_max(changes.generation, Ordering::AcqRel);
@@ -278,8 +300,16 @@ impl Persistence {
             }
             return Ok(false);
         }
-        let written = self.write(&changes);
+        let written = self.write(&changes).and_then(|()| {
+            self.store
+                .kv_put_behind(ALIVE_MARK_KEY, time.unix_now_ms.to_be_bytes().to_vec())
+                .map_err(|e| e.to_string())
+        });
         if written.is_ok() {
+            *self
+                .alive_marked_at
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(time.now);
             self.unsynced.store(true, Ordering::Release);
             self.written.fetch_max(changes.generation, Ordering::AcqRel);
         }
@@ -339,11 +369,23 @@ impl Persistence {
         owner_holds: &dyn Fn(&StoredSession) -> Option<Identity>,
         allowed: &dyn Fn(&Identity, &str) -> bool,
     ) -> Result<RestoreReport, StorageError> {
+        // When the server was last known alive (a lower bound of when it stopped).
+        let alive_at_ms = self
+            .store
+            .kv_get(ALIVE_MARK_KEY)?
+            .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_slice()).ok())
+            .map(u64::from_be_bytes);
         let mut sessions = Vec::new();
         let mut unreadable = 0;
         for (key, value) in self.store.read_records(RecordSet::MqttSessions)? {
             match rmp_serde::from_slice::<StoredSession>(&value) {
-                Ok(session) => sessions.push(session),
+                Ok(mut session) => {
+                    // Connected when the server stopped: disconnected since it was last alive.
+                    if session.disconnected_at_ms.is_none() {
+                        session.disconnected_at_ms = alive_at_ms;
+                    }
+                    sessions.push(session)
+                }
                 Err(e) => {
                     unreadable += 1;
                     tracing::error!(client_id = %String::from_utf8_lossy(&key), error = %e, "stored MQTT session unreadable; dropped");
@@ -446,5 +488,61 @@ mod tests {
             rmp_serde::from_slice::<StoredSession>(&bytes).expect("decode"),
             session
         );
+    }
+
+    fn connected_session(client_id: &str, expiry_s: u64) -> StoredSession {
+        StoredSession {
+            client_id: client_id.into(),
+            username: Some("u".into()),
+            thing: None,
+            superuser: false,
+            expiry_s,
+            disconnected_at_ms: None,
+            subscriptions: Vec::new(),
+            inflight: Vec::new(),
+            queue: Vec::new(),
+            next_pkid: 1,
+            incoming_qos2: Vec::new(),
+            dropped: 0,
+        }
+    }
+
+    /// A session connected when the server died counts its expiry from the last "alive" mark:
+    /// with the server down longer than its expiry, it is gone at the restart (it used to be
+    /// restored and count from the restart, living the downtime longer).
+    #[tokio::test]
+    async fn a_session_connected_at_the_crash_expires_counting_from_the_last_alive_mark() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&thinghub_storage::StoreConfig::new(dir.path())).expect("open");
+        let sessions = ["short", "long"]
+            .into_iter()
+            .zip([60, 3600])
+            .map(|(id, expiry)| {
+                let bytes = encode(&connected_session(id, expiry)).expect("encode");
+                (id.as_bytes().to_vec(), Some(bytes))
+            })
+            .collect();
+        store
+            .write_records(RecordSet::MqttSessions, sessions)
+            .expect("write");
+        let down_since_ms = TimeBase::now().unix_now_ms - 600_000;
+        store
+            .kv_put_behind(ALIVE_MARK_KEY, down_since_ms.to_be_bytes().to_vec())
+            .expect("mark");
+        store.sync().await.expect("sync");
+
+        let broker = Arc::new(Broker::new(crate::mqtt::broker::tests::limits()));
+        let persistence = Persistence::new(store, broker, Duration::from_secs(1));
+        let owner = |stored: &StoredSession| {
+            Some(Identity {
+                client_id: stored.client_id.clone(),
+                username: stored.username.clone(),
+                thing: None,
+                superuser: false,
+            })
+        };
+        let report = persistence.restore(&owner, &|_, _| true).expect("restore");
+        assert_eq!(report.sessions_expired, 1, "down 10 minutes: the 60 s one");
+        assert_eq!(report.sessions, 1, "the one-hour one stays");
     }
 }

@@ -16,6 +16,13 @@ impl Store {
         self.sync().await
     }
 
+    /// Stores `value` at `key`, durable with the next group commit (the caller syncs or lets
+    /// someone else's commit cover it).
+    pub fn kv_put_behind(&self, key: &str, value: Vec<u8>) -> Result<(), StorageError> {
+        self.inner.kv.insert(key.as_bytes(), value)?;
+        Ok(())
+    }
+
     /// Stores `value` at `key` only if `key` is absent; `false` if it was present.
     pub async fn kv_insert_new(&self, key: &str, value: Vec<u8>) -> Result<bool, StorageError> {
         let swapped =
