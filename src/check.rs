@@ -511,8 +511,12 @@ fn check_kv(store: &Store, report: &mut CheckReport) {
             return;
         }
     };
-    let kinds: [(&str, RecordCheck); 4] = [
+    let kinds: [(&str, RecordCheck); 5] = [
         ("meta/", |_| Ok(())),
+        (
+            crate::mqtt::persist::ALIVE_MARK_KEY,
+            crate::mqtt::persist::check_alive_mark,
+        ),
         (crate::auth::API_KEY_PREFIX, crate::auth::check_stored_key),
         (
             crate::users::MQTT_USER_PREFIX,

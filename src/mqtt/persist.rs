@@ -238,7 +238,16 @@ pub struct PersistStats {
 }
 
 /// Where the last "server alive at" Unix ms is stored (`kv`).
-const ALIVE_MARK_KEY: &str = "mqtt/alive_at_ms";
+pub const ALIVE_MARK_KEY: &str = "mqtt/alive_at_ms";
+
+/// `thinghub check`: the stored alive mark is a big-endian u64.
+pub fn check_alive_mark(bytes: &[u8]) -> Result<(), String> {
+    if bytes.len() == 8 {
+        Ok(())
+    } else {
+        Err(format!("{} bytes, not a u64 timestamp", bytes.len()))
+    }
+}
 
 /// Writes and restores the broker's durable state.
 pub struct Persistence {
