@@ -438,9 +438,10 @@ async fn a_session_of_a_thing_deleted_in_a_crash_is_not_restored_for_anyone() {
 }
 
 /// When storage cannot make a persistent session's subscriptions durable within
-/// `mqtt_subscribe_durable_wait_ms` (0 here: never in time), the new filters are refused and
-/// removed; a filter the session already had, durably, is subscribed again and must stay (it
-/// used to be removed with the new ones, silently ending a subscription the device relied on).
+/// `mqtt_subscribe_durable_wait_ms` (fault injection: the sink's checkpoints fail), the new
+/// filters are refused and removed; a filter the session already had, durably, is subscribed
+/// again and must stay (it used to be removed with the new ones, silently ending a subscription
+/// the device relied on).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_not_durable_in_time_is_refused_without_removing_one_already_held() {
     let (dir, server) = start_with_backend("").await;
@@ -454,7 +455,13 @@ async fn a_subscription_not_durable_in_time_is_refused_without_removing_one_alre
     let (exit, _) = server.stop();
     assert!(exit.success());
 
-    let server = Server::start_configured(dir.path(), "mqtt_subscribe_durable_wait_ms = 0\n");
+    let config = dir.path().join("failing.toml");
+    std::fs::write(&config, "mqtt_subscribe_durable_wait_ms = 300\n").expect("config");
+    let server = Server::start_with_env(
+        &dir.path().join("data"),
+        &["--config", config.to_str().expect("UTF-8")],
+        &[("THINGHUB_FAULT_SINK_CHECKPOINT_FAILS", "1")],
+    );
     let (mut subscriber, present) = Client::connect(&server, "sub", Some(BACKEND), |o| {
         o.set_clean_session(false);
     })

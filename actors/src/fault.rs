@@ -8,6 +8,8 @@
 //! - `THINGHUB_FAULT_HOLD_COMMAND_REPLY_MS={ms}`: a Thing holds its reply to a sent command
 //!   that long after the command is durable and its effects are delivered (a slow answer that
 //!   the HTTP client gives up on, or that times out).
+//! - `THINGHUB_FAULT_SINK_CHECKPOINT_FAILS=1`: every checkpoint of the effect sink fails (storage
+//!   that cannot store MQTT sessions), so nothing the broker changes becomes durable.
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -20,6 +22,14 @@ use crate::thing_actor::Request;
 pub const ABORT_BEFORE_EFFECT: &str = "THINGHUB_FAULT_ABORT_BEFORE_EFFECT";
 /// Holds the reply to a sent command.
 pub const HOLD_COMMAND_REPLY_MS: &str = "THINGHUB_FAULT_HOLD_COMMAND_REPLY_MS";
+/// Fails the effect sink's checkpoints.
+pub const SINK_CHECKPOINT_FAILS: &str = "THINGHUB_FAULT_SINK_CHECKPOINT_FAILS";
+
+/// Whether the sink's checkpoints are to fail.
+pub(crate) fn sink_checkpoint_fails() -> bool {
+    static FAILS: OnceLock<bool> = OnceLock::new();
+    *FAILS.get_or_init(|| std::env::var(SINK_CHECKPOINT_FAILS).is_ok_and(|v| v == "1"))
+}
 
 pub(crate) fn before_effects(thing: &str, effects: &[Effect]) {
     static WANTED: OnceLock<Option<String>> = OnceLock::new();

@@ -211,7 +211,7 @@ pub async fn round(registry: &Registry, outbox: &Outbox, config: &OutboxConfig, 
     recover(registry, store, outbox, config).await;
     // Read before the checkpoint: everything delivered up to it is in what gets written.
     let through = outbox.handled_through();
-    let wrote = match outbox.sink.checkpoint() {
+    let wrote = match checkpoint(outbox) {
         Ok(wrote) => wrote,
         Err(e) => {
             tracing::error!(error = %e, "the effect sink could not checkpoint; the cursor stays");
@@ -337,4 +337,13 @@ async fn recover(registry: &Registry, store: &Store, outbox: &Outbox, config: &O
             outbox.mark(position);
         }
     }
+}
+
+/// The sink's checkpoint (failing on purpose under fault injection).
+fn checkpoint(outbox: &Outbox) -> Result<bool, String> {
+    #[cfg(feature = "test-util")]
+    if crate::fault::sink_checkpoint_fails() {
+        return Err("fault injection: the sink's checkpoints fail".into());
+    }
+    outbox.sink.checkpoint()
 }

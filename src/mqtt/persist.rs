@@ -7,7 +7,9 @@
 //! durable before the change feed forgets it. Messages that devices publish to each other are
 //! written behind the same way (a crash loses at most one round of them).
 //!
-//! Times are stored as Unix ms, so a session's expiry keeps counting while the server is down.
+//! Times are stored as Unix ms, so a session's expiry keeps counting while the server is down;
+//! a session still connected when the server died counts from the last "server alive" mark,
+//! written with every checkpoint and at least every `mqtt_alive_mark_interval_ms`.
 //! At start-up [`Persistence::restore`] loads everything back within the current bounds,
 //! verifying each session's owner against the users and the registry, and its subscriptions
 //! against the ACL: a session whose user is
