@@ -155,7 +155,8 @@ fn of_command_event(event: &CommandEvent, now: &ThingState) -> Option<Effect> {
 ///   Thing is still deleted (`client_id_before` is the client id it held when `events` begin,
 ///   for a deletion whose registration lies before them);
 /// - no `update/documents` (the previous document is not kept) and no per-update delta: one delta
-///   of the current shadow instead, when any of `events` changed it and desired differs;
+///   of the current shadow instead, when any of `events` changed it and desired differs.
+///
 /// `now_s` stamps that delta.
 pub fn for_recovery(
     events: &[ThingEvent],
