@@ -21,13 +21,7 @@ const REQUESTS: &str = "$emqx/commands/things/lamp/executions/+/request";
 const DELTA: &str = "$emqx/things/lamp/shadow/update/delta";
 
 async fn register_lamp(server: &Server) {
-    create(server, "/api/v1/things", json!({"thingName":"lamp"})).await;
-    create(
-        server,
-        "/api/v1/authentication/users",
-        json!({"username":"lamp","password":"pw"}),
-    )
-    .await;
+    common::register_device(server, "lamp", "pw").await;
 }
 
 async fn metrics(server: &Server) -> Value {

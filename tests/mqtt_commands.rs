@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::device::{Device, WAIT};
-use common::{call, create, Server};
+use common::{call, Server};
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -20,13 +20,7 @@ async fn setup(extra_args: &[&str]) -> (tempfile::TempDir, Server) {
 }
 
 async fn register(server: &Server) {
-    create(server, "/api/v1/things", json!({"thingName":"lamp"})).await;
-    create(
-        server,
-        "/api/v1/authentication/users",
-        json!({"username":"lamp","password":"pw"}),
-    )
-    .await;
+    common::register_device(server, "lamp", "pw").await;
 }
 
 async fn send(server: &Server, body: Value) -> (u16, Value) {

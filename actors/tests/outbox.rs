@@ -69,6 +69,20 @@ async fn start(store: &Store, sink: Arc<dyn EffectSink>) -> (Things, Arc<Outbox>
     (Things::new(registry), outbox)
 }
 
+async fn register(things: &Things, name: &str) {
+    things
+        .register(
+            name,
+            RegisterThing {
+                mqtt_client_id: None,
+                thing_type: None,
+                attributes: Default::default(),
+            },
+        )
+        .await
+        .expect("register");
+}
+
 fn command(action: &str) -> SendCommand {
     SendCommand::from_json(
         &json!({"action": action, "ttl": 600}),
@@ -96,17 +110,7 @@ async fn effects_lost_with_a_process_are_delivered_again_and_only_what_is_still_
     // died after each commit).
     let lost = Arc::new(Recorder::default());
     let (things, _) = start(&store, lost.clone()).await;
-    things
-        .register(
-            "lamp",
-            RegisterThing {
-                mqtt_client_id: None,
-                thing_type: None,
-                attributes: Default::default(),
-            },
-        )
-        .await
-        .expect("register");
+    register(&things, "lamp").await;
     let answered = things
         .send_command("lamp", command("answered"))
         .await
@@ -186,17 +190,7 @@ async fn a_thing_that_cannot_deliver_again_is_retried_then_given_up_without_hold
     let store = Store::open(&StoreConfig::new(dir.path())).expect("open");
     let (things, _) = start(&store, Arc::new(Recorder::default())).await;
     for name in ["broken", "fine"] {
-        things
-            .register(
-                name,
-                RegisterThing {
-                    mqtt_client_id: None,
-                    thing_type: None,
-                    attributes: Default::default(),
-                },
-            )
-            .await
-            .expect("register");
+        register(&things, name).await;
         things
             .update_shadow(name, desired(5), Origin::Operator)
             .await

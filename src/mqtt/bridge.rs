@@ -18,7 +18,6 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use serde_json::{json, Map, Value};
 use thinghub_actors::clock::SharedClock;
 use thinghub_actors::thing::shadow::{client_token_of, parse_json_object};
@@ -91,16 +90,7 @@ impl Bridge {
     }
 
     fn publish(&self, topic: String, payload: &Value) {
-        // Never retained, so never refused by a retained bound.
-        let _ = self.broker.publish(Message {
-            topic: Arc::from(topic),
-            payload: Bytes::from(payload.to_string()),
-            qos: 1,
-            retain: false,
-            publisher: None,
-            properties: None,
-            expires_at: None,
-        });
+        let _ = self.broker.publish(Message::from_server(topic, payload));
     }
 
     /// Handles a request read from a client acting as `as_thing` (if any); returns once the

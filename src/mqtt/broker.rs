@@ -80,6 +80,20 @@ pub struct Message {
 }
 
 impl Message {
+    /// A JSON document the server publishes on `topic`: QoS 1, never retained (so never refused
+    /// by a retained bound), no properties.
+    pub fn from_server(topic: String, payload: &serde_json::Value) -> Message {
+        Message {
+            topic: Arc::from(topic),
+            payload: Bytes::from(payload.to_string()),
+            qos: 1,
+            retain: false,
+            publisher: None,
+            properties: None,
+            expires_at: None,
+        }
+    }
+
     fn expired(&self, now: Instant) -> bool {
         self.expires_at.is_some_and(|at| at <= now)
     }

@@ -23,7 +23,6 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use serde_json::Value;
 use thinghub_actors::outbox::EffectSink;
 use thinghub_actors::thing::effects::Effect;
@@ -50,16 +49,7 @@ impl MqttEffects {
     }
 
     fn publish(&self, topic: String, payload: &Value) {
-        // Never retained, so never refused by a retained bound.
-        let _ = self.broker.publish(Message {
-            topic: Arc::from(topic),
-            payload: Bytes::from(payload.to_string()),
-            qos: 1,
-            retain: false,
-            publisher: None,
-            properties: None,
-            expires_at: None,
-        });
+        let _ = self.broker.publish(Message::from_server(topic, payload));
     }
 
     /// Publishes `payload` on `shadow/{tail}` in every enabled namespace.

@@ -201,6 +201,22 @@ pub async fn start_with_backend(toml: &str) -> (tempfile::TempDir, Server) {
     (dir, server)
 }
 
+/// Registers Thing `name` and an MQTT user of the same name (so bound to it) with `password`.
+pub async fn register_device(server: &Server, name: &str, password: &str) {
+    create(
+        server,
+        "/api/v1/things",
+        serde_json::json!({"thingName": name}),
+    )
+    .await;
+    create(
+        server,
+        "/api/v1/authentication/users",
+        serde_json::json!({"username": name, "password": password}),
+    )
+    .await;
+}
+
 /// POSTs `body` to `path` with admin credentials and requires 201; returns the created body.
 pub async fn create(server: &Server, path: &str, body: serde_json::Value) -> serde_json::Value {
     let (status, created) =
