@@ -87,6 +87,33 @@ impl Drop for Writing {
     }
 }
 
+/// The recording role as one append holds it (or may be handed it). If the append's future is
+/// dropped (a timeout or a `select!` around it, an actor killed mid-handler) while it holds the
+/// role, or after the role was handed to it and before it looked, nobody else would ever record
+/// the pending entries: every later append would wait for good. Dropping this records them.
+struct Role<'a> {
+    clock: &'a FeedClock,
+    feed: &'a sled::Tree,
+    combining: bool,
+    turn: Option<oneshot::Receiver<Turn>>,
+}
+
+impl Drop for Role<'_> {
+    fn drop(&mut self) {
+        if let Some(mut turn) = self.turn.take() {
+            // Closing first: the current combiner's handover then fails and it picks another
+            // append, unless it already sent the role here.
+            turn.close();
+            if let Ok(Turn::Combine) = turn.try_recv() {
+                self.combining = true;
+            }
+        }
+        if self.combining {
+            let _ = self.clock.combine(self.feed);
+        }
+    }
+}
+
 impl FeedClock {
     pub(crate) fn new(next: u64) -> FeedClock {
         FeedClock {
@@ -142,21 +169,32 @@ impl FeedClock {
             };
             (writing, waiting)
         };
+        // Declared after `writing`, so dropped before it: a cancelled append records what is
+        // pending on its way out if it held the role.
+        let mut role = Role {
+            clock: self,
+            feed,
+            combining: waiting.is_none(),
+            turn: waiting.take(),
+        };
         loop {
-            match waiting.take() {
-                None => {
-                    // Let the appends that are ready to run register first: under load the
-                    // block then holds many entries; alone, this costs one trip through the
-                    // scheduler.
-                    tokio::task::yield_now().await;
-                    self.combine(feed)?;
-                    return Ok(writing);
-                }
-                Some(turn) => match turn.await {
-                    Ok(Turn::Recorded(result)) => return result.map(|()| writing),
-                    Ok(Turn::Combine) => {}
-                    Err(_) => return Err(StorageError::Closed),
-                },
+            if role.combining {
+                // Let the appends that are ready to run register first: under load the block
+                // then holds many entries; alone, this costs one trip through the scheduler.
+                tokio::task::yield_now().await;
+                role.combining = false;
+                self.combine(feed)?;
+                return Ok(writing);
+            }
+            let Some(turn) = role.turn.as_mut() else {
+                return Err(StorageError::Closed);
+            };
+            let told = turn.await;
+            role.turn = None;
+            match told {
+                Ok(Turn::Recorded(result)) => return result.map(|()| writing),
+                Ok(Turn::Combine) => role.combining = true,
+                Err(_) => return Err(StorageError::Closed),
             }
         }
     }
@@ -285,7 +323,8 @@ fn decode_block(key: &[u8], value: &[u8]) -> Result<Vec<FeedEntry>, StorageError
         .ok_or_else(|| corrupt("truncated block"))?;
     let count = u32::from_be_bytes(count) as usize;
     let mut rest = &value[4..];
-    let mut entries = Vec::with_capacity(count);
+    // An entry takes at least 14 bytes: a damaged count must not ask for a huge allocation.
+    let mut entries = Vec::with_capacity(count.min(rest.len() / 14));
     for i in 0..count {
         let len = *rest.first().ok_or_else(|| corrupt("truncated entry"))? as usize;
         let name = rest
@@ -450,15 +489,39 @@ impl Store {
     }
 }
 
-/// The position after the feed's last entry (1 for an empty feed): where an open resumes.
-pub(crate) fn next_position_after(feed: &sled::Tree) -> Result<u64, StorageError> {
-    Ok(match feed.last()? {
+/// Where an open resumes: after the feed's last entry (1 for an empty feed) and after every
+/// consumer's cursor, so a position a consumer has passed is never handed out again (the last
+/// positions may have no entry: an append that failed or was cancelled before recording it).
+/// A damaged last block is skipped past by the count it claims, bounded by its size.
+pub(crate) fn next_position_after(
+    feed: &sled::Tree,
+    cursors: &sled::Tree,
+) -> Result<u64, StorageError> {
+    let mut next = match feed.last()? {
         Some((key, value)) => {
-            let entries = decode_block(&key, &value)?;
-            block_first(&key)? + entries.len() as u64
+            let first = block_first(&key)?;
+            let count = match decode_block(&key, &value) {
+                Ok(entries) => entries.len() as u64,
+                Err(e) => {
+                    let claimed = value
+                        .get(..4)
+                        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                        .map_or(0, u32::from_be_bytes);
+                    tracing::error!(first, error = %e, "the last change-feed block is damaged; positions resume after what it claims");
+                    u64::from(claimed).min(value.len() as u64)
+                }
+            };
+            first.saturating_add(count.max(1))
         }
         None => 1,
-    })
+    };
+    for item in cursors.iter() {
+        let (_, value) = item?;
+        if let Ok(bytes) = <[u8; 8]>::try_from(value.as_ref()) {
+            next = next.max(u64::from_be_bytes(bytes).saturating_add(1));
+        }
+    }
+    Ok(next)
 }
 
 #[cfg(test)]
@@ -474,6 +537,55 @@ mod tests {
                 .collect(),
             index: Vec::new(),
         }
+    }
+
+    /// An append dropped while it held the recording role (here: at its yield, by a `select!`
+    /// that finished first) must not leave every later append waiting for a recorder.
+    #[tokio::test]
+    async fn an_append_cancelled_while_recording_does_not_stop_the_next_ones() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&StoreConfig::new(dir.path())).expect("open");
+        tokio::select! {
+            biased;
+            _ = store.append(batch("cancelled", 1, 1)) => panic!("finished in one poll"),
+            () = std::future::ready(()) => {}
+        }
+        let next = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            store.append(batch("next", 1, 1)),
+        )
+        .await
+        .expect("not stuck behind the cancelled append")
+        .expect("append");
+        assert!(store.feed_durable_end() > next);
+    }
+
+    /// A position a consumer has passed is never handed out again, even when the last
+    /// positions have no entry; a damaged last block (a count of 4 billion) neither stops the
+    /// open nor asks for a huge allocation.
+    #[tokio::test]
+    async fn an_open_resumes_after_every_cursor_and_past_a_damaged_last_block() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open(&StoreConfig::new(dir.path())).expect("open");
+            store.append(batch("a", 1, 1)).await.expect("append");
+            store.set_cursor("x", 10).expect("cursor");
+            store.sync().await.expect("sync");
+        }
+        let store = Store::open(&StoreConfig::new(dir.path())).expect("reopen");
+        let position = store.append(batch("a", 2, 1)).await.expect("append");
+        assert_eq!(position, 11, "after the cursor");
+        store
+            .inner
+            .feed
+            .insert(20u64.to_be_bytes(), &b"\xff\xff\xff\xffdamaged"[..])
+            .expect("damage");
+        store.sync().await.expect("sync");
+        drop(store);
+        let store = Store::open(&StoreConfig::new(dir.path())).expect("opens");
+        assert!(store.read_feed(0, 100).is_ok());
+        let position = store.append(batch("a", 3, 1)).await.expect("append");
+        assert!(position > 20, "past the damaged block: {position}");
     }
 
     #[tokio::test]

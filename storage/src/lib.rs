@@ -196,7 +196,10 @@ impl Store {
             }
         };
         let feed = db.open_tree("feed")?;
-        let feed_clock = Arc::new(feed::FeedClock::new(feed::next_position_after(&feed)?));
+        let cursors = db.open_tree("cursors")?;
+        let feed_clock = Arc::new(feed::FeedClock::new(feed::next_position_after(
+            &feed, &cursors,
+        )?));
         let committer = commit::GroupCommit::start(
             db.clone(),
             &config.data_dir,
@@ -206,7 +209,7 @@ impl Store {
         Ok(Store {
             inner: Arc::new(Inner {
                 feed,
-                cursors: db.open_tree("cursors")?,
+                cursors,
                 sessions: db.open_tree("sessions")?,
                 retained: db.open_tree("retained")?,
                 feed_clock,
