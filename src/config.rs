@@ -87,14 +87,15 @@ pub struct Config {
     pub mqtt_subscribe_durable_wait_ms: u64,
     /// Longest the stored "server alive at" mark may go unwritten while nothing else is stored,
     /// milliseconds: a persistent session connected when the server dies counts its expiry
-    /// from that mark, so it is at most this much late (never early).
+    /// from that mark plus this interval, so it expires at most this much late, never early.
     pub mqtt_alive_mark_interval_ms: u64,
     /// How long a committed change's effects may stay undelivered (an actor that failed
     /// between its commit and its delivery) before its Thing is asked to deliver them again.
     pub effects_straggler_grace_ms: u64,
     /// How many times in a row the keeper asks a Thing to deliver its owed effects again when
     /// it fails (its log unreadable, say) before giving those effects up (logged and counted
-    /// in `effects.abandoned`) so the cursor can move for everyone else.
+    /// in `effects.abandoned`) so the cursor can move for everyone else. The wait between
+    /// attempts doubles from `effects_checkpoint_interval_ms` up to 256 times it.
     pub effects_recover_attempts_max: u32,
     /// System topic prefix (`$emqx/things/...`).
     pub topic_prefix: String,

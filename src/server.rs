@@ -49,6 +49,9 @@ pub enum ServeError {
     /// The actor system could not start.
     #[error("actor system: {0}")]
     Actors(String),
+    /// The stored MQTT sessions could not be checked against the users and the registry.
+    #[error("stored MQTT sessions: {0}")]
+    MqttRestore(String),
     /// A listener could not be bound or failed.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -303,19 +306,25 @@ fn restore_mqtt(
     acl: &Acl,
     allow_anonymous: bool,
 ) -> Result<(), ServeError> {
+    // A read error must not count as "revoked": the session would be deleted for good. Start-up
+    // fails instead, with the sessions still stored.
+    let unreadable: std::cell::RefCell<Option<String>> = std::cell::RefCell::new(None);
     let owner_holds = |stored: &StoredSession| -> Option<Identity> {
         // The same rule as at CONNECT: a Thing's session needs the client id its Thing
-        // reserves; anyone else's, a client id no Thing reserves. Unreadable: not restored.
+        // reserves; anyone else's, a client id no Thing reserves.
         let reserved_by = match users.client_id_reserved_by(&stored.client_id) {
             Ok(owner) => owner,
-            Err(_) => return None,
+            Err(e) => {
+                unreadable.borrow_mut().get_or_insert(e.to_string());
+                return None;
+            }
         };
         let (thing, superuser) = match &stored.username {
             Some(username) => match users.rights(username) {
                 Ok(Some(rights)) => (rights.thing_name, rights.superuser),
                 Ok(None) => return None,
                 Err(e) => {
-                    tracing::error!(%username, error = %e, "cannot read a stored session's user; not restoring it");
+                    unreadable.borrow_mut().get_or_insert(e.to_string());
                     return None;
                 }
             },
@@ -334,6 +343,11 @@ fn restore_mqtt(
     };
     let allowed = |who: &Identity, filter: &str| acl.allows(who, Action::Subscribe, filter);
     let report = persistence.restore(&owner_holds, &allowed)?;
+    if let Some(e) = unreadable.into_inner() {
+        return Err(ServeError::MqttRestore(format!(
+            "cannot read the users or the client-id index to verify them: {e}"
+        )));
+    }
     tracing::info!(
         sessions = report.sessions,
         retained = report.retained,

@@ -189,3 +189,59 @@ fn a_damaged_snapshot_file_stops_the_server_with_its_name_and_what_to_do() {
         "check names the original file: {stderr}"
     );
 }
+
+/// A stored persistent session is verified against its user at start-up. When the user's
+/// record cannot be read, the start fails naming why, and the session stays stored (it used to
+/// count as revoked and be deleted for good at the next checkpoint).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_session_that_cannot_be_verified_stops_the_start_and_stays_stored() {
+    let (dir, server) = common::start_with_backend("").await;
+    let (mut subscriber, _) =
+        common::mqtt::Client::connect(&server, "kept", Some(common::BACKEND), |o| {
+            o.set_clean_session(false);
+        })
+        .await
+        .expect("subscriber");
+    subscriber
+        .subscribe("fleet/#", rumqttc::QoS::AtLeastOnce)
+        .await;
+    subscriber.client.disconnect().await.expect("disconnect");
+    let (exit, _) = server.stop();
+    assert!(exit.success());
+
+    let data = dir.path().join("data");
+    {
+        let store = Store::open(&StoreConfig::new(&data)).expect("open");
+        store
+            .kv_put(
+                &format!("mqttuser/{}", common::BACKEND.0),
+                b"\xc1 damaged".to_vec(),
+            )
+            .await
+            .expect("damage the user");
+    }
+    let output = Command::new(env!("CARGO_BIN_EXE_thinghub"))
+        .args(["serve", "--data-dir"])
+        .arg(&data)
+        .args([
+            "--http-listen",
+            "127.0.0.1:0",
+            "--mqtt-listen",
+            "127.0.0.1:0",
+        ])
+        .env("THINGHUB_ADMIN_KEY", "ops:secret")
+        .env_remove("THINGHUB_CONFIG")
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("stored MQTT sessions"), "{stderr}");
+    let store = Store::open(&StoreConfig::new(&data)).expect("open");
+    let sessions = store
+        .read_records(thinghub_storage::RecordSet::MqttSessions)
+        .expect("read");
+    assert!(
+        sessions.iter().any(|(key, _)| key == b"kept"),
+        "the session is still stored"
+    );
+}

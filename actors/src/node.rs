@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use thinghub_storage::{FeedEntry, Store};
 use tokio::sync::watch;
@@ -24,8 +24,9 @@ use tokio::task::JoinHandle;
 
 use crate::context::ThingContext;
 use crate::deadlines::{self, DeadlineConfig};
-use crate::outbox::{Outbox, OutboxConfig, CONSUMER};
+use crate::outbox::{Outbox, OutboxConfig, Recovering, CONSUMER};
 use crate::registry::{Registry, RegistryConfig};
+use crate::thing::RejectionKind;
 use crate::thing_actor::Request;
 
 /// How the node runs.
@@ -177,8 +178,13 @@ async fn run_keeper(
 
 /// Delivers again the effects of every change made before this process started and not
 /// handled then (a crash between commits and their publication), before frontends accept
-/// anyone. Returns the cursor as saved.
-pub async fn recover_at_start(registry: &Registry, outbox: &Outbox, config: &OutboxConfig) -> u64 {
+/// anyone. Returns the cursor as saved. If recovery makes no progress for `straggler_grace`
+/// (a Thing that keeps failing), start-up goes on and the keeper keeps trying.
+pub async fn recover_at_start(
+    registry: &Registry,
+    outbox: &Arc<Outbox>,
+    config: &OutboxConfig,
+) -> u64 {
     let mut saved = outbox.handled_through();
     let owed = outbox.started_at.saturating_sub(1).saturating_sub(saved);
     if owed > 0 {
@@ -188,13 +194,27 @@ pub async fn recover_at_start(registry: &Registry, outbox: &Outbox, config: &Out
             "delivering again the effects of changes made before the restart"
         );
     }
+    let mut progress_at = tokio::time::Instant::now();
     while outbox.handled_through().saturating_add(1) < outbox.started_at {
         let before = outbox.handled_through();
         saved = round(registry, outbox, config, saved).await;
-        if outbox.handled_through() == before {
-            // Things too busy to answer: give them a round's time.
-            tokio::time::sleep(config.checkpoint_interval).await;
+        if outbox.handled_through() != before {
+            progress_at = tokio::time::Instant::now();
+            continue;
         }
+        if progress_at.elapsed() >= config.straggler_grace {
+            tracing::warn!(
+                owed = outbox.started_at.saturating_sub(1).saturating_sub(outbox.handled_through()),
+                "recovery of earlier changes makes no progress; serving meanwhile, the keeper keeps trying"
+            );
+            break;
+        }
+        // Answers still out, or Things waiting to be asked again: give them a round's time.
+        tokio::time::sleep(config.checkpoint_interval).await;
+    }
+    if outbox.handled_through() != saved {
+        // What the last answers delivered: stored and passed by the cursor.
+        saved = round(registry, outbox, config, saved).await;
     }
     if owed > 0 {
         tracing::info!(
@@ -206,9 +226,14 @@ pub async fn recover_at_start(registry: &Registry, outbox: &Outbox, config: &Out
 }
 
 /// One round of the keeper; returns the cursor as saved now.
-pub async fn round(registry: &Registry, outbox: &Outbox, config: &OutboxConfig, saved: u64) -> u64 {
+pub async fn round(
+    registry: &Registry,
+    outbox: &Arc<Outbox>,
+    config: &OutboxConfig,
+    saved: u64,
+) -> u64 {
     let store = &registry.context().store;
-    recover(registry, store, outbox, config).await;
+    recover(registry, store, outbox, config);
     // Read before the checkpoint: everything delivered up to it is in what gets written.
     let through = outbox.handled_through();
     let wrote = match checkpoint(outbox) {
@@ -251,8 +276,10 @@ pub async fn round(registry: &Registry, outbox: &Outbox, config: &OutboxConfig, 
     }
 }
 
-/// Asks the Things of the positions due for recovery to deliver again what they owe.
-async fn recover(registry: &Registry, store: &Store, outbox: &Outbox, config: &OutboxConfig) {
+/// Asks the Things of the positions due for recovery to deliver again what they owe: one
+/// request per Thing at a time, each in its own task, so a slow or wedged Thing delays neither
+/// the others nor the checkpoint (which persistent SUBACKs wait for).
+fn recover(registry: &Registry, store: &Store, outbox: &Arc<Outbox>, config: &OutboxConfig) {
     let end = store.feed_durable_end();
     let due = outbox.due(end, config.straggler_grace, config.recover_batch_max);
     let Some(&first) = due.first() else {
@@ -296,46 +323,88 @@ async fn recover(registry: &Registry, store: &Store, outbox: &Outbox, config: &O
     for position in due.iter().filter(|p| !present.contains(p)) {
         outbox.mark(*position);
     }
+    let now = Instant::now();
     for (thing, (first_seq, last_seq, positions)) in by_thing {
-        let request = Request::Redeliver {
-            first_seq,
-            last_seq,
-        };
-        let answer = registry.ask(&thing, request).await;
-        let mut failures = outbox
-            .recover_failures
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        {
+            let mut recovering = outbox.recovering();
+            let state = recovering.entry(thing.clone()).or_insert(Recovering {
+                attempts: 0,
+                in_flight: false,
+                next_try: now,
+            });
+            if state.in_flight || state.next_try > now {
+                continue;
+            }
+            state.in_flight = true;
+        }
+        tokio::spawn(redeliver(
+            registry.clone(),
+            outbox.clone(),
+            *config,
+            thing,
+            (first_seq, last_seq),
+            positions,
+        ));
+    }
+}
+
+/// Asks `thing` to deliver again what it owes for its events `seqs`, then marks `positions`
+/// handled, or schedules the next attempt, or gives them up after `recover_attempts_max`
+/// failures in a row.
+async fn redeliver(
+    registry: Registry,
+    outbox: Arc<Outbox>,
+    config: OutboxConfig,
+    thing: String,
+    (first_seq, last_seq): (u64, u64),
+    positions: Vec<u64>,
+) {
+    let answer = registry
+        .ask(
+            &thing,
+            Request::Redeliver {
+                first_seq,
+                last_seq,
+            },
+        )
+        .await;
+    let n = positions.len() as u64;
+    {
+        let mut recovering = outbox.recovering();
         match answer {
             Ok(_) => {
-                failures.remove(&thing);
-                outbox
-                    .stats
-                    .recovered
-                    .fetch_add(positions.len() as u64, Ordering::Relaxed);
+                recovering.remove(&thing);
+                outbox.stats.recovered.fetch_add(n, Ordering::Relaxed);
             }
             Err(rejection) => {
-                let attempts = failures.entry(thing.clone()).or_insert(0);
-                *attempts += 1;
-                if *attempts < config.recover_attempts_max {
-                    // Not handled: the next round asks again.
-                    tracing::warn!(%thing, first_seq, last_seq, attempt = *attempts, error = %rejection.message, "effects of these events not delivered again yet");
-                    continue;
+                let state = recovering.entry(thing.clone()).or_insert(Recovering {
+                    attempts: 0,
+                    in_flight: false,
+                    next_try: Instant::now(),
+                });
+                state.in_flight = false;
+                if rejection.kind != RejectionKind::Timeout {
+                    state.attempts += 1;
+                }
+                if state.attempts < config.recover_attempts_max {
+                    // Not handled: asked again after a wait that doubles with each failure.
+                    let backoff = config
+                        .checkpoint_interval
+                        .saturating_mul(1 << state.attempts.saturating_add(1).min(8));
+                    state.next_try = Instant::now() + backoff;
+                    tracing::warn!(%thing, first_seq, last_seq, attempt = state.attempts, retry_in_ms = backoff.as_millis() as u64, error = %rejection.message, "effects of these events not delivered again yet");
+                    return;
                 }
                 // A Thing that keeps failing (its log unreadable, say) must not hold every
                 // other Thing's effects behind it for good.
-                failures.remove(&thing);
-                outbox
-                    .stats
-                    .abandoned
-                    .fetch_add(positions.len() as u64, Ordering::Relaxed);
+                recovering.remove(&thing);
+                outbox.stats.abandoned.fetch_add(n, Ordering::Relaxed);
                 tracing::error!(%thing, first_seq, last_seq, attempts = config.recover_attempts_max, error = %rejection.message, "effects of these events given up: they may never have reached anyone");
             }
         }
-        drop(failures);
-        for position in positions {
-            outbox.mark(position);
-        }
+    }
+    for position in positions {
+        outbox.mark(position);
     }
 }
 

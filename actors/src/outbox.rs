@@ -85,6 +85,17 @@ struct Handled {
     moved_at: Instant,
 }
 
+/// A Thing the keeper recovers (see [`crate::node`]).
+#[derive(Debug)]
+pub(crate) struct Recovering {
+    /// Failed attempts in a row (time-outs not counted: the request still runs).
+    pub(crate) attempts: u32,
+    /// A request is out.
+    pub(crate) in_flight: bool,
+    /// Not asked again before this.
+    pub(crate) next_try: Instant,
+}
+
 /// Counters since start.
 #[derive(Debug, Default)]
 pub struct OutboxStats {
@@ -105,8 +116,8 @@ pub struct OutboxStats {
 pub struct Outbox {
     pub(crate) sink: Arc<dyn EffectSink>,
     handled: Mutex<Handled>,
-    /// Failed recovery attempts in a row, per Thing (the keeper's alone).
-    pub(crate) recover_failures: Mutex<std::collections::HashMap<String, u32>>,
+    /// Things being asked to deliver again, or waiting to be asked again after a failure.
+    pub(crate) recovering: Mutex<std::collections::HashMap<String, Recovering>>,
     /// Positions below this were written before this process started: nothing will deliver
     /// them live, so they are recovered at once.
     pub(crate) started_at: u64,
@@ -128,7 +139,7 @@ impl Outbox {
                 ahead: BTreeSet::new(),
                 moved_at: Instant::now(),
             }),
-            recover_failures: Mutex::new(std::collections::HashMap::new()),
+            recovering: Mutex::new(std::collections::HashMap::new()),
             started_at: store.feed_next_position(),
             stats: OutboxStats::default(),
         })
@@ -153,6 +164,12 @@ impl Outbox {
         }
         self.stats.delivered.fetch_add(1, Ordering::Relaxed);
         self.mark(position);
+    }
+
+    pub(crate) fn recovering(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Recovering>> {
+        self.recovering.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Handled> {
@@ -214,7 +231,8 @@ pub struct OutboxConfig {
     pub recover_batch_max: usize,
     /// Feed entries trimmed per round.
     pub trim_batch_max: usize,
-    /// Failed recoveries in a row before a Thing's owed effects are given up.
+    /// Failed recoveries in a row before a Thing's owed effects are given up (the wait before
+    /// the next attempt doubles from `checkpoint_interval`, up to 256 times it).
     pub recover_attempts_max: u32,
 }
 

@@ -8,8 +8,9 @@
 //! written behind the same way (a crash loses at most one round of them).
 //!
 //! Times are stored as Unix ms, so a session's expiry keeps counting while the server is down;
-//! a session still connected when the server died counts from the last "server alive" mark,
-//! written with every checkpoint and at least every `mqtt_alive_mark_interval_ms`.
+//! a session still connected when the server died counts from the last "server alive" mark
+//! (written with every checkpoint and at least every `mqtt_alive_mark_interval_ms`) plus that
+//! interval: never early, late by at most the interval.
 //! At start-up [`Persistence::restore`] loads everything back within the current bounds,
 //! verifying each session's owner against the users and the registry, and its subscriptions
 //! against the ACL: a session whose user is
@@ -380,20 +381,26 @@ impl Persistence {
         owner_holds: &dyn Fn(&StoredSession) -> Option<Identity>,
         allowed: &dyn Fn(&Identity, &str) -> bool,
     ) -> Result<RestoreReport, StorageError> {
-        // When the server was last known alive (a lower bound of when it stopped).
-        let alive_at_ms = self
+        // When the server stopped, at the latest: it was alive at the mark and would have
+        // written the next one within the interval (never early; late by at most the interval).
+        let time = TimeBase::now();
+        let stopped_by_ms = self
             .store
             .kv_get(ALIVE_MARK_KEY)?
             .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_slice()).ok())
-            .map(u64::from_be_bytes);
+            .map(|mark| {
+                u64::from_be_bytes(mark)
+                    .saturating_add(self.alive_mark_interval.as_millis() as u64)
+                    .min(time.unix_now_ms)
+            });
         let mut sessions = Vec::new();
         let mut unreadable = 0;
         for (key, value) in self.store.read_records(RecordSet::MqttSessions)? {
             match rmp_serde::from_slice::<StoredSession>(&value) {
                 Ok(mut session) => {
-                    // Connected when the server stopped: disconnected since it was last alive.
+                    // Connected when the server stopped: disconnected since then.
                     if session.disconnected_at_ms.is_none() {
-                        session.disconnected_at_ms = alive_at_ms;
+                        session.disconnected_at_ms = stopped_by_ms;
                     }
                     sessions.push(session)
                 }
@@ -413,9 +420,9 @@ impl Persistence {
                 }
             }
         }
-        let mut report =
-            self.broker
-                .restore(sessions, retained, owner_holds, allowed, TimeBase::now());
+        let mut report = self
+            .broker
+            .restore(sessions, retained, owner_holds, allowed, time);
         report.unreadable = unreadable;
         let dropped = report.sessions_expired
             + report.sessions_revoked
