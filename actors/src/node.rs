@@ -209,8 +209,12 @@ pub async fn recover_at_start(
             );
             break;
         }
-        // Answers still out, or Things waiting to be asked again: give them a round's time.
-        tokio::time::sleep(config.checkpoint_interval).await;
+        // Answers still out, or Things waiting to be asked again: until an answer, or a round's
+        // time.
+        tokio::select! {
+            () = outbox.recovered.notified() => {}
+            () = tokio::time::sleep(config.checkpoint_interval) => {}
+        }
     }
     if outbox.handled_through() != saved {
         // What the last answers delivered: stored and passed by the cursor.
@@ -406,6 +410,7 @@ async fn redeliver(
     for position in positions {
         outbox.mark(position);
     }
+    outbox.recovered.notify_one();
 }
 
 /// The sink's checkpoint (failing on purpose under fault injection).

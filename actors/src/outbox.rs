@@ -118,6 +118,8 @@ pub struct Outbox {
     handled: Mutex<Handled>,
     /// Things being asked to deliver again, or waiting to be asked again after a failure.
     pub(crate) recovering: Mutex<std::collections::HashMap<String, Recovering>>,
+    /// Notified when a recovery answer marked positions (start-up recovery waits on it).
+    pub(crate) recovered: tokio::sync::Notify,
     /// Positions below this were written before this process started: nothing will deliver
     /// them live, so they are recovered at once.
     pub(crate) started_at: u64,
@@ -140,6 +142,7 @@ impl Outbox {
                 moved_at: Instant::now(),
             }),
             recovering: Mutex::new(std::collections::HashMap::new()),
+            recovered: tokio::sync::Notify::new(),
             started_at: store.feed_next_position(),
             stats: OutboxStats::default(),
         })
