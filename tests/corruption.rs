@@ -27,6 +27,26 @@ fn check(data_dir: &Path) -> (i32, String, String) {
     )
 }
 
+/// Runs `thinghub serve` on `data_dir`, which must refuse to start; returns its stderr.
+fn serve_refused(data_dir: &Path) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_thinghub"))
+        .args(["serve", "--data-dir"])
+        .arg(data_dir)
+        .args([
+            "--http-listen",
+            "127.0.0.1:0",
+            "--mqtt-listen",
+            "127.0.0.1:0",
+        ])
+        .env("THINGHUB_ADMIN_KEY", "ops:secret")
+        .env_remove("THINGHUB_CONFIG")
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(!output.status.success(), "it started: {stderr}");
+    stderr
+}
+
 async fn fill(server: &Server) {
     for name in ["bad", "aged", "good"] {
         create(server, "/api/v1/things", json!({"thingName": name})).await;
@@ -159,21 +179,7 @@ fn a_damaged_snapshot_file_stops_the_server_with_its_name_and_what_to_do() {
     bytes[0] ^= 0xff;
     std::fs::write(&snapshot, bytes).expect("write");
 
-    let output = Command::new(env!("CARGO_BIN_EXE_thinghub"))
-        .args(["serve", "--data-dir"])
-        .arg(dir.path())
-        .args([
-            "--http-listen",
-            "127.0.0.1:0",
-            "--mqtt-listen",
-            "127.0.0.1:0",
-        ])
-        .env("THINGHUB_ADMIN_KEY", "ops:secret")
-        .env_remove("THINGHUB_CONFIG")
-        .output()
-        .expect("run");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success());
+    let stderr = serve_refused(dir.path());
     let name = snapshot.file_name().and_then(|n| n.to_str()).expect("name");
     assert!(stderr.contains(name), "names the file: {stderr}");
     assert!(
@@ -220,21 +226,7 @@ async fn a_stored_session_that_cannot_be_verified_stops_the_start_and_stays_stor
             .await
             .expect("damage the user");
     }
-    let output = Command::new(env!("CARGO_BIN_EXE_thinghub"))
-        .args(["serve", "--data-dir"])
-        .arg(&data)
-        .args([
-            "--http-listen",
-            "127.0.0.1:0",
-            "--mqtt-listen",
-            "127.0.0.1:0",
-        ])
-        .env("THINGHUB_ADMIN_KEY", "ops:secret")
-        .env_remove("THINGHUB_CONFIG")
-        .output()
-        .expect("run");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "{stderr}");
+    let stderr = serve_refused(&data);
     assert!(stderr.contains("stored MQTT sessions"), "{stderr}");
     let store = Store::open(&StoreConfig::new(&data)).expect("open");
     let sessions = store
