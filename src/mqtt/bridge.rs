@@ -42,7 +42,9 @@ fn aws_error_name(rejection: &Rejection) -> &'static str {
         | RejectionKind::ShadowNotFound
         | RejectionKind::ExecutionNotFound => "ResourceNotFound",
         RejectionKind::TerminalStateReached => "TerminalStateReached",
-        RejectionKind::VersionConflict | RejectionKind::AlreadyExists => "InvalidStateTransition",
+        RejectionKind::VersionConflict
+        | RejectionKind::AlreadyExists
+        | RejectionKind::InvalidStateTransition => "InvalidStateTransition",
         RejectionKind::TooManyRequests => "RequestThrottled",
         RejectionKind::Timeout | RejectionKind::Unavailable | RejectionKind::Internal => {
             "InternalError"

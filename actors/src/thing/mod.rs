@@ -10,6 +10,7 @@
 pub mod commands;
 pub mod effects;
 pub mod events;
+pub mod jobs;
 pub mod shadow;
 
 use std::collections::BTreeMap;
@@ -105,14 +106,17 @@ pub enum RejectionKind {
     ThingNotFound,
     /// The Thing has no shadow document.
     ShadowNotFound,
-    /// No such command execution.
+    /// No such command or job execution.
     ExecutionNotFound,
     /// The request named a version that is not the current one.
     VersionConflict,
     /// What the request would create exists (a Thing, an execution id, a client id).
     AlreadyExists,
-    /// The command execution already ended.
+    /// The command or job execution already ended.
     TerminalStateReached,
+    /// The execution's current status does not allow the change asked for (a device setting a
+    /// service-only status, canceling a job in progress without force).
+    InvalidStateTransition,
     /// Too many requests in flight, or too many pending commands.
     TooManyRequests,
     /// The Thing did not answer in time.
@@ -135,7 +139,8 @@ impl RejectionKind {
             | RejectionKind::ExecutionNotFound => ErrorCode::NotFound,
             RejectionKind::VersionConflict
             | RejectionKind::AlreadyExists
-            | RejectionKind::TerminalStateReached => ErrorCode::Conflict,
+            | RejectionKind::TerminalStateReached
+            | RejectionKind::InvalidStateTransition => ErrorCode::Conflict,
             RejectionKind::TooManyRequests => ErrorCode::TooManyRequests,
             RejectionKind::Timeout | RejectionKind::Unavailable => ErrorCode::Unavailable,
             RejectionKind::Internal => ErrorCode::Internal,
