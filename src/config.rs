@@ -68,6 +68,14 @@ pub struct Config {
     pub command_pending_max: usize,
     /// Finished command executions kept in a Thing's state (all stay in its log).
     pub command_finished_kept_max: u32,
+    /// Largest job document, bytes.
+    pub job_document_bytes_max: usize,
+    /// Largest job execution `statusDetails` from a device, bytes.
+    pub job_status_details_bytes_max: usize,
+    /// Job executions one Thing may have pending (queued or in progress).
+    pub job_pending_max: usize,
+    /// Finished job executions kept in a Thing's state (all stay in its log).
+    pub job_finished_kept_max: u32,
     /// Things whose deadlines are being fired at once by the deadline timer.
     pub deadline_fire_concurrency_max: usize,
     /// Longest sleep of the deadline timer between index scans, milliseconds.
@@ -200,6 +208,10 @@ impl Default for Config {
             command_params_bytes_max: 8 * 1024,
             command_pending_max: 100,
             command_finished_kept_max: 100,
+            job_document_bytes_max: 32 * 1024,
+            job_status_details_bytes_max: 4 * 1024,
+            job_pending_max: 50,
+            job_finished_kept_max: 50,
             deadline_fire_concurrency_max: 512,
             deadline_scan_interval_max_ms: 1_000,
             storage_cache_bytes: 256 * 1024 * 1024,
@@ -392,6 +404,12 @@ impl Config {
                 "command_finished_kept_max",
                 u64::from(self.command_finished_kept_max),
             ),
+            ("job_document_bytes_max", self.job_document_bytes_max as u64),
+            (
+                "job_status_details_bytes_max",
+                self.job_status_details_bytes_max as u64,
+            ),
+            ("job_pending_max", self.job_pending_max as u64),
             (
                 "deadline_fire_concurrency_max",
                 self.deadline_fire_concurrency_max as u64,

@@ -13,6 +13,7 @@ use thinghub_actors::clock::{Clock, SystemClock};
 use thinghub_actors::context::DeadlineWake;
 use thinghub_actors::deadlines::DeadlineConfig;
 use thinghub_actors::outbox::{Outbox, OutboxConfig};
+use thinghub_actors::thing::jobs::JobLimits;
 use thinghub_actors::thing::{CommandLimits, EventLimits, Limits, ShadowLimits};
 use thinghub_actors::{Node, NodeConfig, RegistryConfig, ThingContext, Things};
 use thinghub_storage::{StorageError, Store, StoreConfig};
@@ -105,6 +106,12 @@ pub async fn serve(
         shadow: shadow_limits,
         events: event_limits,
         commands: command_limits,
+        jobs: JobLimits {
+            document_bytes_max: config.job_document_bytes_max,
+            status_details_bytes_max: config.job_status_details_bytes_max,
+            pending_max: config.job_pending_max,
+            finished_kept_max: config.job_finished_kept_max,
+        },
     };
     // The broker and its stored state come first: the Things' effects go to it.
     let broker = Arc::new(Broker::new(BrokerLimits {

@@ -11,6 +11,7 @@ use thinghub_storage::{Envelope, RecordedEvent, StorageError};
 use crate::thing::commands::{
     CommandEvent, CommandFinished, CommandResponded, CommandResponseRefused, CommandSent,
 };
+use crate::thing::jobs::{JobEvent, JobFinished, JobQueued, JobUpdated};
 use crate::thing::{
     EventIngested, ShadowDeleted, ShadowUpdated, ThingConnected, ThingDeleted, ThingDisconnected,
     ThingEvent, ThingRegistered, ThingState,
@@ -40,6 +41,16 @@ pub const COMMAND_TIMED_OUT: &str = "CommandTimedOut";
 pub const COMMAND_CANCELED: &str = "CommandCanceled";
 /// `event_type` of a device answer that was refused (recorded for the audit trail).
 pub const COMMAND_RESPONSE_REFUSED: &str = "CommandResponseRefused";
+/// `event_type` of a job execution queued on the Thing.
+pub const JOB_QUEUED: &str = "JobQueued";
+/// `event_type` of a job execution's status changed by the device (or `start-next`).
+pub const JOB_EXECUTION_UPDATED: &str = "JobExecutionUpdated";
+/// `event_type` of a job execution whose timer ran out.
+pub const JOB_EXECUTION_TIMED_OUT: &str = "JobExecutionTimedOut";
+/// `event_type` of a job execution ended because the job was canceled.
+pub const JOB_EXECUTION_CANCELED: &str = "JobExecutionCanceled";
+/// `event_type` of a job execution removed by an operator.
+pub const JOB_EXECUTION_REMOVED: &str = "JobExecutionRemoved";
 /// `event_type` of a snapshot's state.
 pub const THING_STATE: &str = "ThingState";
 /// `event_type` of a registry index record.
@@ -63,6 +74,13 @@ pub fn encode_event(event: &ThingEvent, recorded_at_ms: u64) -> Result<Envelope,
             CommandEvent::ResponseRefused(e) => {
                 Envelope::new(COMMAND_RESPONSE_REFUSED, 1, recorded_at_ms, e)
             }
+        },
+        ThingEvent::Job(job) => match job {
+            JobEvent::Queued(e) => Envelope::new(JOB_QUEUED, 1, recorded_at_ms, e),
+            JobEvent::Updated(e) => Envelope::new(JOB_EXECUTION_UPDATED, 1, recorded_at_ms, e),
+            JobEvent::TimedOut(e) => Envelope::new(JOB_EXECUTION_TIMED_OUT, 1, recorded_at_ms, e),
+            JobEvent::Canceled(e) => Envelope::new(JOB_EXECUTION_CANCELED, 1, recorded_at_ms, e),
+            JobEvent::Removed(e) => Envelope::new(JOB_EXECUTION_REMOVED, 1, recorded_at_ms, e),
         },
     };
     Ok(envelope?)
@@ -113,6 +131,21 @@ pub fn decode_event(thing: &str, recorded: &RecordedEvent) -> Result<ThingEvent,
         (COMMAND_RESPONSE_REFUSED, 1) => envelope
             .payload_as::<CommandResponseRefused>()
             .map(|e| ThingEvent::Command(CommandEvent::ResponseRefused(e))),
+        (JOB_QUEUED, 1) => envelope
+            .payload_as::<JobQueued>()
+            .map(|e| ThingEvent::Job(JobEvent::Queued(e))),
+        (JOB_EXECUTION_UPDATED, 1) => envelope
+            .payload_as::<JobUpdated>()
+            .map(|e| ThingEvent::Job(JobEvent::Updated(e))),
+        (JOB_EXECUTION_TIMED_OUT, 1) => envelope
+            .payload_as::<JobFinished>()
+            .map(|e| ThingEvent::Job(JobEvent::TimedOut(e))),
+        (JOB_EXECUTION_CANCELED, 1) => envelope
+            .payload_as::<JobFinished>()
+            .map(|e| ThingEvent::Job(JobEvent::Canceled(e))),
+        (JOB_EXECUTION_REMOVED, 1) => envelope
+            .payload_as::<JobFinished>()
+            .map(|e| ThingEvent::Job(JobEvent::Removed(e))),
         (other, version) => {
             return Err(corrupt(format!(
                 "unknown event type {other} v{version} (written by a newer thinghub?)"
@@ -127,9 +160,9 @@ pub fn decode_event(thing: &str, recorded: &RecordedEvent) -> Result<ThingEvent,
     })
 }
 
-/// The snapshot shape written now. v2 added `commands`; v1 (no commands) is upcast by decoding
-/// it with none, which is what a v1-era Thing had.
-pub const THING_STATE_VERSION: u16 = 2;
+/// The snapshot shape written now. v2 added `commands`, v3 `jobs`; an older one is upcast by
+/// decoding it with none, which is what a Thing of that era had.
+pub const THING_STATE_VERSION: u16 = 3;
 
 /// Encodes a snapshot state.
 pub fn encode_state(state: &ThingState, recorded_at_ms: u64) -> Result<Envelope, StorageError> {
@@ -144,7 +177,7 @@ pub fn encode_state(state: &ThingState, recorded_at_ms: u64) -> Result<Envelope,
 /// Decodes a snapshot state.
 pub fn decode_state(thing: &str, envelope: &Envelope) -> Result<ThingState, StorageError> {
     match (envelope.event_type.as_str(), envelope.event_version) {
-        (THING_STATE, 1 | 2) => envelope.payload_as().map_err(|e| StorageError::Corrupt {
+        (THING_STATE, 1..=3) => envelope.payload_as().map_err(|e| StorageError::Corrupt {
             thing: thing.to_owned(),
             seq: 0,
             reason: format!("snapshot state: {}", e.0),
@@ -256,6 +289,26 @@ pub fn summarize(event: &ThingEvent) -> String {
                 e.execution_id, e.status, e.reason
             ),
         },
+        ThingEvent::Job(job) => match job {
+            JobEvent::Queued(e) => format!(
+                "job queued job={} execution={} document={}",
+                e.job_id,
+                e.execution_number,
+                serde_json::Value::Object(e.document.clone())
+            ),
+            JobEvent::Updated(e) => format!(
+                "job execution updated job={} status={}{}",
+                e.job_id,
+                e.status.as_str(),
+                e.status_details
+                    .as_ref()
+                    .map(|d| format!(" details={}", serde_json::json!(d)))
+                    .unwrap_or_default()
+            ),
+            JobEvent::TimedOut(e) => format!("job execution timed out job={}", e.job_id),
+            JobEvent::Canceled(e) => format!("job execution canceled job={}", e.job_id),
+            JobEvent::Removed(e) => format!("job execution removed job={}", e.job_id),
+        },
     }
 }
 
@@ -274,6 +327,11 @@ pub fn event_type(event: &ThingEvent) -> &'static str {
         ThingEvent::Command(CommandEvent::TimedOut(_)) => COMMAND_TIMED_OUT,
         ThingEvent::Command(CommandEvent::Canceled(_)) => COMMAND_CANCELED,
         ThingEvent::Command(CommandEvent::ResponseRefused(_)) => COMMAND_RESPONSE_REFUSED,
+        ThingEvent::Job(JobEvent::Queued(_)) => JOB_QUEUED,
+        ThingEvent::Job(JobEvent::Updated(_)) => JOB_EXECUTION_UPDATED,
+        ThingEvent::Job(JobEvent::TimedOut(_)) => JOB_EXECUTION_TIMED_OUT,
+        ThingEvent::Job(JobEvent::Canceled(_)) => JOB_EXECUTION_CANCELED,
+        ThingEvent::Job(JobEvent::Removed(_)) => JOB_EXECUTION_REMOVED,
     }
 }
 
@@ -402,6 +460,54 @@ mod tests {
                 })),
             ),
             (
+                "JobQueued.v1",
+                ThingEvent::Job(JobEvent::Queued(JobQueued {
+                    job_id: "fw-2".into(),
+                    execution_number: 1,
+                    document: serde_json::json!({"operation": "update", "url": "https://x/fw.bin"})
+                        .as_object()
+                        .cloned()
+                        .unwrap_or_default(),
+                    in_progress_timeout_s: Some(3600),
+                    at_ms: 1_700_000_040_000,
+                })),
+            ),
+            (
+                "JobExecutionUpdated.v1",
+                ThingEvent::Job(JobEvent::Updated(JobUpdated {
+                    job_id: "fw-2".into(),
+                    status: crate::thing::jobs::JobExecutionStatus::InProgress,
+                    status_details: Some(BTreeMap::from([("progress".into(), "10%".into())])),
+                    step_deadline_ms: Some(1_700_000_100_000),
+                    at_ms: 1_700_000_041_000,
+                    finished_kept_max: 50,
+                })),
+            ),
+            (
+                "JobExecutionTimedOut.v1",
+                ThingEvent::Job(JobEvent::TimedOut(JobFinished {
+                    job_id: "fw-2".into(),
+                    at_ms: 1_700_000_100_000,
+                    finished_kept_max: 50,
+                })),
+            ),
+            (
+                "JobExecutionCanceled.v1",
+                ThingEvent::Job(JobEvent::Canceled(JobFinished {
+                    job_id: "fw-3".into(),
+                    at_ms: 1_700_000_101_000,
+                    finished_kept_max: 50,
+                })),
+            ),
+            (
+                "JobExecutionRemoved.v1",
+                ThingEvent::Job(JobEvent::Removed(JobFinished {
+                    job_id: "fw-4".into(),
+                    at_ms: 1_700_000_102_000,
+                    finished_kept_max: 50,
+                })),
+            ),
+            (
                 "ThingDisconnected.v1",
                 ThingEvent::Disconnected(ThingDisconnected {
                     client_id: "dev-1".into(),
@@ -469,12 +575,13 @@ mod tests {
     fn a_v1_snapshot_upcasts_to_no_commands() {
         let mut state = ThingState::new("s");
         for (_, event) in shipped() {
-            if !matches!(event, ThingEvent::Command(_)) {
+            if !matches!(event, ThingEvent::Command(_) | ThingEvent::Job(_)) {
                 crate::thing::apply(&mut state, &event);
             }
         }
         let mut v1 = serde_json::to_value(&state).expect("to value");
         v1.as_object_mut().expect("object").remove("commands");
+        v1.as_object_mut().expect("object").remove("jobs");
         let envelope = Envelope::new(THING_STATE, 1, 5, &v1).expect("encode v1");
         let bytes = envelope.to_bytes().expect("bytes");
         let back = decode_state("s", &Envelope::from_bytes(&bytes).expect("env")).expect("decode");

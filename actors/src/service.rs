@@ -15,6 +15,10 @@ use thinghub_storage::{Claim, StorageError, Store};
 use crate::codec;
 use crate::registry::Registry;
 use crate::thing::commands::{CommandPage, PageCursor};
+use crate::thing::jobs::{
+    validate_job_id, JobExecution, JobExecutions, JobOutcome, JobRefusal, JobUpdate, QueueJob,
+    StartNext,
+};
 use crate::thing::shadow::{ShadowDocument, ShadowUpdateResult};
 use crate::thing::{
     self, CommandExecution, CommandOutcome, CommandResponse, CommandStatus, EventIngested,
@@ -387,6 +391,109 @@ impl Things {
             }
             Response::Decided(Reply::Command(CommandOutcome::Refused(rejection))) => Err(rejection),
             other => Err(unexpected(other)),
+        }
+    }
+
+    /// Queues an execution of a job on the Thing (from the job entity).
+    pub async fn queue_job(&self, name: &str, queue: QueueJob) -> Result<JobExecution, Rejection> {
+        self.require_registered(name, None)?;
+        match self.job_request(name, ThingCommand::QueueJob(queue)).await {
+            Ok(Some(execution)) => Ok(execution),
+            Ok(None) => Err(Rejection::new(
+                RejectionKind::Internal,
+                "the queued execution is missing",
+            )),
+            Err(refusal) => Err(refusal.rejection),
+        }
+    }
+
+    /// A device's `start-next`: the execution it should work on now, if any.
+    pub async fn start_next_job(
+        &self,
+        name: &str,
+        request: StartNext,
+    ) -> Result<Option<JobExecution>, JobRefusal> {
+        self.require_registered(name, None)?;
+        self.job_request(name, ThingCommand::StartNextJob(request))
+            .await
+    }
+
+    /// A device's update of a job execution.
+    pub async fn update_job(
+        &self,
+        name: &str,
+        update: JobUpdate,
+    ) -> Result<JobExecution, JobRefusal> {
+        self.require_registered(name, None)?;
+        validate_job_id(&update.job_id)?;
+        let job_id = update.job_id.clone();
+        match self
+            .job_request(name, ThingCommand::UpdateJob(update))
+            .await?
+        {
+            Some(execution) => Ok(execution),
+            None => Err(Rejection::new(
+                RejectionKind::ExecutionNotFound,
+                format!("no execution of job '{job_id}' on this thing"),
+            )
+            .into()),
+        }
+    }
+
+    /// Ends the Thing's execution of a canceled job (one in progress only with `force`).
+    pub async fn cancel_job(
+        &self,
+        name: &str,
+        job_id: &str,
+        force: bool,
+    ) -> Result<Option<JobExecution>, JobRefusal> {
+        validate_job_id(job_id)?;
+        let command = ThingCommand::CancelJob {
+            job_id: job_id.to_owned(),
+            force,
+        };
+        self.job_request(name, command).await
+    }
+
+    /// Removes the Thing's execution of a job (one in progress only with `force`).
+    pub async fn remove_job(
+        &self,
+        name: &str,
+        job_id: &str,
+        force: bool,
+    ) -> Result<Option<JobExecution>, JobRefusal> {
+        validate_job_id(job_id)?;
+        let command = ThingCommand::RemoveJob {
+            job_id: job_id.to_owned(),
+            force,
+        };
+        self.job_request(name, command).await
+    }
+
+    /// The Thing's job executions (pending, and the recently finished ones).
+    pub async fn jobs(&self, name: &str) -> Result<JobExecutions, Rejection> {
+        self.require_registered(name, None)?;
+        match self.registry.request(name, Request::GetJobs).await? {
+            Response::Jobs(jobs) => Ok(*jobs),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn job_request(
+        &self,
+        name: &str,
+        command: ThingCommand,
+    ) -> Result<Option<JobExecution>, JobRefusal> {
+        match self
+            .registry
+            .request(name, Request::Command(command))
+            .await?
+        {
+            Response::Decided(Reply::Job(JobOutcome::Execution(execution))) => {
+                Ok(execution.map(|e| *e))
+            }
+            Response::Decided(Reply::Job(JobOutcome::Refused(refusal))) => Err(*refusal),
+            other => Err(unexpected(other).into()),
         }
     }
 

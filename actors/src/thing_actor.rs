@@ -60,6 +60,8 @@ pub enum Request {
         /// Last event of the range (events beyond the log's end are ignored).
         last_seq: u64,
     },
+    /// The Thing's job executions (404 if it is not registered).
+    GetJobs,
     /// A page of command executions, newest first.
     ListCommands {
         /// Only this status.
@@ -93,6 +95,8 @@ pub enum Response {
     Executions(CommandPage),
     /// Effects delivered again: how many.
     Redelivered(usize),
+    /// The Thing's job executions.
+    Jobs(Box<thing::jobs::JobExecutions>),
 }
 
 /// The reply channel of a request.
@@ -343,7 +347,7 @@ impl ThingActorState {
     /// entry is written before the events that need it, so this only matters after a repair
     /// or a lost index write).
     fn repair_deadline(&self) {
-        let Some(at_ms) = self.thing.commands.next_deadline_ms() else {
+        let Some(at_ms) = self.thing.next_deadline_ms() else {
             return;
         };
         let name = &self.thing.name;
@@ -442,6 +446,12 @@ impl ThingActorState {
                         )
                     })
             }
+            Request::GetJobs => {
+                if self.thing.registration.is_none() {
+                    return Err(self.thing.not_found());
+                }
+                Ok(Response::Jobs(Box::new(self.thing.jobs.clone())))
+            }
             Request::ListCommands {
                 status,
                 cursor,
@@ -473,16 +483,16 @@ impl ThingActorState {
         let now_ms = self.context.clock.now_ms();
         let limits = self.context.limits;
         let decision = self.guarded(|me| thing::decide(&me.thing, &command, now_ms, &limits))?;
-        // Only command events move deadlines: other requests (the shadow hot path) skip this.
+        // Only command and job events move deadlines: other requests (the shadow hot path)
+        // skip this.
+        let has_job_events = decision.job_events().next().is_some();
         let (deadline_before, deadline_after) =
-            if fired.is_none() && decision.command_events().next().is_none() {
+            if fired.is_none() && decision.command_events().next().is_none() && !has_job_events {
                 (None, None)
             } else {
                 (
-                    self.thing.commands.next_deadline_ms(),
-                    self.thing
-                        .commands
-                        .next_deadline_after(decision.command_events()),
+                    self.thing.next_deadline_ms(),
+                    self.thing.next_deadline_after(&decision),
                 )
             };
         let mut deadline_ops = Vec::new();
@@ -524,11 +534,16 @@ impl ThingActorState {
             }
         };
         let effects = self.guarded(|me| {
+            let jobs_before = has_job_events.then(|| me.thing.jobs.pending_view());
             for event in &decision.events {
                 thing::apply(&mut me.thing, event);
             }
             me.thing.last_seq += count;
-            Ok(thing::effects::of_decision(&decision, &me.thing))
+            Ok(thing::effects::of_decision(
+                &decision,
+                jobs_before.as_ref(),
+                &me.thing,
+            ))
         })?;
         // Before the reply: whoever waits on it (a device's PUBACK, an HTTP 200) can rely on
         // the effects being on their way.
@@ -648,7 +663,8 @@ impl ThingActorState {
                 | ThingEvent::EventIngested(_)
                 | ThingEvent::Connected(_)
                 | ThingEvent::Disconnected(_)
-                | ThingEvent::Command(_) => {}
+                | ThingEvent::Command(_)
+                | ThingEvent::Job(_) => {}
             }
         }
         Ok(AppendBatch {

@@ -20,6 +20,10 @@ use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
 use thinghub_actors::clock::SharedClock;
+use thinghub_actors::thing::jobs::{
+    parse_status_details, parse_step_timeout, validate_job_id, JobLimits, JobRefusal, JobUpdate,
+    StartNext,
+};
 use thinghub_actors::thing::shadow::{client_token_of, parse_json_object};
 use thinghub_actors::thing::{
     CommandLimits, CommandResponse, EventLimits, IngestEvent, Limits, Origin, Rejection,
@@ -28,7 +32,7 @@ use thinghub_actors::thing::{
 use thinghub_actors::Things;
 
 use super::broker::{Broker, Message};
-use super::device::{DeviceRequest, Namespace, ShadowOp, Topics};
+use super::device::{DeviceRequest, JobsOp, Namespace, ShadowOp, Topics};
 use super::DeviceStats;
 
 /// The AWS IoT Commands name of a refusal (`RejectedErrorCode`).
@@ -52,6 +56,28 @@ fn aws_error_name(rejection: &Rejection) -> &'static str {
     }
 }
 
+/// The AWS IoT Jobs error code of a refused job request.
+fn aws_jobs_error_code(rejection: &Rejection) -> &'static str {
+    match rejection.kind {
+        RejectionKind::InvalidJson => "InvalidJson",
+        RejectionKind::InvalidRequest
+        | RejectionKind::PayloadTooLarge
+        | RejectionKind::UnsupportedEncoding => "InvalidRequest",
+        RejectionKind::ThingNotFound
+        | RejectionKind::ShadowNotFound
+        | RejectionKind::ExecutionNotFound => "ResourceNotFound",
+        RejectionKind::VersionConflict => "VersionMismatch",
+        RejectionKind::TerminalStateReached => "TerminalStateReached",
+        RejectionKind::InvalidStateTransition | RejectionKind::AlreadyExists => {
+            "InvalidStateTransition"
+        }
+        RejectionKind::TooManyRequests => "RequestThrottled",
+        RejectionKind::Timeout | RejectionKind::Unavailable | RejectionKind::Internal => {
+            "InternalError"
+        }
+    }
+}
+
 /// The fast path.
 pub struct Bridge {
     broker: Arc<Broker>,
@@ -60,6 +86,7 @@ pub struct Bridge {
     limits: ShadowLimits,
     event_limits: EventLimits,
     command_limits: CommandLimits,
+    job_limits: JobLimits,
     /// Counters.
     pub stats: Arc<DeviceStats>,
     clock: SharedClock,
@@ -81,6 +108,7 @@ impl Bridge {
             limits: limits.shadow,
             event_limits: limits.events,
             command_limits: limits.commands,
+            job_limits: limits.jobs,
             stats: Arc::new(DeviceStats::default()),
             clock,
         }
@@ -123,6 +151,140 @@ impl Bridge {
             } => {
                 self.command_response(thing, execution_id, namespace, payload)
                     .await
+            }
+            DeviceRequest::Jobs {
+                thing,
+                op,
+                namespace,
+            } => self.jobs(thing, op, namespace, payload).await,
+        }
+    }
+
+    /// A job request: answered on `jobs/{...}/accepted` or `jobs/{...}/rejected` (AWS IoT Jobs
+    /// payloads in both namespaces) once any change is durable.
+    async fn jobs(&self, thing: &str, op: JobsOp<'_>, namespace: Namespace, payload: &[u8]) {
+        let mut token = None;
+        let outcome = async {
+            let body = if payload.iter().all(u8::is_ascii_whitespace) {
+                Value::Object(Map::new())
+            } else {
+                parse_json_object(payload)?
+            };
+            let body = body.as_object().cloned().unwrap_or_default();
+            token = client_token_of(&body, &self.limits)?;
+            self.job_op(thing, op, &body).await
+        }
+        .await;
+        let timestamp = self.clock.now_ms() / 1000;
+        let (tail, mut reply) = match outcome {
+            Ok(mut accepted) => {
+                accepted["timestamp"] = timestamp.into();
+                ("accepted", accepted)
+            }
+            Err(refusal) => {
+                tracing::debug!(%thing, op = %op.path(), reason = %refusal.rejection.message, "job request refused");
+                let mut body = json!({
+                    "code": aws_jobs_error_code(&refusal.rejection),
+                    "message": refusal.rejection.message,
+                    "timestamp": timestamp,
+                });
+                if let Some(state) = refusal.execution_state {
+                    body["executionState"] = state;
+                }
+                ("rejected", body)
+            }
+        };
+        if let Some(token) = token {
+            reply["clientToken"] = token.into();
+        }
+        let topic = self
+            .topics
+            .jobs(namespace, thing, &format!("{}/{tail}", op.path()));
+        self.publish(topic, &reply);
+    }
+
+    async fn job_op(
+        &self,
+        thing: &str,
+        op: JobsOp<'_>,
+        body: &Map<String, Value>,
+    ) -> Result<Value, JobRefusal> {
+        let flag = |name: &str, default: bool| match body.get(name) {
+            None | Some(Value::Null) => Ok(default),
+            Some(Value::Bool(value)) => Ok(*value),
+            Some(_) => Err(Rejection::bad_request(format!(
+                "{name} must be true or false"
+            ))),
+        };
+        let number = |name: &str| match body.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(value) => value
+                .as_u64()
+                .map(Some)
+                .ok_or_else(|| Rejection::bad_request(format!("{name} must be a whole number"))),
+        };
+        match op {
+            JobsOp::Get => Ok(self.things.jobs(thing).await?.pending_json()),
+            JobsOp::StartNext => {
+                let request = StartNext {
+                    status_details: parse_status_details(
+                        body.get("statusDetails"),
+                        &self.job_limits,
+                    )?,
+                    step_timeout_minutes: parse_step_timeout(body.get("stepTimeoutInMinutes"))?,
+                };
+                let mut reply = json!({});
+                if let Some(execution) = self.things.start_next_job(thing, request).await? {
+                    reply["execution"] = execution.execution_json(thing, true);
+                }
+                Ok(reply)
+            }
+            JobsOp::Describe(job_id) => {
+                validate_job_id(job_id)?;
+                let include_document = flag("includeJobDocument", true)?;
+                let wanted = number("executionNumber")?;
+                let jobs = self.things.jobs(thing).await?;
+                match jobs.get(job_id) {
+                    Some(execution) if wanted.is_none_or(|n| n == execution.execution_number) => {
+                        Ok(json!({"execution": execution.execution_json(thing, include_document)}))
+                    }
+                    _ => Err(Rejection::new(
+                        RejectionKind::ExecutionNotFound,
+                        format!("no execution of job '{job_id}' on this thing"),
+                    )
+                    .into()),
+                }
+            }
+            JobsOp::Update(job_id) => {
+                let status = match body.get("status") {
+                    Some(Value::String(status)) => status.clone(),
+                    Some(_) => return Err(Rejection::bad_request("status must be a string").into()),
+                    None => {
+                        return Err(Rejection::bad_request("Missing required field: status").into())
+                    }
+                };
+                let include_state = flag("includeJobExecutionState", false)?;
+                let include_document = flag("includeJobDocument", false)?;
+                let update = JobUpdate {
+                    job_id: job_id.to_owned(),
+                    status,
+                    status_details: parse_status_details(
+                        body.get("statusDetails"),
+                        &self.job_limits,
+                    )?,
+                    expected_version: number("expectedVersion")?,
+                    execution_number: number("executionNumber")?,
+                    step_timeout_minutes: parse_step_timeout(body.get("stepTimeoutInMinutes"))?,
+                };
+                let execution = self.things.update_job(thing, update).await?;
+                let mut reply = json!({});
+                if include_state {
+                    reply["executionState"] = execution.state_json();
+                }
+                if include_document {
+                    reply["jobDocument"] = Value::Object(execution.document.clone());
+                }
+                Ok(reply)
             }
         }
     }

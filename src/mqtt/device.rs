@@ -39,6 +39,31 @@ impl ShadowOp {
     }
 }
 
+/// A job request (`{ns}/things/{thing}/jobs/...`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobsOp<'t> {
+    /// `jobs/get`: the pending executions.
+    Get,
+    /// `jobs/start-next`.
+    StartNext,
+    /// `jobs/{jobId}/get`.
+    Describe(&'t str),
+    /// `jobs/{jobId}/update`.
+    Update(&'t str),
+}
+
+impl JobsOp<'_> {
+    /// The topic levels after `jobs/` (where the replies go, plus `/accepted|rejected`).
+    pub fn path(&self) -> String {
+        match self {
+            JobsOp::Get => "get".into(),
+            JobsOp::StartNext => "start-next".into(),
+            JobsOp::Describe(job_id) => format!("{job_id}/get"),
+            JobsOp::Update(job_id) => format!("{job_id}/update"),
+        }
+    }
+}
+
 /// A PUBLISH that is a request to a Thing (not routed to subscribers).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceRequest<'t> {
@@ -58,6 +83,15 @@ pub enum DeviceRequest<'t> {
         /// The event type.
         event_type: &'t str,
     },
+    /// `{ns}/things/{thing}/jobs/{get|start-next|{jobId}/get|{jobId}/update}`.
+    Jobs {
+        /// The Thing.
+        thing: &'t str,
+        /// What is asked.
+        op: JobsOp<'t>,
+        /// Where it came in.
+        namespace: Namespace,
+    },
     /// `{ns}/commands/things/{thing}/executions/{id}/response` (AWS: optionally `.../json`).
     CommandResponse {
         /// The Thing.
@@ -75,6 +109,7 @@ impl DeviceRequest<'_> {
         match self {
             DeviceRequest::Shadow { thing, .. }
             | DeviceRequest::Event { thing, .. }
+            | DeviceRequest::Jobs { thing, .. }
             | DeviceRequest::CommandResponse { thing, .. } => thing,
         }
     }
@@ -137,6 +172,11 @@ impl Topics {
         format!("{}/things/{thing}/shadow/{tail}", self.prefix_of(namespace))
     }
 
+    /// `{ns}/things/{thing}/jobs/{tail}`.
+    pub fn jobs(&self, namespace: Namespace, thing: &str, tail: &str) -> String {
+        format!("{}/things/{thing}/jobs/{tail}", self.prefix_of(namespace))
+    }
+
     /// `{prefix}/things/{thing}/events/{event_type}/{tail}`.
     pub fn event(&self, thing: &str, event_type: &str, tail: &str) -> String {
         format!("{}/things/{thing}/events/{event_type}/{tail}", self.prefix)
@@ -168,6 +208,22 @@ fn parse_in(rest: &str, namespace: Namespace) -> Option<DeviceRequest<'_>> {
                 _ => return None,
             };
             return one_level(thing).then_some(DeviceRequest::Shadow {
+                thing,
+                op,
+                namespace,
+            });
+        }
+        if let Some((thing, action)) = rest.split_once("/jobs/") {
+            let op = match action {
+                "get" => JobsOp::Get,
+                "start-next" => JobsOp::StartNext,
+                _ => match action.split_once('/')? {
+                    (job_id, "get") if one_level(job_id) => JobsOp::Describe(job_id),
+                    (job_id, "update") if one_level(job_id) => JobsOp::Update(job_id),
+                    _ => return None,
+                },
+            };
+            return one_level(thing).then_some(DeviceRequest::Jobs {
                 thing,
                 op,
                 namespace,
@@ -241,6 +297,47 @@ mod tests {
             topics().parse("$aws/commands/things/t1/executions/e-1/response/accepted/json"),
             None
         );
+    }
+
+    #[test]
+    fn job_topics_name_one_thing_and_at_most_one_job_in_both_namespaces() {
+        let jobs = |thing, op, namespace| {
+            Some(DeviceRequest::Jobs {
+                thing,
+                op,
+                namespace,
+            })
+        };
+        let t = topics();
+        assert_eq!(
+            t.parse("$emqx/things/t1/jobs/get"),
+            jobs("t1", JobsOp::Get, Namespace::Native)
+        );
+        assert_eq!(
+            t.parse("$aws/things/t1/jobs/start-next"),
+            jobs("t1", JobsOp::StartNext, Namespace::Aws)
+        );
+        assert_eq!(
+            t.parse("$emqx/things/t1/jobs/fw-2/get"),
+            jobs("t1", JobsOp::Describe("fw-2"), Namespace::Native)
+        );
+        assert_eq!(
+            t.parse("$emqx/things/t1/jobs/get/update"),
+            jobs("t1", JobsOp::Update("get"), Namespace::Native),
+            "a job may be called get"
+        );
+        for not_a_request in [
+            "$emqx/things/t1/jobs/get/accepted",
+            "$emqx/things/t1/jobs/notify",
+            "$emqx/things/t1/jobs/notify-next",
+            "$emqx/things/t1/jobs/fw-2/update/accepted",
+            "$emqx/things/t1/jobs//update",
+            "$emqx/things//jobs/get",
+            "$emqx/things/t1/jobs/fw-2/cancel",
+        ] {
+            assert_eq!(t.parse(not_a_request), None, "{not_a_request}");
+        }
+        assert_eq!(JobsOp::Update("fw-2").path(), "fw-2/update");
     }
 
     #[test]

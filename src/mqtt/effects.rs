@@ -12,6 +12,8 @@
 //! | shadow deleted | `.../shadow/delete/accepted` |
 //! | command requested | `.../commands/things/{t}/executions/{id}/request` (AWS: `.../request/json`) |
 //! | event accepted | `{prefix}/things/{t}/events/{type}/accepted`, when someone subscribes |
+//! | jobs notify | `.../jobs/notify` (the pending list changed) |
+//! | jobs notify-next | `.../jobs/notify-next` (the next execution changed) |
 //! | Thing registered | the client id is reserved: a session of it held by anyone else is closed |
 //! | Thing deleted | the session acting as the Thing is closed and discarded |
 //!
@@ -99,6 +101,16 @@ impl MqttEffects {
                 let topic = self.topics.event(thing, &stored.event_type, "accepted");
                 if self.broker.has_subscribers(&topic) {
                     self.publish(topic, &stored.to_json(None));
+                }
+            }
+            Effect::JobsNotify(notify) => {
+                for namespace in self.topics.namespaces() {
+                    self.publish(self.topics.jobs(*namespace, thing, "notify"), notify);
+                }
+            }
+            Effect::JobsNotifyNext(next) => {
+                for namespace in self.topics.namespaces() {
+                    self.publish(self.topics.jobs(*namespace, thing, "notify-next"), next);
                 }
             }
             Effect::CommandAnswered { .. } | Effect::CommandEnded { .. } => {}

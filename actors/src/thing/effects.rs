@@ -13,6 +13,7 @@
 use serde_json::Value;
 
 use super::commands::{CommandEvent, CommandStatus};
+use super::jobs::{JobEvent, PendingView};
 use super::shadow;
 use super::{CommandExecution, Decision, EventIngested, Reply, ThingEvent, ThingState};
 
@@ -62,6 +63,12 @@ pub enum Effect {
     },
     /// A device event was stored.
     EventAccepted(EventIngested),
+    /// The Thing's pending job list changed: `{timestamp, jobs: {IN_PROGRESS, QUEUED}}` (AWS
+    /// `jobs/notify`).
+    JobsNotify(Value),
+    /// The job `start-next` would take changed: `{timestamp, execution?}` (AWS
+    /// `jobs/notify-next`; no `execution` when none is pending).
+    JobsNotifyNext(Value),
 }
 
 impl Effect {
@@ -79,12 +86,19 @@ impl Effect {
             Effect::CommandAnswered { .. } => "command-answered",
             Effect::CommandEnded { .. } => "command-ended",
             Effect::EventAccepted(_) => "event-accepted",
+            Effect::JobsNotify(_) => "jobs-notify",
+            Effect::JobsNotifyNext(_) => "jobs-notify-next",
         }
     }
 }
 
-/// The effects of `decision`, whose events are durable and applied (`after` is the state then).
-pub fn of_decision(decision: &Decision, after: &ThingState) -> Vec<Effect> {
+/// The effects of `decision`, whose events are durable and applied (`after` is the state then;
+/// `jobs_before` is the pending job view before them, given when the decision has job events).
+pub fn of_decision(
+    decision: &Decision,
+    jobs_before: Option<&PendingView>,
+    after: &ThingState,
+) -> Vec<Effect> {
     let mut effects = Vec::new();
     match &decision.reply {
         Reply::ShadowUpdated(result) => {
@@ -107,12 +121,24 @@ pub fn of_decision(decision: &Decision, after: &ThingState) -> Vec<Effect> {
         Reply::Deleted { mqtt_client_id } => effects.push(Effect::ThingDeleted {
             mqtt_client_id: mqtt_client_id.clone(),
         }),
-        // Command effects come from the events below (a time-out can ride along any command
+        // Command and job effects come from the events below (a time-out can ride along any
         // decision); connection records cause nothing for anyone else yet.
-        Reply::Command(_) | Reply::Recorded => {}
+        Reply::Command(_) | Reply::Job(_) | Reply::Recorded => {}
     }
     for event in decision.command_events() {
         effects.extend(of_command_event(event, after));
+    }
+    if let (Some(before), Some(at_ms)) = (
+        jobs_before,
+        decision.job_events().map(JobEvent::at_ms).max(),
+    ) {
+        let now = after.jobs.pending_view();
+        if now != *before {
+            effects.push(jobs_notify(after, at_ms / 1000));
+        }
+        if now.head() != before.head() {
+            effects.push(jobs_notify_next(after, at_ms / 1000));
+        }
     }
     effects
 }
@@ -166,6 +192,7 @@ pub fn for_recovery(
 ) -> Vec<Effect> {
     let mut effects = Vec::new();
     let mut shadow_changed = false;
+    let mut jobs_changed = false;
     let mut client_id = client_id_before.map(str::to_owned);
     let held_now = now.registration.as_ref().map(|r| r.mqtt_client_id.as_str());
     for event in events {
@@ -198,8 +225,14 @@ pub fn for_recovery(
                 effects.push(Effect::EventAccepted(ingested.clone()));
             }
             ThingEvent::Command(command) => effects.extend(of_command_event(command, now)),
+            ThingEvent::Job(_) => jobs_changed = true,
             ThingEvent::Connected(_) | ThingEvent::Disconnected(_) => {}
         }
+    }
+    if jobs_changed && now.registration.is_some() {
+        // The list and the head as they are now (the ones of each change are superseded).
+        effects.push(jobs_notify(now, now_s));
+        effects.push(jobs_notify_next(now, now_s));
     }
     if shadow_changed && now.registration.is_some() && now.shadow.exists {
         let (state, metadata) = now.shadow.delta();
@@ -213,6 +246,27 @@ pub fn for_recovery(
         }
     }
     effects
+}
+
+/// `jobs/notify` of the Thing as it is.
+fn jobs_notify(state: &ThingState, timestamp_s: u64) -> Effect {
+    let mut notify = state.jobs.notify_json();
+    notify["timestamp"] = timestamp_s.into();
+    Effect::JobsNotify(notify)
+}
+
+/// `jobs/notify-next` of the Thing as it is: the head with its document, or no `execution`.
+fn jobs_notify_next(state: &ThingState, timestamp_s: u64) -> Effect {
+    let mut next = serde_json::json!({ "timestamp": timestamp_s });
+    if let Some(execution) = state
+        .jobs
+        .pending_view()
+        .head()
+        .and_then(|id| state.jobs.pending.get(id))
+    {
+        next["execution"] = execution.execution_json(&state.name, true);
+    }
+    Effect::JobsNotifyNext(next)
 }
 
 /// Whether recovering `events` needs the client id the Thing held before them: they delete it
@@ -239,10 +293,11 @@ mod tests {
 
     fn run(state: &mut ThingState, command: ThingCommand, now_ms: u64) -> (Decision, Vec<Effect>) {
         let decision = decide(state, &command, now_ms, &Limits::default()).expect("accepted");
+        let jobs_before = state.jobs.pending_view();
         for event in &decision.events {
             apply(state, event);
         }
-        let effects = of_decision(&decision, state);
+        let effects = of_decision(&decision, Some(&jobs_before), state);
         (decision, effects)
     }
 

@@ -487,6 +487,17 @@ pub enum JobEvent {
     Removed(JobFinished),
 }
 
+impl JobEvent {
+    /// When it happened, Unix ms.
+    pub fn at_ms(&self) -> u64 {
+        match self {
+            JobEvent::Queued(e) => e.at_ms,
+            JobEvent::Updated(e) => e.at_ms,
+            JobEvent::TimedOut(e) | JobEvent::Canceled(e) | JobEvent::Removed(e) => e.at_ms,
+        }
+    }
+}
+
 /// A job to queue on this Thing (from the job entity).
 #[derive(Debug, Clone, PartialEq)]
 pub struct QueueJob {
@@ -786,14 +797,16 @@ pub fn decide_update(
         )
     };
     let status = match JobExecutionStatus::parse(&update.status) {
-        None => return refuse(
-            RejectionKind::InvalidRequest,
-            format!(
+        None => {
+            return refuse(
+                RejectionKind::InvalidRequest,
+                format!(
                 "unknown status '{}': a device may set IN_PROGRESS, SUCCEEDED, FAILED or REJECTED",
                 update.status
             ),
-            None,
-        ),
+                None,
+            )
+        }
         Some(status) => status,
     };
     let Some(execution) = current.get(&update.job_id) else {

@@ -203,6 +203,8 @@ pub struct Limits {
     pub events: EventLimits,
     /// Command bounds.
     pub commands: CommandLimits,
+    /// Job execution bounds.
+    pub jobs: jobs::JobLimits,
 }
 
 /// A Thing's registry record.
@@ -244,6 +246,10 @@ pub struct ThingState {
     /// shape v2; a v1 snapshot decodes with none.
     #[serde(default)]
     pub commands: Commands,
+    /// Job executions: pending (with timers) and recently finished. Added in snapshot shape
+    /// v3; an older snapshot decodes with none.
+    #[serde(default)]
+    pub jobs: jobs::JobExecutions,
 }
 
 /// Whether the Thing's MQTT client is connected, and since when.
@@ -276,6 +282,32 @@ impl ThingState {
             name: name.into(),
             ..ThingState::default()
         }
+    }
+
+    /// The Thing's earliest deadline (a command's or a job execution's): its deadline index entry.
+    pub fn next_deadline_ms(&self) -> Option<u64> {
+        [
+            self.commands.next_deadline_ms(),
+            self.jobs.next_deadline_ms(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// The earliest deadline once `decision`'s events are applied (not applied yet).
+    pub fn next_deadline_after(&self, decision: &Decision) -> Option<u64> {
+        let commands = self.commands.next_deadline_after(decision.command_events());
+        let jobs = if decision.job_events().next().is_some() {
+            let mut jobs = self.jobs.clone();
+            for event in decision.job_events() {
+                jobs.apply(event);
+            }
+            jobs.next_deadline_ms()
+        } else {
+            self.jobs.next_deadline_ms()
+        };
+        [commands, jobs].into_iter().flatten().min()
     }
 }
 
@@ -331,6 +363,26 @@ pub enum ThingCommand {
         /// normal, keepalive_timeout, takeover, kicked, protocol_error, server_shutdown, ...
         reason: String,
     },
+    /// Queue a job execution (from the job entity).
+    QueueJob(jobs::QueueJob),
+    /// The device asks for its next job (`start-next`).
+    StartNextJob(jobs::StartNext),
+    /// The device reports on a job execution.
+    UpdateJob(jobs::JobUpdate),
+    /// The job was canceled: end its execution here (one in progress only with `force`).
+    CancelJob {
+        /// Which job.
+        job_id: String,
+        /// End it even in progress.
+        force: bool,
+    },
+    /// An operator removes the job's execution here.
+    RemoveJob {
+        /// Which job.
+        job_id: String,
+        /// Remove it even in progress.
+        force: bool,
+    },
     /// Send a command to the device.
     SendCommand(SendCommand),
     /// The device answered a command.
@@ -364,6 +416,8 @@ pub enum ThingEvent {
     Disconnected(ThingDisconnected),
     /// A command execution changed (or a device answer was refused).
     Command(CommandEvent),
+    /// A job execution changed.
+    Job(jobs::JobEvent),
 }
 
 /// Payload of `ThingConnected` v1.
@@ -432,6 +486,8 @@ pub enum Reply {
     EventStored(EventIngested),
     /// A command request's outcome (a refused device answer is recorded, then reported here).
     Command(CommandOutcome),
+    /// A job request's outcome.
+    Job(jobs::JobOutcome),
 }
 
 /// The events to append and the reply to send once they are durable.
@@ -722,11 +778,72 @@ pub fn decide(
                 commands::decide_cancel(&state.commands, execution_id, now_ms, &limits.commands)?;
             Ok(command_decision(decision))
         }
-        ThingCommand::FireDeadlines => Ok(command_decision(commands::decide_fire(
-            &state.commands,
+        ThingCommand::QueueJob(queue) => {
+            if state.registration.is_none() {
+                return Err(state.not_found());
+            }
+            Ok(job_decision(jobs::decide_queue(
+                &state.jobs,
+                queue,
+                now_ms,
+                &limits.jobs,
+            )?))
+        }
+        ThingCommand::StartNextJob(request) => {
+            if state.registration.is_none() {
+                return Err(state.not_found());
+            }
+            Ok(job_decision(jobs::decide_start_next(
+                &state.jobs,
+                request,
+                now_ms,
+                &limits.jobs,
+            )))
+        }
+        ThingCommand::UpdateJob(update) => {
+            if state.registration.is_none() {
+                return Err(state.not_found());
+            }
+            Ok(job_decision(jobs::decide_update(
+                &state.jobs,
+                update,
+                now_ms,
+                &limits.jobs,
+            )))
+        }
+        // Job cancels and removals work on deleted Things too, so every execution can end.
+        ThingCommand::CancelJob { job_id, force } => Ok(job_decision(jobs::decide_cancel(
+            &state.jobs,
+            job_id,
+            *force,
             now_ms,
-            &limits.commands,
+            &limits.jobs,
         ))),
+        ThingCommand::RemoveJob { job_id, force } => Ok(job_decision(jobs::decide_remove(
+            &state.jobs,
+            job_id,
+            *force,
+            now_ms,
+            &limits.jobs,
+        ))),
+        ThingCommand::FireDeadlines => {
+            let fired = commands::decide_fire(&state.commands, now_ms, &limits.commands);
+            let jobs_fired = jobs::decide_fire(&state.jobs, now_ms, &limits.jobs);
+            let timed_out = fired.events.len() + jobs_fired.events.len();
+            let mut decision = command_decision(fired);
+            decision
+                .events
+                .extend(jobs_fired.events.into_iter().map(ThingEvent::Job));
+            decision.reply = Reply::Command(CommandOutcome::TimedOut(timed_out));
+            Ok(decision)
+        }
+    }
+}
+
+fn job_decision(decision: jobs::JobDecision) -> Decision {
+    Decision {
+        events: decision.events.into_iter().map(ThingEvent::Job).collect(),
+        reply: Reply::Job(decision.outcome),
     }
 }
 
@@ -746,6 +863,14 @@ impl Decision {
     pub fn command_events(&self) -> impl Iterator<Item = &CommandEvent> + '_ {
         self.events.iter().filter_map(|e| match e {
             ThingEvent::Command(c) => Some(c),
+            _ => None,
+        })
+    }
+
+    /// The job events among `events` (for the deadline index and the notifications).
+    pub fn job_events(&self) -> impl Iterator<Item = &jobs::JobEvent> + '_ {
+        self.events.iter().filter_map(|e| match e {
+            ThingEvent::Job(j) => Some(j),
             _ => None,
         })
     }
@@ -791,6 +916,7 @@ pub fn apply(state: &mut ThingState, event: &ThingEvent) {
             }
         }
         ThingEvent::Command(event) => state.commands.apply(event),
+        ThingEvent::Job(event) => state.jobs.apply(event),
     }
 }
 
