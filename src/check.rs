@@ -511,8 +511,14 @@ fn check_kv(store: &Store, report: &mut CheckReport) {
             return;
         }
     };
-    let kinds: [(&str, RecordCheck); 5] = [
+    let kinds: [(&str, RecordCheck); 7] = [
         ("meta/", |_| Ok(())),
+        (thinghub_actors::job_manager::JOB_PREFIX, |bytes| {
+            thinghub_actors::job_manager::decode_record(bytes).map(|_| ())
+        }),
+        (thinghub_actors::job_manager::TARGET_PREFIX, |bytes| {
+            thinghub_actors::job_manager::check_target_status(bytes)
+        }),
         (
             crate::mqtt::persist::ALIVE_MARK_KEY,
             crate::mqtt::persist::check_alive_mark,

@@ -12,6 +12,7 @@ use std::time::Duration;
 use thinghub_actors::clock::{Clock, SystemClock};
 use thinghub_actors::context::DeadlineWake;
 use thinghub_actors::deadlines::DeadlineConfig;
+use thinghub_actors::job_manager::{JobManager, JobManagerConfig};
 use thinghub_actors::outbox::{Outbox, OutboxConfig};
 use thinghub_actors::thing::jobs::JobLimits;
 use thinghub_actors::thing::{CommandLimits, EventLimits, Limits, ShadowLimits};
@@ -179,6 +180,24 @@ pub async fn serve(
     let registry = node.registry().clone();
     let keys = AdminKeys::init(store.clone(), admin_key.as_deref(), clock.now_ms()).await?;
     let things = Things::new(registry.clone());
+    let jobs = JobManager::new(
+        store.clone(),
+        things.clone(),
+        clock.clone(),
+        JobManagerConfig {
+            targets_max: config.job_targets_max,
+            ..JobManagerConfig::default()
+        },
+    );
+    for job_id in jobs.recover()? {
+        // A rollout cut short by the last stop goes on from the targets not queued yet.
+        let jobs = jobs.clone();
+        tokio::spawn(async move { jobs.roll_out(&job_id).await });
+    }
+    node.spawn("job counter", {
+        let jobs = jobs.clone();
+        move |stop| jobs.run_counter(stop)
+    });
     let throttle = Arc::new(AuthThrottle::new(ThrottleConfig {
         failures_free: config.auth_failures_free,
         backoff_base: Duration::from_millis(config.auth_backoff_base_ms),
@@ -194,6 +213,7 @@ pub async fn serve(
     ));
     let state = AppState {
         things: things.clone(),
+        jobs,
         device_stats: bridge.stats.clone(),
         outbox: outbox.clone(),
         persistence: persistence.clone(),
@@ -208,6 +228,7 @@ pub async fn serve(
             shadow: shadow_limits,
             events: event_limits,
             commands: command_limits,
+            jobs: limits.jobs,
             bulk_lines_max: config.bulk_lines_max,
         },
         started: std::time::Instant::now(),

@@ -127,6 +127,11 @@ impl Things {
     }
 
     /// 400 for an invalid name, 404 (with `token`) when it is not registered.
+    /// 404 unless `name` is a registered Thing (read from the registry index, no activation).
+    pub fn ensure_registered(&self, name: &str) -> Result<(), Rejection> {
+        self.require_registered(name, None)
+    }
+
     fn require_registered(&self, name: &str, token: Option<&String>) -> Result<(), Rejection> {
         thing::validate_thing_name(name).map_err(|r| r.with_token(token.cloned()))?;
         match self.store.get_thing(name) {

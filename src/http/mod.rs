@@ -11,6 +11,7 @@ mod commands;
 mod devices;
 pub mod error;
 pub mod extract;
+mod jobs;
 pub mod listener;
 mod metrics;
 pub mod ndjson;
@@ -48,6 +49,8 @@ pub struct HttpLimits {
     pub events: EventLimits,
     /// Command bounds.
     pub commands: CommandLimits,
+    /// Job execution bounds.
+    pub jobs: thinghub_actors::thing::jobs::JobLimits,
     /// Most lines one bulk registration reads.
     pub bulk_lines_max: usize,
 }
@@ -57,6 +60,8 @@ pub struct HttpLimits {
 pub struct AppState {
     /// The Things service.
     pub things: Things,
+    /// Fleet jobs.
+    pub jobs: thinghub_actors::job_manager::JobManager,
     /// Device requests refused over MQTT (metrics).
     pub device_stats: Arc<DeviceStats>,
     /// The outbox (metrics: effects delivered and recovered, the cursor).
@@ -114,6 +119,15 @@ pub fn app(state: AppState) -> Router {
         .route(
             "/things/{name}/commands/{execution_id}/cancel",
             post(commands::cancel),
+        )
+        .route("/jobs", post(jobs::create).get(jobs::list))
+        .route("/jobs/{job_id}", get(jobs::get))
+        .route("/jobs/{job_id}/executions", get(jobs::executions))
+        .route("/jobs/{job_id}/cancel", post(jobs::cancel))
+        .route("/things/{name}/jobs", get(jobs::of_thing))
+        .route(
+            "/things/{name}/jobs/{job_id}",
+            axum::routing::delete(jobs::remove),
         )
         .route("/thing-datas/events", post(devices::event))
         // The device reads the same document as the operator.

@@ -23,6 +23,22 @@ impl Store {
         Ok(())
     }
 
+    /// Applies `changes` (`None` removes) all at once, durable with the next group commit.
+    pub fn kv_apply_behind(
+        &self,
+        changes: Vec<(String, Option<Vec<u8>>)>,
+    ) -> Result<(), StorageError> {
+        let mut batch = sled::Batch::default();
+        for (key, value) in changes {
+            match value {
+                Some(value) => batch.insert(key.as_bytes(), value),
+                None => batch.remove(key.as_bytes()),
+            }
+        }
+        self.inner.kv.apply_batch(batch)?;
+        Ok(())
+    }
+
     /// Stores `value` at `key` only if `key` is absent; `false` if it was present.
     pub async fn kv_insert_new(&self, key: &str, value: Vec<u8>) -> Result<bool, StorageError> {
         let swapped =

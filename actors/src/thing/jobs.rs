@@ -707,6 +707,21 @@ pub fn decide_queue(
     }
     let mut events = time_outs(jobs, now_ms, limits);
     let pending = after(jobs, &events);
+    if pending
+        .finished
+        .iter()
+        .any(|e| e.job_id == queue.job_id && e.execution_number >= queue.execution_number)
+    {
+        // A retried queue request (the job's rollout resuming after a crash) must not run
+        // the same execution twice.
+        return Err(Rejection::new(
+            RejectionKind::AlreadyExists,
+            format!(
+                "execution {} of job '{}' already ran on this thing",
+                queue.execution_number, queue.job_id
+            ),
+        ));
+    }
     if pending.pending.contains_key(&queue.job_id) {
         return Err(Rejection::new(
             RejectionKind::AlreadyExists,

@@ -1,0 +1,736 @@
+//! Fleet jobs: a job record, its targets, and the counts of its executions.
+//!
+//! The executions themselves belong to the target Things (their logs hold every change, see
+//! [`crate::thing::jobs`]). The job side keeps, in the `kv` tree:
+//! - `job/{jobId}`: the [`JobRecord`] (an envelope `JobRecord` v1: document, status, counts per execution status, rollout
+//!   progress), written with the target statuses it summarizes in one atomic batch;
+//! - `jobtarget/{jobId}/{thing}`: the last status seen of that Thing's execution (empty until
+//!   it is queued).
+//!
+//! Counts follow the executions through the change feed: the `jobs` consumer reads the feed
+//! after its durable cursor, reads the job events of the Things that are targets of a job in
+//! progress, and moves each target's status and the job's counts together. Replaying the same
+//! events after a crash sets the same final statuses, so the counts converge (each batch moves
+//! a target from the status stored with the counts to the new one).
+//!
+//! A rollout task queues the executions (a bounded number at a time) and resumes after a
+//! restart from the targets not queued yet; a Thing refuses to run the same execution twice.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use thinghub_storage::{Envelope, StorageError, Store};
+use tokio::sync::watch;
+
+use crate::clock::SharedClock;
+use crate::codec;
+use crate::service::Things;
+use crate::thing::jobs::{validate_job_id, JobEvent, JobExecutionStatus, QueueJob};
+use crate::thing::{Rejection, RejectionKind, ThingEvent};
+
+/// The feed consumer's cursor name.
+pub const CONSUMER: &str = "jobs";
+/// Key prefix of job records (`kv`).
+pub const JOB_PREFIX: &str = "job/";
+/// Key prefix of job targets (`kv`).
+pub const TARGET_PREFIX: &str = "jobtarget/";
+
+/// `thinghub check`: a target's stored status is empty (not queued) or an execution status.
+pub fn check_target_status(bytes: &[u8]) -> Result<(), String> {
+    if bytes.is_empty()
+        || std::str::from_utf8(bytes)
+            .ok()
+            .and_then(JobExecutionStatus::parse)
+            .is_some()
+    {
+        Ok(())
+    } else {
+        Err("not an execution status".into())
+    }
+}
+
+/// Bounds of the job side (config values).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobManagerConfig {
+    /// Most Things one job may target.
+    pub targets_max: usize,
+    /// Executions the rollout queues at once.
+    pub rollout_concurrency_max: usize,
+    /// Feed entries the counting consumer reads per round.
+    pub feed_batch_max: usize,
+    /// Longest pause of the counting consumer while the feed is quiet.
+    pub feed_poll_interval: Duration,
+}
+
+impl Default for JobManagerConfig {
+    fn default() -> Self {
+        JobManagerConfig {
+            targets_max: 10_000,
+            rollout_concurrency_max: 64,
+            feed_batch_max: 4096,
+            feed_poll_interval: Duration::from_millis(200),
+        }
+    }
+}
+
+/// Where a job is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobStatus {
+    /// Executions are queued or running.
+    #[serde(rename = "IN_PROGRESS")]
+    InProgress,
+    /// Every execution reached a terminal status.
+    #[serde(rename = "COMPLETED")]
+    Completed,
+    /// An operator canceled it.
+    #[serde(rename = "CANCELED")]
+    Canceled,
+}
+
+impl JobStatus {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::InProgress => "IN_PROGRESS",
+            JobStatus::Completed => "COMPLETED",
+            JobStatus::Canceled => "CANCELED",
+        }
+    }
+
+    /// Parses a wire name.
+    pub fn parse(text: &str) -> Option<JobStatus> {
+        Some(match text {
+            "IN_PROGRESS" => JobStatus::InProgress,
+            "COMPLETED" => JobStatus::Completed,
+            "CANCELED" => JobStatus::Canceled,
+            _ => return None,
+        })
+    }
+}
+
+/// A job as stored (`job/{jobId}`, rmp-serde named).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// The job's id.
+    pub job_id: String,
+    /// Free text.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// The job document every execution carries.
+    pub document: Map<String, Value>,
+    /// How many Things it targets.
+    pub targets: u64,
+    /// The executions' in-progress timeout, seconds.
+    #[serde(default)]
+    pub in_progress_timeout_s: Option<u64>,
+    /// Where it is.
+    pub status: JobStatus,
+    /// Canceled with `force` (executions in progress end too).
+    #[serde(default)]
+    pub force_canceled: bool,
+    /// The operator's reason, when canceled.
+    #[serde(default)]
+    pub reason_code: Option<String>,
+    /// Executions queued so far by the rollout.
+    pub queued: u64,
+    /// Targets per execution status (QUEUED, IN_PROGRESS, SUCCEEDED, ...).
+    pub counts: BTreeMap<String, u64>,
+    /// Unix ms.
+    pub created_at_ms: u64,
+    /// Unix ms.
+    pub last_updated_at_ms: u64,
+    /// Unix ms it completed or was canceled.
+    #[serde(default)]
+    pub completed_at_ms: Option<u64>,
+}
+
+impl JobRecord {
+    /// The management API's view.
+    pub fn to_json(&self) -> Value {
+        let count =
+            |status: JobExecutionStatus| self.counts.get(status.as_str()).copied().unwrap_or(0);
+        let mut body = serde_json::json!({
+            "jobId": self.job_id,
+            "status": self.status.as_str(),
+            "document": self.document,
+            "targets": self.targets,
+            "createdAt": self.created_at_ms,
+            "lastUpdatedAt": self.last_updated_at_ms,
+            "forceCanceled": self.force_canceled,
+            "jobProcessDetails": {
+                "numberOfQueuedThings": count(JobExecutionStatus::Queued),
+                "numberOfInProgressThings": count(JobExecutionStatus::InProgress),
+                "numberOfSucceededThings": count(JobExecutionStatus::Succeeded),
+                "numberOfFailedThings": count(JobExecutionStatus::Failed),
+                "numberOfRejectedThings": count(JobExecutionStatus::Rejected),
+                "numberOfTimedOutThings": count(JobExecutionStatus::TimedOut),
+                "numberOfCanceledThings": count(JobExecutionStatus::Canceled),
+                "numberOfRemovedThings": count(JobExecutionStatus::Removed),
+                "numberOfQueuedByRollout": self.queued,
+            },
+        });
+        if let Some(description) = &self.description {
+            body["description"] = description.clone().into();
+        }
+        if let Some(timeout) = self.in_progress_timeout_s {
+            body["timeoutConfig"] = serde_json::json!({"inProgressTimeoutInMinutes": timeout / 60});
+        }
+        if let Some(reason) = &self.reason_code {
+            body["reasonCode"] = reason.clone().into();
+        }
+        if let Some(completed) = self.completed_at_ms {
+            body["completedAt"] = completed.into();
+        }
+        body
+    }
+
+    fn terminal_count(&self) -> u64 {
+        self.counts
+            .iter()
+            .filter(|(status, _)| {
+                JobExecutionStatus::parse(status).is_some_and(|s| s.is_terminal())
+            })
+            .map(|(_, n)| n)
+            .sum()
+    }
+}
+
+/// A validated job to create.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CreateJob {
+    /// The job's id.
+    pub job_id: String,
+    /// Free text.
+    pub description: Option<String>,
+    /// The document.
+    pub document: Map<String, Value>,
+    /// Target Thing names (distinct).
+    pub things: Vec<String>,
+    /// Minutes an execution may stay in progress.
+    pub in_progress_timeout_minutes: Option<u64>,
+}
+
+/// One target's execution as the job side knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetStatus {
+    /// The Thing.
+    pub thing: String,
+    /// `None` until its execution is queued.
+    pub status: Option<JobExecutionStatus>,
+}
+
+/// The job side of the node.
+#[derive(Clone)]
+pub struct JobManager {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    things: Things,
+    clock: SharedClock,
+    config: JobManagerConfig,
+    /// Things that are targets of a job in progress (the consumer reads only their logs).
+    watched: Mutex<HashSet<String>>,
+    /// Serializes writes of job records (the consumer, creation, cancel).
+    writes: tokio::sync::Mutex<()>,
+}
+
+fn storage(e: StorageError) -> Rejection {
+    tracing::error!(error = %e, "job storage failed");
+    Rejection::new(RejectionKind::Unavailable, format!("storage failed: {e}"))
+}
+
+/// `event_type` of a stored job record.
+pub const JOB_RECORD: &str = "JobRecord";
+
+fn encode_record(record: &JobRecord) -> Result<Vec<u8>, StorageError> {
+    Ok(Envelope::new(JOB_RECORD, 1, record.last_updated_at_ms, record)?.to_bytes()?)
+}
+
+fn encode(record: &JobRecord) -> Result<Vec<u8>, Rejection> {
+    encode_record(record)
+        .map_err(|e| Rejection::new(RejectionKind::Internal, format!("cannot encode: {e}")))
+}
+
+/// Decodes a stored job record (also for `thinghub check`).
+pub fn decode_record(bytes: &[u8]) -> Result<JobRecord, String> {
+    let envelope = Envelope::from_bytes(bytes).map_err(|e| e.0)?;
+    match (envelope.event_type.as_str(), envelope.event_version) {
+        (JOB_RECORD, 1) => envelope.payload_as().map_err(|e| e.0),
+        (other, version) => Err(format!("unknown record {other} v{version}")),
+    }
+}
+
+fn target_key(job_id: &str, thing: &str) -> String {
+    format!("{TARGET_PREFIX}{job_id}/{thing}")
+}
+
+fn status_after(event: &JobEvent) -> JobExecutionStatus {
+    match event {
+        JobEvent::Queued(_) => JobExecutionStatus::Queued,
+        JobEvent::Updated(updated) => updated.status,
+        JobEvent::TimedOut(_) => JobExecutionStatus::TimedOut,
+        JobEvent::Canceled(_) => JobExecutionStatus::Canceled,
+        JobEvent::Removed(_) => JobExecutionStatus::Removed,
+    }
+}
+
+fn job_id_of(event: &JobEvent) -> &str {
+    match event {
+        JobEvent::Queued(e) => &e.job_id,
+        JobEvent::Updated(e) => &e.job_id,
+        JobEvent::TimedOut(e) | JobEvent::Canceled(e) | JobEvent::Removed(e) => &e.job_id,
+    }
+}
+
+impl JobManager {
+    /// The job side over `store`, queuing through `things`.
+    pub fn new(
+        store: Store,
+        things: Things,
+        clock: SharedClock,
+        config: JobManagerConfig,
+    ) -> JobManager {
+        JobManager {
+            inner: Arc::new(Inner {
+                store,
+                things,
+                clock,
+                config,
+                watched: Mutex::new(HashSet::new()),
+                writes: tokio::sync::Mutex::new(()),
+            }),
+        }
+    }
+
+    fn watched(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.inner.watched.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Loads what a restart needs: the targets of jobs in progress, and the consumer's cursor
+    /// (a first start begins at the end of the feed: no job existed before).
+    pub fn recover(&self) -> Result<Vec<String>, StorageError> {
+        let store = &self.inner.store;
+        if store.cursor(CONSUMER)? == 0 {
+            store.set_cursor(CONSUMER, store.feed_durable_end().saturating_sub(1))?;
+        }
+        let mut in_progress = Vec::new();
+        for (_, bytes) in store.kv_scan_prefix(JOB_PREFIX, usize::MAX)? {
+            let Ok(record) = decode_record(&bytes) else {
+                continue;
+            };
+            if record.status == JobStatus::InProgress {
+                in_progress.push(record.job_id);
+            }
+        }
+        let mut watched = self.watched();
+        for job_id in &in_progress {
+            for (key, _) in
+                store.kv_scan_prefix(&format!("{TARGET_PREFIX}{job_id}/"), usize::MAX)?
+            {
+                if let Some(thing) = key.rsplit('/').next() {
+                    watched.insert(thing.to_owned());
+                }
+            }
+        }
+        Ok(in_progress)
+    }
+
+    /// One job.
+    pub fn get(&self, job_id: &str) -> Result<JobRecord, Rejection> {
+        validate_job_id(job_id)?;
+        let bytes = self
+            .inner
+            .store
+            .kv_get(&format!("{JOB_PREFIX}{job_id}"))
+            .map_err(storage)?
+            .ok_or_else(|| {
+                Rejection::new(
+                    RejectionKind::ExecutionNotFound,
+                    format!("job '{job_id}' not found"),
+                )
+            })?;
+        decode_record(&bytes).map_err(|e| {
+            Rejection::new(
+                RejectionKind::Unavailable,
+                format!("job '{job_id}' cannot be read: {e}"),
+            )
+        })
+    }
+
+    /// Jobs in id order after `after`, optionally of one status.
+    pub fn list(
+        &self,
+        status: Option<JobStatus>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<JobRecord>, Rejection> {
+        let mut out = Vec::new();
+        for (key, bytes) in self
+            .inner
+            .store
+            .kv_scan_prefix(JOB_PREFIX, usize::MAX)
+            .map_err(storage)?
+        {
+            let id = &key[JOB_PREFIX.len()..];
+            if after.is_some_and(|a| id <= a) {
+                continue;
+            }
+            let Ok(record) = decode_record(&bytes) else {
+                continue;
+            };
+            if status.is_some_and(|s| s != record.status) {
+                continue;
+            }
+            out.push(record);
+            if out.len() == limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// A job's targets and their executions' statuses, in Thing order after `after`.
+    pub fn targets(
+        &self,
+        job_id: &str,
+        status: Option<JobExecutionStatus>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<TargetStatus>, Rejection> {
+        self.get(job_id)?;
+        let prefix = format!("{TARGET_PREFIX}{job_id}/");
+        let mut out = Vec::new();
+        for (key, bytes) in self
+            .inner
+            .store
+            .kv_scan_prefix(&prefix, usize::MAX)
+            .map_err(storage)?
+        {
+            let thing = &key[prefix.len()..];
+            if after.is_some_and(|a| thing <= a) {
+                continue;
+            }
+            let current = std::str::from_utf8(&bytes)
+                .ok()
+                .and_then(JobExecutionStatus::parse);
+            if status.is_some_and(|s| Some(s) != current) {
+                continue;
+            }
+            out.push(TargetStatus {
+                thing: thing.to_owned(),
+                status: current,
+            });
+            if out.len() == limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Creates a job (durable before this returns) and starts its rollout.
+    pub async fn create(&self, job: CreateJob) -> Result<JobRecord, Rejection> {
+        validate_job_id(&job.job_id)?;
+        if job.things.is_empty() {
+            return Err(Rejection::bad_request(
+                "targets.thingNames must name at least one Thing",
+            ));
+        }
+        if job.things.len() > self.inner.config.targets_max {
+            return Err(Rejection::bad_request(format!(
+                "a job may target at most {} Things; this one names {}",
+                self.inner.config.targets_max,
+                job.things.len()
+            )));
+        }
+        for thing in &job.things {
+            self.inner.things.ensure_registered(thing)?;
+        }
+        let now_ms = self.inner.clock.now_ms();
+        let record = JobRecord {
+            job_id: job.job_id.clone(),
+            description: job.description,
+            document: job.document,
+            targets: job.things.len() as u64,
+            in_progress_timeout_s: job
+                .in_progress_timeout_minutes
+                .map(|m| m.saturating_mul(60)),
+            status: JobStatus::InProgress,
+            force_canceled: false,
+            reason_code: None,
+            queued: 0,
+            counts: BTreeMap::new(),
+            created_at_ms: now_ms,
+            last_updated_at_ms: now_ms,
+            completed_at_ms: None,
+        };
+        {
+            let _writes = self.inner.writes.lock().await;
+            let key = format!("{JOB_PREFIX}{}", job.job_id);
+            let created = self
+                .inner
+                .store
+                .kv_insert_new(&key, encode(&record)?)
+                .await
+                .map_err(storage)?;
+            if !created {
+                return Err(Rejection::new(
+                    RejectionKind::AlreadyExists,
+                    format!("job '{}' already exists", job.job_id),
+                ));
+            }
+            let targets = job
+                .things
+                .iter()
+                .map(|thing| (target_key(&job.job_id, thing), Some(Vec::new())))
+                .collect();
+            self.inner.store.kv_apply_behind(targets).map_err(storage)?;
+            self.inner.store.sync().await.map_err(storage)?;
+        }
+        self.watched().extend(job.things.iter().cloned());
+        tracing::info!(job = %record.job_id, targets = record.targets, "job created");
+        let manager = self.clone();
+        let job_id = record.job_id.clone();
+        tokio::spawn(async move { manager.roll_out(&job_id).await });
+        Ok(record)
+    }
+
+    /// Queues the executions of `job_id` not queued yet (a bounded number at a time).
+    pub async fn roll_out(&self, job_id: &str) {
+        let Ok(record) = self.get(job_id) else { return };
+        let Ok(targets) = self.targets(job_id, None, None, usize::MAX) else {
+            return;
+        };
+        let pending: Vec<String> = targets
+            .into_iter()
+            .filter(|t| t.status.is_none())
+            .map(|t| t.thing)
+            .collect();
+        let mut queued = 0u64;
+        for chunk in pending.chunks(self.inner.config.rollout_concurrency_max.max(1)) {
+            if self
+                .get(job_id)
+                .map(|r| r.status != JobStatus::InProgress)
+                .unwrap_or(true)
+            {
+                tracing::info!(job = %job_id, "rollout stopped: the job is no longer in progress");
+                return;
+            }
+            let mut tasks = tokio::task::JoinSet::new();
+            for thing in chunk {
+                let things = self.inner.things.clone();
+                let queue = QueueJob {
+                    job_id: job_id.to_owned(),
+                    execution_number: 1,
+                    document: record.document.clone(),
+                    in_progress_timeout_s: record.in_progress_timeout_s,
+                };
+                let thing = thing.clone();
+                tasks.spawn(async move {
+                    let outcome = things.queue_job(&thing, queue).await;
+                    (thing, outcome)
+                });
+            }
+            while let Some(done) = tasks.join_next().await {
+                let Ok((thing, outcome)) = done else { continue };
+                match outcome {
+                    Ok(_) => queued += 1,
+                    Err(rejection) if rejection.kind == RejectionKind::AlreadyExists => queued += 1,
+                    Err(rejection) => {
+                        tracing::warn!(job = %job_id, %thing, error = %rejection.message, "cannot queue the job's execution; the next start retries");
+                    }
+                }
+            }
+        }
+        tracing::info!(job = %job_id, queued, "rollout done");
+        let _writes = self.inner.writes.lock().await;
+        if let Ok(mut record) = self.get(job_id) {
+            record.queued = record.queued.max(queued).min(record.targets);
+            if let Ok(bytes) = encode(&record) {
+                let _ = self
+                    .inner
+                    .store
+                    .kv_apply_behind(vec![(format!("{JOB_PREFIX}{job_id}"), Some(bytes))]);
+            }
+        }
+    }
+
+    /// Cancels a job: no more executions are queued, queued ones end, and those in progress too
+    /// with `force`. Durable before this returns; the Things are told in the background.
+    pub async fn cancel(
+        &self,
+        job_id: &str,
+        force: bool,
+        reason_code: Option<String>,
+    ) -> Result<JobRecord, Rejection> {
+        let record = {
+            let _writes = self.inner.writes.lock().await;
+            let mut record = self.get(job_id)?;
+            if record.status != JobStatus::InProgress
+                && !(force && record.status == JobStatus::Canceled && !record.force_canceled)
+            {
+                return Err(Rejection::new(
+                    RejectionKind::TerminalStateReached,
+                    format!("job '{job_id}' is already {}", record.status.as_str()),
+                ));
+            }
+            let now_ms = self.inner.clock.now_ms();
+            record.status = JobStatus::Canceled;
+            record.force_canceled |= force;
+            record.reason_code = reason_code.or(record.reason_code);
+            record.last_updated_at_ms = now_ms;
+            record.completed_at_ms = Some(now_ms);
+            self.inner
+                .store
+                .kv_apply_behind(vec![(
+                    format!("{JOB_PREFIX}{job_id}"),
+                    Some(encode(&record)?),
+                )])
+                .map_err(storage)?;
+            self.inner.store.sync().await.map_err(storage)?;
+            record
+        };
+        let targets = self.targets(job_id, None, None, usize::MAX)?;
+        let manager = self.clone();
+        let job = job_id.to_owned();
+        tokio::spawn(async move {
+            for target in targets
+                .into_iter()
+                .filter(|t| t.status.is_some_and(|s| !s.is_terminal()))
+            {
+                if let Err(refusal) = manager
+                    .inner
+                    .things
+                    .cancel_job(&target.thing, &job, force)
+                    .await
+                {
+                    tracing::debug!(job = %job, thing = %target.thing, reason = %refusal.rejection.message, "execution not canceled");
+                }
+            }
+        });
+        tracing::info!(job = %job_id, force, "job canceled");
+        Ok(record)
+    }
+
+    /// Runs the counting consumer until `stop`: a round at most every `feed_poll_interval`
+    /// (at once while it is behind by a whole batch), so it costs the durable path nothing per
+    /// change.
+    pub async fn run_counter(self, mut stop: watch::Receiver<bool>) {
+        loop {
+            let full = match self.count_round().await {
+                Ok(read) => read >= self.inner.config.feed_batch_max,
+                Err(e) => {
+                    tracing::error!(error = %e, "job counting round failed; retrying");
+                    false
+                }
+            };
+            if *stop.borrow() {
+                return;
+            }
+            if !full {
+                tokio::select! {
+                    () = tokio::time::sleep(self.inner.config.feed_poll_interval) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+        }
+    }
+
+    /// Reads the feed after the cursor once; returns how many entries it read.
+    pub async fn count_round(&self) -> Result<usize, StorageError> {
+        let store = &self.inner.store;
+        // Read before looking at the targets: an execution of a job created after the look
+        // takes a position at or after this end, so skipping below it loses nothing.
+        let end = store.feed_durable_end();
+        if self.watched().is_empty() {
+            // No job in progress: nothing in the feed below `end` can move a count.
+            store.set_cursor(CONSUMER, end.saturating_sub(1))?;
+            return Ok(0);
+        }
+        let cursor = store.cursor(CONSUMER)?;
+        let entries = store.read_feed(cursor, self.inner.config.feed_batch_max)?;
+        let Some(last) = entries.last().map(|e| e.position) else {
+            return Ok(0);
+        };
+        let watched: HashSet<String> = self.watched().clone();
+        let _writes = self.inner.writes.lock().await;
+        let mut records: HashMap<String, Option<JobRecord>> = HashMap::new();
+        let mut wrote = false;
+        for entry in entries.iter().filter(|e| watched.contains(&e.thing)) {
+            let events = store.read_events(&entry.thing, entry.first_seq, entry.count as usize)?;
+            for recorded in events {
+                let Ok(ThingEvent::Job(event)) = codec::decode_event(&entry.thing, &recorded)
+                else {
+                    continue;
+                };
+                wrote |= self.count(&entry.thing, &event, &mut records)?;
+            }
+        }
+        if wrote {
+            // The counts are durable before the cursor passes the events they follow.
+            store.sync().await?;
+        }
+        // Not synced by itself: a cursor lost in a crash replays events whose statuses are
+        // already stored, which changes nothing.
+        store.set_cursor(CONSUMER, last)?;
+        Ok(entries.len())
+    }
+
+    /// Moves `thing`'s status in `event`'s job and the job's counts; returns whether it wrote.
+    fn count(
+        &self,
+        thing: &str,
+        event: &JobEvent,
+        records: &mut HashMap<String, Option<JobRecord>>,
+    ) -> Result<bool, StorageError> {
+        let store = &self.inner.store;
+        let job_id = job_id_of(event);
+        let record = match records.get_mut(job_id) {
+            Some(record) => record,
+            None => {
+                let loaded = store
+                    .kv_get(&format!("{JOB_PREFIX}{job_id}"))?
+                    .and_then(|bytes| decode_record(&bytes).ok());
+                records.entry(job_id.to_owned()).or_insert(loaded)
+            }
+        };
+        let Some(record) = record.as_mut() else {
+            return Ok(false);
+        };
+        let key = target_key(job_id, thing);
+        let Some(stored) = store.kv_get(&key)? else {
+            return Ok(false); // not a target of this job
+        };
+        let before = std::str::from_utf8(&stored)
+            .ok()
+            .and_then(JobExecutionStatus::parse);
+        let after = status_after(event);
+        if before == Some(after) {
+            return Ok(false);
+        }
+        if let Some(before) = before {
+            if let Some(n) = record.counts.get_mut(before.as_str()) {
+                *n = n.saturating_sub(1);
+            }
+        }
+        *record.counts.entry(after.as_str().to_owned()).or_insert(0) += 1;
+        record.last_updated_at_ms = event.at_ms();
+        if record.status == JobStatus::InProgress && record.terminal_count() >= record.targets {
+            record.status = JobStatus::Completed;
+            record.completed_at_ms = Some(record.last_updated_at_ms);
+            tracing::info!(job = %job_id, "job completed");
+        }
+        store.kv_apply_behind(vec![
+            (key, Some(after.as_str().as_bytes().to_vec())),
+            (
+                format!("{JOB_PREFIX}{job_id}"),
+                Some(encode_record(record)?),
+            ),
+        ])?;
+        Ok(true)
+    }
+}

@@ -1,0 +1,312 @@
+//! Management API: fleet jobs (create, inspect, list, cancel) and a Thing's job executions.
+//!
+//! A job is durable (its record and targets) before the 201; its executions are queued on the
+//! targets in the background (the rollout, resumed after a restart), and each Thing announces
+//! them to its device (`jobs/notify`, `jobs/notify-next`) as effects.
+
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use thinghub_actors::job_manager::{CreateJob, JobStatus};
+use thinghub_actors::thing::jobs::{JobExecutionStatus, JobRefusal, STEP_TIMEOUT_MINUTES};
+use thinghub_actors::thing::{Rejection, RejectionKind};
+use thinghub_actors::Things;
+
+use super::error::ApiError;
+use super::extract::{JsonBody, QueryParams};
+use super::things::page_limit;
+use super::AppState;
+
+fn refusal(refusal: JobRefusal) -> ApiError {
+    refusal.rejection.into()
+}
+
+/// Reads `POST /api/v1/jobs`'s body. What is not built yet (thing groups, continuous
+/// targeting, rollout rates, abort criteria) is refused by name rather than ignored.
+fn create_job(body: &Value, document_bytes_max: usize) -> Result<CreateJob, Rejection> {
+    let Some(body) = body.as_object() else {
+        return Err(Rejection::bad_request("Payload must be a JSON object"));
+    };
+    for key in body.keys() {
+        if !matches!(
+            key.as_str(),
+            "jobId" | "description" | "document" | "targets" | "targetSelection" | "timeoutConfig"
+        ) {
+            let why = match key.as_str() {
+                "rollout" | "abortConfig" => "is not supported yet",
+                _ => "is not a field of a job",
+            };
+            return Err(Rejection::bad_request(format!("'{key}' {why}")));
+        }
+    }
+    let job_id = match body.get("jobId") {
+        None | Some(Value::Null) => Things::new_execution_id(),
+        Some(Value::String(id)) => id.clone(),
+        Some(_) => return Err(Rejection::bad_request("jobId must be a string")),
+    };
+    let description = match body.get("description") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(text)) if text.len() <= 2028 => Some(text.clone()),
+        Some(_) => {
+            return Err(Rejection::bad_request(
+                "description must be a string of at most 2028 bytes",
+            ))
+        }
+    };
+    let document: Map<String, Value> = match body.get("document") {
+        Some(Value::Object(document)) => document.clone(),
+        Some(_) => return Err(Rejection::bad_request("document must be a JSON object")),
+        None => return Err(Rejection::bad_request("Missing required field: document")),
+    };
+    let bytes = serde_json::to_vec(&document)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX);
+    if bytes > document_bytes_max {
+        return Err(Rejection::new(
+            RejectionKind::PayloadTooLarge,
+            format!("the job document is {bytes} bytes; the maximum is {document_bytes_max}"),
+        ));
+    }
+    match body.get("targetSelection") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) if s == "SNAPSHOT" => {}
+        Some(Value::String(s)) if s == "CONTINUOUS" => {
+            return Err(Rejection::bad_request(
+                "targetSelection CONTINUOUS is not supported yet",
+            ))
+        }
+        Some(_) => {
+            return Err(Rejection::bad_request(
+                "targetSelection must be SNAPSHOT or CONTINUOUS",
+            ))
+        }
+    }
+    let Some(targets) = body.get("targets").and_then(Value::as_object) else {
+        return Err(Rejection::bad_request(
+            "Missing required field: targets {\"thingNames\": [...]}",
+        ));
+    };
+    if let Some(groups) = targets.get("thingGroupNames") {
+        if groups.as_array().is_some_and(|g| !g.is_empty()) {
+            return Err(Rejection::bad_request(
+                "targets.thingGroupNames is not supported yet",
+            ));
+        }
+    }
+    let mut things: Vec<String> = Vec::new();
+    match targets.get("thingNames") {
+        Some(Value::Array(names)) => {
+            for name in names {
+                let Some(name) = name.as_str() else {
+                    return Err(Rejection::bad_request("targets.thingNames must be strings"));
+                };
+                thinghub_actors::thing::validate_thing_name(name)?;
+                if !things.iter().any(|t| t == name) {
+                    things.push(name.to_owned());
+                }
+            }
+        }
+        _ => {
+            return Err(Rejection::bad_request(
+                "targets.thingNames must be an array of Thing names",
+            ))
+        }
+    }
+    let in_progress_timeout_minutes = match body.get("timeoutConfig") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(config)) => match config.get("inProgressTimeoutInMinutes") {
+            None | Some(Value::Null) => None,
+            Some(value) => match value.as_u64() {
+                Some(m) if STEP_TIMEOUT_MINUTES.contains(&m) => Some(m),
+                _ => {
+                    return Err(Rejection::bad_request(format!(
+                    "timeoutConfig.inProgressTimeoutInMinutes must be a whole number in {}..={}",
+                    STEP_TIMEOUT_MINUTES.start(),
+                    STEP_TIMEOUT_MINUTES.end()
+                )))
+                }
+            },
+        },
+        Some(_) => {
+            return Err(Rejection::bad_request(
+                "timeoutConfig must be a JSON object",
+            ))
+        }
+    };
+    Ok(CreateJob {
+        job_id,
+        description,
+        document,
+        things,
+        in_progress_timeout_minutes,
+    })
+}
+
+/// `POST /api/v1/jobs` -> 201 with the job.
+pub async fn create(
+    State(state): State<AppState>,
+    JsonBody(body): JsonBody<Value>,
+) -> Result<Response, ApiError> {
+    let job = create_job(&body, state.limits.jobs.document_bytes_max)?;
+    let record = state.jobs.create(job).await?;
+    let location = format!("/api/v1/jobs/{}", record.job_id);
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        Json(record.to_json()),
+    )
+        .into_response())
+}
+
+/// `GET /api/v1/jobs/{jobId}`.
+pub async fn get(
+    State(state): State<AppState>,
+    Path(job_id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(state.jobs.get(&job_id)?.to_json()))
+}
+
+/// Listing parameters.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    status: Option<String>,
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+/// `GET /api/v1/jobs?status&limit&cursor`: in id order; `nextCursor` is the last id.
+pub async fn list(
+    State(state): State<AppState>,
+    QueryParams(params): QueryParams<ListParams>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = page_limit(params.limit, state.limits.list_limit_max)?;
+    let status = params
+        .status
+        .as_deref()
+        .map(|s| {
+            JobStatus::parse(s).ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "unknown status '{s}': one of IN_PROGRESS, COMPLETED, CANCELED"
+                ))
+            })
+        })
+        .transpose()?;
+    let jobs = state.jobs.list(status, params.cursor.as_deref(), limit)?;
+    let next = (jobs.len() == limit).then(|| jobs.last().map(|j| j.job_id.clone()));
+    let items: Vec<Value> = jobs.iter().map(|j| j.to_json()).collect();
+    Ok(Json(json!({"items": items, "nextCursor": next.flatten()})))
+}
+
+/// `GET /api/v1/jobs/{jobId}/executions?status&limit&cursor`: targets in Thing order.
+pub async fn executions(
+    State(state): State<AppState>,
+    Path(job_id): Path<String>,
+    QueryParams(params): QueryParams<ListParams>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = page_limit(params.limit, state.limits.list_limit_max)?;
+    let status = params
+        .status
+        .as_deref()
+        .map(|s| {
+            JobExecutionStatus::parse(s)
+                .ok_or_else(|| ApiError::bad_request(format!("unknown execution status '{s}'")))
+        })
+        .transpose()?;
+    let targets = state
+        .jobs
+        .targets(&job_id, status, params.cursor.as_deref(), limit)?;
+    let next = (targets.len() == limit).then(|| targets.last().map(|t| t.thing.clone()));
+    let items: Vec<Value> = targets
+        .iter()
+        .map(|t| {
+            json!({
+                "thingName": t.thing,
+                "status": t.status.map_or("NOT_QUEUED", JobExecutionStatus::as_str),
+            })
+        })
+        .collect();
+    Ok(Json(json!({"items": items, "nextCursor": next.flatten()})))
+}
+
+/// `POST /api/v1/jobs/{jobId}/cancel` `{"force"?, "reasonCode"?}`.
+pub async fn cancel(
+    State(state): State<AppState>,
+    Path(job_id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let body: Value = if body.iter().all(u8::is_ascii_whitespace) {
+        json!({})
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request(format!("Invalid JSON: {e}")))?
+    };
+    let Some(body) = body.as_object() else {
+        return Err(ApiError::bad_request("Payload must be a JSON object"));
+    };
+    let force = match body.get("force") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(force)) => *force,
+        Some(_) => return Err(ApiError::bad_request("force must be true or false")),
+    };
+    let reason_code = match body.get("reasonCode") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(code)) if code.len() <= 128 => Some(code.clone()),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "reasonCode must be a string of at most 128 bytes",
+            ))
+        }
+    };
+    let record = state.jobs.cancel(&job_id, force, reason_code).await?;
+    Ok(Json(record.to_json()))
+}
+
+/// `GET /api/v1/things/{name}/jobs`: the Thing's executions, pending first.
+pub async fn of_thing(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let jobs = state.things.jobs(&name).await?;
+    let view = jobs.pending_view();
+    let mut items: Vec<Value> = view
+        .in_progress
+        .iter()
+        .chain(view.queued.iter())
+        .filter_map(|id| jobs.pending.get(id))
+        .map(|e| e.execution_json(&name, false))
+        .collect();
+    items.extend(
+        jobs.finished
+            .iter()
+            .rev()
+            .map(|e| e.execution_json(&name, false)),
+    );
+    Ok(Json(json!({"items": items})))
+}
+
+/// Removal parameters.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveParams {
+    force: Option<bool>,
+}
+
+/// `DELETE /api/v1/things/{name}/jobs/{jobId}?force=true` -> 204 (REMOVED; an execution in
+/// progress only with `force`).
+pub async fn remove(
+    State(state): State<AppState>,
+    Path((name, job_id)): Path<(String, String)>,
+    QueryParams(params): QueryParams<RemoveParams>,
+) -> Result<StatusCode, ApiError> {
+    state.things.ensure_registered(&name)?;
+    state
+        .things
+        .remove_job(&name, &job_id, params.force.unwrap_or(false))
+        .await
+        .map_err(refusal)?;
+    Ok(StatusCode::NO_CONTENT)
+}

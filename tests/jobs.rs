@@ -1,0 +1,351 @@
+//! Fleet jobs end to end: an operator creates a job over HTTP, devices over MQTT are notified,
+//! start it, report, and the job completes with its counts; version and terminal-state
+//! refusals; cancel with and without force; bad requests.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::device::{Device, WAIT};
+use common::{call, create, register_device, Server};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+/// The next publish on `topic` (others on the device's subscriptions are skipped).
+async fn next_on(device: &mut Device, topic: &str) -> Value {
+    loop {
+        let (got, body) = device.next().await;
+        if got == topic {
+            return body;
+        }
+    }
+}
+
+async fn job(server: &Server, job_id: &str) -> Value {
+    let (status, body) = call(
+        Method::GET,
+        &server.url(&format!("/api/v1/jobs/{job_id}")),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// Polls (bounded) until `done` holds for the job.
+async fn wait_for_job(server: &Server, job_id: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let body = job(server, job_id).await;
+        if done(&body) {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "job never got there: {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn device(server: &Server, name: &str) -> Device {
+    register_device(server, name, "pw").await;
+    let (mut device, _) = Device::connect(server, name, (name, "pw"), true).await;
+    device
+        .subscribe(&format!("$emqx/things/{name}/jobs/#"))
+        .await;
+    device
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_run_a_job_and_it_completes_with_its_counts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let mut lamp = device(&server, "lamp").await;
+    let mut fan = device(&server, "fan").await;
+    let created = create(
+        &server,
+        "/api/v1/jobs",
+        json!({"jobId": "fw-2", "document": {"firmware": "2.0"},
+               "targets": {"thingNames": ["lamp", "fan"]}}),
+    )
+    .await;
+    assert_eq!(created["status"], "IN_PROGRESS");
+    assert_eq!(created["targets"], 2);
+
+    for (device, name) in [(&mut lamp, "lamp"), (&mut fan, "fan")] {
+        let jobs = format!("$emqx/things/{name}/jobs");
+        let next = next_on(device, &format!("{jobs}/notify-next")).await;
+        assert_eq!(next["execution"]["jobId"], "fw-2");
+        assert_eq!(next["execution"]["jobDocument"], json!({"firmware": "2.0"}));
+        device
+            .publish(
+                &format!("{jobs}/start-next"),
+                json!({"clientToken": "s", "statusDetails": {"step": "download"}}).to_string(),
+            )
+            .await;
+        let started = next_on(device, &format!("{jobs}/start-next/accepted")).await;
+        assert_eq!(started["execution"]["status"], "IN_PROGRESS");
+        assert_eq!(started["execution"]["versionNumber"], 2);
+        assert_eq!(started["clientToken"], "s");
+    }
+
+    // A stale version is refused with the current state; the terminal update wins once.
+    let jobs = "$emqx/things/lamp/jobs";
+    lamp.publish(
+        &format!("{jobs}/fw-2/update"),
+        json!({"status": "SUCCEEDED", "expectedVersion": 1}).to_string(),
+    )
+    .await;
+    let refused = next_on(&mut lamp, &format!("{jobs}/fw-2/update/rejected")).await;
+    assert_eq!(refused["code"], "VersionMismatch");
+    assert_eq!(refused["executionState"]["versionNumber"], 2);
+    let done = json!({"status": "SUCCEEDED", "expectedVersion": 2,
+                      "includeJobExecutionState": true})
+    .to_string();
+    lamp.publish(&format!("{jobs}/fw-2/update"), done.clone())
+        .await;
+    let accepted = next_on(&mut lamp, &format!("{jobs}/fw-2/update/accepted")).await;
+    assert_eq!(accepted["executionState"]["status"], "SUCCEEDED");
+    lamp.publish(&format!("{jobs}/fw-2/update"), done).await;
+    let refused = next_on(&mut lamp, &format!("{jobs}/fw-2/update/rejected")).await;
+    assert_eq!(refused["code"], "TerminalStateReached");
+
+    fan.publish(
+        "$emqx/things/fan/jobs/fw-2/update",
+        json!({"status": "FAILED", "statusDetails": {"why": "disk full"}}).to_string(),
+    )
+    .await;
+    next_on(&mut fan, "$emqx/things/fan/jobs/fw-2/update/accepted").await;
+
+    let completed = wait_for_job(&server, "fw-2", |j| j["status"] == "COMPLETED").await;
+    let details = &completed["jobProcessDetails"];
+    assert_eq!(details["numberOfSucceededThings"], 1, "{completed}");
+    assert_eq!(details["numberOfFailedThings"], 1, "{completed}");
+    assert_eq!(details["numberOfInProgressThings"], 0, "{completed}");
+
+    let (status, executions) = call(
+        Method::GET,
+        &server.url("/api/v1/jobs/fw-2/executions?status=FAILED"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        executions["items"],
+        json!([{"thingName": "fan", "status": "FAILED"}])
+    );
+    let (status, of_thing) = call(Method::GET, &server.url("/api/v1/things/fan/jobs"), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        of_thing["items"][0]["statusDetails"],
+        json!({"why": "disk full"})
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_ends_queued_executions_and_those_in_progress_only_when_forced() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let mut lamp = device(&server, "lamp").await;
+    let _fan = device(&server, "fan").await;
+    create(
+        &server,
+        "/api/v1/jobs",
+        json!({"jobId": "cfg", "document": {"x": 1}, "targets": {"thingNames": ["lamp", "fan"]}}),
+    )
+    .await;
+    let jobs = "$emqx/things/lamp/jobs";
+    next_on(&mut lamp, &format!("{jobs}/notify-next")).await;
+    lamp.publish(&format!("{jobs}/start-next"), "").await;
+    next_on(&mut lamp, &format!("{jobs}/start-next/accepted")).await;
+    wait_for_job(&server, "cfg", |j| {
+        j["jobProcessDetails"]["numberOfInProgressThings"] == 1
+            && j["jobProcessDetails"]["numberOfQueuedThings"] == 1
+    })
+    .await;
+
+    let (status, canceled) = call(
+        Method::POST,
+        &server.url("/api/v1/jobs/cfg/cancel"),
+        Some(json!({"reasonCode": "bad-config"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{canceled}");
+    assert_eq!(canceled["status"], "CANCELED");
+    wait_for_job(&server, "cfg", |j| {
+        j["jobProcessDetails"]["numberOfCanceledThings"] == 1
+            && j["jobProcessDetails"]["numberOfInProgressThings"] == 1
+    })
+    .await;
+
+    let (status, _) = call(
+        Method::POST,
+        &server.url("/api/v1/jobs/cfg/cancel"),
+        Some(json!({"force": true})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let forced = wait_for_job(&server, "cfg", |j| {
+        j["jobProcessDetails"]["numberOfCanceledThings"] == 2
+    })
+    .await;
+    assert_eq!(forced["forceCanceled"], true);
+    // The device learns that nothing is next any more.
+    let next = next_on(&mut lamp, &format!("{jobs}/notify-next")).await;
+    assert!(next.get("execution").is_none(), "{next}");
+    let (status, body) = call(
+        Method::POST,
+        &server.url("/api/v1/jobs/cfg/cancel"),
+        Some(json!({"force": true})),
+    )
+    .await;
+    assert_eq!(status, 409, "{body}");
+    // An operator removes the (finished) execution from the Thing.
+    let (status, _) = call(
+        Method::DELETE,
+        &server.url("/api/v1/things/lamp/jobs/cfg"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 204);
+    let (_, of_thing) = call(Method::GET, &server.url("/api/v1/things/lamp/jobs"), None).await;
+    assert_eq!(of_thing["items"], json!([]));
+    let (status, _) = call(
+        Method::DELETE,
+        &server.url("/api/v1/things/lamp/jobs/cfg"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_job_requests_get_specific_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    register_device(&server, "lamp", "pw").await;
+    let cases = [
+        (
+            json!({"document": {}, "targets": {"thingNames": ["ghost"]}}),
+            404,
+        ),
+        (json!({"targets": {"thingNames": ["lamp"]}}), 400),
+        (
+            json!({"document": [], "targets": {"thingNames": ["lamp"]}}),
+            400,
+        ),
+        (json!({"document": {}, "targets": {"thingNames": []}}), 400),
+        (
+            json!({"document": {}, "targets": {"thingNames": ["bad name"]}}),
+            400,
+        ),
+        (
+            json!({"document": {}, "targets": {"thingGroupNames": ["g"]}}),
+            400,
+        ),
+        (
+            json!({"document": {}, "targets": {"thingNames": ["lamp"]}, "rollout": {}}),
+            400,
+        ),
+        (
+            json!({"document": {}, "targets": {"thingNames": ["lamp"]}, "targetSelection": "CONTINUOUS"}),
+            400,
+        ),
+        (
+            json!({"document": {}, "targets": {"thingNames": ["lamp"]}, "timeoutConfig": {"inProgressTimeoutInMinutes": 0}}),
+            400,
+        ),
+        (
+            json!({"document": {}, "targets": {"thingNames": ["lamp"]}, "jobId": "no/slash"}),
+            400,
+        ),
+        (
+            json!({"document": {"big": "x".repeat(40_000)}, "targets": {"thingNames": ["lamp"]}}),
+            413,
+        ),
+    ];
+    for (body, want) in cases {
+        let (status, answer) = call(
+            Method::POST,
+            &server.url("/api/v1/jobs"),
+            Some(body.clone()),
+        )
+        .await;
+        assert_eq!(status, want, "{body} -> {answer}");
+        assert!(
+            answer["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{answer}"
+        );
+    }
+    create(
+        &server,
+        "/api/v1/jobs",
+        json!({"jobId": "j1", "document": {}, "targets": {"thingNames": ["lamp"]}}),
+    )
+    .await;
+    let (status, _) = call(
+        Method::POST,
+        &server.url("/api/v1/jobs"),
+        Some(json!({"jobId": "j1", "document": {}, "targets": {"thingNames": ["lamp"]}})),
+    )
+    .await;
+    assert_eq!(status, 409);
+    let (status, _) = call(Method::GET, &server.url("/api/v1/jobs/nope"), None).await;
+    assert_eq!(status, 404);
+    let (status, listed) = call(
+        Method::GET,
+        &server.url("/api/v1/jobs?status=IN_PROGRESS"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(listed["items"][0]["jobId"], "j1");
+    let (status, _) = call(Method::GET, &server.url("/api/v1/jobs?status=DONE"), None).await;
+    assert_eq!(status, 400);
+}
+
+/// kill -9 right after a job is created (its rollout may not have queued anything) and right
+/// after its last execution succeeded (its counts may not have followed): after each restart
+/// the rollout goes on and the counts converge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_and_the_counts_resume_after_kill_9() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    register_device(&server, "lamp", "pw").await;
+    create(
+        &server,
+        "/api/v1/jobs",
+        json!({"jobId": "j", "document": {"v": 1}, "targets": {"thingNames": ["lamp"]}}),
+    )
+    .await;
+    server.kill9();
+
+    let server = Server::start(dir.path(), &[]);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, of_thing) = call(Method::GET, &server.url("/api/v1/things/lamp/jobs"), None).await;
+        if of_thing["items"][0]["status"] == "QUEUED" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never queued: {of_thing}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (mut lamp, _) = Device::connect(&server, "lamp", ("lamp", "pw"), true).await;
+    lamp.subscribe("$emqx/things/lamp/jobs/#").await;
+    lamp.publish(
+        "$emqx/things/lamp/jobs/j/update",
+        json!({"status": "SUCCEEDED"}).to_string(),
+    )
+    .await;
+    next_on(&mut lamp, "$emqx/things/lamp/jobs/j/update/accepted").await;
+    server.kill9();
+
+    let server = Server::start(dir.path(), &[]);
+    let done = wait_for_job(&server, "j", |j| j["status"] == "COMPLETED").await;
+    assert_eq!(
+        done["jobProcessDetails"]["numberOfSucceededThings"], 1,
+        "{done}"
+    );
+    assert_eq!(
+        done["jobProcessDetails"]["numberOfQueuedThings"], 0,
+        "{done}"
+    );
+}
