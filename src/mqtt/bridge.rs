@@ -56,25 +56,12 @@ fn aws_error_name(rejection: &Rejection) -> &'static str {
     }
 }
 
-/// The AWS IoT Jobs error code of a refused job request.
+/// The AWS IoT Jobs error code of a refused job request: the Commands names, but a version
+/// conflict is a `VersionMismatch`.
 fn aws_jobs_error_code(rejection: &Rejection) -> &'static str {
     match rejection.kind {
-        RejectionKind::InvalidJson => "InvalidJson",
-        RejectionKind::InvalidRequest
-        | RejectionKind::PayloadTooLarge
-        | RejectionKind::UnsupportedEncoding => "InvalidRequest",
-        RejectionKind::ThingNotFound
-        | RejectionKind::ShadowNotFound
-        | RejectionKind::ExecutionNotFound => "ResourceNotFound",
         RejectionKind::VersionConflict => "VersionMismatch",
-        RejectionKind::TerminalStateReached => "TerminalStateReached",
-        RejectionKind::InvalidStateTransition | RejectionKind::AlreadyExists => {
-            "InvalidStateTransition"
-        }
-        RejectionKind::TooManyRequests => "RequestThrottled",
-        RejectionKind::Timeout | RejectionKind::Unavailable | RejectionKind::Internal => {
-            "InternalError"
-        }
+        _ => aws_error_name(rejection),
     }
 }
 
