@@ -349,3 +349,77 @@ async fn a_rollout_and_the_counts_resume_after_kill_9() {
         "{done}"
     );
 }
+
+/// A device without MQTT runs a job over HTTPS: the same documents and refusals, the AWS code
+/// beside the HTTP status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_only_device_runs_a_job() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    register_device(&server, "meter", "pw").await;
+    create(
+        &server,
+        "/api/v1/jobs",
+        json!({"jobId": "cal", "document": {"calibrate": true}, "targets": {"thingNames": ["meter"]}}),
+    )
+    .await;
+    let base = "/api/v1/thing-datas/meter/jobs";
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, pending) = call(Method::GET, &server.url(base), None).await;
+        assert_eq!(status, 200, "{pending}");
+        if pending["queuedJobs"][0]["jobId"] == "cal" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never queued: {pending}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, started) = call(
+        Method::POST,
+        &server.url(&format!("{base}/start-next")),
+        Some(json!({"stepTimeoutInMinutes": 30, "clientToken": "t"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{started}");
+    assert_eq!(
+        started["execution"]["jobDocument"],
+        json!({"calibrate": true})
+    );
+    assert_eq!(started["clientToken"], "t");
+    let (status, refused) = call(
+        Method::POST,
+        &server.url(&format!("{base}/cal/update")),
+        Some(json!({"status": "SUCCEEDED", "expectedVersion": 7})),
+    )
+    .await;
+    assert_eq!(status, 409, "{refused}");
+    assert_eq!(refused["errorCode"], "VersionMismatch");
+    assert_eq!(refused["executionState"]["status"], "IN_PROGRESS");
+    let (status, done) = call(
+        Method::POST,
+        &server.url(&format!("{base}/cal/update")),
+        Some(json!({"status": "SUCCEEDED", "includeJobExecutionState": true})),
+    )
+    .await;
+    assert_eq!(status, 200, "{done}");
+    assert_eq!(done["executionState"]["status"], "SUCCEEDED");
+    let (status, described) = call(
+        Method::GET,
+        &server.url(&format!("{base}/cal?includeJobDocument=false")),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(described["execution"].get("jobDocument").is_none());
+    let (status, missing) = call(Method::GET, &server.url(&format!("{base}/other")), None).await;
+    assert_eq!(status, 404, "{missing}");
+    assert_eq!(missing["errorCode"], "ResourceNotFound");
+    let (status, _) = call(
+        Method::GET,
+        &server.url("/api/v1/thing-datas/ghost/jobs"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
+    wait_for_job(&server, "cal", |j| j["status"] == "COMPLETED").await;
+}

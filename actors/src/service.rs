@@ -9,15 +9,15 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{Map, Value};
 use thinghub_storage::{Claim, StorageError, Store};
 
 use crate::codec;
 use crate::registry::Registry;
 use crate::thing::commands::{CommandPage, PageCursor};
 use crate::thing::jobs::{
-    validate_job_id, JobExecution, JobExecutions, JobOutcome, JobRefusal, JobUpdate, QueueJob,
-    StartNext,
+    parse_status_details, parse_step_timeout, validate_job_id, DeviceJobRequest, JobExecution,
+    JobExecutions, JobOutcome, JobRefusal, JobUpdate, QueueJob, StartNext,
 };
 use crate::thing::shadow::{ShadowDocument, ShadowUpdateResult};
 use crate::thing::{
@@ -127,6 +127,11 @@ impl Things {
     }
 
     /// 400 for an invalid name, 404 (with `token`) when it is not registered.
+    /// Now, Unix ms, by the node's clock.
+    pub fn now_ms(&self) -> u64 {
+        self.registry.context().clock.now_ms()
+    }
+
     /// 404 unless `name` is a registered Thing (read from the registry index, no activation).
     pub fn ensure_registered(&self, name: &str) -> Result<(), Rejection> {
         self.require_registered(name, None)
@@ -481,6 +486,91 @@ impl Things {
         match self.registry.request(name, Request::GetJobs).await? {
             Response::Jobs(jobs) => Ok(*jobs),
             other => Err(unexpected(other)),
+        }
+    }
+
+    /// A device's job request with its JSON body (AWS IoT Jobs fields), answered with the
+    /// `accepted` document (without `timestamp` and `clientToken`, which the transport adds).
+    pub async fn device_job_request(
+        &self,
+        thing: &str,
+        request: DeviceJobRequest<'_>,
+        body: &Map<String, Value>,
+    ) -> Result<Value, JobRefusal> {
+        let limits = self.registry.context().limits.jobs;
+        let flag = |name: &str, default: bool| match body.get(name) {
+            None | Some(Value::Null) => Ok(default),
+            Some(Value::Bool(value)) => Ok(*value),
+            Some(_) => Err(Rejection::bad_request(format!(
+                "{name} must be true or false"
+            ))),
+        };
+        let number = |name: &str| match body.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(value) => value
+                .as_u64()
+                .map(Some)
+                .ok_or_else(|| Rejection::bad_request(format!("{name} must be a whole number"))),
+        };
+        match request {
+            DeviceJobRequest::Get => Ok(self.jobs(thing).await?.pending_json()),
+            DeviceJobRequest::StartNext => {
+                let request = StartNext {
+                    status_details: parse_status_details(body.get("statusDetails"), &limits)?,
+                    step_timeout_minutes: parse_step_timeout(body.get("stepTimeoutInMinutes"))?,
+                };
+                let mut reply = serde_json::json!({});
+                if let Some(execution) = self.start_next_job(thing, request).await? {
+                    reply["execution"] = execution.execution_json(thing, true);
+                }
+                Ok(reply)
+            }
+            DeviceJobRequest::Describe(job_id) => {
+                validate_job_id(job_id)?;
+                let include_document = flag("includeJobDocument", true)?;
+                let wanted = number("executionNumber")?;
+                let jobs = self.jobs(thing).await?;
+                match jobs.get(job_id) {
+                    Some(execution) if wanted.is_none_or(|n| n == execution.execution_number) => {
+                        Ok(serde_json::json!({
+                            "execution": execution.execution_json(thing, include_document)
+                        }))
+                    }
+                    _ => Err(Rejection::new(
+                        RejectionKind::ExecutionNotFound,
+                        format!("no execution of job '{job_id}' on this thing"),
+                    )
+                    .into()),
+                }
+            }
+            DeviceJobRequest::Update(job_id) => {
+                let status = match body.get("status") {
+                    Some(Value::String(status)) => status.clone(),
+                    Some(_) => return Err(Rejection::bad_request("status must be a string").into()),
+                    None => {
+                        return Err(Rejection::bad_request("Missing required field: status").into())
+                    }
+                };
+                let include_state = flag("includeJobExecutionState", false)?;
+                let include_document = flag("includeJobDocument", false)?;
+                let update = JobUpdate {
+                    job_id: job_id.to_owned(),
+                    status,
+                    status_details: parse_status_details(body.get("statusDetails"), &limits)?,
+                    expected_version: number("expectedVersion")?,
+                    execution_number: number("executionNumber")?,
+                    step_timeout_minutes: parse_step_timeout(body.get("stepTimeoutInMinutes"))?,
+                };
+                let execution = self.update_job(thing, update).await?;
+                let mut reply = serde_json::json!({});
+                if include_state {
+                    reply["executionState"] = execution.state_json();
+                }
+                if include_document {
+                    reply["jobDocument"] = Value::Object(execution.document.clone());
+                }
+                Ok(reply)
+            }
         }
     }
 

@@ -1,14 +1,18 @@
 //! Device ThingDatas API (`/api/v1/thing-datas/...`): what a device without MQTT uses.
 //! Same semantics and error codes as the MQTT topics.
 
-use axum::extract::State;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::Value;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use thinghub_actors::thing::jobs::DeviceJobRequest;
 use thinghub_actors::thing::shadow::client_token_of;
 use thinghub_actors::thing::{IngestEvent, Origin, ShadowUpdate};
 
 use super::error::ApiError;
-use super::extract::JsonBody;
+use super::extract::{JsonBody, QueryParams};
 use super::AppState;
 
 /// `POST /api/v1/thing-datas/shadow/reported` `{thingName, state:{reported}, clientToken?, version?}`.
@@ -68,4 +72,105 @@ pub async fn event(
     let event = IngestEvent::from_json(&body, None, &state.limits.events)?;
     let stored = state.things.ingest_event(&name, event).await?;
     Ok((axum::http::StatusCode::CREATED, Json(stored.to_json(None))))
+}
+
+/// A device's job request over HTTPS: the AWS IoT Jobs fields of the MQTT topics, answered
+/// with the same documents; a refusal is the HTTP status of its kind with
+/// `{code, message, errorCode (AWS), executionState?, clientToken?}`.
+async fn job_request(
+    state: &AppState,
+    thing: &str,
+    request: DeviceJobRequest<'_>,
+    body: Map<String, Value>,
+) -> Response {
+    let token = match client_token_of(&body, &state.limits.shadow) {
+        Ok(token) => token,
+        Err(rejection) => return ApiError::from(rejection).into_response(),
+    };
+    let outcome = async {
+        state.things.ensure_registered(thing)?;
+        state.things.device_job_request(thing, request, &body).await
+    }
+    .await;
+    let (status, mut reply) = match outcome {
+        Ok(mut accepted) => {
+            accepted["timestamp"] = (state.things.now_ms() / 1000).into();
+            (StatusCode::OK, accepted)
+        }
+        Err(refusal) => {
+            let error = ApiError::from(refusal.rejection.clone());
+            let mut body = json!({
+                "code": error.status.as_u16(),
+                "message": refusal.rejection.message,
+                "errorCode": refusal.rejection.kind.aws_jobs_error_code(),
+            });
+            if let Some(state) = refusal.execution_state {
+                body["executionState"] = state;
+            }
+            (error.status, body)
+        }
+    };
+    if let Some(token) = token {
+        reply["clientToken"] = token.into();
+    }
+    (status, Json(reply)).into_response()
+}
+
+fn object(body: Value) -> Result<Map<String, Value>, ApiError> {
+    match body {
+        Value::Object(body) => Ok(body),
+        _ => Err(ApiError::bad_request("Payload must be a JSON object")),
+    }
+}
+
+/// `GET /api/v1/thing-datas/{name}/jobs`: `{inProgressJobs, queuedJobs, timestamp}`.
+pub async fn jobs(State(state): State<AppState>, Path(name): Path<String>) -> Response {
+    job_request(&state, &name, DeviceJobRequest::Get, Map::new()).await
+}
+
+/// `POST /api/v1/thing-datas/{name}/jobs/start-next` `{statusDetails?, stepTimeoutInMinutes?,
+/// clientToken?}`.
+pub async fn start_next_job(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    JsonBody(body): JsonBody<Value>,
+) -> Result<Response, ApiError> {
+    let body = object(body)?;
+    Ok(job_request(&state, &name, DeviceJobRequest::StartNext, body).await)
+}
+
+/// Query of `GET /api/v1/thing-datas/{name}/jobs/{jobId}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DescribeParams {
+    execution_number: Option<u64>,
+    include_job_document: Option<bool>,
+}
+
+/// `GET /api/v1/thing-datas/{name}/jobs/{jobId}?executionNumber&includeJobDocument`.
+pub async fn describe_job(
+    State(state): State<AppState>,
+    Path((name, job_id)): Path<(String, String)>,
+    QueryParams(params): QueryParams<DescribeParams>,
+) -> Response {
+    let mut body = Map::new();
+    if let Some(number) = params.execution_number {
+        body.insert("executionNumber".into(), number.into());
+    }
+    if let Some(include) = params.include_job_document {
+        body.insert("includeJobDocument".into(), include.into());
+    }
+    job_request(&state, &name, DeviceJobRequest::Describe(&job_id), body).await
+}
+
+/// `POST /api/v1/thing-datas/{name}/jobs/{jobId}/update` `{status, statusDetails?,
+/// expectedVersion?, executionNumber?, stepTimeoutInMinutes?, includeJobExecutionState?,
+/// includeJobDocument?, clientToken?}`.
+pub async fn update_job(
+    State(state): State<AppState>,
+    Path((name, job_id)): Path<(String, String)>,
+    JsonBody(body): JsonBody<Value>,
+) -> Result<Response, ApiError> {
+    let body = object(body)?;
+    Ok(job_request(&state, &name, DeviceJobRequest::Update(&job_id), body).await)
 }

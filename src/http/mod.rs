@@ -130,6 +130,19 @@ pub fn app(state: AppState) -> Router {
             axum::routing::delete(jobs::remove),
         )
         .route("/thing-datas/events", post(devices::event))
+        .route("/thing-datas/{name}/jobs", get(devices::jobs))
+        .route(
+            "/thing-datas/{name}/jobs/start-next",
+            post(devices::start_next_job),
+        )
+        .route(
+            "/thing-datas/{name}/jobs/{job_id}",
+            get(devices::describe_job),
+        )
+        .route(
+            "/thing-datas/{name}/jobs/{job_id}/update",
+            post(devices::update_job),
+        )
         // The device reads the same document as the operator.
         .route("/thing-datas/{name}/shadow", get(things::get_shadow))
         .route("/thing-datas/shadow/reported", post(devices::report))

@@ -20,14 +20,11 @@ use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
 use thinghub_actors::clock::SharedClock;
-use thinghub_actors::thing::jobs::{
-    parse_status_details, parse_step_timeout, validate_job_id, JobLimits, JobRefusal, JobUpdate,
-    StartNext,
-};
+use thinghub_actors::thing::jobs::{DeviceJobRequest, JobRefusal};
 use thinghub_actors::thing::shadow::{client_token_of, parse_json_object};
 use thinghub_actors::thing::{
     CommandLimits, CommandResponse, EventLimits, IngestEvent, Limits, Origin, Rejection,
-    RejectionKind, ShadowLimits, ShadowUpdate,
+    ShadowLimits, ShadowUpdate,
 };
 use thinghub_actors::Things;
 
@@ -37,32 +34,7 @@ use super::DeviceStats;
 
 /// The AWS IoT Commands name of a refusal (`RejectedErrorCode`).
 fn aws_error_name(rejection: &Rejection) -> &'static str {
-    match rejection.kind {
-        RejectionKind::InvalidJson => "InvalidJson",
-        RejectionKind::InvalidRequest
-        | RejectionKind::PayloadTooLarge
-        | RejectionKind::UnsupportedEncoding => "InvalidRequest",
-        RejectionKind::ThingNotFound
-        | RejectionKind::ShadowNotFound
-        | RejectionKind::ExecutionNotFound => "ResourceNotFound",
-        RejectionKind::TerminalStateReached => "TerminalStateReached",
-        RejectionKind::VersionConflict
-        | RejectionKind::AlreadyExists
-        | RejectionKind::InvalidStateTransition => "InvalidStateTransition",
-        RejectionKind::TooManyRequests => "RequestThrottled",
-        RejectionKind::Timeout | RejectionKind::Unavailable | RejectionKind::Internal => {
-            "InternalError"
-        }
-    }
-}
-
-/// The AWS IoT Jobs error code of a refused job request: the Commands names, but a version
-/// conflict is a `VersionMismatch`.
-fn aws_jobs_error_code(rejection: &Rejection) -> &'static str {
-    match rejection.kind {
-        RejectionKind::VersionConflict => "VersionMismatch",
-        _ => aws_error_name(rejection),
-    }
+    rejection.kind.aws_error_code()
 }
 
 /// The fast path.
@@ -73,7 +45,6 @@ pub struct Bridge {
     limits: ShadowLimits,
     event_limits: EventLimits,
     command_limits: CommandLimits,
-    job_limits: JobLimits,
     /// Counters.
     pub stats: Arc<DeviceStats>,
     clock: SharedClock,
@@ -95,7 +66,6 @@ impl Bridge {
             limits: limits.shadow,
             event_limits: limits.events,
             command_limits: limits.commands,
-            job_limits: limits.jobs,
             stats: Arc::new(DeviceStats::default()),
             clock,
         }
@@ -171,7 +141,7 @@ impl Bridge {
             Err(refusal) => {
                 tracing::debug!(%thing, op = %op.path(), reason = %refusal.rejection.message, "job request refused");
                 let mut body = json!({
-                    "code": aws_jobs_error_code(&refusal.rejection),
+                    "code": refusal.rejection.kind.aws_jobs_error_code(),
                     "message": refusal.rejection.message,
                     "timestamp": timestamp,
                 });
@@ -196,84 +166,13 @@ impl Bridge {
         op: JobsOp<'_>,
         body: &Map<String, Value>,
     ) -> Result<Value, JobRefusal> {
-        let flag = |name: &str, default: bool| match body.get(name) {
-            None | Some(Value::Null) => Ok(default),
-            Some(Value::Bool(value)) => Ok(*value),
-            Some(_) => Err(Rejection::bad_request(format!(
-                "{name} must be true or false"
-            ))),
+        let request = match op {
+            JobsOp::Get => DeviceJobRequest::Get,
+            JobsOp::StartNext => DeviceJobRequest::StartNext,
+            JobsOp::Describe(job_id) => DeviceJobRequest::Describe(job_id),
+            JobsOp::Update(job_id) => DeviceJobRequest::Update(job_id),
         };
-        let number = |name: &str| match body.get(name) {
-            None | Some(Value::Null) => Ok(None),
-            Some(value) => value
-                .as_u64()
-                .map(Some)
-                .ok_or_else(|| Rejection::bad_request(format!("{name} must be a whole number"))),
-        };
-        match op {
-            JobsOp::Get => Ok(self.things.jobs(thing).await?.pending_json()),
-            JobsOp::StartNext => {
-                let request = StartNext {
-                    status_details: parse_status_details(
-                        body.get("statusDetails"),
-                        &self.job_limits,
-                    )?,
-                    step_timeout_minutes: parse_step_timeout(body.get("stepTimeoutInMinutes"))?,
-                };
-                let mut reply = json!({});
-                if let Some(execution) = self.things.start_next_job(thing, request).await? {
-                    reply["execution"] = execution.execution_json(thing, true);
-                }
-                Ok(reply)
-            }
-            JobsOp::Describe(job_id) => {
-                validate_job_id(job_id)?;
-                let include_document = flag("includeJobDocument", true)?;
-                let wanted = number("executionNumber")?;
-                let jobs = self.things.jobs(thing).await?;
-                match jobs.get(job_id) {
-                    Some(execution) if wanted.is_none_or(|n| n == execution.execution_number) => {
-                        Ok(json!({"execution": execution.execution_json(thing, include_document)}))
-                    }
-                    _ => Err(Rejection::new(
-                        RejectionKind::ExecutionNotFound,
-                        format!("no execution of job '{job_id}' on this thing"),
-                    )
-                    .into()),
-                }
-            }
-            JobsOp::Update(job_id) => {
-                let status = match body.get("status") {
-                    Some(Value::String(status)) => status.clone(),
-                    Some(_) => return Err(Rejection::bad_request("status must be a string").into()),
-                    None => {
-                        return Err(Rejection::bad_request("Missing required field: status").into())
-                    }
-                };
-                let include_state = flag("includeJobExecutionState", false)?;
-                let include_document = flag("includeJobDocument", false)?;
-                let update = JobUpdate {
-                    job_id: job_id.to_owned(),
-                    status,
-                    status_details: parse_status_details(
-                        body.get("statusDetails"),
-                        &self.job_limits,
-                    )?,
-                    expected_version: number("expectedVersion")?,
-                    execution_number: number("executionNumber")?,
-                    step_timeout_minutes: parse_step_timeout(body.get("stepTimeoutInMinutes"))?,
-                };
-                let execution = self.things.update_job(thing, update).await?;
-                let mut reply = json!({});
-                if include_state {
-                    reply["executionState"] = execution.state_json();
-                }
-                if include_document {
-                    reply["jobDocument"] = Value::Object(execution.document.clone());
-                }
-                Ok(reply)
-            }
-        }
+        self.things.device_job_request(thing, request, body).await
     }
 
     async fn shadow(

@@ -498,6 +498,19 @@ impl JobEvent {
     }
 }
 
+/// A device's job request, whatever its transport (MQTT topic or HTTPS route).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceJobRequest<'a> {
+    /// The pending executions.
+    Get,
+    /// Start the next one.
+    StartNext,
+    /// One execution (`{jobId}/get`).
+    Describe(&'a str),
+    /// Report on one execution (`{jobId}/update`).
+    Update(&'a str),
+}
+
 /// A job to queue on this Thing (from the job entity).
 #[derive(Debug, Clone, PartialEq)]
 pub struct QueueJob {

@@ -128,6 +128,36 @@ pub enum RejectionKind {
 }
 
 impl RejectionKind {
+    /// The AWS IoT error code (`RejectedErrorCode` of Commands; Jobs use the same names but
+    /// [`RejectionKind::aws_jobs_error_code`] for a version conflict).
+    pub fn aws_error_code(self) -> &'static str {
+        match self {
+            RejectionKind::InvalidJson => "InvalidJson",
+            RejectionKind::InvalidRequest
+            | RejectionKind::PayloadTooLarge
+            | RejectionKind::UnsupportedEncoding => "InvalidRequest",
+            RejectionKind::ThingNotFound
+            | RejectionKind::ShadowNotFound
+            | RejectionKind::ExecutionNotFound => "ResourceNotFound",
+            RejectionKind::TerminalStateReached => "TerminalStateReached",
+            RejectionKind::VersionConflict
+            | RejectionKind::AlreadyExists
+            | RejectionKind::InvalidStateTransition => "InvalidStateTransition",
+            RejectionKind::TooManyRequests => "RequestThrottled",
+            RejectionKind::Timeout | RejectionKind::Unavailable | RejectionKind::Internal => {
+                "InternalError"
+            }
+        }
+    }
+
+    /// The AWS IoT Jobs error code: a version conflict is a `VersionMismatch`.
+    pub fn aws_jobs_error_code(self) -> &'static str {
+        match self {
+            RejectionKind::VersionConflict => "VersionMismatch",
+            other => other.aws_error_code(),
+        }
+    }
+
     /// The contract's code.
     pub fn code(self) -> ErrorCode {
         match self {
