@@ -189,11 +189,8 @@ pub async fn serve(
             ..JobManagerConfig::default()
         },
     );
-    for job_id in jobs.recover()? {
-        // A rollout cut short by the last stop goes on from the targets not queued yet.
-        let jobs = jobs.clone();
-        tokio::spawn(async move { jobs.roll_out(&job_id).await });
-    }
+    // A rollout or a cancellation cut short by the last stop goes on.
+    jobs.resume(jobs.recover()?);
     node.spawn("job counter", {
         let jobs = jobs.clone();
         move |stop| jobs.run_counter(stop)

@@ -423,3 +423,87 @@ async fn an_https_only_device_runs_a_job() {
     assert_eq!(status, 404);
     wait_for_job(&server, "cal", |j| j["status"] == "COMPLETED").await;
 }
+
+/// Canceled at once after it was created (before the counts saw any execution): every
+/// execution that was queued ends CANCELED, and the rollout queues no more. A target deleted meanwhile counts as REMOVED, so a job whose
+/// Things go away completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_canceled_at_once_leaves_no_execution_running_and_deleted_targets_count_as_removed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let names: Vec<String> = (0..20).map(|i| format!("t{i:02}")).collect();
+    for name in &names {
+        create(&server, "/api/v1/things", json!({"thingName": name})).await;
+    }
+    create(
+        &server,
+        "/api/v1/jobs",
+        json!({"jobId": "quick", "document": {}, "targets": {"thingNames": names}}),
+    )
+    .await;
+    let (status, _) = call(Method::POST, &server.url("/api/v1/jobs/quick/cancel"), None).await;
+    assert_eq!(status, 200);
+    // Every target either never got an execution (the rollout stopped) or has it CANCELED.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut running = Vec::new();
+        for name in &names {
+            let (_, of_thing) = call(
+                Method::GET,
+                &server.url(&format!("/api/v1/things/{name}/jobs")),
+                None,
+            )
+            .await;
+            let items = of_thing["items"].as_array().cloned().unwrap_or_default();
+            running.extend(
+                items
+                    .into_iter()
+                    .filter(|e| e["jobId"] == "quick" && e["status"] != "CANCELED"),
+            );
+        }
+        let (_, listed) = call(
+            Method::GET,
+            &server.url("/api/v1/jobs/quick/executions?limit=100"),
+            None,
+        )
+        .await;
+        let counted = listed["items"].as_array().is_some_and(|items| {
+            items
+                .iter()
+                .all(|t| t["status"] == "NOT_QUEUED" || t["status"] == "CANCELED")
+        });
+        if running.is_empty() && counted {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "left running: {running:?} / {listed}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    create(
+        &server,
+        "/api/v1/jobs",
+        json!({"jobId": "gone", "document": {}, "targets": {"thingNames": ["t00", "t01"]}}),
+    )
+    .await;
+    wait_for_job(&server, "gone", |j| {
+        j["jobProcessDetails"]["numberOfQueuedThings"] == 2
+    })
+    .await;
+    for name in ["t00", "t01"] {
+        let (status, _) = call(
+            Method::DELETE,
+            &server.url(&format!("/api/v1/things/{name}")),
+            None,
+        )
+        .await;
+        assert_eq!(status, 204);
+    }
+    let done = wait_for_job(&server, "gone", |j| j["status"] == "COMPLETED").await;
+    assert_eq!(
+        done["jobProcessDetails"]["numberOfRemovedThings"], 2,
+        "{done}"
+    );
+}

@@ -37,6 +37,8 @@ pub const CONSUMER: &str = "jobs";
 pub const JOB_PREFIX: &str = "job/";
 /// Key prefix of job targets (`kv`).
 pub const TARGET_PREFIX: &str = "jobtarget/";
+/// Records a listing reads from storage at a time.
+const SCAN_PAGE: usize = 256;
 
 /// `thinghub check`: a target's stored status is empty (not queued) or an execution status.
 pub fn check_target_status(bytes: &[u8]) -> Result<(), String> {
@@ -213,6 +215,15 @@ pub struct CreateJob {
     pub in_progress_timeout_minutes: Option<u64>,
 }
 
+/// What a restart has to go on with.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    /// Jobs in progress: their rollout resumes.
+    pub rolling_out: Vec<String>,
+    /// Canceled jobs with executions not ended: their cancellation goes on.
+    pub canceling: Vec<String>,
+}
+
 /// One target's execution as the job side knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TargetStatus {
@@ -311,24 +322,30 @@ impl JobManager {
         self.inner.watched.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Loads what a restart needs: the targets of jobs in progress, and the consumer's cursor
-    /// (a first start begins at the end of the feed: no job existed before).
-    pub fn recover(&self) -> Result<Vec<String>, StorageError> {
+    /// Loads what a restart needs: the targets of jobs in progress (and of canceled jobs with
+    /// executions not ended yet), and the consumer's cursor (a first start begins at the end of
+    /// the feed: no job existed before). Returns the jobs whose rollout or cancellation must go
+    /// on.
+    pub fn recover(&self) -> Result<Recovered, StorageError> {
         let store = &self.inner.store;
         if store.cursor(CONSUMER)? == 0 {
             store.set_cursor(CONSUMER, store.feed_durable_end().saturating_sub(1))?;
         }
-        let mut in_progress = Vec::new();
+        let mut recovered = Recovered::default();
         for (_, bytes) in store.kv_scan_prefix(JOB_PREFIX, usize::MAX)? {
             let Ok(record) = decode_record(&bytes) else {
                 continue;
             };
-            if record.status == JobStatus::InProgress {
-                in_progress.push(record.job_id);
+            match record.status {
+                JobStatus::InProgress => recovered.rolling_out.push(record.job_id),
+                JobStatus::Canceled if record.terminal_count() < record.targets => {
+                    recovered.canceling.push(record.job_id)
+                }
+                JobStatus::Canceled | JobStatus::Completed => {}
             }
         }
         let mut watched = self.watched();
-        for job_id in &in_progress {
+        for job_id in recovered.rolling_out.iter().chain(&recovered.canceling) {
             for (key, _) in
                 store.kv_scan_prefix(&format!("{TARGET_PREFIX}{job_id}/"), usize::MAX)?
             {
@@ -337,7 +354,19 @@ impl JobManager {
                 }
             }
         }
-        Ok(in_progress)
+        Ok(recovered)
+    }
+
+    /// Goes on after a restart with what [`JobManager::recover`] found.
+    pub fn resume(&self, recovered: Recovered) {
+        for job_id in recovered.rolling_out {
+            let manager = self.clone();
+            tokio::spawn(async move { manager.roll_out(&job_id).await });
+        }
+        for job_id in recovered.canceling {
+            let manager = self.clone();
+            tokio::spawn(async move { manager.propagate_cancel(&job_id, None).await });
+        }
     }
 
     /// One job.
@@ -362,7 +391,8 @@ impl JobManager {
         })
     }
 
-    /// Jobs in id order after `after`, optionally of one status.
+    /// Jobs in id order after `after`, optionally of one status (reads in pages of
+    /// `SCAN_PAGE`, never the whole range at once).
     pub fn list(
         &self,
         status: Option<JobStatus>,
@@ -370,31 +400,29 @@ impl JobManager {
         limit: usize,
     ) -> Result<Vec<JobRecord>, Rejection> {
         let mut out = Vec::new();
-        for (key, bytes) in self
-            .inner
-            .store
-            .kv_scan_prefix(JOB_PREFIX, usize::MAX)
-            .map_err(storage)?
-        {
-            let id = &key[JOB_PREFIX.len()..];
-            if after.is_some_and(|a| id <= a) {
-                continue;
-            }
-            let Ok(record) = decode_record(&bytes) else {
-                continue;
-            };
-            if status.is_some_and(|s| s != record.status) {
-                continue;
-            }
-            out.push(record);
-            if out.len() == limit {
-                break;
+        let mut from = after.map(|a| format!("{JOB_PREFIX}{a}"));
+        while out.len() < limit {
+            let page = self
+                .inner
+                .store
+                .kv_scan_prefix_after(JOB_PREFIX, from.as_deref(), SCAN_PAGE)
+                .map_err(storage)?;
+            let Some((last, _)) = page.last() else { break };
+            from = Some(last.clone());
+            for (_, bytes) in &page {
+                let Ok(record) = decode_record(bytes) else {
+                    continue;
+                };
+                if status.is_none_or(|s| s == record.status) && out.len() < limit {
+                    out.push(record);
+                }
             }
         }
         Ok(out)
     }
 
-    /// A job's targets and their executions' statuses, in Thing order after `after`.
+    /// A job's targets and their executions' statuses, in Thing order after `after` (read in
+    /// pages, like [`JobManager::list`]).
     pub fn targets(
         &self,
         job_id: &str,
@@ -405,28 +433,25 @@ impl JobManager {
         self.get(job_id)?;
         let prefix = format!("{TARGET_PREFIX}{job_id}/");
         let mut out = Vec::new();
-        for (key, bytes) in self
-            .inner
-            .store
-            .kv_scan_prefix(&prefix, usize::MAX)
-            .map_err(storage)?
-        {
-            let thing = &key[prefix.len()..];
-            if after.is_some_and(|a| thing <= a) {
-                continue;
-            }
-            let current = std::str::from_utf8(&bytes)
-                .ok()
-                .and_then(JobExecutionStatus::parse);
-            if status.is_some_and(|s| Some(s) != current) {
-                continue;
-            }
-            out.push(TargetStatus {
-                thing: thing.to_owned(),
-                status: current,
-            });
-            if out.len() == limit {
-                break;
+        let mut from = after.map(|a| format!("{prefix}{a}"));
+        while out.len() < limit {
+            let page = self
+                .inner
+                .store
+                .kv_scan_prefix_after(&prefix, from.as_deref(), SCAN_PAGE)
+                .map_err(storage)?;
+            let Some((last, _)) = page.last() else { break };
+            from = Some(last.clone());
+            for (key, bytes) in &page {
+                let current = std::str::from_utf8(bytes)
+                    .ok()
+                    .and_then(JobExecutionStatus::parse);
+                if status.is_none_or(|s| Some(s) == current) && out.len() < limit {
+                    out.push(TargetStatus {
+                        thing: key[prefix.len()..].to_owned(),
+                        status: current,
+                    });
+                }
             }
         }
         Ok(out)
@@ -499,7 +524,10 @@ impl JobManager {
         Ok(record)
     }
 
-    /// Queues the executions of `job_id` not queued yet (a bounded number at a time).
+    /// Queues the executions of `job_id` not queued yet (a bounded number at a time). A Thing
+    /// deleted since the job was created counts as REMOVED; other failures are retried at the
+    /// next start (logged). If the job is canceled meanwhile, what the last chunk queued is
+    /// canceled too.
     pub async fn roll_out(&self, job_id: &str) {
         let Ok(record) = self.get(job_id) else { return };
         let Ok(targets) = self.targets(job_id, None, None, usize::MAX) else {
@@ -512,11 +540,7 @@ impl JobManager {
             .collect();
         let mut queued = 0u64;
         for chunk in pending.chunks(self.inner.config.rollout_concurrency_max.max(1)) {
-            if self
-                .get(job_id)
-                .map(|r| r.status != JobStatus::InProgress)
-                .unwrap_or(true)
-            {
+            if !self.in_progress(job_id) {
                 tracing::info!(job = %job_id, "rollout stopped: the job is no longer in progress");
                 return;
             }
@@ -540,16 +564,27 @@ impl JobManager {
                 match outcome {
                     Ok(_) => queued += 1,
                     Err(rejection) if rejection.kind == RejectionKind::AlreadyExists => queued += 1,
+                    Err(rejection) if rejection.kind == RejectionKind::ThingNotFound => {
+                        tracing::info!(job = %job_id, %thing, "target deleted since the job was created: REMOVED");
+                        self.set_target(job_id, &thing, JobExecutionStatus::Removed)
+                            .await;
+                    }
                     Err(rejection) => {
                         tracing::warn!(job = %job_id, %thing, error = %rejection.message, "cannot queue the job's execution; the next start retries");
                     }
                 }
             }
+            if !self.in_progress(job_id) {
+                // Canceled while this chunk was queued: the cancellation may have passed
+                // these targets before their executions existed.
+                self.propagate_cancel(job_id, Some(chunk)).await;
+                return;
+            }
         }
         tracing::info!(job = %job_id, queued, "rollout done");
         let _writes = self.inner.writes.lock().await;
         if let Ok(mut record) = self.get(job_id) {
-            record.queued = record.queued.max(queued).min(record.targets);
+            record.queued = record.queued.saturating_add(queued).min(record.targets);
             if let Ok(bytes) = encode(&record) {
                 let _ = self
                     .inner
@@ -559,8 +594,31 @@ impl JobManager {
         }
     }
 
+    fn in_progress(&self, job_id: &str) -> bool {
+        self.get(job_id)
+            .is_ok_and(|record| record.status == JobStatus::InProgress)
+    }
+
+    /// Records `status` for a target that has no execution to report it (its Thing is gone),
+    /// with the job's counts, as the counter would.
+    async fn set_target(&self, job_id: &str, thing: &str, status: JobExecutionStatus) {
+        let _writes = self.inner.writes.lock().await;
+        let mut records = HashMap::new();
+        let at_ms = self.inner.clock.now_ms();
+        match self.move_target(job_id, thing, status, at_ms, &mut records) {
+            Ok(true) => {
+                if let Err(e) = self.inner.store.sync().await {
+                    tracing::error!(job = %job_id, error = %e, "cannot store a target's status");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => tracing::error!(job = %job_id, error = %e, "cannot store a target's status"),
+        }
+    }
+
     /// Cancels a job: no more executions are queued, queued ones end, and those in progress too
-    /// with `force`. Durable before this returns; the Things are told in the background.
+    /// with `force`. Durable before this returns; the Things are told in the background (and
+    /// again after a restart until every execution has ended).
     pub async fn cancel(
         &self,
         job_id: &str,
@@ -594,26 +652,41 @@ impl JobManager {
             self.inner.store.sync().await.map_err(storage)?;
             record
         };
-        let targets = self.targets(job_id, None, None, usize::MAX)?;
         let manager = self.clone();
         let job = job_id.to_owned();
-        tokio::spawn(async move {
-            for target in targets
-                .into_iter()
-                .filter(|t| t.status.is_some_and(|s| !s.is_terminal()))
-            {
-                if let Err(refusal) = manager
-                    .inner
-                    .things
-                    .cancel_job(&target.thing, &job, force)
-                    .await
-                {
-                    tracing::debug!(job = %job, thing = %target.thing, reason = %refusal.rejection.message, "execution not canceled");
-                }
-            }
-        });
+        tokio::spawn(async move { manager.propagate_cancel(&job, None).await });
         tracing::info!(job = %job_id, force, "job canceled");
         Ok(record)
+    }
+
+    /// Tells the targets (`only` these, or all) of a canceled job to end their executions.
+    /// Targets whose status is not known yet are told too: their execution may exist already.
+    async fn propagate_cancel(&self, job_id: &str, only: Option<&[String]>) {
+        let Ok(record) = self.get(job_id) else { return };
+        let targets: Vec<String> = match only {
+            Some(things) => things.to_vec(),
+            None => match self.targets(job_id, None, None, usize::MAX) {
+                Ok(targets) => targets
+                    .into_iter()
+                    .filter(|t| t.status.is_none_or(|s| !s.is_terminal()))
+                    .map(|t| t.thing)
+                    .collect(),
+                Err(_) => return,
+            },
+        };
+        for thing in targets {
+            match self
+                .inner
+                .things
+                .cancel_job(&thing, job_id, record.force_canceled)
+                .await
+            {
+                Ok(_) => {}
+                Err(refusal) => {
+                    tracing::debug!(job = %job_id, %thing, reason = %refusal.rejection.message, "execution not canceled");
+                }
+            }
+        }
     }
 
     /// Runs the counting consumer until `stop`: a round at most every `feed_poll_interval`
@@ -661,13 +734,31 @@ impl JobManager {
         let mut records: HashMap<String, Option<JobRecord>> = HashMap::new();
         let mut wrote = false;
         for entry in entries.iter().filter(|e| watched.contains(&e.thing)) {
-            let events = store.read_events(&entry.thing, entry.first_seq, entry.count as usize)?;
+            // One unreadable entry must not stop the counts (and the feed's trimming) for
+            // good: it is logged and skipped, like the effects consumer gives up a Thing.
+            let events = match store.read_events(
+                &entry.thing,
+                entry.first_seq,
+                entry.count as usize,
+            ) {
+                Ok(events) => events,
+                Err(e) => {
+                    tracing::error!(thing = %entry.thing, first_seq = entry.first_seq, error = %e, "job counts skip events that cannot be read");
+                    continue;
+                }
+            };
             for recorded in events {
                 let Ok(ThingEvent::Job(event)) = codec::decode_event(&entry.thing, &recorded)
                 else {
                     continue;
                 };
-                wrote |= self.count(&entry.thing, &event, &mut records)?;
+                let (job_id, status) = (job_id_of(&event), status_after(&event));
+                match self.move_target(job_id, &entry.thing, status, event.at_ms(), &mut records) {
+                    Ok(moved) => wrote |= moved,
+                    Err(e) => {
+                        tracing::error!(job = %job_id, thing = %entry.thing, error = %e, "cannot store a job count");
+                    }
+                }
             }
         }
         if wrote {
@@ -680,15 +771,17 @@ impl JobManager {
         Ok(entries.len())
     }
 
-    /// Moves `thing`'s status in `event`'s job and the job's counts; returns whether it wrote.
-    fn count(
+    /// Moves `thing`'s status in job `job_id` to `after`, and the job's counts with it, in one
+    /// atomic batch (not synced); returns whether it wrote.
+    fn move_target(
         &self,
+        job_id: &str,
         thing: &str,
-        event: &JobEvent,
+        after: JobExecutionStatus,
+        at_ms: u64,
         records: &mut HashMap<String, Option<JobRecord>>,
     ) -> Result<bool, StorageError> {
         let store = &self.inner.store;
-        let job_id = job_id_of(event);
         let record = match records.get_mut(job_id) {
             Some(record) => record,
             None => {
@@ -708,7 +801,6 @@ impl JobManager {
         let before = std::str::from_utf8(&stored)
             .ok()
             .and_then(JobExecutionStatus::parse);
-        let after = status_after(event);
         if before == Some(after) {
             return Ok(false);
         }
@@ -718,7 +810,7 @@ impl JobManager {
             }
         }
         *record.counts.entry(after.as_str().to_owned()).or_insert(0) += 1;
-        record.last_updated_at_ms = event.at_ms();
+        record.last_updated_at_ms = at_ms;
         if record.status == JobStatus::InProgress && record.terminal_count() >= record.targets {
             record.status = JobStatus::Completed;
             record.completed_at_ms = Some(record.last_updated_at_ms);

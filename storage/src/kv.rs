@@ -59,6 +59,33 @@ impl Store {
         Ok(existed)
     }
 
+    /// Records whose key starts with `prefix` and sorts after `after` (a whole key), in key
+    /// order, at most `limit`: a page that reads only what it returns.
+    pub fn kv_scan_prefix_after(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
+        let start: Vec<u8> = match after {
+            Some(after) => {
+                let mut key = after.as_bytes().to_vec();
+                key.push(0);
+                key
+            }
+            None => prefix.as_bytes().to_vec(),
+        };
+        let mut out = Vec::new();
+        for item in self.inner.kv.range(start..) {
+            let (key, value) = item?;
+            if !key.starts_with(prefix.as_bytes()) || out.len() == limit {
+                break;
+            }
+            out.push((String::from_utf8_lossy(&key).into_owned(), value.to_vec()));
+        }
+        Ok(out)
+    }
+
     /// All records whose key starts with `prefix`, in key order, at most `limit`.
     pub fn kv_scan_prefix(
         &self,

@@ -690,10 +690,25 @@ pub fn decide(
             let Some(registration) = &state.registration else {
                 return Err(state.not_found());
             };
+            // Its pending job executions end with it (their jobs can complete; a Thing
+            // registered again under the name does not inherit them).
+            let mut events: Vec<ThingEvent> = state
+                .jobs
+                .pending
+                .keys()
+                .map(|job_id| {
+                    ThingEvent::Job(jobs::JobEvent::Removed(jobs::JobFinished {
+                        job_id: job_id.clone(),
+                        at_ms: now_ms,
+                        finished_kept_max: limits.jobs.finished_kept_max,
+                    }))
+                })
+                .collect();
+            events.push(ThingEvent::Deleted(ThingDeleted {
+                deleted_at_ms: now_ms,
+            }));
             Ok(Decision {
-                events: vec![ThingEvent::Deleted(ThingDeleted {
-                    deleted_at_ms: now_ms,
-                })],
+                events,
                 reply: Reply::Deleted {
                     mqtt_client_id: registration.mqtt_client_id.clone(),
                 },
