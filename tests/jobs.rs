@@ -507,3 +507,96 @@ async fn a_job_canceled_at_once_leaves_no_execution_running_and_deleted_targets_
         "{done}"
     );
 }
+
+/// The time a Thing's execution of `job` was queued, Unix ms, from its history (bounded wait).
+async fn queued_at(server: &Server, thing: &str) -> u64 {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, history) = call(
+            Method::GET,
+            &server.url(&format!("/api/v1/things/{thing}/history")),
+            None,
+        )
+        .await;
+        let found = history
+            .as_array()
+            .or_else(|| history["items"].as_array())
+            .and_then(|items| items.iter().find(|e| e["type"] == "JobQueued"))
+            .and_then(|e| e["recordedAt"].as_u64());
+        if let Some(at) = found {
+            return at;
+        }
+        assert!(Instant::now() < deadline, "{thing} never queued: {history}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `rollout.maximumPerMinute` holds: 120 a minute queues one execution every 500 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_rate_holds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    for name in ["r0", "r1", "r2"] {
+        create(&server, "/api/v1/things", json!({"thingName": name})).await;
+    }
+    let created = create(
+        &server,
+        "/api/v1/jobs",
+        json!({"jobId": "paced", "document": {}, "targets": {"thingNames": ["r0", "r1", "r2"]},
+               "rollout": {"maximumPerMinute": 120}}),
+    )
+    .await;
+    assert_eq!(created["rollout"]["maximumPerMinute"], 120);
+    let mut times = Vec::new();
+    for name in ["r0", "r1", "r2"] {
+        times.push(queued_at(&server, name).await);
+    }
+    times.sort_unstable();
+    assert!(
+        times[2] - times[0] >= 1_000,
+        "three executions at 120/min span at least 1 s: {times:?}"
+    );
+}
+
+/// An abort criterion cancels the job once enough executed Things failed; the executions not
+/// started yet end CANCELED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_failures_abort_the_job() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let mut a = device(&server, "a").await;
+    let mut b = device(&server, "b").await;
+    for name in ["c", "d"] {
+        create(&server, "/api/v1/things", json!({"thingName": name})).await;
+    }
+    create(
+        &server,
+        "/api/v1/jobs",
+        json!({"jobId": "risky", "document": {}, "targets": {"thingNames": ["a", "b", "c", "d"]},
+               "abortConfig": {"criteriaList": [{"failureType": "ALL", "action": "CANCEL",
+                   "thresholdPercentage": 50, "minNumberOfExecutedThings": 2}]}}),
+    )
+    .await;
+    for (device, name) in [(&mut a, "a"), (&mut b, "b")] {
+        let jobs = format!("$emqx/things/{name}/jobs");
+        next_on(device, &format!("{jobs}/notify-next")).await;
+        device
+            .publish(
+                &format!("{jobs}/risky/update"),
+                json!({"status": "FAILED"}).to_string(),
+            )
+            .await;
+        next_on(device, &format!("{jobs}/risky/update/accepted")).await;
+    }
+    let aborted = wait_for_job(&server, "risky", |j| {
+        j["status"] == "CANCELED" && j["jobProcessDetails"]["numberOfCanceledThings"] == 2
+    })
+    .await;
+    assert!(
+        aborted["reasonCode"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("aborted")),
+        "{aborted}"
+    );
+    assert_eq!(aborted["jobProcessDetails"]["numberOfFailedThings"], 2);
+}

@@ -147,6 +147,12 @@ pub struct JobRecord {
     /// Unix ms it completed or was canceled.
     #[serde(default)]
     pub completed_at_ms: Option<u64>,
+    /// Most executions queued per minute.
+    #[serde(default)]
+    pub maximum_per_minute: Option<u32>,
+    /// When the job is canceled because too many executions fail.
+    #[serde(default)]
+    pub abort_criteria: Vec<AbortCriterion>,
 }
 
 impl JobRecord {
@@ -186,6 +192,13 @@ impl JobRecord {
         if let Some(completed) = self.completed_at_ms {
             body["completedAt"] = completed.into();
         }
+        if let Some(rate) = self.maximum_per_minute {
+            body["rollout"] = serde_json::json!({"maximumPerMinute": rate});
+        }
+        if !self.abort_criteria.is_empty() {
+            let criteria: Vec<Value> = self.abort_criteria.iter().map(|c| c.to_json()).collect();
+            body["abortConfig"] = serde_json::json!({"criteriaList": criteria});
+        }
         body
     }
 
@@ -213,6 +226,92 @@ pub struct CreateJob {
     pub things: Vec<String>,
     /// Minutes an execution may stay in progress.
     pub in_progress_timeout_minutes: Option<u64>,
+    /// Most executions queued per minute (`None`: as fast as the rollout can).
+    pub maximum_per_minute: Option<u32>,
+    /// When to cancel the job because too many executions fail.
+    pub abort_criteria: Vec<AbortCriterion>,
+}
+
+/// Which failures an abort criterion counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FailureType {
+    /// FAILED executions.
+    #[serde(rename = "FAILED")]
+    Failed,
+    /// REJECTED executions.
+    #[serde(rename = "REJECTED")]
+    Rejected,
+    /// TIMED_OUT executions.
+    #[serde(rename = "TIMED_OUT")]
+    TimedOut,
+    /// All three.
+    #[serde(rename = "ALL")]
+    All,
+}
+
+impl FailureType {
+    /// Parses a wire name.
+    pub fn parse(text: &str) -> Option<FailureType> {
+        Some(match text {
+            "FAILED" => FailureType::Failed,
+            "REJECTED" => FailureType::Rejected,
+            "TIMED_OUT" => FailureType::TimedOut,
+            "ALL" => FailureType::All,
+            _ => return None,
+        })
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            FailureType::Failed => "FAILED",
+            FailureType::Rejected => "REJECTED",
+            FailureType::TimedOut => "TIMED_OUT",
+            FailureType::All => "ALL",
+        }
+    }
+}
+
+/// Cancel the job once `threshold_percentage` of at least `min_executed` executed Things
+/// failed this way (AWS IoT `abortConfig`, action CANCEL).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AbortCriterion {
+    /// Which failures count.
+    pub failure_type: FailureType,
+    /// Percent of executed Things (0 < p <= 100).
+    pub threshold_percentage: f64,
+    /// Executed Things (a terminal status set by a device or a timer) before it applies.
+    pub min_executed: u64,
+}
+
+impl AbortCriterion {
+    /// Whether `counts` meet it.
+    fn met(&self, counts: &BTreeMap<String, u64>) -> bool {
+        let count = |status: JobExecutionStatus| counts.get(status.as_str()).copied().unwrap_or(0);
+        let (failed, rejected, timed_out) = (
+            count(JobExecutionStatus::Failed),
+            count(JobExecutionStatus::Rejected),
+            count(JobExecutionStatus::TimedOut),
+        );
+        let executed = count(JobExecutionStatus::Succeeded) + failed + rejected + timed_out;
+        let failures = match self.failure_type {
+            FailureType::Failed => failed,
+            FailureType::Rejected => rejected,
+            FailureType::TimedOut => timed_out,
+            FailureType::All => failed + rejected + timed_out,
+        };
+        executed > 0
+            && executed >= self.min_executed
+            && failures as f64 * 100.0 >= self.threshold_percentage * executed as f64
+    }
+
+    fn to_json(self) -> Value {
+        serde_json::json!({
+            "failureType": self.failure_type.as_str(),
+            "action": "CANCEL",
+            "thresholdPercentage": self.threshold_percentage,
+            "minNumberOfExecutedThings": self.min_executed,
+        })
+    }
 }
 
 /// What a restart has to go on with.
@@ -248,6 +347,8 @@ struct Inner {
     watched: Mutex<HashSet<String>>,
     /// Serializes writes of job records (the consumer, creation, cancel).
     writes: tokio::sync::Mutex<()>,
+    /// Jobs the counter aborted, whose cancellation is still to be told to the Things.
+    aborted: Mutex<Vec<String>>,
 }
 
 fn storage(e: StorageError) -> Rejection {
@@ -314,6 +415,7 @@ impl JobManager {
                 config,
                 watched: Mutex::new(HashSet::new()),
                 writes: tokio::sync::Mutex::new(()),
+                aborted: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -492,6 +594,8 @@ impl JobManager {
             created_at_ms: now_ms,
             last_updated_at_ms: now_ms,
             completed_at_ms: None,
+            maximum_per_minute: job.maximum_per_minute,
+            abort_criteria: job.abort_criteria,
         };
         {
             let _writes = self.inner.writes.lock().await;
@@ -539,13 +643,29 @@ impl JobManager {
             .map(|t| t.thing)
             .collect();
         let mut queued = 0u64;
-        for chunk in pending.chunks(self.inner.config.rollout_concurrency_max.max(1)) {
+        // Paced: the n-th execution of this run is queued no sooner than n minutes / rate
+        // after the start (a resumed rollout starts its own pace).
+        let started = tokio::time::Instant::now();
+        let interval = record
+            .maximum_per_minute
+            .map(|rate| Duration::from_secs(60) / rate.max(1));
+        let concurrency = match record.maximum_per_minute {
+            Some(rate) => (rate as usize).min(self.inner.config.rollout_concurrency_max),
+            None => self.inner.config.rollout_concurrency_max,
+        }
+        .max(1);
+        let mut sent = 0u32;
+        for chunk in pending.chunks(concurrency) {
             if !self.in_progress(job_id) {
                 tracing::info!(job = %job_id, "rollout stopped: the job is no longer in progress");
                 return;
             }
             let mut tasks = tokio::task::JoinSet::new();
             for thing in chunk {
+                if let Some(interval) = interval {
+                    tokio::time::sleep_until(started + interval * sent).await;
+                }
+                sent = sent.saturating_add(1);
                 let things = self.inner.things.clone();
                 let queue = QueueJob {
                     job_id: job_id.to_owned(),
@@ -765,6 +885,14 @@ impl JobManager {
             // The counts are durable before the cursor passes the events they follow.
             store.sync().await?;
         }
+        drop(_writes);
+        let aborted =
+            std::mem::take(&mut *self.inner.aborted.lock().unwrap_or_else(|p| p.into_inner()));
+        for job_id in aborted {
+            // Durable now (CANCELED with its reason); a restart tells the Things again.
+            let manager = self.clone();
+            tokio::spawn(async move { manager.propagate_cancel(&job_id, None).await });
+        }
         // Not synced by itself: a cursor lost in a crash replays events whose statuses are
         // already stored, which changes nothing.
         store.set_cursor(CONSUMER, last)?;
@@ -811,10 +939,26 @@ impl JobManager {
         }
         *record.counts.entry(after.as_str().to_owned()).or_insert(0) += 1;
         record.last_updated_at_ms = at_ms;
-        if record.status == JobStatus::InProgress && record.terminal_count() >= record.targets {
-            record.status = JobStatus::Completed;
-            record.completed_at_ms = Some(record.last_updated_at_ms);
-            tracing::info!(job = %job_id, "job completed");
+        if record.status == JobStatus::InProgress {
+            if let Some(criterion) = record.abort_criteria.iter().find(|c| c.met(&record.counts)) {
+                record.status = JobStatus::Canceled;
+                record.reason_code = Some(format!(
+                    "aborted: {}% of executed Things {}",
+                    criterion.threshold_percentage,
+                    criterion.failure_type.as_str()
+                ));
+                record.completed_at_ms = Some(at_ms);
+                tracing::warn!(job = %job_id, failure_type = criterion.failure_type.as_str(), threshold = criterion.threshold_percentage, "job aborted by its criteria");
+                self.inner
+                    .aborted
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(job_id.to_owned());
+            } else if record.terminal_count() >= record.targets {
+                record.status = JobStatus::Completed;
+                record.completed_at_ms = Some(record.last_updated_at_ms);
+                tracing::info!(job = %job_id, "job completed");
+            }
         }
         store.kv_apply_behind(vec![
             (key, Some(after.as_str().as_bytes().to_vec())),

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use thinghub_actors::job_manager::{CreateJob, JobStatus};
+use thinghub_actors::job_manager::{AbortCriterion, CreateJob, FailureType, JobStatus};
 use thinghub_actors::thing::jobs::{JobExecutionStatus, JobRefusal, STEP_TIMEOUT_MINUTES};
 use thinghub_actors::thing::{Rejection, RejectionKind};
 use thinghub_actors::Things;
@@ -33,13 +33,18 @@ fn create_job(body: &Value, document_bytes_max: usize) -> Result<CreateJob, Reje
     for key in body.keys() {
         if !matches!(
             key.as_str(),
-            "jobId" | "description" | "document" | "targets" | "targetSelection" | "timeoutConfig"
+            "jobId"
+                | "description"
+                | "document"
+                | "targets"
+                | "targetSelection"
+                | "timeoutConfig"
+                | "rollout"
+                | "abortConfig"
         ) {
-            let why = match key.as_str() {
-                "rollout" | "abortConfig" => "is not supported yet",
-                _ => "is not a field of a job",
-            };
-            return Err(Rejection::bad_request(format!("'{key}' {why}")));
+            return Err(Rejection::bad_request(format!(
+                "'{key}' is not a field of a job"
+            )));
         }
     }
     let job_id = match body.get("jobId") {
@@ -142,7 +147,80 @@ fn create_job(body: &Value, document_bytes_max: usize) -> Result<CreateJob, Reje
         document,
         things,
         in_progress_timeout_minutes,
+        maximum_per_minute: rollout(body.get("rollout"))?,
+        abort_criteria: abort_criteria(body.get("abortConfig"))?,
     })
+}
+
+/// `rollout: {maximumPerMinute (1..=1000)}` (as AWS IoT); exponential rates are not built.
+fn rollout(value: Option<&Value>) -> Result<Option<u32>, Rejection> {
+    let Some(value) = value.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let Some(rollout) = value.as_object() else {
+        return Err(Rejection::bad_request("rollout must be a JSON object"));
+    };
+    if rollout.contains_key("exponentialRate") {
+        return Err(Rejection::bad_request(
+            "rollout.exponentialRate is not supported yet",
+        ));
+    }
+    match rollout.get("maximumPerMinute").and_then(Value::as_u64) {
+        Some(rate @ 1..=1000) => Ok(Some(rate as u32)),
+        _ => Err(Rejection::bad_request(
+            "rollout.maximumPerMinute must be a whole number in 1..=1000",
+        )),
+    }
+}
+
+/// `abortConfig: {criteriaList: [{failureType, action: CANCEL, thresholdPercentage,
+/// minNumberOfExecutedThings}]}` (as AWS IoT; at most 4 criteria).
+fn abort_criteria(value: Option<&Value>) -> Result<Vec<AbortCriterion>, Rejection> {
+    let Some(value) = value.filter(|v| !v.is_null()) else {
+        return Ok(Vec::new());
+    };
+    let list = value
+        .get("criteriaList")
+        .and_then(Value::as_array)
+        .filter(|list| (1..=4).contains(&list.len()))
+        .ok_or_else(|| {
+            Rejection::bad_request("abortConfig.criteriaList must be an array of 1..=4 criteria")
+        })?;
+    let mut criteria = Vec::with_capacity(list.len());
+    for criterion in list {
+        let field = |name: &str| criterion.get(name);
+        let failure_type = field("failureType")
+            .and_then(Value::as_str)
+            .and_then(FailureType::parse)
+            .ok_or_else(|| {
+                Rejection::bad_request(
+                    "abortConfig failureType must be FAILED, REJECTED, TIMED_OUT or ALL",
+                )
+            })?;
+        if field("action").and_then(Value::as_str) != Some("CANCEL") {
+            return Err(Rejection::bad_request("abortConfig action must be CANCEL"));
+        }
+        let threshold_percentage = field("thresholdPercentage")
+            .and_then(Value::as_f64)
+            .filter(|p| *p > 0.0 && *p <= 100.0)
+            .ok_or_else(|| {
+                Rejection::bad_request("abortConfig thresholdPercentage must be in (0, 100]")
+            })?;
+        let min_executed = field("minNumberOfExecutedThings")
+            .and_then(Value::as_u64)
+            .filter(|n| *n >= 1)
+            .ok_or_else(|| {
+                Rejection::bad_request(
+                    "abortConfig minNumberOfExecutedThings must be a whole number of at least 1",
+                )
+            })?;
+        criteria.push(AbortCriterion {
+            failure_type,
+            threshold_percentage,
+            min_executed,
+        });
+    }
+    Ok(criteria)
 }
 
 /// `POST /api/v1/jobs` -> 201 with the job.
