@@ -503,6 +503,15 @@ fn check_deadline_index(store: &Store, report: &mut CheckReport, seen: &HashSet<
 /// Decodes one stored `kv` record of a known kind.
 type RecordCheck = fn(&[u8]) -> Result<(), String>;
 
+/// A group membership record holds nothing.
+fn membership(bytes: &[u8]) -> Result<(), String> {
+    if bytes.is_empty() {
+        Ok(())
+    } else {
+        Err("a membership record holds no value".into())
+    }
+}
+
 fn check_kv(store: &Store, report: &mut CheckReport) {
     let records = match store.kv_scan_prefix("", usize::MAX) {
         Ok(records) => records,
@@ -511,8 +520,13 @@ fn check_kv(store: &Store, report: &mut CheckReport) {
             return;
         }
     };
-    let kinds: [(&str, RecordCheck); 7] = [
+    let kinds: [(&str, RecordCheck); 10] = [
         ("meta/", |_| Ok(())),
+        (thinghub_actors::groups::PREFIXES[0], |bytes| {
+            thinghub_actors::groups::decode_group(bytes).map(|_| ())
+        }),
+        (thinghub_actors::groups::PREFIXES[1], membership),
+        (thinghub_actors::groups::PREFIXES[2], membership),
         (thinghub_actors::job_manager::JOB_PREFIX, |bytes| {
             thinghub_actors::job_manager::decode_record(bytes).map(|_| ())
         }),

@@ -12,6 +12,7 @@ use std::time::Duration;
 use thinghub_actors::clock::{Clock, SystemClock};
 use thinghub_actors::context::DeadlineWake;
 use thinghub_actors::deadlines::DeadlineConfig;
+use thinghub_actors::groups::Groups;
 use thinghub_actors::job_manager::{JobManager, JobManagerConfig};
 use thinghub_actors::outbox::{Outbox, OutboxConfig};
 use thinghub_actors::thing::jobs::JobLimits;
@@ -180,9 +181,11 @@ pub async fn serve(
     let registry = node.registry().clone();
     let keys = AdminKeys::init(store.clone(), admin_key.as_deref(), clock.now_ms()).await?;
     let things = Things::new(registry.clone());
+    let groups = Groups::new(store.clone());
     let jobs = JobManager::new(
         store.clone(),
         things.clone(),
+        groups.clone(),
         clock.clone(),
         JobManagerConfig {
             targets_max: config.job_targets_max,
@@ -211,6 +214,7 @@ pub async fn serve(
     let state = AppState {
         things: things.clone(),
         jobs,
+        groups,
         device_stats: bridge.stats.clone(),
         outbox: outbox.clone(),
         persistence: persistence.clone(),

@@ -239,7 +239,7 @@ async fn bad_job_requests_get_specific_errors() {
         ),
         (
             json!({"document": {}, "targets": {"thingGroupNames": ["g"]}}),
-            400,
+            404,
         ),
         (
             json!({"document": {}, "targets": {"thingNames": ["lamp"]}, "rollout": {}}),
@@ -599,4 +599,131 @@ async fn too_many_failures_abort_the_job() {
         "{aborted}"
     );
     assert_eq!(aborted["jobProcessDetails"]["numberOfFailedThings"], 2);
+}
+
+/// Thing groups: a job to a group reaches its members; a CONTINUOUS one also reaches a Thing
+/// added to the group later; a Thing lists its groups.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_target_groups_and_continuous_jobs_reach_later_members() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    for name in ["g1", "g2", "late"] {
+        create(&server, "/api/v1/things", json!({"thingName": name})).await;
+    }
+    create(
+        &server,
+        "/api/v1/thing-groups",
+        json!({"groupName": "pumps", "description": "all pumps"}),
+    )
+    .await;
+    for name in ["g1", "g2"] {
+        let (status, _) = call(
+            Method::POST,
+            &server.url("/api/v1/thing-groups/pumps/things"),
+            Some(json!({"thingName": name})),
+        )
+        .await;
+        assert_eq!(status, 201);
+    }
+    let (status, _) = call(
+        Method::POST,
+        &server.url("/api/v1/thing-groups/pumps/things"),
+        Some(json!({"thingName": "ghost"})),
+    )
+    .await;
+    assert_eq!(status, 404);
+    let (_, members) = call(
+        Method::GET,
+        &server.url("/api/v1/thing-groups/pumps/things"),
+        None,
+    )
+    .await;
+    assert_eq!(members["items"], json!(["g1", "g2"]));
+    let (_, g1) = call(Method::GET, &server.url("/api/v1/things/g1"), None).await;
+    assert_eq!(g1["thingGroups"], json!(["pumps"]));
+
+    let snapshot = create(
+        &server,
+        "/api/v1/jobs",
+        json!({"jobId": "snap", "document": {}, "targets": {"thingGroupNames": ["pumps"]}}),
+    )
+    .await;
+    assert_eq!(snapshot["targets"], 2);
+    let continuous = create(
+        &server,
+        "/api/v1/jobs",
+        json!({"jobId": "cont", "document": {}, "targets": {"thingGroupNames": ["pumps"]},
+               "targetSelection": "CONTINUOUS"}),
+    )
+    .await;
+    assert_eq!(continuous["targetSelection"], "CONTINUOUS");
+    wait_for_job(&server, "cont", |j| {
+        j["jobProcessDetails"]["numberOfQueuedThings"] == 2
+    })
+    .await;
+
+    let (status, _) = call(
+        Method::POST,
+        &server.url("/api/v1/thing-groups/pumps/things"),
+        Some(json!({"thingName": "late"})),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let reached = wait_for_job(&server, "cont", |j| {
+        j["targets"] == 3 && j["jobProcessDetails"]["numberOfQueuedThings"] == 3
+    })
+    .await;
+    assert_eq!(reached["status"], "IN_PROGRESS");
+    assert_eq!(
+        job(&server, "snap").await["targets"],
+        2,
+        "a SNAPSHOT job does not grow"
+    );
+
+    let (status, _) = call(
+        Method::DELETE,
+        &server.url("/api/v1/thing-groups/pumps/things/late"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 204);
+    let (status, _) = call(
+        Method::DELETE,
+        &server.url("/api/v1/thing-groups/pumps"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 204);
+    let (status, _) = call(Method::GET, &server.url("/api/v1/thing-groups/pumps"), None).await;
+    assert_eq!(status, 404);
+    let (_, g1) = call(Method::GET, &server.url("/api/v1/things/g1"), None).await;
+    assert_eq!(g1["thingGroups"], json!([]));
+
+    // `thinghub check` knows every record jobs and groups store.
+    create(
+        &server,
+        "/api/v1/thing-groups",
+        json!({"groupName": "kept"}),
+    )
+    .await;
+    let (status, _) = call(
+        Method::POST,
+        &server.url("/api/v1/thing-groups/kept/things"),
+        Some(json!({"thingName": "g1"})),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let (exit, _) = server.stop();
+    assert!(exit.success());
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_thinghub"))
+        .args(["check", "--data-dir"])
+        .arg(dir.path())
+        .env_remove("THINGHUB_CONFIG")
+        .output()
+        .expect("run thinghub check");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("no problems"),
+        "{stdout}"
+    );
 }

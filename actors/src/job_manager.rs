@@ -27,6 +27,7 @@ use tokio::sync::watch;
 
 use crate::clock::SharedClock;
 use crate::codec;
+use crate::groups::Groups;
 use crate::service::Things;
 use crate::thing::jobs::{validate_job_id, JobEvent, JobExecutionStatus, QueueJob};
 use crate::thing::{Rejection, RejectionKind, ThingEvent};
@@ -153,6 +154,12 @@ pub struct JobRecord {
     /// When the job is canceled because too many executions fail.
     #[serde(default)]
     pub abort_criteria: Vec<AbortCriterion>,
+    /// Target groups.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// CONTINUOUS targeting (Things added to a target group later get the job).
+    #[serde(default)]
+    pub continuous: bool,
 }
 
 impl JobRecord {
@@ -195,6 +202,15 @@ impl JobRecord {
         if let Some(rate) = self.maximum_per_minute {
             body["rollout"] = serde_json::json!({"maximumPerMinute": rate});
         }
+        body["targetSelection"] = if self.continuous {
+            "CONTINUOUS"
+        } else {
+            "SNAPSHOT"
+        }
+        .into();
+        if !self.groups.is_empty() {
+            body["thingGroupNames"] = serde_json::json!(self.groups);
+        }
         if !self.abort_criteria.is_empty() {
             let criteria: Vec<Value> = self.abort_criteria.iter().map(|c| c.to_json()).collect();
             body["abortConfig"] = serde_json::json!({"criteriaList": criteria});
@@ -230,6 +246,10 @@ pub struct CreateJob {
     pub maximum_per_minute: Option<u32>,
     /// When to cancel the job because too many executions fail.
     pub abort_criteria: Vec<AbortCriterion>,
+    /// Target groups: their members when the job is created are targets.
+    pub groups: Vec<String>,
+    /// CONTINUOUS: a Thing added to a target group later gets the job too.
+    pub continuous: bool,
 }
 
 /// Which failures an abort criterion counts.
@@ -341,6 +361,7 @@ pub struct JobManager {
 struct Inner {
     store: Store,
     things: Things,
+    groups: Groups,
     clock: SharedClock,
     config: JobManagerConfig,
     /// Things that are targets of a job in progress (the consumer reads only their logs).
@@ -404,6 +425,7 @@ impl JobManager {
     pub fn new(
         store: Store,
         things: Things,
+        groups: Groups,
         clock: SharedClock,
         config: JobManagerConfig,
     ) -> JobManager {
@@ -411,6 +433,7 @@ impl JobManager {
             inner: Arc::new(Inner {
                 store,
                 things,
+                groups,
                 clock,
                 config,
                 watched: Mutex::new(HashSet::new()),
@@ -560,22 +583,37 @@ impl JobManager {
     }
 
     /// Creates a job (durable before this returns) and starts its rollout.
-    pub async fn create(&self, job: CreateJob) -> Result<JobRecord, Rejection> {
+    pub async fn create(&self, mut job: CreateJob) -> Result<JobRecord, Rejection> {
         validate_job_id(&job.job_id)?;
-        if job.things.is_empty() {
-            return Err(Rejection::bad_request(
-                "targets.thingNames must name at least one Thing",
-            ));
-        }
-        if job.things.len() > self.inner.config.targets_max {
-            return Err(Rejection::bad_request(format!(
-                "a job may target at most {} Things; this one names {}",
-                self.inner.config.targets_max,
-                job.things.len()
-            )));
-        }
         for thing in &job.things {
             self.inner.things.ensure_registered(thing)?;
+        }
+        let max = self.inner.config.targets_max;
+        let mut named: HashSet<String> = job.things.iter().cloned().collect();
+        for group in &job.groups {
+            // Members that are not registered (deleted since they joined) are skipped.
+            for thing in self
+                .inner
+                .groups
+                .members(group, None, max.saturating_add(1))?
+            {
+                if self.inner.things.ensure_registered(&thing).is_ok()
+                    && named.insert(thing.clone())
+                {
+                    job.things.push(thing);
+                }
+            }
+        }
+        if job.things.is_empty() && !job.continuous {
+            return Err(Rejection::bad_request(
+                "the job's targets name no registered Thing",
+            ));
+        }
+        if job.things.len() > max {
+            return Err(Rejection::bad_request(format!(
+                "a job may target at most {max} Things; this one has {}",
+                job.things.len()
+            )));
         }
         let now_ms = self.inner.clock.now_ms();
         let record = JobRecord {
@@ -596,6 +634,8 @@ impl JobManager {
             completed_at_ms: None,
             maximum_per_minute: job.maximum_per_minute,
             abort_criteria: job.abort_criteria,
+            groups: job.groups,
+            continuous: job.continuous,
         };
         {
             let _writes = self.inner.writes.lock().await;
@@ -712,6 +752,47 @@ impl JobManager {
                     .kv_apply_behind(vec![(format!("{JOB_PREFIX}{job_id}"), Some(bytes))]);
             }
         }
+    }
+
+    /// `thing` joined `group`: every CONTINUOUS job in progress that targets the group gets it
+    /// as a new target (durably) and queues its execution.
+    pub async fn thing_joined(&self, group: &str, thing: &str) -> Result<(), Rejection> {
+        let jobs: Vec<JobRecord> = self
+            .list(Some(JobStatus::InProgress), None, usize::MAX)?
+            .into_iter()
+            .filter(|job| job.continuous && job.groups.iter().any(|g| g == group))
+            .collect();
+        for job in jobs {
+            let key = target_key(&job.job_id, thing);
+            {
+                let _writes = self.inner.writes.lock().await;
+                let store = &self.inner.store;
+                if store.kv_get(&key).map_err(storage)?.is_some() {
+                    continue;
+                }
+                let mut record = self.get(&job.job_id)?;
+                if record.status != JobStatus::InProgress {
+                    continue;
+                }
+                record.targets += 1;
+                store
+                    .kv_apply_behind(vec![
+                        (key, Some(Vec::new())),
+                        (
+                            format!("{JOB_PREFIX}{}", job.job_id),
+                            Some(encode(&record)?),
+                        ),
+                    ])
+                    .map_err(storage)?;
+                store.sync().await.map_err(storage)?;
+            }
+            self.watched().insert(thing.to_owned());
+            tracing::info!(job = %job.job_id, %thing, %group, "a Thing joined a target group: the job reaches it");
+            let manager = self.clone();
+            let job_id = job.job_id.clone();
+            tokio::spawn(async move { manager.roll_out(&job_id).await });
+        }
+        Ok(())
     }
 
     fn in_progress(&self, job_id: &str) -> bool {
@@ -954,7 +1035,7 @@ impl JobManager {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .push(job_id.to_owned());
-            } else if record.terminal_count() >= record.targets {
+            } else if !record.continuous && record.terminal_count() >= record.targets {
                 record.status = JobStatus::Completed;
                 record.completed_at_ms = Some(record.last_updated_at_ms);
                 tracing::info!(job = %job_id, "job completed");

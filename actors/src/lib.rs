@@ -17,6 +17,7 @@ pub mod context;
 pub mod deadlines;
 #[cfg(feature = "test-util")]
 pub mod fault;
+pub mod groups;
 pub mod job_manager;
 pub mod node;
 pub mod outbox;

@@ -75,34 +75,46 @@ fn create_job(body: &Value, document_bytes_max: usize) -> Result<CreateJob, Reje
             format!("the job document is {bytes} bytes; the maximum is {document_bytes_max}"),
         ));
     }
-    match body.get("targetSelection") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(s)) if s == "SNAPSHOT" => {}
-        Some(Value::String(s)) if s == "CONTINUOUS" => {
-            return Err(Rejection::bad_request(
-                "targetSelection CONTINUOUS is not supported yet",
-            ))
-        }
+    let continuous = match body.get("targetSelection") {
+        None | Some(Value::Null) => false,
+        Some(Value::String(s)) if s == "SNAPSHOT" => false,
+        Some(Value::String(s)) if s == "CONTINUOUS" => true,
         Some(_) => {
             return Err(Rejection::bad_request(
                 "targetSelection must be SNAPSHOT or CONTINUOUS",
             ))
         }
-    }
+    };
     let Some(targets) = body.get("targets").and_then(Value::as_object) else {
         return Err(Rejection::bad_request(
             "Missing required field: targets {\"thingNames\": [...]}",
         ));
     };
-    if let Some(groups) = targets.get("thingGroupNames") {
-        if groups.as_array().is_some_and(|g| !g.is_empty()) {
+    let mut groups: Vec<String> = Vec::new();
+    match targets.get("thingGroupNames") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(names)) => {
+            for name in names {
+                let Some(name) = name.as_str() else {
+                    return Err(Rejection::bad_request(
+                        "targets.thingGroupNames must be strings",
+                    ));
+                };
+                thinghub_actors::groups::validate_group_name(name)?;
+                if !groups.iter().any(|g| g == name) {
+                    groups.push(name.to_owned());
+                }
+            }
+        }
+        Some(_) => {
             return Err(Rejection::bad_request(
-                "targets.thingGroupNames is not supported yet",
-            ));
+                "targets.thingGroupNames must be an array of group names",
+            ))
         }
     }
     let mut things: Vec<String> = Vec::new();
     match targets.get("thingNames") {
+        None | Some(Value::Null) if !groups.is_empty() => {}
         Some(Value::Array(names)) => {
             for name in names {
                 let Some(name) = name.as_str() else {
@@ -116,9 +128,19 @@ fn create_job(body: &Value, document_bytes_max: usize) -> Result<CreateJob, Reje
         }
         _ => {
             return Err(Rejection::bad_request(
-                "targets.thingNames must be an array of Thing names",
+                "targets needs thingNames (an array of Thing names) or thingGroupNames",
             ))
         }
+    }
+    if continuous && groups.is_empty() {
+        return Err(Rejection::bad_request(
+            "a CONTINUOUS job needs targets.thingGroupNames",
+        ));
+    }
+    if things.is_empty() && groups.is_empty() {
+        return Err(Rejection::bad_request(
+            "targets must name at least one Thing or group",
+        ));
     }
     let in_progress_timeout_minutes = match body.get("timeoutConfig") {
         None | Some(Value::Null) => None,
@@ -149,6 +171,8 @@ fn create_job(body: &Value, document_bytes_max: usize) -> Result<CreateJob, Reje
         in_progress_timeout_minutes,
         maximum_per_minute: rollout(body.get("rollout"))?,
         abort_criteria: abort_criteria(body.get("abortConfig"))?,
+        groups,
+        continuous,
     })
 }
 

@@ -11,6 +11,7 @@ mod commands;
 mod devices;
 pub mod error;
 pub mod extract;
+mod groups;
 mod jobs;
 pub mod listener;
 mod metrics;
@@ -62,6 +63,8 @@ pub struct AppState {
     pub things: Things,
     /// Fleet jobs.
     pub jobs: thinghub_actors::job_manager::JobManager,
+    /// Thing groups.
+    pub groups: thinghub_actors::groups::Groups,
     /// Device requests refused over MQTT (metrics).
     pub device_stats: Arc<DeviceStats>,
     /// The outbox (metrics: effects delivered and recovered, the cursor).
@@ -119,6 +122,19 @@ pub fn app(state: AppState) -> Router {
         .route(
             "/things/{name}/commands/{execution_id}/cancel",
             post(commands::cancel),
+        )
+        .route("/thing-groups", post(groups::create).get(groups::list))
+        .route(
+            "/thing-groups/{group}",
+            get(groups::get).delete(groups::delete),
+        )
+        .route(
+            "/thing-groups/{group}/things",
+            post(groups::add).get(groups::members),
+        )
+        .route(
+            "/thing-groups/{group}/things/{name}",
+            axum::routing::delete(groups::remove),
         )
         .route("/jobs", post(jobs::create).get(jobs::list))
         .route("/jobs/{job_id}", get(jobs::get))

@@ -102,7 +102,9 @@ pub async fn describe(
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let description = state.things.describe(&name).await?;
-    Ok(Json(json!(description)))
+    let mut body = json!(description);
+    body["thingGroups"] = json!(state.groups.of_thing(&name, state.limits.list_limit_max)?);
+    Ok(Json(body))
 }
 
 pub async fn delete(
