@@ -294,7 +294,7 @@ pub fn summarize(event: &ThingEvent) -> String {
                 "job queued job={} execution={} document={}",
                 e.job_id,
                 e.execution_number,
-                serde_json::Value::Object(e.document.clone())
+                serde_json::Value::Object((*e.document).clone())
             ),
             JobEvent::Updated(e) => format!(
                 "job execution updated job={} status={}{}",
@@ -467,7 +467,8 @@ mod tests {
                     document: serde_json::json!({"operation": "update", "url": "https://x/fw.bin"})
                         .as_object()
                         .cloned()
-                        .unwrap_or_default(),
+                        .unwrap_or_default()
+                        .into(),
                     in_progress_timeout_s: Some(3600),
                     at_ms: 1_700_000_040_000,
                 })),

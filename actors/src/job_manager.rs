@@ -682,6 +682,8 @@ impl JobManager {
             .filter(|t| t.status.is_none())
             .map(|t| t.thing)
             .collect();
+        // One copy of the document for every queue request of this run.
+        let document = Arc::new(record.document.clone());
         let mut queued = 0u64;
         // Paced: the n-th execution of this run is queued no sooner than n minutes / rate
         // after the start (a resumed rollout starts its own pace).
@@ -710,7 +712,7 @@ impl JobManager {
                 let queue = QueueJob {
                     job_id: job_id.to_owned(),
                     execution_number: 1,
-                    document: record.document.clone(),
+                    document: document.clone(),
                     in_progress_timeout_s: record.in_progress_timeout_s,
                 };
                 let thing = thing.clone();

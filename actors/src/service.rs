@@ -567,7 +567,7 @@ impl Things {
                     reply["executionState"] = execution.state_json();
                 }
                 if include_document {
-                    reply["jobDocument"] = Value::Object(execution.document.clone());
+                    reply["jobDocument"] = Value::Object((*execution.document).clone());
                 }
                 Ok(reply)
             }

@@ -80,7 +80,8 @@ fn queue(job_id: &str) -> QueueJob {
         document: json!({"firmware": job_id})
             .as_object()
             .cloned()
-            .unwrap_or_else(Map::new),
+            .unwrap_or_else(Map::new)
+            .into(),
         in_progress_timeout_s: None,
     }
 }

@@ -17,6 +17,7 @@
 //! `get` answer from the Thing alone, without asking the job entity.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -147,8 +148,8 @@ pub struct JobExecution {
     /// The device's last details (string values, as AWS IoT).
     #[serde(default)]
     pub status_details: BTreeMap<String, String>,
-    /// The job document.
-    pub document: Map<String, Value>,
+    /// The job document (shared: every copy of the state points at one).
+    pub document: Arc<Map<String, Value>>,
     /// Unix ms it was queued.
     pub queued_at_ms: u64,
     /// Unix ms it first went IN_PROGRESS.
@@ -224,7 +225,7 @@ impl JobExecution {
                 (step_deadline.saturating_sub(self.last_updated_at_ms) / 1000).into();
         }
         if include_document {
-            execution["jobDocument"] = Value::Object(self.document.clone());
+            execution["jobDocument"] = Value::Object((*self.document).clone());
         }
         execution
     }
@@ -434,7 +435,7 @@ pub struct JobQueued {
     /// Which execution of the job on this Thing.
     pub execution_number: u64,
     /// The job document.
-    pub document: Map<String, Value>,
+    pub document: Arc<Map<String, Value>>,
     /// The job's in-progress timeout, seconds.
     #[serde(default)]
     pub in_progress_timeout_s: Option<u64>,
@@ -519,7 +520,7 @@ pub struct QueueJob {
     /// Which execution of the job on this Thing.
     pub execution_number: u64,
     /// The job document.
-    pub document: Map<String, Value>,
+    pub document: Arc<Map<String, Value>>,
     /// The job's in-progress timeout, seconds.
     pub in_progress_timeout_s: Option<u64>,
 }

@@ -24,7 +24,7 @@ fn queue(job_id: &str, in_progress_timeout_s: Option<u64>) -> QueueJob {
     QueueJob {
         job_id: job_id.into(),
         execution_number: 1,
-        document: document(),
+        document: document().into(),
         in_progress_timeout_s,
     }
 }
@@ -101,7 +101,7 @@ fn start_next_takes_the_oldest_queued_with_its_details_and_step_timer() {
         started.status_details,
         details(&[("progress", "starting")]).expect("details")
     );
-    assert_eq!(started.document, document());
+    assert_eq!(*started.document, document());
     assert_eq!(jobs.next_deadline_ms(), Some(2_000 + 5 * 60_000));
 }
 
@@ -346,7 +346,7 @@ fn queueing_is_bounded_and_refuses_a_second_pending_execution_of_a_job() {
         RejectionKind::AlreadyExists
     );
     let mut big = queue("big", None);
-    big.document.insert("blob".into(), "x".repeat(300).into());
+    std::sync::Arc::make_mut(&mut big.document).insert("blob".into(), "x".repeat(300).into());
     assert_eq!(
         decide_queue(&small, &big, 1_000, &LIMITS)
             .expect_err("refused")
