@@ -53,7 +53,7 @@ pub struct Node {
     /// Stops the sweeper, the timer and the frontends' tasks.
     stop: watch::Sender<bool>,
     tasks: Vec<Task>,
-    /// Stops the keeper (after the Things).
+    /// Stops the keeper (after the other tasks, before the Things passivate).
     keeper_stop: watch::Sender<bool>,
     keeper: Task,
 }
