@@ -78,6 +78,8 @@ pub struct Config {
     pub job_finished_kept_max: u32,
     /// Most Things one job may target.
     pub job_targets_max: usize,
+    /// Executions a job's rollout is queuing at once (fewer when its rate is lower).
+    pub job_rollout_in_flight_max: usize,
     /// Things whose deadlines are being fired at once by the deadline timer.
     pub deadline_fire_concurrency_max: usize,
     /// Longest sleep of the deadline timer between index scans, milliseconds.
@@ -214,7 +216,8 @@ impl Default for Config {
             job_status_details_bytes_max: 4 * 1024,
             job_pending_max: 50,
             job_finished_kept_max: 50,
-            job_targets_max: 10_000,
+            job_targets_max: 100_000,
+            job_rollout_in_flight_max: 64,
             deadline_fire_concurrency_max: 512,
             deadline_scan_interval_max_ms: 1_000,
             storage_cache_bytes: 256 * 1024 * 1024,
@@ -414,6 +417,10 @@ impl Config {
             ),
             ("job_pending_max", self.job_pending_max as u64),
             ("job_targets_max", self.job_targets_max as u64),
+            (
+                "job_rollout_in_flight_max",
+                self.job_rollout_in_flight_max as u64,
+            ),
             (
                 "deadline_fire_concurrency_max",
                 self.deadline_fire_concurrency_max as u64,

@@ -189,6 +189,7 @@ pub async fn serve(
         clock.clone(),
         JobManagerConfig {
             targets_max: config.job_targets_max,
+            rollout_in_flight_max: config.job_rollout_in_flight_max,
             ..JobManagerConfig::default()
         },
     );

@@ -250,6 +250,26 @@ async fn bad_job_requests_get_specific_errors() {
             400,
         ),
         (
+            json!({"document": {}, "targets": {"thingNames": ["lamp"]}, "rollout": {"maximumPerMinute": 10, "burst": 2}}),
+            400,
+        ),
+        (
+            json!({"document": {}, "targets": {"thingNames": ["lamp"]}, "rollout": {"exponentialRate":
+                {"baseRatePerMinute": 10, "incrementFactor": 1.55, "rateIncreaseCriteria": {"numberOfNotifiedThings": 5}}}}),
+            400,
+        ),
+        (
+            json!({"document": {}, "targets": {"thingNames": ["lamp"]}, "rollout": {"exponentialRate":
+                {"baseRatePerMinute": 10, "incrementFactor": 2, "rateIncreaseCriteria":
+                    {"numberOfNotifiedThings": 5, "numberOfSucceededThings": 5}}}}),
+            400,
+        ),
+        (
+            json!({"document": {}, "targets": {"thingNames": ["lamp"]}, "rollout": {"maximumPerMinute": 5, "exponentialRate":
+                {"baseRatePerMinute": 10, "incrementFactor": 2, "rateIncreaseCriteria": {"numberOfSucceededThings": 5}}}}),
+            400,
+        ),
+        (
             json!({"document": {}, "targets": {"thingNames": ["lamp"]}, "timeoutConfig": {"inProgressTimeoutInMinutes": 0}}),
             400,
         ),
@@ -556,6 +576,45 @@ async fn a_rollout_rate_holds() {
         times[2] - times[0] >= 1_000,
         "three executions at 120/min span at least 1 s: {times:?}"
     );
+}
+
+/// `rollout.exponentialRate`: 60 a minute, doubled after every 2 Things notified (up to 600):
+/// the first two are a second apart, the next at 120 a minute, and the job shows the rate it
+/// reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exponential_rollout_rate_rises_with_the_things_notified() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let names = ["x0", "x1", "x2", "x3", "x4"];
+    for name in names {
+        create(&server, "/api/v1/things", json!({"thingName": name})).await;
+    }
+    let created = create(
+        &server,
+        "/api/v1/jobs",
+        json!({"jobId": "ramp", "document": {}, "targets": {"thingNames": names},
+               "rollout": {"maximumPerMinute": 600, "exponentialRate": {"baseRatePerMinute": 60,
+                   "incrementFactor": 2.0, "rateIncreaseCriteria": {"numberOfNotifiedThings": 2}}}}),
+    )
+    .await;
+    assert_eq!(
+        created["rollout"]["exponentialRate"]["baseRatePerMinute"],
+        60
+    );
+    assert_eq!(created["rollout"]["currentRatePerMinute"], 60);
+    let mut times = Vec::new();
+    for name in names {
+        times.push(queued_at(&server, name).await);
+    }
+    times.sort_unstable();
+    assert!(times[1] - times[0] >= 1_000, "60/min at first: {times:?}");
+    assert!(times[3] - times[2] >= 500, "120/min after 2: {times:?}");
+    // 2 more notified after the first raise, then the last queue request: 240 a minute.
+    let ramped = wait_for_job(&server, "ramp", |j| {
+        j["rollout"]["currentRatePerMinute"] == 240
+    })
+    .await;
+    assert_eq!(ramped["rollout"]["maximumPerMinute"], 600, "{ramped}");
 }
 
 /// An abort criterion cancels the job once enough executed Things failed; the executions not

@@ -16,7 +16,11 @@
 //! A rollout task queues the executions (a bounded number at a time) and resumes after a
 //! restart from the targets not queued yet; a Thing refuses to run the same execution twice.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+mod rollout;
+
+pub use rollout::{ExponentialRate, Pace, RateIncreaseCriteria, RATE_PER_MINUTE_MAX};
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -61,7 +65,7 @@ pub struct JobManagerConfig {
     /// Most Things one job may target.
     pub targets_max: usize,
     /// Executions the rollout queues at once.
-    pub rollout_concurrency_max: usize,
+    pub rollout_in_flight_max: usize,
     /// Feed entries the counting consumer reads per round.
     pub feed_batch_max: usize,
     /// Longest pause of the counting consumer while the feed is quiet.
@@ -71,8 +75,8 @@ pub struct JobManagerConfig {
 impl Default for JobManagerConfig {
     fn default() -> Self {
         JobManagerConfig {
-            targets_max: 10_000,
-            rollout_concurrency_max: 64,
+            targets_max: 100_000,
+            rollout_in_flight_max: 64,
             feed_batch_max: 4096,
             feed_poll_interval: Duration::from_millis(200),
         }
@@ -151,6 +155,13 @@ pub struct JobRecord {
     /// Most executions queued per minute.
     #[serde(default)]
     pub maximum_per_minute: Option<u32>,
+    /// An exponential rollout rate (up to `maximum_per_minute`).
+    #[serde(default)]
+    pub exponential_rate: Option<ExponentialRate>,
+    /// The rate an exponential rollout has reached, per minute (a resumed rollout goes on
+    /// from it).
+    #[serde(default)]
+    pub current_rate_per_minute: Option<u32>,
     /// When the job is canceled because too many executions fail.
     #[serde(default)]
     pub abort_criteria: Vec<AbortCriterion>,
@@ -199,8 +210,19 @@ impl JobRecord {
         if let Some(completed) = self.completed_at_ms {
             body["completedAt"] = completed.into();
         }
-        if let Some(rate) = self.maximum_per_minute {
-            body["rollout"] = serde_json::json!({"maximumPerMinute": rate});
+        if self.maximum_per_minute.is_some() || self.exponential_rate.is_some() {
+            let mut rollout = serde_json::json!({});
+            if let Some(rate) = self.maximum_per_minute {
+                rollout["maximumPerMinute"] = rate.into();
+            }
+            if let Some(exponential) = self.exponential_rate {
+                rollout["exponentialRate"] = exponential.to_json();
+                rollout["currentRatePerMinute"] = self
+                    .current_rate_per_minute
+                    .unwrap_or(exponential.base_rate_per_minute)
+                    .into();
+            }
+            body["rollout"] = rollout;
         }
         body["targetSelection"] = if self.continuous {
             "CONTINUOUS"
@@ -244,6 +266,8 @@ pub struct CreateJob {
     pub in_progress_timeout_minutes: Option<u64>,
     /// Most executions queued per minute (`None`: as fast as the rollout can).
     pub maximum_per_minute: Option<u32>,
+    /// An exponential rollout rate (up to `maximum_per_minute`, or 1000 without it).
+    pub exponential_rate: Option<ExponentialRate>,
     /// When to cancel the job because too many executions fail.
     pub abort_criteria: Vec<AbortCriterion>,
     /// Target groups: their members when the job is created are targets.
@@ -633,31 +657,31 @@ impl JobManager {
             last_updated_at_ms: now_ms,
             completed_at_ms: None,
             maximum_per_minute: job.maximum_per_minute,
+            exponential_rate: job.exponential_rate,
+            current_rate_per_minute: None,
             abort_criteria: job.abort_criteria,
             groups: job.groups,
             continuous: job.continuous,
         };
         {
+            // Only this manager writes `job/...`, under `writes`: the check and the batch
+            // cannot interleave with another create. One batch: a crash keeps the job with all
+            // its targets or nothing.
             let _writes = self.inner.writes.lock().await;
             let key = format!("{JOB_PREFIX}{}", job.job_id);
-            let created = self
-                .inner
-                .store
-                .kv_insert_new(&key, encode(&record)?)
-                .await
-                .map_err(storage)?;
-            if !created {
+            if self.inner.store.kv_get(&key).map_err(storage)?.is_some() {
                 return Err(Rejection::new(
                     RejectionKind::AlreadyExists,
                     format!("job '{}' already exists", job.job_id),
                 ));
             }
-            let targets = job
+            let mut batch: Vec<(String, Option<Vec<u8>>)> = job
                 .things
                 .iter()
                 .map(|thing| (target_key(&job.job_id, thing), Some(Vec::new())))
                 .collect();
-            self.inner.store.kv_apply_behind(targets).map_err(storage)?;
+            batch.push((key, Some(encode(&record)?)));
+            self.inner.store.kv_apply_behind(batch).map_err(storage)?;
             self.inner.store.sync().await.map_err(storage)?;
         }
         self.watched().extend(job.things.iter().cloned());
@@ -685,29 +709,58 @@ impl JobManager {
         // One copy of the document for every queue request of this run.
         let document = Arc::new(record.document.clone());
         let mut queued = 0u64;
-        // Paced: the n-th execution of this run is queued no sooner than n minutes / rate
-        // after the start (a resumed rollout starts its own pace).
-        let started = tokio::time::Instant::now();
-        let interval = record
-            .maximum_per_minute
-            .map(|rate| Duration::from_secs(60) / rate.max(1));
-        let concurrency = match record.maximum_per_minute {
-            Some(rate) => (rate as usize).min(self.inner.config.rollout_concurrency_max),
-            None => self.inner.config.rollout_concurrency_max,
+        // Paced: one queue request per interval of the current rate (a resumed rollout starts
+        // its own pace, from the rate it had reached).
+        let succeeded = |record: &JobRecord| {
+            record
+                .counts
+                .get(JobExecutionStatus::Succeeded.as_str())
+                .copied()
+                .unwrap_or(0)
+        };
+        let mut pace = Pace::new(
+            record.maximum_per_minute,
+            record.exponential_rate,
+            record.current_rate_per_minute,
+            succeeded(&record),
+        );
+        let mut next_at = tokio::time::Instant::now();
+        let in_flight_max = self.inner.config.rollout_in_flight_max;
+        let concurrency = match pace.ceiling_per_minute() {
+            Some(rate) => (rate as usize).min(in_flight_max),
+            None => in_flight_max,
         }
         .max(1);
-        let mut sent = 0u32;
-        for chunk in pending.chunks(concurrency) {
-            if !self.in_progress(job_id) {
-                tracing::info!(job = %job_id, "rollout stopped: the job is no longer in progress");
-                return;
-            }
-            let mut tasks = tokio::task::JoinSet::new();
-            for thing in chunk {
-                if let Some(interval) = interval {
-                    tokio::time::sleep_until(started + interval * sent).await;
+        // A sliding window of `concurrency` queue requests (one slow activation does not hold
+        // up the others). Every `concurrency` answers the job's status is checked: once it is
+        // canceled, what may have been queued after the cancellation passed is canceled too.
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut in_flight: BTreeSet<usize> = BTreeSet::new();
+        // Every target below this index was queued before a check found the job in progress:
+        // a later cancellation reaches it through the stored targets.
+        let mut confirmed = 0usize;
+        let mut next = 0usize;
+        let mut answers_since_check = 0usize;
+        let mut canceled = false;
+        loop {
+            let may_send = in_flight.len() < concurrency && next < pending.len();
+            if may_send && tokio::time::Instant::now() >= next_at {
+                if let Some(interval) = pace.interval() {
+                    // Paced: a cancellation is noticed before the next request, not a window
+                    // of requests later; the rate may rise with what was answered so far.
+                    let now = match self.get(job_id) {
+                        Ok(now) if now.status == JobStatus::InProgress => now,
+                        _ => {
+                            canceled = true;
+                            break;
+                        }
+                    };
+                    if let Some(raised) = pace.observe(queued, succeeded(&now)) {
+                        self.rate_raised(job_id, raised).await;
+                    }
+                    next_at = next_at.max(tokio::time::Instant::now())
+                        + pace.interval().unwrap_or(interval);
                 }
-                sent = sent.saturating_add(1);
                 let things = self.inner.things.clone();
                 let queue = QueueJob {
                     job_id: job_id.to_owned(),
@@ -715,33 +768,57 @@ impl JobManager {
                     document: document.clone(),
                     in_progress_timeout_s: record.in_progress_timeout_s,
                 };
-                let thing = thing.clone();
-                tasks.spawn(async move {
-                    let outcome = things.queue_job(&thing, queue).await;
-                    (thing, outcome)
-                });
+                let thing = pending[next].clone();
+                let index = next;
+                tasks.spawn(async move { (index, things.queue_job(&thing, queue).await) });
+                in_flight.insert(next);
+                next += 1;
+                continue;
             }
-            while let Some(done) = tasks.join_next().await {
-                let Ok((thing, outcome)) = done else { continue };
-                match outcome {
-                    Ok(_) => queued += 1,
-                    Err(rejection) if rejection.kind == RejectionKind::AlreadyExists => queued += 1,
-                    Err(rejection) if rejection.kind == RejectionKind::ThingNotFound => {
-                        tracing::info!(job = %job_id, %thing, "target deleted since the job was created: REMOVED");
-                        self.set_target(job_id, &thing, JobExecutionStatus::Removed)
-                            .await;
-                    }
-                    Err(rejection) => {
-                        tracing::warn!(job = %job_id, %thing, error = %rejection.message, "cannot queue the job's execution; the next start retries");
-                    }
+            if tasks.is_empty() && !may_send {
+                break;
+            }
+            // Answers are taken while the next request waits for its turn.
+            let joined = tokio::select! {
+                Some(joined) = tasks.join_next() => joined,
+                () = tokio::time::sleep_until(next_at), if may_send => continue,
+            };
+            // A panicked request stays "in flight": the window only shrinks, and the
+            // cancellation check below stays conservative.
+            let Ok((index, outcome)) = joined else {
+                continue;
+            };
+            in_flight.remove(&index);
+            let thing = &pending[index];
+            match outcome {
+                Ok(_) => queued += 1,
+                Err(rejection) if rejection.kind == RejectionKind::AlreadyExists => queued += 1,
+                Err(rejection) if rejection.kind == RejectionKind::ThingNotFound => {
+                    tracing::info!(job = %job_id, %thing, "target deleted since the job was created: REMOVED");
+                    self.set_target(job_id, thing, JobExecutionStatus::Removed)
+                        .await;
+                }
+                Err(rejection) => {
+                    tracing::warn!(job = %job_id, %thing, error = %rejection.message, "cannot queue the job's execution; the next start retries");
                 }
             }
-            if !self.in_progress(job_id) {
-                // Canceled while this chunk was queued: the cancellation may have passed
-                // these targets before their executions existed.
-                self.propagate_cancel(job_id, Some(chunk)).await;
-                return;
+            answers_since_check += 1;
+            if answers_since_check >= concurrency || (in_flight.is_empty() && next == pending.len())
+            {
+                answers_since_check = 0;
+                if !self.in_progress(job_id) {
+                    canceled = true;
+                    break;
+                }
+                confirmed = in_flight.first().copied().unwrap_or(next);
             }
+        }
+        if canceled {
+            tracing::info!(job = %job_id, "rollout stopped: the job is no longer in progress");
+            while tasks.join_next().await.is_some() {}
+            self.propagate_cancel(job_id, Some(&pending[confirmed..next]))
+                .await;
+            return;
         }
         tracing::info!(job = %job_id, queued, "rollout done");
         let _writes = self.inner.writes.lock().await;
@@ -753,6 +830,26 @@ impl JobManager {
                     .store
                     .kv_apply_behind(vec![(format!("{JOB_PREFIX}{job_id}"), Some(bytes))]);
             }
+        }
+    }
+
+    /// Stores the rate an exponential rollout reached (not synced: after a crash, a rollout
+    /// resumes at the rate stored before, which is slower, never faster).
+    async fn rate_raised(&self, job_id: &str, rate: u32) {
+        tracing::info!(job = %job_id, rate_per_minute = rate, "rollout rate raised");
+        let _writes = self.inner.writes.lock().await;
+        let Ok(mut record) = self.get(job_id) else {
+            return;
+        };
+        record.current_rate_per_minute = Some(rate);
+        let stored = encode(&record).and_then(|bytes| {
+            self.inner
+                .store
+                .kv_apply_behind(vec![(format!("{JOB_PREFIX}{job_id}"), Some(bytes))])
+                .map_err(storage)
+        });
+        if let Err(e) = stored {
+            tracing::warn!(job = %job_id, error = %e.message, "cannot store the rollout's rate");
         }
     }
 

@@ -10,7 +10,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use thinghub_actors::job_manager::{AbortCriterion, CreateJob, FailureType, JobStatus};
+use thinghub_actors::job_manager::{
+    AbortCriterion, CreateJob, ExponentialRate, FailureType, JobStatus, RateIncreaseCriteria,
+};
 use thinghub_actors::thing::jobs::{JobExecutionStatus, JobRefusal, STEP_TIMEOUT_MINUTES};
 use thinghub_actors::thing::{Rejection, RejectionKind};
 use thinghub_actors::Things;
@@ -163,38 +165,123 @@ fn create_job(body: &Value, document_bytes_max: usize) -> Result<CreateJob, Reje
             ))
         }
     };
+    let (maximum_per_minute, exponential_rate) = rollout(body.get("rollout"))?;
     Ok(CreateJob {
         job_id,
         description,
         document,
         things,
         in_progress_timeout_minutes,
-        maximum_per_minute: rollout(body.get("rollout"))?,
+        maximum_per_minute,
+        exponential_rate,
         abort_criteria: abort_criteria(body.get("abortConfig"))?,
         groups,
         continuous,
     })
 }
 
-/// `rollout: {maximumPerMinute (1..=1000)}` (as AWS IoT); exponential rates are not built.
-fn rollout(value: Option<&Value>) -> Result<Option<u32>, Rejection> {
+/// `rollout: {maximumPerMinute? (1..=1000), exponentialRate?: {baseRatePerMinute (1..=1000),
+/// incrementFactor (1.1..=5.0, one decimal), rateIncreaseCriteria: {numberOfNotifiedThings |
+/// numberOfSucceededThings (1..=1000000)}}}` (as AWS IoT). With an exponential rate,
+/// `maximumPerMinute` is its ceiling (1000 without it) and may not be below the base rate.
+fn rollout(value: Option<&Value>) -> Result<(Option<u32>, Option<ExponentialRate>), Rejection> {
     let Some(value) = value.filter(|v| !v.is_null()) else {
-        return Ok(None);
+        return Ok((None, None));
     };
     let Some(rollout) = value.as_object() else {
         return Err(Rejection::bad_request("rollout must be a JSON object"));
     };
-    if rollout.contains_key("exponentialRate") {
+    if let Some(unknown) = rollout
+        .keys()
+        .find(|k| !["maximumPerMinute", "exponentialRate"].contains(&k.as_str()))
+    {
+        return Err(Rejection::bad_request(format!(
+            "rollout.{unknown} is not a rollout setting (maximumPerMinute, exponentialRate)"
+        )));
+    }
+    let rate = |value: Option<&Value>, name: &str| match value.and_then(Value::as_u64) {
+        Some(rate @ 1..=1000) => Ok(rate as u32),
+        _ => Err(Rejection::bad_request(format!(
+            "{name} must be a whole number in 1..=1000"
+        ))),
+    };
+    let maximum = match rollout.get("maximumPerMinute") {
+        None => None,
+        value => Some(rate(value, "rollout.maximumPerMinute")?),
+    };
+    let Some(exponential) = rollout.get("exponentialRate") else {
+        if maximum.is_none() {
+            return Err(Rejection::bad_request(
+                "rollout needs maximumPerMinute or exponentialRate",
+            ));
+        }
+        return Ok((maximum, None));
+    };
+    let Some(exponential) = exponential.as_object() else {
         return Err(Rejection::bad_request(
-            "rollout.exponentialRate is not supported yet",
+            "rollout.exponentialRate must be a JSON object",
+        ));
+    };
+    let base = rate(
+        exponential.get("baseRatePerMinute"),
+        "rollout.exponentialRate.baseRatePerMinute",
+    )?;
+    if maximum.is_some_and(|maximum| maximum < base) {
+        return Err(Rejection::bad_request(
+            "rollout.maximumPerMinute may not be below rollout.exponentialRate.baseRatePerMinute",
         ));
     }
-    match rollout.get("maximumPerMinute").and_then(Value::as_u64) {
-        Some(rate @ 1..=1000) => Ok(Some(rate as u32)),
-        _ => Err(Rejection::bad_request(
-            "rollout.maximumPerMinute must be a whole number in 1..=1000",
-        )),
-    }
+    // One decimal at most: 1.1 ..= 5.0 in tenths.
+    let tenths = exponential
+        .get("incrementFactor")
+        .and_then(Value::as_f64)
+        .map(|factor| factor * 10.0)
+        .filter(|tenths| (tenths - tenths.round()).abs() < 1e-9 && (11.0..=50.0).contains(tenths))
+        .ok_or_else(|| {
+            Rejection::bad_request(
+                "rollout.exponentialRate.incrementFactor must be a number in 1.1..=5.0 with one decimal at most",
+            )
+        })?
+        .round() as u32;
+    let criteria = exponential
+        .get("rateIncreaseCriteria")
+        .and_then(Value::as_object)
+        .ok_or_else(|| {
+            Rejection::bad_request(
+                "rollout.exponentialRate.rateIncreaseCriteria must be a JSON object",
+            )
+        })?;
+    let count = |name: &str| -> Result<Option<u32>, Rejection> {
+        match criteria.get(name) {
+            None => Ok(None),
+            Some(value) => match value.as_u64() {
+                Some(n @ 1..=1_000_000) => Ok(Some(n as u32)),
+                _ => Err(Rejection::bad_request(format!(
+                    "rollout.exponentialRate.rateIncreaseCriteria.{name} must be a whole number in 1..=1000000"
+                ))),
+            },
+        }
+    };
+    let criteria = match (
+        count("numberOfNotifiedThings")?,
+        count("numberOfSucceededThings")?,
+    ) {
+        (Some(n), None) => RateIncreaseCriteria::NotifiedThings(n),
+        (None, Some(n)) => RateIncreaseCriteria::SucceededThings(n),
+        _ => {
+            return Err(Rejection::bad_request(
+                "rollout.exponentialRate.rateIncreaseCriteria needs exactly one of numberOfNotifiedThings and numberOfSucceededThings",
+            ))
+        }
+    };
+    Ok((
+        maximum,
+        Some(ExponentialRate {
+            base_rate_per_minute: base,
+            increment_factor_tenths: tenths,
+            criteria,
+        }),
+    ))
 }
 
 /// `abortConfig: {criteriaList: [{failureType, action: CANCEL, thresholdPercentage,
