@@ -9,26 +9,20 @@
 //!   of pending deadlines and how late each fired (completedAt - expiresAt, from the state).
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use bytes::BytesMut;
-use rumqttc::mqttbytes::v4::{Connect, Packet, PubAck, Publish, Subscribe};
-use rumqttc::mqttbytes::QoS;
+use rumqttc::mqttbytes::v4::Packet;
 use rumqttc::{Event, MqttOptions};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::device::{connect_all, RawDevice};
 use crate::mqtt::{create_bench_user, BENCH_USER};
 use crate::report::{progress, Report, Timeline};
 use crate::target::{Target, TargetArgs};
-
-/// Source addresses the devices are spread over.
-const SOURCE_ADDRESSES: u8 = 8;
-/// Largest packet a simulated device reads.
-const PACKET_BYTES_MAX: usize = 64 * 1024;
 
 /// What `commands` runs.
 pub struct CommandsRun {
@@ -42,14 +36,6 @@ pub struct CommandsRun {
     pub max_seconds: u64,
 }
 
-fn encode(packet: &Packet) -> Result<BytesMut> {
-    let mut out = BytesMut::new();
-    packet
-        .write(&mut out, PACKET_BYTES_MAX)
-        .map_err(|e| anyhow::anyhow!("encode: {e:?}"))?;
-    Ok(out)
-}
-
 /// One simulated device: connects as Thing `bench-{index}`, subscribes to its request topic,
 /// and answers each request with SUCCEEDED (QoS 1). Runs until the connection closes.
 async fn device(
@@ -57,91 +43,33 @@ async fn device(
     index: usize,
     ready: tokio::sync::mpsc::Sender<()>,
 ) -> Result<()> {
-    let source = IpAddr::V4(Ipv4Addr::new(
-        127,
-        0,
-        0,
-        1 + (index % SOURCE_ADDRESSES as usize) as u8,
-    ));
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(source, 0))?;
-    let stream = socket.connect(server).await?;
-    stream.set_nodelay(true)?;
-    let (mut reader, mut writer) = stream.into_split();
-    let mut connect = Connect::new(format!("cmd-dev-{index}"));
-    connect.keep_alive = 0;
-    connect.set_login(BENCH_USER.0, BENCH_USER.1);
-    writer
-        .write_all(&encode(&Packet::Connect(connect))?)
-        .await?;
     let thing = format!("bench-{index}");
-    let mut subscribe = Subscribe::new(
-        format!("$emqx/commands/things/{thing}/executions/+/request"),
-        QoS::AtLeastOnce,
-    );
-    subscribe.pkid = 1;
-    writer
-        .write_all(&encode(&Packet::Subscribe(subscribe))?)
-        .await?;
-    let mut buffer = BytesMut::with_capacity(4096);
-    let mut next_pkid: u16 = 1;
-    let mut subscribed = false;
-    loop {
-        let packet = match Packet::read(&mut buffer, PACKET_BYTES_MAX) {
-            Ok(packet) => packet,
-            Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {
-                if reader.read_buf(&mut buffer).await? == 0 {
-                    return Ok(());
-                }
-                continue;
-            }
-            Err(e) => bail!("device {index}: bad packet: {e:?}"),
+    let mut device = RawDevice::connect(
+        server,
+        index,
+        format!("cmd-dev-{index}"),
+        vec![format!(
+            "$emqx/commands/things/{thing}/executions/+/request"
+        )],
+    )
+    .await?;
+    let _ = ready.send(()).await;
+    let mut out = BytesMut::new();
+    while let Some(packet) = device.next().await? {
+        let Packet::Publish(publish) = packet else {
+            continue;
         };
-        match packet {
-            Packet::SubAck(_) if !subscribed => {
-                subscribed = true;
-                let _ = ready.send(()).await;
-            }
-            Packet::Publish(publish) => {
-                let mut out = BytesMut::new();
-                if publish.qos == QoS::AtLeastOnce {
-                    PubAck::new(publish.pkid)
-                        .write(&mut out)
-                        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-                }
-                let topic = publish.topic.clone();
-                if let Some(base) = topic.strip_suffix("/request") {
-                    next_pkid = next_pkid.checked_add(1).unwrap_or(1);
-                    let mut response = Publish::new(
-                        format!("{base}/response"),
-                        QoS::AtLeastOnce,
-                        br#"{"status":"SUCCEEDED","result":{"ok":true}}"#.to_vec(),
-                    );
-                    response.pkid = next_pkid;
-                    response
-                        .write(&mut out)
-                        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-                }
-                writer.write_all(&out).await?;
-            }
-            _ => {}
+        RawDevice::ack_into(&publish, &mut out)?;
+        if let Some(base) = publish.topic.strip_suffix("/request") {
+            device.publish_into(
+                format!("{base}/response"),
+                br#"{"status":"SUCCEEDED","result":{"ok":true}}"#.to_vec(),
+                &mut out,
+            )?;
         }
+        device.send(&mut out).await?;
     }
-}
-
-/// Device handshakes in flight while connecting.
-const CONNECTS_IN_FLIGHT: usize = 200;
-
-async fn wait_ready(
-    ready: &mut tokio::sync::mpsc::Receiver<()>,
-    by: Instant,
-    connected: usize,
-    devices: usize,
-) -> Result<()> {
-    tokio::time::timeout_at(by.into(), ready.recv())
-        .await
-        .with_context(|| format!("only {connected} of {devices} devices connected in time"))?
-        .context("a device failed before subscribing")
+    Ok(())
 }
 
 /// When each execution was sent and when its SUCCEEDED was seen (either may come first).
@@ -163,24 +91,12 @@ pub async fn run(
     crate::register::register_things(&server, run.devices, 0).await?;
     let rss_before = server.rss_bytes().await?;
 
-    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(run.devices.max(1));
     let mut devices = tokio::task::JoinSet::new();
-    let connected_by = Instant::now() + Duration::from_secs(120);
-    let mut connected = 0;
-    for index in 0..run.devices {
-        devices.spawn(device(server.mqtt, index, ready_tx.clone()));
-        // At most CONNECTS_IN_FLIGHT handshakes at once: a burst beyond the listen backlog
-        // turns into SYN retries seconds apart.
-        if index + 1 - connected >= CONNECTS_IN_FLIGHT {
-            wait_ready(&mut ready_rx, connected_by, connected, run.devices).await?;
-            connected += 1;
-        }
-    }
-    drop(ready_tx);
-    while connected < run.devices {
-        wait_ready(&mut ready_rx, connected_by, connected, run.devices).await?;
-        connected += 1;
-    }
+    let mqtt = server.mqtt;
+    connect_all(run.devices, &mut devices, |index, ready| {
+        device(mqtt, index, ready)
+    })
+    .await?;
     let rss_connected = server.rss_bytes().await?;
 
     // The operator side watches every durable answer.

@@ -9,6 +9,7 @@
 //! - `mqtt`: idle connections (server RSS per connection) and QoS 1 publishers feeding one
 //!   subscriber (messages/s, publish-to-receive latency).
 //! - `shadow`: devices doing durable shadow update round trips, beside a raw echo.
+//! - `commands`, `jobs`: command fan-out and one fleet-wide job run by connected devices.
 //!
 //! Every scenario is bounded by count and time and prints a table on stdout.
 
@@ -16,6 +17,8 @@
 
 mod commands;
 mod crash;
+mod device;
+mod jobs;
 mod mqtt;
 mod register;
 mod report;
@@ -220,6 +223,24 @@ enum Scenario {
         #[command(flatten)]
         target: target::TargetArgs,
     },
+    /// One job to a group of Things, some of them connected devices that run it: time until
+    /// every execution is QUEUED, notifications/s, executions completed/s, latencies, RSS.
+    Jobs {
+        /// Registered Things, every one a target (through a group).
+        #[arg(long, default_value_t = 100_000)]
+        things: usize,
+        /// How many of them are connected simulated devices that run the job.
+        #[arg(long, default_value_t = 10_000)]
+        devices: usize,
+        /// The job's `rollout.maximumPerMinute` (default: none, as fast as the server queues).
+        #[arg(long)]
+        maximum_per_minute: Option<u32>,
+        /// Upper bound on the job's run, seconds.
+        #[arg(long, default_value_t = 600)]
+        max_seconds: u64,
+        #[command(flatten)]
+        target: target::TargetArgs,
+    },
     /// Timer cost: P pending command deadlines on passivated Things; memory and fire accuracy.
     Deadlines {
         /// Pending commands (one per Thing).
@@ -391,6 +412,22 @@ fn main() -> Result<()> {
             },
             report_dir,
         )),
+        Scenario::Jobs {
+            things,
+            devices,
+            maximum_per_minute,
+            max_seconds,
+            target,
+        } => runtime.block_on(jobs::run(
+            &target,
+            jobs::JobsRun {
+                things,
+                devices,
+                maximum_per_minute,
+                max_seconds,
+            },
+            report_dir,
+        )),
         Scenario::Restart {
             events,
             things,
@@ -428,11 +465,17 @@ fn main() -> Result<()> {
             report_dir,
         )),
         Scenario::Server { data_dir } => {
+            // Server settings to try come from a TOML file named by THINGHUB_CONFIG (as for
+            // `thinghub serve`); the data dir and the loopback listeners stay this run's.
+            let base = match std::env::var_os("THINGHUB_CONFIG") {
+                Some(path) => thinghub::config::Config::from_file(std::path::Path::new(&path))?,
+                None => thinghub::config::Config::default(),
+            };
             let config = thinghub::config::Config {
                 data_dir,
                 http_listen: "127.0.0.1:0".parse()?,
                 mqtt_listen: "127.0.0.1:0".parse()?,
-                ..thinghub::config::Config::default()
+                ..base
             };
             let admin_key = std::env::var("THINGHUB_ADMIN_KEY").ok();
             runtime.block_on(thinghub::server::serve(

@@ -73,9 +73,16 @@ impl Target {
 
     /// An admin request to `path`.
     pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        self.client
-            .request(method, format!("http://{}{path}", self.http))
-            .basic_auth(&self.admin.0, Some(&self.admin.1))
+        self.requester().request(method, path)
+    }
+
+    /// What makes admin requests, for tasks of their own.
+    pub fn requester(&self) -> Requester {
+        Requester {
+            client: self.client.clone(),
+            http: self.http,
+            admin: self.admin.clone(),
+        }
     }
 
     /// `GET /api/v1/metrics`.
@@ -100,6 +107,23 @@ impl Target {
     /// Bytes on disk of the data directory, when this run started the server.
     pub fn disk_bytes(&self) -> Option<u64> {
         self.child.as_ref().map(|c| dir_bytes(c.data_dir()))
+    }
+}
+
+/// Admin requests to a server (cheap to clone: the client's pool is shared).
+#[derive(Clone)]
+pub struct Requester {
+    client: reqwest::Client,
+    http: SocketAddr,
+    admin: (String, String),
+}
+
+impl Requester {
+    /// An admin request to `path`.
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.client
+            .request(method, format!("http://{}{path}", self.http))
+            .basic_auth(&self.admin.0, Some(&self.admin.1))
     }
 }
 
