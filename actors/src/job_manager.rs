@@ -477,7 +477,9 @@ impl JobManager {
     /// on.
     pub fn recover(&self) -> Result<Recovered, StorageError> {
         let store = &self.inner.store;
-        if store.cursor(CONSUMER)? == 0 {
+        // Only a first start begins at the end: a cursor stored as 0 (a server whose feed was
+        // empty when it first started) still has every event after it to count.
+        if store.cursor_stored(CONSUMER)?.is_none() {
             store.set_cursor(CONSUMER, store.feed_durable_end().saturating_sub(1))?;
         }
         let mut recovered = Recovered::default();
@@ -1109,7 +1111,11 @@ impl JobManager {
         let before = std::str::from_utf8(&stored)
             .ok()
             .and_then(JobExecutionStatus::parse);
-        if before == Some(after) {
+        // A target's status only moves forward: its first terminal status is the job's outcome
+        // on that Thing. Removing a finished execution from the Thing's state later is
+        // housekeeping, not an outcome, and events read again after a crash (the cursor is not
+        // synced) cannot move a count back.
+        if before == Some(after) || before.is_some_and(JobExecutionStatus::is_terminal) {
             return Ok(false);
         }
         if let Some(before) = before {

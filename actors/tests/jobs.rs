@@ -1,20 +1,26 @@
 //! Job executions in real Thing actors over real storage, on a manual clock: a device runs its
 //! jobs and the notifications follow the pending list; the executions survive a restart; a
-//! step timer fires on a passivated Thing after a restart.
+//! step timer fires on a passivated Thing after a restart; the job's counts converge on the
+//! executions after any operations and crashes.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use proptest::prelude::*;
 use serde_json::{json, Map, Value};
-use thinghub_actors::clock::ManualClock;
+use thinghub_actors::clock::{Clock, ManualClock};
 use thinghub_actors::context::DeadlineWake;
 use thinghub_actors::deadlines::DeadlineConfig;
+use thinghub_actors::groups::Groups;
+use thinghub_actors::job_manager::{CreateJob, JobManager, JobManagerConfig, JobStatus, CONSUMER};
 use thinghub_actors::outbox::{EffectSink, Outbox};
 use thinghub_actors::thing::effects::Effect;
+use thinghub_actors::codec;
 use thinghub_actors::thing::jobs::{
-    JobExecutionStatus, JobExecutions, JobUpdate, QueueJob, StartNext,
+    JobEvent, JobExecutionStatus, JobExecutions, JobUpdate, QueueJob, StartNext,
 };
-use thinghub_actors::thing::{Limits, RegisterThing};
+use thinghub_actors::thing::{Limits, RegisterThing, ThingEvent};
 use thinghub_actors::{Node, NodeConfig, ThingContext, Things};
 use thinghub_storage::{Store, StoreConfig};
 
@@ -231,6 +237,339 @@ async fn a_step_timer_fires_on_a_passivated_thing_after_a_restart() {
         Some(JobExecutionStatus::TimedOut)
     );
     node.shutdown(Duration::from_secs(5))
+        .await
+        .expect("shutdown");
+}
+
+// ---- the job's counts follow the executions, whatever happens in between ----
+
+const THINGS: [&str; 4] = ["t0", "t1", "t2", "t3"];
+
+/// A node, the Things over it and a job manager, as a server wires them.
+struct Fleet {
+    node: Node,
+    things: Things,
+    manager: JobManager,
+}
+
+async fn fleet(store: &Store, clock: Arc<ManualClock>) -> Fleet {
+    let node = start(store, clock.clone(), Arc::new(Notifications::default())).await;
+    let things = Things::new(node.registry().clone());
+    let manager = JobManager::new(
+        store.clone(),
+        things.clone(),
+        Groups::new(store.clone()),
+        clock,
+        JobManagerConfig::default(),
+    );
+    let recovered = manager.recover().expect("recover");
+    manager.resume(recovered);
+    Fleet {
+        node,
+        things,
+        manager,
+    }
+}
+
+fn create_job(things: &[&str]) -> CreateJob {
+    CreateJob {
+        job_id: "j".into(),
+        description: None,
+        document: Map::new(),
+        things: things.iter().map(|t| t.to_string()).collect(),
+        in_progress_timeout_minutes: None,
+        maximum_per_minute: None,
+        exponential_rate: None,
+        abort_criteria: Vec::new(),
+        groups: Vec::new(),
+        continuous: false,
+    }
+}
+
+/// Waits (bounded) until `done` holds for the executions of job `j` on every Thing.
+async fn wait_for_executions(
+    things: &Things,
+    what: &str,
+    done: impl Fn(&JobExecutions) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut all = true;
+        for thing in THINGS {
+            all &= done(&things.jobs(thing).await.expect("jobs"));
+        }
+        if all {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The outcome of job `j` on `thing`, from its log: the first terminal status its execution
+/// reached, else its status now.
+fn outcome(store: &Store, thing: &str) -> JobExecutionStatus {
+    let mut status = None;
+    for recorded in store.read_events(thing, 1, usize::MAX).expect("events") {
+        let Ok(ThingEvent::Job(event)) = codec::decode_event(thing, &recorded) else {
+            continue;
+        };
+        let after = match &event {
+            JobEvent::Queued(_) => JobExecutionStatus::Queued,
+            JobEvent::Updated(updated) => updated.status,
+            JobEvent::TimedOut(_) => JobExecutionStatus::TimedOut,
+            JobEvent::Canceled(_) => JobExecutionStatus::Canceled,
+            JobEvent::Removed(_) => JobExecutionStatus::Removed,
+        };
+        if !status.is_some_and(JobExecutionStatus::is_terminal) {
+            status = Some(after);
+        }
+    }
+    status.expect("an execution was queued")
+}
+
+/// What the counts should be (each target's outcome), and the job's counts and targets as
+/// stored.
+async fn expected_and_counted(
+    store: &Store,
+    fleet: &Fleet,
+) -> (BTreeMap<String, u64>, BTreeMap<String, u64>, Vec<String>) {
+    let mut expected = BTreeMap::new();
+    for thing in THINGS {
+        let status = outcome(store, thing);
+        *expected.entry(status.as_str().to_owned()).or_insert(0) += 1;
+    }
+    let counted: BTreeMap<String, u64> = fleet
+        .manager
+        .get("j")
+        .expect("job")
+        .counts
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    let stored: Vec<String> = fleet
+        .manager
+        .targets("j", None, None, 100)
+        .expect("targets")
+        .into_iter()
+        .map(|t| format!("{}={}", t.thing, t.status.map_or("none", |s| s.as_str())))
+        .collect();
+    assert!(
+        stored.len() == THINGS.len(),
+        "every target is stored: {stored:?}"
+    );
+    (expected, counted, stored)
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Start(usize),
+    Update(usize, &'static str),
+    Cancel(bool),
+    Remove(usize, bool),
+    TimeOut,
+    Count,
+    /// A crash: the counter's cursor falls back to one it saved before (it is not synced),
+    /// and the Things and the job side start again from storage.
+    Crash(usize),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let thing = 0..THINGS.len();
+    let status = prop::sample::select(vec!["IN_PROGRESS", "SUCCEEDED", "FAILED", "REJECTED"]);
+    prop_oneof![
+        3 => thing.clone().prop_map(Op::Start),
+        3 => (thing.clone(), status).prop_map(|(t, s)| Op::Update(t, s)),
+        1 => any::<bool>().prop_map(Op::Cancel),
+        1 => (thing, any::<bool>()).prop_map(|(t, f)| Op::Remove(t, f)),
+        1 => Just(Op::TimeOut),
+        2 => Just(Op::Count),
+        1 => (0usize..8).prop_map(Op::Crash),
+    ]
+}
+
+async fn run_ops(ops: Vec<Op>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(&StoreConfig::new(dir.path())).expect("open");
+    let clock = ManualClock::new(T0);
+    let mut fleet = fleet(&store, clock.clone()).await;
+    for thing in THINGS {
+        fleet
+            .things
+            .register(
+                thing,
+                RegisterThing {
+                    mqtt_client_id: None,
+                    thing_type: None,
+                    attributes: Default::default(),
+                },
+            )
+            .await
+            .expect("register");
+    }
+    fleet
+        .manager
+        .create(create_job(&THINGS))
+        .await
+        .expect("create");
+    wait_for_executions(&fleet.things, "every execution queued", |jobs| {
+        jobs.get("j").is_some()
+    })
+    .await;
+    let mut cursors = vec![store.cursor(CONSUMER).expect("cursor")];
+    for op in ops {
+        match op {
+            Op::Start(t) => {
+                let request = StartNext {
+                    status_details: None,
+                    step_timeout_minutes: Some(1),
+                };
+                let _ = fleet.things.start_next_job(THINGS[t], request).await;
+            }
+            Op::Update(t, status) => {
+                let update = JobUpdate {
+                    job_id: "j".into(),
+                    status: status.into(),
+                    status_details: None,
+                    expected_version: None,
+                    execution_number: None,
+                    step_timeout_minutes: None,
+                };
+                let _ = fleet.things.update_job(THINGS[t], update).await;
+            }
+            Op::Cancel(force) => {
+                let _ = fleet.manager.cancel("j", force, None).await;
+            }
+            Op::Remove(t, force) => {
+                let _ = fleet.things.remove_job(THINGS[t], "j", force).await;
+            }
+            Op::TimeOut => {
+                clock.advance_ms(61_000);
+                let now = clock.now_ms();
+                wait_for_executions(&fleet.things, "the step timers fired", |jobs| {
+                    jobs.next_deadline_ms().is_none_or(|d| d > now)
+                })
+                .await;
+            }
+            Op::Count => {
+                fleet.manager.count_round().await.expect("count");
+                cursors.push(store.cursor(CONSUMER).expect("cursor"));
+            }
+            Op::Crash(k) => {
+                let cursor = cursors[k % cursors.len()];
+                fleet
+                    .node
+                    .shutdown(Duration::from_secs(5))
+                    .await
+                    .expect("shutdown");
+                store.set_cursor(CONSUMER, cursor).expect("cursor");
+                fleet = self::fleet(&store, clock.clone()).await;
+            }
+        }
+    }
+    // Then the counts converge on the executions' statuses (a cancellation's propagation
+    // runs in the background; it ends).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        while fleet.manager.count_round().await.expect("count") > 0 {}
+        let (expected, counted, stored) = expected_and_counted(&store, &fleet).await;
+        let job = fleet.manager.get("j").expect("job");
+        let has = |status: JobExecutionStatus| counted.contains_key(status.as_str());
+        // A cancellation ends the queued executions (and those in progress with force).
+        let settled = match job.status {
+            JobStatus::Canceled => {
+                !has(JobExecutionStatus::Queued)
+                    && !(job.force_canceled && has(JobExecutionStatus::InProgress))
+            }
+            _ => true,
+        };
+        if expected == counted && settled {
+            let all_ended = counted
+                .keys()
+                .all(|s| JobExecutionStatus::parse(s).is_some_and(|s| s.is_terminal()));
+            match job.status {
+                JobStatus::InProgress => assert!(!all_ended, "every execution ended: {job:?}"),
+                JobStatus::Completed => assert!(all_ended, "completed too soon: {job:?}"),
+                JobStatus::Canceled => {}
+            }
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the counts never converged: counted {counted:?}, executions {expected:?}, targets {stored:?}, job {job:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    fleet
+        .node
+        .shutdown(Duration::from_secs(5))
+        .await
+        .expect("shutdown");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// After any sequence of starts, updates, cancels, removals, time-outs, counting rounds and
+    /// crashes, the job's counts equal its executions' statuses, and the job has ended exactly
+    /// when every execution has.
+    #[test]
+    fn the_job_counts_converge_on_the_executions(ops in prop::collection::vec(op(), 1..25)) {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(run_ops(ops));
+    }
+}
+
+/// A server whose feed was empty at its first start stored the counter's cursor as 0; a
+/// restart must count from there, not jump to the end as a first start does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_stored_as_zero_is_not_a_first_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(&StoreConfig::new(dir.path())).expect("open");
+    let clock = ManualClock::new(T0);
+    let fleet = fleet(&store, clock.clone()).await;
+    assert_eq!(store.cursor_stored(CONSUMER).expect("cursor"), Some(0));
+    for thing in THINGS {
+        fleet
+            .things
+            .register(
+                thing,
+                RegisterThing {
+                    mqtt_client_id: None,
+                    thing_type: None,
+                    attributes: Default::default(),
+                },
+            )
+            .await
+            .expect("register");
+    }
+    fleet
+        .manager
+        .create(create_job(&THINGS))
+        .await
+        .expect("create");
+    wait_for_executions(&fleet.things, "every execution queued", |jobs| {
+        jobs.get("j").is_some()
+    })
+    .await;
+    // No counting round ran before the "crash": the cursor is still 0.
+    fleet
+        .node
+        .shutdown(Duration::from_secs(5))
+        .await
+        .expect("shutdown");
+    let fleet = self::fleet(&store, clock).await;
+    while fleet.manager.count_round().await.expect("count") > 0 {}
+    let (expected, counted, _) = expected_and_counted(&store, &fleet).await;
+    assert_eq!(counted, expected);
+    assert_eq!(counted.get("QUEUED"), Some(&4));
+    fleet
+        .node
+        .shutdown(Duration::from_secs(5))
         .await
         .expect("shutdown");
 }

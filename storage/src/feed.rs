@@ -424,13 +424,18 @@ impl Store {
 
     /// A consumer's cursor: every position up to it has been handled (0 = none yet).
     pub fn cursor(&self, consumer: &str) -> Result<u64, StorageError> {
+        Ok(self.cursor_stored(consumer)?.unwrap_or(0))
+    }
+
+    /// A consumer's cursor as stored: `None` when it was never set (a stored 0 is a cursor
+    /// before the first position, which is not the same for a consumer that starts at the end).
+    pub fn cursor_stored(&self, consumer: &str) -> Result<Option<u64>, StorageError> {
         Ok(self
             .inner
             .cursors
             .get(consumer.as_bytes())?
             .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-            .map(u64::from_be_bytes)
-            .unwrap_or(0))
+            .map(u64::from_be_bytes))
     }
 
     /// Moves a consumer's cursor (durable with the next group commit; call it only once the
