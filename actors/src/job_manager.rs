@@ -772,7 +772,17 @@ impl JobManager {
                 };
                 let thing = pending[next].clone();
                 let index = next;
-                tasks.spawn(async move { (index, things.queue_job(&thing, queue).await) });
+                // A Thing woken only to queue its execution goes back to sleep at once: a
+                // rollout to a million Things must not hold them all active until they idle
+                // out (its device, when it comes, wakes it again).
+                tasks.spawn(async move {
+                    let was_active = things.is_active(&thing);
+                    let outcome = things.queue_job(&thing, queue).await;
+                    if !was_active {
+                        things.release(&thing);
+                    }
+                    (index, outcome)
+                });
                 in_flight.insert(next);
                 next += 1;
                 continue;

@@ -468,6 +468,15 @@ impl Registry {
         }
     }
 
+    /// Whether the Thing has a live (or starting) actor now.
+    pub fn is_active(&self, name: &str) -> bool {
+        let shard = &self.inner.shards[self.shard_of(name)];
+        matches!(
+            lock(shard).slots.get(name),
+            Some(Slot::Active { .. } | Slot::Starting { .. })
+        )
+    }
+
     /// Passivates one Thing now if it has no request in flight (bulk work that touches each
     /// Thing once should not leave a million actors behind until they idle out).
     pub fn passivate_now(&self, name: &str) {

@@ -201,6 +201,11 @@ impl Things {
         registered
     }
 
+    /// Whether the Thing's actor is live now (bulk work releases only what it woke).
+    pub fn is_active(&self, name: &str) -> bool {
+        self.registry.is_active(name)
+    }
+
     /// Lets a Thing's actor go now if nothing else is using it (after bulk registration).
     pub fn release(&self, name: &str) {
         self.registry.passivate_now(name);
