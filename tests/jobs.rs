@@ -786,3 +786,54 @@ async fn jobs_target_groups_and_continuous_jobs_reach_later_members() {
         "{stdout}"
     );
 }
+
+/// A step timeout is durable: the device starts its execution with a one-minute step timeout,
+/// the server is killed with -9, and after the restart (nobody touching the Thing, so only the
+/// deadline index can wake it) the execution ends TIMED_OUT and the job counts it. Takes a
+/// minute: one minute is the shortest step timeout the contract allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_timeout_fires_after_kill_9() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let mut lamp = device(&server, "lamp").await;
+    create(
+        &server,
+        "/api/v1/jobs",
+        json!({"jobId": "slow", "document": {}, "targets": {"thingNames": ["lamp"]}}),
+    )
+    .await;
+    let jobs = "$emqx/things/lamp/jobs";
+    next_on(&mut lamp, &format!("{jobs}/notify-next")).await;
+    lamp.publish(
+        &format!("{jobs}/start-next"),
+        json!({"stepTimeoutInMinutes": 1}).to_string(),
+    )
+    .await;
+    let started = next_on(&mut lamp, &format!("{jobs}/start-next/accepted")).await;
+    assert_eq!(started["execution"]["status"], "IN_PROGRESS", "{started}");
+    let started_at = Instant::now();
+    drop(lamp);
+    server.kill9();
+
+    let server = Server::start(dir.path(), &[]);
+    let deadline = started_at + Duration::from_secs(60) + WAIT;
+    let timed_out = loop {
+        let job = job(&server, "slow").await;
+        if job["jobProcessDetails"]["numberOfTimedOutThings"] == 1 {
+            break job;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the step timer never fired: {job}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert!(
+        started_at.elapsed() >= Duration::from_secs(59),
+        "fired before its minute: {:?}",
+        started_at.elapsed()
+    );
+    assert_eq!(timed_out["status"], "COMPLETED", "{timed_out}");
+    let (_, of_thing) = call(Method::GET, &server.url("/api/v1/things/lamp/jobs"), None).await;
+    assert_eq!(of_thing["items"][0]["status"], "TIMED_OUT", "{of_thing}");
+}

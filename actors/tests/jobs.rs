@@ -10,13 +10,13 @@ use std::time::{Duration, Instant};
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
 use thinghub_actors::clock::{Clock, ManualClock};
+use thinghub_actors::codec;
 use thinghub_actors::context::DeadlineWake;
 use thinghub_actors::deadlines::DeadlineConfig;
 use thinghub_actors::groups::Groups;
 use thinghub_actors::job_manager::{CreateJob, JobManager, JobManagerConfig, JobStatus, CONSUMER};
 use thinghub_actors::outbox::{EffectSink, Outbox};
 use thinghub_actors::thing::effects::Effect;
-use thinghub_actors::codec;
 use thinghub_actors::thing::jobs::{
     JobEvent, JobExecutionStatus, JobExecutions, JobUpdate, QueueJob, StartNext,
 };
@@ -287,11 +287,7 @@ fn create_job(things: &[&str]) -> CreateJob {
 }
 
 /// Waits (bounded) until `done` holds for the executions of job `j` on every Thing.
-async fn wait_for_executions(
-    things: &Things,
-    what: &str,
-    done: impl Fn(&JobExecutions) -> bool,
-) {
+async fn wait_for_executions(things: &Things, what: &str, done: impl Fn(&JobExecutions) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let mut all = true;
