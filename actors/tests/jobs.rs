@@ -92,6 +92,11 @@ fn queue(job_id: &str) -> QueueJob {
     }
 }
 
+async fn register(things: &Things, name: &str) {
+    let thing = RegisterThing::default();
+    things.register(name, thing).await.expect("register");
+}
+
 async fn jobs(things: &Things) -> JobExecutions {
     things.jobs("t1").await.expect("jobs")
 }
@@ -104,17 +109,7 @@ async fn a_device_runs_its_jobs_and_the_notifications_follow_the_pending_list() 
     let sink = Arc::new(Notifications::default());
     let node = start(&store, clock.clone(), sink.clone()).await;
     let things = Things::new(node.registry().clone());
-    things
-        .register(
-            "t1",
-            RegisterThing {
-                mqtt_client_id: None,
-                thing_type: None,
-                attributes: Default::default(),
-            },
-        )
-        .await
-        .expect("register");
+    register(&things, "t1").await;
 
     // Given two queued jobs: the first is announced and becomes the next; the second only
     // lengthens the list.
@@ -191,17 +186,7 @@ async fn a_step_timer_fires_on_a_passivated_thing_after_a_restart() {
     let sink = Arc::new(Notifications::default());
     let node = start(&store, clock.clone(), sink.clone()).await;
     let things = Things::new(node.registry().clone());
-    things
-        .register(
-            "t1",
-            RegisterThing {
-                mqtt_client_id: None,
-                thing_type: None,
-                attributes: Default::default(),
-            },
-        )
-        .await
-        .expect("register");
+    register(&things, "t1").await;
     things.queue_job("t1", queue("j1")).await.expect("queue");
     let request = StartNext {
         status_details: None,
@@ -284,6 +269,23 @@ fn create_job(things: &[&str]) -> CreateJob {
         groups: Vec::new(),
         continuous: false,
     }
+}
+
+/// Registers every Thing and creates job `j` to all of them; returns once every execution is
+/// queued.
+async fn queue_everywhere(fleet: &Fleet) {
+    for thing in THINGS {
+        register(&fleet.things, thing).await;
+    }
+    fleet
+        .manager
+        .create(create_job(&THINGS))
+        .await
+        .expect("create");
+    wait_for_executions(&fleet.things, "every execution queued", |jobs| {
+        jobs.get("j").is_some()
+    })
+    .await;
 }
 
 /// Waits (bounded) until `done` holds for the executions of job `j` on every Thing.
@@ -389,29 +391,7 @@ async fn run_ops(ops: Vec<Op>) {
     let store = Store::open(&StoreConfig::new(dir.path())).expect("open");
     let clock = ManualClock::new(T0);
     let mut fleet = fleet(&store, clock.clone()).await;
-    for thing in THINGS {
-        fleet
-            .things
-            .register(
-                thing,
-                RegisterThing {
-                    mqtt_client_id: None,
-                    thing_type: None,
-                    attributes: Default::default(),
-                },
-            )
-            .await
-            .expect("register");
-    }
-    fleet
-        .manager
-        .create(create_job(&THINGS))
-        .await
-        .expect("create");
-    wait_for_executions(&fleet.things, "every execution queued", |jobs| {
-        jobs.get("j").is_some()
-    })
-    .await;
+    queue_everywhere(&fleet).await;
     let mut cursors = vec![store.cursor(CONSUMER).expect("cursor")];
     for op in ops {
         match op {
@@ -474,8 +454,12 @@ async fn run_ops(ops: Vec<Op>) {
         // A cancellation ends the queued executions (and those in progress with force).
         let settled = match job.status {
             JobStatus::Canceled => {
-                !has(JobExecutionStatus::Queued)
-                    && !(job.force_canceled && has(JobExecutionStatus::InProgress))
+                let ended_by_cancel = if job.force_canceled {
+                    !has(JobExecutionStatus::InProgress)
+                } else {
+                    true
+                };
+                !has(JobExecutionStatus::Queued) && ended_by_cancel
             }
             _ => true,
         };
@@ -529,29 +513,7 @@ async fn a_cursor_stored_as_zero_is_not_a_first_start() {
     let clock = ManualClock::new(T0);
     let fleet = fleet(&store, clock.clone()).await;
     assert_eq!(store.cursor_stored(CONSUMER).expect("cursor"), Some(0));
-    for thing in THINGS {
-        fleet
-            .things
-            .register(
-                thing,
-                RegisterThing {
-                    mqtt_client_id: None,
-                    thing_type: None,
-                    attributes: Default::default(),
-                },
-            )
-            .await
-            .expect("register");
-    }
-    fleet
-        .manager
-        .create(create_job(&THINGS))
-        .await
-        .expect("create");
-    wait_for_executions(&fleet.things, "every execution queued", |jobs| {
-        jobs.get("j").is_some()
-    })
-    .await;
+    queue_everywhere(&fleet).await;
     // No counting round ran before the "crash": the cursor is still 0.
     fleet
         .node

@@ -70,17 +70,8 @@ async fn start(store: &Store, sink: Arc<dyn EffectSink>) -> (Things, Arc<Outbox>
 }
 
 async fn register(things: &Things, name: &str) {
-    things
-        .register(
-            name,
-            RegisterThing {
-                mqtt_client_id: None,
-                thing_type: None,
-                attributes: Default::default(),
-            },
-        )
-        .await
-        .expect("register");
+    let thing = RegisterThing::default();
+    things.register(name, thing).await.expect("register");
 }
 
 fn command(action: &str) -> SendCommand {

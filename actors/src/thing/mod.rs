@@ -342,7 +342,7 @@ impl ThingState {
 }
 
 /// Register a Thing.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RegisterThing {
     /// MQTT client id; defaults to the Thing name.
     pub mqtt_client_id: Option<String>,
