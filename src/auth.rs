@@ -1,11 +1,16 @@
-//! Admin API keys: `key:secret` pairs checked on every management and device HTTP request.
+//! API keys: `key:secret` pairs checked on every management and device HTTP request, each with
+//! a role (`admin`, `operator`, `viewer`, `device`) and, for device keys, optionally the Things
+//! it may act for.
 //!
 //! Stored keys live in the `kv` tree as `apikey/{key}` with an argon2id hash of the secret. A key
-//! given in `THINGHUB_ADMIN_KEY=key:secret` is valid for the life of the process (not stored).
-//! On a first start with neither, one key is generated, stored hashed, and logged once.
+//! given in `THINGHUB_ADMIN_KEY=key:secret` is an admin key for the life of the process (not
+//! stored). On a first start with neither, one admin key is generated, stored hashed, and logged
+//! once. Keys made over the API get a generated id and secret; the secret is shown once.
 //!
-//! argon2 costs tens of milliseconds by design, so after a secret verifies once its SHA-256 is
-//! cached in memory and later requests compare digests (in constant time).
+//! argon2 costs tens of milliseconds by design, so after a secret verifies once its SHA-256
+//! (bound to the stored hash) is cached in memory and later requests compare digests (in
+//! constant time). Every request still reads the key's record, so a deleted or expired key is
+//! refused at once, cache or not.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -21,17 +26,212 @@ use thinghub_storage::{Envelope, StorageError, Store};
 
 const KEY_PREFIX: &str = "apikey/";
 const API_KEY_RECORD: &str = "ApiKey";
+/// The record version written now (v1 had no name, expiry or Things; it decodes with none).
+const API_KEY_VERSION: u16 = 2;
 /// Most verified secrets kept in the cache (a bound, not a tuning knob).
 const VERIFIED_CACHE_ENTRIES_MAX: usize = 10_000;
+/// Longest key name, characters.
+pub const KEY_NAME_CHARS_MAX: usize = 128;
+/// Most Things one device key may name.
+pub const KEY_THINGS_MAX: usize = 1000;
+
+/// What a key may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Everything, including API keys.
+    Admin,
+    /// Everything but API keys, MQTT users and authorization rules.
+    Operator,
+    /// What an operator may read (GET), nothing else.
+    Viewer,
+    /// Only the device API (`/api/v1/thing-datas/...`), optionally for some Things only.
+    Device,
+}
+
+impl Role {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Operator => "operator",
+            Role::Viewer => "viewer",
+            Role::Device => "device",
+        }
+    }
+
+    /// Parses a wire name.
+    pub fn parse(text: &str) -> Option<Role> {
+        Some(match text {
+            "admin" => Role::Admin,
+            "operator" => Role::Operator,
+            "viewer" => Role::Viewer,
+            "device" => Role::Device,
+            _ => return None,
+        })
+    }
+}
+
+/// Who made a request, once its key verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// The key's id.
+    pub key: String,
+    /// Its role.
+    pub role: Role,
+    /// For a device key: the only Things it may act for (`None`: any).
+    pub things: Option<Vec<String>>,
+}
+
+impl Principal {
+    /// Whether this key may read or write `thing` through the device API.
+    pub fn may_act_for(&self, thing: &str) -> bool {
+        self.role != Role::Device
+            || self
+                .things
+                .as_ref()
+                .is_none_or(|things| things.iter().any(|t| t == thing))
+    }
+}
+
+/// Whether `role` may call `method` on `path` (the whole path, `/api/v1/...` or `/metrics`);
+/// the refusal says why. Device keys are further limited to their Things by the device
+/// handlers ([`Principal::may_act_for`]).
+pub fn route_allowed(role: Role, method: &str, path: &str) -> Result<(), String> {
+    let admin_only = [
+        "/api/v1/api-keys",
+        "/api/v1/authentication/",
+        "/api/v1/authorization/",
+    ];
+    let is_admin_only = admin_only
+        .iter()
+        .any(|prefix| path == prefix.trim_end_matches('/') || path.starts_with(prefix));
+    let reads = matches!(method, "GET" | "HEAD");
+    match role {
+        Role::Admin => Ok(()),
+        Role::Operator | Role::Viewer if is_admin_only => Err(format!(
+            "this API key's role ({}) may not manage API keys, MQTT users or authorization rules",
+            role.as_str()
+        )),
+        Role::Operator => Ok(()),
+        Role::Viewer if reads => Ok(()),
+        Role::Viewer => Err("this API key's role (viewer) may only read (GET)".into()),
+        Role::Device if path.starts_with("/api/v1/thing-datas/") => Ok(()),
+        Role::Device => Err(
+            "this API key's role (device) may only use the device API (/api/v1/thing-datas/...)"
+                .into(),
+        ),
+    }
+}
 
 /// A stored API key.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct ApiKeyRecord {
     /// argon2id PHC string of the secret.
     secret_hash: String,
-    /// Role (only `admin` exists so far).
-    role: String,
+    /// Role (`admin` in v1 records).
+    role: Role,
     created_at_ms: u64,
+    /// A label (v2).
+    #[serde(default)]
+    name: Option<String>,
+    /// Unix ms after which the key is refused (v2).
+    #[serde(default)]
+    expires_at_ms: Option<u64>,
+    /// A device key's Things (v2; `None`: any).
+    #[serde(default)]
+    things: Option<Vec<String>>,
+}
+
+/// A key as the API shows it (never its secret).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKeyView {
+    /// The key's id (the `key` of `key:secret`).
+    pub key: String,
+    /// Its label.
+    pub name: Option<String>,
+    /// Its role.
+    pub role: Role,
+    /// Unix ms.
+    pub created_at_ms: u64,
+    /// Unix ms.
+    pub expires_at_ms: Option<u64>,
+    /// A device key's Things.
+    pub things: Option<Vec<String>>,
+}
+
+impl ApiKeyView {
+    fn of(key: &str, record: &ApiKeyRecord) -> ApiKeyView {
+        ApiKeyView {
+            key: key.to_owned(),
+            name: record.name.clone(),
+            role: record.role,
+            created_at_ms: record.created_at_ms,
+            expires_at_ms: record.expires_at_ms,
+            things: record.things.clone(),
+        }
+    }
+
+    /// The management API's view.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut body = serde_json::json!({
+            "key": self.key,
+            "role": self.role.as_str(),
+            "createdAt": self.created_at_ms,
+        });
+        if let Some(name) = &self.name {
+            body["name"] = name.clone().into();
+        }
+        if let Some(at) = self.expires_at_ms {
+            body["expiresAt"] = at.into();
+        }
+        if let Some(things) = &self.things {
+            body["things"] = serde_json::json!(things);
+        }
+        body
+    }
+}
+
+/// A key to make.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewApiKey {
+    /// Its label.
+    pub name: String,
+    /// Its role.
+    pub role: Role,
+    /// Unix ms after which it is refused.
+    pub expires_at_ms: Option<u64>,
+    /// A device key's Things.
+    pub things: Option<Vec<String>>,
+}
+
+/// Why a key was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyRefusal {
+    /// Unknown key or wrong secret (the same answer for both).
+    Invalid,
+    /// The key and secret are right but the key expired at this Unix ms.
+    Expired(u64),
+}
+
+/// Why a key cannot be managed as asked.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// No such key.
+    #[error("API key '{0}' not found")]
+    NotFound(String),
+    /// Deleting it would leave no admin key.
+    #[error("API key '{0}' is the last admin key; make another admin key first")]
+    LastAdmin(String),
+    /// Storage or hashing failed.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+}
+
+impl From<StorageError> for KeyError {
+    fn from(e: StorageError) -> Self {
+        KeyError::Auth(AuthError::Storage(e))
+    }
 }
 
 /// Why authentication could not be set up.
@@ -48,8 +248,8 @@ pub enum AuthError {
     Hash(String),
 }
 
-/// Verifies admin credentials.
-pub struct AdminKeys {
+/// Verifies and manages API keys.
+pub struct ApiKeys {
     store: Store,
     env_key: Option<(String, [u8; 32])>,
     verified: VerifiedCache,
@@ -175,13 +375,22 @@ pub fn split_key(pair: &str) -> Option<(&str, &str)> {
     (!key.is_empty() && !secret.is_empty()).then_some((key, secret))
 }
 
-impl AdminKeys {
-    /// Sets up admin keys: the env key if given; a generated one on a first start without any.
+fn random_text(chars: usize) -> String {
+    rand::thread_rng()
+        .sample_iter(&rand::distributions::Alphanumeric)
+        .take(chars)
+        .map(char::from)
+        .collect()
+}
+
+impl ApiKeys {
+    /// Sets up API keys: the env key if given; a generated admin key on a first start without
+    /// any key.
     pub async fn init(
         store: Store,
         env_key: Option<&str>,
         now_ms: u64,
-    ) -> Result<AdminKeys, AuthError> {
+    ) -> Result<ApiKeys, AuthError> {
         let env_key = match env_key {
             Some(pair) => {
                 let (key, secret) = split_key(pair).ok_or(AuthError::MalformedEnvKey)?;
@@ -189,7 +398,7 @@ impl AdminKeys {
             }
             None => None,
         };
-        let keys = AdminKeys {
+        let keys = ApiKeys {
             store,
             env_key,
             verified: VerifiedCache::default(),
@@ -197,12 +406,12 @@ impl AdminKeys {
         let stored = keys.store.kv_scan_prefix(KEY_PREFIX, 1)?;
         if keys.env_key.is_none() && stored.is_empty() {
             let key = format!("admin-{:08x}", rand::thread_rng().gen::<u32>());
-            let secret: String = rand::thread_rng()
-                .sample_iter(&rand::distributions::Alphanumeric)
-                .take(32)
-                .map(char::from)
-                .collect();
-            keys.create(&key, &secret, now_ms).await?;
+            let secret = random_text(32);
+            keys.store_record(
+                &key,
+                &keys.record(&secret, Role::Admin, None, None, None, now_ms)?,
+            )
+            .await?;
             tracing::warn!(
                 admin_key = %format!("{key}:{secret}"),
                 "generated the admin API key on first start; it is shown only this once \
@@ -212,45 +421,44 @@ impl AdminKeys {
         Ok(keys)
     }
 
-    /// Stores a new key with an argon2id hash of its secret.
-    pub async fn create(&self, key: &str, secret: &str, now_ms: u64) -> Result<(), AuthError> {
-        let secret_hash = hash_secret(secret)?;
-        let record = ApiKeyRecord {
-            secret_hash,
-            role: "admin".into(),
+    fn record(
+        &self,
+        secret: &str,
+        role: Role,
+        name: Option<String>,
+        expires_at_ms: Option<u64>,
+        things: Option<Vec<String>>,
+        now_ms: u64,
+    ) -> Result<ApiKeyRecord, AuthError> {
+        Ok(ApiKeyRecord {
+            secret_hash: hash_secret(secret)?,
+            role,
             created_at_ms: now_ms,
-        };
-        let bytes = Envelope::new(API_KEY_RECORD, 1, now_ms, &record)
-            .and_then(|e| e.to_bytes())
-            .map_err(|e| AuthError::Hash(e.0))?;
-        self.store
-            .kv_put(&format!("{KEY_PREFIX}{key}"), bytes)
-            .await?;
-        Ok(())
+            name,
+            expires_at_ms,
+            things,
+        })
     }
 
-    /// Whether `key:secret` is the env key or verified before: no argon2, cheap enough for async
-    /// code, and not subject to throttling (an attacker failing on a key must not lock out the
-    /// operator who holds its secret).
-    pub fn verify_cached(&self, key: &str, secret: &str) -> bool {
-        if let Some((env_key, env_digest)) = &self.env_key {
-            if env_key == key && constant_time_eq(env_digest, &sha256(secret)) {
-                return true;
-            }
-        }
-        // Stored keys cannot be changed over the API: the cache needs no stored-hash binding.
-        self.verified.hit(key, secret, "")
+    async fn store_record(&self, key: &str, record: &ApiKeyRecord) -> Result<bool, AuthError> {
+        let bytes = Envelope::new(
+            API_KEY_RECORD,
+            API_KEY_VERSION,
+            record.created_at_ms,
+            record,
+        )
+        .and_then(|e| e.to_bytes())
+        .map_err(|e| AuthError::Hash(e.0))?;
+        Ok(self
+            .store
+            .kv_insert_new(&format!("{KEY_PREFIX}{key}"), bytes)
+            .await?)
     }
 
-    /// Whether `key:secret` is a valid admin credential (argon2 on a cache miss: call it off
-    /// the async workers).
-    pub fn verify(&self, key: &str, secret: &str) -> bool {
-        if self.verify_cached(key, secret) {
-            return true;
-        }
-        let record = match self.store.kv_get(&format!("{KEY_PREFIX}{key}")) {
+    fn load(&self, key: &str) -> Option<ApiKeyRecord> {
+        match self.store.kv_get(&format!("{KEY_PREFIX}{key}")) {
             Ok(Some(bytes)) => match Envelope::from_bytes(&bytes).and_then(|e| e.payload_as()) {
-                Ok(record) => Some::<ApiKeyRecord>(record),
+                Ok(record) => Some(record),
                 Err(e) => {
                     tracing::error!(key, error = %e, "stored API key record is unreadable");
                     None
@@ -261,12 +469,140 @@ impl AdminKeys {
                 tracing::error!(error = %e, "cannot read API key");
                 None
             }
-        };
-        let valid = verify_known_secret(record.as_ref().map(|r| r.secret_hash.as_str()), secret);
-        if valid {
-            self.verified.remember(key, secret, "");
         }
-        valid
+    }
+
+    fn principal(key: &str, record: &ApiKeyRecord, now_ms: u64) -> Result<Principal, KeyRefusal> {
+        if let Some(expired) = record.expires_at_ms.filter(|at| *at <= now_ms) {
+            return Err(KeyRefusal::Expired(expired));
+        }
+        Ok(Principal {
+            key: key.to_owned(),
+            role: record.role,
+            things: record.things.clone(),
+        })
+    }
+
+    /// The env key, or a stored key whose secret verified before: no argon2, cheap enough for
+    /// async code, and not subject to throttling (an attacker failing on a key must not lock
+    /// out the operator who holds its secret). `None`: not known this cheaply.
+    pub fn authenticate_cached(
+        &self,
+        key: &str,
+        secret: &str,
+        now_ms: u64,
+    ) -> Option<Result<Principal, KeyRefusal>> {
+        if let Some((env_key, env_digest)) = &self.env_key {
+            if env_key == key && constant_time_eq(env_digest, &sha256(secret)) {
+                return Some(Ok(Principal {
+                    key: key.to_owned(),
+                    role: Role::Admin,
+                    things: None,
+                }));
+            }
+        }
+        let record = self.load(key)?;
+        self.verified
+            .hit(key, secret, &record.secret_hash)
+            .then(|| Self::principal(key, &record, now_ms))
+    }
+
+    /// Verifies `key:secret` (argon2 on a cache miss: call it off the async workers). An
+    /// expired key is told apart only once its secret verified.
+    pub fn authenticate(
+        &self,
+        key: &str,
+        secret: &str,
+        now_ms: u64,
+    ) -> Result<Principal, KeyRefusal> {
+        if let Some(known) = self.authenticate_cached(key, secret, now_ms) {
+            return known;
+        }
+        let record = self.load(key);
+        if !verify_known_secret(record.as_ref().map(|r| r.secret_hash.as_str()), secret) {
+            return Err(KeyRefusal::Invalid);
+        }
+        let Some(record) = record else {
+            return Err(KeyRefusal::Invalid);
+        };
+        self.verified.remember(key, secret, &record.secret_hash);
+        Self::principal(key, &record, now_ms)
+    }
+
+    /// Makes a key with a generated id and secret (durable before this returns); returns it
+    /// and its secret, which is not kept anywhere.
+    pub async fn create(
+        &self,
+        new: NewApiKey,
+        now_ms: u64,
+    ) -> Result<(ApiKeyView, String), KeyError> {
+        let secret = random_text(40);
+        let record = self.record(
+            &secret,
+            new.role,
+            Some(new.name),
+            new.expires_at_ms,
+            new.things,
+            now_ms,
+        )?;
+        loop {
+            let key = format!("k-{:016x}", rand::thread_rng().gen::<u64>());
+            if self.store_record(&key, &record).await? {
+                tracing::info!(%key, role = record.role.as_str(), "API key created");
+                return Ok((ApiKeyView::of(&key, &record), secret));
+            }
+        }
+    }
+
+    /// Stored keys in id order after `after`, at most `limit`.
+    pub fn list(&self, after: Option<&str>, limit: usize) -> Result<Vec<ApiKeyView>, KeyError> {
+        let from = after.map(|a| format!("{KEY_PREFIX}{a}"));
+        let page = self
+            .store
+            .kv_scan_prefix_after(KEY_PREFIX, from.as_deref(), limit)?;
+        Ok(page
+            .iter()
+            .filter_map(|(key, bytes)| {
+                let record: ApiKeyRecord = Envelope::from_bytes(bytes)
+                    .and_then(|e| e.payload_as())
+                    .ok()?;
+                Some(ApiKeyView::of(&key[KEY_PREFIX.len()..], &record))
+            })
+            .collect())
+    }
+
+    /// One stored key.
+    pub fn get(&self, key: &str) -> Result<ApiKeyView, KeyError> {
+        self.load(key)
+            .map(|record| ApiKeyView::of(key, &record))
+            .ok_or_else(|| KeyError::NotFound(key.to_owned()))
+    }
+
+    /// Deletes a key: refused from the next request on (durable before this returns). The last
+    /// admin key cannot go unless the env key exists.
+    pub async fn delete(&self, key: &str) -> Result<(), KeyError> {
+        let record = self
+            .load(key)
+            .ok_or_else(|| KeyError::NotFound(key.to_owned()))?;
+        if record.role == Role::Admin && self.env_key.is_none() {
+            let admins = self
+                .store
+                .kv_scan_prefix(KEY_PREFIX, usize::MAX)?
+                .iter()
+                .filter(|(_, bytes)| {
+                    Envelope::from_bytes(bytes)
+                        .and_then(|e| e.payload_as::<ApiKeyRecord>())
+                        .is_ok_and(|r| r.role == Role::Admin)
+                })
+                .count();
+            if admins <= 1 {
+                return Err(KeyError::LastAdmin(key.to_owned()));
+            }
+        }
+        self.store.kv_remove(&format!("{KEY_PREFIX}{key}")).await?;
+        self.verified.forget(key);
+        tracing::info!(%key, "API key deleted");
+        Ok(())
     }
 }
 
@@ -279,11 +615,17 @@ mod tests {
     async fn env_key_and_stored_keys_verify_and_wrong_secrets_do_not() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(&StoreConfig::new(dir.path())).expect("open");
-        let keys = AdminKeys::init(store.clone(), Some("ops:s3cret"), 0)
+        let keys = ApiKeys::init(store.clone(), Some("ops:s3cret"), 0)
             .await
             .expect("init");
-        assert!(keys.verify("ops", "s3cret"));
-        assert!(!keys.verify("ops", "wrong"));
+        assert_eq!(
+            keys.authenticate("ops", "s3cret", 0).map(|p| p.role),
+            Ok(Role::Admin)
+        );
+        assert_eq!(
+            keys.authenticate("ops", "wrong", 0),
+            Err(KeyRefusal::Invalid)
+        );
         assert!(
             store
                 .kv_scan_prefix(KEY_PREFIX, 10)
@@ -291,25 +633,51 @@ mod tests {
                 .is_empty(),
             "env key is not stored"
         );
-        keys.create("stored", "pw", 0).await.expect("create");
-        assert!(keys.verify("stored", "pw"));
-        assert!(keys.verify("stored", "pw"), "second time from the cache");
-        assert!(!keys.verify("stored", "pW"));
-        assert!(!keys.verify("nobody", "pw"));
+        let new = NewApiKey {
+            name: "ci".into(),
+            role: Role::Viewer,
+            expires_at_ms: Some(1_000),
+            things: None,
+        };
+        let (view, secret) = keys.create(new, 0).await.expect("create");
+        let key = view.key.as_str();
+        assert_eq!(
+            keys.authenticate(key, &secret, 0).map(|p| p.role),
+            Ok(Role::Viewer)
+        );
+        assert!(
+            keys.authenticate_cached(key, &secret, 0).is_some(),
+            "second time from the cache"
+        );
+        assert_eq!(keys.authenticate(key, "wrong", 0), Err(KeyRefusal::Invalid));
+        assert_eq!(
+            keys.authenticate("nobody", &secret, 0),
+            Err(KeyRefusal::Invalid)
+        );
+        assert_eq!(
+            keys.authenticate(key, &secret, 1_000),
+            Err(KeyRefusal::Expired(1_000))
+        );
+        keys.delete(key).await.expect("delete");
+        assert!(
+            keys.authenticate_cached(key, &secret, 0).is_none(),
+            "revoked, cache included"
+        );
+        assert_eq!(keys.authenticate(key, &secret, 0), Err(KeyRefusal::Invalid));
     }
 
     #[tokio::test]
     async fn a_first_start_without_env_key_generates_and_stores_one_hashed() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(&StoreConfig::new(dir.path())).expect("open");
-        AdminKeys::init(store.clone(), None, 0).await.expect("init");
+        let keys = ApiKeys::init(store.clone(), None, 0).await.expect("init");
         let stored = store.kv_scan_prefix(KEY_PREFIX, 10).expect("scan");
         assert_eq!(stored.len(), 1);
         let record: ApiKeyRecord = Envelope::from_bytes(&stored[0].1)
             .and_then(|e| e.payload_as())
             .expect("record");
         assert!(record.secret_hash.starts_with("$argon2id$"));
-        AdminKeys::init(store.clone(), None, 0)
+        ApiKeys::init(store.clone(), None, 0)
             .await
             .expect("second start");
         assert_eq!(
@@ -317,6 +685,55 @@ mod tests {
             1,
             "not regenerated"
         );
+        // Without an env key the last admin key stays.
+        let only = keys.list(None, 10).expect("list").remove(0).key;
+        assert!(matches!(
+            keys.delete(&only).await,
+            Err(KeyError::LastAdmin(_))
+        ));
+    }
+
+    #[test]
+    fn roles_reach_their_routes_only() {
+        use Role::*;
+        let cases = [
+            (Admin, "DELETE", "/api/v1/api-keys/k-1", true),
+            (Operator, "POST", "/api/v1/api-keys", false),
+            (Operator, "GET", "/api/v1/api-keys", false),
+            (Operator, "POST", "/api/v1/authentication/users", false),
+            (Operator, "PUT", "/api/v1/authorization/rules/1", false),
+            (Operator, "POST", "/api/v1/jobs", true),
+            (Operator, "DELETE", "/api/v1/things/t1", true),
+            (Viewer, "GET", "/api/v1/things/t1", true),
+            (Viewer, "GET", "/metrics", true),
+            (Viewer, "POST", "/api/v1/things", false),
+            (Viewer, "GET", "/api/v1/authentication/users", false),
+            (Device, "POST", "/api/v1/thing-datas/shadow/reported", true),
+            (Device, "GET", "/api/v1/thing-datas/t1/jobs", true),
+            (Device, "GET", "/api/v1/things/t1/shadow", false),
+            (Device, "GET", "/api/v1/thing-datas", false),
+            (Device, "GET", "/metrics", false),
+        ];
+        for (role, method, path, allowed) in cases {
+            assert_eq!(
+                route_allowed(role, method, path).is_ok(),
+                allowed,
+                "{role:?} {method} {path}"
+            );
+        }
+        let scoped = Principal {
+            key: "k".into(),
+            role: Device,
+            things: Some(vec!["pump-1".into()]),
+        };
+        assert!(scoped.may_act_for("pump-1"));
+        assert!(!scoped.may_act_for("pump-2"));
+        let operator = Principal {
+            role: Operator,
+            things: None,
+            ..scoped
+        };
+        assert!(operator.may_act_for("pump-2"));
     }
 
     #[test]

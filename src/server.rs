@@ -21,7 +21,7 @@ use thinghub_actors::{Node, NodeConfig, RegistryConfig, ThingContext, Things};
 use thinghub_storage::{StorageError, Store, StoreConfig};
 use tokio::net::TcpListener;
 
-use crate::auth::{AdminKeys, AuthError};
+use crate::auth::{ApiKeys, AuthError};
 use crate::config::Config;
 use crate::http::{self, AppState, HttpLimits};
 use crate::mqtt::{
@@ -179,7 +179,7 @@ pub async fn serve(
     .await
     .map_err(|e| ServeError::Actors(e.to_string()))?;
     let registry = node.registry().clone();
-    let keys = AdminKeys::init(store.clone(), admin_key.as_deref(), clock.now_ms()).await?;
+    let keys = ApiKeys::init(store.clone(), admin_key.as_deref(), clock.now_ms()).await?;
     let things = Things::new(registry.clone());
     let groups = Groups::new(store.clone());
     let jobs = JobManager::new(

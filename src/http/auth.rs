@@ -1,9 +1,12 @@
-//! Admin-key authentication for `/api/v1/...`: `Authorization: Basic base64(key:secret)` or
-//! `Authorization: Bearer key:secret`. Anything else is a 401 with a `WWW-Authenticate` hint.
+//! API-key authentication and role checks for `/api/v1/...` and `/metrics`:
+//! `Authorization: Basic base64(key:secret)` or `Authorization: Bearer key:secret`. Anything
+//! else is a 401 with a `WWW-Authenticate` hint; a key whose role does not allow the route is a
+//! 403 that says why. The verified [`Principal`] goes to the handlers as a request extension
+//! (the device handlers check a device key's Things with it).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, OriginalUri, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -11,7 +14,7 @@ use base64::Engine;
 
 use super::error::ApiError;
 use super::AppState;
-use crate::auth::split_key;
+use crate::auth::{route_allowed, split_key, KeyRefusal, Principal};
 use crate::throttle::Verdict;
 
 fn credentials(request: &Request) -> Result<(String, String), &'static str> {
@@ -38,11 +41,11 @@ fn credentials(request: &Request) -> Result<(String, String), &'static str> {
     Ok((key.to_owned(), secret.to_owned()))
 }
 
-/// Middleware: 401 unless the request carries a valid admin key; 429 while the source address
-/// or the key is throttled after failed attempts.
-pub async fn require_admin(
+/// Middleware: 401 unless the request carries a valid API key, 403 unless its role allows the
+/// route; 429 while the source address or the key is throttled after failed attempts.
+pub async fn authenticate(
     State(state): State<AppState>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Response {
     let unauthorized = |message: &str| {
@@ -62,32 +65,51 @@ pub async fn require_admin(
         // No secret was tried (a probe, a misconfigured client): refused, not counted.
         Err(message) => return unauthorized(message),
     };
-    if state.keys.verify_cached(&key, &secret) {
-        return next.run(request).await;
+    let now_ms = state.things.now_ms();
+    let verdict = match state.keys.authenticate_cached(&key, &secret, now_ms) {
+        Some(verdict) => verdict,
+        None => {
+            if let Verdict::Wait(wait) = state.throttle.check(address, Some(&key)) {
+                let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                let mut response = ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!("too many failed authentications; retry in {seconds} s"),
+                )
+                .into_response();
+                response.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    header::HeaderValue::from(seconds.max(1)),
+                );
+                return response;
+            }
+            let keys = state.keys.clone();
+            let name = key.clone();
+            // A first verification runs argon2 (tens of ms of CPU): off the async workers.
+            let verdict =
+                tokio::task::spawn_blocking(move || keys.authenticate(&name, &secret, now_ms))
+                    .await
+                    .unwrap_or(Err(KeyRefusal::Invalid));
+            match &verdict {
+                Err(KeyRefusal::Invalid) => state.throttle.failed(address, Some(&key), "http"),
+                _ => state.throttle.succeeded(address, &key),
+            }
+            verdict
+        }
+    };
+    let principal: Principal = match verdict {
+        Ok(principal) => principal,
+        Err(KeyRefusal::Invalid) => return unauthorized("invalid API key or secret"),
+        Err(KeyRefusal::Expired(at_ms)) => {
+            return unauthorized(&format!("API key '{key}' expired at {at_ms} (Unix ms)"))
+        }
+    };
+    let path = request.extensions().get::<OriginalUri>().map_or_else(
+        || request.uri().path().to_owned(),
+        |uri| uri.path().to_owned(),
+    );
+    if let Err(why) = route_allowed(principal.role, request.method().as_str(), &path) {
+        return ApiError::new(StatusCode::FORBIDDEN, why).into_response();
     }
-    if let Verdict::Wait(wait) = state.throttle.check(address, Some(&key)) {
-        let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-        let mut response = ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            format!("too many failed authentications; retry in {seconds} s"),
-        )
-        .into_response();
-        response.headers_mut().insert(
-            header::RETRY_AFTER,
-            header::HeaderValue::from(seconds.max(1)),
-        );
-        return response;
-    }
-    let keys = state.keys.clone();
-    let name = key.clone();
-    // A first verification runs argon2 (tens of ms of CPU): keep it off the async workers.
-    let valid = tokio::task::spawn_blocking(move || keys.verify(&name, &secret))
-        .await
-        .unwrap_or(false);
-    if !valid {
-        state.throttle.failed(address, Some(&key), "http");
-        return unauthorized("invalid API key or secret");
-    }
-    state.throttle.succeeded(address, &key);
+    request.extensions_mut().insert(principal);
     next.run(request).await
 }

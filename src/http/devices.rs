@@ -1,7 +1,7 @@
 //! Device ThingDatas API (`/api/v1/thing-datas/...`): what a device without MQTT uses.
 //! Same semantics and error codes as the MQTT topics.
 
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -14,10 +14,36 @@ use thinghub_actors::thing::{IngestEvent, Origin, ShadowUpdate};
 use super::error::ApiError;
 use super::extract::{JsonBody, QueryParams};
 use super::AppState;
+use crate::auth::Principal;
+
+/// 403 unless the request's key may act for `thing` (a device key names its Things).
+fn act_for(principal: &Principal, thing: &str) -> Result<(), ApiError> {
+    if principal.may_act_for(thing) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "this device key may act only for its own Things; '{thing}' is not one of them"
+            ),
+        ))
+    }
+}
+
+/// `GET /api/v1/thing-datas/{name}/shadow`: the device reads the same document as the operator.
+pub async fn shadow(
+    state: State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    act_for(&principal, &name)?;
+    super::things::get_shadow(state, Path(name)).await
+}
 
 /// `POST /api/v1/thing-datas/shadow/reported` `{thingName, state:{reported}, clientToken?, version?}`.
 pub async fn report(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     JsonBody(body): JsonBody<Value>,
 ) -> Result<Json<Value>, ApiError> {
     let Some(object) = body.as_object() else {
@@ -41,6 +67,7 @@ pub async fn report(
             )))
         }
     };
+    act_for(&principal, &name).map_err(with_token)?;
     if object
         .get("state")
         .and_then(Value::as_object)
@@ -62,6 +89,7 @@ pub async fn report(
 /// with the stored event; 400 for an invalid one (never stored).
 pub async fn event(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     JsonBody(body): JsonBody<Value>,
 ) -> Result<(axum::http::StatusCode, Json<Value>), ApiError> {
     let name = match body.get("thingName") {
@@ -69,6 +97,7 @@ pub async fn event(
         Some(_) => return Err(ApiError::bad_request("thingName must be a string")),
         None => return Err(ApiError::bad_request("Missing required field: thingName")),
     };
+    act_for(&principal, &name)?;
     let event = IngestEvent::from_json(&body, None, &state.limits.events)?;
     let stored = state.things.ingest_event(&name, event).await?;
     Ok((axum::http::StatusCode::CREATED, Json(stored.to_json(None))))
@@ -79,10 +108,14 @@ pub async fn event(
 /// `{code, message, errorCode (AWS), executionState?, clientToken?}`.
 async fn job_request(
     state: &AppState,
+    principal: &Principal,
     thing: &str,
     request: DeviceJobRequest<'_>,
     body: Map<String, Value>,
 ) -> Response {
+    if let Err(refused) = act_for(principal, thing) {
+        return refused.into_response();
+    }
     let token = match client_token_of(&body, &state.limits.shadow) {
         Ok(token) => token,
         Err(rejection) => return ApiError::from(rejection).into_response(),
@@ -124,19 +157,24 @@ fn object(body: Value) -> Result<Map<String, Value>, ApiError> {
 }
 
 /// `GET /api/v1/thing-datas/{name}/jobs`: `{inProgressJobs, queuedJobs, timestamp}`.
-pub async fn jobs(State(state): State<AppState>, Path(name): Path<String>) -> Response {
-    job_request(&state, &name, DeviceJobRequest::Get, Map::new()).await
+pub async fn jobs(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(name): Path<String>,
+) -> Response {
+    job_request(&state, &principal, &name, DeviceJobRequest::Get, Map::new()).await
 }
 
 /// `POST /api/v1/thing-datas/{name}/jobs/start-next` `{statusDetails?, stepTimeoutInMinutes?,
 /// clientToken?}`.
 pub async fn start_next_job(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(name): Path<String>,
     JsonBody(body): JsonBody<Value>,
 ) -> Result<Response, ApiError> {
     let body = object(body)?;
-    Ok(job_request(&state, &name, DeviceJobRequest::StartNext, body).await)
+    Ok(job_request(&state, &principal, &name, DeviceJobRequest::StartNext, body).await)
 }
 
 /// Query of `GET /api/v1/thing-datas/{name}/jobs/{jobId}`.
@@ -150,6 +188,7 @@ pub struct DescribeParams {
 /// `GET /api/v1/thing-datas/{name}/jobs/{jobId}?executionNumber&includeJobDocument`.
 pub async fn describe_job(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path((name, job_id)): Path<(String, String)>,
     QueryParams(params): QueryParams<DescribeParams>,
 ) -> Response {
@@ -160,7 +199,14 @@ pub async fn describe_job(
     if let Some(include) = params.include_job_document {
         body.insert("includeJobDocument".into(), include.into());
     }
-    job_request(&state, &name, DeviceJobRequest::Describe(&job_id), body).await
+    job_request(
+        &state,
+        &principal,
+        &name,
+        DeviceJobRequest::Describe(&job_id),
+        body,
+    )
+    .await
 }
 
 /// `POST /api/v1/thing-datas/{name}/jobs/{jobId}/update` `{status, statusDetails?,
@@ -168,9 +214,17 @@ pub async fn describe_job(
 /// includeJobDocument?, clientToken?}`.
 pub async fn update_job(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path((name, job_id)): Path<(String, String)>,
     JsonBody(body): JsonBody<Value>,
 ) -> Result<Response, ApiError> {
     let body = object(body)?;
-    Ok(job_request(&state, &name, DeviceJobRequest::Update(&job_id), body).await)
+    Ok(job_request(
+        &state,
+        &principal,
+        &name,
+        DeviceJobRequest::Update(&job_id),
+        body,
+    )
+    .await)
 }

@@ -54,8 +54,8 @@ pub async fn create(
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PageParams {
-    limit: Option<usize>,
-    cursor: Option<String>,
+    pub(crate) limit: Option<usize>,
+    pub(crate) cursor: Option<String>,
 }
 
 /// `GET /api/v1/thing-groups?limit&cursor`: in name order; `nextCursor` is the last name.

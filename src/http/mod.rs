@@ -3,6 +3,7 @@
 //! Handlers parse and authorize, call [`Things`], and render; they hold no state. The router is
 //! built by [`app`] so tests can drive it without a socket.
 
+mod api_keys;
 pub mod auth;
 mod authorization;
 pub mod bulk;
@@ -29,7 +30,7 @@ use axum::{Json, Router};
 use thinghub_actors::thing::{CommandLimits, EventLimits, ShadowLimits};
 use thinghub_actors::Things;
 
-use crate::auth::AdminKeys;
+use crate::auth::ApiKeys;
 use crate::mqtt::acl::Acl;
 use crate::mqtt::broker::Broker;
 use crate::mqtt::DeviceStats;
@@ -74,7 +75,7 @@ pub struct AppState {
     /// The MQTT broker (clients API).
     pub broker: Arc<Broker>,
     /// Admin credentials.
-    pub keys: Arc<AdminKeys>,
+    pub keys: Arc<ApiKeys>,
     /// MQTT credentials.
     pub users: Arc<MqttUsers>,
     /// Failed-authentication throttling (shared with MQTT).
@@ -159,8 +160,7 @@ pub fn app(state: AppState) -> Router {
             "/thing-datas/{name}/jobs/{job_id}/update",
             post(devices::update_job),
         )
-        // The device reads the same document as the operator.
-        .route("/thing-datas/{name}/shadow", get(things::get_shadow))
+        .route("/thing-datas/{name}/shadow", get(devices::shadow))
         .route("/thing-datas/shadow/reported", post(devices::report))
         .route(
             "/authentication/users",
@@ -176,6 +176,11 @@ pub fn app(state: AppState) -> Router {
             "/clients/{client_id}",
             get(clients::get).delete(clients::kick),
         )
+        .route("/api-keys", post(api_keys::create).get(api_keys::list))
+        .route(
+            "/api-keys/{key}",
+            get(api_keys::get).delete(api_keys::delete),
+        )
         .route(
             "/authorization/rules",
             post(authorization::create).get(authorization::list),
@@ -188,14 +193,14 @@ pub fn app(state: AppState) -> Router {
         )
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            auth::require_admin,
+            auth::authenticate,
         ));
     // Prometheus scrapes the same admin-key protected data (scrape config `basic_auth`).
     let prometheus = Router::new()
         .route("/metrics", get(metrics::prometheus))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            auth::require_admin,
+            auth::authenticate,
         ));
     Router::new()
         .route("/healthz", get(healthz))

@@ -172,9 +172,17 @@ pub async fn call(
     url: &str,
     body: Option<serde_json::Value>,
 ) -> (u16, serde_json::Value) {
-    let mut request = client()
-        .request(method, url)
-        .basic_auth(ADMIN_KEY, Some(ADMIN_SECRET));
+    call_as((ADMIN_KEY, ADMIN_SECRET), method, url, body).await
+}
+
+/// Sends a request with the API key `key:secret`; returns (status, JSON body or Null).
+pub async fn call_as(
+    (key, secret): (&str, &str),
+    method: reqwest::Method,
+    url: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let mut request = client().request(method, url).basic_auth(key, Some(secret));
     if let Some(body) = body {
         request = request.json(&body);
     }
