@@ -80,6 +80,8 @@ pub struct Config {
     pub job_targets_max: usize,
     /// Executions a job's rollout is queuing at once (fewer when its rate is lower).
     pub job_rollout_in_flight_max: usize,
+    /// Most publishes in one `POST /api/v1/publish/bulk`.
+    pub publish_bulk_max: usize,
     /// Things whose deadlines are being fired at once by the deadline timer.
     pub deadline_fire_concurrency_max: usize,
     /// Longest sleep of the deadline timer between index scans, milliseconds.
@@ -218,6 +220,7 @@ impl Default for Config {
             job_finished_kept_max: 50,
             job_targets_max: 100_000,
             job_rollout_in_flight_max: 64,
+            publish_bulk_max: 100,
             deadline_fire_concurrency_max: 512,
             deadline_scan_interval_max_ms: 1_000,
             storage_cache_bytes: 256 * 1024 * 1024,
@@ -421,6 +424,7 @@ impl Config {
                 "job_rollout_in_flight_max",
                 self.job_rollout_in_flight_max as u64,
             ),
+            ("publish_bulk_max", self.publish_bulk_max as u64),
             (
                 "deadline_fire_concurrency_max",
                 self.deadline_fire_concurrency_max as u64,

@@ -232,6 +232,7 @@ pub async fn serve(
             commands: command_limits,
             jobs: limits.jobs,
             bulk_lines_max: config.bulk_lines_max,
+            publish_bulk_max: config.publish_bulk_max,
         },
         started: std::time::Instant::now(),
     };

@@ -17,6 +17,7 @@ mod jobs;
 pub mod listener;
 mod metrics;
 pub mod ndjson;
+mod publish;
 mod things;
 mod users;
 
@@ -55,6 +56,8 @@ pub struct HttpLimits {
     pub jobs: thinghub_actors::thing::jobs::JobLimits,
     /// Most lines one bulk registration reads.
     pub bulk_lines_max: usize,
+    /// Most publishes in one `POST /api/v1/publish/bulk`.
+    pub publish_bulk_max: usize,
 }
 
 /// What every handler can reach.
@@ -176,6 +179,8 @@ pub fn app(state: AppState) -> Router {
             "/clients/{client_id}",
             get(clients::get).delete(clients::kick),
         )
+        .route("/publish", post(publish::publish))
+        .route("/publish/bulk", post(publish::bulk))
         .route("/api-keys", post(api_keys::create).get(api_keys::list))
         .route(
             "/api-keys/{key}",

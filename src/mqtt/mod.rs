@@ -19,6 +19,7 @@ pub mod codec;
 pub mod connection;
 pub mod device;
 pub mod effects;
+pub mod operator;
 pub mod persist;
 pub mod topic;
 
