@@ -177,6 +177,15 @@ async fn a_rest_publish_on_a_request_topic_is_not_device_input_and_needs_an_oper
         "not device input: {shadow}"
     );
 
+    // Nobody but the server publishes on its reply topics, the operator included.
+    let (status, answer) = call(
+        Method::POST,
+        &server.url("/api/v1/publish"),
+        Some(json!({"topic": "$emqx/things/t1/shadow/update/accepted", "payload": "{}"})),
+    )
+    .await;
+    assert_eq!(status, 403, "{answer}");
+
     let viewer = create(
         &server,
         "/api/v1/api-keys",

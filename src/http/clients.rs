@@ -1,14 +1,18 @@
-//! `/api/v1/clients`: MQTT sessions (connected or persistent), one client, and kick.
+//! `/api/v1/clients`: MQTT sessions (connected or persistent), one client, kick, and proxy
+//! subscriptions (under the session user's ACL).
+
+use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
 use super::error::ApiError;
-use super::extract::QueryParams;
+use super::extract::{JsonBody, QueryParams};
 use super::AppState;
+use crate::mqtt::operator::{self, ProxyError, ProxySubscription};
 
 /// Paging by client id.
 #[derive(Debug, Deserialize)]
@@ -70,4 +74,192 @@ pub async fn kick(
     } else {
         Err(unknown(&client_id))
     }
+}
+
+impl From<ProxyError> for ApiError {
+    fn from(e: ProxyError) -> Self {
+        let status = match e {
+            ProxyError::Filter { .. } | ProxyError::Qos | ProxyError::RetainHandling => {
+                StatusCode::BAD_REQUEST
+            }
+            ProxyError::NoSession(_) => StatusCode::NOT_FOUND,
+            ProxyError::NotAuthorized { .. } => StatusCode::FORBIDDEN,
+            ProxyError::NotDurable | ProxyError::UnsubscribeNotDurable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+fn topic_of(object: &Map<String, Value>) -> Result<String, ApiError> {
+    match object.get("topic") {
+        Some(Value::String(topic)) => Ok(topic.clone()),
+        Some(_) => Err(ApiError::bad_request("topic must be a string")),
+        None => Err(ApiError::bad_request("Missing required field: topic")),
+    }
+}
+
+/// One subscription request: `{"topic", "qos"?, "noLocal"?, "retainAsPublished"?,
+/// "retainHandling"?}`.
+fn subscription(body: &Value) -> Result<ProxySubscription, ApiError> {
+    let Some(object) = body.as_object() else {
+        return Err(ApiError::bad_request(
+            "a subscription must be a JSON object",
+        ));
+    };
+    if let Some(key) = object.keys().find(|k| {
+        !matches!(
+            k.as_str(),
+            "topic" | "qos" | "noLocal" | "retainAsPublished" | "retainHandling"
+        )
+    }) {
+        return Err(ApiError::bad_request(format!(
+            "'{key}' is not a field of a subscription (topic, qos, noLocal, retainAsPublished, retainHandling)"
+        )));
+    }
+    let small = |name: &str, max: u64| -> Result<u8, ApiError> {
+        match object.get(name) {
+            None | Some(Value::Null) => Ok(0),
+            Some(value) => value
+                .as_u64()
+                .filter(|n| *n <= max)
+                .map(|n| n as u8)
+                .ok_or_else(|| ApiError::bad_request(format!("{name} must be 0..={max}"))),
+        }
+    };
+    let flag = |name: &str| -> Result<bool, ApiError> {
+        match object.get(name) {
+            None | Some(Value::Null) => Ok(false),
+            Some(Value::Bool(flag)) => Ok(*flag),
+            Some(_) => Err(ApiError::bad_request(format!(
+                "{name} must be true or false"
+            ))),
+        }
+    };
+    Ok(ProxySubscription {
+        filter: topic_of(object)?,
+        qos: small("qos", 2)?,
+        no_local: flag("noLocal")?,
+        retain_as_published: flag("retainAsPublished")?,
+        retain_handling: small("retainHandling", 2)?,
+    })
+}
+
+fn durable_wait(state: &AppState) -> Duration {
+    state.limits.subscribe_durable_wait
+}
+
+async fn subscribe_one(state: &AppState, client_id: &str, body: &Value) -> Result<Value, ApiError> {
+    let request = subscription(body)?;
+    let (topic, qos) = (request.filter.clone(), request.qos);
+    let new = operator::subscribe(
+        &state.broker,
+        &state.acl,
+        client_id,
+        request,
+        durable_wait(state),
+    )
+    .await?;
+    Ok(json!({"clientId": client_id, "topic": topic, "qos": qos, "new": new}))
+}
+
+async fn unsubscribe_one(
+    state: &AppState,
+    client_id: &str,
+    body: &Value,
+) -> Result<Value, ApiError> {
+    let Some(object) = body.as_object() else {
+        return Err(ApiError::bad_request(
+            "an unsubscription must be a JSON object",
+        ));
+    };
+    if let Some(key) = object.keys().find(|k| k.as_str() != "topic") {
+        return Err(ApiError::bad_request(format!(
+            "'{key}' is not a field of an unsubscription (topic)"
+        )));
+    }
+    let topic = topic_of(object)?;
+    let removed =
+        operator::unsubscribe(&state.broker, client_id, &topic, durable_wait(state)).await?;
+    if !removed {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("client '{client_id}' has no subscription '{topic}'"),
+        ));
+    }
+    Ok(json!({"clientId": client_id, "topic": topic}))
+}
+
+/// Each item of a bulk body, answered in order.
+async fn each(
+    state: &AppState,
+    client_id: &str,
+    body: &Value,
+    subscribe: bool,
+) -> Result<Json<Value>, ApiError> {
+    let max = state.limits.publish_bulk_max;
+    let items = match body.as_array() {
+        Some(items) if (1..=max).contains(&items.len()) => items,
+        _ => {
+            return Err(ApiError::bad_request(format!(
+                "the body must be an array of 1..={max} items"
+            )))
+        }
+    };
+    let mut answers = Vec::with_capacity(items.len());
+    for item in items {
+        let outcome = if subscribe {
+            subscribe_one(state, client_id, item).await
+        } else {
+            unsubscribe_one(state, client_id, item).await
+        };
+        answers.push(match outcome {
+            Ok(mut answer) => {
+                answer["code"] = 200.into();
+                answer
+            }
+            Err(e) => json!({"code": e.status.as_u16(), "message": e.message}),
+        });
+    }
+    Ok(Json(Value::Array(answers)))
+}
+
+/// `POST /api/v1/clients/{clientId}/subscribe` `{"topic", "qos"?, "noLocal"?,
+/// "retainAsPublished"?, "retainHandling"?}`: the session (connected or persistent) subscribes
+/// as its own SUBSCRIBE would, under its user's ACL (403 if its user may not).
+pub async fn subscribe(
+    State(state): State<AppState>,
+    Path(client_id): Path<String>,
+    JsonBody(body): JsonBody<Value>,
+) -> Result<Json<Value>, ApiError> {
+    subscribe_one(&state, &client_id, &body).await.map(Json)
+}
+
+/// `POST /api/v1/clients/{clientId}/unsubscribe` `{"topic"}` (404 if it had no such
+/// subscription).
+pub async fn unsubscribe(
+    State(state): State<AppState>,
+    Path(client_id): Path<String>,
+    JsonBody(body): JsonBody<Value>,
+) -> Result<Json<Value>, ApiError> {
+    unsubscribe_one(&state, &client_id, &body).await.map(Json)
+}
+
+/// `POST /api/v1/clients/{clientId}/subscribe/bulk` `[subscription, ...]`: answered in order.
+pub async fn subscribe_bulk(
+    State(state): State<AppState>,
+    Path(client_id): Path<String>,
+    JsonBody(body): JsonBody<Value>,
+) -> Result<Json<Value>, ApiError> {
+    each(&state, &client_id, &body, true).await
+}
+
+/// `POST /api/v1/clients/{clientId}/unsubscribe/bulk` `[{"topic"}, ...]`: answered in order.
+pub async fn unsubscribe_bulk(
+    State(state): State<AppState>,
+    Path(client_id): Path<String>,
+    JsonBody(body): JsonBody<Value>,
+) -> Result<Json<Value>, ApiError> {
+    each(&state, &client_id, &body, false).await
 }

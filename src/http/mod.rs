@@ -56,8 +56,10 @@ pub struct HttpLimits {
     pub jobs: thinghub_actors::thing::jobs::JobLimits,
     /// Most lines one bulk registration reads.
     pub bulk_lines_max: usize,
-    /// Most publishes in one `POST /api/v1/publish/bulk`.
+    /// Most items in one bulk publish, subscribe or unsubscribe.
     pub publish_bulk_max: usize,
+    /// How long a proxy subscription change on a persistent session waits to be durable.
+    pub subscribe_durable_wait: std::time::Duration,
 }
 
 /// What every handler can reach.
@@ -178,6 +180,19 @@ pub fn app(state: AppState) -> Router {
         .route(
             "/clients/{client_id}",
             get(clients::get).delete(clients::kick),
+        )
+        .route("/clients/{client_id}/subscribe", post(clients::subscribe))
+        .route(
+            "/clients/{client_id}/subscribe/bulk",
+            post(clients::subscribe_bulk),
+        )
+        .route(
+            "/clients/{client_id}/unsubscribe",
+            post(clients::unsubscribe),
+        )
+        .route(
+            "/clients/{client_id}/unsubscribe/bulk",
+            post(clients::unsubscribe_bulk),
         )
         .route("/publish", post(publish::publish))
         .route("/publish/bulk", post(publish::bulk))

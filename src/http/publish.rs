@@ -16,6 +16,7 @@ impl From<OperatorPublishError> for ApiError {
     fn from(e: OperatorPublishError) -> Self {
         let status = match e {
             OperatorPublishError::RetainedFull => StatusCode::INSUFFICIENT_STORAGE,
+            OperatorPublishError::ServerTopic(_) => StatusCode::FORBIDDEN,
             _ => StatusCode::BAD_REQUEST,
         };
         ApiError::new(status, e.to_string())
@@ -142,7 +143,7 @@ fn parse(body: &Value) -> Result<OperatorPublish, ApiError> {
 fn publish_one(state: &AppState, body: &Value) -> Result<Value, ApiError> {
     let message = parse(body)?;
     let topic = message.topic.clone();
-    let subscribers = operator::publish(&state.broker, message)?;
+    let subscribers = operator::publish(&state.broker, &state.acl, message)?;
     Ok(json!({"topic": topic, "subscribers": subscribers}))
 }
 

@@ -630,6 +630,17 @@ pub enum ConnectRefusal {
     Unverifiable,
 }
 
+/// Why the broker refused an operator's subscription change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ProxyRefusal {
+    /// No session (connected or persistent) has this client id.
+    #[error("no session with this client id (connected or persistent)")]
+    NoSession,
+    /// The session's user may not subscribe to the filter.
+    #[error("the session's user is not authorized to subscribe to this filter")]
+    NotAuthorized,
+}
+
 /// Why the broker refused a PUBLISH.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum PublishRefusal {
@@ -1135,6 +1146,67 @@ impl Broker {
         parsed: ParsedFilter,
         options: SubOptions,
     ) -> bool {
+        self.subscribe_session(
+            client_id,
+            Some(connection_id),
+            raw,
+            parsed,
+            options,
+            &|_| true,
+        )
+        .is_ok_and(|(is_new, _)| is_new)
+    }
+
+    /// An operator's subscription for `client_id`'s session, connected or not (persistent):
+    /// `allowed` decides with the session owner's identity (its user's ACL). Returns whether
+    /// it is new and whether the session is persistent (its change must be made durable).
+    pub fn proxy_subscribe(
+        &self,
+        client_id: &str,
+        raw: &str,
+        parsed: ParsedFilter,
+        options: SubOptions,
+        allowed: &dyn Fn(&Identity) -> bool,
+    ) -> Result<(bool, bool), ProxyRefusal> {
+        self.subscribe_session(client_id, None, raw, parsed, options, allowed)
+    }
+
+    /// Removes an operator's (or any) subscription from `client_id`'s session, connected or
+    /// not; returns whether it existed and whether the session is persistent.
+    pub fn proxy_unsubscribe(
+        &self,
+        client_id: &str,
+        raw: &str,
+    ) -> Result<(bool, bool), ProxyRefusal> {
+        let mut state = self.lock();
+        let State { sessions, trie, .. } = &mut *state;
+        let Some((key, session)) = sessions
+            .get_key_value(client_id)
+            .map(|(k, s)| (k.clone(), s))
+        else {
+            return Err(ProxyRefusal::NoSession);
+        };
+        let persistent = session.persistent;
+        let Some((parsed, _)) = sessions
+            .get_mut(client_id)
+            .and_then(|session| session.subscriptions.remove(raw))
+        else {
+            return Ok((false, persistent));
+        };
+        trie.remove(&parsed.filter, &probe(&key, &parsed));
+        state.touch(client_id);
+        Ok((true, persistent))
+    }
+
+    fn subscribe_session(
+        &self,
+        client_id: &str,
+        connection_id: Option<u64>,
+        raw: &str,
+        parsed: ParsedFilter,
+        options: SubOptions,
+        allowed: &dyn Fn(&Identity) -> bool,
+    ) -> Result<(bool, bool), ProxyRefusal> {
         let mut guard = self.lock();
         let key: Arc<str> = Arc::from(client_id);
         let State {
@@ -1147,9 +1219,15 @@ impl Broker {
             ..
         } = &mut *guard;
         let fair_share = self.fair_share(sessions.len());
-        let Some(session) = live_session(sessions, client_id, connection_id) else {
-            return false;
-        };
+        let session = match connection_id {
+            Some(id) => live_session(sessions, client_id, id),
+            None => sessions.get_mut(client_id),
+        }
+        .ok_or(ProxyRefusal::NoSession)?;
+        if !allowed(&session.identity) {
+            return Err(ProxyRefusal::NotAuthorized);
+        }
+        let persistent = session.persistent;
         if session.kept() {
             dirty.insert(key.clone());
         }
@@ -1201,7 +1279,7 @@ impl Broker {
                 self.enqueue(session, pending, fair_share);
             }
         }
-        is_new
+        Ok((is_new, persistent))
     }
 
     /// Removes a subscription; returns whether it existed.

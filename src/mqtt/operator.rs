@@ -1,7 +1,14 @@
-//! Publishing for the operator (the management API's `POST /api/v1/publish`): routed through
-//! the broker exactly as a superuser's MQTT publish (retained, queued for persistent sessions,
-//! v5 properties forwarded), but never taken as device input: a publish on a Thing's request
-//! topics reaches subscribers only, as the server's own publications do.
+//! The operator's messaging (the management API's `/api/v1/publish` and proxy subscriptions).
+//!
+//! A publish is routed through the broker exactly as a superuser's MQTT publish (the same ACL:
+//! nobody but the server publishes on its reply topics; retained, queued for persistent
+//! sessions, v5 properties forwarded), but never taken as device input: a publish on a Thing's
+//! request topics reaches subscribers only, as the server's own publications do.
+//!
+//! A proxy subscription changes a client's session (connected, or persistent and offline) as
+//! its own SUBSCRIBE would: the ACL of the session's user decides, so an operator cannot grant
+//! a device what it could not subscribe to itself; on a persistent session the answer waits
+//! until the change is durable.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,7 +16,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rumqttd::protocol::PublishProperties;
 
-use super::broker::{Broker, Message, PublishRefusal};
+use super::acl::{Acl, Action, Identity};
+use super::broker::{Broker, Message, ProxyRefusal, PublishRefusal, SubOptions};
 use super::topic;
 
 /// A message the operator publishes.
@@ -60,15 +68,35 @@ pub enum OperatorPublishError {
     /// The retained store is full.
     #[error("the retained message store is full; the message was not published")]
     RetainedFull,
+    /// A topic only the server publishes on (replies, deltas, notifications).
+    #[error("topic '{0}' is published only by the server (replies, deltas, notifications)")]
+    ServerTopic(String),
 }
 
 /// Publishes `message` for the operator; returns how many sessions it was delivered or queued
 /// to.
-pub fn publish(broker: &Broker, message: OperatorPublish) -> Result<usize, OperatorPublishError> {
+pub fn publish(
+    broker: &Broker,
+    acl: &Acl,
+    message: OperatorPublish,
+) -> Result<usize, OperatorPublishError> {
     topic::validate_topic_name(&message.topic).map_err(|e| OperatorPublishError::Topic {
         topic: message.topic.clone(),
         why: e.to_string(),
     })?;
+    let operator = Identity {
+        client_id: String::new(),
+        username: None,
+        thing: None,
+        superuser: true,
+    };
+    if !acl.allows(&operator, Action::Publish, &message.topic) {
+        broker
+            .stats
+            .acl_denied
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return Err(OperatorPublishError::ServerTopic(message.topic));
+    }
     if message.qos > 2 {
         return Err(OperatorPublishError::Qos);
     }
@@ -116,4 +144,134 @@ pub fn publish(broker: &Broker, message: OperatorPublish) -> Result<usize, Opera
         .map_err(|e| match e {
             PublishRefusal::RetainedQuotaExceeded => OperatorPublishError::RetainedFull,
         })
+}
+
+/// An operator's subscription for a client's session.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProxySubscription {
+    /// The filter (`$share/{group}/...` allowed).
+    pub filter: String,
+    /// Maximum QoS.
+    pub qos: u8,
+    /// v5 no local.
+    pub no_local: bool,
+    /// v5 retain as published.
+    pub retain_as_published: bool,
+    /// v5 retain handling (0, 1, 2).
+    pub retain_handling: u8,
+}
+
+/// Why a proxy subscription change was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProxyError {
+    /// Not a valid filter.
+    #[error("topic '{filter}' is not a valid topic filter: {why}")]
+    Filter {
+        /// The filter.
+        filter: String,
+        /// Why.
+        why: String,
+    },
+    /// QoS out of range.
+    #[error("qos must be 0, 1 or 2")]
+    Qos,
+    /// Retain handling out of range.
+    #[error("retainHandling must be 0, 1 or 2")]
+    RetainHandling,
+    /// No such session.
+    #[error("no session with client id '{0}' (connected or persistent)")]
+    NoSession(String),
+    /// The session's user may not subscribe to it.
+    #[error("the user of session '{client_id}' is not authorized to subscribe to '{filter}'")]
+    NotAuthorized {
+        /// The session.
+        client_id: String,
+        /// The filter.
+        filter: String,
+    },
+    /// A persistent session's subscription could not be made durable in time (undone).
+    #[error("the subscription could not be made durable in time and was undone; retry")]
+    NotDurable,
+    /// A persistent session's unsubscription is done in memory but not durable yet.
+    #[error("unsubscribed, but not durable yet: a crash now may bring the subscription back; retry to confirm")]
+    UnsubscribeNotDurable,
+}
+
+/// Subscribes `client_id`'s session to `subscription`; returns whether it is new.
+pub async fn subscribe(
+    broker: &Broker,
+    acl: &Acl,
+    client_id: &str,
+    subscription: ProxySubscription,
+    durable_wait: Duration,
+) -> Result<bool, ProxyError> {
+    let parsed = topic::parse_filter(&subscription.filter).map_err(|e| ProxyError::Filter {
+        filter: subscription.filter.clone(),
+        why: e.to_string(),
+    })?;
+    if subscription.qos > 2 {
+        return Err(ProxyError::Qos);
+    }
+    if subscription.retain_handling > 2 {
+        return Err(ProxyError::RetainHandling);
+    }
+    let options = SubOptions {
+        qos: subscription.qos,
+        no_local: subscription.no_local,
+        retain_as_published: subscription.retain_as_published,
+        retain_handling: subscription.retain_handling,
+        subscription_id: None,
+    };
+    let filter = parsed.filter.clone();
+    let outcome = broker.proxy_subscribe(
+        client_id,
+        &subscription.filter,
+        parsed,
+        options,
+        &|identity| acl.allows(identity, Action::Subscribe, &filter),
+    );
+    let (is_new, persistent) = match outcome {
+        Ok(done) => done,
+        Err(ProxyRefusal::NoSession) => return Err(ProxyError::NoSession(client_id.to_owned())),
+        Err(ProxyRefusal::NotAuthorized) => {
+            broker
+                .stats
+                .acl_denied
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(ProxyError::NotAuthorized {
+                client_id: client_id.to_owned(),
+                filter: subscription.filter,
+            });
+        }
+    };
+    if persistent && !broker.wait_durable(durable_wait).await {
+        if is_new {
+            let _ = broker.proxy_unsubscribe(client_id, &subscription.filter);
+        }
+        tracing::error!(%client_id, filter = %subscription.filter, "proxy subscription could not be made durable in time; undone");
+        return Err(ProxyError::NotDurable);
+    }
+    tracing::info!(%client_id, filter = %subscription.filter, "subscribed by the operator");
+    Ok(is_new)
+}
+
+/// Removes `filter` from `client_id`'s session; returns whether it was there.
+pub async fn unsubscribe(
+    broker: &Broker,
+    client_id: &str,
+    filter: &str,
+    durable_wait: Duration,
+) -> Result<bool, ProxyError> {
+    let (removed, persistent) = broker
+        .proxy_unsubscribe(client_id, filter)
+        .map_err(|_| ProxyError::NoSession(client_id.to_owned()))?;
+    if removed && persistent && !broker.wait_durable(durable_wait).await {
+        // Removed in memory (no message reaches it any more); a crash before the next
+        // checkpoint may bring it back, which the answer says.
+        return Err(ProxyError::UnsubscribeNotDurable);
+    }
+    if removed {
+        tracing::info!(%client_id, %filter, "unsubscribed by the operator");
+    }
+    Ok(removed)
 }
