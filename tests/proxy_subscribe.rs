@@ -152,3 +152,111 @@ async fn a_proxy_subscription_cannot_grant_what_the_device_could_not_subscribe_t
     assert_eq!(topic, "$emqx/things/lamp/shadow/update/delta");
     assert_eq!(delta["state"]["on"], true, "{delta}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_and_topics_are_listed_fleet_wide_in_pages() {
+    let (_dir, server) = start_with_backend("").await;
+    let mut clients = Vec::new();
+    for id in ["c1", "c2", "c3"] {
+        let (mut client, _) = Client::connect(&server, id, Some(BACKEND), |_| {})
+            .await
+            .expect("connect");
+        client.subscribe("site/+/temp", QoS::AtLeastOnce).await;
+        client
+            .subscribe(&format!("own/{id}"), QoS::AtMostOnce)
+            .await;
+        clients.push(client);
+    }
+    post(
+        &server,
+        "/api/v1/publish",
+        json!({"topic": "site/a/status", "payload": "up", "retain": true}),
+    )
+    .await;
+
+    // Every subscription, two at a time, in (client id, filter) order.
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/api/v1/subscriptions?limit=2&cursor={c}"),
+            None => "/api/v1/subscriptions?limit=2".to_owned(),
+        };
+        let (status, page) = call(Method::GET, &server.url(&path), None).await;
+        assert_eq!(status, 200, "{page}");
+        for item in page["items"].as_array().expect("items") {
+            seen.push(format!(
+                "{}:{}:{}",
+                item["clientId"].as_str().expect("id"),
+                item["topic"].as_str().expect("topic"),
+                item["qos"]
+            ));
+        }
+        match page["nextCursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(
+        seen,
+        vec![
+            "c1:own/c1:0",
+            "c1:site/+/temp:1",
+            "c2:own/c2:0",
+            "c2:site/+/temp:1",
+            "c3:own/c3:0",
+            "c3:site/+/temp:1"
+        ]
+    );
+    let (_, one) = call(
+        Method::GET,
+        &server.url("/api/v1/subscriptions?clientId=c2"),
+        None,
+    )
+    .await;
+    assert_eq!(one["items"].as_array().map(Vec::len), Some(2), "{one}");
+    let (_, matching) = call(
+        Method::GET,
+        &server.url("/api/v1/subscriptions?match=site/x/temp"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        matching["items"].as_array().map(Vec::len),
+        Some(3),
+        "{matching}"
+    );
+    for bad in [
+        "/api/v1/subscriptions?match=site/%2B",
+        "/api/v1/subscriptions?cursor=@@",
+        "/api/v1/subscriptions?colour=red",
+    ] {
+        let (status, answer) = call(Method::GET, &server.url(bad), None).await;
+        assert_eq!(status, 400, "{bad}: {answer}");
+    }
+
+    let (status, topics) = call(Method::GET, &server.url("/api/v1/topics"), None).await;
+    assert_eq!(status, 200);
+    let listed: Vec<(String, bool, u64)> = topics["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|t| {
+            (
+                t["topic"].as_str().expect("topic").to_owned(),
+                t["retained"].as_bool().expect("retained"),
+                t["subscriptions"].as_u64().expect("subscriptions"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        vec![
+            ("own/c1".to_owned(), false, 1),
+            ("own/c2".to_owned(), false, 1),
+            ("own/c3".to_owned(), false, 1),
+            ("site/+/temp".to_owned(), false, 3),
+            ("site/a/status".to_owned(), true, 0),
+        ]
+    );
+}

@@ -6,6 +6,7 @@ use std::time::Duration;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
+use base64::Engine;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
@@ -262,4 +263,92 @@ pub async fn unsubscribe_bulk(
     JsonBody(body): JsonBody<Value>,
 ) -> Result<Json<Value>, ApiError> {
     each(&state, &client_id, &body, false).await
+}
+
+/// Query of `GET /api/v1/subscriptions`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SubscriptionsQuery {
+    client_id: Option<String>,
+    /// Exactly this filter.
+    topic: Option<String>,
+    /// Filters that match this topic name.
+    #[serde(rename = "match")]
+    matching: Option<String>,
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+/// A subscriptions cursor: the last (client id, filter), base64url (a NUL cannot occur in
+/// either: MQTT strings may not contain it).
+fn subscriptions_cursor(client_id: &str, topic: &str) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{client_id}\0{topic}"))
+}
+
+fn parse_subscriptions_cursor(cursor: &str) -> Result<(String, String), ApiError> {
+    let bad = || ApiError::bad_request("cursor is not one this listing returned");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(cursor)
+        .map_err(|_| bad())?;
+    let text = String::from_utf8(bytes).map_err(|_| bad())?;
+    let (client_id, topic) = text.split_once('\0').ok_or_else(bad)?;
+    Ok((client_id.to_owned(), topic.to_owned()))
+}
+
+/// `GET /api/v1/subscriptions?clientId&topic&match&limit&cursor`: every session's
+/// subscriptions (fleet-wide), in (client id, filter) order; `match` keeps the filters that
+/// match a topic name.
+pub async fn subscriptions(
+    State(state): State<AppState>,
+    QueryParams(query): QueryParams<SubscriptionsQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = super::things::page_limit(query.limit, state.limits.list_limit_max)?;
+    if let Some(topic) = &query.matching {
+        crate::mqtt::topic::validate_topic_name(topic).map_err(|e| {
+            ApiError::bad_request(format!("match '{topic}' is not a topic name: {e}"))
+        })?;
+    }
+    let after = query
+        .cursor
+        .as_deref()
+        .map(parse_subscriptions_cursor)
+        .transpose()?;
+    let items = state.broker.subscriptions(
+        query.client_id.as_deref(),
+        query.topic.as_deref(),
+        query.matching.as_deref(),
+        after.as_ref().map(|(c, t)| (c.as_str(), t.as_str())),
+        limit,
+    );
+    let next = (items.len() == limit)
+        .then(|| {
+            items
+                .last()
+                .map(|s| subscriptions_cursor(&s.client_id, &s.topic))
+        })
+        .flatten();
+    Ok(Json(json!({"items": items, "nextCursor": next})))
+}
+
+/// Query of `GET /api/v1/topics`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicsQuery {
+    limit: Option<usize>,
+    /// The last topic of the previous page.
+    cursor: Option<String>,
+}
+
+/// `GET /api/v1/topics?limit&cursor`: topics with a retained message or a live subscription
+/// (its filter), in order, each with `retained` and `subscriptions`.
+pub async fn topics(
+    State(state): State<AppState>,
+    QueryParams(query): QueryParams<TopicsQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = super::things::page_limit(query.limit, state.limits.list_limit_max)?;
+    let items = state.broker.topics(query.cursor.as_deref(), limit);
+    let next = (items.len() == limit)
+        .then(|| items.last().map(|t| t.topic.clone()))
+        .flatten();
+    Ok(Json(json!({"items": items, "nextCursor": next})))
 }

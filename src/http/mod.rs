@@ -181,6 +181,8 @@ pub fn app(state: AppState) -> Router {
             "/clients/{client_id}",
             get(clients::get).delete(clients::kick),
         )
+        .route("/subscriptions", get(clients::subscriptions))
+        .route("/topics", get(clients::topics))
         .route("/clients/{client_id}/subscribe", post(clients::subscribe))
         .route(
             "/clients/{client_id}/subscribe/bulk",

@@ -630,6 +630,46 @@ pub enum ConnectRefusal {
     Unverifiable,
 }
 
+/// A subscription as the management API lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SubscriptionView {
+    /// The session.
+    pub client_id: String,
+    /// The filter as subscribed (with `$share/{group}/` if shared).
+    pub topic: String,
+    /// Maximum QoS.
+    pub qos: u8,
+    /// v5 no local.
+    pub no_local: bool,
+    /// v5 retain as published.
+    pub retain_as_published: bool,
+    /// v5 retain handling.
+    pub retain_handling: u8,
+}
+
+/// A topic as the management API lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TopicView {
+    /// A topic name (retained) or a subscription filter.
+    pub topic: String,
+    /// A message is retained on it.
+    pub retained: bool,
+    /// Sessions subscribed with exactly this filter.
+    pub subscriptions: usize,
+}
+
+impl TopicView {
+    fn new(topic: &str) -> TopicView {
+        TopicView {
+            topic: topic.to_owned(),
+            retained: false,
+            subscriptions: 0,
+        }
+    }
+}
+
 /// Why the broker refused an operator's subscription change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ProxyRefusal {
@@ -968,6 +1008,85 @@ impl Broker {
             .take(limit)
             .filter_map(|id| state.sessions.get(id).map(|s| view(id, s)))
             .collect()
+    }
+
+    /// Subscriptions of every session (or of `client_id`'s), optionally only the filter
+    /// `filter`, or only those whose filter matches the topic name `matching`, in
+    /// (client id, filter) order after `after`, at most `limit`. Scans the sessions once
+    /// (selecting the page without sorting them all).
+    pub fn subscriptions(
+        &self,
+        client_id: Option<&str>,
+        filter: Option<&str>,
+        matching: Option<&str>,
+        after: Option<(&str, &str)>,
+        limit: usize,
+    ) -> Vec<SubscriptionView> {
+        let state = self.lock();
+        let mut found: Vec<(&Arc<str>, &String, &SubOptions)> = Vec::new();
+        let sessions: Box<dyn Iterator<Item = (&Arc<str>, &Session)>> = match client_id {
+            Some(id) => Box::new(state.sessions.get_key_value(id).into_iter()),
+            None => Box::new(state.sessions.iter()),
+        };
+        for (id, session) in sessions {
+            for (raw, (parsed, options)) in &session.subscriptions {
+                let wanted = filter.is_none_or(|f| f == raw)
+                    && matching.is_none_or(|topic| topic::matches(&parsed.filter, topic))
+                    && after
+                        .is_none_or(|(a_id, a_raw)| (id.as_ref(), raw.as_str()) > (a_id, a_raw));
+                if wanted {
+                    found.push((id, raw, options));
+                }
+            }
+        }
+        let order = |a: &(&Arc<str>, &String, &SubOptions),
+                     b: &(&Arc<str>, &String, &SubOptions)| {
+            (a.0, a.1).cmp(&(b.0, b.1))
+        };
+        if found.len() > limit {
+            found.select_nth_unstable_by(limit, order);
+            found.truncate(limit);
+        }
+        found.sort_unstable_by(order);
+        found
+            .into_iter()
+            .map(|(id, raw, options)| SubscriptionView {
+                client_id: id.to_string(),
+                topic: raw.clone(),
+                qos: options.qos,
+                no_local: options.no_local,
+                retain_as_published: options.retain_as_published,
+                retain_handling: options.retain_handling,
+            })
+            .collect()
+    }
+
+    /// Topics with a retained message or a live subscription (its filter), in order after
+    /// `after`, at most `limit`: each with whether a message is retained on it and how many
+    /// sessions subscribe with exactly that filter.
+    pub fn topics(&self, after: Option<&str>, limit: usize) -> Vec<TopicView> {
+        let state = self.lock();
+        let mut topics: std::collections::BTreeMap<&str, TopicView> =
+            std::collections::BTreeMap::new();
+        for topic in state.retained.keys() {
+            if after.is_none_or(|a| topic.as_ref() > a) {
+                topics
+                    .entry(topic.as_ref())
+                    .or_insert_with(|| TopicView::new(topic))
+                    .retained = true;
+            }
+        }
+        for session in state.sessions.values() {
+            for raw in session.subscriptions.keys() {
+                if after.is_none_or(|a| raw.as_str() > a) {
+                    topics
+                        .entry(raw.as_str())
+                        .or_insert_with(|| TopicView::new(raw))
+                        .subscriptions += 1;
+                }
+            }
+        }
+        topics.into_values().take(limit).collect()
     }
 
     /// One session.
