@@ -220,8 +220,8 @@ pub enum KeyError {
     /// No such key.
     #[error("API key '{0}' not found")]
     NotFound(String),
-    /// Deleting it would leave no admin key.
-    #[error("API key '{0}' is the last admin key; make another admin key first")]
+    /// Deleting it would leave no working admin key.
+    #[error("API key '{0}' is the last working admin key; make another admin key first")]
     LastAdmin(String),
     /// Storage or hashing failed.
     #[error(transparent)]
@@ -250,6 +250,8 @@ pub enum AuthError {
 
 /// Verifies and manages API keys.
 pub struct ApiKeys {
+    /// Deletions one at a time (the last-admin check and the removal are one step).
+    deletes: tokio::sync::Mutex<()>,
     store: Store,
     env_key: Option<(String, [u8; 32])>,
     verified: VerifiedCache,
@@ -399,6 +401,7 @@ impl ApiKeys {
             None => None,
         };
         let keys = ApiKeys {
+            deletes: tokio::sync::Mutex::new(()),
             store,
             env_key,
             verified: VerifiedCache::default(),
@@ -525,6 +528,13 @@ impl ApiKeys {
         let Some(record) = record else {
             return Err(KeyRefusal::Invalid);
         };
+        // argon2 took tens of ms: a key deleted (or replaced) meanwhile must not pass.
+        if self
+            .load(key)
+            .is_none_or(|now| now.secret_hash != record.secret_hash)
+        {
+            return Err(KeyRefusal::Invalid);
+        }
         self.verified.remember(key, secret, &record.secret_hash);
         Self::principal(key, &record, now_ms)
     }
@@ -580,22 +590,28 @@ impl ApiKeys {
 
     /// Deletes a key: refused from the next request on (durable before this returns). The last
     /// admin key cannot go unless the env key exists.
-    pub async fn delete(&self, key: &str) -> Result<(), KeyError> {
+    pub async fn delete(&self, key: &str, now_ms: u64) -> Result<(), KeyError> {
+        let _one_at_a_time = self.deletes.lock().await;
         let record = self
             .load(key)
             .ok_or_else(|| KeyError::NotFound(key.to_owned()))?;
         if record.role == Role::Admin && self.env_key.is_none() {
-            let admins = self
+            // Admin keys that still work, other than this one.
+            let others = self
                 .store
                 .kv_scan_prefix(KEY_PREFIX, usize::MAX)?
                 .iter()
-                .filter(|(_, bytes)| {
-                    Envelope::from_bytes(bytes)
-                        .and_then(|e| e.payload_as::<ApiKeyRecord>())
-                        .is_ok_and(|r| r.role == Role::Admin)
+                .filter(|(id, bytes)| {
+                    &id[KEY_PREFIX.len()..] != key
+                        && Envelope::from_bytes(bytes)
+                            .and_then(|e| e.payload_as::<ApiKeyRecord>())
+                            .is_ok_and(|r| {
+                                r.role == Role::Admin
+                                    && r.expires_at_ms.is_none_or(|at| at > now_ms)
+                            })
                 })
                 .count();
-            if admins <= 1 {
+            if others == 0 {
                 return Err(KeyError::LastAdmin(key.to_owned()));
             }
         }
@@ -658,7 +674,7 @@ mod tests {
             keys.authenticate(key, &secret, 1_000),
             Err(KeyRefusal::Expired(1_000))
         );
-        keys.delete(key).await.expect("delete");
+        keys.delete(key, 0).await.expect("delete");
         assert!(
             keys.authenticate_cached(key, &secret, 0).is_none(),
             "revoked, cache included"
@@ -688,9 +704,24 @@ mod tests {
         // Without an env key the last admin key stays.
         let only = keys.list(None, 10).expect("list").remove(0).key;
         assert!(matches!(
-            keys.delete(&only).await,
+            keys.delete(&only, 0).await,
             Err(KeyError::LastAdmin(_))
         ));
+        // An expired admin key does not count as another one.
+        let expiring = NewApiKey {
+            name: "spare".into(),
+            role: Role::Admin,
+            expires_at_ms: Some(1_000),
+            things: None,
+        };
+        keys.create(expiring, 0).await.expect("create");
+        assert!(matches!(
+            keys.delete(&only, 2_000).await,
+            Err(KeyError::LastAdmin(_))
+        ));
+        keys.delete(&only, 500)
+            .await
+            .expect("another admin key works at 500");
     }
 
     #[test]

@@ -220,6 +220,7 @@ pub async fn serve(
         outbox: outbox.clone(),
         persistence: persistence.clone(),
         broker: broker.clone(),
+        bridge: bridge.clone(),
         keys: Arc::new(keys),
         users: users.clone(),
         throttle: throttle.clone(),

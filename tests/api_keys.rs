@@ -329,3 +329,36 @@ async fn bad_key_requests_get_specific_errors() {
         .any(|k| k["key"] == key.as_str() && k["role"] == "operator"));
     assert!(items.iter().all(|k| k.get("secret").is_none()), "{listed}");
 }
+
+/// A password in a bulk registration line creates an MQTT user: only admin keys may, so an
+/// operator cannot make a user that an authorization rule written for its name empowers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_an_admin_key_creates_mqtt_users_through_bulk_registration() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let (key, secret) = make_key(&server, json!({"name": "ops", "role": "operator"})).await;
+    let response = common::client()
+        .post(server.url("/api/v1/things/bulk"))
+        .basic_auth(&key, Some(&secret))
+        .body("{\"thingName\":\"backend\",\"password\":\"pw-123456\"}\n{\"thingName\":\"plain\"}\n")
+        .send()
+        .await
+        .expect("bulk");
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.expect("body");
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    assert_eq!(lines[0]["code"], 403, "{text}");
+    assert_eq!(lines[1]["code"], 201, "{text}");
+    let (status, _) = call(
+        Method::GET,
+        &server.url("/api/v1/authentication/users/backend"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 404, "no user was made");
+    let (status, _) = call(Method::GET, &server.url("/api/v1/things/backend"), None).await;
+    assert_eq!(status, 404, "nor the Thing");
+}

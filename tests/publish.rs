@@ -1,6 +1,6 @@
 //! Messaging over HTTP: `POST /api/v1/publish` reaches MQTT subscribers (QoS 0/1, retained, v5
 //! properties, a persistent session's queue), the bulk form answers each item in order, and a
-//! publish on a Thing's request topic is not device input.
+//! Thing's request and reply topics are refused (never device input, never a forged reply).
 
 mod common;
 
@@ -150,32 +150,35 @@ async fn a_rest_publish_is_queued_for_a_persistent_session_and_bulk_answers_in_o
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rest_publish_on_a_request_topic_is_not_device_input_and_needs_an_operator() {
+async fn a_rest_publish_on_a_thing_request_or_reply_topic_is_refused_and_needs_an_operator() {
     let (_dir, server) = start_with_backend("").await;
     create(&server, "/api/v1/things", json!({"thingName": "t1"})).await;
-    let (mut sub, _) = Client::connect(&server, "watcher", Some(BACKEND), |_| {})
-        .await
-        .expect("connect");
-    sub.subscribe("$emqx/things/t1/shadow/#", QoS::AtLeastOnce)
+    // A Thing's request topics are not the operator's: refused, nothing recorded.
+    for topic in [
+        "$emqx/things/t1/shadow/update",
+        "$emqx/things/t1/events/alarm",
+        "$emqx/commands/things/t1/executions/e1/response",
+        "$emqx/things/t1/jobs/start-next",
+    ] {
+        let (status, answer) = call(
+            Method::POST,
+            &server.url("/api/v1/publish"),
+            Some(json!({"topic": topic, "qos": 1, "retain": true,
+                        "payload": "{\"state\":{\"reported\":{\"forged\":1}}}"})),
+        )
         .await;
-    let (status, _) = call(
-        Method::POST,
-        &server.url("/api/v1/publish"),
-        Some(json!({"topic": "$emqx/things/t1/shadow/update", "qos": 1,
-                    "payload": "{\"state\":{\"reported\":{\"forged\":1}}}"})),
-    )
-    .await;
-    assert_eq!(status, 200);
-    // It reached the subscriber as a plain message; the Thing did not take it.
-    assert_eq!(
-        sub.next_topic("the plain message").await,
-        "$emqx/things/t1/shadow/update"
-    );
+        assert_eq!(status, 403, "{topic}: {answer}");
+        assert!(answer["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("request topic")));
+    }
     let (_, shadow) = call(Method::GET, &server.url("/api/v1/things/t1/shadow"), None).await;
     assert!(
         shadow["state"]["reported"]["forged"].is_null(),
         "not device input: {shadow}"
     );
+    let (_, topics) = call(Method::GET, &server.url("/api/v1/topics"), None).await;
+    assert_eq!(topics["items"], json!([]), "nothing retained: {topics}");
 
     // Nobody but the server publishes on its reply topics, the operator included.
     let (status, answer) = call(

@@ -162,6 +162,6 @@ pub async fn delete(
     State(state): State<AppState>,
     Path(key): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    state.keys.delete(&key).await?;
+    state.keys.delete(&key, state.things.now_ms()).await?;
     Ok(StatusCode::NO_CONTENT)
 }

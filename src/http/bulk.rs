@@ -28,6 +28,7 @@ use super::extract::parse_json;
 use super::listener::BodyReadTimeout;
 use super::ndjson::{Line, LineSplitter};
 use super::AppState;
+use crate::auth::{Principal, Role};
 
 /// Registrations in flight per bulk request.
 const BULK_IN_FLIGHT_MAX: usize = 64;
@@ -61,11 +62,22 @@ pub fn parse_line(bytes: &[u8]) -> Result<BulkThing, ApiError> {
     parse_json(bytes)
 }
 
-async fn register_one(state: &AppState, line: u64, bytes: &[u8]) -> Value {
+async fn register_one(state: &AppState, may_create_users: bool, line: u64, bytes: &[u8]) -> Value {
     let thing: BulkThing = match parse_line(bytes) {
         Ok(thing) => thing,
         Err(error) => return error_line(line, &error),
     };
+    // A password creates an MQTT user: only admin keys manage users (an operator could
+    // otherwise make a user that an authorization rule written for that name empowers).
+    if thing.password.is_some() && !may_create_users {
+        let refused = ApiError::new(
+            StatusCode::FORBIDDEN,
+            "this API key's role may not create MQTT users: register without \"password\", or use an admin key",
+        );
+        let mut answer = error_line(line, &refused);
+        answer["thingName"] = thing.thing_name.into();
+        return answer;
+    }
     // Credentials that could not be created must not leave a Thing behind with a 201.
     if let Some(password) = &thing.password {
         if let Err(error) = state.users.check_new(&thing.thing_name, password) {
@@ -135,7 +147,13 @@ async fn register_one(state: &AppState, line: u64, bytes: &[u8]) -> Value {
 
 /// Reads lines from `body` and registers each; sends one result line per input line. A body
 /// that stops arriving, or a client that stops reading the answers, for `stall` ends the run.
-async fn run(state: AppState, body: Body, results: mpsc::Sender<Value>, stall: Duration) {
+async fn run(
+    state: AppState,
+    may_create_users: bool,
+    body: Body,
+    results: mpsc::Sender<Value>,
+    stall: Duration,
+) {
     let lines_max = state.limits.bulk_lines_max as u64;
     let permits = Arc::new(Semaphore::new(BULK_IN_FLIGHT_MAX));
     let mut tasks = tokio::task::JoinSet::new();
@@ -211,7 +229,7 @@ async fn run(state: AppState, body: Body, results: mpsc::Sender<Value>, stall: D
                     let (state, results, gone) =
                         (state.clone(), results.clone(), reader_gone.clone());
                     tasks.spawn(async move {
-                        let answer = register_one(&state, number, &bytes).await;
+                        let answer = register_one(&state, may_create_users, number, &bytes).await;
                         // A client that stops reading the answers ends the run (bounded); the
                         // permit is held until the answer is handed over, so registration
                         // waits for a slow reader instead of running ahead of it.
@@ -237,13 +255,15 @@ async fn run(state: AppState, body: Body, results: mpsc::Sender<Value>, stall: D
 /// `POST /api/v1/things/bulk` (NDJSON in, NDJSON out).
 pub async fn register(
     State(state): State<AppState>,
+    axum::Extension(principal): axum::Extension<Principal>,
     timeout: Option<axum::Extension<BodyReadTimeout>>,
     body: Body,
 ) -> Response {
     let stall = timeout.map_or(BULK_STALL_DEFAULT, |t| t.0 .0);
+    let may_create_users = principal.role == Role::Admin;
     let (tx, rx) = mpsc::channel::<Value>(BULK_RESULTS_BUFFERED_MAX);
     let (summary_tx, summary_rx) = mpsc::channel::<Value>(BULK_RESULTS_BUFFERED_MAX);
-    tokio::spawn(run(state, body, tx, stall));
+    tokio::spawn(run(state, may_create_users, body, tx, stall));
     // Counts results on their way out and appends the summary.
     tokio::spawn(async move {
         let mut rx = rx;

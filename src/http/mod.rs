@@ -79,6 +79,8 @@ pub struct AppState {
     pub persistence: Arc<crate::mqtt::persist::Persistence>,
     /// The MQTT broker (clients API).
     pub broker: Arc<Broker>,
+    /// The device bridge (which topics are a Thing's requests).
+    pub bridge: Arc<crate::mqtt::bridge::Bridge>,
     /// Admin credentials.
     pub keys: Arc<ApiKeys>,
     /// MQTT credentials.

@@ -1,5 +1,6 @@
 //! Messaging over HTTP: `POST /api/v1/publish` and `POST /api/v1/publish/bulk` (operator and
-//! admin keys). Delivered through the broker as a superuser's publish; never device input.
+//! admin keys). Delivered through the broker as a superuser's publish; a Thing's request
+//! topics are refused (never device input).
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -16,7 +17,9 @@ impl From<OperatorPublishError> for ApiError {
     fn from(e: OperatorPublishError) -> Self {
         let status = match e {
             OperatorPublishError::RetainedFull => StatusCode::INSUFFICIENT_STORAGE,
-            OperatorPublishError::ServerTopic(_) => StatusCode::FORBIDDEN,
+            OperatorPublishError::ServerTopic(_) | OperatorPublishError::RequestTopic(_) => {
+                StatusCode::FORBIDDEN
+            }
             _ => StatusCode::BAD_REQUEST,
         };
         ApiError::new(status, e.to_string())
@@ -143,7 +146,7 @@ fn parse(body: &Value) -> Result<OperatorPublish, ApiError> {
 fn publish_one(state: &AppState, body: &Value) -> Result<Value, ApiError> {
     let message = parse(body)?;
     let topic = message.topic.clone();
-    let subscribers = operator::publish(&state.broker, &state.acl, message)?;
+    let subscribers = operator::publish(&state.broker, &state.bridge, &state.acl, message)?;
     Ok(json!({"topic": topic, "subscribers": subscribers}))
 }
 

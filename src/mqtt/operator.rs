@@ -2,8 +2,9 @@
 //!
 //! A publish is routed through the broker exactly as a superuser's MQTT publish (the same ACL:
 //! nobody but the server publishes on its reply topics; retained, queued for persistent
-//! sessions, v5 properties forwarded), but never taken as device input: a publish on a Thing's
-//! request topics reaches subscribers only, as the server's own publications do.
+//! sessions, v5 properties forwarded), but it is never device input: a Thing's request topics
+//! (shadow update, events, command responses, jobs) are refused, so nobody can make backends
+//! see a device event or command answer the server never recorded.
 //!
 //! A proxy subscription changes a client's session (connected, or persistent and offline) as
 //! its own SUBSCRIBE would: the ACL of the session's user decides, so an operator cannot grant
@@ -17,6 +18,7 @@ use bytes::Bytes;
 use rumqttd::protocol::PublishProperties;
 
 use super::acl::{Acl, Action, Identity};
+use super::bridge::Bridge;
 use super::broker::{Broker, Message, ProxyRefusal, PublishRefusal, SubOptions};
 use super::topic;
 
@@ -68,6 +70,9 @@ pub enum OperatorPublishError {
     /// The retained store is full.
     #[error("the retained message store is full; the message was not published")]
     RetainedFull,
+    /// A Thing's request topic: only its device sends on it.
+    #[error("topic '{0}' is a Thing's request topic: only its device sends on it (over MQTT or /api/v1/thing-datas); change Things through the management routes")]
+    RequestTopic(String),
     /// A topic only the server publishes on (replies, deltas, notifications).
     #[error("topic '{0}' is published only by the server (replies, deltas, notifications)")]
     ServerTopic(String),
@@ -77,6 +82,7 @@ pub enum OperatorPublishError {
 /// to.
 pub fn publish(
     broker: &Broker,
+    bridge: &Bridge,
     acl: &Acl,
     message: OperatorPublish,
 ) -> Result<usize, OperatorPublishError> {
@@ -84,6 +90,9 @@ pub fn publish(
         topic: message.topic.clone(),
         why: e.to_string(),
     })?;
+    if bridge.parse(&message.topic).is_some() {
+        return Err(OperatorPublishError::RequestTopic(message.topic));
+    }
     let operator = Identity {
         client_id: String::new(),
         username: None,
