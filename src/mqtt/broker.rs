@@ -1066,27 +1066,42 @@ impl Broker {
     /// sessions subscribe with exactly that filter.
     pub fn topics(&self, after: Option<&str>, limit: usize) -> Vec<TopicView> {
         let state = self.lock();
-        let mut topics: std::collections::BTreeMap<&str, TopicView> =
-            std::collections::BTreeMap::new();
-        for topic in state.retained.keys() {
-            if after.is_none_or(|a| topic.as_ref() > a) {
-                topics
-                    .entry(topic.as_ref())
-                    .or_insert_with(|| TopicView::new(topic))
-                    .retained = true;
-            }
+        let later = |topic: &str| after.is_none_or(|a| topic > a);
+        // One pass to find the page's topics (selected, not every topic sorted), one to count.
+        let mut names: HashSet<&str> = state
+            .retained
+            .keys()
+            .map(|t| t.as_ref())
+            .filter(|t| later(t))
+            .collect();
+        for session in state.sessions.values() {
+            names.extend(
+                session
+                    .subscriptions
+                    .keys()
+                    .map(String::as_str)
+                    .filter(|t| later(t)),
+            );
         }
+        let mut page: Vec<&str> = names.into_iter().collect();
+        if page.len() > limit {
+            page.select_nth_unstable(limit);
+            page.truncate(limit);
+        }
+        page.sort_unstable();
+        let mut views: Vec<TopicView> = page.iter().map(|t| TopicView::new(t)).collect();
+        for view in &mut views {
+            view.retained = state.retained.contains_key(view.topic.as_str());
+        }
+        let index: HashMap<&str, usize> = page.iter().enumerate().map(|(i, t)| (*t, i)).collect();
         for session in state.sessions.values() {
             for raw in session.subscriptions.keys() {
-                if after.is_none_or(|a| raw.as_str() > a) {
-                    topics
-                        .entry(raw.as_str())
-                        .or_insert_with(|| TopicView::new(raw))
-                        .subscriptions += 1;
+                if let Some(i) = index.get(raw.as_str()) {
+                    views[*i].subscriptions += 1;
                 }
             }
         }
-        topics.into_values().take(limit).collect()
+        views
     }
 
     /// One session.
