@@ -53,13 +53,7 @@ async fn a_proxy_subscription_delivers_to_an_online_and_an_offline_persistent_se
     )
     .await;
     assert_eq!(status, 200, "{answer}");
-    let codes: Vec<u64> = answer
-        .as_array()
-        .expect("answers")
-        .iter()
-        .map(|a| a["code"].as_u64().expect("code"))
-        .collect();
-    assert_eq!(codes, vec![200, 400, 400], "{answer}");
+    assert_eq!(common::codes(&answer), vec![200, 400, 400], "{answer}");
     let (_, published) = post(
         &server,
         "/api/v1/publish",

@@ -114,13 +114,11 @@ async fn a_rest_publish_is_queued_for_a_persistent_session_and_bulk_answers_in_o
     )
     .await;
     assert_eq!(status, 200, "{answer}");
-    let codes: Vec<u64> = answer
-        .as_array()
-        .expect("answers")
-        .iter()
-        .map(|a| a["code"].as_u64().expect("code"))
-        .collect();
-    assert_eq!(codes, vec![200, 400, 400, 400, 200], "{answer}");
+    assert_eq!(
+        common::codes(&answer),
+        vec![200, 400, 400, 400, 200],
+        "{answer}"
+    );
     assert_eq!(
         answer[0]["subscribers"], 1,
         "queued for the offline session"

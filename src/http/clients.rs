@@ -199,15 +199,7 @@ async fn each(
     body: &Value,
     subscribe: bool,
 ) -> Result<Json<Value>, ApiError> {
-    let max = state.limits.publish_bulk_max;
-    let items = match body.as_array() {
-        Some(items) if (1..=max).contains(&items.len()) => items,
-        _ => {
-            return Err(ApiError::bad_request(format!(
-                "the body must be an array of 1..={max} items"
-            )))
-        }
-    };
+    let items = super::publish::bulk_items(body, state.limits.publish_bulk_max)?;
     let mut answers = Vec::with_capacity(items.len());
     for item in items {
         let outcome = if subscribe {
@@ -215,13 +207,7 @@ async fn each(
         } else {
             unsubscribe_one(state, client_id, item).await
         };
-        answers.push(match outcome {
-            Ok(mut answer) => {
-                answer["code"] = 200.into();
-                answer
-            }
-            Err(e) => json!({"code": e.status.as_u16(), "message": e.message}),
-        });
+        answers.push(super::publish::bulk_answer(outcome));
     }
     Ok(Json(Value::Array(answers)))
 }

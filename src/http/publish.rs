@@ -166,24 +166,30 @@ pub async fn bulk(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<Value>,
 ) -> Result<Json<Value>, ApiError> {
-    let max = state.limits.publish_bulk_max;
-    let items = match body.as_array() {
-        Some(items) if (1..=max).contains(&items.len()) => items,
-        _ => {
-            return Err(ApiError::bad_request(format!(
-                "the body must be an array of 1..={max} publishes"
-            )))
-        }
-    };
-    let answers: Vec<Value> = items
+    let answers: Vec<Value> = bulk_items(&body, state.limits.publish_bulk_max)?
         .iter()
-        .map(|item| match publish_one(&state, item) {
-            Ok(mut answer) => {
-                answer["code"] = 200.into();
-                answer
-            }
-            Err(e) => json!({"code": e.status.as_u16(), "message": e.message}),
-        })
+        .map(|item| bulk_answer(publish_one(&state, item)))
         .collect();
     Ok(Json(Value::Array(answers)))
+}
+
+/// The items of a bulk body: an array of 1..=`max`.
+pub(super) fn bulk_items(body: &Value, max: usize) -> Result<&Vec<Value>, ApiError> {
+    match body.as_array() {
+        Some(items) if (1..=max).contains(&items.len()) => Ok(items),
+        _ => Err(ApiError::bad_request(format!(
+            "the body must be an array of 1..={max} items"
+        ))),
+    }
+}
+
+/// One item's answer in a bulk reply: its own answer with `code` 200, or `{code, message}`.
+pub(super) fn bulk_answer(outcome: Result<Value, ApiError>) -> Value {
+    match outcome {
+        Ok(mut answer) => {
+            answer["code"] = 200.into();
+            answer
+        }
+        Err(e) => json!({"code": e.status.as_u16(), "message": e.message}),
+    }
 }

@@ -232,3 +232,13 @@ pub async fn create(server: &Server, path: &str, body: serde_json::Value) -> ser
     assert_eq!(status, 201, "POST {path} {body} -> {created}");
     created
 }
+
+/// The `code` of every answer of a bulk reply, in order.
+pub fn codes(answers: &serde_json::Value) -> Vec<u64> {
+    answers
+        .as_array()
+        .expect("answers")
+        .iter()
+        .map(|a| a["code"].as_u64().expect("code"))
+        .collect()
+}
