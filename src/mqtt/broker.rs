@@ -1288,12 +1288,13 @@ impl Broker {
             options,
             &|_| true,
         )
-        .is_ok_and(|(is_new, _)| is_new)
+        .is_ok_and(|(previous, _)| previous.is_none())
     }
 
     /// An operator's subscription for `client_id`'s session, connected or not (persistent):
-    /// `allowed` decides with the session owner's identity (its user's ACL). Returns whether
-    /// it is new and whether the session is persistent (its change must be made durable).
+    /// `allowed` decides with the session owner's identity (its user's ACL). Returns the
+    /// options it replaced (`None`: it is new) and whether the session is persistent (its
+    /// change must be made durable).
     pub fn proxy_subscribe(
         &self,
         client_id: &str,
@@ -1301,8 +1302,55 @@ impl Broker {
         parsed: ParsedFilter,
         options: SubOptions,
         allowed: &dyn Fn(&Identity) -> bool,
-    ) -> Result<(bool, bool), ProxyRefusal> {
+    ) -> Result<(Option<SubOptions>, bool), ProxyRefusal> {
         self.subscribe_session(client_id, None, raw, parsed, options, allowed)
+    }
+
+    /// Undoes an operator's subscription that could not be made durable: puts back the
+    /// options it replaced (or removes it if it was new), unless the subscription changed
+    /// since (the client subscribed again itself): then it is left as the client made it.
+    pub fn proxy_undo(
+        &self,
+        client_id: &str,
+        raw: &str,
+        ours: SubOptions,
+        previous: Option<SubOptions>,
+    ) {
+        let mut state = self.lock();
+        let State { sessions, trie, .. } = &mut *state;
+        let Some(key) = sessions.get_key_value(client_id).map(|(k, _)| k.clone()) else {
+            return;
+        };
+        let Some(session) = sessions.get_mut(client_id) else {
+            return;
+        };
+        let Some((parsed, current)) = session.subscriptions.get(raw).cloned() else {
+            return;
+        };
+        if current != ours {
+            return;
+        }
+        trie.remove(&parsed.filter, &probe(&key, &parsed));
+        match previous {
+            Some(options) => {
+                trie.insert(
+                    &parsed.filter,
+                    Subscriber {
+                        client: key.clone(),
+                        share: parsed.share_group.as_deref().map(Arc::from),
+                        filter: Arc::from(parsed.filter.as_str()),
+                        options,
+                    },
+                );
+                session
+                    .subscriptions
+                    .insert(raw.to_owned(), (parsed, options));
+            }
+            None => {
+                session.subscriptions.remove(raw);
+            }
+        }
+        state.touch(client_id);
     }
 
     /// Removes an operator's (or any) subscription from `client_id`'s session, connected or
@@ -1340,7 +1388,7 @@ impl Broker {
         parsed: ParsedFilter,
         options: SubOptions,
         allowed: &dyn Fn(&Identity) -> bool,
-    ) -> Result<(bool, bool), ProxyRefusal> {
+    ) -> Result<(Option<SubOptions>, bool), ProxyRefusal> {
         let mut guard = self.lock();
         let key: Arc<str> = Arc::from(client_id);
         let State {
@@ -1371,7 +1419,8 @@ impl Broker {
             filter: Arc::from(parsed.filter.as_str()),
             options,
         };
-        let is_new = !session.subscriptions.contains_key(raw);
+        let previous = session.subscriptions.get(raw).map(|(_, options)| *options);
+        let is_new = previous.is_none();
         if !is_new {
             trie.remove(&parsed.filter, &subscriber);
         }
@@ -1413,7 +1462,7 @@ impl Broker {
                 self.enqueue(session, pending, fair_share);
             }
         }
-        Ok((is_new, persistent))
+        Ok((previous, persistent))
     }
 
     /// Removes a subscription; returns whether it existed.
@@ -2358,6 +2407,59 @@ pub(crate) mod tests {
             Outbound::Publish(p) => (p.qos, p.pkid, p.dup),
             other => panic!("not a publish: {other:?}"),
         }
+    }
+
+    #[test]
+    fn proxy_subscriptions_reach_offline_sessions_and_an_undo_restores_what_was_there() {
+        let broker = broker();
+        let offline = attach(&broker, "p", false, 60);
+        subscribe(&broker, "p", "kept", 0);
+        assert!(leave(&broker, "p", &offline));
+        let parse = |f: &str| topic::parse_filter(f).expect("filter");
+        // Given an offline persistent session: the owner's rights decide.
+        assert_eq!(
+            broker.proxy_subscribe("p", "t/#", parse("t/#"), options(1), &|_| false),
+            Err(ProxyRefusal::NotAuthorized)
+        );
+        assert_eq!(
+            broker.proxy_subscribe("nobody", "t/#", parse("t/#"), options(1), &|_| true),
+            Err(ProxyRefusal::NoSession)
+        );
+        assert_eq!(
+            broker.proxy_subscribe("p", "t/#", parse("t/#"), options(1), &|_| true),
+            Ok((None, true))
+        );
+        assert_eq!(
+            broker.publish(message("t/x", 1, false)),
+            Ok(1),
+            "queued for it"
+        );
+        // When a replacement is undone, the replaced options come back; a new one goes.
+        assert_eq!(
+            broker.proxy_subscribe("p", "kept", parse("kept"), options(2), &|_| true),
+            Ok((Some(options(0)), true))
+        );
+        broker.proxy_undo("p", "kept", options(2), Some(options(0)));
+        broker.proxy_undo("p", "t/#", options(1), None);
+        let listed = broker.subscriptions(Some("p"), None, None, None, 10);
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert_eq!((listed[0].topic.as_str(), listed[0].qos), ("kept", 0));
+        // An undo of a subscription the client changed since leaves it alone.
+        broker
+            .proxy_subscribe("p", "k2", parse("k2"), options(1), &|_| true)
+            .expect("subscribed");
+        broker
+            .proxy_subscribe("p", "k2", parse("k2"), options(2), &|_| true)
+            .expect("the client again");
+        broker.proxy_undo("p", "k2", options(1), None);
+        assert_eq!(
+            broker
+                .subscriptions(Some("p"), Some("k2"), None, None, 10)
+                .len(),
+            1
+        );
+        assert_eq!(broker.proxy_unsubscribe("p", "k2"), Ok((true, true)));
+        assert_eq!(broker.proxy_unsubscribe("p", "k2"), Ok((false, true)));
     }
 
     #[test]

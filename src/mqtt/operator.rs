@@ -239,7 +239,7 @@ pub async fn subscribe(
         options,
         &|identity| acl.allows(identity, Action::Subscribe, &filter),
     );
-    let (is_new, persistent) = match outcome {
+    let (previous, persistent) = match outcome {
         Ok(done) => done,
         Err(ProxyRefusal::NoSession) => return Err(ProxyError::NoSession(client_id.to_owned())),
         Err(ProxyRefusal::NotAuthorized) => {
@@ -254,14 +254,12 @@ pub async fn subscribe(
         }
     };
     if persistent && !broker.wait_durable(durable_wait).await {
-        if is_new {
-            let _ = broker.proxy_unsubscribe(client_id, &subscription.filter);
-        }
+        broker.proxy_undo(client_id, &subscription.filter, options, previous);
         tracing::error!(%client_id, filter = %subscription.filter, "proxy subscription could not be made durable in time; undone");
         return Err(ProxyError::NotDurable);
     }
     tracing::info!(%client_id, filter = %subscription.filter, "subscribed by the operator");
-    Ok(is_new)
+    Ok(previous.is_none())
 }
 
 /// Removes `filter` from `client_id`'s session; returns whether it was there.
