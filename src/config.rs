@@ -82,6 +82,8 @@ pub struct Config {
     pub job_rollout_in_flight_max: usize,
     /// Most publishes in one `POST /api/v1/publish/bulk`.
     pub publish_bulk_max: usize,
+    /// How often `/api/v1/stats` samples the counters for its rates, milliseconds.
+    pub stats_sample_interval_ms: u64,
     /// Things whose deadlines are being fired at once by the deadline timer.
     pub deadline_fire_concurrency_max: usize,
     /// Longest sleep of the deadline timer between index scans, milliseconds.
@@ -221,6 +223,7 @@ impl Default for Config {
             job_targets_max: 100_000,
             job_rollout_in_flight_max: 64,
             publish_bulk_max: 100,
+            stats_sample_interval_ms: 5_000,
             deadline_fire_concurrency_max: 512,
             deadline_scan_interval_max_ms: 1_000,
             storage_cache_bytes: 256 * 1024 * 1024,
@@ -425,6 +428,7 @@ impl Config {
                 self.job_rollout_in_flight_max as u64,
             ),
             ("publish_bulk_max", self.publish_bulk_max as u64),
+            ("stats_sample_interval_ms", self.stats_sample_interval_ms),
             (
                 "deadline_fire_concurrency_max",
                 self.deadline_fire_concurrency_max as u64,

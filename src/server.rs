@@ -221,6 +221,7 @@ pub async fn serve(
         persistence: persistence.clone(),
         broker: broker.clone(),
         bridge: bridge.clone(),
+        stats: Arc::default(),
         keys: Arc::new(keys),
         users: users.clone(),
         throttle: throttle.clone(),
@@ -238,6 +239,11 @@ pub async fn serve(
         },
         started: std::time::Instant::now(),
     };
+    node.spawn("stats sampler", {
+        let state = state.clone();
+        let interval = Duration::from_millis(config.stats_sample_interval_ms);
+        move |stop| crate::http::stats::run_sampler(state, interval, stop)
+    });
 
     let listener = TcpListener::bind(config.http_listen)
         .await

@@ -32,6 +32,29 @@ fn rss_bytes() -> u64 {
         .unwrap_or(0)
 }
 
+/// Every counter now, by (group, key): what the statistics sampler keeps.
+pub(super) fn counters(state: &AppState) -> Vec<(&'static str, &'static str, f64)> {
+    collect(state)
+        .into_iter()
+        .filter(|m| m.kind == "counter")
+        .map(|m| (m.group, m.key, m.value))
+        .collect()
+}
+
+/// Every metric now as `{group: {key: value}}` (the body of `GET /api/v1/metrics`).
+pub(super) fn current(state: &AppState) -> Value {
+    let mut body = json!({});
+    for metric in collect(state) {
+        let value = if metric.value.fract() == 0.0 && metric.value >= 0.0 {
+            json!(metric.value as u64)
+        } else {
+            json!(metric.value)
+        };
+        body[metric.group][metric.key] = value;
+    }
+    body
+}
+
 fn collect(state: &AppState) -> Vec<Metric> {
     let registry = state.things.registry();
     let things = registry.stats();
@@ -455,16 +478,7 @@ fn collect(state: &AppState) -> Vec<Metric> {
 
 /// `GET /api/v1/metrics`: `{process, things, storage, mqtt, auth, effects, deadlines}`.
 pub async fn json(State(state): State<AppState>) -> Json<Value> {
-    let mut body = json!({});
-    for metric in collect(&state) {
-        let value = if metric.value.fract() == 0.0 && metric.value >= 0.0 {
-            json!(metric.value as u64)
-        } else {
-            json!(metric.value)
-        };
-        body[metric.group][metric.key] = value;
-    }
-    Json(body)
+    Json(current(&state))
 }
 
 /// `GET /metrics`: the Prometheus text exposition format (version 0.0.4).

@@ -18,6 +18,7 @@ pub mod listener;
 mod metrics;
 pub mod ndjson;
 mod publish;
+pub mod stats;
 mod things;
 mod users;
 
@@ -79,6 +80,8 @@ pub struct AppState {
     pub persistence: Arc<crate::mqtt::persist::Persistence>,
     /// The MQTT broker (clients API).
     pub broker: Arc<Broker>,
+    /// Counter samples for `/api/v1/stats`.
+    pub stats: Arc<stats::StatsHistory>,
     /// The device bridge (which topics are a Thing's requests).
     pub bridge: Arc<crate::mqtt::bridge::Bridge>,
     /// Admin credentials.
@@ -178,6 +181,7 @@ pub fn app(state: AppState) -> Router {
             get(users::get).put(users::update).delete(users::delete),
         )
         .route("/metrics", get(metrics::json))
+        .route("/stats", get(stats::stats))
         .route("/clients", get(clients::list))
         .route(
             "/clients/{client_id}",
