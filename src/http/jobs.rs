@@ -22,6 +22,11 @@ use super::extract::{JsonBody, QueryParams};
 use super::things::page_limit;
 use super::AppState;
 
+/// Longest job description, bytes (AWS IoT's limit).
+const JOB_DESCRIPTION_BYTES_MAX: usize = 2028;
+/// Longest cancellation reason code, bytes (AWS IoT's limit).
+const REASON_CODE_BYTES_MAX: usize = 128;
+
 fn refusal(refusal: JobRefusal) -> ApiError {
     refusal.rejection.into()
 }
@@ -56,11 +61,11 @@ fn create_job(body: &Value, document_bytes_max: usize) -> Result<CreateJob, Reje
     };
     let description = match body.get("description") {
         None | Some(Value::Null) => None,
-        Some(Value::String(text)) if text.len() <= 2028 => Some(text.clone()),
+        Some(Value::String(text)) if text.len() <= JOB_DESCRIPTION_BYTES_MAX => Some(text.clone()),
         Some(_) => {
-            return Err(Rejection::bad_request(
-                "description must be a string of at most 2028 bytes",
-            ))
+            return Err(Rejection::bad_request(format!(
+                "description must be a string of at most {JOB_DESCRIPTION_BYTES_MAX} bytes"
+            )))
         }
     };
     let document: Map<String, Value> = match body.get("document") {
@@ -443,11 +448,11 @@ pub async fn cancel(
     };
     let reason_code = match body.get("reasonCode") {
         None | Some(Value::Null) => None,
-        Some(Value::String(code)) if code.len() <= 128 => Some(code.clone()),
+        Some(Value::String(code)) if code.len() <= REASON_CODE_BYTES_MAX => Some(code.clone()),
         Some(_) => {
-            return Err(ApiError::bad_request(
-                "reasonCode must be a string of at most 128 bytes",
-            ))
+            return Err(ApiError::bad_request(format!(
+                "reasonCode must be a string of at most {REASON_CODE_BYTES_MAX} bytes"
+            )))
         }
     };
     let record = state.jobs.cancel(&job_id, force, reason_code).await?;
