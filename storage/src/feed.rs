@@ -577,7 +577,7 @@ mod tests {
             store.set_cursor("x", 10).expect("cursor");
             store.sync().await.expect("sync");
         }
-        let store = Store::open(&StoreConfig::new(dir.path())).expect("reopen");
+        let store = crate::reopen(dir.path());
         let position = store.append(batch("a", 2, 1)).await.expect("append");
         assert_eq!(position, 11, "after the cursor");
         store
@@ -587,7 +587,7 @@ mod tests {
             .expect("damage");
         store.sync().await.expect("sync");
         drop(store);
-        let store = Store::open(&StoreConfig::new(dir.path())).expect("opens");
+        let store = crate::reopen(dir.path());
         assert!(store.read_feed(0, 100).is_ok());
         let position = store.append(batch("a", 3, 1)).await.expect("append");
         assert!(position > 20, "past the damaged block: {position}");
@@ -647,7 +647,7 @@ mod tests {
         drop(store);
 
         // Positions never restart.
-        let store = Store::open(&StoreConfig::new(dir.path())).expect("reopen");
+        let store = crate::reopen(dir.path());
         let d = store.append(batch("b", 2, 1)).await.expect("d");
         assert!(d > c);
         assert_eq!(store.cursor("slow").expect("cursor"), c);

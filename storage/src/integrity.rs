@@ -296,7 +296,7 @@ mod tests {
             .expect("snapshot");
         drop(store);
         // A second open writes sled's snapshot file.
-        drop(Store::open(&StoreConfig::new(dir)).expect("reopen"));
+        drop(crate::reopen(dir));
     }
 
     fn flip_last_byte(path: &Path) {

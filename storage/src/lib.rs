@@ -260,3 +260,19 @@ pub(crate) fn thing_key(name: &str) -> Result<Vec<u8>, StorageError> {
     key.extend_from_slice(bytes);
     Ok(key)
 }
+
+/// Opens the store in `dir` again in the same process, waiting (bounded) while the previous
+/// handle's lock is still held: sled releases its file lock from its own threads once the last
+/// handle is gone, a moment after `drop` returns.
+#[cfg(test)]
+pub(crate) fn reopen(dir: &Path) -> Store {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match Store::open(&StoreConfig::new(dir)) {
+            Err(StorageError::Locked(_)) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            opened => return opened.expect("reopen"),
+        }
+    }
+}

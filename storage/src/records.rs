@@ -91,7 +91,7 @@ mod tests {
             .expect("write");
         store.sync().await.expect("sync");
         drop(store);
-        let store = Store::open(&StoreConfig::new(dir.path())).expect("reopen");
+        let store = crate::reopen(dir.path());
         assert_eq!(
             store.read_records(RecordSet::MqttSessions).expect("read"),
             [(b"b".to_vec(), b"2".to_vec())]
