@@ -166,6 +166,10 @@ pub struct Config {
     /// trusted backends and not counted); a CONNECT needing one more is refused (3.1.1: server
     /// unavailable, v5: quota exceeded).
     pub mqtt_user_sessions_max: usize,
+    /// Subscriptions one session may hold (MQTT SUBSCRIBE and operator proxy subscriptions
+    /// alike), so one client cannot grow the broker's memory without bound; one more is
+    /// refused (3.1.1: 0x80, v5: quota exceeded, HTTP: 409).
+    pub mqtt_session_subscriptions_max: usize,
     /// Failed authentications per source address or username before backoff starts.
     pub auth_failures_free: u32,
     /// The first backoff after the free failures, milliseconds (it doubles per failure).
@@ -256,6 +260,7 @@ impl Default for Config {
             mqtt_write_stall_max_ms: 30_000,
             mqtt_outbound_bytes_max: 8 * 1024 * 1024,
             mqtt_user_sessions_max: 1000,
+            mqtt_session_subscriptions_max: 1000,
             auth_failures_free: 5,
             auth_backoff_base_ms: 200,
             auth_backoff_max_ms: 30_000,
@@ -489,6 +494,10 @@ impl Config {
                 self.mqtt_outbound_bytes_max as u64,
             ),
             ("mqtt_user_sessions_max", self.mqtt_user_sessions_max as u64),
+            (
+                "mqtt_session_subscriptions_max",
+                self.mqtt_session_subscriptions_max as u64,
+            ),
             ("auth_backoff_base_ms", self.auth_backoff_base_ms),
             ("auth_backoff_max_ms", self.auth_backoff_max_ms),
             (

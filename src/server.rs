@@ -124,6 +124,7 @@ pub async fn serve(
         queued_bytes_max: config.mqtt_queued_bytes_max,
         sessions_max: config.mqtt_sessions_max,
         user_sessions_max: config.mqtt_user_sessions_max,
+        session_subscriptions_max: config.mqtt_session_subscriptions_max,
         session_expiry_max: Duration::from_secs(config.mqtt_session_expiry_max_s),
         retained_max: config.mqtt_retained_max,
         retained_bytes_max: config.mqtt_retained_bytes_max,

@@ -106,6 +106,44 @@ async fn a_user_may_own_only_so_many_sessions() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_holds_only_so_many_subscriptions_over_mqtt_and_by_proxy() {
+    use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode as Sub5;
+    let (_dir, server) = start("mqtt_session_subscriptions_max = 2\n").await;
+    let mut v5 = Client5::connect(Client5::options(&server, "subs5", USER))
+        .await
+        .expect("connect");
+    for filter in ["a", "b"] {
+        assert!(matches!(v5.subscribe(filter).await[..], [Sub5::Success(_)]));
+    }
+    assert_eq!(v5.subscribe("c").await, vec![Sub5::QuotaExceeded]);
+    assert!(
+        matches!(v5.subscribe("a").await[..], [Sub5::Success(_)]),
+        "resubscribing to a held filter is no new subscription"
+    );
+    let mut v4 = backend(&server, "subs4", false).await;
+    v4.subscribe("a", QoS::AtMostOnce).await;
+    v4.subscribe("b", QoS::AtMostOnce).await;
+    assert_eq!(
+        v4.subscribe("c", QoS::AtMostOnce).await,
+        vec![rumqttc::SubscribeReasonCode::Failure]
+    );
+    // The operator's proxy subscription counts against the same bound.
+    let (status, body) = call(
+        Method::POST,
+        &server.url("/api/v1/clients/subs5/subscribe"),
+        Some(json!({"topic": "c", "qos": 0})),
+    )
+    .await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("mqtt_session_subscriptions_max")),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queued_bytes_are_bounded_per_session_and_in_total() {
     // 1,000-byte payloads on 6-byte topics: 1,006 bytes each.
     let (_dir, server) =

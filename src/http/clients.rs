@@ -85,6 +85,7 @@ impl From<ProxyError> for ApiError {
             }
             ProxyError::NoSession(_) => StatusCode::NOT_FOUND,
             ProxyError::NotAuthorized { .. } => StatusCode::FORBIDDEN,
+            ProxyError::TooManySubscriptions { .. } => StatusCode::CONFLICT,
             ProxyError::NotDurable | ProxyError::UnsubscribeNotDurable => {
                 StatusCode::SERVICE_UNAVAILABLE
             }

@@ -51,6 +51,8 @@ pub struct BrokerLimits {
     /// Sessions one username may own (so one user cannot fill the session table); superusers
     /// (backend applications, trusted by the operator) are not counted.
     pub user_sessions_max: usize,
+    /// Subscriptions one session may hold; a new one past it is refused.
+    pub session_subscriptions_max: usize,
     /// Longest a disconnected persistent session is kept.
     pub session_expiry_max: Duration,
     /// Most retained messages kept.
@@ -679,6 +681,9 @@ pub enum ProxyRefusal {
     /// The session's user may not subscribe to the filter.
     #[error("the session's user is not authorized to subscribe to this filter")]
     NotAuthorized,
+    /// The session already holds `mqtt_session_subscriptions_max` subscriptions.
+    #[error("the session already holds {0} subscriptions (mqtt_session_subscriptions_max)")]
+    TooManySubscriptions(usize),
 }
 
 /// Why the broker refused a PUBLISH.
@@ -1270,8 +1275,8 @@ impl Broker {
     }
 
     /// Adds (or replaces) a subscription. Retained messages are delivered per the retain
-    /// handling option. Returns whether it is new (not a replacement), false if the connection
-    /// no longer holds the session.
+    /// handling option. Returns whether it is new (not a replacement): false if the connection
+    /// no longer holds the session; refused past `session_subscriptions_max`.
     pub fn subscribe(
         &self,
         client_id: &str,
@@ -1279,16 +1284,19 @@ impl Broker {
         raw: &str,
         parsed: ParsedFilter,
         options: SubOptions,
-    ) -> bool {
-        self.subscribe_session(
+    ) -> Result<bool, ProxyRefusal> {
+        match self.subscribe_session(
             client_id,
             Some(connection_id),
             raw,
             parsed,
             options,
             &|_| true,
-        )
-        .is_ok_and(|(previous, _)| previous.is_none())
+        ) {
+            Ok((previous, _)) => Ok(previous.is_none()),
+            Err(ProxyRefusal::NoSession) => Ok(false),
+            Err(refusal) => Err(refusal),
+        }
     }
 
     /// An operator's subscription for `client_id`'s session, connected or not (persistent):
@@ -1409,6 +1417,14 @@ impl Broker {
         if !allowed(&session.identity) {
             return Err(ProxyRefusal::NotAuthorized);
         }
+        let previous = session.subscriptions.get(raw).map(|(_, options)| *options);
+        if previous.is_none()
+            && session.subscriptions.len() >= self.limits.session_subscriptions_max
+        {
+            return Err(ProxyRefusal::TooManySubscriptions(
+                self.limits.session_subscriptions_max,
+            ));
+        }
         let persistent = session.persistent;
         if session.kept() {
             dirty.insert(key.clone());
@@ -1419,7 +1435,6 @@ impl Broker {
             filter: Arc::from(parsed.filter.as_str()),
             options,
         };
-        let previous = session.subscriptions.get(raw).map(|(_, options)| *options);
         let is_new = previous.is_none();
         if !is_new {
             trie.remove(&parsed.filter, &subscriber);
@@ -2275,6 +2290,7 @@ pub(crate) mod tests {
             queued_bytes_max: 1 << 20,
             sessions_max: 100,
             user_sessions_max: 100,
+            session_subscriptions_max: 100,
             session_expiry_max: Duration::from_secs(3600),
             retained_max: 100,
             retained_bytes_max: 1 << 20,
@@ -2375,13 +2391,15 @@ pub(crate) mod tests {
     }
 
     fn subscribe_with(broker: &Broker, client: &str, filter: &str, options: SubOptions) {
-        broker.subscribe(
-            client,
-            live(broker, client),
-            filter,
-            topic::parse_filter(filter).expect("filter"),
-            options,
-        );
+        broker
+            .subscribe(
+                client,
+                live(broker, client),
+                filter,
+                topic::parse_filter(filter).expect("filter"),
+                options,
+            )
+            .expect("within the subscription bound");
     }
 
     fn drain(rx: &mut mpsc::Receiver<Outbound>) -> Vec<Outbound> {
@@ -2407,6 +2425,37 @@ pub(crate) mod tests {
             Outbound::Publish(p) => (p.qos, p.pkid, p.dup),
             other => panic!("not a publish: {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_session_holds_at_most_session_subscriptions_max_by_any_path() {
+        let broker = broker();
+        let _attached = attach(&broker, "c", true, 0);
+        let max = limits().session_subscriptions_max;
+        let parse = |f: &str| topic::parse_filter(f).expect("filter");
+        for n in 0..max {
+            subscribe(&broker, "c", &format!("t/{n}"), 0);
+        }
+        // Given a full session, a new filter is refused over MQTT and by the operator...
+        let id = live(&broker, "c");
+        assert_eq!(
+            broker.subscribe("c", id, "new", parse("new"), options(0)),
+            Err(ProxyRefusal::TooManySubscriptions(max))
+        );
+        assert_eq!(
+            broker.proxy_subscribe("c", "new", parse("new"), options(0), &|_| true),
+            Err(ProxyRefusal::TooManySubscriptions(max))
+        );
+        // ...while changing an existing one's options still works, and one freed makes room.
+        assert_eq!(
+            broker.subscribe("c", id, "t/0", parse("t/0"), options(1)),
+            Ok(false)
+        );
+        assert!(broker.unsubscribe("c", id, "t/1"));
+        assert_eq!(
+            broker.subscribe("c", id, "new", parse("new"), options(0)),
+            Ok(true)
+        );
     }
 
     #[test]
@@ -3186,19 +3235,21 @@ mod durability_tests {
                 Arc::new(Link::default()),
             )
             .expect("connect");
-        assert!(broker.subscribe(
-            "c",
-            registered.connection_id,
-            "a/b",
-            topic::parse_filter("a/b").expect("filter"),
-            SubOptions {
-                qos: 1,
-                no_local: false,
-                retain_as_published: false,
-                retain_handling: 0,
-                subscription_id: None,
-            },
-        ));
+        assert!(broker
+            .subscribe(
+                "c",
+                registered.connection_id,
+                "a/b",
+                topic::parse_filter("a/b").expect("filter"),
+                SubOptions {
+                    qos: 1,
+                    no_local: false,
+                    retain_as_published: false,
+                    retain_handling: 0,
+                    subscription_id: None,
+                },
+            )
+            .expect("within the bound"));
         assert!(persistence.checkpoint().expect("checkpoint"), "wrote it");
         store.sync().await.expect("sync");
         persistence.synced();

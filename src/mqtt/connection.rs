@@ -1135,16 +1135,28 @@ async fn handle_subscribe(
                     },
                     subscription_id,
                 };
-                if ctx.broker.subscribe(
+                match ctx.broker.subscribe(
                     client_id,
                     session.connection_id,
                     &filter.path,
                     parsed,
                     options,
                 ) {
-                    added.push(filter.path.as_str());
+                    Ok(is_new) => {
+                        if is_new {
+                            added.push(filter.path.as_str());
+                        }
+                        SubscribeReasonCode::Success(codec::qos_of(qos))
+                    }
+                    Err(refusal) => {
+                        tracing::info!(%client_id, filter = %filter.path, %refusal, "subscription refused");
+                        if v5 {
+                            SubscribeReasonCode::QuotaExceeded
+                        } else {
+                            SubscribeReasonCode::Failure
+                        }
+                    }
                 }
-                SubscribeReasonCode::Success(codec::qos_of(qos))
             }
         };
         codes.push(code);

@@ -204,6 +204,14 @@ pub enum ProxyError {
     /// A persistent session's unsubscription is done in memory but not durable yet.
     #[error("unsubscribed, but not durable yet: a crash now may bring the subscription back; retry to confirm")]
     UnsubscribeNotDurable,
+    /// The session holds as many subscriptions as it may.
+    #[error("session '{client_id}' already holds {max} subscriptions (mqtt_session_subscriptions_max); unsubscribe one first")]
+    TooManySubscriptions {
+        /// The session.
+        client_id: String,
+        /// The bound.
+        max: usize,
+    },
 }
 
 /// Subscribes `client_id`'s session to `subscription`; returns whether it is new.
@@ -251,6 +259,12 @@ pub async fn subscribe(
                 client_id: client_id.to_owned(),
                 filter: subscription.filter,
             });
+        }
+        Err(ProxyRefusal::TooManySubscriptions(max)) => {
+            return Err(ProxyError::TooManySubscriptions {
+                client_id: client_id.to_owned(),
+                max,
+            })
         }
     };
     if persistent && !broker.wait_durable(durable_wait).await {
