@@ -36,7 +36,7 @@ pub const KEY_NAME_CHARS_MAX: usize = 128;
 pub const KEY_THINGS_MAX: usize = 1000;
 
 /// What a key may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Everything, including API keys.

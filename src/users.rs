@@ -43,7 +43,7 @@ pub fn check_stored_user(bytes: &[u8]) -> Result<(), String> {
 }
 
 /// A user as the API shows it (never the hash).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct UserView {
     /// Username.
     pub username: String,

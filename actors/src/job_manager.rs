@@ -84,6 +84,7 @@ impl Default for JobManagerConfig {
 }
 
 /// Where a job is.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum JobStatus {
     /// Executions are queued or running.
@@ -277,6 +278,7 @@ pub struct CreateJob {
 }
 
 /// Which failures an abort criterion counts.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FailureType {
     /// FAILED executions.

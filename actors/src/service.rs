@@ -28,6 +28,7 @@ use crate::thing::{
 use crate::thing_actor::{Request, Response};
 
 /// A registered Thing as listed (from the index, without activating it).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ThingSummary {
     /// Thing name.
@@ -45,6 +46,7 @@ pub struct ThingSummary {
 }
 
 /// One entry of a Thing's audit history.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct HistoryEntry {
     /// Sequence number in the Thing's log.
@@ -60,7 +62,8 @@ pub struct HistoryEntry {
     pub event_version: u16,
     /// One line for people.
     pub summary: String,
-    /// The event as JSON.
+    /// The event as JSON (its stored shape: externally tagged by kind, snake_case fields).
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub event: Value,
 }
 

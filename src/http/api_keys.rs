@@ -10,6 +10,9 @@ use thinghub_actors::thing::validate_thing_name;
 use super::error::ApiError;
 use super::extract::{JsonBody, QueryParams};
 use super::groups::PageParams;
+use super::openapi::ErrorBody;
+#[allow(unused_imports)]
+use super::schema as s;
 use super::things::page_limit;
 use super::AppState;
 use crate::auth::{KeyError, NewApiKey, Role, KEY_NAME_CHARS_MAX, KEY_THINGS_MAX};
@@ -118,6 +121,17 @@ fn parse(body: &Value, now_ms: u64) -> Result<NewApiKey, ApiError> {
 
 /// `POST /api/v1/api-keys` `{"name", "role", "expiresAt"?, "things"?}` -> 201 with the key and
 /// its secret (shown only here).
+#[utoipa::path(
+    post,
+    path = "/api-keys",
+    tag = "api-keys",
+    summary = "Create an API key (the secret is shown only here)",
+    request_body = s::CreateApiKeyRequest,
+    responses(
+        (status = 201, description = "Created", body = s::CreatedApiKey, headers(("location" = String, description = "The new resource"))),
+        (status = 503, description = "API keys cannot be stored or read right now.", body = ErrorBody)
+    )
+)]
 pub async fn create(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<Value>,
@@ -137,6 +151,17 @@ pub async fn create(
 
 /// `GET /api/v1/api-keys?limit&cursor`: stored keys in id order (never their secrets; the
 /// `THINGHUB_ADMIN_KEY` key is not stored and not listed).
+#[utoipa::path(
+    get,
+    path = "/api-keys",
+    tag = "api-keys",
+    summary = "List API keys",
+    params(super::groups::PageParams),
+    responses(
+        (status = 200, description = "A page of keys", body = s::ApiKeyPage),
+        (status = 503, description = "API keys cannot be stored or read right now.", body = ErrorBody)
+    )
+)]
 pub async fn list(
     State(state): State<AppState>,
     QueryParams(params): QueryParams<PageParams>,
@@ -149,6 +174,17 @@ pub async fn list(
 }
 
 /// `GET /api/v1/api-keys/{key}`.
+#[utoipa::path(
+    get,
+    path = "/api-keys/{key}",
+    tag = "api-keys",
+    summary = "Get an API key",
+    params(("key" = String, Path, description = "API key id")),
+    responses(
+        (status = 200, description = "The key", body = s::ApiKey),
+        (status = 404, description = "No such key.", body = ErrorBody)
+    )
+)]
 pub async fn get(
     State(state): State<AppState>,
     Path(key): Path<String>,
@@ -158,6 +194,19 @@ pub async fn get(
 
 /// `DELETE /api/v1/api-keys/{key}` -> 204; refused from the next request on. 409 for the last
 /// admin key (unless `THINGHUB_ADMIN_KEY` is set).
+#[utoipa::path(
+    delete,
+    path = "/api-keys/{key}",
+    tag = "api-keys",
+    summary = "Revoke an API key (at once)",
+    params(("key" = String, Path, description = "API key id")),
+    responses(
+        (status = 204, description = "Revoked"),
+        (status = 404, description = "No such key.", body = ErrorBody),
+        (status = 409, description = "The last working admin key.", body = ErrorBody),
+        (status = 503, description = "API keys cannot be stored or read right now.", body = ErrorBody)
+    )
+)]
 pub async fn delete(
     State(state): State<AppState>,
     Path(key): Path<String>,

@@ -11,6 +11,9 @@ use thinghub_actors::clock::{Clock, SystemClock};
 
 use super::error::ApiError;
 use super::extract::JsonBody;
+use super::openapi::ErrorBody;
+#[allow(unused_imports)]
+use super::schema as s;
 use super::AppState;
 use crate::mqtt::acl::{AclRule, RuleError};
 
@@ -27,6 +30,17 @@ impl From<RuleError> for ApiError {
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/authorization/rules",
+    tag = "authorization",
+    summary = "Add an MQTT authorization rule",
+    request_body = crate::mqtt::acl::AclRule,
+    responses(
+        (status = 201, description = "Added", body = crate::mqtt::acl::AclRule),
+        (status = 500, description = "The rule store failed.", body = ErrorBody)
+    )
+)]
 pub async fn create(
     State(state): State<AppState>,
     JsonBody(rule): JsonBody<AclRule>,
@@ -36,10 +50,30 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(rule)).into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/authorization/rules",
+    tag = "authorization",
+    summary = "List the rules in evaluation order",
+    responses(
+        (status = 200, description = "Rules", body = s::RuleList)
+    )
+)]
 pub async fn list(State(state): State<AppState>) -> Json<Value> {
     Json(json!({"items": state.acl.rules()}))
 }
 
+#[utoipa::path(
+    get,
+    path = "/authorization/rules/{id}",
+    tag = "authorization",
+    summary = "Get a rule",
+    params(("id" = String, Path, description = "Rule id")),
+    responses(
+        (status = 200, description = "The rule", body = crate::mqtt::acl::AclRule),
+        (status = 404, description = "No such rule.", body = ErrorBody)
+    )
+)]
 pub async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -47,6 +81,19 @@ pub async fn get(
     Ok(Json(state.acl.rule(&id)?))
 }
 
+#[utoipa::path(
+    put,
+    path = "/authorization/rules/{id}",
+    tag = "authorization",
+    summary = "Replace a rule (subscriptions are re-authorized)",
+    params(("id" = String, Path, description = "Rule id")),
+    request_body = crate::mqtt::acl::AclRule,
+    responses(
+        (status = 200, description = "Replaced", body = crate::mqtt::acl::AclRule),
+        (status = 404, description = "No such rule.", body = ErrorBody),
+        (status = 500, description = "The rule store failed.", body = ErrorBody)
+    )
+)]
 pub async fn replace(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -57,6 +104,18 @@ pub async fn replace(
     Ok(Json(rule))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/authorization/rules/{id}",
+    tag = "authorization",
+    summary = "Delete a rule",
+    params(("id" = String, Path, description = "Rule id")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No such rule.", body = ErrorBody),
+        (status = 500, description = "The rule store failed.", body = ErrorBody)
+    )
+)]
 pub async fn delete(
     State(state): State<AppState>,
     Path(id): Path<String>,

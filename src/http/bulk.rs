@@ -27,6 +27,8 @@ use super::error::ApiError;
 use super::extract::parse_json;
 use super::listener::BodyReadTimeout;
 use super::ndjson::{Line, LineSplitter};
+#[allow(unused_imports)]
+use super::schema as s;
 use super::AppState;
 use crate::auth::{Principal, Role};
 
@@ -253,6 +255,16 @@ async fn run(
 }
 
 /// `POST /api/v1/things/bulk` (NDJSON in, NDJSON out).
+#[utoipa::path(
+    post,
+    path = "/things/bulk",
+    tag = "things",
+    summary = "Register Things in bulk (NDJSON, one Thing per line; a password also creates its MQTT user, admin keys only)",
+    request_body(content = String, content_type = "application/x-ndjson", example = json!("{\"thingName\": \"sensor-3\"}\n{\"thingName\": \"sensor-4\", \"attributes\": {\"room\": \"7\"}}\n")),
+    responses(
+        (status = 200, description = "One result line per input line (in completion order), then a summary line", body = String, content_type = "application/x-ndjson")
+    )
+)]
 pub async fn register(
     State(state): State<AppState>,
     axum::Extension(principal): axum::Extension<Principal>,

@@ -12,11 +12,15 @@ use serde_json::{json, Map, Value};
 
 use super::error::ApiError;
 use super::extract::{JsonBody, QueryParams};
+use super::openapi::ErrorBody;
+#[allow(unused_imports)]
+use super::schema as s;
 use super::AppState;
 use crate::mqtt::operator::{self, ProxyError, ProxySubscription};
 
 /// Paging by client id.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ClientsPage {
     limit: Option<usize>,
@@ -27,6 +31,16 @@ pub struct ClientsPage {
 /// Default page size.
 const CLIENTS_PAGE_DEFAULT: usize = 100;
 
+#[utoipa::path(
+    get,
+    path = "/clients",
+    tag = "clients",
+    summary = "List MQTT sessions",
+    params(ClientsPage),
+    responses(
+        (status = 200, description = "A page of sessions", body = s::ClientPage)
+    )
+)]
 pub async fn list(
     State(state): State<AppState>,
     QueryParams(page): QueryParams<ClientsPage>,
@@ -52,6 +66,17 @@ fn unknown(client_id: &str) -> ApiError {
     )
 }
 
+#[utoipa::path(
+    get,
+    path = "/clients/{client_id}",
+    tag = "clients",
+    summary = "Get an MQTT session",
+    params(("client_id" = String, Path, description = "MQTT client id", example = "sensor-1")),
+    responses(
+        (status = 200, description = "The session", body = crate::mqtt::broker::ClientView),
+        (status = 404, description = "No such session.", body = ErrorBody)
+    )
+)]
 pub async fn get(
     State(state): State<AppState>,
     Path(client_id): Path<String>,
@@ -65,6 +90,17 @@ pub async fn get(
 
 /// Kick: the connection is closed (reason "kicked"; v5 clients get DISCONNECT 0x98) and the
 /// session discarded.
+#[utoipa::path(
+    delete,
+    path = "/clients/{client_id}",
+    tag = "clients",
+    summary = "Disconnect a client and discard its session",
+    params(("client_id" = String, Path, description = "MQTT client id", example = "sensor-1")),
+    responses(
+        (status = 204, description = "Kicked"),
+        (status = 404, description = "No such session.", body = ErrorBody)
+    )
+)]
 pub async fn kick(
     State(state): State<AppState>,
     Path(client_id): Path<String>,
@@ -216,6 +252,20 @@ async fn each(
 /// `POST /api/v1/clients/{clientId}/subscribe` `{"topic", "qos"?, "noLocal"?,
 /// "retainAsPublished"?, "retainHandling"?}`: the session (connected or persistent) subscribes
 /// as its own SUBSCRIBE would, under its user's ACL (403 if its user may not).
+#[utoipa::path(
+    post,
+    path = "/clients/{client_id}/subscribe",
+    tag = "messaging",
+    summary = "Subscribe a session (its user's ACL applies)",
+    params(("client_id" = String, Path, description = "MQTT client id", example = "sensor-1")),
+    request_body = s::SubscribeRequest,
+    responses(
+        (status = 200, description = "Subscribed", body = s::SubscribeReply),
+        (status = 409, description = "The session holds mqtt_session_subscriptions_max subscriptions.", body = ErrorBody),
+        (status = 404, description = "No such session (connected or persistent).", body = ErrorBody),
+        (status = 503, description = "The change could not be made durable in time.", body = ErrorBody)
+    )
+)]
 pub async fn subscribe(
     State(state): State<AppState>,
     Path(client_id): Path<String>,
@@ -226,6 +276,19 @@ pub async fn subscribe(
 
 /// `POST /api/v1/clients/{clientId}/unsubscribe` `{"topic"}` (404 if it had no such
 /// subscription).
+#[utoipa::path(
+    post,
+    path = "/clients/{client_id}/unsubscribe",
+    tag = "messaging",
+    summary = "Unsubscribe a session",
+    params(("client_id" = String, Path, description = "MQTT client id", example = "sensor-1")),
+    request_body = s::UnsubscribeRequest,
+    responses(
+        (status = 200, description = "Unsubscribed", body = s::UnsubscribeReply),
+        (status = 404, description = "No such session (connected or persistent).", body = ErrorBody),
+        (status = 503, description = "The change could not be made durable in time.", body = ErrorBody)
+    )
+)]
 pub async fn unsubscribe(
     State(state): State<AppState>,
     Path(client_id): Path<String>,
@@ -235,6 +298,17 @@ pub async fn unsubscribe(
 }
 
 /// `POST /api/v1/clients/{clientId}/subscribe/bulk` `[subscription, ...]`: answered in order.
+#[utoipa::path(
+    post,
+    path = "/clients/{client_id}/subscribe/bulk",
+    tag = "messaging",
+    summary = "Subscribe a session to several filters",
+    params(("client_id" = String, Path, description = "MQTT client id", example = "sensor-1")),
+    request_body = Vec<s::SubscribeRequest>,
+    responses(
+        (status = 200, description = "One answer per item, in order", body = Vec<s::SubscribeOutcome>)
+    )
+)]
 pub async fn subscribe_bulk(
     State(state): State<AppState>,
     Path(client_id): Path<String>,
@@ -244,6 +318,17 @@ pub async fn subscribe_bulk(
 }
 
 /// `POST /api/v1/clients/{clientId}/unsubscribe/bulk` `[{"topic"}, ...]`: answered in order.
+#[utoipa::path(
+    post,
+    path = "/clients/{client_id}/unsubscribe/bulk",
+    tag = "messaging",
+    summary = "Unsubscribe a session from several filters",
+    params(("client_id" = String, Path, description = "MQTT client id", example = "sensor-1")),
+    request_body = Vec<s::UnsubscribeRequest>,
+    responses(
+        (status = 200, description = "One answer per item, in order", body = Vec<s::UnsubscribeOutcome>)
+    )
+)]
 pub async fn unsubscribe_bulk(
     State(state): State<AppState>,
     Path(client_id): Path<String>,
@@ -253,7 +338,8 @@ pub async fn unsubscribe_bulk(
 }
 
 /// Query of `GET /api/v1/subscriptions`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct SubscriptionsQuery {
     client_id: Option<String>,
@@ -285,6 +371,16 @@ fn parse_subscriptions_cursor(cursor: &str) -> Result<(String, String), ApiError
 /// `GET /api/v1/subscriptions?clientId&topic&match&limit&cursor`: every session's
 /// subscriptions (fleet-wide), in (client id, filter) order; `match` keeps the filters that
 /// match a topic name.
+#[utoipa::path(
+    get,
+    path = "/subscriptions",
+    tag = "clients",
+    summary = "List subscriptions fleet-wide",
+    params(SubscriptionsQuery),
+    responses(
+        (status = 200, description = "A page of subscriptions", body = s::SubscriptionPage)
+    )
+)]
 pub async fn subscriptions(
     State(state): State<AppState>,
     QueryParams(query): QueryParams<SubscriptionsQuery>,
@@ -318,7 +414,8 @@ pub async fn subscriptions(
 }
 
 /// Query of `GET /api/v1/topics`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct TopicsQuery {
     limit: Option<usize>,
@@ -328,6 +425,16 @@ pub struct TopicsQuery {
 
 /// `GET /api/v1/topics?limit&cursor`: topics with a retained message or a live subscription
 /// (its filter), in order, each with `retained` and `subscriptions`.
+#[utoipa::path(
+    get,
+    path = "/topics",
+    tag = "clients",
+    summary = "List topics with retained messages or subscriptions",
+    params(TopicsQuery),
+    responses(
+        (status = 200, description = "A page of topics", body = s::TopicPage)
+    )
+)]
 pub async fn topics(
     State(state): State<AppState>,
     QueryParams(query): QueryParams<TopicsQuery>,

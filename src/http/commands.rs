@@ -16,10 +16,28 @@ use thinghub_actors::Things;
 
 use super::error::ApiError;
 use super::extract::{JsonBody, QueryParams};
+use super::openapi::ErrorBody;
+#[allow(unused_imports)]
+use super::schema as s;
 use super::things::page_limit;
 use super::AppState;
 
 /// `POST /api/v1/things/{name}/commands` `{action, params?, ttl?, commandId?}` -> 201.
+#[utoipa::path(
+    post,
+    path = "/things/{name}/commands",
+    tag = "commands",
+    summary = "Send a command with a time to live",
+    params(("name" = String, Path, description = "Thing name: 1..=128 of [a-zA-Z0-9:_-]", example = "sensor-1")),
+    request_body = s::SendCommandRequest,
+    responses(
+        (status = 201, description = "Sent (durable)", body = s::Command, headers(("location" = String, description = "The new resource"))),
+        (status = 404, description = "No such Thing.", body = ErrorBody),
+        (status = 409, description = "The execution exists already.", body = ErrorBody),
+        (status = 429, description = "Too many pending commands or requests.", body = ErrorBody),
+        (status = 503, description = "The Thing or storage did not answer in time, or is unavailable.", body = ErrorBody)
+    )
+)]
 pub async fn send(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -42,6 +60,19 @@ pub async fn send(
 }
 
 /// `GET /api/v1/things/{name}/commands/{executionId}`.
+#[utoipa::path(
+    get,
+    path = "/things/{name}/commands/{execution_id}",
+    tag = "commands",
+    summary = "Get a command execution",
+    params(("name" = String, Path, description = "Thing name: 1..=128 of [a-zA-Z0-9:_-]", example = "sensor-1"), ("execution_id" = String, Path, description = "Execution id")),
+    responses(
+        (status = 200, description = "The execution", body = s::Command),
+        (status = 404, description = "No such Thing or execution.", body = ErrorBody),
+        (status = 429, description = "Too many requests in flight for this Thing.", body = ErrorBody),
+        (status = 503, description = "The Thing or storage did not answer in time, or is unavailable.", body = ErrorBody)
+    )
+)]
 pub async fn get(
     State(state): State<AppState>,
     Path((name, execution_id)): Path<(String, String)>,
@@ -51,6 +82,20 @@ pub async fn get(
 }
 
 /// `POST /api/v1/things/{name}/commands/{executionId}/cancel` -> CANCELED (409 if it ended).
+#[utoipa::path(
+    post,
+    path = "/things/{name}/commands/{execution_id}/cancel",
+    tag = "commands",
+    summary = "Cancel a command execution",
+    params(("name" = String, Path, description = "Thing name: 1..=128 of [a-zA-Z0-9:_-]", example = "sensor-1"), ("execution_id" = String, Path, description = "Execution id")),
+    responses(
+        (status = 200, description = "Canceled", body = s::Command),
+        (status = 404, description = "No such Thing or execution.", body = ErrorBody),
+        (status = 409, description = "The execution is already finished.", body = ErrorBody),
+        (status = 429, description = "Too many requests in flight for this Thing.", body = ErrorBody),
+        (status = 503, description = "The Thing or storage did not answer in time, or is unavailable.", body = ErrorBody)
+    )
+)]
 pub async fn cancel(
     State(state): State<AppState>,
     Path((name, execution_id)): Path<(String, String)>,
@@ -60,7 +105,8 @@ pub async fn cancel(
 }
 
 /// Listing parameters.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListParams {
     status: Option<String>,
@@ -69,6 +115,19 @@ pub struct ListParams {
 }
 
 /// `GET /api/v1/things/{name}/commands?status&limit&cursor`: newest first.
+#[utoipa::path(
+    get,
+    path = "/things/{name}/commands",
+    tag = "commands",
+    summary = "List command executions, newest first",
+    params(("name" = String, Path, description = "Thing name: 1..=128 of [a-zA-Z0-9:_-]", example = "sensor-1"), ListParams),
+    responses(
+        (status = 200, description = "A page of executions", body = s::CommandPage),
+        (status = 404, description = "No such Thing.", body = ErrorBody),
+        (status = 429, description = "Too many requests in flight for this Thing.", body = ErrorBody),
+        (status = 503, description = "The Thing or storage did not answer in time, or is unavailable.", body = ErrorBody)
+    )
+)]
 pub async fn list(
     State(state): State<AppState>,
     Path(name): Path<String>,

@@ -13,6 +13,9 @@ use thinghub_actors::thing::{IngestEvent, Origin, ShadowUpdate};
 
 use super::error::ApiError;
 use super::extract::{JsonBody, QueryParams};
+use super::openapi::ErrorBody;
+#[allow(unused_imports)]
+use super::schema as s;
 use super::AppState;
 use crate::auth::Principal;
 
@@ -31,6 +34,19 @@ fn act_for(principal: &Principal, thing: &str) -> Result<(), ApiError> {
 }
 
 /// `GET /api/v1/thing-datas/{name}/shadow`: the device reads the same document as the operator.
+#[utoipa::path(
+    get,
+    path = "/thing-datas/{name}/shadow",
+    tag = "device",
+    summary = "Get the shadow (device)",
+    params(("name" = String, Path, description = "Thing name: 1..=128 of [a-zA-Z0-9:_-]", example = "sensor-1")),
+    responses(
+        (status = 200, description = "The shadow document", body = s::ShadowDocument),
+        (status = 404, description = "No such Thing, or it has no shadow.", body = ErrorBody),
+        (status = 429, description = "Too many requests in flight for this Thing.", body = ErrorBody),
+        (status = 503, description = "The Thing or storage did not answer in time, or is unavailable.", body = ErrorBody)
+    )
+)]
 pub async fn shadow(
     state: State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -41,6 +57,20 @@ pub async fn shadow(
 }
 
 /// `POST /api/v1/thing-datas/shadow/reported` `{thingName, state:{reported}, clientToken?, version?}`.
+#[utoipa::path(
+    post,
+    path = "/thing-datas/shadow/reported",
+    tag = "device",
+    summary = "Report state (device)",
+    request_body = s::ReportRequest,
+    responses(
+        (status = 200, description = "Accepted", body = s::ShadowDocument),
+        (status = 404, description = "No such Thing.", body = ErrorBody),
+        (status = 409, description = "Version conflict.", body = ErrorBody),
+        (status = 429, description = "Too many requests in flight for this Thing.", body = ErrorBody),
+        (status = 503, description = "The Thing or storage did not answer in time, or is unavailable.", body = ErrorBody)
+    )
+)]
 pub async fn report(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -87,6 +117,19 @@ pub async fn report(
 
 /// `POST /api/v1/thing-datas/events` `{thingName, eventType, severity, data?, timestamp?}`: 201
 /// with the stored event; 400 for an invalid one (never stored).
+#[utoipa::path(
+    post,
+    path = "/thing-datas/events",
+    tag = "device",
+    summary = "Send an event (device)",
+    request_body = s::IngestEventRequest,
+    responses(
+        (status = 201, description = "Ingested (durable)", body = s::Event),
+        (status = 404, description = "No such Thing.", body = ErrorBody),
+        (status = 429, description = "Too many requests in flight for this Thing.", body = ErrorBody),
+        (status = 503, description = "The Thing or storage did not answer in time, or is unavailable.", body = ErrorBody)
+    )
+)]
 pub async fn event(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -157,6 +200,19 @@ fn object(body: Value) -> Result<Map<String, Value>, ApiError> {
 }
 
 /// `GET /api/v1/thing-datas/{name}/jobs`: `{inProgressJobs, queuedJobs, timestamp}`.
+#[utoipa::path(
+    get,
+    path = "/thing-datas/{name}/jobs",
+    tag = "device",
+    summary = "List pending job executions (device)",
+    params(("name" = String, Path, description = "Thing name: 1..=128 of [a-zA-Z0-9:_-]", example = "sensor-1")),
+    responses(
+        (status = 200, description = "Pending executions", body = s::PendingJobs),
+        (status = 404, description = "No such Thing or execution (ResourceNotFound).", body = s::JobsError),
+        (status = 429, description = "Throttled: errorCode RequestThrottled when the Thing refused (the JobsError shape), none when authentication is backing off.", body = ErrorBody),
+        (status = 503, description = "Unavailable: errorCode InternalError when the Thing did not answer (the JobsError shape), none when the server is at its connection bound.", body = ErrorBody)
+    )
+)]
 pub async fn jobs(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -167,6 +223,20 @@ pub async fn jobs(
 
 /// `POST /api/v1/thing-datas/{name}/jobs/start-next` `{statusDetails?, stepTimeoutInMinutes?,
 /// clientToken?}`.
+#[utoipa::path(
+    post,
+    path = "/thing-datas/{name}/jobs/start-next",
+    tag = "device",
+    summary = "Start the next pending job execution (device)",
+    params(("name" = String, Path, description = "Thing name: 1..=128 of [a-zA-Z0-9:_-]", example = "sensor-1")),
+    request_body = s::StartNextRequest,
+    responses(
+        (status = 200, description = "The execution started, if any", body = s::ExecutionReply),
+        (status = 404, description = "No such Thing or execution (ResourceNotFound).", body = s::JobsError),
+        (status = 429, description = "Throttled: errorCode RequestThrottled when the Thing refused (the JobsError shape), none when authentication is backing off.", body = ErrorBody),
+        (status = 503, description = "Unavailable: errorCode InternalError when the Thing did not answer (the JobsError shape), none when the server is at its connection bound.", body = ErrorBody)
+    )
+)]
 pub async fn start_next_job(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -178,7 +248,8 @@ pub async fn start_next_job(
 }
 
 /// Query of `GET /api/v1/thing-datas/{name}/jobs/{jobId}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct DescribeParams {
     execution_number: Option<u64>,
@@ -186,6 +257,19 @@ pub struct DescribeParams {
 }
 
 /// `GET /api/v1/thing-datas/{name}/jobs/{jobId}?executionNumber&includeJobDocument`.
+#[utoipa::path(
+    get,
+    path = "/thing-datas/{name}/jobs/{job_id}",
+    tag = "device",
+    summary = "Describe a job execution (device)",
+    params(("name" = String, Path, description = "Thing name: 1..=128 of [a-zA-Z0-9:_-]", example = "sensor-1"), ("job_id" = String, Path, description = "Job id: 1..=64 of [A-Za-z0-9_-]", example = "job-1"), DescribeParams),
+    responses(
+        (status = 200, description = "The execution", body = s::ExecutionReply),
+        (status = 404, description = "No such Thing or execution (ResourceNotFound).", body = s::JobsError),
+        (status = 429, description = "Throttled: errorCode RequestThrottled when the Thing refused (the JobsError shape), none when authentication is backing off.", body = ErrorBody),
+        (status = 503, description = "Unavailable: errorCode InternalError when the Thing did not answer (the JobsError shape), none when the server is at its connection bound.", body = ErrorBody)
+    )
+)]
 pub async fn describe_job(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -212,6 +296,21 @@ pub async fn describe_job(
 /// `POST /api/v1/thing-datas/{name}/jobs/{jobId}/update` `{status, statusDetails?,
 /// expectedVersion?, executionNumber?, stepTimeoutInMinutes?, includeJobExecutionState?,
 /// includeJobDocument?, clientToken?}`.
+#[utoipa::path(
+    post,
+    path = "/thing-datas/{name}/jobs/{job_id}/update",
+    tag = "device",
+    summary = "Update a job execution (device)",
+    params(("name" = String, Path, description = "Thing name: 1..=128 of [a-zA-Z0-9:_-]", example = "sensor-1"), ("job_id" = String, Path, description = "Job id: 1..=64 of [A-Za-z0-9_-]", example = "job-1")),
+    request_body = s::UpdateExecutionRequest,
+    responses(
+        (status = 200, description = "Updated", body = s::UpdateExecutionReply),
+        (status = 409, description = "Terminal, an invalid transition, or a version mismatch.", body = s::JobsError),
+        (status = 404, description = "No such Thing or execution (ResourceNotFound).", body = s::JobsError),
+        (status = 429, description = "Throttled: errorCode RequestThrottled when the Thing refused (the JobsError shape), none when authentication is backing off.", body = ErrorBody),
+        (status = 503, description = "Unavailable: errorCode InternalError when the Thing did not answer (the JobsError shape), none when the server is at its connection bound.", body = ErrorBody)
+    )
+)]
 pub async fn update_job(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,

@@ -9,10 +9,25 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::extract::{JsonBody, QueryParams};
+use super::openapi::ErrorBody;
+#[allow(unused_imports)]
+use super::schema as s;
 use super::things::page_limit;
 use super::AppState;
 
 /// `POST /api/v1/thing-groups` `{"groupName", "description"?}` -> 201 (409 if it exists).
+#[utoipa::path(
+    post,
+    path = "/thing-groups",
+    tag = "groups",
+    summary = "Create a Thing group",
+    request_body = s::CreateGroupRequest,
+    responses(
+        (status = 201, description = "Created", body = s::Group, headers(("location" = String, description = "The new resource"))),
+        (status = 409, description = "The group exists already.", body = ErrorBody),
+        (status = 503, description = "Storage unavailable.", body = ErrorBody)
+    )
+)]
 pub async fn create(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<Value>,
@@ -51,7 +66,8 @@ pub async fn create(
 }
 
 /// Paging parameters.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct PageParams {
     pub(crate) limit: Option<usize>,
@@ -59,6 +75,17 @@ pub struct PageParams {
 }
 
 /// `GET /api/v1/thing-groups?limit&cursor`: in name order; `nextCursor` is the last name.
+#[utoipa::path(
+    get,
+    path = "/thing-groups",
+    tag = "groups",
+    summary = "List groups",
+    params(PageParams),
+    responses(
+        (status = 200, description = "A page of groups", body = s::GroupPage),
+        (status = 503, description = "Storage unavailable.", body = ErrorBody)
+    )
+)]
 pub async fn list(
     State(state): State<AppState>,
     QueryParams(params): QueryParams<PageParams>,
@@ -71,6 +98,18 @@ pub async fn list(
 }
 
 /// `GET /api/v1/thing-groups/{group}`.
+#[utoipa::path(
+    get,
+    path = "/thing-groups/{group}",
+    tag = "groups",
+    summary = "Get a group",
+    params(("group" = String, Path, description = "Group name: 1..=128 of [a-zA-Z0-9:_-]", example = "floor-1")),
+    responses(
+        (status = 200, description = "The group", body = s::Group),
+        (status = 404, description = "No such group.", body = ErrorBody),
+        (status = 503, description = "Storage unavailable.", body = ErrorBody)
+    )
+)]
 pub async fn get(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -79,6 +118,18 @@ pub async fn get(
 }
 
 /// `DELETE /api/v1/thing-groups/{group}` -> 204 (its Things stay).
+#[utoipa::path(
+    delete,
+    path = "/thing-groups/{group}",
+    tag = "groups",
+    summary = "Delete a group (its Things stay)",
+    params(("group" = String, Path, description = "Group name: 1..=128 of [a-zA-Z0-9:_-]", example = "floor-1")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No such group.", body = ErrorBody),
+        (status = 503, description = "Storage unavailable.", body = ErrorBody)
+    )
+)]
 pub async fn delete(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -89,6 +140,20 @@ pub async fn delete(
 
 /// `POST /api/v1/thing-groups/{group}/things` `{"thingName"}`: 201 when added, 200 when it
 /// was a member already. CONTINUOUS jobs targeting the group reach it.
+#[utoipa::path(
+    post,
+    path = "/thing-groups/{group}/things",
+    tag = "groups",
+    summary = "Add a Thing to a group",
+    params(("group" = String, Path, description = "Group name: 1..=128 of [a-zA-Z0-9:_-]", example = "floor-1")),
+    request_body = s::AddMemberRequest,
+    responses(
+        (status = 201, description = "Added"),
+        (status = 200, description = "Already a member"),
+        (status = 404, description = "No such Thing or group.", body = ErrorBody),
+        (status = 503, description = "Storage unavailable.", body = ErrorBody)
+    )
+)]
 pub async fn add(
     State(state): State<AppState>,
     Path(group): Path<String>,
@@ -110,6 +175,18 @@ pub async fn add(
 }
 
 /// `DELETE /api/v1/thing-groups/{group}/things/{name}` -> 204.
+#[utoipa::path(
+    delete,
+    path = "/thing-groups/{group}/things/{name}",
+    tag = "groups",
+    summary = "Remove a Thing from a group",
+    params(("group" = String, Path, description = "Group name: 1..=128 of [a-zA-Z0-9:_-]", example = "floor-1"), ("name" = String, Path, description = "Thing name: 1..=128 of [a-zA-Z0-9:_-]", example = "sensor-1")),
+    responses(
+        (status = 204, description = "Removed"),
+        (status = 404, description = "No such group, or the Thing is not in it.", body = ErrorBody),
+        (status = 503, description = "Storage unavailable.", body = ErrorBody)
+    )
+)]
 pub async fn remove(
     State(state): State<AppState>,
     Path((group, thing)): Path<(String, String)>,
@@ -119,6 +196,18 @@ pub async fn remove(
 }
 
 /// `GET /api/v1/thing-groups/{group}/things?limit&cursor`: its Things in name order.
+#[utoipa::path(
+    get,
+    path = "/thing-groups/{group}/things",
+    tag = "groups",
+    summary = "List a group's Things",
+    params(("group" = String, Path, description = "Group name: 1..=128 of [a-zA-Z0-9:_-]", example = "floor-1"), PageParams),
+    responses(
+        (status = 200, description = "A page of Thing names", body = s::NamePage),
+        (status = 404, description = "No such group.", body = ErrorBody),
+        (status = 503, description = "Storage unavailable.", body = ErrorBody)
+    )
+)]
 pub async fn members(
     State(state): State<AppState>,
     Path(group): Path<String>,

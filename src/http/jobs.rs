@@ -19,6 +19,9 @@ use thinghub_actors::Things;
 
 use super::error::ApiError;
 use super::extract::{JsonBody, QueryParams};
+use super::openapi::ErrorBody;
+#[allow(unused_imports)]
+use super::schema as s;
 use super::things::page_limit;
 use super::AppState;
 
@@ -340,6 +343,19 @@ fn abort_criteria(value: Option<&Value>) -> Result<Vec<AbortCriterion>, Rejectio
 }
 
 /// `POST /api/v1/jobs` -> 201 with the job.
+#[utoipa::path(
+    post,
+    path = "/jobs",
+    tag = "jobs",
+    summary = "Create a job",
+    request_body = s::CreateJobRequest,
+    responses(
+        (status = 201, description = "Created", body = s::Job, headers(("location" = String, description = "The new resource"))),
+        (status = 404, description = "A target Thing or group does not exist.", body = ErrorBody),
+        (status = 409, description = "The job exists already.", body = ErrorBody),
+        (status = 503, description = "Storage unavailable.", body = ErrorBody)
+    )
+)]
 pub async fn create(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<Value>,
@@ -356,6 +372,18 @@ pub async fn create(
 }
 
 /// `GET /api/v1/jobs/{jobId}`.
+#[utoipa::path(
+    get,
+    path = "/jobs/{job_id}",
+    tag = "jobs",
+    summary = "Get a job",
+    params(("job_id" = String, Path, description = "Job id: 1..=64 of [A-Za-z0-9_-]", example = "job-1")),
+    responses(
+        (status = 200, description = "The job", body = s::Job),
+        (status = 404, description = "No such job.", body = ErrorBody),
+        (status = 503, description = "Storage unavailable.", body = ErrorBody)
+    )
+)]
 pub async fn get(
     State(state): State<AppState>,
     Path(job_id): Path<String>,
@@ -364,7 +392,8 @@ pub async fn get(
 }
 
 /// Listing parameters.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListParams {
     status: Option<String>,
@@ -373,6 +402,17 @@ pub struct ListParams {
 }
 
 /// `GET /api/v1/jobs?status&limit&cursor`: in id order; `nextCursor` is the last id.
+#[utoipa::path(
+    get,
+    path = "/jobs",
+    tag = "jobs",
+    summary = "List jobs",
+    params(ListParams),
+    responses(
+        (status = 200, description = "A page of jobs", body = s::JobPage),
+        (status = 503, description = "Storage unavailable.", body = ErrorBody)
+    )
+)]
 pub async fn list(
     State(state): State<AppState>,
     QueryParams(params): QueryParams<ListParams>,
@@ -396,6 +436,18 @@ pub async fn list(
 }
 
 /// `GET /api/v1/jobs/{jobId}/executions?status&limit&cursor`: targets in Thing order.
+#[utoipa::path(
+    get,
+    path = "/jobs/{job_id}/executions",
+    tag = "jobs",
+    summary = "List a job's targets and their status",
+    params(("job_id" = String, Path, description = "Job id: 1..=64 of [A-Za-z0-9_-]", example = "job-1"), ListParams),
+    responses(
+        (status = 200, description = "A page of targets", body = s::JobTargetPage),
+        (status = 404, description = "No such job.", body = ErrorBody),
+        (status = 503, description = "Storage unavailable.", body = ErrorBody)
+    )
+)]
 pub async fn executions(
     State(state): State<AppState>,
     Path(job_id): Path<String>,
@@ -427,6 +479,20 @@ pub async fn executions(
 }
 
 /// `POST /api/v1/jobs/{jobId}/cancel` `{"force"?, "reasonCode"?}`.
+#[utoipa::path(
+    post,
+    path = "/jobs/{job_id}/cancel",
+    tag = "jobs",
+    summary = "Cancel a job",
+    params(("job_id" = String, Path, description = "Job id: 1..=64 of [A-Za-z0-9_-]", example = "job-1")),
+    request_body = s::CancelJobRequest,
+    responses(
+        (status = 200, description = "Canceled", body = s::Job),
+        (status = 404, description = "No such job.", body = ErrorBody),
+        (status = 409, description = "The job is already completed or canceled.", body = ErrorBody),
+        (status = 503, description = "Storage unavailable.", body = ErrorBody)
+    )
+)]
 pub async fn cancel(
     State(state): State<AppState>,
     Path(job_id): Path<String>,
@@ -460,6 +526,19 @@ pub async fn cancel(
 }
 
 /// `GET /api/v1/things/{name}/jobs`: the Thing's executions, pending first.
+#[utoipa::path(
+    get,
+    path = "/things/{name}/jobs",
+    tag = "jobs",
+    summary = "List a Thing's job executions",
+    params(("name" = String, Path, description = "Thing name: 1..=128 of [a-zA-Z0-9:_-]", example = "sensor-1")),
+    responses(
+        (status = 200, description = "Executions", body = s::JobExecutionList),
+        (status = 404, description = "No such Thing.", body = ErrorBody),
+        (status = 429, description = "Too many requests in flight for this Thing.", body = ErrorBody),
+        (status = 503, description = "The Thing or storage did not answer in time, or is unavailable.", body = ErrorBody)
+    )
+)]
 pub async fn of_thing(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -483,7 +562,8 @@ pub async fn of_thing(
 }
 
 /// Removal parameters.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct RemoveParams {
     force: Option<bool>,
@@ -491,6 +571,20 @@ pub struct RemoveParams {
 
 /// `DELETE /api/v1/things/{name}/jobs/{jobId}?force=true` -> 204 (REMOVED; an execution in
 /// progress only with `force`).
+#[utoipa::path(
+    delete,
+    path = "/things/{name}/jobs/{job_id}",
+    tag = "jobs",
+    summary = "Remove a job's execution from a Thing",
+    params(("name" = String, Path, description = "Thing name: 1..=128 of [a-zA-Z0-9:_-]", example = "sensor-1"), ("job_id" = String, Path, description = "Job id: 1..=64 of [A-Za-z0-9_-]", example = "job-1"), RemoveParams),
+    responses(
+        (status = 204, description = "Removed"),
+        (status = 404, description = "No such Thing or execution.", body = ErrorBody),
+        (status = 409, description = "In progress: only a forced removal ends it.", body = ErrorBody),
+        (status = 429, description = "Too many requests in flight for this Thing.", body = ErrorBody),
+        (status = 503, description = "The Thing or storage did not answer in time, or is unavailable.", body = ErrorBody)
+    )
+)]
 pub async fn remove(
     State(state): State<AppState>,
     Path((name, job_id)): Path<(String, String)>,

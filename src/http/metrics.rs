@@ -11,6 +11,8 @@ use axum::response::IntoResponse;
 use axum::Json;
 use serde_json::{json, Value};
 
+#[allow(unused_imports)]
+use super::schema as s;
 use super::AppState;
 
 /// One metric: Prometheus name, type, help, value, and where it goes in the JSON.
@@ -477,11 +479,29 @@ fn collect(state: &AppState) -> Vec<Metric> {
 }
 
 /// `GET /api/v1/metrics`: `{process, things, storage, mqtt, auth, effects, deadlines}`.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "metrics",
+    summary = "Every metric now",
+    responses(
+        (status = 200, description = "Metrics by group", body = s::Metrics)
+    )
+)]
 pub async fn json(State(state): State<AppState>) -> Json<Value> {
     Json(current(&state))
 }
 
 /// `GET /metrics`: the Prometheus text exposition format (version 0.0.4).
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "metrics",
+    summary = "Every metric now, Prometheus text format",
+    responses(
+        (status = 200, description = "Prometheus exposition", body = String, content_type = "text/plain")
+    )
+)]
 pub async fn prometheus(State(state): State<AppState>) -> impl IntoResponse {
     let mut text = String::new();
     for metric in collect(&state) {

@@ -17,7 +17,9 @@ mod jobs;
 pub mod listener;
 mod metrics;
 pub mod ndjson;
+pub mod openapi;
 mod publish;
+mod schema;
 pub mod stats;
 mod things;
 mod users;
@@ -27,10 +29,13 @@ use std::sync::Arc;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Json, Router};
 use thinghub_actors::thing::{CommandLimits, EventLimits, ShadowLimits};
 use thinghub_actors::Things;
+use utoipa::OpenApi as _;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::auth::ApiKeys;
 use crate::mqtt::acl::Acl;
@@ -98,142 +103,102 @@ pub struct AppState {
     pub started: std::time::Instant,
 }
 
+/// The API's routes, each from its handler's OpenAPI annotation (so none is served undocumented).
+fn api_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(things::create, things::list))
+        // A Thing may be named "bulk": reads and deletes of that path still reach it.
+        .routes(routes!(
+            bulk::register,
+            things::describe_bulk,
+            things::delete_bulk
+        ))
+        .routes(routes!(things::describe, things::delete))
+        .routes(routes!(
+            things::get_shadow,
+            things::update_shadow,
+            things::delete_shadow
+        ))
+        .routes(routes!(things::history))
+        .routes(routes!(things::events))
+        .routes(routes!(commands::send, commands::list))
+        .routes(routes!(commands::get))
+        .routes(routes!(commands::cancel))
+        .routes(routes!(groups::create, groups::list))
+        .routes(routes!(groups::get, groups::delete))
+        .routes(routes!(groups::add, groups::members))
+        .routes(routes!(groups::remove))
+        .routes(routes!(jobs::create, jobs::list))
+        .routes(routes!(jobs::get))
+        .routes(routes!(jobs::executions))
+        .routes(routes!(jobs::cancel))
+        .routes(routes!(jobs::of_thing))
+        .routes(routes!(jobs::remove))
+        .routes(routes!(devices::event))
+        .routes(routes!(devices::jobs))
+        .routes(routes!(devices::start_next_job))
+        .routes(routes!(devices::describe_job))
+        .routes(routes!(devices::update_job))
+        .routes(routes!(devices::shadow))
+        .routes(routes!(devices::report))
+        .routes(routes!(users::create, users::list))
+        .routes(routes!(users::get, users::update, users::delete))
+        .routes(routes!(metrics::json))
+        .routes(routes!(stats::stats))
+        .routes(routes!(clients::list))
+        .routes(routes!(clients::get, clients::kick))
+        .routes(routes!(clients::subscriptions))
+        .routes(routes!(clients::topics))
+        .routes(routes!(clients::subscribe))
+        .routes(routes!(clients::subscribe_bulk))
+        .routes(routes!(clients::unsubscribe))
+        .routes(routes!(clients::unsubscribe_bulk))
+        .routes(routes!(publish::publish))
+        .routes(routes!(publish::bulk))
+        .routes(routes!(api_keys::create, api_keys::list))
+        .routes(routes!(api_keys::get, api_keys::delete))
+        .routes(routes!(authorization::create, authorization::list))
+        .routes(routes!(
+            authorization::get,
+            authorization::replace,
+            authorization::delete
+        ))
+}
+
+/// Every documented route, unauthenticated and stateless: the router and the document.
+fn documented() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    let (router, mut doc) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .nest("/api/v1", api_routes())
+        .routes(routes!(metrics::prometheus))
+        .split_for_parts();
+    openapi::finish(&mut doc);
+    (router, doc)
+}
+
+/// The OpenAPI document of this server (what `GET /api/v1/openapi.json` serves).
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    documented().1
+}
+
 /// The whole HTTP application.
 pub fn app(state: AppState) -> Router {
-    let api = Router::new()
-        .route("/things", post(things::create).get(things::list))
-        // A Thing may be named "bulk": reads and deletes of that path still reach it.
-        .route(
-            "/things/bulk",
-            post(bulk::register)
-                .get(|state: axum::extract::State<AppState>| {
-                    things::describe(state, axum::extract::Path("bulk".to_owned()))
-                })
-                .delete(|state: axum::extract::State<AppState>| {
-                    things::delete(state, axum::extract::Path("bulk".to_owned()))
-                }),
-        )
-        .route(
-            "/things/{name}",
-            get(things::describe).delete(things::delete),
-        )
-        .route(
-            "/things/{name}/shadow",
-            get(things::get_shadow)
-                .post(things::update_shadow)
-                .delete(things::delete_shadow),
-        )
-        .route("/things/{name}/history", get(things::history))
-        .route("/things/{name}/events", get(things::events))
-        .route(
-            "/things/{name}/commands",
-            post(commands::send).get(commands::list),
-        )
-        .route("/things/{name}/commands/{execution_id}", get(commands::get))
-        .route(
-            "/things/{name}/commands/{execution_id}/cancel",
-            post(commands::cancel),
-        )
-        .route("/thing-groups", post(groups::create).get(groups::list))
-        .route(
-            "/thing-groups/{group}",
-            get(groups::get).delete(groups::delete),
-        )
-        .route(
-            "/thing-groups/{group}/things",
-            post(groups::add).get(groups::members),
-        )
-        .route(
-            "/thing-groups/{group}/things/{name}",
-            axum::routing::delete(groups::remove),
-        )
-        .route("/jobs", post(jobs::create).get(jobs::list))
-        .route("/jobs/{job_id}", get(jobs::get))
-        .route("/jobs/{job_id}/executions", get(jobs::executions))
-        .route("/jobs/{job_id}/cancel", post(jobs::cancel))
-        .route("/things/{name}/jobs", get(jobs::of_thing))
-        .route(
-            "/things/{name}/jobs/{job_id}",
-            axum::routing::delete(jobs::remove),
-        )
-        .route("/thing-datas/events", post(devices::event))
-        .route("/thing-datas/{name}/jobs", get(devices::jobs))
-        .route(
-            "/thing-datas/{name}/jobs/start-next",
-            post(devices::start_next_job),
-        )
-        .route(
-            "/thing-datas/{name}/jobs/{job_id}",
-            get(devices::describe_job),
-        )
-        .route(
-            "/thing-datas/{name}/jobs/{job_id}/update",
-            post(devices::update_job),
-        )
-        .route("/thing-datas/{name}/shadow", get(devices::shadow))
-        .route("/thing-datas/shadow/reported", post(devices::report))
-        .route(
-            "/authentication/users",
-            post(users::create).get(users::list),
-        )
-        .route(
-            "/authentication/users/{username}",
-            get(users::get).put(users::update).delete(users::delete),
-        )
-        .route("/metrics", get(metrics::json))
-        .route("/stats", get(stats::stats))
-        .route("/clients", get(clients::list))
-        .route(
-            "/clients/{client_id}",
-            get(clients::get).delete(clients::kick),
-        )
-        .route("/subscriptions", get(clients::subscriptions))
-        .route("/topics", get(clients::topics))
-        .route("/clients/{client_id}/subscribe", post(clients::subscribe))
-        .route(
-            "/clients/{client_id}/subscribe/bulk",
-            post(clients::subscribe_bulk),
-        )
-        .route(
-            "/clients/{client_id}/unsubscribe",
-            post(clients::unsubscribe),
-        )
-        .route(
-            "/clients/{client_id}/unsubscribe/bulk",
-            post(clients::unsubscribe_bulk),
-        )
-        .route("/publish", post(publish::publish))
-        .route("/publish/bulk", post(publish::bulk))
-        .route("/api-keys", post(api_keys::create).get(api_keys::list))
-        .route(
-            "/api-keys/{key}",
-            get(api_keys::get).delete(api_keys::delete),
-        )
-        .route(
-            "/authorization/rules",
-            post(authorization::create).get(authorization::list),
-        )
-        .route(
-            "/authorization/rules/{id}",
-            get(authorization::get)
-                .put(authorization::replace)
-                .delete(authorization::delete),
-        )
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            auth::authenticate,
-        ));
-    // Prometheus scrapes the same admin-key protected data (scrape config `basic_auth`).
-    let prometheus = Router::new()
-        .route("/metrics", get(metrics::prometheus))
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            auth::authenticate,
-        ));
+    let (documented, doc) = documented();
+    let doc: Arc<str> = Arc::from(doc.to_json().unwrap_or_else(|e| {
+        tracing::error!(error = %e, "the OpenAPI document cannot be rendered");
+        String::from("{}")
+    }));
+    // Every documented route needs a key; the document itself and the health check do not.
+    let authenticated = documented.route_layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        auth::authenticate,
+    ));
     Router::new()
         .route("/healthz", get(healthz))
-        .merge(prometheus)
-        .nest("/api/v1", api)
+        .route(
+            "/api/v1/openapi.json",
+            get(move || openapi::document(doc.clone())),
+        )
+        .merge(authenticated)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.limits.body_bytes_max))
@@ -272,7 +237,15 @@ async fn json_errors(response: Response) -> Response {
     Response::from_parts(parts, axum::body::Body::from(json))
 }
 
-async fn healthz() -> Json<serde_json::Value> {
+/// `GET /healthz`: the process answers (no key needed).
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "meta",
+    summary = "Liveness",
+    responses((status = 200, description = "The server answers", body = schema::Health))
+)]
+pub async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok"}))
 }
 

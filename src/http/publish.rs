@@ -10,6 +10,9 @@ use serde_json::{json, Map, Value};
 
 use super::error::ApiError;
 use super::extract::JsonBody;
+use super::openapi::ErrorBody;
+#[allow(unused_imports)]
+use super::schema as s;
 use super::AppState;
 use crate::mqtt::operator::{self, OperatorPublish, OperatorPublishError};
 
@@ -153,6 +156,17 @@ fn publish_one(state: &AppState, body: &Value) -> Result<Value, ApiError> {
 /// `POST /api/v1/publish` `{"topic", "payload"?, "payloadEncoding"?: "plain|base64", "qos"?,
 /// "retain"?, "properties"?}` -> 200 `{"topic", "subscribers"}` (sessions it was delivered or
 /// queued to).
+#[utoipa::path(
+    post,
+    path = "/publish",
+    tag = "messaging",
+    summary = "Publish a message as a superuser would",
+    request_body = s::PublishRequest,
+    responses(
+        (status = 200, description = "Published", body = s::PublishReply),
+        (status = 507, description = "The retained message store is full.", body = ErrorBody)
+    )
+)]
 pub async fn publish(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<Value>,
@@ -162,6 +176,16 @@ pub async fn publish(
 
 /// `POST /api/v1/publish/bulk` `[publish, ...]` (at most `publish_bulk_max`) -> 200 with one
 /// answer per item, in order: `{"code":200,"topic","subscribers"}` or `{"code","message"}`.
+#[utoipa::path(
+    post,
+    path = "/publish/bulk",
+    tag = "messaging",
+    summary = "Publish several messages",
+    request_body = Vec<s::PublishRequest>,
+    responses(
+        (status = 200, description = "One answer per item, in order", body = Vec<s::PublishOutcome>)
+    )
+)]
 pub async fn bulk(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<Value>,

@@ -11,6 +11,8 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::metrics;
+#[allow(unused_imports)]
+use super::schema as s;
 use super::AppState;
 
 /// The longest window a rate is computed over.
@@ -91,6 +93,15 @@ fn rates(state: &AppState, now: &[(&'static str, &'static str, f64)], window: Du
 
 /// `GET /api/v1/stats`: `{current: {group: {key}}, rates: {oneMinute, fiveMinutes}}`, each rate
 /// per second over `windowSeconds` (shorter than its name while the server is young).
+#[utoipa::path(
+    get,
+    path = "/stats",
+    tag = "metrics",
+    summary = "The metrics now and rates over one and five minutes",
+    responses(
+        (status = 200, description = "Statistics", body = s::Stats)
+    )
+)]
 pub async fn stats(State(state): State<AppState>) -> Json<Value> {
     let now = metrics::counters(&state);
     Json(json!({

@@ -14,11 +14,15 @@ use thinghub_actors::thing::{Origin, RegisterThing, ShadowUpdate};
 
 use super::error::ApiError;
 use super::extract::{JsonBody, QueryParams};
+use super::openapi::ErrorBody;
+#[allow(unused_imports)]
+use super::schema as s;
 use super::AppState;
 
 /// Body of `POST /api/v1/things`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schema(example = json!({"thingName": "sensor-2", "thingType": "thermostat", "attributes": {"room": "12"}}))]
 pub struct CreateThing {
     thing_name: String,
     #[serde(default)]
@@ -29,6 +33,19 @@ pub struct CreateThing {
     attributes: BTreeMap<String, String>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/things",
+    tag = "things",
+    summary = "Register a Thing",
+    request_body = CreateThing,
+    responses(
+        (status = 201, description = "Registered", body = thinghub_actors::thing::ThingDescription, headers(("location" = String, description = "The new resource"))),
+        (status = 409, description = "The Thing or its MQTT client id exists already.", body = ErrorBody),
+        (status = 429, description = "Too many requests in flight for this Thing.", body = ErrorBody),
+        (status = 503, description = "The Thing or storage did not answer in time, or is unavailable.", body = ErrorBody)
+    )
+)]
 pub async fn create(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<CreateThing>,
@@ -54,7 +71,8 @@ pub async fn create(
 }
 
 /// Paging parameters.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct Page {
     limit: Option<usize>,
@@ -83,6 +101,17 @@ fn decode_cursor(cursor: &str) -> Result<String, ApiError> {
         .ok_or_else(|| ApiError::bad_request("invalid cursor"))
 }
 
+#[utoipa::path(
+    get,
+    path = "/things",
+    tag = "things",
+    summary = "List Things",
+    params(Page),
+    responses(
+        (status = 200, description = "A page of Things", body = s::ThingPage),
+        (status = 503, description = "Storage unavailable.", body = ErrorBody)
+    )
+)]
 pub async fn list(
     State(state): State<AppState>,
     QueryParams(page): QueryParams<Page>,
@@ -97,6 +126,19 @@ pub async fn list(
     Ok(Json(json!({"items": items, "nextCursor": next.flatten()})))
 }
 
+#[utoipa::path(
+    get,
+    path = "/things/{name}",
+    tag = "things",
+    summary = "Describe a Thing",
+    params(("name" = String, Path, description = "Thing name: 1..=128 of [a-zA-Z0-9:_-]", example = "sensor-1")),
+    responses(
+        (status = 200, description = "The Thing", body = s::ThingView),
+        (status = 404, description = "No such Thing.", body = ErrorBody),
+        (status = 429, description = "Too many requests in flight for this Thing.", body = ErrorBody),
+        (status = 503, description = "The Thing or storage did not answer in time, or is unavailable.", body = ErrorBody)
+    )
+)]
 pub async fn describe(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -107,6 +149,19 @@ pub async fn describe(
     Ok(Json(body))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/things/{name}",
+    tag = "things",
+    summary = "Delete a Thing (its history stays)",
+    params(("name" = String, Path, description = "Thing name: 1..=128 of [a-zA-Z0-9:_-]", example = "sensor-1")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No such Thing.", body = ErrorBody),
+        (status = 429, description = "Too many requests in flight for this Thing.", body = ErrorBody),
+        (status = 503, description = "The Thing or storage did not answer in time, or is unavailable.", body = ErrorBody)
+    )
+)]
 pub async fn delete(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -116,6 +171,53 @@ pub async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// `GET /api/v1/things/bulk`: the path of bulk registration also names the Thing "bulk".
+#[utoipa::path(
+    get,
+    path = "/things/bulk",
+    tag = "things",
+    summary = "Describe the Thing named bulk",
+    responses(
+        (status = 200, description = "The Thing", body = s::ThingView),
+        (status = 404, description = "No such Thing.", body = ErrorBody),
+        (status = 429, description = "Too many requests in flight for this Thing.", body = ErrorBody),
+        (status = 503, description = "The Thing or storage did not answer in time, or is unavailable.", body = ErrorBody)
+    )
+)]
+pub async fn describe_bulk(state: State<AppState>) -> Result<Json<Value>, ApiError> {
+    describe(state, Path("bulk".to_owned())).await
+}
+
+/// `DELETE /api/v1/things/bulk`: the Thing named "bulk".
+#[utoipa::path(
+    delete,
+    path = "/things/bulk",
+    tag = "things",
+    summary = "Delete the Thing named bulk",
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No such Thing.", body = ErrorBody),
+        (status = 429, description = "Too many requests in flight for this Thing.", body = ErrorBody),
+        (status = 503, description = "The Thing or storage did not answer in time, or is unavailable.", body = ErrorBody)
+    )
+)]
+pub async fn delete_bulk(state: State<AppState>) -> Result<StatusCode, ApiError> {
+    delete(state, Path("bulk".to_owned())).await
+}
+
+#[utoipa::path(
+    get,
+    path = "/things/{name}/shadow",
+    tag = "shadows",
+    summary = "Get the shadow",
+    params(("name" = String, Path, description = "Thing name: 1..=128 of [a-zA-Z0-9:_-]", example = "sensor-1")),
+    responses(
+        (status = 200, description = "The shadow document", body = s::ShadowDocument),
+        (status = 404, description = "No such Thing, or it has no shadow.", body = ErrorBody),
+        (status = 429, description = "Too many requests in flight for this Thing.", body = ErrorBody),
+        (status = 503, description = "The Thing or storage did not answer in time, or is unavailable.", body = ErrorBody)
+    )
+)]
 pub async fn get_shadow(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -124,6 +226,21 @@ pub async fn get_shadow(
     Ok(Json(document.to_json(None)))
 }
 
+#[utoipa::path(
+    post,
+    path = "/things/{name}/shadow",
+    tag = "shadows",
+    summary = "Update the shadow (durable when answered)",
+    params(("name" = String, Path, description = "Thing name: 1..=128 of [a-zA-Z0-9:_-]", example = "sensor-1")),
+    request_body = s::ShadowUpdateRequest,
+    responses(
+        (status = 200, description = "Accepted: the sections updated, the new version", body = s::ShadowDocument),
+        (status = 404, description = "No such Thing.", body = ErrorBody),
+        (status = 409, description = "Version conflict.", body = ErrorBody),
+        (status = 429, description = "Too many requests in flight for this Thing.", body = ErrorBody),
+        (status = 503, description = "The Thing or storage did not answer in time, or is unavailable.", body = ErrorBody)
+    )
+)]
 pub async fn update_shadow(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -140,12 +257,26 @@ pub async fn update_shadow(
 }
 
 /// Optional body of a shadow deletion.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(rename_all = "camelCase")]
 pub struct DeleteShadowParams {
     client_token: Option<String>,
 }
 
+#[utoipa::path(
+    delete,
+    path = "/things/{name}/shadow",
+    tag = "shadows",
+    summary = "Delete the shadow (the version is kept)",
+    params(("name" = String, Path, description = "Thing name: 1..=128 of [a-zA-Z0-9:_-]", example = "sensor-1"), DeleteShadowParams),
+    responses(
+        (status = 200, description = "Deleted", body = s::ShadowDeleted),
+        (status = 404, description = "No such Thing, or it has no shadow.", body = ErrorBody),
+        (status = 429, description = "Too many requests in flight for this Thing.", body = ErrorBody),
+        (status = 503, description = "The Thing or storage did not answer in time, or is unavailable.", body = ErrorBody)
+    )
+)]
 pub async fn delete_shadow(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -159,13 +290,26 @@ pub async fn delete_shadow(
 }
 
 /// History paging.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HistoryParams {
     from_seq: Option<u64>,
     limit: Option<usize>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/things/{name}/history",
+    tag = "things",
+    summary = "Read the audit history, oldest first",
+    params(("name" = String, Path, description = "Thing name: 1..=128 of [a-zA-Z0-9:_-]", example = "sensor-1"), HistoryParams),
+    responses(
+        (status = 200, description = "A page of history", body = s::HistoryPage),
+        (status = 404, description = "The Thing has no history.", body = ErrorBody),
+        (status = 503, description = "Storage unavailable.", body = ErrorBody)
+    )
+)]
 pub async fn history(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -182,7 +326,8 @@ pub async fn history(
 }
 
 /// Events listing parameters (times in Unix ms).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct EventsParams {
     #[serde(rename = "type")]
@@ -194,6 +339,18 @@ pub struct EventsParams {
 }
 
 /// `GET /api/v1/things/{name}/events?type&since&until&limit&cursor`: newest first.
+#[utoipa::path(
+    get,
+    path = "/things/{name}/events",
+    tag = "events",
+    summary = "List device events, newest first",
+    params(("name" = String, Path, description = "Thing name: 1..=128 of [a-zA-Z0-9:_-]", example = "sensor-1"), EventsParams),
+    responses(
+        (status = 200, description = "A page of events", body = s::EventPage),
+        (status = 404, description = "No such Thing.", body = ErrorBody),
+        (status = 503, description = "Storage unavailable.", body = ErrorBody)
+    )
+)]
 pub async fn events(
     State(state): State<AppState>,
     Path(name): Path<String>,

@@ -10,6 +10,9 @@ use thinghub_actors::clock::{Clock, SystemClock};
 
 use super::error::ApiError;
 use super::extract::JsonBody;
+use super::openapi::ErrorBody;
+#[allow(unused_imports)]
+use super::schema as s;
 use super::AppState;
 use crate::users::UserError;
 
@@ -28,8 +31,9 @@ impl From<UserError> for ApiError {
 }
 
 /// Body of a user creation.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schema(example = json!({"username": "sensor-2", "password": "s3cret-pass", "thingName": "sensor-2"}))]
 pub struct CreateUser {
     username: String,
     password: String,
@@ -39,6 +43,18 @@ pub struct CreateUser {
     superuser: bool,
 }
 
+#[utoipa::path(
+    post,
+    path = "/authentication/users",
+    tag = "users",
+    summary = "Create an MQTT user",
+    request_body = CreateUser,
+    responses(
+        (status = 201, description = "Created", body = crate::users::UserView),
+        (status = 409, description = "The user exists already.", body = ErrorBody),
+        (status = 500, description = "The user store failed.", body = ErrorBody)
+    )
+)]
 pub async fn create(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<CreateUser>,
@@ -59,10 +75,32 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(view)).into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/authentication/users",
+    tag = "users",
+    summary = "List MQTT users",
+    responses(
+        (status = 200, description = "Users", body = s::UserList),
+        (status = 500, description = "The user store failed.", body = ErrorBody)
+    )
+)]
 pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     Ok(Json(json!({"items": state.users.list()?})))
 }
 
+#[utoipa::path(
+    get,
+    path = "/authentication/users/{username}",
+    tag = "users",
+    summary = "Get an MQTT user",
+    params(("username" = String, Path, description = "MQTT user name", example = "sensor-1")),
+    responses(
+        (status = 200, description = "The user", body = crate::users::UserView),
+        (status = 404, description = "No such user.", body = ErrorBody),
+        (status = 500, description = "The user store failed.", body = ErrorBody)
+    )
+)]
 pub async fn get(
     State(state): State<AppState>,
     Path(username): Path<String>,
@@ -71,12 +109,15 @@ pub async fn get(
 }
 
 /// Body of a user update: every field optional; `thingName: null` unbinds.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schema(example = json!({"password": "n3w-pass"}))]
 pub struct UpdateUser {
     #[serde(default)]
     password: Option<String>,
+    /// Absent: kept; null: unbound; a name: bound to that Thing.
     #[serde(default, with = "serde_with_double_option")]
+    #[schema(value_type = Option<String>)]
     thing_name: Option<Option<String>>,
     #[serde(default)]
     superuser: Option<bool>,
@@ -93,6 +134,19 @@ mod serde_with_double_option {
     }
 }
 
+#[utoipa::path(
+    put,
+    path = "/authentication/users/{username}",
+    tag = "users",
+    summary = "Change an MQTT user (its connections are re-authorized)",
+    params(("username" = String, Path, description = "MQTT user name", example = "sensor-1")),
+    request_body = UpdateUser,
+    responses(
+        (status = 200, description = "Changed", body = crate::users::UserView),
+        (status = 404, description = "No such user.", body = ErrorBody),
+        (status = 500, description = "The user store failed.", body = ErrorBody)
+    )
+)]
 pub async fn update(
     State(state): State<AppState>,
     Path(username): Path<String>,
@@ -113,6 +167,18 @@ pub async fn update(
     Ok(Json(json!(view)))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/authentication/users/{username}",
+    tag = "users",
+    summary = "Delete an MQTT user (its connections are closed)",
+    params(("username" = String, Path, description = "MQTT user name", example = "sensor-1")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No such user.", body = ErrorBody),
+        (status = 500, description = "The user store failed.", body = ErrorBody)
+    )
+)]
 pub async fn delete(
     State(state): State<AppState>,
     Path(username): Path<String>,

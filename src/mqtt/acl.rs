@@ -69,7 +69,7 @@ pub struct Identity {
 }
 
 /// allow or deny.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Permission {
     /// The action is allowed.
@@ -79,7 +79,7 @@ pub enum Permission {
 }
 
 /// Which actions a rule covers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum RuleAction {
     /// PUBLISH only.
@@ -91,8 +91,9 @@ pub enum RuleAction {
 }
 
 /// An operator rule, as stored and as the API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(example = json!({"username": "sensor-1", "permission": "allow", "action": "subscribe", "topic": "alerts/#"}))]
 pub struct AclRule {
     /// Identifier (creation-ordered).
     #[serde(default)]

@@ -356,19 +356,18 @@ struct Connection {
 }
 
 /// Where a live connection comes from (for the clients API).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectionInfo {
     /// Remote address.
     pub peer: String,
     /// `3.1.1` or `5.0`.
     pub protocol: &'static str,
     /// Unix ms of the CONNECT.
-    #[serde(rename = "connectedAt")]
     pub connected_at_ms: u64,
 }
 
 /// A session as the clients API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct ClientView {
     /// Client id.
     #[serde(rename = "clientId")]
@@ -381,9 +380,15 @@ pub struct ClientView {
     pub thing: Option<String>,
     /// Whether a connection is live.
     pub connected: bool,
-    /// The live connection's details.
-    #[serde(flatten, skip_serializing_if = "Option::is_none")]
-    pub connection: Option<ConnectionInfo>,
+    /// The live connection's remote address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    /// The live connection's protocol, `3.1.1` or `5.0`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<&'static str>,
+    /// Unix ms of the live connection's CONNECT.
+    #[serde(rename = "connectedAt", skip_serializing_if = "Option::is_none")]
+    pub connected_at_ms: Option<u64>,
     /// Whether the session outlives the connection.
     pub persistent: bool,
     /// How long the session is kept after its connection ends, seconds.
@@ -405,12 +410,15 @@ pub struct ClientView {
 fn view(client_id: &str, session: &Session) -> ClientView {
     let mut subscriptions: Vec<String> = session.subscriptions.keys().cloned().collect();
     subscriptions.sort();
+    let info = session.connection.as_ref().and_then(|c| c.info.as_ref());
     ClientView {
         client_id: client_id.to_owned(),
         username: session.identity.username.clone(),
         thing: session.identity.thing.clone(),
         connected: session.connection.is_some(),
-        connection: session.connection.as_ref().and_then(|c| c.info.clone()),
+        peer: info.map(|i| i.peer.clone()),
+        protocol: info.map(|i| i.protocol),
+        connected_at_ms: info.map(|i| i.connected_at_ms),
         persistent: session.persistent,
         expiry_interval_s: session.expiry.as_secs(),
         subscriptions,
@@ -633,7 +641,7 @@ pub enum ConnectRefusal {
 }
 
 /// A subscription as the management API lists it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SubscriptionView {
     /// The session.
@@ -651,7 +659,7 @@ pub struct SubscriptionView {
 }
 
 /// A topic as the management API lists it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TopicView {
     /// A topic name (retained) or a subscription filter.

@@ -64,6 +64,7 @@ pub const REASON_CODE_BYTES_MAX: usize = 64;
 pub const REASON_DESCRIPTION_BYTES_MAX: usize = 1024;
 
 /// Where an execution is.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum CommandStatus {
     /// Sent, awaiting the device.

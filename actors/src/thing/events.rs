@@ -29,6 +29,7 @@ impl Default for EventLimits {
 }
 
 /// How serious an event is.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Severity {
     /// Informational.

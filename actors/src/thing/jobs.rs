@@ -56,6 +56,7 @@ pub const STEP_TIMEOUT_MINUTES: std::ops::RangeInclusive<u64> = 1..=10_080;
 pub const NOTIFY_LISTED_MAX: usize = 15;
 
 /// Where a job execution is.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum JobExecutionStatus {
     /// Waiting for the device to start it.

@@ -530,6 +530,7 @@ pub struct Decision {
 }
 
 /// A Thing as the registry API shows it.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ThingDescription {
     /// Thing name.
