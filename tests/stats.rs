@@ -55,3 +55,86 @@ async fn stats_show_current_values_and_rates_of_the_counters() {
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_packets_bytes_qos_subscriptions_and_persistent_sessions() {
+    use common::mqtt::Client;
+    use rumqttc::QoS;
+    let (_dir, server) = start_with_backend("").await;
+    let metrics = || async {
+        let (status, body) = call(Method::GET, &server.url("/api/v1/metrics"), None).await;
+        assert_eq!(status, 200, "{body}");
+        body
+    };
+    let before = metrics().await;
+    assert_eq!(before["mqtt"]["subscriptions"], 0, "{before}");
+    assert_eq!(before["mqttPacketsReceived"]["publish"], 0, "{before}");
+
+    // Given a persistent backend client with a plain and a shared subscription...
+    let mut client = Client::connect(&server, "counted", Some(common::BACKEND), |o| {
+        o.set_clean_session(false);
+    })
+    .await
+    .expect("connect")
+    .0;
+    client.subscribe("plain/#", QoS::AtLeastOnce).await;
+    client.subscribe("$share/g/shared/#", QoS::AtMostOnce).await;
+    // ...when it publishes at QoS 1 to its own subscription...
+    client
+        .client
+        .publish("plain/x", QoS::AtLeastOnce, false, b"hello".to_vec())
+        .await
+        .expect("publish");
+    client.publish_on("plain/x").await;
+
+    // ...then the packets both ways, the bytes, the QoS and the subscriptions are counted.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let now = loop {
+        let now = metrics().await;
+        if now["mqttPacketsSent"]["puback"].as_u64() >= Some(1)
+            && now["mqttPublishSent"]["qos1"].as_u64() >= Some(1)
+        {
+            break now;
+        }
+        assert!(Instant::now() < deadline, "counted in time: {now}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let received = &now["mqttPacketsReceived"];
+    assert_eq!(received["connect"], 1, "{now}");
+    assert_eq!(received["subscribe"], 2, "{now}");
+    assert_eq!(received["publish"], 1, "{now}");
+    assert_eq!(now["mqttPacketsSent"]["connack"], 1, "{now}");
+    assert_eq!(now["mqttPacketsSent"]["suback"], 2, "{now}");
+    assert_eq!(now["mqttPublishReceived"]["qos1"], 1, "{now}");
+    assert_eq!(now["mqttPublishReceived"]["qos0"], 0, "{now}");
+    assert!(now["mqtt"]["bytesIn"].as_u64() > Some(20), "{now}");
+    assert!(now["mqtt"]["bytesOut"].as_u64() > Some(10), "{now}");
+    assert_eq!(now["mqtt"]["subscriptions"], 2, "{now}");
+    assert_eq!(now["mqtt"]["sharedSubscriptions"], 1, "{now}");
+    assert_eq!(now["mqtt"]["sessionsPersistent"], 1, "{now}");
+
+    // Prometheus: one family per name, a sample per label.
+    let text = reqwest::Client::new()
+        .get(server.url("/metrics"))
+        .basic_auth(common::ADMIN_KEY, Some(common::ADMIN_SECRET))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("text");
+    assert_eq!(
+        text.matches("# TYPE thinghub_mqtt_packets_received_total counter")
+            .count(),
+        1,
+        "{text}"
+    );
+    assert!(
+        text.contains("thinghub_mqtt_packets_received_total{type=\"publish\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("thinghub_mqtt_publish_received_total{qos=\"1\"} 1\n"),
+        "{text}"
+    );
+}

@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 #[allow(unused_imports)]
 use super::schema as s;
 use super::AppState;
+use crate::mqtt::codec::PACKET_TYPES;
 
 /// One metric: Prometheus name, type, help, value, and where it goes in the JSON.
 struct Metric {
@@ -23,6 +24,8 @@ struct Metric {
     value: f64,
     group: &'static str,
     key: &'static str,
+    /// A Prometheus label (`name{label="value"}`) for a family of metrics under one name.
+    label: Option<(&'static str, &'static str)>,
 }
 
 /// The process's resident set size, bytes (0 where /proc is not available).
@@ -63,7 +66,9 @@ fn collect(state: &AppState) -> Vec<Metric> {
     let timer = registry.deadline_stats();
     let commit = registry.context().store.commit_stats();
     let broker = &state.broker.stats;
-    let (sessions, connections) = state.broker.counts();
+    let counts = state.broker.counts();
+    let (sessions, connections) = (counts.sessions, counts.connected);
+    let traffic = &broker.traffic;
     let (retained, retained_bytes) = state.broker.retained_counts();
     let auth = &state.throttle.stats;
     let outbox = &registry.context().outbox;
@@ -76,8 +81,9 @@ fn collect(state: &AppState) -> Vec<Metric> {
         value,
         group,
         key,
+        label: None,
     };
-    vec![
+    let mut metrics = vec![
         m(
             "thinghub_process_resident_memory_bytes",
             "gauge",
@@ -475,7 +481,95 @@ fn collect(state: &AppState) -> Vec<Metric> {
             "deadlines",
             "inFlight",
         ),
-    ]
+    ];
+    metrics.extend([
+        m(
+            "thinghub_mqtt_sessions_persistent",
+            "gauge",
+            "MQTT sessions that outlive their connection (connected or not).",
+            counts.persistent as f64,
+            "mqtt",
+            "sessionsPersistent",
+        ),
+        m(
+            "thinghub_mqtt_subscriptions",
+            "gauge",
+            "Subscriptions of every MQTT session.",
+            counts.subscriptions as f64,
+            "mqtt",
+            "subscriptions",
+        ),
+        m(
+            "thinghub_mqtt_shared_subscriptions",
+            "gauge",
+            "Shared subscriptions ($share/{group}/...) of every MQTT session.",
+            counts.shared_subscriptions as f64,
+            "mqtt",
+            "sharedSubscriptions",
+        ),
+        m(
+            "thinghub_mqtt_received_bytes_total",
+            "counter",
+            "Bytes read from MQTT clients.",
+            load(&traffic.bytes_in),
+            "mqtt",
+            "bytesIn",
+        ),
+        m(
+            "thinghub_mqtt_sent_bytes_total",
+            "counter",
+            "Bytes written to MQTT clients.",
+            load(&traffic.bytes_out),
+            "mqtt",
+            "bytesOut",
+        ),
+    ]);
+    for (number, name) in PACKET_TYPES.iter().enumerate().skip(1) {
+        metrics.push(Metric {
+            name: "thinghub_mqtt_packets_received_total",
+            kind: "counter",
+            help: "MQTT control packets read, by type.",
+            value: load(&traffic.received[number]),
+            group: "mqttPacketsReceived",
+            key: name,
+            label: Some(("type", name)),
+        });
+    }
+    for (number, name) in PACKET_TYPES.iter().enumerate().skip(1) {
+        metrics.push(Metric {
+            name: "thinghub_mqtt_packets_sent_total",
+            kind: "counter",
+            help: "MQTT control packets written, by type.",
+            value: load(&traffic.sent[number]),
+            group: "mqttPacketsSent",
+            key: name,
+            label: Some(("type", name)),
+        });
+    }
+    for (qos, (key, label)) in [("qos0", "0"), ("qos1", "1"), ("qos2", "2")]
+        .into_iter()
+        .enumerate()
+    {
+        metrics.push(Metric {
+            name: "thinghub_mqtt_publish_received_total",
+            kind: "counter",
+            help: "PUBLISH packets read from clients, by QoS.",
+            value: load(&traffic.publish_in[qos]),
+            group: "mqttPublishReceived",
+            key,
+            label: Some(("qos", label)),
+        });
+        metrics.push(Metric {
+            name: "thinghub_mqtt_publish_sent_total",
+            kind: "counter",
+            help: "PUBLISH packets written to clients, by QoS.",
+            value: load(&traffic.publish_out[qos]),
+            group: "mqttPublishSent",
+            key,
+            label: Some(("qos", label)),
+        });
+    }
+    metrics
 }
 
 /// `GET /api/v1/metrics`: `{process, things, storage, mqtt, auth, effects, deadlines}`.
@@ -503,11 +597,25 @@ pub async fn json(State(state): State<AppState>) -> Json<Value> {
     )
 )]
 pub async fn prometheus(State(state): State<AppState>) -> impl IntoResponse {
+    let mut metrics = collect(&state);
+    // A family's samples together, under one HELP and TYPE.
+    metrics.sort_by_key(|metric| metric.name);
     let mut text = String::new();
-    for metric in collect(&state) {
-        let _ = writeln!(text, "# HELP {} {}", metric.name, metric.help);
-        let _ = writeln!(text, "# TYPE {} {}", metric.name, metric.kind);
-        let _ = writeln!(text, "{} {}", metric.name, metric.value);
+    let mut previous = "";
+    for metric in metrics {
+        if metric.name != previous {
+            let _ = writeln!(text, "# HELP {} {}", metric.name, metric.help);
+            let _ = writeln!(text, "# TYPE {} {}", metric.name, metric.kind);
+            previous = metric.name;
+        }
+        match metric.label {
+            Some((label, value)) => {
+                let _ = writeln!(text, "{}{{{label}=\"{value}\"}} {}", metric.name, metric.value);
+            }
+            None => {
+                let _ = writeln!(text, "{} {}", metric.name, metric.value);
+            }
+        }
     }
     (
         [(

@@ -19,10 +19,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rumqttd::protocol::PublishProperties;
+use rumqttd::protocol::{Packet, PublishProperties};
 use tokio::sync::{mpsc, Notify};
 
 use super::acl::Identity;
+use super::codec;
 use super::persist::{
     Changes, StoredMessage, StoredOptions, StoredProperties, StoredSession, TimeBase,
 };
@@ -525,6 +526,62 @@ pub struct BrokerStats {
     pub outbound_bytes: AtomicU64,
     /// Bytes of retained messages now (gauge).
     pub retained_bytes: AtomicU64,
+    /// Bytes and packets over the connections (each connection holds it).
+    pub traffic: Arc<TrafficStats>,
+}
+
+/// Sessions and subscriptions at one instant.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SessionCounts {
+    /// Sessions, connected or kept for an absent client.
+    pub sessions: usize,
+    /// Sessions with a live connection.
+    pub connected: usize,
+    /// Sessions that outlive their connection.
+    pub persistent: usize,
+    /// Subscriptions of every session.
+    pub subscriptions: usize,
+    /// Of those, shared subscriptions (`$share/{group}/...`).
+    pub shared_subscriptions: usize,
+}
+
+/// What crossed every MQTT connection: bytes, control packets by type, PUBLISH by QoS.
+#[derive(Debug, Default)]
+pub struct TrafficStats {
+    /// Bytes read from clients.
+    pub bytes_in: AtomicU64,
+    /// Bytes written to clients.
+    pub bytes_out: AtomicU64,
+    /// Packets read, by control packet type number (see `codec::PACKET_TYPES`).
+    pub received: [AtomicU64; 15],
+    /// Packets written, by control packet type number.
+    pub sent: [AtomicU64; 15],
+    /// PUBLISH packets read, by QoS.
+    pub publish_in: [AtomicU64; 3],
+    /// PUBLISH packets written, by QoS.
+    pub publish_out: [AtomicU64; 3],
+}
+
+impl TrafficStats {
+    /// Counts a packet read.
+    pub fn received(&self, packet: &Packet) {
+        self.received[codec::packet_type(packet)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a packet written.
+    pub fn sent(&self, packet: &Packet) {
+        self.sent[codec::packet_type(packet)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a PUBLISH read at `qos`.
+    pub fn publish_received(&self, qos: u8) {
+        self.publish_in[usize::from(qos.min(2))].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a PUBLISH written at `qos`.
+    pub fn publish_sent(&self, qos: u8) {
+        self.publish_out[usize::from(qos.min(2))].fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 struct State {
@@ -1707,15 +1764,25 @@ impl Broker {
         }
     }
 
-    /// Sessions (connected or not) and live connections.
-    pub fn counts(&self) -> (usize, usize) {
+    /// Sessions and subscriptions now (one pass over the sessions under the lock, as the
+    /// metrics are read).
+    pub fn counts(&self) -> SessionCounts {
         let state = self.lock();
-        let connected = state
-            .sessions
-            .values()
-            .filter(|s| s.connection.is_some())
-            .count();
-        (state.sessions.len(), connected)
+        let mut counts = SessionCounts {
+            sessions: state.sessions.len(),
+            subscriptions: state.trie.len(),
+            ..SessionCounts::default()
+        };
+        for session in state.sessions.values() {
+            counts.connected += usize::from(session.connection.is_some());
+            counts.persistent += usize::from(session.persistent);
+            counts.shared_subscriptions += session
+                .subscriptions
+                .values()
+                .filter(|(parsed, _)| parsed.share_group.is_some())
+                .count();
+        }
+        counts
     }
 
     fn remove_session(&self, state: &mut State, client_id: &str) -> Option<Session> {

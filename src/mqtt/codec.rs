@@ -307,6 +307,45 @@ pub fn raw_connack_v3(code: u8) -> [u8; 4] {
     [0x20, 0x02, 0x00, code]
 }
 
+/// MQTT control packet type names, by type number (index 0 unused; AUTH, 15, is not read).
+pub const PACKET_TYPES: [&str; 15] = [
+    "",
+    "connect",
+    "connack",
+    "publish",
+    "puback",
+    "pubrec",
+    "pubrel",
+    "pubcomp",
+    "subscribe",
+    "suback",
+    "unsubscribe",
+    "unsuback",
+    "pingreq",
+    "pingresp",
+    "disconnect",
+];
+
+/// The control packet type number of `packet` (1 CONNECT .. 14 DISCONNECT).
+pub fn packet_type(packet: &Packet) -> usize {
+    match packet {
+        Packet::Connect(..) => 1,
+        Packet::ConnAck(..) => 2,
+        Packet::Publish(..) => 3,
+        Packet::PubAck(..) => 4,
+        Packet::PubRec(..) => 5,
+        Packet::PubRel(..) => 6,
+        Packet::PubComp(..) => 7,
+        Packet::Subscribe(..) => 8,
+        Packet::SubAck(..) => 9,
+        Packet::Unsubscribe(..) => 10,
+        Packet::UnsubAck(..) => 11,
+        Packet::PingReq(..) => 12,
+        Packet::PingResp(..) => 13,
+        Packet::Disconnect(..) => 14,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -25,7 +25,7 @@ use super::acl::{Acl, Action, Identity};
 use super::bridge::Bridge;
 use super::broker::{
     Broker, CloseReason, ConnectRefusal, ConnectRequest, ConnectionInfo, Link, Message, Outbound,
-    PublishRefusal, SubOptions, Will,
+    PublishRefusal, SubOptions, TrafficStats, Will,
 };
 use super::codec::{self, CodecError, Refusal, Version};
 use super::topic;
@@ -101,6 +101,8 @@ struct Conn {
     /// A write was cut off part-way: the stream may end inside a packet, so nothing more
     /// (a v5 DISCONNECT) may be written to it.
     write_broken: bool,
+    /// Bytes and packets (metrics).
+    traffic: Arc<TrafficStats>,
 }
 
 impl Conn {
@@ -108,6 +110,7 @@ impl Conn {
     /// outbound messages produced meanwhile, in one syscall once the packets read so far are
     /// handled.
     fn queue(&mut self, packet: Packet) -> std::io::Result<()> {
+        self.traffic.sent(&packet);
         codec::write(self.version, packet, &mut self.write_buf)
             .map_err(|e| std::io::Error::other(e.to_string()))
     }
@@ -128,6 +131,9 @@ impl Conn {
             match self.writer.try_write(&self.write_buf) {
                 Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
+                    self.traffic
+                        .bytes_out
+                        .fetch_add(n as u64, Ordering::Relaxed);
                     self.write_broken = n < self.write_buf.len();
                     bytes::Buf::advance(&mut self.write_buf, n);
                 }
@@ -162,6 +168,7 @@ impl Conn {
             match self.reader.try_read(&mut chunk) {
                 Ok(0) => return Ok(false),
                 Ok(n) => {
+                    self.traffic.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
                     self.read_buf.extend_from_slice(&chunk[..n]);
                     return Ok(true);
                 }
@@ -197,6 +204,7 @@ pub async fn serve(
         pubacks_queued: 0,
         write_stall_max: ctx.config.write_stall_max,
         write_broken: false,
+        traffic: ctx.broker.stats.traffic.clone(),
     };
     let connect = match tokio::time::timeout(
         ctx.config.connect_timeout,
@@ -265,7 +273,10 @@ async fn read_connect(conn: &mut Conn, ctx: &MqttContext) -> std::io::Result<Opt
             &mut conn.read_buf,
             ctx.config.packet_bytes_max,
         ) {
-            Ok(packet @ Packet::Connect(..)) => return Ok(Some(packet)),
+            Ok(packet @ Packet::Connect(..)) => {
+                conn.traffic.received(&packet);
+                return Ok(Some(packet));
+            }
             Ok(_) => return Ok(None),
             Err(CodecError::Incomplete) => {
                 if !conn.fill().await? {
@@ -806,7 +817,10 @@ async fn session_loop(
                 &mut conn.read_buf,
                 ctx.config.packet_bytes_max,
             ) {
-                Ok(packet) => packet,
+                Ok(packet) => {
+                    conn.traffic.received(&packet);
+                    packet
+                }
                 Err(CodecError::Incomplete) => break,
                 Err(e) => {
                     tracing::info!(peer = %conn.peer, client_id = %session.identity.client_id, error = %e, "protocol error; closing");
@@ -983,11 +997,10 @@ fn encode_outbound(conn: &mut Conn, outbound: Outbound) -> Result<(), CodecError
                 publish.dup,
             );
             let before = conn.write_buf.len();
-            codec::write(
-                conn.version,
-                Packet::Publish(packet, properties),
-                &mut conn.write_buf,
-            )?;
+            let packet = Packet::Publish(packet, properties);
+            conn.traffic.sent(&packet);
+            conn.traffic.publish_sent(publish.qos);
+            codec::write(conn.version, packet, &mut conn.write_buf)?;
             if conn
                 .client_packet_bytes_max
                 .is_some_and(|max| conn.write_buf.len() - before > max)
@@ -1002,17 +1015,17 @@ fn encode_outbound(conn: &mut Conn, outbound: Outbound) -> Result<(), CodecError
             }
             Ok(())
         }
-        Outbound::PubRel(pkid) => codec::write(
-            conn.version,
-            Packet::PubRel(
+        Outbound::PubRel(pkid) => {
+            let packet = Packet::PubRel(
                 PubRel {
                     pkid,
                     reason: PubRelReason::Success,
                 },
                 None,
-            ),
-            &mut conn.write_buf,
-        ),
+            );
+            conn.traffic.sent(&packet);
+            codec::write(conn.version, packet, &mut conn.write_buf)
+        }
     }
 }
 
@@ -1274,6 +1287,7 @@ async fn handle_publish(
     let client_id = session.identity.client_id.clone();
     ctx.broker.stats.messages_in.fetch_add(1, Ordering::Relaxed);
     let (qos, pkid, _dup) = codec::publish_header(&publish);
+    conn.traffic.publish_received(qos);
     // Receive maximum (v5): QoS 1 counts until its PUBACK is written, QoS 2 until PUBREL.
     let receive_max = usize::from(ctx.config.inbound_inflight_max);
     if v5 && qos == 1 && usize::from(conn.pubacks_queued) + session.qos2_pending >= receive_max {
