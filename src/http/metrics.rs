@@ -610,7 +610,11 @@ pub async fn prometheus(State(state): State<AppState>) -> impl IntoResponse {
         }
         match metric.label {
             Some((label, value)) => {
-                let _ = writeln!(text, "{}{{{label}=\"{value}\"}} {}", metric.name, metric.value);
+                let _ = writeln!(
+                    text,
+                    "{}{{{label}=\"{value}\"}} {}",
+                    metric.name, metric.value
+                );
             }
             None => {
                 let _ = writeln!(text, "{} {}", metric.name, metric.value);

@@ -561,36 +561,23 @@ pub struct JobPage {
     pub next_cursor: Option<String>,
 }
 
-/// Where a job is on one target; NOT_QUEUED while the rollout has not reached it.
+/// Where a job is on one target: its execution's status, or NOT_QUEUED while the rollout has
+/// not reached it.
 #[derive(Serialize, ToSchema)]
+#[serde(untagged)]
 pub enum TargetStatus {
+    /// Notified: its execution's status.
+    Execution(JobExecutionStatus),
     /// Not notified yet.
+    NotQueued(NotQueued),
+}
+
+/// Not notified yet.
+#[derive(Serialize, ToSchema)]
+pub enum NotQueued {
+    /// The rollout has not reached the target.
     #[serde(rename = "NOT_QUEUED")]
     NotQueued,
-    /// Queued.
-    #[serde(rename = "QUEUED")]
-    Queued,
-    /// In progress.
-    #[serde(rename = "IN_PROGRESS")]
-    InProgress,
-    /// Succeeded.
-    #[serde(rename = "SUCCEEDED")]
-    Succeeded,
-    /// Failed.
-    #[serde(rename = "FAILED")]
-    Failed,
-    /// Rejected.
-    #[serde(rename = "REJECTED")]
-    Rejected,
-    /// Timed out.
-    #[serde(rename = "TIMED_OUT")]
-    TimedOut,
-    /// Canceled.
-    #[serde(rename = "CANCELED")]
-    Canceled,
-    /// Removed.
-    #[serde(rename = "REMOVED")]
-    Removed,
 }
 
 /// One target of a job.
