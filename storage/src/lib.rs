@@ -26,6 +26,7 @@ pub mod records;
 pub mod snapshot;
 
 mod commit;
+mod count;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -160,8 +161,16 @@ struct Inner {
     sessions: sled::Tree,
     retained: sled::Tree,
     feed_clock: Arc<feed::FeedClock>,
+    /// Registered Things (see [`count`]).
+    thing_count: Arc<count::ThingCount>,
     committer: commit::GroupCommit,
     data_dir: PathBuf,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.thing_count.stop();
+    }
 }
 
 impl Store {
@@ -206,8 +215,12 @@ impl Store {
             config.commit_batch_appends_max,
             feed_clock.clone(),
         )?;
+        let things = db.open_tree("things")?;
+        let thing_count = count::ThingCount::start(things.clone())
+            .map_err(|e| StorageError::Db(format!("cannot start counting the Things: {e}")))?;
         Ok(Store {
             inner: Arc::new(Inner {
+                thing_count,
                 feed,
                 cursors,
                 sessions: db.open_tree("sessions")?,
@@ -215,7 +228,7 @@ impl Store {
                 feed_clock,
                 events: db.open_tree("events")?,
                 snapshots: db.open_tree("snapshots")?,
-                things: db.open_tree("things")?,
+                things,
                 client_ids: db.open_tree("client_ids")?,
                 deadlines: db.open_tree("deadlines")?,
                 kv: db.open_tree("kv")?,
@@ -224,6 +237,12 @@ impl Store {
                 data_dir: config.data_dir.clone(),
             }),
         })
+    }
+
+    /// Registered Things now, once counted after open (`None` meanwhile: about 0.3 s per
+    /// million Things).
+    pub fn registered_things(&self) -> Option<u64> {
+        self.inner.thing_count.get()
     }
 
     /// The data directory this store lives in.

@@ -142,12 +142,19 @@ impl Store {
     fn apply_index_op(&self, thing: &str, prefix: &[u8], op: &IndexOp) -> Result<(), StorageError> {
         match op {
             IndexOp::PutThing(record) => {
-                self.inner
-                    .things
-                    .insert(thing.as_bytes(), record.as_slice())?;
+                self.inner.thing_count.change(thing.as_bytes(), 1, || {
+                    let previous = self
+                        .inner
+                        .things
+                        .insert(thing.as_bytes(), record.as_slice())?;
+                    Ok::<_, StorageError>(previous.is_none())
+                })?;
             }
             IndexOp::RemoveThing => {
-                self.inner.things.remove(thing.as_bytes())?;
+                self.inner.thing_count.change(thing.as_bytes(), -1, || {
+                    let removed = self.inner.things.remove(thing.as_bytes())?;
+                    Ok::<_, StorageError>(removed.is_some())
+                })?;
             }
             IndexOp::PutDeadline { at_ms } => {
                 self.inner
