@@ -152,6 +152,7 @@ pub async fn serve(
         snapshot_every_events: config.snapshot_every_events,
         deadlines: DeadlineWake::new(),
         outbox: outbox.clone(),
+        counters: Default::default(),
     });
     // The node delivers what the change feed still owes (a crash between a commit and its
     // publication) before it returns, so before any client can connect.

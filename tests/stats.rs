@@ -138,3 +138,121 @@ async fn metrics_count_packets_bytes_qos_subscriptions_and_persistent_sessions()
         "{text}"
     );
 }
+
+/// Polls `/api/v1/metrics` (bounded) until `ready` holds; returns that body.
+async fn metrics_when(
+    server: &common::Server,
+    ready: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = call(Method::GET, &server.url("/api/v1/metrics"), None).await;
+        assert_eq!(status, 200, "{body}");
+        if ready(&body) {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "metrics never got there: {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_things_online_shadow_updates_events_and_commands_by_outcome() {
+    use common::device::Device;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = common::Server::start(dir.path(), &[]);
+    for name in ["lamp", "fan"] {
+        common::register_device(&server, name, "pw").await;
+    }
+    let (mut lamp, _) = Device::connect(&server, "lamp", ("lamp", "pw"), true).await;
+    lamp.subscribe("$emqx/commands/things/lamp/executions/+/request")
+        .await;
+    let shadow = |body: serde_json::Value| {
+        let server = &server;
+        async move {
+            call(
+                Method::POST,
+                &server.url("/api/v1/things/lamp/shadow"),
+                Some(body),
+            )
+            .await
+            .0
+        }
+    };
+    assert_eq!(
+        shadow(json!({"state": {"desired": {"on": true}}})).await,
+        200
+    );
+    assert_eq!(
+        shadow(json!({"state": {"desired": {"on": false}}, "version": 7})).await,
+        409
+    );
+    let (status, _) = call(
+        Method::POST,
+        &server.url("/api/v1/thing-datas/events"),
+        Some(json!({"thingName": "lamp", "eventType": "boot", "severity": "info"})),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let send = || async {
+        let (status, body) = call(
+            Method::POST,
+            &server.url("/api/v1/things/lamp/commands"),
+            Some(json!({"action": "blink", "ttl": 60})),
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+        body["executionId"].as_str().expect("id").to_owned()
+    };
+    let answered = send().await;
+    let (topic, _) = lamp.next().await;
+    assert!(topic.contains(&answered), "{topic}");
+    lamp.publish(
+        &format!("$emqx/commands/things/lamp/executions/{answered}/response"),
+        json!({"status": "SUCCEEDED"}).to_string(),
+    )
+    .await;
+    let canceled = send().await;
+    let (status, _) = call(
+        Method::POST,
+        &server.url(&format!("/api/v1/things/lamp/commands/{canceled}/cancel")),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, _) = call(
+        Method::POST,
+        &server.url("/api/v1/things/nobody/commands"),
+        Some(json!({"action": "blink"})),
+    )
+    .await;
+    assert_eq!(status, 404);
+
+    let now = metrics_when(&server, |m| {
+        m["commands"]["succeeded"] == 1 && m["things"]["registered"] == 2
+    })
+    .await;
+    let things = &now["things"];
+    assert_eq!(things["registeredTotal"], 2, "{now}");
+    assert_eq!(things["online"], 1, "{now}");
+    assert_eq!(things["connectionsTotal"], 1, "{now}");
+    assert_eq!(things["shadowUpdates"], 1, "{now}");
+    assert_eq!(things["shadowRefused"], 1, "{now}");
+    assert_eq!(things["eventsIngested"], 1, "{now}");
+    let commands = &now["commands"];
+    assert_eq!(commands["sent"], 2, "{now}");
+    assert_eq!(commands["canceled"], 1, "{now}");
+    assert_eq!(commands["failed"], 0, "{now}");
+    // (The unknown Thing is refused by the registry before any Thing decides.)
+
+    // A deletion lowers the gauge; after a restart the gauge is counted again from the index.
+    let (status, _) = call(Method::DELETE, &server.url("/api/v1/things/fan"), None).await;
+    assert_eq!(status, 204);
+    metrics_when(&server, |m| m["things"]["registered"] == 1).await;
+    drop(lamp);
+    drop(server);
+    let server = common::Server::start(dir.path(), &[]);
+    let after = metrics_when(&server, |m| m["things"]["registered"].is_u64()).await;
+    assert_eq!(after["things"]["registered"], 1, "{after}");
+    assert_eq!(after["things"]["registeredTotal"], 0, "{after}");
+}

@@ -25,6 +25,91 @@ pub struct ThingContext {
     pub deadlines: Arc<DeadlineWake>,
     /// Where the effects of committed changes go (see [`crate::outbox`]).
     pub outbox: Arc<Outbox>,
+    /// What Things did since start (metrics).
+    pub counters: Arc<ThingCounters>,
+}
+
+/// What the Things did since start: their durable events by kind and outcome, and the
+/// requests they refused. Counted by the actor after the append, so a refused or failed write
+/// is never counted as done.
+#[derive(Debug, Default)]
+pub struct ThingCounters {
+    /// Things registered.
+    pub registered: AtomicU64,
+    /// Things deleted.
+    pub deleted: AtomicU64,
+    /// Device connections recorded.
+    pub connected: AtomicU64,
+    /// Device disconnections recorded.
+    pub disconnected: AtomicU64,
+    /// Shadow updates accepted.
+    pub shadow_updates: AtomicU64,
+    /// Shadows deleted.
+    pub shadow_deletes: AtomicU64,
+    /// Shadow updates and deletions refused (version conflict, invalid, too large, unknown).
+    pub shadow_refused: AtomicU64,
+    /// Device events stored.
+    pub events_ingested: AtomicU64,
+    /// Device events refused by a Thing (unknown Thing; invalid ones are refused before).
+    pub events_refused: AtomicU64,
+    /// Commands sent.
+    pub commands_sent: AtomicU64,
+    /// Commands refused when sent (unknown Thing, too many pending).
+    pub commands_refused: AtomicU64,
+    /// Commands the device reported in progress.
+    pub commands_in_progress: AtomicU64,
+    /// Commands that succeeded.
+    pub commands_succeeded: AtomicU64,
+    /// Commands that failed.
+    pub commands_failed: AtomicU64,
+    /// Commands the device rejected.
+    pub commands_rejected: AtomicU64,
+    /// Commands whose time to live ran out.
+    pub commands_timed_out: AtomicU64,
+    /// Commands canceled by an operator.
+    pub commands_canceled: AtomicU64,
+}
+
+impl ThingCounters {
+    /// Counts an event made durable.
+    pub(crate) fn durable(&self, event: &crate::thing::ThingEvent) {
+        use crate::thing::{CommandEvent, CommandStatus, ThingEvent};
+        let counter = match event {
+            ThingEvent::Registered(_) => &self.registered,
+            ThingEvent::Deleted(_) => &self.deleted,
+            ThingEvent::Connected(_) => &self.connected,
+            ThingEvent::Disconnected(_) => &self.disconnected,
+            ThingEvent::ShadowUpdated(_) => &self.shadow_updates,
+            ThingEvent::ShadowDeleted(_) => &self.shadow_deletes,
+            ThingEvent::EventIngested(_) => &self.events_ingested,
+            ThingEvent::Command(CommandEvent::Sent(_)) => &self.commands_sent,
+            ThingEvent::Command(CommandEvent::Responded(responded)) => match responded.status {
+                CommandStatus::InProgress => &self.commands_in_progress,
+                CommandStatus::Succeeded => &self.commands_succeeded,
+                CommandStatus::Failed => &self.commands_failed,
+                CommandStatus::Rejected => &self.commands_rejected,
+                _ => return,
+            },
+            ThingEvent::Command(CommandEvent::TimedOut(_)) => &self.commands_timed_out,
+            ThingEvent::Command(CommandEvent::Canceled(_)) => &self.commands_canceled,
+            ThingEvent::Command(CommandEvent::ResponseRefused(_)) | ThingEvent::Job(_) => return,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a request a Thing refused.
+    pub(crate) fn refused(&self, command: &crate::thing::ThingCommand) {
+        use crate::thing::ThingCommand;
+        let counter = match command {
+            ThingCommand::UpdateShadow { .. } | ThingCommand::DeleteShadow { .. } => {
+                &self.shadow_refused
+            }
+            ThingCommand::IngestEvent(_) => &self.events_refused,
+            ThingCommand::SendCommand(_) => &self.commands_refused,
+            _ => return,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// How actors tell the timer that a deadline was added (shared through the Thing context).

@@ -24,6 +24,7 @@ async fn start(store: &Store, clock: Arc<ManualClock>) -> Node {
         snapshot_every_events: 500,
         deadlines: DeadlineWake::new(),
         outbox: thinghub_actors::outbox::Outbox::without_frontend(store).expect("outbox"),
+        counters: Default::default(),
     });
     let config = NodeConfig {
         deadlines: DeadlineConfig {

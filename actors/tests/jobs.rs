@@ -67,6 +67,7 @@ async fn start(store: &Store, clock: Arc<ManualClock>, sink: Arc<Notifications>)
         snapshot_every_events: 3,
         deadlines: DeadlineWake::new(),
         outbox: Arc::new(Outbox::new(store, sink).expect("outbox")),
+        counters: Default::default(),
     });
     let config = NodeConfig {
         deadlines: DeadlineConfig {

@@ -61,6 +61,7 @@ async fn start(store: &Store, sink: Arc<dyn EffectSink>) -> (Things, Arc<Outbox>
         limits: Limits::default(),
         deadlines: thinghub_actors::context::DeadlineWake::new(),
         outbox: outbox.clone(),
+        counters: Default::default(),
         snapshot_every_events: 3,
     });
     let registry = Registry::start(context, RegistryConfig::default())

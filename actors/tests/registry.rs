@@ -22,6 +22,7 @@ async fn start(store: &Store, config: RegistryConfig, snapshot_every_events: u64
         limits: Limits::default(),
         deadlines: thinghub_actors::context::DeadlineWake::new(),
         outbox: thinghub_actors::outbox::Outbox::without_frontend(store).expect("outbox"),
+        counters: Default::default(),
         snapshot_every_events,
     });
     Node::start(

@@ -638,6 +638,7 @@ async fn start_node(store: &Store, shards: usize) -> Result<thinghub_actors::Nod
         deadlines: thinghub_actors::context::DeadlineWake::new(),
         outbox: thinghub_actors::outbox::Outbox::without_frontend(store)
             .map_err(|e| anyhow::anyhow!("outbox: {e}"))?,
+        counters: Default::default(),
         snapshot_every_events: 500,
     });
     thinghub_actors::Node::start(

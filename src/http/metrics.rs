@@ -524,6 +524,117 @@ fn collect(state: &AppState) -> Vec<Metric> {
             "bytesOut",
         ),
     ]);
+    let counters = &registry.context().counters;
+    if let Some(registered) = registry.context().store.registered_things() {
+        metrics.push(m(
+            "thinghub_things_registered",
+            "gauge",
+            "Things registered now (counted after start, then kept; absent until counted).",
+            registered as f64,
+            "things",
+            "registered",
+        ));
+    }
+    metrics.push(m(
+        "thinghub_things_online",
+        "gauge",
+        "Things with a live MQTT connection.",
+        counts.things_online as f64,
+        "things",
+        "online",
+    ));
+    metrics.push(m(
+        "thinghub_things_registered_total",
+        "counter",
+        "Things registered since start.",
+        load(&counters.registered),
+        "things",
+        "registeredTotal",
+    ));
+    metrics.push(m(
+        "thinghub_things_deleted_total",
+        "counter",
+        "Things deleted since start.",
+        load(&counters.deleted),
+        "things",
+        "deletedTotal",
+    ));
+    metrics.push(m(
+        "thinghub_thing_connections_total",
+        "counter",
+        "Device connections recorded by Things.",
+        load(&counters.connected),
+        "things",
+        "connectionsTotal",
+    ));
+    metrics.push(m(
+        "thinghub_thing_disconnections_total",
+        "counter",
+        "Device disconnections recorded by Things.",
+        load(&counters.disconnected),
+        "things",
+        "disconnectionsTotal",
+    ));
+    metrics.push(m(
+        "thinghub_shadow_updates_total",
+        "counter",
+        "Shadow updates accepted (durable).",
+        load(&counters.shadow_updates),
+        "things",
+        "shadowUpdates",
+    ));
+    metrics.push(m(
+        "thinghub_shadow_deletes_total",
+        "counter",
+        "Shadows deleted (durable).",
+        load(&counters.shadow_deletes),
+        "things",
+        "shadowDeletes",
+    ));
+    metrics.push(m(
+        "thinghub_shadow_refused_total",
+        "counter",
+        "Shadow updates and deletions a Thing refused.",
+        load(&counters.shadow_refused),
+        "things",
+        "shadowRefused",
+    ));
+    metrics.push(m(
+        "thinghub_events_ingested_total",
+        "counter",
+        "Device events stored (durable).",
+        load(&counters.events_ingested),
+        "things",
+        "eventsIngested",
+    ));
+    metrics.push(m(
+        "thinghub_events_refused_total",
+        "counter",
+        "Device events a Thing refused.",
+        load(&counters.events_refused),
+        "things",
+        "eventsRefused",
+    ));
+    for (counter, key, label) in [
+        (&counters.commands_sent, "sent", "sent"),
+        (&counters.commands_refused, "refused", "refused"),
+        (&counters.commands_in_progress, "inProgress", "in_progress"),
+        (&counters.commands_succeeded, "succeeded", "succeeded"),
+        (&counters.commands_failed, "failed", "failed"),
+        (&counters.commands_rejected, "rejected", "rejected"),
+        (&counters.commands_timed_out, "timedOut", "timed_out"),
+        (&counters.commands_canceled, "canceled", "canceled"),
+    ] {
+        metrics.push(Metric {
+            name: "thinghub_commands_total",
+            kind: "counter",
+            help: "Commands by what happened to them: sent, refused when sent, then in progress and their outcome.",
+            value: load(counter),
+            group: "commands",
+            key,
+            label: Some(("outcome", label)),
+        });
+    }
     for (number, name) in PACKET_TYPES.iter().enumerate().skip(1) {
         metrics.push(Metric {
             name: "thinghub_mqtt_packets_received_total",

@@ -543,6 +543,8 @@ pub struct SessionCounts {
     pub subscriptions: usize,
     /// Of those, shared subscriptions (`$share/{group}/...`).
     pub shared_subscriptions: usize,
+    /// Live connections acting as a Thing (its devices online).
+    pub things_online: usize,
 }
 
 /// What crossed every MQTT connection: bytes, control packets by type, PUBLISH by QoS.
@@ -1774,7 +1776,9 @@ impl Broker {
             ..SessionCounts::default()
         };
         for session in state.sessions.values() {
-            counts.connected += usize::from(session.connection.is_some());
+            let connected = session.connection.is_some();
+            counts.connected += usize::from(connected);
+            counts.things_online += usize::from(connected && session.identity.thing.is_some());
             counts.persistent += usize::from(session.persistent);
             counts.shared_subscriptions += session
                 .subscriptions
