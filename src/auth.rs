@@ -102,6 +102,7 @@ pub fn route_allowed(role: Role, method: &str, path: &str) -> Result<(), String>
         "/api/v1/api-keys",
         "/api/v1/authentication/",
         "/api/v1/authorization/",
+        "/api/v1/webhooks",
     ];
     let is_admin_only = admin_only
         .iter()
@@ -110,7 +111,7 @@ pub fn route_allowed(role: Role, method: &str, path: &str) -> Result<(), String>
     match role {
         Role::Admin => Ok(()),
         Role::Operator | Role::Viewer if is_admin_only => Err(format!(
-            "this API key's role ({}) may not manage API keys, MQTT users or authorization rules",
+            "this API key's role ({}) may not manage API keys, MQTT users, authorization rules or webhooks",
             role.as_str()
         )),
         Role::Operator => Ok(()),

@@ -170,6 +170,19 @@ pub struct Config {
     /// alike), so one client cannot grow the broker's memory without bound; one more is
     /// refused (3.1.1: 0x80, v5: quota exceeded, HTTP: 409).
     pub mqtt_session_subscriptions_max: usize,
+    /// Longest one webhook delivery request may take, milliseconds.
+    pub webhook_request_timeout_ms: u64,
+    /// First delay before a failed webhook delivery is retried, milliseconds (doubles per
+    /// failure, with jitter).
+    pub webhook_retry_base_ms: u64,
+    /// Longest delay between webhook delivery retries, milliseconds.
+    pub webhook_retry_max_ms: u64,
+    /// Most records in one webhook POST (a webhook's batchMax is at most this).
+    pub webhook_batch_max: usize,
+    /// Failed batches kept per webhook; the oldest is dropped past it.
+    pub webhook_dead_letters_max: usize,
+    /// Webhooks in all.
+    pub webhooks_max: usize,
     /// Failed authentications per source address or username before backoff starts.
     pub auth_failures_free: u32,
     /// The first backoff after the free failures, milliseconds (it doubles per failure).
@@ -261,6 +274,12 @@ impl Default for Config {
             mqtt_outbound_bytes_max: 8 * 1024 * 1024,
             mqtt_user_sessions_max: 1000,
             mqtt_session_subscriptions_max: 1000,
+            webhook_request_timeout_ms: 10_000,
+            webhook_retry_base_ms: 500,
+            webhook_retry_max_ms: 60_000,
+            webhook_batch_max: 100,
+            webhook_dead_letters_max: 1000,
+            webhooks_max: 100,
             auth_failures_free: 5,
             auth_backoff_base_ms: 200,
             auth_backoff_max_ms: 30_000,
@@ -498,6 +517,18 @@ impl Config {
                 "mqtt_session_subscriptions_max",
                 self.mqtt_session_subscriptions_max as u64,
             ),
+            (
+                "webhook_request_timeout_ms",
+                self.webhook_request_timeout_ms,
+            ),
+            ("webhook_retry_base_ms", self.webhook_retry_base_ms),
+            ("webhook_retry_max_ms", self.webhook_retry_max_ms),
+            ("webhook_batch_max", self.webhook_batch_max as u64),
+            (
+                "webhook_dead_letters_max",
+                self.webhook_dead_letters_max as u64,
+            ),
+            ("webhooks_max", self.webhooks_max as u64),
             ("auth_backoff_base_ms", self.auth_backoff_base_ms),
             ("auth_backoff_max_ms", self.auth_backoff_max_ms),
             (

@@ -22,3 +22,4 @@ pub mod mqtt;
 pub mod server;
 pub mod throttle;
 pub mod users;
+pub mod webhooks;

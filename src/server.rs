@@ -201,6 +201,27 @@ pub async fn serve(
         let jobs = jobs.clone();
         move |stop| jobs.run_counter(stop)
     });
+    let webhooks = crate::webhooks::Webhooks::new(
+        store.clone(),
+        crate::webhooks::WebhookLimits {
+            request_timeout: Duration::from_millis(config.webhook_request_timeout_ms),
+            retry_base: Duration::from_millis(config.webhook_retry_base_ms),
+            retry_max: Duration::from_millis(config.webhook_retry_max_ms),
+            batch_max: config.webhook_batch_max,
+            dead_letters_max: config.webhook_dead_letters_max,
+            webhooks_max: config.webhooks_max,
+            feed_batch_max: config.webhook_batch_max,
+        },
+    )
+    .map_err(|e| ServeError::Actors(format!("webhook client: {e}")))?;
+    webhooks.start()?;
+    node.spawn("webhooks", {
+        let webhooks = webhooks.clone();
+        move |mut stop| async move {
+            let _ = stop.wait_for(|s| *s).await;
+            webhooks.stop_all();
+        }
+    });
     let throttle = Arc::new(AuthThrottle::new(ThrottleConfig {
         failures_free: config.auth_failures_free,
         backoff_base: Duration::from_millis(config.auth_backoff_base_ms),
@@ -218,6 +239,7 @@ pub async fn serve(
         things: things.clone(),
         jobs,
         groups,
+        webhooks: webhooks.clone(),
         device_stats: bridge.stats.clone(),
         outbox: outbox.clone(),
         persistence: persistence.clone(),

@@ -18,6 +18,7 @@ pub mod deadlines;
 #[cfg(feature = "test-util")]
 pub mod fault;
 pub mod groups;
+pub mod integration;
 pub mod job_manager;
 pub mod node;
 pub mod outbox;

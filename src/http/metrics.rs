@@ -524,6 +524,29 @@ fn collect(state: &AppState) -> Vec<Metric> {
             "bytesOut",
         ),
     ]);
+    let webhooks = &state.webhooks.totals;
+    for (name, help, counter, key) in [
+        (
+            "thinghub_webhook_records_delivered_total",
+            "Records webhooks delivered (2xx).",
+            &webhooks.delivered,
+            "delivered",
+        ),
+        (
+            "thinghub_webhook_retries_total",
+            "Webhook requests retried (connection error, timeout, 408, 429, 5xx).",
+            &webhooks.retried,
+            "retried",
+        ),
+        (
+            "thinghub_webhook_records_failed_total",
+            "Records dead-lettered (a 4xx other than 408 and 429).",
+            &webhooks.failed,
+            "failed",
+        ),
+    ] {
+        metrics.push(m(name, "counter", help, load(counter), "webhooks", key));
+    }
     let counters = &registry.context().counters;
     if let Some(registered) = registry.context().store.registered_things() {
         metrics.push(m(

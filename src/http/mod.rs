@@ -23,6 +23,7 @@ mod schema;
 pub mod stats;
 mod things;
 mod users;
+mod webhooks;
 
 use std::sync::Arc;
 
@@ -77,6 +78,8 @@ pub struct AppState {
     pub jobs: thinghub_actors::job_manager::JobManager,
     /// Thing groups.
     pub groups: thinghub_actors::groups::Groups,
+    /// Webhooks.
+    pub webhooks: Arc<crate::webhooks::Webhooks>,
     /// Device requests refused over MQTT (metrics).
     pub device_stats: Arc<DeviceStats>,
     /// The outbox (metrics: effects delivered and recovered, the cursor).
@@ -155,6 +158,10 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(clients::unsubscribe_bulk))
         .routes(routes!(publish::publish))
         .routes(routes!(publish::bulk))
+        .routes(routes!(webhooks::create, webhooks::list))
+        .routes(routes!(webhooks::get, webhooks::update, webhooks::delete))
+        .routes(routes!(webhooks::dead_letters))
+        .routes(routes!(webhooks::replay))
         .routes(routes!(api_keys::create, api_keys::list))
         .routes(routes!(api_keys::get, api_keys::delete))
         .routes(routes!(authorization::create, authorization::list))

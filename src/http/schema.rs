@@ -1090,3 +1090,161 @@ pub struct Stats {
     /// Rates.
     pub rates: StatsRates,
 }
+
+/// A webhook to create, or the fields to change.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(example = json!({"url": "http://127.0.0.1:9000/hook", "kinds": ["shadow.updated", "thing.connected"], "secret": "s3cret", "batchMax": 50}))]
+pub struct WebhookRequest {
+    /// http or https URL (required when creating).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Record kinds to deliver (null: every kind): thing.registered, thing.deleted,
+    /// thing.connected, thing.disconnected, shadow.updated, shadow.deleted, event.ingested,
+    /// command.sent, command.answered, command.timed_out, command.canceled,
+    /// command.response_refused, job.execution.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kinds: Option<Vec<String>>,
+    /// Things to deliver (null: every Thing).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub thing_names: Option<Vec<String>>,
+    /// Extra request headers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub headers: Option<BTreeMap<String, String>>,
+    /// HMAC-SHA256 key: each POST carries `X-Thinghub-Signature: sha256=<hex of the body's MAC>`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    /// Records per POST, 1..=webhook_batch_max.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_max: Option<u64>,
+    /// Whether it delivers (default true).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+}
+
+/// A webhook's delivery since the server started (counters reset with the process).
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookStatus {
+    /// Whether its delivery task runs (enabled).
+    pub running: bool,
+    /// The last change feed position handled.
+    pub cursor: u64,
+    /// Feed entries committed after the cursor.
+    pub lag_entries: u64,
+    /// Dead letters held.
+    pub dead_letters: u64,
+    /// Age of the oldest record not delivered yet, seconds (running only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lag_seconds: Option<f64>,
+    /// Records delivered (running only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delivered: Option<u64>,
+    /// Requests retried (running only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retried: Option<u64>,
+    /// Records dead-lettered (running only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed: Option<u64>,
+    /// The last failure.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<LastError>,
+}
+
+/// A delivery failure.
+#[derive(Serialize, ToSchema)]
+pub struct LastError {
+    /// Unix ms.
+    pub at: u64,
+    /// What the receiver or the network said.
+    pub message: String,
+}
+
+/// A webhook (its secret is never shown).
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookView {
+    /// `w-` and 16 hex digits.
+    pub id: String,
+    /// Where batches go.
+    pub url: String,
+    /// Kinds delivered (null: all).
+    pub kinds: Option<Vec<String>>,
+    /// Things delivered (null: all).
+    pub thing_names: Option<Vec<String>>,
+    /// Extra headers.
+    pub headers: BTreeMap<String, String>,
+    /// Whether requests are signed.
+    pub has_secret: bool,
+    /// Records per POST.
+    pub batch_max: u64,
+    /// Whether it delivers.
+    pub enabled: bool,
+    /// Unix ms.
+    pub created_at: u64,
+    /// Delivery.
+    pub status: WebhookStatus,
+}
+
+/// Webhooks.
+#[derive(Serialize, ToSchema)]
+pub struct WebhookList {
+    /// In id order.
+    pub items: Vec<WebhookView>,
+}
+
+/// One record delivered to a webhook (a JSON array of them is each POST's body).
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IntegrationRecord {
+    /// `{position}-{index}`: stable across redeliveries (delivery is at least once).
+    pub id: String,
+    /// Change feed position (commit order).
+    pub position: u64,
+    /// What happened (see WebhookRequest.kinds).
+    pub kind: String,
+    /// The Thing.
+    pub thing_name: String,
+    /// The MQTT client id the event names.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    /// Unix ms recorded.
+    pub at: u64,
+    /// Sequence number in the Thing's log.
+    pub seq: u64,
+    /// For people.
+    pub summary: String,
+    /// The event as stored (as in the history API).
+    pub data: Object,
+}
+
+/// A batch the receiver refused for good.
+#[derive(Serialize, ToSchema)]
+pub struct DeadLetter {
+    /// Its key (the first record's feed position).
+    pub id: String,
+    /// Unix ms.
+    pub at: u64,
+    /// The receiver's HTTP status.
+    pub status: u16,
+    /// The receiver's answer.
+    pub error: String,
+    /// The records.
+    pub records: Vec<IntegrationRecord>,
+}
+
+/// Dead letters, oldest first.
+#[derive(Serialize, ToSchema)]
+pub struct DeadLetterList {
+    /// Dead letters.
+    pub items: Vec<DeadLetter>,
+}
+
+/// The outcome of a replay.
+#[derive(Serialize, ToSchema)]
+pub struct ReplayReply {
+    /// Delivered (and removed).
+    pub replayed: u64,
+    /// Still held.
+    pub left: u64,
+}

@@ -447,6 +447,12 @@ impl Store {
         Ok(())
     }
 
+    /// Forgets a consumer's cursor (the consumer is gone: it no longer holds the feed).
+    pub fn remove_cursor(&self, consumer: &str) -> Result<(), StorageError> {
+        self.inner.cursors.remove(consumer.as_bytes())?;
+        Ok(())
+    }
+
     /// Removes feed blocks whose every entry is at or below every consumer's cursor, at most
     /// `limit` blocks, always keeping the last block. Returns how many went.
     pub fn trim_feed(&self, limit: usize) -> Result<usize, StorageError> {

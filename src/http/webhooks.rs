@@ -1,0 +1,182 @@
+//! `/api/v1/webhooks`: the operator's web services that receive the Things' durable events
+//! (admin only: a webhook reads every Thing's data). Delivery is in `crate::webhooks`.
+
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::extract::JsonBody;
+use super::openapi::ErrorBody;
+use super::schema as s;
+use super::AppState;
+use crate::webhooks::WebhookError;
+
+impl From<WebhookError> for ApiError {
+    fn from(error: WebhookError) -> ApiError {
+        let status = match error {
+            WebhookError::Invalid(_) => StatusCode::BAD_REQUEST,
+            WebhookError::NotFound(_) => StatusCode::NOT_FOUND,
+            WebhookError::TooMany(_) => StatusCode::CONFLICT,
+            WebhookError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        ApiError::new(status, error.to_string())
+    }
+}
+
+const ID: &str = "webhook id";
+
+/// `POST /api/v1/webhooks`.
+#[utoipa::path(
+    post,
+    path = "/webhooks",
+    tag = "webhooks",
+    summary = "Create a webhook: it receives what is committed from now on",
+    request_body = s::WebhookRequest,
+    responses(
+        (status = 201, description = "Created", body = s::WebhookView, headers(("location" = String, description = "The new resource"))),
+        (status = 409, description = "webhooks_max reached.", body = ErrorBody),
+        (status = 503, description = "Storage unavailable.", body = ErrorBody)
+    )
+)]
+pub async fn create(
+    State(state): State<AppState>,
+    JsonBody(body): JsonBody<Value>,
+) -> Result<Response, ApiError> {
+    let webhook = state.webhooks.create(&body).await?;
+    let location = format!("/api/v1/webhooks/{}", webhook.id);
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        Json(state.webhooks.status(&webhook.id)?),
+    )
+        .into_response())
+}
+
+/// `GET /api/v1/webhooks`.
+#[utoipa::path(
+    get,
+    path = "/webhooks",
+    tag = "webhooks",
+    summary = "List webhooks with their delivery status",
+    responses(
+        (status = 200, description = "Webhooks", body = s::WebhookList),
+        (status = 503, description = "Storage unavailable.", body = ErrorBody)
+    )
+)]
+pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let items = state
+        .webhooks
+        .list()?
+        .iter()
+        .map(|w| state.webhooks.status(&w.id))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Json(json!({ "items": items })))
+}
+
+/// `GET /api/v1/webhooks/{id}`.
+#[utoipa::path(
+    get,
+    path = "/webhooks/{id}",
+    tag = "webhooks",
+    summary = "A webhook and its delivery status (cursor lag, delivered, retried, failed, last error)",
+    params(("id" = String, Path, description = ID)),
+    responses(
+        (status = 200, description = "The webhook", body = s::WebhookView),
+        (status = 404, description = "No such webhook.", body = ErrorBody),
+        (status = 503, description = "Storage unavailable.", body = ErrorBody)
+    )
+)]
+pub async fn get(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(state.webhooks.status(&id)?))
+}
+
+/// `PUT /api/v1/webhooks/{id}`.
+#[utoipa::path(
+    put,
+    path = "/webhooks/{id}",
+    tag = "webhooks",
+    summary = "Change a webhook (the fields given); delivery goes on from its cursor",
+    params(("id" = String, Path, description = ID)),
+    request_body = s::WebhookRequest,
+    responses(
+        (status = 200, description = "Changed", body = s::WebhookView),
+        (status = 404, description = "No such webhook.", body = ErrorBody),
+        (status = 503, description = "Storage unavailable.", body = ErrorBody)
+    )
+)]
+pub async fn update(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<Value>,
+) -> Result<Json<Value>, ApiError> {
+    state.webhooks.update(&id, &body).await?;
+    Ok(Json(state.webhooks.status(&id)?))
+}
+
+/// `DELETE /api/v1/webhooks/{id}`.
+#[utoipa::path(
+    delete,
+    path = "/webhooks/{id}",
+    tag = "webhooks",
+    summary = "Delete a webhook, its cursor and its dead letters",
+    params(("id" = String, Path, description = ID)),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No such webhook.", body = ErrorBody),
+        (status = 503, description = "Storage unavailable.", body = ErrorBody)
+    )
+)]
+pub async fn delete(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    state.webhooks.delete(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /api/v1/webhooks/{id}/dead-letters`.
+#[utoipa::path(
+    get,
+    path = "/webhooks/{id}/dead-letters",
+    tag = "webhooks",
+    summary = "Batches the receiver refused for good (a 4xx other than 408 and 429), oldest first",
+    params(("id" = String, Path, description = ID)),
+    responses(
+        (status = 200, description = "Dead letters", body = s::DeadLetterList),
+        (status = 404, description = "No such webhook.", body = ErrorBody),
+        (status = 503, description = "Storage unavailable.", body = ErrorBody)
+    )
+)]
+pub async fn dead_letters(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(json!({ "items": state.webhooks.dead_letters(&id)? })))
+}
+
+/// `POST /api/v1/webhooks/{id}/dead-letters/replay`.
+#[utoipa::path(
+    post,
+    path = "/webhooks/{id}/dead-letters/replay",
+    tag = "webhooks",
+    summary = "Send the dead letters again, oldest first, until one fails; each delivered one is removed",
+    params(("id" = String, Path, description = ID)),
+    responses(
+        (status = 200, description = "How many went and how many are left", body = s::ReplayReply),
+        (status = 404, description = "No such webhook.", body = ErrorBody),
+        (status = 503, description = "Storage unavailable.", body = ErrorBody)
+    )
+)]
+pub async fn replay(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let (replayed, left) = state.webhooks.replay(&id).await?;
+    Ok(Json(json!({ "replayed": replayed, "left": left })))
+}

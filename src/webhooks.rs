@@ -1,0 +1,786 @@
+//! Webhooks: the Things' durable events POSTed to the operator's own web service, in change-feed
+//! order, each webhook a consumer of the feed with its own durable cursor.
+//!
+//! Delivery is at least once: the cursor moves only after the receiver answered 2xx (and is
+//! durable with the next group commit), so a crash or a failed request sends a batch again;
+//! every record carries a stable `id` to drop duplicates. One request is in flight per
+//! webhook. Connection errors, timeouts, 408, 429 and 5xx are retried with exponential backoff
+//! and jitter for as long as the webhook exists; any other 4xx is a permanent failure: the
+//! batch goes to the webhook's bounded dead-letter list and delivery goes on. A slow or dead
+//! receiver never slows device traffic (the feed is read behind the writers), but it holds the
+//! feed from being trimmed until it catches up, is disabled or deleted.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sha2::Sha256;
+use thinghub_actors::integration::{self, Record, KINDS};
+use thinghub_storage::{StorageError, Store};
+use tokio::sync::watch;
+
+/// The bounds of webhook delivery.
+#[derive(Debug, Clone, Copy)]
+pub struct WebhookLimits {
+    /// Longest a delivery request may take.
+    pub request_timeout: Duration,
+    /// First retry delay (doubles per failure, with jitter).
+    pub retry_base: Duration,
+    /// Longest retry delay.
+    pub retry_max: Duration,
+    /// Most records one POST carries (a webhook's `batchMax` is at most this).
+    pub batch_max: usize,
+    /// Failed batches kept per webhook; the oldest goes past it.
+    pub dead_letters_max: usize,
+    /// Webhooks in all.
+    pub webhooks_max: usize,
+    /// Feed entries read per round.
+    pub feed_batch_max: usize,
+}
+
+/// A webhook as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Webhook {
+    /// `w-` and 16 hex digits.
+    pub id: String,
+    /// http(s) URL the batches are POSTed to.
+    pub url: String,
+    /// Record kinds delivered (None: every kind).
+    pub kinds: Option<Vec<String>>,
+    /// Things whose records are delivered (None: every Thing).
+    pub thing_names: Option<Vec<String>>,
+    /// Extra request headers.
+    pub headers: BTreeMap<String, String>,
+    /// HMAC-SHA256 key of `X-Thinghub-Signature` (never shown again).
+    pub secret: Option<String>,
+    /// Records per POST.
+    pub batch_max: usize,
+    /// Whether it delivers.
+    pub enabled: bool,
+    /// Unix ms.
+    pub created_at_ms: u64,
+}
+
+impl Webhook {
+    /// The API's view (the secret is never shown).
+    pub fn to_json(&self) -> Value {
+        json!({
+            "id": self.id,
+            "url": self.url,
+            "kinds": self.kinds,
+            "thingNames": self.thing_names,
+            "headers": self.headers,
+            "hasSecret": self.secret.is_some(),
+            "batchMax": self.batch_max,
+            "enabled": self.enabled,
+            "createdAt": self.created_at_ms,
+        })
+    }
+
+    fn wants(&self, record: &Record) -> bool {
+        self.kinds
+            .as_ref()
+            .is_none_or(|kinds| kinds.iter().any(|k| k == record.kind))
+            && self
+                .thing_names
+                .as_ref()
+                .is_none_or(|names| names.contains(&record.thing_name))
+    }
+}
+
+/// Why a webhook request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    /// Invalid input.
+    #[error("{0}")]
+    Invalid(String),
+    /// No such webhook.
+    #[error("webhook '{0}' not found")]
+    NotFound(String),
+    /// `webhooks_max` reached.
+    #[error("at most {0} webhooks (webhooks_max)")]
+    TooMany(usize),
+    /// Storage failed.
+    #[error("webhooks cannot be stored or read right now: {0}")]
+    Storage(#[from] StorageError),
+}
+
+/// Counters of one webhook since start.
+#[derive(Debug, Default)]
+pub struct WebhookStats {
+    /// Records delivered (2xx).
+    pub delivered: AtomicU64,
+    /// Requests retried.
+    pub retried: AtomicU64,
+    /// Records that failed for good (dead-lettered).
+    pub failed: AtomicU64,
+    /// Unix ms of the oldest record not delivered yet (0: none pending).
+    pending_since_ms: AtomicU64,
+    last_error: Mutex<Option<(u64, String)>>,
+}
+
+impl WebhookStats {
+    fn error(&self, message: String) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some((now_ms(), message));
+    }
+}
+
+/// Counters over every webhook (metrics).
+#[derive(Debug, Default)]
+pub struct WebhookTotals {
+    /// Records delivered.
+    pub delivered: AtomicU64,
+    /// Requests retried.
+    pub retried: AtomicU64,
+    /// Records dead-lettered.
+    pub failed: AtomicU64,
+}
+
+struct Running {
+    stop: watch::Sender<bool>,
+    stats: Arc<WebhookStats>,
+}
+
+/// The webhooks and their delivery tasks.
+pub struct Webhooks {
+    store: Store,
+    limits: WebhookLimits,
+    client: reqwest::Client,
+    running: Mutex<HashMap<String, Running>>,
+    /// Counters over every webhook.
+    pub totals: Arc<WebhookTotals>,
+}
+
+const PREFIX: &str = "webhook/";
+const DEAD_PREFIX: &str = "webhook-dead/";
+
+fn key(id: &str) -> String {
+    format!("{PREFIX}{id}")
+}
+
+fn consumer(id: &str) -> String {
+    format!("webhook/{id}")
+}
+
+fn dead_prefix(id: &str) -> String {
+    format!("{DEAD_PREFIX}{id}/")
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Parses and checks a webhook body (`current`: the webhook it replaces).
+fn parse(
+    body: &Value,
+    current: Option<&Webhook>,
+    limits: &WebhookLimits,
+) -> Result<Webhook, WebhookError> {
+    let invalid = |m: String| WebhookError::Invalid(m);
+    let object = body
+        .as_object()
+        .ok_or_else(|| invalid("a webhook must be a JSON object".into()))?;
+    for key in object.keys() {
+        if ![
+            "url",
+            "kinds",
+            "thingNames",
+            "headers",
+            "secret",
+            "batchMax",
+            "enabled",
+        ]
+        .contains(&key.as_str())
+        {
+            return Err(invalid(format!(
+                "'{key}' is not a field of a webhook (url, kinds, thingNames, headers, secret, batchMax, enabled)"
+            )));
+        }
+    }
+    let url = match object.get("url") {
+        Some(Value::String(url)) => url.clone(),
+        Some(_) => return Err(invalid("url must be a string".into())),
+        None => match current {
+            Some(current) => current.url.clone(),
+            None => return Err(invalid("Missing required field: url".into())),
+        },
+    };
+    let parsed = reqwest::Url::parse(&url).map_err(|e| invalid(format!("url '{url}': {e}")))?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+        return Err(invalid(format!(
+            "url '{url}' must be an http or https URL with a host"
+        )));
+    }
+    let strings = |field: &str| -> Result<Option<Vec<String>>, WebhookError> {
+        match object.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Array(items)) if !items.is_empty() => items
+                .iter()
+                .map(|item| {
+                    item.as_str()
+                        .map(str::to_owned)
+                        .ok_or_else(|| invalid(format!("{field} must be an array of strings")))
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some),
+            Some(_) => Err(invalid(format!(
+                "{field} must be a non-empty array of strings or null"
+            ))),
+        }
+    };
+    let kinds = match object.get("kinds") {
+        Some(_) => strings("kinds")?,
+        None => current.and_then(|c| c.kinds.clone()),
+    };
+    for kind in kinds.iter().flatten() {
+        if !KINDS.contains(&kind.as_str()) {
+            return Err(invalid(format!(
+                "unknown kind '{kind}': one of {}",
+                KINDS.join(", ")
+            )));
+        }
+    }
+    let thing_names = match object.get("thingNames") {
+        Some(_) => strings("thingNames")?,
+        None => current.and_then(|c| c.thing_names.clone()),
+    };
+    let headers = match object.get("headers") {
+        None => current.map(|c| c.headers.clone()).unwrap_or_default(),
+        Some(Value::Null) => BTreeMap::new(),
+        Some(Value::Object(map)) => {
+            let mut headers = BTreeMap::new();
+            for (name, value) in map {
+                let value = value
+                    .as_str()
+                    .ok_or_else(|| invalid(format!("header '{name}' must be a string")))?;
+                reqwest::header::HeaderName::from_bytes(name.as_bytes())
+                    .map_err(|_| invalid(format!("'{name}' is not a valid header name")))?;
+                reqwest::header::HeaderValue::from_str(value)
+                    .map_err(|_| invalid(format!("the value of header '{name}' is not valid")))?;
+                if [
+                    "content-type",
+                    "content-length",
+                    "host",
+                    "x-thinghub-signature",
+                ]
+                .contains(&name.to_ascii_lowercase().as_str())
+                {
+                    return Err(invalid(format!("header '{name}' is set by the server")));
+                }
+                headers.insert(name.clone(), value.to_owned());
+            }
+            headers
+        }
+        Some(_) => return Err(invalid("headers must be an object of strings".into())),
+    };
+    let secret = match object.get("secret") {
+        None => current.and_then(|c| c.secret.clone()),
+        Some(Value::Null) => None,
+        Some(Value::String(secret)) if !secret.is_empty() => Some(secret.clone()),
+        Some(_) => return Err(invalid("secret must be a non-empty string or null".into())),
+    };
+    let batch_max = match object.get("batchMax") {
+        None | Some(Value::Null) => current.map_or(limits.batch_max, |c| c.batch_max),
+        Some(value) => match value.as_u64() {
+            Some(n) if (1..=limits.batch_max as u64).contains(&n) => n as usize,
+            _ => {
+                return Err(invalid(format!(
+                    "batchMax must be 1..={} (webhook_batch_max)",
+                    limits.batch_max
+                )))
+            }
+        },
+    };
+    let enabled = match object.get("enabled") {
+        None | Some(Value::Null) => current.is_none_or(|c| c.enabled),
+        Some(Value::Bool(enabled)) => *enabled,
+        Some(_) => return Err(invalid("enabled must be true or false".into())),
+    };
+    Ok(Webhook {
+        id: current.map_or_else(
+            || format!("w-{:016x}", rand::thread_rng().gen::<u64>()),
+            |c| c.id.clone(),
+        ),
+        url,
+        kinds,
+        thing_names,
+        headers,
+        secret,
+        batch_max,
+        enabled,
+        created_at_ms: current.map_or_else(now_ms, |c| c.created_at_ms),
+    })
+}
+
+/// How one delivery attempt ended.
+enum Attempt {
+    Delivered,
+    Retry(String),
+    Permanent(u16, String),
+}
+
+impl Webhooks {
+    /// The webhooks of `store`, their delivery not started yet ([`Webhooks::start`]).
+    pub fn new(store: Store, limits: WebhookLimits) -> Result<Arc<Webhooks>, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .timeout(limits.request_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        Ok(Arc::new(Webhooks {
+            store,
+            limits,
+            client,
+            running: Mutex::new(HashMap::new()),
+            totals: Arc::new(WebhookTotals::default()),
+        }))
+    }
+
+    fn load_all(&self) -> Result<Vec<Webhook>, StorageError> {
+        Ok(self
+            .store
+            .kv_scan_prefix(PREFIX, self.limits.webhooks_max + 1)?
+            .into_iter()
+            .filter_map(|(key, bytes)| match serde_json::from_slice::<Webhook>(&bytes) {
+                Ok(webhook) => Some(webhook),
+                Err(e) => {
+                    tracing::error!(%key, error = %e, "a stored webhook cannot be read; skipped");
+                    None
+                }
+            })
+            .collect())
+    }
+
+    /// Starts delivery for every enabled webhook (at server start).
+    pub fn start(self: &Arc<Self>) -> Result<(), StorageError> {
+        for webhook in self.load_all()? {
+            if webhook.enabled {
+                self.run(webhook);
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops every delivery task.
+    pub fn stop_all(&self) {
+        for (_, running) in self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+        {
+            let _ = running.stop.send(true);
+        }
+    }
+
+    fn run(self: &Arc<Self>, webhook: Webhook) {
+        let (stop, stopped) = watch::channel(false);
+        let stats = Arc::new(WebhookStats::default());
+        let previous = self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                webhook.id.clone(),
+                Running {
+                    stop,
+                    stats: stats.clone(),
+                },
+            );
+        if let Some(previous) = previous {
+            let _ = previous.stop.send(true);
+        }
+        let me = self.clone();
+        tokio::spawn(async move { me.deliver_loop(webhook, stats, stopped).await });
+    }
+
+    fn halt(&self, id: &str) {
+        if let Some(running) = self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id)
+        {
+            let _ = running.stop.send(true);
+        }
+    }
+
+    /// Creates a webhook; it delivers what is committed from now on.
+    pub async fn create(self: &Arc<Self>, body: &Value) -> Result<Webhook, WebhookError> {
+        let webhook = parse(body, None, &self.limits)?;
+        if self.load_all()?.len() >= self.limits.webhooks_max {
+            return Err(WebhookError::TooMany(self.limits.webhooks_max));
+        }
+        self.store.set_cursor(
+            &consumer(&webhook.id),
+            self.store.feed_durable_end().saturating_sub(1),
+        )?;
+        let bytes = serde_json::to_vec(&webhook).map_err(|e| StorageError::Db(e.to_string()))?;
+        self.store.kv_put(&key(&webhook.id), bytes).await?;
+        tracing::info!(webhook = %webhook.id, url = %webhook.url, "webhook created");
+        if webhook.enabled {
+            self.run(webhook.clone());
+        }
+        Ok(webhook)
+    }
+
+    /// One webhook.
+    pub fn get(&self, id: &str) -> Result<Webhook, WebhookError> {
+        let bytes = self
+            .store
+            .kv_get(&key(id))?
+            .ok_or_else(|| WebhookError::NotFound(id.to_owned()))?;
+        serde_json::from_slice(&bytes).map_err(|e| StorageError::Db(e.to_string()).into())
+    }
+
+    /// Every webhook.
+    pub fn list(&self) -> Result<Vec<Webhook>, WebhookError> {
+        Ok(self.load_all()?)
+    }
+
+    /// Replaces the fields given; delivery restarts from the webhook's cursor.
+    pub async fn update(self: &Arc<Self>, id: &str, body: &Value) -> Result<Webhook, WebhookError> {
+        let current = self.get(id)?;
+        let webhook = parse(body, Some(&current), &self.limits)?;
+        let bytes = serde_json::to_vec(&webhook).map_err(|e| StorageError::Db(e.to_string()))?;
+        self.store.kv_put(&key(id), bytes).await?;
+        self.halt(id);
+        if webhook.enabled {
+            self.run(webhook.clone());
+        }
+        Ok(webhook)
+    }
+
+    /// Deletes a webhook, its cursor and its dead letters.
+    pub async fn delete(&self, id: &str) -> Result<(), WebhookError> {
+        self.get(id)?;
+        self.halt(id);
+        let dead = self
+            .store
+            .kv_scan_prefix(&dead_prefix(id), self.limits.dead_letters_max + 1)?;
+        let mut changes: Vec<(String, Option<Vec<u8>>)> =
+            dead.into_iter().map(|(key, _)| (key, None)).collect();
+        changes.push((key(id), None));
+        self.store.kv_apply_behind(changes)?;
+        self.store.remove_cursor(&consumer(id))?;
+        self.store.sync().await?;
+        tracing::info!(webhook = %id, "webhook deleted");
+        Ok(())
+    }
+
+    /// Delivery status of a webhook.
+    pub fn status(&self, id: &str) -> Result<Value, WebhookError> {
+        let webhook = self.get(id)?;
+        let cursor = self.store.cursor(&consumer(id))?;
+        let end = self.store.feed_durable_end();
+        let dead = self
+            .store
+            .kv_scan_prefix(&dead_prefix(id), self.limits.dead_letters_max + 1)?
+            .len();
+        let stats = self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .map(|r| r.stats.clone());
+        let mut status = json!({
+            "running": stats.is_some(),
+            "cursor": cursor,
+            "lagEntries": end.saturating_sub(1).saturating_sub(cursor),
+            "deadLetters": dead,
+        });
+        if let Some(stats) = stats {
+            let pending = stats.pending_since_ms.load(Ordering::Relaxed);
+            status["lagSeconds"] = json!(if pending == 0 {
+                0.0
+            } else {
+                now_ms().saturating_sub(pending) as f64 / 1000.0
+            });
+            status["delivered"] = json!(stats.delivered.load(Ordering::Relaxed));
+            status["retried"] = json!(stats.retried.load(Ordering::Relaxed));
+            status["failed"] = json!(stats.failed.load(Ordering::Relaxed));
+            if let Some((at, message)) = stats
+                .last_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+            {
+                status["lastError"] = json!({"at": at, "message": message});
+            }
+        }
+        let mut view = webhook.to_json();
+        view["status"] = status;
+        Ok(view)
+    }
+
+    /// The dead letters of a webhook, oldest first.
+    pub fn dead_letters(&self, id: &str) -> Result<Vec<Value>, WebhookError> {
+        self.get(id)?;
+        Ok(self
+            .store
+            .kv_scan_prefix(&dead_prefix(id), self.limits.dead_letters_max + 1)?
+            .into_iter()
+            .filter_map(|(_, bytes)| serde_json::from_slice(&bytes).ok())
+            .collect())
+    }
+
+    /// Sends the dead letters again, oldest first, removing each one delivered; stops at the
+    /// first that fails. Returns (replayed, left).
+    pub async fn replay(&self, id: &str) -> Result<(usize, usize), WebhookError> {
+        let webhook = self.get(id)?;
+        let letters = self
+            .store
+            .kv_scan_prefix(&dead_prefix(id), self.limits.dead_letters_max + 1)?;
+        let total = letters.len();
+        let mut replayed = 0;
+        for (key, bytes) in letters {
+            let Ok(letter) = serde_json::from_slice::<Value>(&bytes) else {
+                continue;
+            };
+            let body = serde_json::to_vec(&letter["records"]).unwrap_or_default();
+            match self.attempt(&webhook, body).await {
+                Attempt::Delivered => {
+                    self.store.kv_remove(&key).await?;
+                    replayed += 1;
+                }
+                Attempt::Retry(why) | Attempt::Permanent(_, why) => {
+                    tracing::warn!(webhook = %id, error = %why, "dead letter replay stopped");
+                    break;
+                }
+            }
+        }
+        Ok((replayed, total - replayed))
+    }
+
+    async fn attempt(&self, webhook: &Webhook, body: Vec<u8>) -> Attempt {
+        let mut request = self
+            .client
+            .post(&webhook.url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json");
+        for (name, value) in &webhook.headers {
+            request = request.header(name, value);
+        }
+        if let Some(secret) = &webhook.secret {
+            if let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret.as_bytes()) {
+                mac.update(&body);
+                let hex: String = mac
+                    .finalize()
+                    .into_bytes()
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                request = request.header("X-Thinghub-Signature", format!("sha256={hex}"));
+            }
+        }
+        match request.body(body).send().await {
+            Ok(response) if response.status().is_success() => Attempt::Delivered,
+            Ok(response) => {
+                let status = response.status();
+                let text: String = response
+                    .text()
+                    .await
+                    .unwrap_or_default()
+                    .chars()
+                    .take(512)
+                    .collect();
+                let why = format!("{status}: {text}");
+                if status.is_server_error() || status.as_u16() == 408 || status.as_u16() == 429 {
+                    Attempt::Retry(why)
+                } else {
+                    Attempt::Permanent(status.as_u16(), why)
+                }
+            }
+            Err(e) => Attempt::Retry(e.to_string()),
+        }
+    }
+
+    /// Reads the feed after the webhook's cursor and delivers, until stopped.
+    async fn deliver_loop(
+        self: Arc<Self>,
+        webhook: Webhook,
+        stats: Arc<WebhookStats>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let name = consumer(&webhook.id);
+        tracing::info!(webhook = %webhook.id, "webhook delivery started");
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let cursor = match self.store.cursor(&name) {
+                Ok(cursor) => cursor,
+                Err(e) => {
+                    tracing::error!(webhook = %webhook.id, error = %e, "cannot read the webhook's cursor");
+                    stats.error(e.to_string());
+                    if wait_or_stop(&mut stop, self.limits.retry_max).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let end = self.store.feed_durable_end();
+            if cursor.saturating_add(1) >= end {
+                stats.pending_since_ms.store(0, Ordering::Relaxed);
+                tokio::select! {
+                    () = self.store.feed_grown(end.saturating_sub(1).max(cursor)) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                continue;
+            }
+            let (batch, through) = match self.next_batch(&webhook, cursor) {
+                Ok(next) => next,
+                Err(e) => {
+                    tracing::error!(webhook = %webhook.id, error = %e, "cannot read the change feed");
+                    stats.error(e.to_string());
+                    if wait_or_stop(&mut stop, self.limits.retry_max).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            if !batch.is_empty() {
+                let first_at = batch.first().map_or(0, |r| r.at);
+                if stats.pending_since_ms.load(Ordering::Relaxed) == 0 {
+                    stats
+                        .pending_since_ms
+                        .store(first_at.max(1), Ordering::Relaxed);
+                }
+                let Some(delivered) = self.deliver(&webhook, &stats, &batch, &mut stop).await
+                else {
+                    return;
+                };
+                if !delivered {
+                    continue;
+                }
+                stats.pending_since_ms.store(0, Ordering::Relaxed);
+            }
+            if let Err(e) = self.store.set_cursor(&name, through) {
+                tracing::error!(webhook = %webhook.id, error = %e, "cannot move the webhook's cursor");
+                stats.error(e.to_string());
+            }
+        }
+    }
+
+    /// The records after `cursor` this webhook wants, whole feed entries up to its batch size,
+    /// and the position they run through.
+    fn next_batch(
+        &self,
+        webhook: &Webhook,
+        cursor: u64,
+    ) -> Result<(Vec<Record>, u64), StorageError> {
+        let entries = self.store.read_feed(cursor, self.limits.feed_batch_max)?;
+        let mut batch = Vec::new();
+        let mut through = cursor;
+        for entry in &entries {
+            match integration::read_records(&self.store, entry) {
+                Ok(records) => batch.extend(records.into_iter().filter(|r| webhook.wants(r))),
+                Err(e) => {
+                    // One unreadable append must not stop the webhook for good.
+                    tracing::error!(webhook = %webhook.id, thing = %entry.thing, first_seq = entry.first_seq, error = %e, "webhook skips events that cannot be read");
+                }
+            }
+            through = entry.position;
+            if batch.len() >= webhook.batch_max {
+                break;
+            }
+        }
+        Ok((batch, through))
+    }
+
+    /// Delivers one batch: `Some(true)` delivered, `Some(false)` dead-lettered (the cursor
+    /// moves on either way), `None` stopped while retrying.
+    async fn deliver(
+        &self,
+        webhook: &Webhook,
+        stats: &WebhookStats,
+        batch: &[Record],
+        stop: &mut watch::Receiver<bool>,
+    ) -> Option<bool> {
+        let body = serde_json::to_vec(batch).unwrap_or_default();
+        let mut delay = self.limits.retry_base;
+        loop {
+            match self.attempt(webhook, body.clone()).await {
+                Attempt::Delivered => {
+                    stats
+                        .delivered
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    self.totals
+                        .delivered
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    return Some(true);
+                }
+                Attempt::Retry(why) => {
+                    stats.retried.fetch_add(1, Ordering::Relaxed);
+                    self.totals.retried.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(webhook = %webhook.id, error = %why, retry_in_ms = delay.as_millis() as u64, "webhook delivery failed; will retry");
+                    stats.error(why);
+                    let jittered = delay.mul_f64(rand::thread_rng().gen_range(0.5..1.0));
+                    if wait_or_stop(stop, jittered).await {
+                        return None;
+                    }
+                    delay = (delay * 2).min(self.limits.retry_max);
+                }
+                Attempt::Permanent(status, why) => {
+                    tracing::warn!(webhook = %webhook.id, %status, error = %why, records = batch.len(), "webhook refused a batch; dead-lettered");
+                    stats.error(why.clone());
+                    stats
+                        .failed
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    self.totals
+                        .failed
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    if let Err(e) = self.dead_letter(webhook, status, &why, batch) {
+                        tracing::error!(webhook = %webhook.id, error = %e, "cannot store a dead letter");
+                    }
+                    return Some(false);
+                }
+            }
+        }
+    }
+
+    fn dead_letter(
+        &self,
+        webhook: &Webhook,
+        status: u16,
+        why: &str,
+        batch: &[Record],
+    ) -> Result<(), StorageError> {
+        let prefix = dead_prefix(&webhook.id);
+        let first = batch.first().map_or(0, |r| r.position);
+        let letter = json!({
+            "id": format!("{first:020}"),
+            "at": now_ms(),
+            "status": status,
+            "error": why,
+            "records": batch,
+        });
+        let mut changes = vec![(
+            format!("{prefix}{first:020}"),
+            Some(serde_json::to_vec(&letter).map_err(|e| StorageError::Db(e.to_string()))?),
+        )];
+        let held = self
+            .store
+            .kv_scan_prefix(&prefix, self.limits.dead_letters_max + 1)?;
+        let over = (held.len() + 1).saturating_sub(self.limits.dead_letters_max);
+        for (key, _) in held.into_iter().take(over) {
+            tracing::warn!(webhook = %webhook.id, %key, "dead-letter list full; the oldest is dropped");
+            changes.push((key, None));
+        }
+        self.store.kv_apply_behind(changes)
+    }
+}
+
+/// Sleeps `delay` unless stopped first; true when stopped.
+async fn wait_or_stop(stop: &mut watch::Receiver<bool>, delay: Duration) -> bool {
+    let stopped = tokio::select! {
+        () = tokio::time::sleep(delay) => false,
+        _ = stop.wait_for(|s| *s) => true,
+    };
+    stopped || *stop.borrow()
+}
