@@ -103,6 +103,7 @@ pub fn route_allowed(role: Role, method: &str, path: &str) -> Result<(), String>
         "/api/v1/authentication/",
         "/api/v1/authorization/",
         "/api/v1/webhooks",
+        "/api/v1/postgres-sinks",
     ];
     let is_admin_only = admin_only
         .iter()

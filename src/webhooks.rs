@@ -64,11 +64,79 @@ pub struct Webhook {
     pub enabled: bool,
     /// Unix ms.
     pub created_at_ms: u64,
+    /// Set for a PostgreSQL sink: the records go into this table instead of to `url` (which
+    /// is empty, as are the headers and the secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<PostgresTarget>,
+}
+
+/// A PostgreSQL table that receives the records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PostgresTarget {
+    /// libpq-style connection string or URL (holds the password: never shown again).
+    pub connection: String,
+    /// Table name (created if absent).
+    pub table: String,
+}
+
+/// Which kind of integration a request is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// An HTTP receiver.
+    Webhook,
+    /// A PostgreSQL table.
+    Postgres,
 }
 
 impl Webhook {
+    /// Its kind.
+    pub fn kind(&self) -> Kind {
+        if self.postgres.is_some() {
+            Kind::Postgres
+        } else {
+            Kind::Webhook
+        }
+    }
+
+    /// The API's view of a PostgreSQL sink (the connection string's password is never shown).
+    fn postgres_json(&self, target: &PostgresTarget) -> Value {
+        let shown = target
+            .connection
+            .parse::<tokio_postgres::Config>()
+            .map(|config| {
+                let hosts: Vec<String> = config
+                    .get_hosts()
+                    .iter()
+                    .map(|host| match host {
+                        tokio_postgres::config::Host::Tcp(name) => name.clone(),
+                        tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+                    })
+                    .collect();
+                json!({
+                    "hosts": hosts,
+                    "ports": config.get_ports(),
+                    "dbname": config.get_dbname(),
+                    "user": config.get_user(),
+                })
+            })
+            .unwrap_or(Value::Null);
+        json!({
+            "id": self.id,
+            "table": target.table,
+            "connection": shown,
+            "kinds": self.kinds,
+            "thingNames": self.thing_names,
+            "batchMax": self.batch_max,
+            "enabled": self.enabled,
+            "createdAt": self.created_at_ms,
+        })
+    }
+
     /// The API's view (the secret is never shown).
     pub fn to_json(&self) -> Value {
+        if let Some(target) = &self.postgres {
+            return self.postgres_json(target);
+        }
         json!({
             "id": self.id,
             "url": self.url,
@@ -177,34 +245,102 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Parses and checks a webhook body (`current`: the webhook it replaces).
+/// Parses and checks a PostgreSQL sink's target.
+fn parse_postgres(
+    object: &serde_json::Map<String, Value>,
+    current: Option<&Webhook>,
+) -> Result<PostgresTarget, WebhookError> {
+    let invalid = |m: String| WebhookError::Invalid(m);
+    let current = current.and_then(|c| c.postgres.as_ref());
+    let connection = match object.get("connection") {
+        Some(Value::String(connection)) => connection.clone(),
+        Some(_) => return Err(invalid("connection must be a string".into())),
+        None => match current {
+            Some(current) => current.connection.clone(),
+            None => return Err(invalid("Missing required field: connection".into())),
+        },
+    };
+    let config = connection.parse::<tokio_postgres::Config>().map_err(|e| {
+        invalid(format!(
+            "connection is not a PostgreSQL connection string: {e}"
+        ))
+    })?;
+    if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+        return Err(invalid(
+            "sslmode=require: TLS to PostgreSQL is not supported yet (use a loopback or private network)".into(),
+        ));
+    }
+    let table = match object.get("table") {
+        Some(Value::String(table)) => table.clone(),
+        Some(_) => return Err(invalid("table must be a string".into())),
+        None => match current {
+            Some(current) => current.table.clone(),
+            None => return Err(invalid("Missing required field: table".into())),
+        },
+    };
+    let valid_table = (1..=63).contains(&table.len())
+        && table.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && table
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if !valid_table {
+        return Err(invalid(format!(
+            "table '{table}' must be 1..=63 of [a-z0-9_], starting with a letter or _"
+        )));
+    }
+    Ok(PostgresTarget { connection, table })
+}
+
+/// Parses and checks a webhook or sink body (`current`: the one it replaces).
 fn parse(
     body: &Value,
     current: Option<&Webhook>,
     limits: &WebhookLimits,
+    kind: Kind,
 ) -> Result<Webhook, WebhookError> {
     let invalid = |m: String| WebhookError::Invalid(m);
     let object = body
         .as_object()
-        .ok_or_else(|| invalid("a webhook must be a JSON object".into()))?;
+        .ok_or_else(|| invalid("the body must be a JSON object".into()))?;
+    let (fields, what): (&[&str], &str) = match kind {
+        Kind::Webhook => (
+            &[
+                "url",
+                "kinds",
+                "thingNames",
+                "headers",
+                "secret",
+                "batchMax",
+                "enabled",
+            ],
+            "a webhook",
+        ),
+        Kind::Postgres => (
+            &[
+                "connection",
+                "table",
+                "kinds",
+                "thingNames",
+                "batchMax",
+                "enabled",
+            ],
+            "a PostgreSQL sink",
+        ),
+    };
     for key in object.keys() {
-        if ![
-            "url",
-            "kinds",
-            "thingNames",
-            "headers",
-            "secret",
-            "batchMax",
-            "enabled",
-        ]
-        .contains(&key.as_str())
-        {
+        if !fields.contains(&key.as_str()) {
             return Err(invalid(format!(
-                "'{key}' is not a field of a webhook (url, kinds, thingNames, headers, secret, batchMax, enabled)"
+                "'{key}' is not a field of {what} ({})",
+                fields.join(", ")
             )));
         }
     }
+    let postgres = match kind {
+        Kind::Postgres => Some(parse_postgres(object, current)?),
+        Kind::Webhook => None,
+    };
     let url = match object.get("url") {
+        _ if postgres.is_some() => String::new(),
         Some(Value::String(url)) => url.clone(),
         Some(_) => return Err(invalid("url must be a string".into())),
         None => match current {
@@ -212,11 +348,13 @@ fn parse(
             None => return Err(invalid("Missing required field: url".into())),
         },
     };
-    let parsed = reqwest::Url::parse(&url).map_err(|e| invalid(format!("url '{url}': {e}")))?;
-    if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
-        return Err(invalid(format!(
-            "url '{url}' must be an http or https URL with a host"
-        )));
+    if postgres.is_none() {
+        let parsed = reqwest::Url::parse(&url).map_err(|e| invalid(format!("url '{url}': {e}")))?;
+        if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+            return Err(invalid(format!(
+                "url '{url}' must be an http or https URL with a host"
+            )));
+        }
     }
     let strings = |field: &str| -> Result<Option<Vec<String>>, WebhookError> {
         match object.get(field) {
@@ -316,6 +454,7 @@ fn parse(
         batch_max,
         enabled,
         created_at_ms: current.map_or_else(now_ms, |c| c.created_at_ms),
+        postgres,
     })
 }
 
@@ -412,8 +551,12 @@ impl Webhooks {
     }
 
     /// Creates a webhook; it delivers what is committed from now on.
-    pub async fn create(self: &Arc<Self>, body: &Value) -> Result<Webhook, WebhookError> {
-        let webhook = parse(body, None, &self.limits)?;
+    pub async fn create(
+        self: &Arc<Self>,
+        kind: Kind,
+        body: &Value,
+    ) -> Result<Webhook, WebhookError> {
+        let webhook = parse(body, None, &self.limits, kind)?;
         if self.load_all()?.len() >= self.limits.webhooks_max {
             return Err(WebhookError::TooMany(self.limits.webhooks_max));
         }
@@ -431,7 +574,15 @@ impl Webhooks {
     }
 
     /// One webhook.
-    pub fn get(&self, id: &str) -> Result<Webhook, WebhookError> {
+    pub fn get(&self, kind: Kind, id: &str) -> Result<Webhook, WebhookError> {
+        let webhook = self.get_any(id)?;
+        if webhook.kind() != kind {
+            return Err(WebhookError::NotFound(id.to_owned()));
+        }
+        Ok(webhook)
+    }
+
+    fn get_any(&self, id: &str) -> Result<Webhook, WebhookError> {
         let bytes = self
             .store
             .kv_get(&key(id))?
@@ -440,14 +591,23 @@ impl Webhooks {
     }
 
     /// Every webhook.
-    pub fn list(&self) -> Result<Vec<Webhook>, WebhookError> {
-        Ok(self.load_all()?)
+    pub fn list(&self, kind: Kind) -> Result<Vec<Webhook>, WebhookError> {
+        Ok(self
+            .load_all()?
+            .into_iter()
+            .filter(|w| w.kind() == kind)
+            .collect())
     }
 
     /// Replaces the fields given; delivery restarts from the webhook's cursor.
-    pub async fn update(self: &Arc<Self>, id: &str, body: &Value) -> Result<Webhook, WebhookError> {
-        let current = self.get(id)?;
-        let webhook = parse(body, Some(&current), &self.limits)?;
+    pub async fn update(
+        self: &Arc<Self>,
+        kind: Kind,
+        id: &str,
+        body: &Value,
+    ) -> Result<Webhook, WebhookError> {
+        let current = self.get(kind, id)?;
+        let webhook = parse(body, Some(&current), &self.limits, kind)?;
         let bytes = serde_json::to_vec(&webhook).map_err(|e| StorageError::Db(e.to_string()))?;
         self.store.kv_put(&key(id), bytes).await?;
         self.halt(id);
@@ -458,8 +618,8 @@ impl Webhooks {
     }
 
     /// Deletes a webhook, its cursor and its dead letters.
-    pub async fn delete(&self, id: &str) -> Result<(), WebhookError> {
-        self.get(id)?;
+    pub async fn delete(&self, kind: Kind, id: &str) -> Result<(), WebhookError> {
+        self.get(kind, id)?;
         self.halt(id);
         let dead = self
             .store
@@ -475,8 +635,8 @@ impl Webhooks {
     }
 
     /// Delivery status of a webhook.
-    pub fn status(&self, id: &str) -> Result<Value, WebhookError> {
-        let webhook = self.get(id)?;
+    pub fn status(&self, kind: Kind, id: &str) -> Result<Value, WebhookError> {
+        let webhook = self.get(kind, id)?;
         let cursor = self.store.cursor(&consumer(id))?;
         let end = self.store.feed_durable_end();
         let dead = self
@@ -520,8 +680,8 @@ impl Webhooks {
     }
 
     /// The dead letters of a webhook, oldest first.
-    pub fn dead_letters(&self, id: &str) -> Result<Vec<Value>, WebhookError> {
-        self.get(id)?;
+    pub fn dead_letters(&self, kind: Kind, id: &str) -> Result<Vec<Value>, WebhookError> {
+        self.get(kind, id)?;
         Ok(self
             .store
             .kv_scan_prefix(&dead_prefix(id), self.limits.dead_letters_max + 1)?
@@ -532,8 +692,9 @@ impl Webhooks {
 
     /// Sends the dead letters again, oldest first, removing each one delivered; stops at the
     /// first that fails. Returns (replayed, left).
-    pub async fn replay(&self, id: &str) -> Result<(usize, usize), WebhookError> {
-        let webhook = self.get(id)?;
+    pub async fn replay(&self, kind: Kind, id: &str) -> Result<(usize, usize), WebhookError> {
+        let webhook = self.get(kind, id)?;
+        let mut pg = None;
         let letters = self
             .store
             .kv_scan_prefix(&dead_prefix(id), self.limits.dead_letters_max + 1)?;
@@ -543,8 +704,8 @@ impl Webhooks {
             let Ok(letter) = serde_json::from_slice::<Value>(&bytes) else {
                 continue;
             };
-            let body = serde_json::to_vec(&letter["records"]).unwrap_or_default();
-            match self.attempt(&webhook, body).await {
+            let records = letter["records"].as_array().cloned().unwrap_or_default();
+            match self.attempt(&webhook, &mut pg, &records).await {
                 Attempt::Delivered => {
                     self.store.kv_remove(&key).await?;
                     replayed += 1;
@@ -558,7 +719,36 @@ impl Webhooks {
         Ok((replayed, total - replayed))
     }
 
-    async fn attempt(&self, webhook: &Webhook, body: Vec<u8>) -> Attempt {
+    async fn attempt(
+        &self,
+        webhook: &Webhook,
+        pg: &mut Option<tokio_postgres::Client>,
+        records: &[Value],
+    ) -> Attempt {
+        if let Some(target) = &webhook.postgres {
+            return match write_postgres(target, pg, records).await {
+                Ok(()) => Attempt::Delivered,
+                Err(e) => {
+                    let data_error = e
+                        .code()
+                        .is_some_and(|c| c.code().starts_with("22") || c.code().starts_with("23"));
+                    if pg.as_ref().is_some_and(tokio_postgres::Client::is_closed) {
+                        *pg = None;
+                    }
+                    let why = match e.as_db_error() {
+                        Some(db) => format!("PostgreSQL: {} ({})", db.message(), db.code().code()),
+                        None => format!("PostgreSQL: {e}"),
+                    };
+                    if data_error {
+                        Attempt::Permanent(422, why)
+                    } else {
+                        *pg = None;
+                        Attempt::Retry(why)
+                    }
+                }
+            };
+        }
+        let body = serde_json::to_vec(records).unwrap_or_default();
         let mut request = self
             .client
             .post(&webhook.url)
@@ -608,6 +798,7 @@ impl Webhooks {
         mut stop: watch::Receiver<bool>,
     ) {
         let name = consumer(&webhook.id);
+        let mut pg = None;
         tracing::info!(webhook = %webhook.id, "webhook delivery started");
         loop {
             if *stop.borrow() {
@@ -651,7 +842,9 @@ impl Webhooks {
                         .pending_since_ms
                         .store(first_at.max(1), Ordering::Relaxed);
                 }
-                let Some(delivered) = self.deliver(&webhook, &stats, &batch, &mut stop).await
+                let Some(delivered) = self
+                    .deliver(&webhook, &stats, &batch, &mut pg, &mut stop)
+                    .await
                 else {
                     return;
                 };
@@ -700,12 +893,16 @@ impl Webhooks {
         webhook: &Webhook,
         stats: &WebhookStats,
         batch: &[Record],
+        pg: &mut Option<tokio_postgres::Client>,
         stop: &mut watch::Receiver<bool>,
     ) -> Option<bool> {
-        let body = serde_json::to_vec(batch).unwrap_or_default();
+        let records: Vec<Value> = batch
+            .iter()
+            .map(|r| serde_json::to_value(r).unwrap_or(Value::Null))
+            .collect();
         let mut delay = self.limits.retry_base;
         loop {
-            match self.attempt(webhook, body.clone()).await {
+            match self.attempt(webhook, pg, &records).await {
                 Attempt::Delivered => {
                     stats
                         .delivered
@@ -783,4 +980,64 @@ async fn wait_or_stop(stop: &mut watch::Receiver<bool>, delay: Duration) -> bool
         _ = stop.wait_for(|s| *s) => true,
     };
     stopped || *stop.borrow()
+}
+
+/// Writes `records` into the sink's table in one transaction, each once (`id` is the key):
+/// connects (and creates the table) when there is no live connection.
+async fn write_postgres(
+    target: &PostgresTarget,
+    pg: &mut Option<tokio_postgres::Client>,
+    records: &[Value],
+) -> Result<(), tokio_postgres::Error> {
+    if pg.as_ref().is_none_or(tokio_postgres::Client::is_closed) {
+        let (client, connection) =
+            tokio_postgres::connect(&target.connection, tokio_postgres::NoTls).await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::info!(error = %e, "PostgreSQL sink connection ended");
+            }
+        });
+        client
+            .batch_execute(&format!(
+                "CREATE TABLE IF NOT EXISTS {} (id text PRIMARY KEY, position bigint NOT NULL, \
+                 kind text NOT NULL, thing_name text NOT NULL, client_id text, \
+                 at_ms bigint NOT NULL, seq bigint NOT NULL, summary text NOT NULL, \
+                 data jsonb NOT NULL)",
+                target.table
+            ))
+            .await?;
+        *pg = Some(client);
+    }
+    let Some(client) = pg.as_mut() else {
+        return Ok(());
+    };
+    let transaction = client.transaction().await?;
+    let insert = transaction
+        .prepare(&format!(
+            "INSERT INTO {} (id, position, kind, thing_name, client_id, at_ms, seq, summary, data) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (id) DO NOTHING",
+            target.table
+        ))
+        .await?;
+    for record in records {
+        let text = |field: &str| record[field].as_str().map(str::to_owned);
+        let number = |field: &str| record[field].as_u64().map_or(0, |n| n as i64);
+        transaction
+            .execute(
+                &insert,
+                &[
+                    &text("id").unwrap_or_default(),
+                    &number("position"),
+                    &text("kind").unwrap_or_default(),
+                    &text("thingName").unwrap_or_default(),
+                    &text("clientId"),
+                    &number("at"),
+                    &number("seq"),
+                    &text("summary").unwrap_or_default(),
+                    &record["data"],
+                ],
+            )
+            .await?;
+    }
+    transaction.commit().await
 }

@@ -162,6 +162,12 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(webhooks::get, webhooks::update, webhooks::delete))
         .routes(routes!(webhooks::dead_letters))
         .routes(routes!(webhooks::replay))
+        .routes(routes!(webhooks::create_sink, webhooks::list_sinks))
+        .routes(routes!(
+            webhooks::get_sink,
+            webhooks::update_sink,
+            webhooks::delete_sink
+        ))
         .routes(routes!(api_keys::create, api_keys::list))
         .routes(routes!(api_keys::get, api_keys::delete))
         .routes(routes!(authorization::create, authorization::list))

@@ -1248,3 +1248,73 @@ pub struct ReplayReply {
     /// Still held.
     pub left: u64,
 }
+
+/// A PostgreSQL sink to create, or the fields to change.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(example = json!({"connection": "host=127.0.0.1 port=5432 user=thinghub password=pw dbname=fleet", "table": "thing_events", "kinds": ["thing.connected", "thing.disconnected"]}))]
+pub struct PostgresSinkRequest {
+    /// libpq-style connection string or URL (required when creating; never shown again; no
+    /// TLS yet: `sslmode=require` is refused).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connection: Option<String>,
+    /// Table (1..=63 of [a-z0-9_]; created if absent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub table: Option<String>,
+    /// Record kinds (null: all).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kinds: Option<Vec<String>>,
+    /// Things (null: all).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub thing_names: Option<Vec<String>>,
+    /// Records per transaction, 1..=webhook_batch_max.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_max: Option<u64>,
+    /// Whether it delivers (default true).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+}
+
+/// Where a sink connects (no password).
+#[derive(Serialize, ToSchema)]
+pub struct PostgresConnection {
+    /// Hosts.
+    pub hosts: Vec<String>,
+    /// Ports.
+    pub ports: Vec<u16>,
+    /// Database.
+    pub dbname: Option<String>,
+    /// User.
+    pub user: Option<String>,
+}
+
+/// A PostgreSQL sink.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PostgresSinkView {
+    /// `w-` and 16 hex digits.
+    pub id: String,
+    /// The table.
+    pub table: String,
+    /// Where it connects.
+    pub connection: Option<PostgresConnection>,
+    /// Kinds delivered (null: all).
+    pub kinds: Option<Vec<String>>,
+    /// Things delivered (null: all).
+    pub thing_names: Option<Vec<String>>,
+    /// Records per transaction.
+    pub batch_max: u64,
+    /// Whether it delivers.
+    pub enabled: bool,
+    /// Unix ms.
+    pub created_at: u64,
+    /// Delivery.
+    pub status: WebhookStatus,
+}
+
+/// PostgreSQL sinks.
+#[derive(Serialize, ToSchema)]
+pub struct PostgresSinkList {
+    /// In id order.
+    pub items: Vec<PostgresSinkView>,
+}

@@ -12,7 +12,7 @@ use super::extract::JsonBody;
 use super::openapi::ErrorBody;
 use super::schema as s;
 use super::AppState;
-use crate::webhooks::WebhookError;
+use crate::webhooks::{Kind, WebhookError};
 
 impl From<WebhookError> for ApiError {
     fn from(error: WebhookError) -> ApiError {
@@ -45,14 +45,32 @@ pub async fn create(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<Value>,
 ) -> Result<Response, ApiError> {
-    let webhook = state.webhooks.create(&body).await?;
-    let location = format!("/api/v1/webhooks/{}", webhook.id);
+    create_kind(&state, Kind::Webhook, &body).await
+}
+
+async fn create_kind(state: &AppState, kind: Kind, body: &Value) -> Result<Response, ApiError> {
+    let webhook = state.webhooks.create(kind, body).await?;
+    let base = match kind {
+        Kind::Webhook => "webhooks",
+        Kind::Postgres => "postgres-sinks",
+    };
+    let location = format!("/api/v1/{base}/{}", webhook.id);
     Ok((
         StatusCode::CREATED,
         [(header::LOCATION, location)],
-        Json(state.webhooks.status(&webhook.id)?),
+        Json(state.webhooks.status(kind, &webhook.id)?),
     )
         .into_response())
+}
+
+fn list_kind(state: &AppState, kind: Kind) -> Result<Json<Value>, ApiError> {
+    let items = state
+        .webhooks
+        .list(kind)?
+        .iter()
+        .map(|w| state.webhooks.status(kind, &w.id))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Json(json!({ "items": items })))
 }
 
 /// `GET /api/v1/webhooks`.
@@ -67,13 +85,7 @@ pub async fn create(
     )
 )]
 pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let items = state
-        .webhooks
-        .list()?
-        .iter()
-        .map(|w| state.webhooks.status(&w.id))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Json(json!({ "items": items })))
+    list_kind(&state, Kind::Webhook)
 }
 
 /// `GET /api/v1/webhooks/{id}`.
@@ -93,7 +105,7 @@ pub async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(Json(state.webhooks.status(&id)?))
+    Ok(Json(state.webhooks.status(Kind::Webhook, &id)?))
 }
 
 /// `PUT /api/v1/webhooks/{id}`.
@@ -115,8 +127,8 @@ pub async fn update(
     Path(id): Path<String>,
     JsonBody(body): JsonBody<Value>,
 ) -> Result<Json<Value>, ApiError> {
-    state.webhooks.update(&id, &body).await?;
-    Ok(Json(state.webhooks.status(&id)?))
+    state.webhooks.update(Kind::Webhook, &id, &body).await?;
+    Ok(Json(state.webhooks.status(Kind::Webhook, &id)?))
 }
 
 /// `DELETE /api/v1/webhooks/{id}`.
@@ -136,7 +148,7 @@ pub async fn delete(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    state.webhooks.delete(&id).await?;
+    state.webhooks.delete(Kind::Webhook, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -157,7 +169,9 @@ pub async fn dead_letters(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(Json(json!({ "items": state.webhooks.dead_letters(&id)? })))
+    Ok(Json(
+        json!({ "items": state.webhooks.dead_letters(Kind::Webhook, &id)? }),
+    ))
 }
 
 /// `POST /api/v1/webhooks/{id}/dead-letters/replay`.
@@ -177,6 +191,107 @@ pub async fn replay(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let (replayed, left) = state.webhooks.replay(&id).await?;
+    let (replayed, left) = state.webhooks.replay(Kind::Webhook, &id).await?;
     Ok(Json(json!({ "replayed": replayed, "left": left })))
+}
+
+const SINK_ID: &str = "PostgreSQL sink id";
+
+/// `POST /api/v1/postgres-sinks`.
+#[utoipa::path(
+    post,
+    path = "/postgres-sinks",
+    tag = "webhooks",
+    summary = "Create a PostgreSQL sink: the same records as a webhook, inserted into a table (created if absent), each once",
+    request_body = s::PostgresSinkRequest,
+    responses(
+        (status = 201, description = "Created", body = s::PostgresSinkView, headers(("location" = String, description = "The new resource"))),
+        (status = 409, description = "webhooks_max reached (sinks count with webhooks).", body = ErrorBody),
+        (status = 503, description = "Storage unavailable.", body = ErrorBody)
+    )
+)]
+pub async fn create_sink(
+    State(state): State<AppState>,
+    JsonBody(body): JsonBody<Value>,
+) -> Result<Response, ApiError> {
+    create_kind(&state, Kind::Postgres, &body).await
+}
+
+/// `GET /api/v1/postgres-sinks`.
+#[utoipa::path(
+    get,
+    path = "/postgres-sinks",
+    tag = "webhooks",
+    summary = "List PostgreSQL sinks with their delivery status",
+    responses(
+        (status = 200, description = "Sinks", body = s::PostgresSinkList),
+        (status = 503, description = "Storage unavailable.", body = ErrorBody)
+    )
+)]
+pub async fn list_sinks(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    list_kind(&state, Kind::Postgres)
+}
+
+/// `GET /api/v1/postgres-sinks/{id}`.
+#[utoipa::path(
+    get,
+    path = "/postgres-sinks/{id}",
+    tag = "webhooks",
+    summary = "A PostgreSQL sink and its delivery status",
+    params(("id" = String, Path, description = SINK_ID)),
+    responses(
+        (status = 200, description = "The sink", body = s::PostgresSinkView),
+        (status = 404, description = "No such sink.", body = ErrorBody),
+        (status = 503, description = "Storage unavailable.", body = ErrorBody)
+    )
+)]
+pub async fn get_sink(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(state.webhooks.status(Kind::Postgres, &id)?))
+}
+
+/// `PUT /api/v1/postgres-sinks/{id}`.
+#[utoipa::path(
+    put,
+    path = "/postgres-sinks/{id}",
+    tag = "webhooks",
+    summary = "Change a PostgreSQL sink (the fields given); delivery goes on from its cursor",
+    params(("id" = String, Path, description = SINK_ID)),
+    request_body = s::PostgresSinkRequest,
+    responses(
+        (status = 200, description = "Changed", body = s::PostgresSinkView),
+        (status = 404, description = "No such sink.", body = ErrorBody),
+        (status = 503, description = "Storage unavailable.", body = ErrorBody)
+    )
+)]
+pub async fn update_sink(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<Value>,
+) -> Result<Json<Value>, ApiError> {
+    state.webhooks.update(Kind::Postgres, &id, &body).await?;
+    Ok(Json(state.webhooks.status(Kind::Postgres, &id)?))
+}
+
+/// `DELETE /api/v1/postgres-sinks/{id}`.
+#[utoipa::path(
+    delete,
+    path = "/postgres-sinks/{id}",
+    tag = "webhooks",
+    summary = "Delete a PostgreSQL sink (its table stays)",
+    params(("id" = String, Path, description = SINK_ID)),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No such sink.", body = ErrorBody),
+        (status = 503, description = "Storage unavailable.", body = ErrorBody)
+    )
+)]
+pub async fn delete_sink(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    state.webhooks.delete(Kind::Postgres, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
