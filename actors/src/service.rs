@@ -5,7 +5,7 @@
 //! to the Thing's actor, and reads the append-only log for history. Frontends parse, authorize
 //! and render; they never hold state.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
@@ -653,6 +653,20 @@ impl Things {
         list_things(&self.store, after, limit).map_err(storage_failure)
     }
 
+    /// A registered Thing's connections, newest first (see [`list_connections`]).
+    pub fn connections(
+        &self,
+        name: &str,
+        since_ms: Option<u64>,
+        until_ms: Option<u64>,
+        before_seq: Option<u64>,
+        limit: usize,
+    ) -> Result<ConnectionPage, Rejection> {
+        self.require_registered(name, None)?;
+        list_connections(&self.store, name, since_ms, until_ms, before_seq, limit)
+            .map_err(storage_failure)
+    }
+
     /// A Thing's history from `from_seq` (inclusive), oldest first.
     pub fn history(
         &self,
@@ -918,4 +932,114 @@ pub fn read_history(
             })
         })
         .collect()
+}
+
+/// One connection of a Thing's device, from its log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct Connection {
+    /// The log sequence number of the connect.
+    pub seq: u64,
+    /// The MQTT client id.
+    pub client_id: String,
+    /// The server's id of the connection.
+    pub connection_id: u64,
+    /// Unix ms of the connect.
+    pub connected_at: u64,
+    /// Unix ms of the disconnect (absent while connected, or when the log holds none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disconnected_at: Option<u64>,
+    /// Why it ended (`client_disconnect`, `keep_alive_timeout`, `taken_over`, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// How long it lasted, ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+}
+
+/// A page of connections, newest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionPage {
+    /// Connections.
+    pub items: Vec<Connection>,
+    /// Continue below this sequence number; `None` at the beginning of the log or the window.
+    pub next_before_seq: Option<u64>,
+}
+
+/// Reads a Thing's connections newest first: those overlapping `[since_ms, until_ms]`, below
+/// `before_seq`, scanning at most [`EVENTS_SCAN_RECORDS_MAX`] records per page. A disconnect
+/// recorded after the next connect (a takeover) is paired only when both are on one page.
+pub fn list_connections(
+    store: &Store,
+    name: &str,
+    since_ms: Option<u64>,
+    until_ms: Option<u64>,
+    before_seq: Option<u64>,
+    limit: usize,
+) -> Result<ConnectionPage, StorageError> {
+    let mut items = Vec::new();
+    let mut ended: HashMap<u64, (u64, String)> = HashMap::new();
+    let mut below = before_seq.unwrap_or(u64::MAX);
+    let mut scanned = 0usize;
+    let done = |items, next| {
+        Ok(ConnectionPage {
+            items,
+            next_before_seq: next,
+        })
+    };
+    loop {
+        if below <= 1 {
+            return done(items, None);
+        }
+        let batch = store.read_events_rev(name, below - 1, EVENTS_SCAN_STEP)?;
+        if batch.is_empty() {
+            return done(items, None);
+        }
+        for recorded in &batch {
+            scanned += 1;
+            below = recorded.seq;
+            let kind = recorded.envelope.event_type.as_str();
+            if kind != codec::THING_CONNECTED && kind != codec::THING_DISCONNECTED {
+                if scanned >= EVENTS_SCAN_RECORDS_MAX {
+                    return done(items, Some(recorded.seq));
+                }
+                continue;
+            }
+            match codec::decode_event(name, recorded)? {
+                ThingEvent::Disconnected(d) => {
+                    ended.insert(d.connection_id, (d.at_ms, d.reason));
+                }
+                ThingEvent::Connected(c) => {
+                    let end = ended.remove(&c.connection_id);
+                    let end_ms = end.as_ref().map(|(at, _)| *at);
+                    if since_ms.is_some_and(|s| end_ms.unwrap_or(u64::MAX) < s) {
+                        // Older connections ended earlier still: the window is done.
+                        return done(items, None);
+                    }
+                    if until_ms.is_none_or(|u| c.at_ms <= u) {
+                        items.push(Connection {
+                            seq: recorded.seq,
+                            client_id: c.client_id,
+                            connection_id: c.connection_id,
+                            connected_at: c.at_ms,
+                            disconnected_at: end_ms,
+                            duration_ms: end_ms.map(|e| e.saturating_sub(c.at_ms)),
+                            reason: end.map(|(_, reason)| reason),
+                        });
+                        if items.len() >= limit {
+                            return done(items, Some(recorded.seq));
+                        }
+                    }
+                }
+                _ => {}
+            }
+            if scanned >= EVENTS_SCAN_RECORDS_MAX {
+                return done(items, Some(recorded.seq));
+            }
+        }
+        if batch.len() < EVENTS_SCAN_STEP {
+            return done(items, None);
+        }
+    }
 }

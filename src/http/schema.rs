@@ -1318,3 +1318,13 @@ pub struct PostgresSinkList {
     /// In id order.
     pub items: Vec<PostgresSinkView>,
 }
+
+/// A page of a device's connections, newest first.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionPage {
+    /// Connections.
+    pub items: Vec<thinghub_actors::service::Connection>,
+    /// Pass as `cursor`; null at the beginning of the log or the window.
+    pub next_cursor: Option<u64>,
+}

@@ -373,3 +373,47 @@ pub async fn events(
         json!({"items": items, "nextCursor": page.next_before_seq}),
     ))
 }
+
+/// Connectivity history parameters (times in Unix ms).
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectivityParams {
+    /// Connections that were live at or after this.
+    since: Option<u64>,
+    /// Connections that began at or before this.
+    until: Option<u64>,
+    limit: Option<usize>,
+    /// The previous page's `nextCursor`.
+    cursor: Option<u64>,
+}
+
+/// `GET /api/v1/things/{name}/connectivity?since&until&limit&cursor`: newest first.
+#[utoipa::path(
+    get,
+    path = "/things/{name}/connectivity",
+    tag = "things",
+    summary = "The device's connections from the Thing's log, newest first, with reasons and durations",
+    params(
+        ("name" = String, Path, description = "Thing name: 1..=128 of [a-zA-Z0-9:_-]", example = "sensor-1"),
+        ConnectivityParams
+    ),
+    responses(
+        (status = 200, description = "A page of connections", body = s::ConnectionPage),
+        (status = 404, description = "No such Thing.", body = ErrorBody),
+        (status = 503, description = "Storage unavailable.", body = ErrorBody)
+    )
+)]
+pub async fn connectivity(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    QueryParams(params): QueryParams<ConnectivityParams>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = page_limit(params.limit, state.limits.list_limit_max)?;
+    let page = state
+        .things
+        .connections(&name, params.since, params.until, params.cursor, limit)?;
+    Ok(Json(
+        json!({"items": page.items, "nextCursor": page.next_before_seq}),
+    ))
+}
