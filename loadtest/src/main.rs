@@ -24,6 +24,7 @@ mod register;
 mod report;
 mod shadow;
 mod target;
+mod webhook;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -203,6 +204,11 @@ enum Scenario {
         /// third phase of the same run, for the ratio.
         #[arg(long)]
         baseline_broker: Option<std::net::SocketAddr>,
+        /// Also run the shadow phase again with a webhook subscribed to every record (a
+        /// receiver in this process on loopback): records/s, lag, and the shadow rate beside
+        /// the phase without it.
+        #[arg(long)]
+        webhook: bool,
         #[command(flatten)]
         target: target::TargetArgs,
     },
@@ -452,6 +458,7 @@ fn main() -> Result<()> {
             rate,
             desired_share,
             baseline_broker,
+            webhook,
             target,
         } => runtime.block_on(shadow::run(
             &target,
@@ -461,6 +468,7 @@ fn main() -> Result<()> {
                 rate,
                 desired_share,
                 baseline_broker,
+                webhook,
             },
             report_dir,
         )),

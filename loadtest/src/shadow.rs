@@ -35,6 +35,8 @@ pub struct ShadowRun {
     pub desired_share: f64,
     /// Another broker (e.g. mosquitto on loopback) whose raw echo runs as a third phase.
     pub baseline_broker: Option<SocketAddr>,
+    /// Run the shadow phase again with a webhook receiving every record.
+    pub webhook: bool,
 }
 
 struct PhaseResult {
@@ -401,6 +403,11 @@ pub async fn run(
         ),
         None => None,
     };
+    let with_webhook = if run.webhook {
+        Some(webhook_phase(&target, &run, operator_every).await?)
+    } else {
+        None
+    };
     let rate = |p: &PhaseResult| p.round_trips as f64 / p.seconds;
     let mut report = Report::new("shadow");
     report
@@ -447,8 +454,110 @@ pub async fn run(
                 2,
             );
     }
+    if let Some(webhook) = &with_webhook {
+        report
+            .param("webhook", "every kind, batchMax = webhook_batch_max")
+            .number(
+                "durable shadow round trips/s with the webhook",
+                rate(&webhook.shadow),
+                0,
+            )
+            .latencies("shadow with the webhook", &webhook.shadow.latencies)
+            .number(
+                "with / without the webhook (ratio)",
+                rate(&webhook.shadow) / rate(&shadow).max(1e-9),
+                2,
+            )
+            .number(
+                "webhook records/s during the phase",
+                webhook.records_in_phase as f64 / webhook.shadow.seconds,
+                0,
+            )
+            .number(
+                "webhook records/s, phase and catch-up",
+                webhook.records as f64 / (webhook.shadow.seconds + webhook.catch_up_s),
+                0,
+            )
+            .number("webhook catch-up after the phase, s", webhook.catch_up_s, 1)
+            .latencies("webhook lag (arrival - record time)", &webhook.lag);
+    }
     report.latency_over_time = shadow.timeline.slices();
     report.finish(report_dir)
+}
+
+/// What the phase with a webhook measured.
+struct WebhookPhase {
+    shadow: PhaseResult,
+    records_in_phase: u64,
+    records: u64,
+    catch_up_s: f64,
+    lag: Histogram<u64>,
+}
+
+/// Longest the webhook may take to catch up after its phase.
+const WEBHOOK_CATCH_UP_MAX: Duration = Duration::from_secs(300);
+
+/// Creates a webhook for every record, runs the shadow phase again, then waits (bounded) for
+/// the webhook to receive everything committed.
+async fn webhook_phase(
+    target: &Arc<Target>,
+    run: &ShadowRun,
+    operator_every: Option<u64>,
+) -> Result<WebhookPhase> {
+    let receiver = crate::webhook::Receiver::start().await?;
+    let response = target
+        .request(reqwest::Method::POST, "/api/v1/webhooks")
+        .json(&serde_json::json!({"url": receiver.url}))
+        .send()
+        .await?;
+    if !response.status().is_success() {
+        bail!("creating the webhook: {}", response.status());
+    }
+    let created: serde_json::Value = response.json().await?;
+    let id = created["id"].as_str().context("webhook id")?.to_owned();
+    let shadow = {
+        let target = target.clone();
+        phase(
+            target.mqtt,
+            Some((BENCH_USER.0.to_owned(), BENCH_USER.1.to_owned())),
+            run.devices,
+            run.seconds,
+            run.rate,
+            "shadow + webhook",
+            move |i| Work::Shadow {
+                thing: format!("bench-{i}"),
+                http: operator_every.map(|every| (target.clone(), every)),
+            },
+            None,
+        )
+        .await?
+    };
+    let records_in_phase = receiver.records();
+    let ended = Instant::now();
+    loop {
+        let status: serde_json::Value = target
+            .request(reqwest::Method::GET, &format!("/api/v1/webhooks/{id}"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        if status["status"]["lagEntries"].as_u64() == Some(0) {
+            break;
+        }
+        if ended.elapsed() > WEBHOOK_CATCH_UP_MAX {
+            bail!("the webhook did not catch up within {WEBHOOK_CATCH_UP_MAX:?}: {status}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let catch_up_s = ended.elapsed().as_secs_f64();
+    let (records, lag) = receiver.snapshot();
+    Ok(WebhookPhase {
+        shadow,
+        records_in_phase,
+        records,
+        catch_up_s,
+        lag,
+    })
 }
 
 /// Runs `echo` against thinghub (the target) or any broker (`broker`).
