@@ -11,6 +11,7 @@ use crate::thing::{CommandEvent, ThingEvent};
 
 /// One event as an integration record.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Record {
     /// Stable across redeliveries: `{feed position}-{index in the append}`; use it to drop
@@ -19,6 +20,7 @@ pub struct Record {
     /// The change feed position (commit order across Things).
     pub position: u64,
     /// What happened, e.g. `shadow.updated` (see [`kind_of`]).
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub kind: &'static str,
     /// The Thing.
     pub thing_name: String,
@@ -32,6 +34,7 @@ pub struct Record {
     /// One line for people.
     pub summary: String,
     /// The event as stored (the history API's shape: tagged by variant, snake_case fields).
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub data: Value,
 }
 

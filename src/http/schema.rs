@@ -1193,31 +1193,6 @@ pub struct WebhookList {
     pub items: Vec<WebhookView>,
 }
 
-/// One record delivered to a webhook (a JSON array of them is each POST's body).
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct IntegrationRecord {
-    /// `{position}-{index}`: stable across redeliveries (delivery is at least once).
-    pub id: String,
-    /// Change feed position (commit order).
-    pub position: u64,
-    /// What happened (see WebhookRequest.kinds).
-    pub kind: String,
-    /// The Thing.
-    pub thing_name: String,
-    /// The MQTT client id the event names.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub client_id: Option<String>,
-    /// Unix ms recorded.
-    pub at: u64,
-    /// Sequence number in the Thing's log.
-    pub seq: u64,
-    /// For people.
-    pub summary: String,
-    /// The event as stored (as in the history API).
-    pub data: Object,
-}
-
 /// A batch the receiver refused for good.
 #[derive(Serialize, ToSchema)]
 pub struct DeadLetter {
@@ -1230,7 +1205,7 @@ pub struct DeadLetter {
     /// The receiver's answer.
     pub error: String,
     /// The records.
-    pub records: Vec<IntegrationRecord>,
+    pub records: Vec<thinghub_actors::integration::Record>,
 }
 
 /// Dead letters, oldest first.
