@@ -564,8 +564,15 @@ impl Webhooks {
             &consumer(&webhook.id),
             self.store.feed_durable_end().saturating_sub(1),
         )?;
-        let bytes = serde_json::to_vec(&webhook).map_err(|e| StorageError::Db(e.to_string()))?;
-        self.store.kv_put(&key(&webhook.id), bytes).await?;
+        let stored = match serde_json::to_vec(&webhook) {
+            Ok(bytes) => self.store.kv_put(&key(&webhook.id), bytes).await,
+            Err(e) => Err(StorageError::Db(e.to_string())),
+        };
+        if let Err(e) = stored {
+            // A cursor without its webhook would hold the feed from trimming for good.
+            let _ = self.store.remove_cursor(&consumer(&webhook.id));
+            return Err(e.into());
+        }
         tracing::info!(webhook = %webhook.id, url = %webhook.url, "webhook created");
         if webhook.enabled {
             self.run(webhook.clone());
