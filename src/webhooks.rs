@@ -8,7 +8,8 @@
 //! and jitter for as long as the webhook exists; any other 4xx is a permanent failure: the
 //! batch goes to the webhook's bounded dead-letter list and delivery goes on. A slow or dead
 //! receiver never slows device traffic (the feed is read behind the writers), but it holds the
-//! feed from being trimmed until it catches up, is disabled or deleted.
+//! feed from being trimmed until it catches up or is deleted (a disabled one keeps its cursor,
+//! so it resumes without loss, and holds the feed too).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -137,12 +138,17 @@ impl Webhook {
         if let Some(target) = &self.postgres {
             return self.postgres_json(target);
         }
+        let headers: BTreeMap<&str, &str> = self
+            .headers
+            .keys()
+            .map(|name| (name.as_str(), "(hidden)"))
+            .collect();
         json!({
             "id": self.id,
-            "url": self.url,
+            "url": redacted(&self.url),
             "kinds": self.kinds,
             "thingNames": self.thing_names,
-            "headers": self.headers,
+            "headers": headers,
             "hasSecret": self.secret.is_some(),
             "batchMax": self.batch_max,
             "enabled": self.enabled,
@@ -212,6 +218,7 @@ pub struct WebhookTotals {
 struct Running {
     stop: watch::Sender<bool>,
     stats: Arc<WebhookStats>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 /// The webhooks and their delivery tasks.
@@ -220,11 +227,16 @@ pub struct Webhooks {
     limits: WebhookLimits,
     client: reqwest::Client,
     running: Mutex<HashMap<String, Running>>,
+    /// Held across a change (create, update, delete): one at a time, so the stored definition
+    /// and the running task always agree.
+    changes: tokio::sync::Mutex<()>,
     /// Counters over every webhook.
     pub totals: Arc<WebhookTotals>,
 }
 
 const PREFIX: &str = "webhook/";
+/// How much of a refusing receiver's answer is kept (status, logs, dead letters).
+const ERROR_BODY_SHOWN_BYTES: usize = 512;
 const DEAD_PREFIX: &str = "webhook-dead/";
 
 fn key(id: &str) -> String {
@@ -237,6 +249,17 @@ fn consumer(id: &str) -> String {
 
 fn dead_prefix(id: &str) -> String {
     format!("{DEAD_PREFIX}{id}/")
+}
+
+/// `url` without its password (shown and logged).
+fn redacted(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("hidden"));
+            parsed.to_string()
+        }
+        _ => url.to_owned(),
+    }
 }
 
 fn now_ms() -> u64 {
@@ -477,6 +500,7 @@ impl Webhooks {
             limits,
             client,
             running: Mutex::new(HashMap::new()),
+            changes: tokio::sync::Mutex::new(()),
             totals: Arc::new(WebhookTotals::default()),
         }))
     }
@@ -515,38 +539,42 @@ impl Webhooks {
             .drain()
         {
             let _ = running.stop.send(true);
+            running.task.abort();
         }
     }
 
     fn run(self: &Arc<Self>, webhook: Webhook) {
         let (stop, stopped) = watch::channel(false);
         let stats = Arc::new(WebhookStats::default());
+        let id = webhook.id.clone();
+        let me = self.clone();
+        let task = tokio::spawn({
+            let stats = stats.clone();
+            async move { me.deliver_loop(webhook, stats, stopped).await }
+        });
         let previous = self
             .running
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                webhook.id.clone(),
-                Running {
-                    stop,
-                    stats: stats.clone(),
-                },
-            );
+            .insert(id, Running { stop, stats, task });
         if let Some(previous) = previous {
             let _ = previous.stop.send(true);
+            previous.task.abort();
         }
-        let me = self.clone();
-        tokio::spawn(async move { me.deliver_loop(webhook, stats, stopped).await });
     }
 
-    fn halt(&self, id: &str) {
-        if let Some(running) = self
+    /// Stops a webhook's task and waits until it is gone (an aborted request leaves the
+    /// cursor where it was: the batch is sent again later, never skipped).
+    async fn halt(&self, id: &str) {
+        let running = self
             .running
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(id)
-        {
+            .remove(id);
+        if let Some(running) = running {
             let _ = running.stop.send(true);
+            running.task.abort();
+            let _ = running.task.await;
         }
     }
 
@@ -557,6 +585,7 @@ impl Webhooks {
         body: &Value,
     ) -> Result<Webhook, WebhookError> {
         let webhook = parse(body, None, &self.limits, kind)?;
+        let _change = self.changes.lock().await;
         if self.load_all()?.len() >= self.limits.webhooks_max {
             return Err(WebhookError::TooMany(self.limits.webhooks_max));
         }
@@ -573,7 +602,7 @@ impl Webhooks {
             let _ = self.store.remove_cursor(&consumer(&webhook.id));
             return Err(e.into());
         }
-        tracing::info!(webhook = %webhook.id, url = %webhook.url, "webhook created");
+        tracing::info!(webhook = %webhook.id, url = %redacted(&webhook.url), "webhook created");
         if webhook.enabled {
             self.run(webhook.clone());
         }
@@ -613,11 +642,12 @@ impl Webhooks {
         id: &str,
         body: &Value,
     ) -> Result<Webhook, WebhookError> {
+        let _change = self.changes.lock().await;
         let current = self.get(kind, id)?;
         let webhook = parse(body, Some(&current), &self.limits, kind)?;
         let bytes = serde_json::to_vec(&webhook).map_err(|e| StorageError::Db(e.to_string()))?;
+        self.halt(id).await;
         self.store.kv_put(&key(id), bytes).await?;
-        self.halt(id);
         if webhook.enabled {
             self.run(webhook.clone());
         }
@@ -626,13 +656,14 @@ impl Webhooks {
 
     /// Deletes a webhook, its cursor and its dead letters.
     pub async fn delete(&self, kind: Kind, id: &str) -> Result<(), WebhookError> {
+        let _change = self.changes.lock().await;
         self.get(kind, id)?;
-        self.halt(id);
+        self.halt(id).await;
         let dead = self
             .store
-            .kv_scan_prefix(&dead_prefix(id), self.limits.dead_letters_max + 1)?;
+            .kv_keys_prefix(&dead_prefix(id), self.limits.dead_letters_max + 1)?;
         let mut changes: Vec<(String, Option<Vec<u8>>)> =
-            dead.into_iter().map(|(key, _)| (key, None)).collect();
+            dead.into_iter().map(|key| (key, None)).collect();
         changes.push((key(id), None));
         self.store.kv_apply_behind(changes)?;
         self.store.remove_cursor(&consumer(id))?;
@@ -648,7 +679,7 @@ impl Webhooks {
         let end = self.store.feed_durable_end();
         let dead = self
             .store
-            .kv_scan_prefix(&dead_prefix(id), self.limits.dead_letters_max + 1)?
+            .kv_keys_prefix(&dead_prefix(id), self.limits.dead_letters_max + 1)?
             .len();
         let stats = self
             .running
@@ -779,13 +810,16 @@ impl Webhooks {
             Ok(response) if response.status().is_success() => Attempt::Delivered,
             Ok(response) => {
                 let status = response.status();
-                let text: String = response
-                    .text()
-                    .await
-                    .unwrap_or_default()
-                    .chars()
-                    .take(512)
-                    .collect();
+                let mut response = response;
+                let mut text = Vec::new();
+                while text.len() < ERROR_BODY_SHOWN_BYTES {
+                    match response.chunk().await {
+                        Ok(Some(chunk)) => text.extend_from_slice(&chunk),
+                        _ => break,
+                    }
+                }
+                text.truncate(ERROR_BODY_SHOWN_BYTES);
+                let text = String::from_utf8_lossy(&text);
                 let why = format!("{status}: {text}");
                 if status.is_server_error() || status.as_u16() == 408 || status.as_u16() == 429 {
                     Attempt::Retry(why)
@@ -793,7 +827,8 @@ impl Webhooks {
                     Attempt::Permanent(status.as_u16(), why)
                 }
             }
-            Err(e) => Attempt::Retry(e.to_string()),
+            // Without the URL: it may carry credentials.
+            Err(e) => Attempt::Retry(e.without_url().to_string()),
         }
     }
 
@@ -826,12 +861,14 @@ impl Webhooks {
             if cursor.saturating_add(1) >= end {
                 stats.pending_since_ms.store(0, Ordering::Relaxed);
                 tokio::select! {
-                    () = self.store.feed_grown(end.saturating_sub(1).max(cursor)) => {}
+                    () = self.store.feed_grown(end) => {}
                     _ = stop.wait_for(|s| *s) => return,
                 }
                 continue;
             }
-            let (batch, through) = match self.next_batch(&webhook, cursor) {
+            // A long catch-up over filtered-out records must not hold the thread.
+            tokio::task::yield_now().await;
+            let (batch, through) = match self.next_batch(&webhook, cursor, end) {
                 Ok(next) => next,
                 Err(e) => {
                     tracing::error!(webhook = %webhook.id, error = %e, "cannot read the change feed");
@@ -849,14 +886,13 @@ impl Webhooks {
                         .pending_since_ms
                         .store(first_at.max(1), Ordering::Relaxed);
                 }
-                let Some(delivered) = self
+                // Delivered or dead-lettered: either way delivery goes on after it.
+                if self
                     .deliver(&webhook, &stats, &batch, &mut pg, &mut stop)
                     .await
-                else {
+                    .is_none()
+                {
                     return;
-                };
-                if !delivered {
-                    continue;
                 }
                 stats.pending_since_ms.store(0, Ordering::Relaxed);
             }
@@ -873,22 +909,38 @@ impl Webhooks {
         &self,
         webhook: &Webhook,
         cursor: u64,
+        end: u64,
     ) -> Result<(Vec<Record>, u64), StorageError> {
         let entries = self.store.read_feed(cursor, self.limits.feed_batch_max)?;
         let mut batch = Vec::new();
         let mut through = cursor;
         for entry in &entries {
+            if webhook
+                .thing_names
+                .as_ref()
+                .is_some_and(|names| !names.contains(&entry.thing))
+            {
+                through = entry.position;
+                continue;
+            }
             match integration::read_records(&self.store, entry) {
                 Ok(records) => batch.extend(records.into_iter().filter(|r| webhook.wants(r))),
-                Err(e) => {
-                    // One unreadable append must not stop the webhook for good.
-                    tracing::error!(webhook = %webhook.id, thing = %entry.thing, first_seq = entry.first_seq, error = %e, "webhook skips events that cannot be read");
+                // A damaged record is skipped (one must not stop the webhook for good); any
+                // other failure is retried: nothing readable is skipped.
+                Err(e @ StorageError::Corrupt { .. }) => {
+                    tracing::error!(webhook = %webhook.id, thing = %entry.thing, first_seq = entry.first_seq, error = %e, "webhook skips events that cannot be decoded");
                 }
+                Err(e) => return Err(e),
             }
             through = entry.position;
             if batch.len() >= webhook.batch_max {
-                break;
+                return Ok((batch, through));
             }
+        }
+        if entries.len() < self.limits.feed_batch_max {
+            // Everything durable below `end` was read: positions without an entry (an append
+            // that failed) are passed too, so they cannot stall the webhook.
+            through = through.max(end.saturating_sub(1));
         }
         Ok((batch, through))
     }
@@ -933,16 +985,24 @@ impl Webhooks {
                 Attempt::Permanent(status, why) => {
                     tracing::warn!(webhook = %webhook.id, %status, error = %why, records = batch.len(), "webhook refused a batch; dead-lettered");
                     stats.error(why.clone());
-                    stats
-                        .failed
-                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                    self.totals
-                        .failed
-                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                    if let Err(e) = self.dead_letter(webhook, status, &why, batch) {
-                        tracing::error!(webhook = %webhook.id, error = %e, "cannot store a dead letter");
+                    match self.dead_letter(webhook, status, &why, batch) {
+                        Ok(()) => {
+                            stats
+                                .failed
+                                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                            self.totals
+                                .failed
+                                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                            return Some(false);
+                        }
+                        Err(e) => {
+                            // Not stored: the batch is not passed over (it would be lost).
+                            tracing::error!(webhook = %webhook.id, error = %e, "cannot store a dead letter; retrying the batch");
+                            if wait_or_stop(stop, self.limits.retry_max).await {
+                                return None;
+                            }
+                        }
                     }
-                    return Some(false);
                 }
             }
         }
@@ -970,9 +1030,11 @@ impl Webhooks {
         )];
         let held = self
             .store
-            .kv_scan_prefix(&prefix, self.limits.dead_letters_max + 1)?;
-        let over = (held.len() + 1).saturating_sub(self.limits.dead_letters_max);
-        for (key, _) in held.into_iter().take(over) {
+            .kv_keys_prefix(&prefix, self.limits.dead_letters_max + 1)?;
+        let new_key = format!("{prefix}{first:020}");
+        let kept = held.iter().filter(|key| **key != new_key).count();
+        let over = (kept + 1).saturating_sub(self.limits.dead_letters_max.max(1));
+        for key in held.into_iter().filter(|key| *key != new_key).take(over) {
             tracing::warn!(webhook = %webhook.id, %key, "dead-letter list full; the oldest is dropped");
             changes.push((key, None));
         }
@@ -1006,7 +1068,7 @@ async fn write_postgres(
         });
         client
             .batch_execute(&format!(
-                "CREATE TABLE IF NOT EXISTS {} (id text PRIMARY KEY, position bigint NOT NULL, \
+                "CREATE TABLE IF NOT EXISTS \"{}\" (id text PRIMARY KEY, position bigint NOT NULL, \
                  kind text NOT NULL, thing_name text NOT NULL, client_id text, \
                  at_ms bigint NOT NULL, seq bigint NOT NULL, summary text NOT NULL, \
                  data jsonb NOT NULL)",
@@ -1021,7 +1083,7 @@ async fn write_postgres(
     let transaction = client.transaction().await?;
     let insert = transaction
         .prepare(&format!(
-            "INSERT INTO {} (id, position, kind, thing_name, client_id, at_ms, seq, summary, data) \
+            "INSERT INTO \"{}\" (id, position, kind, thing_name, client_id, at_ms, seq, summary, data) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (id) DO NOTHING",
             target.table
         ))

@@ -335,3 +335,44 @@ async fn refused_batches_go_to_the_dead_letters_and_replay() {
     let (status, _) = call(Method::GET, &letters_url, None).await;
     assert_eq!(status, 404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_dead_letter_delivery_goes_on_with_the_next_records() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let (receiver, url) = receiver().await;
+    receiver.failure_status.store(400, Ordering::SeqCst);
+    receiver.failures.store(1, Ordering::SeqCst);
+    let created = create(
+        &server,
+        "/api/v1/webhooks",
+        json!({"url": url, "secret": SECRET, "batchMax": 1, "kinds": ["thing.registered"]}),
+    )
+    .await;
+    let id = created["id"].as_str().expect("id");
+    create(&server, "/api/v1/things", json!({"thingName": "first"})).await;
+    create(&server, "/api/v1/things", json!({"thingName": "second"})).await;
+    let deadline = Instant::now() + WAIT;
+    while !accepted(&receiver)
+        .iter()
+        .any(|r| r["thingName"] == "second")
+    {
+        assert!(Instant::now() < deadline, "the next record is delivered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_, letters) = call(
+        Method::GET,
+        &server.url(&format!("/api/v1/webhooks/{id}/dead-letters")),
+        None,
+    )
+    .await;
+    let items = letters["items"].as_array().expect("items");
+    assert_eq!(items.len(), 1, "{letters}");
+    assert_eq!(items[0]["records"][0]["thingName"], "first");
+    assert_eq!(items[0]["records"][0]["id"], "first:1");
+    assert_eq!(
+        receiver.requests.load(Ordering::SeqCst),
+        2,
+        "the refused batch is not sent again"
+    );
+}

@@ -14,8 +14,9 @@ use crate::thing::{CommandEvent, ThingEvent};
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Record {
-    /// Stable across redeliveries: `{feed position}-{index in the append}`; use it to drop
-    /// duplicates (delivery is at least once).
+    /// Stable across redeliveries: `{thingName}:{seq}` (one event of one Thing's log, also if
+    /// a failed append left its feed entry and the events came again under a later one); use
+    /// it to drop duplicates (delivery is at least once).
     pub id: String,
     /// The change feed position (commit order across Things).
     pub position: u64,
@@ -81,8 +82,7 @@ pub fn records_of(
 ) -> Result<Vec<Record>, StorageError> {
     events
         .iter()
-        .enumerate()
-        .map(|(index, recorded)| {
+        .map(|recorded| {
             let event = codec::decode_event(&entry.thing, recorded)?;
             let client_id = match &event {
                 ThingEvent::Connected(e) => Some(e.client_id.clone()),
@@ -91,7 +91,7 @@ pub fn records_of(
                 _ => None,
             };
             Ok(Record {
-                id: format!("{}-{index}", entry.position),
+                id: format!("{}:{}", entry.thing, recorded.seq),
                 position: entry.position,
                 kind: kind_of(&event),
                 thing_name: entry.thing.clone(),

@@ -567,20 +567,20 @@ fn collect(state: &AppState) -> Vec<Metric> {
         "online",
     ));
     metrics.push(m(
-        "thinghub_things_registered_total",
+        "thinghub_thing_registrations_total",
         "counter",
         "Things registered since start.",
         load(&counters.registered),
         "things",
-        "registeredTotal",
+        "registrations",
     ));
     metrics.push(m(
-        "thinghub_things_deleted_total",
+        "thinghub_thing_deletions_total",
         "counter",
         "Things deleted since start.",
         load(&counters.deleted),
         "things",
-        "deletedTotal",
+        "deletions",
     ));
     metrics.push(m(
         "thinghub_thing_connections_total",

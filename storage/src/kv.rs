@@ -59,6 +59,21 @@ impl Store {
         Ok(existed)
     }
 
+    /// The keys (not the values) under `prefix`, in order, at most `limit`.
+    pub fn kv_keys_prefix(&self, prefix: &str, limit: usize) -> Result<Vec<String>, StorageError> {
+        let mut out = Vec::new();
+        for key in self
+            .inner
+            .kv
+            .scan_prefix(prefix.as_bytes())
+            .keys()
+            .take(limit)
+        {
+            out.push(String::from_utf8_lossy(&key?).into_owned());
+        }
+        Ok(out)
+    }
+
     /// Records whose key starts with `prefix` and sorts after `after` (a whole key), in key
     /// order, at most `limit`: a page that reads only what it returns.
     pub fn kv_scan_prefix_after(
