@@ -277,7 +277,7 @@ impl Default for Config {
             webhook_request_timeout_ms: 10_000,
             webhook_retry_base_ms: 500,
             webhook_retry_max_ms: 60_000,
-            webhook_batch_max: 100,
+            webhook_batch_max: 1000,
             webhook_dead_letters_max: 1000,
             webhooks_max: 100,
             auth_failures_free: 5,
