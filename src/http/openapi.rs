@@ -12,7 +12,7 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, OpenApi, Ref, ResponseBuilder};
-use utoipa::{Modify, ToSchema};
+use utoipa::ToSchema;
 
 /// Every error's body.
 #[derive(Debug, serde::Serialize, ToSchema)]
@@ -45,13 +45,6 @@ pub const SECURITY: &str = "apiKey";
 )]
 pub struct ApiDoc;
 
-/// Adds what every route shares, once the routes are in the document.
-pub fn finish(openapi: &mut OpenApi) {
-    Shared.modify(openapi);
-}
-
-struct Shared;
-
 fn error_response(description: &str) -> utoipa::openapi::Response {
     ResponseBuilder::new()
         .description(description)
@@ -64,13 +57,16 @@ fn error_response(description: &str) -> utoipa::openapi::Response {
         .build()
 }
 
-/// The errors any authenticated route can answer before or besides its handler.
-fn shared_errors(path: &str, has_body: bool) -> Vec<(u16, &'static str)> {
+/// The routes served without a key (outside the authentication layer in `app`).
+const PUBLIC_PATHS: [&str; 2] = ["/healthz", "/api/v1/openapi.json"];
+
+/// The errors any route can answer before or besides its handler.
+fn shared_errors(public: bool, has_body: bool) -> Vec<(u16, &'static str)> {
     let mut errors = vec![(
         400,
         "The request is malformed: a path or query parameter, or the body.",
     )];
-    if path != "/healthz" && path != "/api/v1/openapi.json" {
+    if !public {
         errors.push((
             401,
             "No valid API key (missing, malformed, unknown, revoked or expired).",
@@ -92,44 +88,43 @@ fn shared_errors(path: &str, has_body: bool) -> Vec<(u16, &'static str)> {
     errors
 }
 
-impl Modify for Shared {
-    fn modify(&self, openapi: &mut OpenApi) {
-        let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            SECURITY,
-            SecurityScheme::Http(
-                HttpBuilder::new()
-                    .scheme(HttpAuthScheme::Basic)
-                    .description(Some("API key as user name, its secret as password."))
-                    .build(),
-            ),
-        );
-        for (path, item) in openapi.paths.paths.iter_mut() {
-            let operations = [
-                &mut item.get,
-                &mut item.put,
-                &mut item.post,
-                &mut item.delete,
-                &mut item.patch,
-            ];
-            for operation in operations.into_iter().flatten() {
-                let has_body = operation.request_body.is_some();
-                let public = path == "/healthz" || path == "/api/v1/openapi.json";
-                if !public {
-                    operation.security =
-                        Some(vec![utoipa::openapi::security::SecurityRequirement::new::<
-                            &str,
-                            [&str; 0],
-                            &str,
-                        >(SECURITY, [])]);
-                }
-                for (status, description) in shared_errors(path, has_body) {
-                    operation
-                        .responses
-                        .responses
-                        .entry(status.to_string())
-                        .or_insert_with(|| error_response(description).into());
-                }
+/// Adds what every route shares, once the routes are in the document.
+pub fn finish(openapi: &mut OpenApi) {
+    let components = openapi.components.get_or_insert_with(Default::default);
+    components.add_security_scheme(
+        SECURITY,
+        SecurityScheme::Http(
+            HttpBuilder::new()
+                .scheme(HttpAuthScheme::Basic)
+                .description(Some("API key as user name, its secret as password."))
+                .build(),
+        ),
+    );
+    for (path, item) in openapi.paths.paths.iter_mut() {
+        let operations = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ];
+        for operation in operations.into_iter().flatten() {
+            let has_body = operation.request_body.is_some();
+            let public = PUBLIC_PATHS.contains(&path.as_str());
+            if !public {
+                operation.security =
+                    Some(vec![utoipa::openapi::security::SecurityRequirement::new::<
+                        &str,
+                        [&str; 0],
+                        &str,
+                    >(SECURITY, [])]);
+            }
+            for (status, description) in shared_errors(public, has_body) {
+                operation
+                    .responses
+                    .responses
+                    .entry(status.to_string())
+                    .or_insert_with(|| error_response(description).into());
             }
         }
     }
