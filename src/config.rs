@@ -278,7 +278,7 @@ impl Default for Config {
             webhook_retry_base_ms: 500,
             webhook_retry_max_ms: 60_000,
             webhook_batch_max: 1000,
-            webhook_dead_letters_max: 1000,
+            webhook_dead_letters_max: 100,
             webhooks_max: 100,
             auth_failures_free: 5,
             auth_backoff_base_ms: 200,

@@ -156,14 +156,18 @@ impl Webhook {
         })
     }
 
-    fn wants(&self, record: &Record) -> bool {
+    /// Whether it delivers records of `thing` (checked per feed entry, before reading it).
+    fn wants_thing(&self, thing: &str) -> bool {
+        self.thing_names
+            .as_ref()
+            .is_none_or(|names| names.iter().any(|name| name == thing))
+    }
+
+    /// Whether it delivers records of this kind.
+    fn wants_kind(&self, record: &Record) -> bool {
         self.kinds
             .as_ref()
             .is_none_or(|kinds| kinds.iter().any(|k| k == record.kind))
-            && self
-                .thing_names
-                .as_ref()
-                .is_none_or(|names| names.contains(&record.thing_name))
     }
 }
 
@@ -230,6 +234,8 @@ pub struct Webhooks {
     /// Held across a change (create, update, delete): one at a time, so the stored definition
     /// and the running task always agree.
     changes: tokio::sync::Mutex<()>,
+    /// Held by a dead-letter replay.
+    replays: tokio::sync::Mutex<()>,
     /// Counters over every webhook.
     pub totals: Arc<WebhookTotals>,
 }
@@ -501,6 +507,7 @@ impl Webhooks {
             client,
             running: Mutex::new(HashMap::new()),
             changes: tokio::sync::Mutex::new(()),
+            replays: tokio::sync::Mutex::new(()),
             totals: Arc::new(WebhookTotals::default()),
         }))
     }
@@ -674,7 +681,12 @@ impl Webhooks {
 
     /// Delivery status of a webhook.
     pub fn status(&self, kind: Kind, id: &str) -> Result<Value, WebhookError> {
-        let webhook = self.get(kind, id)?;
+        self.view(&self.get(kind, id)?)
+    }
+
+    /// `webhook` as the API shows it, with its delivery status.
+    pub fn view(&self, webhook: &Webhook) -> Result<Value, WebhookError> {
+        let id = webhook.id.as_str();
         let cursor = self.store.cursor(&consumer(id))?;
         let end = self.store.feed_durable_end();
         let dead = self
@@ -717,29 +729,50 @@ impl Webhooks {
         Ok(view)
     }
 
-    /// The dead letters of a webhook, oldest first.
-    pub fn dead_letters(&self, kind: Kind, id: &str) -> Result<Vec<Value>, WebhookError> {
+    /// A page of a webhook's dead letters, oldest first, after the letter `after` (its `id`);
+    /// the next page's cursor when the page is full.
+    pub fn dead_letters(
+        &self,
+        kind: Kind,
+        id: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<Value>, Option<String>), WebhookError> {
         self.get(kind, id)?;
-        Ok(self
+        let prefix = dead_prefix(id);
+        let after = after.map(|letter| format!("{prefix}{letter}"));
+        let page = self
             .store
-            .kv_scan_prefix(&dead_prefix(id), self.limits.dead_letters_max + 1)?
+            .kv_scan_prefix_after(&prefix, after.as_deref(), limit)?;
+        let next = (page.len() == limit)
+            .then(|| page.last().map(|(key, _)| key[prefix.len()..].to_owned()))
+            .flatten();
+        let items = page
             .into_iter()
             .filter_map(|(_, bytes)| serde_json::from_slice(&bytes).ok())
-            .collect())
+            .collect();
+        Ok((items, next))
     }
 
     /// Sends the dead letters again, oldest first, removing each one delivered; stops at the
     /// first that fails. Returns (replayed, left).
     pub async fn replay(&self, kind: Kind, id: &str) -> Result<(usize, usize), WebhookError> {
         let webhook = self.get(kind, id)?;
+        // One replay at a time: two would send the same letters twice.
+        let _replay = self.replays.lock().await;
         let mut pg = None;
-        let letters = self
+        let keys = self
             .store
-            .kv_scan_prefix(&dead_prefix(id), self.limits.dead_letters_max + 1)?;
-        let total = letters.len();
+            .kv_keys_prefix(&dead_prefix(id), self.limits.dead_letters_max + 1)?;
+        let total = keys.len();
         let mut replayed = 0;
-        for (key, bytes) in letters {
-            let Ok(letter) = serde_json::from_slice::<Value>(&bytes) else {
+        // One letter in memory at a time (each holds up to a batch of records).
+        for key in keys {
+            let Some(letter) = self
+                .store
+                .kv_get(&key)?
+                .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok())
+            else {
                 continue;
             };
             let records = letter["records"].as_array().cloned().unwrap_or_default();
@@ -764,7 +797,21 @@ impl Webhooks {
         records: &[Value],
     ) -> Attempt {
         if let Some(target) = &webhook.postgres {
-            return match write_postgres(target, pg, records).await {
+            // Bounded like an HTTP delivery: a database that accepts the connection and then
+            // says nothing must not hold the sink (dropping the client rolls the batch back).
+            let written = tokio::time::timeout(
+                self.limits.request_timeout,
+                write_postgres(target, pg, records),
+            )
+            .await;
+            let Ok(written) = written else {
+                *pg = None;
+                return Attempt::Retry(format!(
+                    "PostgreSQL: no answer within {} ms (webhook_request_timeout_ms)",
+                    self.limits.request_timeout.as_millis()
+                ));
+            };
+            return match written {
                 Ok(()) => Attempt::Delivered,
                 Err(e) => {
                     let data_error = e
@@ -915,16 +962,12 @@ impl Webhooks {
         let mut batch = Vec::new();
         let mut through = cursor;
         for entry in &entries {
-            if webhook
-                .thing_names
-                .as_ref()
-                .is_some_and(|names| !names.contains(&entry.thing))
-            {
+            if !webhook.wants_thing(&entry.thing) {
                 through = entry.position;
                 continue;
             }
             match integration::read_records(&self.store, entry) {
-                Ok(records) => batch.extend(records.into_iter().filter(|r| webhook.wants(r))),
+                Ok(records) => batch.extend(records.into_iter().filter(|r| webhook.wants_kind(r))),
                 // A damaged record is skipped (one must not stop the webhook for good); any
                 // other failure is retried: nothing readable is skipped.
                 Err(e @ StorageError::Corrupt { .. }) => {

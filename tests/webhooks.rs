@@ -289,6 +289,23 @@ async fn refused_batches_go_to_the_dead_letters_and_replay() {
     };
     let letter = &letters["items"][0];
     assert_eq!(letter["status"], 400, "{letter}");
+    // Paged: a full page names the next one.
+    let (_, first) = call(Method::GET, &format!("{letters_url}?limit=1"), None).await;
+    let cursor = first["nextCursor"]
+        .as_str()
+        .expect("a full page has a cursor");
+    let (_, rest) = call(
+        Method::GET,
+        &format!("{letters_url}?limit=1&cursor={cursor}"),
+        None,
+    )
+    .await;
+    assert!(
+        rest["items"]
+            .as_array()
+            .is_some_and(|items| items.iter().all(|l| l["id"] != letter["id"])),
+        "{rest}"
+    );
     assert_eq!(letter["records"][0]["kind"], "thing.registered", "{letter}");
     assert!(accepted(&receiver).is_empty());
 

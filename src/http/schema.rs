@@ -1208,11 +1208,14 @@ pub struct DeadLetter {
     pub records: Vec<thinghub_actors::integration::Record>,
 }
 
-/// Dead letters, oldest first.
+/// A page of dead letters, oldest first.
 #[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct DeadLetterList {
     /// Dead letters.
     pub items: Vec<DeadLetter>,
+    /// Pass as `cursor` for the next page; null on the last.
+    pub next_cursor: Option<String>,
 }
 
 /// The outcome of a replay.

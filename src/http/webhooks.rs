@@ -8,7 +8,7 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::extract::JsonBody;
+use super::extract::{JsonBody, QueryParams};
 use super::openapi::ErrorBody;
 use super::schema as s;
 use super::AppState;
@@ -58,7 +58,7 @@ async fn create_kind(state: &AppState, kind: Kind, body: &Value) -> Result<Respo
     Ok((
         StatusCode::CREATED,
         [(header::LOCATION, location)],
-        Json(state.webhooks.status(kind, &webhook.id)?),
+        Json(state.webhooks.view(&webhook)?),
     )
         .into_response())
 }
@@ -68,7 +68,7 @@ fn list_kind(state: &AppState, kind: Kind) -> Result<Json<Value>, ApiError> {
         .webhooks
         .list(kind)?
         .iter()
-        .map(|w| state.webhooks.status(kind, &w.id))
+        .map(|w| state.webhooks.view(w))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Json(json!({ "items": items })))
 }
@@ -127,8 +127,8 @@ pub async fn update(
     Path(id): Path<String>,
     JsonBody(body): JsonBody<Value>,
 ) -> Result<Json<Value>, ApiError> {
-    state.webhooks.update(Kind::Webhook, &id, &body).await?;
-    Ok(Json(state.webhooks.status(Kind::Webhook, &id)?))
+    let webhook = state.webhooks.update(Kind::Webhook, &id, &body).await?;
+    Ok(Json(state.webhooks.view(&webhook)?))
 }
 
 /// `DELETE /api/v1/webhooks/{id}`.
@@ -158,9 +158,9 @@ pub async fn delete(
     path = "/webhooks/{id}/dead-letters",
     tag = "webhooks",
     summary = "Batches the receiver refused for good (a 4xx other than 408 and 429), oldest first",
-    params(("id" = String, Path, description = ID)),
+    params(("id" = String, Path, description = ID), DeadLetterParams),
     responses(
-        (status = 200, description = "Dead letters", body = s::DeadLetterList),
+        (status = 200, description = "A page of dead letters", body = s::DeadLetterList),
         (status = 404, description = "No such webhook.", body = ErrorBody),
         (status = 503, description = "Storage unavailable.", body = ErrorBody)
     )
@@ -168,10 +168,31 @@ pub async fn delete(
 pub async fn dead_letters(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    QueryParams(page): QueryParams<DeadLetterParams>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(Json(
-        json!({ "items": state.webhooks.dead_letters(Kind::Webhook, &id)? }),
-    ))
+    let limit = match page.limit {
+        None => DEAD_LETTERS_PAGE_DEFAULT.min(state.limits.list_limit_max),
+        Some(limit) => super::things::page_limit(Some(limit), state.limits.list_limit_max)?,
+    };
+    let (items, next) =
+        state
+            .webhooks
+            .dead_letters(Kind::Webhook, &id, page.cursor.as_deref(), limit)?;
+    Ok(Json(json!({ "items": items, "nextCursor": next })))
+}
+
+/// Dead letters per page when the request names no limit (each holds up to a batch).
+const DEAD_LETTERS_PAGE_DEFAULT: usize = 10;
+
+/// Paging of dead letters.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLetterParams {
+    /// 1..=list_limit_max (default 10).
+    limit: Option<usize>,
+    /// The previous page's `nextCursor`.
+    cursor: Option<String>,
 }
 
 /// `POST /api/v1/webhooks/{id}/dead-letters/replay`.
@@ -271,8 +292,8 @@ pub async fn update_sink(
     Path(id): Path<String>,
     JsonBody(body): JsonBody<Value>,
 ) -> Result<Json<Value>, ApiError> {
-    state.webhooks.update(Kind::Postgres, &id, &body).await?;
-    Ok(Json(state.webhooks.status(Kind::Postgres, &id)?))
+    let webhook = state.webhooks.update(Kind::Postgres, &id, &body).await?;
+    Ok(Json(state.webhooks.view(&webhook)?))
 }
 
 /// `DELETE /api/v1/postgres-sinks/{id}`.
