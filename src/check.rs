@@ -148,7 +148,7 @@ fn thing_subject(name: &str) -> String {
 }
 
 fn check_store(store: &Store, report: &mut CheckReport) {
-    const KNOWN_TREES: [&str; 11] = [
+    const KNOWN_TREES: [&str; 12] = [
         "__sled__default",
         "feed",
         "cursors",
@@ -159,6 +159,7 @@ fn check_store(store: &Store, report: &mut CheckReport) {
         "things",
         "client_ids",
         "deadlines",
+        "alarms",
         "kv",
     ];
     for tree in store.tree_names() {
@@ -185,6 +186,7 @@ fn check_store(store: &Store, report: &mut CheckReport) {
     check_snapshots(store, report, &seen);
     check_registry_index(store, report, &seen);
     check_deadline_index(store, report, &seen);
+    check_alarm_index(store, report, &seen);
     check_kv(store, report);
 }
 
@@ -480,6 +482,38 @@ fn check_registry_index(store: &Store, report: &mut CheckReport, seen: &HashSet<
     }
 }
 
+fn check_alarm_index(store: &Store, report: &mut CheckReport, seen: &HashSet<String>) {
+    let mut after: Option<String> = None;
+    loop {
+        let (page, next) = match store.scan_alarms(
+            None,
+            after.as_deref(),
+            INDEX_PAGE_RECORDS,
+            INDEX_PAGE_RECORDS,
+            |_| true,
+        ) {
+            Ok(page) => page,
+            Err(e) => {
+                problem(report, "alarm index", format!("cannot be read: {e}"));
+                return;
+            }
+        };
+        for (key, bytes) in &page {
+            report.records += 1;
+            let thing = key.split('/').next().unwrap_or_default();
+            if let Err(e) = thinghub_actors::alarms::decode_alarm_record(bytes) {
+                problem(report, thing_subject(thing), format!("alarm record: {e}"));
+            } else if !seen.contains(thing) {
+                problem(report, thing_subject(thing), "an alarm but no log");
+            }
+        }
+        match next {
+            Some(next) => after = Some(next),
+            None => return,
+        }
+    }
+}
+
 fn check_deadline_index(store: &Store, report: &mut CheckReport, seen: &HashSet<String>) {
     match store.all_deadlines() {
         Ok(entries) => {
@@ -520,7 +554,7 @@ fn check_kv(store: &Store, report: &mut CheckReport) {
             return;
         }
     };
-    let kinds: [(&str, RecordCheck); 10] = [
+    let kinds: [(&str, RecordCheck); 14] = [
         ("meta/", |_| Ok(())),
         (thinghub_actors::groups::PREFIXES[0], |bytes| {
             thinghub_actors::groups::decode_group(bytes).map(|_| ())
@@ -546,6 +580,22 @@ fn check_kv(store: &Store, report: &mut CheckReport) {
             crate::mqtt::acl::ACL_RULE_PREFIX,
             crate::mqtt::acl::check_stored_rule,
         ),
+        (
+            crate::webhooks::PREFIX,
+            crate::webhooks::check_stored_webhook,
+        ),
+        (
+            crate::webhooks::DEAD_PREFIX,
+            crate::webhooks::check_dead_letter,
+        ),
+        (thinghub_actors::alarms::RULE_PREFIX, |bytes| {
+            thinghub_actors::alarms::decode_rule(bytes).map(|_| ())
+        }),
+        (thinghub_actors::alarms::SWEEP_PREFIX, |bytes| {
+            std::str::from_utf8(bytes)
+                .map(|_| ())
+                .map_err(|_| "a sweep cursor is a Thing name".into())
+        }),
     ];
     for (key, bytes) in records {
         report.records += 1;

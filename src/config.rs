@@ -183,6 +183,10 @@ pub struct Config {
     pub webhook_dead_letters_max: usize,
     /// Webhooks in all.
     pub webhooks_max: usize,
+    /// Offline alarm rules in all.
+    pub alarm_rules_max: usize,
+    /// Alarm index entries one page of `GET /api/v1/alarms` reads (bounds a filtered listing).
+    pub alarm_list_scan_max: usize,
     /// Failed authentications per source address or username before backoff starts.
     pub auth_failures_free: u32,
     /// The first backoff after the free failures, milliseconds (it doubles per failure).
@@ -280,6 +284,8 @@ impl Default for Config {
             webhook_batch_max: 1000,
             webhook_dead_letters_max: 100,
             webhooks_max: 100,
+            alarm_rules_max: 100,
+            alarm_list_scan_max: 10_000,
             auth_failures_free: 5,
             auth_backoff_base_ms: 200,
             auth_backoff_max_ms: 30_000,
@@ -529,6 +535,8 @@ impl Config {
                 self.webhook_dead_letters_max as u64,
             ),
             ("webhooks_max", self.webhooks_max as u64),
+            ("alarm_rules_max", self.alarm_rules_max as u64),
+            ("alarm_list_scan_max", self.alarm_list_scan_max as u64),
             ("auth_backoff_base_ms", self.auth_backoff_base_ms),
             ("auth_backoff_max_ms", self.auth_backoff_max_ms),
             (

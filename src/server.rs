@@ -145,6 +145,9 @@ pub async fn serve(
         persistence.clone(),
     ));
     let outbox = Arc::new(Outbox::new(&store, sink)?);
+    // Loaded before the deadline timer starts: a watch that comes due finds its rule (one whose
+    // rule is missing is dropped).
+    let alarm_rules = Arc::new(thinghub_actors::alarms::AlarmRuleSet::load(&store)?);
     let context = Arc::new(ThingContext {
         store: store.clone(),
         clock: clock.clone(),
@@ -153,6 +156,7 @@ pub async fn serve(
         deadlines: DeadlineWake::new(),
         outbox: outbox.clone(),
         counters: Default::default(),
+        alarm_rules: alarm_rules.clone(),
     });
     // The node delivers what the change feed still owes (a crash between a commit and its
     // publication) before it returns, so before any client can connect.
@@ -184,6 +188,13 @@ pub async fn serve(
     let keys = ApiKeys::init(store.clone(), admin_key.as_deref(), clock.now_ms()).await?;
     let things = Things::new(registry.clone());
     let groups = Groups::new(store.clone());
+    let alarms = thinghub_actors::alarms::Alarms::start(
+        store.clone(),
+        registry.clone(),
+        alarm_rules,
+        config.alarm_rules_max,
+        config.alarm_list_scan_max,
+    )?;
     let jobs = JobManager::new(
         store.clone(),
         things.clone(),
@@ -239,6 +250,7 @@ pub async fn serve(
         things: things.clone(),
         jobs,
         groups,
+        alarms,
         webhooks: webhooks.clone(),
         device_stats: bridge.stats.clone(),
         outbox: outbox.clone(),

@@ -240,10 +240,29 @@ pub struct Webhooks {
     pub totals: Arc<WebhookTotals>,
 }
 
-const PREFIX: &str = "webhook/";
+/// `kv` prefix of a stored webhook or sink.
+pub(crate) const PREFIX: &str = "webhook/";
 /// How much of a refusing receiver's answer is kept (status, logs, dead letters).
 const ERROR_BODY_SHOWN_BYTES: usize = 512;
-const DEAD_PREFIX: &str = "webhook-dead/";
+/// `kv` prefix of a dead letter.
+pub(crate) const DEAD_PREFIX: &str = "webhook-dead/";
+
+/// `thinghub check`: a stored webhook decodes.
+pub(crate) fn check_stored_webhook(bytes: &[u8]) -> Result<(), String> {
+    serde_json::from_slice::<Webhook>(bytes)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// `thinghub check`: a dead letter is a JSON object with its records.
+pub(crate) fn check_dead_letter(bytes: &[u8]) -> Result<(), String> {
+    let letter: Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    if letter["records"].is_array() {
+        Ok(())
+    } else {
+        Err("a dead letter without records".into())
+    }
+}
 
 fn key(id: &str) -> String {
     format!("{PREFIX}{id}")

@@ -728,7 +728,13 @@ fn command_json(bytes: &[u8]) {
             decide_and_apply(&mut state, &ThingCommand::RespondCommand(response), 5_000);
         }
     }
-    decide_and_apply(&mut state, &ThingCommand::FireDeadlines, 10_000_000);
+    decide_and_apply(
+        &mut state,
+        &ThingCommand::FireDeadlines {
+            offline_rules: Vec::new(),
+        },
+        10_000_000,
+    );
 }
 
 #[test]

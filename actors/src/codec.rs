@@ -8,6 +8,9 @@
 use serde::{Deserialize, Serialize};
 use thinghub_storage::{Envelope, RecordedEvent, StorageError};
 
+use crate::thing::alarms::{
+    AlarmAcknowledged, AlarmArmed, AlarmCleared, AlarmDisarmed, AlarmEvent, AlarmRaised,
+};
 use crate::thing::commands::{
     CommandEvent, CommandFinished, CommandResponded, CommandResponseRefused, CommandSent,
 };
@@ -51,7 +54,18 @@ pub const JOB_EXECUTION_TIMED_OUT: &str = "JobExecutionTimedOut";
 pub const JOB_EXECUTION_CANCELED: &str = "JobExecutionCanceled";
 /// `event_type` of a job execution removed by an operator.
 pub const JOB_EXECUTION_REMOVED: &str = "JobExecutionRemoved";
+/// `event_type` of an offline watch that started.
 /// `event_type` of a snapshot's state.
+pub const ALARM_ARMED: &str = "AlarmArmed";
+/// `event_type` of an offline watch that ended without an alarm.
+pub const ALARM_DISARMED: &str = "AlarmDisarmed";
+/// `event_type` of a raised alarm.
+pub const ALARM_RAISED: &str = "AlarmRaised";
+/// `event_type` of an acknowledged alarm.
+pub const ALARM_ACKNOWLEDGED: &str = "AlarmAcknowledged";
+/// `event_type` of a cleared alarm.
+pub const ALARM_CLEARED: &str = "AlarmCleared";
+/// `event_type` of a snapshot state.
 pub const THING_STATE: &str = "ThingState";
 /// `event_type` of a registry index record.
 pub const THING_INDEX_RECORD: &str = "ThingIndexRecord";
@@ -81,6 +95,13 @@ pub fn encode_event(event: &ThingEvent, recorded_at_ms: u64) -> Result<Envelope,
             JobEvent::TimedOut(e) => Envelope::new(JOB_EXECUTION_TIMED_OUT, 1, recorded_at_ms, e),
             JobEvent::Canceled(e) => Envelope::new(JOB_EXECUTION_CANCELED, 1, recorded_at_ms, e),
             JobEvent::Removed(e) => Envelope::new(JOB_EXECUTION_REMOVED, 1, recorded_at_ms, e),
+        },
+        ThingEvent::Alarm(alarm) => match alarm {
+            AlarmEvent::Armed(e) => Envelope::new(ALARM_ARMED, 1, recorded_at_ms, e),
+            AlarmEvent::Disarmed(e) => Envelope::new(ALARM_DISARMED, 1, recorded_at_ms, e),
+            AlarmEvent::Raised(e) => Envelope::new(ALARM_RAISED, 1, recorded_at_ms, e),
+            AlarmEvent::Acknowledged(e) => Envelope::new(ALARM_ACKNOWLEDGED, 1, recorded_at_ms, e),
+            AlarmEvent::Cleared(e) => Envelope::new(ALARM_CLEARED, 1, recorded_at_ms, e),
         },
     };
     Ok(envelope?)
@@ -146,6 +167,21 @@ pub fn decode_event(thing: &str, recorded: &RecordedEvent) -> Result<ThingEvent,
         (JOB_EXECUTION_REMOVED, 1) => envelope
             .payload_as::<JobFinished>()
             .map(|e| ThingEvent::Job(JobEvent::Removed(e))),
+        (ALARM_ARMED, 1) => envelope
+            .payload_as::<AlarmArmed>()
+            .map(|e| ThingEvent::Alarm(AlarmEvent::Armed(e))),
+        (ALARM_DISARMED, 1) => envelope
+            .payload_as::<AlarmDisarmed>()
+            .map(|e| ThingEvent::Alarm(AlarmEvent::Disarmed(e))),
+        (ALARM_RAISED, 1) => envelope
+            .payload_as::<AlarmRaised>()
+            .map(|e| ThingEvent::Alarm(AlarmEvent::Raised(e))),
+        (ALARM_ACKNOWLEDGED, 1) => envelope
+            .payload_as::<AlarmAcknowledged>()
+            .map(|e| ThingEvent::Alarm(AlarmEvent::Acknowledged(e))),
+        (ALARM_CLEARED, 1) => envelope
+            .payload_as::<AlarmCleared>()
+            .map(|e| ThingEvent::Alarm(AlarmEvent::Cleared(e))),
         (other, version) => {
             return Err(corrupt(format!(
                 "unknown event type {other} v{version} (written by a newer thinghub?)"
@@ -160,9 +196,9 @@ pub fn decode_event(thing: &str, recorded: &RecordedEvent) -> Result<ThingEvent,
     })
 }
 
-/// The snapshot shape written now. v2 added `commands`, v3 `jobs`; an older one is upcast by
+/// The snapshot shape written now. v2 added `commands`, v3 `jobs`, v4 `alarms`; an older one is upcast by
 /// decoding it with none, which is what a Thing of that era had.
-pub const THING_STATE_VERSION: u16 = 3;
+pub const THING_STATE_VERSION: u16 = 4;
 
 /// Encodes a snapshot state.
 pub fn encode_state(state: &ThingState, recorded_at_ms: u64) -> Result<Envelope, StorageError> {
@@ -177,7 +213,7 @@ pub fn encode_state(state: &ThingState, recorded_at_ms: u64) -> Result<Envelope,
 /// Decodes a snapshot state.
 pub fn decode_state(thing: &str, envelope: &Envelope) -> Result<ThingState, StorageError> {
     match (envelope.event_type.as_str(), envelope.event_version) {
-        (THING_STATE, 1..=3) => envelope.payload_as().map_err(|e| StorageError::Corrupt {
+        (THING_STATE, 1..=4) => envelope.payload_as().map_err(|e| StorageError::Corrupt {
             thing: thing.to_owned(),
             seq: 0,
             reason: format!("snapshot state: {}", e.0),
@@ -309,6 +345,27 @@ pub fn summarize(event: &ThingEvent) -> String {
             JobEvent::Canceled(e) => format!("job execution canceled job={}", e.job_id),
             JobEvent::Removed(e) => format!("job execution removed job={}", e.job_id),
         },
+        ThingEvent::Alarm(alarm) => match alarm {
+            AlarmEvent::Armed(e) => format!(
+                "offline watch started rule={} due={} offlineSince={}",
+                e.rule, e.due_at_ms, e.offline_since_ms
+            ),
+            AlarmEvent::Disarmed(e) => {
+                format!("offline watch ended rule={} reason={}", e.rule, e.reason)
+            }
+            AlarmEvent::Raised(e) => format!(
+                "alarm raised type={} severity={} text={}",
+                e.alarm_type,
+                e.severity.as_str(),
+                e.text
+            ),
+            AlarmEvent::Acknowledged(e) => {
+                format!("alarm acknowledged type={} by={}", e.alarm_type, e.by)
+            }
+            AlarmEvent::Cleared(e) => {
+                format!("alarm cleared type={} reason={}", e.alarm_type, e.reason)
+            }
+        },
     }
 }
 
@@ -332,6 +389,11 @@ pub fn event_type(event: &ThingEvent) -> &'static str {
         ThingEvent::Job(JobEvent::TimedOut(_)) => JOB_EXECUTION_TIMED_OUT,
         ThingEvent::Job(JobEvent::Canceled(_)) => JOB_EXECUTION_CANCELED,
         ThingEvent::Job(JobEvent::Removed(_)) => JOB_EXECUTION_REMOVED,
+        ThingEvent::Alarm(AlarmEvent::Armed(_)) => ALARM_ARMED,
+        ThingEvent::Alarm(AlarmEvent::Disarmed(_)) => ALARM_DISARMED,
+        ThingEvent::Alarm(AlarmEvent::Raised(_)) => ALARM_RAISED,
+        ThingEvent::Alarm(AlarmEvent::Acknowledged(_)) => ALARM_ACKNOWLEDGED,
+        ThingEvent::Alarm(AlarmEvent::Cleared(_)) => ALARM_CLEARED,
     }
 }
 
@@ -516,6 +578,49 @@ mod tests {
                     reason: "keepalive_timeout".into(),
                     at_ms: 1_700_000_003_000,
                 }),
+            ),
+            (
+                "AlarmArmed.v1",
+                ThingEvent::Alarm(AlarmEvent::Armed(AlarmArmed {
+                    rule: "offline-10m".into(),
+                    due_at_ms: 1_700_000_603_000,
+                    offline_since_ms: 1_700_000_003_000,
+                    at_ms: 1_700_000_003_000,
+                })),
+            ),
+            (
+                "AlarmRaised.v1",
+                ThingEvent::Alarm(AlarmEvent::Raised(AlarmRaised {
+                    alarm_type: "offline-10m".into(),
+                    severity: crate::thing::AlarmSeverity::Major,
+                    text: "offline for 10 min (rule 'offline-10m': offline for 600 s)".into(),
+                    offline_since_ms: Some(1_700_000_003_000),
+                    at_ms: 1_700_000_603_000,
+                })),
+            ),
+            (
+                "AlarmAcknowledged.v1",
+                ThingEvent::Alarm(AlarmEvent::Acknowledged(AlarmAcknowledged {
+                    alarm_type: "offline-10m".into(),
+                    by: "ops".into(),
+                    at_ms: 1_700_000_700_000,
+                })),
+            ),
+            (
+                "AlarmCleared.v1",
+                ThingEvent::Alarm(AlarmEvent::Cleared(AlarmCleared {
+                    alarm_type: "offline-10m".into(),
+                    reason: "reconnected".into(),
+                    at_ms: 1_700_000_800_000,
+                })),
+            ),
+            (
+                "AlarmDisarmed.v1",
+                ThingEvent::Alarm(AlarmEvent::Disarmed(AlarmDisarmed {
+                    rule: "offline-1h".into(),
+                    reason: "reconnected".into(),
+                    at_ms: 1_700_000_800_000,
+                })),
             ),
         ]
     }

@@ -27,6 +27,8 @@ pub struct ThingContext {
     pub outbox: Arc<Outbox>,
     /// What Things did since start (metrics).
     pub counters: Arc<ThingCounters>,
+    /// The offline alarm rules in force.
+    pub alarm_rules: Arc<crate::alarms::AlarmRuleSet>,
 }
 
 /// What the Things did since start: their durable events by kind and outcome, and the
@@ -68,12 +70,16 @@ pub struct ThingCounters {
     pub commands_timed_out: AtomicU64,
     /// Commands canceled by an operator.
     pub commands_canceled: AtomicU64,
+    /// Alarms raised.
+    pub alarms_raised: AtomicU64,
+    /// Alarms cleared.
+    pub alarms_cleared: AtomicU64,
 }
 
 impl ThingCounters {
     /// Counts an event made durable.
     pub(crate) fn durable(&self, event: &crate::thing::ThingEvent) {
-        use crate::thing::{CommandEvent, CommandStatus, ThingEvent};
+        use crate::thing::{AlarmEvent, CommandEvent, CommandStatus, ThingEvent};
         let counter = match event {
             ThingEvent::Registered(_) => &self.registered,
             ThingEvent::Deleted(_) => &self.deleted,
@@ -92,7 +98,11 @@ impl ThingCounters {
             },
             ThingEvent::Command(CommandEvent::TimedOut(_)) => &self.commands_timed_out,
             ThingEvent::Command(CommandEvent::Canceled(_)) => &self.commands_canceled,
-            ThingEvent::Command(CommandEvent::ResponseRefused(_)) | ThingEvent::Job(_) => return,
+            ThingEvent::Alarm(AlarmEvent::Raised(_)) => &self.alarms_raised,
+            ThingEvent::Alarm(AlarmEvent::Cleared(_)) => &self.alarms_cleared,
+            ThingEvent::Command(CommandEvent::ResponseRefused(_))
+            | ThingEvent::Job(_)
+            | ThingEvent::Alarm(_) => return,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }

@@ -114,6 +114,23 @@ fn names_under(
     Ok(out)
 }
 
+/// Whether `thing` is a member of `group`.
+pub fn is_member(store: &Store, group: &str, thing: &str) -> Result<bool, StorageError> {
+    Ok(store
+        .kv_get(&format!("{MEMBER_PREFIX}{group}/{thing}"))?
+        .is_some())
+}
+
+/// Up to `limit` members of `group` after `after`, in name order.
+pub fn members_after(
+    store: &Store,
+    group: &str,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<Vec<String>, StorageError> {
+    names_under(store, &format!("{MEMBER_PREFIX}{group}/"), after, limit)
+}
+
 impl Groups {
     /// The groups stored in `store`.
     pub fn new(store: Store) -> Groups {

@@ -7,7 +7,7 @@ use serde_json::Value;
 use thinghub_storage::{FeedEntry, RecordedEvent, StorageError, Store};
 
 use crate::codec;
-use crate::thing::{CommandEvent, ThingEvent};
+use crate::thing::{AlarmEvent, CommandEvent, ThingEvent};
 
 /// One event as an integration record.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -40,7 +40,7 @@ pub struct Record {
 }
 
 /// Every kind a record can have.
-pub const KINDS: [&str; 13] = [
+pub const KINDS: [&str; 18] = [
     "thing.registered",
     "thing.deleted",
     "thing.connected",
@@ -54,6 +54,11 @@ pub const KINDS: [&str; 13] = [
     "command.canceled",
     "command.response_refused",
     "job.execution",
+    "alarm.watch_started",
+    "alarm.watch_ended",
+    "alarm.raised",
+    "alarm.acknowledged",
+    "alarm.cleared",
 ];
 
 /// The kind of an event.
@@ -72,6 +77,11 @@ pub fn kind_of(event: &ThingEvent) -> &'static str {
         ThingEvent::Command(CommandEvent::Canceled(_)) => "command.canceled",
         ThingEvent::Command(CommandEvent::ResponseRefused(_)) => "command.response_refused",
         ThingEvent::Job(_) => "job.execution",
+        ThingEvent::Alarm(AlarmEvent::Armed(_)) => "alarm.watch_started",
+        ThingEvent::Alarm(AlarmEvent::Disarmed(_)) => "alarm.watch_ended",
+        ThingEvent::Alarm(AlarmEvent::Raised(_)) => "alarm.raised",
+        ThingEvent::Alarm(AlarmEvent::Acknowledged(_)) => "alarm.acknowledged",
+        ThingEvent::Alarm(AlarmEvent::Cleared(_)) => "alarm.cleared",
     }
 }
 

@@ -10,7 +10,9 @@
 //! - [`node`]: the registry and its background tasks (sweeper, timer, outbox keeper), one shutdown.
 //! - [`service`]: the typed API frontends call (validation, 404 without activation, history).
 //! - [`clock`]: the one time source, controllable in tests.
+//! - [`alarms`]: offline alarm rules (shared with the actors), their sweeps, the alarm listing.
 
+pub mod alarms;
 pub mod clock;
 pub mod codec;
 pub mod context;

@@ -315,6 +315,7 @@ impl Things {
                 client_id: client_id.to_owned(),
                 connection_id,
                 reason: reason.to_owned(),
+                offline_rules: Vec::new(),
             },
         )
         .await
@@ -392,6 +393,32 @@ impl Things {
             },
         )
         .await
+    }
+
+    /// An operator acknowledges (or, with `clear`, clears) the Thing's alarm of a type.
+    pub async fn alarm_action(
+        &self,
+        name: &str,
+        alarm_type: &str,
+        by: &str,
+        clear: bool,
+    ) -> Result<thing::Alarm, Rejection> {
+        self.require_registered(name, None)?;
+        crate::alarms::validate_rule_name(alarm_type)?;
+        let (alarm_type, by) = (alarm_type.to_owned(), by.to_owned());
+        let command = if clear {
+            ThingCommand::ClearAlarm { alarm_type, by }
+        } else {
+            ThingCommand::AcknowledgeAlarm { alarm_type, by }
+        };
+        match self
+            .registry
+            .request(name, Request::Command(command))
+            .await?
+        {
+            Response::Decided(Reply::Alarm(Some(alarm))) => Ok(alarm),
+            other => Err(unexpected(other)),
+        }
     }
 
     async fn command_request(

@@ -274,6 +274,7 @@ impl ThingActorState {
                 self.repair_index();
                 self.repair_client_id();
                 self.repair_deadline();
+                self.repair_alarms();
             }
             Ok(Err(e)) => {
                 tracing::error!(thing = %name, error = %e, "thing cannot be loaded; serving 503 for it");
@@ -346,6 +347,66 @@ impl ThingActorState {
     /// Makes sure the Thing's earliest pending deadline is in the deadline index (the index
     /// entry is written before the events that need it, so this only matters after a repair
     /// or a lost index write).
+    /// The fleet-wide alarm listing holds exactly this Thing's alarms as its state has them.
+    fn repair_alarms(&self) {
+        let name = &self.thing.name;
+        let store = &self.context.store;
+        let listed = match store.scan_alarms(
+            Some(&format!("{name}/")),
+            None,
+            usize::MAX,
+            usize::MAX,
+            |_| true,
+        ) {
+            Ok((listed, _)) => listed,
+            Err(e) => {
+                tracing::warn!(thing = %name, error = %e, "cannot read the alarm index");
+                return;
+            }
+        };
+        let mut ops = Vec::new();
+        for (key, bytes) in &listed {
+            let alarm_type = &key[name.len() + 1..];
+            let wanted = self.thing.alarms.alarms.get(alarm_type);
+            let present = crate::alarms::decode_alarm_record(bytes).ok();
+            if wanted.is_none() || self.thing.registration.is_none() {
+                ops.push(IndexOp::RemoveAlarm {
+                    alarm_type: alarm_type.to_owned(),
+                });
+            } else if wanted != present.as_ref() {
+                ops.extend(wanted.and_then(|alarm| {
+                    let record = crate::alarms::encode_alarm_record(alarm, 0).ok()?;
+                    Some(IndexOp::PutAlarm {
+                        alarm_type: alarm_type.to_owned(),
+                        record,
+                    })
+                }));
+            }
+        }
+        if self.thing.registration.is_some() {
+            for (alarm_type, alarm) in &self.thing.alarms.alarms {
+                let is_listed = listed
+                    .iter()
+                    .any(|(key, _)| &key[name.len() + 1..] == alarm_type.as_str());
+                if !is_listed {
+                    if let Ok(record) = crate::alarms::encode_alarm_record(alarm, 0) {
+                        ops.push(IndexOp::PutAlarm {
+                            alarm_type: alarm_type.clone(),
+                            record,
+                        });
+                    }
+                }
+            }
+        }
+        if ops.is_empty() {
+            return;
+        }
+        tracing::warn!(thing = %name, changes = ops.len(), "alarm index disagreed with the log; repaired");
+        if let Err(e) = store.repair_index(name, &ops) {
+            tracing::warn!(thing = %name, error = %e, "cannot repair the alarm index");
+        }
+    }
+
     fn repair_deadline(&self) {
         let Some(at_ms) = self.thing.next_deadline_ms() else {
             return;
@@ -416,7 +477,12 @@ impl ThingActorState {
             Request::Command(command) => self.handle_command(command, None).await,
             Request::FireDeadline { at_ms } => {
                 match self
-                    .handle_command(ThingCommand::FireDeadlines, Some(at_ms))
+                    .handle_command(
+                        ThingCommand::FireDeadlines {
+                            offline_rules: Vec::new(),
+                        },
+                        Some(at_ms),
+                    )
                     .await?
                 {
                     Response::Decided(Reply::Command(CommandOutcome::TimedOut(timed_out))) => {
@@ -476,9 +542,17 @@ impl ThingActorState {
         mut command: ThingCommand,
         fired: Option<u64>,
     ) -> Result<Response, Rejection> {
-        if let ThingCommand::UpdateShadow { want_documents, .. } = &mut command {
-            // Rendered for the sink only, and only when someone listens.
-            *want_documents = self.context.outbox.sink().wants_documents(&self.thing.name);
+        match &mut command {
+            ThingCommand::UpdateShadow { want_documents, .. } => {
+                // Rendered for the sink only, and only when someone listens.
+                *want_documents = self.context.outbox.sink().wants_documents(&self.thing.name);
+            }
+            // The rules that apply to this Thing now (rules are fleet configuration).
+            ThingCommand::RecordDisconnected { offline_rules, .. }
+            | ThingCommand::FireDeadlines { offline_rules } => {
+                *offline_rules = self.applicable_rules();
+            }
+            _ => {}
         }
         let now_ms = self.context.clock.now_ms();
         let limits = self.context.limits;
@@ -490,18 +564,22 @@ impl ThingActorState {
                 return Err(rejection);
             }
         };
-        // Only command and job events move deadlines: other requests (the shadow hot path)
-        // skip this.
+        // Only command, job and alarm events move deadlines: other requests (the shadow hot
+        // path) skip this.
         let has_job_events = decision.job_events().next().is_some();
-        let (deadline_before, deadline_after) =
-            if fired.is_none() && decision.command_events().next().is_none() && !has_job_events {
-                (None, None)
-            } else {
-                (
-                    self.thing.next_deadline_ms(),
-                    self.thing.next_deadline_after(&decision),
-                )
-            };
+        let has_alarm_events = decision.alarm_events().next().is_some();
+        let (deadline_before, deadline_after) = if fired.is_none()
+            && decision.command_events().next().is_none()
+            && !has_job_events
+            && !has_alarm_events
+        {
+            (None, None)
+        } else {
+            (
+                self.thing.next_deadline_ms(),
+                self.thing.next_deadline_after(&decision),
+            )
+        };
         let mut deadline_ops = Vec::new();
         if deadline_after != deadline_before {
             deadline_ops.extend(deadline_after.map(|at_ms| IndexOp::PutDeadline { at_ms }));
@@ -571,6 +649,17 @@ impl ThingActorState {
     }
 
     /// Delivers again what the Thing owes for its events `first_seq..=last_seq`.
+    fn applicable_rules(&self) -> Vec<thing::OfflineRule> {
+        let thing_type = self
+            .thing
+            .registration
+            .as_ref()
+            .and_then(|r| r.thing_type.as_deref());
+        self.context
+            .alarm_rules
+            .applicable(&self.context.store, &self.thing.name, thing_type)
+    }
+
     fn redeliver(&mut self, first_seq: u64, last_seq: u64) -> Result<Response, Rejection> {
         let name = self.thing.name.clone();
         let first_seq = first_seq.max(1);
@@ -643,6 +732,7 @@ impl ThingActorState {
     fn batch_for(&self, events: &[ThingEvent], now_ms: u64) -> Result<AppendBatch, Rejection> {
         let mut envelopes = Vec::with_capacity(events.len());
         let mut index = Vec::new();
+        let mut alarms = None;
         for event in events {
             envelopes.push(codec::encode_event(event, now_ms).map_err(|e| {
                 tracing::error!(thing = %self.thing.name, error = %e, "cannot encode event");
@@ -664,6 +754,30 @@ impl ThingActorState {
                     index.push(IndexOp::RemoveThing);
                     if let Some(registration) = &self.thing.registration {
                         index.push(IndexOp::RemoveClientId(registration.mqtt_client_id.clone()));
+                    }
+                    // Its alarms leave the fleet-wide listing (they stay in its history).
+                    index.extend(self.thing.alarms.alarms.keys().map(|alarm_type| {
+                        IndexOp::RemoveAlarm {
+                            alarm_type: alarm_type.clone(),
+                        }
+                    }));
+                }
+                ThingEvent::Alarm(event) => {
+                    // The listing holds each type's alarm as it is after this event.
+                    let alarms = alarms.get_or_insert_with(|| self.thing.alarms.clone());
+                    alarms.apply(event);
+                    if let Some(alarm) = alarms.alarms.get(event.alarm_type()) {
+                        if !matches!(
+                            event,
+                            thing::AlarmEvent::Armed(_) | thing::AlarmEvent::Disarmed(_)
+                        ) {
+                            let record = crate::alarms::encode_alarm_record(alarm, now_ms)
+                                .map_err(|_| internal("the alarm record could not be encoded"))?;
+                            index.push(IndexOp::PutAlarm {
+                                alarm_type: alarm.alarm_type.clone(),
+                                record,
+                            });
+                        }
                     }
                 }
                 ThingEvent::ShadowUpdated(_)

@@ -25,6 +25,7 @@ async fn start(store: &Store, clock: Arc<ManualClock>) -> Node {
         deadlines: DeadlineWake::new(),
         outbox: thinghub_actors::outbox::Outbox::without_frontend(store).expect("outbox"),
         counters: Default::default(),
+        alarm_rules: Default::default(),
     });
     let config = NodeConfig {
         deadlines: DeadlineConfig {

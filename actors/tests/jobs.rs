@@ -68,6 +68,7 @@ async fn start(store: &Store, clock: Arc<ManualClock>, sink: Arc<Notifications>)
         deadlines: DeadlineWake::new(),
         outbox: Arc::new(Outbox::new(store, sink).expect("outbox")),
         counters: Default::default(),
+        alarm_rules: Default::default(),
     });
     let config = NodeConfig {
         deadlines: DeadlineConfig {

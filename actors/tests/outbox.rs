@@ -62,6 +62,7 @@ async fn start(store: &Store, sink: Arc<dyn EffectSink>) -> (Things, Arc<Outbox>
         deadlines: thinghub_actors::context::DeadlineWake::new(),
         outbox: outbox.clone(),
         counters: Default::default(),
+        alarm_rules: Default::default(),
         snapshot_every_events: 3,
     });
     let registry = Registry::start(context, RegistryConfig::default())

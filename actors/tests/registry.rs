@@ -23,6 +23,7 @@ async fn start(store: &Store, config: RegistryConfig, snapshot_every_events: u64
         deadlines: thinghub_actors::context::DeadlineWake::new(),
         outbox: thinghub_actors::outbox::Outbox::without_frontend(store).expect("outbox"),
         counters: Default::default(),
+        alarm_rules: Default::default(),
         snapshot_every_events,
     });
     Node::start(

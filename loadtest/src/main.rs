@@ -647,6 +647,7 @@ async fn start_node(store: &Store, shards: usize) -> Result<thinghub_actors::Nod
         outbox: thinghub_actors::outbox::Outbox::without_frontend(store)
             .map_err(|e| anyhow::anyhow!("outbox: {e}"))?,
         counters: Default::default(),
+        alarm_rules: Default::default(),
         snapshot_every_events: 500,
     });
     thinghub_actors::Node::start(

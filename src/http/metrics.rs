@@ -658,6 +658,20 @@ fn collect(state: &AppState) -> Vec<Metric> {
             label: Some(("outcome", label)),
         });
     }
+    for (counter, key, label) in [
+        (&counters.alarms_raised, "raised", "raised"),
+        (&counters.alarms_cleared, "cleared", "cleared"),
+    ] {
+        metrics.push(Metric {
+            name: "thinghub_alarms_total",
+            kind: "counter",
+            help: "Alarms raised and cleared (durable).",
+            value: load(counter),
+            group: "alarms",
+            key,
+            label: Some(("outcome", label)),
+        });
+    }
     for (number, name) in PACKET_TYPES.iter().enumerate().skip(1) {
         metrics.push(Metric {
             name: "thinghub_mqtt_packets_received_total",

@@ -3,6 +3,7 @@
 //! Handlers parse and authorize, call [`Things`], and render; they hold no state. The router is
 //! built by [`app`] so tests can drive it without a socket.
 
+mod alarms;
 mod api_keys;
 pub mod auth;
 mod authorization;
@@ -78,6 +79,8 @@ pub struct AppState {
     pub jobs: thinghub_actors::job_manager::JobManager,
     /// Thing groups.
     pub groups: thinghub_actors::groups::Groups,
+    /// Offline alarm rules and the alarm listing.
+    pub alarms: thinghub_actors::alarms::Alarms,
     /// Webhooks.
     pub webhooks: Arc<crate::webhooks::Webhooks>,
     /// Device requests refused over MQTT (metrics).
@@ -128,6 +131,12 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(commands::send, commands::list))
         .routes(routes!(commands::get))
         .routes(routes!(commands::cancel))
+        .routes(routes!(alarms::create_rule, alarms::list_rules))
+        .routes(routes!(alarms::get_rule, alarms::delete_rule))
+        .routes(routes!(alarms::list))
+        .routes(routes!(alarms::of_thing))
+        .routes(routes!(alarms::acknowledge))
+        .routes(routes!(alarms::clear))
         .routes(routes!(groups::create, groups::list))
         .routes(routes!(groups::get, groups::delete))
         .routes(routes!(groups::add, groups::members))

@@ -1306,3 +1306,46 @@ pub struct ConnectionPage {
     /// Pass as `cursor`; null at the beginning of the log or the window.
     pub next_cursor: Option<u64>,
 }
+
+/// A new offline alarm rule.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(example = json!({"name": "offline-10m", "offlineForSeconds": 600, "thingType": "sensor", "severity": "MAJOR"}))]
+pub struct CreateAlarmRuleRequest {
+    /// 1..=128 of `[a-zA-Z0-9:_.-]`; the type of the alarms it raises.
+    pub name: String,
+    /// 1..=31536000.
+    pub offline_for_seconds: u64,
+    /// Only Things of this type.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub thing_type: Option<String>,
+    /// Only Things in this group.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub thing_group: Option<String>,
+    /// `CRITICAL`, `MAJOR`, `MINOR` or `WARNING`.
+    pub severity: thinghub_actors::thing::AlarmSeverity,
+}
+
+/// The offline alarm rules.
+#[derive(Serialize, ToSchema)]
+pub struct AlarmRuleList {
+    /// In name order.
+    pub items: Vec<thinghub_actors::alarms::AlarmRule>,
+}
+
+/// A page of alarms.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AlarmPage {
+    /// In Thing name order.
+    pub items: Vec<thinghub_actors::alarms::ListedAlarm>,
+    /// Pass as `cursor`; null when the listing is done.
+    pub next_cursor: Option<String>,
+}
+
+/// A Thing's alarms.
+#[derive(Serialize, ToSchema)]
+pub struct AlarmList {
+    /// By type.
+    pub items: Vec<thinghub_actors::alarms::ListedAlarm>,
+}

@@ -1,5 +1,6 @@
 //! Indexes kept beside the log: `things` (the registry listing), `client_ids` (which Thing an
-//! MQTT client id belongs to) and `deadlines` (timers).
+//! MQTT client id belongs to), `deadlines` (timers) and `alarms` (the fleet-wide alarm listing,
+//! keyed `{thing}/{type}`).
 //!
 //! Both are derived from the log: they change in an [`AppendBatch`](crate::AppendBatch), written
 //! right after its events (a new deadline right before them), and become durable in the same
@@ -30,6 +31,18 @@ pub enum IndexOp {
     PutClientId(String),
     /// Forget that this MQTT client id belongs to the Thing (only if it still does).
     RemoveClientId(String),
+    /// Insert or replace the Thing's alarm of a type (opaque bytes, domain-encoded).
+    PutAlarm {
+        /// The alarm's type.
+        alarm_type: String,
+        /// The record.
+        record: Vec<u8>,
+    },
+    /// Remove the Thing's alarm of a type from the fleet-wide listing.
+    RemoveAlarm {
+        /// The alarm's type.
+        alarm_type: String,
+    },
 }
 
 /// The outcome of [`Store::claim_client_id`].
@@ -50,6 +63,11 @@ pub struct DeadlineEntry {
     pub at_ms: u64,
     /// The Thing that owns it.
     pub thing: String,
+}
+
+/// The `alarms` key of a Thing's alarm: `{thing}/{type}` (neither may hold a `/`).
+pub(crate) fn alarm_key(thing: &str, alarm_type: &str) -> Vec<u8> {
+    format!("{thing}/{alarm_type}").into_bytes()
 }
 
 pub(crate) fn deadline_key(at_ms: u64, thing_key: &[u8]) -> Vec<u8> {
@@ -89,6 +107,54 @@ impl Store {
     /// The registry record of one Thing, if it is registered.
     pub fn get_thing(&self, name: &str) -> Result<Option<Vec<u8>>, StorageError> {
         Ok(self.inner.things.get(name.as_bytes())?.map(|v| v.to_vec()))
+    }
+
+    /// Alarm records in key order (`{thing}/{type}`) after the key `after`, reading at most
+    /// `scan_max` entries and keeping those `keep` accepts, up to `limit`. Returns them and the
+    /// key to go on from (`None` at the end of the index).
+    #[allow(clippy::type_complexity)]
+    pub fn scan_alarms(
+        &self,
+        prefix: Option<&str>,
+        after: Option<&str>,
+        scan_max: usize,
+        limit: usize,
+        mut keep: impl FnMut(&[u8]) -> bool,
+    ) -> Result<(Vec<(String, Vec<u8>)>, Option<String>), StorageError> {
+        let start = match (after, prefix) {
+            (Some(after), _) => std::ops::Bound::Excluded(after.as_bytes().to_vec()),
+            (None, Some(prefix)) => std::ops::Bound::Included(prefix.as_bytes().to_vec()),
+            (None, None) => std::ops::Bound::Unbounded,
+        };
+        let mut out = Vec::new();
+        let mut scanned = 0;
+        for item in self
+            .inner
+            .alarms
+            .range::<Vec<u8>, _>((start, std::ops::Bound::Unbounded))
+        {
+            let (key, value) = item?;
+            if prefix.is_some_and(|p| !key.starts_with(p.as_bytes())) {
+                return Ok((out, None));
+            }
+            let key = String::from_utf8(key.to_vec()).map_err(|_| StorageError::Corrupt {
+                thing: String::from_utf8_lossy(&key).into_owned(),
+                seq: 0,
+                reason: "alarm index key is not UTF-8".into(),
+            })?;
+            scanned += 1;
+            let kept = keep(&value);
+            if out.len() + usize::from(kept) >= limit || scanned >= scan_max {
+                if kept {
+                    out.push((key.clone(), value.to_vec()));
+                }
+                return Ok((out, Some(key)));
+            }
+            if kept {
+                out.push((key, value.to_vec()));
+            }
+        }
+        Ok((out, None))
     }
 
     /// Number of registered Things (walks the index: O(n)).

@@ -6,7 +6,7 @@
 //! first key already exists is refused ([`StorageError::SequenceConflict`]), which catches two
 //! writers for one Thing.
 
-use crate::index::{deadline_key, IndexOp};
+use crate::index::{alarm_key, deadline_key, IndexOp};
 use crate::{thing_key, Envelope, StorageError, Store};
 
 /// Events to append to one Thing's log (all or nothing), with the index changes they imply.
@@ -168,6 +168,14 @@ impl Store {
                 self.inner
                     .client_ids
                     .insert(client_id.as_bytes(), thing.as_bytes())?;
+            }
+            IndexOp::PutAlarm { alarm_type, record } => {
+                self.inner
+                    .alarms
+                    .insert(alarm_key(thing, alarm_type), record.as_slice())?;
+            }
+            IndexOp::RemoveAlarm { alarm_type } => {
+                self.inner.alarms.remove(alarm_key(thing, alarm_type))?;
             }
             IndexOp::RemoveClientId(client_id) => {
                 // Only if it is still this Thing's: another Thing may have taken it since.

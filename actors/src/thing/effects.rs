@@ -122,8 +122,8 @@ pub fn of_decision(
             mqtt_client_id: mqtt_client_id.clone(),
         }),
         // Command and job effects come from the events below (a time-out can ride along any
-        // decision); connection records cause nothing for anyone else yet.
-        Reply::Command(_) | Reply::Job(_) | Reply::Recorded => {}
+        // decision); connection and alarm records reach others through the change feed only.
+        Reply::Command(_) | Reply::Job(_) | Reply::Recorded | Reply::Alarm(_) => {}
     }
     for event in decision.command_events() {
         effects.extend(of_command_event(event, after));
@@ -226,7 +226,7 @@ pub fn for_recovery(
             }
             ThingEvent::Command(command) => effects.extend(of_command_event(command, now)),
             ThingEvent::Job(_) => jobs_changed = true,
-            ThingEvent::Connected(_) | ThingEvent::Disconnected(_) => {}
+            ThingEvent::Connected(_) | ThingEvent::Disconnected(_) | ThingEvent::Alarm(_) => {}
         }
     }
     if jobs_changed && now.registration.is_some() {

@@ -7,6 +7,7 @@
 //!
 //! **Architecture invariant:** nothing under `thing/` imports tokio, ractor, sled, rumqttd or axum.
 
+pub mod alarms;
 pub mod commands;
 pub mod effects;
 pub mod events;
@@ -17,6 +18,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub use alarms::{Alarm, AlarmEvent, AlarmSeverity, AlarmStatus, OfflineRule};
 pub use commands::{
     CommandEvent, CommandExecution, CommandLimits, CommandOutcome, CommandResponse, CommandStatus,
     Commands, SendCommand,
@@ -280,6 +282,9 @@ pub struct ThingState {
     /// v3; an older snapshot decodes with none.
     #[serde(default)]
     pub jobs: jobs::JobExecutions,
+    /// Offline watches and alarms.
+    #[serde(default)]
+    pub alarms: alarms::Alarms,
 }
 
 /// Whether the Thing's MQTT client is connected, and since when.
@@ -319,6 +324,7 @@ impl ThingState {
         [
             self.commands.next_deadline_ms(),
             self.jobs.next_deadline_ms(),
+            self.alarms.next_deadline_ms(),
         ]
         .into_iter()
         .flatten()
@@ -337,7 +343,16 @@ impl ThingState {
         } else {
             self.jobs.next_deadline_ms()
         };
-        [commands, jobs].into_iter().flatten().min()
+        let alarms = if decision.alarm_events().next().is_some() {
+            let mut alarms = self.alarms.clone();
+            for event in decision.alarm_events() {
+                alarms.apply(event);
+            }
+            alarms.next_deadline_ms()
+        } else {
+            self.alarms.next_deadline_ms()
+        };
+        [commands, jobs, alarms].into_iter().flatten().min()
     }
 }
 
@@ -392,6 +407,27 @@ pub enum ThingCommand {
         connection_id: u64,
         /// normal, keepalive_timeout, takeover, kicked, protocol_error, server_shutdown, ...
         reason: String,
+        /// The offline rules that apply to the Thing (filled in by the actor shell).
+        offline_rules: Vec<OfflineRule>,
+    },
+    /// An offline rule was created: watch it if the Thing is offline now.
+    ArmOfflineAlarms {
+        /// The new rules that apply to the Thing.
+        offline_rules: Vec<OfflineRule>,
+    },
+    /// An operator acknowledges an alarm.
+    AcknowledgeAlarm {
+        /// Its type.
+        alarm_type: String,
+        /// Who (API key id).
+        by: String,
+    },
+    /// An operator clears an alarm.
+    ClearAlarm {
+        /// Its type.
+        alarm_type: String,
+        /// Who (API key id).
+        by: String,
     },
     /// Queue a job execution (from the job entity).
     QueueJob(jobs::QueueJob),
@@ -424,7 +460,10 @@ pub enum ThingCommand {
     },
     /// The deadline index says a deadline of this Thing is due: time out what has expired.
     /// Works on deleted Things too, so every deadline ends.
-    FireDeadlines,
+    FireDeadlines {
+        /// The offline rules that apply to the Thing now (filled in by the actor shell).
+        offline_rules: Vec<OfflineRule>,
+    },
 }
 
 /// Something that happened to a Thing: the unit of its log.
@@ -448,6 +487,8 @@ pub enum ThingEvent {
     Command(CommandEvent),
     /// A job execution changed.
     Job(jobs::JobEvent),
+    /// Something happened to an alarm or an offline watch.
+    Alarm(AlarmEvent),
 }
 
 /// Payload of `ThingConnected` v1.
@@ -518,6 +559,8 @@ pub enum Reply {
     Command(CommandOutcome),
     /// A job request's outcome.
     Job(jobs::JobOutcome),
+    /// The alarm as it is after the request.
+    Alarm(Option<Alarm>),
 }
 
 /// The events to append and the reply to send once they are durable.
@@ -705,6 +748,11 @@ pub fn decide(
                     }))
                 })
                 .collect();
+            events.extend(
+                alarms::decide_back(&state.alarms, "thing deleted", now_ms)
+                    .into_iter()
+                    .map(ThingEvent::Alarm),
+            );
             events.push(ThingEvent::Deleted(ThingDeleted {
                 deleted_at_ms: now_ms,
             }));
@@ -772,12 +820,18 @@ pub fn decide(
             if state.registration.is_none() {
                 return Err(state.not_found());
             }
+            let mut events = vec![ThingEvent::Connected(ThingConnected {
+                client_id: client_id.clone(),
+                connection_id: *connection_id,
+                at_ms: now_ms,
+            })];
+            events.extend(
+                alarms::decide_back(&state.alarms, "reconnected", now_ms)
+                    .into_iter()
+                    .map(ThingEvent::Alarm),
+            );
             Ok(Decision {
-                events: vec![ThingEvent::Connected(ThingConnected {
-                    client_id: client_id.clone(),
-                    connection_id: *connection_id,
-                    at_ms: now_ms,
-                })],
+                events,
                 reply: Reply::Recorded,
             })
         }
@@ -785,21 +839,63 @@ pub fn decide(
             client_id,
             connection_id,
             reason,
+            offline_rules,
         } => {
             if state.registration.is_none() {
                 return Err(state.not_found());
             }
             // Always recorded (the audit trail); it changes the status only if it ends the
             // current connection (a taken-over connection may report after its successor).
+            let mut events = vec![ThingEvent::Disconnected(ThingDisconnected {
+                client_id: client_id.clone(),
+                connection_id: *connection_id,
+                reason: reason.clone(),
+                at_ms: now_ms,
+            })];
+            let ends_current =
+                state.connection.online && *connection_id == state.connection.connection_id;
+            if ends_current {
+                events.extend(
+                    alarms::decide_arm(&state.alarms, offline_rules, now_ms, now_ms)
+                        .into_iter()
+                        .map(ThingEvent::Alarm),
+                );
+            }
             Ok(Decision {
-                events: vec![ThingEvent::Disconnected(ThingDisconnected {
-                    client_id: client_id.clone(),
-                    connection_id: *connection_id,
-                    reason: reason.clone(),
-                    at_ms: now_ms,
-                })],
+                events,
                 reply: Reply::Recorded,
             })
+        }
+        ThingCommand::ArmOfflineAlarms { offline_rules } => {
+            if state.registration.is_none() {
+                return Err(state.not_found());
+            }
+            // Only a Thing that has been online and is not now: one never connected has not
+            // gone offline.
+            let events = match state.connection.disconnected_at_ms {
+                Some(since) if !state.connection.online => {
+                    alarms::decide_arm(&state.alarms, offline_rules, since, now_ms)
+                }
+                _ => Vec::new(),
+            };
+            Ok(Decision {
+                events: events.into_iter().map(ThingEvent::Alarm).collect(),
+                reply: Reply::Recorded,
+            })
+        }
+        ThingCommand::AcknowledgeAlarm { alarm_type, by } => {
+            if state.registration.is_none() {
+                return Err(state.not_found());
+            }
+            let events = alarms::decide_acknowledge(&state.alarms, alarm_type, by, now_ms)?;
+            Ok(alarm_decision(state, alarm_type, events))
+        }
+        ThingCommand::ClearAlarm { alarm_type, by } => {
+            if state.registration.is_none() {
+                return Err(state.not_found());
+            }
+            let events = alarms::decide_clear(&state.alarms, alarm_type, by, now_ms)?;
+            Ok(alarm_decision(state, alarm_type, events))
         }
         ThingCommand::SendCommand(send) => {
             if state.registration.is_none() {
@@ -872,7 +968,7 @@ pub fn decide(
             now_ms,
             &limits.jobs,
         ))),
-        ThingCommand::FireDeadlines => {
+        ThingCommand::FireDeadlines { offline_rules } => {
             let fired = commands::decide_fire(&state.commands, now_ms, &limits.commands);
             let jobs_fired = jobs::decide_fire(&state.jobs, now_ms, &limits.jobs);
             let timed_out = fired.events.len() + jobs_fired.events.len();
@@ -880,9 +976,30 @@ pub fn decide(
             decision
                 .events
                 .extend(jobs_fired.events.into_iter().map(ThingEvent::Job));
+            decision.events.extend(
+                alarms::decide_fire(
+                    &state.alarms,
+                    offline_rules,
+                    state.connection.online,
+                    now_ms,
+                )
+                .into_iter()
+                .map(ThingEvent::Alarm),
+            );
             decision.reply = Reply::Command(CommandOutcome::TimedOut(timed_out));
             Ok(decision)
         }
+    }
+}
+
+fn alarm_decision(state: &ThingState, alarm_type: &str, events: Vec<AlarmEvent>) -> Decision {
+    let mut alarms = state.alarms.clone();
+    for event in &events {
+        alarms.apply(event);
+    }
+    Decision {
+        events: events.into_iter().map(ThingEvent::Alarm).collect(),
+        reply: Reply::Alarm(alarms.alarms.get(alarm_type).cloned()),
     }
 }
 
@@ -913,6 +1030,14 @@ impl Decision {
         })
     }
 
+    /// The alarm events of the decision.
+    pub fn alarm_events(&self) -> impl Iterator<Item = &AlarmEvent> + '_ {
+        self.events.iter().filter_map(|e| match e {
+            ThingEvent::Alarm(a) => Some(a),
+            _ => None,
+        })
+    }
+
     /// The job events among `events` (for the deadline index and the notifications).
     pub fn job_events(&self) -> impl Iterator<Item = &jobs::JobEvent> + '_ {
         self.events.iter().filter_map(|e| match e {
@@ -935,6 +1060,8 @@ pub fn apply(state: &mut ThingState, event: &ThingEvent) {
         }
         ThingEvent::Deleted(deleted) => {
             state.registration = None;
+            // A Thing registered again under the name starts with no alarms.
+            state.alarms = alarms::Alarms::default();
             // The document goes with the Thing; the version continues if it is re-registered.
             state.shadow.apply_deleted(&ShadowDeleted {
                 version: state.shadow.version,
@@ -963,6 +1090,7 @@ pub fn apply(state: &mut ThingState, event: &ThingEvent) {
         }
         ThingEvent::Command(event) => state.commands.apply(event),
         ThingEvent::Job(event) => state.jobs.apply(event),
+        ThingEvent::Alarm(event) => state.alarms.apply(event),
     }
 }
 

@@ -142,6 +142,7 @@ fn a_late_disconnect_of_a_taken_over_connection_does_not_mark_the_thing_offline(
         client_id: "dev".into(),
         connection_id: id,
         reason: reason.into(),
+        offline_rules: Vec::new(),
     };
     let (state, events) = given(&[
         register(),
@@ -180,6 +181,223 @@ fn lifecycle_of_an_unregistered_thing_is_404() {
     )
     .expect_err("not registered");
     assert_eq!(err.code(), ErrorCode::NotFound);
+}
+
+// ---- offline alarms ----
+
+fn offline_rule(name: &str, offline_for_ms: u64) -> OfflineRule {
+    OfflineRule {
+        name: name.into(),
+        offline_for_ms,
+        severity: AlarmSeverity::Major,
+    }
+}
+
+fn connect(id: u64) -> ThingCommand {
+    ThingCommand::RecordConnected {
+        client_id: "dev".into(),
+        connection_id: id,
+    }
+}
+
+fn disconnect(id: u64, rules: Vec<OfflineRule>) -> ThingCommand {
+    ThingCommand::RecordDisconnected {
+        client_id: "dev".into(),
+        connection_id: id,
+        reason: "keepalive_timeout".into(),
+        offline_rules: rules,
+    }
+}
+
+fn at(state: &mut ThingState, command: ThingCommand, now_ms: u64) -> Result<Decision, Rejection> {
+    let decision = decide(state, &command, now_ms, &Limits::default())?;
+    for event in &decision.events {
+        apply(state, event);
+    }
+    Ok(decision)
+}
+
+fn fire(rules: Vec<OfflineRule>) -> ThingCommand {
+    ThingCommand::FireDeadlines {
+        offline_rules: rules,
+    }
+}
+
+#[test]
+fn an_offline_rule_raises_its_alarm_when_the_deadline_passes_and_a_reconnect_clears_it() {
+    let rules = vec![offline_rule("offline-1m", 60_000)];
+    let (mut state, _) = given(&[register(), connect(1), disconnect(1, rules.clone())]);
+    assert_eq!(state.next_deadline_ms(), Some(NOW_MS + 60_000), "watched");
+
+    // Before the deadline: nothing.
+    let early = at(&mut state, fire(rules.clone()), NOW_MS + 59_999).expect("fire");
+    assert!(early.alarm_events().next().is_none());
+
+    let raised = at(&mut state, fire(rules.clone()), NOW_MS + 60_000).expect("fire");
+    let [AlarmEvent::Raised(event)] = raised.alarm_events().collect::<Vec<_>>()[..] else {
+        panic!("one alarm raised: {:?}", raised.events);
+    };
+    assert_eq!(event.severity, AlarmSeverity::Major);
+    assert_eq!(event.offline_since_ms, Some(NOW_MS));
+    assert_eq!(
+        state.next_deadline_ms(),
+        None,
+        "the watch ended with the alarm"
+    );
+    assert_eq!(
+        state.alarms.alarms["offline-1m"].status,
+        AlarmStatus::Active
+    );
+
+    // Firing again raises nothing new.
+    let again = at(&mut state, fire(rules.clone()), NOW_MS + 120_000).expect("fire");
+    assert!(again.events.is_empty());
+
+    let back = at(&mut state, connect(2), NOW_MS + 130_000).expect("connect");
+    assert!(matches!(
+        back.alarm_events().collect::<Vec<_>>()[..],
+        [AlarmEvent::Cleared(_)]
+    ));
+    let alarm = &state.alarms.alarms["offline-1m"];
+    assert_eq!(alarm.status, AlarmStatus::Cleared);
+    assert_eq!(alarm.cleared_reason.as_deref(), Some("reconnected"));
+}
+
+#[test]
+fn a_thing_back_before_the_deadline_gets_no_alarm() {
+    let rules = vec![offline_rule("offline-1m", 60_000)];
+    let (mut state, _) = given(&[register(), connect(1), disconnect(1, rules.clone())]);
+    let back = at(&mut state, connect(2), NOW_MS + 1_000).expect("connect");
+    assert!(matches!(
+        back.alarm_events().collect::<Vec<_>>()[..],
+        [AlarmEvent::Disarmed(_)]
+    ));
+    assert_eq!(state.next_deadline_ms(), None);
+    // A stale fire (the index entry outlived the watch) finds nothing to do.
+    let stale = at(&mut state, fire(rules), NOW_MS + 60_000).expect("fire");
+    assert!(stale.events.is_empty());
+}
+
+#[test]
+fn a_late_disconnect_of_a_taken_over_connection_starts_no_watch() {
+    let rules = vec![offline_rule("offline-1m", 60_000)];
+    let (state, _) = given(&[register(), connect(1), connect(2), disconnect(1, rules)]);
+    assert!(state.connection.online);
+    assert_eq!(state.next_deadline_ms(), None);
+}
+
+#[test]
+fn a_rule_gone_when_the_deadline_fires_raises_nothing() {
+    let rules = vec![offline_rule("offline-1m", 60_000)];
+    let (mut state, _) = given(&[register(), connect(1), disconnect(1, rules)]);
+    let fired = at(&mut state, fire(Vec::new()), NOW_MS + 60_000).expect("fire");
+    assert!(matches!(
+        fired.alarm_events().collect::<Vec<_>>()[..],
+        [AlarmEvent::Disarmed(_)]
+    ));
+    assert!(state.alarms.alarms.is_empty());
+    assert_eq!(state.next_deadline_ms(), None);
+}
+
+#[test]
+fn a_rule_created_while_the_thing_is_offline_counts_from_when_it_went_offline() {
+    let (mut state, _) = given(&[register(), connect(1), disconnect(1, Vec::new())]);
+    let rules = vec![offline_rule("offline-1m", 60_000)];
+    let armed = at(
+        &mut state,
+        ThingCommand::ArmOfflineAlarms {
+            offline_rules: rules.clone(),
+        },
+        NOW_MS + 5_000,
+    )
+    .expect("arm");
+    assert_eq!(armed.events.len(), 1);
+    assert_eq!(state.next_deadline_ms(), Some(NOW_MS + 60_000));
+    // Asked again (a resumed sweep): nothing new.
+    let again = when(
+        &state,
+        ThingCommand::ArmOfflineAlarms {
+            offline_rules: rules,
+        },
+    )
+    .expect("arm");
+    assert!(again.events.is_empty());
+
+    // Never connected, or online: not watched.
+    let (fresh, _) = given(&[register()]);
+    let (online, _) = given(&[register(), connect(1)]);
+    for state in [fresh, online] {
+        let decision = when(
+            &state,
+            ThingCommand::ArmOfflineAlarms {
+                offline_rules: vec![offline_rule("offline-1m", 60_000)],
+            },
+        )
+        .expect("arm");
+        assert!(decision.events.is_empty());
+    }
+}
+
+#[test]
+fn an_operator_acknowledges_then_clears_an_alarm() {
+    let rules = vec![offline_rule("offline-1m", 60_000)];
+    let (mut state, _) = given(&[register(), connect(1), disconnect(1, rules.clone())]);
+    at(&mut state, fire(rules), NOW_MS + 60_000).expect("fire");
+    let ack = |by: &str| ThingCommand::AcknowledgeAlarm {
+        alarm_type: "offline-1m".into(),
+        by: by.into(),
+    };
+    let acknowledged = at(&mut state, ack("ops"), NOW_MS + 61_000).expect("ack");
+    let Reply::Alarm(Some(alarm)) = &acknowledged.reply else {
+        panic!("{:?}", acknowledged.reply);
+    };
+    assert_eq!(alarm.status, AlarmStatus::Acknowledged);
+    assert_eq!(alarm.acknowledged_by.as_deref(), Some("ops"));
+    assert!(
+        when(&state, ack("other")).expect("again").events.is_empty(),
+        "idempotent"
+    );
+
+    let clear = ThingCommand::ClearAlarm {
+        alarm_type: "offline-1m".into(),
+        by: "ops".into(),
+    };
+    at(&mut state, clear.clone(), NOW_MS + 62_000).expect("clear");
+    assert_eq!(
+        state.alarms.alarms["offline-1m"].status,
+        AlarmStatus::Cleared
+    );
+    assert!(when(&state, clear).expect("again").events.is_empty());
+    let err = when(&state, ack("ops")).expect_err("cleared");
+    assert_eq!(err.code(), ErrorCode::Conflict);
+    let err = when(
+        &state,
+        ThingCommand::AcknowledgeAlarm {
+            alarm_type: "nope".into(),
+            by: "ops".into(),
+        },
+    )
+    .expect_err("unknown");
+    assert_eq!(err.code(), ErrorCode::NotFound);
+}
+
+#[test]
+fn deleting_a_thing_ends_its_watches_and_a_new_registration_starts_clean() {
+    let rules = vec![
+        offline_rule("offline-1m", 60_000),
+        offline_rule("offline-1h", 3_600_000),
+    ];
+    let (mut state, _) = given(&[register(), connect(1), disconnect(1, rules.clone())]);
+    at(&mut state, fire(rules), NOW_MS + 60_000).expect("fire");
+    let deleted = at(&mut state, ThingCommand::Delete, NOW_MS + 61_000).expect("delete");
+    assert_eq!(
+        deleted.alarm_events().count(),
+        2,
+        "one disarmed, one cleared"
+    );
+    assert_eq!(state.next_deadline_ms(), None);
+    at(&mut state, register(), NOW_MS + 62_000).expect("register");
+    assert!(state.alarms.alarms.is_empty());
 }
 
 // ---- proptest laws ----
@@ -227,7 +445,11 @@ fn command() -> impl Strategy<Value = ThingCommand> {
             client_id: "c".into(),
             connection_id: id,
             reason: "normal".into(),
+            offline_rules: vec![offline_rule("now", 0)],
         }),
+        1 => Just(ThingCommand::FireDeadlines { offline_rules: vec![offline_rule("now", 0)] }),
+        1 => Just(ThingCommand::AcknowledgeAlarm { alarm_type: "now".into(), by: "ops".into() }),
+        1 => Just(ThingCommand::ClearAlarm { alarm_type: "now".into(), by: "ops".into() }),
         8 => (section(), section(), prop::option::of(0u64..6), any::<bool>()).prop_filter_map(
             "needs a section",
             |(desired, reported, version, operator)| {
@@ -385,7 +607,9 @@ fn commands_need_a_registered_thing_but_deadlines_fire_even_after_deletion() {
     let (mut state, _) = given(&[register(), send, ThingCommand::Delete]);
     let decision = decide(
         &state,
-        &ThingCommand::FireDeadlines,
+        &ThingCommand::FireDeadlines {
+            offline_rules: Vec::new(),
+        },
         NOW_MS + 5_000,
         &Limits::default(),
     )

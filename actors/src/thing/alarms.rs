@@ -1,0 +1,468 @@
+//! A Thing's alarms: offline alarms raised by durable deadlines, acknowledged and cleared.
+//!
+//! One alarm per type per Thing (as Cumulocity de-duplicates by type): the alarm of an offline
+//! rule has the rule's name as its type. A rule is fleet configuration, not Thing state; the shell
+//! hands `decide` the rules that apply to the Thing ([`OfflineRule`]) with each request that can
+//! need them, so the domain stays pure.
+//!
+//! The life of an offline alarm, every step an event in the Thing's log:
+//! - `Armed`: the Thing's connection ended (or a rule was created while it was offline); the
+//!   rule's deadline is `offline since + offlineFor`, kept in the deadline index like a command's.
+//! - `Raised`: the deadline fired and the Thing is still offline and the rule still applies.
+//! - `Disarmed`: the watch ended without an alarm (the Thing came back, the rule went away).
+//! - `Acknowledged`: an operator saw it (it stays until cleared).
+//! - `Cleared`: the Thing reconnected, or an operator cleared it.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Rejection, RejectionKind};
+
+/// How serious an alarm is (Cumulocity's four levels).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum AlarmSeverity {
+    /// Service is down.
+    Critical,
+    /// Service is degraded.
+    Major,
+    /// Worth a look.
+    Minor,
+    /// Informational.
+    Warning,
+}
+
+impl AlarmSeverity {
+    /// Parses the API's name (`CRITICAL`, `MAJOR`, `MINOR`, `WARNING`).
+    pub fn parse(text: &str) -> Option<AlarmSeverity> {
+        match text {
+            "CRITICAL" => Some(AlarmSeverity::Critical),
+            "MAJOR" => Some(AlarmSeverity::Major),
+            "MINOR" => Some(AlarmSeverity::Minor),
+            "WARNING" => Some(AlarmSeverity::Warning),
+            _ => None,
+        }
+    }
+
+    /// The API's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlarmSeverity::Critical => "CRITICAL",
+            AlarmSeverity::Major => "MAJOR",
+            AlarmSeverity::Minor => "MINOR",
+            AlarmSeverity::Warning => "WARNING",
+        }
+    }
+}
+
+/// Where an alarm is in its life.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum AlarmStatus {
+    /// Raised, nobody has looked.
+    Active,
+    /// An operator has seen it; the condition still holds.
+    Acknowledged,
+    /// Over (the Thing came back, or an operator cleared it).
+    Cleared,
+}
+
+impl AlarmStatus {
+    /// Parses the API's name (`ACTIVE`, `ACKNOWLEDGED`, `CLEARED`).
+    pub fn parse(text: &str) -> Option<AlarmStatus> {
+        match text {
+            "ACTIVE" => Some(AlarmStatus::Active),
+            "ACKNOWLEDGED" => Some(AlarmStatus::Acknowledged),
+            "CLEARED" => Some(AlarmStatus::Cleared),
+            _ => None,
+        }
+    }
+
+    /// The API's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlarmStatus::Active => "ACTIVE",
+            AlarmStatus::Acknowledged => "ACKNOWLEDGED",
+            AlarmStatus::Cleared => "CLEARED",
+        }
+    }
+}
+
+/// An offline rule as it applies to one Thing (the shell has matched its type and group).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OfflineRule {
+    /// The rule's name: the type of the alarms it raises.
+    pub name: String,
+    /// How long the Thing must stay offline, ms.
+    pub offline_for_ms: u64,
+    /// The severity of its alarms.
+    pub severity: AlarmSeverity,
+}
+
+/// A Thing's alarm: the latest of each type (a cleared one stays until the type is raised again).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Alarm {
+    /// Its type (an offline rule's name).
+    #[serde(rename = "type")]
+    pub alarm_type: String,
+    /// How serious.
+    pub severity: AlarmSeverity,
+    /// Where it is in its life.
+    pub status: AlarmStatus,
+    /// What happened, for people.
+    pub text: String,
+    /// When it was raised, Unix ms.
+    #[serde(rename = "raisedAt")]
+    pub raised_at_ms: u64,
+    /// When the Thing went offline, Unix ms (offline alarms).
+    #[serde(
+        rename = "offlineSince",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub offline_since_ms: Option<u64>,
+    /// When an operator acknowledged it, Unix ms.
+    #[serde(
+        rename = "acknowledgedAt",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub acknowledged_at_ms: Option<u64>,
+    /// Who acknowledged it (the API key id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acknowledged_by: Option<String>,
+    /// When it was cleared, Unix ms.
+    #[serde(rename = "clearedAt", default, skip_serializing_if = "Option::is_none")]
+    pub cleared_at_ms: Option<u64>,
+    /// Why it was cleared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cleared_reason: Option<String>,
+}
+
+/// An offline watch waiting for its deadline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Armed {
+    /// When the alarm is due, Unix ms.
+    pub due_at_ms: u64,
+    /// When the Thing went offline, Unix ms.
+    pub offline_since_ms: u64,
+}
+
+/// A Thing's alarms and offline watches.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Alarms {
+    /// Offline watches by rule name.
+    #[serde(default)]
+    pub armed: BTreeMap<String, Armed>,
+    /// The latest alarm of each type.
+    #[serde(default)]
+    pub alarms: BTreeMap<String, Alarm>,
+}
+
+/// `AlarmArmed`: an offline watch started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AlarmArmed {
+    /// The rule.
+    pub rule: String,
+    /// When the alarm is due, Unix ms.
+    pub due_at_ms: u64,
+    /// When the Thing went offline, Unix ms.
+    pub offline_since_ms: u64,
+    /// Unix ms.
+    pub at_ms: u64,
+}
+
+/// `AlarmDisarmed`: an offline watch ended without an alarm.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AlarmDisarmed {
+    /// The rule.
+    pub rule: String,
+    /// Why (`reconnected`, `rule no longer applies`, `thing deleted`).
+    pub reason: String,
+    /// Unix ms.
+    pub at_ms: u64,
+}
+
+/// `AlarmRaised`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AlarmRaised {
+    /// The alarm's type.
+    pub alarm_type: String,
+    /// How serious.
+    pub severity: AlarmSeverity,
+    /// What happened.
+    pub text: String,
+    /// When the Thing went offline, Unix ms (offline alarms).
+    #[serde(default)]
+    pub offline_since_ms: Option<u64>,
+    /// Unix ms.
+    pub at_ms: u64,
+}
+
+/// `AlarmAcknowledged`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AlarmAcknowledged {
+    /// The alarm's type.
+    pub alarm_type: String,
+    /// Who (API key id).
+    pub by: String,
+    /// Unix ms.
+    pub at_ms: u64,
+}
+
+/// `AlarmCleared`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AlarmCleared {
+    /// The alarm's type.
+    pub alarm_type: String,
+    /// Why (`reconnected`, `cleared by {key}`).
+    pub reason: String,
+    /// Unix ms.
+    pub at_ms: u64,
+}
+
+/// Everything that happens to alarms.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AlarmEvent {
+    /// An offline watch started.
+    Armed(AlarmArmed),
+    /// An offline watch ended without an alarm.
+    Disarmed(AlarmDisarmed),
+    /// An alarm was raised.
+    Raised(AlarmRaised),
+    /// An operator acknowledged an alarm.
+    Acknowledged(AlarmAcknowledged),
+    /// An alarm ended.
+    Cleared(AlarmCleared),
+}
+
+impl AlarmEvent {
+    /// The alarm type (or rule) the event is about.
+    pub fn alarm_type(&self) -> &str {
+        match self {
+            AlarmEvent::Armed(e) => &e.rule,
+            AlarmEvent::Disarmed(e) => &e.rule,
+            AlarmEvent::Raised(e) => &e.alarm_type,
+            AlarmEvent::Acknowledged(e) => &e.alarm_type,
+            AlarmEvent::Cleared(e) => &e.alarm_type,
+        }
+    }
+}
+
+impl Alarms {
+    /// The earliest offline deadline.
+    pub fn next_deadline_ms(&self) -> Option<u64> {
+        self.armed.values().map(|a| a.due_at_ms).min()
+    }
+
+    /// Whether an alarm of `alarm_type` is open (active or acknowledged).
+    pub fn is_open(&self, alarm_type: &str) -> bool {
+        self.alarms
+            .get(alarm_type)
+            .is_some_and(|a| a.status != AlarmStatus::Cleared)
+    }
+
+    /// The open alarms.
+    pub fn open(&self) -> impl Iterator<Item = &Alarm> + '_ {
+        self.alarms
+            .values()
+            .filter(|a| a.status != AlarmStatus::Cleared)
+    }
+
+    /// Folds one event in.
+    pub fn apply(&mut self, event: &AlarmEvent) {
+        match event {
+            AlarmEvent::Armed(armed) => {
+                self.armed.insert(
+                    armed.rule.clone(),
+                    Armed {
+                        due_at_ms: armed.due_at_ms,
+                        offline_since_ms: armed.offline_since_ms,
+                    },
+                );
+            }
+            AlarmEvent::Disarmed(disarmed) => {
+                self.armed.remove(&disarmed.rule);
+            }
+            AlarmEvent::Raised(raised) => {
+                self.armed.remove(&raised.alarm_type);
+                self.alarms.insert(
+                    raised.alarm_type.clone(),
+                    Alarm {
+                        alarm_type: raised.alarm_type.clone(),
+                        severity: raised.severity,
+                        status: AlarmStatus::Active,
+                        text: raised.text.clone(),
+                        raised_at_ms: raised.at_ms,
+                        offline_since_ms: raised.offline_since_ms,
+                        acknowledged_at_ms: None,
+                        acknowledged_by: None,
+                        cleared_at_ms: None,
+                        cleared_reason: None,
+                    },
+                );
+            }
+            AlarmEvent::Acknowledged(acknowledged) => {
+                if let Some(alarm) = self.alarms.get_mut(&acknowledged.alarm_type) {
+                    alarm.status = AlarmStatus::Acknowledged;
+                    alarm.acknowledged_at_ms = Some(acknowledged.at_ms);
+                    alarm.acknowledged_by = Some(acknowledged.by.clone());
+                }
+            }
+            AlarmEvent::Cleared(cleared) => {
+                if let Some(alarm) = self.alarms.get_mut(&cleared.alarm_type) {
+                    alarm.status = AlarmStatus::Cleared;
+                    alarm.cleared_at_ms = Some(cleared.at_ms);
+                    alarm.cleared_reason = Some(cleared.reason.clone());
+                }
+            }
+        }
+    }
+}
+
+/// The connection ended at `offline_since_ms`: watch every applicable rule without an open alarm.
+pub fn decide_arm(
+    alarms: &Alarms,
+    rules: &[OfflineRule],
+    offline_since_ms: u64,
+    now_ms: u64,
+) -> Vec<AlarmEvent> {
+    rules
+        .iter()
+        .filter(|rule| !alarms.is_open(&rule.name))
+        .filter(|rule| {
+            // Already watching with the same deadline (a sweep sent again): nothing new.
+            alarms.armed.get(&rule.name).map(|a| a.due_at_ms)
+                != Some(offline_since_ms.saturating_add(rule.offline_for_ms))
+        })
+        .map(|rule| {
+            AlarmEvent::Armed(AlarmArmed {
+                rule: rule.name.clone(),
+                due_at_ms: offline_since_ms.saturating_add(rule.offline_for_ms),
+                offline_since_ms,
+                at_ms: now_ms,
+            })
+        })
+        .collect()
+}
+
+/// The Thing is back (or gone): end every watch and clear every open offline alarm.
+pub fn decide_back(alarms: &Alarms, reason: &str, now_ms: u64) -> Vec<AlarmEvent> {
+    let disarmed = alarms.armed.keys().map(|rule| {
+        AlarmEvent::Disarmed(AlarmDisarmed {
+            rule: rule.clone(),
+            reason: reason.to_owned(),
+            at_ms: now_ms,
+        })
+    });
+    let cleared = alarms
+        .open()
+        .filter(|alarm| alarm.offline_since_ms.is_some())
+        .map(|alarm| {
+            AlarmEvent::Cleared(AlarmCleared {
+                alarm_type: alarm.alarm_type.clone(),
+                reason: reason.to_owned(),
+                at_ms: now_ms,
+            })
+        });
+    disarmed.chain(cleared).collect()
+}
+
+/// Deadlines fired at `now_ms`: raise what is due and still applies, drop what no longer does.
+pub fn decide_fire(
+    alarms: &Alarms,
+    rules: &[OfflineRule],
+    online: bool,
+    now_ms: u64,
+) -> Vec<AlarmEvent> {
+    let mut events = Vec::new();
+    for (name, armed) in &alarms.armed {
+        if armed.due_at_ms > now_ms {
+            continue;
+        }
+        let rule = rules.iter().find(|rule| rule.name == *name);
+        match rule {
+            Some(rule) if !online => {
+                let minutes = (now_ms.saturating_sub(armed.offline_since_ms)) / 60_000;
+                events.push(AlarmEvent::Raised(AlarmRaised {
+                    alarm_type: name.clone(),
+                    severity: rule.severity,
+                    text: format!(
+                        "offline for {minutes} min (rule '{name}': offline for {} s)",
+                        rule.offline_for_ms / 1000
+                    ),
+                    offline_since_ms: Some(armed.offline_since_ms),
+                    at_ms: now_ms,
+                }));
+            }
+            _ => events.push(AlarmEvent::Disarmed(AlarmDisarmed {
+                rule: name.clone(),
+                reason: if online {
+                    "online".into()
+                } else {
+                    "rule no longer applies".into()
+                },
+                at_ms: now_ms,
+            })),
+        }
+    }
+    events
+}
+
+fn not_found(alarm_type: &str) -> Rejection {
+    Rejection::new(
+        RejectionKind::ExecutionNotFound,
+        format!("no alarm of type '{alarm_type}'"),
+    )
+}
+
+/// An operator acknowledges an open alarm (again: nothing changes).
+pub fn decide_acknowledge(
+    alarms: &Alarms,
+    alarm_type: &str,
+    by: &str,
+    now_ms: u64,
+) -> Result<Vec<AlarmEvent>, Rejection> {
+    let alarm = alarms
+        .alarms
+        .get(alarm_type)
+        .ok_or_else(|| not_found(alarm_type))?;
+    match alarm.status {
+        AlarmStatus::Active => Ok(vec![AlarmEvent::Acknowledged(AlarmAcknowledged {
+            alarm_type: alarm_type.to_owned(),
+            by: by.to_owned(),
+            at_ms: now_ms,
+        })]),
+        AlarmStatus::Acknowledged => Ok(Vec::new()),
+        AlarmStatus::Cleared => Err(Rejection::new(
+            RejectionKind::TerminalStateReached,
+            format!("the alarm '{alarm_type}' is already cleared"),
+        )),
+    }
+}
+
+/// An operator clears an open alarm (again: nothing changes).
+pub fn decide_clear(
+    alarms: &Alarms,
+    alarm_type: &str,
+    by: &str,
+    now_ms: u64,
+) -> Result<Vec<AlarmEvent>, Rejection> {
+    let alarm = alarms
+        .alarms
+        .get(alarm_type)
+        .ok_or_else(|| not_found(alarm_type))?;
+    if alarm.status == AlarmStatus::Cleared {
+        return Ok(Vec::new());
+    }
+    Ok(vec![AlarmEvent::Cleared(AlarmCleared {
+        alarm_type: alarm_type.to_owned(),
+        reason: format!("cleared by {by}"),
+        at_ms: now_ms,
+    })])
+}
