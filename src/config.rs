@@ -183,6 +183,9 @@ pub struct Config {
     pub webhook_dead_letters_max: usize,
     /// Webhooks in all.
     pub webhooks_max: usize,
+    /// Bytes of broker events (subscriptions, messages) waiting for one webhook in memory;
+    /// past it new ones are dropped and counted.
+    pub webhook_broker_queue_bytes_max: usize,
     /// Offline alarm rules in all.
     pub alarm_rules_max: usize,
     /// Alarm index entries one page of `GET /api/v1/alarms` reads (bounds a filtered listing).
@@ -284,6 +287,7 @@ impl Default for Config {
             webhook_batch_max: 1000,
             webhook_dead_letters_max: 100,
             webhooks_max: 100,
+            webhook_broker_queue_bytes_max: 16 * 1024 * 1024,
             alarm_rules_max: 100,
             alarm_list_scan_max: 10_000,
             auth_failures_free: 5,
@@ -535,6 +539,10 @@ impl Config {
                 self.webhook_dead_letters_max as u64,
             ),
             ("webhooks_max", self.webhooks_max as u64),
+            (
+                "webhook_broker_queue_bytes_max",
+                self.webhook_broker_queue_bytes_max as u64,
+            ),
             ("alarm_rules_max", self.alarm_rules_max as u64),
             ("alarm_list_scan_max", self.alarm_list_scan_max as u64),
             ("auth_backoff_base_ms", self.auth_backoff_base_ms),

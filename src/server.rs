@@ -214,6 +214,7 @@ pub async fn serve(
     });
     let webhooks = crate::webhooks::Webhooks::new(
         store.clone(),
+        broker.tap.clone(),
         crate::webhooks::WebhookLimits {
             request_timeout: Duration::from_millis(config.webhook_request_timeout_ms),
             retry_base: Duration::from_millis(config.webhook_retry_base_ms),
@@ -222,6 +223,7 @@ pub async fn serve(
             dead_letters_max: config.webhook_dead_letters_max,
             webhooks_max: config.webhooks_max,
             feed_batch_max: config.webhook_batch_max,
+            broker_queue_bytes_max: config.webhook_broker_queue_bytes_max,
         },
     )
     .map_err(|e| ServeError::Actors(format!("webhook client: {e}")))?;

@@ -25,6 +25,8 @@ use thinghub_actors::integration::{self, Record, KINDS};
 use thinghub_storage::{StorageError, Store};
 use tokio::sync::watch;
 
+use crate::mqtt::tap::{BrokerTap, Listener, TapFilter, TapKind, BROKER_KINDS};
+
 /// The bounds of webhook delivery.
 #[derive(Debug, Clone, Copy)]
 pub struct WebhookLimits {
@@ -42,6 +44,8 @@ pub struct WebhookLimits {
     pub webhooks_max: usize,
     /// Feed entries read per round.
     pub feed_batch_max: usize,
+    /// Bytes of broker events queued per webhook; past it they are dropped (counted).
+    pub broker_queue_bytes_max: usize,
 }
 
 /// A webhook as stored.
@@ -55,6 +59,9 @@ pub struct Webhook {
     pub kinds: Option<Vec<String>>,
     /// Things whose records are delivered (None: every Thing).
     pub thing_names: Option<Vec<String>>,
+    /// Topic filters of the messages delivered as `message.published` (None: no messages).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic_filters: Option<Vec<String>>,
     /// Extra request headers.
     pub headers: BTreeMap<String, String>,
     /// HMAC-SHA256 key of `X-Thinghub-Signature` (never shown again).
@@ -127,6 +134,7 @@ impl Webhook {
             "connection": shown,
             "kinds": self.kinds,
             "thingNames": self.thing_names,
+            "topicFilters": self.topic_filters,
             "batchMax": self.batch_max,
             "enabled": self.enabled,
             "createdAt": self.created_at_ms,
@@ -148,6 +156,7 @@ impl Webhook {
             "url": redacted(&self.url),
             "kinds": self.kinds,
             "thingNames": self.thing_names,
+            "topicFilters": self.topic_filters,
             "headers": headers,
             "hasSecret": self.secret.is_some(),
             "batchMax": self.batch_max,
@@ -165,9 +174,28 @@ impl Webhook {
 
     /// Whether it delivers records of this kind.
     fn wants_kind(&self, record: &Record) -> bool {
+        self.wants_kind_named(record.kind)
+    }
+
+    fn wants_kind_named(&self, kind: &str) -> bool {
         self.kinds
             .as_ref()
-            .is_none_or(|kinds| kinds.iter().any(|k| k == record.kind))
+            .is_none_or(|kinds| kinds.iter().any(|k| k == kind))
+    }
+
+    /// The broker events it wants.
+    fn tap_filter(&self) -> TapFilter {
+        let topic_filters = if self.wants_kind_named(TapKind::Published.name()) {
+            self.topic_filters.clone().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        TapFilter {
+            subscribed: self.wants_kind_named(TapKind::Subscribed.name()),
+            unsubscribed: self.wants_kind_named(TapKind::Unsubscribed.name()),
+            topic_filters,
+            thing_names: self.thing_names.clone(),
+        }
     }
 }
 
@@ -223,11 +251,13 @@ struct Running {
     stop: watch::Sender<bool>,
     stats: Arc<WebhookStats>,
     task: tokio::task::JoinHandle<()>,
+    broker: Option<Arc<Listener>>,
 }
 
 /// The webhooks and their delivery tasks.
 pub struct Webhooks {
     store: Store,
+    tap: Arc<BrokerTap>,
     limits: WebhookLimits,
     client: reqwest::Client,
     running: Mutex<HashMap<String, Running>>,
@@ -356,6 +386,7 @@ fn parse(
                 "url",
                 "kinds",
                 "thingNames",
+                "topicFilters",
                 "headers",
                 "secret",
                 "batchMax",
@@ -369,6 +400,7 @@ fn parse(
                 "table",
                 "kinds",
                 "thingNames",
+                "topicFilters",
                 "batchMax",
                 "enabled",
             ],
@@ -426,12 +458,45 @@ fn parse(
         None => current.and_then(|c| c.kinds.clone()),
     };
     for kind in kinds.iter().flatten() {
-        if !KINDS.contains(&kind.as_str()) {
+        if !KINDS.contains(&kind.as_str()) && !BROKER_KINDS.contains(&kind.as_str()) {
             return Err(invalid(format!(
-                "unknown kind '{kind}': one of {}",
-                KINDS.join(", ")
+                "unknown kind '{kind}': one of {}, {}",
+                KINDS.join(", "),
+                BROKER_KINDS.join(", ")
             )));
         }
+    }
+    let topic_filters = match object.get("topicFilters") {
+        Some(_) => strings("topicFilters")?,
+        None => current.and_then(|c| c.topic_filters.clone()),
+    };
+    for filter in topic_filters.iter().flatten() {
+        match crate::mqtt::topic::parse_filter(filter) {
+            Ok(parsed) if parsed.share_group.is_none() => {}
+            Ok(_) => {
+                return Err(invalid(format!(
+                    "topic filter '{filter}': a shared subscription is not a filter here"
+                )))
+            }
+            Err(e) => return Err(invalid(format!("topic filter '{filter}': {e}"))),
+        }
+    }
+    let published = TapKind::Published.name();
+    let wants_messages = kinds
+        .as_ref()
+        .is_none_or(|kinds| kinds.iter().any(|k| k == published));
+    match (&topic_filters, wants_messages) {
+        (None, true) if kinds.is_some() => {
+            return Err(invalid(format!(
+                "kind '{published}' needs topicFilters (the topics whose messages are delivered)"
+            )))
+        }
+        (Some(_), false) => {
+            return Err(invalid(format!(
+                "topicFilters select messages: add '{published}' to kinds (or leave kinds out)"
+            )))
+        }
+        _ => {}
     }
     let thing_names = match object.get("thingNames") {
         Some(_) => strings("thingNames")?,
@@ -490,6 +555,7 @@ fn parse(
         Some(_) => return Err(invalid("enabled must be true or false".into())),
     };
     Ok(Webhook {
+        topic_filters,
         id: current.map_or_else(
             || format!("w-{:016x}", rand::thread_rng().gen::<u64>()),
             |c| c.id.clone(),
@@ -515,13 +581,18 @@ enum Attempt {
 
 impl Webhooks {
     /// The webhooks of `store`, their delivery not started yet ([`Webhooks::start`]).
-    pub fn new(store: Store, limits: WebhookLimits) -> Result<Arc<Webhooks>, reqwest::Error> {
+    pub fn new(
+        store: Store,
+        tap: Arc<BrokerTap>,
+        limits: WebhookLimits,
+    ) -> Result<Arc<Webhooks>, reqwest::Error> {
         let client = reqwest::Client::builder()
             .timeout(limits.request_timeout)
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
         Ok(Arc::new(Webhooks {
             store,
+            tap,
             limits,
             client,
             running: Mutex::new(HashMap::new()),
@@ -558,7 +629,7 @@ impl Webhooks {
 
     /// Stops every delivery task.
     pub fn stop_all(&self) {
-        for (_, running) in self
+        for (id, running) in self
             .running
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -566,6 +637,9 @@ impl Webhooks {
         {
             let _ = running.stop.send(true);
             running.task.abort();
+            if running.broker.is_some() {
+                self.tap.stop(&id);
+            }
         }
     }
 
@@ -574,15 +648,29 @@ impl Webhooks {
         let stats = Arc::new(WebhookStats::default());
         let id = webhook.id.clone();
         let me = self.clone();
+        let filter = webhook.tap_filter();
+        let broker = (!filter.is_empty()).then(|| {
+            self.tap
+                .listen(&id, filter, self.limits.broker_queue_bytes_max)
+        });
         let task = tokio::spawn({
             let stats = stats.clone();
-            async move { me.deliver_loop(webhook, stats, stopped).await }
+            let broker = broker.clone();
+            async move { me.deliver_loop(webhook, stats, broker, stopped).await }
         });
         let previous = self
             .running
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id, Running { stop, stats, task });
+            .insert(
+                id,
+                Running {
+                    stop,
+                    stats,
+                    task,
+                    broker,
+                },
+            );
         if let Some(previous) = previous {
             let _ = previous.stop.send(true);
             previous.task.abort();
@@ -601,6 +689,9 @@ impl Webhooks {
             let _ = running.stop.send(true);
             running.task.abort();
             let _ = running.task.await;
+            if running.broker.is_some() {
+                self.tap.stop(id);
+            }
         }
     }
 
@@ -734,6 +825,16 @@ impl Webhooks {
             status["delivered"] = json!(stats.delivered.load(Ordering::Relaxed));
             status["retried"] = json!(stats.retried.load(Ordering::Relaxed));
             status["failed"] = json!(stats.failed.load(Ordering::Relaxed));
+            if let Some(broker) = self
+                .running
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(id)
+                .and_then(|r| r.broker.clone())
+            {
+                status["brokerQueued"] = json!(broker.queued());
+                status["brokerDropped"] = json!(broker.dropped.load(Ordering::Relaxed));
+            }
             if let Some((at, message)) = stats
                 .last_error
                 .lock()
@@ -903,6 +1004,7 @@ impl Webhooks {
         self: Arc<Self>,
         webhook: Webhook,
         stats: Arc<WebhookStats>,
+        broker: Option<Arc<Listener>>,
         mut stop: watch::Receiver<bool>,
     ) {
         let name = consumer(&webhook.id);
@@ -911,6 +1013,30 @@ impl Webhooks {
         loop {
             if *stop.borrow() {
                 return;
+            }
+            // Broker events first: they wait in memory, the feed waits on disk.
+            if let Some(broker) = &broker {
+                let events = broker.take(webhook.batch_max);
+                if let Some(first) = events.first() {
+                    let boot = self.tap.boot_ms;
+                    let letter = format!("mqtt-{boot}-{:020}", first.number);
+                    let records: Vec<Value> = events.iter().map(|e| e.to_record(boot)).collect();
+                    if self
+                        .deliver(&webhook, &stats, &records, &letter, &mut pg, &mut stop)
+                        .await
+                        .is_none()
+                    {
+                        // Stopped while retrying: counted as not delivered.
+                        broker
+                            .dropped
+                            .fetch_add(records.len() as u64, Ordering::Relaxed);
+                        self.tap
+                            .dropped
+                            .fetch_add(records.len() as u64, Ordering::Relaxed);
+                        return;
+                    }
+                    continue;
+                }
             }
             let cursor = match self.store.cursor(&name) {
                 Ok(cursor) => cursor,
@@ -928,6 +1054,7 @@ impl Webhooks {
                 stats.pending_since_ms.store(0, Ordering::Relaxed);
                 tokio::select! {
                     () = self.store.feed_grown(end) => {}
+                    () = broker_ready(broker.as_deref()) => {}
                     _ = stop.wait_for(|s| *s) => return,
                 }
                 continue;
@@ -953,8 +1080,13 @@ impl Webhooks {
                         .store(first_at.max(1), Ordering::Relaxed);
                 }
                 // Delivered or dead-lettered: either way delivery goes on after it.
+                let letter = format!("{:020}", batch.first().map_or(0, |r| r.position));
+                let records: Vec<Value> = batch
+                    .iter()
+                    .map(|r| serde_json::to_value(r).unwrap_or(Value::Null))
+                    .collect();
                 if self
-                    .deliver(&webhook, &stats, &batch, &mut pg, &mut stop)
+                    .deliver(&webhook, &stats, &records, &letter, &mut pg, &mut stop)
                     .await
                     .is_none()
                 {
@@ -1013,17 +1145,15 @@ impl Webhooks {
         &self,
         webhook: &Webhook,
         stats: &WebhookStats,
-        batch: &[Record],
+        batch: &[Value],
+        letter: &str,
         pg: &mut Option<tokio_postgres::Client>,
         stop: &mut watch::Receiver<bool>,
     ) -> Option<bool> {
-        let records: Vec<Value> = batch
-            .iter()
-            .map(|r| serde_json::to_value(r).unwrap_or(Value::Null))
-            .collect();
+        let records = batch;
         let mut delay = self.limits.retry_base;
         loop {
-            match self.attempt(webhook, pg, &records).await {
+            match self.attempt(webhook, pg, records).await {
                 Attempt::Delivered => {
                     stats
                         .delivered
@@ -1047,7 +1177,7 @@ impl Webhooks {
                 Attempt::Permanent(status, why) => {
                     tracing::warn!(webhook = %webhook.id, %status, error = %why, records = batch.len(), "webhook refused a batch; dead-lettered");
                     stats.error(why.clone());
-                    match self.dead_letter(webhook, status, &why, batch) {
+                    match self.dead_letter(webhook, status, &why, letter, batch) {
                         Ok(()) => {
                             stats
                                 .failed
@@ -1075,25 +1205,25 @@ impl Webhooks {
         webhook: &Webhook,
         status: u16,
         why: &str,
-        batch: &[Record],
+        id: &str,
+        batch: &[Value],
     ) -> Result<(), StorageError> {
         let prefix = dead_prefix(&webhook.id);
-        let first = batch.first().map_or(0, |r| r.position);
         let letter = json!({
-            "id": format!("{first:020}"),
+            "id": id,
             "at": now_ms(),
             "status": status,
             "error": why,
             "records": batch,
         });
         let mut changes = vec![(
-            format!("{prefix}{first:020}"),
+            format!("{prefix}{id}"),
             Some(serde_json::to_vec(&letter).map_err(|e| StorageError::Db(e.to_string()))?),
         )];
         let held = self
             .store
             .kv_keys_prefix(&prefix, self.limits.dead_letters_max + 1)?;
-        let new_key = format!("{prefix}{first:020}");
+        let new_key = format!("{prefix}{id}");
         let kept = held.iter().filter(|key| **key != new_key).count();
         let over = (kept + 1).saturating_sub(self.limits.dead_letters_max.max(1));
         for key in held.into_iter().filter(|key| *key != new_key).take(over) {
@@ -1101,6 +1231,14 @@ impl Webhooks {
             changes.push((key, None));
         }
         self.store.kv_apply_behind(changes)
+    }
+}
+
+/// Resolves when broker events may be waiting (never, without a listener).
+async fn broker_ready(broker: Option<&Listener>) {
+    match broker {
+        Some(broker) => broker.ready().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -393,3 +393,125 @@ async fn after_a_dead_letter_delivery_goes_on_with_the_next_records() {
         "the refused batch is not sent again"
     );
 }
+
+/// Broker events (in no Thing's log): subscriptions made and removed, and the messages on the
+/// webhook's topic filters, from a client and from the HTTP publish API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_events_reach_a_webhook_by_kind_and_topic_filter() {
+    let (_dir, server) = common::start_with_backend("").await;
+    let (receiver, url) = receiver().await;
+    for (body, why) in [
+        (
+            json!({"url": &url, "kinds": ["message.published"]}),
+            "needs topicFilters",
+        ),
+        (
+            json!({"url": &url, "kinds": ["thing.connected"], "topicFilters": ["a/#"]}),
+            "add 'message.published'",
+        ),
+        (
+            json!({"url": &url, "topicFilters": ["a/#/b"]}),
+            "topic filter 'a/#/b'",
+        ),
+        (
+            json!({"url": &url, "topicFilters": ["$share/g/a"]}),
+            "shared subscription",
+        ),
+        (
+            json!({"url": &url, "kinds": ["client.connected"]}),
+            "unknown kind",
+        ),
+    ] {
+        let (status, answer) =
+            call(Method::POST, &server.url("/api/v1/webhooks"), Some(body)).await;
+        assert_eq!(status, 400, "{answer}");
+        assert!(answer.to_string().contains(why), "{why}: {answer}");
+    }
+    let created = create(
+        &server,
+        "/api/v1/webhooks",
+        json!({"url": url, "secret": SECRET,
+               "kinds": ["client.subscribed", "client.unsubscribed", "message.published"],
+               "topicFilters": ["plant/+/temp"]}),
+    )
+    .await;
+    assert_eq!(
+        created["topicFilters"],
+        json!(["plant/+/temp"]),
+        "{created}"
+    );
+    let id = created["id"].as_str().expect("id").to_owned();
+
+    let (mut app, _) = Device::connect(&server, "app", common::BACKEND, true).await;
+    app.subscribe("plant/#").await;
+    app.publish("plant/1/temp", "21.5").await;
+    app.publish("plant/1/humidity", "40").await;
+    // The app receives both (they were routed); the webhook only the temperature.
+    app.next().await;
+    app.next().await;
+    let (status, _) = call(
+        Method::POST,
+        &server.url("/api/v1/publish"),
+        Some(json!({"topic": "plant/2/temp", "payload": "19", "qos": 1})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    app.client
+        .unsubscribe("plant/#")
+        .await
+        .expect("unsubscribe");
+
+    wait_for_kinds(
+        &receiver,
+        &[
+            "client.subscribed",
+            "message.published",
+            "client.unsubscribed",
+        ],
+    )
+    .await;
+    let deadline = Instant::now() + WAIT;
+    let records = loop {
+        let now = accepted(&receiver);
+        let messages = now
+            .iter()
+            .filter(|r| r["kind"] == "message.published")
+            .count();
+        if messages >= 2 || Instant::now() >= deadline {
+            break now;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let messages: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["kind"] == "message.published")
+        .collect();
+    assert_eq!(messages.len(), 2, "{records:?}");
+    assert_eq!(messages[0]["clientId"], "app");
+    assert_eq!(messages[0]["data"]["topic"], "plant/1/temp");
+    assert_eq!(messages[0]["data"]["payload"], "21.5");
+    assert_eq!(messages[0]["data"]["username"], common::BACKEND.0);
+    assert_eq!(messages[1]["data"]["via"], "http");
+    assert!(messages[1].get("clientId").is_none(), "{}", messages[1]);
+    let subscribed = records
+        .iter()
+        .find(|r| r["kind"] == "client.subscribed")
+        .expect("subscribed");
+    assert_eq!(subscribed["data"]["filter"], "plant/#");
+    assert_eq!(subscribed["data"]["qos"], 1);
+    let ids: HashSet<&str> = records.iter().filter_map(|r| r["id"].as_str()).collect();
+    assert_eq!(ids.len(), records.len(), "distinct ids");
+    assert!(records
+        .iter()
+        .all(|r| r["id"].as_str().is_some_and(|id| id.starts_with("mqtt:"))));
+    assert_eq!(receiver.bad_signatures.load(Ordering::SeqCst), 0);
+
+    let (_, status) = call(
+        Method::GET,
+        &server.url(&format!("/api/v1/webhooks/{id}")),
+        None,
+    )
+    .await;
+    assert_eq!(status["status"]["brokerDropped"], 0, "{status}");
+    assert_eq!(status["status"]["brokerQueued"], 0, "{status}");
+}

@@ -544,6 +544,12 @@ fn collect(state: &AppState) -> Vec<Metric> {
             &webhooks.failed,
             "failed",
         ),
+        (
+            "thinghub_webhook_broker_events_dropped_total",
+            "Broker events (subscriptions, messages) not delivered: a webhook's queue was full (webhook_broker_queue_bytes_max) or it stopped.",
+            &state.broker.tap.dropped,
+            "brokerEventsDropped",
+        ),
     ] {
         metrics.push(m(name, "counter", help, load(counter), "webhooks", key));
     }

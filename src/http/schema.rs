@@ -1102,12 +1102,17 @@ pub struct WebhookRequest {
     /// Record kinds to deliver (null: every kind): thing.registered, thing.deleted,
     /// thing.connected, thing.disconnected, shadow.updated, shadow.deleted, event.ingested,
     /// command.sent, command.answered, command.timed_out, command.canceled,
-    /// command.response_refused, job.execution.
+    /// command.response_refused, job.execution, alarm.watch_started, alarm.watch_ended,
+    /// alarm.raised, alarm.acknowledged, alarm.cleared, client.subscribed,
+    /// client.unsubscribed, message.published (needs topicFilters).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kinds: Option<Vec<String>>,
     /// Things to deliver (null: every Thing).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub thing_names: Option<Vec<String>>,
+    /// MQTT topic filters of the messages delivered as `message.published` (null: none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub topic_filters: Option<Vec<String>>,
     /// Extra request headers.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub headers: Option<BTreeMap<String, String>>,
@@ -1149,6 +1154,13 @@ pub struct WebhookStatus {
     /// The last failure.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<LastError>,
+    /// Broker events waiting in memory (running, with broker kinds only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broker_queued: Option<u64>,
+    /// Broker events dropped: the queue was full or delivery stopped (running, with broker
+    /// kinds only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broker_dropped: Option<u64>,
 }
 
 /// A delivery failure.
@@ -1172,6 +1184,8 @@ pub struct WebhookView {
     pub kinds: Option<Vec<String>>,
     /// Things delivered (null: all).
     pub thing_names: Option<Vec<String>>,
+    /// Topic filters of the messages delivered (null: none).
+    pub topic_filters: Option<Vec<String>>,
     /// Extra headers.
     pub headers: BTreeMap<String, String>,
     /// Whether requests are signed.
@@ -1196,7 +1210,7 @@ pub struct WebhookList {
 /// A batch the receiver refused for good.
 #[derive(Serialize, ToSchema)]
 pub struct DeadLetter {
-    /// Its key (the first record's feed position).
+    /// Its key (the first record's feed position; `mqtt-{start}-{n}` for broker events).
     pub id: String,
     /// Unix ms.
     pub at: u64,
@@ -1204,8 +1218,37 @@ pub struct DeadLetter {
     pub status: u16,
     /// The receiver's answer.
     pub error: String,
-    /// The records.
-    pub records: Vec<thinghub_actors::integration::Record>,
+    /// The records (a broker event's has no `position` nor `seq`).
+    pub records: Vec<IntegrationRecord>,
+}
+
+/// One integration record: a Thing event from the change feed, or a broker event.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IntegrationRecord {
+    /// `{thingName}:{seq}`, or `mqtt:{server start ms}:{n}` for a broker event.
+    pub id: String,
+    /// Change feed position (Thing events).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub position: Option<u64>,
+    /// The kind.
+    pub kind: String,
+    /// The Thing (absent for a broker event of a client that is no Thing).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub thing_name: Option<String>,
+    /// The MQTT client id, when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    /// Unix ms.
+    pub at: u64,
+    /// The event's seq in its Thing's log (Thing events).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    /// One line for people.
+    pub summary: String,
+    /// The event.
+    #[schema(value_type = Object)]
+    pub data: serde_json::Value,
 }
 
 /// A page of dead letters, oldest first.
@@ -1245,6 +1288,9 @@ pub struct PostgresSinkRequest {
     /// Things (null: all).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub thing_names: Option<Vec<String>>,
+    /// Topic filters of the messages written as `message.published` (null: none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub topic_filters: Option<Vec<String>>,
     /// Records per transaction, 1..=webhook_batch_max.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub batch_max: Option<u64>,
@@ -1280,6 +1326,8 @@ pub struct PostgresSinkView {
     pub kinds: Option<Vec<String>>,
     /// Things delivered (null: all).
     pub thing_names: Option<Vec<String>>,
+    /// Topic filters of the messages written (null: none).
+    pub topic_filters: Option<Vec<String>>,
     /// Records per transaction.
     pub batch_max: u64,
     /// Whether it delivers.

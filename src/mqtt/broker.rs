@@ -27,6 +27,7 @@ use super::codec;
 use super::persist::{
     Changes, StoredMessage, StoredOptions, StoredProperties, StoredSession, TimeBase,
 };
+use super::tap::TapKind;
 use super::topic::{self, FilterTrie, ParsedFilter};
 
 /// Broker bounds.
@@ -624,6 +625,8 @@ pub struct Broker {
     checkpoints_durable: tokio::sync::watch::Sender<u64>,
     /// Someone waits for durability: the checkpointing task should not wait for its interval.
     checkpoint_wanted: Arc<Notify>,
+    /// Subscriptions and messages for the integrations that asked for them.
+    pub tap: Arc<super::tap::BrokerTap>,
 }
 
 /// Whether the identity a CONNECT was authenticated as still holds.
@@ -810,6 +813,11 @@ impl Broker {
             checkpoints_taken: AtomicU64::new(0),
             checkpoints_durable: tokio::sync::watch::Sender::new(0),
             checkpoint_wanted: Arc::new(Notify::new()),
+            tap: Arc::new(super::tap::BrokerTap::new(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
+            )),
         }
     }
 
@@ -1423,6 +1431,13 @@ impl Broker {
             }
             None => {
                 session.subscriptions.remove(raw);
+                self.tap.subscription(
+                    TapKind::Unsubscribed,
+                    &session.identity,
+                    raw,
+                    ours.qos,
+                    "operator",
+                );
             }
         }
         state.touch(client_id);
@@ -1444,12 +1459,19 @@ impl Broker {
             return Err(ProxyRefusal::NoSession);
         };
         let persistent = session.persistent;
-        let Some((parsed, _)) = sessions
-            .get_mut(client_id)
-            .and_then(|session| session.subscriptions.remove(raw))
-        else {
+        let Some(session) = sessions.get_mut(client_id) else {
             return Ok((false, persistent));
         };
+        let Some((parsed, options)) = session.subscriptions.remove(raw) else {
+            return Ok((false, persistent));
+        };
+        self.tap.subscription(
+            TapKind::Unsubscribed,
+            &session.identity,
+            raw,
+            options.qos,
+            "operator",
+        );
         trie.remove(&parsed.filter, &probe(&key, &parsed));
         state.touch(client_id);
         Ok((true, persistent))
@@ -1510,6 +1532,17 @@ impl Broker {
         session
             .subscriptions
             .insert(raw.to_owned(), (parsed.clone(), options));
+        self.tap.subscription(
+            TapKind::Subscribed,
+            &session.identity,
+            raw,
+            options.qos,
+            if connection_id.is_some() {
+                "mqtt"
+            } else {
+                "operator"
+            },
+        );
         let send_retained = parsed.share_group.is_none()
             && (options.retain_handling == 0 || (options.retain_handling == 1 && is_new));
         if send_retained {
@@ -1554,11 +1587,19 @@ impl Broker {
         let Some(key) = sessions.get_key_value(client_id).map(|(k, _)| k.clone()) else {
             return false;
         };
-        let Some((parsed, _)) = live_session(sessions, client_id, connection_id)
-            .and_then(|session| session.subscriptions.remove(raw))
-        else {
+        let Some(session) = live_session(sessions, client_id, connection_id) else {
             return false;
         };
+        let Some((parsed, options)) = session.subscriptions.remove(raw) else {
+            return false;
+        };
+        self.tap.subscription(
+            TapKind::Unsubscribed,
+            &session.identity,
+            raw,
+            options.qos,
+            "mqtt",
+        );
         let removed = trie.remove(&parsed.filter, &probe(&key, &parsed));
         state.touch(client_id);
         removed

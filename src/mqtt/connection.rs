@@ -1373,8 +1373,8 @@ async fn handle_publish(
             .filter(has_forwarded_fields)
             .map(Arc::new);
         let routed = ctx.broker.publish(Message {
-            topic,
-            payload: publish.payload,
+            topic: topic.clone(),
+            payload: publish.payload.clone(),
             qos,
             retain: publish.retain,
             publisher: Some(Arc::from(client_id.as_str())),
@@ -1382,7 +1382,17 @@ async fn handle_publish(
             expires_at,
         });
         match routed {
-            Ok(_) => PublishOutcome::Accepted,
+            Ok(_) => {
+                ctx.broker.tap.message(
+                    Some(&session.identity),
+                    &topic,
+                    qos,
+                    publish.retain,
+                    &publish.payload,
+                    "mqtt",
+                );
+                PublishOutcome::Accepted
+            }
             Err(PublishRefusal::RetainedQuotaExceeded) => PublishOutcome::QuotaExceeded,
         }
     };

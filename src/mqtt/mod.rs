@@ -21,6 +21,7 @@ pub mod device;
 pub mod effects;
 pub mod operator;
 pub mod persist;
+pub mod tap;
 pub mod topic;
 
 use std::future::Future;

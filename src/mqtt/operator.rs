@@ -138,10 +138,13 @@ pub fn publish(
         .stats
         .messages_in
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    broker
+    let topic: Arc<str> = Arc::from(message.topic);
+    let payload = Bytes::from(message.payload);
+    let (qos, retain) = (message.qos, message.retain);
+    let routed = broker
         .publish(Message {
-            topic: Arc::from(message.topic),
-            payload: Bytes::from(message.payload),
+            topic: topic.clone(),
+            payload: payload.clone(),
             qos: message.qos,
             retain: message.retain,
             publisher: None,
@@ -152,7 +155,11 @@ pub fn publish(
         })
         .map_err(|e| match e {
             PublishRefusal::RetainedQuotaExceeded => OperatorPublishError::RetainedFull,
-        })
+        })?;
+    broker
+        .tap
+        .message(None, &topic, qos, retain, &payload, "http");
+    Ok(routed)
 }
 
 /// An operator's subscription for a client's session.
