@@ -148,7 +148,7 @@ fn thing_subject(name: &str) -> String {
 }
 
 fn check_store(store: &Store, report: &mut CheckReport) {
-    const KNOWN_TREES: [&str; 12] = [
+    const KNOWN_TREES: [&str; 13] = [
         "__sled__default",
         "feed",
         "cursors",
@@ -160,6 +160,7 @@ fn check_store(store: &Store, report: &mut CheckReport) {
         "client_ids",
         "deadlines",
         "alarms",
+        "online",
         "kv",
     ];
     for tree in store.tree_names() {
@@ -187,6 +188,7 @@ fn check_store(store: &Store, report: &mut CheckReport) {
     check_registry_index(store, report, &seen);
     check_deadline_index(store, report, &seen);
     check_alarm_index(store, report, &seen);
+    check_online_index(store, report, &seen);
     check_kv(store, report);
 }
 
@@ -510,6 +512,29 @@ fn check_alarm_index(store: &Store, report: &mut CheckReport, seen: &HashSet<Str
         match next {
             Some(next) => after = Some(next),
             None => return,
+        }
+    }
+}
+
+fn check_online_index(store: &Store, report: &mut CheckReport, seen: &HashSet<String>) {
+    let mut after: Option<String> = None;
+    loop {
+        let page = match store.online_things(after.as_deref(), INDEX_PAGE_RECORDS) {
+            Ok(page) => page,
+            Err(e) => {
+                problem(report, "online index", format!("cannot be read: {e}"));
+                return;
+            }
+        };
+        for entry in &page {
+            report.records += 1;
+            if !seen.contains(&entry.thing) {
+                problem(report, thing_subject(&entry.thing), "online but no log");
+            }
+        }
+        match page.last() {
+            Some(last) if page.len() == INDEX_PAGE_RECORDS => after = Some(last.thing.clone()),
+            _ => return,
         }
     }
 }

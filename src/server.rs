@@ -147,7 +147,10 @@ pub async fn serve(
     let outbox = Arc::new(Outbox::new(&store, sink)?);
     // Loaded before the deadline timer starts: a watch that comes due finds its rule (one whose
     // rule is missing is dropped).
-    let alarm_rules = Arc::new(thinghub_actors::alarms::AlarmRuleSet::load(&store)?);
+    let alarm_rules = Arc::new(thinghub_actors::alarms::AlarmRuleSet::load(
+        &store,
+        clock.now_ms(),
+    )?);
     let context = Arc::new(ThingContext {
         store: store.clone(),
         clock: clock.clone(),
@@ -341,6 +344,7 @@ pub async fn serve(
         let _ = stop_tx.send(true);
     });
     mqtt::spawn_background(&mut node, &mqtt);
+    mqtt::spawn_restart_disconnects(&mut node, broker.clone(), things.clone(), store.clone());
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };

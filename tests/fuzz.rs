@@ -732,6 +732,7 @@ fn command_json(bytes: &[u8]) {
         &mut state,
         &ThingCommand::FireDeadlines {
             offline_rules: Vec::new(),
+            serving_since_ms: 0,
         },
         10_000_000,
     );

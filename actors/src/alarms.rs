@@ -44,6 +44,10 @@ pub const OFFLINE_FOR_SECONDS_MAX: u64 = 365 * 24 * 3600;
 const SWEEP_PAGE: usize = 256;
 /// Things a sweep asks at once.
 const SWEEP_CONCURRENCY: usize = 32;
+/// First wait before a sweep asks a page again whose Things could not all be asked.
+const SWEEP_RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
+/// Longest such wait.
+const SWEEP_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A stored rule.
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -81,11 +85,14 @@ impl AlarmRule {
 #[derive(Debug, Default)]
 pub struct AlarmRuleSet {
     rules: RwLock<Arc<Vec<AlarmRule>>>,
+    /// When the server started serving, Unix ms: offline time before it does not count.
+    serving_since_ms: u64,
 }
 
 impl AlarmRuleSet {
-    /// The rules stored in `store` (one that cannot be read is logged and left out).
-    pub fn load(store: &Store) -> Result<AlarmRuleSet, StorageError> {
+    /// The rules stored in `store` (one that cannot be read is logged and left out), for a
+    /// server serving from `now_ms`.
+    pub fn load(store: &Store, now_ms: u64) -> Result<AlarmRuleSet, StorageError> {
         let mut rules = Vec::new();
         for (key, bytes) in store.kv_scan_prefix(RULE_PREFIX, usize::MAX)? {
             match decode_rule(&bytes) {
@@ -96,7 +103,13 @@ impl AlarmRuleSet {
         tracing::info!(rules = rules.len(), "alarm rules loaded");
         Ok(AlarmRuleSet {
             rules: RwLock::new(Arc::new(rules)),
+            serving_since_ms: now_ms,
         })
+    }
+
+    /// When the server started serving, Unix ms.
+    pub fn serving_since_ms(&self) -> u64 {
+        self.serving_since_ms
     }
 
     fn all(&self) -> Arc<Vec<AlarmRule>> {
@@ -111,30 +124,55 @@ impl AlarmRuleSet {
     }
 
     /// The rules that apply to `thing` (of `thing_type`) now. Reads group membership only for
-    /// rules that name a group.
+    /// rules that name a group; fails if it cannot be read.
     pub fn applicable(
         &self,
         store: &Store,
         thing: &str,
         thing_type: Option<&str>,
-    ) -> Vec<OfflineRule> {
+    ) -> Result<Vec<OfflineRule>, StorageError> {
         let rules = self.all();
-        rules
-            .iter()
-            .filter(|rule| {
-                rule.thing_type
-                    .as_deref()
-                    .is_none_or(|wanted| Some(wanted) == thing_type)
+        let mut applicable = Vec::new();
+        for rule in rules.iter() {
+            if rule
+                .thing_type
+                .as_deref()
+                .is_some_and(|wanted| Some(wanted) != thing_type)
+            {
+                continue;
+            }
+            if let Some(group) = &rule.thing_group {
+                if !crate::groups::is_member(store, group, thing)? {
+                    continue;
+                }
+            }
+            applicable.push(rule.offline_rule());
+        }
+        Ok(applicable)
+    }
+
+    /// Like [`AlarmRuleSet::applicable`], but when membership cannot be read the group rules
+    /// count as applying: a watch too many is dropped when it fires (which checks again), a
+    /// watch too few would be an alarm never raised.
+    pub fn applicable_or_more(
+        &self,
+        store: &Store,
+        thing: &str,
+        thing_type: Option<&str>,
+    ) -> Vec<OfflineRule> {
+        self.applicable(store, thing, thing_type)
+            .unwrap_or_else(|e| {
+                tracing::warn!(thing, error = %e, "cannot read group membership for the alarm rules; watching every group rule");
+                self.all()
+                    .iter()
+                    .filter(|rule| {
+                        rule.thing_type
+                            .as_deref()
+                            .is_none_or(|wanted| Some(wanted) == thing_type)
+                    })
+                    .map(AlarmRule::offline_rule)
+                    .collect()
             })
-            .filter(|rule| match &rule.thing_group {
-                None => true,
-                Some(group) => crate::groups::is_member(store, group, thing).unwrap_or_else(|e| {
-                    tracing::warn!(thing, group, error = %e, "cannot read group membership for an alarm rule");
-                    false
-                }),
-            })
-            .map(AlarmRule::offline_rule)
-            .collect()
     }
 }
 
@@ -264,10 +302,15 @@ impl Alarms {
             sweeps: Arc::default(),
         };
         for (key, after) in alarms.store.kv_scan_prefix(SWEEP_PREFIX, usize::MAX)? {
-            let name = key[SWEEP_PREFIX.len()..].to_owned();
+            let name = &key[SWEEP_PREFIX.len()..];
+            let Some(rule) = alarms.set.all().iter().find(|r| r.name == name).cloned() else {
+                tracing::warn!(rule = %name, "a sweep cursor without its rule; removed");
+                alarms.store.kv_apply_behind(vec![(key.clone(), None)])?;
+                continue;
+            };
             let after = String::from_utf8(after).ok().filter(|a| !a.is_empty());
             tracing::info!(rule = %name, after = ?after, "resuming an alarm rule sweep");
-            alarms.spawn_sweep(name, after);
+            alarms.spawn_sweep(rule, after);
         }
         Ok(alarms)
     }
@@ -311,7 +354,7 @@ impl Alarms {
         let _one_change = self.sweeps.lock().await;
         if self.set.all().len() >= self.rules_max {
             return Err(Rejection::new(
-                RejectionKind::TooManyRequests,
+                RejectionKind::AlreadyExists,
                 format!(
                     "at most {} alarm rules (alarm_rules_max); delete one first",
                     self.rules_max
@@ -345,7 +388,7 @@ impl Alarms {
         self.store.sync().await.map_err(storage)?;
         self.set.change(|all| all.push(rule.clone()));
         tracing::info!(rule = %rule.name, "alarm rule created");
-        self.spawn_sweep(rule.name.clone(), None);
+        self.spawn_sweep(rule.clone(), None);
         Ok(rule)
     }
 
@@ -366,60 +409,144 @@ impl Alarms {
         Ok(())
     }
 
-    fn spawn_sweep(&self, name: String, after: Option<String>) {
+    /// Whether `rule` is still in force (the same one: not deleted and created again).
+    fn is_current(&self, rule: &AlarmRule) -> bool {
+        self.set
+            .all()
+            .iter()
+            .any(|r| r.name == rule.name && r.created_at_ms == rule.created_at_ms)
+    }
+
+    fn spawn_sweep(&self, rule: AlarmRule, after: Option<String>) {
         let alarms = self.clone();
         tokio::spawn(async move {
-            match alarms.sweep(&name, after).await {
-                Ok(things) => tracing::info!(rule = %name, things, "alarm rule sweep done"),
+            match alarms.sweep(&rule, after).await {
+                Ok(things) => tracing::info!(rule = %rule.name, things, "alarm rule sweep done"),
                 Err(e) => {
-                    tracing::error!(rule = %name, error = %e, "alarm rule sweep stopped; it resumes at the next start")
+                    tracing::error!(rule = %rule.name, error = %e, "alarm rule sweep stopped; it resumes at the next start")
                 }
             }
         });
     }
 
-    /// Asks every Thing the rule can apply to to watch it; returns how many were asked.
-    async fn sweep(&self, name: &str, mut after: Option<String>) -> Result<u64, StorageError> {
+    /// Asks every Thing `rule` can apply to to watch it; returns how many were asked. A page
+    /// whose Things could not all be asked is asked again (watching is idempotent), so the
+    /// cursor never passes a Thing that was not reached. Stops when the rule is deleted (or
+    /// replaced by one of the same name, whose own sweep takes over).
+    async fn sweep(
+        &self,
+        rule: &AlarmRule,
+        mut after: Option<String>,
+    ) -> Result<u64, StorageError> {
         let mut asked = 0u64;
+        let mut wait = SWEEP_RETRY_FIRST;
         loop {
-            // Deleted meanwhile: stop (its cursor went with it).
-            let Some(rule) = self.set.all().iter().find(|r| r.name == name).cloned() else {
+            if !self.is_current(rule) {
                 return Ok(asked);
-            };
-            let (page, last) = self.sweep_page(&rule, after.as_deref())?;
-            let mut asking = JoinSet::new();
-            for thing in page {
-                while asking.len() >= SWEEP_CONCURRENCY {
-                    asking.join_next().await;
-                }
-                let registry = self.registry.clone();
-                let rules = vec![rule.offline_rule()];
-                asking.spawn(async move {
-                    let command = ThingCommand::ArmOfflineAlarms {
-                        offline_rules: rules,
-                    };
-                    if let Err(e) = registry.request(&thing, Request::Command(command)).await {
-                        if e.kind != RejectionKind::ThingNotFound {
-                            tracing::warn!(thing, error = %e, "a Thing could not watch an alarm rule");
-                        }
-                    }
-                });
-                asked += 1;
             }
-            while asking.join_next().await.is_some() {}
-            let Some(last) = last else {
-                self.store
-                    .kv_apply_behind(vec![(format!("{SWEEP_PREFIX}{name}"), None)])?;
-                self.store.sync().await?;
-                return Ok(asked);
-            };
-            // Only while the rule is still there (a delete removed the cursor with it).
+            let (page, last) = self.sweep_page(rule, after.as_deref())?;
+            let count = page.len() as u64;
+            let failed = self.ask_to_watch(rule, page).await;
+            if failed > 0 {
+                tracing::warn!(rule = %rule.name, failed, retry_in_ms = wait.as_millis() as u64, "some Things could not be asked to watch an alarm rule; asking that page again");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(SWEEP_RETRY_MAX);
+                continue;
+            }
+            wait = SWEEP_RETRY_FIRST;
+            asked += count;
+            let key = format!("{SWEEP_PREFIX}{}", rule.name);
+            // Under the lock, and only for this rule: a rule deleted and created again has its
+            // own cursor, which this sweep must not move or remove.
             let _one_change = self.sweeps.lock().await;
-            if self.set.all().iter().any(|r| r.name == name) {
-                self.store
-                    .kv_put_behind(&format!("{SWEEP_PREFIX}{name}"), last.clone().into_bytes())?;
+            if !self.is_current(rule) {
+                return Ok(asked);
             }
-            after = Some(last);
+            match last {
+                None => {
+                    self.store.kv_apply_behind(vec![(key, None)])?;
+                    self.store.sync().await?;
+                    return Ok(asked);
+                }
+                Some(last) => {
+                    self.store.kv_put_behind(&key, last.clone().into_bytes())?;
+                    after = Some(last);
+                }
+            }
+        }
+    }
+
+    /// Asks `things` to watch `rule`, `SWEEP_CONCURRENCY` at a time; returns how many could
+    /// not be asked (a Thing that does not exist any more does not count).
+    async fn ask_to_watch(&self, rule: &AlarmRule, things: Vec<String>) -> usize {
+        let mut asking = JoinSet::new();
+        let mut failed = 0;
+        for thing in things {
+            while asking.len() >= SWEEP_CONCURRENCY {
+                if let Some(Ok(false)) = asking.join_next().await {
+                    failed += 1;
+                }
+            }
+            let registry = self.registry.clone();
+            let rules = vec![rule.offline_rule()];
+            asking.spawn(async move {
+                let command = ThingCommand::ArmOfflineAlarms {
+                    offline_rules: rules,
+                };
+                // Background work: not refused because clients keep the Thing busy.
+                match registry.ask(&thing, Request::Command(command)).await {
+                    Ok(_) => true,
+                    Err(e) if e.kind == RejectionKind::ThingNotFound => true,
+                    Err(e) => {
+                        tracing::debug!(thing, error = %e, "a Thing could not be asked to watch an alarm rule");
+                        false
+                    }
+                }
+            });
+        }
+        while let Some(done) = asking.join_next().await {
+            if !matches!(done, Ok(true)) {
+                failed += 1;
+            }
+        }
+        failed
+    }
+
+    /// `thing` joined `group`: the group's rules watch it now if it is offline (else from its
+    /// next disconnection).
+    pub async fn thing_joined(&self, group: &str, thing: &str) -> Result<(), Rejection> {
+        let thing_type = self
+            .store
+            .get_thing(thing)
+            .map_err(storage)?
+            .and_then(|bytes| codec::decode_index_record(thing, &bytes).ok())
+            .and_then(|record| record.thing_type);
+        let rules: Vec<OfflineRule> = self
+            .set
+            .all()
+            .iter()
+            .filter(|r| r.thing_group.as_deref() == Some(group))
+            .filter(|r| {
+                r.thing_type
+                    .as_deref()
+                    .is_none_or(|wanted| thing_type.as_deref() == Some(wanted))
+            })
+            .map(AlarmRule::offline_rule)
+            .collect();
+        if rules.is_empty() {
+            return Ok(());
+        }
+        let command = ThingCommand::ArmOfflineAlarms {
+            offline_rules: rules,
+        };
+        match self
+            .registry
+            .request(thing, Request::Command(command))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind == RejectionKind::ThingNotFound => Ok(()),
+            Err(e) => Err(e),
         }
     }
 
@@ -434,7 +561,20 @@ impl Alarms {
             let last = (members.len() == SWEEP_PAGE)
                 .then(|| members.last().cloned())
                 .flatten();
-            return Ok((members, last));
+            let Some(wanted) = &rule.thing_type else {
+                return Ok((members, last));
+            };
+            let mut things = Vec::with_capacity(members.len());
+            for member in members {
+                let record = self.store.get_thing(&member)?;
+                let of_type = record
+                    .and_then(|bytes| codec::decode_index_record(&member, &bytes).ok())
+                    .is_some_and(|r| r.thing_type.as_deref() == Some(wanted.as_str()));
+                if of_type {
+                    things.push(member);
+                }
+            }
+            return Ok((things, last));
         }
         let listed = self.store.list_things(after, SWEEP_PAGE)?;
         let last = (listed.len() == SWEEP_PAGE)

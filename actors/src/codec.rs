@@ -55,7 +55,6 @@ pub const JOB_EXECUTION_CANCELED: &str = "JobExecutionCanceled";
 /// `event_type` of a job execution removed by an operator.
 pub const JOB_EXECUTION_REMOVED: &str = "JobExecutionRemoved";
 /// `event_type` of an offline watch that started.
-/// `event_type` of a snapshot's state.
 pub const ALARM_ARMED: &str = "AlarmArmed";
 /// `event_type` of an offline watch that ended without an alarm.
 pub const ALARM_DISARMED: &str = "AlarmDisarmed";
@@ -65,7 +64,7 @@ pub const ALARM_RAISED: &str = "AlarmRaised";
 pub const ALARM_ACKNOWLEDGED: &str = "AlarmAcknowledged";
 /// `event_type` of a cleared alarm.
 pub const ALARM_CLEARED: &str = "AlarmCleared";
-/// `event_type` of a snapshot state.
+/// `event_type` of a snapshot's state.
 pub const THING_STATE: &str = "ThingState";
 /// `event_type` of a registry index record.
 pub const THING_INDEX_RECORD: &str = "ThingIndexRecord";

@@ -275,6 +275,7 @@ impl ThingActorState {
                 self.repair_client_id();
                 self.repair_deadline();
                 self.repair_alarms();
+                self.repair_online();
             }
             Ok(Err(e)) => {
                 tracing::error!(thing = %name, error = %e, "thing cannot be loaded; serving 503 for it");
@@ -344,9 +345,40 @@ impl ThingActorState {
         }
     }
 
-    /// Makes sure the Thing's earliest pending deadline is in the deadline index (the index
-    /// entry is written before the events that need it, so this only matters after a repair
-    /// or a lost index write).
+    /// The `online` index holds the Thing exactly when its state says it is connected.
+    fn repair_online(&self) {
+        let name = &self.thing.name;
+        let store = &self.context.store;
+        let connection = &self.thing.connection;
+        let wanted = (self.thing.registration.is_some() && connection.online).then(|| {
+            (
+                connection.client_id.clone().unwrap_or_default(),
+                connection.connection_id,
+            )
+        });
+        let present = match store.online_entry(name) {
+            Ok(present) => present,
+            Err(e) => {
+                tracing::warn!(thing = %name, error = %e, "cannot read the online index");
+                return;
+            }
+        };
+        if wanted == present {
+            return;
+        }
+        let op = match wanted {
+            Some((client_id, connection_id)) => IndexOp::PutOnline {
+                client_id,
+                connection_id,
+            },
+            None => IndexOp::RemoveOnline,
+        };
+        tracing::warn!(thing = %name, ?op, "online index disagreed with the log; repaired");
+        if let Err(e) = store.repair_index(name, &[op]) {
+            tracing::warn!(thing = %name, error = %e, "cannot repair the online index");
+        }
+    }
+
     /// The fleet-wide alarm listing holds exactly this Thing's alarms as its state has them.
     fn repair_alarms(&self) {
         let name = &self.thing.name;
@@ -407,6 +439,9 @@ impl ThingActorState {
         }
     }
 
+    /// Makes sure the Thing's earliest pending deadline is in the deadline index (the index
+    /// entry is written before the events that need it, so this only matters after a repair
+    /// or a lost index write).
     fn repair_deadline(&self) {
         let Some(at_ms) = self.thing.next_deadline_ms() else {
             return;
@@ -480,6 +515,7 @@ impl ThingActorState {
                     .handle_command(
                         ThingCommand::FireDeadlines {
                             offline_rules: Vec::new(),
+                            serving_since_ms: 0,
                         },
                         Some(at_ms),
                     )
@@ -548,9 +584,32 @@ impl ThingActorState {
                 *want_documents = self.context.outbox.sink().wants_documents(&self.thing.name);
             }
             // The rules that apply to this Thing now (rules are fleet configuration).
-            ThingCommand::RecordDisconnected { offline_rules, .. }
-            | ThingCommand::FireDeadlines { offline_rules } => {
-                *offline_rules = self.applicable_rules();
+            ThingCommand::RecordDisconnected { offline_rules, .. } => {
+                let (store, name) = (&self.context.store, &self.thing.name);
+                *offline_rules =
+                    self.context
+                        .alarm_rules
+                        .applicable_or_more(store, name, self.thing_type());
+            }
+            ThingCommand::FireDeadlines {
+                offline_rules,
+                serving_since_ms,
+            } => {
+                let (store, name) = (&self.context.store, &self.thing.name);
+                *serving_since_ms = self.context.alarm_rules.serving_since_ms();
+                // Unknown membership: the timer tries again (a watch must not be dropped for
+                // a read that failed).
+                *offline_rules = self
+                    .context
+                    .alarm_rules
+                    .applicable(store, name, self.thing_type())
+                    .map_err(|e| {
+                        tracing::warn!(thing = %name, error = %e, "cannot read the alarm rules' group membership; the deadline fires again later");
+                        Rejection::new(
+                            RejectionKind::Unavailable,
+                            format!("cannot read group membership: {e}"),
+                        )
+                    })?;
             }
             _ => {}
         }
@@ -648,18 +707,14 @@ impl ThingActorState {
         Ok(Response::Decided(decision.reply))
     }
 
-    /// Delivers again what the Thing owes for its events `first_seq..=last_seq`.
-    fn applicable_rules(&self) -> Vec<thing::OfflineRule> {
-        let thing_type = self
-            .thing
+    fn thing_type(&self) -> Option<&str> {
+        self.thing
             .registration
             .as_ref()
-            .and_then(|r| r.thing_type.as_deref());
-        self.context
-            .alarm_rules
-            .applicable(&self.context.store, &self.thing.name, thing_type)
+            .and_then(|r| r.thing_type.as_deref())
     }
 
+    /// Delivers again what the Thing owes for its events `first_seq..=last_seq`.
     fn redeliver(&mut self, first_seq: u64, last_seq: u64) -> Result<Response, Rejection> {
         let name = self.thing.name.clone();
         let first_seq = first_seq.max(1);
@@ -755,6 +810,7 @@ impl ThingActorState {
                     if let Some(registration) = &self.thing.registration {
                         index.push(IndexOp::RemoveClientId(registration.mqtt_client_id.clone()));
                     }
+                    index.push(IndexOp::RemoveOnline);
                     // Its alarms leave the fleet-wide listing (they stay in its history).
                     index.extend(self.thing.alarms.alarms.keys().map(|alarm_type| {
                         IndexOp::RemoveAlarm {
@@ -780,11 +836,19 @@ impl ThingActorState {
                         }
                     }
                 }
+                ThingEvent::Connected(connected) => index.push(IndexOp::PutOnline {
+                    client_id: connected.client_id.clone(),
+                    connection_id: connected.connection_id,
+                }),
+                ThingEvent::Disconnected(disconnected) => {
+                    let current = &self.thing.connection;
+                    if current.online && current.connection_id == disconnected.connection_id {
+                        index.push(IndexOp::RemoveOnline);
+                    }
+                }
                 ThingEvent::ShadowUpdated(_)
                 | ThingEvent::ShadowDeleted(_)
                 | ThingEvent::EventIngested(_)
-                | ThingEvent::Connected(_)
-                | ThingEvent::Disconnected(_)
                 | ThingEvent::Command(_)
                 | ThingEvent::Job(_) => {}
             }

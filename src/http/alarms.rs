@@ -83,7 +83,7 @@ fn parse_rule(body: &Value) -> Result<NewRule, ApiError> {
     request_body = s::CreateAlarmRuleRequest,
     responses(
         (status = 201, description = "Created", body = thinghub_actors::alarms::AlarmRule, headers(("location" = String, description = "The new resource"))),
-        (status = 409, description = "A rule of that name exists.", body = ErrorBody),
+        (status = 409, description = "A rule of that name exists, or alarm_rules_max rules do.", body = ErrorBody),
         (status = 503, description = "Storage unavailable.", body = ErrorBody)
     )
 )]

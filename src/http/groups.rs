@@ -167,6 +167,7 @@ pub async fn add(
     state.things.ensure_registered(&thing)?;
     let added = state.groups.add(&group, &thing).await?;
     state.jobs.thing_joined(&group, &thing).await?;
+    state.alarms.thing_joined(&group, &thing).await?;
     Ok(if added {
         StatusCode::CREATED
     } else {

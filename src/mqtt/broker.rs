@@ -796,6 +796,9 @@ fn live_session<'s>(
 impl Broker {
     /// An empty broker.
     pub fn new(limits: BrokerLimits) -> Broker {
+        let boot_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         Broker {
             state: Mutex::new(State {
                 sessions: HashMap::new(),
@@ -804,7 +807,10 @@ impl Broker {
                 retained: HashMap::new(),
                 retained_bytes: 0,
                 share_cursor: HashMap::new(),
-                next_connection_id: 1,
+                // Unique across restarts (a Thing's log pairs connects and disconnects by it,
+                // and a restart records the end of connections a crash left open): the start
+                // second times 2^20, below 2^53 so JSON readers keep it exact.
+                next_connection_id: ((boot_ms / 1000) << 20).max(1),
                 dirty: HashSet::new(),
                 retained_dirty: HashSet::new(),
             }),
@@ -813,11 +819,7 @@ impl Broker {
             checkpoints_taken: AtomicU64::new(0),
             checkpoints_durable: tokio::sync::watch::Sender::new(0),
             checkpoint_wanted: Arc::new(Notify::new()),
-            tap: Arc::new(super::tap::BrokerTap::new(
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis() as u64),
-            )),
+            tap: Arc::new(super::tap::BrokerTap::new(boot_ms)),
         }
     }
 
@@ -1339,6 +1341,14 @@ impl Broker {
         let mut matched = Vec::new();
         self.lock().trie.matching(topic, &mut matched);
         !matched.is_empty()
+    }
+
+    /// The id of `client_id`'s live connection, if it is connected.
+    pub fn live_connection(&self, client_id: &str) -> Option<u64> {
+        self.lock()
+            .sessions
+            .get(client_id)
+            .and_then(|s| s.connection.as_ref().map(|c| c.id))
     }
 
     /// Whether a connection with this client id is live.

@@ -97,6 +97,90 @@ pub fn reauthorize_subscriptions(broker: &Broker, acl: &Acl) -> usize {
 
 /// How often failed authentications are summarized in the log.
 const AUTH_REPORT_PERIOD: Duration = Duration::from_secs(10);
+/// Things whose connection a crash left open, recorded as ended at once.
+const RESTART_DISCONNECTS_CONCURRENCY: usize = 64;
+/// Online-index entries read at a time.
+const RESTART_DISCONNECTS_PAGE: usize = 1024;
+/// Attempts per Thing before it is left for its next activation's repair.
+const RESTART_DISCONNECT_ATTEMPTS: u32 = 5;
+
+/// Records the end of every connection the `online` index holds but the broker does not: those
+/// a crash (kill -9, power loss) left open, so their Things show offline, their offline alarms
+/// are watched and their connection history is closed (reason `server_restart`). A device that
+/// reconnected meanwhile has a new connection id (unique across restarts), so its live
+/// connection is left alone. Runs in the background from start.
+pub fn spawn_restart_disconnects(
+    node: &mut thinghub_actors::Node,
+    broker: Arc<Broker>,
+    things: thinghub_actors::Things,
+    store: thinghub_storage::Store,
+) {
+    node.spawn("connections left open", move |stop| async move {
+        let mut after: Option<String> = None;
+        let mut ended = 0u64;
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let page = match store.online_things(after.as_deref(), RESTART_DISCONNECTS_PAGE) {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the online index; connections a crash left open stay open until their Things reconnect");
+                    return;
+                }
+            };
+            let Some(last) = page.last() else { break };
+            after = Some(last.thing.clone());
+            let full = page.len() == RESTART_DISCONNECTS_PAGE;
+            let mut ending = tokio::task::JoinSet::new();
+            for entry in page {
+                if broker.live_connection(&entry.client_id) == Some(entry.connection_id) {
+                    continue;
+                }
+                while ending.len() >= RESTART_DISCONNECTS_CONCURRENCY {
+                    ending.join_next().await;
+                }
+                let things = things.clone();
+                ending.spawn(async move {
+                    let mut wait = Duration::from_millis(100);
+                    for attempt in 1..=RESTART_DISCONNECT_ATTEMPTS {
+                        match things
+                            .record_disconnected(
+                                &entry.thing,
+                                &entry.client_id,
+                                entry.connection_id,
+                                "server_restart",
+                            )
+                            .await
+                        {
+                            Ok(()) => return true,
+                            Err(e) if attempt == RESTART_DISCONNECT_ATTEMPTS => {
+                                tracing::warn!(thing = %entry.thing, error = %e, "cannot record the end of a connection a crash left open");
+                            }
+                            Err(_) => {
+                                tokio::time::sleep(wait).await;
+                                wait *= 2;
+                            }
+                        }
+                    }
+                    false
+                });
+            }
+            while let Some(done) = ending.join_next().await {
+                ended += u64::from(done.unwrap_or(false));
+            }
+            if !full {
+                break;
+            }
+        }
+        if ended > 0 {
+            tracing::info!(
+                things = ended,
+                "connections the last stop left open were recorded as ended (server_restart)"
+            );
+        }
+    });
+}
 
 /// Hands the MQTT frontend's background tasks to the node (stopped at its shutdown): the
 /// session sweeper (expired sessions, delayed wills) and the failed-authentication report.

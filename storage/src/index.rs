@@ -43,6 +43,26 @@ pub enum IndexOp {
         /// The alarm's type.
         alarm_type: String,
     },
+    /// The Thing's device is connected (the `online` index: what a crash left connected).
+    PutOnline {
+        /// Its MQTT client id.
+        client_id: String,
+        /// The broker's id of the connection.
+        connection_id: u64,
+    },
+    /// The Thing's device is not connected.
+    RemoveOnline,
+}
+
+/// A Thing the `online` index holds as connected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OnlineEntry {
+    /// The Thing.
+    pub thing: String,
+    /// Its MQTT client id.
+    pub client_id: String,
+    /// The broker's id of the connection.
+    pub connection_id: u64,
 }
 
 /// The outcome of [`Store::claim_client_id`].
@@ -155,6 +175,52 @@ impl Store {
             }
         }
         Ok((out, None))
+    }
+
+    /// Up to `limit` Things the `online` index holds as connected, in name order after `after`.
+    pub fn online_things(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<OnlineEntry>, StorageError> {
+        let iter = match after {
+            Some(after) => self.inner.online.range::<&[u8], _>((
+                std::ops::Bound::Excluded(after.as_bytes()),
+                std::ops::Bound::Unbounded,
+            )),
+            None => self.inner.online.iter(),
+        };
+        let mut out = Vec::new();
+        for item in iter.take(limit) {
+            let (key, value) = item?;
+            let corrupt = |reason: &str| StorageError::Corrupt {
+                thing: String::from_utf8_lossy(&key).into_owned(),
+                seq: 0,
+                reason: format!("online index: {reason}"),
+            };
+            let thing = String::from_utf8(key.to_vec()).map_err(|_| corrupt("key is not UTF-8"))?;
+            let (id, client) = value
+                .split_first_chunk::<8>()
+                .ok_or_else(|| corrupt("value too short"))?;
+            out.push(OnlineEntry {
+                thing,
+                client_id: String::from_utf8(client.to_vec())
+                    .map_err(|_| corrupt("client id is not UTF-8"))?,
+                connection_id: u64::from_be_bytes(*id),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The `online` entry of one Thing.
+    pub fn online_entry(&self, thing: &str) -> Result<Option<(String, u64)>, StorageError> {
+        Ok(self.inner.online.get(thing.as_bytes())?.and_then(|value| {
+            let (id, client) = value.split_first_chunk::<8>()?;
+            Some((
+                String::from_utf8_lossy(client).into_owned(),
+                u64::from_be_bytes(*id),
+            ))
+        }))
     }
 
     /// Number of registered Things (walks the index: O(n)).

@@ -34,7 +34,7 @@ use std::sync::Arc;
 pub use codec::{CodecError, Envelope};
 pub use commit::CommitStats;
 pub use feed::FeedEntry;
-pub use index::{Claim, DeadlineEntry, IndexOp};
+pub use index::{Claim, DeadlineEntry, IndexOp, OnlineEntry};
 pub use log::{AppendBatch, RecordedEvent};
 pub use records::{Record, RecordChange, RecordSet};
 pub use snapshot::Snapshot;
@@ -156,6 +156,7 @@ struct Inner {
     client_ids: sled::Tree,
     deadlines: sled::Tree,
     alarms: sled::Tree,
+    online: sled::Tree,
     kv: sled::Tree,
     feed: sled::Tree,
     cursors: sled::Tree,
@@ -233,6 +234,7 @@ impl Store {
                 client_ids: db.open_tree("client_ids")?,
                 deadlines: db.open_tree("deadlines")?,
                 alarms: db.open_tree("alarms")?,
+                online: db.open_tree("online")?,
                 kv: db.open_tree("kv")?,
                 db,
                 committer,

@@ -174,6 +174,18 @@ impl Store {
                     .alarms
                     .insert(alarm_key(thing, alarm_type), record.as_slice())?;
             }
+            IndexOp::PutOnline {
+                client_id,
+                connection_id,
+            } => {
+                let mut value = Vec::with_capacity(8 + client_id.len());
+                value.extend_from_slice(&connection_id.to_be_bytes());
+                value.extend_from_slice(client_id.as_bytes());
+                self.inner.online.insert(thing.as_bytes(), value)?;
+            }
+            IndexOp::RemoveOnline => {
+                self.inner.online.remove(thing.as_bytes())?;
+            }
             IndexOp::RemoveAlarm { alarm_type } => {
                 self.inner.alarms.remove(alarm_key(thing, alarm_type))?;
             }

@@ -325,7 +325,9 @@ impl Alarms {
     }
 }
 
-/// The connection ended at `offline_since_ms`: watch every applicable rule without an open alarm.
+/// The Thing has been offline since `offline_since_ms`: watch every applicable rule that has
+/// no open alarm and has not already raised one for this same offline period (an operator may
+/// have cleared it: asking again must not raise it again).
 pub fn decide_arm(
     alarms: &Alarms,
     rules: &[OfflineRule],
@@ -335,6 +337,13 @@ pub fn decide_arm(
     rules
         .iter()
         .filter(|rule| !alarms.is_open(&rule.name))
+        .filter(|rule| {
+            alarms
+                .alarms
+                .get(&rule.name)
+                .and_then(|a| a.offline_since_ms)
+                != Some(offline_since_ms)
+        })
         .filter(|rule| {
             // Already watching with the same deadline (a sweep sent again): nothing new.
             alarms.armed.get(&rule.name).map(|a| a.due_at_ms)
@@ -374,11 +383,18 @@ pub fn decide_back(alarms: &Alarms, reason: &str, now_ms: u64) -> Vec<AlarmEvent
 }
 
 /// Deadlines fired at `now_ms`: raise what is due and still applies, drop what no longer does.
+///
+/// A watch is due `offlineFor` after the later of when the Thing went offline and
+/// `serving_since_ms` (when the server started serving): time the server was down does not
+/// count, so a restart after maintenance gives every device the rule's time to come back
+/// instead of raising the whole fleet's alarms at once. The rule as it is now decides (one
+/// deleted and created again with another time moves the deadline).
 pub fn decide_fire(
     alarms: &Alarms,
     rules: &[OfflineRule],
     online: bool,
     now_ms: u64,
+    serving_since_ms: u64,
 ) -> Vec<AlarmEvent> {
     let mut events = Vec::new();
     for (name, armed) in &alarms.armed {
@@ -386,8 +402,22 @@ pub fn decide_fire(
             continue;
         }
         let rule = rules.iter().find(|rule| rule.name == *name);
-        match rule {
-            Some(rule) if !online => {
+        let due = rule.map(|rule| {
+            armed
+                .offline_since_ms
+                .max(serving_since_ms)
+                .saturating_add(rule.offline_for_ms)
+        });
+        match (rule, due) {
+            (Some(_), Some(due)) if !online && due > now_ms => {
+                events.push(AlarmEvent::Armed(AlarmArmed {
+                    rule: name.clone(),
+                    due_at_ms: due,
+                    offline_since_ms: armed.offline_since_ms,
+                    at_ms: now_ms,
+                }));
+            }
+            (Some(rule), _) if !online => {
                 let minutes = (now_ms.saturating_sub(armed.offline_since_ms)) / 60_000;
                 events.push(AlarmEvent::Raised(AlarmRaised {
                     alarm_type: name.clone(),
@@ -400,7 +430,7 @@ pub fn decide_fire(
                     at_ms: now_ms,
                 }));
             }
-            _ => events.push(AlarmEvent::Disarmed(AlarmDisarmed {
+            (_, _) => events.push(AlarmEvent::Disarmed(AlarmDisarmed {
                 rule: name.clone(),
                 reason: if online {
                     "online".into()

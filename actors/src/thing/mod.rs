@@ -463,6 +463,9 @@ pub enum ThingCommand {
     FireDeadlines {
         /// The offline rules that apply to the Thing now (filled in by the actor shell).
         offline_rules: Vec<OfflineRule>,
+        /// When the server started serving, Unix ms (filled in by the actor shell): offline
+        /// time before it does not count.
+        serving_since_ms: u64,
     },
 }
 
@@ -968,7 +971,10 @@ pub fn decide(
             now_ms,
             &limits.jobs,
         ))),
-        ThingCommand::FireDeadlines { offline_rules } => {
+        ThingCommand::FireDeadlines {
+            offline_rules,
+            serving_since_ms,
+        } => {
             let fired = commands::decide_fire(&state.commands, now_ms, &limits.commands);
             let jobs_fired = jobs::decide_fire(&state.jobs, now_ms, &limits.jobs);
             let timed_out = fired.events.len() + jobs_fired.events.len();
@@ -982,6 +988,7 @@ pub fn decide(
                     offline_rules,
                     state.connection.online,
                     now_ms,
+                    *serving_since_ms,
                 )
                 .into_iter()
                 .map(ThingEvent::Alarm),

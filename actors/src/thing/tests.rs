@@ -220,6 +220,7 @@ fn at(state: &mut ThingState, command: ThingCommand, now_ms: u64) -> Result<Deci
 fn fire(rules: Vec<OfflineRule>) -> ThingCommand {
     ThingCommand::FireDeadlines {
         offline_rules: rules,
+        serving_since_ms: 0,
     }
 }
 
@@ -382,6 +383,74 @@ fn an_operator_acknowledges_then_clears_an_alarm() {
 }
 
 #[test]
+fn time_the_server_was_down_does_not_count_and_the_rule_as_it_is_now_decides() {
+    let rules = vec![offline_rule("offline-1m", 60_000)];
+    let (mut state, _) = given(&[register(), connect(1), disconnect(1, rules.clone())]);
+    // The server came back at +10 min: the Thing gets a minute from then.
+    let restarted = NOW_MS + 600_000;
+    let fire_after = |rules| ThingCommand::FireDeadlines {
+        offline_rules: rules,
+        serving_since_ms: restarted,
+    };
+    let moved = at(&mut state, fire_after(rules.clone()), restarted + 1).expect("fire");
+    assert!(moved
+        .alarm_events()
+        .all(|e| matches!(e, AlarmEvent::Armed(_))));
+    assert_eq!(state.next_deadline_ms(), Some(restarted + 60_000));
+    assert!(state.alarms.alarms.is_empty());
+    let raised = at(&mut state, fire_after(rules), restarted + 60_000).expect("fire");
+    let [AlarmEvent::Raised(event)] = raised.alarm_events().collect::<Vec<_>>()[..] else {
+        panic!("{:?}", raised.events);
+    };
+    assert_eq!(
+        event.offline_since_ms,
+        Some(NOW_MS),
+        "offline since the disconnect"
+    );
+
+    // A rule re-created with a longer time moves a watch armed under the old one.
+    let (mut state, _) = given(&[
+        register(),
+        connect(1),
+        disconnect(1, vec![offline_rule("r", 1_000)]),
+    ]);
+    let longer = vec![offline_rule("r", 120_000)];
+    at(&mut state, fire(longer.clone()), NOW_MS + 1_000).expect("fire");
+    assert_eq!(state.next_deadline_ms(), Some(NOW_MS + 120_000));
+    assert!(state.alarms.alarms.is_empty());
+}
+
+#[test]
+fn a_cleared_alarm_is_not_raised_again_for_the_same_offline_period() {
+    let rules = vec![offline_rule("offline-1m", 60_000)];
+    let (mut state, _) = given(&[register(), connect(1), disconnect(1, rules.clone())]);
+    at(&mut state, fire(rules.clone()), NOW_MS + 60_000).expect("fire");
+    at(
+        &mut state,
+        ThingCommand::ClearAlarm {
+            alarm_type: "offline-1m".into(),
+            by: "ops".into(),
+        },
+        NOW_MS + 61_000,
+    )
+    .expect("clear");
+    // A sweep asks again (resumed after a crash, or the rule re-created): nothing.
+    let again = at(
+        &mut state,
+        ThingCommand::ArmOfflineAlarms {
+            offline_rules: rules.clone(),
+        },
+        NOW_MS + 62_000,
+    )
+    .expect("arm");
+    assert!(again.events.is_empty());
+    // The next offline period is watched again.
+    at(&mut state, connect(2), NOW_MS + 70_000).expect("connect");
+    let watched = at(&mut state, disconnect(2, rules), NOW_MS + 80_000).expect("disconnect");
+    assert_eq!(watched.alarm_events().count(), 1);
+}
+
+#[test]
 fn deleting_a_thing_ends_its_watches_and_a_new_registration_starts_clean() {
     let rules = vec![
         offline_rule("offline-1m", 60_000),
@@ -447,7 +516,7 @@ fn command() -> impl Strategy<Value = ThingCommand> {
             reason: "normal".into(),
             offline_rules: vec![offline_rule("now", 0)],
         }),
-        1 => Just(ThingCommand::FireDeadlines { offline_rules: vec![offline_rule("now", 0)] }),
+        1 => Just(ThingCommand::FireDeadlines { offline_rules: vec![offline_rule("now", 0)], serving_since_ms: 0 }),
         1 => Just(ThingCommand::AcknowledgeAlarm { alarm_type: "now".into(), by: "ops".into() }),
         1 => Just(ThingCommand::ClearAlarm { alarm_type: "now".into(), by: "ops".into() }),
         8 => (section(), section(), prop::option::of(0u64..6), any::<bool>()).prop_filter_map(
@@ -609,6 +678,7 @@ fn commands_need_a_registered_thing_but_deadlines_fire_even_after_deletion() {
         &state,
         &ThingCommand::FireDeadlines {
             offline_rules: Vec::new(),
+            serving_since_ms: 0,
         },
         NOW_MS + 5_000,
         &Limits::default(),
