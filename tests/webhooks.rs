@@ -216,6 +216,15 @@ async fn a_webhook_gets_every_kind_in_order_signed_through_a_failing_receiver() 
         .find(|r| r["kind"] == "thing.connected")
         .expect("connected");
     assert_eq!(connected["clientId"], "lamp", "{connected}");
+    // The shadow record carries the change, the version and the delta after it.
+    let updated = records
+        .iter()
+        .find(|r| r["kind"] == "shadow.updated")
+        .expect("updated");
+    let event = &updated["data"]["ShadowUpdated"];
+    assert_eq!(event["desired"]["merge"], json!({"on": true}), "{updated}");
+    assert_eq!(event["delta"], json!({"on": true}), "{updated}");
+    assert_eq!(event["version"], 1, "{updated}");
     assert_eq!(receiver.bad_signatures.load(Ordering::SeqCst), 0);
 
     let (status, view) = call(

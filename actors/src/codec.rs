@@ -74,7 +74,7 @@ pub fn encode_event(event: &ThingEvent, recorded_at_ms: u64) -> Result<Envelope,
     let envelope = match event {
         ThingEvent::Registered(e) => Envelope::new(THING_REGISTERED, 1, recorded_at_ms, e),
         ThingEvent::Deleted(e) => Envelope::new(THING_DELETED, 1, recorded_at_ms, e),
-        ThingEvent::ShadowUpdated(e) => Envelope::new(SHADOW_UPDATED, 1, recorded_at_ms, e),
+        ThingEvent::ShadowUpdated(e) => Envelope::new(SHADOW_UPDATED, 2, recorded_at_ms, e),
         ThingEvent::ShadowDeleted(e) => Envelope::new(SHADOW_DELETED, 1, recorded_at_ms, e),
         ThingEvent::EventIngested(e) => Envelope::new(EVENT_INGESTED, 1, recorded_at_ms, e),
         ThingEvent::Connected(e) => Envelope::new(THING_CONNECTED, 1, recorded_at_ms, e),
@@ -121,7 +121,8 @@ pub fn decode_event(thing: &str, recorded: &RecordedEvent) -> Result<ThingEvent,
         (THING_DELETED, 1) => envelope
             .payload_as::<ThingDeleted>()
             .map(ThingEvent::Deleted),
-        (SHADOW_UPDATED, 1) => envelope
+        // v2 added `delta` (absent in v1: None).
+        (SHADOW_UPDATED, 1 | 2) => envelope
             .payload_as::<ShadowUpdated>()
             .map(ThingEvent::ShadowUpdated),
         (SHADOW_DELETED, 1) => envelope
@@ -279,6 +280,12 @@ pub fn summarize(event: &ThingEvent) -> String {
             if let Some(t) = &e.client_token {
                 parts.push(format!("clientToken={t}"));
             }
+            if let Some(delta) = &e.delta {
+                parts.push(format!(
+                    "delta={}",
+                    serde_json::Value::Object(delta.clone())
+                ));
+            }
             format!("shadow updated {}", parts.join(" "))
         }
         ThingEvent::ShadowDeleted(e) => format!("shadow deleted at v{}", e.version),
@@ -435,6 +442,24 @@ mod tests {
                     timestamp_s: 1_700_000_000,
                     client_token: Some("tok".into()),
                     origin: Origin::Device,
+                    delta: None,
+                }),
+            ),
+            (
+                "ShadowUpdated.v2",
+                ThingEvent::ShadowUpdated(ShadowUpdated {
+                    desired: Some(SectionPatch::Merge(
+                        serde_json::json!({"speed": 3})
+                            .as_object()
+                            .cloned()
+                            .unwrap_or_default(),
+                    )),
+                    reported: None,
+                    version: 8,
+                    timestamp_s: 1_700_000_002,
+                    client_token: None,
+                    origin: Origin::Operator,
+                    delta: serde_json::json!({"speed": 3}).as_object().cloned(),
                 }),
             ),
             (

@@ -1152,6 +1152,7 @@ async fn restart(
                                     timestamp_s: 1_700_000_000 + seq,
                                     client_token: None,
                                     origin: thinghub_actors::thing::Origin::Device,
+                                    delta: None,
                                 }),
                                 Vec::new(),
                             )

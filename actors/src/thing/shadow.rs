@@ -273,6 +273,10 @@ pub struct ShadowUpdated {
     pub client_token: Option<String>,
     /// Who asked for the change.
     pub origin: Origin,
+    /// The delta after the update (desired fields that differ from reported), when there is
+    /// one: for the integrations and auditors reading the log (v2; absent in v1 records).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<Map<String, Value>>,
 }
 
 /// The event of a deleted shadow document.
@@ -616,6 +620,7 @@ pub fn decide_update(
         timestamp_s,
         client_token: token.clone(),
         origin,
+        delta: None,
     };
     let mut next = shadow.clone();
     next.apply_updated(&event);
@@ -631,6 +636,13 @@ pub fn decide_update(
         .with_token(token));
     }
     let result = update_result(shadow, &next, &event, want_documents);
+    let event = ShadowUpdated {
+        delta: result
+            .delta
+            .as_ref()
+            .and_then(|d| d["state"].as_object().cloned()),
+        ..event
+    };
     Ok((event, result))
 }
 
