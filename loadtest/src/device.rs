@@ -48,6 +48,18 @@ impl RawDevice {
         client_id: String,
         filters: Vec<String>,
     ) -> Result<RawDevice> {
+        RawDevice::connect_as(server, index, client_id, filters, Some(BENCH_USER)).await
+    }
+
+    /// Like [`RawDevice::connect`], with other credentials (or none, for a broker that allows
+    /// anonymous clients).
+    pub async fn connect_as(
+        server: SocketAddr,
+        index: usize,
+        client_id: String,
+        filters: Vec<String>,
+        credentials: Option<(&str, &str)>,
+    ) -> Result<RawDevice> {
         let source = IpAddr::V4(Ipv4Addr::new(
             127,
             0,
@@ -67,7 +79,9 @@ impl RawDevice {
         };
         let mut connect = Connect::new(client_id);
         connect.keep_alive = 0;
-        connect.set_login(BENCH_USER.0, BENCH_USER.1);
+        if let Some((user, password)) = credentials {
+            connect.set_login(user, password);
+        }
         let mut subscribe = Subscribe::new_many(
             filters
                 .into_iter()

@@ -235,16 +235,6 @@ impl Timeline {
         self.buckets[index].saturating_record(latency_us.max(1));
     }
 
-    /// Merges another timeline that started at the same instant.
-    pub fn merge(&mut self, other: &Timeline) {
-        while self.buckets.len() < other.buckets.len() {
-            self.buckets.push(crate::histogram());
-        }
-        for (mine, theirs) in self.buckets.iter_mut().zip(&other.buckets) {
-            let _ = mine.add(theirs);
-        }
-    }
-
     /// A copy that starts at the same instant and is empty.
     pub fn sibling(&self) -> Timeline {
         Timeline {

@@ -14,14 +14,23 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use bytes::BytesMut;
 use hdrhistogram::Histogram;
-use rumqttc::{Event, MqttOptions, Packet, QoS};
-use tokio::sync::Barrier;
+use rumqttc::mqttbytes::v4::Packet as RawPacket;
+use tokio::sync::{Barrier, Semaphore};
+
+use crate::device::RawDevice;
 
 use crate::mqtt::{create_bench_user, BENCH_USER};
 use crate::register::register_things;
 use crate::report::{progress, Report, Timeline};
 use crate::target::{Target, TargetArgs};
+
+/// Device handshakes in flight while a phase connects (a burst beyond the listen backlog turns
+/// into SYN retries seconds apart).
+const CONNECTS_IN_FLIGHT: usize = 200;
+/// How long a phase's devices may take to connect and subscribe.
+const CONNECT_ALL_MAX: Duration = Duration::from_secs(180);
 
 /// What `shadow` runs.
 pub struct ShadowRun {
@@ -47,6 +56,35 @@ struct PhaseResult {
     timeline: Timeline,
 }
 
+/// Where every device of a phase records its round trips: one histogram and one timeline per
+/// phase (one per device cost ~100 KiB each per second of slices: gigabytes at 10k devices).
+#[derive(Clone)]
+struct Recorder(Arc<std::sync::Mutex<(Histogram<u64>, Timeline)>>);
+
+impl Recorder {
+    fn new(timeline: Timeline) -> Recorder {
+        Recorder(Arc::new(std::sync::Mutex::new((
+            crate::histogram(),
+            timeline,
+        ))))
+    }
+
+    fn record(&self, at: Instant, latency_us: u64) {
+        let mut guard = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        guard.0.saturating_record(latency_us);
+        guard.1.record(at, latency_us);
+    }
+
+    fn take(&self) -> (Histogram<u64>, Timeline) {
+        let mut guard = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let timeline = guard.1.sibling();
+        (
+            std::mem::replace(&mut guard.0, crate::histogram()),
+            std::mem::replace(&mut guard.1, timeline),
+        )
+    }
+}
+
 /// What one device does per round.
 #[derive(Clone)]
 enum Work {
@@ -59,25 +97,23 @@ enum Work {
     Echo { topic: String },
 }
 
-/// One device: connects and subscribes, waits at `start` for every other device, then does
-/// rounds until `duration` has passed.
+/// One device: a raw MQTT 3.1.1 connection (rumqttc's codec, no client event loop, so ten
+/// thousand of them cost the load generator little), connected and subscribed while holding a
+/// `connecting` permit; waits at `start` for every other device, then does rounds until
+/// `duration` has passed. A PUBACK the device owes goes out with its next request.
 #[allow(clippy::too_many_arguments)]
 async fn device(
     mqtt: SocketAddr,
     credentials: Option<(String, String)>,
+    index: usize,
     id: String,
     work: Work,
     rate: f64,
+    connecting: Arc<Semaphore>,
     start: Arc<Barrier>,
     duration: Duration,
-    mut timeline: Timeline,
-) -> Result<(u64, u64, Histogram<u64>, Timeline)> {
-    let mut options = MqttOptions::new(&id, mqtt.ip().to_string(), mqtt.port());
-    if let Some((user, password)) = &credentials {
-        options.set_credentials(user, password);
-    }
-    options.set_keep_alive(Duration::from_secs(60));
-    let (client, mut eventloop) = crate::mqtt::client(options, 16);
+    recorder: Recorder,
+) -> Result<(u64, u64)> {
     let filters: Vec<String> = match &work {
         Work::Shadow { thing, .. } => vec![
             format!("$emqx/things/{thing}/shadow/update/accepted"),
@@ -85,24 +121,31 @@ async fn device(
         ],
         Work::Echo { topic } => vec![topic.clone()],
     };
-    for filter in &filters {
-        client.subscribe(filter, QoS::AtLeastOnce).await?;
-    }
-    let mut acked = 0;
-    while acked < filters.len() {
-        if let Event::Incoming(Packet::SubAck(_)) =
-            tokio::time::timeout(Duration::from_secs(30), eventloop.poll()).await??
-        {
-            acked += 1;
-        }
-    }
+    let mut device = {
+        let _permit = connecting.acquire().await?;
+        RawDevice::connect_as(
+            mqtt,
+            index,
+            id.clone(),
+            filters,
+            credentials.as_ref().map(|(u, p)| (u.as_str(), p.as_str())),
+        )
+        .await
+        .with_context(|| format!("device {id}"))?
+    };
     // The clock starts when every device is connected and subscribed.
     start.wait().await;
     let began = Instant::now();
     let until = began + duration;
-    let mut latencies = crate::histogram();
     let (mut count, mut operator_rounds) = (0u64, 0u64);
     let pace = (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate));
+    // Paced devices are spread over the period (golden-ratio offsets), not all sent at once:
+    // the server sees an even rate, not a burst per period.
+    let offset = pace.map_or(Duration::ZERO, |pace| {
+        pace.mul_f64((index as f64 * 0.618_033_988_75).fract())
+    });
+    tokio::time::sleep_until((began + offset).into()).await;
+    let mut out = BytesMut::with_capacity(256);
     while Instant::now() < until {
         let token = format!("{id}-{count}");
         let sent = Instant::now();
@@ -112,6 +155,7 @@ async fn device(
                 http: Some((target, every)),
             } if count % every == every - 1 => {
                 // The operator changes desired over HTTP; the device must receive it.
+                device.send(&mut out).await?;
                 operator_rounds += 1;
                 let response = target
                     .request(
@@ -131,28 +175,27 @@ async fn device(
                     r#"{{"state":{{"reported":{{"temperature":21.5,"n":{count}}}}},"clientToken":"{token}"}}"#
                 );
                 let topic = format!("$emqx/things/{thing}/shadow/update");
-                client
-                    .publish(&topic, QoS::AtLeastOnce, false, payload)
-                    .await?;
+                device.publish_into(topic.clone(), payload.into_bytes(), &mut out)?;
+                device.send(&mut out).await?;
                 format!("{topic}/accepted")
             }
             Work::Echo { topic } => {
-                client
-                    .publish(
-                        topic,
-                        QoS::AtLeastOnce,
-                        false,
-                        format!(r#"{{"clientToken":"{token}"}}"#),
-                    )
-                    .await?;
+                device.publish_into(
+                    topic.clone(),
+                    format!(r#"{{"clientToken":"{token}"}}"#).into_bytes(),
+                    &mut out,
+                )?;
+                device.send(&mut out).await?;
                 topic.clone()
             }
         };
         loop {
-            let event = tokio::time::timeout(Duration::from_secs(30), eventloop.poll())
+            let packet = tokio::time::timeout(Duration::from_secs(30), device.next())
                 .await
-                .context("no reply within 30 s")??;
-            if let Event::Incoming(Packet::Publish(publish)) = event {
+                .context("no reply within 30 s")??
+                .with_context(|| format!("device {id}: the server closed the connection"))?;
+            if let RawPacket::Publish(publish) = packet {
+                RawDevice::ack_into(&publish, &mut out)?;
                 if publish.topic == reply_topic && contains(&publish.payload, token.as_bytes()) {
                     break;
                 }
@@ -160,16 +203,16 @@ async fn device(
         }
         let now = Instant::now();
         let latency_us = now.duration_since(sent).as_micros() as u64;
-        latencies.saturating_record(latency_us);
-        timeline.record(now, latency_us);
+        recorder.record(now, latency_us);
         count += 1;
         if let Some(pace) = pace {
-            let next = began + pace.mul_f64(count as f64);
+            device.send(&mut out).await?;
+            let next = began + offset + pace.mul_f64(count as f64);
             tokio::time::sleep_until(next.into()).await;
         }
     }
-    let _ = client.disconnect().await;
-    Ok((count, operator_rounds, latencies, timeline))
+    device.send(&mut out).await?;
+    Ok((count, operator_rounds))
 }
 
 /// The echo over MQTT 5 with server topic aliases: the device announces a Topic Alias Maximum
@@ -183,8 +226,8 @@ async fn echo_device_v5(
     alias_max: u16,
     start: Arc<Barrier>,
     duration: Duration,
-    mut timeline: Timeline,
-) -> Result<(u64, u64, Histogram<u64>, Timeline)> {
+    recorder: Recorder,
+) -> Result<(u64, u64)> {
     use rumqttc::v5::mqttbytes::v5::Packet as P5;
     use rumqttc::v5::mqttbytes::QoS as Q5;
     use rumqttc::v5::{AsyncClient, Event as E5, MqttOptions as O5};
@@ -209,7 +252,6 @@ async fn echo_device_v5(
     start.wait().await;
     let began = Instant::now();
     let until = began + duration;
-    let mut latencies = crate::histogram();
     let mut aliases: std::collections::HashMap<u16, bytes::Bytes> = Default::default();
     let mut count = 0u64;
     while Instant::now() < until {
@@ -246,12 +288,11 @@ async fn echo_device_v5(
         }
         let now = Instant::now();
         let latency_us = now.duration_since(sent).as_micros() as u64;
-        latencies.saturating_record(latency_us);
-        timeline.record(now, latency_us);
+        recorder.record(now, latency_us);
         count += 1;
     }
     let _ = client.disconnect().await;
-    Ok((count, 0, latencies, timeline))
+    Ok((count, 0))
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -272,8 +313,9 @@ async fn phase(
     v5_aliases: Option<u16>,
 ) -> Result<PhaseResult> {
     let start = Arc::new(Barrier::new(devices + 1));
+    let connecting = Arc::new(Semaphore::new(CONNECTS_IN_FLIGHT));
     let duration = Duration::from_secs(seconds);
-    let timeline = Timeline::new(Duration::from_secs(1));
+    let recorder = Recorder::new(Timeline::new(Duration::from_secs(1)));
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..devices {
         let id = format!("bench-{label}-{i}");
@@ -286,24 +328,32 @@ async fn phase(
                 alias_max,
                 start.clone(),
                 duration,
-                timeline.sibling(),
+                recorder.clone(),
             )),
             (work, _) => tasks.spawn(device(
                 mqtt,
                 credentials.clone(),
+                i,
                 id,
                 work,
                 rate,
+                connecting.clone(),
                 start.clone(),
                 duration,
-                timeline.sibling(),
+                recorder.clone(),
             )),
         };
     }
     // Bounded: a device that cannot connect fails its task and never reaches the barrier.
-    tokio::time::timeout(Duration::from_secs(60), start.wait())
-        .await
-        .context("devices did not all connect within 60 s")?;
+    tokio::select! {
+        waited = tokio::time::timeout(CONNECT_ALL_MAX, start.wait()) => {
+            waited.with_context(|| format!("devices did not all connect within {CONNECT_ALL_MAX:?}"))?;
+        }
+        Some(failed) = tasks.join_next() => {
+            failed??;
+            bail!("a device ended before the phase started");
+        }
+    }
     let started = Instant::now();
     let bar = progress(seconds, label);
     let ticker = {
@@ -320,18 +370,17 @@ async fn phase(
         operator_rounds: 0,
         seconds: 0.0,
         latencies: crate::histogram(),
-        timeline,
+        timeline: Timeline::new(Duration::from_secs(1)),
     };
     while let Some(done) = tasks.join_next().await {
-        let (count, operator, histogram, device_timeline) = done??;
+        let (count, operator) = done??;
         result.round_trips += count;
         result.operator_rounds += operator;
-        result.latencies.add(&histogram).context("merge")?;
-        result.timeline.merge(&device_timeline);
     }
     ticker.abort();
     bar.finish_and_clear();
     result.seconds = started.elapsed().as_secs_f64();
+    (result.latencies, result.timeline) = recorder.take();
     Ok(result)
 }
 
@@ -350,6 +399,8 @@ pub async fn run(
     if !(0.0..=1.0).contains(&run.desired_share) {
         bail!("--desired-share must be within 0..=1");
     }
+    // A server this run starts inherits the limit too.
+    crate::mqtt::raise_open_files_limit(run.devices);
     let target = Arc::new(Target::open(target_args).await?);
     create_bench_user(&target).await?;
     register_things(&target, run.devices, 0).await?;
@@ -569,6 +620,7 @@ pub async fn run_echo(
     v5_aliases: Option<u16>,
     report_dir: Option<&Path>,
 ) -> Result<()> {
+    crate::mqtt::raise_open_files_limit(devices);
     let mut report = Report::new("echo");
     if let Some(alias_max) = v5_aliases {
         report.param("mqtt", format!("5.0, Topic Alias Maximum {alias_max}"));
