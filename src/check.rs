@@ -415,14 +415,30 @@ fn finish(store: &Store, report: &mut CheckReport, replay: Replay) {
             Err(e) => problem(report, &subject, format!("client id index: {e}")),
         }
     }
-    if let Some(at_ms) = replay.state.commands.next_deadline_ms() {
+    let connection = &replay.state.connection;
+    let wanted = (replay.state.registration.is_some() && connection.online).then(|| {
+        (
+            connection.client_id.clone().unwrap_or_default(),
+            connection.connection_id,
+        )
+    });
+    match store.online_entry(&replay.name) {
+        Ok(present) if present == wanted => {}
+        Ok(_) => problem(
+            report,
+            &subject,
+            "the online index disagrees with its log's connection (repaired when the Thing is next activated)",
+        ),
+        Err(e) => problem(report, &subject, format!("online index: {e}")),
+    }
+    if let Some(at_ms) = replay.state.next_deadline_ms() {
         match store.has_deadline(&replay.name, at_ms) {
             Ok(true) => {}
             Ok(false) => problem(
                 report,
                 &subject,
                 format!(
-                    "a pending command's deadline ({at_ms} ms) is missing from the deadline index: it will not fire until the Thing is activated"
+                    "a pending deadline ({at_ms} ms: a command, job or offline watch) is missing from the deadline index: it will not fire until the Thing is activated"
                 ),
             ),
             Err(e) => problem(report, &subject, format!("deadline index: {e}")),

@@ -183,16 +183,22 @@ impl Webhook {
             .is_none_or(|kinds| kinds.iter().any(|k| k == kind))
     }
 
-    /// The broker events it wants.
+    /// The broker events it wants: subscriptions only when `kinds` names them (absent
+    /// `kinds` means every Thing event kind), messages when it has `topicFilters`.
     fn tap_filter(&self) -> TapFilter {
+        let named = |kind: TapKind| {
+            self.kinds
+                .as_ref()
+                .is_some_and(|kinds| kinds.iter().any(|k| k == kind.name()))
+        };
         let topic_filters = if self.wants_kind_named(TapKind::Published.name()) {
             self.topic_filters.clone().unwrap_or_default()
         } else {
             Vec::new()
         };
         TapFilter {
-            subscribed: self.wants_kind_named(TapKind::Subscribed.name()),
-            unsubscribed: self.wants_kind_named(TapKind::Unsubscribed.name()),
+            subscribed: named(TapKind::Subscribed),
+            unsubscribed: named(TapKind::Unsubscribed),
             topic_filters,
             thing_names: self.thing_names.clone(),
         }
@@ -466,8 +472,16 @@ fn parse(
             )));
         }
     }
+    let published = TapKind::Published.name();
     let topic_filters = match object.get("topicFilters") {
         Some(_) => strings("topicFilters")?,
+        // New kinds without messages: the stored filters go with them.
+        None if kinds
+            .as_ref()
+            .is_some_and(|kinds| !kinds.iter().any(|k| k == published)) =>
+        {
+            None
+        }
         None => current.and_then(|c| c.topic_filters.clone()),
     };
     for filter in topic_filters.iter().flatten() {
@@ -481,7 +495,6 @@ fn parse(
             Err(e) => return Err(invalid(format!("topic filter '{filter}': {e}"))),
         }
     }
-    let published = TapKind::Published.name();
     let wants_messages = kinds
         .as_ref()
         .is_none_or(|kinds| kinds.iter().any(|k| k == published));
@@ -678,8 +691,11 @@ impl Webhooks {
     }
 
     /// Stops a webhook's task and waits until it is gone (an aborted request leaves the
-    /// cursor where it was: the batch is sent again later, never skipped).
-    async fn halt(&self, id: &str) {
+    /// cursor where it was: the batch is sent again later, never skipped). Broker events it was
+    /// delivering count as dropped; its queue of them is kept when `keep_broker_queue` (a
+    /// change that keeps the same broker filter goes on with it) and dropped (counted)
+    /// otherwise.
+    async fn halt(&self, id: &str, keep_broker_queue: bool) {
         let running = self
             .running
             .lock()
@@ -689,8 +705,11 @@ impl Webhooks {
             let _ = running.stop.send(true);
             running.task.abort();
             let _ = running.task.await;
-            if running.broker.is_some() {
-                self.tap.stop(id);
+            if let Some(broker) = &running.broker {
+                broker.abandon_in_flight(&self.tap);
+                if !keep_broker_queue {
+                    self.tap.stop(id);
+                }
             }
         }
     }
@@ -763,7 +782,8 @@ impl Webhooks {
         let current = self.get(kind, id)?;
         let webhook = parse(body, Some(&current), &self.limits, kind)?;
         let bytes = serde_json::to_vec(&webhook).map_err(|e| StorageError::Db(e.to_string()))?;
-        self.halt(id).await;
+        let keep = webhook.enabled && webhook.tap_filter() == current.tap_filter();
+        self.halt(id, keep).await;
         self.store.kv_put(&key(id), bytes).await?;
         if webhook.enabled {
             self.run(webhook.clone());
@@ -775,7 +795,7 @@ impl Webhooks {
     pub async fn delete(&self, kind: Kind, id: &str) -> Result<(), WebhookError> {
         let _change = self.changes.lock().await;
         self.get(kind, id)?;
-        self.halt(id).await;
+        self.halt(id, false).await;
         let dead = self
             .store
             .kv_keys_prefix(&dead_prefix(id), self.limits.dead_letters_max + 1)?;
@@ -1010,12 +1030,14 @@ impl Webhooks {
         let name = consumer(&webhook.id);
         let mut pg = None;
         tracing::info!(webhook = %webhook.id, "webhook delivery started");
+        // Broker events and feed records take turns, so neither can starve the other (a
+        // starved feed would also hold the feed from trimming).
+        let mut broker_turn = true;
         loop {
             if *stop.borrow() {
                 return;
             }
-            // Broker events first: they wait in memory, the feed waits on disk.
-            if let Some(broker) = &broker {
+            if let Some(broker) = broker.as_ref().filter(|_| broker_turn) {
                 let events = broker.take(webhook.batch_max);
                 if let Some(first) = events.first() {
                     let boot = self.tap.boot_ms;
@@ -1027,17 +1049,15 @@ impl Webhooks {
                         .is_none()
                     {
                         // Stopped while retrying: counted as not delivered.
-                        broker
-                            .dropped
-                            .fetch_add(records.len() as u64, Ordering::Relaxed);
-                        self.tap
-                            .dropped
-                            .fetch_add(records.len() as u64, Ordering::Relaxed);
+                        broker.abandon_in_flight(&self.tap);
                         return;
                     }
+                    broker.settled();
+                    broker_turn = false;
                     continue;
                 }
             }
+            broker_turn = true;
             let cursor = match self.store.cursor(&name) {
                 Ok(cursor) => cursor,
                 Err(e) => {

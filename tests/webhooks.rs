@@ -523,4 +523,14 @@ async fn broker_events_reach_a_webhook_by_kind_and_topic_filter() {
     .await;
     assert_eq!(status["status"]["brokerDropped"], 0, "{status}");
     assert_eq!(status["status"]["brokerQueued"], 0, "{status}");
+
+    // Kinds without messages: the topic filters go with them.
+    let (code, changed) = call(
+        Method::PUT,
+        &server.url(&format!("/api/v1/webhooks/{id}")),
+        Some(json!({"kinds": ["client.subscribed"]})),
+    )
+    .await;
+    assert_eq!(code, 200, "{changed}");
+    assert_eq!(changed["topicFilters"], Value::Null, "{changed}");
 }

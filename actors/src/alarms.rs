@@ -48,6 +48,8 @@ const SWEEP_CONCURRENCY: usize = 32;
 const SWEEP_RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
 /// Longest such wait.
 const SWEEP_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(60);
+/// Tries per Thing before a sweep passes it (about four minutes of waits).
+const SWEEP_ATTEMPTS_MAX: u32 = 8;
 
 /// A stored rule.
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -429,32 +431,43 @@ impl Alarms {
         });
     }
 
-    /// Asks every Thing `rule` can apply to to watch it; returns how many were asked. A page
-    /// whose Things could not all be asked is asked again (watching is idempotent), so the
-    /// cursor never passes a Thing that was not reached. Stops when the rule is deleted (or
-    /// replaced by one of the same name, whose own sweep takes over).
+    /// Asks every Thing `rule` can apply to to watch it; returns how many were asked. Things
+    /// that could not be asked (busy, timed out) are asked again with a growing wait before
+    /// the cursor passes them (watching is idempotent); one that still fails after
+    /// `SWEEP_ATTEMPTS_MAX` tries (a Thing whose log cannot be read) is logged and passed, so
+    /// one broken Thing cannot stop the rule for the rest of the fleet. Stops when the rule is
+    /// deleted (or replaced by one of the same name, whose own sweep takes over).
     async fn sweep(
         &self,
         rule: &AlarmRule,
         mut after: Option<String>,
     ) -> Result<u64, StorageError> {
         let mut asked = 0u64;
-        let mut wait = SWEEP_RETRY_FIRST;
         loop {
             if !self.is_current(rule) {
                 return Ok(asked);
             }
             let (page, last) = self.sweep_page(rule, after.as_deref())?;
-            let count = page.len() as u64;
-            let failed = self.ask_to_watch(rule, page).await;
-            if failed > 0 {
-                tracing::warn!(rule = %rule.name, failed, retry_in_ms = wait.as_millis() as u64, "some Things could not be asked to watch an alarm rule; asking that page again");
+            asked += page.len() as u64;
+            let mut pending = page;
+            let mut wait = SWEEP_RETRY_FIRST;
+            for attempt in 1.. {
+                let failed = self.ask_to_watch(rule, pending).await;
+                if failed.is_empty() {
+                    break;
+                }
+                if attempt >= SWEEP_ATTEMPTS_MAX {
+                    tracing::error!(rule = %rule.name, failed = failed.len(), things = ?failed.iter().take(10).collect::<Vec<_>>(), "Things that could not be asked to watch an alarm rule; passed (they are watched from their next disconnection)");
+                    break;
+                }
+                tracing::warn!(rule = %rule.name, failed = failed.len(), retry_in_ms = wait.as_millis() as u64, "some Things could not be asked to watch an alarm rule; asking them again");
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(SWEEP_RETRY_MAX);
-                continue;
+                if !self.is_current(rule) {
+                    return Ok(asked);
+                }
+                pending = failed;
             }
-            wait = SWEEP_RETRY_FIRST;
-            asked += count;
             let key = format!("{SWEEP_PREFIX}{}", rule.name);
             // Under the lock, and only for this rule: a rule deleted and created again has its
             // own cursor, which this sweep must not move or remove.
@@ -476,15 +489,15 @@ impl Alarms {
         }
     }
 
-    /// Asks `things` to watch `rule`, `SWEEP_CONCURRENCY` at a time; returns how many could
-    /// not be asked (a Thing that does not exist any more does not count).
-    async fn ask_to_watch(&self, rule: &AlarmRule, things: Vec<String>) -> usize {
+    /// Asks `things` to watch `rule`, `SWEEP_CONCURRENCY` at a time; returns those that could
+    /// not be asked (a Thing that does not exist any more is not one).
+    async fn ask_to_watch(&self, rule: &AlarmRule, things: Vec<String>) -> Vec<String> {
         let mut asking = JoinSet::new();
-        let mut failed = 0;
+        let mut failed = Vec::new();
         for thing in things {
             while asking.len() >= SWEEP_CONCURRENCY {
-                if let Some(Ok(false)) = asking.join_next().await {
-                    failed += 1;
+                if let Some(Ok(Some(thing))) = asking.join_next().await {
+                    failed.push(thing);
                 }
             }
             let registry = self.registry.clone();
@@ -495,18 +508,18 @@ impl Alarms {
                 };
                 // Background work: not refused because clients keep the Thing busy.
                 match registry.ask(&thing, Request::Command(command)).await {
-                    Ok(_) => true,
-                    Err(e) if e.kind == RejectionKind::ThingNotFound => true,
+                    Ok(_) => None,
+                    Err(e) if e.kind == RejectionKind::ThingNotFound => None,
                     Err(e) => {
                         tracing::debug!(thing, error = %e, "a Thing could not be asked to watch an alarm rule");
-                        false
+                        Some(thing)
                     }
                 }
             });
         }
         while let Some(done) = asking.join_next().await {
-            if !matches!(done, Ok(true)) {
-                failed += 1;
+            if let Ok(Some(thing)) = done {
+                failed.push(thing);
             }
         }
         failed

@@ -321,6 +321,26 @@ impl Things {
         .await
     }
 
+    /// Records that a connection an earlier run of the server left open (a crash) ended, as
+    /// background work (not refused because clients keep the Thing busy).
+    pub async fn end_connection_left_open(
+        &self,
+        name: &str,
+        client_id: &str,
+        connection_id: u64,
+    ) -> Result<(), Rejection> {
+        let command = ThingCommand::RecordDisconnected {
+            client_id: client_id.to_owned(),
+            connection_id,
+            reason: "server_restart".to_owned(),
+            offline_rules: Vec::new(),
+        };
+        match self.registry.ask(name, Request::Command(command)).await? {
+            Response::Decided(Reply::Recorded) => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
     async fn record(&self, name: &str, command: ThingCommand) -> Result<(), Rejection> {
         self.require_registered(name, None)?;
         match self

@@ -627,6 +627,8 @@ pub struct Broker {
     checkpoint_wanted: Arc<Notify>,
     /// Subscriptions and messages for the integrations that asked for them.
     pub tap: Arc<super::tap::BrokerTap>,
+    /// The id of this process's first connection (every earlier id is a previous process's).
+    first_connection_id: u64,
 }
 
 /// Whether the identity a CONNECT was authenticated as still holds.
@@ -799,7 +801,14 @@ impl Broker {
         let boot_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
+        // Unique across restarts (a Thing's log pairs connects and disconnects by it, and a
+        // restart records the end of connections a crash left open): the start millisecond
+        // times 2^10, below 2^53 (JSON readers keep it exact) until the year 2248. Two starts
+        // collide only if the clock steps back or one process opened more than 1,024
+        // connections per millisecond it ran.
+        let first_connection_id = (boot_ms << 10).max(1);
         Broker {
+            first_connection_id,
             state: Mutex::new(State {
                 sessions: HashMap::new(),
                 owners: HashMap::new(),
@@ -807,10 +816,7 @@ impl Broker {
                 retained: HashMap::new(),
                 retained_bytes: 0,
                 share_cursor: HashMap::new(),
-                // Unique across restarts (a Thing's log pairs connects and disconnects by it,
-                // and a restart records the end of connections a crash left open): the start
-                // second times 2^20, below 2^53 so JSON readers keep it exact.
-                next_connection_id: ((boot_ms / 1000) << 20).max(1),
+                next_connection_id: first_connection_id,
                 dirty: HashSet::new(),
                 retained_dirty: HashSet::new(),
             }),
@@ -1343,6 +1349,11 @@ impl Broker {
         !matched.is_empty()
     }
 
+    /// The id of this process's first connection: a smaller one was opened by an earlier run.
+    pub fn first_connection_id(&self) -> u64 {
+        self.first_connection_id
+    }
+
     /// The id of `client_id`'s live connection, if it is connected.
     pub fn live_connection(&self, client_id: &str) -> Option<u64> {
         self.lock()
@@ -1438,6 +1449,14 @@ impl Broker {
                 session
                     .subscriptions
                     .insert(raw.to_owned(), (parsed, options));
+                // Its options are what they were before the undone change.
+                self.tap.subscription(
+                    TapKind::Subscribed,
+                    &session.identity,
+                    raw,
+                    options.qos,
+                    "operator",
+                );
             }
             None => {
                 session.subscriptions.remove(raw);

@@ -97,18 +97,20 @@ pub fn reauthorize_subscriptions(broker: &Broker, acl: &Acl) -> usize {
 
 /// How often failed authentications are summarized in the log.
 const AUTH_REPORT_PERIOD: Duration = Duration::from_secs(10);
-/// Things whose connection a crash left open, recorded as ended at once.
+/// Things whose connection a crash left open, ended at once.
 const RESTART_DISCONNECTS_CONCURRENCY: usize = 64;
 /// Online-index entries read at a time.
 const RESTART_DISCONNECTS_PAGE: usize = 1024;
-/// Attempts per Thing before it is left for its next activation's repair.
-const RESTART_DISCONNECT_ATTEMPTS: u32 = 5;
+/// Longest wait between attempts to record one (a Thing busy or failing).
+const RESTART_DISCONNECT_RETRY_MAX: Duration = Duration::from_secs(30);
 
-/// Records the end of every connection the `online` index holds but the broker does not: those
-/// a crash (kill -9, power loss) left open, so their Things show offline, their offline alarms
-/// are watched and their connection history is closed (reason `server_restart`). A device that
-/// reconnected meanwhile has a new connection id (unique across restarts), so its live
-/// connection is left alone. Runs in the background from start.
+/// Records the end of every connection the `online` index holds from an earlier run of the
+/// server (its id is below this run's first): those a crash (kill -9, power loss) left open, so
+/// their Things show offline, their offline alarms are watched and their connection history is
+/// closed (reason `server_restart`). A device that reconnected meanwhile has a new connection
+/// id, which the Thing keeps. Runs in the background from start, retrying each Thing (as
+/// background work, never refused for being busy) until it is recorded, the Thing is gone or
+/// the server stops.
 pub fn spawn_restart_disconnects(
     node: &mut thinghub_actors::Node,
     broker: Arc<Broker>,
@@ -116,12 +118,10 @@ pub fn spawn_restart_disconnects(
     store: thinghub_storage::Store,
 ) {
     node.spawn("connections left open", move |stop| async move {
+        let first_of_this_run = broker.first_connection_id();
         let mut after: Option<String> = None;
         let mut ended = 0u64;
         loop {
-            if *stop.borrow() {
-                return;
-            }
             let page = match store.online_things(after.as_deref(), RESTART_DISCONNECTS_PAGE) {
                 Ok(page) => page,
                 Err(e) => {
@@ -134,49 +134,52 @@ pub fn spawn_restart_disconnects(
             let full = page.len() == RESTART_DISCONNECTS_PAGE;
             let mut ending = tokio::task::JoinSet::new();
             for entry in page {
-                if broker.live_connection(&entry.client_id) == Some(entry.connection_id) {
+                if entry.connection_id >= first_of_this_run {
                     continue;
                 }
                 while ending.len() >= RESTART_DISCONNECTS_CONCURRENCY {
                     ending.join_next().await;
                 }
                 let things = things.clone();
+                let mut stop = stop.clone();
                 ending.spawn(async move {
                     let mut wait = Duration::from_millis(100);
-                    for attempt in 1..=RESTART_DISCONNECT_ATTEMPTS {
+                    loop {
                         match things
-                            .record_disconnected(
+                            .end_connection_left_open(
                                 &entry.thing,
                                 &entry.client_id,
                                 entry.connection_id,
-                                "server_restart",
                             )
                             .await
                         {
                             Ok(()) => return true,
-                            Err(e) if attempt == RESTART_DISCONNECT_ATTEMPTS => {
-                                tracing::warn!(thing = %entry.thing, error = %e, "cannot record the end of a connection a crash left open");
+                            Err(e) if e.kind == thinghub_actors::thing::RejectionKind::ThingNotFound => {
+                                return false
                             }
-                            Err(_) => {
-                                tokio::time::sleep(wait).await;
-                                wait *= 2;
+                            Err(e) => {
+                                tracing::warn!(thing = %entry.thing, error = %e, retry_in_ms = wait.as_millis() as u64, "cannot record the end of a connection a crash left open; retrying");
                             }
                         }
+                        tokio::select! {
+                            () = tokio::time::sleep(wait) => {}
+                            _ = stop.wait_for(|s| *s) => return false,
+                        }
+                        wait = (wait * 2).min(RESTART_DISCONNECT_RETRY_MAX);
                     }
-                    false
                 });
             }
             while let Some(done) = ending.join_next().await {
                 ended += u64::from(done.unwrap_or(false));
             }
-            if !full {
+            if !full || *stop.borrow() {
                 break;
             }
         }
         if ended > 0 {
             tracing::info!(
                 things = ended,
-                "connections the last stop left open were recorded as ended (server_restart)"
+                "connections an earlier run left open were recorded as ended (server_restart)"
             );
         }
     });

@@ -78,7 +78,11 @@ pub struct TapEvent {
 impl TapEvent {
     fn size(&self) -> usize {
         // The record's fixed part is a few hundred bytes.
-        256 + self.topic.len() + self.payload.len()
+        256 + self.topic.len()
+            + self.payload.len()
+            + self.client_id.as_ref().map_or(0, String::len)
+            + self.username.as_ref().map_or(0, String::len)
+            + self.thing.as_ref().map_or(0, String::len)
     }
 
     /// The integration record (the same shape as a Thing event's, without a feed position).
@@ -156,21 +160,19 @@ pub struct TapFilter {
 }
 
 impl TapFilter {
-    fn wants(&self, event: &TapEvent) -> bool {
-        let kind = match event.kind {
+    fn wants(&self, kind: TapKind, thing: Option<&str>, topic: &str) -> bool {
+        let kind = match kind {
             TapKind::Subscribed => self.subscribed,
             TapKind::Unsubscribed => self.unsubscribed,
             TapKind::Published => self
                 .topic_filters
                 .iter()
-                .any(|filter| topic::matches(filter, &event.topic)),
+                .any(|filter| topic::matches(filter, topic)),
         };
-        kind && self.thing_names.as_ref().is_none_or(|names| {
-            event
-                .thing
-                .as_ref()
-                .is_some_and(|thing| names.iter().any(|name| name == thing))
-        })
+        kind && self
+            .thing_names
+            .as_ref()
+            .is_none_or(|names| thing.is_some_and(|thing| names.iter().any(|name| name == thing)))
     }
 
     /// Whether it wants anything at all.
@@ -181,8 +183,12 @@ impl TapFilter {
 
 #[derive(Default)]
 struct Queue {
-    events: VecDeque<TapEvent>,
+    events: VecDeque<Arc<TapEvent>>,
     bytes: usize,
+    /// Taken for delivery and not settled yet (delivered, dead-lettered or dropped).
+    in_flight: usize,
+    /// Stopped: what arrives now is dropped (and counted).
+    closed: bool,
 }
 
 /// One integration's queue of broker events.
@@ -201,10 +207,10 @@ impl Listener {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn offer(&self, event: &TapEvent, tap: &BrokerTap) {
+    fn offer(&self, event: &Arc<TapEvent>, tap: &BrokerTap) {
         let size = event.size();
         let mut queue = self.lock();
-        if queue.bytes + size > self.bytes_max {
+        if queue.closed || queue.bytes + size > self.bytes_max {
             drop(queue);
             self.dropped.fetch_add(1, Ordering::Relaxed);
             tap.dropped.fetch_add(1, Ordering::Relaxed);
@@ -216,13 +222,29 @@ impl Listener {
         self.ready.notify_one();
     }
 
-    /// Takes up to `max` events, oldest first.
-    pub fn take(&self, max: usize) -> Vec<TapEvent> {
+    /// Takes up to `max` events, oldest first; they count as in flight until
+    /// [`Listener::settled`] (a stop meanwhile counts them as dropped).
+    pub fn take(&self, max: usize) -> Vec<Arc<TapEvent>> {
         let mut queue = self.lock();
         let n = max.min(queue.events.len());
-        let taken: Vec<TapEvent> = queue.events.drain(..n).collect();
-        queue.bytes -= taken.iter().map(TapEvent::size).sum::<usize>();
+        let taken: Vec<Arc<TapEvent>> = queue.events.drain(..n).collect();
+        queue.bytes -= taken.iter().map(|e| e.size()).sum::<usize>();
+        queue.in_flight = taken.len();
         taken
+    }
+
+    /// The events taken last are delivered or dead-lettered.
+    pub fn settled(&self) {
+        self.lock().in_flight = 0;
+    }
+
+    /// Delivery of the events taken last was cut short: they count as dropped.
+    pub fn abandon_in_flight(&self, tap: &BrokerTap) {
+        let left = std::mem::take(&mut self.lock().in_flight) as u64;
+        if left > 0 {
+            self.dropped.fetch_add(left, Ordering::Relaxed);
+            tap.dropped.fetch_add(left, Ordering::Relaxed);
+        }
     }
 
     /// Events waiting.
@@ -267,8 +289,16 @@ impl BrokerTap {
         *guard = Arc::new(listeners);
     }
 
-    /// Adds (or replaces) the listener `id`; returns it.
+    /// Adds the listener `id` (or keeps the one it has, with its queue, when the filter and the
+    /// bound are the same; a different one replaces it, and the old queue counts as dropped);
+    /// returns it.
     pub fn listen(&self, id: &str, filter: TapFilter, bytes_max: usize) -> Arc<Listener> {
+        if let Some(current) = self.listener(id) {
+            if current.filter == filter && current.bytes_max == bytes_max {
+                return current;
+            }
+            self.stop(id);
+        }
         let listener = Arc::new(Listener {
             id: id.to_owned(),
             filter,
@@ -285,7 +315,18 @@ impl BrokerTap {
         listener
     }
 
-    /// Removes the listener `id`; what it still held is counted as dropped.
+    /// The listener `id`, if it listens.
+    pub fn listener(&self, id: &str) -> Option<Arc<Listener>> {
+        self.listeners
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|l| l.id == id)
+            .cloned()
+    }
+
+    /// Removes the listener `id`; what it still held (queued or being delivered) is counted as
+    /// dropped, and so is anything offered to it afterwards.
     pub fn stop(&self, id: &str) {
         let mut removed = None;
         self.change(|all| {
@@ -294,7 +335,15 @@ impl BrokerTap {
             }
         });
         if let Some(listener) = removed {
-            let left = listener.queued() as u64;
+            let left = {
+                let mut queue = listener.lock();
+                queue.closed = true;
+                let left = queue.events.len() + queue.in_flight;
+                queue.events.clear();
+                queue.bytes = 0;
+                queue.in_flight = 0;
+                left as u64
+            };
             if left > 0 {
                 listener.dropped.fetch_add(left, Ordering::Relaxed);
                 self.dropped.fetch_add(left, Ordering::Relaxed);
@@ -312,21 +361,22 @@ impl BrokerTap {
         qos: u8,
         via: &'static str,
     ) {
-        if self.active.load(Ordering::Acquire) {
-            self.emit(TapEvent {
-                kind,
-                number: 0,
-                at_ms: 0,
-                client_id: Some(identity.client_id.clone()),
-                username: identity.username.clone(),
-                thing: identity.thing.clone(),
-                topic: Arc::from(filter),
-                qos,
-                retain: false,
-                payload: Bytes::new(),
-                via,
-            });
+        if !self.active.load(Ordering::Acquire) {
+            return;
         }
+        self.emit(kind, Some(identity), filter, || TapEvent {
+            kind,
+            number: 0,
+            at_ms: 0,
+            client_id: Some(identity.client_id.clone()),
+            username: identity.username.clone(),
+            thing: identity.thing.clone(),
+            topic: Arc::from(filter),
+            qos,
+            retain: false,
+            payload: Bytes::new(),
+            via,
+        });
     }
 
     /// A message routed (`identity`: its publisher's session; None for the HTTP publish).
@@ -339,41 +389,56 @@ impl BrokerTap {
         payload: &Bytes,
         via: &'static str,
     ) {
-        if self.active.load(Ordering::Acquire) {
-            self.emit(TapEvent {
-                kind: TapKind::Published,
-                number: 0,
-                at_ms: 0,
-                client_id: identity.map(|i| i.client_id.clone()),
-                username: identity.and_then(|i| i.username.clone()),
-                thing: identity.and_then(|i| i.thing.clone()),
-                topic: topic.clone(),
-                qos,
-                retain,
-                payload: payload.clone(),
-                via,
-            });
+        if !self.active.load(Ordering::Acquire) {
+            return;
         }
+        self.emit(TapKind::Published, identity, topic, || TapEvent {
+            kind: TapKind::Published,
+            number: 0,
+            at_ms: 0,
+            client_id: identity.map(|i| i.client_id.clone()),
+            username: identity.and_then(|i| i.username.clone()),
+            thing: identity.and_then(|i| i.thing.clone()),
+            topic: topic.clone(),
+            qos,
+            retain,
+            // A copy: the payload may be a slice of the connection's read buffer, which a
+            // queued event must not keep alive.
+            payload: Bytes::copy_from_slice(payload),
+            via,
+        });
     }
 
-    /// Hands an event to every listener that wants it.
-    fn emit(&self, mut event: TapEvent) {
+    /// Hands an event to every listener that wants it; the event is built (once, shared) only
+    /// if one does.
+    fn emit(
+        &self,
+        kind: TapKind,
+        identity: Option<&Identity>,
+        topic: &str,
+        build: impl FnOnce() -> TapEvent,
+    ) {
         let listeners = self
             .listeners
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        if !listeners.iter().any(|l| l.filter.wants(&event)) {
+        let thing = identity.and_then(|i| i.thing.as_deref());
+        let mut wanting = listeners
+            .iter()
+            .filter(|l| l.filter.wants(kind, thing, topic))
+            .peekable();
+        if wanting.peek().is_none() {
             return;
         }
+        let mut event = build();
         event.number = self.next.fetch_add(1, Ordering::Relaxed);
         event.at_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        for listener in listeners.iter() {
-            if listener.filter.wants(&event) {
-                listener.offer(&event, self);
-            }
+        let event = Arc::new(event);
+        for listener in wanting {
+            listener.offer(&event, self);
         }
     }
 }
@@ -457,17 +522,38 @@ mod tests {
             "http",
         );
         let record = messages.take(1)[0].to_record(7);
+        messages.settled();
         assert_eq!(record["data"]["payloadEncoding"], "base64");
         assert_eq!(record["data"]["payload"], "/wA=");
         assert!(record.get("clientId").is_none());
 
+        // One queued and one taken but not settled when it stops: both count as dropped.
         tap.message(None, &topic, 0, false, &payload, "http");
+        tap.message(None, &topic, 0, false, &payload, "http");
+        assert_eq!(messages.take(1).len(), 1);
         tap.stop("w1");
         assert_eq!(
             messages.dropped.load(Ordering::Relaxed),
-            1,
+            2,
             "left when stopped"
         );
-        assert_eq!(tap.dropped.load(Ordering::Relaxed), 2);
+        assert_eq!(tap.dropped.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn listening_again_with_the_same_filter_keeps_the_queue_and_another_filter_drops_it() {
+        let tap = BrokerTap::new(1);
+        let filter = TapFilter {
+            topic_filters: vec!["a/#".into()],
+            ..TapFilter::default()
+        };
+        let first = tap.listen("w", filter.clone(), 1 << 20);
+        tap.message(None, &Arc::from("a/1"), 0, false, &Bytes::new(), "http");
+        let again = tap.listen("w", filter, 1 << 20);
+        assert!(Arc::ptr_eq(&first, &again));
+        assert_eq!(again.queued(), 1);
+        let other = tap.listen("w", TapFilter::default(), 1 << 20);
+        assert_eq!(other.queued(), 0);
+        assert_eq!(first.dropped.load(Ordering::Relaxed), 1, "counted");
     }
 }

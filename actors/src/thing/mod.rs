@@ -751,6 +751,16 @@ pub fn decide(
                     }))
                 })
                 .collect();
+            // Its connection ends with it (the broker closes it; that close is refused as the
+            // Thing is gone): a Thing registered again under the name starts offline.
+            if state.connection.online {
+                events.push(ThingEvent::Disconnected(ThingDisconnected {
+                    client_id: state.connection.client_id.clone().unwrap_or_default(),
+                    connection_id: state.connection.connection_id,
+                    reason: "thing_deleted".into(),
+                    at_ms: now_ms,
+                }));
+            }
             events.extend(
                 alarms::decide_back(&state.alarms, "thing deleted", now_ms)
                     .into_iter()

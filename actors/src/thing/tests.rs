@@ -467,6 +467,15 @@ fn deleting_a_thing_ends_its_watches_and_a_new_registration_starts_clean() {
     assert_eq!(state.next_deadline_ms(), None);
     at(&mut state, register(), NOW_MS + 62_000).expect("register");
     assert!(state.alarms.alarms.is_empty());
+
+    // Deleted while connected: the connection ends with it, so a new registration is offline.
+    let (mut state, _) = given(&[register(), connect(1)]);
+    let deleted = at(&mut state, ThingCommand::Delete, NOW_MS + 1_000).expect("delete");
+    assert!(
+        matches!(deleted.events[0], ThingEvent::Disconnected(ref d) if d.reason == "thing_deleted")
+    );
+    at(&mut state, register(), NOW_MS + 2_000).expect("register");
+    assert!(!state.describe().expect("registered").online);
 }
 
 // ---- proptest laws ----
