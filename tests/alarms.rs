@@ -232,17 +232,7 @@ async fn a_rule_reaches_things_already_offline_by_type_and_group() {
     .await;
     let (exit, _) = server.stop();
     assert!(exit.success());
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_thinghub"))
-        .args(["check", "--data-dir"])
-        .arg(dir.path())
-        .env_remove("THINGHUB_CONFIG")
-        .output()
-        .expect("run thinghub check");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success() && stdout.contains("no problems"),
-        "{stdout}"
-    );
+    common::assert_check_finds_no_problem(dir.path());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

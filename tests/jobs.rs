@@ -774,17 +774,7 @@ async fn jobs_target_groups_and_continuous_jobs_reach_later_members() {
     assert_eq!(status, 201);
     let (exit, _) = server.stop();
     assert!(exit.success());
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_thinghub"))
-        .args(["check", "--data-dir"])
-        .arg(dir.path())
-        .env_remove("THINGHUB_CONFIG")
-        .output()
-        .expect("run thinghub check");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success() && stdout.contains("no problems"),
-        "{stdout}"
-    );
+    common::assert_check_finds_no_problem(dir.path());
 }
 
 /// A step timeout is durable: the device starts its execution with a one-minute step timeout,

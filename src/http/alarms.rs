@@ -256,15 +256,11 @@ pub async fn of_thing(
     )
 )]
 pub async fn acknowledge(
-    State(state): State<AppState>,
-    Extension(principal): Extension<Principal>,
-    Path((name, alarm_type)): Path<(String, String)>,
+    state: State<AppState>,
+    principal: Extension<Principal>,
+    path: Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    let alarm = state
-        .things
-        .alarm_action(&name, &alarm_type, &principal.key, false)
-        .await?;
-    Ok(Json(json!(alarm)))
+    alarm_action(state, principal, path, false).await
 }
 
 /// `POST /api/v1/things/{name}/alarms/{type}/clear`: ends an open alarm (again: unchanged).
@@ -283,13 +279,23 @@ pub async fn acknowledge(
     )
 )]
 pub async fn clear(
+    state: State<AppState>,
+    principal: Extension<Principal>,
+    path: Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    alarm_action(state, principal, path, true).await
+}
+
+/// Acknowledges (or clears) an alarm as the calling key.
+async fn alarm_action(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     Path((name, alarm_type)): Path<(String, String)>,
+    clear: bool,
 ) -> Result<Json<Value>, ApiError> {
     let alarm = state
         .things
-        .alarm_action(&name, &alarm_type, &principal.key, true)
+        .alarm_action(&name, &alarm_type, &principal.key, clear)
         .await?;
     Ok(Json(json!(alarm)))
 }

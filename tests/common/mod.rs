@@ -242,3 +242,20 @@ pub fn codes(answers: &serde_json::Value) -> Vec<u64> {
         .map(|a| a["code"].as_u64().expect("code"))
         .collect()
 }
+
+/// Runs `thinghub check` on the (stopped) server's data directory and requires it to report
+/// no problem.
+#[allow(dead_code)]
+pub fn assert_check_finds_no_problem(data_dir: &Path) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_thinghub"))
+        .args(["check", "--data-dir"])
+        .arg(data_dir)
+        .env_remove("THINGHUB_CONFIG")
+        .output()
+        .expect("run thinghub check");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("no problems"),
+        "{stdout}"
+    );
+}

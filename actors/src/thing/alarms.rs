@@ -444,11 +444,14 @@ pub fn decide_fire(
     events
 }
 
-fn not_found(alarm_type: &str) -> Rejection {
-    Rejection::new(
-        RejectionKind::ExecutionNotFound,
-        format!("no alarm of type '{alarm_type}'"),
-    )
+/// The Thing's alarm of `alarm_type`, or 404.
+fn find<'a>(alarms: &'a Alarms, alarm_type: &str) -> Result<&'a Alarm, Rejection> {
+    alarms.alarms.get(alarm_type).ok_or_else(|| {
+        Rejection::new(
+            RejectionKind::ExecutionNotFound,
+            format!("no alarm of type '{alarm_type}'"),
+        )
+    })
 }
 
 /// An operator acknowledges an open alarm (again: nothing changes).
@@ -458,10 +461,7 @@ pub fn decide_acknowledge(
     by: &str,
     now_ms: u64,
 ) -> Result<Vec<AlarmEvent>, Rejection> {
-    let alarm = alarms
-        .alarms
-        .get(alarm_type)
-        .ok_or_else(|| not_found(alarm_type))?;
+    let alarm = find(alarms, alarm_type)?;
     match alarm.status {
         AlarmStatus::Active => Ok(vec![AlarmEvent::Acknowledged(AlarmAcknowledged {
             alarm_type: alarm_type.to_owned(),
@@ -483,10 +483,7 @@ pub fn decide_clear(
     by: &str,
     now_ms: u64,
 ) -> Result<Vec<AlarmEvent>, Rejection> {
-    let alarm = alarms
-        .alarms
-        .get(alarm_type)
-        .ok_or_else(|| not_found(alarm_type))?;
+    let alarm = find(alarms, alarm_type)?;
     if alarm.status == AlarmStatus::Cleared {
         return Ok(Vec::new());
     }
