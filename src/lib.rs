@@ -17,6 +17,7 @@ pub mod audit;
 pub mod auth;
 pub mod check;
 pub mod config;
+pub mod cumulocity;
 pub mod http;
 pub mod mqtt;
 pub mod server;

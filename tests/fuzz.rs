@@ -23,6 +23,7 @@ use bytes::BytesMut;
 use rand::rngs::StdRng as SmallRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Map, Value};
+use thinghub::cumulocity::smartrest;
 use thinghub::http::bulk::parse_line;
 use thinghub::http::ndjson::{Line, LineSplitter};
 use thinghub::mqtt::codec::{self, Version};
@@ -840,5 +841,38 @@ fn fuzz_envelopes() {
         corpus,
         json: false,
         run: envelopes,
+    });
+}
+
+/// SmartREST CSV from a device: any bytes parse or fail with a position; rows that parse are
+/// written back and parse to the same rows.
+fn smartrest(bytes: &[u8]) {
+    let text = String::from_utf8_lossy(bytes);
+    match smartrest::parse(&text) {
+        Ok(rows) => {
+            let written: Vec<String> = rows.iter().map(|row| smartrest::write_row(row)).collect();
+            assert_eq!(
+                smartrest::parse(&written.join("\n")).as_ref(),
+                Ok(&rows),
+                "{text:?} -> {written:?}"
+            );
+        }
+        Err(e) => assert!(e.row >= 1 && e.column >= 1, "{e:?}"),
+    }
+}
+
+#[test]
+fn fuzz_smartrest() {
+    let corpus = [
+        "100,My Device,c8y_Linux\n101,child-1,Child,c8y_Sensor",
+        "200,c8y_Temperature,T,25.3,C\r\n201,S,2026-12-03T10:00:00Z,c8y_T,T,1,C",
+        "400,c8y_Event,\"Door, \"\"front\"\"\nopened\"\n500",
+        "301,c8y_Overheat,\"\",\n\n\"\"",
+    ];
+    fuzz(Target {
+        name: "smartrest",
+        corpus: corpus.iter().map(|s| s.as_bytes().to_vec()).collect(),
+        json: false,
+        run: smartrest,
     });
 }
