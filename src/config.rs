@@ -119,6 +119,11 @@ pub struct Config {
     pub allow_anonymous: bool,
     /// AWS IoT compatible mode: Things also answer on `$aws/things/{name}/shadow/...`.
     pub aws_compat: bool,
+    /// Serve Cumulocity's `s/...` topics (SmartREST static templates) on the MQTT port.
+    pub cumulocity: bool,
+    /// The Cumulocity tenant: a username may carry it as `{tenant}/{user}` (another tenant is
+    /// refused).
+    pub cumulocity_tenant: String,
     /// Most simultaneous MQTT connections (beyond: CONNACK "server busy").
     pub mqtt_connections_max: usize,
     /// Largest MQTT packet accepted, bytes.
@@ -261,6 +266,8 @@ impl Default for Config {
             topic_prefix: "$emqx".into(),
             allow_anonymous: false,
             aws_compat: false,
+            cumulocity: false,
+            cumulocity_tenant: "thinghub".into(),
             mqtt_connections_max: 100_000,
             mqtt_packet_bytes_max: 256 * 1024,
             mqtt_inflight_max: 32,
@@ -342,6 +349,12 @@ pub struct ServeArgs {
     /// AWS IoT compatible mode: also serve `$aws/things/{name}/shadow/...`.
     #[arg(long, env = "THINGHUB_AWS_COMPAT", num_args = 0..=1, default_missing_value = "true")]
     pub aws_compat: Option<bool>,
+    /// Serve Cumulocity's `s/...` topics (SmartREST) on the MQTT port [default: false].
+    #[arg(long, env = "THINGHUB_CUMULOCITY", num_args = 0..=1, default_missing_value = "true")]
+    pub cumulocity: Option<bool>,
+    /// The Cumulocity tenant usernames may be prefixed with (`{tenant}/{user}`) [default: thinghub].
+    #[arg(long, env = "THINGHUB_CUMULOCITY_TENANT")]
+    pub cumulocity_tenant: Option<String>,
     /// System topic prefix [default: $emqx].
     #[arg(long, env = "THINGHUB_TOPIC_PREFIX")]
     pub topic_prefix: Option<String>,
@@ -400,6 +413,8 @@ impl Config {
             http_body_bytes_max,
             allow_anonymous,
             aws_compat,
+            cumulocity,
+            cumulocity_tenant,
             topic_prefix,
             mqtt_connections_max
         );
@@ -584,6 +599,17 @@ impl Config {
             return Err(ConfigError::Invalid(format!(
                 "auth_backoff_base_ms ({}) must not exceed auth_backoff_max_ms ({})",
                 self.auth_backoff_base_ms, self.auth_backoff_max_ms
+            )));
+        }
+        let tenant = &self.cumulocity_tenant;
+        if tenant.is_empty()
+            || tenant.len() > 64
+            || !tenant
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(ConfigError::Invalid(format!(
+                "cumulocity_tenant '{tenant}' must be 1..=64 characters of [a-zA-Z0-9_-]"
             )));
         }
         let prefix = &self.topic_prefix;

@@ -311,7 +311,20 @@ pub async fn serve(
     if config.allow_anonymous {
         tracing::warn!("MQTT accepts ANONYMOUS clients (--allow-anonymous): for development only");
     }
+    if config.cumulocity {
+        tracing::info!(tenant = %config.cumulocity_tenant, "serving Cumulocity devices' s/... topics");
+    }
+    let cumulocity = config.cumulocity.then(|| {
+        Arc::new(crate::mqtt::cumulocity::Cumulocity::new(
+            broker.clone(),
+            things.clone(),
+            config.cumulocity_tenant.clone(),
+            shadow_limits,
+            event_limits,
+        ))
+    });
     let mqtt = Arc::new(MqttContext {
+        cumulocity,
         broker: broker.clone(),
         bridge: bridge.clone(),
         users,

@@ -588,6 +588,52 @@ fn is_iso8601(text: &str) -> bool {
     }
 }
 
+/// Unix ms of an ISO 8601 time [`decode`] accepted (`None` for anything else, or before 1970).
+pub fn iso8601_ms(text: &str) -> Option<u64> {
+    if !is_iso8601(text) {
+        return None;
+    }
+    let num = |range: std::ops::Range<usize>| text.get(range)?.parse::<i64>().ok();
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
+        return None;
+    }
+    let mut rest = &text[19..];
+    let mut millis = 0i64;
+    if let Some(fraction) = rest.strip_prefix('.') {
+        let digits: String = fraction.chars().take_while(char::is_ascii_digit).collect();
+        millis = format!("{:0<3}", &digits[..digits.len().min(3)])
+            .parse()
+            .ok()?;
+        rest = &fraction[digits.len()..];
+    }
+    let offset_s = match rest {
+        "Z" => 0,
+        offset => {
+            let sign = if offset.starts_with('-') { -1 } else { 1 };
+            let hours = offset.get(1..3)?.parse::<i64>().ok()?;
+            let minutes = offset.get(4..6)?.parse::<i64>().ok()?;
+            sign * (hours * 3600 + minutes * 60)
+        }
+    };
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let m = (month + 9) % 12;
+    let doy = (153 * m + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let seconds = days * 86_400 + hour * 3600 + minute * 60 + second - offset_s;
+    u64::try_from(seconds * 1000 + millis).ok()
+}
+
 /// The `s/ds` row of an operation (a command whose action is a Cumulocity fragment) for the
 /// device `device`, or why it has none. `params` are the command's parameters.
 pub fn operation_row(
@@ -792,6 +838,26 @@ mod tests {
         assert_eq!(err("200,c8y_T,T,NaN").code, 41, "not finite");
         assert_eq!(err("117,soon").code, 41);
         assert_eq!(err("401,52.1").code, 41);
+    }
+
+    #[test]
+    fn iso_times_become_unix_milliseconds() {
+        assert_eq!(iso8601_ms("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(
+            iso8601_ms("2026-12-03T10:00:00.5Z"),
+            Some(1_796_292_000_500)
+        );
+        assert_eq!(
+            iso8601_ms("2026-12-03T11:00:00.500+01:00"),
+            iso8601_ms("2026-12-03T10:00:00.5Z")
+        );
+        assert_eq!(
+            iso8601_ms("2024-02-29T23:59:59-00:30"),
+            Some(1_709_252_999_000)
+        );
+        assert_eq!(iso8601_ms("2026-13-01T00:00:00Z"), None);
+        assert_eq!(iso8601_ms("yesterday"), None);
+        assert_eq!(iso8601_ms("1969-12-31T23:59:59Z"), None);
     }
 
     #[test]

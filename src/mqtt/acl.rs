@@ -68,6 +68,10 @@ pub struct Identity {
     pub superuser: bool,
 }
 
+/// Where a Cumulocity device's own topics live inside the broker: its `s/ds` is
+/// `$c8y/{device}/s/ds`, and only its connection sees it under the name `s/ds`.
+pub const C8Y_NAMESPACE: &str = "$c8y";
+
 /// allow or deny.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -364,6 +368,10 @@ impl Acl {
     /// `/json` suffix) of `accepted`, `rejected`, `delta` or `documents`, a command `request`,
     /// or `jobs/notify` and `jobs/notify-next`.
     pub fn is_server_topic(&self, topic: &str) -> bool {
+        // Cumulocity devices' per-connection topics: only the server publishes there.
+        if topic.split('/').next() == Some(C8Y_NAMESPACE) {
+            return true;
+        }
         for namespace in self.server_namespaces() {
             let Some(rest) = topic
                 .strip_prefix(namespace)
@@ -394,10 +402,10 @@ impl Acl {
     }
 
     /// Whether `topic` (a name or a filter) lies in a namespace only the server and Things use:
-    /// `{prefix}`, `$aws` or `$SYS`.
+    /// `{prefix}`, `$aws`, `$SYS` or `$c8y` (Cumulocity devices' topics, each its own).
     fn in_server_namespace(&self, topic: &str) -> bool {
         let first = topic.split('/').next().unwrap_or(topic);
-        first == self.prefix || first == "$aws" || first == "$SYS"
+        first == self.prefix || first == "$aws" || first == "$SYS" || first == C8Y_NAMESPACE
     }
 
     /// Whether `who` may `action` on `topic` (a topic name, or a filter without `$share/g/`).

@@ -75,6 +75,8 @@ pub struct MqttContext {
     pub acl: Acl,
     /// Policies.
     pub config: ConnectionConfig,
+    /// Cumulocity devices' `s/...` topics (`--cumulocity`), if served.
+    pub cumulocity: Option<Arc<super::cumulocity::Cumulocity>>,
 }
 
 /// Bytes read per readiness event (into a stack chunk; buffers exist only while data is partial).
@@ -103,6 +105,9 @@ struct Conn {
     write_broken: bool,
     /// Bytes and packets (metrics).
     traffic: Arc<TrafficStats>,
+    /// A Cumulocity device's own topics' prefix inside the broker (`$c8y/{device}/`), stripped
+    /// from what it receives.
+    c8y_prefix: Option<String>,
 }
 
 impl Conn {
@@ -205,6 +210,7 @@ pub async fn serve(
         write_stall_max: ctx.config.write_stall_max,
         write_broken: false,
         traffic: ctx.broker.stats.traffic.clone(),
+        c8y_prefix: None,
     };
     let connect = match tokio::time::timeout(
         ctx.config.connect_timeout,
@@ -335,6 +341,10 @@ async fn run_session(
     let Some(mut established) = Box::pin(establish(&mut conn, connect, ctx)).await? else {
         return Ok(());
     };
+    if ctx.cumulocity.is_some() {
+        conn.c8y_prefix = super::cumulocity::Cumulocity::device_of(&established.session.identity)
+            .map(|device| super::cumulocity::Cumulocity::own_prefix(&device));
+    }
     let reason = session_loop(
         &mut conn,
         ctx,
@@ -384,7 +394,16 @@ async fn authenticate(
         tracing::debug!(peer = %conn.peer, %client_id, "anonymous connection refused");
         return Err(Refusal::NotAuthorized);
     };
-    let username = plain_username(&login.username).to_owned();
+    let mut username = plain_username(&login.username).to_owned();
+    if let Some(c8y) = &ctx.cumulocity {
+        match c8y.strip_tenant(&username) {
+            Some(user) => username = user.to_owned(),
+            None => {
+                tracing::info!(peer = %conn.peer, username = %login.username, "a username for another Cumulocity tenant");
+                return Err(Refusal::BadCredentials);
+            }
+        }
+    }
     let users = ctx.users.clone();
     // The cache answers repeat connects inline; only a miss pays for argon2, on a blocking
     // thread (spawning one per CONNECT cost ~25 KB of RSS per connection).
@@ -414,7 +433,17 @@ async fn authenticate(
     if let Some(thing) = &auth.thing_name {
         // A Thing's user connects as that Thing, with its client id and no other: anything else
         // could take over, read or kick another device's session.
+        // A Cumulocity device may use the `d:` form of its client id (unless a Thing holds that).
+        let c8y_form = ctx.cumulocity.is_some()
+            && auth
+                .thing_client_id
+                .as_deref()
+                .is_some_and(|own| client_id.strip_prefix("d:") == Some(own));
+        if c8y_form {
+            reserved_client_id(conn, ctx, client_id)?;
+        }
         match &auth.thing_client_id {
+            Some(_) if c8y_form => {}
             Some(own) if own == client_id => {}
             Some(own) => {
                 tracing::info!(peer = %conn.peer, %username, %thing, %client_id, expected = %own, "a Thing's user must connect with the Thing's mqttClientId");
@@ -617,6 +646,7 @@ fn verification(
     let users = ctx.users.clone();
     let thing = identity.thing.clone();
     let client_id = identity.client_id.clone();
+    let c8y = ctx.cumulocity.is_some();
     Some(Box::new(move || {
         match users.fingerprint(&username) {
             Ok(Some(now)) if now == fingerprint => {}
@@ -631,6 +661,14 @@ fn verification(
         };
         match users.client_id_reserved_by(&client_id) {
             Ok(owner) if owner.as_ref() == Some(thing) => Verified::Yes,
+            // A Cumulocity device's `d:{id}` form, held by nobody, of its Thing's client id.
+            Ok(None) if c8y && client_id.starts_with("d:") => {
+                match users.client_id_reserved_by(&client_id[2..]) {
+                    Ok(owner) if owner.as_ref() == Some(thing) => Verified::Yes,
+                    Ok(_) => Verified::Changed,
+                    Err(_) => Verified::Unreadable,
+                }
+            }
             Ok(_) => Verified::Changed,
             Err(_) => Verified::Unreadable,
         }
@@ -987,7 +1025,15 @@ fn encode_outbound(conn: &mut Conn, outbound: Outbound) -> Result<(), CodecError
                     any.then_some(properties)
                 }
             };
-            let topic = if known_alias { "" } else { &publish.topic };
+            let name: &str = match &conn.c8y_prefix {
+                // A Cumulocity device's own topic goes out under its plain name (`s/ds`).
+                Some(prefix) => publish
+                    .topic
+                    .strip_prefix(prefix.as_str())
+                    .unwrap_or(&publish.topic),
+                None => &publish.topic,
+            };
+            let topic = if known_alias { "" } else { name };
             let packet = codec::make_publish(
                 topic,
                 &publish.payload,
@@ -1111,9 +1157,32 @@ async fn handle_subscribe(
         return Ok(Some(CloseReason::ProtocolError));
     }
     let mut codes = Vec::with_capacity(subscribe.filters.len());
-    let mut added = Vec::new();
-    for filter in &subscribe.filters {
-        let code = match topic::parse_filter(&filter.path) {
+    // (index of the filter, the subscription as the broker holds it) of those that are new.
+    let mut added: Vec<(usize, String)> = Vec::new();
+    for (index, filter) in subscribe.filters.iter().enumerate() {
+        // A Cumulocity device's `s/ds` and `s/e` are its own: subscribed under its namespace,
+        // without the ACL (nobody else's can be named); other `s/` filters are refused.
+        let own = match &ctx.cumulocity {
+            Some(_) if super::cumulocity::Cumulocity::is_c8y_topic(&filter.path) => {
+                match super::cumulocity::Cumulocity::device_of(&session.identity).and_then(
+                    |device| super::cumulocity::Cumulocity::own_filter(&device, &filter.path),
+                ) {
+                    Some(own) => Some(own),
+                    None => {
+                        tracing::info!(%client_id, filter = %filter.path, "not a Cumulocity topic this connection may subscribe to");
+                        codes.push(if v5 {
+                            SubscribeReasonCode::NotAuthorized
+                        } else {
+                            SubscribeReasonCode::Failure
+                        });
+                        continue;
+                    }
+                }
+            }
+            _ => None,
+        };
+        let path = own.as_deref().unwrap_or(&filter.path);
+        let code = match topic::parse_filter(path) {
             Err(e) => {
                 tracing::info!(%client_id, filter = %filter.path, error = %e, "invalid filter");
                 if v5 {
@@ -1123,9 +1192,10 @@ async fn handle_subscribe(
                 }
             }
             Ok(parsed)
-                if !ctx
-                    .acl
-                    .allows(&session.identity, Action::Subscribe, &parsed.filter) =>
+                if own.is_none()
+                    && !ctx
+                        .acl
+                        .allows(&session.identity, Action::Subscribe, &parsed.filter) =>
             {
                 ctx.broker.stats.acl_denied.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(%client_id, filter = %filter.path, "subscription denied by ACL");
@@ -1148,16 +1218,13 @@ async fn handle_subscribe(
                     },
                     subscription_id,
                 };
-                match ctx.broker.subscribe(
-                    client_id,
-                    session.connection_id,
-                    &filter.path,
-                    parsed,
-                    options,
-                ) {
+                match ctx
+                    .broker
+                    .subscribe(client_id, session.connection_id, path, parsed, options)
+                {
                     Ok(is_new) => {
                         if is_new {
-                            added.push(filter.path.as_str());
+                            added.push((index, path.to_owned()));
                         }
                         SubscribeReasonCode::Success(codec::qos_of(qos))
                     }
@@ -1182,12 +1249,10 @@ async fn handle_subscribe(
             .await
     {
         tracing::error!(%client_id, "subscriptions could not be made durable in time; refused");
-        for filter in &added {
+        for (index, filter) in &added {
             ctx.broker
                 .unsubscribe(client_id, session.connection_id, filter);
-        }
-        for (filter, code) in subscribe.filters.iter().zip(codes.iter_mut()) {
-            if added.contains(&filter.path.as_str()) {
+            if let Some(code) = codes.get_mut(*index) {
                 *code = if v5 {
                     SubscribeReasonCode::ImplementationSpecific
                 } else {
@@ -1217,6 +1282,12 @@ fn handle_unsubscribe(
         .filters
         .iter()
         .map(|filter| {
+            let own = ctx
+                .cumulocity
+                .as_ref()
+                .and_then(|_| super::cumulocity::Cumulocity::device_of(&session.identity))
+                .and_then(|device| super::cumulocity::Cumulocity::own_filter(&device, filter));
+            let filter = own.as_deref().unwrap_or(filter);
             if ctx
                 .broker
                 .unsubscribe(&session.identity.client_id, session.connection_id, filter)
@@ -1347,7 +1418,24 @@ async fn handle_publish(
             }
         }
     }
-    let outcome = if !ctx.acl.allows(&session.identity, Action::Publish, &topic) {
+    let c8y = ctx
+        .cumulocity
+        .as_ref()
+        .filter(|_| super::cumulocity::Cumulocity::is_c8y_topic(&topic));
+    let outcome = if let Some(c8y) = c8y {
+        // SmartREST: rows for the device's Thing, answered on its `s/e`; only `s/us` and
+        // `s/us/{child}` take rows, and only from a connection that is a device.
+        let device = super::cumulocity::Cumulocity::device_of(&session.identity);
+        if device.is_some() && (&*topic == "s/us" || topic.starts_with("s/us/")) {
+            c8y.upstream(&session.identity, &topic, &publish.payload)
+                .await;
+            PublishOutcome::Accepted
+        } else {
+            ctx.broker.stats.acl_denied.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(%client_id, %topic, "not a Cumulocity topic this connection may publish on; dropped");
+            PublishOutcome::NotAuthorized
+        }
+    } else if !ctx.acl.allows(&session.identity, Action::Publish, &topic) {
         ctx.broker.stats.acl_denied.fetch_add(1, Ordering::Relaxed);
         tracing::info!(%client_id, %topic, "publish denied by ACL; dropped");
         PublishOutcome::NotAuthorized

@@ -17,6 +17,7 @@ pub mod bridge;
 pub mod broker;
 pub mod codec;
 pub mod connection;
+pub mod cumulocity;
 pub mod device;
 pub mod effects;
 pub mod operator;

@@ -1,0 +1,400 @@
+//! Cumulocity devices on the MQTT port (`--cumulocity`): their `s/...` topics are per
+//! connection, not per topic name. A device's `s/ds` and `s/e` live in the broker as
+//! `$c8y/{device}/s/ds` and `$c8y/{device}/s/e` (a namespace no client may publish in and only
+//! superusers may read), a subscription to `s/ds` is a subscription to its own, and its
+//! connection sees those messages under the plain name. Rows on `s/us` (and `s/us/{child}` for
+//! a child created with 101) are decoded (`crate::cumulocity::templates`) and sent to the
+//! device's Thing; every row that cannot be served is answered on `s/e`.
+//!
+//! Built: identity (the user's Thing, or for a superuser the client id, `d:` prefix allowed),
+//! 100, 101, inventory 110-117 into the shadow's `reported`, events 400-402, auto-creation for
+//! a superuser's device, errors on `s/e`. Not built yet (answered on `s/e` with code 46):
+//! 105, measurements, alarms, operations.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde_json::{json, Value};
+use thinghub_actors::thing::{
+    validate_thing_name, EventLimits, IngestEvent, Origin, RegisterThing, RejectionKind,
+    ShadowLimits, ShadowUpdate,
+};
+use thinghub_actors::Things;
+
+use super::acl::{Identity, C8Y_NAMESPACE};
+use super::broker::{Broker, Message};
+use crate::cumulocity::smartrest;
+use crate::cumulocity::templates::{self, RowError, Upstream};
+
+/// The per-connection topics a device may subscribe to.
+const DOWN_TOPICS: [&str; 2] = ["s/ds", "s/e"];
+/// The attribute a child Thing names its parent device with.
+pub const PARENT_ATTRIBUTE: &str = "c8y_parent";
+/// The type a device created without one gets (as Cumulocity's).
+const DEFAULT_TYPE: &str = "c8y_MQTTDevice";
+
+/// The Cumulocity surface's shared state.
+pub struct Cumulocity {
+    broker: Arc<Broker>,
+    things: Things,
+    tenant: String,
+    shadow_limits: ShadowLimits,
+    event_limits: EventLimits,
+}
+
+impl Cumulocity {
+    /// The surface for `tenant`.
+    pub fn new(
+        broker: Arc<Broker>,
+        things: Things,
+        tenant: String,
+        shadow_limits: ShadowLimits,
+        event_limits: EventLimits,
+    ) -> Cumulocity {
+        Cumulocity {
+            broker,
+            things,
+            tenant,
+            shadow_limits,
+            event_limits,
+        }
+    }
+
+    /// The username without its tenant prefix (`{tenant}/{user}`), or `None` for another tenant.
+    pub fn strip_tenant<'u>(&self, username: &'u str) -> Option<&'u str> {
+        match username.split_once('/') {
+            Some((tenant, user)) if tenant == self.tenant => Some(user),
+            Some(_) => None,
+            None => Some(username),
+        }
+    }
+
+    /// The device a connection acts as: its user's Thing, or (a superuser's connection, which
+    /// Cumulocity identifies by client id) the client id without its `d:` prefix.
+    pub fn device_of(identity: &Identity) -> Option<String> {
+        if let Some(thing) = &identity.thing {
+            return Some(thing.clone());
+        }
+        if identity.superuser {
+            let id = identity
+                .client_id
+                .strip_prefix("d:")
+                .unwrap_or(&identity.client_id);
+            return validate_thing_name(id).is_ok().then(|| id.to_owned());
+        }
+        None
+    }
+
+    /// The broker filter a device's subscription to `filter` stands for, if it is one of its
+    /// per-connection topics.
+    pub fn own_filter(device: &str, filter: &str) -> Option<String> {
+        DOWN_TOPICS
+            .contains(&filter)
+            .then(|| format!("{C8Y_NAMESPACE}/{device}/{filter}"))
+    }
+
+    /// What a device's own topics start with inside the broker (stripped on the way out).
+    pub fn own_prefix(device: &str) -> String {
+        format!("{C8Y_NAMESPACE}/{device}/")
+    }
+
+    /// Whether `topic` is in Cumulocity's namespace (`s/...`).
+    pub fn is_c8y_topic(topic: &str) -> bool {
+        topic == "s" || topic.starts_with("s/")
+    }
+
+    fn send(&self, device: &str, topic: &str, rows: &[String]) {
+        if rows.is_empty() {
+            return;
+        }
+        let _ = self.broker.publish(Message {
+            topic: Arc::from(format!("{}{topic}", Cumulocity::own_prefix(device))),
+            payload: Bytes::from(rows.join("\n")),
+            qos: 1,
+            retain: false,
+            publisher: None,
+            properties: None,
+            expires_at: None,
+        });
+    }
+
+    /// A device published `payload` on `topic` (`s/us` or `s/us/{child}`; other `s/` topics
+    /// are refused before). Rows are served in order; the errors go to its `s/e`.
+    pub async fn upstream(&self, identity: &Identity, topic: &str, payload: &[u8]) {
+        let Some(device) = Cumulocity::device_of(identity) else {
+            return;
+        };
+        let errors = self.serve(identity, &device, topic, payload).await;
+        if !errors.is_empty() {
+            tracing::info!(%device, errors = errors.len(), "SmartREST rows refused; answered on s/e");
+        }
+        let rows: Vec<String> = errors.iter().map(RowError::to_row).collect();
+        self.send(&device, "s/e", &rows);
+    }
+
+    async fn serve(
+        &self,
+        identity: &Identity,
+        device: &str,
+        topic: &str,
+        payload: &[u8],
+    ) -> Vec<RowError> {
+        let text = match std::str::from_utf8(payload) {
+            Ok(text) => text,
+            Err(_) => return vec![error(44, "0", "the message is not UTF-8")],
+        };
+        let rows = match smartrest::parse(text) {
+            Ok(rows) => rows,
+            Err(e) => return vec![error(44, "0", e.to_string())],
+        };
+        let target = match topic.strip_prefix("s/us") {
+            Some("") => device.to_owned(),
+            Some(rest) => match rest.strip_prefix('/') {
+                Some(child) => match self.child_of(device, child).await {
+                    Ok(child) => child,
+                    Err(e) => {
+                        let template = rows.first().and_then(|r| r.first()).cloned();
+                        return vec![RowError {
+                            template: template.unwrap_or_else(|| "0".into()),
+                            ..e
+                        }];
+                    }
+                },
+                None => {
+                    return vec![error(
+                        43,
+                        "0",
+                        format!("'{topic}' is not a topic to publish on"),
+                    )]
+                }
+            },
+            None => {
+                return vec![error(
+                    43,
+                    "0",
+                    format!("'{topic}' is not a topic to publish on"),
+                )]
+            }
+        };
+        let mut errors = Vec::new();
+        for row in &rows {
+            let template = row.first().cloned().unwrap_or_default();
+            let outcome = match templates::decode(row) {
+                Ok(request) => self.act(identity, device, &target, request).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = outcome {
+                errors.push(RowError { template, ..e });
+            }
+        }
+        errors
+    }
+
+    /// The child `child` of `device`, if it is one (created by 101 from this device).
+    async fn child_of(&self, device: &str, child: &str) -> Result<String, RowError> {
+        if validate_thing_name(child).is_err() {
+            return Err(error(
+                41,
+                "0",
+                format!("'{child}' is not a valid device id"),
+            ));
+        }
+        match self.things.describe(child).await {
+            Ok(description) => {
+                if description
+                    .attributes
+                    .get(PARENT_ATTRIBUTE)
+                    .map(String::as_str)
+                    == Some(device)
+                {
+                    Ok(child.to_owned())
+                } else {
+                    Err(error(
+                        43,
+                        "0",
+                        format!("'{child}' is not a child of '{device}'"),
+                    ))
+                }
+            }
+            Err(e) if e.kind == RejectionKind::ThingNotFound => Err(error(
+                45,
+                "0",
+                format!("no child device '{child}' (create it with 101 first)"),
+            )),
+            Err(e) => Err(error(42, "0", e.message)),
+        }
+    }
+
+    async fn act(
+        &self,
+        identity: &Identity,
+        device: &str,
+        target: &str,
+        request: Upstream,
+    ) -> Result<(), RowError> {
+        match request {
+            Upstream::CreateDevice { name, device_type } => {
+                self.ensure(identity, target, name, device_type, None).await
+            }
+            Upstream::CreateChild {
+                id,
+                name,
+                device_type,
+            } => {
+                if validate_thing_name(&id).is_err() {
+                    return Err(error(41, "101", format!("'{id}' is not a valid device id")));
+                }
+                self.ensure(identity, target, None, None, None).await?;
+                match self.things.describe(&id).await {
+                    Ok(existing) => {
+                        if existing
+                            .attributes
+                            .get(PARENT_ATTRIBUTE)
+                            .map(String::as_str)
+                            == Some(target)
+                        {
+                            Ok(())
+                        } else {
+                            Err(error(
+                                43,
+                                "101",
+                                format!("'{id}' exists and is not a child of '{target}'"),
+                            ))
+                        }
+                    }
+                    Err(e) if e.kind == RejectionKind::ThingNotFound => {
+                        self.register(&id, name, device_type, Some(target)).await
+                    }
+                    Err(e) => Err(error(42, "101", e.message)),
+                }
+            }
+            Upstream::Inventory { fragment, value } => {
+                self.ensure(identity, target, None, None, None).await?;
+                let body = json!({"state": {"reported": {fragment: value}}});
+                let update = ShadowUpdate::from_json(&body, &self.shadow_limits)
+                    .map_err(|e| error(41, "0", e.message))?;
+                self.things
+                    .update_shadow(target, update, Origin::Device)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| error(code_of(e.kind), "0", e.message))
+            }
+            Upstream::Event {
+                event_type,
+                text,
+                time,
+                data,
+            } => {
+                self.ensure(identity, target, None, None, None).await?;
+                let mut data = data;
+                if let Some(text) = text {
+                    data.insert("text".into(), Value::String(text));
+                }
+                let body = json!({"eventType": event_type, "severity": "info", "data": data});
+                let mut event = IngestEvent::from_json(&body, None, &self.event_limits)
+                    .map_err(|e| error(41, "0", e.message))?;
+                event.timestamp_ms = time.as_deref().and_then(templates::iso8601_ms);
+                self.things
+                    .ingest_event(target, event)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| error(code_of(e.kind), "0", e.message))
+            }
+            Upstream::ListChildren
+            | Upstream::Measurements { .. }
+            | Upstream::RaiseAlarm { .. }
+            | Upstream::AlarmSeverity { .. }
+            | Upstream::ClearAlarm { .. }
+            | Upstream::ClearAlarmFragment { .. }
+            | Upstream::PendingOperations
+            | Upstream::OperationStatus { .. } => {
+                tracing::debug!(%device, "a SmartREST template not supported yet");
+                Err(error(
+                    46,
+                    "0",
+                    "this template is not supported by this server yet",
+                ))
+            }
+        }
+    }
+
+    /// Makes sure `target`'s Thing exists: a superuser's device is created on its first row
+    /// (auto-creation, as Cumulocity does); a Thing's user always has its Thing.
+    async fn ensure(
+        &self,
+        identity: &Identity,
+        target: &str,
+        name: Option<String>,
+        device_type: Option<String>,
+        parent: Option<&str>,
+    ) -> Result<(), RowError> {
+        match self.things.ensure_registered(target) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind == RejectionKind::ThingNotFound && identity.superuser => {
+                self.register(target, name, device_type, parent).await
+            }
+            Err(e) => Err(error(code_of(e.kind), "0", e.message)),
+        }
+    }
+
+    async fn register(
+        &self,
+        name: &str,
+        display: Option<String>,
+        device_type: Option<String>,
+        parent: Option<&str>,
+    ) -> Result<(), RowError> {
+        let mut attributes = std::collections::BTreeMap::new();
+        if let Some(display) = display {
+            attributes.insert("name".to_owned(), display);
+        }
+        if let Some(parent) = parent {
+            attributes.insert(PARENT_ATTRIBUTE.to_owned(), parent.to_owned());
+        }
+        let registered = self
+            .things
+            .register(
+                name,
+                RegisterThing {
+                    mqtt_client_id: Some(format!("d:{name}")),
+                    thing_type: Some(device_type.unwrap_or_else(|| DEFAULT_TYPE.to_owned())),
+                    attributes,
+                },
+            )
+            .await;
+        match registered {
+            Ok(_) => {
+                tracing::info!(device = %name, parent = ?parent, "Cumulocity device created");
+                Ok(())
+            }
+            // Created meanwhile by another row or request: it exists, which is what was asked.
+            Err(e) if e.kind == RejectionKind::AlreadyExists => Ok(()),
+            Err(e) => Err(error(code_of(e.kind), "0", e.message)),
+        }
+    }
+}
+
+fn error(code: u16, template: &str, message: impl Into<String>) -> RowError {
+    RowError {
+        code,
+        template: template.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// The `s/e` code of a Thing's refusal.
+fn code_of(kind: RejectionKind) -> u16 {
+    match kind {
+        RejectionKind::ThingNotFound | RejectionKind::ExecutionNotFound => 45,
+        RejectionKind::InvalidRequest
+        | RejectionKind::InvalidJson
+        | RejectionKind::PayloadTooLarge
+        | RejectionKind::UnsupportedEncoding
+        | RejectionKind::VersionConflict
+        | RejectionKind::AlreadyExists
+        | RejectionKind::TerminalStateReached
+        | RejectionKind::InvalidStateTransition
+        | RejectionKind::ShadowNotFound => 41,
+        _ => 42,
+    }
+}

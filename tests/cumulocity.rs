@@ -1,0 +1,214 @@
+//! Cumulocity devices (`--cumulocity`) with a plain MQTT client speaking SmartREST CSV: rows
+//! on `s/us` land in the device's Thing (inventory in the shadow, events), children created
+//! with 101 take rows on `s/us/{child}`, every refused row is answered on the device's own
+//! `s/e`, and no device can read or write another's topics.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::device::{Device, WAIT};
+use common::{call, Server};
+use reqwest::Method;
+use rumqttc::{Packet, QoS};
+use serde_json::Value;
+
+/// The next message on `topic` (bounded wait), as text.
+async fn next_on(device: &mut Device, topic: &str) -> String {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let packet = tokio::time::timeout_at(deadline, device.events.recv())
+            .await
+            .unwrap_or_else(|_| panic!("nothing on {topic} in time"))
+            .expect("connection open");
+        if let Packet::Publish(publish) = packet {
+            if publish.topic == topic {
+                return String::from_utf8_lossy(&publish.payload).into_owned();
+            }
+        }
+    }
+}
+
+/// Whatever arrives within `window` (nothing expected).
+async fn nothing_within(device: &mut Device, window: Duration) -> Vec<String> {
+    let mut got = Vec::new();
+    let until = tokio::time::Instant::now() + window;
+    while let Ok(Some(packet)) = tokio::time::timeout_at(until, device.events.recv()).await {
+        if let Packet::Publish(publish) = packet {
+            got.push(format!(
+                "{}: {}",
+                publish.topic,
+                String::from_utf8_lossy(&publish.payload)
+            ));
+        }
+    }
+    got
+}
+
+async fn subscribe_ack(device: &mut Device, filter: &str) -> rumqttc::SubscribeReasonCode {
+    device
+        .client
+        .subscribe(filter, QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, device.events.recv())
+            .await
+            .expect("SUBACK in time")
+        {
+            Some(Packet::SubAck(ack)) => return ack.return_codes[0],
+            Some(_) => continue,
+            None => panic!("connection closed"),
+        }
+    }
+}
+
+async fn send(device: &Device, topic: &str, rows: &str) {
+    device
+        .client
+        .publish(topic, QoS::AtLeastOnce, false, rows.as_bytes().to_vec())
+        .await
+        .expect("publish");
+}
+
+/// Waits (bounded) until `GET path` answers a body `done` accepts.
+async fn until(server: &Server, path: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, body) = call(Method::GET, &server.url(path), None).await;
+        if status == 200 && done(&body) {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "GET {path}: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smartrest_rows_land_in_the_thing_and_refusals_come_back_on_the_devices_own_s_e() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &["--cumulocity"]);
+    common::register_device(&server, "pump-1", "pw1").await;
+    common::register_device(&server, "pump-2", "pw2").await;
+
+    // The tenant prefix and the `d:` client id form, as Cumulocity devices connect.
+    let (mut pump1, _) =
+        Device::connect(&server, "d:pump-1", ("thinghub/pump-1", "pw1"), true).await;
+    let (mut pump2, _) = Device::connect(&server, "pump-2", ("pump-2", "pw2"), true).await;
+    for device in [&mut pump1, &mut pump2] {
+        assert!(matches!(
+            subscribe_ack(device, "s/e").await,
+            rumqttc::SubscribeReasonCode::Success(_)
+        ));
+        assert!(matches!(
+            subscribe_ack(device, "s/ds").await,
+            rumqttc::SubscribeReasonCode::Success(_)
+        ));
+    }
+    // Another device's topics cannot be named.
+    assert_eq!(
+        subscribe_ack(&mut pump2, "$c8y/pump-1/s/e").await,
+        rumqttc::SubscribeReasonCode::Failure
+    );
+    assert_eq!(
+        subscribe_ack(&mut pump2, "s/dcr").await,
+        rumqttc::SubscribeReasonCode::Failure,
+        "not a topic served yet"
+    );
+
+    send(
+        &pump1,
+        "s/us",
+        "100,Pump One,c8y_Pump\n110,SN-1,M1,\"rev, 2\"\n400,c8y_Boot,\"Booted \"\"ok\"\"\"\n999,x\n200,c8y_T,T,warm",
+    )
+    .await;
+    let errors = next_on(&mut pump1, "s/e").await;
+    let rows: Vec<&str> = errors.lines().collect();
+    assert_eq!(rows[0], "40,999,unknown template '999'", "{errors}");
+    assert!(
+        rows[1].starts_with("41,200,") && rows[1].contains("'warm' is not a number"),
+        "{errors}"
+    );
+    assert_eq!(rows.len(), 2, "{errors}");
+    let shadow = until(&server, "/api/v1/things/pump-1/shadow", |s| {
+        s["state"]["reported"]["c8y_Hardware"].is_object()
+    })
+    .await;
+    assert_eq!(
+        shadow["state"]["reported"]["c8y_Hardware"],
+        serde_json::json!({"serialNumber": "SN-1", "model": "M1", "revision": "rev, 2"})
+    );
+    let events = until(&server, "/api/v1/things/pump-1/events", |e| {
+        e["items"].as_array().is_some_and(|items| !items.is_empty())
+    })
+    .await;
+    assert_eq!(events["items"][0]["eventType"], "c8y_Boot", "{events}");
+    assert_eq!(
+        events["items"][0]["data"]["text"], "Booted \"ok\"",
+        "{events}"
+    );
+
+    // A child: created by its parent, fed through s/us/{child}; nobody else may write for it.
+    send(&pump1, "s/us", "101,valve-1,Valve,c8y_Valve").await;
+    until(&server, "/api/v1/things/valve-1", |t| {
+        t["thingType"] == "c8y_Valve"
+    })
+    .await;
+    send(&pump1, "s/us/valve-1", "110,V-SN").await;
+    until(&server, "/api/v1/things/valve-1/shadow", |s| {
+        s["state"]["reported"]["c8y_Hardware"]["serialNumber"] == "V-SN"
+    })
+    .await;
+    send(&pump2, "s/us/valve-1", "110,STOLEN").await;
+    let refused = next_on(&mut pump2, "s/e").await;
+    assert!(refused.starts_with("43,110,"), "{refused}");
+    send(&pump1, "s/us/ghost", "110,X").await;
+    let missing = next_on(&mut pump1, "s/e").await;
+    assert!(missing.starts_with("45,110,"), "{missing}");
+    send(&pump1, "s/us", "\"open").await;
+    let broken = next_on(&mut pump1, "s/e").await;
+    assert!(broken.starts_with("44,0,"), "{broken}");
+    // A device may not publish on its s/ds (only the server does); it is dropped.
+    send(&pump1, "s/ds", "510,pump-2").await;
+
+    // pump-2 saw none of pump-1's answers.
+    let leaked: Vec<String> = nothing_within(&mut pump2, Duration::from_millis(300))
+        .await
+        .into_iter()
+        .filter(|m| !m.starts_with("s/e: 43"))
+        .collect();
+    assert!(leaked.is_empty(), "{leaked:?}");
+    let shadow = until(&server, "/api/v1/things/valve-1/shadow", |_| true).await;
+    assert_eq!(
+        shadow["state"]["reported"]["c8y_Hardware"]["serialNumber"], "V-SN",
+        "{shadow}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_tenant_is_refused_and_without_the_switch_s_topics_are_plain_topics() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &["--cumulocity", "--cumulocity-tenant", "acme"]);
+    common::register_device(&server, "pump-1", "pw1").await;
+    let mut options =
+        rumqttc::MqttOptions::new("d:pump-1", server.mqtt.ip().to_string(), server.mqtt.port());
+    options.set_credentials("other/pump-1", "pw1");
+    let (_client, mut eventloop) = rumqttc::AsyncClient::new(options, 8);
+    let refused = tokio::time::timeout(WAIT, eventloop.poll())
+        .await
+        .expect("an answer in time");
+    assert!(
+        matches!(refused, Err(rumqttc::ConnectionError::ConnectionRefused(_))),
+        "{refused:?}"
+    );
+    let (_ok, _) = Device::connect(&server, "d:pump-1", ("acme/pump-1", "pw1"), true).await;
+    drop(server);
+
+    // Without --cumulocity, `s/us` is an ordinary topic (routed, not interpreted).
+    let (_dir, server) = common::start_with_backend("").await;
+    let (mut app, _) = Device::connect(&server, "app", common::BACKEND, true).await;
+    subscribe_ack(&mut app, "s/us").await;
+    send(&app, "s/us", "100,x").await;
+    assert_eq!(next_on(&mut app, "s/us").await, "100,x");
+}
