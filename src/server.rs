@@ -143,6 +143,7 @@ pub async fn serve(
         broker.clone(),
         topics.clone(),
         persistence.clone(),
+        config.cumulocity,
     ));
     let outbox = Arc::new(Outbox::new(&store, sink)?);
     // Loaded before the deadline timer starts: a watch that comes due finds its rule (one whose

@@ -212,3 +212,85 @@ async fn another_tenant_is_refused_and_without_the_switch_s_topics_are_plain_top
     send(&app, "s/us", "100,x").await;
     assert_eq!(next_on(&mut app, "s/us").await, "100,x");
 }
+
+/// A command whose action is a Cumulocity operation goes down on the device's s/ds as its row
+/// (queued while the device is away) and the device's 501/502/503 rows answer it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_go_down_on_s_ds_and_status_rows_answer_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &["--cumulocity"]);
+    common::register_device(&server, "pump-1", "pw1").await;
+    let (mut pump, _) = Device::connect(&server, "d:pump-1", ("pump-1", "pw1"), false).await;
+    subscribe_ack(&mut pump, "s/ds").await;
+    subscribe_ack(&mut pump, "s/e").await;
+
+    let command = |action: &str, params: Value| serde_json::json!({"action": action, "ttl": 120, "params": params});
+    let url = |id: &str| server.url(&format!("/api/v1/things/pump-1/commands/{id}"));
+    let sent = common::create(
+        &server,
+        "/api/v1/things/pump-1/commands",
+        command("c8y_Restart", serde_json::json!({})),
+    )
+    .await;
+    let restart = sent["executionId"].as_str().expect("id").to_owned();
+    assert_eq!(next_on(&mut pump, "s/ds").await, "510,pump-1");
+    // 500: the pending operations again.
+    send(&pump, "s/us", "500").await;
+    assert_eq!(next_on(&mut pump, "s/ds").await, "510,pump-1");
+    send(&pump, "s/us", "501,c8y_Restart").await;
+    let deadline = Instant::now() + WAIT;
+    while call(Method::GET, &url(&restart), None).await.1["status"] != "IN_PROGRESS" {
+        assert!(Instant::now() < deadline, "IN_PROGRESS");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    send(&pump, "s/us", "503,c8y_Restart,done").await;
+    let deadline = Instant::now() + WAIT;
+    let execution = loop {
+        let execution = call(Method::GET, &url(&restart), None).await.1;
+        if execution["status"] == "SUCCEEDED" {
+            break execution;
+        }
+        assert!(Instant::now() < deadline, "{execution}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        execution["result"]["parameters"],
+        serde_json::json!(["done"]),
+        "{execution}"
+    );
+    // Nothing pending of that fragment any more.
+    send(&pump, "s/us", "503,c8y_Restart").await;
+    let none = next_on(&mut pump, "s/e").await;
+    assert!(none.starts_with("45,503,"), "{none}");
+
+    // Away (its session kept): the operation waits for it.
+    pump.client.disconnect().await.expect("disconnect");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let sent = common::create(
+        &server,
+        "/api/v1/things/pump-1/commands",
+        command("c8y_Command", serde_json::json!({"text": "reboot, now"})),
+    )
+    .await;
+    let shell = sent["executionId"].as_str().expect("id").to_owned();
+    let (mut pump, present) = Device::connect(&server, "d:pump-1", ("pump-1", "pw1"), false).await;
+    assert!(present, "session kept");
+    assert_eq!(
+        next_on(&mut pump, "s/ds").await,
+        "511,pump-1,\"reboot, now\""
+    );
+    send(&pump, "s/us", "502,c8y_Command,no shell").await;
+    let deadline = Instant::now() + WAIT;
+    let execution = loop {
+        let execution = call(Method::GET, &url(&shell), None).await.1;
+        if execution["status"] == "FAILED" {
+            break execution;
+        }
+        assert!(Instant::now() < deadline, "{execution}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        execution["statusReason"]["reasonDescription"], "no shell",
+        "{execution}"
+    );
+}

@@ -8,28 +8,33 @@
 //!
 //! Built: identity (the user's Thing, or for a superuser the client id, `d:` prefix allowed),
 //! 100, 101, inventory 110-117 into the shadow's `reported`, events 400-402, auto-creation for
-//! a superuser's device, errors on `s/e`. Not built yet (answered on `s/e` with code 46):
-//! 105, measurements, alarms, operations.
+//! a superuser's device, operations (a command whose action is `c8y_...` goes down on `s/ds` as
+//! its row, see `super::effects`; 500 sends the pending ones again; 501-506 answer them),
+//! errors on `s/e`. Not built yet (answered on `s/e` with code 46): 105, measurements, alarms.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
+use thinghub_actors::thing::commands::StatusReason;
 use thinghub_actors::thing::{
-    validate_thing_name, EventLimits, IngestEvent, Origin, RegisterThing, RejectionKind,
-    ShadowLimits, ShadowUpdate,
+    validate_thing_name, CommandExecution, CommandResponse, CommandStatus, EventLimits,
+    IngestEvent, Origin, RegisterThing, RejectionKind, ShadowLimits, ShadowUpdate,
 };
 use thinghub_actors::Things;
 
 use super::acl::{Identity, C8Y_NAMESPACE};
 use super::broker::{Broker, Message};
 use crate::cumulocity::smartrest;
-use crate::cumulocity::templates::{self, RowError, Upstream};
+use crate::cumulocity::templates::{self, OperationRef, OperationStatus, RowError, Upstream};
 
 /// The per-connection topics a device may subscribe to.
 const DOWN_TOPICS: [&str; 2] = ["s/ds", "s/e"];
 /// The attribute a child Thing names its parent device with.
 pub const PARENT_ATTRIBUTE: &str = "c8y_parent";
+/// Pending executions read to find the one a status row is about (a Thing holds at most
+/// `command_pending_max` pending ones).
+const PENDING_READ_MAX: usize = 1000;
 /// The type a device created without one gets (as Cumulocity's).
 const DEFAULT_TYPE: &str = "c8y_MQTTDevice";
 
@@ -104,18 +109,7 @@ impl Cumulocity {
     }
 
     fn send(&self, device: &str, topic: &str, rows: &[String]) {
-        if rows.is_empty() {
-            return;
-        }
-        let _ = self.broker.publish(Message {
-            topic: Arc::from(format!("{}{topic}", Cumulocity::own_prefix(device))),
-            payload: Bytes::from(rows.join("\n")),
-            qos: 1,
-            retain: false,
-            publisher: None,
-            properties: None,
-            expires_at: None,
-        });
+        send_rows(&self.broker, device, topic, rows);
     }
 
     /// A device published `payload` on `topic` (`s/us` or `s/us/{child}`; other `s/` topics
@@ -300,14 +294,26 @@ impl Cumulocity {
                     .map(|_| ())
                     .map_err(|e| error(code_of(e.kind), "0", e.message))
             }
+            Upstream::OperationStatus {
+                target: which,
+                status,
+            } => self.operation_status(target, which, status).await,
+            Upstream::PendingOperations => {
+                let pending = self.pending(target).await?;
+                let rows: Vec<String> = pending
+                    .iter()
+                    .filter_map(|execution| operation_row(target, execution))
+                    .filter_map(Result::ok)
+                    .collect();
+                self.send(device, "s/ds", &rows);
+                Ok(())
+            }
             Upstream::ListChildren
             | Upstream::Measurements { .. }
             | Upstream::RaiseAlarm { .. }
             | Upstream::AlarmSeverity { .. }
             | Upstream::ClearAlarm { .. }
-            | Upstream::ClearAlarmFragment { .. }
-            | Upstream::PendingOperations
-            | Upstream::OperationStatus { .. } => {
+            | Upstream::ClearAlarmFragment { .. } => {
                 tracing::debug!(%device, "a SmartREST template not supported yet");
                 Err(error(
                     46,
@@ -316,6 +322,74 @@ impl Cumulocity {
                 ))
             }
         }
+    }
+
+    /// `target`'s pending executions (SENT or IN_PROGRESS), oldest first.
+    async fn pending(&self, target: &str) -> Result<Vec<CommandExecution>, RowError> {
+        let mut pending = Vec::new();
+        for status in [CommandStatus::Sent, CommandStatus::InProgress] {
+            let page = self
+                .things
+                .list_commands(target, Some(status), None, PENDING_READ_MAX)
+                .await
+                .map_err(|e| error(code_of(e.kind), "0", e.message))?;
+            pending.extend(page.items);
+        }
+        pending.sort_by_key(|e| (e.created_at_ms, e.execution_id.clone()));
+        Ok(pending)
+    }
+
+    /// 501-506: moves the oldest pending execution of a fragment (or the one named) like a
+    /// command answer: EXECUTING is IN_PROGRESS, FAILED and SUCCESSFUL end it.
+    async fn operation_status(
+        &self,
+        target: &str,
+        which: OperationRef,
+        status: OperationStatus,
+    ) -> Result<(), RowError> {
+        let execution_id = match which {
+            OperationRef::Id(id) => id,
+            OperationRef::Fragment(fragment) => self
+                .pending(target)
+                .await?
+                .into_iter()
+                .find(|e| e.action == fragment)
+                .map(|e| e.execution_id)
+                .ok_or_else(|| error(45, "0", format!("no pending operation '{fragment}'")))?,
+        };
+        let (status, result, status_reason) = match status {
+            OperationStatus::Executing => ("IN_PROGRESS", None, None),
+            OperationStatus::Failed(reason) => (
+                "FAILED",
+                None,
+                Some(StatusReason {
+                    reason_code: "DEVICE_FAILED".into(),
+                    reason_description: (!reason.is_empty()).then_some(reason),
+                }),
+            ),
+            OperationStatus::Successful(parameters) => (
+                "SUCCEEDED",
+                (!parameters.is_empty()).then(|| {
+                    let mut result = Map::new();
+                    result.insert("parameters".into(), json!(parameters));
+                    result
+                }),
+                None,
+            ),
+        };
+        self.things
+            .respond_command(
+                target,
+                CommandResponse {
+                    execution_id,
+                    status: status.into(),
+                    result,
+                    status_reason,
+                },
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| error(code_of(e.kind), "0", e.message))
     }
 
     /// Makes sure `target`'s Thing exists: a superuser's device is created on its first row
@@ -372,6 +446,35 @@ impl Cumulocity {
             Err(e) => Err(error(code_of(e.kind), "0", e.message)),
         }
     }
+}
+
+/// Publishes `rows` on `device`'s own `topic` (`s/ds`, `s/e`), QoS 1 (a persistent session
+/// keeps them while the device is away).
+pub fn send_rows(broker: &Broker, device: &str, topic: &str, rows: &[String]) {
+    if rows.is_empty() {
+        return;
+    }
+    let _ = broker.publish(Message {
+        topic: Arc::from(format!("{}{topic}", Cumulocity::own_prefix(device))),
+        payload: Bytes::from(rows.join("\n")),
+        qos: 1,
+        retain: false,
+        publisher: None,
+        properties: None,
+        expires_at: None,
+    });
+}
+
+/// The `s/ds` row of a command to a Cumulocity device, if its action is an operation
+/// (`c8y_...`) this surface renders.
+pub fn operation_row(device: &str, execution: &CommandExecution) -> Option<Result<String, String>> {
+    execution.action.starts_with("c8y_").then(|| {
+        templates::operation_row(
+            device,
+            &execution.action,
+            execution.params.as_ref().unwrap_or(&Map::new()),
+        )
+    })
 }
 
 fn error(code: u16, template: &str, message: impl Into<String>) -> RowError {

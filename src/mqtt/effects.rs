@@ -10,7 +10,7 @@
 //! | delta | `.../shadow/update/delta` |
 //! | documents | `.../shadow/update/documents` (rendered only when someone subscribes) |
 //! | shadow deleted | `.../shadow/delete/accepted` |
-//! | command requested | `.../commands/things/{t}/executions/{id}/request` (AWS: `.../request/json`) |
+//! | command requested | `.../commands/things/{t}/executions/{id}/request` (AWS: `.../request/json`); with `--cumulocity`, a `c8y_...` action also as its row on the device's `s/ds` |
 //! | event accepted | `{prefix}/things/{t}/events/{type}/accepted`, when someone subscribes |
 //! | jobs notify | `.../jobs/notify` (the pending list changed) |
 //! | jobs notify-next | `.../jobs/notify-next` (the next execution changed) |
@@ -38,15 +38,25 @@ pub struct MqttEffects {
     broker: Arc<Broker>,
     topics: Topics,
     persistence: Arc<Persistence>,
+    /// Cumulocity devices are served: an operation (`c8y_...` command) also goes down on the
+    /// device's `s/ds` as its SmartREST row.
+    cumulocity: bool,
 }
 
 impl MqttEffects {
-    /// A sink publishing through `broker` on `topics`, storing sessions with `persistence`.
-    pub fn new(broker: Arc<Broker>, topics: Topics, persistence: Arc<Persistence>) -> MqttEffects {
+    /// A sink publishing through `broker` on `topics`, storing sessions with `persistence`
+    /// (and operations on `s/ds` when `cumulocity`).
+    pub fn new(
+        broker: Arc<Broker>,
+        topics: Topics,
+        persistence: Arc<Persistence>,
+        cumulocity: bool,
+    ) -> MqttEffects {
         MqttEffects {
             broker,
             topics,
             persistence,
+            cumulocity,
         }
     }
 
@@ -95,6 +105,17 @@ impl MqttEffects {
                         "request",
                     );
                     self.publish(topic, &request);
+                }
+                if self.cumulocity {
+                    match super::cumulocity::operation_row(thing, execution) {
+                        Some(Ok(row)) => {
+                            super::cumulocity::send_rows(&self.broker, thing, "s/ds", &[row])
+                        }
+                        Some(Err(why)) => {
+                            tracing::warn!(%thing, execution = %execution.execution_id, %why, "operation not sent on s/ds")
+                        }
+                        None => {}
+                    }
                 }
             }
             Effect::EventAccepted(stored) => {
