@@ -294,3 +294,51 @@ async fn operations_go_down_on_s_ds_and_status_rows_answer_them() {
         "{execution}"
     );
 }
+
+/// Alarms from a device (301-306) are the alarm model operators list, acknowledge and clear.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_alarms_are_raised_changed_and_cleared_in_the_alarm_model() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &["--cumulocity"]);
+    common::register_device(&server, "pump-1", "pw1").await;
+    let (mut pump, _) = Device::connect(&server, "d:pump-1", ("pump-1", "pw1"), true).await;
+    subscribe_ack(&mut pump, "s/e").await;
+
+    send(
+        &pump,
+        "s/us",
+        "302,c8y_Overheat,Too hot\n302,c8y_Overheat,Still hot",
+    )
+    .await;
+    let page = until(&server, "/api/v1/things/pump-1/alarms", |body| {
+        body["items"][0]["status"] == "ACTIVE"
+    })
+    .await;
+    let alarm = &page["items"][0];
+    assert_eq!(alarm["type"], "c8y_Overheat", "{page}");
+    assert_eq!(alarm["severity"], "MAJOR");
+    assert_eq!(alarm["text"], "Too hot", "one open alarm per type: {page}");
+    send(&pump, "s/us", "305,c8y_Overheat,CRITICAL").await;
+    until(&server, "/api/v1/alarms?severity=CRITICAL", |body| {
+        body["items"][0]["thingName"] == "pump-1"
+    })
+    .await;
+    send(&pump, "s/us", "306,c8y_Overheat").await;
+    let page = until(&server, "/api/v1/things/pump-1/alarms", |body| {
+        body["items"][0]["status"] == "CLEARED"
+    })
+    .await;
+    assert_eq!(
+        page["items"][0]["clearedReason"], "cleared by device",
+        "{page}"
+    );
+    send(
+        &pump,
+        "s/us",
+        "306,c8y_Unknown\n307,c8y_Overheat,c8y_X\n305,c8y_Overheat,MAJOR",
+    )
+    .await;
+    let errors = next_on(&mut pump, "s/e").await;
+    let codes: Vec<&str> = errors.lines().map(|l| &l[..6]).collect();
+    assert_eq!(codes, ["45,306", "46,307", "41,305"], "{errors}");
+}

@@ -10,6 +10,7 @@ use thinghub_storage::{Envelope, RecordedEvent, StorageError};
 
 use crate::thing::alarms::{
     AlarmAcknowledged, AlarmArmed, AlarmCleared, AlarmDisarmed, AlarmEvent, AlarmRaised,
+    AlarmSeverityChanged,
 };
 use crate::thing::commands::{
     CommandEvent, CommandFinished, CommandResponded, CommandResponseRefused, CommandSent,
@@ -64,6 +65,8 @@ pub const ALARM_RAISED: &str = "AlarmRaised";
 pub const ALARM_ACKNOWLEDGED: &str = "AlarmAcknowledged";
 /// `event_type` of a cleared alarm.
 pub const ALARM_CLEARED: &str = "AlarmCleared";
+/// `event_type` of an alarm whose severity a device changed.
+pub const ALARM_SEVERITY_CHANGED: &str = "AlarmSeverityChanged";
 /// `event_type` of a snapshot's state.
 pub const THING_STATE: &str = "ThingState";
 /// `event_type` of a registry index record.
@@ -101,6 +104,9 @@ pub fn encode_event(event: &ThingEvent, recorded_at_ms: u64) -> Result<Envelope,
             AlarmEvent::Raised(e) => Envelope::new(ALARM_RAISED, 1, recorded_at_ms, e),
             AlarmEvent::Acknowledged(e) => Envelope::new(ALARM_ACKNOWLEDGED, 1, recorded_at_ms, e),
             AlarmEvent::Cleared(e) => Envelope::new(ALARM_CLEARED, 1, recorded_at_ms, e),
+            AlarmEvent::SeverityChanged(e) => {
+                Envelope::new(ALARM_SEVERITY_CHANGED, 1, recorded_at_ms, e)
+            }
         },
     };
     Ok(envelope?)
@@ -182,6 +188,9 @@ pub fn decode_event(thing: &str, recorded: &RecordedEvent) -> Result<ThingEvent,
         (ALARM_CLEARED, 1) => envelope
             .payload_as::<AlarmCleared>()
             .map(|e| ThingEvent::Alarm(AlarmEvent::Cleared(e))),
+        (ALARM_SEVERITY_CHANGED, 1) => envelope
+            .payload_as::<AlarmSeverityChanged>()
+            .map(|e| ThingEvent::Alarm(AlarmEvent::SeverityChanged(e))),
         (other, version) => {
             return Err(corrupt(format!(
                 "unknown event type {other} v{version} (written by a newer thinghub?)"
@@ -371,6 +380,11 @@ pub fn summarize(event: &ThingEvent) -> String {
             AlarmEvent::Cleared(e) => {
                 format!("alarm cleared type={} reason={}", e.alarm_type, e.reason)
             }
+            AlarmEvent::SeverityChanged(e) => format!(
+                "alarm severity changed type={} severity={}",
+                e.alarm_type,
+                e.severity.as_str()
+            ),
         },
     }
 }
@@ -400,6 +414,7 @@ pub fn event_type(event: &ThingEvent) -> &'static str {
         ThingEvent::Alarm(AlarmEvent::Raised(_)) => ALARM_RAISED,
         ThingEvent::Alarm(AlarmEvent::Acknowledged(_)) => ALARM_ACKNOWLEDGED,
         ThingEvent::Alarm(AlarmEvent::Cleared(_)) => ALARM_CLEARED,
+        ThingEvent::Alarm(AlarmEvent::SeverityChanged(_)) => ALARM_SEVERITY_CHANGED,
     }
 }
 
@@ -636,6 +651,14 @@ mod tests {
                     alarm_type: "offline-10m".into(),
                     reason: "reconnected".into(),
                     at_ms: 1_700_000_800_000,
+                })),
+            ),
+            (
+                "AlarmSeverityChanged.v1",
+                ThingEvent::Alarm(AlarmEvent::SeverityChanged(AlarmSeverityChanged {
+                    alarm_type: "c8y_Overheat".into(),
+                    severity: crate::thing::AlarmSeverity::Critical,
+                    at_ms: 1_700_000_900_000,
                 })),
             ),
             (

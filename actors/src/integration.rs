@@ -40,7 +40,7 @@ pub struct Record {
 }
 
 /// Every kind a record can have.
-pub const KINDS: [&str; 18] = [
+pub const KINDS: [&str; 19] = [
     "thing.registered",
     "thing.deleted",
     "thing.connected",
@@ -59,6 +59,7 @@ pub const KINDS: [&str; 18] = [
     "alarm.raised",
     "alarm.acknowledged",
     "alarm.cleared",
+    "alarm.severity_changed",
 ];
 
 /// The kind of an event.
@@ -82,6 +83,7 @@ pub fn kind_of(event: &ThingEvent) -> &'static str {
         ThingEvent::Alarm(AlarmEvent::Raised(_)) => "alarm.raised",
         ThingEvent::Alarm(AlarmEvent::Acknowledged(_)) => "alarm.acknowledged",
         ThingEvent::Alarm(AlarmEvent::Cleared(_)) => "alarm.cleared",
+        ThingEvent::Alarm(AlarmEvent::SeverityChanged(_)) => "alarm.severity_changed",
     }
 }
 

@@ -441,6 +441,28 @@ impl Things {
         }
     }
 
+    /// A device's alarm request (raise, change severity): the alarm as it is after it.
+    pub async fn device_alarm(
+        &self,
+        name: &str,
+        command: ThingCommand,
+    ) -> Result<Option<thing::Alarm>, Rejection> {
+        self.require_registered(name, None)?;
+        if let ThingCommand::RaiseAlarm { alarm_type, .. }
+        | ThingCommand::ChangeAlarmSeverity { alarm_type, .. } = &command
+        {
+            crate::alarms::validate_rule_name(alarm_type)?;
+        }
+        match self
+            .registry
+            .request(name, Request::Command(command))
+            .await?
+        {
+            Response::Decided(Reply::Alarm(alarm)) => Ok(alarm),
+            other => Err(unexpected(other)),
+        }
+    }
+
     async fn command_request(
         &self,
         name: &str,

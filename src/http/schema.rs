@@ -1103,7 +1103,7 @@ pub struct WebhookRequest {
     /// thing.connected, thing.disconnected, shadow.updated, shadow.deleted, event.ingested,
     /// command.sent, command.answered, command.timed_out, command.canceled,
     /// command.response_refused, job.execution, alarm.watch_started, alarm.watch_ended,
-    /// alarm.raised, alarm.acknowledged, alarm.cleared, client.subscribed,
+    /// alarm.raised, alarm.acknowledged, alarm.cleared, alarm.severity_changed, client.subscribed,
     /// client.unsubscribed, message.published (needs topicFilters).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kinds: Option<Vec<String>>,

@@ -10,7 +10,9 @@
 //! 100, 101, inventory 110-117 into the shadow's `reported`, events 400-402, auto-creation for
 //! a superuser's device, operations (a command whose action is `c8y_...` goes down on `s/ds` as
 //! its row, see `super::effects`; 500 sends the pending ones again; 501-506 answer them),
-//! errors on `s/e`. Not built yet (answered on `s/e` with code 46): 105, measurements, alarms.
+//! alarms 301-306 (the alarm model operators list, acknowledge and clear; one open alarm per
+//! type), errors on `s/e`. Not built yet (answered on `s/e` with code 46): 105, measurements,
+//! 307 (alarms have no fragments).
 
 use std::sync::Arc;
 
@@ -18,8 +20,9 @@ use bytes::Bytes;
 use serde_json::{json, Map, Value};
 use thinghub_actors::thing::commands::StatusReason;
 use thinghub_actors::thing::{
-    validate_thing_name, CommandExecution, CommandResponse, CommandStatus, EventLimits,
-    IngestEvent, Origin, RegisterThing, RejectionKind, ShadowLimits, ShadowUpdate,
+    validate_thing_name, AlarmSeverity, CommandExecution, CommandResponse, CommandStatus,
+    EventLimits, IngestEvent, Origin, RegisterThing, RejectionKind, ShadowLimits, ShadowUpdate,
+    ThingCommand,
 };
 use thinghub_actors::Things;
 
@@ -308,11 +311,46 @@ impl Cumulocity {
                 self.send(device, "s/ds", &rows);
                 Ok(())
             }
+            Upstream::RaiseAlarm {
+                severity,
+                alarm_type,
+                text,
+                time: _,
+            } => {
+                self.ensure(identity, target, None, None, None).await?;
+                let command = ThingCommand::RaiseAlarm {
+                    alarm_type,
+                    severity: alarm_severity(severity),
+                    text,
+                };
+                self.things
+                    .device_alarm(target, command)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| error(code_of(e.kind), "0", e.message))
+            }
+            Upstream::AlarmSeverity {
+                alarm_type,
+                severity,
+            } => {
+                let command = ThingCommand::ChangeAlarmSeverity {
+                    alarm_type,
+                    severity: alarm_severity(severity),
+                };
+                self.things
+                    .device_alarm(target, command)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| error(code_of(e.kind), "0", e.message))
+            }
+            Upstream::ClearAlarm { alarm_type } => self
+                .things
+                .alarm_action(target, &alarm_type, "device", true)
+                .await
+                .map(|_| ())
+                .map_err(|e| error(code_of(e.kind), "0", e.message)),
             Upstream::ListChildren
             | Upstream::Measurements { .. }
-            | Upstream::RaiseAlarm { .. }
-            | Upstream::AlarmSeverity { .. }
-            | Upstream::ClearAlarm { .. }
             | Upstream::ClearAlarmFragment { .. } => {
                 tracing::debug!(%device, "a SmartREST template not supported yet");
                 Err(error(
@@ -482,6 +520,15 @@ fn error(code: u16, template: &str, message: impl Into<String>) -> RowError {
         code,
         template: template.to_owned(),
         message: message.into(),
+    }
+}
+
+fn alarm_severity(severity: templates::Severity) -> AlarmSeverity {
+    match severity {
+        templates::Severity::Critical => AlarmSeverity::Critical,
+        templates::Severity::Major => AlarmSeverity::Major,
+        templates::Severity::Minor => AlarmSeverity::Minor,
+        templates::Severity::Warning => AlarmSeverity::Warning,
     }
 }
 

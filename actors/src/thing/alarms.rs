@@ -226,6 +226,20 @@ pub struct AlarmCleared {
     pub at_ms: u64,
 }
 
+/// `AlarmSeverityChanged`: a device changed an open alarm's severity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AlarmSeverityChanged {
+    /// The alarm's type.
+    pub alarm_type: String,
+    /// The new severity.
+    pub severity: AlarmSeverity,
+    /// Unix ms.
+    pub at_ms: u64,
+}
+
+/// Longest alarm text a device may send, bytes.
+pub const ALARM_TEXT_BYTES_MAX: usize = 1024;
+
 /// Everything that happens to alarms.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AlarmEvent {
@@ -239,6 +253,8 @@ pub enum AlarmEvent {
     Acknowledged(AlarmAcknowledged),
     /// An alarm ended.
     Cleared(AlarmCleared),
+    /// A device changed an open alarm's severity.
+    SeverityChanged(AlarmSeverityChanged),
 }
 
 impl AlarmEvent {
@@ -250,6 +266,7 @@ impl AlarmEvent {
             AlarmEvent::Raised(e) => &e.alarm_type,
             AlarmEvent::Acknowledged(e) => &e.alarm_type,
             AlarmEvent::Cleared(e) => &e.alarm_type,
+            AlarmEvent::SeverityChanged(e) => &e.alarm_type,
         }
     }
 }
@@ -319,6 +336,11 @@ impl Alarms {
                     alarm.status = AlarmStatus::Cleared;
                     alarm.cleared_at_ms = Some(cleared.at_ms);
                     alarm.cleared_reason = Some(cleared.reason.clone());
+                }
+            }
+            AlarmEvent::SeverityChanged(changed) => {
+                if let Some(alarm) = self.alarms.get_mut(&changed.alarm_type) {
+                    alarm.severity = changed.severity;
                 }
             }
         }
@@ -452,6 +474,56 @@ fn find<'a>(alarms: &'a Alarms, alarm_type: &str) -> Result<&'a Alarm, Rejection
             format!("no alarm of type '{alarm_type}'"),
         )
     })
+}
+
+/// A device raises an alarm of `alarm_type` (Cumulocity 301-304). One already open stays as it
+/// is (alarms are de-duplicated by type); a cleared one is raised anew.
+pub fn decide_raise(
+    alarms: &Alarms,
+    alarm_type: &str,
+    severity: AlarmSeverity,
+    text: Option<&str>,
+    now_ms: u64,
+) -> Result<Vec<AlarmEvent>, Rejection> {
+    if text.is_some_and(|t| t.len() > ALARM_TEXT_BYTES_MAX) {
+        return Err(Rejection::bad_request(format!(
+            "the alarm text is longer than {ALARM_TEXT_BYTES_MAX} bytes"
+        )));
+    }
+    if alarms.is_open(alarm_type) {
+        return Ok(Vec::new());
+    }
+    Ok(vec![AlarmEvent::Raised(AlarmRaised {
+        alarm_type: alarm_type.to_owned(),
+        severity,
+        text: text.unwrap_or(alarm_type).to_owned(),
+        offline_since_ms: None,
+        at_ms: now_ms,
+    })])
+}
+
+/// A device changes an open alarm's severity (Cumulocity 305).
+pub fn decide_severity(
+    alarms: &Alarms,
+    alarm_type: &str,
+    severity: AlarmSeverity,
+    now_ms: u64,
+) -> Result<Vec<AlarmEvent>, Rejection> {
+    let alarm = find(alarms, alarm_type)?;
+    if alarm.status == AlarmStatus::Cleared {
+        return Err(Rejection::new(
+            RejectionKind::TerminalStateReached,
+            format!("the alarm '{alarm_type}' is cleared"),
+        ));
+    }
+    if alarm.severity == severity {
+        return Ok(Vec::new());
+    }
+    Ok(vec![AlarmEvent::SeverityChanged(AlarmSeverityChanged {
+        alarm_type: alarm_type.to_owned(),
+        severity,
+        at_ms: now_ms,
+    })])
 }
 
 /// An operator acknowledges an open alarm (again: nothing changes).

@@ -415,6 +415,22 @@ pub enum ThingCommand {
         /// The new rules that apply to the Thing.
         offline_rules: Vec<OfflineRule>,
     },
+    /// A device raises an alarm (Cumulocity 301-304).
+    RaiseAlarm {
+        /// Its type.
+        alarm_type: String,
+        /// How serious.
+        severity: AlarmSeverity,
+        /// What happened.
+        text: Option<String>,
+    },
+    /// A device changes an open alarm's severity (Cumulocity 305).
+    ChangeAlarmSeverity {
+        /// Its type.
+        alarm_type: String,
+        /// The new severity.
+        severity: AlarmSeverity,
+    },
     /// An operator acknowledges an alarm.
     AcknowledgeAlarm {
         /// Its type.
@@ -895,6 +911,33 @@ pub fn decide(
                 events: events.into_iter().map(ThingEvent::Alarm).collect(),
                 reply: Reply::Recorded,
             })
+        }
+        ThingCommand::RaiseAlarm {
+            alarm_type,
+            severity,
+            text,
+        } => {
+            if state.registration.is_none() {
+                return Err(state.not_found());
+            }
+            let events = alarms::decide_raise(
+                &state.alarms,
+                alarm_type,
+                *severity,
+                text.as_deref(),
+                now_ms,
+            )?;
+            Ok(alarm_decision(state, alarm_type, events))
+        }
+        ThingCommand::ChangeAlarmSeverity {
+            alarm_type,
+            severity,
+        } => {
+            if state.registration.is_none() {
+                return Err(state.not_found());
+            }
+            let events = alarms::decide_severity(&state.alarms, alarm_type, *severity, now_ms)?;
+            Ok(alarm_decision(state, alarm_type, events))
         }
         ThingCommand::AcknowledgeAlarm { alarm_type, by } => {
             if state.registration.is_none() {

@@ -451,6 +451,51 @@ fn a_cleared_alarm_is_not_raised_again_for_the_same_offline_period() {
 }
 
 #[test]
+fn a_device_alarm_is_one_per_type_its_severity_changes_and_it_clears() {
+    let (mut state, _) = given(&[register()]);
+    let raise = |text: &str| ThingCommand::RaiseAlarm {
+        alarm_type: "c8y_Overheat".into(),
+        severity: AlarmSeverity::Major,
+        text: Some(text.into()),
+    };
+    let raised = at(&mut state, raise("hot"), NOW_MS).expect("raise");
+    assert_eq!(raised.events.len(), 1);
+    assert!(at(&mut state, raise("hotter"), NOW_MS + 1)
+        .expect("again")
+        .events
+        .is_empty());
+    let change = |severity| ThingCommand::ChangeAlarmSeverity {
+        alarm_type: "c8y_Overheat".into(),
+        severity,
+    };
+    at(&mut state, change(AlarmSeverity::Critical), NOW_MS + 2).expect("change");
+    assert_eq!(
+        state.alarms.alarms["c8y_Overheat"].severity,
+        AlarmSeverity::Critical
+    );
+    assert!(when(&state, change(AlarmSeverity::Critical))
+        .expect("same")
+        .events
+        .is_empty());
+    // A reconnect does not clear a device's alarm (only offline ones).
+    at(&mut state, connect(1), NOW_MS + 3).expect("connect");
+    assert_eq!(
+        state.alarms.alarms["c8y_Overheat"].status,
+        AlarmStatus::Active
+    );
+    let long = "x".repeat(alarms::ALARM_TEXT_BYTES_MAX + 1);
+    let other = ThingCommand::RaiseAlarm {
+        alarm_type: "c8y_Other".into(),
+        severity: AlarmSeverity::Minor,
+        text: Some(long),
+    };
+    assert_eq!(
+        when(&state, other).expect_err("long").code(),
+        ErrorCode::BadRequest
+    );
+}
+
+#[test]
 fn deleting_a_thing_ends_its_watches_and_a_new_registration_starts_clean() {
     let rules = vec![
         offline_rule("offline-1m", 60_000),
