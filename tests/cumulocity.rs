@@ -342,3 +342,49 @@ async fn device_alarms_are_raised_changed_and_cleared_in_the_alarm_model() {
     let codes: Vec<&str> = errors.lines().map(|l| &l[..6]).collect();
     assert_eq!(codes, ["45,306", "46,307", "41,305"], "{errors}");
 }
+
+/// Measurements (200, 201, 210-212) are stored in the Thing's log and listed newest first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn measurements_are_stored_and_queried_by_fragment_series_and_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &["--cumulocity"]);
+    common::register_device(&server, "pump-1", "pw1").await;
+    let (mut pump, _) = Device::connect(&server, "d:pump-1", ("pump-1", "pw1"), true).await;
+    subscribe_ack(&mut pump, "s/e").await;
+    send(
+        &pump,
+        "s/us",
+        "200,c8y_Temperature,T,25.5,C,2026-12-03T10:00:00Z\n\
+         201,c8y_Env,2026-12-03T10:01:00Z,c8y_T,T,21,C,c8y_H,H,40,%\n\
+         212,87\n\
+         200,c8y_Temperature,T,1e999",
+    )
+    .await;
+    let errors = next_on(&mut pump, "s/e").await;
+    assert!(errors.starts_with("41,200,"), "not finite: {errors}");
+    let page = until(&server, "/api/v1/things/pump-1/measurements", |body| {
+        body["items"].as_array().map(Vec::len) == Some(3)
+    })
+    .await;
+    assert_eq!(page["items"][0]["type"], "c8y_Battery", "{page}");
+    assert_eq!(page["items"][1]["values"].as_array().map(Vec::len), Some(2));
+    assert_eq!(page["items"][2]["time"], 1_796_292_000_000u64, "{page}");
+    let humidity = until(
+        &server,
+        "/api/v1/things/pump-1/measurements?fragment=c8y_H",
+        |_| true,
+    )
+    .await;
+    assert_eq!(
+        humidity["items"][0]["values"],
+        serde_json::json!([{"fragment": "c8y_H", "series": "H", "value": 40.0, "unit": "%"}]),
+        "{humidity}"
+    );
+    let early = until(
+        &server,
+        "/api/v1/things/pump-1/measurements?until=1796292030000",
+        |_| true,
+    )
+    .await;
+    assert_eq!(early["items"].as_array().map(Vec::len), Some(1), "{early}");
+}

@@ -67,6 +67,8 @@ pub const ALARM_ACKNOWLEDGED: &str = "AlarmAcknowledged";
 pub const ALARM_CLEARED: &str = "AlarmCleared";
 /// `event_type` of an alarm whose severity a device changed.
 pub const ALARM_SEVERITY_CHANGED: &str = "AlarmSeverityChanged";
+/// `event_type` of a stored measurement.
+pub const MEASUREMENTS_RECORDED: &str = "MeasurementsRecorded";
 /// `event_type` of a snapshot's state.
 pub const THING_STATE: &str = "ThingState";
 /// `event_type` of a registry index record.
@@ -98,6 +100,9 @@ pub fn encode_event(event: &ThingEvent, recorded_at_ms: u64) -> Result<Envelope,
             JobEvent::Canceled(e) => Envelope::new(JOB_EXECUTION_CANCELED, 1, recorded_at_ms, e),
             JobEvent::Removed(e) => Envelope::new(JOB_EXECUTION_REMOVED, 1, recorded_at_ms, e),
         },
+        ThingEvent::MeasurementsRecorded(e) => {
+            Envelope::new(MEASUREMENTS_RECORDED, 1, recorded_at_ms, e)
+        }
         ThingEvent::Alarm(alarm) => match alarm {
             AlarmEvent::Armed(e) => Envelope::new(ALARM_ARMED, 1, recorded_at_ms, e),
             AlarmEvent::Disarmed(e) => Envelope::new(ALARM_DISARMED, 1, recorded_at_ms, e),
@@ -188,6 +193,9 @@ pub fn decode_event(thing: &str, recorded: &RecordedEvent) -> Result<ThingEvent,
         (ALARM_CLEARED, 1) => envelope
             .payload_as::<AlarmCleared>()
             .map(|e| ThingEvent::Alarm(AlarmEvent::Cleared(e))),
+        (MEASUREMENTS_RECORDED, 1) => envelope
+            .payload_as::<crate::thing::measurements::MeasurementsRecorded>()
+            .map(ThingEvent::MeasurementsRecorded),
         (ALARM_SEVERITY_CHANGED, 1) => envelope
             .payload_as::<AlarmSeverityChanged>()
             .map(|e| ThingEvent::Alarm(AlarmEvent::SeverityChanged(e))),
@@ -360,6 +368,22 @@ pub fn summarize(event: &ThingEvent) -> String {
             JobEvent::Canceled(e) => format!("job execution canceled job={}", e.job_id),
             JobEvent::Removed(e) => format!("job execution removed job={}", e.job_id),
         },
+        ThingEvent::MeasurementsRecorded(e) => format!(
+            "measurement {} time={} values={}",
+            e.measurement_type,
+            e.time_ms,
+            e.values
+                .iter()
+                .map(|v| format!(
+                    "{}.{}={}{}",
+                    v.fragment,
+                    v.series,
+                    v.value,
+                    v.unit.as_deref().unwrap_or("")
+                ))
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
         ThingEvent::Alarm(alarm) => match alarm {
             AlarmEvent::Armed(e) => format!(
                 "offline watch started rule={} due={} offlineSince={}",
@@ -415,6 +439,7 @@ pub fn event_type(event: &ThingEvent) -> &'static str {
         ThingEvent::Alarm(AlarmEvent::Acknowledged(_)) => ALARM_ACKNOWLEDGED,
         ThingEvent::Alarm(AlarmEvent::Cleared(_)) => ALARM_CLEARED,
         ThingEvent::Alarm(AlarmEvent::SeverityChanged(_)) => ALARM_SEVERITY_CHANGED,
+        ThingEvent::MeasurementsRecorded(_) => MEASUREMENTS_RECORDED,
     }
 }
 
@@ -652,6 +677,22 @@ mod tests {
                     reason: "reconnected".into(),
                     at_ms: 1_700_000_800_000,
                 })),
+            ),
+            (
+                "MeasurementsRecorded.v1",
+                ThingEvent::MeasurementsRecorded(
+                    crate::thing::measurements::MeasurementsRecorded {
+                        measurement_type: "c8y_Temperature".into(),
+                        values: vec![crate::thing::measurements::MeasurementValue {
+                            fragment: "c8y_Temperature".into(),
+                            series: "T".into(),
+                            value: 21.5,
+                            unit: Some("C".into()),
+                        }],
+                        time_ms: 1_700_000_950_000,
+                        at_ms: 1_700_000_951_000,
+                    },
+                ),
             ),
             (
                 "AlarmSeverityChanged.v1",

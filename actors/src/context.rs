@@ -74,6 +74,8 @@ pub struct ThingCounters {
     pub alarms_raised: AtomicU64,
     /// Alarms cleared.
     pub alarms_cleared: AtomicU64,
+    /// Device measurements stored.
+    pub measurements_recorded: AtomicU64,
 }
 
 impl ThingCounters {
@@ -100,6 +102,7 @@ impl ThingCounters {
             ThingEvent::Command(CommandEvent::Canceled(_)) => &self.commands_canceled,
             ThingEvent::Alarm(AlarmEvent::Raised(_)) => &self.alarms_raised,
             ThingEvent::Alarm(AlarmEvent::Cleared(_)) => &self.alarms_cleared,
+            ThingEvent::MeasurementsRecorded(_) => &self.measurements_recorded,
             ThingEvent::Command(CommandEvent::ResponseRefused(_))
             | ThingEvent::Job(_)
             | ThingEvent::Alarm(_) => return,

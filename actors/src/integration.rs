@@ -40,7 +40,7 @@ pub struct Record {
 }
 
 /// Every kind a record can have.
-pub const KINDS: [&str; 19] = [
+pub const KINDS: [&str; 20] = [
     "thing.registered",
     "thing.deleted",
     "thing.connected",
@@ -60,6 +60,7 @@ pub const KINDS: [&str; 19] = [
     "alarm.acknowledged",
     "alarm.cleared",
     "alarm.severity_changed",
+    "measurement.recorded",
 ];
 
 /// The kind of an event.
@@ -84,6 +85,7 @@ pub fn kind_of(event: &ThingEvent) -> &'static str {
         ThingEvent::Alarm(AlarmEvent::Acknowledged(_)) => "alarm.acknowledged",
         ThingEvent::Alarm(AlarmEvent::Cleared(_)) => "alarm.cleared",
         ThingEvent::Alarm(AlarmEvent::SeverityChanged(_)) => "alarm.severity_changed",
+        ThingEvent::MeasurementsRecorded(_) => "measurement.recorded",
     }
 }
 

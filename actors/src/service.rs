@@ -441,6 +441,27 @@ impl Things {
         }
     }
 
+    /// Stores a device's measurement (durable before it returns).
+    pub async fn record_measurements(
+        &self,
+        name: &str,
+        record: crate::thing::measurements::RecordMeasurements,
+    ) -> Result<(), Rejection> {
+        self.record(name, ThingCommand::RecordMeasurements(record))
+            .await
+    }
+
+    /// A Thing's measurements, newest first, from the log (see [`list_measurements`]).
+    pub fn measurements(
+        &self,
+        name: &str,
+        query: &MeasurementQuery,
+        limit: usize,
+    ) -> Result<MeasurementPage, Rejection> {
+        self.require_registered(name, None)?;
+        list_measurements(&self.store, name, query, limit).map_err(storage_failure)
+    }
+
     /// A device's alarm request (raise, change severity): the alarm as it is after it.
     pub async fn device_alarm(
         &self,
@@ -787,6 +808,99 @@ pub struct EventQuery {
     pub until_ms: Option<u64>,
     /// Continue below this log sequence number (the previous page's cursor).
     pub before_seq: Option<u64>,
+}
+
+/// Which measurements a listing keeps.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MeasurementQuery {
+    /// Only values of this fragment.
+    pub fragment: Option<String>,
+    /// Only values of this series.
+    pub series: Option<String>,
+    /// Only measurements with time ≥ this (Unix ms).
+    pub since_ms: Option<u64>,
+    /// Only measurements with time ≤ this (Unix ms).
+    pub until_ms: Option<u64>,
+    /// Continue below this log sequence number (the previous page's cursor).
+    pub before_seq: Option<u64>,
+}
+
+/// A page of measurements, newest first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MeasurementPage {
+    /// `(seq, measurement)` pairs, each holding only the values the query keeps.
+    pub items: Vec<(u64, crate::thing::measurements::MeasurementsRecorded)>,
+    /// Where the next page starts (pass as `before_seq`); `None` at the beginning of the log.
+    pub next_before_seq: Option<u64>,
+}
+
+/// Reads a Thing's measurements newest first, applying the filters, scanning at most
+/// [`EVENTS_SCAN_RECORDS_MAX`] log records per page (a cursor continues a longer scan).
+pub fn list_measurements(
+    store: &Store,
+    name: &str,
+    query: &MeasurementQuery,
+    limit: usize,
+) -> Result<MeasurementPage, StorageError> {
+    let mut items = Vec::new();
+    let mut below = query.before_seq.unwrap_or(u64::MAX);
+    let mut scanned = 0usize;
+    loop {
+        if below == 0 {
+            return Ok(MeasurementPage {
+                items,
+                next_before_seq: None,
+            });
+        }
+        let batch = store.read_events_rev(name, below - 1, EVENTS_SCAN_STEP)?;
+        let Some(last) = batch.last() else {
+            return Ok(MeasurementPage {
+                items,
+                next_before_seq: None,
+            });
+        };
+        let batch_end = last.seq;
+        for recorded in &batch {
+            scanned += 1;
+            below = recorded.seq;
+            if recorded.envelope.event_type != codec::MEASUREMENTS_RECORDED {
+                continue;
+            }
+            let ThingEvent::MeasurementsRecorded(mut measurement) =
+                codec::decode_event(name, recorded)?
+            else {
+                continue;
+            };
+            measurement.values.retain(|v| {
+                query.fragment.as_ref().is_none_or(|f| *f == v.fragment)
+                    && query.series.as_ref().is_none_or(|s| *s == v.series)
+            });
+            let wanted = !measurement.values.is_empty()
+                && query.since_ms.is_none_or(|s| measurement.time_ms >= s)
+                && query.until_ms.is_none_or(|u| measurement.time_ms <= u);
+            if wanted {
+                items.push((recorded.seq, measurement));
+                if items.len() >= limit {
+                    return Ok(MeasurementPage {
+                        items,
+                        next_before_seq: Some(recorded.seq),
+                    });
+                }
+            }
+            if scanned >= EVENTS_SCAN_RECORDS_MAX {
+                return Ok(MeasurementPage {
+                    items,
+                    next_before_seq: Some(recorded.seq),
+                });
+            }
+        }
+        if batch.len() < EVENTS_SCAN_STEP || batch_end <= 1 {
+            return Ok(MeasurementPage {
+                items,
+                next_before_seq: None,
+            });
+        }
+    }
 }
 
 /// A page of events, newest first.

@@ -849,6 +849,7 @@ impl ThingActorState {
                 ThingEvent::ShadowUpdated(_)
                 | ThingEvent::ShadowDeleted(_)
                 | ThingEvent::EventIngested(_)
+                | ThingEvent::MeasurementsRecorded(_)
                 | ThingEvent::Command(_)
                 | ThingEvent::Job(_) => {}
             }

@@ -664,6 +664,14 @@ fn collect(state: &AppState) -> Vec<Metric> {
             label: Some(("outcome", label)),
         });
     }
+    metrics.push(m(
+        "thinghub_measurements_recorded_total",
+        "counter",
+        "Device measurements stored (durable).",
+        load(&counters.measurements_recorded),
+        "things",
+        "measurementsRecorded",
+    ));
     for (counter, key, label) in [
         (&counters.alarms_raised, "raised", "raised"),
         (&counters.alarms_cleared, "cleared", "cleared"),

@@ -128,6 +128,7 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(things::history))
         .routes(routes!(things::events))
         .routes(routes!(things::connectivity))
+        .routes(routes!(things::measurements))
         .routes(routes!(commands::send, commands::list))
         .routes(routes!(commands::get))
         .routes(routes!(commands::cancel))

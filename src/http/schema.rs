@@ -1103,7 +1103,7 @@ pub struct WebhookRequest {
     /// thing.connected, thing.disconnected, shadow.updated, shadow.deleted, event.ingested,
     /// command.sent, command.answered, command.timed_out, command.canceled,
     /// command.response_refused, job.execution, alarm.watch_started, alarm.watch_ended,
-    /// alarm.raised, alarm.acknowledged, alarm.cleared, alarm.severity_changed, client.subscribed,
+    /// alarm.raised, alarm.acknowledged, alarm.cleared, alarm.severity_changed, measurement.recorded, client.subscribed,
     /// client.unsubscribed, message.published (needs topicFilters).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kinds: Option<Vec<String>>,
@@ -1396,4 +1396,31 @@ pub struct AlarmPage {
 pub struct AlarmList {
     /// By type.
     pub items: Vec<thinghub_actors::alarms::ListedAlarm>,
+}
+
+/// One stored measurement.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MeasurementItem {
+    /// Its seq in the Thing's log.
+    pub seq: u64,
+    /// Its type.
+    #[serde(rename = "type")]
+    pub measurement_type: String,
+    /// When it was measured, Unix ms.
+    pub time: u64,
+    /// When it was stored, Unix ms.
+    pub recorded_at: u64,
+    /// The values the filters keep.
+    pub values: Vec<thinghub_actors::thing::measurements::MeasurementValue>,
+}
+
+/// A page of measurements, newest first.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MeasurementPage {
+    /// Measurements.
+    pub items: Vec<MeasurementItem>,
+    /// Pass as `cursor`; null at the beginning of the log.
+    pub next_cursor: Option<u64>,
 }

@@ -374,6 +374,70 @@ pub async fn events(
     ))
 }
 
+/// Measurements listing parameters (times in Unix ms).
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct MeasurementsParams {
+    /// Only values of this fragment (`c8y_Temperature`).
+    fragment: Option<String>,
+    /// Only values of this series (`T`).
+    series: Option<String>,
+    /// Measured at or after this.
+    since: Option<u64>,
+    /// Measured at or before this.
+    until: Option<u64>,
+    limit: Option<usize>,
+    /// The previous page's `nextCursor`.
+    cursor: Option<u64>,
+}
+
+/// `GET /api/v1/things/{name}/measurements?fragment&series&since&until&limit&cursor`: newest
+/// first, each with the values the filters keep.
+#[utoipa::path(
+    get,
+    path = "/things/{name}/measurements",
+    tag = "events",
+    summary = "List device measurements, newest first",
+    params(("name" = String, Path, description = "Thing name: 1..=128 of [a-zA-Z0-9:_-]", example = "sensor-1"), MeasurementsParams),
+    responses(
+        (status = 200, description = "A page of measurements", body = s::MeasurementPage),
+        (status = 404, description = "No such Thing.", body = ErrorBody),
+        (status = 503, description = "Storage unavailable.", body = ErrorBody)
+    )
+)]
+pub async fn measurements(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    QueryParams(params): QueryParams<MeasurementsParams>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = page_limit(params.limit, state.limits.list_limit_max)?;
+    let query = thinghub_actors::service::MeasurementQuery {
+        fragment: params.fragment,
+        series: params.series,
+        since_ms: params.since,
+        until_ms: params.until,
+        before_seq: params.cursor,
+    };
+    let page = state.things.measurements(&name, &query, limit)?;
+    let items: Vec<Value> = page
+        .items
+        .iter()
+        .map(|(seq, m)| {
+            json!({
+                "seq": seq,
+                "type": m.measurement_type,
+                "time": m.time_ms,
+                "recordedAt": m.at_ms,
+                "values": m.values,
+            })
+        })
+        .collect();
+    Ok(Json(
+        json!({"items": items, "nextCursor": page.next_before_seq}),
+    ))
+}
+
 /// Connectivity history parameters (times in Unix ms).
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]

@@ -11,14 +11,16 @@
 //! a superuser's device, operations (a command whose action is `c8y_...` goes down on `s/ds` as
 //! its row, see `super::effects`; 500 sends the pending ones again; 501-506 answer them),
 //! alarms 301-306 (the alarm model operators list, acknowledge and clear; one open alarm per
-//! type), errors on `s/e`. Not built yet (answered on `s/e` with code 46): 105, measurements,
-//! 307 (alarms have no fragments).
+//! type), measurements 200-212 (stored in the log, `GET /api/v1/things/{name}/measurements`),
+//! errors on `s/e`. Not built yet (answered on `s/e` with code 46): 105, 307 (alarms have no
+//! fragments).
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 use serde_json::{json, Map, Value};
 use thinghub_actors::thing::commands::StatusReason;
+use thinghub_actors::thing::measurements::{MeasurementValue, RecordMeasurements};
 use thinghub_actors::thing::{
     validate_thing_name, AlarmSeverity, CommandExecution, CommandResponse, CommandStatus,
     EventLimits, IngestEvent, Origin, RegisterThing, RejectionKind, ShadowLimits, ShadowUpdate,
@@ -349,9 +351,31 @@ impl Cumulocity {
                 .await
                 .map(|_| ())
                 .map_err(|e| error(code_of(e.kind), "0", e.message)),
-            Upstream::ListChildren
-            | Upstream::Measurements { .. }
-            | Upstream::ClearAlarmFragment { .. } => {
+            Upstream::Measurements {
+                measurement_type,
+                values,
+                time,
+            } => {
+                self.ensure(identity, target, None, None, None).await?;
+                let record = RecordMeasurements {
+                    measurement_type,
+                    values: values
+                        .into_iter()
+                        .map(|v| MeasurementValue {
+                            fragment: v.fragment,
+                            series: v.series,
+                            value: v.value,
+                            unit: v.unit,
+                        })
+                        .collect(),
+                    time_ms: time.as_deref().and_then(templates::iso8601_ms),
+                };
+                self.things
+                    .record_measurements(target, record)
+                    .await
+                    .map_err(|e| error(code_of(e.kind), "0", e.message))
+            }
+            Upstream::ListChildren | Upstream::ClearAlarmFragment { .. } => {
                 tracing::debug!(%device, "a SmartREST template not supported yet");
                 Err(error(
                     46,

@@ -226,7 +226,10 @@ pub fn for_recovery(
             }
             ThingEvent::Command(command) => effects.extend(of_command_event(command, now)),
             ThingEvent::Job(_) => jobs_changed = true,
-            ThingEvent::Connected(_) | ThingEvent::Disconnected(_) | ThingEvent::Alarm(_) => {}
+            ThingEvent::Connected(_)
+            | ThingEvent::Disconnected(_)
+            | ThingEvent::Alarm(_)
+            | ThingEvent::MeasurementsRecorded(_) => {}
         }
     }
     if jobs_changed && now.registration.is_some() {

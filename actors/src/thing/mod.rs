@@ -12,6 +12,7 @@ pub mod commands;
 pub mod effects;
 pub mod events;
 pub mod jobs;
+pub mod measurements;
 pub mod shadow;
 
 use std::collections::BTreeMap;
@@ -415,6 +416,8 @@ pub enum ThingCommand {
         /// The new rules that apply to the Thing.
         offline_rules: Vec<OfflineRule>,
     },
+    /// Store a device's measurement.
+    RecordMeasurements(measurements::RecordMeasurements),
     /// A device raises an alarm (Cumulocity 301-304).
     RaiseAlarm {
         /// Its type.
@@ -508,6 +511,8 @@ pub enum ThingEvent {
     Job(jobs::JobEvent),
     /// Something happened to an alarm or an offline watch.
     Alarm(AlarmEvent),
+    /// A device's measurement was stored.
+    MeasurementsRecorded(measurements::MeasurementsRecorded),
 }
 
 /// Payload of `ThingConnected` v1.
@@ -912,6 +917,16 @@ pub fn decide(
                 reply: Reply::Recorded,
             })
         }
+        ThingCommand::RecordMeasurements(record) => {
+            if state.registration.is_none() {
+                return Err(state.not_found());
+            }
+            record.validate(&limits.events)?;
+            Ok(Decision {
+                events: vec![ThingEvent::MeasurementsRecorded(record.recorded(now_ms))],
+                reply: Reply::Recorded,
+            })
+        }
         ThingCommand::RaiseAlarm {
             alarm_type,
             severity,
@@ -1151,6 +1166,7 @@ pub fn apply(state: &mut ThingState, event: &ThingEvent) {
         ThingEvent::Command(event) => state.commands.apply(event),
         ThingEvent::Job(event) => state.jobs.apply(event),
         ThingEvent::Alarm(event) => state.alarms.apply(event),
+        ThingEvent::MeasurementsRecorded(_) => {}
     }
 }
 
