@@ -278,6 +278,7 @@ pub async fn serve(
             bulk_lines_max: config.bulk_lines_max,
             publish_bulk_max: config.publish_bulk_max,
             subscribe_durable_wait: Duration::from_millis(config.mqtt_subscribe_durable_wait_ms),
+            cumulocity: config.cumulocity,
         },
         started: std::time::Instant::now(),
     };

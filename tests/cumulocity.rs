@@ -226,6 +226,23 @@ async fn operations_go_down_on_s_ds_and_status_rows_answer_them() {
 
     let command = |action: &str, params: Value| serde_json::json!({"action": action, "ttl": 120, "params": params});
     let url = |id: &str| server.url(&format!("/api/v1/things/pump-1/commands/{id}"));
+    // An operation a device would not understand, or without its parameters, is refused.
+    for (body, why) in [
+        (command("c8y_Command", serde_json::json!({})), "'text'"),
+        (
+            command("c8y_Teleport", serde_json::json!({})),
+            "c8y_Teleport",
+        ),
+    ] {
+        let (status, answer) = call(
+            Method::POST,
+            &server.url("/api/v1/things/pump-1/commands"),
+            Some(body),
+        )
+        .await;
+        assert_eq!(status, 400, "{answer}");
+        assert!(answer.to_string().contains(why), "{answer}");
+    }
     let sent = common::create(
         &server,
         "/api/v1/things/pump-1/commands",

@@ -49,6 +49,15 @@ pub async fn send(
         Things::new_execution_id,
         &state.limits.commands,
     )?;
+    if state.limits.cumulocity && command.action.starts_with("c8y_") {
+        // A Cumulocity operation must be one a device understands, with its parameters.
+        crate::cumulocity::templates::operation_row(
+            &name,
+            &command.action,
+            command.params.as_ref().unwrap_or(&serde_json::Map::new()),
+        )
+        .map_err(ApiError::bad_request)?;
+    }
     let execution = state.things.send_command(&name, command).await?;
     let location = format!("/api/v1/things/{name}/commands/{}", execution.execution_id);
     Ok((

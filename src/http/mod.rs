@@ -68,6 +68,8 @@ pub struct HttpLimits {
     pub publish_bulk_max: usize,
     /// How long a proxy subscription change on a persistent session waits to be durable.
     pub subscribe_durable_wait: std::time::Duration,
+    /// Cumulocity devices are served: a `c8y_...` command must render as its `s/ds` row.
+    pub cumulocity: bool,
 }
 
 /// What every handler can reach.
