@@ -225,3 +225,87 @@ async fn activation_restores_a_missing_deadline_entry() {
     assert_eq!(status(&registry, "t1", "e1").await, CommandStatus::Sent);
     assert!(store.has_deadline("t1", T0 + 60_000).expect("index"));
 }
+
+/// A Cumulocity device's required interval (117, `c8y_RequiredAvailability` in the shadow's
+/// reported) watches it like an offline rule of its own: away that long, it gets
+/// `c8y_UnavailabilityAlarm`; back, the alarm clears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_required_interval_raises_an_unavailability_alarm_when_the_device_stays_away() {
+    use thinghub_actors::thing::{AlarmStatus, Origin, ShadowLimits, ShadowUpdate, ThingState};
+    let (_dir, _store, clock, node) = setup().await;
+    let registry = node.registry().clone();
+    register(&registry, "pump").await;
+    let update = ShadowUpdate::from_json(
+        &serde_json::json!({"state": {"reported": {"c8y_RequiredAvailability": {"responseInterval": 5}}}}),
+        &ShadowLimits::default(),
+    )
+    .expect("update");
+    let command = |c| Request::Command(c);
+    registry
+        .request(
+            "pump",
+            command(ThingCommand::UpdateShadow {
+                update,
+                origin: Origin::Device,
+                want_documents: false,
+            }),
+        )
+        .await
+        .expect("report");
+    for connected in [true, false] {
+        let c = if connected {
+            ThingCommand::RecordConnected {
+                client_id: "pump".into(),
+                connection_id: 1,
+            }
+        } else {
+            ThingCommand::RecordDisconnected {
+                client_id: "pump".into(),
+                connection_id: 1,
+                reason: "keepalive_timeout".into(),
+                offline_rules: Vec::new(),
+            }
+        };
+        registry.request("pump", command(c)).await.expect("record");
+    }
+    let state = |registry: Registry| async move {
+        match registry
+            .request("pump", Request::GetState)
+            .await
+            .expect("state")
+        {
+            Response::State(state) => *state,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    let alarm_status = |state: &ThingState| {
+        state
+            .alarms
+            .alarms
+            .get("c8y_UnavailabilityAlarm")
+            .map(|a| a.status)
+    };
+    clock.advance_ms(5 * 60_000 - 1);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(alarm_status(&state(registry.clone()).await), None);
+    clock.advance_ms(1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alarm_status(&state(registry.clone()).await) != Some(AlarmStatus::Active) {
+        assert!(Instant::now() < deadline, "the alarm was not raised");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    registry
+        .request(
+            "pump",
+            command(ThingCommand::RecordConnected {
+                client_id: "pump".into(),
+                connection_id: 2,
+            }),
+        )
+        .await
+        .expect("back");
+    assert_eq!(
+        alarm_status(&state(registry.clone()).await),
+        Some(AlarmStatus::Cleared)
+    );
+}
