@@ -17,6 +17,7 @@
 
 mod commands;
 mod crash;
+mod cumulocity;
 mod device;
 mod jobs;
 mod mqtt;
@@ -168,6 +169,18 @@ enum Scenario {
         /// sends every echo after the first as an empty topic and an alias).
         #[arg(long)]
         v5_topic_alias_max: Option<u16>,
+        #[command(flatten)]
+        target: target::TargetArgs,
+    },
+    /// Cumulocity devices sending SmartREST measurement rows (QoS 1, acknowledged once
+    /// durable), then the shadow round trip of as many devices in the same run.
+    Cumulocity {
+        /// Simulated devices.
+        #[arg(long, default_value_t = 1000)]
+        devices: usize,
+        /// How long each phase runs.
+        #[arg(long, alias = "seconds", value_parser = parse_duration, default_value = "10s")]
+        duration: Duration,
         #[command(flatten)]
         target: target::TargetArgs,
     },
@@ -388,6 +401,16 @@ fn main() -> Result<()> {
             v5_topic_alias_max,
             report_dir,
         )),
+        Scenario::Cumulocity {
+            devices,
+            duration,
+            target,
+        } => runtime.block_on(cumulocity::run(
+            &target,
+            devices,
+            duration.as_secs().max(1),
+            report_dir,
+        )),
         Scenario::Crash {
             cycles,
             things,
@@ -479,12 +502,16 @@ fn main() -> Result<()> {
                 Some(path) => thinghub::config::Config::from_file(std::path::Path::new(&path))?,
                 None => thinghub::config::Config::default(),
             };
-            let config = thinghub::config::Config {
+            let mut config = thinghub::config::Config {
                 data_dir,
                 http_listen: "127.0.0.1:0".parse()?,
                 mqtt_listen: "127.0.0.1:0".parse()?,
                 ..base
             };
+            // As `thinghub serve` reads it (the `cumulocity` scenario sets it).
+            if std::env::var("THINGHUB_CUMULOCITY").is_ok_and(|v| v == "true") {
+                config.cumulocity = true;
+            }
             let admin_key = std::env::var("THINGHUB_ADMIN_KEY").ok();
             runtime.block_on(thinghub::server::serve(
                 config,

@@ -48,11 +48,11 @@ pub struct ShadowRun {
     pub webhook: bool,
 }
 
-struct PhaseResult {
-    round_trips: u64,
+pub(crate) struct PhaseResult {
+    pub(crate) round_trips: u64,
     operator_rounds: u64,
-    seconds: f64,
-    latencies: Histogram<u64>,
+    pub(crate) seconds: f64,
+    pub(crate) latencies: Histogram<u64>,
     timeline: Timeline,
 }
 
@@ -87,7 +87,7 @@ impl Recorder {
 
 /// What one device does per round.
 #[derive(Clone)]
-enum Work {
+pub(crate) enum Work {
     /// Shadow report (and, every `operator_every` rounds, an operator desired update).
     Shadow {
         thing: String,
@@ -302,7 +302,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 /// Runs one phase: `devices` devices doing `work(i)` for `seconds` (the echo over MQTT 5 with
 /// server topic aliases when `v5_aliases` is set).
 #[allow(clippy::too_many_arguments)]
-async fn phase(
+pub(crate) async fn phase(
     mqtt: SocketAddr,
     credentials: Option<(String, String)>,
     devices: usize,

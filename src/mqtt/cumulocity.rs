@@ -492,7 +492,10 @@ impl Cumulocity {
             .register(
                 name,
                 RegisterThing {
-                    mqtt_client_id: Some(format!("d:{name}")),
+                    // The plain id: the Thing's own user may then connect with it or its `d:`
+                    // form, and a superuser's connection in the `d:` form (the one creating
+                    // it) is not taken over by the reservation.
+                    mqtt_client_id: Some(name.to_owned()),
                     thing_type: Some(device_type.unwrap_or_else(|| DEFAULT_TYPE.to_owned())),
                     attributes,
                 },
