@@ -124,6 +124,8 @@ pub struct Config {
     /// The Cumulocity tenant: a username may carry it as `{tenant}/{user}` (another tenant is
     /// refused).
     pub cumulocity_tenant: String,
+    /// Children (101) one Cumulocity device may create.
+    pub cumulocity_children_max: usize,
     /// Most simultaneous MQTT connections (beyond: CONNACK "server busy").
     pub mqtt_connections_max: usize,
     /// Largest MQTT packet accepted, bytes.
@@ -268,6 +270,7 @@ impl Default for Config {
             aws_compat: false,
             cumulocity: false,
             cumulocity_tenant: "thinghub".into(),
+            cumulocity_children_max: 1000,
             mqtt_connections_max: 100_000,
             mqtt_packet_bytes_max: 256 * 1024,
             mqtt_inflight_max: 32,
@@ -554,6 +557,10 @@ impl Config {
                 self.webhook_dead_letters_max as u64,
             ),
             ("webhooks_max", self.webhooks_max as u64),
+            (
+                "cumulocity_children_max",
+                self.cumulocity_children_max as u64,
+            ),
             (
                 "webhook_broker_queue_bytes_max",
                 self.webhook_broker_queue_bytes_max as u64,

@@ -321,6 +321,7 @@ pub async fn serve(
             broker.clone(),
             things.clone(),
             config.cumulocity_tenant.clone(),
+            config.cumulocity_children_max,
             shadow_limits,
             event_limits,
         ))

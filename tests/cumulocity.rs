@@ -151,18 +151,19 @@ async fn smartrest_rows_land_in_the_thing_and_refusals_come_back_on_the_devices_
 
     // A child: created by its parent, fed through s/us/{child}; nobody else may write for it.
     send(&pump1, "s/us", "101,valve-1,Valve,c8y_Valve").await;
-    until(&server, "/api/v1/things/valve-1", |t| {
+    until(&server, "/api/v1/things/pump-1:valve-1", |t| {
         t["thingType"] == "c8y_Valve"
     })
     .await;
     send(&pump1, "s/us/valve-1", "110,V-SN").await;
-    until(&server, "/api/v1/things/valve-1/shadow", |s| {
+    until(&server, "/api/v1/things/pump-1:valve-1/shadow", |s| {
         s["state"]["reported"]["c8y_Hardware"]["serialNumber"] == "V-SN"
     })
     .await;
     send(&pump2, "s/us/valve-1", "110,STOLEN").await;
     let refused = next_on(&mut pump2, "s/e").await;
-    assert!(refused.starts_with("43,110,"), "{refused}");
+    // Its children are its own names (`pump-2:valve-1`): pump-1's is not one of them.
+    assert!(refused.starts_with("45,110,"), "{refused}");
     send(&pump1, "s/us/ghost", "110,X").await;
     let missing = next_on(&mut pump1, "s/e").await;
     assert!(missing.starts_with("45,110,"), "{missing}");
@@ -176,10 +177,10 @@ async fn smartrest_rows_land_in_the_thing_and_refusals_come_back_on_the_devices_
     let leaked: Vec<String> = nothing_within(&mut pump2, Duration::from_millis(300))
         .await
         .into_iter()
-        .filter(|m| !m.starts_with("s/e: 43"))
+        .filter(|m| !m.starts_with("s/e: 45"))
         .collect();
     assert!(leaked.is_empty(), "{leaked:?}");
-    let shadow = until(&server, "/api/v1/things/valve-1/shadow", |_| true).await;
+    let shadow = until(&server, "/api/v1/things/pump-1:valve-1/shadow", |_| true).await;
     assert_eq!(
         shadow["state"]["reported"]["c8y_Hardware"]["serialNumber"], "V-SN",
         "{shadow}"

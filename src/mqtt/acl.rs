@@ -424,6 +424,18 @@ impl Acl {
             return rule.permission == Permission::Allow;
         }
         if let Some(thing) = &who.thing {
+            // A Cumulocity device's own `s/ds` and `s/e` (see `super::cumulocity`).
+            if action == Action::Subscribe {
+                if let Some(rest) = topic
+                    .strip_prefix(C8Y_NAMESPACE)
+                    .and_then(|t| t.strip_prefix('/'))
+                    .and_then(|t| t.strip_prefix(thing.as_str()))
+                {
+                    if matches!(rest, "/s/ds" | "/s/e") {
+                        return true;
+                    }
+                }
+            }
             let prefix = &self.prefix;
             let native = [
                 format!("{prefix}/things/{thing}/"),

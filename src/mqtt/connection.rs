@@ -360,6 +360,12 @@ async fn run_session(
 /// Refuses a client id that a registered Thing reserves (its `mqttClientId`) to anyone not
 /// bound to that Thing: otherwise they could hold the device's session and lock it out.
 fn reserved_client_id(conn: &Conn, ctx: &MqttContext, client_id: &str) -> Result<(), Refusal> {
+    // With Cumulocity devices, `d:{id}` is the same device as `{id}`: reserved with it.
+    if ctx.cumulocity.is_some() {
+        if let Some(plain) = client_id.strip_prefix("d:") {
+            reserved_client_id(conn, ctx, plain)?;
+        }
+    }
     match ctx.users.client_id_reserved_by(client_id) {
         Ok(Some(thing)) => {
             tracing::info!(peer = %conn.peer, %client_id, %thing, "client id reserved for a Thing's users; refusing");
@@ -430,18 +436,16 @@ async fn authenticate(
     if auth.thing_name.is_none() {
         reserved_client_id(conn, ctx, client_id)?;
     }
+    // A Cumulocity device may use the `d:` form of its Thing's client id (the same session).
+    let c8y_form = ctx.cumulocity.is_some()
+        && auth.thing_name.is_some()
+        && auth
+            .thing_client_id
+            .as_deref()
+            .is_some_and(|own| client_id.strip_prefix("d:") == Some(own));
     if let Some(thing) = &auth.thing_name {
         // A Thing's user connects as that Thing, with its client id and no other: anything else
         // could take over, read or kick another device's session.
-        // A Cumulocity device may use the `d:` form of its client id (unless a Thing holds that).
-        let c8y_form = ctx.cumulocity.is_some()
-            && auth
-                .thing_client_id
-                .as_deref()
-                .is_some_and(|own| client_id.strip_prefix("d:") == Some(own));
-        if c8y_form {
-            reserved_client_id(conn, ctx, client_id)?;
-        }
         match &auth.thing_client_id {
             Some(_) if c8y_form => {}
             Some(own) if own == client_id => {}
@@ -455,8 +459,14 @@ async fn authenticate(
             }
         }
     }
+    // A Cumulocity device's `d:` form is its Thing's client id: one session either way (a
+    // second connection takes the first over, deletion and restore find it).
+    let client_id = match (&auth.thing_client_id, c8y_form) {
+        (Some(own), true) => own.clone(),
+        _ => client_id.to_owned(),
+    };
     let identity = Identity {
-        client_id: client_id.to_owned(),
+        client_id,
         username: Some(username),
         thing: auth.thing_name,
         superuser: auth.superuser,
@@ -646,7 +656,6 @@ fn verification(
     let users = ctx.users.clone();
     let thing = identity.thing.clone();
     let client_id = identity.client_id.clone();
-    let c8y = ctx.cumulocity.is_some();
     Some(Box::new(move || {
         match users.fingerprint(&username) {
             Ok(Some(now)) if now == fingerprint => {}
@@ -661,14 +670,6 @@ fn verification(
         };
         match users.client_id_reserved_by(&client_id) {
             Ok(owner) if owner.as_ref() == Some(thing) => Verified::Yes,
-            // A Cumulocity device's `d:{id}` form, held by nobody, of its Thing's client id.
-            Ok(None) if c8y && client_id.starts_with("d:") => {
-                match users.client_id_reserved_by(&client_id[2..]) {
-                    Ok(owner) if owner.as_ref() == Some(thing) => Verified::Yes,
-                    Ok(_) => Verified::Changed,
-                    Err(_) => Verified::Unreadable,
-                }
-            }
             Ok(_) => Verified::Changed,
             Err(_) => Verified::Unreadable,
         }
@@ -1192,10 +1193,9 @@ async fn handle_subscribe(
                 }
             }
             Ok(parsed)
-                if own.is_none()
-                    && !ctx
-                        .acl
-                        .allows(&session.identity, Action::Subscribe, &parsed.filter) =>
+                if !ctx
+                    .acl
+                    .allows(&session.identity, Action::Subscribe, &parsed.filter) =>
             {
                 ctx.broker.stats.acl_denied.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(%client_id, filter = %filter.path, "subscription denied by ACL");

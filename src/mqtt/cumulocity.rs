@@ -40,6 +40,8 @@ pub const PARENT_ATTRIBUTE: &str = "c8y_parent";
 /// Pending executions read to find the one a status row is about (a Thing holds at most
 /// `command_pending_max` pending ones).
 const PENDING_READ_MAX: usize = 1000;
+/// Things read at a time when counting a device's children.
+const CHILDREN_PAGE: usize = 256;
 /// The type a device created without one gets (as Cumulocity's).
 const DEFAULT_TYPE: &str = "c8y_MQTTDevice";
 
@@ -48,6 +50,7 @@ pub struct Cumulocity {
     broker: Arc<Broker>,
     things: Things,
     tenant: String,
+    children_max: usize,
     shadow_limits: ShadowLimits,
     event_limits: EventLimits,
 }
@@ -58,6 +61,7 @@ impl Cumulocity {
         broker: Arc<Broker>,
         things: Things,
         tenant: String,
+        children_max: usize,
         shadow_limits: ShadowLimits,
         event_limits: EventLimits,
     ) -> Cumulocity {
@@ -65,6 +69,7 @@ impl Cumulocity {
             broker,
             things,
             tenant,
+            children_max,
             shadow_limits,
             event_limits,
         }
@@ -189,24 +194,14 @@ impl Cumulocity {
         errors
     }
 
-    /// The child `child` of `device`, if it is one (created by 101 from this device).
+    /// The Thing of `device`'s child `child`, if it is one (created by 101 from this device).
     async fn child_of(&self, device: &str, child: &str) -> Result<String, RowError> {
-        if validate_thing_name(child).is_err() {
-            return Err(error(
-                41,
-                "0",
-                format!("'{child}' is not a valid device id"),
-            ));
-        }
-        match self.things.describe(child).await {
+        let name = child_name(device, child)?;
+        match self.things.describe(&name).await {
             Ok(description) => {
-                if description
-                    .attributes
-                    .get(PARENT_ATTRIBUTE)
-                    .map(String::as_str)
-                    == Some(device)
-                {
-                    Ok(child.to_owned())
+                let parent = description.attributes.get(PARENT_ATTRIBUTE);
+                if parent.map(String::as_str) == Some(device) {
+                    Ok(name)
                 } else {
                     Err(error(
                         43,
@@ -240,29 +235,26 @@ impl Cumulocity {
                 name,
                 device_type,
             } => {
-                if validate_thing_name(&id).is_err() {
-                    return Err(error(41, "101", format!("'{id}' is not a valid device id")));
-                }
+                // A child's Thing is named under its parent's (`{parent}:{child}`): a device
+                // can never take a name that is not its own.
+                let child = child_name(target, &id)?;
                 self.ensure(identity, target, None, None, None).await?;
-                match self.things.describe(&id).await {
+                match self.things.describe(&child).await {
                     Ok(existing) => {
-                        if existing
-                            .attributes
-                            .get(PARENT_ATTRIBUTE)
-                            .map(String::as_str)
-                            == Some(target)
-                        {
+                        let parent = existing.attributes.get(PARENT_ATTRIBUTE);
+                        if parent.map(String::as_str) == Some(target) {
                             Ok(())
                         } else {
                             Err(error(
                                 43,
                                 "101",
-                                format!("'{id}' exists and is not a child of '{target}'"),
+                                format!("'{child}' exists and is not a child of '{target}'"),
                             ))
                         }
                     }
                     Err(e) if e.kind == RejectionKind::ThingNotFound => {
-                        self.register(&id, name, device_type, Some(target)).await
+                        self.check_children_bound(target).await?;
+                        self.register(&child, name, device_type, Some(target)).await
                     }
                     Err(e) => Err(error(42, "101", e.message)),
                 }
@@ -382,6 +374,40 @@ impl Cumulocity {
                     "0",
                     "this template is not supported by this server yet",
                 ))
+            }
+        }
+    }
+
+    /// Refuses a child past `cumulocity_children_max` for `parent`.
+    async fn check_children_bound(&self, parent: &str) -> Result<(), RowError> {
+        let prefix = format!("{parent}:");
+        let mut after = prefix.clone();
+        let mut count = 0usize;
+        loop {
+            let page = self
+                .things
+                .list(Some(&after), CHILDREN_PAGE)
+                .map_err(|e| error(42, "101", e.message))?;
+            let mine = page
+                .iter()
+                .take_while(|t| t.name.starts_with(&prefix))
+                .count();
+            count += mine;
+            if count >= self.children_max {
+                return Err(error(
+                    43,
+                    "101",
+                    format!(
+                        "'{parent}' has {} children already (cumulocity_children_max)",
+                        self.children_max
+                    ),
+                ));
+            }
+            match page.last() {
+                Some(last) if mine == page.len() && page.len() == CHILDREN_PAGE => {
+                    after = last.name.clone();
+                }
+                _ => return Ok(()),
             }
         }
     }
@@ -540,6 +566,22 @@ pub fn operation_row(device: &str, execution: &CommandExecution) -> Option<Resul
             execution.params.as_ref().unwrap_or(&Map::new()),
         )
     })
+}
+
+/// The Thing name of `parent`'s child `child`.
+fn child_name(parent: &str, child: &str) -> Result<String, RowError> {
+    let name = format!("{parent}:{child}");
+    if validate_thing_name(child).is_err() || validate_thing_name(&name).is_err() {
+        return Err(error(
+            41,
+            "0",
+            format!(
+                "'{}' is not a valid child id (its Thing '{parent}:{{id}}' must be a valid Thing name)",
+                child.chars().take(64).collect::<String>()
+            ),
+        ));
+    }
+    Ok(name)
 }
 
 fn error(code: u16, template: &str, message: impl Into<String>) -> RowError {
