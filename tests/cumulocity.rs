@@ -125,12 +125,13 @@ async fn smartrest_rows_land_in_the_thing_and_refusals_come_back_on_the_devices_
     .await;
     let errors = next_on(&mut pump1, "s/e").await;
     let rows: Vec<&str> = errors.lines().collect();
-    assert_eq!(rows[0], "40,999,unknown template '999'", "{errors}");
+    assert_eq!(rows[0], "41,100,Device already existing", "{errors}");
+    assert_eq!(rows[1], "40,999,unknown template '999'", "{errors}");
     assert!(
-        rows[1].starts_with("41,200,") && rows[1].contains("'warm' is not a number"),
+        rows[2].starts_with("41,200,") && rows[2].contains("'warm' is not a number"),
         "{errors}"
     );
-    assert_eq!(rows.len(), 2, "{errors}");
+    assert_eq!(rows.len(), 3, "{errors}");
     let shadow = until(&server, "/api/v1/things/pump-1/shadow", |s| {
         s["state"]["reported"]["c8y_Hardware"].is_object()
     })
@@ -170,8 +171,13 @@ async fn smartrest_rows_land_in_the_thing_and_refusals_come_back_on_the_devices_
     send(&pump1, "s/us", "\"open").await;
     let broken = next_on(&mut pump1, "s/e").await;
     assert!(broken.starts_with("44,0,"), "{broken}");
-    // A device may not publish on its s/ds (only the server does); it is dropped.
+    // A device may not publish on its s/ds (only the server does): answered on s/e.
     send(&pump1, "s/ds", "510,pump-2").await;
+    let refused = next_on(&mut pump1, "s/e").await;
+    assert!(
+        refused.starts_with("43,0,") && refused.contains("'s/ds'"),
+        "{refused}"
+    );
 
     // pump-2 saw none of pump-1's answers.
     let leaked: Vec<String> = nothing_within(&mut pump2, Duration::from_millis(300))

@@ -470,7 +470,8 @@ impl Things {
     ) -> Result<Option<thing::Alarm>, Rejection> {
         self.require_registered(name, None)?;
         if let ThingCommand::RaiseAlarm { alarm_type, .. }
-        | ThingCommand::ChangeAlarmSeverity { alarm_type, .. } = &command
+        | ThingCommand::ChangeAlarmSeverity { alarm_type, .. }
+        | ThingCommand::ClearDeviceAlarm { alarm_type } = &command
         {
             crate::alarms::validate_rule_name(alarm_type)?;
         }

@@ -7,10 +7,11 @@
 
 use std::fmt;
 
-/// Longest message the parser reads, bytes (a row beyond is refused, not truncated).
-pub const MESSAGE_BYTES_MAX: usize = 64 * 1024;
-/// Most rows in one message.
-pub const ROWS_MAX: usize = 1000;
+/// Longest message the parser reads, bytes (Cumulocity's own limit; a longer one is refused,
+/// not truncated).
+pub const MESSAGE_BYTES_MAX: usize = 16_184;
+/// Most rows in one message (each is a durable write).
+pub const ROWS_MAX: usize = 100;
 /// Most fields in one row.
 pub const FIELDS_MAX: usize = 256;
 

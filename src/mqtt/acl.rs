@@ -151,7 +151,11 @@ impl AclRule {
     /// rule then does not apply (`None`), and in a deny rule the level holding it and all after
     /// become `#`, so the deny covers whatever the value could have made of the topic.
     fn expand(&self, who: &Identity) -> Option<Expanded> {
-        let plain_level = |value: &str| !value.is_empty() && !value.contains(['+', '#', '/']);
+        // A value starting with `$` could name a reserved namespace (`$c8y`, `$SYS`) as the
+        // first level: not a plain level.
+        let plain_level = |value: &str| {
+            !value.is_empty() && !value.contains(['+', '#', '/']) && !value.starts_with('$')
+        };
         let deny = self.permission == Permission::Deny;
         let mut levels = Vec::new();
         for level in self.topic.split('/') {

@@ -1426,7 +1426,8 @@ async fn handle_publish(
         // SmartREST: rows for the device's Thing, answered on its `s/e`; only `s/us` and
         // `s/us/{child}` take rows, and only from a connection that is a device.
         let device = super::cumulocity::Cumulocity::device_of(&session.identity);
-        if device.is_some() && (&*topic == "s/us" || topic.starts_with("s/us/")) {
+        // Every `s/` publish of a device is answered: rows on `s/us`, a 43 on `s/e` otherwise.
+        if device.is_some() {
             c8y.upstream(&session.identity, &topic, &publish.payload)
                 .await;
             PublishOutcome::Accepted

@@ -182,7 +182,10 @@ impl Cumulocity {
         };
         let mut errors = Vec::new();
         for row in &rows {
-            let template = row.first().cloned().unwrap_or_default();
+            let template: String = row
+                .first()
+                .map(|t| t.chars().take(16).collect())
+                .unwrap_or_default();
             let outcome = match templates::decode(row) {
                 Ok(request) => self.act(identity, device, &target, request).await,
                 Err(e) => Err(e),
@@ -228,6 +231,11 @@ impl Cumulocity {
     ) -> Result<(), RowError> {
         match request {
             Upstream::CreateDevice { name, device_type } => {
+                // As Cumulocity: an existing device is answered `41,100,Device already
+                // existing` (agents wait for that row).
+                if self.things.ensure_registered(target).is_ok() {
+                    return Err(error(41, "100", "Device already existing"));
+                }
                 self.ensure(identity, target, name, device_type, None).await
             }
             Upstream::CreateChild {
@@ -339,7 +347,7 @@ impl Cumulocity {
             }
             Upstream::ClearAlarm { alarm_type } => self
                 .things
-                .alarm_action(target, &alarm_type, "device", true)
+                .device_alarm(target, ThingCommand::ClearDeviceAlarm { alarm_type })
                 .await
                 .map(|_| ())
                 .map_err(|e| error(code_of(e.kind), "0", e.message)),
@@ -532,8 +540,14 @@ impl Cumulocity {
                 tracing::info!(device = %name, parent = ?parent, "Cumulocity device created");
                 Ok(())
             }
-            // Created meanwhile by another row or request: it exists, which is what was asked.
-            Err(e) if e.kind == RejectionKind::AlreadyExists => Ok(()),
+            // Created meanwhile by another row or request: it exists, which is what was asked
+            // (any other conflict, such as a client id another Thing holds, is an error).
+            Err(e)
+                if e.kind == RejectionKind::AlreadyExists
+                    && self.things.ensure_registered(name).is_ok() =>
+            {
+                Ok(())
+            }
             Err(e) => Err(error(code_of(e.kind), "0", e.message)),
         }
     }

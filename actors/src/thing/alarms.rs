@@ -358,7 +358,14 @@ pub fn decide_arm(
 ) -> Vec<AlarmEvent> {
     rules
         .iter()
-        .filter(|rule| !alarms.is_open(&rule.name))
+        // An open offline alarm of the rule already says it (a device's own alarm of the
+        // same type does not stop the watch: the offline alarm replaces it when it fires).
+        .filter(|rule| {
+            !alarms
+                .alarms
+                .get(&rule.name)
+                .is_some_and(|a| a.status != AlarmStatus::Cleared && a.offline_since_ms.is_some())
+        })
         .filter(|rule| {
             alarms
                 .alarms
@@ -490,6 +497,9 @@ pub fn decide_raise(
             "the alarm text is longer than {ALARM_TEXT_BYTES_MAX} bytes"
         )));
     }
+    if is_server_alarm(alarms, alarm_type) {
+        return Err(server_alarm(alarm_type));
+    }
     if alarms.is_open(alarm_type) {
         return Ok(Vec::new());
     }
@@ -510,6 +520,9 @@ pub fn decide_severity(
     now_ms: u64,
 ) -> Result<Vec<AlarmEvent>, Rejection> {
     let alarm = find(alarms, alarm_type)?;
+    if is_server_alarm(alarms, alarm_type) {
+        return Err(server_alarm(alarm_type));
+    }
     if alarm.status == AlarmStatus::Cleared {
         return Err(Rejection::new(
             RejectionKind::TerminalStateReached,
@@ -524,6 +537,35 @@ pub fn decide_severity(
         severity,
         at_ms: now_ms,
     })])
+}
+
+/// Whether `alarm_type` is the server's (an offline alarm or watch): a device may not raise,
+/// change or clear it.
+fn is_server_alarm(alarms: &Alarms, alarm_type: &str) -> bool {
+    alarms.armed.contains_key(alarm_type)
+        || alarms
+            .alarms
+            .get(alarm_type)
+            .is_some_and(|a| a.offline_since_ms.is_some())
+}
+
+fn server_alarm(alarm_type: &str) -> Rejection {
+    Rejection::new(
+        RejectionKind::InvalidStateTransition,
+        format!("'{alarm_type}' is an offline alarm of the server's; a device cannot change it"),
+    )
+}
+
+/// A device clears its own alarm (Cumulocity 306); the server's offline alarms are not its.
+pub fn decide_device_clear(
+    alarms: &Alarms,
+    alarm_type: &str,
+    now_ms: u64,
+) -> Result<Vec<AlarmEvent>, Rejection> {
+    if is_server_alarm(alarms, alarm_type) {
+        return Err(server_alarm(alarm_type));
+    }
+    decide_clear(alarms, alarm_type, "device", now_ms)
 }
 
 /// An operator acknowledges an open alarm (again: nothing changes).

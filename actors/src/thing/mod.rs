@@ -434,6 +434,11 @@ pub enum ThingCommand {
         /// The new severity.
         severity: AlarmSeverity,
     },
+    /// A device clears its own alarm (Cumulocity 306).
+    ClearDeviceAlarm {
+        /// Its type.
+        alarm_type: String,
+    },
     /// An operator acknowledges an alarm.
     AcknowledgeAlarm {
         /// Its type.
@@ -952,6 +957,13 @@ pub fn decide(
                 return Err(state.not_found());
             }
             let events = alarms::decide_severity(&state.alarms, alarm_type, *severity, now_ms)?;
+            Ok(alarm_decision(state, alarm_type, events))
+        }
+        ThingCommand::ClearDeviceAlarm { alarm_type } => {
+            if state.registration.is_none() {
+                return Err(state.not_found());
+            }
+            let events = alarms::decide_device_clear(&state.alarms, alarm_type, now_ms)?;
             Ok(alarm_decision(state, alarm_type, events))
         }
         ThingCommand::AcknowledgeAlarm { alarm_type, by } => {

@@ -496,6 +496,47 @@ fn a_device_alarm_is_one_per_type_its_severity_changes_and_it_clears() {
 }
 
 #[test]
+fn a_device_cannot_raise_change_or_clear_the_servers_offline_alarm() {
+    let rules = vec![offline_rule("offline-1m", 60_000)];
+    let (mut state, _) = given(&[register(), connect(1), disconnect(1, rules.clone())]);
+    let raise = ThingCommand::RaiseAlarm {
+        alarm_type: "offline-1m".into(),
+        severity: AlarmSeverity::Warning,
+        text: None,
+    };
+    assert!(
+        when(&state, raise.clone()).is_err(),
+        "watched: not the device's"
+    );
+    at(&mut state, fire(rules.clone()), NOW_MS + 60_000).expect("fire");
+    let clear = ThingCommand::ClearDeviceAlarm {
+        alarm_type: "offline-1m".into(),
+    };
+    assert!(when(&state, clear).is_err());
+    let change = ThingCommand::ChangeAlarmSeverity {
+        alarm_type: "offline-1m".into(),
+        severity: AlarmSeverity::Warning,
+    };
+    assert!(when(&state, change).is_err());
+    assert!(when(&state, raise).is_err());
+
+    // A device alarm of a rule's type does not stop the rule's watch.
+    let (mut state, _) = given(&[register(), connect(1)]);
+    at(
+        &mut state,
+        ThingCommand::RaiseAlarm {
+            alarm_type: "offline-1m".into(),
+            severity: AlarmSeverity::Warning,
+            text: None,
+        },
+        NOW_MS,
+    )
+    .expect("device alarm");
+    let watched = at(&mut state, disconnect(1, rules), NOW_MS + 1).expect("disconnect");
+    assert_eq!(watched.alarm_events().count(), 1, "armed anyway");
+}
+
+#[test]
 fn deleting_a_thing_ends_its_watches_and_a_new_registration_starts_clean() {
     let rules = vec![
         offline_rule("offline-1m", 60_000),
