@@ -843,34 +843,15 @@ pub fn list_measurements(
     query: &MeasurementQuery,
     limit: usize,
 ) -> Result<MeasurementPage, StorageError> {
-    let mut items = Vec::new();
-    let mut below = query.before_seq.unwrap_or(u64::MAX);
-    let mut scanned = 0usize;
-    loop {
-        if below == 0 {
-            return Ok(MeasurementPage {
-                items,
-                next_before_seq: None,
-            });
-        }
-        let batch = store.read_events_rev(name, below - 1, EVENTS_SCAN_STEP)?;
-        let Some(last) = batch.last() else {
-            return Ok(MeasurementPage {
-                items,
-                next_before_seq: None,
-            });
-        };
-        let batch_end = last.seq;
-        for recorded in &batch {
-            scanned += 1;
-            below = recorded.seq;
-            if recorded.envelope.event_type != codec::MEASUREMENTS_RECORDED {
-                continue;
-            }
-            let ThingEvent::MeasurementsRecorded(mut measurement) =
-                codec::decode_event(name, recorded)?
-            else {
-                continue;
+    let (items, next_before_seq) = scan_log_rev(
+        store,
+        name,
+        codec::MEASUREMENTS_RECORDED,
+        query.before_seq,
+        limit,
+        |event| {
+            let ThingEvent::MeasurementsRecorded(mut measurement) = event else {
+                return None;
             };
             measurement.values.retain(|v| {
                 query.fragment.as_ref().is_none_or(|f| *f == v.fragment)
@@ -879,27 +860,56 @@ pub fn list_measurements(
             let wanted = !measurement.values.is_empty()
                 && query.since_ms.is_none_or(|s| measurement.time_ms >= s)
                 && query.until_ms.is_none_or(|u| measurement.time_ms <= u);
-            if wanted {
-                items.push((recorded.seq, measurement));
-                if items.len() >= limit {
-                    return Ok(MeasurementPage {
-                        items,
-                        next_before_seq: Some(recorded.seq),
-                    });
+            wanted.then_some(measurement)
+        },
+    )?;
+    Ok(MeasurementPage {
+        items,
+        next_before_seq,
+    })
+}
+
+/// Reads `name`'s log newest first below `before_seq`, decoding the records of `event_type`
+/// and keeping what `keep` returns, up to `limit`, scanning at most
+/// [`EVENTS_SCAN_RECORDS_MAX`] records; returns the items and where a next page starts.
+#[allow(clippy::type_complexity)]
+fn scan_log_rev<T>(
+    store: &Store,
+    name: &str,
+    event_type: &str,
+    before_seq: Option<u64>,
+    limit: usize,
+    mut keep: impl FnMut(ThingEvent) -> Option<T>,
+) -> Result<(Vec<(u64, T)>, Option<u64>), StorageError> {
+    let mut items = Vec::new();
+    let mut below = before_seq.unwrap_or(u64::MAX);
+    let mut scanned = 0usize;
+    loop {
+        if below == 0 {
+            return Ok((items, None));
+        }
+        let batch = store.read_events_rev(name, below - 1, EVENTS_SCAN_STEP)?;
+        let Some(last) = batch.last() else {
+            return Ok((items, None));
+        };
+        let batch_end = last.seq;
+        for recorded in &batch {
+            scanned += 1;
+            below = recorded.seq;
+            if recorded.envelope.event_type == event_type {
+                if let Some(item) = keep(codec::decode_event(name, recorded)?) {
+                    items.push((recorded.seq, item));
+                    if items.len() >= limit {
+                        return Ok((items, Some(recorded.seq)));
+                    }
                 }
             }
             if scanned >= EVENTS_SCAN_RECORDS_MAX {
-                return Ok(MeasurementPage {
-                    items,
-                    next_before_seq: Some(recorded.seq),
-                });
+                return Ok((items, Some(recorded.seq)));
             }
         }
         if batch.len() < EVENTS_SCAN_STEP || batch_end <= 1 {
-            return Ok(MeasurementPage {
-                items,
-                next_before_seq: None,
-            });
+            return Ok((items, None));
         }
     }
 }
@@ -921,32 +931,15 @@ pub fn list_events(
     query: &EventQuery,
     limit: usize,
 ) -> Result<EventPage, StorageError> {
-    let mut items = Vec::new();
-    let mut below = query.before_seq.unwrap_or(u64::MAX);
-    let mut scanned = 0usize;
-    loop {
-        if below == 0 {
-            return Ok(EventPage {
-                items,
-                next_before_seq: None,
-            });
-        }
-        let batch = store.read_events_rev(name, below - 1, EVENTS_SCAN_STEP)?;
-        let Some(last) = batch.last() else {
-            return Ok(EventPage {
-                items,
-                next_before_seq: None,
-            });
-        };
-        let batch_end = last.seq;
-        for recorded in &batch {
-            scanned += 1;
-            below = recorded.seq;
-            if recorded.envelope.event_type != codec::EVENT_INGESTED {
-                continue;
-            }
-            let ThingEvent::EventIngested(event) = codec::decode_event(name, recorded)? else {
-                continue;
+    let (items, next_before_seq) = scan_log_rev(
+        store,
+        name,
+        codec::EVENT_INGESTED,
+        query.before_seq,
+        limit,
+        |event| {
+            let ThingEvent::EventIngested(event) = event else {
+                return None;
             };
             let wanted = query
                 .event_type
@@ -954,29 +947,13 @@ pub fn list_events(
                 .is_none_or(|t| *t == event.event_type)
                 && query.since_ms.is_none_or(|s| event.timestamp_ms >= s)
                 && query.until_ms.is_none_or(|u| event.timestamp_ms <= u);
-            if wanted {
-                items.push((recorded.seq, event));
-                if items.len() >= limit {
-                    return Ok(EventPage {
-                        items,
-                        next_before_seq: Some(recorded.seq),
-                    });
-                }
-            }
-            if scanned >= EVENTS_SCAN_RECORDS_MAX {
-                return Ok(EventPage {
-                    items,
-                    next_before_seq: Some(recorded.seq),
-                });
-            }
-        }
-        if batch.len() < EVENTS_SCAN_STEP || batch_end <= 1 {
-            return Ok(EventPage {
-                items,
-                next_before_seq: None,
-            });
-        }
-    }
+            wanted.then_some(event)
+        },
+    )?;
+    Ok(EventPage {
+        items,
+        next_before_seq,
+    })
 }
 
 /// The registered Thing whose MQTT client id is `client_id`, checked against its registry
