@@ -232,7 +232,7 @@ async fn operations_go_down_on_s_ds_and_status_rows_answer_them() {
     subscribe_ack(&mut pump, "s/e").await;
 
     let command = |action: &str, params: Value| serde_json::json!({"action": action, "ttl": 120, "params": params});
-    let url = |id: &str| server.url(&format!("/api/v1/things/pump-1/commands/{id}"));
+    let path = |id: &str| format!("/api/v1/things/pump-1/commands/{id}");
     // An operation a device would not understand, or without its parameters, is refused.
     for (body, why) in [
         (command("c8y_Command", serde_json::json!({})), "'text'"),
@@ -262,21 +262,9 @@ async fn operations_go_down_on_s_ds_and_status_rows_answer_them() {
     send(&pump, "s/us", "500").await;
     assert_eq!(next_on(&mut pump, "s/ds").await, "510,pump-1");
     send(&pump, "s/us", "501,c8y_Restart").await;
-    let deadline = Instant::now() + WAIT;
-    while call(Method::GET, &url(&restart), None).await.1["status"] != "IN_PROGRESS" {
-        assert!(Instant::now() < deadline, "IN_PROGRESS");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until(&server, &path(&restart), |e| e["status"] == "IN_PROGRESS").await;
     send(&pump, "s/us", "503,c8y_Restart,done").await;
-    let deadline = Instant::now() + WAIT;
-    let execution = loop {
-        let execution = call(Method::GET, &url(&restart), None).await.1;
-        if execution["status"] == "SUCCEEDED" {
-            break execution;
-        }
-        assert!(Instant::now() < deadline, "{execution}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let execution = until(&server, &path(&restart), |e| e["status"] == "SUCCEEDED").await;
     assert_eq!(
         execution["result"]["parameters"],
         serde_json::json!(["done"]),
@@ -304,15 +292,7 @@ async fn operations_go_down_on_s_ds_and_status_rows_answer_them() {
         "511,pump-1,\"reboot, now\""
     );
     send(&pump, "s/us", "502,c8y_Command,no shell").await;
-    let deadline = Instant::now() + WAIT;
-    let execution = loop {
-        let execution = call(Method::GET, &url(&shell), None).await.1;
-        if execution["status"] == "FAILED" {
-            break execution;
-        }
-        assert!(Instant::now() < deadline, "{execution}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let execution = until(&server, &path(&shell), |e| e["status"] == "FAILED").await;
     assert_eq!(
         execution["statusReason"]["reasonDescription"], "no shell",
         "{execution}"

@@ -276,7 +276,7 @@ impl Cumulocity {
                     .update_shadow(target, update, Origin::Device)
                     .await
                     .map(|_| ())
-                    .map_err(|e| error(code_of(e.kind), "0", e.message))
+                    .map_err(row_error)
             }
             Upstream::Event {
                 event_type,
@@ -297,7 +297,7 @@ impl Cumulocity {
                     .ingest_event(target, event)
                     .await
                     .map(|_| ())
-                    .map_err(|e| error(code_of(e.kind), "0", e.message))
+                    .map_err(row_error)
             }
             Upstream::OperationStatus {
                 target: which,
@@ -329,7 +329,7 @@ impl Cumulocity {
                     .device_alarm(target, command)
                     .await
                     .map(|_| ())
-                    .map_err(|e| error(code_of(e.kind), "0", e.message))
+                    .map_err(row_error)
             }
             Upstream::AlarmSeverity {
                 alarm_type,
@@ -343,14 +343,14 @@ impl Cumulocity {
                     .device_alarm(target, command)
                     .await
                     .map(|_| ())
-                    .map_err(|e| error(code_of(e.kind), "0", e.message))
+                    .map_err(row_error)
             }
             Upstream::ClearAlarm { alarm_type } => self
                 .things
                 .device_alarm(target, ThingCommand::ClearDeviceAlarm { alarm_type })
                 .await
                 .map(|_| ())
-                .map_err(|e| error(code_of(e.kind), "0", e.message)),
+                .map_err(row_error),
             Upstream::Measurements {
                 measurement_type,
                 values,
@@ -373,7 +373,7 @@ impl Cumulocity {
                 self.things
                     .record_measurements(target, record)
                     .await
-                    .map_err(|e| error(code_of(e.kind), "0", e.message))
+                    .map_err(row_error)
             }
             Upstream::ListChildren | Upstream::ClearAlarmFragment { .. } => {
                 tracing::debug!(%device, "a SmartREST template not supported yet");
@@ -428,7 +428,7 @@ impl Cumulocity {
                 .things
                 .list_commands(target, Some(status), None, PENDING_READ_MAX)
                 .await
-                .map_err(|e| error(code_of(e.kind), "0", e.message))?;
+                .map_err(row_error)?;
             pending.extend(page.items);
         }
         pending.sort_by_key(|e| (e.created_at_ms, e.execution_id.clone()));
@@ -485,7 +485,7 @@ impl Cumulocity {
             )
             .await
             .map(|_| ())
-            .map_err(|e| error(code_of(e.kind), "0", e.message))
+            .map_err(row_error)
     }
 
     /// Makes sure `target`'s Thing exists: a superuser's device is created on its first row
@@ -613,6 +613,11 @@ fn alarm_severity(severity: templates::Severity) -> AlarmSeverity {
         templates::Severity::Minor => AlarmSeverity::Minor,
         templates::Severity::Warning => AlarmSeverity::Warning,
     }
+}
+
+/// A Thing's refusal as an `s/e` row.
+fn row_error(e: thinghub_actors::thing::Rejection) -> RowError {
+    error(code_of(e.kind), "0", e.message)
 }
 
 /// The `s/e` code of a Thing's refusal.
