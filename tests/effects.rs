@@ -262,6 +262,27 @@ async fn a_command_reaches_the_device_when_the_http_client_hangs_up_or_times_out
 
 /// What a persistent subscriber left behind before a restart: three QoS 1 messages queued for
 /// it, and a retained message.
+/// Waits (bounded) until the server has closed `client_id`'s connection (its session kept).
+async fn until_offline(server: &Server, client_id: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, client) = common::call(
+            reqwest::Method::GET,
+            &server.url(&format!("/api/v1/clients/{client_id}")),
+            None,
+        )
+        .await;
+        if status == 200 && client["connected"] == false {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{client_id} still connected: {client}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn leave_messages(server: &Server) {
     let (mut publisher, _) = Client::connect(server, "publisher", Some(BACKEND), |_| {})
         .await
@@ -317,6 +338,9 @@ async fn a_v311_persistent_session_survives_a_kill_9_with_its_queue_and_subscrip
     .expect("subscriber");
     subscriber.subscribe("fleet/+/cmd", QoS::AtLeastOnce).await;
     subscriber.client.disconnect().await.expect("disconnect");
+    // Offline before anything is published: a message the still-open connection received
+    // (and acknowledged) would never be queued for the session.
+    until_offline(&server, "sub-311").await;
     leave_messages(&server).await;
     stored(&server).await;
     server.kill9();
@@ -357,6 +381,9 @@ async fn a_v5_persistent_session_survives_a_restart_with_its_queue_and_subscript
         .expect("subscriber");
     subscriber.subscribe("fleet/+/cmd").await;
     subscriber.client.disconnect().await.expect("disconnect");
+    // Offline before anything is published: a message the still-open connection received
+    // (and acknowledged) would never be queued for the session.
+    until_offline(&server, "sub-5").await;
     leave_messages(&server).await;
     let (exit, _) = server.stop();
     assert!(exit.success());

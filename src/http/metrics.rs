@@ -384,7 +384,10 @@ fn collect(state: &AppState) -> Vec<Metric> {
             "thinghub_mqtt_unstored_changes",
             "gauge",
             "Sessions and retained topics changed since the last checkpoint (written behind).",
-            state.broker.unstored_changes() as f64,
+            // A checkpoint in progress holds changes taken from the broker and not written yet.
+            (state.broker.unstored_changes() as u64
+                + state.persistence.stats.checkpointing.load(Ordering::SeqCst))
+                as f64,
             "mqtt",
             "unstoredChanges",
         ),

@@ -228,6 +228,10 @@ impl Changes {
 pub struct PersistStats {
     /// Checkpoints that wrote something.
     pub checkpoints_written: AtomicU64,
+    /// Checkpoints that may have taken the broker's changes and not yet written them (so a
+    /// reader of the unstored count never sees 0 for changes that are neither in the broker
+    /// nor written).
+    pub checkpointing: AtomicU64,
     /// Session records written (put or removed).
     pub sessions_written: AtomicU64,
     /// Retained records written (put or removed).
@@ -294,6 +298,13 @@ impl Persistence {
     /// when the server died counts its expiry from then, not from the restart. The mark alone
     /// is written when it is `alive_mark_interval` old.
     pub fn checkpoint(&self) -> Result<bool, String> {
+        self.stats.checkpointing.fetch_add(1, Ordering::SeqCst);
+        let outcome = self.checkpoint_taken();
+        self.stats.checkpointing.fetch_sub(1, Ordering::SeqCst);
+        outcome
+    }
+
+    fn checkpoint_taken(&self) -> Result<bool, String> {
         let time = TimeBase::now();
         let changes = self.broker.take_changes(time);
         let mark_due = {
