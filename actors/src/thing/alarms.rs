@@ -239,6 +239,9 @@ pub struct AlarmSeverityChanged {
 
 /// Longest alarm text a device may send, bytes.
 pub const ALARM_TEXT_BYTES_MAX: usize = 1024;
+/// Most alarm types one Thing keeps (each its latest alarm): a device raising ever new types
+/// must not grow its Thing's state without bound.
+pub const ALARM_TYPES_MAX: usize = 100;
 
 /// Everything that happens to alarms.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -502,6 +505,12 @@ pub fn decide_raise(
     }
     if alarms.is_open(alarm_type) {
         return Ok(Vec::new());
+    }
+    if !alarms.alarms.contains_key(alarm_type) && alarms.alarms.len() >= ALARM_TYPES_MAX {
+        return Err(Rejection::new(
+            RejectionKind::TooManyRequests,
+            format!("at most {ALARM_TYPES_MAX} alarm types per Thing"),
+        ));
     }
     Ok(vec![AlarmEvent::Raised(AlarmRaised {
         alarm_type: alarm_type.to_owned(),

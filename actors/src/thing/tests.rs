@@ -493,6 +493,26 @@ fn a_device_alarm_is_one_per_type_its_severity_changes_and_it_clears() {
         when(&state, other).expect_err("long").code(),
         ErrorCode::BadRequest
     );
+
+    // Ever new types are bounded.
+    let (mut state, _) = given(&[register()]);
+    for n in 0..alarms::ALARM_TYPES_MAX {
+        let raise = ThingCommand::RaiseAlarm {
+            alarm_type: format!("t{n}"),
+            severity: AlarmSeverity::Minor,
+            text: None,
+        };
+        at(&mut state, raise, NOW_MS).expect("within the bound");
+    }
+    let one_more = ThingCommand::RaiseAlarm {
+        alarm_type: "t-new".into(),
+        severity: AlarmSeverity::Minor,
+        text: None,
+    };
+    assert_eq!(
+        when(&state, one_more).expect_err("past the bound").code(),
+        ErrorCode::TooManyRequests
+    );
 }
 
 #[test]
