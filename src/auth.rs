@@ -104,6 +104,7 @@ pub fn route_allowed(role: Role, method: &str, path: &str) -> Result<(), String>
         "/api/v1/authorization/",
         "/api/v1/webhooks",
         "/api/v1/postgres-sinks",
+        "/api/v1/device-registrations",
     ];
     let is_admin_only = admin_only
         .iter()
@@ -112,7 +113,7 @@ pub fn route_allowed(role: Role, method: &str, path: &str) -> Result<(), String>
     match role {
         Role::Admin => Ok(()),
         Role::Operator | Role::Viewer if is_admin_only => Err(format!(
-            "this API key's role ({}) may not manage API keys, MQTT users, authorization rules or webhooks",
+            "this API key's role ({}) may not manage API keys, MQTT users, device registrations, authorization rules or webhooks",
             role.as_str()
         )),
         Role::Operator => Ok(()),

@@ -595,7 +595,7 @@ fn check_kv(store: &Store, report: &mut CheckReport) {
             return;
         }
     };
-    let kinds: [(&str, RecordCheck); 14] = [
+    let kinds: [(&str, RecordCheck); 15] = [
         ("meta/", |_| Ok(())),
         (thinghub_actors::groups::PREFIXES[0], |bytes| {
             thinghub_actors::groups::decode_group(bytes).map(|_| ())
@@ -628,6 +628,10 @@ fn check_kv(store: &Store, report: &mut CheckReport) {
         (
             crate::webhooks::DEAD_PREFIX,
             crate::webhooks::check_dead_letter,
+        ),
+        (
+            crate::cumulocity::registrations::PREFIX,
+            crate::cumulocity::registrations::check_stored_registration,
         ),
         (thinghub_actors::alarms::RULE_PREFIX, |bytes| {
             thinghub_actors::alarms::decode_rule(bytes).map(|_| ())

@@ -126,6 +126,13 @@ pub struct Config {
     pub cumulocity_tenant: String,
     /// Children (101) one Cumulocity device may create.
     pub cumulocity_children_max: usize,
+    /// The Cumulocity bootstrap user's name: devices connect with it to ask for their
+    /// credentials (`s/ucr`), and it can do nothing else. Unset: no bootstrap.
+    pub cumulocity_bootstrap_username: Option<String>,
+    /// The bootstrap user's password (hashed at start-up).
+    pub cumulocity_bootstrap_password: Option<String>,
+    /// Most device registrations stored at once.
+    pub cumulocity_registrations_max: usize,
     /// Most simultaneous MQTT connections (beyond: CONNACK "server busy").
     pub mqtt_connections_max: usize,
     /// Largest MQTT packet accepted, bytes.
@@ -271,6 +278,9 @@ impl Default for Config {
             cumulocity: false,
             cumulocity_tenant: "thinghub".into(),
             cumulocity_children_max: 1000,
+            cumulocity_bootstrap_username: None,
+            cumulocity_bootstrap_password: None,
+            cumulocity_registrations_max: 10_000,
             mqtt_connections_max: 100_000,
             mqtt_packet_bytes_max: 256 * 1024,
             mqtt_inflight_max: 32,
@@ -358,6 +368,16 @@ pub struct ServeArgs {
     /// The Cumulocity tenant usernames may be prefixed with (`{tenant}/{user}`) [default: thinghub].
     #[arg(long, env = "THINGHUB_CUMULOCITY_TENANT")]
     pub cumulocity_tenant: Option<String>,
+    /// The Cumulocity bootstrap user's name (devices ask for credentials with it) [default: none].
+    #[arg(long, env = "THINGHUB_CUMULOCITY_BOOTSTRAP_USERNAME")]
+    pub cumulocity_bootstrap_username: Option<String>,
+    /// The bootstrap user's password (prefer the environment variable to the flag).
+    #[arg(
+        long,
+        env = "THINGHUB_CUMULOCITY_BOOTSTRAP_PASSWORD",
+        hide_env_values = true
+    )]
+    pub cumulocity_bootstrap_password: Option<String>,
     /// System topic prefix [default: $emqx].
     #[arg(long, env = "THINGHUB_TOPIC_PREFIX")]
     pub topic_prefix: Option<String>,
@@ -397,6 +417,12 @@ impl Config {
             Some(path) => Config::from_file(path)?,
             None => Config::default(),
         };
+        if args.cumulocity_bootstrap_username.is_some() {
+            config.cumulocity_bootstrap_username = args.cumulocity_bootstrap_username.clone();
+        }
+        if args.cumulocity_bootstrap_password.is_some() {
+            config.cumulocity_bootstrap_password = args.cumulocity_bootstrap_password.clone();
+        }
         macro_rules! overlay {
             ($($field:ident),*) => {$(
                 if let Some(value) = &args.$field {
@@ -562,6 +588,10 @@ impl Config {
                 self.cumulocity_children_max as u64,
             ),
             (
+                "cumulocity_registrations_max",
+                self.cumulocity_registrations_max as u64,
+            ),
+            (
                 "webhook_broker_queue_bytes_max",
                 self.webhook_broker_queue_bytes_max as u64,
             ),
@@ -618,6 +648,14 @@ impl Config {
             return Err(ConfigError::Invalid(format!(
                 "cumulocity_tenant '{tenant}' must be 1..=64 characters of [a-zA-Z0-9_-]"
             )));
+        }
+        if self.cumulocity_bootstrap_username.is_some()
+            != self.cumulocity_bootstrap_password.is_some()
+        {
+            return Err(ConfigError::Invalid(
+                "cumulocity_bootstrap_username and cumulocity_bootstrap_password go together: set both or neither"
+                    .into(),
+            ));
         }
         let prefix = &self.topic_prefix;
         if !prefix.starts_with('$') || prefix.len() < 2 || prefix.contains(['+', '#', '/']) {

@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the server (admin key from THINGHUB_ADMIN_KEY=key:secret, else generated once).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print a Thing's full history from the data directory (server stopped).
     Audit {
         /// The Thing's name.

@@ -52,6 +52,9 @@ pub enum ServeError {
     /// The actor system could not start.
     #[error("actor system: {0}")]
     Actors(String),
+    /// The configuration cannot be served (found at start-up).
+    #[error("configuration: {0}")]
+    Config(String),
     /// The stored MQTT sessions could not be checked against the users and the registry.
     #[error("stored MQTT sessions: {0}")]
     MqttRestore(String),
@@ -129,7 +132,29 @@ pub async fn serve(
         retained_max: config.mqtt_retained_max,
         retained_bytes_max: config.mqtt_retained_bytes_max,
     }));
-    let users = Arc::new(MqttUsers::new(store.clone()));
+    let users = MqttUsers::new(store.clone());
+    let users = Arc::new(match &config.cumulocity_bootstrap_username {
+        // Only with Cumulocity served: the user exists for its `s/ucr` alone.
+        Some(username) if config.cumulocity => {
+            let password = config
+                .cumulocity_bootstrap_password
+                .as_deref()
+                .unwrap_or("");
+            tracing::info!(%username, "Cumulocity bootstrap user configured");
+            users
+                .with_bootstrap(username, password)
+                .map_err(|e| ServeError::Config(format!("cumulocity_bootstrap_username: {e}")))?
+        }
+        Some(_) => {
+            tracing::warn!("cumulocity_bootstrap_username is set but Cumulocity is not served (--cumulocity): no bootstrap user");
+            users
+        }
+        None => users,
+    });
+    let registrations = Arc::new(crate::cumulocity::registrations::Registrations::open(
+        store.clone(),
+        config.cumulocity_registrations_max,
+    )?);
     let acl = Acl::load(&config.topic_prefix, config.aws_compat, store.clone())
         .map_err(|e| ServeError::Acl(e.to_string()))?;
     let persistence = Arc::new(Persistence::new(
@@ -266,6 +291,7 @@ pub async fn serve(
         stats: Arc::default(),
         keys: Arc::new(keys),
         users: users.clone(),
+        registrations: registrations.clone(),
         throttle: throttle.clone(),
         acl: acl.clone(),
         limits: HttpLimits {
@@ -318,12 +344,17 @@ pub async fn serve(
     }
     let cumulocity = config.cumulocity.then(|| {
         Arc::new(crate::mqtt::cumulocity::Cumulocity::new(
-            broker.clone(),
-            things.clone(),
-            config.cumulocity_tenant.clone(),
-            config.cumulocity_children_max,
-            shadow_limits,
-            event_limits,
+            crate::mqtt::cumulocity::CumulocityParts {
+                broker: broker.clone(),
+                things: things.clone(),
+                users: users.clone(),
+                acl: acl.clone(),
+                registrations,
+                tenant: config.cumulocity_tenant.clone(),
+                children_max: config.cumulocity_children_max,
+                shadow_limits,
+                event_limits,
+            },
         ))
     });
     let mqtt = Arc::new(MqttContext {
@@ -436,6 +467,7 @@ fn restore_mqtt(
             username: stored.username.clone(),
             thing,
             superuser,
+            bootstrap: false,
         })
     };
     let allowed = |who: &Identity, filter: &str| acl.allows(who, Action::Subscribe, filter);

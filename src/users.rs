@@ -67,6 +67,9 @@ pub struct Authenticated {
     pub thing_client_id: Option<String>,
     /// Superuser.
     pub superuser: bool,
+    /// The Cumulocity bootstrap user (`cumulocity_bootstrap_username`): it may only ask for
+    /// device credentials (`s/ucr`, `s/dcr`).
+    pub bootstrap: bool,
     /// Identifies the user record these rights were read from (password hash, binding,
     /// superuser): a CONNECT compares it again after registering its session, so a change made
     /// while it was authenticating is not missed.
@@ -79,6 +82,9 @@ pub enum UserError {
     /// A user with that name exists.
     #[error("user '{0}' already exists")]
     Exists(String),
+    /// The configured Cumulocity bootstrap user: not managed over the API.
+    #[error("user '{0}' is the Cumulocity bootstrap user: it comes from the configuration (cumulocity_bootstrap_username) and is not managed over the API")]
+    Reserved(String),
     /// No such user.
     #[error("user '{0}' not found")]
     NotFound(String),
@@ -115,6 +121,9 @@ pub struct MqttUsers {
     /// a reconnect storm of one user must not run thousands in parallel (measured: 89 KB of RSS
     /// per connection at 2,000 simultaneous CONNECTs without this gate).
     argon2_gate: std::sync::Mutex<()>,
+    /// The Cumulocity bootstrap user, from the configuration (hashed at start-up, never
+    /// stored, not managed over the API).
+    bootstrap: Option<(String, UserRecord)>,
 }
 
 /// Characters a username may not contain: ACL placeholders (`${username}`) put the username
@@ -152,7 +161,45 @@ impl MqttUsers {
             store,
             verified: VerifiedCache::default(),
             argon2_gate: std::sync::Mutex::new(()),
+            bootstrap: None,
         }
+    }
+
+    /// Adds the Cumulocity bootstrap user (`cumulocity_bootstrap_username` and `_password`):
+    /// its password is hashed here and the plain text not kept. Refused if a stored user has
+    /// that name (it would be hidden).
+    pub fn with_bootstrap(mut self, username: &str, password: &str) -> Result<Self, UserError> {
+        check_username(username)?;
+        check_credential("password", password)?;
+        if self.read(username)?.is_some() {
+            return Err(UserError::Invalid(format!(
+                "an MQTT user named '{username}' is stored, and cumulocity_bootstrap_username names it: \
+                 delete that user or configure another bootstrap username"
+            )));
+        }
+        let record = UserRecord {
+            password_hash: hash_secret(password)?,
+            thing_name: None,
+            superuser: false,
+            created_at_ms: 0,
+        };
+        self.bootstrap = Some((username.to_owned(), record));
+        Ok(self)
+    }
+
+    /// Whether `username` is the Cumulocity bootstrap user.
+    pub fn is_bootstrap(&self, username: &str) -> bool {
+        self.bootstrap
+            .as_ref()
+            .is_some_and(|(name, _)| name == username)
+    }
+
+    /// Refuses changing the bootstrap user over the API (it comes from the configuration).
+    fn check_managed(&self, username: &str) -> Result<(), UserError> {
+        if self.is_bootstrap(username) {
+            return Err(UserError::Reserved(username.to_owned()));
+        }
+        Ok(())
     }
 
     fn key(username: &str) -> String {
@@ -160,6 +207,11 @@ impl MqttUsers {
     }
 
     fn read(&self, username: &str) -> Result<Option<UserRecord>, UserError> {
+        if let Some((name, record)) = &self.bootstrap {
+            if name == username {
+                return Ok(Some(record.clone()));
+            }
+        }
         match self.store.kv_get(&Self::key(username))? {
             None => Ok(None),
             Some(bytes) => Envelope::from_bytes(&bytes)
@@ -201,6 +253,7 @@ impl MqttUsers {
     ) -> Result<UserView, UserError> {
         check_username(username)?;
         check_credential("password", password)?;
+        self.check_managed(username)?;
         if let Some(thing) = &thing_name {
             thinghub_actors::thing::validate_thing_name(thing)
                 .map_err(|r| UserError::Invalid(r.message))?;
@@ -226,6 +279,7 @@ impl MqttUsers {
     pub fn check_new(&self, username: &str, password: &str) -> Result<(), UserError> {
         check_username(username)?;
         check_credential("password", password)?;
+        self.check_managed(username)?;
         match self.read(username)? {
             Some(_) => Err(UserError::Exists(username.to_owned())),
             None => Ok(()),
@@ -260,6 +314,7 @@ impl MqttUsers {
         thing_name: Option<Option<String>>,
         superuser: Option<bool>,
     ) -> Result<UserView, UserError> {
+        self.check_managed(username)?;
         let mut record = self
             .read(username)?
             .ok_or_else(|| UserError::NotFound(username.to_owned()))?;
@@ -286,6 +341,7 @@ impl MqttUsers {
 
     /// Deletes a user.
     pub async fn delete(&self, username: &str) -> Result<(), UserError> {
+        self.check_managed(username)?;
         let existed = self.store.kv_remove(&Self::key(username)).await?;
         self.verified.forget(username);
         if existed {
@@ -319,7 +375,10 @@ impl MqttUsers {
 
     fn authenticated(&self, username: &str, record: UserRecord) -> Authenticated {
         let fingerprint = fingerprint(&record);
+        let bootstrap = self.is_bootstrap(username);
         let (thing_name, thing_client_id) = match record.thing_name {
+            // The bootstrap user is no Thing's, whatever Thing shares its name.
+            _ if bootstrap => (None, None),
             Some(thing) => {
                 let client_id = self.thing_client_id(&thing);
                 (Some(thing), client_id)
@@ -334,6 +393,7 @@ impl MqttUsers {
             thing_name,
             thing_client_id,
             superuser: record.superuser,
+            bootstrap,
             fingerprint,
         }
     }
@@ -416,6 +476,7 @@ mod tests {
                 thing_name: Some("pump-1".into()),
                 thing_client_id: None,
                 superuser: false,
+                bootstrap: false,
                 fingerprint: users.fingerprint("dev1").expect("read").expect("exists"),
             }),
             "bound to a Thing that is not registered: no client id to connect with"
@@ -458,5 +519,48 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn the_bootstrap_user_authenticates_as_bootstrap_and_is_not_managed_over_the_api() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&StoreConfig::new(dir.path())).expect("open");
+        MqttUsers::new(store.clone())
+            .create("taken", "pw", None, false, 0)
+            .await
+            .expect("create");
+        assert!(
+            matches!(
+                MqttUsers::new(store.clone()).with_bootstrap("taken", "boot"),
+                Err(UserError::Invalid(_))
+            ),
+            "a stored user of that name would be hidden"
+        );
+        let users = MqttUsers::new(store)
+            .with_bootstrap("boot", "boot-pw")
+            .expect("bootstrap");
+        let auth = users
+            .authenticate("boot", "boot-pw")
+            .expect("authenticates");
+        assert!(auth.bootstrap && !auth.superuser && auth.thing_name.is_none());
+        assert_eq!(users.authenticate("boot", "wrong"), None);
+        assert!(!users.authenticate("taken", "pw").expect("plain").bootstrap);
+        assert!(matches!(
+            users.create("boot", "x", None, false, 0).await,
+            Err(UserError::Reserved(_))
+        ));
+        assert!(matches!(
+            users.update("boot", None, None, Some(true)).await,
+            Err(UserError::Reserved(_))
+        ));
+        assert!(matches!(
+            users.delete("boot").await,
+            Err(UserError::Reserved(_))
+        ));
+        assert!(users
+            .list()
+            .expect("list")
+            .iter()
+            .all(|u| u.username != "boot"));
     }
 }

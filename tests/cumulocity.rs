@@ -114,7 +114,7 @@ async fn smartrest_rows_land_in_the_thing_and_refusals_come_back_on_the_devices_
     assert_eq!(
         subscribe_ack(&mut pump2, "s/dcr").await,
         rumqttc::SubscribeReasonCode::Failure,
-        "not a topic served yet"
+        "the bootstrap user's alone"
     );
 
     send(
@@ -391,4 +391,185 @@ async fn measurements_are_stored_and_queried_by_fragment_series_and_time() {
     )
     .await;
     assert_eq!(early["items"].as_array().map(Vec::len), Some(1), "{early}");
+}
+
+/// A CONNECT that must be refused.
+async fn refused(server: &Server, client_id: &str, (user, password): (&str, &str)) {
+    let mut options =
+        rumqttc::MqttOptions::new(client_id, server.mqtt.ip().to_string(), server.mqtt.port());
+    options.set_credentials(user, password);
+    let (_client, mut eventloop) = rumqttc::AsyncClient::new(options, 8);
+    let answer = tokio::time::timeout(WAIT, eventloop.poll())
+        .await
+        .expect("an answer in time");
+    assert!(
+        matches!(answer, Err(rumqttc::ConnectionError::ConnectionRefused(_))),
+        "{client_id} as {user}: {answer:?}"
+    );
+}
+
+/// Step 0: an operator registers a device id; the device, connected with the bootstrap user,
+/// asks on `s/ucr` and gets nothing until the operator accepts; then `70,...` once on its
+/// `s/dcr`, and it connects with those credentials as its Thing. The bootstrap user can do
+/// nothing else, and never reaches the device's own session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_gets_its_credentials_once_through_the_bootstrap_after_acceptance() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(
+        dir.path(),
+        &[
+            "--cumulocity",
+            "--cumulocity-bootstrap-username",
+            "devbootstrap",
+            "--cumulocity-bootstrap-password",
+            "boot-secret",
+        ],
+    );
+    let registrations = server.url("/api/v1/device-registrations");
+    let bootstrap = ("thinghub/devbootstrap", "boot-secret");
+
+    // Given a registered device id
+    let (status, body) = call(
+        Method::POST,
+        &registrations,
+        Some(serde_json::json!({"id": "sn-0001"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["status"], "WAITING_FOR_CONNECTION");
+    for (bad, expected) in [("sn-0001", 409), ("no/slash", 400), ("", 400)] {
+        let (status, body) = call(
+            Method::POST,
+            &registrations,
+            Some(serde_json::json!({"id": bad})),
+        )
+        .await;
+        assert_eq!(status, expected, "{bad:?}: {body}");
+    }
+    let accept = server.url("/api/v1/device-registrations/sn-0001/accept");
+    let (status, body) = call(Method::POST, &accept, None).await;
+    assert_eq!(status, 409, "not asked yet: {body}");
+
+    // When the device connects with the bootstrap user and asks
+    let (mut boot, _) = Device::connect(&server, "d:sn-0001", bootstrap, true).await;
+    assert!(matches!(
+        subscribe_ack(&mut boot, "s/dcr").await,
+        rumqttc::SubscribeReasonCode::Success(_)
+    ));
+    // (the bootstrap user can subscribe to nothing else, nor write rows)
+    for filter in ["s/ds", "s/e", "#", "$c8y/sn-0001/s/ds", "$c8y/+/s/dcr"] {
+        assert_eq!(
+            subscribe_ack(&mut boot, filter).await,
+            rumqttc::SubscribeReasonCode::Failure,
+            "{filter}"
+        );
+    }
+    send(&boot, "s/us", "100,Mine,c8y_Hijack").await;
+    send(&boot, "s/ucr", "").await;
+    let registration = until(&server, "/api/v1/device-registrations/sn-0001", |r| {
+        r["status"] == "PENDING_ACCEPTANCE"
+    })
+    .await;
+    assert!(registration["requestedAt"].is_u64(), "{registration}");
+    let (status, _) = call(Method::GET, &server.url("/api/v1/things/sn-0001"), None).await;
+    assert_eq!(status, 404, "the bootstrap user's 100 row created nothing");
+    // Then nothing is sent before an operator accepts
+    send(&boot, "s/ucr", "").await;
+    assert_eq!(
+        nothing_within(&mut boot, Duration::from_millis(300)).await,
+        Vec::<String>::new()
+    );
+    let (status, body) = call(
+        Method::GET,
+        &format!("{registrations}?status=PENDING_ACCEPTANCE"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(body["items"][0]["id"], "sn-0001", "{body}");
+    let (status, body) = call(Method::POST, &accept, None).await;
+    assert_eq!((status, &body["status"]), (200, &Value::from("ACCEPTED")));
+
+    // And the next request gets the credentials, once
+    send(&boot, "s/ucr", "").await;
+    let row = next_on(&mut boot, "s/dcr").await;
+    let fields: Vec<&str> = row.split(',').collect();
+    assert_eq!(fields.len(), 4, "{row}");
+    assert_eq!(fields[..3], ["70", "thinghub", "device_sn-0001"], "{row}");
+    let password = fields[3].to_owned();
+    assert!(
+        password.len() >= 32 && password.bytes().all(|b| b.is_ascii_alphanumeric()),
+        "{password}"
+    );
+    send(&boot, "s/ucr", "").await;
+    assert_eq!(
+        nothing_within(&mut boot, Duration::from_millis(300)).await,
+        Vec::<String>::new(),
+        "issued once"
+    );
+    let registration = until(&server, "/api/v1/device-registrations/sn-0001", |r| {
+        r["credentialsIssuedAt"].is_u64()
+    })
+    .await;
+    assert_eq!(registration["username"], "device_sn-0001");
+    let (status, user) = call(
+        Method::GET,
+        &server.url("/api/v1/authentication/users/device_sn-0001"),
+        None,
+    )
+    .await;
+    assert_eq!((status, &user["thingName"]), (200, &Value::from("sn-0001")));
+
+    // The device connects with them, as its Thing (registered when they were issued)
+    let username = "thinghub/device_sn-0001";
+    let (mut device, _) = Device::connect(&server, "d:sn-0001", (username, &password), true).await;
+    subscribe_ack(&mut device, "s/e").await;
+    send(&device, "s/us", "100,Sensor,c8y_Sensor\n110,SN-1,M1,1.0").await;
+    assert_eq!(
+        next_on(&mut device, "s/e").await,
+        "41,100,Device already existing"
+    );
+    until(&server, "/api/v1/things/sn-0001/shadow", |s| {
+        s["state"]["reported"]["c8y_Hardware"]["serialNumber"] == "SN-1"
+    })
+    .await;
+
+    // The bootstrap user connecting with the device's client id does not take its session
+    let (_boot_again, _) = Device::connect(&server, "sn-0001", bootstrap, true).await;
+    send(&device, "s/us", "999").await;
+    assert!(next_on(&mut device, "s/e").await.starts_with("40,999,"));
+    // Nobody may connect in the bootstrap connections' namespace; the wrong password fails
+    refused(&server, "$c8y-bootstrap/sn-0001", (username, &password)).await;
+    refused(&server, "$c8y-bootstrap/sn-0001", bootstrap).await;
+    refused(&server, "sn-0002", ("devbootstrap", "wrong")).await;
+    refused(&server, "not a device id", bootstrap).await;
+    // The bootstrap user is not managed over the users API
+    let (status, body) = call(
+        Method::PUT,
+        &server.url("/api/v1/authentication/users/devbootstrap"),
+        Some(serde_json::json!({"superuser": true})),
+    )
+    .await;
+    assert_eq!(status, 409, "{body}");
+    let (status, _) = call(
+        Method::POST,
+        &server.url("/api/v1/authentication/users"),
+        Some(serde_json::json!({"username": "devbootstrap", "password": "x"})),
+    )
+    .await;
+    assert_eq!(status, 409);
+
+    // An operator removes the registration: the credentials stay valid
+    let one = server.url("/api/v1/device-registrations/sn-0001");
+    assert_eq!(call(Method::DELETE, &one, None).await.0, 204);
+    assert_eq!(call(Method::GET, &one, None).await.0, 404);
+    drop((boot, device, _boot_again));
+    let (_again, _) = Device::connect(&server, "sn-0001", (username, &password), true).await;
+    let (status, logs) = server.stop();
+    assert!(status.success(), "{logs:?}");
+    assert!(
+        !logs.iter().any(|line| line.contains(&password)),
+        "the issued password is never logged"
+    );
+    common::assert_check_finds_no_problem(dir.path());
 }

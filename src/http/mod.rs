@@ -10,6 +10,7 @@ mod authorization;
 pub mod bulk;
 mod clients;
 mod commands;
+mod device_registrations;
 mod devices;
 pub mod error;
 pub mod extract;
@@ -101,6 +102,8 @@ pub struct AppState {
     pub keys: Arc<ApiKeys>,
     /// MQTT credentials.
     pub users: Arc<MqttUsers>,
+    /// Cumulocity device registrations (the credential bootstrap).
+    pub registrations: Arc<crate::cumulocity::registrations::Registrations>,
     /// Failed-authentication throttling (shared with MQTT).
     pub throttle: Arc<AuthThrottle>,
     /// MQTT authorization rules.
@@ -157,6 +160,15 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(devices::update_job))
         .routes(routes!(devices::shadow))
         .routes(routes!(devices::report))
+        .routes(routes!(
+            device_registrations::create,
+            device_registrations::list
+        ))
+        .routes(routes!(
+            device_registrations::get,
+            device_registrations::delete
+        ))
+        .routes(routes!(device_registrations::accept))
         .routes(routes!(users::create, users::list))
         .routes(routes!(users::get, users::update, users::delete))
         .routes(routes!(metrics::json))

@@ -1381,6 +1381,16 @@ pub struct AlarmRuleList {
     pub items: Vec<thinghub_actors::alarms::AlarmRule>,
 }
 
+/// A page of device registrations.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RegistrationPage {
+    /// In id order.
+    pub items: Vec<crate::cumulocity::registrations::Registration>,
+    /// Pass as `cursor`; null when the listing is done.
+    pub next_cursor: Option<String>,
+}
+
 /// A page of alarms.
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]

@@ -19,7 +19,9 @@ use crate::users::UserError;
 impl From<UserError> for ApiError {
     fn from(error: UserError) -> ApiError {
         match error {
-            UserError::Exists(_) => ApiError::new(StatusCode::CONFLICT, error.to_string()),
+            UserError::Exists(_) | UserError::Reserved(_) => {
+                ApiError::new(StatusCode::CONFLICT, error.to_string())
+            }
             UserError::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, error.to_string()),
             UserError::Invalid(_) => ApiError::bad_request(error.to_string()),
             UserError::Storage(_) | UserError::Auth(_) => {

@@ -66,11 +66,19 @@ pub struct Identity {
     pub thing: Option<String>,
     /// May use any topic.
     pub superuser: bool,
+    /// The Cumulocity bootstrap user: may only subscribe its device's `s/dcr` (and ask for
+    /// credentials on `s/ucr`, which is served before the ACL). Its client id is
+    /// `{BOOTSTRAP_CLIENT_PREFIX}{device}`.
+    pub bootstrap: bool,
 }
 
 /// Where a Cumulocity device's own topics live inside the broker: its `s/ds` is
 /// `$c8y/{device}/s/ds`, and only its connection sees it under the name `s/ds`.
 pub const C8Y_NAMESPACE: &str = "$c8y";
+
+/// The session key of a device's connection with the Cumulocity bootstrap user: its own, so it
+/// never meets the device's own session (no client may connect with a client id starting so).
+pub const BOOTSTRAP_CLIENT_PREFIX: &str = "$c8y-bootstrap/";
 
 /// allow or deny.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -417,6 +425,14 @@ impl Acl {
         if action == Action::Publish && self.is_server_topic(topic) {
             return false;
         }
+        if who.bootstrap {
+            // Its device's `s/dcr` and nothing else, whatever the rules say.
+            return action == Action::Subscribe
+                && who
+                    .client_id
+                    .strip_prefix(BOOTSTRAP_CLIENT_PREFIX)
+                    .is_some_and(|device| topic == format!("{C8Y_NAMESPACE}/{device}/s/dcr"));
+        }
         if who.superuser {
             return true;
         }
@@ -469,6 +485,7 @@ mod tests {
             username: Some(name.into()),
             thing: Some(name.into()),
             superuser: false,
+            bootstrap: false,
         }
     }
 
@@ -597,6 +614,47 @@ mod tests {
     }
 
     #[test]
+    fn the_bootstrap_user_gets_its_devices_s_dcr_and_nothing_else_whatever_the_rules() {
+        // Given a rule that allows everything to everyone
+        let acl = Acl::new("$emqx");
+        acl.rules
+            .write()
+            .expect("lock")
+            .push(rule(None, Permission::Allow, RuleAction::All, "#"));
+        let bootstrap = Identity {
+            client_id: format!("{BOOTSTRAP_CLIENT_PREFIX}dev-1"),
+            username: Some("bootstrap".into()),
+            thing: None,
+            superuser: false,
+            bootstrap: true,
+        };
+        // Then the bootstrap connection may subscribe its own device's s/dcr only
+        assert!(acl.allows(&bootstrap, Action::Subscribe, "$c8y/dev-1/s/dcr"));
+        for filter in [
+            "$c8y/dev-2/s/dcr",
+            "$c8y/dev-1/s/ds",
+            "$c8y/+/s/dcr",
+            "#",
+            "app/x",
+        ] {
+            assert!(
+                !acl.allows(&bootstrap, Action::Subscribe, filter),
+                "{filter}"
+            );
+        }
+        for topic in ["app/x", "s/us", "$c8y/dev-1/s/dcr"] {
+            assert!(!acl.allows(&bootstrap, Action::Publish, topic), "{topic}");
+        }
+        // And a plain user given the same rule is not limited so
+        let plain = Identity {
+            client_id: "dev-1".into(),
+            bootstrap: false,
+            ..bootstrap
+        };
+        assert!(acl.allows(&plain, Action::Publish, "app/x"));
+    }
+
+    #[test]
     fn superusers_use_anything_and_plain_users_stay_out_of_system_topics() {
         let acl = Acl::new("$emqx");
         let backend = Identity {
@@ -604,6 +662,7 @@ mod tests {
             username: Some("b".into()),
             thing: None,
             superuser: true,
+            bootstrap: false,
         };
         assert!(acl.allows(&backend, Action::Subscribe, "$emqx/things/+/shadow/#"));
         let plain = Identity {
@@ -693,6 +752,7 @@ mod tests {
             username: Some("${clientid}".into()),
             thing: Some("t".into()),
             superuser: false,
+            bootstrap: false,
         };
         assert!(!acl.allows(&sneaky, Action::Subscribe, "users/alice/#"));
         // A deny with the placeholder inside a level covers whatever the value could reach.
@@ -701,6 +761,7 @@ mod tests {
             username: Some("u".into()),
             thing: None,
             superuser: false,
+            bootstrap: false,
         };
         for topic in ["ctl/dev-a/b/cmd", "ctl/dev-a/cmd", "ctl/x"] {
             assert!(!acl.allows(&slashed, Action::Publish, topic), "{topic}");
@@ -788,6 +849,7 @@ mod tests {
             username: username.map(String::from),
             thing: Some("t".into()),
             superuser: false,
+            bootstrap: false,
         };
         let honest = bound("c1", Some("u1"));
         assert!(acl.allows(&honest, Action::Subscribe, "devices/c1/#"));

@@ -2478,6 +2478,7 @@ pub(crate) mod tests {
             username: Some(user.into()),
             thing: None,
             superuser: false,
+            bootstrap: false,
         }
     }
 
@@ -3187,6 +3188,7 @@ pub(crate) mod tests {
             username: stored.username.clone(),
             thing: stored.thing.clone(),
             superuser: stored.superuser,
+            bootstrap: false,
         })
     }
 
@@ -3373,6 +3375,7 @@ mod durability_tests {
                         username: Some("u".into()),
                         thing: None,
                         superuser: false,
+                        bootstrap: false,
                     },
                     clean_start: false,
                     expiry: Duration::from_secs(3600),

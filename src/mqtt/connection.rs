@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::time::Instant;
 
-use super::acl::{Acl, Action, Identity};
+use super::acl::{Acl, Action, Identity, BOOTSTRAP_CLIENT_PREFIX};
 use super::bridge::Bridge;
 use super::broker::{
     Broker, CloseReason, ConnectRefusal, ConnectRequest, ConnectionInfo, Link, Message, Outbound,
@@ -31,6 +31,7 @@ use super::codec::{self, CodecError, Refusal, Version};
 use super::topic;
 use crate::throttle::{AuthThrottle, Verdict};
 use crate::users::MqttUsers;
+use thinghub_actors::thing::validate_thing_name;
 
 /// Connection bounds and policies.
 #[derive(Debug, Clone)]
@@ -342,8 +343,8 @@ async fn run_session(
         return Ok(());
     };
     if ctx.cumulocity.is_some() {
-        conn.c8y_prefix = super::cumulocity::Cumulocity::device_of(&established.session.identity)
-            .map(|device| super::cumulocity::Cumulocity::own_prefix(&device));
+        conn.c8y_prefix =
+            super::cumulocity::Cumulocity::own_prefix_of(&established.session.identity);
     }
     let reason = session_loop(
         &mut conn,
@@ -394,6 +395,7 @@ async fn authenticate(
                 username: None,
                 thing: None,
                 superuser: false,
+                bootstrap: false,
             };
             return Ok((identity, None));
         }
@@ -433,6 +435,23 @@ async fn authenticate(
         return Err(Refusal::BadCredentials);
     };
     ctx.throttle.succeeded(conn.peer.ip(), &username);
+    if auth.bootstrap {
+        // The Cumulocity bootstrap user, shared by every new device: its connection is keyed
+        // apart from the device's own session, so it can never take over or read it.
+        let device = client_id.strip_prefix("d:").unwrap_or(client_id);
+        if ctx.cumulocity.is_none() || validate_thing_name(device).is_err() {
+            tracing::info!(peer = %conn.peer, %client_id, "bootstrap connection with a client id that is no device id; refusing");
+            return Err(Refusal::BadClientId);
+        }
+        let identity = Identity {
+            client_id: format!("{BOOTSTRAP_CLIENT_PREFIX}{device}"),
+            username: Some(username),
+            thing: None,
+            superuser: false,
+            bootstrap: true,
+        };
+        return Ok((identity, Some(auth.fingerprint)));
+    }
     if auth.thing_name.is_none() {
         reserved_client_id(conn, ctx, client_id)?;
     }
@@ -470,6 +489,7 @@ async fn authenticate(
         username: Some(username),
         thing: auth.thing_name,
         superuser: auth.superuser,
+        bootstrap: false,
     };
     Ok((identity, Some(auth.fingerprint)))
 }
@@ -493,7 +513,10 @@ async fn establish(
         let id = new_client_id();
         assigned = Some(id.clone());
         id
-    } else if connect.client_id.len() > ctx.config.client_id_bytes_max {
+    } else if connect.client_id.len() > ctx.config.client_id_bytes_max
+        || connect.client_id.starts_with(BOOTSTRAP_CLIENT_PREFIX)
+    {
+        // The second: bootstrap connections' own session keys.
         return refuse(conn, Refusal::BadClientId).await.map(|()| None);
     } else {
         connect.client_id.clone()
@@ -565,7 +588,12 @@ async fn establish(
     let request = ConnectRequest {
         identity: identity.clone(),
         clean_start: connect.clean_session,
-        expiry: expiry_requested,
+        // A bootstrap connection keeps no session: its device asks again after a reconnect.
+        expiry: if identity.bootstrap {
+            Duration::ZERO
+        } else {
+            expiry_requested
+        },
         receive_maximum,
         will,
         verify: verification(ctx, &identity, fingerprint),
@@ -1165,8 +1193,9 @@ async fn handle_subscribe(
         // without the ACL (nobody else's can be named); other `s/` filters are refused.
         let own = match &ctx.cumulocity {
             Some(_) if super::cumulocity::Cumulocity::is_c8y_topic(&filter.path) => {
-                match super::cumulocity::Cumulocity::device_of(&session.identity).and_then(
-                    |device| super::cumulocity::Cumulocity::own_filter(&device, &filter.path),
+                match super::cumulocity::Cumulocity::own_subscription(
+                    &session.identity,
+                    &filter.path,
                 ) {
                     Some(own) => Some(own),
                     None => {
@@ -1282,11 +1311,9 @@ fn handle_unsubscribe(
         .filters
         .iter()
         .map(|filter| {
-            let own = ctx
-                .cumulocity
-                .as_ref()
-                .and_then(|_| super::cumulocity::Cumulocity::device_of(&session.identity))
-                .and_then(|device| super::cumulocity::Cumulocity::own_filter(&device, filter));
+            let own = ctx.cumulocity.as_ref().and_then(|_| {
+                super::cumulocity::Cumulocity::own_subscription(&session.identity, filter)
+            });
             let filter = own.as_deref().unwrap_or(filter);
             if ctx
                 .broker
@@ -1427,9 +1454,14 @@ async fn handle_publish(
         // `s/us/{child}` take rows, and only from a connection that is a device.
         let device = super::cumulocity::Cumulocity::device_of(&session.identity);
         // Every `s/` publish of a device is answered: rows on `s/us`, a 43 on `s/e` otherwise.
+        let bootstrap = super::cumulocity::Cumulocity::bootstrap_device(&session.identity);
         if device.is_some() {
             c8y.upstream(&session.identity, &topic, &publish.payload)
                 .await;
+            PublishOutcome::Accepted
+        } else if let Some(device) = bootstrap.filter(|_| &*topic == "s/ucr") {
+            // The bootstrap user asks for its device's credentials (answered on `s/dcr`).
+            c8y.credentials_requested(device).await;
             PublishOutcome::Accepted
         } else {
             ctx.broker.stats.acl_denied.fetch_add(1, Ordering::Relaxed);

@@ -28,10 +28,12 @@ use thinghub_actors::thing::{
 };
 use thinghub_actors::Things;
 
-use super::acl::{Identity, C8Y_NAMESPACE};
+use super::acl::{Acl, Identity, BOOTSTRAP_CLIENT_PREFIX, C8Y_NAMESPACE};
 use super::broker::{Broker, Message};
+use crate::cumulocity::registrations::{Registrations, Request};
 use crate::cumulocity::smartrest;
 use crate::cumulocity::templates::{self, OperationRef, OperationStatus, RowError, Upstream};
+use crate::users::{MqttUsers, UserError};
 
 /// The per-connection topics a device may subscribe to.
 const DOWN_TOPICS: [&str; 2] = ["s/ds", "s/e"];
@@ -44,34 +46,62 @@ const PENDING_READ_MAX: usize = 1000;
 const CHILDREN_PAGE: usize = 256;
 /// The type a device created without one gets (as Cumulocity's).
 const DEFAULT_TYPE: &str = "c8y_MQTTDevice";
+/// Length of a password issued to a bootstrapped device (alphanumeric from the OS's CSPRNG:
+/// about 190 bits).
+const ISSUED_PASSWORD_CHARS: usize = 32;
+
+/// What the Cumulocity surface works with.
+pub struct CumulocityParts {
+    /// The broker (rows out).
+    pub broker: Arc<Broker>,
+    /// The Things.
+    pub things: Things,
+    /// MQTT users (credentials issued by the bootstrap).
+    pub users: Arc<MqttUsers>,
+    /// The ACL (a re-issued user's sessions are re-authorized).
+    pub acl: Acl,
+    /// Device registrations (the bootstrap).
+    pub registrations: Arc<Registrations>,
+    /// The tenant (`cumulocity_tenant`).
+    pub tenant: String,
+    /// `cumulocity_children_max`.
+    pub children_max: usize,
+    /// Shadow bounds (inventory rows).
+    pub shadow_limits: ShadowLimits,
+    /// Event bounds (event rows).
+    pub event_limits: EventLimits,
+}
 
 /// The Cumulocity surface's shared state.
 pub struct Cumulocity {
     broker: Arc<Broker>,
     things: Things,
+    users: Arc<MqttUsers>,
+    acl: Acl,
+    registrations: Arc<Registrations>,
     tenant: String,
     children_max: usize,
     shadow_limits: ShadowLimits,
     event_limits: EventLimits,
+    /// One credentials request served at a time (they are rare; two devices polling with the
+    /// same id must not both be issued credentials).
+    issuing: tokio::sync::Mutex<()>,
 }
 
 impl Cumulocity {
-    /// The surface for `tenant`.
-    pub fn new(
-        broker: Arc<Broker>,
-        things: Things,
-        tenant: String,
-        children_max: usize,
-        shadow_limits: ShadowLimits,
-        event_limits: EventLimits,
-    ) -> Cumulocity {
+    /// The surface.
+    pub fn new(parts: CumulocityParts) -> Cumulocity {
         Cumulocity {
-            broker,
-            things,
-            tenant,
-            children_max,
-            shadow_limits,
-            event_limits,
+            broker: parts.broker,
+            things: parts.things,
+            users: parts.users,
+            acl: parts.acl,
+            registrations: parts.registrations,
+            tenant: parts.tenant,
+            children_max: parts.children_max,
+            shadow_limits: parts.shadow_limits,
+            event_limits: parts.event_limits,
+            issuing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -100,17 +130,143 @@ impl Cumulocity {
         None
     }
 
-    /// The broker filter a device's subscription to `filter` stands for, if it is one of its
-    /// per-connection topics.
-    pub fn own_filter(device: &str, filter: &str) -> Option<String> {
+    /// The device a connection with the bootstrap user asks credentials for.
+    pub fn bootstrap_device(identity: &Identity) -> Option<&str> {
+        identity
+            .bootstrap
+            .then(|| identity.client_id.strip_prefix(BOOTSTRAP_CLIENT_PREFIX))
+            .flatten()
+    }
+
+    /// The broker filter a connection's subscription to `filter` stands for, if it is one of
+    /// its per-connection topics: a device's `s/ds` and `s/e`, a bootstrap connection's
+    /// `s/dcr`.
+    pub fn own_subscription(identity: &Identity, filter: &str) -> Option<String> {
+        if let Some(device) = Cumulocity::bootstrap_device(identity) {
+            return (filter == "s/dcr").then(|| format!("{C8Y_NAMESPACE}/{device}/s/dcr"));
+        }
+        let device = Cumulocity::device_of(identity)?;
         DOWN_TOPICS
             .contains(&filter)
             .then(|| format!("{C8Y_NAMESPACE}/{device}/{filter}"))
     }
 
-    /// What a device's own topics start with inside the broker (stripped on the way out).
-    pub fn own_prefix(device: &str) -> String {
+    /// What a connection's own topics start with inside the broker (stripped on the way out).
+    pub fn own_prefix_of(identity: &Identity) -> Option<String> {
+        Cumulocity::bootstrap_device(identity)
+            .map(str::to_owned)
+            .or_else(|| Cumulocity::device_of(identity))
+            .map(|device| Cumulocity::own_prefix(&device))
+    }
+
+    fn own_prefix(device: &str) -> String {
         format!("{C8Y_NAMESPACE}/{device}/")
+    }
+
+    /// A bootstrap connection published on `s/ucr`: asks for `device`'s credentials. Nothing
+    /// is sent until an operator accepted its registration; then the next request is
+    /// answered once on its `s/dcr` with `70,{tenant},{username},{password}`: a new MQTT user
+    /// bound to the device's Thing (registered now if absent).
+    pub async fn credentials_requested(&self, device: &str) {
+        let _issuing = self.issuing.lock().await;
+        let now = self.things.now_ms();
+        match self.registrations.requested(device, now).await {
+            Ok(Request::Unknown) => {
+                tracing::info!(%device, "credentials requested for a device that is not registered; nothing sent");
+            }
+            Ok(Request::Pending) => {
+                tracing::debug!(%device, "credentials requested; waiting for an operator to accept the device");
+            }
+            Ok(Request::Issued) => {
+                tracing::info!(%device, "credentials requested again; they were issued once already, nothing sent");
+            }
+            Ok(Request::Issue) => match self.issue(device, now).await {
+                Ok(Some(row)) => {
+                    tracing::info!(%device, "device credentials issued on s/dcr");
+                    send_rows(&self.broker, device, "s/dcr", &[row]);
+                }
+                Ok(None) => {
+                    tracing::info!(%device, "registration deleted or served meanwhile; nothing sent");
+                }
+                Err(e) => {
+                    tracing::error!(%device, error = %e, "device credentials could not be issued");
+                }
+            },
+            Err(e) => tracing::error!(%device, error = %e, "device registration unreadable"),
+        }
+    }
+
+    /// Makes `device`'s credentials and records them issued; the `70` row to send, `None` if
+    /// the registration went away meanwhile.
+    async fn issue(&self, device: &str, now: u64) -> Result<Option<String>, String> {
+        match self.things.describe(device).await {
+            Ok(thing) if thing.mqtt_client_id != device => {
+                return Err(format!(
+                    "Thing '{device}' connects with client id '{}', not its name: its device cannot use bootstrapped credentials",
+                    thing.mqtt_client_id
+                ));
+            }
+            Ok(_) => {}
+            Err(e) if e.kind == RejectionKind::ThingNotFound => {
+                self.register(device, None, None, None)
+                    .await
+                    .map_err(|e| e.message)?;
+            }
+            Err(e) => return Err(e.message),
+        }
+        use rand::distributions::Alphanumeric;
+        use rand::Rng;
+        let password: String = rand::rngs::OsRng
+            .sample_iter(&Alphanumeric)
+            .take(ISSUED_PASSWORD_CHARS)
+            .map(char::from)
+            .collect();
+        let username = format!("device_{device}");
+        let replaced = {
+            let users = self.users.clone();
+            let (username, password, device) =
+                (username.clone(), password.clone(), device.to_owned());
+            // argon2 hashing: off the async workers.
+            tokio::task::spawn_blocking(move || {
+                tokio::runtime::Handle::current().block_on(async {
+                    match users.get(&username) {
+                        Ok(user) if user.thing_name.as_deref() == Some(device.as_str()) => users
+                            .update(&username, Some(&password), None, None)
+                            .await
+                            .map(|_| true),
+                        Ok(_) => Err(UserError::Invalid(format!(
+                            "MQTT user '{username}' exists and is not bound to Thing '{device}'"
+                        ))),
+                        Err(UserError::NotFound(_)) => users
+                            .create(&username, &password, Some(device), false, now)
+                            .await
+                            .map(|_| false),
+                        Err(e) => Err(e),
+                    }
+                })
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?
+        };
+        if replaced {
+            // A device bootstrapped again: its old password stops working now.
+            super::revoke_user(&self.broker, &self.acl, &self.users, &username);
+        }
+        if !self
+            .registrations
+            .issued(device, &username, now)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            return Ok(None);
+        }
+        Ok(Some(smartrest::write_row(&[
+            "70",
+            self.tenant.as_str(),
+            username.as_str(),
+            password.as_str(),
+        ])))
     }
 
     /// Whether `topic` is in Cumulocity's namespace (`s/...`).

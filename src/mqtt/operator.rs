@@ -98,6 +98,7 @@ pub fn publish(
         username: None,
         thing: None,
         superuser: true,
+        bootstrap: false,
     };
     if !acl.allows(&operator, Action::Publish, &message.topic) {
         broker

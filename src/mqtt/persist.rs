@@ -568,6 +568,7 @@ mod tests {
                 username: stored.username.clone(),
                 thing: None,
                 superuser: false,
+                bootstrap: false,
             })
         };
         let report = persistence.restore(&owner, &|_, _| true).expect("restore");

@@ -453,6 +453,7 @@ mod tests {
             username: Some("u1".into()),
             thing: thing.map(str::to_owned),
             superuser: false,
+            bootstrap: false,
         }
     }
 
