@@ -1,7 +1,12 @@
 //! SmartREST CSV, as Cumulocity's MQTT devices speak it: one row per line, fields separated
 //! by commas; a field holding a comma, a double quote, a line break, or leading or trailing
-//! spaces is written between double quotes, with a double quote inside written twice. A
-//! message may hold several rows (`\n` or `\r\n` between them); empty lines are skipped.
+//! spaces is written between double quotes, with a double quote inside escaped by a
+//! backslash (`\"`, Cumulocity's rule, both ways); `""` inside quotes is read as one quote
+//! too (plain CSV). A backslash before anything else is itself. A message may hold several
+//! rows (`\n` or `\r\n` between them); empty lines are skipped.
+//!
+//! Cumulocity's escaping has no escape for a backslash, so a quoted field cannot end with
+//! one (`"a\"` is an escaped quote): such a value does not survive a round trip.
 //!
 //! Pure: text in, rows out (and back). Errors name the row and column.
 
@@ -105,6 +110,11 @@ pub fn parse(text: &str) -> Result<Vec<Vec<String>>, CsvError> {
                             } else {
                                 break;
                             }
+                        }
+                        Some('\\') if chars.peek() == Some(&'"') => {
+                            chars.next();
+                            column += 2;
+                            field.push('"');
                         }
                         Some('\n') => {
                             line += 1;
@@ -229,7 +239,7 @@ pub fn write_row<S: AsRef<str>>(fields: &[S]) -> String {
             || field.ends_with(' ');
         if needs_quotes {
             out.push('"');
-            out.push_str(&field.replace('"', "\"\""));
+            out.push_str(&field.replace('"', "\\\""));
             out.push('"');
         } else {
             out.push_str(field);
@@ -263,6 +273,20 @@ mod tests {
         assert_eq!(
             rows("511,dev,\"echo \"\"hi\"\"\nls\""),
             [["511", "dev", "echo \"hi\"\nls"]]
+        );
+        assert_eq!(
+            rows("511,dev,\"execute this\nand \\\"this\\\"\""),
+            [["511", "dev", "execute this\nand \"this\""]],
+            "Cumulocity's backslash escape"
+        );
+        assert_eq!(
+            rows("400,t,\"C:\\dir\\\"x\\\"\""),
+            [["400", "t", "C:\\dir\"x\""]],
+            "a backslash before anything else is itself; before a quote, the escape"
+        );
+        assert_eq!(
+            write_row(&["511", "dev", "say \"hi\", then\nexit"]),
+            "511,dev,\"say \\\"hi\\\", then\nexit\""
         );
         assert_eq!(rows("301,,\"\""), [["301", "", ""]], "empty fields");
         assert_eq!(rows("500,"), [["500", ""]], "a trailing empty field");
@@ -310,10 +334,14 @@ mod tests {
                     Just('a'),
                     Just('é'),
                     Just('\r'),
+                    Just('\\'),
                 ],
                 0..8
             )
-            .prop_map(|chars| chars.into_iter().collect()),
+            .prop_map(|chars| chars.into_iter().collect::<String>())
+            // A quoted field cannot end with a backslash in Cumulocity's escaping (see the
+            // module): the one value the law leaves out.
+            .prop_filter("no trailing backslash", |f| !f.ends_with('\\')),
         ]
     }
 

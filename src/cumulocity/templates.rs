@@ -873,7 +873,7 @@ mod tests {
                 "c8y_Command",
                 &params(json!({"text": "echo \"a,b\""}))
             ),
-            Ok("511,dev-1,\"echo \"\"a,b\"\"\"".into())
+            Ok("511,dev-1,\"echo \\\"a,b\\\"\"".into())
         );
         assert!(operation_row("dev-1", "c8y_Command", &Map::new())
             .expect_err("text needed")
