@@ -595,7 +595,7 @@ fn check_kv(store: &Store, report: &mut CheckReport) {
             return;
         }
     };
-    let kinds: [(&str, RecordCheck); 15] = [
+    let kinds: [(&str, RecordCheck); 17] = [
         ("meta/", |_| Ok(())),
         (thinghub_actors::groups::PREFIXES[0], |bytes| {
             thinghub_actors::groups::decode_group(bytes).map(|_| ())
@@ -628,6 +628,14 @@ fn check_kv(store: &Store, report: &mut CheckReport) {
         (
             crate::webhooks::DEAD_PREFIX,
             crate::webhooks::check_dead_letter,
+        ),
+        (
+            crate::cumulocity::children::CHILD_PREFIX,
+            crate::cumulocity::children::check_stored_link,
+        ),
+        (
+            crate::cumulocity::children::PARENT_PREFIX,
+            crate::cumulocity::children::check_stored_link,
         ),
         (
             crate::cumulocity::registrations::PREFIX,

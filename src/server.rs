@@ -168,7 +168,9 @@ pub async fn serve(
         broker.clone(),
         topics.clone(),
         persistence.clone(),
-        config.cumulocity,
+        config
+            .cumulocity
+            .then(|| crate::cumulocity::children::Children::new(store.clone())),
     ));
     let outbox = Arc::new(Outbox::new(&store, sink)?);
     // Loaded before the deadline timer starts: a watch that comes due finds its rule (one whose
@@ -281,7 +283,7 @@ pub async fn serve(
         things: things.clone(),
         jobs,
         groups,
-        alarms,
+        alarms: alarms.clone(),
         webhooks: webhooks.clone(),
         device_stats: bridge.stats.clone(),
         outbox: outbox.clone(),
@@ -292,6 +294,7 @@ pub async fn serve(
         keys: Arc::new(keys),
         users: users.clone(),
         registrations: registrations.clone(),
+        children: crate::cumulocity::children::Children::new(store.clone()),
         throttle: throttle.clone(),
         acl: acl.clone(),
         limits: HttpLimits {
@@ -350,6 +353,8 @@ pub async fn serve(
                 users: users.clone(),
                 acl: acl.clone(),
                 registrations,
+                children: crate::cumulocity::children::Children::new(store.clone()),
+                alarms: alarms.clone(),
                 tenant: config.cumulocity_tenant.clone(),
                 children_max: config.cumulocity_children_max,
                 shadow_limits,

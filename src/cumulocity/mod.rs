@@ -3,6 +3,7 @@
 //! requests, error rows for `s/e`, operation rows for `s/ds`) and the device registrations of
 //! the credential bootstrap. The MQTT side is `crate::mqtt::cumulocity`.
 
+pub mod children;
 pub mod registrations;
 pub mod smartrest;
 pub mod templates;

@@ -102,6 +102,8 @@ pub struct AppState {
     pub keys: Arc<ApiKeys>,
     /// MQTT credentials.
     pub users: Arc<MqttUsers>,
+    /// Which Cumulocity device created which child.
+    pub children: crate::cumulocity::children::Children,
     /// Cumulocity device registrations (the credential bootstrap).
     pub registrations: Arc<crate::cumulocity::registrations::Registrations>,
     /// Failed-authentication throttling (shared with MQTT).
@@ -134,6 +136,7 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(things::events))
         .routes(routes!(things::connectivity))
         .routes(routes!(things::measurements))
+        .routes(routes!(things::children))
         .routes(routes!(commands::send, commands::list))
         .routes(routes!(commands::get))
         .routes(routes!(commands::cancel))

@@ -1381,6 +1381,26 @@ pub struct AlarmRuleList {
     pub items: Vec<thinghub_actors::alarms::AlarmRule>,
 }
 
+/// One child device.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ChildItem {
+    /// Its id under its parent (what the parent's rows name it: `s/us/{id}`).
+    pub id: String,
+    /// Its Thing (`{parent}:{id}`).
+    pub thing_name: String,
+}
+
+/// A page of child devices.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ChildPage {
+    /// In id order.
+    pub items: Vec<ChildItem>,
+    /// Pass as `cursor`; null when the listing is done.
+    pub next_cursor: Option<String>,
+}
+
 /// A page of device registrations.
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]

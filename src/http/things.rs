@@ -481,3 +481,53 @@ pub async fn connectivity(
         json!({"items": page.items, "nextCursor": page.next_before_seq}),
     ))
 }
+
+/// Paging of a device's children.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct ChildrenParams {
+    limit: Option<usize>,
+    /// The previous page's `nextCursor`.
+    cursor: Option<String>,
+}
+
+/// `GET /api/v1/things/{name}/children?limit&cursor`: the child devices a Cumulocity device
+/// created (template 101), in id order. A child whose Thing was deleted is left out, so a
+/// page may hold fewer than `limit` and still have a `nextCursor`.
+#[utoipa::path(
+    get,
+    path = "/things/{name}/children",
+    tag = "things",
+    summary = "List a device's child devices",
+    params(("name" = String, Path, description = "Thing name: 1..=128 of [a-zA-Z0-9:_-]", example = "gateway-1"), ChildrenParams),
+    responses(
+        (status = 200, description = "A page of children", body = s::ChildPage),
+        (status = 404, description = "No such Thing.", body = ErrorBody),
+        (status = 503, description = "Storage unavailable.", body = ErrorBody)
+    )
+)]
+pub async fn children(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    QueryParams(params): QueryParams<ChildrenParams>,
+) -> Result<Json<Value>, ApiError> {
+    state.things.ensure_registered(&name)?;
+    let limit = page_limit(params.limit, state.limits.list_limit_max)?;
+    let (page, next) = state
+        .children
+        .page(&name, params.cursor.as_deref(), limit)
+        .map_err(|e| {
+            tracing::error!(thing = %name, error = %e, "child links unreadable");
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage unavailable")
+        })?;
+    let mut items = Vec::with_capacity(page.len());
+    for child in page {
+        match state.things.ensure_registered(&child.thing) {
+            Ok(()) => items.push(json!({"id": child.id, "thingName": child.thing})),
+            Err(e) if e.kind == thinghub_actors::thing::RejectionKind::ThingNotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(Json(json!({"items": items, "nextCursor": next})))
+}

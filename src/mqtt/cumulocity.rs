@@ -7,13 +7,14 @@
 //! device's Thing; every row that cannot be served is answered on `s/e`.
 //!
 //! Built: identity (the user's Thing, or for a superuser the client id, `d:` prefix allowed),
-//! 100, 101, inventory 110-117 into the shadow's `reported`, events 400-402, auto-creation for
-//! a superuser's device, operations (a command whose action is `c8y_...` goes down on `s/ds` as
-//! its row, see `super::effects`; 500 sends the pending ones again; 501-506 answer them),
-//! alarms 301-306 (the alarm model operators list, acknowledge and clear; one open alarm per
-//! type), measurements 200-212 (stored in the log, `GET /api/v1/things/{name}/measurements`),
-//! errors on `s/e`. Not built yet (answered on `s/e` with code 46): 105, 307 (alarms have no
-//! fragments).
+//! the credential bootstrap (`s/ucr` -> `s/dcr`, see `crate::cumulocity::registrations`), 100,
+//! 101 (children, linked in `crate::cumulocity::children`), 105 (`106,...` on `s/ds`),
+//! inventory 110-117 into the shadow's `reported`, events 400-402, auto-creation for a
+//! superuser's device, operations (a command whose action is `c8y_...` goes down as its row on
+//! the `s/ds` of the device, or for a child of the device above it, see `super::effects`; 500
+//! sends the pending ones again; 501-506 answer them), alarms 301-307 (the alarm model
+//! operators list, acknowledge and clear; one open alarm per type), measurements 200-212
+//! (stored in the log, `GET /api/v1/things/{name}/measurements`), errors on `s/e`.
 
 use std::sync::Arc;
 
@@ -30,6 +31,7 @@ use thinghub_actors::Things;
 
 use super::acl::{Acl, Identity, BOOTSTRAP_CLIENT_PREFIX, C8Y_NAMESPACE};
 use super::broker::{Broker, Message};
+use crate::cumulocity::children::{Child, Children};
 use crate::cumulocity::registrations::{Registrations, Request};
 use crate::cumulocity::smartrest;
 use crate::cumulocity::templates::{self, OperationRef, OperationStatus, RowError, Upstream};
@@ -42,8 +44,6 @@ pub const PARENT_ATTRIBUTE: &str = "c8y_parent";
 /// Pending executions read to find the one a status row is about (a Thing holds at most
 /// `command_pending_max` pending ones).
 const PENDING_READ_MAX: usize = 1000;
-/// Things read at a time when counting a device's children.
-const CHILDREN_PAGE: usize = 256;
 /// The type a device created without one gets (as Cumulocity's).
 const DEFAULT_TYPE: &str = "c8y_MQTTDevice";
 /// Length of a password issued to a bootstrapped device (alphanumeric from the OS's CSPRNG:
@@ -62,6 +62,10 @@ pub struct CumulocityParts {
     pub acl: Acl,
     /// Device registrations (the bootstrap).
     pub registrations: Arc<Registrations>,
+    /// Which device created which child.
+    pub children: Children,
+    /// The alarm listing (307 looks the alarm up).
+    pub alarms: thinghub_actors::alarms::Alarms,
     /// The tenant (`cumulocity_tenant`).
     pub tenant: String,
     /// `cumulocity_children_max`.
@@ -79,6 +83,8 @@ pub struct Cumulocity {
     users: Arc<MqttUsers>,
     acl: Acl,
     registrations: Arc<Registrations>,
+    children: Children,
+    alarms: thinghub_actors::alarms::Alarms,
     tenant: String,
     children_max: usize,
     shadow_limits: ShadowLimits,
@@ -97,6 +103,8 @@ impl Cumulocity {
             users: parts.users,
             acl: parts.acl,
             registrations: parts.registrations,
+            children: parts.children,
+            alarms: parts.alarms,
             tenant: parts.tenant,
             children_max: parts.children_max,
             shadow_limits: parts.shadow_limits,
@@ -407,7 +415,16 @@ impl Cumulocity {
                     Ok(existing) => {
                         let parent = existing.attributes.get(PARENT_ATTRIBUTE);
                         if parent.map(String::as_str) == Some(target) {
-                            Ok(())
+                            // A child created before the links were kept gets its link now.
+                            match self.children.parent_of(&child) {
+                                Ok(Some(_)) => Ok(()),
+                                Ok(None) => self
+                                    .children
+                                    .link(target, &id, &child)
+                                    .await
+                                    .map_err(|e| error(42, "101", e.to_string())),
+                                Err(e) => Err(error(42, "101", e.to_string())),
+                            }
                         } else {
                             Err(error(
                                 43,
@@ -417,7 +434,13 @@ impl Cumulocity {
                         }
                     }
                     Err(e) if e.kind == RejectionKind::ThingNotFound => {
-                        self.check_children_bound(target).await?;
+                        self.check_children_bound(target, &id)?;
+                        // The link first: a crash before the registration leaves a link
+                        // without a Thing, which listings skip and the next 101 completes.
+                        self.children
+                            .link(target, &id, &child)
+                            .await
+                            .map_err(|e| error(42, "101", e.to_string()))?;
                         self.register(&child, name, device_type, Some(target)).await
                     }
                     Err(e) => Err(error(42, "101", e.message)),
@@ -461,9 +484,10 @@ impl Cumulocity {
             } => self.operation_status(target, which, status).await,
             Upstream::PendingOperations => {
                 let pending = self.pending(target).await?;
+                let (_, id) = route(&self.children, target);
                 let rows: Vec<String> = pending
                     .iter()
-                    .filter_map(|execution| operation_row(target, execution))
+                    .filter_map(|execution| operation_row(&id, execution))
                     .filter_map(Result::ok)
                     .collect();
                 self.send(device, "s/ds", &rows);
@@ -531,49 +555,78 @@ impl Cumulocity {
                     .await
                     .map_err(row_error)
             }
-            Upstream::ListChildren | Upstream::ClearAlarmFragment { .. } => {
-                tracing::debug!(%device, "a SmartREST template not supported yet");
-                Err(error(
-                    46,
-                    "0",
-                    "this template is not supported by this server yet",
-                ))
+            Upstream::ListChildren => {
+                self.ensure(identity, target, None, None, None).await?;
+                let mut row = vec!["106".to_owned()];
+                row.extend(self.live_children(target)?.into_iter().map(|c| c.id));
+                self.send(device, "s/ds", &[smartrest::write_row(&row)]);
+                Ok(())
+            }
+            Upstream::ClearAlarmFragment {
+                alarm_type,
+                fragment,
+            } => {
+                // Alarms here carry no custom fragments (301-304 give type, text and time),
+                // so removing one from an open alarm leaves it as it is.
+                let open = self
+                    .alarms
+                    .of_thing(target)
+                    .map_err(row_error)?
+                    .into_iter()
+                    .any(|a| {
+                        a.alarm.alarm_type == alarm_type
+                            && a.alarm.status != thinghub_actors::thing::AlarmStatus::Cleared
+                    });
+                if open {
+                    tracing::debug!(%target, %alarm_type, %fragment, "307: the alarm has no such fragment");
+                    Ok(())
+                } else {
+                    Err(error(
+                        45,
+                        "307",
+                        format!("no open alarm of type '{alarm_type}'"),
+                    ))
+                }
             }
         }
     }
 
-    /// Refuses a child past `cumulocity_children_max` for `parent`.
-    async fn check_children_bound(&self, parent: &str) -> Result<(), RowError> {
-        let prefix = format!("{parent}:");
-        let mut after = prefix.clone();
-        let mut count = 0usize;
-        loop {
-            let page = self
-                .things
-                .list(Some(&after), CHILDREN_PAGE)
-                .map_err(|e| error(42, "101", e.message))?;
-            let mine = page
-                .iter()
-                .take_while(|t| t.name.starts_with(&prefix))
-                .count();
-            count += mine;
-            if count >= self.children_max {
-                return Err(error(
-                    43,
-                    "101",
-                    format!(
-                        "'{parent}' has {} children already (cumulocity_children_max)",
-                        self.children_max
-                    ),
-                ));
-            }
-            match page.last() {
-                Some(last) if mine == page.len() && page.len() == CHILDREN_PAGE => {
-                    after = last.name.clone();
+    /// `parent`'s children whose Thing exists; a link whose Thing was deleted is dropped on
+    /// the way.
+    fn live_children(&self, parent: &str) -> Result<Vec<Child>, RowError> {
+        let links = self
+            .children
+            .of(parent, usize::MAX)
+            .map_err(|e| error(42, "0", e.to_string()))?;
+        let mut live = Vec::with_capacity(links.len());
+        for child in links {
+            match self.things.ensure_registered(&child.thing) {
+                Ok(()) => live.push(child),
+                Err(e) if e.kind == RejectionKind::ThingNotFound => {
+                    if let Err(e) = self.children.unlink(parent, &child.id, &child.thing) {
+                        tracing::warn!(%parent, child = %child.thing, error = %e, "stale child link not dropped");
+                    }
                 }
-                _ => return Ok(()),
+                Err(e) => return Err(row_error(e)),
             }
         }
+        Ok(live)
+    }
+
+    /// Refuses a new child `id` past `cumulocity_children_max` for `parent`.
+    fn check_children_bound(&self, parent: &str, id: &str) -> Result<(), RowError> {
+        let live = self.live_children(parent)?;
+        if live.len() >= self.children_max && !live.iter().any(|known| known.id == id) {
+            return Err(error(
+                43,
+                "101",
+                format!(
+                    "'{parent}' has {} children already (cumulocity_children_max)",
+                    self.children_max
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// `target`'s pending executions (SENT or IN_PROGRESS), oldest first.
@@ -724,6 +777,15 @@ pub fn send_rows(broker: &Broker, device: &str, topic: &str, rows: &[String]) {
         properties: None,
         expires_at: None,
     });
+}
+
+/// Where `thing`'s operations go: (the device whose `s/ds` carries them, the id its rows name);
+/// itself when the links cannot be read (logged).
+pub fn route(children: &Children, thing: &str) -> (String, String) {
+    children.route(thing).unwrap_or_else(|e| {
+        tracing::warn!(%thing, error = %e, "child links unreadable; the operation goes on the Thing's own s/ds");
+        (thing.to_owned(), thing.to_owned())
+    })
 }
 
 /// The `s/ds` row of a command to a Cumulocity device, if its action is an operation

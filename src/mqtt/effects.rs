@@ -38,9 +38,10 @@ pub struct MqttEffects {
     broker: Arc<Broker>,
     topics: Topics,
     persistence: Arc<Persistence>,
-    /// Cumulocity devices are served: an operation (`c8y_...` command) also goes down on the
-    /// device's `s/ds` as its SmartREST row.
-    cumulocity: bool,
+    /// Cumulocity devices are served: an operation (`c8y_...` command) also goes down as its
+    /// SmartREST row on the device's `s/ds`, or for a child on the `s/ds` of the device above
+    /// it (these links say which).
+    cumulocity: Option<crate::cumulocity::children::Children>,
 }
 
 impl MqttEffects {
@@ -50,7 +51,7 @@ impl MqttEffects {
         broker: Arc<Broker>,
         topics: Topics,
         persistence: Arc<Persistence>,
-        cumulocity: bool,
+        cumulocity: Option<crate::cumulocity::children::Children>,
     ) -> MqttEffects {
         MqttEffects {
             broker,
@@ -106,10 +107,11 @@ impl MqttEffects {
                     );
                     self.publish(topic, &request);
                 }
-                if self.cumulocity {
-                    match super::cumulocity::operation_row(thing, execution) {
+                if let Some(children) = &self.cumulocity {
+                    let (device, id) = super::cumulocity::route(children, thing);
+                    match super::cumulocity::operation_row(&id, execution) {
                         Some(Ok(row)) => {
-                            super::cumulocity::send_rows(&self.broker, thing, "s/ds", &[row])
+                            super::cumulocity::send_rows(&self.broker, &device, "s/ds", &[row])
                         }
                         Some(Err(why)) => {
                             tracing::warn!(%thing, execution = %execution.execution_id, %why, "operation not sent on s/ds")
