@@ -199,8 +199,11 @@ pub fn decode(row: &[String]) -> Result<Upstream, RowError> {
     };
     let t = template.as_str();
     let field = |i: usize| fields.get(i).map(String::as_str).filter(|f| !f.is_empty());
+    // Empty trailing fields do not count against a template's most: a device may pad a row
+    // with commas (Cumulocity reads `100,,` as `100`).
+    let given = fields.len() - fields.iter().rev().take_while(|f| f.is_empty()).count();
     let needs = |min: usize, max: usize| -> Result<(), RowError> {
-        if fields.len() < min || fields.len() > max {
+        if fields.len() < min || given > max {
             let expected = if min == max {
                 min.to_string()
             } else if max == usize::MAX {
@@ -212,7 +215,7 @@ pub fn decode(row: &[String]) -> Result<Upstream, RowError> {
                 t,
                 format!(
                     "template {t} takes {expected} fields after the id, not {}",
-                    fields.len()
+                    if given > max { given } else { fields.len() }
                 ),
             ));
         }
@@ -327,16 +330,15 @@ pub fn decode(row: &[String]) -> Result<Upstream, RowError> {
         }
         "115" => inventory("c8y_Firmware", &["name", "version", "url"]),
         "116" => {
-            if fields.len() % 3 != 0 {
-                return Err(RowError::invalid(
-                    t,
-                    "template 116 takes name,version,url triples",
-                ));
+            // name,version,url triples; the last one's url (or version) may be left off.
+            let mut list = Vec::new();
+            for (i, c) in fields[..given].chunks(3).enumerate() {
+                let name = c.first().filter(|n| !n.is_empty()).ok_or_else(|| {
+                    RowError::invalid(t, format!("template 116: software {} has no name", i + 1))
+                })?;
+                let part = |k: usize| c.get(k).map_or("", String::as_str);
+                list.push(json!({"name": name, "version": part(1), "url": part(2)}));
             }
-            let list: Vec<Value> = fields
-                .chunks(3)
-                .map(|c| json!({"name": c[0], "version": c[1], "url": c[2]}))
-                .collect();
             Ok(Upstream::Inventory {
                 fragment: "c8y_SoftwareList",
                 value: Value::Array(list),
@@ -372,8 +374,9 @@ pub fn decode(row: &[String]) -> Result<Upstream, RowError> {
             })
         }
         "201" => {
-            // type, time, then (fragment, series, value, unit) groups.
-            if fields.len() < 6 || (fields.len() - 2) % 4 != 0 {
+            // type, time, then (fragment, series, value, unit) groups; the last unit may be
+            // left off.
+            if given < 5 || (given - 2) % 4 == 1 || (given - 2) % 4 == 2 {
                 return Err(RowError::invalid(
                     t,
                     "template 201 takes type,time and then fragment,series,value,unit groups",
@@ -381,7 +384,7 @@ pub fn decode(row: &[String]) -> Result<Upstream, RowError> {
             }
             let measurement_type = required(0, "the type")?;
             let mut values = Vec::new();
-            for (g, group) in fields[2..].chunks(4).enumerate() {
+            for (g, group) in fields[2..given].chunks(4).enumerate() {
                 let i = 2 + g * 4;
                 values.push(Measurement {
                     fragment: required(i, "a fragment")?,
@@ -461,7 +464,8 @@ pub fn decode(row: &[String]) -> Result<Upstream, RowError> {
             })
         }
         "307" => {
-            needs(2, 2)?;
+            // The alarm type and the fragments to remove (one or more).
+            needs(2, usize::MAX)?;
             Ok(Upstream::ClearAlarmFragment {
                 alarm_type: required(0, "the alarm type")?,
                 fragment: required(1, "the fragment")?,
@@ -761,6 +765,22 @@ mod tests {
             }
         );
         assert_eq!(
+            ok("110,SN-1,,,,"),
+            Upstream::Inventory {
+                fragment: "c8y_Hardware",
+                value: json!({"serialNumber": "SN-1"})
+            },
+            "trailing commas pad a row"
+        );
+        assert_eq!(
+            ok("116,a,1.0,http://x,b,2.0"),
+            Upstream::Inventory {
+                fragment: "c8y_SoftwareList",
+                value: json!([{"name":"a","version":"1.0","url":"http://x"},{"name":"b","version":"2.0","url":""}])
+            },
+            "the last url left off"
+        );
+        assert_eq!(
             ok("116,a,1.0,http://x,b,2.0,"),
             Upstream::Inventory {
                 fragment: "c8y_SoftwareList",
@@ -790,6 +810,18 @@ mod tests {
             panic!()
         };
         assert_eq!(values.len(), 2);
+        let Upstream::Measurements { values, .. } = ok("201,S,,c8y_T,T,1,C,c8y_H,H,40") else {
+            panic!()
+        };
+        assert_eq!(
+            (values.len(), values[1].unit.as_deref()),
+            (2, None),
+            "the last unit may be left off"
+        );
+        assert!(matches!(
+            ok("307,c8y_Fire,c8y_A,c8y_B"),
+            Upstream::ClearAlarmFragment { .. }
+        ));
         assert!(matches!(
             ok("302,c8y_Overheat,Too hot"),
             Upstream::RaiseAlarm {
@@ -838,6 +870,14 @@ mod tests {
         assert_eq!(err("200,c8y_T,T,NaN").code, 41, "not finite");
         assert_eq!(err("117,soon").code, 41);
         assert_eq!(err("401,52.1").code, 41);
+        assert!(
+            err("110,a,b,c,d").message.contains("not 4"),
+            "a real fourth field"
+        );
+        assert!(err("116,a,1,u,,2")
+            .message
+            .contains("software 2 has no name"));
+        assert_eq!(err("201,S,,c8y_T,T").code, 41, "a group without its value");
     }
 
     #[test]
