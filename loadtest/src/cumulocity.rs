@@ -143,6 +143,7 @@ pub async fn run(
                 http: None,
             },
             None,
+            target.server_pid(),
         )
         .await?
     };

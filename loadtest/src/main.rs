@@ -16,6 +16,7 @@
 #![allow(clippy::print_stdout)] // a command-line report is this program's output
 
 mod commands;
+mod cpu;
 mod crash;
 mod cumulocity;
 mod device;
@@ -217,6 +218,10 @@ enum Scenario {
         /// third phase of the same run, for the ratio.
         #[arg(long)]
         baseline_broker: Option<std::net::SocketAddr>,
+        /// The baseline broker's pid, for its CPU per round trip (default: the process
+        /// listening on its port).
+        #[arg(long, requires = "baseline_broker")]
+        baseline_pid: Option<u32>,
         /// Also run the shadow phase again with a webhook subscribed to every record (a
         /// receiver in this process on loopback): records/s, lag, and the shadow rate beside
         /// the phase without it.
@@ -481,6 +486,7 @@ fn main() -> Result<()> {
             rate,
             desired_share,
             baseline_broker,
+            baseline_pid,
             webhook,
             target,
         } => runtime.block_on(shadow::run(
@@ -492,6 +498,7 @@ fn main() -> Result<()> {
                 desired_share,
                 baseline_broker,
                 webhook,
+                baseline_pid,
             },
             report_dir,
         )),

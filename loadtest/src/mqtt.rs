@@ -44,6 +44,11 @@ pub struct ChildServer {
 }
 
 impl ChildServer {
+    /// Its process id (while it runs).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// Starts `thinghub-loadtest server` (the real server code) with a temporary data dir.
     pub async fn start() -> Result<ChildServer> {
         let temp = tempfile::tempdir()?;

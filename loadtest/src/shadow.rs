@@ -19,6 +19,7 @@ use hdrhistogram::Histogram;
 use rumqttc::mqttbytes::v4::Packet as RawPacket;
 use tokio::sync::{Barrier, Semaphore};
 
+use crate::cpu::{pid_listening_on, CpuUse, CpuWindow};
 use crate::device::RawDevice;
 
 use crate::mqtt::{create_bench_user, BENCH_USER};
@@ -46,6 +47,8 @@ pub struct ShadowRun {
     pub baseline_broker: Option<SocketAddr>,
     /// Run the shadow phase again with a webhook receiving every record.
     pub webhook: bool,
+    /// The baseline broker's pid (else found by its port).
+    pub baseline_pid: Option<u32>,
 }
 
 pub(crate) struct PhaseResult {
@@ -54,6 +57,8 @@ pub(crate) struct PhaseResult {
     pub(crate) seconds: f64,
     pub(crate) latencies: Histogram<u64>,
     timeline: Timeline,
+    /// CPU the broker and this load generator spent while the devices ran.
+    pub(crate) cpu: CpuUse,
 }
 
 /// Where every device of a phase records its round trips: one histogram and one timeline per
@@ -300,7 +305,8 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 }
 
 /// Runs one phase: `devices` devices doing `work(i)` for `seconds` (the echo over MQTT 5 with
-/// server topic aliases when `v5_aliases` is set).
+/// server topic aliases when `v5_aliases` is set), measuring the CPU that `cpu_pid` (the
+/// broker) and this process spend while the devices run.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn phase(
     mqtt: SocketAddr,
@@ -311,6 +317,7 @@ pub(crate) async fn phase(
     label: &str,
     work: impl Fn(usize) -> Work,
     v5_aliases: Option<u16>,
+    cpu_pid: Option<u32>,
 ) -> Result<PhaseResult> {
     let start = Arc::new(Barrier::new(devices + 1));
     let connecting = Arc::new(Semaphore::new(CONNECTS_IN_FLIGHT));
@@ -355,6 +362,7 @@ pub(crate) async fn phase(
         }
     }
     let started = Instant::now();
+    let cpu = CpuWindow::start(cpu_pid);
     let bar = progress(seconds, label);
     let ticker = {
         let bar = bar.clone();
@@ -371,12 +379,14 @@ pub(crate) async fn phase(
         seconds: 0.0,
         latencies: crate::histogram(),
         timeline: Timeline::new(Duration::from_secs(1)),
+        cpu: CpuUse::default(),
     };
     while let Some(done) = tasks.join_next().await {
         let (count, operator) = done??;
         result.round_trips += count;
         result.operator_rounds += operator;
     }
+    result.cpu = cpu.finish();
     ticker.abort();
     bar.finish_and_clear();
     result.seconds = started.elapsed().as_secs_f64();
@@ -407,6 +417,7 @@ pub async fn run(
     let bench = Some((BENCH_USER.0.to_owned(), BENCH_USER.1.to_owned()));
     let operator_every =
         (run.desired_share > 0.0).then(|| (1.0 / run.desired_share).round().max(1.0) as u64);
+    let server_pid = target.server_pid();
     let shadow = {
         let target = target.clone();
         phase(
@@ -421,6 +432,7 @@ pub async fn run(
                 http: operator_every.map(|every| (target.clone(), every)),
             },
             None,
+            server_pid,
         )
         .await?
     };
@@ -433,6 +445,7 @@ pub async fn run(
         "echo",
         echo_work,
         None,
+        server_pid,
     )
     .await?;
     let baseline = match run.baseline_broker {
@@ -449,6 +462,7 @@ pub async fn run(
                 "baseline",
                 echo_work,
                 None,
+                run.baseline_pid.or_else(|| pid_listening_on(broker.port())),
             )
             .await?,
         ),
@@ -489,6 +503,8 @@ pub async fn run(
             target.rss_bytes().await? as f64 / 1048576.0,
             1,
         );
+    cpu_rows(&mut report, "shadow", &shadow);
+    cpu_rows(&mut report, "echo", &echo);
     if let (Some(baseline), Some(broker)) = (&baseline, run.baseline_broker) {
         report
             .param("baseline_broker", broker)
@@ -504,6 +520,17 @@ pub async fn run(
                 rate(&echo) / rate(baseline).max(1e-9),
                 2,
             );
+        cpu_rows(&mut report, "baseline echo", baseline);
+        if let (Some(ours), Some(theirs)) = (
+            shadow.cpu.server_us_per(shadow.round_trips),
+            baseline.cpu.server_us_per(baseline.round_trips),
+        ) {
+            report.number(
+                "server CPU: durable shadow / baseline echo, per round trip (ratio)",
+                ours / theirs.max(1e-9),
+                2,
+            );
+        }
     }
     if let Some(webhook) = &with_webhook {
         report
@@ -534,6 +561,21 @@ pub async fn run(
     }
     report.latency_over_time = shadow.timeline.slices();
     report.finish(report_dir)
+}
+
+/// The CPU rows of a phase: the broker's CPU per round trip and the cores it and this load
+/// generator kept busy (a load generator near its cores' limit is the bottleneck, not the
+/// broker). Absent when the broker's pid is unknown.
+fn cpu_rows(report: &mut Report, what: &str, phase: &PhaseResult) {
+    if let Some(us) = phase.cpu.server_us_per(phase.round_trips) {
+        report.number(&format!("{what}: server CPU per round trip, µs"), us, 1);
+    }
+    if let Some(cores) = phase.cpu.server_cores() {
+        report.number(&format!("{what}: server cores busy"), cores, 2);
+    }
+    if let Some(cores) = phase.cpu.own_cores() {
+        report.number(&format!("{what}: load generator cores busy"), cores, 2);
+    }
 }
 
 /// What the phase with a webhook measured.
@@ -567,6 +609,7 @@ async fn webhook_phase(
     let created: serde_json::Value = response.json().await?;
     let id = created["id"].as_str().context("webhook id")?.to_owned();
     let shadow = {
+        let pid = target.server_pid();
         let target = target.clone();
         phase(
             target.mqtt,
@@ -580,6 +623,7 @@ async fn webhook_phase(
                 http: operator_every.map(|every| (target.clone(), every)),
             },
             None,
+            pid,
         )
         .await?
     };
@@ -625,20 +669,20 @@ pub async fn run_echo(
     if let Some(alias_max) = v5_aliases {
         report.param("mqtt", format!("5.0, Topic Alias Maximum {alias_max}"));
     }
-    let (mqtt, credentials, _target) = match broker {
+    let (mqtt, credentials, pid, _target) = match broker {
         Some(broker) => {
             if !broker.ip().is_loopback() {
                 bail!("{broker} is not a loopback address: load tests target 127.0.0.0/8 only");
             }
             report.param("broker", broker);
-            (broker, None, None)
+            (broker, None, pid_listening_on(broker.port()), None)
         }
         None => {
             let target = Target::open(target_args).await?;
             create_bench_user(&target).await?;
             report.param("broker", format!("thinghub {}", target.mqtt));
             let credentials = Some((BENCH_USER.0.to_owned(), BENCH_USER.1.to_owned()));
-            (target.mqtt, credentials, Some(target))
+            (target.mqtt, credentials, target.server_pid(), Some(target))
         }
     };
     let echo = phase(
@@ -650,6 +694,7 @@ pub async fn run_echo(
         "echo",
         echo_work,
         v5_aliases,
+        pid,
     )
     .await?;
     report
@@ -661,6 +706,7 @@ pub async fn run_echo(
             0,
         )
         .latencies("echo", &echo.latencies);
+    cpu_rows(&mut report, "echo", &echo);
     report.latency_over_time = echo.timeline.slices();
     report.finish(report_dir)
 }

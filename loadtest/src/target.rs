@@ -104,6 +104,15 @@ impl Target {
             .unwrap_or(0))
     }
 
+    /// The server's pid: the child this run started, else the process listening on the MQTT
+    /// port (if this user may see it).
+    pub fn server_pid(&self) -> Option<u32> {
+        match &self.child {
+            Some(child) => child.pid(),
+            None => crate::cpu::pid_listening_on(self.mqtt.port()),
+        }
+    }
+
     /// Bytes on disk of the data directory, when this run started the server.
     pub fn disk_bytes(&self) -> Option<u64> {
         self.child.as_ref().map(|c| dir_bytes(c.data_dir()))
