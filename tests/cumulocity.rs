@@ -464,6 +464,14 @@ async fn a_device_gets_its_credentials_once_through_the_bootstrap_after_acceptan
             "{filter}"
         );
     }
+    let denied = || async {
+        call(Method::GET, &server.url("/api/v1/metrics"), None)
+            .await
+            .1["mqtt"]["aclDenied"]
+            .as_u64()
+            .expect("aclDenied")
+    };
+    let denied_before = denied().await;
     send(&boot, "s/us", "100,Mine,c8y_Hijack").await;
     send(&boot, "s/ucr", "").await;
     let registration = until(&server, "/api/v1/device-registrations/sn-0001", |r| {
@@ -471,8 +479,17 @@ async fn a_device_gets_its_credentials_once_through_the_bootstrap_after_acceptan
     })
     .await;
     assert!(registration["requestedAt"].is_u64(), "{registration}");
-    let (status, _) = call(Method::GET, &server.url("/api/v1/things/sn-0001"), None).await;
-    assert_eq!(status, 404, "the bootstrap user's 100 row created nothing");
+    assert!(
+        registration["requestedFrom"]
+            .as_str()
+            .is_some_and(|from| from.starts_with("127.0.0.1:")),
+        "{registration}"
+    );
+    assert_eq!(
+        denied().await,
+        denied_before + 1,
+        "the bootstrap user's 100 row was refused, not served"
+    );
     // Then nothing is sent before an operator accepts
     send(&boot, "s/ucr", "").await;
     assert_eq!(
@@ -489,6 +506,35 @@ async fn a_device_gets_its_credentials_once_through_the_bootstrap_after_acceptan
     assert_eq!(body["items"][0]["id"], "sn-0001", "{body}");
     let (status, body) = call(Method::POST, &accept, None).await;
     assert_eq!((status, &body["status"]), (200, &Value::from("ACCEPTED")));
+
+    // A request from a connection not subscribed to s/dcr gets nothing issued (Cumulocity's
+    // own tenant name for the bootstrap user works too)
+    let (mut deaf, _) = Device::connect(
+        &server,
+        "d:sn-0001",
+        ("management/devbootstrap", "boot-secret"),
+        true,
+    )
+    .await;
+    send(&deaf, "s/ucr", "").await;
+    assert_eq!(
+        nothing_within(&mut deaf, Duration::from_millis(300)).await,
+        Vec::<String>::new()
+    );
+    let (_, registration) = call(
+        Method::GET,
+        &server.url("/api/v1/device-registrations/sn-0001"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        registration["credentialsIssuedAt"],
+        Value::Null,
+        "{registration}"
+    );
+    drop(deaf);
+    let (mut boot, _) = Device::connect(&server, "d:sn-0001", bootstrap, true).await;
+    subscribe_ack(&mut boot, "s/dcr").await;
 
     // And the next request gets the credentials, once
     send(&boot, "s/ucr", "").await;
@@ -559,11 +605,50 @@ async fn a_device_gets_its_credentials_once_through_the_bootstrap_after_acceptan
     .await;
     assert_eq!(status, 409);
 
+    // A child device gets no credentials of its own (its gateway speaks for it), and a child
+    // cannot have children here
+    send(&device, "s/us", "101,c1").await;
+    until(&server, "/api/v1/things/sn-0001:c1", |_| true).await;
+    send(&device, "s/us/c1", "101,c2").await;
+    assert!(next_on(&mut device, "s/e").await.starts_with("43,101,"));
+    let (status, _) = call(
+        Method::POST,
+        &registrations,
+        Some(serde_json::json!({"id": "sn-0001:c1"})),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let (mut squat, _) = Device::connect(&server, "sn-0001:c1", bootstrap, true).await;
+    subscribe_ack(&mut squat, "s/dcr").await;
+    send(&squat, "s/ucr", "").await;
+    until(&server, "/api/v1/device-registrations/sn-0001:c1", |r| {
+        r["status"] == "PENDING_ACCEPTANCE"
+    })
+    .await;
+    let child_accept = server.url("/api/v1/device-registrations/sn-0001:c1/accept");
+    assert_eq!(call(Method::POST, &child_accept, None).await.0, 200);
+    send(&squat, "s/ucr", "").await;
+    assert_eq!(
+        nothing_within(&mut squat, Duration::from_millis(300)).await,
+        Vec::<String>::new()
+    );
+    let (_, registration) = call(
+        Method::GET,
+        &server.url("/api/v1/device-registrations/sn-0001:c1"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        registration["credentialsIssuedAt"],
+        Value::Null,
+        "{registration}"
+    );
+
     // An operator removes the registration: the credentials stay valid
     let one = server.url("/api/v1/device-registrations/sn-0001");
     assert_eq!(call(Method::DELETE, &one, None).await.0, 204);
     assert_eq!(call(Method::GET, &one, None).await.0, 404);
-    drop((boot, device, _boot_again));
+    drop((boot, device, _boot_again, squat));
     let (_again, _) = Device::connect(&server, "sn-0001", (username, &password), true).await;
     let (status, logs) = server.stop();
     assert!(status.success(), "{logs:?}");

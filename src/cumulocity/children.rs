@@ -1,10 +1,13 @@
 //! Which Cumulocity device created which child (template 101): `c8ychild/{parent}/{childId}`
 //! lists a device's children, `c8yparent/{childThing}` names a child's parent (both in the
-//! `kv` tree, written durably before the child's Thing is registered). The child's Thing keeps
+//! `kv` tree, written durably once the child's Thing is registered). The child's Thing keeps
 //! the `c8y_parent` attribute too; that attribute decides what a device may do, these records
 //! serve the listings (`105`, `GET /api/v1/things/{name}/children`) and the routing of a
-//! child's operations to the connection of the device above it. A link whose child Thing was
-//! deleted is skipped (and dropped when a device's children are counted).
+//! child's operations to its gateway's connection, where no actor can be asked.
+//!
+//! Each link holds the child Thing's registration time: a link whose Thing was deleted, or
+//! deleted and registered again by someone else, names another Thing's time and counts as no
+//! link (listings skip it; it is dropped when a device's children are counted).
 
 use thinghub_storage::{StorageError, Store};
 
@@ -12,14 +15,23 @@ use thinghub_storage::{StorageError, Store};
 pub const CHILD_PREFIX: &str = "c8ychild/";
 /// The `kv` prefix of child -> parent records.
 pub const PARENT_PREFIX: &str = "c8yparent/";
-/// How deep operations are routed up a chain of children (a child of a child ...).
-const DEPTH_MAX: usize = 8;
 
 /// Whether a stored child or parent record decodes (`thinghub check`).
 pub fn check_stored_link(bytes: &[u8]) -> Result<(), String> {
-    std::str::from_utf8(bytes)
+    decode(bytes)
         .map(|_| ())
-        .map_err(|_| "a Cumulocity child link holds a Thing name".into())
+        .ok_or_else(|| "a Cumulocity child link is `{registered at ms} {Thing name}`".into())
+}
+
+/// `{created_at_ms} {name}`.
+fn encode(created_at_ms: u64, name: &str) -> Vec<u8> {
+    format!("{created_at_ms} {name}").into_bytes()
+}
+
+fn decode(bytes: &[u8]) -> Option<(u64, String)> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    let (at, name) = text.split_once(' ')?;
+    Some((at.parse().ok()?, name.to_owned()))
 }
 
 /// One child of a device.
@@ -29,6 +41,8 @@ pub struct Child {
     pub id: String,
     /// Its Thing (`{parent}:{id}`).
     pub thing: String,
+    /// Whether that Thing is the one the link was made for (registered, at the same time).
+    pub live: bool,
 }
 
 /// The links, over the store.
@@ -51,27 +65,34 @@ impl Children {
         format!("{PARENT_PREFIX}{child_thing}")
     }
 
-    /// Records (durably) that `parent` has the child `id`, whose Thing is `child_thing`.
+    /// When `thing` was registered, if it is.
+    fn registered_at(&self, thing: &str) -> Result<Option<u64>, StorageError> {
+        match self.store.get_thing(thing)? {
+            None => Ok(None),
+            Some(bytes) => thinghub_actors::codec::decode_index_record(thing, &bytes)
+                .map(|record| Some(record.created_at_ms)),
+        }
+    }
+
+    /// Records (durably) that `parent` has the child `id`, whose Thing `child_thing` is
+    /// registered (its registration time goes into the link).
     pub async fn link(
         &self,
         parent: &str,
         id: &str,
         child_thing: &str,
     ) -> Result<(), StorageError> {
+        let Some(at) = self.registered_at(child_thing)? else {
+            return Ok(());
+        };
         self.store.kv_apply_behind(vec![
-            (
-                Self::child_key(parent, id),
-                Some(child_thing.as_bytes().to_vec()),
-            ),
-            (
-                Self::parent_key(child_thing),
-                Some(parent.as_bytes().to_vec()),
-            ),
+            (Self::child_key(parent, id), Some(encode(at, child_thing))),
+            (Self::parent_key(child_thing), Some(encode(at, parent))),
         ])?;
         self.store.sync().await
     }
 
-    /// Forgets a link (its child Thing is gone), durable with the next group commit.
+    /// Forgets a link, durable with the next group commit.
     pub fn unlink(&self, parent: &str, id: &str, child_thing: &str) -> Result<(), StorageError> {
         self.store.kv_apply_behind(vec![
             (Self::child_key(parent, id), None),
@@ -79,31 +100,43 @@ impl Children {
         ])
     }
 
-    /// The device that created `thing` as its child, if any.
+    /// The device that created `thing` as its child, if `thing` is still that child.
     pub fn parent_of(&self, thing: &str) -> Result<Option<String>, StorageError> {
-        Ok(self
+        let Some((at, parent)) = self
             .store
             .kv_get(&Self::parent_key(thing))?
-            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned()))
+            .as_deref()
+            .and_then(decode)
+        else {
+            return Ok(None);
+        };
+        Ok((self.registered_at(thing)? == Some(at)).then_some(parent))
     }
 
-    /// `parent`'s children, in id order, at most `limit`.
+    fn child(&self, key: &str, prefix: &str, bytes: &[u8]) -> Result<Option<Child>, StorageError> {
+        let Some((at, thing)) = decode(bytes) else {
+            return Ok(None);
+        };
+        let live = self.registered_at(&thing)? == Some(at);
+        Ok(Some(Child {
+            id: key[prefix.len()..].to_owned(),
+            thing,
+            live,
+        }))
+    }
+
+    /// `parent`'s children (live or not), in id order, at most `limit`.
     pub fn of(&self, parent: &str, limit: usize) -> Result<Vec<Child>, StorageError> {
         let prefix = format!("{CHILD_PREFIX}{parent}/");
-        Ok(self
-            .store
-            .kv_scan_prefix(&prefix, limit)?
-            .into_iter()
-            .map(|(key, thing)| Child {
-                id: key[prefix.len()..].to_owned(),
-                thing: String::from_utf8_lossy(&thing).into_owned(),
-            })
-            .collect())
+        let mut out = Vec::new();
+        for (key, bytes) in self.store.kv_scan_prefix(&prefix, limit)? {
+            out.extend(self.child(&key, &prefix, &bytes)?);
+        }
+        Ok(out)
     }
 
-    /// A page of `parent`'s children after the id `after`, in id order (whether each Thing
-    /// still exists is the caller's to check), and the cursor to go on with (`None` at the
-    /// end).
+    /// A page of `parent`'s live children after the id `after`, in id order (at most `limit`
+    /// links read), and the cursor to go on with (`None` at the end).
     pub fn page(
         &self,
         parent: &str,
@@ -115,96 +148,120 @@ impl Children {
         let page = self
             .store
             .kv_scan_prefix_after(&prefix, after.as_deref(), limit)?;
-        let items: Vec<Child> = page
-            .into_iter()
-            .map(|(key, thing)| Child {
-                id: key[prefix.len()..].to_owned(),
-                thing: String::from_utf8_lossy(&thing).into_owned(),
-            })
-            .collect();
-        let next = (items.len() == limit)
-            .then(|| items.last().map(|c| c.id.clone()))
+        let next = (page.len() == limit)
+            .then(|| page.last().map(|(key, _)| key[prefix.len()..].to_owned()))
             .flatten();
+        let mut items = Vec::new();
+        for (key, bytes) in page {
+            items.extend(self.child(&key, &prefix, &bytes)?.filter(|c| c.live));
+        }
         Ok((items, next))
     }
 
-    /// Where an operation for `thing` goes: the device at the top of its chain of parents
-    /// (the one connected) and the id the row names (the child's id under its own parent;
-    /// `thing` itself when it is no child).
+    /// Where an operation for `thing` goes: its gateway and the id its rows name it by, or
+    /// `thing` itself when it is no (live) child.
     pub fn route(&self, thing: &str) -> Result<(String, String), StorageError> {
-        let (mut device, mut id) = (thing.to_owned(), thing.to_owned());
-        for depth in 0..DEPTH_MAX {
-            let Some(parent) = self.parent_of(&device)? else {
-                break;
-            };
-            if depth == 0 {
-                id = device
+        Ok(match self.parent_of(thing)? {
+            Some(parent) => {
+                let id = thing
                     .strip_prefix(&format!("{parent}:"))
-                    .unwrap_or(&device)
+                    .unwrap_or(thing)
                     .to_owned();
+                (parent, id)
             }
-            device = parent;
-        }
-        Ok((device, id))
+            None => (thing.to_owned(), thing.to_owned()),
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use thinghub_storage::StoreConfig;
+    use thinghub_storage::{AppendBatch, Envelope, IndexOp, StoreConfig};
+
+    /// Writes `thing`'s registry record (registered at `at`), or removes it, as the Thing's
+    /// append at `seq` does.
+    async fn registry(store: &Store, thing: &str, seq: u64, at: Option<u64>) {
+        let op = match at {
+            Some(at) => IndexOp::PutThing(
+                thinghub_actors::codec::encode_index_record(
+                    &thinghub_actors::codec::ThingIndexRecord {
+                        mqtt_client_id: thing.to_owned(),
+                        thing_type: None,
+                        created_at_ms: at,
+                    },
+                )
+                .expect("encode"),
+            ),
+            None => IndexOp::RemoveThing,
+        };
+        store
+            .append(AppendBatch {
+                thing: thing.to_owned(),
+                first_seq: seq,
+                events: vec![Envelope::new("Test", 1, 0, &()).expect("envelope")],
+                index: vec![op],
+            })
+            .await
+            .expect("append");
+    }
 
     #[tokio::test]
-    async fn children_are_listed_by_parent_and_route_their_operations_to_the_top_device() {
+    async fn children_are_listed_by_parent_and_route_to_their_gateway_while_they_are_the_same_thing(
+    ) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let children = Children::new(Store::open(&StoreConfig::new(dir.path())).expect("open"));
-        // Given a gateway with two children, one of which has a child
+        let store = Store::open(&StoreConfig::new(dir.path())).expect("open");
+        let children = Children::new(store.clone());
+        for (thing, at) in [("gw:s1", 1), ("gw:s2", 2), ("gw-2:s1", 3)] {
+            registry(&store, thing, 1, Some(at)).await;
+        }
+        // Given a gateway with two children, and another with one
         children.link("gw", "s2", "gw:s2").await.expect("link");
         children.link("gw", "s1", "gw:s1").await.expect("link");
-        children.link("gw:s1", "x", "gw:s1:x").await.expect("link");
         children.link("gw-2", "s1", "gw-2:s1").await.expect("link");
+        children
+            .link("gw", "ghost", "gw:ghost")
+            .await
+            .expect("no Thing: no link");
         // Then each lists its own, in id order
         let ids = |parent| {
             children
                 .of(parent, 10)
                 .expect("list")
                 .into_iter()
+                .filter(|c| c.live)
                 .map(|c| c.id)
                 .collect::<Vec<_>>()
         };
         assert_eq!(ids("gw"), ["s1", "s2"]);
-        assert_eq!(ids("gw:s1"), ["x"]);
         assert_eq!(ids("gw-2"), ["s1"]);
         assert!(ids("nobody").is_empty());
         let (first, next) = children.page("gw", None, 1).expect("page");
-        let child = |id: &str, thing: &str| Child {
-            id: id.into(),
-            thing: thing.into(),
-        };
-        assert_eq!(first, [child("s1", "gw:s1")]);
+        assert_eq!(first[0].thing, "gw:s1");
         let (second, next) = children.page("gw", next.as_deref(), 1).expect("page");
-        assert_eq!(second, [child("s2", "gw:s2")]);
+        assert_eq!(second[0].thing, "gw:s2");
         let (rest, end) = children.page("gw", next.as_deref(), 1).expect("page");
         assert!(rest.is_empty() && end.is_none());
-        // And an operation goes to the top device, naming the child by its id
+        // And an operation goes to the gateway, naming the child by its id
         assert_eq!(
             children.route("gw:s2").expect("route"),
             ("gw".into(), "s2".into())
         );
         assert_eq!(
-            children.route("gw:s1:x").expect("route"),
-            ("gw".into(), "x".into())
-        );
-        assert_eq!(
             children.route("gw").expect("route"),
             ("gw".into(), "gw".into())
         );
-        // When a link goes, the child is no longer listed nor routed
-        children.unlink("gw", "s2", "gw:s2").expect("unlink");
+        // When the child's Thing is deleted and its name registered again by someone else,
+        // the old link is no link: not listed, not routed to the old gateway
+        registry(&store, "gw:s2", 2, None).await;
+        assert_eq!(ids("gw"), ["s1"]);
+        registry(&store, "gw:s2", 3, Some(99)).await;
         assert_eq!(ids("gw"), ["s1"]);
         assert_eq!(
             children.route("gw:s2").expect("route"),
             ("gw:s2".into(), "gw:s2".into())
         );
+        children.unlink("gw", "s2", "gw:s2").expect("unlink");
+        assert_eq!(children.of("gw", 10).expect("list").len(), 1);
     }
 }

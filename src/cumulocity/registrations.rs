@@ -48,6 +48,9 @@ pub struct Registration {
     /// Unix ms of the device's first credentials request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requested_at: Option<u64>,
+    /// The address that request came from (is it the device you expect?).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_from: Option<String>,
     /// Unix ms of the acceptance.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accepted_at: Option<u64>,
@@ -177,6 +180,7 @@ impl Registrations {
             status: RegistrationStatus::WaitingForConnection,
             created_at: now_ms,
             requested_at: None,
+            requested_from: None,
             accepted_at: None,
             credentials_issued_at: None,
             username: None,
@@ -255,7 +259,12 @@ impl Registrations {
     /// The device `id` asked for credentials: what to do about it. A first request moves a
     /// waiting registration to PENDING_ACCEPTANCE (written only then: a device polling every
     /// few seconds costs no writes).
-    pub async fn requested(&self, id: &str, now_ms: u64) -> Result<Request, RegistrationError> {
+    pub async fn requested(
+        &self,
+        id: &str,
+        now_ms: u64,
+        from: &str,
+    ) -> Result<Request, RegistrationError> {
         let _count = self.count.lock().await;
         let Some(mut registration) = self.read(id)? else {
             return Ok(Request::Unknown);
@@ -264,6 +273,7 @@ impl Registrations {
             RegistrationStatus::WaitingForConnection => {
                 registration.status = RegistrationStatus::PendingAcceptance;
                 registration.requested_at = Some(now_ms);
+                registration.requested_from = Some(from.to_owned());
                 self.write(&registration, now_ms).await?;
                 Request::Pending
             }
@@ -321,16 +331,23 @@ mod tests {
         ));
         // When it asks, it is pending; asking again changes nothing
         assert_eq!(
-            registrations.requested("dev-1", 3).await.expect("ask"),
+            registrations
+                .requested("dev-1", 3, "127.0.0.1:5000")
+                .await
+                .expect("ask"),
             Request::Pending
         );
         assert_eq!(
-            registrations.requested("dev-1", 4).await.expect("ask"),
+            registrations
+                .requested("dev-1", 4, "127.0.0.1:5000")
+                .await
+                .expect("ask"),
             Request::Pending
         );
         let pending = registrations.get("dev-1").expect("get");
         assert_eq!(pending.status, RegistrationStatus::PendingAcceptance);
         assert_eq!(pending.requested_at, Some(3));
+        assert_eq!(pending.requested_from.as_deref(), Some("127.0.0.1:5000"));
         // Then accepted, its next request issues credentials, once
         let accepted = registrations.accept("dev-1", 5).await.expect("accept");
         assert_eq!(accepted.status, RegistrationStatus::Accepted);
@@ -339,7 +356,10 @@ mod tests {
             accepted
         );
         assert_eq!(
-            registrations.requested("dev-1", 7).await.expect("ask"),
+            registrations
+                .requested("dev-1", 7, "127.0.0.1:5000")
+                .await
+                .expect("ask"),
             Request::Issue
         );
         assert!(registrations
@@ -351,7 +371,10 @@ mod tests {
             .await
             .expect("twice"));
         assert_eq!(
-            registrations.requested("dev-1", 10).await.expect("ask"),
+            registrations
+                .requested("dev-1", 10, "127.0.0.1:5000")
+                .await
+                .expect("ask"),
             Request::Issued
         );
         let issued = registrations.get("dev-1").expect("get");
@@ -359,7 +382,10 @@ mod tests {
         assert_eq!(issued.username.as_deref(), Some("device_dev-1"));
         // An unknown device's request finds nothing
         assert_eq!(
-            registrations.requested("ghost", 11).await.expect("ask"),
+            registrations
+                .requested("ghost", 11, "127.0.0.1:5000")
+                .await
+                .expect("ask"),
             Request::Unknown
         );
         assert!(!registrations
@@ -393,7 +419,10 @@ mod tests {
                     "{bad:?}"
                 );
             }
-            registrations.requested("b", 2).await.expect("ask");
+            registrations
+                .requested("b", 2, "127.0.0.1:5000")
+                .await
+                .expect("ask");
         }
         // The count and the records survive a reopen
         let registrations = open(dir.path(), 3);

@@ -325,7 +325,7 @@ pub fn decode(row: &[String]) -> Result<Upstream, RowError> {
             needs(1, usize::MAX)?;
             Ok(Upstream::Inventory {
                 fragment: "c8y_SupportedOperations",
-                value: json!(fields),
+                value: json!(fields[..given]),
             })
         }
         "115" => inventory("c8y_Firmware", &["name", "version", "url"]),
@@ -525,7 +525,7 @@ pub fn decode(row: &[String]) -> Result<Upstream, RowError> {
             needs(1, usize::MAX)?;
             Ok(Upstream::OperationStatus {
                 target: operation_ref(t, required(0, "the operation")?),
-                status: OperationStatus::Successful(fields[1..].to_vec()),
+                status: OperationStatus::Successful(fields[1..given.max(1)].to_vec()),
             })
         }
         other => Err(RowError {
@@ -697,6 +697,12 @@ pub fn operation_row(
             ))
         }
     };
+    if let Some(value) = row.iter().find(|f| !super::smartrest::representable(f)) {
+        return Err(format!(
+            "operation {action}: the value '{}' needs quotes and ends with a backslash, which SmartREST cannot carry",
+            value.chars().take(64).collect::<String>()
+        ));
+    }
     Ok(super::smartrest::write_row(&row))
 }
 

@@ -493,8 +493,8 @@ pub struct ChildrenParams {
 }
 
 /// `GET /api/v1/things/{name}/children?limit&cursor`: the child devices a Cumulocity device
-/// created (template 101), in id order. A child whose Thing was deleted is left out, so a
-/// page may hold fewer than `limit` and still have a `nextCursor`.
+/// created (template 101), in id order. A child whose Thing was deleted (or replaced) is left
+/// out, so a page may hold fewer than `limit` and still have a `nextCursor`.
 #[utoipa::path(
     get,
     path = "/things/{name}/children",
@@ -521,13 +521,9 @@ pub async fn children(
             tracing::error!(thing = %name, error = %e, "child links unreadable");
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage unavailable")
         })?;
-    let mut items = Vec::with_capacity(page.len());
-    for child in page {
-        match state.things.ensure_registered(&child.thing) {
-            Ok(()) => items.push(json!({"id": child.id, "thingName": child.thing})),
-            Err(e) if e.kind == thinghub_actors::thing::RejectionKind::ThingNotFound => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
+    let items: Vec<Value> = page
+        .into_iter()
+        .map(|child| json!({"id": child.id, "thingName": child.thing}))
+        .collect();
     Ok(Json(json!({"items": items, "nextCursor": next})))
 }

@@ -891,7 +891,10 @@ impl Broker {
                 self.stats.sessions_refused.fetch_add(1, Ordering::Relaxed);
                 return Err(ConnectRefusal::SessionsFull);
             }
+            // Not superusers, nor the shared Cumulocity bootstrap user (whose sessions end
+            // with their connections: the connection bound applies).
             None if !request.identity.superuser
+                && !request.identity.bootstrap
                 && request.identity.username.as_deref().is_some_and(|user| {
                     state
                         .owners

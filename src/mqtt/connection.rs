@@ -484,6 +484,11 @@ async fn authenticate(
         (Some(own), true) => own.clone(),
         _ => client_id.to_owned(),
     };
+    if client_id.starts_with(BOOTSTRAP_CLIENT_PREFIX) {
+        // A Thing's client id set so by an operator: still the bootstrap connections' own.
+        tracing::info!(peer = %conn.peer, %client_id, "a client id in the bootstrap connections' namespace; refusing");
+        return Err(Refusal::BadClientId);
+    }
     let identity = Identity {
         client_id,
         username: Some(username),
@@ -1460,8 +1465,24 @@ async fn handle_publish(
                 .await;
             PublishOutcome::Accepted
         } else if let Some(device) = bootstrap.filter(|_| &*topic == "s/ucr") {
-            // The bootstrap user asks for its device's credentials (answered on `s/dcr`).
-            c8y.credentials_requested(device).await;
+            // The bootstrap user asks for its device's credentials. The answer goes straight to
+            // this connection (QoS 0, before the PUBACK), never through the broker: a
+            // superuser's `$c8y/#` must not see passwords. Only a connection subscribed to
+            // its `s/dcr` can be answered.
+            let dcr = super::cumulocity::Cumulocity::own_subscription(&session.identity, "s/dcr");
+            let subscribed = dcr.is_some_and(|filter| {
+                !ctx.broker
+                    .subscriptions(Some(&client_id), Some(&filter), None, None, 1)
+                    .is_empty()
+            });
+            let peer = conn.peer.to_string();
+            if let Some(row) = c8y.credentials_requested(device, subscribed, &peer).await {
+                let packet =
+                    codec::make_publish("s/dcr", &bytes::Bytes::from(row), 0, 0, false, false);
+                let packet = Packet::Publish(packet, None);
+                conn.queue(packet)?;
+                conn.traffic.publish_sent(0);
+            }
             PublishOutcome::Accepted
         } else {
             ctx.broker.stats.acl_denied.fetch_add(1, Ordering::Relaxed);

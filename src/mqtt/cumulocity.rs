@@ -114,9 +114,12 @@ impl Cumulocity {
     }
 
     /// The username without its tenant prefix (`{tenant}/{user}`), or `None` for another tenant.
+    /// The bootstrap user may also come as Cumulocity's `management/{user}`, which devices
+    /// are built with.
     pub fn strip_tenant<'u>(&self, username: &'u str) -> Option<&'u str> {
         match username.split_once('/') {
             Some((tenant, user)) if tenant == self.tenant => Some(user),
+            Some(("management", user)) if self.users.is_bootstrap(user) => Some(user),
             Some(_) => None,
             None => Some(username),
         }
@@ -171,30 +174,36 @@ impl Cumulocity {
         format!("{C8Y_NAMESPACE}/{device}/")
     }
 
-    /// A bootstrap connection published on `s/ucr`: asks for `device`'s credentials. Nothing
-    /// is sent until an operator accepted its registration; then the next request is
-    /// answered once on its `s/dcr` with `70,{tenant},{username},{password}`: a new MQTT user
-    /// bound to the device's Thing (registered now if absent).
-    pub async fn credentials_requested(&self, device: &str) {
+    /// A bootstrap connection from `peer` published on `s/ucr`: asks for `device`'s
+    /// credentials. Nothing is answered until an operator accepted its registration; then the
+    /// next request from a connection subscribed to its `s/dcr` gets, once, the row
+    /// `70,{tenant},{username},{password}` to write to that connection: a new MQTT user bound
+    /// to the device's Thing (registered now if absent).
+    pub async fn credentials_requested(
+        &self,
+        device: &str,
+        subscribed: bool,
+        peer: &str,
+    ) -> Option<String> {
         let _issuing = self.issuing.lock().await;
         let now = self.things.now_ms();
-        match self.registrations.requested(device, now).await {
+        match self.registrations.requested(device, now, peer).await {
             Ok(Request::Unknown) => {
-                tracing::info!(%device, "credentials requested for a device that is not registered; nothing sent");
+                tracing::info!(%device, %peer, "credentials requested for a device that is not registered; nothing sent");
             }
             Ok(Request::Pending) => {
-                tracing::debug!(%device, "credentials requested; waiting for an operator to accept the device");
+                tracing::debug!(%device, %peer, "credentials requested; waiting for an operator to accept the device");
             }
             Ok(Request::Issued) => {
-                tracing::info!(%device, "credentials requested again; they were issued once already, nothing sent");
+                tracing::info!(%device, %peer, "credentials requested again; they were issued once already, nothing sent");
+            }
+            Ok(Request::Issue) if !subscribed => {
+                tracing::info!(%device, %peer, "credentials requested by a connection not subscribed to s/dcr; nothing issued");
             }
             Ok(Request::Issue) => match self.issue(device, now).await {
-                Ok(Some(row)) => {
-                    tracing::info!(%device, "device credentials issued on s/dcr");
-                    send_rows(&self.broker, device, "s/dcr", &[row]);
-                }
-                Ok(None) => {
-                    tracing::info!(%device, "registration deleted or served meanwhile; nothing sent");
+                Ok(row) => {
+                    tracing::info!(%device, %peer, "device credentials issued on s/dcr");
+                    return row;
                 }
                 Err(e) => {
                     tracing::error!(%device, error = %e, "device credentials could not be issued");
@@ -202,10 +211,12 @@ impl Cumulocity {
             },
             Err(e) => tracing::error!(%device, error = %e, "device registration unreadable"),
         }
+        None
     }
 
-    /// Makes `device`'s credentials and records them issued; the `70` row to send, `None` if
-    /// the registration went away meanwhile.
+    /// Makes `device`'s credentials: checks what they will be bound to, records them issued
+    /// (durably, so they are issued once whatever follows), then writes the user. The `70`
+    /// row, `None` if the registration went away or was served meanwhile.
     async fn issue(&self, device: &str, now: u64) -> Result<Option<String>, String> {
         match self.things.describe(device).await {
             Ok(thing) if thing.mqtt_client_id != device => {
@@ -214,13 +225,41 @@ impl Cumulocity {
                     thing.mqtt_client_id
                 ));
             }
-            Ok(_) => {}
-            Err(e) if e.kind == RejectionKind::ThingNotFound => {
-                self.register(device, None, None, None)
-                    .await
-                    .map_err(|e| e.message)?;
+            Ok(thing) if thing.attributes.contains_key(PARENT_ATTRIBUTE) => {
+                // A child is its gateway's to speak for: credentials of its own would let
+                // the gateway's device and this one both act as it.
+                return Err(format!(
+                    "Thing '{device}' is a child of '{}': a child device gets no credentials of its own",
+                    thing.attributes[PARENT_ATTRIBUTE]
+                ));
             }
+            Ok(_) => {}
+            Err(e) if e.kind == RejectionKind::ThingNotFound => {}
             Err(e) => return Err(e.message),
+        }
+        let username = format!("device_{device}");
+        let replace = match self.users.get(&username) {
+            Ok(user) if user.thing_name.as_deref() == Some(device) && !user.superuser => true,
+            Ok(_) => {
+                return Err(format!(
+                    "MQTT user '{username}' exists and is not a plain user bound to Thing '{device}': delete it to bootstrap this device"
+                ))
+            }
+            Err(UserError::NotFound(_)) => false,
+            Err(e) => return Err(e.to_string()),
+        };
+        if !self
+            .registrations
+            .issued(device, &username, now)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            return Ok(None);
+        }
+        if self.things.ensure_registered(device).is_err() {
+            self.register(device, None, None, None)
+                .await
+                .map_err(|e| e.message)?;
         }
         use rand::distributions::Alphanumeric;
         use rand::Rng;
@@ -229,45 +268,34 @@ impl Cumulocity {
             .take(ISSUED_PASSWORD_CHARS)
             .map(char::from)
             .collect();
-        let username = format!("device_{device}");
-        let replaced = {
+        {
             let users = self.users.clone();
             let (username, password, device) =
                 (username.clone(), password.clone(), device.to_owned());
-            // argon2 hashing: off the async workers.
+            // argon2 hashing: off the async workers. Every field is written, so a change made
+            // to the user since the check above is not inherited.
             tokio::task::spawn_blocking(move || {
                 tokio::runtime::Handle::current().block_on(async {
-                    match users.get(&username) {
-                        Ok(user) if user.thing_name.as_deref() == Some(device.as_str()) => users
-                            .update(&username, Some(&password), None, None)
+                    if replace {
+                        users
+                            .update(&username, Some(&password), Some(Some(device)), Some(false))
                             .await
-                            .map(|_| true),
-                        Ok(_) => Err(UserError::Invalid(format!(
-                            "MQTT user '{username}' exists and is not bound to Thing '{device}'"
-                        ))),
-                        Err(UserError::NotFound(_)) => users
+                            .map(|_| ())
+                    } else {
+                        users
                             .create(&username, &password, Some(device), false, now)
                             .await
-                            .map(|_| false),
-                        Err(e) => Err(e),
+                            .map(|_| ())
                     }
                 })
             })
             .await
             .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?
-        };
-        if replaced {
+            .map_err(|e| e.to_string())?;
+        }
+        if replace {
             // A device bootstrapped again: its old password stops working now.
             super::revoke_user(&self.broker, &self.acl, &self.users, &username);
-        }
-        if !self
-            .registrations
-            .issued(device, &username, now)
-            .await
-            .map_err(|e| e.to_string())?
-        {
-            return Ok(None);
         }
         Ok(Some(smartrest::write_row(&[
             "70",
@@ -407,6 +435,15 @@ impl Cumulocity {
                 name,
                 device_type,
             } => {
+                // Children of children cannot be addressed here (`s/us/{child}` is one level),
+                // so they are not made.
+                if target != device {
+                    return Err(error(
+                        43,
+                        "101",
+                        "a child device cannot have children of its own here: send 101 on s/us",
+                    ));
+                }
                 // A child's Thing is named under its parent's (`{parent}:{child}`): a device
                 // can never take a name that is not its own.
                 let child = child_name(target, &id)?;
@@ -414,34 +451,26 @@ impl Cumulocity {
                 match self.things.describe(&child).await {
                     Ok(existing) => {
                         let parent = existing.attributes.get(PARENT_ATTRIBUTE);
-                        if parent.map(String::as_str) == Some(target) {
-                            // A child created before the links were kept gets its link now.
-                            match self.children.parent_of(&child) {
-                                Ok(Some(_)) => Ok(()),
-                                Ok(None) => self
-                                    .children
-                                    .link(target, &id, &child)
-                                    .await
-                                    .map_err(|e| error(42, "101", e.to_string())),
-                                Err(e) => Err(error(42, "101", e.to_string())),
-                            }
-                        } else {
-                            Err(error(
+                        if parent.map(String::as_str) != Some(target) {
+                            return Err(error(
                                 43,
                                 "101",
                                 format!("'{child}' exists and is not a child of '{target}'"),
-                            ))
+                            ));
+                        }
+                        // Its link, if a crash came between its registration and the link (or
+                        // it predates the links): gateways send 101 at every start.
+                        match self.children.parent_of(&child) {
+                            Ok(Some(_)) => Ok(()),
+                            Ok(None) => self.link(target, &id, &child).await,
+                            Err(e) => Err(error(42, "101", e.to_string())),
                         }
                     }
                     Err(e) if e.kind == RejectionKind::ThingNotFound => {
                         self.check_children_bound(target, &id)?;
-                        // The link first: a crash before the registration leaves a link
-                        // without a Thing, which listings skip and the next 101 completes.
-                        self.children
-                            .link(target, &id, &child)
-                            .await
-                            .map_err(|e| error(42, "101", e.to_string()))?;
-                        self.register(&child, name, device_type, Some(target)).await
+                        self.register(&child, name, device_type, Some(target))
+                            .await?;
+                        self.link(target, &id, &child).await
                     }
                     Err(e) => Err(error(42, "101", e.message)),
                 }
@@ -591,8 +620,15 @@ impl Cumulocity {
         }
     }
 
-    /// `parent`'s children whose Thing exists; a link whose Thing was deleted is dropped on
-    /// the way.
+    async fn link(&self, parent: &str, id: &str, child: &str) -> Result<(), RowError> {
+        self.children
+            .link(parent, id, child)
+            .await
+            .map_err(|e| error(42, "101", e.to_string()))
+    }
+
+    /// `parent`'s children whose Thing is the one linked; a link whose Thing was deleted (or
+    /// replaced) is dropped on the way.
     fn live_children(&self, parent: &str) -> Result<Vec<Child>, RowError> {
         let links = self
             .children
@@ -600,14 +636,10 @@ impl Cumulocity {
             .map_err(|e| error(42, "0", e.to_string()))?;
         let mut live = Vec::with_capacity(links.len());
         for child in links {
-            match self.things.ensure_registered(&child.thing) {
-                Ok(()) => live.push(child),
-                Err(e) if e.kind == RejectionKind::ThingNotFound => {
-                    if let Err(e) = self.children.unlink(parent, &child.id, &child.thing) {
-                        tracing::warn!(%parent, child = %child.thing, error = %e, "stale child link not dropped");
-                    }
-                }
-                Err(e) => return Err(row_error(e)),
+            if child.live {
+                live.push(child);
+            } else if let Err(e) = self.children.unlink(parent, &child.id, &child.thing) {
+                tracing::warn!(%parent, child = %child.thing, error = %e, "stale child link not dropped");
             }
         }
         Ok(live)

@@ -107,7 +107,11 @@ impl MqttEffects {
                     );
                     self.publish(topic, &request);
                 }
-                if let Some(children) = &self.cumulocity {
+                if let Some(children) = self
+                    .cumulocity
+                    .as_ref()
+                    .filter(|_| execution.action.starts_with("c8y_"))
+                {
                     let (device, id) = super::cumulocity::route(children, thing);
                     match super::cumulocity::operation_row(&id, execution) {
                         Some(Ok(row)) => {
