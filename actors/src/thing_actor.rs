@@ -30,9 +30,6 @@ use crate::thing::{
 
 /// Most events read from storage per batch during replay.
 const REPLAY_BATCH_EVENTS: usize = 1024;
-/// The alarm type of a Cumulocity device that stayed away longer than its required interval.
-pub const REQUIRED_AVAILABILITY_ALARM: &str = "c8y_UnavailabilityAlarm";
-
 /// A request to one Thing.
 #[derive(Debug, Clone)]
 pub enum Request {
@@ -592,7 +589,6 @@ impl ThingActorState {
                     self.context
                         .alarm_rules
                         .applicable_or_more(store, name, self.thing_type());
-                offline_rules.extend(self.required_availability());
             }
             ThingCommand::FireDeadlines {
                 offline_rules,
@@ -606,10 +602,6 @@ impl ThingActorState {
                     .context
                     .alarm_rules
                     .applicable(store, name, self.thing_type())
-                    .map(|mut rules| {
-                        rules.extend(self.required_availability());
-                        rules
-                    })
                     .map_err(|e| {
                         tracing::warn!(thing = %name, error = %e, "cannot read the alarm rules' group membership; the deadline fires again later");
                         Rejection::new(
@@ -712,26 +704,6 @@ impl ThingActorState {
             }
         }
         Ok(Response::Decided(decision.reply))
-    }
-
-    /// The Thing's own offline rule: a Cumulocity device's required interval (its 117,
-    /// `c8y_RequiredAvailability.responseInterval` minutes in the shadow's `reported`; 0 or
-    /// less: not monitored), raising `c8y_UnavailabilityAlarm` when it stays disconnected that
-    /// long.
-    fn required_availability(&self) -> Option<thing::OfflineRule> {
-        let minutes = self
-            .thing
-            .shadow
-            .reported
-            .get("c8y_RequiredAvailability")?
-            .get("responseInterval")?
-            .as_u64()
-            .filter(|m| *m > 0)?;
-        Some(thing::OfflineRule {
-            name: REQUIRED_AVAILABILITY_ALARM.to_owned(),
-            offline_for_ms: minutes.saturating_mul(60_000),
-            severity: thing::AlarmSeverity::Major,
-        })
     }
 
     fn thing_type(&self) -> Option<&str> {

@@ -12,10 +12,18 @@
 //! - `Disarmed`: the watch ended without an alarm (the Thing came back, the rule went away).
 //! - `Acknowledged`: an operator saw it (it stays until cleared).
 //! - `Cleared`: the Thing reconnected, or an operator cleared it.
+//!
+//! A Cumulocity device's required interval (its 117: `c8y_RequiredAvailability` in the
+//! shadow's `reported`) is a watch of its own, on data rather than on the connection: the
+//! Thing's state says it, so the domain needs no rule for it. Device data (a reported shadow
+//! update, an event, measurements, a device alarm) arms it when it is not armed; its deadline
+//! checks when the last data came, and either waits again or raises
+//! `c8y_UnavailabilityAlarm`; the next data clears that alarm. Connections do not touch it.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
 use super::{Rejection, RejectionKind};
 
@@ -237,6 +245,22 @@ pub struct AlarmSeverityChanged {
     pub at_ms: u64,
 }
 
+/// The alarm a device's required interval raises (and the name of its watch).
+pub const REQUIRED_AVAILABILITY_ALARM: &str = "c8y_UnavailabilityAlarm";
+/// The `reported` fragment holding the required interval (`responseInterval`, minutes).
+pub const REQUIRED_AVAILABILITY_FRAGMENT: &str = "c8y_RequiredAvailability";
+
+/// The required interval `reported` names, ms (`responseInterval` minutes; 0 or less, or
+/// none: not watched).
+pub fn required_interval_ms(reported: &Map<String, Value>) -> Option<u64> {
+    reported
+        .get(REQUIRED_AVAILABILITY_FRAGMENT)?
+        .get("responseInterval")?
+        .as_u64()
+        .filter(|m| *m > 0)
+        .map(|m| m.saturating_mul(60_000))
+}
+
 /// Longest alarm text a device may send, bytes.
 pub const ALARM_TEXT_BYTES_MAX: usize = 1024;
 /// Most alarm types one Thing keeps (each its latest alarm): a device raising ever new types
@@ -392,9 +416,26 @@ pub fn decide_arm(
         .collect()
 }
 
-/// The Thing is back (or gone): end every watch and clear every open offline alarm.
+/// The Thing reconnected: end every offline watch and clear every open offline alarm (the
+/// required-interval watch is about data, not the connection: it stays).
 pub fn decide_back(alarms: &Alarms, reason: &str, now_ms: u64) -> Vec<AlarmEvent> {
-    let disarmed = alarms.armed.keys().map(|rule| {
+    decide_ended(alarms, reason, now_ms, |name| {
+        name != REQUIRED_AVAILABILITY_ALARM
+    })
+}
+
+/// The Thing is gone: end every watch and clear every open server alarm.
+pub fn decide_gone(alarms: &Alarms, reason: &str, now_ms: u64) -> Vec<AlarmEvent> {
+    decide_ended(alarms, reason, now_ms, |_| true)
+}
+
+fn decide_ended(
+    alarms: &Alarms,
+    reason: &str,
+    now_ms: u64,
+    ends: impl Fn(&str) -> bool,
+) -> Vec<AlarmEvent> {
+    let disarmed = alarms.armed.keys().filter(|rule| ends(rule)).map(|rule| {
         AlarmEvent::Disarmed(AlarmDisarmed {
             rule: rule.clone(),
             reason: reason.to_owned(),
@@ -403,7 +444,7 @@ pub fn decide_back(alarms: &Alarms, reason: &str, now_ms: u64) -> Vec<AlarmEvent
     });
     let cleared = alarms
         .open()
-        .filter(|alarm| alarm.offline_since_ms.is_some())
+        .filter(|alarm| alarm.offline_since_ms.is_some() && ends(&alarm.alarm_type))
         .map(|alarm| {
             AlarmEvent::Cleared(AlarmCleared {
                 alarm_type: alarm.alarm_type.clone(),
@@ -414,6 +455,89 @@ pub fn decide_back(alarms: &Alarms, reason: &str, now_ms: u64) -> Vec<AlarmEvent
     disarmed.chain(cleared).collect()
 }
 
+/// Device data arrived at `now_ms`; `interval_ms` is the Thing's required interval with it.
+/// Clears an open unavailability alarm, and arms the watch when it is not armed (or is due
+/// later than this data requires); otherwise nothing: the armed deadline looks at the last
+/// data when it fires, so a device sending often costs no write per message.
+pub fn decide_data(alarms: &Alarms, interval_ms: Option<u64>, now_ms: u64) -> Vec<AlarmEvent> {
+    let name = REQUIRED_AVAILABILITY_ALARM;
+    let mut events = Vec::new();
+    if alarms
+        .alarms
+        .get(name)
+        .is_some_and(|a| a.status != AlarmStatus::Cleared && a.offline_since_ms.is_some())
+    {
+        events.push(AlarmEvent::Cleared(AlarmCleared {
+            alarm_type: name.to_owned(),
+            reason: "data received".into(),
+            at_ms: now_ms,
+        }));
+    }
+    match (interval_ms, alarms.armed.get(name)) {
+        (Some(interval), armed) => {
+            let due_at_ms = now_ms.saturating_add(interval);
+            if armed.is_none_or(|a| a.due_at_ms > due_at_ms) {
+                events.push(AlarmEvent::Armed(AlarmArmed {
+                    rule: name.to_owned(),
+                    due_at_ms,
+                    offline_since_ms: now_ms,
+                    at_ms: now_ms,
+                }));
+            }
+        }
+        (None, Some(_)) => events.push(AlarmEvent::Disarmed(AlarmDisarmed {
+            rule: name.to_owned(),
+            reason: "no required interval".into(),
+            at_ms: now_ms,
+        })),
+        (None, None) => {}
+    }
+    events
+}
+
+/// The required-interval watch's deadline fired: the device's last data was at
+/// `last_data_ms`. Waits again until `last data + interval` (from when the server started
+/// serving, at the earliest: time it was down does not count), or raises the alarm.
+fn fire_silence(
+    armed: &Armed,
+    interval_ms: Option<u64>,
+    last_data_ms: Option<u64>,
+    now_ms: u64,
+    serving_since_ms: u64,
+) -> AlarmEvent {
+    let name = REQUIRED_AVAILABILITY_ALARM.to_owned();
+    let Some(interval) = interval_ms else {
+        return AlarmEvent::Disarmed(AlarmDisarmed {
+            rule: name,
+            reason: "no required interval".into(),
+            at_ms: now_ms,
+        });
+    };
+    let since = last_data_ms
+        .unwrap_or(armed.offline_since_ms)
+        .max(armed.offline_since_ms);
+    let due_at_ms = since.max(serving_since_ms).saturating_add(interval);
+    if due_at_ms > now_ms {
+        return AlarmEvent::Armed(AlarmArmed {
+            rule: name,
+            due_at_ms,
+            offline_since_ms: since,
+            at_ms: now_ms,
+        });
+    }
+    AlarmEvent::Raised(AlarmRaised {
+        alarm_type: name,
+        severity: AlarmSeverity::Major,
+        text: format!(
+            "no data for {} min (required interval {} min)",
+            now_ms.saturating_sub(since) / 60_000,
+            interval / 60_000
+        ),
+        offline_since_ms: Some(since),
+        at_ms: now_ms,
+    })
+}
+
 /// Deadlines fired at `now_ms`: raise what is due and still applies, drop what no longer does.
 ///
 /// A watch is due `offlineFor` after the later of when the Thing went offline and
@@ -421,16 +545,29 @@ pub fn decide_back(alarms: &Alarms, reason: &str, now_ms: u64) -> Vec<AlarmEvent
 /// count, so a restart after maintenance gives every device the rule's time to come back
 /// instead of raising the whole fleet's alarms at once. The rule as it is now decides (one
 /// deleted and created again with another time moves the deadline).
+#[allow(clippy::too_many_arguments)]
 pub fn decide_fire(
     alarms: &Alarms,
     rules: &[OfflineRule],
     online: bool,
     now_ms: u64,
     serving_since_ms: u64,
+    interval_ms: Option<u64>,
+    last_data_ms: Option<u64>,
 ) -> Vec<AlarmEvent> {
     let mut events = Vec::new();
     for (name, armed) in &alarms.armed {
         if armed.due_at_ms > now_ms {
+            continue;
+        }
+        if name == REQUIRED_AVAILABILITY_ALARM {
+            events.push(fire_silence(
+                armed,
+                interval_ms,
+                last_data_ms,
+                now_ms,
+                serving_since_ms,
+            ));
             continue;
         }
         let rule = rules.iter().find(|rule| rule.name == *name);

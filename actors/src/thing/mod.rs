@@ -275,6 +275,11 @@ pub struct ThingState {
     /// Unix ms of the last accepted device event.
     #[serde(default)]
     pub last_event_at_ms: Option<u64>,
+    /// Unix ms of the device's last data (a shadow update, an event, measurements, a device
+    /// alarm): what a required interval watches. A shadow update counts from the start of its
+    /// second (its event keeps seconds): the watch may fire under a second early.
+    #[serde(default)]
+    pub last_data_at_ms: Option<u64>,
     /// Command executions: pending (with deadlines) and recently finished. Added in snapshot
     /// shape v2; a v1 snapshot decodes with none.
     #[serde(default)]
@@ -312,6 +317,11 @@ pub struct ConnectionStatus {
 }
 
 impl ThingState {
+    /// The device's required interval (Cumulocity's 117), ms, if it has one.
+    pub fn required_interval_ms(&self) -> Option<u64> {
+        alarms::required_interval_ms(&self.shadow.reported)
+    }
+
     /// The empty state of a Thing that has no history.
     pub fn new(name: impl Into<String>) -> ThingState {
         ThingState {
@@ -788,7 +798,7 @@ pub fn decide(
                 }));
             }
             events.extend(
-                alarms::decide_back(&state.alarms, "thing deleted", now_ms)
+                alarms::decide_gone(&state.alarms, "thing deleted", now_ms)
                     .into_iter()
                     .map(ThingEvent::Alarm),
             );
@@ -818,8 +828,22 @@ pub fn decide(
                 &limits.shadow,
                 *want_documents,
             )?;
+            let mut events = vec![ThingEvent::ShadowUpdated(event)];
+            if *origin == Origin::Device {
+                // The interval as this update leaves it (a 117 sets it).
+                let interval = match &update.reported {
+                    Some(shadow::SectionPatch::Merge(patch))
+                        if patch.contains_key(alarms::REQUIRED_AVAILABILITY_FRAGMENT) =>
+                    {
+                        alarms::required_interval_ms(patch)
+                    }
+                    Some(shadow::SectionPatch::Clear) => None,
+                    _ => state.required_interval_ms(),
+                };
+                events.extend(data_events(state, interval, now_ms));
+            }
             Ok(Decision {
-                events: vec![ThingEvent::ShadowUpdated(event)],
+                events,
                 reply: Reply::ShadowUpdated(Box::new(result)),
             })
         }
@@ -847,8 +871,10 @@ pub fn decide(
                 return Err(state.not_found());
             }
             let ingested = event.ingested(now_ms);
+            let mut events = vec![ThingEvent::EventIngested(ingested.clone())];
+            events.extend(data_events(state, state.required_interval_ms(), now_ms));
             Ok(Decision {
-                events: vec![ThingEvent::EventIngested(ingested.clone())],
+                events,
                 reply: Reply::EventStored(ingested),
             })
         }
@@ -927,8 +953,10 @@ pub fn decide(
                 return Err(state.not_found());
             }
             record.validate(&limits.events)?;
+            let mut events = vec![ThingEvent::MeasurementsRecorded(record.recorded(now_ms))];
+            events.extend(data_events(state, state.required_interval_ms(), now_ms));
             Ok(Decision {
-                events: vec![ThingEvent::MeasurementsRecorded(record.recorded(now_ms))],
+                events,
                 reply: Reply::Recorded,
             })
         }
@@ -940,13 +968,18 @@ pub fn decide(
             if state.registration.is_none() {
                 return Err(state.not_found());
             }
-            let events = alarms::decide_raise(
+            let mut events = alarms::decide_raise(
                 &state.alarms,
                 alarm_type,
                 *severity,
                 text.as_deref(),
                 now_ms,
             )?;
+            events.extend(alarms::decide_data(
+                &state.alarms,
+                state.required_interval_ms(),
+                now_ms,
+            ));
             Ok(alarm_decision(state, alarm_type, events))
         }
         ThingCommand::ChangeAlarmSeverity {
@@ -956,7 +989,12 @@ pub fn decide(
             if state.registration.is_none() {
                 return Err(state.not_found());
             }
-            let events = alarms::decide_severity(&state.alarms, alarm_type, *severity, now_ms)?;
+            let mut events = alarms::decide_severity(&state.alarms, alarm_type, *severity, now_ms)?;
+            events.extend(alarms::decide_data(
+                &state.alarms,
+                state.required_interval_ms(),
+                now_ms,
+            ));
             Ok(alarm_decision(state, alarm_type, events))
         }
         ThingCommand::ClearDeviceAlarm { alarm_type } => {
@@ -1069,6 +1107,8 @@ pub fn decide(
                     state.connection.online,
                     now_ms,
                     *serving_since_ms,
+                    state.required_interval_ms(),
+                    state.last_data_at_ms,
                 )
                 .into_iter()
                 .map(ThingEvent::Alarm),
@@ -1134,6 +1174,15 @@ impl Decision {
     }
 }
 
+/// What device data at `now_ms` does to the required-interval watch (`interval`: the one the
+/// data leaves the Thing with).
+fn data_events(state: &ThingState, interval: Option<u64>, now_ms: u64) -> Vec<ThingEvent> {
+    alarms::decide_data(&state.alarms, interval, now_ms)
+        .into_iter()
+        .map(ThingEvent::Alarm)
+        .collect()
+}
+
 /// Folds one event into the state. Holds no rules: every check happened in [`decide`].
 pub fn apply(state: &mut ThingState, event: &ThingEvent) {
     match event {
@@ -1157,10 +1206,16 @@ pub fn apply(state: &mut ThingState, event: &ThingEvent) {
                 origin: Origin::Operator,
             });
         }
-        ThingEvent::ShadowUpdated(updated) => state.shadow.apply_updated(updated),
+        ThingEvent::ShadowUpdated(updated) => {
+            if updated.origin == Origin::Device {
+                state.last_data_at_ms = Some(updated.timestamp_s.saturating_mul(1000));
+            }
+            state.shadow.apply_updated(updated)
+        }
         ThingEvent::ShadowDeleted(deleted) => state.shadow.apply_deleted(deleted),
         ThingEvent::EventIngested(event) => {
             state.last_event_at_ms = Some(event.ingested_at_ms);
+            state.last_data_at_ms = Some(event.ingested_at_ms);
         }
         ThingEvent::Connected(connected) => {
             state.connection.online = true;
@@ -1177,8 +1232,22 @@ pub fn apply(state: &mut ThingState, event: &ThingEvent) {
         }
         ThingEvent::Command(event) => state.commands.apply(event),
         ThingEvent::Job(event) => state.jobs.apply(event),
-        ThingEvent::Alarm(event) => state.alarms.apply(event),
-        ThingEvent::MeasurementsRecorded(_) => {}
+        ThingEvent::Alarm(event) => {
+            // A device's own alarm (raised or changed) is data from it.
+            match event {
+                alarms::AlarmEvent::Raised(raised) if raised.offline_since_ms.is_none() => {
+                    state.last_data_at_ms = Some(raised.at_ms);
+                }
+                alarms::AlarmEvent::SeverityChanged(changed) => {
+                    state.last_data_at_ms = Some(changed.at_ms);
+                }
+                _ => {}
+            }
+            state.alarms.apply(event)
+        }
+        ThingEvent::MeasurementsRecorded(recorded) => {
+            state.last_data_at_ms = Some(recorded.at_ms);
+        }
     }
 }
 

@@ -809,3 +809,109 @@ fn commands_need_a_registered_thing_but_deadlines_fire_even_after_deletion() {
         Some(CommandStatus::TimedOut)
     );
 }
+
+// ---- a required interval (Cumulocity 117): watched on data, not on the connection ----
+
+fn interval_minutes(minutes: u64) -> ThingCommand {
+    report(
+        json!({"state": {"reported": {"c8y_RequiredAvailability": {"responseInterval": minutes}}}}),
+    )
+}
+
+const UNAVAILABLE: &str = alarms::REQUIRED_AVAILABILITY_ALARM;
+
+#[test]
+fn a_device_silent_past_its_required_interval_is_alarmed_and_its_next_data_clears_it() {
+    // Given a device whose 117 sets 5 minutes
+    let (mut state, log) = given(&[register(), connect(1), interval_minutes(5)]);
+    assert!(
+        matches!(log.last(), Some(ThingEvent::Alarm(AlarmEvent::Armed(a))) if a.due_at_ms == NOW_MS + 300_000),
+        "{log:?}"
+    );
+    // When it sends data often, each message costs no alarm event
+    let data = at(
+        &mut state,
+        report(json!({"state": {"reported": {"t": 1}}})),
+        NOW_MS + 120_000,
+    )
+    .expect("data");
+    assert_eq!(data.alarm_events().count(), 0);
+    // Then its deadline waits again from the last data instead of raising
+    let fired = at(&mut state, fire(Vec::new()), NOW_MS + 300_000).expect("fire");
+    let [AlarmEvent::Armed(again)] = fired.alarm_events().collect::<Vec<_>>()[..] else {
+        panic!("waits again: {:?}", fired.events);
+    };
+    assert_eq!(
+        again.due_at_ms,
+        NOW_MS + 120_000 + 300_000,
+        "from the last data"
+    );
+    // When it stays silent that long, connected or not, the alarm is raised
+    let raised = at(&mut state, fire(Vec::new()), again.due_at_ms).expect("fire");
+    let [AlarmEvent::Raised(alarm)] = raised.alarm_events().collect::<Vec<_>>()[..] else {
+        panic!("raised: {:?}", raised.events);
+    };
+    assert!(state.connection.online, "silent while connected");
+    assert_eq!(alarm.alarm_type, UNAVAILABLE);
+    assert_eq!(alarm.severity, AlarmSeverity::Major);
+    assert!(
+        alarm.text.contains("required interval 5 min"),
+        "{}",
+        alarm.text
+    );
+    // A reconnect is no data: the alarm stays
+    let (back, _) = (
+        at(&mut state, connect(2), again.due_at_ms + 1).expect("connect"),
+        (),
+    );
+    assert_eq!(back.alarm_events().count(), 0);
+    assert_eq!(state.alarms.alarms[UNAVAILABLE].status, AlarmStatus::Active);
+    // An event is data: the alarm clears and the watch starts again
+    let event = IngestEvent::from_json(
+        &json!({"eventType": "boot", "severity": "info", "data": {}}),
+        None,
+        &EventLimits::default(),
+    )
+    .expect("event");
+    let now = again.due_at_ms + 10;
+    let cleared = at(&mut state, ThingCommand::IngestEvent(event), now).expect("event");
+    assert!(matches!(
+        cleared.alarm_events().collect::<Vec<_>>()[..],
+        [AlarmEvent::Cleared(c), AlarmEvent::Armed(a)]
+            if c.reason == "data received" && a.due_at_ms == now + 300_000
+    ));
+    assert_eq!(
+        state.alarms.alarms[UNAVAILABLE].status,
+        AlarmStatus::Cleared
+    );
+}
+
+#[test]
+fn a_disconnect_does_not_watch_the_required_interval_and_removing_it_ends_the_watch() {
+    let (mut state, _) = given(&[register(), connect(1), interval_minutes(1)]);
+    // A disconnect with no fleet rules starts no other watch
+    let gone = at(&mut state, disconnect(1, Vec::new()), NOW_MS + 1_000).expect("disconnect");
+    assert_eq!(gone.alarm_events().count(), 0);
+    // 0 minutes is no interval: the watch ends
+    let none = at(&mut state, interval_minutes(0), NOW_MS + 2_000).expect("0: none");
+    assert!(matches!(
+        none.alarm_events().collect::<Vec<_>>()[..],
+        [AlarmEvent::Disarmed(_)]
+    ));
+    assert_eq!(state.next_deadline_ms(), None);
+    // And removing the fragment ends the watch: its deadline has nothing to do
+    let (mut state, _) = given(&[register(), interval_minutes(1)]);
+    let cleared = at(
+        &mut state,
+        report(json!({"state": {"reported": {"c8y_RequiredAvailability": null}}})),
+        NOW_MS + 1,
+    )
+    .expect("removed");
+    assert!(matches!(
+        cleared.alarm_events().collect::<Vec<_>>()[..],
+        [AlarmEvent::Disarmed(_)]
+    ));
+    let fired = at(&mut state, fire(Vec::new()), NOW_MS + 60_000).expect("fire");
+    assert!(fired.events.is_empty());
+    assert!(state.alarms.alarms.is_empty());
+}
