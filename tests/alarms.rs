@@ -164,6 +164,16 @@ async fn a_rule_reaches_things_already_offline_by_type_and_group() {
         json!({"name": "hall", "offlineForSeconds": 1, "thingGroup": "hall", "severity": "MINOR"}),
     )
     .await;
+    // The name of a device's own required-interval alarm is not a rule's to take.
+    let (status, body) = call(
+        Method::POST,
+        &server.url("/api/v1/alarm-rules"),
+        Some(
+            json!({"name": "c8y_UnavailabilityAlarm", "offlineForSeconds": 1, "severity": "MAJOR"}),
+        ),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
     let page = until(&server, "/api/v1/alarms", |page| {
         page["items"].as_array().map(Vec::len) == Some(3)
     })

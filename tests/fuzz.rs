@@ -857,6 +857,11 @@ fn smartrest(bytes: &[u8]) {
                     let _ = e.to_row();
                 }
             }
+            // A field SmartREST cannot carry back (quoted, ending in a backslash) is the
+            // codec's one documented gap: the round trip holds for every other message.
+            if rows.iter().flatten().any(|f| !smartrest::representable(f)) {
+                return;
+            }
             let written: Vec<String> = rows.iter().map(|row| smartrest::write_row(row)).collect();
             assert_eq!(
                 smartrest::parse(&written.join("\n")).as_ref(),

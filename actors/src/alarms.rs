@@ -266,6 +266,11 @@ pub fn validate_rule_name(name: &str) -> Result<(), Rejection> {
                 .collect::<String>()
         )));
     }
+    if name == crate::thing::alarms::REQUIRED_AVAILABILITY_ALARM {
+        return Err(Rejection::bad_request(format!(
+            "'{name}' is reserved: it is the alarm of a device's own required interval (Cumulocity 117)"
+        )));
+    }
     Ok(())
 }
 

@@ -832,13 +832,11 @@ pub fn decide(
             if *origin == Origin::Device {
                 // The interval as this update leaves it (a 117 sets it).
                 let interval = match &update.reported {
-                    Some(shadow::SectionPatch::Merge(patch))
-                        if patch.contains_key(alarms::REQUIRED_AVAILABILITY_FRAGMENT) =>
-                    {
-                        alarms::required_interval_ms(patch)
+                    Some(shadow::SectionPatch::Merge(patch)) => {
+                        alarms::interval_after(state.required_interval_ms(), patch)
                     }
                     Some(shadow::SectionPatch::Clear) => None,
-                    _ => state.required_interval_ms(),
+                    None => state.required_interval_ms(),
                 };
                 events.extend(data_events(state, interval, now_ms));
             }
@@ -975,11 +973,14 @@ pub fn decide(
                 text.as_deref(),
                 now_ms,
             )?;
-            events.extend(alarms::decide_data(
-                &state.alarms,
-                state.required_interval_ms(),
-                now_ms,
-            ));
+            // Data only when it changed something (`apply` sees only what is recorded).
+            if !events.is_empty() {
+                events.extend(alarms::decide_data(
+                    &state.alarms,
+                    state.required_interval_ms(),
+                    now_ms,
+                ));
+            }
             Ok(alarm_decision(state, alarm_type, events))
         }
         ThingCommand::ChangeAlarmSeverity {
@@ -990,11 +991,14 @@ pub fn decide(
                 return Err(state.not_found());
             }
             let mut events = alarms::decide_severity(&state.alarms, alarm_type, *severity, now_ms)?;
-            events.extend(alarms::decide_data(
-                &state.alarms,
-                state.required_interval_ms(),
-                now_ms,
-            ));
+            // Data only when it changed something (`apply` sees only what is recorded).
+            if !events.is_empty() {
+                events.extend(alarms::decide_data(
+                    &state.alarms,
+                    state.required_interval_ms(),
+                    now_ms,
+                ));
+            }
             Ok(alarm_decision(state, alarm_type, events))
         }
         ThingCommand::ClearDeviceAlarm { alarm_type } => {

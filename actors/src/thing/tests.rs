@@ -915,3 +915,51 @@ fn a_disconnect_does_not_watch_the_required_interval_and_removing_it_ends_the_wa
     assert!(fired.events.is_empty());
     assert!(state.alarms.alarms.is_empty());
 }
+
+#[test]
+fn the_required_interval_watch_outlives_reconnects_merged_patches_and_repeated_alarm_rows() {
+    let (mut state, _) = given(&[register(), connect(1), interval_minutes(5)]);
+    let armed = state.next_deadline_ms();
+    assert_eq!(armed, Some(NOW_MS + 300_000));
+    // A reconnect ends offline watches, not this one
+    at(&mut state, disconnect(1, Vec::new()), NOW_MS + 1).expect("disconnect");
+    let back = at(&mut state, connect(2), NOW_MS + 2).expect("connect");
+    assert_eq!(back.alarm_events().count(), 0);
+    assert_eq!(state.next_deadline_ms(), armed);
+    // A patch that merges into the fragment without its interval keeps the interval
+    let other = report(json!({"state": {"reported": {"c8y_RequiredAvailability": {"note": "x"}}}}));
+    let merged = at(&mut state, other, NOW_MS + 3).expect("merge");
+    assert_eq!(merged.alarm_events().count(), 0, "{:?}", merged.events);
+    assert_eq!(state.required_interval_ms(), Some(300_000));
+    // A device alarm row that changes nothing is no data on either side of the log
+    let raise = || ThingCommand::RaiseAlarm {
+        alarm_type: "c8y_Fault".into(),
+        severity: AlarmSeverity::Minor,
+        text: None,
+    };
+    at(&mut state, raise(), NOW_MS + 4).expect("raise");
+    let fired = at(&mut state, fire(Vec::new()), NOW_MS + 300_000).expect("fire");
+    assert!(matches!(
+        fired.alarm_events().collect::<Vec<_>>()[..],
+        [AlarmEvent::Armed(a)] if a.due_at_ms == NOW_MS + 4 + 300_000
+    ));
+    let due = NOW_MS + 4 + 300_000;
+    let raised = at(&mut state, fire(Vec::new()), due).expect("fire");
+    assert!(matches!(
+        raised.alarm_events().collect::<Vec<_>>()[..],
+        [AlarmEvent::Raised(_)]
+    ));
+    let repeated = at(&mut state, raise(), due + 1).expect("repeat");
+    assert!(repeated.events.is_empty(), "{:?}", repeated.events);
+    assert_eq!(state.alarms.alarms[UNAVAILABLE].status, AlarmStatus::Active);
+    // And the replayed log rebuilds the same state the decisions saw
+    let replayed = {
+        let mut replayed = ThingState::new("t1");
+        let (_, log) = given(&[register(), connect(1), interval_minutes(5)]);
+        for event in &log {
+            apply(&mut replayed, event);
+        }
+        replayed
+    };
+    assert_eq!(replayed.last_data_at_ms, Some(NOW_MS));
+}
