@@ -133,6 +133,9 @@ pub struct Config {
     pub cumulocity_bootstrap_password: Option<String>,
     /// Most device registrations stored at once.
     pub cumulocity_registrations_max: usize,
+    /// Most simultaneous connections of the bootstrap user (devices asking for credentials);
+    /// beyond: CONNACK quota exceeded.
+    pub cumulocity_bootstrap_connections_max: usize,
     /// Most simultaneous MQTT connections (beyond: CONNACK "server busy").
     pub mqtt_connections_max: usize,
     /// Largest MQTT packet accepted, bytes.
@@ -281,6 +284,7 @@ impl Default for Config {
             cumulocity_bootstrap_username: None,
             cumulocity_bootstrap_password: None,
             cumulocity_registrations_max: 10_000,
+            cumulocity_bootstrap_connections_max: 1000,
             mqtt_connections_max: 100_000,
             mqtt_packet_bytes_max: 256 * 1024,
             mqtt_inflight_max: 32,
@@ -590,6 +594,10 @@ impl Config {
             (
                 "cumulocity_registrations_max",
                 self.cumulocity_registrations_max as u64,
+            ),
+            (
+                "cumulocity_bootstrap_connections_max",
+                self.cumulocity_bootstrap_connections_max as u64,
             ),
             (
                 "webhook_broker_queue_bytes_max",

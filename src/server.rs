@@ -127,6 +127,7 @@ pub async fn serve(
         queued_bytes_max: config.mqtt_queued_bytes_max,
         sessions_max: config.mqtt_sessions_max,
         user_sessions_max: config.mqtt_user_sessions_max,
+        bootstrap_sessions_max: config.cumulocity_bootstrap_connections_max,
         session_subscriptions_max: config.mqtt_session_subscriptions_max,
         session_expiry_max: Duration::from_secs(config.mqtt_session_expiry_max_s),
         retained_max: config.mqtt_retained_max,

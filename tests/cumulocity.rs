@@ -393,6 +393,25 @@ async fn measurements_are_stored_and_queried_by_fragment_series_and_time() {
     assert_eq!(early["items"].as_array().map(Vec::len), Some(1), "{early}");
 }
 
+/// Waits (bounded) until the server has logged a line holding `needle`: it has served the
+/// request that logs it. Every line read is kept in `seen`.
+async fn until_logged(server: &Server, seen: &mut Vec<String>, needle: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let fresh = server.logs();
+        let found = fresh.iter().any(|line| line.contains(needle));
+        seen.extend(fresh);
+        if found {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server never logged {needle:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A CONNECT that must be refused.
 async fn refused(server: &Server, client_id: &str, (user, password): (&str, &str)) {
     let mut options =
@@ -427,6 +446,8 @@ async fn a_device_gets_its_credentials_once_through_the_bootstrap_after_acceptan
     );
     let registrations = server.url("/api/v1/device-registrations");
     let bootstrap = ("thinghub/devbootstrap", "boot-secret");
+    // Every server log line read on the way (the password must be in none).
+    let mut seen: Vec<String> = Vec::new();
 
     // Given a registered device id
     let (status, body) = call(
@@ -517,8 +538,9 @@ async fn a_device_gets_its_credentials_once_through_the_bootstrap_after_acceptan
     )
     .await;
     send(&deaf, "s/ucr", "").await;
+    until_logged(&server, &mut seen, "not subscribed to s/dcr").await;
     assert_eq!(
-        nothing_within(&mut deaf, Duration::from_millis(300)).await,
+        nothing_within(&mut deaf, Duration::from_millis(100)).await,
         Vec::<String>::new()
     );
     let (_, registration) = call(
@@ -548,6 +570,7 @@ async fn a_device_gets_its_credentials_once_through_the_bootstrap_after_acceptan
         "{password}"
     );
     send(&boot, "s/ucr", "").await;
+    until_logged(&server, &mut seen, "issued once already").await;
     assert_eq!(
         nothing_within(&mut boot, Duration::from_millis(300)).await,
         Vec::<String>::new(),
@@ -628,8 +651,9 @@ async fn a_device_gets_its_credentials_once_through_the_bootstrap_after_acceptan
     let child_accept = server.url("/api/v1/device-registrations/sn-0001:c1/accept");
     assert_eq!(call(Method::POST, &child_accept, None).await.0, 200);
     send(&squat, "s/ucr", "").await;
+    until_logged(&server, &mut seen, "gets no credentials of its own").await;
     assert_eq!(
-        nothing_within(&mut squat, Duration::from_millis(300)).await,
+        nothing_within(&mut squat, Duration::from_millis(100)).await,
         Vec::<String>::new()
     );
     let (_, registration) = call(
@@ -652,8 +676,9 @@ async fn a_device_gets_its_credentials_once_through_the_bootstrap_after_acceptan
     let (_again, _) = Device::connect(&server, "sn-0001", (username, &password), true).await;
     let (status, logs) = server.stop();
     assert!(status.success(), "{logs:?}");
+    seen.extend(logs);
     assert!(
-        !logs.iter().any(|line| line.contains(&password)),
+        !seen.iter().any(|line| line.contains(&password)),
         "the issued password is never logged"
     );
     common::assert_check_finds_no_problem(dir.path());

@@ -92,12 +92,22 @@ impl Children {
         self.store.sync().await
     }
 
-    /// Forgets a link, durable with the next group commit.
+    /// Forgets `parent`'s link to its child `id`, durable with the next group commit. The
+    /// child Thing's parent record goes too only if it still names `parent` (child ids may
+    /// hold `:`, so `a` + `b:c` and `a:b` + `c` are the same Thing name: another device's live
+    /// link must stay).
     pub fn unlink(&self, parent: &str, id: &str, child_thing: &str) -> Result<(), StorageError> {
-        self.store.kv_apply_behind(vec![
-            (Self::child_key(parent, id), None),
-            (Self::parent_key(child_thing), None),
-        ])
+        let mut changes = vec![(Self::child_key(parent, id), None)];
+        let names_parent = self
+            .store
+            .kv_get(&Self::parent_key(child_thing))?
+            .as_deref()
+            .and_then(decode)
+            .is_some_and(|(_, named)| named == parent);
+        if names_parent {
+            changes.push((Self::parent_key(child_thing), None));
+        }
+        self.store.kv_apply_behind(changes)
     }
 
     /// The device that created `thing` as its child, if `thing` is still that child.
@@ -263,5 +273,17 @@ mod tests {
         );
         children.unlink("gw", "s2", "gw:s2").expect("unlink");
         assert_eq!(children.of("gw", 10).expect("list").len(), 1);
+        // Dropping a stale link never takes another device's live link to the same name
+        registry(&store, "gw:s2:x", 1, Some(7)).await;
+        children.link("gw:s2", "x", "gw:s2:x").await.expect("link");
+        store
+            .kv_put(&Children::child_key("gw", "s2:x"), encode(1, "gw:s2:x"))
+            .await
+            .expect("a stale link of gw's");
+        children.unlink("gw", "s2:x", "gw:s2:x").expect("unlink");
+        assert_eq!(
+            children.route("gw:s2:x").expect("route"),
+            ("gw:s2".into(), "x".into())
+        );
     }
 }

@@ -60,6 +60,9 @@ pub struct Registration {
     /// The MQTT user the credentials are for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub username: Option<String>,
+    /// The address the credentials were sent to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued_to: Option<String>,
 }
 
 /// What a device's credentials request (`s/ucr`) found.
@@ -71,6 +74,9 @@ pub enum Request {
     Pending,
     /// Accepted, credentials not issued: issue them.
     Issue,
+    /// Accepted, but this request comes from another address than the one the operator
+    /// accepted: the registration is pending again, showing the new address.
+    Moved,
     /// Credentials were issued already: nothing is sent.
     Issued,
 }
@@ -184,6 +190,7 @@ impl Registrations {
             accepted_at: None,
             credentials_issued_at: None,
             username: None,
+            issued_to: None,
         };
         self.write(&registration, now_ms).await?;
         *count += 1;
@@ -281,6 +288,18 @@ impl Registrations {
             RegistrationStatus::Accepted if registration.credentials_issued_at.is_some() => {
                 Request::Issued
             }
+            RegistrationStatus::Accepted
+                if ip_of(registration.requested_from.as_deref()) != ip_of(Some(from)) =>
+            {
+                // Whoever knows the shared bootstrap password may ask for any id: the
+                // credentials go only to the address the operator saw when accepting.
+                registration.status = RegistrationStatus::PendingAcceptance;
+                registration.requested_from = Some(from.to_owned());
+                registration.requested_at = Some(now_ms);
+                registration.accepted_at = None;
+                self.write(&registration, now_ms).await?;
+                Request::Moved
+            }
             RegistrationStatus::Accepted => Request::Issue,
         })
     }
@@ -291,6 +310,7 @@ impl Registrations {
         &self,
         id: &str,
         username: &str,
+        to: &str,
         now_ms: u64,
     ) -> Result<bool, RegistrationError> {
         let _count = self.count.lock().await;
@@ -304,9 +324,29 @@ impl Registrations {
         }
         registration.credentials_issued_at = Some(now_ms);
         registration.username = Some(username.to_owned());
+        registration.issued_to = Some(to.to_owned());
         self.write(&registration, now_ms).await?;
         Ok(true)
     }
+
+    /// Takes back an issuance whose credentials could not be made (nothing was sent): the
+    /// device's next request tries again.
+    pub async fn unissue(&self, id: &str, now_ms: u64) -> Result<(), RegistrationError> {
+        let _count = self.count.lock().await;
+        let Some(mut registration) = self.read(id)? else {
+            return Ok(());
+        };
+        registration.credentials_issued_at = None;
+        registration.username = None;
+        registration.issued_to = None;
+        self.write(&registration, now_ms).await
+    }
+}
+
+/// The IP address of `host:port` (the port changes with every connection).
+fn ip_of(address: Option<&str>) -> Option<&str> {
+    let address = address?;
+    Some(address.rsplit_once(':').map_or(address, |(ip, _)| ip))
 }
 
 #[cfg(test)]
@@ -363,11 +403,11 @@ mod tests {
             Request::Issue
         );
         assert!(registrations
-            .issued("dev-1", "device_dev-1", 8)
+            .issued("dev-1", "device_dev-1", "127.0.0.1:5001", 8)
             .await
             .expect("issue"));
         assert!(!registrations
-            .issued("dev-1", "device_dev-1", 9)
+            .issued("dev-1", "device_dev-1", "127.0.0.1:5001", 9)
             .await
             .expect("twice"));
         assert_eq!(
@@ -380,6 +420,7 @@ mod tests {
         let issued = registrations.get("dev-1").expect("get");
         assert_eq!(issued.credentials_issued_at, Some(8));
         assert_eq!(issued.username.as_deref(), Some("device_dev-1"));
+        assert_eq!(issued.issued_to.as_deref(), Some("127.0.0.1:5001"));
         // An unknown device's request finds nothing
         assert_eq!(
             registrations
@@ -389,9 +430,29 @@ mod tests {
             Request::Unknown
         );
         assert!(!registrations
-            .issued("ghost", "device_ghost", 12)
+            .issued("ghost", "device_ghost", "127.0.0.1:5001", 12)
             .await
             .expect("issue"));
+        // An issuance taken back is tried again by the next request
+        registrations.unissue("dev-1", 13).await.expect("unissue");
+        assert_eq!(
+            registrations
+                .requested("dev-1", 14, "127.0.0.1:5002")
+                .await
+                .expect("ask"),
+            Request::Issue
+        );
+        // A request from another address after the acceptance is pending again, showing it
+        assert_eq!(
+            registrations
+                .requested("dev-1", 15, "10.9.9.9:4000")
+                .await
+                .expect("ask"),
+            Request::Moved
+        );
+        let moved = registrations.get("dev-1").expect("get");
+        assert_eq!(moved.status, RegistrationStatus::PendingAcceptance);
+        assert_eq!(moved.requested_from.as_deref(), Some("10.9.9.9:4000"));
     }
 
     #[tokio::test]

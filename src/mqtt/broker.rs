@@ -53,6 +53,8 @@ pub struct BrokerLimits {
     /// Sessions one username may own (so one user cannot fill the session table); superusers
     /// (backend applications, trusted by the operator) are not counted.
     pub user_sessions_max: usize,
+    /// Sessions (live connections: it keeps none) of the Cumulocity bootstrap user.
+    pub bootstrap_sessions_max: usize,
     /// Subscriptions one session may hold; a new one past it is refused.
     pub session_subscriptions_max: usize,
     /// Longest a disconnected persistent session is kept.
@@ -891,15 +893,16 @@ impl Broker {
                 self.stats.sessions_refused.fetch_add(1, Ordering::Relaxed);
                 return Err(ConnectRefusal::SessionsFull);
             }
-            // Not superusers, nor the shared Cumulocity bootstrap user (whose sessions end
-            // with their connections: the connection bound applies).
+            // Not superusers; the shared Cumulocity bootstrap user has a bound of its own (every
+            // new device of a fleet uses it at once, and anyone with its password can try).
             None if !request.identity.superuser
-                && !request.identity.bootstrap
                 && request.identity.username.as_deref().is_some_and(|user| {
-                    state
-                        .owners
-                        .get(user)
-                        .is_some_and(|ids| ids.len() >= self.limits.user_sessions_max)
+                    let max = if request.identity.bootstrap {
+                        self.limits.bootstrap_sessions_max
+                    } else {
+                        self.limits.user_sessions_max
+                    };
+                    state.owners.get(user).is_some_and(|ids| ids.len() >= max)
                 }) =>
             {
                 self.stats.sessions_refused.fetch_add(1, Ordering::Relaxed);
@@ -2442,6 +2445,7 @@ pub(crate) mod tests {
             queued_bytes_max: 1 << 20,
             sessions_max: 100,
             user_sessions_max: 100,
+            bootstrap_sessions_max: 100,
             session_subscriptions_max: 100,
             session_expiry_max: Duration::from_secs(3600),
             retained_max: 100,

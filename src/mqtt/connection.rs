@@ -1470,13 +1470,20 @@ async fn handle_publish(
             // superuser's `$c8y/#` must not see passwords. Only a connection subscribed to
             // its `s/dcr` can be answered.
             let dcr = super::cumulocity::Cumulocity::own_subscription(&session.identity, "s/dcr");
-            let subscribed = dcr.is_some_and(|filter| {
-                !ctx.broker
-                    .subscriptions(Some(&client_id), Some(&filter), None, None, 1)
-                    .is_empty()
-            });
+            let current = ctx.broker.live_connection(&client_id) == Some(session.connection_id);
+            let subscribed = current
+                && dcr.is_some_and(|filter| {
+                    !ctx.broker
+                        .subscriptions(Some(&client_id), Some(&filter), None, None, 1)
+                        .is_empty()
+                });
             let peer = conn.peer.to_string();
-            if let Some(row) = c8y.credentials_requested(device, subscribed, &peer).await {
+            let asking = super::cumulocity::Asking {
+                peer: &peer,
+                subscribed,
+                packet_bytes_max: conn.client_packet_bytes_max,
+            };
+            if let Some(row) = c8y.credentials_requested(device, &asking).await {
                 let packet =
                     codec::make_publish("s/dcr", &bytes::Bytes::from(row), 0, 0, false, false);
                 let packet = Packet::Publish(packet, None);

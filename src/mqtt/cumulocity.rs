@@ -50,6 +50,17 @@ const DEFAULT_TYPE: &str = "c8y_MQTTDevice";
 /// about 190 bits).
 const ISSUED_PASSWORD_CHARS: usize = 32;
 
+/// Who asks for credentials on `s/ucr`.
+pub struct Asking<'a> {
+    /// The connection's address.
+    pub peer: &'a str,
+    /// Whether this very connection (not a successor under its client id) holds its `s/dcr`
+    /// subscription: only then can the answer reach it.
+    pub subscribed: bool,
+    /// The client's Maximum Packet Size (MQTT 5), if it set one.
+    pub packet_bytes_max: Option<usize>,
+}
+
 /// What the Cumulocity surface works with.
 pub struct CumulocityParts {
     /// The broker (rows out).
@@ -179,12 +190,8 @@ impl Cumulocity {
     /// next request from a connection subscribed to its `s/dcr` gets, once, the row
     /// `70,{tenant},{username},{password}` to write to that connection: a new MQTT user bound
     /// to the device's Thing (registered now if absent).
-    pub async fn credentials_requested(
-        &self,
-        device: &str,
-        subscribed: bool,
-        peer: &str,
-    ) -> Option<String> {
+    pub async fn credentials_requested(&self, device: &str, asking: &Asking<'_>) -> Option<String> {
+        let peer = asking.peer;
         let _issuing = self.issuing.lock().await;
         let now = self.things.now_ms();
         match self.registrations.requested(device, now, peer).await {
@@ -197,16 +204,21 @@ impl Cumulocity {
             Ok(Request::Issued) => {
                 tracing::info!(%device, %peer, "credentials requested again; they were issued once already, nothing sent");
             }
-            Ok(Request::Issue) if !subscribed => {
+            Ok(Request::Moved) => {
+                tracing::warn!(%device, %peer, "credentials requested from another address than the one accepted; pending acceptance again");
+            }
+            Ok(Request::Issue) if !asking.subscribed => {
                 tracing::info!(%device, %peer, "credentials requested by a connection not subscribed to s/dcr; nothing issued");
             }
-            Ok(Request::Issue) => match self.issue(device, now).await {
+            Ok(Request::Issue) => match self.issue(device, asking, now).await {
                 Ok(row) => {
-                    tracing::info!(%device, %peer, "device credentials issued on s/dcr");
+                    if row.is_some() {
+                        tracing::info!(%device, %peer, "device credentials issued on s/dcr");
+                    }
                     return row;
                 }
                 Err(e) => {
-                    tracing::error!(%device, error = %e, "device credentials could not be issued");
+                    tracing::error!(%device, error = %e, "device credentials could not be issued; the next request tries again");
                 }
             },
             Err(e) => tracing::error!(%device, error = %e, "device registration unreadable"),
@@ -214,10 +226,16 @@ impl Cumulocity {
         None
     }
 
-    /// Makes `device`'s credentials: checks what they will be bound to, records them issued
-    /// (durably, so they are issued once whatever follows), then writes the user. The `70`
-    /// row, `None` if the registration went away or was served meanwhile.
-    async fn issue(&self, device: &str, now: u64) -> Result<Option<String>, String> {
+    /// Makes `device`'s credentials: checks what they will be bound to and that their row
+    /// fits the connection, records them issued (durably, so they are issued once), then
+    /// writes the Thing and the user; a failure there takes the issuance back. The `70` row,
+    /// `None` if the registration went away or was served meanwhile.
+    async fn issue(
+        &self,
+        device: &str,
+        asking: &Asking<'_>,
+        now: u64,
+    ) -> Result<Option<String>, String> {
         match self.things.describe(device).await {
             Ok(thing) if thing.mqtt_client_id != device => {
                 return Err(format!(
@@ -234,7 +252,13 @@ impl Cumulocity {
                 ));
             }
             Ok(_) => {}
-            Err(e) if e.kind == RejectionKind::ThingNotFound => {}
+            Err(e) if e.kind == RejectionKind::ThingNotFound => {
+                if let Ok(Some(owner)) = self.users.client_id_reserved_by(device) {
+                    return Err(format!(
+                        "client id '{device}' belongs to Thing '{owner}': the device's Thing cannot be registered"
+                    ));
+                }
+            }
             Err(e) => return Err(e.message),
         }
         let username = format!("device_{device}");
@@ -248,19 +272,6 @@ impl Cumulocity {
             Err(UserError::NotFound(_)) => false,
             Err(e) => return Err(e.to_string()),
         };
-        if !self
-            .registrations
-            .issued(device, &username, now)
-            .await
-            .map_err(|e| e.to_string())?
-        {
-            return Ok(None);
-        }
-        if self.things.ensure_registered(device).is_err() {
-            self.register(device, None, None, None)
-                .await
-                .map_err(|e| e.message)?;
-        }
         use rand::distributions::Alphanumeric;
         use rand::Rng;
         let password: String = rand::rngs::OsRng
@@ -268,41 +279,83 @@ impl Cumulocity {
             .take(ISSUED_PASSWORD_CHARS)
             .map(char::from)
             .collect();
+        let row = smartrest::write_row(&[
+            "70",
+            self.tenant.as_str(),
+            username.as_str(),
+            password.as_str(),
+        ]);
+        // The PUBLISH: a fixed header of at most 5 bytes, the topic `s/dcr` with its length.
+        let packet_bytes = 5 + 2 + "s/dcr".len() + row.len();
+        if asking
+            .packet_bytes_max
+            .is_some_and(|max| packet_bytes > max)
         {
-            let users = self.users.clone();
-            let (username, password, device) =
-                (username.clone(), password.clone(), device.to_owned());
-            // argon2 hashing: off the async workers. Every field is written, so a change made
-            // to the user since the check above is not inherited.
-            tokio::task::spawn_blocking(move || {
-                tokio::runtime::Handle::current().block_on(async {
-                    if replace {
-                        users
-                            .update(&username, Some(&password), Some(Some(device)), Some(false))
-                            .await
-                            .map(|_| ())
-                    } else {
-                        users
-                            .create(&username, &password, Some(device), false, now)
-                            .await
-                            .map(|_| ())
-                    }
-                })
-            })
+            return Err(format!(
+                "the credentials ({packet_bytes} bytes) exceed the connection's Maximum Packet Size"
+            ));
+        }
+        if !self
+            .registrations
+            .issued(device, &username, asking.peer, now)
             .await
             .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+        {
+            return Ok(None);
+        }
+        if let Err(e) = self
+            .make_credentials(device, &username, &password, replace, now)
+            .await
+        {
+            if let Err(undo) = self.registrations.unissue(device, now).await {
+                tracing::error!(%device, error = %undo, "an issuance that failed could not be taken back");
+            }
+            return Err(e);
         }
         if replace {
             // A device bootstrapped again: its old password stops working now.
             super::revoke_user(&self.broker, &self.acl, &self.users, &username);
         }
-        Ok(Some(smartrest::write_row(&[
-            "70",
-            self.tenant.as_str(),
-            username.as_str(),
-            password.as_str(),
-        ])))
+        Ok(Some(row))
+    }
+
+    /// Registers `device`'s Thing if absent and writes its user (every field, so a change made
+    /// to the user since it was checked is not inherited).
+    async fn make_credentials(
+        &self,
+        device: &str,
+        username: &str,
+        password: &str,
+        replace: bool,
+        now: u64,
+    ) -> Result<(), String> {
+        if self.things.ensure_registered(device).is_err() {
+            self.register(device, None, None, None)
+                .await
+                .map_err(|e| e.message)?;
+        }
+        let users = self.users.clone();
+        let (username, password, device) =
+            (username.to_owned(), password.to_owned(), device.to_owned());
+        // argon2 hashing: off the async workers.
+        tokio::task::spawn_blocking(move || {
+            tokio::runtime::Handle::current().block_on(async {
+                if replace {
+                    users
+                        .update(&username, Some(&password), Some(Some(device)), Some(false))
+                        .await
+                        .map(|_| ())
+                } else {
+                    users
+                        .create(&username, &password, Some(device), false, now)
+                        .await
+                        .map(|_| ())
+                }
+            })
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
     }
 
     /// Whether `topic` is in Cumulocity's namespace (`s/...`).
