@@ -880,6 +880,7 @@ fn fuzz_smartrest() {
         "200,c8y_Temperature,T,25.3,C\r\n201,S,2026-12-03T10:00:00Z,c8y_T,T,1,C",
         "400,c8y_Event,\"Door, \"\"front\"\"\nopened\"\n500",
         "301,c8y_Overheat,\"\",\n\n\"\"",
+        "511,dev,\"execute this\nand \\\"this\\\"\"\n400,t,\"C:\\dir\\\"x\\\"\"",
     ];
     fuzz(Target {
         name: "smartrest",
