@@ -879,15 +879,10 @@ impl Webhooks {
         limit: usize,
     ) -> Result<(Vec<Value>, Option<String>), WebhookError> {
         self.get(kind, id)?;
-        let prefix = dead_prefix(id);
-        let after = after.map(|letter| format!("{prefix}{letter}"));
-        let page = self
-            .store
-            .kv_scan_prefix_after(&prefix, after.as_deref(), limit)?;
-        let next = (page.len() == limit)
-            .then(|| page.last().map(|(key, _)| key[prefix.len()..].to_owned()))
-            .flatten();
+        let page = self.store.kv_page(&dead_prefix(id), after, limit)?;
+        let next = page.next;
         let items = page
+            .items
             .into_iter()
             .filter_map(|(_, bytes)| serde_json::from_slice(&bytes).ok())
             .collect();

@@ -412,6 +412,30 @@ async fn until_logged(server: &Server, seen: &mut Vec<String>, needle: &str) {
     }
 }
 
+/// `device` asks for `id`'s credentials and the server logs `needle` serving it: nothing
+/// comes, nothing is issued.
+async fn asks_in_vain(
+    server: &Server,
+    seen: &mut Vec<String>,
+    device: &mut Device,
+    id: &str,
+    needle: &str,
+) {
+    send(device, "s/ucr", "").await;
+    until_logged(server, seen, needle).await;
+    assert_eq!(
+        nothing_within(device, Duration::from_millis(100)).await,
+        Vec::<String>::new()
+    );
+    let path = format!("/api/v1/device-registrations/{id}");
+    let (_, registration) = call(Method::GET, &server.url(&path), None).await;
+    assert_eq!(
+        registration["credentialsIssuedAt"],
+        Value::Null,
+        "{registration}"
+    );
+}
+
 /// A CONNECT that must be refused.
 async fn refused(server: &Server, client_id: &str, (user, password): (&str, &str)) {
     let mut options =
@@ -537,23 +561,14 @@ async fn a_device_gets_its_credentials_once_through_the_bootstrap_after_acceptan
         true,
     )
     .await;
-    send(&deaf, "s/ucr", "").await;
-    until_logged(&server, &mut seen, "not subscribed to s/dcr").await;
-    assert_eq!(
-        nothing_within(&mut deaf, Duration::from_millis(100)).await,
-        Vec::<String>::new()
-    );
-    let (_, registration) = call(
-        Method::GET,
-        &server.url("/api/v1/device-registrations/sn-0001"),
-        None,
+    asks_in_vain(
+        &server,
+        &mut seen,
+        &mut deaf,
+        "sn-0001",
+        "not subscribed to s/dcr",
     )
     .await;
-    assert_eq!(
-        registration["credentialsIssuedAt"],
-        Value::Null,
-        "{registration}"
-    );
     drop(deaf);
     let (mut boot, _) = Device::connect(&server, "d:sn-0001", bootstrap, true).await;
     subscribe_ack(&mut boot, "s/dcr").await;
@@ -650,23 +665,14 @@ async fn a_device_gets_its_credentials_once_through_the_bootstrap_after_acceptan
     .await;
     let child_accept = server.url("/api/v1/device-registrations/sn-0001:c1/accept");
     assert_eq!(call(Method::POST, &child_accept, None).await.0, 200);
-    send(&squat, "s/ucr", "").await;
-    until_logged(&server, &mut seen, "gets no credentials of its own").await;
-    assert_eq!(
-        nothing_within(&mut squat, Duration::from_millis(100)).await,
-        Vec::<String>::new()
-    );
-    let (_, registration) = call(
-        Method::GET,
-        &server.url("/api/v1/device-registrations/sn-0001:c1"),
-        None,
+    asks_in_vain(
+        &server,
+        &mut seen,
+        &mut squat,
+        "sn-0001:c1",
+        "gets no credentials of its own",
     )
     .await;
-    assert_eq!(
-        registration["credentialsIssuedAt"],
-        Value::Null,
-        "{registration}"
-    );
 
     // An operator removes the registration: the credentials stay valid
     let one = server.url("/api/v1/device-registrations/sn-0001");

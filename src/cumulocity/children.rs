@@ -123,16 +123,12 @@ impl Children {
         Ok((self.registered_at(thing)? == Some(at)).then_some(parent))
     }
 
-    fn child(&self, key: &str, prefix: &str, bytes: &[u8]) -> Result<Option<Child>, StorageError> {
+    fn child(&self, id: String, bytes: &[u8]) -> Result<Option<Child>, StorageError> {
         let Some((at, thing)) = decode(bytes) else {
             return Ok(None);
         };
         let live = self.registered_at(&thing)? == Some(at);
-        Ok(Some(Child {
-            id: key[prefix.len()..].to_owned(),
-            thing,
-            live,
-        }))
+        Ok(Some(Child { id, thing, live }))
     }
 
     /// `parent`'s children (live or not), in id order, at most `limit`.
@@ -140,7 +136,7 @@ impl Children {
         let prefix = format!("{CHILD_PREFIX}{parent}/");
         let mut out = Vec::new();
         for (key, bytes) in self.store.kv_scan_prefix(&prefix, limit)? {
-            out.extend(self.child(&key, &prefix, &bytes)?);
+            out.extend(self.child(key[prefix.len()..].to_owned(), &bytes)?);
         }
         Ok(out)
     }
@@ -154,17 +150,12 @@ impl Children {
         limit: usize,
     ) -> Result<(Vec<Child>, Option<String>), StorageError> {
         let prefix = format!("{CHILD_PREFIX}{parent}/");
-        let after = after.map(|id| format!("{prefix}{id}"));
-        let page = self
-            .store
-            .kv_scan_prefix_after(&prefix, after.as_deref(), limit)?;
-        let next = (page.len() == limit)
-            .then(|| page.last().map(|(key, _)| key[prefix.len()..].to_owned()))
-            .flatten();
+        let page = self.store.kv_page(&prefix, after, limit)?;
         let mut items = Vec::new();
-        for (key, bytes) in page {
-            items.extend(self.child(&key, &prefix, &bytes)?.filter(|c| c.live));
+        for (id, bytes) in page.items {
+            items.extend(self.child(id, &bytes)?.filter(|c| c.live));
         }
+        let next = page.next;
         Ok((items, next))
     }
 

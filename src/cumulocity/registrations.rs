@@ -211,18 +211,12 @@ impl Registrations {
         after: Option<&str>,
         limit: usize,
     ) -> Result<(Vec<Registration>, Option<String>), RegistrationError> {
-        let after = after.map(Self::key);
-        let page = self
-            .store
-            .kv_scan_prefix_after(PREFIX, after.as_deref(), limit)?;
-        let next = (page.len() == limit)
-            .then(|| page.last().map(|(key, _)| key[PREFIX.len()..].to_owned()))
-            .flatten();
-        let mut items = Vec::with_capacity(page.len());
-        for (key, bytes) in page {
+        let page = self.store.kv_page(PREFIX, after, limit)?;
+        let mut items = Vec::with_capacity(page.items.len());
+        for (id, bytes) in page.items {
             let registration = decode(&bytes).map_err(|reason| {
                 RegistrationError::Storage(StorageError::Corrupt {
-                    thing: key[PREFIX.len()..].to_owned(),
+                    thing: id,
                     seq: 0,
                     reason: format!("device registration: {reason}"),
                 })
@@ -231,6 +225,7 @@ impl Registrations {
                 items.push(registration);
             }
         }
+        let next = page.next;
         Ok((items, next))
     }
 
@@ -354,6 +349,10 @@ mod tests {
     use super::*;
     use thinghub_storage::StoreConfig;
 
+    async fn ask(registrations: &Registrations, id: &str, at: u64, from: &str) -> Request {
+        registrations.requested(id, at, from).await.expect("ask")
+    }
+
     fn open(dir: &std::path::Path, max: usize) -> Registrations {
         Registrations::open(Store::open(&StoreConfig::new(dir)).expect("open"), max)
             .expect("registrations")
@@ -371,17 +370,11 @@ mod tests {
         ));
         // When it asks, it is pending; asking again changes nothing
         assert_eq!(
-            registrations
-                .requested("dev-1", 3, "127.0.0.1:5000")
-                .await
-                .expect("ask"),
+            ask(&registrations, "dev-1", 3, "127.0.0.1:5000").await,
             Request::Pending
         );
         assert_eq!(
-            registrations
-                .requested("dev-1", 4, "127.0.0.1:5000")
-                .await
-                .expect("ask"),
+            ask(&registrations, "dev-1", 4, "127.0.0.1:5000").await,
             Request::Pending
         );
         let pending = registrations.get("dev-1").expect("get");
@@ -396,10 +389,7 @@ mod tests {
             accepted
         );
         assert_eq!(
-            registrations
-                .requested("dev-1", 7, "127.0.0.1:5000")
-                .await
-                .expect("ask"),
+            ask(&registrations, "dev-1", 7, "127.0.0.1:5000").await,
             Request::Issue
         );
         assert!(registrations
@@ -411,10 +401,7 @@ mod tests {
             .await
             .expect("twice"));
         assert_eq!(
-            registrations
-                .requested("dev-1", 10, "127.0.0.1:5000")
-                .await
-                .expect("ask"),
+            ask(&registrations, "dev-1", 10, "127.0.0.1:5000").await,
             Request::Issued
         );
         let issued = registrations.get("dev-1").expect("get");
@@ -423,10 +410,7 @@ mod tests {
         assert_eq!(issued.issued_to.as_deref(), Some("127.0.0.1:5001"));
         // An unknown device's request finds nothing
         assert_eq!(
-            registrations
-                .requested("ghost", 11, "127.0.0.1:5000")
-                .await
-                .expect("ask"),
+            ask(&registrations, "ghost", 11, "127.0.0.1:5000").await,
             Request::Unknown
         );
         assert!(!registrations
@@ -436,18 +420,12 @@ mod tests {
         // An issuance taken back is tried again by the next request
         registrations.unissue("dev-1", 13).await.expect("unissue");
         assert_eq!(
-            registrations
-                .requested("dev-1", 14, "127.0.0.1:5002")
-                .await
-                .expect("ask"),
+            ask(&registrations, "dev-1", 14, "127.0.0.1:5002").await,
             Request::Issue
         );
         // A request from another address after the acceptance is pending again, showing it
         assert_eq!(
-            registrations
-                .requested("dev-1", 15, "10.9.9.9:4000")
-                .await
-                .expect("ask"),
+            ask(&registrations, "dev-1", 15, "10.9.9.9:4000").await,
             Request::Moved
         );
         let moved = registrations.get("dev-1").expect("get");
@@ -480,10 +458,7 @@ mod tests {
                     "{bad:?}"
                 );
             }
-            registrations
-                .requested("b", 2, "127.0.0.1:5000")
-                .await
-                .expect("ask");
+            ask(&registrations, "b", 2, "127.0.0.1:5000").await;
         }
         // The count and the records survive a reopen
         let registrations = open(dir.path(), 3);

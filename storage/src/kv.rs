@@ -4,6 +4,15 @@
 
 use crate::{StorageError, Store};
 
+/// A cursor page of `kv` records ([`Store::kv_page`]).
+#[derive(Debug, Default)]
+pub struct KvPage {
+    /// (key without the prefix, value), in key order.
+    pub items: Vec<(String, Vec<u8>)>,
+    /// The cursor of the next page; `None` at the end.
+    pub next: Option<String>,
+}
+
 impl Store {
     /// The record at `key`, if any.
     pub fn kv_get(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
@@ -99,6 +108,28 @@ impl Store {
             out.push((String::from_utf8_lossy(&key).into_owned(), value.to_vec()));
         }
         Ok(out)
+    }
+
+    /// A cursor page of the records under `prefix`: at most `limit` after the one whose key
+    /// is `prefix` + `after`, as (key without the prefix, value) in key order, and the cursor
+    /// of the next page (the last key read without the prefix; `None` when this page is the
+    /// end).
+    pub fn kv_page(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<KvPage, StorageError> {
+        let after = after.map(|a| format!("{prefix}{a}"));
+        let page = self.kv_scan_prefix_after(prefix, after.as_deref(), limit)?;
+        let items: Vec<(String, Vec<u8>)> = page
+            .into_iter()
+            .map(|(key, value)| (key[prefix.len()..].to_owned(), value))
+            .collect();
+        let next = (items.len() == limit)
+            .then(|| items.last().map(|(key, _)| key.clone()))
+            .flatten();
+        Ok(KvPage { items, next })
     }
 
     /// All records whose key starts with `prefix`, in key order, at most `limit`.

@@ -35,6 +35,7 @@ pub use codec::{CodecError, Envelope};
 pub use commit::CommitStats;
 pub use feed::FeedEntry;
 pub use index::{Claim, DeadlineEntry, IndexOp, OnlineEntry};
+pub use kv::KvPage;
 pub use log::{AppendBatch, RecordedEvent};
 pub use records::{Record, RecordChange, RecordSet};
 pub use snapshot::Snapshot;
