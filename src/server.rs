@@ -165,13 +165,13 @@ pub async fn serve(
     ));
     restore_mqtt(&persistence, &users, &acl, config.allow_anonymous)?;
     let topics = Topics::new(&config.topic_prefix, config.aws_compat);
+    // One set of child links (their writes share a lock).
+    let children = crate::cumulocity::children::Children::new(store.clone());
     let sink = Arc::new(MqttEffects::new(
         broker.clone(),
         topics.clone(),
         persistence.clone(),
-        config
-            .cumulocity
-            .then(|| crate::cumulocity::children::Children::new(store.clone())),
+        config.cumulocity.then(|| children.clone()),
     ));
     let outbox = Arc::new(Outbox::new(&store, sink)?);
     // Loaded before the deadline timer starts: a watch that comes due finds its rule (one whose
@@ -295,7 +295,7 @@ pub async fn serve(
         keys: Arc::new(keys),
         users: users.clone(),
         registrations: registrations.clone(),
-        children: crate::cumulocity::children::Children::new(store.clone()),
+        children: children.clone(),
         throttle: throttle.clone(),
         acl: acl.clone(),
         limits: HttpLimits {
@@ -354,7 +354,7 @@ pub async fn serve(
                 users: users.clone(),
                 acl: acl.clone(),
                 registrations,
-                children: crate::cumulocity::children::Children::new(store.clone()),
+                children: children.clone(),
                 alarms: alarms.clone(),
                 tenant: config.cumulocity_tenant.clone(),
                 children_max: config.cumulocity_children_max,

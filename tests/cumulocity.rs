@@ -627,6 +627,7 @@ async fn a_device_gets_its_credentials_once_through_the_bootstrap_after_acceptan
     refused(&server, "$c8y-bootstrap/sn-0001", bootstrap).await;
     refused(&server, "sn-0002", ("devbootstrap", "wrong")).await;
     refused(&server, "not a device id", bootstrap).await;
+    refused(&server, "sn-unregistered", bootstrap).await;
     // The bootstrap user is not managed over the users API
     let (status, body) = call(
         Method::PUT,

@@ -266,11 +266,6 @@ pub fn validate_rule_name(name: &str) -> Result<(), Rejection> {
                 .collect::<String>()
         )));
     }
-    if name == crate::thing::alarms::REQUIRED_AVAILABILITY_ALARM {
-        return Err(Rejection::bad_request(format!(
-            "'{name}' is reserved: it is the alarm of a device's own required interval (Cumulocity 117)"
-        )));
-    }
     Ok(())
 }
 
@@ -343,6 +338,13 @@ impl Alarms {
     /// Creates a rule (409 if the name is taken) and starts its sweep.
     pub async fn create(&self, new: NewRule, now_ms: u64) -> Result<AlarmRule, Rejection> {
         validate_rule_name(&new.name)?;
+        // Only new rules: the alarm itself stays acknowledgeable and clearable under its type.
+        if new.name == crate::thing::alarms::REQUIRED_AVAILABILITY_ALARM {
+            return Err(Rejection::bad_request(format!(
+                "'{}' is reserved: it is the alarm of a device's own required interval (Cumulocity 117)",
+                new.name
+            )));
+        }
         if new.offline_for_seconds == 0 || new.offline_for_seconds > OFFLINE_FOR_SECONDS_MAX {
             return Err(Rejection::bad_request(format!(
                 "offlineForSeconds must be 1..={OFFLINE_FOR_SECONDS_MAX}"

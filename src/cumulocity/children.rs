@@ -45,16 +45,26 @@ pub struct Child {
     pub live: bool,
 }
 
-/// The links, over the store.
+/// The links, over the store. Clones share one lock: make one per store.
 #[derive(Clone)]
 pub struct Children {
     store: Store,
+    /// Held while a link is written or dropped: dropping reads the child's parent record
+    /// before removing it, and another device's link of the same name must not slip between.
+    writing: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 impl Children {
     /// The links kept in `store`.
     pub fn new(store: Store) -> Children {
-        Children { store }
+        Children {
+            store,
+            writing: std::sync::Arc::default(),
+        }
+    }
+
+    fn writing(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.writing.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn child_key(parent: &str, id: &str) -> String {
@@ -82,13 +92,16 @@ impl Children {
         id: &str,
         child_thing: &str,
     ) -> Result<(), StorageError> {
-        let Some(at) = self.registered_at(child_thing)? else {
-            return Ok(());
-        };
-        self.store.kv_apply_behind(vec![
-            (Self::child_key(parent, id), Some(encode(at, child_thing))),
-            (Self::parent_key(child_thing), Some(encode(at, parent))),
-        ])?;
+        {
+            let _writing = self.writing();
+            let Some(at) = self.registered_at(child_thing)? else {
+                return Ok(());
+            };
+            self.store.kv_apply_behind(vec![
+                (Self::child_key(parent, id), Some(encode(at, child_thing))),
+                (Self::parent_key(child_thing), Some(encode(at, parent))),
+            ])?;
+        }
         self.store.sync().await
     }
 
@@ -97,6 +110,7 @@ impl Children {
     /// hold `:`, so `a` + `b:c` and `a:b` + `c` are the same Thing name: another device's live
     /// link must stay).
     pub fn unlink(&self, parent: &str, id: &str, child_thing: &str) -> Result<(), StorageError> {
+        let _writing = self.writing();
         let mut changes = vec![(Self::child_key(parent, id), None)];
         let names_parent = self
             .store

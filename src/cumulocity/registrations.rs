@@ -266,6 +266,7 @@ impl Registrations {
         id: &str,
         now_ms: u64,
         from: &str,
+        subscribed: bool,
     ) -> Result<Request, RegistrationError> {
         let _count = self.count.lock().await;
         let Some(mut registration) = self.read(id)? else {
@@ -279,7 +280,15 @@ impl Registrations {
                 self.write(&registration, now_ms).await?;
                 Request::Pending
             }
-            RegistrationStatus::PendingAcceptance => Request::Pending,
+            RegistrationStatus::PendingAcceptance => {
+                // The address the operator will accept is the latest one asking (a device's
+                // address may change while it waits); written only when it changes.
+                if ip_of(registration.requested_from.as_deref()) != ip_of(Some(from)) {
+                    registration.requested_from = Some(from.to_owned());
+                    self.write(&registration, now_ms).await?;
+                }
+                Request::Pending
+            }
             RegistrationStatus::Accepted if registration.credentials_issued_at.is_some() => {
                 Request::Issued
             }
@@ -287,7 +296,11 @@ impl Registrations {
                 if ip_of(registration.requested_from.as_deref()) != ip_of(Some(from)) =>
             {
                 // Whoever knows the shared bootstrap password may ask for any id: the
-                // credentials go only to the address the operator saw when accepting.
+                // credentials go only to the address the operator saw when accepting. Only a
+                // connection that could receive them moves the registration back.
+                if !subscribed {
+                    return Ok(Request::Moved);
+                }
                 registration.status = RegistrationStatus::PendingAcceptance;
                 registration.requested_from = Some(from.to_owned());
                 registration.requested_at = Some(now_ms);
@@ -338,10 +351,17 @@ impl Registrations {
     }
 }
 
-/// The IP address of `host:port` (the port changes with every connection).
-fn ip_of(address: Option<&str>) -> Option<&str> {
+/// The IP address of `host:port` (the port changes with every connection), an IPv4-mapped
+/// IPv6 address as its IPv4 one.
+fn ip_of(address: Option<&str>) -> Option<String> {
     let address = address?;
-    Some(address.rsplit_once(':').map_or(address, |(ip, _)| ip))
+    Some(match address.parse::<std::net::SocketAddr>() {
+        Ok(socket) => socket.ip().to_canonical().to_string(),
+        Err(_) => address
+            .rsplit_once(':')
+            .map_or(address, |(ip, _)| ip)
+            .to_owned(),
+    })
 }
 
 #[cfg(test)]
@@ -350,7 +370,10 @@ mod tests {
     use thinghub_storage::StoreConfig;
 
     async fn ask(registrations: &Registrations, id: &str, at: u64, from: &str) -> Request {
-        registrations.requested(id, at, from).await.expect("ask")
+        registrations
+            .requested(id, at, from, true)
+            .await
+            .expect("ask")
     }
 
     fn open(dir: &std::path::Path, max: usize) -> Registrations {
@@ -431,6 +454,40 @@ mod tests {
         let moved = registrations.get("dev-1").expect("get");
         assert_eq!(moved.status, RegistrationStatus::PendingAcceptance);
         assert_eq!(moved.requested_from.as_deref(), Some("10.9.9.9:4000"));
+        // While pending, the address follows the device (the same IP in its IPv4-mapped
+        // form is the same address)
+        ask(&registrations, "dev-1", 16, "[::ffff:10.9.9.9]:4100").await;
+        assert_eq!(
+            registrations
+                .get("dev-1")
+                .expect("get")
+                .requested_from
+                .as_deref(),
+            Some("10.9.9.9:4000")
+        );
+        ask(&registrations, "dev-1", 17, "10.7.7.7:4000").await;
+        assert_eq!(
+            registrations
+                .get("dev-1")
+                .expect("get")
+                .requested_from
+                .as_deref(),
+            Some("10.7.7.7:4000")
+        );
+        // Accepted, a request from elsewhere by a connection that could not receive the
+        // answer changes nothing
+        registrations.accept("dev-1", 18).await.expect("accept");
+        assert_eq!(
+            registrations
+                .requested("dev-1", 19, "10.6.6.6:1", false)
+                .await
+                .expect("ask"),
+            Request::Moved
+        );
+        assert_eq!(
+            registrations.get("dev-1").expect("get").status,
+            RegistrationStatus::Accepted
+        );
     }
 
     #[tokio::test]

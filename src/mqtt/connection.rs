@@ -439,9 +439,17 @@ async fn authenticate(
         // The Cumulocity bootstrap user, shared by every new device: its connection is keyed
         // apart from the device's own session, so it can never take over or read it.
         let device = client_id.strip_prefix("d:").unwrap_or(client_id);
-        if ctx.cumulocity.is_none() || validate_thing_name(device).is_err() {
+        let Some(c8y) = ctx.cumulocity.as_ref() else {
+            return Err(Refusal::NotAuthorized);
+        };
+        if validate_thing_name(device).is_err() {
             tracing::info!(peer = %conn.peer, %client_id, "bootstrap connection with a client id that is no device id; refusing");
             return Err(Refusal::BadClientId);
+        }
+        if !c8y.is_registered(device) {
+            // Only registered ids: made-up ones could only fill the bootstrap connections.
+            tracing::info!(peer = %conn.peer, %client_id, "bootstrap connection for a device that is not registered; refusing");
+            return Err(Refusal::NotAuthorized);
         }
         let identity = Identity {
             client_id: format!("{BOOTSTRAP_CLIENT_PREFIX}{device}"),
@@ -1470,8 +1478,9 @@ async fn handle_publish(
             // superuser's `$c8y/#` must not see passwords. Only a connection subscribed to
             // its `s/dcr` can be answered.
             let dcr = super::cumulocity::Cumulocity::own_subscription(&session.identity, "s/dcr");
-            let current = ctx.broker.live_connection(&client_id) == Some(session.connection_id);
-            let subscribed = current
+            let connection_id = session.connection_id;
+            let current = || ctx.broker.live_connection(&client_id) == Some(connection_id);
+            let subscribed = current()
                 && dcr.is_some_and(|filter| {
                     !ctx.broker
                         .subscriptions(Some(&client_id), Some(&filter), None, None, 1)
@@ -1482,6 +1491,7 @@ async fn handle_publish(
                 peer: &peer,
                 subscribed,
                 packet_bytes_max: conn.client_packet_bytes_max,
+                current: &current,
             };
             if let Some(row) = c8y.credentials_requested(device, &asking).await {
                 let packet =
@@ -1489,6 +1499,12 @@ async fn handle_publish(
                 let packet = Packet::Publish(packet, None);
                 conn.queue(packet)?;
                 conn.traffic.publish_sent(0);
+                // Written now: an answer left in the buffer of a connection that closes is
+                // lost, and the one issuance with it.
+                if let Err(e) = conn.flush_encoded().await {
+                    c8y.credentials_lost(device).await;
+                    return Err(e);
+                }
             }
             PublishOutcome::Accepted
         } else {

@@ -59,6 +59,9 @@ pub struct Asking<'a> {
     pub subscribed: bool,
     /// The client's Maximum Packet Size (MQTT 5), if it set one.
     pub packet_bytes_max: Option<usize>,
+    /// Whether the asking connection still holds its session (asked again once the
+    /// issuance lock is held: a takeover meanwhile would lose the answer).
+    pub current: &'a (dyn Fn() -> bool + Sync),
 }
 
 /// What the Cumulocity surface works with.
@@ -194,7 +197,11 @@ impl Cumulocity {
         let peer = asking.peer;
         let _issuing = self.issuing.lock().await;
         let now = self.things.now_ms();
-        match self.registrations.requested(device, now, peer).await {
+        match self
+            .registrations
+            .requested(device, now, peer, asking.subscribed)
+            .await
+        {
             Ok(Request::Unknown) => {
                 tracing::info!(%device, %peer, "credentials requested for a device that is not registered; nothing sent");
             }
@@ -207,8 +214,8 @@ impl Cumulocity {
             Ok(Request::Moved) => {
                 tracing::warn!(%device, %peer, "credentials requested from another address than the one accepted; pending acceptance again");
             }
-            Ok(Request::Issue) if !asking.subscribed => {
-                tracing::info!(%device, %peer, "credentials requested by a connection not subscribed to s/dcr; nothing issued");
+            Ok(Request::Issue) if !asking.subscribed || !(asking.current)() => {
+                tracing::info!(%device, %peer, "credentials requested by a connection not subscribed to s/dcr (or no longer current); nothing issued");
             }
             Ok(Request::Issue) => match self.issue(device, asking, now).await {
                 Ok(row) => {
@@ -295,6 +302,9 @@ impl Cumulocity {
                 "the credentials ({packet_bytes} bytes) exceed the connection's Maximum Packet Size"
             ));
         }
+        if !(asking.current)() {
+            return Ok(None);
+        }
         if !self
             .registrations
             .issued(device, &username, asking.peer, now)
@@ -317,6 +327,26 @@ impl Cumulocity {
             super::revoke_user(&self.broker, &self.acl, &self.users, &username);
         }
         Ok(Some(row))
+    }
+
+    /// The credentials row for `device` could not be written to its connection: the issuance
+    /// is taken back so its next request gets new ones.
+    pub async fn credentials_lost(&self, device: &str) {
+        let _issuing = self.issuing.lock().await;
+        tracing::warn!(%device, "the credentials row could not be written; the issuance is taken back");
+        if let Err(e) = self
+            .registrations
+            .unissue(device, self.things.now_ms())
+            .await
+        {
+            tracing::error!(%device, error = %e, "an issuance that was not delivered could not be taken back");
+        }
+    }
+
+    /// Whether `device` has a registration (a bootstrap connection for any other id is
+    /// refused: it could only hold a connection slot).
+    pub fn is_registered(&self, device: &str) -> bool {
+        self.registrations.get(device).is_ok()
     }
 
     /// Registers `device`'s Thing if absent and writes its user (every field, so a change made
