@@ -147,6 +147,18 @@ async fn register_one(state: &AppState, may_create_users: bool, line: u64, bytes
     answer
 }
 
+/// The `thingName` a line names, if it is JSON that names one.
+fn thing_name_of(bytes: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Named {
+        #[serde(rename = "thingName")]
+        thing_name: String,
+    }
+    serde_json::from_slice::<Named>(bytes)
+        .ok()
+        .map(|n| n.thing_name)
+}
+
 /// Reads lines from `body` and registers each; sends one result line per input line. A body
 /// that stops arriving, or a client that stops reading the answers, for `stall` ends the run.
 async fn run(
@@ -168,6 +180,9 @@ async fn run(
     // Set when an answer could not be delivered in time: the client stopped reading, so no
     // more lines are registered (each would be a change it never hears about).
     let reader_gone = Arc::new(AtomicBool::new(false));
+    // One lock per Thing name seen in this request (at most `bulk_lines_max`).
+    let mut names: std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>> =
+        std::collections::HashMap::new();
     while !finished {
         if reader_gone.load(Ordering::Relaxed) || results.is_closed() {
             tracing::warn!(
@@ -222,6 +237,14 @@ async fn run(
                     }
                 }
                 Line::Entry { number, bytes } => {
+                    // Lines naming the same Thing run one after another, in line order (the
+                    // first one registers it, a later one gets 409), whatever else runs at once.
+                    let same_name = match thing_name_of(&bytes) {
+                        Some(name) => {
+                            Some(names.entry(name).or_default().clone().lock_owned().await)
+                        }
+                        None => None,
+                    };
                     let Ok(permit) = permits.clone().acquire_owned().await else {
                         return;
                     };
@@ -239,6 +262,7 @@ async fn run(
                             gone.store(true, Ordering::Relaxed);
                         }
                         drop(permit);
+                        drop(same_name);
                     });
                     while tasks.try_join_next().is_some() {}
                 }
