@@ -261,23 +261,6 @@ pub fn required_interval_ms(reported: &Map<String, Value>) -> Option<u64> {
         .map(|m| m.saturating_mul(60_000))
 }
 
-/// The required interval once the `reported` merge `patch` is applied to a state whose
-/// interval is `current` (the shadow's deep merge: `null` removes, an object merges, another
-/// value replaces).
-pub fn interval_after(current: Option<u64>, patch: &Map<String, Value>) -> Option<u64> {
-    match patch.get(REQUIRED_AVAILABILITY_FRAGMENT) {
-        None => current,
-        Some(Value::Object(fragment)) => match fragment.get("responseInterval") {
-            None => current,
-            Some(minutes) => minutes
-                .as_u64()
-                .filter(|m| *m > 0)
-                .map(|m| m.saturating_mul(60_000)),
-        },
-        Some(_) => None,
-    }
-}
-
 /// Longest alarm text a device may send, bytes.
 pub const ALARM_TEXT_BYTES_MAX: usize = 1024;
 /// Most alarm types one Thing keeps (each its latest alarm): a device raising ever new types

@@ -820,7 +820,7 @@ pub fn decide(
             if state.registration.is_none() {
                 return Err(state.not_found().with_token(update.client_token.clone()));
             }
-            let (event, result) = shadow::decide_update(
+            let (event, result, next) = shadow::decide_update(
                 &state.shadow,
                 update,
                 *origin,
@@ -831,13 +831,7 @@ pub fn decide(
             let mut events = vec![ThingEvent::ShadowUpdated(event)];
             if *origin == Origin::Device {
                 // The interval as this update leaves it (a 117 sets it).
-                let interval = match &update.reported {
-                    Some(shadow::SectionPatch::Merge(patch)) => {
-                        alarms::interval_after(state.required_interval_ms(), patch)
-                    }
-                    Some(shadow::SectionPatch::Clear) => None,
-                    None => state.required_interval_ms(),
-                };
+                let interval = alarms::required_interval_ms(&next.reported);
                 events.extend(data_events(state, interval, now_ms));
             }
             Ok(Decision {
@@ -973,14 +967,7 @@ pub fn decide(
                 text.as_deref(),
                 now_ms,
             )?;
-            // Data only when it changed something (`apply` sees only what is recorded).
-            if !events.is_empty() {
-                events.extend(alarms::decide_data(
-                    &state.alarms,
-                    state.required_interval_ms(),
-                    now_ms,
-                ));
-            }
+            device_alarm_data(state, &mut events, now_ms);
             Ok(alarm_decision(state, alarm_type, events))
         }
         ThingCommand::ChangeAlarmSeverity {
@@ -991,14 +978,7 @@ pub fn decide(
                 return Err(state.not_found());
             }
             let mut events = alarms::decide_severity(&state.alarms, alarm_type, *severity, now_ms)?;
-            // Data only when it changed something (`apply` sees only what is recorded).
-            if !events.is_empty() {
-                events.extend(alarms::decide_data(
-                    &state.alarms,
-                    state.required_interval_ms(),
-                    now_ms,
-                ));
-            }
+            device_alarm_data(state, &mut events, now_ms);
             Ok(alarm_decision(state, alarm_type, events))
         }
         ThingCommand::ClearDeviceAlarm { alarm_type } => {
@@ -1185,6 +1165,18 @@ fn data_events(state: &ThingState, interval: Option<u64>, now_ms: u64) -> Vec<Th
         .into_iter()
         .map(ThingEvent::Alarm)
         .collect()
+}
+
+/// A device's alarm row is data for the required-interval watch only when it changed
+/// something (`apply` sees only what is recorded).
+fn device_alarm_data(state: &ThingState, events: &mut Vec<alarms::AlarmEvent>, now_ms: u64) {
+    if !events.is_empty() {
+        events.extend(alarms::decide_data(
+            &state.alarms,
+            state.required_interval_ms(),
+            now_ms,
+        ));
+    }
 }
 
 /// Folds one event into the state. Holds no rules: every check happened in [`decide`].

@@ -594,7 +594,8 @@ pub struct ShadowUpdateResult {
     pub version: u64,
 }
 
-/// Decides an update against `shadow`: the event to append and the replies it will produce.
+/// Decides an update against `shadow`: the event to append, the replies it will produce and
+/// the shadow the event makes (what the decision saw; the caller may read it, not keep it).
 pub fn decide_update(
     shadow: &Shadow,
     update: &ShadowUpdate,
@@ -602,7 +603,7 @@ pub fn decide_update(
     now_ms: u64,
     limits: &ShadowLimits,
     want_documents: bool,
-) -> Result<(ShadowUpdated, ShadowUpdateResult), Rejection> {
+) -> Result<(ShadowUpdated, ShadowUpdateResult, Shadow), Rejection> {
     let token = update.client_token.clone();
     if let Some(expected) = update.expected_version.filter(|v| *v != 0) {
         if expected != shadow.version {
@@ -643,7 +644,7 @@ pub fn decide_update(
             .and_then(|d| d["state"].as_object().cloned()),
         ..event
     };
-    Ok((event, result))
+    Ok((event, result, next))
 }
 
 /// `update/accepted` of an update: rendered from its event alone.
@@ -805,7 +806,7 @@ mod tests {
     fn given(updates: &[Value]) -> Shadow {
         let mut shadow = Shadow::default();
         for (i, body) in updates.iter().enumerate() {
-            let (event, _) = decide_update(
+            let (event, _, _) = decide_update(
                 &shadow,
                 &update(body.clone()),
                 Origin::Device,
@@ -821,10 +822,14 @@ mod tests {
 
     fn when(shadow: &Shadow, body: Value) -> Result<(Shadow, ShadowUpdateResult), Rejection> {
         let request = ShadowUpdate::from_json(&body, &limits())?;
-        let (event, result) =
+        let (event, result, next) =
             decide_update(shadow, &request, Origin::Device, NOW_MS, &limits(), true)?;
-        let mut next = shadow.clone();
-        next.apply_updated(&event);
+        let mut applied = shadow.clone();
+        applied.apply_updated(&event);
+        assert_eq!(
+            applied, next,
+            "the shadow decide saw is the one the event makes"
+        );
         Ok((next, result))
     }
 
@@ -1057,7 +1062,7 @@ mod tests {
     #[test]
     fn operator_desired_changes_are_published_to_the_device() {
         let request = update(json!({"state":{"desired":{"t":24}}}));
-        let (_, result) = decide_update(
+        let (_, result, _) = decide_update(
             &Shadow::default(),
             &request,
             Origin::Operator,
