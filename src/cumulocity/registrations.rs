@@ -280,15 +280,11 @@ impl Registrations {
                 self.write(&registration, now_ms).await?;
                 Request::Pending
             }
-            RegistrationStatus::PendingAcceptance => {
-                // The address the operator will accept is the latest one asking (a device's
-                // address may change while it waits); written only when it changes.
-                if ip_of(registration.requested_from.as_deref()) != ip_of(Some(from)) {
-                    registration.requested_from = Some(from.to_owned());
-                    self.write(&registration, now_ms).await?;
-                }
-                Request::Pending
-            }
+            // The address an operator reviews stays the first one asking: anyone with the
+            // shared bootstrap password could otherwise put theirs there just before the
+            // acceptance (and make a write per request). A device that moved meanwhile is
+            // pending again after the acceptance, showing its new address.
+            RegistrationStatus::PendingAcceptance => Request::Pending,
             RegistrationStatus::Accepted if registration.credentials_issued_at.is_some() => {
                 Request::Issued
             }
@@ -454,29 +450,21 @@ mod tests {
         let moved = registrations.get("dev-1").expect("get");
         assert_eq!(moved.status, RegistrationStatus::PendingAcceptance);
         assert_eq!(moved.requested_from.as_deref(), Some("10.9.9.9:4000"));
-        // While pending, the address follows the device (the same IP in its IPv4-mapped
-        // form is the same address)
+        // While pending, the address an operator reviews is the first one asking (the same
+        // IP in its IPv4-mapped form is the same address)
         ask(&registrations, "dev-1", 16, "[::ffff:10.9.9.9]:4100").await;
-        assert_eq!(
-            registrations
-                .get("dev-1")
-                .expect("get")
-                .requested_from
-                .as_deref(),
-            Some("10.9.9.9:4000")
-        );
         ask(&registrations, "dev-1", 17, "10.7.7.7:4000").await;
         assert_eq!(
-            registrations
-                .get("dev-1")
-                .expect("get")
-                .requested_from
-                .as_deref(),
-            Some("10.7.7.7:4000")
+            registrations.get("dev-1").expect("get").requested_from.as_deref(),
+            Some("10.9.9.9:4000")
+        );
+        registrations.accept("dev-1", 18).await.expect("accept");
+        assert_eq!(
+            ask(&registrations, "dev-1", 18, "[::ffff:10.9.9.9]:4100").await,
+            Request::Issue
         );
         // Accepted, a request from elsewhere by a connection that could not receive the
         // answer changes nothing
-        registrations.accept("dev-1", 18).await.expect("accept");
         assert_eq!(
             registrations
                 .requested("dev-1", 19, "10.6.6.6:1", false)
