@@ -72,6 +72,23 @@ async fn send(device: &Device, topic: &str, rows: &str) {
         .expect("publish");
 }
 
+/// A server with `--cumulocity` and the device `id` (its user's password `pw1`) connected in
+/// the `d:` form, subscribed to `filters`.
+async fn c8y_device(
+    dir: &std::path::Path,
+    id: &str,
+    clean: bool,
+    filters: &[&str],
+) -> (Server, Device) {
+    let server = Server::start(dir, &["--cumulocity"]);
+    common::register_device(&server, id, "pw1").await;
+    let (mut device, _) = Device::connect(&server, &format!("d:{id}"), (id, "pw1"), clean).await;
+    for filter in filters {
+        subscribe_ack(&mut device, filter).await;
+    }
+    (server, device)
+}
+
 /// Waits (bounded) until `GET path` answers a body `done` accepts.
 async fn until(server: &Server, path: &str, done: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + WAIT;
@@ -225,11 +242,7 @@ async fn another_tenant_is_refused_and_without_the_switch_s_topics_are_plain_top
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operations_go_down_on_s_ds_and_status_rows_answer_them() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = Server::start(dir.path(), &["--cumulocity"]);
-    common::register_device(&server, "pump-1", "pw1").await;
-    let (mut pump, _) = Device::connect(&server, "d:pump-1", ("pump-1", "pw1"), false).await;
-    subscribe_ack(&mut pump, "s/ds").await;
-    subscribe_ack(&mut pump, "s/e").await;
+    let (server, mut pump) = c8y_device(dir.path(), "pump-1", false, &["s/ds", "s/e"]).await;
 
     let command = |action: &str, params: Value| serde_json::json!({"action": action, "ttl": 120, "params": params});
     let path = |id: &str| format!("/api/v1/things/pump-1/commands/{id}");
@@ -303,10 +316,7 @@ async fn operations_go_down_on_s_ds_and_status_rows_answer_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn device_alarms_are_raised_changed_and_cleared_in_the_alarm_model() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = Server::start(dir.path(), &["--cumulocity"]);
-    common::register_device(&server, "pump-1", "pw1").await;
-    let (mut pump, _) = Device::connect(&server, "d:pump-1", ("pump-1", "pw1"), true).await;
-    subscribe_ack(&mut pump, "s/e").await;
+    let (server, mut pump) = c8y_device(dir.path(), "pump-1", true, &["s/e"]).await;
 
     send(
         &pump,
@@ -351,10 +361,7 @@ async fn device_alarms_are_raised_changed_and_cleared_in_the_alarm_model() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn measurements_are_stored_and_queried_by_fragment_series_and_time() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = Server::start(dir.path(), &["--cumulocity"]);
-    common::register_device(&server, "pump-1", "pw1").await;
-    let (mut pump, _) = Device::connect(&server, "d:pump-1", ("pump-1", "pw1"), true).await;
-    subscribe_ack(&mut pump, "s/e").await;
+    let (server, mut pump) = c8y_device(dir.path(), "pump-1", true, &["s/e"]).await;
     send(
         &pump,
         "s/us",
@@ -696,11 +703,7 @@ async fn a_device_gets_its_credentials_once_through_the_bootstrap_after_acceptan
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_lists_its_children_and_carries_their_operations() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = Server::start(dir.path(), &["--cumulocity"]);
-    common::register_device(&server, "gw-1", "pw1").await;
-    let (mut gateway, _) = Device::connect(&server, "d:gw-1", ("gw-1", "pw1"), true).await;
-    subscribe_ack(&mut gateway, "s/ds").await;
-    subscribe_ack(&mut gateway, "s/e").await;
+    let (server, mut gateway) = c8y_device(dir.path(), "gw-1", true, &["s/ds", "s/e"]).await;
 
     // Given two children (101 again for one changes nothing)
     send(

@@ -23,8 +23,6 @@ use crate::target::{Target, TargetArgs};
 
 /// Device handshakes in flight while connecting.
 const CONNECTS_IN_FLIGHT: usize = 200;
-/// How long the devices may take to connect.
-const CONNECT_ALL_MAX: Duration = Duration::from_secs(180);
 /// Rows per message.
 const ROWS_PER_MESSAGE: usize = 1;
 
@@ -108,15 +106,7 @@ pub async fn run(
             duration,
         ));
     }
-    tokio::select! {
-        waited = tokio::time::timeout(CONNECT_ALL_MAX, start.wait()) => {
-            waited.with_context(|| format!("devices did not all connect within {CONNECT_ALL_MAX:?}"))?;
-        }
-        Some(failed) = tasks.join_next() => {
-            failed??;
-            bail!("a device ended before the phase started");
-        }
-    }
+    crate::shadow::all_connected(&start, &mut tasks).await?;
     let started = Instant::now();
     let mut rows = 0u64;
     let mut latencies = crate::histogram();

@@ -351,16 +351,7 @@ pub(crate) async fn phase(
             )),
         };
     }
-    // Bounded: a device that cannot connect fails its task and never reaches the barrier.
-    tokio::select! {
-        waited = tokio::time::timeout(CONNECT_ALL_MAX, start.wait()) => {
-            waited.with_context(|| format!("devices did not all connect within {CONNECT_ALL_MAX:?}"))?;
-        }
-        Some(failed) = tasks.join_next() => {
-            failed??;
-            bail!("a device ended before the phase started");
-        }
-    }
+    all_connected(&start, &mut tasks).await?;
     let started = Instant::now();
     let cpu = CpuWindow::start(cpu_pid);
     let bar = progress(seconds, label);
@@ -392,6 +383,24 @@ pub(crate) async fn phase(
     result.seconds = started.elapsed().as_secs_f64();
     (result.latencies, result.timeline) = recorder.take();
     Ok(result)
+}
+
+/// Waits until every device of a phase is connected (at `start`), bounded: a device that
+/// cannot connect fails its task and never reaches the barrier.
+pub(crate) async fn all_connected<T: 'static>(
+    start: &Barrier,
+    tasks: &mut tokio::task::JoinSet<Result<T>>,
+) -> Result<()> {
+    tokio::select! {
+        waited = tokio::time::timeout(CONNECT_ALL_MAX, start.wait()) => {
+            waited.with_context(|| format!("devices did not all connect within {CONNECT_ALL_MAX:?}"))?;
+        }
+        Some(failed) = tasks.join_next() => {
+            failed??;
+            bail!("a device ended before the phase started");
+        }
+    }
+    Ok(())
 }
 
 fn echo_work(i: usize) -> Work {

@@ -455,7 +455,11 @@ mod tests {
         ask(&registrations, "dev-1", 16, "[::ffff:10.9.9.9]:4100").await;
         ask(&registrations, "dev-1", 17, "10.7.7.7:4000").await;
         assert_eq!(
-            registrations.get("dev-1").expect("get").requested_from.as_deref(),
+            registrations
+                .get("dev-1")
+                .expect("get")
+                .requested_from
+                .as_deref(),
             Some("10.9.9.9:4000")
         );
         registrations.accept("dev-1", 18).await.expect("accept");
