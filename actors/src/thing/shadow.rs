@@ -238,12 +238,12 @@ pub struct Shadow {
     /// Reported state (no empty objects).
     #[serde(default)]
     pub reported: Map<String, Value>,
-    /// Same shape as `desired`; each leaf is `{"timestamp": unix_seconds}`.
+    /// Same shape as `desired`: each leaf's last-set time.
     #[serde(default)]
-    pub metadata_desired: Map<String, Value>,
-    /// Same shape as `reported`; each leaf is `{"timestamp": unix_seconds}`.
+    pub metadata_desired: Metadata,
+    /// Same shape as `reported`: each leaf's last-set time.
     #[serde(default)]
-    pub metadata_reported: Map<String, Value>,
+    pub metadata_reported: Metadata,
     /// Current version; 0 before the first update.
     #[serde(default)]
     pub version: u64,
@@ -253,6 +253,80 @@ pub struct Shadow {
     /// Unix seconds of the last accepted change.
     #[serde(default)]
     pub updated_at_s: u64,
+}
+
+/// A section's metadata: the section's shape, with the Unix seconds each leaf was last set.
+///
+/// Rendered and stored (snapshots) as AWS IoT shows it, every leaf `{"timestamp": seconds}`;
+/// held in memory with the bare number as the leaf. A one-entry JSON object is a whole map node
+/// (about 630 bytes with serde_json's map), so the rendered form cost an active Thing that much
+/// per leaf of its shadow.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Metadata(Map<String, Value>);
+
+impl Metadata {
+    /// The rendered form: every leaf `{"timestamp": seconds}`.
+    pub fn expanded(&self) -> Map<String, Value> {
+        expand_metadata(&self.0)
+    }
+
+    /// Top-level keys (those of the section it describes).
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.0.keys()
+    }
+
+    /// True when the section has no leaves.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Rendered metadata from the compact form: a number is a leaf's time, an object a node.
+fn expand_metadata(compact: &Map<String, Value>) -> Map<String, Value> {
+    compact
+        .iter()
+        .map(|(key, value)| {
+            let rendered = match value {
+                Value::Object(node) => Value::Object(expand_metadata(node)),
+                stamp => leaf_metadata(stamp),
+            };
+            (key.clone(), rendered)
+        })
+        .collect()
+}
+
+/// The compact form of rendered metadata. In the rendered form a node's values are always
+/// objects, so an object whose only entry is a numeric `timestamp` is exactly a leaf (a data key
+/// named `timestamp` gives a node `{"timestamp": {..}}`, whose value is an object).
+fn compact_metadata(rendered: Map<String, Value>) -> Map<String, Value> {
+    rendered
+        .into_iter()
+        .map(|(key, value)| match value {
+            Value::Object(mut node) => {
+                if node.len() == 1 && matches!(node.get("timestamp"), Some(Value::Number(_))) {
+                    let stamp = node.remove("timestamp").unwrap_or_default();
+                    (key, stamp)
+                } else {
+                    (key, Value::Object(compact_metadata(node)))
+                }
+            }
+            other => (key, other),
+        })
+        .collect()
+}
+
+impl Serialize for Metadata {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        // The stored form is the rendered one, so snapshots keep their shape.
+        self.expanded().serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Metadata {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Map::<String, Value>::deserialize(deserializer)
+            .map(|rendered| Metadata(compact_metadata(rendered)))
+    }
 }
 
 /// The event of an accepted update: what the request changed, as it will be replayed.
@@ -367,8 +441,8 @@ impl Shadow {
             desired: non_empty(&self.desired),
             reported: non_empty(&self.reported),
             delta: non_empty(&delta),
-            metadata_desired: non_empty(&self.metadata_desired),
-            metadata_reported: non_empty(&self.metadata_reported),
+            metadata_desired: non_empty(&self.metadata_desired.expanded()),
+            metadata_reported: non_empty(&self.metadata_reported.expanded()),
             version: self.version,
             timestamp_s: self.updated_at_s,
         })
@@ -381,11 +455,11 @@ impl Shadow {
         delta_into(
             &self.desired,
             &self.reported,
-            &self.metadata_desired,
+            &self.metadata_desired.0,
             &mut state,
             &mut metadata,
         );
-        (state, metadata)
+        (state, expand_metadata(&metadata))
     }
 
     /// Bytes of `{"desired":..,"reported":..}` as compact JSON (the size limit's measure).
@@ -401,12 +475,17 @@ impl Shadow {
     pub fn apply_updated(&mut self, event: &ShadowUpdated) {
         let stamp = Value::from(event.timestamp_s);
         if let Some(patch) = &event.desired {
-            apply_patch(&mut self.desired, &mut self.metadata_desired, patch, &stamp);
+            apply_patch(
+                &mut self.desired,
+                &mut self.metadata_desired.0,
+                patch,
+                &stamp,
+            );
         }
         if let Some(patch) = &event.reported {
             apply_patch(
                 &mut self.reported,
-                &mut self.metadata_reported,
+                &mut self.metadata_reported.0,
                 patch,
                 &stamp,
             );
@@ -495,7 +574,7 @@ fn merge_object(
             }
             leaf => {
                 data.insert(key.clone(), leaf.clone());
-                metadata.insert(key.clone(), leaf_metadata(stamp));
+                metadata.insert(key.clone(), stamp.clone());
             }
         }
     }
@@ -748,12 +827,12 @@ fn documents_side(shadow: &Shadow) -> Value {
     put_some(
         &mut metadata,
         "desired",
-        &non_empty(&shadow.metadata_desired),
+        &non_empty(&shadow.metadata_desired.expanded()),
     );
     put_some(
         &mut metadata,
         "reported",
-        &non_empty(&shadow.metadata_reported),
+        &non_empty(&shadow.metadata_reported.expanded()),
     );
     serde_json::json!({"state": state, "metadata": metadata, "version": shadow.version})
 }
@@ -853,7 +932,7 @@ mod tests {
                 .expect("object")
         );
         assert_eq!(
-            Value::Object(shadow.metadata_reported.clone()),
+            Value::Object(shadow.metadata_reported.expanded()),
             json!({"temp":{"timestamp":NOW_S},"nested":{"a":{"timestamp":NOW_S}}})
         );
         assert_eq!(
@@ -883,7 +962,7 @@ mod tests {
             json!({"a":{"x":1,"z":3},"list":[9]})
         );
         assert_eq!(shadow.version, 2);
-        assert!(shadow.metadata_reported.get("gone").is_none());
+        assert!(shadow.metadata_reported.expanded().get("gone").is_none());
     }
 
     #[test]
@@ -892,7 +971,10 @@ mod tests {
         let (shadow, _) =
             when(&shadow, json!({"state":{"reported":{"a":{"x":null}}}})).expect("accepted");
         assert_eq!(Value::Object(shadow.reported.clone()), json!({}));
-        assert_eq!(Value::Object(shadow.metadata_reported.clone()), json!({}));
+        assert_eq!(
+            Value::Object(shadow.metadata_reported.expanded()),
+            json!({})
+        );
     }
 
     #[test]
@@ -1086,6 +1168,29 @@ mod tests {
             json!({"state":{"desired":{"t":24},"delta":{"t":24}},
                    "metadata":{"desired":{"t":{"timestamp":NOW_S}}},
                    "version":1,"timestamp":NOW_S,"clientToken":"tok"})
+        );
+    }
+
+    #[test]
+    fn metadata_is_stored_as_rendered_and_a_data_key_named_timestamp_survives_the_round_trip() {
+        let shadow = given(&[
+            json!({"state":{"reported":{"timestamp":{"timestamp":7},"t":1}}}),
+            json!({"state":{"desired":{"timestamp":5}}}),
+        ]);
+        let rendered =
+            json!({"timestamp":{"timestamp":{"timestamp":NOW_S}},"t":{"timestamp":NOW_S}});
+        assert_eq!(Value::Object(shadow.metadata_reported.expanded()), rendered);
+        // Snapshots keep the rendered shape (what older snapshots hold and older code reads).
+        let stored = thinghub_storage::codec::encode(&shadow.metadata_reported).expect("encode");
+        let stored: Value = thinghub_storage::codec::decode(&stored).expect("decode");
+        assert_eq!(stored, rendered);
+        let stored = thinghub_storage::codec::encode(&shadow).expect("encode");
+        let reread: Shadow = thinghub_storage::codec::decode(&stored).expect("decode");
+        assert_eq!(reread, shadow);
+        assert_eq!(
+            Value::Object(reread.metadata_desired.expanded()),
+            json!({"timestamp":{"timestamp":NOW_S + 1}}),
+            "the second update came a second later"
         );
     }
 }
