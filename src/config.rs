@@ -267,7 +267,7 @@ impl Default for Config {
             stats_sample_interval_ms: 5_000,
             deadline_fire_concurrency_max: 512,
             deadline_scan_interval_max_ms: 1_000,
-            storage_cache_bytes: 256 * 1024 * 1024,
+            storage_cache_bytes: 64 * 1024 * 1024,
             commit_batch_appends_max: 4096,
             shutdown_timeout_ms: 10_000,
             effects_checkpoint_interval_ms: 200,

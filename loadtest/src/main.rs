@@ -112,6 +112,9 @@ enum Scenario {
         /// Upper bound on the whole run, seconds.
         #[arg(long, default_value_t = 600)]
         max_seconds: u64,
+        /// sled's page cache, bytes (the server's `storage_cache_bytes`; default: its default).
+        #[arg(long)]
+        storage_cache_bytes: Option<u64>,
         /// Data directory (default: a temporary one, removed afterwards).
         #[arg(long)]
         data_dir: Option<PathBuf>,
@@ -316,6 +319,8 @@ enum Scenario {
         concurrency: usize,
         #[arg(long)]
         max_seconds: u64,
+        #[arg(long)]
+        storage_cache_bytes: u64,
     },
 }
 
@@ -354,6 +359,7 @@ fn main() -> Result<()> {
             updates,
             concurrency,
             max_seconds,
+            storage_cache_bytes,
             data_dir,
         } => runtime.block_on(actors(
             ActorsRun {
@@ -362,6 +368,7 @@ fn main() -> Result<()> {
                 updates,
                 concurrency,
                 max_seconds,
+                storage_cache_bytes,
                 data_dir,
             },
             report_dir,
@@ -533,8 +540,12 @@ fn main() -> Result<()> {
             updates,
             concurrency,
             max_seconds,
+            storage_cache_bytes,
         } => runtime.block_on(actors_measure(
-            data_dir,
+            StoreConfig {
+                cache_bytes: storage_cache_bytes,
+                ..StoreConfig::new(data_dir)
+            },
             active,
             updates,
             concurrency,
@@ -667,6 +678,7 @@ struct ActorsRun {
     updates: usize,
     concurrency: usize,
     max_seconds: u64,
+    storage_cache_bytes: Option<u64>,
     data_dir: Option<PathBuf>,
 }
 
@@ -780,8 +792,13 @@ async fn actors(run: ActorsRun, report_dir: Option<&std::path::Path>) -> Result<
     }
     let deadline = Instant::now() + Duration::from_secs(run.max_seconds);
     let dir = data_dir(run.data_dir.clone())?;
+    let defaults = StoreConfig::new(&dir.path);
+    let store_config = StoreConfig {
+        cache_bytes: run.storage_cache_bytes.unwrap_or(defaults.cache_bytes),
+        ..defaults
+    };
     let register_rate = {
-        let store = Store::open(&StoreConfig::new(&dir.path))?;
+        let store = Store::open(&store_config)?;
         let node = start_node(&store, 64).await?;
         let registry = node.registry().clone();
         let (seconds, _) = drive(&registry, run.things, run.concurrency, deadline, |i| {
@@ -810,6 +827,7 @@ async fn actors(run: ActorsRun, report_dir: Option<&std::path::Path>) -> Result<
         .args(["--updates", &run.updates.to_string()])
         .args(["--concurrency", &run.concurrency.to_string()])
         .args(["--max-seconds", &left.to_string()])
+        .args(["--storage-cache-bytes", &store_config.cache_bytes.to_string()])
         .stderr(std::process::Stdio::inherit())
         .output()
         .await
@@ -882,7 +900,8 @@ async fn actors(run: ActorsRun, report_dir: Option<&std::path::Path>) -> Result<
         .param("things", run.things)
         .param("active", run.active)
         .param("updates", run.updates)
-        .param("in_flight", run.concurrency);
+        .param("in_flight", run.concurrency)
+        .param("storage_cache_bytes", store_config.cache_bytes);
     for (name, value) in rows {
         match value.parse::<f64>() {
             Ok(number) => {
@@ -901,13 +920,13 @@ async fn actors(run: ActorsRun, report_dir: Option<&std::path::Path>) -> Result<
 }
 
 async fn actors_measure(
-    data_dir: PathBuf,
+    store_config: StoreConfig,
     active: usize,
     updates: usize,
     concurrency: usize,
     deadline: Instant,
 ) -> Result<()> {
-    let store = Store::open(&StoreConfig::new(&data_dir))?;
+    let store = Store::open(&store_config)?;
     let node = start_node(&store, 64).await?;
     let registry = node.registry().clone();
     let rss_start = rss_bytes();
@@ -936,7 +955,7 @@ async fn actors_measure(
     drop(store);
 
     let reopened = Instant::now();
-    let store = Store::open(&StoreConfig::new(&data_dir))?;
+    let store = Store::open(&store_config)?;
     let node = start_node(&store, 64).await?;
     let registry = node.registry().clone();
     let open_seconds = reopened.elapsed().as_secs_f64();

@@ -133,11 +133,11 @@ pub struct StoreConfig {
 }
 
 impl StoreConfig {
-    /// Defaults for a data directory: 256 MiB cache, batches of up to 4096 appends.
+    /// Defaults for a data directory: 64 MiB cache, batches of up to 4096 appends.
     pub fn new(data_dir: impl Into<PathBuf>) -> StoreConfig {
         StoreConfig {
             data_dir: data_dir.into(),
-            cache_bytes: 256 * 1024 * 1024,
+            cache_bytes: 64 * 1024 * 1024,
             commit_batch_appends_max: 4096,
         }
     }
