@@ -1,9 +1,15 @@
 //! The stored form of every record: a versioned envelope around an rmp-serde payload.
 //!
-//! Records are encoded with `rmp_serde::to_vec_named` (structs as maps), so fields can be added
+//! Payloads are encoded with `rmp_serde::to_vec_named` (structs as maps), so fields can be added
 //! with `#[serde(default)]` and old code skips fields it does not know. A shipped
 //! `(event_type, event_version)` shape is never edited: a new version is added and the reader
 //! upcasts the old one (see the domain codec in `thinghub-actors`).
+//!
+//! The envelope itself is a fixed four-element array (`[event_type, event_version,
+//! recorded_at_ms, payload]`): its field names, repeated in every stored record, were about a
+//! quarter of a small event. It never gains fields (that is what `event_version` is for), and
+//! rmp-serde reads a struct from an array or a map, so envelopes written as maps before
+//! 2026-12 read the same, and so does this form for older code.
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
@@ -47,9 +53,9 @@ impl Envelope {
         decode(&self.payload)
     }
 
-    /// The envelope's stored bytes.
+    /// The envelope's stored bytes: a four-element array (see the module docs).
     pub fn to_bytes(&self) -> Result<Vec<u8>, CodecError> {
-        encode(self)
+        rmp_serde::to_vec(self).map_err(|e| CodecError(format!("encode: {e}")))
     }
 
     /// Parses stored bytes into an envelope.
@@ -105,6 +111,20 @@ mod tests {
         let bytes = envelope.to_bytes().expect("bytes");
         assert_eq!(Envelope::from_bytes(&bytes).expect("decode"), envelope);
         assert_eq!(envelope.payload_as::<V1>().expect("payload"), V1 { a: 1 });
+    }
+
+    #[test]
+    fn envelopes_stored_as_maps_read_the_same_and_new_ones_are_arrays() {
+        let envelope = Envelope::new("ShadowUpdated", 2, 1_700_000_000_000, &V1 { a: 1 })
+            .expect("envelope");
+        let as_map = encode(&envelope).expect("named");
+        assert_eq!(as_map[0], 0x84, "the old form: a map of 4");
+        assert_eq!(Envelope::from_bytes(&as_map).expect("old form"), envelope);
+        let stored = envelope.to_bytes().expect("bytes");
+        assert_eq!(stored[0], 0x94, "the stored form: an array of 4");
+        assert!(stored.len() + 40 < as_map.len(), "no field names");
+        let read_as_old_code_does: Envelope = decode(&stored).expect("array form");
+        assert_eq!(read_as_old_code_does, envelope);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! thinghub's storage: the append-only per-Thing event log, snapshots and indexes, on sled.
 //!
 //! This is the only crate that knows sled. Everything it stores is an [`Envelope`]
-//! (`event_type`, `event_version`, `recorded_at_ms`, payload) encoded with rmp-serde named fields.
+//! (`event_type`, `event_version`, `recorded_at_ms`, payload), see [`codec`].
 //!
 //! - [`log`]: `events` tree, key = thing key ‖ seq (big-endian), and the group commit that makes
 //!   many concurrent appends durable with one flush + fsync.
