@@ -827,7 +827,10 @@ async fn actors(run: ActorsRun, report_dir: Option<&std::path::Path>) -> Result<
         .args(["--updates", &run.updates.to_string()])
         .args(["--concurrency", &run.concurrency.to_string()])
         .args(["--max-seconds", &left.to_string()])
-        .args(["--storage-cache-bytes", &store_config.cache_bytes.to_string()])
+        .args([
+            "--storage-cache-bytes",
+            &store_config.cache_bytes.to_string(),
+        ])
         .stderr(std::process::Stdio::inherit())
         .output()
         .await

@@ -115,8 +115,8 @@ mod tests {
 
     #[test]
     fn envelopes_stored_as_maps_read_the_same_and_new_ones_are_arrays() {
-        let envelope = Envelope::new("ShadowUpdated", 2, 1_700_000_000_000, &V1 { a: 1 })
-            .expect("envelope");
+        let envelope =
+            Envelope::new("ShadowUpdated", 2, 1_700_000_000_000, &V1 { a: 1 }).expect("envelope");
         let as_map = encode(&envelope).expect("named");
         assert_eq!(as_map[0], 0x84, "the old form: a map of 4");
         assert_eq!(Envelope::from_bytes(&as_map).expect("old form"), envelope);
