@@ -79,7 +79,10 @@ pub fn encode_event(event: &ThingEvent, recorded_at_ms: u64) -> Result<Envelope,
     let envelope = match event {
         ThingEvent::Registered(e) => Envelope::new(THING_REGISTERED, 1, recorded_at_ms, e),
         ThingEvent::Deleted(e) => Envelope::new(THING_DELETED, 1, recorded_at_ms, e),
-        ThingEvent::ShadowUpdated(e) => Envelope::new(SHADOW_UPDATED, 2, recorded_at_ms, e),
+        // v3: v2's fields as a positional array, a third smaller (the most frequent event).
+        ThingEvent::ShadowUpdated(e) => {
+            Envelope::new_positional(SHADOW_UPDATED, 3, recorded_at_ms, e)
+        }
         ThingEvent::ShadowDeleted(e) => Envelope::new(SHADOW_DELETED, 1, recorded_at_ms, e),
         ThingEvent::EventIngested(e) => Envelope::new(EVENT_INGESTED, 1, recorded_at_ms, e),
         ThingEvent::Connected(e) => Envelope::new(THING_CONNECTED, 1, recorded_at_ms, e),
@@ -133,7 +136,8 @@ pub fn decode_event(thing: &str, recorded: &RecordedEvent) -> Result<ThingEvent,
             .payload_as::<ThingDeleted>()
             .map(ThingEvent::Deleted),
         // v2 added `delta` (absent in v1: None).
-        (SHADOW_UPDATED, 1 | 2) => envelope
+        // v3 is v2 as a positional array; rmp-serde reads either form into the struct.
+        (SHADOW_UPDATED, 1..=3) => envelope
             .payload_as::<ShadowUpdated>()
             .map(ThingEvent::ShadowUpdated),
         (SHADOW_DELETED, 1) => envelope
@@ -500,6 +504,43 @@ mod tests {
                     client_token: None,
                     origin: Origin::Operator,
                     delta: serde_json::json!({"speed": 3}).as_object().cloned(),
+                }),
+            ),
+            (
+                "ShadowUpdated.v3",
+                ThingEvent::ShadowUpdated(ShadowUpdated {
+                    desired: Some(SectionPatch::Merge(
+                        serde_json::json!({"speed": 4, "mode": {"eco": true}})
+                            .as_object()
+                            .cloned()
+                            .unwrap_or_default(),
+                    )),
+                    reported: Some(SectionPatch::Clear),
+                    version: 9,
+                    timestamp_s: 1_700_000_003,
+                    client_token: Some("tok-3".into()),
+                    origin: Origin::Operator,
+                    delta: serde_json::json!({"speed": 4, "mode": {"eco": true}})
+                        .as_object()
+                        .cloned(),
+                }),
+            ),
+            (
+                // v3 with no delta: the last element is left out, and reads back as none.
+                "ShadowUpdated.v3-no-delta",
+                ThingEvent::ShadowUpdated(ShadowUpdated {
+                    desired: None,
+                    reported: Some(SectionPatch::Merge(
+                        serde_json::json!({"t": 21.5})
+                            .as_object()
+                            .cloned()
+                            .unwrap_or_default(),
+                    )),
+                    version: 10,
+                    timestamp_s: 1_700_000_004,
+                    client_token: None,
+                    origin: Origin::Device,
+                    delta: None,
                 }),
             ),
             (

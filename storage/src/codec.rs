@@ -48,6 +48,24 @@ impl Envelope {
         })
     }
 
+    /// Builds an envelope whose payload is a positional array (no field names): for a hot
+    /// event shape pinned to its version, where the names would be most of the bytes. Its fields
+    /// can never be added to or reordered; a change is a new version. Decoded with
+    /// [`Envelope::payload_as`] like any other.
+    pub fn new_positional<T: Serialize>(
+        event_type: &str,
+        event_version: u16,
+        recorded_at_ms: u64,
+        payload: &T,
+    ) -> Result<Envelope, CodecError> {
+        Ok(Envelope {
+            event_type: event_type.to_owned(),
+            event_version,
+            recorded_at_ms,
+            payload: rmp_serde::to_vec(payload).map_err(|e| CodecError(format!("encode: {e}")))?,
+        })
+    }
+
     /// Decodes the payload as `T` (the caller has matched `event_type`/`event_version`).
     pub fn payload_as<T: DeserializeOwned>(&self) -> Result<T, CodecError> {
         decode(&self.payload)
