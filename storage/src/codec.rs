@@ -40,12 +40,12 @@ impl Envelope {
         recorded_at_ms: u64,
         payload: &T,
     ) -> Result<Envelope, CodecError> {
-        Ok(Envelope {
-            event_type: event_type.to_owned(),
+        Ok(Envelope::of(
+            event_type,
             event_version,
             recorded_at_ms,
-            payload: encode(payload)?,
-        })
+            encode(payload)?,
+        ))
     }
 
     /// Builds an envelope whose payload is a positional array (no field names): for a hot
@@ -58,12 +58,22 @@ impl Envelope {
         recorded_at_ms: u64,
         payload: &T,
     ) -> Result<Envelope, CodecError> {
-        Ok(Envelope {
+        let payload = encode_positional(payload)?;
+        Ok(Envelope::of(
+            event_type,
+            event_version,
+            recorded_at_ms,
+            payload,
+        ))
+    }
+
+    fn of(event_type: &str, event_version: u16, recorded_at_ms: u64, payload: Vec<u8>) -> Envelope {
+        Envelope {
             event_type: event_type.to_owned(),
             event_version,
             recorded_at_ms,
-            payload: rmp_serde::to_vec(payload).map_err(|e| CodecError(format!("encode: {e}")))?,
-        })
+            payload,
+        }
     }
 
     /// Decodes the payload as `T` (the caller has matched `event_type`/`event_version`).
@@ -73,7 +83,7 @@ impl Envelope {
 
     /// The envelope's stored bytes: a four-element array (see the module docs).
     pub fn to_bytes(&self) -> Result<Vec<u8>, CodecError> {
-        rmp_serde::to_vec(self).map_err(|e| CodecError(format!("encode: {e}")))
+        encode_positional(self)
     }
 
     /// Parses stored bytes into an envelope.
@@ -82,12 +92,17 @@ impl Envelope {
     }
 }
 
-/// Encodes a value as MessagePack with named fields (the only stored encoding).
+/// Encodes a value as MessagePack with named fields (payloads; see the module docs).
 pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
     rmp_serde::to_vec_named(value).map_err(|e| CodecError(format!("encode: {e}")))
 }
 
-/// Decodes MessagePack written by [`encode`].
+/// Encodes a value as MessagePack with structs as arrays (no field names).
+fn encode_positional<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
+    rmp_serde::to_vec(value).map_err(|e| CodecError(format!("encode: {e}")))
+}
+
+/// Decodes MessagePack written by [`encode`] or [`encode_positional`].
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     rmp_serde::from_slice(bytes).map_err(|e| CodecError(format!("decode: {e}")))
 }
