@@ -270,6 +270,11 @@ impl Metadata {
         expand_metadata(&self.0)
     }
 
+    /// The rendered form for a document, `None` for a section with no leaves (omitted).
+    pub fn rendered(&self) -> Option<Map<String, Value>> {
+        (!self.0.is_empty()).then(|| self.expanded())
+    }
+
     /// Top-level keys (those of the section it describes).
     pub fn keys(&self) -> impl Iterator<Item = &String> {
         self.0.keys()
@@ -441,8 +446,8 @@ impl Shadow {
             desired: non_empty(&self.desired),
             reported: non_empty(&self.reported),
             delta: non_empty(&delta),
-            metadata_desired: non_empty(&self.metadata_desired.expanded()),
-            metadata_reported: non_empty(&self.metadata_reported.expanded()),
+            metadata_desired: self.metadata_desired.rendered(),
+            metadata_reported: self.metadata_reported.rendered(),
             version: self.version,
             timestamp_s: self.updated_at_s,
         })
@@ -827,12 +832,12 @@ fn documents_side(shadow: &Shadow) -> Value {
     put_some(
         &mut metadata,
         "desired",
-        &non_empty(&shadow.metadata_desired.expanded()),
+        &shadow.metadata_desired.rendered(),
     );
     put_some(
         &mut metadata,
         "reported",
-        &non_empty(&shadow.metadata_reported.expanded()),
+        &shadow.metadata_reported.rendered(),
     );
     serde_json::json!({"state": state, "metadata": metadata, "version": shadow.version})
 }
