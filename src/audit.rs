@@ -25,11 +25,9 @@ pub enum AuditError {
     Output(#[from] std::io::Error),
 }
 
-fn format_time(ms: u64) -> String {
-    // RFC 3339 in UTC without pulling in a date crate: civil-from-days (H. Hinnant).
-    let secs = ms / 1000;
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
+/// The UTC calendar date of a day count since 1970-01-01: civil-from-days (H. Hinnant), so no
+/// date crate is needed.
+pub(crate) fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097;
@@ -39,6 +37,14 @@ fn format_time(ms: u64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month as u32, day as u32)
+}
+
+fn format_time(ms: u64) -> String {
+    // RFC 3339 in UTC.
+    let secs = ms / 1000;
+    let rem = secs % 86_400;
+    let (year, month, day) = civil_from_days((secs / 86_400) as i64);
     format!(
         "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
         rem / 3600,

@@ -106,14 +106,20 @@ pub fn route_allowed(role: Role, method: &str, path: &str) -> Result<(), String>
         "/api/v1/postgres-sinks",
         "/api/v1/device-registrations",
     ];
-    let is_admin_only = admin_only
-        .iter()
-        .any(|prefix| path == prefix.trim_end_matches('/') || path.starts_with(prefix));
+    // A Thing's device certificates are credentials: `/api/v1/things/{name}/certificates...`.
+    let certificates = {
+        let mut segments = path.split('/');
+        segments.nth(3) == Some("things") && segments.nth(1) == Some("certificates")
+    };
+    let is_admin_only = certificates
+        || admin_only
+            .iter()
+            .any(|prefix| path == prefix.trim_end_matches('/') || path.starts_with(prefix));
     let reads = matches!(method, "GET" | "HEAD");
     match role {
         Role::Admin => Ok(()),
         Role::Operator | Role::Viewer if is_admin_only => Err(format!(
-            "this API key's role ({}) may not manage API keys, MQTT users, device registrations, authorization rules or webhooks",
+            "this API key's role ({}) may not manage API keys, MQTT users, device certificates, device registrations, authorization rules or webhooks",
             role.as_str()
         )),
         Role::Operator => Ok(()),
@@ -742,6 +748,16 @@ mod tests {
             (Viewer, "GET", "/metrics", true),
             (Viewer, "POST", "/api/v1/things", false),
             (Viewer, "GET", "/api/v1/authentication/users", false),
+            (Operator, "POST", "/api/v1/things/t1/certificates", false),
+            (Viewer, "GET", "/api/v1/things/t1/certificates", false),
+            (
+                Operator,
+                "POST",
+                "/api/v1/things/t1/certificates/ab/revoke",
+                false,
+            ),
+            (Admin, "POST", "/api/v1/things/t1/certificates", true),
+            (Operator, "GET", "/api/v1/things/certificates/shadow", true),
             (Device, "POST", "/api/v1/thing-datas/shadow/reported", true),
             (Device, "GET", "/api/v1/thing-datas/t1/jobs", true),
             (Device, "GET", "/api/v1/things/t1/shadow", false),

@@ -595,7 +595,7 @@ fn check_kv(store: &Store, report: &mut CheckReport) {
             return;
         }
     };
-    let kinds: [(&str, RecordCheck); 17] = [
+    let kinds: [(&str, RecordCheck); 18] = [
         ("meta/", |_| Ok(())),
         (thinghub_actors::groups::PREFIXES[0], |bytes| {
             thinghub_actors::groups::decode_group(bytes).map(|_| ())
@@ -616,6 +616,10 @@ fn check_kv(store: &Store, report: &mut CheckReport) {
         (
             crate::users::MQTT_USER_PREFIX,
             crate::users::check_stored_user,
+        ),
+        (
+            crate::certificates::DEVICE_CERTIFICATE_PREFIX,
+            crate::certificates::check_stored_certificate,
         ),
         (
             crate::mqtt::acl::ACL_RULE_PREFIX,

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::tls::{ClientAuth, ClientIdentity};
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -28,6 +30,40 @@ pub struct Config {
     pub http_listen: SocketAddr,
     /// MQTT listen address.
     pub mqtt_listen: SocketAddr,
+    /// Serve plain MQTT on `mqtt_listen` (off: only the TLS or WebSocket listeners).
+    pub mqtt_plain_enabled: bool,
+    /// Serve plain HTTP on `http_listen` (off: only `http_tls_listen`).
+    pub http_plain_enabled: bool,
+    /// MQTT over TLS listen address (e.g. `0.0.0.0:8883`); unset: none.
+    pub mqtt_tls_listen: Option<SocketAddr>,
+    /// HTTPS listen address (e.g. `0.0.0.0:8443`); unset: none.
+    pub http_tls_listen: Option<SocketAddr>,
+    /// MQTT over WebSocket listen address (e.g. `0.0.0.0:8083`); unset: none.
+    pub mqtt_ws_listen: Option<SocketAddr>,
+    /// MQTT over secure WebSocket listen address (e.g. `0.0.0.0:8084`); unset: none.
+    pub mqtt_wss_listen: Option<SocketAddr>,
+    /// The HTTP path of MQTT over WebSocket.
+    pub mqtt_ws_path: String,
+    /// The server certificate, PEM (the chain may follow it in the file).
+    pub tls_cert_file: Option<PathBuf>,
+    /// The server certificate's private key, PEM.
+    pub tls_key_file: Option<PathBuf>,
+    /// The CA (PEM) device client certificates must chain to.
+    pub tls_client_ca_file: Option<PathBuf>,
+    /// Whether TLS clients must show a certificate: `none`, `optional` or `required`.
+    pub tls_client_auth: ClientAuth,
+    /// Where a client certificate names its Thing: `cn` (subject common name) or `san` (first
+    /// DNS subject alternative name).
+    pub tls_client_identity: ClientIdentity,
+    /// Time a TLS handshake has to finish, milliseconds.
+    pub tls_handshake_timeout_ms: u64,
+    /// TLS handshakes in progress at once (all listeners); past it new sockets close at once.
+    pub tls_handshakes_max: usize,
+    /// How often the TLS files are checked for a change (then reloaded), milliseconds; SIGHUP
+    /// reloads at once.
+    pub tls_reload_check_interval_ms: u64,
+    /// Device certificates one Thing may have registered (revoked ones count).
+    pub thing_certificates_max: usize,
     /// Log format.
     pub log_format: LogFormat,
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `thinghub=debug`.
@@ -237,6 +273,22 @@ impl Default for Config {
             data_dir: PathBuf::from("./data"),
             http_listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             mqtt_listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
+            mqtt_plain_enabled: true,
+            http_plain_enabled: true,
+            mqtt_tls_listen: None,
+            http_tls_listen: None,
+            mqtt_ws_listen: None,
+            mqtt_wss_listen: None,
+            mqtt_ws_path: "/mqtt".into(),
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_client_ca_file: None,
+            tls_client_auth: ClientAuth::None,
+            tls_client_identity: ClientIdentity::Cn,
+            tls_handshake_timeout_ms: 10_000,
+            tls_handshakes_max: 1024,
+            tls_reload_check_interval_ms: 5_000,
+            thing_certificates_max: crate::users::THING_CERTIFICATES_MAX_DEFAULT,
             log_format: LogFormat::Text,
             log_filter: "info".into(),
             thing_idle_ms: 60_000,
@@ -342,6 +394,39 @@ pub struct ServeArgs {
     /// MQTT listen address [default: 0.0.0.0:1883].
     #[arg(long, env = "THINGHUB_MQTT_LISTEN")]
     pub mqtt_listen: Option<SocketAddr>,
+    /// Serve plain MQTT on --mqtt-listen [default: true].
+    #[arg(long, env = "THINGHUB_MQTT_PLAIN_ENABLED")]
+    pub mqtt_plain_enabled: Option<bool>,
+    /// Serve plain HTTP on --http-listen [default: true].
+    #[arg(long, env = "THINGHUB_HTTP_PLAIN_ENABLED")]
+    pub http_plain_enabled: Option<bool>,
+    /// MQTT over TLS listen address, e.g. 0.0.0.0:8883 [default: none].
+    #[arg(long, env = "THINGHUB_MQTT_TLS_LISTEN")]
+    pub mqtt_tls_listen: Option<SocketAddr>,
+    /// HTTPS listen address, e.g. 0.0.0.0:8443 [default: none].
+    #[arg(long, env = "THINGHUB_HTTP_TLS_LISTEN")]
+    pub http_tls_listen: Option<SocketAddr>,
+    /// MQTT over WebSocket listen address, e.g. 0.0.0.0:8083 [default: none].
+    #[arg(long, env = "THINGHUB_MQTT_WS_LISTEN")]
+    pub mqtt_ws_listen: Option<SocketAddr>,
+    /// MQTT over secure WebSocket listen address, e.g. 0.0.0.0:8084 [default: none].
+    #[arg(long, env = "THINGHUB_MQTT_WSS_LISTEN")]
+    pub mqtt_wss_listen: Option<SocketAddr>,
+    /// Server certificate, PEM [default: none].
+    #[arg(long, env = "THINGHUB_TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// Server private key, PEM [default: none].
+    #[arg(long, env = "THINGHUB_TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
+    /// CA device certificates chain to, PEM [default: none].
+    #[arg(long, env = "THINGHUB_TLS_CLIENT_CA_FILE")]
+    pub tls_client_ca_file: Option<PathBuf>,
+    /// Client certificates: none, optional or required [default: none].
+    #[arg(long, env = "THINGHUB_TLS_CLIENT_AUTH")]
+    pub tls_client_auth: Option<ClientAuth>,
+    /// Where a client certificate names its Thing: cn or san [default: cn].
+    #[arg(long, env = "THINGHUB_TLS_CLIENT_IDENTITY")]
+    pub tls_client_identity: Option<ClientIdentity>,
     /// Log format [default: text].
     #[arg(long, env = "THINGHUB_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -434,10 +519,30 @@ impl Config {
                 }
             )*};
         }
+        macro_rules! overlay_some {
+            ($($field:ident),*) => {$(
+                if let Some(value) = &args.$field {
+                    config.$field = Some(value.clone());
+                }
+            )*};
+        }
+        overlay_some!(
+            mqtt_tls_listen,
+            http_tls_listen,
+            mqtt_ws_listen,
+            mqtt_wss_listen,
+            tls_cert_file,
+            tls_key_file,
+            tls_client_ca_file
+        );
         overlay!(
             data_dir,
             http_listen,
             mqtt_listen,
+            mqtt_plain_enabled,
+            http_plain_enabled,
+            tls_client_auth,
+            tls_client_identity,
             log_format,
             log_filter,
             thing_idle_ms,
@@ -619,6 +724,13 @@ impl Config {
             ("http_keep_alive_idle_ms", self.http_keep_alive_idle_ms),
             ("http_body_read_timeout_ms", self.http_body_read_timeout_ms),
             ("http_write_stall_max_ms", self.http_write_stall_max_ms),
+            ("tls_handshake_timeout_ms", self.tls_handshake_timeout_ms),
+            ("tls_handshakes_max", self.tls_handshakes_max as u64),
+            (
+                "tls_reload_check_interval_ms",
+                self.tls_reload_check_interval_ms,
+            ),
+            ("thing_certificates_max", self.thing_certificates_max as u64),
         ];
         for (name, value) in positive {
             if value == 0 {
@@ -665,10 +777,53 @@ impl Config {
                     .into(),
             ));
         }
+        self.validate_transports()?;
         let prefix = &self.topic_prefix;
         if !prefix.starts_with('$') || prefix.len() < 2 || prefix.contains(['+', '#', '/']) {
             return Err(ConfigError::Invalid(format!(
                 "topic_prefix '{prefix}' must be one topic level starting with $, without wildcards"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether any listener needs the TLS files.
+    pub fn tls_needed(&self) -> bool {
+        self.mqtt_tls_listen.is_some()
+            || self.http_tls_listen.is_some()
+            || self.mqtt_wss_listen.is_some()
+    }
+
+    fn validate_transports(&self) -> Result<(), ConfigError> {
+        let invalid = |message: &str| Err(ConfigError::Invalid(message.into()));
+        if self.tls_needed() && (self.tls_cert_file.is_none() || self.tls_key_file.is_none()) {
+            return invalid(
+                "mqtt_tls_listen, http_tls_listen and mqtt_wss_listen need tls_cert_file and tls_key_file \
+                 (`thinghub certs init` writes a local set to try)",
+            );
+        }
+        if self.tls_client_auth != ClientAuth::None && self.tls_client_ca_file.is_none() {
+            return invalid(
+                "tls_client_auth = optional or required needs tls_client_ca_file (the CA device certificates chain to)",
+            );
+        }
+        let other_mqtt = self.mqtt_tls_listen.is_some()
+            || self.mqtt_ws_listen.is_some()
+            || self.mqtt_wss_listen.is_some();
+        if !self.mqtt_plain_enabled && !other_mqtt {
+            return invalid(
+                "mqtt_plain_enabled = false leaves no MQTT listener: set mqtt_tls_listen, mqtt_ws_listen or mqtt_wss_listen",
+            );
+        }
+        if !self.http_plain_enabled && self.http_tls_listen.is_none() {
+            return invalid(
+                "http_plain_enabled = false leaves no HTTP listener: set http_tls_listen",
+            );
+        }
+        if !self.mqtt_ws_path.starts_with('/') || self.mqtt_ws_path.contains(['?', '#']) {
+            return Err(ConfigError::Invalid(format!(
+                "mqtt_ws_path '{}' must be a path starting with /",
+                self.mqtt_ws_path
             )));
         }
         Ok(())
@@ -712,5 +867,36 @@ mod tests {
             ..ServeArgs::default()
         };
         assert!(Config::load(&args).is_err());
+    }
+
+    #[test]
+    fn tls_listeners_need_their_files_and_a_server_needs_a_listener() {
+        let tls = ServeArgs {
+            mqtt_tls_listen: Some("127.0.0.1:8883".parse().expect("addr")),
+            ..ServeArgs::default()
+        };
+        let err = Config::load(&tls).expect_err("no files");
+        assert!(err.to_string().contains("tls_cert_file"), "{err}");
+        let client_auth = ServeArgs {
+            tls_client_auth: Some(ClientAuth::Required),
+            ..ServeArgs::default()
+        };
+        let err = Config::load(&client_auth).expect_err("no CA");
+        assert!(err.to_string().contains("tls_client_ca_file"), "{err}");
+        let no_mqtt = ServeArgs {
+            mqtt_plain_enabled: Some(false),
+            ..ServeArgs::default()
+        };
+        let err = Config::load(&no_mqtt).expect_err("no MQTT listener");
+        assert!(err.to_string().contains("no MQTT listener"), "{err}");
+        let files = ServeArgs {
+            mqtt_tls_listen: Some("127.0.0.1:8883".parse().expect("addr")),
+            tls_cert_file: Some("server.pem".into()),
+            tls_key_file: Some("server.key".into()),
+            mqtt_plain_enabled: Some(false),
+            ..ServeArgs::default()
+        };
+        let config = Config::load(&files).expect("TLS only");
+        assert!(!config.mqtt_plain_enabled && config.tls_needed());
     }
 }

@@ -7,6 +7,8 @@
 //! - [`auth`]: admin API keys (argon2-hashed at rest).
 //! - [`users`]: MQTT credentials (argon2id-hashed), bound to Things or superusers.
 //! - [`throttle`]: failed-authentication backoff per source address and username.
+//! - [`tls`]: TLS for the listeners (rustls), client certificates, reload, `certs init`.
+//! - [`certificates`]: device certificates registered for Things (X.509 identity).
 //! - [`audit`]: `thinghub audit THING`, a Thing's history for people and auditors.
 //! - [`check`]: `thinghub check`, every record decoded and every Thing replayed against its
 //!   snapshot and indexes.
@@ -15,6 +17,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod certificates;
 pub mod check;
 pub mod config;
 pub mod cumulocity;
@@ -22,5 +25,6 @@ pub mod http;
 pub mod mqtt;
 pub mod server;
 pub mod throttle;
+pub mod tls;
 pub mod users;
 pub mod webhooks;

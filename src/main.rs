@@ -1,5 +1,5 @@
 //! The `thinghub` command line: `serve` runs the server; `audit` prints a Thing's history;
-//! `check` verifies a data directory.
+//! `check` verifies a data directory; `certs init` writes certificates to try TLS with.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -60,6 +60,28 @@ enum Command {
         #[arg(long)]
         in_place: bool,
     },
+    /// Certificates for TLS.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCommand {
+    /// Write a local CA, a server certificate for --hosts and one device certificate (its CN
+    /// is --device), to try TLS and client certificates in a minute. Not for production: the
+    /// CA key sits beside the certificates.
+    Init {
+        /// Directory to write ca.pem/.key, server.pem/.key and device.pem/.key into (never
+        /// overwritten).
+        #[arg(long, default_value = "./certs")]
+        dir: PathBuf,
+        /// Host names and IP addresses the server certificate is for, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "localhost,127.0.0.1")]
+        hosts: Vec<String>,
+        /// The Thing the device certificate is for (its subject CN and DNS SAN).
+        #[arg(long, default_value = "device-1")]
+        device: String,
+    },
 }
 
 fn init_logging(config: &Config) {
@@ -88,7 +110,54 @@ fn offline_config(config: Option<PathBuf>, data_dir: Option<PathBuf>) -> Result<
     })
 }
 
+/// What `certs init` wrote, and how to use it.
+fn write_init_report(
+    out: &mut impl std::io::Write,
+    dir: &std::path::Path,
+    device: &str,
+    report: &thinghub::tls::InitReport,
+) -> std::io::Result<()> {
+    for file in &report.files {
+        writeln!(out, "wrote {}", file.display())?;
+    }
+    let d = dir.display();
+    writeln!(out)?;
+    writeln!(
+        out,
+        "Serve MQTT over TLS and HTTPS with device certificates:"
+    )?;
+    writeln!(
+        out,
+        "  thinghub serve --mqtt-tls-listen 0.0.0.0:8883 --http-tls-listen 0.0.0.0:8443 \\\n    \
+         --tls-cert-file {d}/server.pem --tls-key-file {d}/server.key \\\n    \
+         --tls-client-ca-file {d}/ca.pem --tls-client-auth optional"
+    )?;
+    writeln!(
+        out,
+        "Register the device certificate for its Thing '{device}':"
+    )?;
+    writeln!(
+        out,
+        "  curl -X POST https://localhost:8443/api/v1/things/{device}/certificates --cacert {d}/ca.pem \\\n    \
+         -u <key>:<secret> -H 'content-type: application/json' \\\n    \
+         -d '{{\"fingerprint\": \"{}\"}}'",
+        report.device_fingerprint
+    )?;
+    writeln!(
+        out,
+        "Connect as the device (-i: the Thing's mqttClientId, its name unless set otherwise):"
+    )?;
+    writeln!(
+        out,
+        "  mosquitto_pub -h localhost -p 8883 --cafile {d}/ca.pem --cert {d}/device.pem --key {d}/device.key \\\n    \
+         -i {device} -t '$emqx/things/{device}/shadow/update' -m '{{\"state\":{{\"reported\":{{\"on\":true}}}}}}'"
+    )
+}
+
 fn main() -> ExitCode {
+    // ring for any TLS client or server that asks rustls for its default (the listeners name
+    // it themselves); two providers are linked, so rustls would choose neither.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => {
@@ -141,6 +210,23 @@ fn main() -> ExitCode {
                 Ok(_) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("thinghub audit: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Certs(CertsCommand::Init { dir, hosts, device }) => {
+            if let Err(e) = thinghub_actors::thing::validate_thing_name(&device) {
+                eprintln!("thinghub certs init: --device: {}", e.message);
+                return ExitCode::from(2);
+            }
+            match thinghub::tls::init_certificates(&dir, &hosts, &device) {
+                Ok(report) => {
+                    let mut out = std::io::stdout().lock();
+                    let _ = write_init_report(&mut out, &dir, &device, &report);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("thinghub certs init: {e}");
                     ExitCode::FAILURE
                 }
             }

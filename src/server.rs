@@ -23,7 +23,9 @@ use tokio::net::TcpListener;
 
 use crate::auth::{ApiKeys, AuthError};
 use crate::config::Config;
+use crate::http::listener::{HttpListener, HttpListenerStats};
 use crate::http::{self, AppState, HttpLimits};
+use crate::mqtt::transport::{ListenerKind, ListenerStats};
 use crate::mqtt::{
     self,
     acl::{Acl, Action, Identity},
@@ -35,6 +37,7 @@ use crate::mqtt::{
     persist::{Persistence, StoredSession},
 };
 use crate::throttle::{AuthThrottle, ThrottleConfig};
+use crate::tls::{Tls, TlsSettings};
 use crate::users::MqttUsers;
 
 /// Why the server could not run.
@@ -133,7 +136,7 @@ pub async fn serve(
         retained_max: config.mqtt_retained_max,
         retained_bytes_max: config.mqtt_retained_bytes_max,
     }));
-    let users = MqttUsers::new(store.clone());
+    let users = MqttUsers::new(store.clone()).with_certificates_max(config.thing_certificates_max);
     let users = Arc::new(match &config.cumulocity_bootstrap_username {
         // Only with Cumulocity served: the user exists for its `s/ucr` alone.
         Some(username) if config.cumulocity => {
@@ -280,6 +283,23 @@ pub async fn serve(
         &limits,
         clock.clone(),
     ));
+    let tls = match (&config.tls_cert_file, &config.tls_key_file) {
+        (Some(cert_file), Some(key_file)) if config.tls_needed() => Some(
+            Tls::load(TlsSettings {
+                cert_file: cert_file.clone(),
+                key_file: key_file.clone(),
+                client_ca_file: config.tls_client_ca_file.clone(),
+                client_auth: config.tls_client_auth,
+                client_identity: config.tls_client_identity,
+                handshake_timeout: Duration::from_millis(config.tls_handshake_timeout_ms),
+                handshakes_max: config.tls_handshakes_max,
+            })
+            .map_err(|e| ServeError::Config(e.to_string()))?,
+        ),
+        _ => None,
+    };
+    let mqtt_listener_stats = Arc::new(ListenerStats::default());
+    let http_listener_stats = Arc::new(HttpListenerStats::default());
     let state = AppState {
         things: things.clone(),
         jobs,
@@ -311,6 +331,12 @@ pub async fn serve(
             cumulocity: config.cumulocity,
         },
         started: std::time::Instant::now(),
+        transports: crate::http::Transports {
+            mqtt: mqtt_listener_stats.clone(),
+            http: http_listener_stats.clone(),
+            tls: tls.clone(),
+            client_identity: config.tls_client_identity,
+        },
     };
     node.spawn("stats sampler", {
         let state = state.clone();
@@ -318,28 +344,31 @@ pub async fn serve(
         move |stop| crate::http::stats::run_sampler(state, interval, stop)
     });
 
-    let listener = TcpListener::bind(config.http_listen)
-        .await
-        .map_err(|source| ServeError::Listen {
-            addr: config.http_listen,
-            source,
-        })?;
-    let http_addr = listener.local_addr().map_err(|source| ServeError::Listen {
-        addr: config.http_listen,
-        source,
-    })?;
-    let mqtt_listener = TcpListener::bind(config.mqtt_listen)
-        .await
-        .map_err(|source| ServeError::Listen {
-            addr: config.mqtt_listen,
-            source,
-        })?;
-    let mqtt_addr = mqtt_listener
-        .local_addr()
-        .map_err(|source| ServeError::Listen {
-            addr: config.mqtt_listen,
-            source,
-        })?;
+    let bound = |addr: Option<SocketAddr>| async move {
+        match addr {
+            None => Ok(None),
+            Some(addr) => bind(addr).await.map(Some),
+        }
+    };
+    let http_plain = bound(config.http_plain_enabled.then_some(config.http_listen)).await?;
+    let https = bound(config.http_tls_listen).await?;
+    let mqtt_plain = bound(config.mqtt_plain_enabled.then_some(config.mqtt_listen)).await?;
+    let mqtt_tls = bound(config.mqtt_tls_listen).await?;
+    let mqtt_ws = bound(config.mqtt_ws_listen).await?;
+    let mqtt_wss = bound(config.mqtt_wss_listen).await?;
+    let shown = |listener: &Option<(TcpListener, SocketAddr)>| {
+        listener
+            .as_ref()
+            .map_or_else(|| "off".to_owned(), |(_, addr)| addr.to_string())
+    };
+    let listening = [
+        shown(&http_plain),
+        shown(&https),
+        shown(&mqtt_plain),
+        shown(&mqtt_tls),
+        shown(&mqtt_ws),
+        shown(&mqtt_wss),
+    ];
     if config.allow_anonymous {
         tracing::warn!("MQTT accepts ANONYMOUS clients (--allow-anonymous): for development only");
     }
@@ -381,12 +410,20 @@ pub async fn serve(
             inbound_inflight_max: config.mqtt_inbound_inflight_max,
             write_stall_max: Duration::from_millis(config.mqtt_write_stall_max_ms),
             subscribe_durable_wait: Duration::from_millis(config.mqtt_subscribe_durable_wait_ms),
+            ws_path: config.mqtt_ws_path.clone(),
         },
+        listeners: mqtt_listener_stats.clone(),
     });
 
+    let [http_addr, https_addr, mqtt_addr, mqtts_addr, ws_addr, wss_addr] = listening;
     tracing::info!(
         http = %http_addr,
+        https = %https_addr,
         mqtt = %mqtt_addr,
+        mqtt_tls = %mqtts_addr,
+        mqtt_ws = %ws_addr,
+        mqtt_wss = %wss_addr,
+        tls_client_auth = ?config.tls_client_auth,
         data_dir = %config.data_dir.display(),
         "listening"
     );
@@ -396,19 +433,47 @@ pub async fn serve(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
+    if let Some(tls) = &tls {
+        let tls = tls.clone();
+        let interval = Duration::from_millis(config.tls_reload_check_interval_ms);
+        node.spawn("TLS reload", move |stop| {
+            crate::tls::watch(tls, interval, stop)
+        });
+    }
     mqtt::spawn_background(&mut node, &mqtt);
     mqtt::spawn_restart_disconnects(&mut node, broker.clone(), things.clone(), store.clone());
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
+    let mqtt_listeners = [
+        (mqtt_plain, ListenerKind::Tcp),
+        (mqtt_tls, ListenerKind::Tls),
+        (mqtt_ws, ListenerKind::Ws),
+        (mqtt_wss, ListenerKind::Wss),
+    ]
+    .into_iter()
+    .filter_map(|(bound, kind)| {
+        bound.map(|(socket, _)| mqtt::MqttListener {
+            socket,
+            kind,
+            tls: matches!(kind, ListenerKind::Tls | ListenerKind::Wss)
+                .then(|| tls.clone())
+                .flatten(),
+        })
+    })
+    .collect();
     let mqtt_task = tokio::spawn(mqtt::serve(
-        mqtt_listener,
+        mqtt_listeners,
         mqtt.clone(),
         config.mqtt_connections_max,
         stopped(stop_rx.clone()),
     ));
+    let http_listeners = [(http_plain, None), (https, tls.clone())]
+        .into_iter()
+        .filter_map(|(bound, tls)| bound.map(|(socket, _)| HttpListener { socket, tls }))
+        .collect();
     http::listener::serve(
-        listener,
+        http_listeners,
         http::app(state),
         http::listener::ListenerConfig {
             connections_max: config.http_connections_max,
@@ -418,6 +483,7 @@ pub async fn serve(
             write_stall: Duration::from_millis(config.http_write_stall_max_ms),
             drain_timeout: Duration::from_millis(config.shutdown_timeout_ms),
         },
+        http_listener_stats,
         stopped(stop_rx),
     )
     .await;
@@ -428,6 +494,17 @@ pub async fn serve(
         .await?;
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// Binds a listening socket.
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServeError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Listen { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| ServeError::Listen { addr, source })?;
+    Ok((listener, local))
 }
 
 /// Loads the stored MQTT sessions and retained messages, each session only if its owner still

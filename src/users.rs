@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use thinghub_storage::{Envelope, StorageError, Store};
 
 use crate::auth::{hash_secret, verify_known_secret, AuthError, VerifiedCache};
+use crate::certificates::{certificate_owner_thing, CertificateError, DeviceCertificates};
 
 const USER_PREFIX: &str = "mqttuser/";
 const USER_RECORD: &str = "MqttUser";
@@ -124,7 +125,13 @@ pub struct MqttUsers {
     /// The Cumulocity bootstrap user, from the configuration (hashed at start-up, never
     /// stored, not managed over the API).
     bootstrap: Option<(String, UserRecord)>,
+    /// Device certificates: the rights of a Thing's certificate connections
+    /// ([`crate::certificates::certificate_owner`]) come from them.
+    certificates: DeviceCertificates,
 }
+
+/// Certificates one Thing may have registered, unless configured otherwise.
+pub const THING_CERTIFICATES_MAX_DEFAULT: usize = 10;
 
 /// Characters a username may not contain: ACL placeholders (`${username}`) put the username
 /// into topic filters, where these would widen what a rule grants.
@@ -158,11 +165,43 @@ impl MqttUsers {
     /// The users kept in `store`.
     pub fn new(store: Store) -> MqttUsers {
         MqttUsers {
+            certificates: DeviceCertificates::new(store.clone(), THING_CERTIFICATES_MAX_DEFAULT),
             store,
             verified: VerifiedCache::default(),
             argon2_gate: std::sync::Mutex::new(()),
             bootstrap: None,
         }
+    }
+
+    /// At most `max` certificates per Thing (`thing_certificates_max`).
+    pub fn with_certificates_max(mut self, max: usize) -> Self {
+        self.certificates = DeviceCertificates::new(self.store.clone(), max);
+        self
+    }
+
+    /// The device certificates.
+    pub fn certificates(&self) -> &DeviceCertificates {
+        &self.certificates
+    }
+
+    /// The rights of `thing`'s certificate connections: those of a user bound to it, while it
+    /// has an active certificate (`None` once it has none). The fingerprint is a digest of its
+    /// active certificates, so revoking any of them counts as a change.
+    fn certificate_rights(&self, thing: &str) -> Result<Option<Authenticated>, UserError> {
+        let digest = self
+            .certificates
+            .active_digest(thing)
+            .map_err(|e| match e {
+                CertificateError::Storage(e) => UserError::Storage(e),
+                other => UserError::Invalid(other.to_string()),
+            })?;
+        Ok(digest.map(|fingerprint| Authenticated {
+            thing_name: Some(thing.to_owned()),
+            thing_client_id: self.thing_client_id(thing),
+            superuser: false,
+            bootstrap: false,
+            fingerprint,
+        }))
     }
 
     /// Adds the Cumulocity bootstrap user (`cumulocity_bootstrap_username` and `_password`):
@@ -362,6 +401,11 @@ impl MqttUsers {
     }
 
     /// The registered Thing's `mqttClientId`, if it is registered (and its record readable).
+    /// Whether `thing` is registered.
+    pub fn thing_registered(&self, thing: &str) -> Result<bool, UserError> {
+        Ok(self.store.get_thing(thing)?.is_some())
+    }
+
     fn thing_client_id(&self, thing: &str) -> Option<String> {
         let bytes = self.store.get_thing(thing).ok().flatten()?;
         match thinghub_actors::codec::decode_index_record(thing, &bytes) {
@@ -401,6 +445,9 @@ impl MqttUsers {
     /// The fingerprint of `username`'s record now (`None` once deleted); see
     /// [`Authenticated::fingerprint`].
     pub fn fingerprint(&self, username: &str) -> Result<Option<[u8; 32]>, UserError> {
+        if let Some(thing) = certificate_owner_thing(username) {
+            return Ok(self.certificate_rights(thing)?.map(|a| a.fingerprint));
+        }
         Ok(self.read(username)?.as_ref().map(fingerprint))
     }
 
@@ -417,6 +464,9 @@ impl MqttUsers {
     /// The rights `username` has now (`None` once deleted), without checking a password: what
     /// revocation re-evaluates live sessions against.
     pub fn rights(&self, username: &str) -> Result<Option<Authenticated>, UserError> {
+        if let Some(thing) = certificate_owner_thing(username) {
+            return self.certificate_rights(thing);
+        }
         Ok(self
             .read(username)?
             .map(|record| self.authenticated(username, record)))

@@ -12,10 +12,13 @@
 //!   ([`BodyReadTimeout`]) as extensions.
 //! - Shutdown stops accepting, lets requests in flight finish (idle connections close at once)
 //!   and gives up on the rest after `drain_timeout`.
+//! - Several listeners (HTTP and HTTPS) share the bounds; an HTTPS connection's TLS handshake
+//!   runs in its own task, bounded by [`Tls::accept`], and counts against `connections_max`.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,11 +29,44 @@ use hyper::server::conn::http1;
 use hyper::service::{service_fn, Service as _};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+
+use crate::tls::Tls;
+
+/// One HTTP listener: its socket, and TLS for HTTPS.
+pub struct HttpListener {
+    /// The bound socket.
+    pub socket: TcpListener,
+    /// TLS settings (HTTPS), or none (HTTP).
+    pub tls: Option<Arc<Tls>>,
+}
+
+/// Open HTTP connections per listener (metrics).
+#[derive(Debug, Default)]
+pub struct HttpListenerStats {
+    /// Plain HTTP connections open now.
+    pub http_open: AtomicU64,
+    /// HTTPS connections open now (handshake done or not).
+    pub https_open: AtomicU64,
+}
+
+impl HttpListenerStats {
+    fn gauge(&self, tls: bool) -> &AtomicU64 {
+        if tls {
+            &self.https_open
+        } else {
+            &self.http_open
+        }
+    }
+}
+
+/// Accepted sockets waiting for the accept loop, per listener.
+const ACCEPTED_QUEUE_MAX: usize = 64;
 
 /// Bounds of the HTTP listener.
 #[derive(Debug, Clone, Copy)]
@@ -60,11 +96,34 @@ const REFUSALS_IN_FLIGHT_MAX: usize = 64;
 /// How long a refusal may take to write.
 const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Serves `router` on `listener` until `shutdown` resolves, then drains.
-pub async fn serve(
+/// Accepts on one listener and hands the sockets to the accept loop.
+async fn accept_into(
     listener: TcpListener,
+    tls: Option<Arc<Tls>>,
+    accepted: mpsc::Sender<(TcpStream, SocketAddr, Option<Arc<Tls>>)>,
+) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                if accepted.send((stream, peer, tls.clone())).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off briefly rather than spin.
+                tracing::warn!(error = %e, "HTTP accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Serves `router` on `listeners` until `shutdown` resolves, then drains.
+pub async fn serve(
+    listeners: Vec<HttpListener>,
     router: Router,
     config: ListenerConfig,
+    stats: Arc<HttpListenerStats>,
     shutdown: impl Future<Output = ()>,
 ) {
     let permits = Arc::new(Semaphore::new(config.connections_max));
@@ -72,16 +131,21 @@ pub async fn serve(
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut connections = JoinSet::new();
     let mut shutdown = pin!(shutdown);
+    let (accepted_tx, mut accepted) = mpsc::channel(ACCEPTED_QUEUE_MAX);
+    let mut acceptors = JoinSet::new();
+    for listener in listeners {
+        acceptors.spawn(accept_into(
+            listener.socket,
+            listener.tls,
+            accepted_tx.clone(),
+        ));
+    }
+    drop(accepted_tx);
     loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off briefly rather than spin.
-                    tracing::warn!(error = %e, "HTTP accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
+        let (stream, peer, tls) = tokio::select! {
+            next = accepted.recv() => match next {
+                Some(next) => next,
+                None => break,
             },
             () = &mut shutdown => break,
         };
@@ -91,21 +155,27 @@ pub async fn serve(
                 connections.spawn(connection(
                     stream,
                     peer,
+                    tls,
                     router.clone(),
                     config,
+                    stats.clone(),
                     stop_rx.clone(),
                     permit,
                 ));
             }
             Err(_) => {
                 tracing::debug!(%peer, "HTTP connection limit reached; refusing");
-                if let Ok(permit) = refusals.clone().try_acquire_owned() {
-                    tokio::spawn(refuse(stream, permit));
+                // Plain HTTP gets a 503; an HTTPS client would need a handshake first.
+                if tls.is_none() {
+                    if let Ok(permit) = refusals.clone().try_acquire_owned() {
+                        tokio::spawn(refuse(stream, permit));
+                    }
                 }
             }
         }
     }
-    drop(listener);
+    // Stop accepting: the listening sockets close with their tasks.
+    acceptors.shutdown().await;
     let _ = stop_tx.send(true);
     let drain = async { while connections.join_next().await.is_some() {} };
     if tokio::time::timeout(config.drain_timeout, drain)
@@ -136,15 +206,49 @@ impl Drop for Busy {
     }
 }
 
+/// Counts a connection in its listener's gauge while it lives.
+struct Open(Arc<HttpListenerStats>, bool);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.gauge(self.1).fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn connection(
     stream: TcpStream,
+    peer: SocketAddr,
+    tls: Option<Arc<Tls>>,
+    router: Router,
+    config: ListenerConfig,
+    stats: Arc<HttpListenerStats>,
+    stop: watch::Receiver<bool>,
+    permit: OwnedSemaphorePermit,
+) {
+    stats.gauge(tls.is_some()).fetch_add(1, Ordering::Relaxed);
+    let _open = Open(stats, tls.is_some());
+    let _ = stream.set_nodelay(true);
+    match tls {
+        None => serve_connection(stream, peer, router, config, stop, permit).await,
+        Some(tls) => {
+            // Boxed: the handshake's state is gone once the connection runs.
+            let Ok((stream, _)) = Box::pin(tls.accept("https", stream)).await else {
+                return;
+            };
+            serve_connection(stream, peer, router, config, stop, permit).await;
+        }
+    }
+}
+
+async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    stream: S,
     peer: SocketAddr,
     router: Router,
     config: ListenerConfig,
     mut stop: watch::Receiver<bool>,
     _permit: OwnedSemaphorePermit,
 ) {
-    let _ = stream.set_nodelay(true);
     let (busy_tx, mut busy_rx) = watch::channel(0usize);
     let router = TowerToHyperService::new(router);
     let service = service_fn(move |mut request: hyper::Request<Incoming>| {
@@ -201,13 +305,13 @@ async fn connection(
 }
 
 /// A socket whose writes fail with `TimedOut` once one has made no progress for `stall`.
-struct StallGuard {
-    inner: TcpStream,
+struct StallGuard<S> {
+    inner: S,
     stall: Duration,
     timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
-impl StallGuard {
+impl<S> StallGuard<S> {
     /// Passes a write's outcome on; while it is pending, runs the stall timer.
     fn guard<T>(
         &mut self,
@@ -235,7 +339,7 @@ impl StallGuard {
     }
 }
 
-impl tokio::io::AsyncRead for StallGuard {
+impl<S: AsyncRead + Unpin> tokio::io::AsyncRead for StallGuard<S> {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -245,7 +349,7 @@ impl tokio::io::AsyncRead for StallGuard {
     }
 }
 
-impl tokio::io::AsyncWrite for StallGuard {
+impl<S: AsyncWrite + Unpin> tokio::io::AsyncWrite for StallGuard<S> {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,

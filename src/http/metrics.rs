@@ -734,7 +734,101 @@ fn collect(state: &AppState) -> Vec<Metric> {
             label: Some(("qos", label)),
         });
     }
+    transport_metrics(state, &mut metrics);
     metrics
+}
+
+/// Open connections per listener, and TLS handshakes by outcome.
+fn transport_metrics(state: &AppState, metrics: &mut Vec<Metric>) {
+    let transports = &state.transports;
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed) as f64;
+    for (listener, open, accepted) in transports.mqtt.per_listener() {
+        metrics.push(Metric {
+            name: "thinghub_mqtt_listener_connections",
+            kind: "gauge",
+            help: "Open sockets on each MQTT listener (tcp, tls, ws, wss), CONNECT done or not.",
+            value: open as f64,
+            group: "mqttListenerConnections",
+            key: listener,
+            label: Some(("listener", listener)),
+        });
+        metrics.push(Metric {
+            name: "thinghub_mqtt_listener_accepted_total",
+            kind: "counter",
+            help: "Sockets accepted on each MQTT listener.",
+            value: accepted as f64,
+            group: "mqttListenerAccepted",
+            key: listener,
+            label: Some(("listener", listener)),
+        });
+    }
+    metrics.push(Metric {
+        name: "thinghub_mqtt_ws_upgrades_refused_total",
+        kind: "counter",
+        help: "WebSocket upgrades refused (wrong path or subprotocol, not a WebSocket request).",
+        value: load(&transports.mqtt.ws_upgrades_refused),
+        group: "mqtt",
+        key: "wsUpgradesRefused",
+        label: None,
+    });
+    for (listener, gauge) in [
+        ("http", &transports.http.http_open),
+        ("https", &transports.http.https_open),
+    ] {
+        metrics.push(Metric {
+            name: "thinghub_http_listener_connections",
+            kind: "gauge",
+            help: "Open connections on each HTTP listener (http, https).",
+            value: load(gauge),
+            group: "httpListenerConnections",
+            key: listener,
+            label: Some(("listener", listener)),
+        });
+    }
+    let Some(tls) = &transports.tls else {
+        return;
+    };
+    let m = |name, kind, help, value, key| Metric {
+        name,
+        kind,
+        help,
+        value,
+        group: "tls",
+        key,
+        label: None,
+    };
+    metrics.push(m(
+        "thinghub_tls_handshakes_total",
+        "counter",
+        "TLS handshakes completed (every TLS listener).",
+        load(&tls.stats.handshakes),
+        "handshakes",
+    ));
+    metrics.push(m(
+        "thinghub_tls_reloads_total",
+        "counter",
+        "TLS certificate files reloaded (SIGHUP or a change seen).",
+        load(&tls.stats.reloads),
+        "reloads",
+    ));
+    metrics.push(m(
+        "thinghub_tls_reload_failures_total",
+        "counter",
+        "TLS reloads that failed (the previous certificates stay in use).",
+        load(&tls.stats.reload_failures),
+        "reloadFailures",
+    ));
+    for (reason, count) in tls.stats.failures() {
+        metrics.push(Metric {
+            name: "thinghub_tls_handshake_failures_total",
+            kind: "counter",
+            help: "TLS handshakes that failed, by reason.",
+            value: count as f64,
+            group: "tlsHandshakeFailures",
+            key: reason,
+            label: Some(("reason", reason)),
+        });
+    }
 }
 
 /// `GET /api/v1/metrics`: `{process, things, storage, mqtt, auth, effects, deadlines}`.

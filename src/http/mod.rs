@@ -8,6 +8,7 @@ mod api_keys;
 pub mod auth;
 mod authorization;
 pub mod bulk;
+mod certificates;
 mod clients;
 mod commands;
 mod device_registrations;
@@ -114,6 +115,21 @@ pub struct AppState {
     pub limits: HttpLimits,
     /// When the server started (uptime in the metrics).
     pub started: std::time::Instant,
+    /// Listeners and TLS (metrics).
+    pub transports: Transports,
+}
+
+/// What the metrics show of the listeners: open connections per listener and TLS handshakes.
+#[derive(Clone)]
+pub struct Transports {
+    /// MQTT sockets per listener.
+    pub mqtt: Arc<crate::mqtt::transport::ListenerStats>,
+    /// HTTP and HTTPS connections.
+    pub http: Arc<listener::HttpListenerStats>,
+    /// TLS, when a listener uses it.
+    pub tls: Option<Arc<crate::tls::Tls>>,
+    /// Where device certificates name their Thing (checked when one is registered).
+    pub client_identity: crate::tls::ClientIdentity,
 }
 
 /// The API's routes, each from its handler's OpenAPI annotation (so none is served undocumented).
@@ -172,6 +188,9 @@ fn api_routes() -> OpenApiRouter<AppState> {
             device_registrations::delete
         ))
         .routes(routes!(device_registrations::accept))
+        .routes(routes!(certificates::register, certificates::list))
+        .routes(routes!(certificates::get))
+        .routes(routes!(certificates::revoke))
         .routes(routes!(users::create, users::list))
         .routes(routes!(users::get, users::update, users::delete))
         .routes(routes!(metrics::json))

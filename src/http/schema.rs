@@ -843,6 +843,13 @@ pub struct UserList {
     pub items: Vec<crate::users::UserView>,
 }
 
+/// A Thing's device certificates.
+#[derive(Serialize, ToSchema)]
+pub struct CertificateList {
+    /// By fingerprint, revoked ones included.
+    pub items: Vec<crate::certificates::CertificateView>,
+}
+
 /// Authorization rules.
 #[derive(Serialize, ToSchema)]
 pub struct RuleList {

@@ -166,6 +166,18 @@ pub async fn delete(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
+    // Its device certificates go first: a crash in between leaves a Thing without them (its
+    // device refused until an operator registers one again), never certificates that would
+    // let a device in as a new Thing of the same name.
+    let removed = state
+        .users
+        .certificates()
+        .remove_all(&name)
+        .await
+        .map_err(ApiError::from)?;
+    if removed > 0 {
+        tracing::info!(thing = %name, removed, "device certificates removed with their Thing");
+    }
     // The device acting as this Thing loses its session: an effect of the deletion.
     state.things.delete(&name).await?;
     Ok(StatusCode::NO_CONTENT)

@@ -366,6 +366,10 @@ pub struct ConnectionInfo {
     pub peer: String,
     /// `3.1.1` or `5.0`.
     pub protocol: &'static str,
+    /// The listener: `tcp`, `tls`, `ws` or `wss`.
+    pub listener: &'static str,
+    /// The client certificate's fingerprint, if it connected with one.
+    pub certificate: Option<String>,
     /// Unix ms of the CONNECT.
     pub connected_at_ms: u64,
 }
@@ -390,6 +394,15 @@ pub struct ClientView {
     /// The live connection's protocol, `3.1.1` or `5.0`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub protocol: Option<&'static str>,
+    /// The listener the live connection came in on: `tcp`, `tls`, `ws` or `wss`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listener: Option<&'static str>,
+    /// SHA-256 fingerprint of the client certificate the live connection authenticated with.
+    #[serde(
+        rename = "certificateFingerprint",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub certificate_fingerprint: Option<String>,
     /// Unix ms of the live connection's CONNECT.
     #[serde(rename = "connectedAt", skip_serializing_if = "Option::is_none")]
     pub connected_at_ms: Option<u64>,
@@ -422,6 +435,8 @@ fn view(client_id: &str, session: &Session) -> ClientView {
         connected: session.connection.is_some(),
         peer: info.map(|i| i.peer.clone()),
         protocol: info.map(|i| i.protocol),
+        listener: info.map(|i| i.listener),
+        certificate_fingerprint: info.and_then(|i| i.certificate.clone()),
         connected_at_ms: info.map(|i| i.connected_at_ms),
         persistent: session.persistent,
         expiry_interval_s: session.expiry.as_secs(),

@@ -15,9 +15,6 @@ use rumqttd::protocol::{
     PubRel, PubRelReason, PublishProperties, RetainForwardRule, SubAck, SubscribeReasonCode,
     UnsubAck, UnsubAckReason,
 };
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::time::Instant;
 
@@ -29,7 +26,10 @@ use super::broker::{
 };
 use super::codec::{self, CodecError, Refusal, Version};
 use super::topic;
+use super::transport::{ListenerKind, Transport};
+use crate::certificates::{certificate_owner, Standing};
 use crate::throttle::{AuthThrottle, Verdict};
+use crate::tls::PeerCertificate;
 use crate::users::MqttUsers;
 use thinghub_actors::thing::validate_thing_name;
 
@@ -60,6 +60,8 @@ pub struct ConnectionConfig {
     pub write_stall_max: Duration,
     /// Longest a persistent session's SUBACK waits for its subscriptions to be durable.
     pub subscribe_durable_wait: Duration,
+    /// The HTTP path MQTT over WebSocket is served on.
+    pub ws_path: String,
 }
 
 /// What every connection shares.
@@ -78,20 +80,25 @@ pub struct MqttContext {
     pub config: ConnectionConfig,
     /// Cumulocity devices' `s/...` topics (`--cumulocity`), if served.
     pub cumulocity: Option<Arc<super::cumulocity::Cumulocity>>,
+    /// Open sockets per listener.
+    pub listeners: Arc<super::transport::ListenerStats>,
 }
 
-/// Bytes read per readiness event (into a stack chunk; buffers exist only while data is partial).
-const READ_CHUNK_BYTES: usize = 4096;
+/// A write buffer grown past this is given back once written.
+const WRITE_BUF_KEPT_BYTES_MAX: usize = 64 * 1024;
 /// Most outbound packets encoded into one write.
 const WRITE_BATCH_PACKETS_MAX: usize = 64;
 
 struct Conn {
     version: Version,
-    reader: OwnedReadHalf,
-    writer: OwnedWriteHalf,
+    io: Transport,
     read_buf: BytesMut,
     write_buf: BytesMut,
     peer: SocketAddr,
+    /// The listener it came in on.
+    listener: ListenerKind,
+    /// The client certificate rustls verified (TLS listeners with client authentication).
+    certificate: Option<Box<PeerCertificate>>,
     /// v5: the client's maximum packet size; larger packets are never sent to it.
     client_packet_bytes_max: Option<usize>,
     /// v5: topic aliases the server set up toward the client, and how many it may use.
@@ -132,78 +139,63 @@ impl Conn {
     /// stream may end inside a packet until that rest is written). A write that makes no
     /// progress for `write_stall_max` fails with `TimedOut`.
     async fn flush_encoded(&mut self) -> std::io::Result<()> {
+        let wrote = !self.write_buf.is_empty();
         while !self.write_buf.is_empty() {
-            // Straight into the socket when it has room (no timer on the common path).
-            match self.writer.try_write(&self.write_buf) {
-                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    self.traffic
-                        .bytes_out
-                        .fetch_add(n as u64, Ordering::Relaxed);
-                    self.write_broken = n < self.write_buf.len();
-                    bytes::Buf::advance(&mut self.write_buf, n);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    // Boxed: the timer exists only while the socket is full, so an idle
-                    // connection's task does not carry it.
-                    let wait = Box::pin(tokio::time::timeout(
-                        self.write_stall_max,
-                        self.writer.writable(),
-                    ));
-                    match wait.await {
-                        Ok(ready) => ready?,
-                        Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
-                    }
-                }
-                Err(e) => return Err(e),
+            let n = self.io.write(&self.write_buf, self.write_stall_max).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
             }
+            self.traffic
+                .bytes_out
+                .fetch_add(n as u64, Ordering::Relaxed);
+            self.write_broken = n < self.write_buf.len();
+            bytes::Buf::advance(&mut self.write_buf, n);
+        }
+        if wrote {
+            self.io.flush(self.write_stall_max).await?;
         }
         self.pubacks_queued = 0;
-        if self.write_buf.capacity() > 16 * READ_CHUNK_BYTES {
+        if self.write_buf.capacity() > WRITE_BUF_KEPT_BYTES_MAX {
             self.write_buf = BytesMut::new();
         }
         Ok(())
     }
 
-    /// Reads more bytes; `Ok(false)` on end of stream. Waits for readiness without a buffer and
-    /// reads into a stack chunk, so an idle connection holds no read buffer at all.
+    /// Reads more bytes; `Ok(false)` on end of stream. Over TCP it waits for readiness without
+    /// a buffer, so an idle connection holds no read buffer at all.
     async fn fill(&mut self) -> std::io::Result<bool> {
-        loop {
-            self.reader.readable().await?;
-            let mut chunk = [0u8; READ_CHUNK_BYTES];
-            match self.reader.try_read(&mut chunk) {
-                Ok(0) => return Ok(false),
-                Ok(n) => {
-                    self.traffic.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-                    self.read_buf.extend_from_slice(&chunk[..n]);
-                    return Ok(true);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            }
+        let n = self.io.read_into(&mut self.read_buf).await?;
+        if n == 0 {
+            return Ok(false);
         }
+        self.traffic.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// Writes raw bytes now (before a session runs, or while closing).
+    async fn write_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.io.write_all(bytes, self.write_stall_max).await
     }
 }
 
 /// Serves one accepted socket. `permit` is `None` when the connection limit is reached: the
 /// client then gets a "server busy" CONNACK.
 pub async fn serve(
-    stream: TcpStream,
+    io: Transport,
+    listener: ListenerKind,
+    certificate: Option<PeerCertificate>,
     peer: SocketAddr,
     ctx: Arc<MqttContext>,
     permit: Option<OwnedSemaphorePermit>,
 ) {
-    if let Err(e) = stream.set_nodelay(true) {
-        tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
-    }
-    let (reader, writer) = stream.into_split();
     let mut conn = Conn {
         version: Version::V311,
-        reader,
-        writer,
+        io,
         read_buf: BytesMut::new(),
         write_buf: BytesMut::new(),
         peer,
+        listener,
+        certificate: certificate.map(Box::new),
         client_packet_bytes_max: None,
         aliases_out: HashMap::new(),
         alias_out_max: 0,
@@ -252,7 +244,7 @@ async fn read_connect(conn: &mut Conn, ctx: &MqttContext) -> std::io::Result<Opt
                     5 => conn.version = Version::V5,
                     level => {
                         tracing::info!(peer = %conn.peer, level, "refusing unsupported MQTT protocol level");
-                        conn.writer.write_all(&codec::raw_connack_v3(1)).await?;
+                        conn.write_raw(&codec::raw_connack_v3(1)).await?;
                         return Ok(None);
                     }
                 }
@@ -307,7 +299,7 @@ async fn refuse(conn: &mut Conn, refusal: Refusal) -> std::io::Result<()> {
         code: codec::refusal_code(conn.version, refusal),
     };
     conn.send(Packet::ConnAck(connack, None)).await?;
-    conn.writer.shutdown().await
+    conn.io.shutdown().await
 }
 
 fn new_client_id() -> String {
@@ -387,6 +379,9 @@ async fn authenticate(
     client_id: &str,
     login: Option<rumqttd::protocol::Login>,
 ) -> Result<(Identity, Option<[u8; 32]>), Refusal> {
+    if let Some(certificate) = conn.certificate.as_deref() {
+        return authenticate_certificate(conn, ctx, client_id, login, certificate);
+    }
     let Some(login) = login else {
         if ctx.config.allow_anonymous {
             reserved_client_id(conn, ctx, client_id)?;
@@ -505,6 +500,71 @@ async fn authenticate(
         bootstrap: false,
     };
     Ok((identity, Some(auth.fingerprint)))
+}
+
+/// A client certificate rustls verified is the identity: the Thing it names (CN or SAN) must
+/// have it registered and active, and the client connects with that Thing's client id. A
+/// username, if sent, must be empty or that Thing's name; a password is not needed.
+fn authenticate_certificate(
+    conn: &Conn,
+    ctx: &MqttContext,
+    client_id: &str,
+    login: Option<rumqttd::protocol::Login>,
+    certificate: &PeerCertificate,
+) -> Result<(Identity, Option<[u8; 32]>), Refusal> {
+    let fingerprint = certificate.fingerprint.as_str();
+    let refused = |why: &str| {
+        tracing::info!(peer = %conn.peer, %client_id, %fingerprint, name = certificate.name.as_deref().unwrap_or("-"), "client certificate refused: {why}");
+        ctx.throttle.failed(conn.peer.ip(), None, "mqtt");
+        Refusal::NotAuthorized
+    };
+    let Some(thing) = certificate.name.as_deref() else {
+        return Err(refused("it names no device (see tls_client_identity)"));
+    };
+    if validate_thing_name(thing).is_err() {
+        return Err(refused("the name it carries is no Thing name"));
+    }
+    if let Some(login) = &login {
+        let username = plain_username(&login.username);
+        if !username.is_empty() && username != thing {
+            return Err(refused("the CONNECT's username names someone else"));
+        }
+    }
+    match ctx.users.certificates().standing(thing, fingerprint) {
+        Ok(Standing::Active) => {}
+        Ok(Standing::Revoked) => return Err(refused("it was revoked")),
+        Ok(Standing::Unknown) => return Err(refused("it is not registered for its Thing")),
+        Err(e) => {
+            tracing::error!(%thing, error = %e, "cannot read the device certificates");
+            return Err(Refusal::ServerBusy);
+        }
+    }
+    let owner = certificate_owner(thing);
+    let rights = match ctx.users.rights(&owner) {
+        Ok(Some(rights)) => rights,
+        Ok(None) => return Err(refused("it was revoked meanwhile")),
+        Err(e) => {
+            tracing::error!(%thing, error = %e, "cannot read the device certificates");
+            return Err(Refusal::ServerBusy);
+        }
+    };
+    match rights.thing_client_id.as_deref() {
+        Some(own) if own == client_id => {}
+        Some(own) => {
+            tracing::info!(peer = %conn.peer, %thing, %client_id, expected = %own, "a Thing's certificate must connect with the Thing's mqttClientId");
+            return Err(Refusal::BadClientId);
+        }
+        None => return Err(refused("its Thing is not registered")),
+    }
+    ctx.throttle.succeeded(conn.peer.ip(), &owner);
+    let identity = Identity {
+        client_id: client_id.to_owned(),
+        username: Some(owner),
+        thing: Some(thing.to_owned()),
+        superuser: false,
+        bootstrap: false,
+    };
+    Ok((identity, Some(rights.fingerprint)))
 }
 
 /// CONNECT -> authentication -> session attach -> CONNACK; `None` when the client was refused.
@@ -656,6 +716,8 @@ async fn establish(
         ConnectionInfo {
             peer: conn.peer.to_string(),
             protocol: if v5 { "5.0" } else { "3.1.1" },
+            listener: conn.listener.as_str(),
+            certificate: conn.certificate.as_ref().map(|c| c.fingerprint.clone()),
             connected_at_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
@@ -761,10 +823,10 @@ async fn close(conn: &mut Conn, ctx: &MqttContext, established: Established, rea
         if let Some(code) = disconnect_code(reason) {
             let bytes = codec::server_disconnect_v5(disconnect_code_byte(code));
             // Bounded: a client that stopped reading must not hold the close up.
-            let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, conn.writer.write_all(&bytes)).await;
+            let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, conn.write_raw(&bytes)).await;
         }
     }
-    let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, conn.writer.shutdown()).await;
+    let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, conn.io.shutdown()).await;
     let was_current = ctx
         .broker
         .disconnect(&client_id, session.connection_id, reason);

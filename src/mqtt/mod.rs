@@ -9,6 +9,7 @@
 //! - [`effects`]: the effect sink: what committed changes cause, published to subscribers.
 //! - [`persist`]: persistent sessions and retained messages kept across restarts.
 //! - [`connection`]: one task per connection (CONNECT, authentication, packets, keep-alive).
+//! - [`transport`]: the byte streams under it: TCP, TLS, WebSocket (plain or over TLS).
 //!
 //! [`serve`] accepts connections until shutdown.
 
@@ -24,20 +25,23 @@ pub mod operator;
 pub mod persist;
 pub mod tap;
 pub mod topic;
+pub mod transport;
 
 use std::future::Future;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use acl::{Acl, Action, Identity};
 use broker::{Broker, CloseReason, UserChange};
 use connection::MqttContext;
 
+use crate::tls::Tls;
 use crate::users::MqttUsers;
+use transport::{ListenerKind, Transport};
 
 /// Device requests refused, by kind (shown in the metrics).
 #[derive(Debug, Default)]
@@ -216,31 +220,38 @@ pub fn spawn_background(node: &mut thinghub_actors::Node, ctx: &Arc<MqttContext>
     });
 }
 
-/// Accepts MQTT connections on `listener` until `shutdown` resolves, then closes them all.
+/// One MQTT listener: its socket, what runs on it under MQTT, and TLS where it needs it.
+pub struct MqttListener {
+    /// The bound socket.
+    pub socket: TcpListener,
+    /// TCP, TLS, WebSocket or WebSocket over TLS.
+    pub kind: ListenerKind,
+    /// The TLS configuration (`tls` and `wss` listeners).
+    pub tls: Option<Arc<Tls>>,
+}
+
+/// Accepts MQTT connections on every listener until `shutdown` resolves, then closes them all.
+/// `connections_max` bounds the connections of all listeners together.
 pub async fn serve(
-    listener: TcpListener,
+    listeners: Vec<MqttListener>,
     ctx: Arc<MqttContext>,
     connections_max: usize,
     shutdown: impl Future<Output = ()>,
 ) {
     let permits = Arc::new(Semaphore::new(connections_max));
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let permit = permits.clone().try_acquire_owned().ok();
-                    tokio::spawn(connection::serve(stream, peer, ctx.clone(), permit));
-                }
-                Err(e) => {
-                    // Out of file descriptors and the like: back off briefly rather than spin.
-                    tracing::warn!(error = %e, "MQTT accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            () = &mut shutdown => break,
-        }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut loops = tokio::task::JoinSet::new();
+    for listener in listeners {
+        loops.spawn(accept_loop(
+            listener,
+            ctx.clone(),
+            permits.clone(),
+            stop_rx.clone(),
+        ));
     }
+    shutdown.await;
+    let _ = stop_tx.send(true);
+    while loops.join_next().await.is_some() {}
     ctx.broker.close_all(CloseReason::ServerShutdown);
     // Every live connection holds a permit: all permits back = all connections finished.
     let all = u32::try_from(connections_max).unwrap_or(u32::MAX);
@@ -249,5 +260,117 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!("some MQTT connections did not finish within {SHUTDOWN_DRAIN:?}");
+    }
+}
+
+async fn accept_loop(
+    listener: MqttListener,
+    ctx: Arc<MqttContext>,
+    permits: Arc<Semaphore>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.socket.accept() => accepted,
+            _ = stop.wait_for(|stop| *stop) => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let permit = permits.clone().try_acquire_owned().ok();
+                tokio::spawn(open(
+                    stream,
+                    peer,
+                    listener.kind,
+                    listener.tls.clone(),
+                    ctx.clone(),
+                    permit,
+                ));
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off briefly rather than spin.
+                tracing::warn!(listener = listener.kind.as_str(), error = %e, "MQTT accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Runs what a listener puts under MQTT (TLS handshake, WebSocket upgrade), then the MQTT
+/// connection. Past the connection limit a TCP client is told so in a CONNACK; TLS and
+/// WebSocket clients are closed before their handshake, which would cost more than the answer.
+async fn open(
+    stream: TcpStream,
+    peer: std::net::SocketAddr,
+    kind: ListenerKind,
+    tls: Option<Arc<Tls>>,
+    ctx: Arc<MqttContext>,
+    permit: Option<OwnedSemaphorePermit>,
+) {
+    let listeners = ctx.listeners.clone();
+    let _open = listeners.opened(kind);
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
+    }
+    let (io, certificate) = if kind == ListenerKind::Tcp {
+        (Transport::tcp(stream), None)
+    } else {
+        if permit.is_none() {
+            tracing::warn!(%peer, listener = kind.as_str(), "connection limit reached; closing before the handshake");
+            return;
+        }
+        // Boxed: the handshakes' state is gone once the connection runs.
+        match Box::pin(handshake(stream, peer, kind, tls, &ctx)).await {
+            Some(opened) => opened,
+            None => return,
+        }
+    };
+    connection::serve(io, kind, certificate, peer, ctx, permit).await;
+}
+
+/// The TLS handshake and/or WebSocket upgrade of a new socket (bounded in time).
+async fn handshake(
+    stream: TcpStream,
+    peer: std::net::SocketAddr,
+    kind: ListenerKind,
+    tls: Option<Arc<Tls>>,
+    ctx: &MqttContext,
+) -> Option<(Transport, Option<crate::tls::PeerCertificate>)> {
+    let (stream, certificate): (Box<dyn transport::Io>, _) = match (kind, tls) {
+        (ListenerKind::Tls | ListenerKind::Wss, Some(tls)) => {
+            let (stream, certificate) = tls.accept(kind.as_str(), stream).await.ok()?;
+            (Box::new(stream), certificate)
+        }
+        (ListenerKind::Tls | ListenerKind::Wss, None) => {
+            tracing::error!(
+                listener = kind.as_str(),
+                "a TLS listener without TLS settings"
+            );
+            return None;
+        }
+        _ => (Box::new(stream), None),
+    };
+    if kind == ListenerKind::Tls {
+        return Some((Transport::Stream(stream), certificate));
+    }
+    // The upgrade counts against the time a client has to send CONNECT.
+    let upgrade = transport::accept_websocket(
+        stream,
+        &ctx.config.ws_path,
+        // A message may hold a whole packet and a bit of the next.
+        ctx.config.packet_bytes_max.saturating_mul(2),
+    );
+    match tokio::time::timeout(ctx.config.connect_timeout, upgrade).await {
+        Ok(Ok(ws)) => Some((Transport::WebSocket(Box::new(ws)), certificate)),
+        Ok(Err(e)) => {
+            ctx.listeners
+                .ws_upgrades_refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::debug!(%peer, listener = kind.as_str(), error = %e, "WebSocket upgrade refused");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(%peer, listener = kind.as_str(), "no WebSocket upgrade within the connect timeout");
+            None
+        }
     }
 }

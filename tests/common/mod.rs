@@ -33,6 +33,8 @@ pub struct Server {
     pub mqtt: SocketAddr,
     pub data_dir: PathBuf,
     logs: mpsc::Receiver<String>,
+    /// The fields of the listening line (every listener's address, or "off").
+    listening: serde_json::Value,
 }
 
 impl Server {
@@ -82,12 +84,13 @@ impl Server {
                 continue;
             };
             if value["fields"]["message"] == "listening" {
+                // "off" for a listener turned off: 0.0.0.0:0, which nothing answers.
                 let addr = |key: &str| -> SocketAddr {
                     value["fields"][key]
                         .as_str()
                         .expect("listening address")
                         .parse()
-                        .expect("addr")
+                        .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)))
                 };
                 return Server {
                     child,
@@ -95,6 +98,7 @@ impl Server {
                     mqtt: addr("mqtt"),
                     data_dir: data_dir.to_owned(),
                     logs,
+                    listening: value["fields"].clone(),
                 };
             }
         }
@@ -106,6 +110,23 @@ impl Server {
         std::fs::write(&config, toml).expect("write the config file");
         let config = config.to_str().expect("UTF-8 path").to_owned();
         Server::start(&dir.join("data"), &["--config", &config])
+    }
+
+    /// The address of listener `key` (`https`, `mqtt_tls`, `mqtt_ws`, `mqtt_wss`...).
+    pub fn listener(&self, key: &str) -> SocketAddr {
+        self.listening[key]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} listener: {}", self.listening))
+    }
+
+    /// Sends SIGHUP (TLS files reload).
+    pub fn hangup(&self) {
+        let status = Command::new("kill")
+            .args(["-HUP", &self.child.0.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -HUP");
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -31,7 +31,25 @@ impl Client {
         credentials: Option<(&str, &str)>,
         setup: impl FnOnce(&mut MqttOptions),
     ) -> Result<(Client, bool), ConnectionError> {
-        let mut options = MqttOptions::new(id, server.mqtt.ip().to_string(), server.mqtt.port());
+        Client::connect_to(
+            &server.mqtt.ip().to_string(),
+            server.mqtt.port(),
+            id,
+            credentials,
+            setup,
+        )
+        .await
+    }
+
+    /// [`Client::connect`] to `host:port` (or, over WebSocket, the URL in `host`).
+    pub async fn connect_to(
+        host: &str,
+        port: u16,
+        id: &str,
+        credentials: Option<(&str, &str)>,
+        setup: impl FnOnce(&mut MqttOptions),
+    ) -> Result<(Client, bool), ConnectionError> {
+        let mut options = MqttOptions::new(id, host, port);
         options.set_keep_alive(Duration::from_secs(30));
         if let Some((user, password)) = credentials {
             options.set_credentials(user, password);
