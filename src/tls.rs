@@ -148,10 +148,26 @@ pub struct HandshakeFailed;
 /// File modification times the watcher compares against.
 type Stamps = Vec<Option<SystemTime>>;
 
+/// Whom a listener asks for a client certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peers {
+    /// Devices (MQTT): as `tls_client_auth` says.
+    Devices,
+    /// Operators and devices with API keys (HTTPS): never asked, so `required` cannot lock an
+    /// operator out; offers HTTP/1.1 by ALPN.
+    ApiClients,
+}
+
+/// The configurations handshakes are made with, swapped whole on reload.
+struct Configs {
+    devices: Arc<ServerConfig>,
+    api_clients: Arc<ServerConfig>,
+}
+
 /// TLS for the server's listeners.
 pub struct Tls {
     settings: TlsSettings,
-    current: RwLock<Arc<ServerConfig>>,
+    current: RwLock<Arc<Configs>>,
     stamps: Mutex<Stamps>,
     handshakes: Arc<Semaphore>,
     /// Handshake outcomes.
@@ -202,7 +218,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 impl Tls {
     /// Reads the files and builds the configuration; errors name the file at fault.
     pub fn load(settings: TlsSettings) -> Result<Arc<Tls>, TlsError> {
-        let config = build(&settings)?;
+        let config = build_both(&settings)?;
         let stamps = stamps(&settings);
         Ok(Arc::new(Tls {
             handshakes: Arc::new(Semaphore::new(settings.handshakes_max)),
@@ -222,7 +238,7 @@ impl Tls {
     /// theirs), on failure the previous configuration stays.
     pub fn reload(&self) -> Result<(), TlsError> {
         let stamps = stamps(&self.settings);
-        match build(&self.settings) {
+        match build_both(&self.settings) {
             Ok(config) => {
                 *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
                 *self.stamps.lock().unwrap_or_else(|p| p.into_inner()) = stamps;
@@ -243,11 +259,16 @@ impl Tls {
         stamps(&self.settings) != *self.stamps.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn config(&self) -> Arc<ServerConfig> {
-        self.current
+    fn config(&self, peers: Peers) -> Arc<ServerConfig> {
+        let configs = self
+            .current
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .clone()
+            .clone();
+        match peers {
+            Peers::Devices => configs.devices.clone(),
+            Peers::ApiClients => configs.api_clients.clone(),
+        }
     }
 
     /// Runs the server side of a handshake on `stream` (bounded in time and concurrency) and
@@ -255,6 +276,7 @@ impl Tls {
     pub async fn accept(
         &self,
         listener: &'static str,
+        peers: Peers,
         stream: TcpStream,
     ) -> Result<(TlsStream<TcpStream>, Option<PeerCertificate>), HandshakeFailed> {
         let peer = stream.peer_addr().ok();
@@ -267,7 +289,7 @@ impl Tls {
             );
             return Err(HandshakeFailed);
         };
-        let acceptor = TlsAcceptor::from(self.config());
+        let acceptor = TlsAcceptor::from(self.config(peers));
         let handshake = acceptor.accept(stream);
         let stream = match tokio::time::timeout(self.settings.handshake_timeout, handshake).await {
             Err(_) => {
@@ -361,7 +383,17 @@ fn stamps(settings: &TlsSettings) -> Stamps {
     stamps
 }
 
-fn build(settings: &TlsSettings) -> Result<ServerConfig, TlsError> {
+fn build_both(settings: &TlsSettings) -> Result<Configs, TlsError> {
+    let devices = build(settings, settings.client_auth)?;
+    let mut api_clients = build(settings, ClientAuth::None)?;
+    api_clients.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Configs {
+        devices: Arc::new(devices),
+        api_clients: Arc::new(api_clients),
+    })
+}
+
+fn build(settings: &TlsSettings, client_auth: ClientAuth) -> Result<ServerConfig, TlsError> {
     let certs = read_certificates(&settings.cert_file)?;
     let key = read_key(&settings.key_file)?;
     let config_error = |message: String| TlsError::Config {
@@ -372,7 +404,7 @@ fn build(settings: &TlsSettings) -> Result<ServerConfig, TlsError> {
     let builder = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| config_error(e.to_string()))?;
-    let builder = match (settings.client_auth, &settings.client_ca_file) {
+    let builder = match (client_auth, &settings.client_ca_file) {
         (ClientAuth::None, _) => builder.with_no_client_auth(),
         (_, None) => {
             return Err(config_error(

@@ -606,8 +606,23 @@ async fn required_client_certificates_and_a_reload_that_keeps_connections() {
         dir: served.clone(),
         device_fingerprint: first.device_fingerprint.clone(),
     };
-    let server = start(dir.path(), &served_certs, &["mqtt-tls-listen"], "required");
+    let server = start(
+        dir.path(),
+        &served_certs,
+        &["mqtt-tls-listen", "http-tls-listen"],
+        "required",
+    );
     common::register_device(&server, "dev-1", "dev-pw").await;
+    // HTTPS never asks for a client certificate: an operator's API key is enough.
+    let (status, _) = https_call(
+        &first.https(),
+        &server,
+        reqwest::Method::GET,
+        "/api/v1/things/dev-1",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "HTTPS without a client certificate");
 
     // Required: a client without a certificate fails the handshake, whatever its password.
     let refused = tls_client(

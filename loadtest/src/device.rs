@@ -1,15 +1,20 @@
 //! A lean simulated device: one raw MQTT 3.1.1 connection (rumqttc's codec, no event loop)
-//! from one of several 127.0.0.x source addresses, and the bounded way to connect thousands.
+//! from one of several 127.0.0.x source addresses, over TCP or TLS, and the bounded way to
+//! connect thousands.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
+
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use bytes::BytesMut;
 use rumqttc::mqttbytes::v4::{Connect, Packet, PubAck, Publish, Subscribe, SubscribeFilter};
 use rumqttc::mqttbytes::QoS;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 
 use crate::mqtt::BENCH_USER;
 
@@ -23,6 +28,139 @@ const CONNECTS_IN_FLIGHT: usize = 200;
 /// How long a whole fleet may take to connect and subscribe.
 const CONNECT_ALL_SECONDS_MAX: u64 = 180;
 
+/// TLS for the devices: trusts one CA (the server's, from `thinghub certs init`).
+#[derive(Clone)]
+pub struct ClientTls {
+    connector: tokio_rustls::TlsConnector,
+    name: rustls::pki_types::ServerName<'static>,
+}
+
+impl ClientTls {
+    /// Trusting the CA in `ca_file` (PEM), verifying the server as `host`.
+    pub fn trusting(ca_file: &std::path::Path, host: &str) -> Result<ClientTls> {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca_file)
+            .with_context(|| format!("read {}", ca_file.display()))?
+        {
+            roots.add(cert.with_context(|| format!("parse {}", ca_file.display()))?)?;
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        Ok(ClientTls {
+            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            name: rustls::pki_types::ServerName::try_from(host.to_owned())?,
+        })
+    }
+}
+
+/// Where devices connect: an MQTT address, over TLS or not.
+#[derive(Clone)]
+pub struct Endpoint {
+    /// The listener.
+    pub addr: SocketAddr,
+    /// TLS, for a TLS listener.
+    pub tls: Option<ClientTls>,
+}
+
+impl From<SocketAddr> for Endpoint {
+    fn from(addr: SocketAddr) -> Endpoint {
+        Endpoint { addr, tls: None }
+    }
+}
+
+impl Endpoint {
+    /// `tcp` or `tls`.
+    pub fn transport(&self) -> &'static str {
+        if self.tls.is_some() {
+            "tls"
+        } else {
+            "tcp"
+        }
+    }
+
+    /// Opens a connection from source address number `index % SOURCE_ADDRESSES` (TCP, then
+    /// the TLS handshake if any).
+    pub async fn open(&self, index: usize) -> Result<(Reader, Writer)> {
+        let source = IpAddr::V4(Ipv4Addr::new(
+            127,
+            0,
+            0,
+            1 + (index % SOURCE_ADDRESSES as usize) as u8,
+        ));
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::new(source, 0))?;
+        let stream = socket.connect(self.addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(match &self.tls {
+            None => {
+                let (reader, writer) = stream.into_split();
+                (Reader::Tcp(reader), Writer::Tcp(writer))
+            }
+            Some(tls) => {
+                let stream = tls
+                    .connector
+                    .connect(tls.name.clone(), stream)
+                    .await
+                    .context("TLS handshake")?;
+                let (reader, writer) = tokio::io::split(stream);
+                (Reader::Tls(reader), Writer::Tls(writer))
+            }
+        })
+    }
+}
+
+/// A device connection's read side.
+pub enum Reader {
+    /// TCP.
+    Tcp(OwnedReadHalf),
+    /// TLS.
+    Tls(ReadHalf<TlsStream<TcpStream>>),
+}
+
+impl Reader {
+    /// Reads what arrived into `buf`; 0 at the end.
+    pub async fn read_buf(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
+        match self {
+            Reader::Tcp(r) => r.read_buf(buf).await,
+            Reader::Tls(r) => r.read_buf(buf).await,
+        }
+    }
+
+    /// Reads exactly `buf.len()` bytes.
+    pub async fn read_exact(&mut self, buf: &mut [u8]) -> std::io::Result<()> {
+        match self {
+            Reader::Tcp(r) => r.read_exact(buf).await.map(drop),
+            Reader::Tls(r) => r.read_exact(buf).await.map(drop),
+        }
+    }
+}
+
+/// A device connection's write side.
+pub enum Writer {
+    /// TCP.
+    Tcp(OwnedWriteHalf),
+    /// TLS.
+    Tls(WriteHalf<TlsStream<TcpStream>>),
+}
+
+impl Writer {
+    /// Writes all of `bytes` (and, over TLS, flushes the records).
+    pub async fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            Writer::Tcp(w) => w.write_all(bytes).await,
+            Writer::Tls(w) => {
+                w.write_all(bytes).await?;
+                w.flush().await
+            }
+        }
+    }
+}
+
 /// Appends the encoding of `packet` to `out`.
 pub fn encode_into(packet: Packet, out: &mut BytesMut) -> Result<()> {
     packet
@@ -33,8 +171,8 @@ pub fn encode_into(packet: Packet, out: &mut BytesMut) -> Result<()> {
 
 /// A connected, subscribed device (as the benchmark's superuser, client id `client_id`).
 pub struct RawDevice {
-    reader: OwnedReadHalf,
-    writer: OwnedWriteHalf,
+    reader: Reader,
+    writer: Writer,
     buffer: BytesMut,
     next_pkid: u16,
 }
@@ -43,7 +181,7 @@ impl RawDevice {
     /// Connects device number `index` and subscribes to `filters` (QoS 1); returns once the
     /// SUBACK is in.
     pub async fn connect(
-        server: SocketAddr,
+        server: impl Into<Endpoint>,
         index: usize,
         client_id: String,
         filters: Vec<String>,
@@ -54,23 +192,13 @@ impl RawDevice {
     /// Like [`RawDevice::connect`], with other credentials (or none, for a broker that allows
     /// anonymous clients).
     pub async fn connect_as(
-        server: SocketAddr,
+        server: impl Into<Endpoint>,
         index: usize,
         client_id: String,
         filters: Vec<String>,
         credentials: Option<(&str, &str)>,
     ) -> Result<RawDevice> {
-        let source = IpAddr::V4(Ipv4Addr::new(
-            127,
-            0,
-            0,
-            1 + (index % SOURCE_ADDRESSES as usize) as u8,
-        ));
-        let socket = tokio::net::TcpSocket::new_v4()?;
-        socket.bind(SocketAddr::new(source, 0))?;
-        let stream = socket.connect(server).await?;
-        stream.set_nodelay(true)?;
-        let (reader, writer) = stream.into_split();
+        let (reader, writer) = server.into().open(index).await?;
         let mut device = RawDevice {
             reader,
             writer,

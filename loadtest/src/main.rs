@@ -155,6 +155,9 @@ enum Scenario {
         /// Connects per second (0 = as fast as 200 handshakes in flight allow).
         #[arg(long, default_value_t = 0.0)]
         rate: f64,
+        /// Over the MQTT over TLS listener of the server this run starts.
+        #[arg(long)]
+        tls: bool,
         #[command(flatten)]
         target: target::TargetArgs,
     },
@@ -230,6 +233,10 @@ enum Scenario {
         /// the phase without it.
         #[arg(long)]
         webhook: bool,
+        /// Also run the shadow phase over MQTT over TLS (the server this run starts), beside
+        /// the one over TCP.
+        #[arg(long)]
+        tls: bool,
         #[command(flatten)]
         target: target::TargetArgs,
     },
@@ -397,8 +404,9 @@ fn main() -> Result<()> {
         Scenario::Connect {
             devices,
             rate,
+            tls,
             target,
-        } => runtime.block_on(mqtt::run_connect(&target, devices, rate, report_dir)),
+        } => runtime.block_on(mqtt::run_connect(&target, devices, rate, tls, report_dir)),
         Scenario::Echo {
             devices,
             duration,
@@ -495,6 +503,7 @@ fn main() -> Result<()> {
             baseline_broker,
             baseline_pid,
             webhook,
+            tls,
             target,
         } => runtime.block_on(shadow::run(
             &target,
@@ -506,6 +515,7 @@ fn main() -> Result<()> {
                 baseline_broker,
                 webhook,
                 baseline_pid,
+                tls,
             },
             report_dir,
         )),
@@ -525,6 +535,14 @@ fn main() -> Result<()> {
             // As `thinghub serve` reads it (the `cumulocity` scenario sets it).
             if std::env::var("THINGHUB_CUMULOCITY").is_ok_and(|v| v == "true") {
                 config.cumulocity = true;
+            }
+            // An MQTT over TLS listener beside the plain one, with the certificates
+            // `thinghub certs init` wrote into this directory (`connect --tls`, `shadow --tls`).
+            if let Some(certs) = std::env::var_os(crate::mqtt::TLS_DIR_ENV) {
+                let certs = PathBuf::from(certs);
+                config.mqtt_tls_listen = Some("127.0.0.1:0".parse()?);
+                config.tls_cert_file = Some(certs.join("server.pem"));
+                config.tls_key_file = Some(certs.join("server.key"));
             }
             let admin_key = std::env::var("THINGHUB_ADMIN_KEY").ok();
             runtime.block_on(thinghub::server::serve(

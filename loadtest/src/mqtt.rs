@@ -1,7 +1,7 @@
 //! The MQTT broker benchmark: idle connections (RSS per connection, with its session) and QoS 1
 //! publishers feeding one subscriber (msgs/s, latency), against a thinghub in its own process.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,7 +10,6 @@ use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Source addresses idle connections are spread over (each has its own ephemeral port range).
 const SOURCE_ADDRESSES: u8 = 8;
@@ -18,6 +17,8 @@ const SOURCE_ADDRESSES: u8 = 8;
 pub const ADMIN: (&str, &str) = ("bench", "bench-secret");
 /// The benchmark's MQTT superuser.
 pub const BENCH_USER: (&str, &str) = ("bench-user", "bench-pw");
+/// Where a started server finds the certificates of its MQTT over TLS listener.
+pub const TLS_DIR_ENV: &str = "THINGHUB_LOADTEST_TLS_DIR";
 
 /// What to run.
 pub struct MqttRun {
@@ -38,8 +39,11 @@ pub struct ChildServer {
     pub http: SocketAddr,
     /// MQTT address.
     pub mqtt: SocketAddr,
+    /// MQTT over TLS address, and the CA (PEM) its certificate chains to.
+    pub mqtt_tls: Option<(SocketAddr, std::path::PathBuf)>,
     data_dir: std::path::PathBuf,
     _temp: Option<tempfile::TempDir>,
+    _certs: Option<tempfile::TempDir>,
     startup: Duration,
 }
 
@@ -60,10 +64,19 @@ impl ChildServer {
     /// Starts a server on `data_dir` (kept after the run).
     pub async fn start_in(data_dir: &std::path::Path) -> Result<ChildServer> {
         use tokio::io::AsyncBufReadExt;
+        // A TLS listener too, for the scenarios' `--tls` (idle unless used).
+        let certs = tempfile::tempdir()?;
+        thinghub::tls::init_certificates(
+            certs.path(),
+            &["localhost".to_owned(), "127.0.0.1".to_owned()],
+            "device-1",
+        )
+        .map_err(|e| anyhow::anyhow!("certificates for the TLS listener: {e}"))?;
         let started = Instant::now();
         let mut child = tokio::process::Command::new(std::env::current_exe()?)
             .arg("server")
             .arg(data_dir)
+            .env(TLS_DIR_ENV, certs.path())
             .env("THINGHUB_ADMIN_KEY", format!("{}:{}", ADMIN.0, ADMIN.1))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
@@ -97,9 +110,11 @@ impl ChildServer {
         Ok(ChildServer {
             http: addr("http")?,
             mqtt: addr("mqtt")?,
+            mqtt_tls: Some((addr("mqtt_tls")?, certs.path().join("ca.pem"))),
             child,
             data_dir: data_dir.to_owned(),
             _temp: None,
+            _certs: Some(certs),
             startup,
         })
     }
@@ -155,16 +170,11 @@ fn put_remaining_length(out: &mut Vec<u8>, mut len: usize) {
 }
 
 /// An idle 3.1.1 client: CONNECT (keep-alive 0, persistent session) + one QoS 1 subscription.
-async fn idle_connection(server: SocketAddr, index: usize) -> Result<tokio::net::TcpStream> {
-    let source = IpAddr::V4(Ipv4Addr::new(
-        127,
-        0,
-        0,
-        1 + (index % SOURCE_ADDRESSES as usize) as u8,
-    ));
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(source, 0))?;
-    let mut stream = socket.connect(server).await?;
+async fn idle_connection(
+    server: crate::device::Endpoint,
+    index: usize,
+) -> Result<(crate::device::Reader, crate::device::Writer)> {
+    let (mut reader, mut writer) = server.open(index).await?;
     let client_id = format!("idle-{index}");
     let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0b1100_0000, 0, 0];
     put_str(&mut body, &client_id);
@@ -179,14 +189,14 @@ async fn idle_connection(server: SocketAddr, index: usize) -> Result<tokio::net:
     packet.push(0x82);
     put_remaining_length(&mut packet, sub_body.len());
     packet.extend_from_slice(&sub_body);
-    stream.write_all(&packet).await?;
+    writer.write_all(&packet).await?;
     // CONNACK (4 bytes) + SUBACK (5 bytes).
     let mut acks = [0u8; 9];
-    tokio::time::timeout(Duration::from_secs(30), stream.read_exact(&mut acks)).await??;
+    tokio::time::timeout(Duration::from_secs(30), reader.read_exact(&mut acks)).await??;
     if acks[3] != 0 || acks[4] != 0x90 || acks[8] != 1 {
         bail!("idle connection {index} refused: {acks:?}");
     }
-    Ok(stream)
+    Ok((reader, writer))
 }
 
 fn open_files_max() -> usize {
@@ -229,14 +239,14 @@ pub async fn run(
     }
     // Warm up: the first CONNECT runs argon2 (~19 MiB the allocator keeps afterwards), which
     // is not a per-connection cost.
-    drop(idle_connection(server.mqtt, usize::MAX / 2).await?);
+    drop(idle_connection(server.mqtt.into(), usize::MAX / 2).await?);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_before = server.rss_bytes().await?;
     let started = Instant::now();
     let mut idle = Vec::with_capacity(run.idle_connections);
     let mut pending = tokio::task::JoinSet::new();
     for index in 0..run.idle_connections {
-        pending.spawn(idle_connection(server.mqtt, index));
+        pending.spawn(idle_connection(server.mqtt.into(), index));
         if pending.len() >= 200 {
             if let Some(joined) = pending.join_next().await {
                 idle.push(joined??);
@@ -389,6 +399,7 @@ pub async fn run_connect(
     target_args: &crate::target::TargetArgs,
     devices: usize,
     rate: f64,
+    tls: bool,
     report_dir: Option<&std::path::Path>,
 ) -> Result<()> {
     raise_open_files_limit(devices);
@@ -398,8 +409,9 @@ pub async fn run_connect(
     if devices > limit {
         bail!("--devices {devices} exceeds this process's open-file limit ({limit} usable)");
     }
+    let endpoint = server.endpoint(tls)?;
     // Warm up the credential cache (the first CONNECT runs argon2).
-    drop(idle_connection(server.mqtt, usize::MAX / 2).await?);
+    drop(idle_connection(endpoint.clone(), usize::MAX / 2).await?);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_before = server.rss_bytes().await?;
     let bar = crate::report::progress(devices as u64, "connecting");
@@ -413,10 +425,10 @@ pub async fn run_connect(
             let due = started + Duration::from_secs_f64(index as f64 / rate);
             tokio::time::sleep_until(due.into()).await;
         }
-        let mqtt = server.mqtt;
+        let endpoint = endpoint.clone();
         pending.spawn(async move {
             let began = Instant::now();
-            (idle_connection(mqtt, index).await, began.elapsed())
+            (idle_connection(endpoint, index).await, began.elapsed())
         });
         // At most 200 handshakes in flight; after the last spawn, wait for all of them.
         let in_flight_max = if index + 1 == devices { 0 } else { 200 };
@@ -444,6 +456,7 @@ pub async fn run_connect(
     report
         .param("devices", devices)
         .param("rate", rate)
+        .param("transport", endpoint.transport())
         .param("source_addresses", SOURCE_ADDRESSES)
         .number("connected", open.len() as f64, 0)
         .number("failures", failures.len() as f64, 0)

@@ -20,7 +20,7 @@ use rumqttc::mqttbytes::v4::Packet as RawPacket;
 use tokio::sync::{Barrier, Semaphore};
 
 use crate::cpu::{pid_listening_on, CpuUse, CpuWindow};
-use crate::device::RawDevice;
+use crate::device::{Endpoint, RawDevice};
 
 use crate::mqtt::{create_bench_user, BENCH_USER};
 use crate::register::register_things;
@@ -49,6 +49,8 @@ pub struct ShadowRun {
     pub webhook: bool,
     /// The baseline broker's pid (else found by its port).
     pub baseline_pid: Option<u32>,
+    /// Also run the shadow phase over the MQTT over TLS listener.
+    pub tls: bool,
 }
 
 pub(crate) struct PhaseResult {
@@ -108,7 +110,7 @@ pub(crate) enum Work {
 /// `duration` has passed. A PUBACK the device owes goes out with its next request.
 #[allow(clippy::too_many_arguments)]
 async fn device(
-    mqtt: SocketAddr,
+    mqtt: Endpoint,
     credentials: Option<(String, String)>,
     index: usize,
     id: String,
@@ -309,7 +311,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 /// broker) and this process spend while the devices run.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn phase(
-    mqtt: SocketAddr,
+    mqtt: impl Into<Endpoint>,
     credentials: Option<(String, String)>,
     devices: usize,
     seconds: u64,
@@ -319,6 +321,7 @@ pub(crate) async fn phase(
     v5_aliases: Option<u16>,
     cpu_pid: Option<u32>,
 ) -> Result<PhaseResult> {
+    let mqtt: Endpoint = mqtt.into();
     let start = Arc::new(Barrier::new(devices + 1));
     let connecting = Arc::new(Semaphore::new(CONNECTS_IN_FLIGHT));
     let duration = Duration::from_secs(seconds);
@@ -328,7 +331,7 @@ pub(crate) async fn phase(
         let id = format!("bench-{label}-{i}");
         match (work(i), v5_aliases) {
             (Work::Echo { topic }, Some(alias_max)) => tasks.spawn(echo_device_v5(
-                mqtt,
+                mqtt.addr,
                 credentials.clone(),
                 id,
                 topic,
@@ -338,7 +341,7 @@ pub(crate) async fn phase(
                 recorder.clone(),
             )),
             (work, _) => tasks.spawn(device(
-                mqtt,
+                mqtt.clone(),
                 credentials.clone(),
                 i,
                 id,
@@ -445,6 +448,28 @@ pub async fn run(
         )
         .await?
     };
+    let over_tls = if run.tls {
+        let target = target.clone();
+        Some(
+            phase(
+                target.endpoint(true)?,
+                bench.clone(),
+                run.devices,
+                run.seconds,
+                run.rate,
+                "shadow-tls",
+                move |i| Work::Shadow {
+                    thing: format!("bench-{i}"),
+                    http: operator_every.map(|every| (target.clone(), every)),
+                },
+                None,
+                server_pid,
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
     let echo = phase(
         target.mqtt,
         bench,
@@ -513,6 +538,17 @@ pub async fn run(
             1,
         );
     cpu_rows(&mut report, "shadow", &shadow);
+    if let Some(over_tls) = &over_tls {
+        report
+            .number("durable shadow round trips/s over TLS", rate(over_tls), 0)
+            .latencies("shadow over TLS", &over_tls.latencies)
+            .number(
+                "over TLS / over TCP (ratio)",
+                rate(over_tls) / rate(&shadow).max(1e-9),
+                2,
+            );
+        cpu_rows(&mut report, "shadow over TLS", over_tls);
+    }
     cpu_rows(&mut report, "echo", &echo);
     if let (Some(baseline), Some(broker)) = (&baseline, run.baseline_broker) {
         report

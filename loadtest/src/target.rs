@@ -104,6 +104,21 @@ impl Target {
             .unwrap_or(0))
     }
 
+    /// Where devices connect: the plain MQTT listener, or with `tls` the TLS one of a server
+    /// this run started (whose CA it knows).
+    pub fn endpoint(&self, tls: bool) -> Result<crate::device::Endpoint> {
+        if !tls {
+            return Ok(self.mqtt.into());
+        }
+        let Some((addr, ca)) = self.child.as_ref().and_then(|c| c.mqtt_tls.clone()) else {
+            bail!("--tls needs a server this run starts (it writes that server's certificates)");
+        };
+        Ok(crate::device::Endpoint {
+            addr,
+            tls: Some(crate::device::ClientTls::trusting(&ca, "127.0.0.1")?),
+        })
+    }
+
     /// The server's pid: the child this run started, else the process listening on the MQTT
     /// port (if this user may see it).
     pub fn server_pid(&self) -> Option<u32> {

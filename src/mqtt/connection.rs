@@ -182,7 +182,7 @@ impl Conn {
 /// client then gets a "server busy" CONNACK.
 pub async fn serve(
     io: Transport,
-    listener: ListenerKind,
+    opened: super::transport::OpenGuard,
     certificate: Option<PeerCertificate>,
     peer: SocketAddr,
     ctx: Arc<MqttContext>,
@@ -194,7 +194,7 @@ pub async fn serve(
         read_buf: BytesMut::new(),
         write_buf: BytesMut::new(),
         peer,
-        listener,
+        listener: opened.kind(),
         certificate: certificate.map(Box::new),
         client_packet_bytes_max: None,
         aliases_out: HashMap::new(),
@@ -232,6 +232,7 @@ pub async fn serve(
         tracing::debug!(%peer, error = %e, "connection ended with an IO error");
     }
     drop(permit);
+    drop(opened);
 }
 
 /// Reads the CONNECT packet (choosing the protocol version from it).

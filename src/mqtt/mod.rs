@@ -277,14 +277,30 @@ async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 let permit = permits.clone().try_acquire_owned().ok();
-                tokio::spawn(open(
-                    stream,
-                    peer,
-                    listener.kind,
-                    listener.tls.clone(),
-                    ctx.clone(),
-                    permit,
-                ));
+                let opened = ctx.listeners.opened(listener.kind);
+                if let Err(e) = stream.set_nodelay(true) {
+                    tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
+                }
+                if listener.kind == ListenerKind::Tcp {
+                    // Spawned as it is: no wrapper future in every TCP connection's task.
+                    tokio::spawn(connection::serve(
+                        Transport::tcp(stream),
+                        opened,
+                        None,
+                        peer,
+                        ctx.clone(),
+                        permit,
+                    ));
+                } else {
+                    tokio::spawn(open(
+                        stream,
+                        peer,
+                        opened,
+                        listener.tls.clone(),
+                        ctx.clone(),
+                        permit,
+                    ));
+                }
             }
             Err(e) => {
                 // Out of file descriptors and the like: back off briefly rather than spin.
@@ -296,35 +312,26 @@ async fn accept_loop(
 }
 
 /// Runs what a listener puts under MQTT (TLS handshake, WebSocket upgrade), then the MQTT
-/// connection. Past the connection limit a TCP client is told so in a CONNACK; TLS and
-/// WebSocket clients are closed before their handshake, which would cost more than the answer.
+/// connection. Past the connection limit these clients are closed before their handshake,
+/// which would cost more than the answer (a TCP client is told so in a CONNACK).
 async fn open(
     stream: TcpStream,
     peer: std::net::SocketAddr,
-    kind: ListenerKind,
+    opened: transport::OpenGuard,
     tls: Option<Arc<Tls>>,
     ctx: Arc<MqttContext>,
     permit: Option<OwnedSemaphorePermit>,
 ) {
-    let listeners = ctx.listeners.clone();
-    let _open = listeners.opened(kind);
-    if let Err(e) = stream.set_nodelay(true) {
-        tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
+    let kind = opened.kind();
+    if permit.is_none() {
+        tracing::warn!(%peer, listener = kind.as_str(), "connection limit reached; closing before the handshake");
+        return;
     }
-    let (io, certificate) = if kind == ListenerKind::Tcp {
-        (Transport::tcp(stream), None)
-    } else {
-        if permit.is_none() {
-            tracing::warn!(%peer, listener = kind.as_str(), "connection limit reached; closing before the handshake");
-            return;
-        }
-        // Boxed: the handshakes' state is gone once the connection runs.
-        match Box::pin(handshake(stream, peer, kind, tls, &ctx)).await {
-            Some(opened) => opened,
-            None => return,
-        }
+    // Boxed: the handshakes' state is gone once the connection runs.
+    let Some((io, certificate)) = Box::pin(handshake(stream, peer, kind, tls, &ctx)).await else {
+        return;
     };
-    connection::serve(io, kind, certificate, peer, ctx, permit).await;
+    connection::serve(io, opened, certificate, peer, ctx, permit).await;
 }
 
 /// The TLS handshake and/or WebSocket upgrade of a new socket (bounded in time).
@@ -337,7 +344,10 @@ async fn handshake(
 ) -> Option<(Transport, Option<crate::tls::PeerCertificate>)> {
     let (stream, certificate): (Box<dyn transport::Io>, _) = match (kind, tls) {
         (ListenerKind::Tls | ListenerKind::Wss, Some(tls)) => {
-            let (stream, certificate) = tls.accept(kind.as_str(), stream).await.ok()?;
+            let (stream, certificate) = tls
+                .accept(kind.as_str(), crate::tls::Peers::Devices, stream)
+                .await
+                .ok()?;
             (Box::new(stream), certificate)
         }
         (ListenerKind::Tls | ListenerKind::Wss, None) => {

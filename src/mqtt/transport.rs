@@ -9,6 +9,7 @@
 //!   tungstenite answers pings by itself.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -88,20 +89,30 @@ impl ListenerStats {
     }
 
     /// Counts a socket as open until the guard is dropped.
-    pub fn opened(&self, kind: ListenerKind) -> OpenGuard<'_> {
+    pub fn opened(self: &Arc<Self>, kind: ListenerKind) -> OpenGuard {
         self.open[kind.index()].fetch_add(1, Ordering::Relaxed);
         self.accepted[kind.index()].fetch_add(1, Ordering::Relaxed);
-        OpenGuard { stats: self, kind }
+        OpenGuard {
+            stats: self.clone(),
+            kind,
+        }
     }
 }
 
 /// Decrements a listener's open-socket gauge when dropped.
-pub struct OpenGuard<'a> {
-    stats: &'a ListenerStats,
+pub struct OpenGuard {
+    stats: Arc<ListenerStats>,
     kind: ListenerKind,
 }
 
-impl Drop for OpenGuard<'_> {
+impl OpenGuard {
+    /// The listener.
+    pub fn kind(&self) -> ListenerKind {
+        self.kind
+    }
+}
+
+impl Drop for OpenGuard {
     fn drop(&mut self) {
         self.stats.open[self.kind.index()].fetch_sub(1, Ordering::Relaxed);
     }
@@ -145,11 +156,11 @@ impl Transport {
                     Err(e) => return Err(e),
                 }
             },
+            // Straight into the buffer: a stack chunk held across this await would sit in
+            // every connection's future (TCP ones too), 4 KiB each while idle.
             Transport::Stream(stream) => {
-                let mut chunk = [0u8; READ_CHUNK_BYTES];
-                let n = stream.read(&mut chunk).await?;
-                buf.extend_from_slice(&chunk[..n]);
-                Ok(n)
+                buf.reserve(READ_CHUNK_BYTES);
+                stream.read_buf(buf).await
             }
             Transport::WebSocket(ws) => loop {
                 match ws.next().await {
@@ -195,10 +206,11 @@ impl Transport {
                     Err(e) => return Err(e),
                 }
             },
-            Transport::Stream(stream) => stalled(stall, stream.write(bytes)).await,
+            // Boxed, as the TCP timer: only while writing.
+            Transport::Stream(stream) => Box::pin(stalled(stall, stream.write(bytes))).await,
             Transport::WebSocket(ws) => {
                 let message = Message::Binary(bytes::Bytes::copy_from_slice(bytes));
-                stalled(stall, ws.send(message)).await?;
+                Box::pin(stalled(stall, ws.send(message))).await?;
                 Ok(bytes.len())
             }
         }
@@ -208,8 +220,8 @@ impl Transport {
     pub async fn flush(&mut self, stall: Duration) -> std::io::Result<()> {
         match self {
             Transport::Tcp { .. } => Ok(()),
-            Transport::Stream(stream) => stalled(stall, stream.flush()).await,
-            Transport::WebSocket(ws) => stalled(stall, ws.flush())
+            Transport::Stream(stream) => Box::pin(stalled(stall, stream.flush())).await,
+            Transport::WebSocket(ws) => Box::pin(stalled(stall, ws.flush()))
                 .await
                 .map_err(std::io::Error::other),
         }
