@@ -415,6 +415,7 @@ pub async fn serve(
         listeners: mqtt_listener_stats.clone(),
     });
 
+    let hangups = crate::tls::hangups();
     let [http_addr, https_addr, mqtt_addr, mqtts_addr, ws_addr, wss_addr] = listening;
     tracing::info!(
         http = %http_addr,
@@ -433,11 +434,12 @@ pub async fn serve(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    if let Some(tls) = &tls {
+    {
+        // Also without TLS: a SIGHUP is then logged, not the end of the server.
         let tls = tls.clone();
         let interval = Duration::from_millis(config.tls_reload_check_interval_ms);
         node.spawn("TLS reload", move |stop| {
-            crate::tls::watch(tls, interval, stop)
+            crate::tls::watch(tls, hangups, interval, stop)
         });
     }
     mqtt::spawn_background(&mut node, &mqtt);

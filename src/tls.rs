@@ -437,21 +437,37 @@ fn build(settings: &TlsSettings, client_auth: ClientAuth) -> Result<ServerConfig
         .map_err(|e| config_error(e.to_string()))
 }
 
-/// Reloads `tls` on SIGHUP and whenever a file's modification time changes (checked every
-/// `check_interval`), until `stop`.
-pub async fn watch(
-    tls: Arc<Tls>,
-    check_interval: Duration,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
+/// SIGHUPs, listened for from the moment this is called (from then on one no longer ends the
+/// process). `None` where signals cannot be listened for.
+#[cfg(unix)]
+pub type Hangups = Option<tokio::signal::unix::Signal>;
+/// SIGHUPs (none on this platform).
+#[cfg(not(unix))]
+pub type Hangups = Option<()>;
+
+/// Starts listening for SIGHUP: call it before the server says it is listening, so a SIGHUP
+/// sent as soon as it is never meets the default action (the end of the process).
+pub fn hangups() -> Hangups {
     #[cfg(unix)]
-    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(signal) => Some(signal),
         Err(e) => {
             tracing::warn!(error = %e, "cannot listen for SIGHUP; TLS files reload on change only");
             None
         }
-    };
+    }
+    #[cfg(not(unix))]
+    None
+}
+
+/// Reloads `tls` on SIGHUP and whenever a file's modification time changes (checked every
+/// `check_interval`), until `stop`. Without TLS, a SIGHUP is logged and otherwise ignored.
+pub async fn watch(
+    tls: Option<Arc<Tls>>,
+    mut hangup: Hangups,
+    check_interval: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     let mut ticker = tokio::time::interval(check_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -465,16 +481,23 @@ pub async fn watch(
             }
         };
         #[cfg(not(unix))]
-        let hup = std::future::pending::<()>();
+        let hup = {
+            let _ = &mut hangup;
+            std::future::pending::<()>()
+        };
         let why = tokio::select! {
             () = hup => "SIGHUP",
             _ = ticker.tick() => {
-                if !tls.changed() {
+                if !tls.as_ref().is_some_and(|tls| tls.changed()) {
                     continue;
                 }
                 "a file changed"
             }
             _ = stop.wait_for(|s| *s) => return,
+        };
+        let Some(tls) = &tls else {
+            tracing::info!(why, "nothing to reload: no TLS listener is configured");
+            continue;
         };
         match tls.reload() {
             Ok(()) => tracing::info!(why, "TLS certificates reloaded"),

@@ -778,3 +778,24 @@ async fn a_handshake_flood_is_bounded_and_established_connections_keep_working()
         ConnectReturnCode::BadClientId,
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hangup_without_tls_is_logged_and_the_server_keeps_serving() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    server.hangup();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !server
+        .logs()
+        .iter()
+        .any(|line| line.contains("nothing to reload"))
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no log of the SIGHUP"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, _) = common::call(reqwest::Method::GET, &server.url("/healthz"), None).await;
+    assert_eq!(status, 200);
+}

@@ -233,7 +233,9 @@ async fn connection(
         None => serve_connection(stream, peer, router, config, stop, permit).await,
         Some(tls) => {
             // Boxed: the handshake's state is gone once the connection runs.
-            let Ok((stream, _)) = Box::pin(tls.accept("https", crate::tls::Peers::ApiClients, stream)).await else {
+            let Ok((stream, _)) =
+                Box::pin(tls.accept("https", crate::tls::Peers::ApiClients, stream)).await
+            else {
                 return;
             };
             serve_connection(stream, peer, router, config, stop, permit).await;
