@@ -181,7 +181,7 @@ async fn deadlines_that_passed_while_down_fire_right_after_restart() {
     }
     // "Down" for two minutes.
     clock.advance_ms(120_000);
-    let store = Store::open(&StoreConfig::new(dir.path())).expect("reopen");
+    let store = Store::reopen_in_process(&StoreConfig::new(dir.path())).expect("reopen");
     let node = start(&store, clock.clone()).await;
     let registry = node.registry().clone();
     wait_until("no fire after restart", || {

@@ -94,7 +94,7 @@ async fn state_and_versions_survive_a_restart() {
             .await
             .expect("shutdown");
     }
-    let store = Store::open(&StoreConfig::new(dir.path())).expect("reopen");
+    let store = Store::reopen_in_process(&StoreConfig::new(dir.path())).expect("reopen");
     let node = start(&store, RegistryConfig::default(), 500).await;
     let registry = node.registry().clone();
     assert_eq!(shadow_version(&registry, "t1").await, 5);

@@ -290,13 +290,23 @@ pub(crate) fn thing_key(name: &str) -> Result<Vec<u8>, StorageError> {
 /// handle is gone, a moment after `drop` returns.
 #[cfg(test)]
 pub(crate) fn reopen(dir: &Path) -> Store {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
-        match Store::open(&StoreConfig::new(dir)) {
-            Err(StorageError::Locked(_)) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(std::time::Duration::from_millis(10));
+    Store::reopen_in_process(&StoreConfig::new(dir)).expect("reopen")
+}
+
+impl Store {
+    /// Opens a store this process just closed, waiting (at most 5 s) while sled still holds
+    /// the previous handle's file lock: sled releases it from its own threads a moment after
+    /// the last handle is dropped. For tests that restart in one process.
+    #[cfg(any(test, feature = "test-util"))]
+    pub fn reopen_in_process(config: &StoreConfig) -> Result<Store, StorageError> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match Store::open(config) {
+                Err(StorageError::Locked(_)) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                opened => return opened,
             }
-            opened => return opened.expect("reopen"),
         }
     }
 }
