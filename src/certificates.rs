@@ -102,7 +102,7 @@ pub enum CertificateError {
         fingerprint: String,
     },
     /// The Thing has as many certificates as it may.
-    #[error("'{0}' has {1} certificates registered, the most a Thing may (revoked ones count; delete the Thing's old ones by re-creating the Thing)")]
+    #[error("'{0}' has {1} certificates registered, the most a Thing may (thing_certificates_max; revoked ones count)")]
     Full(String, usize),
     /// Storage failed.
     #[error(transparent)]
@@ -125,7 +125,13 @@ pub enum Standing {
 pub struct DeviceCertificates {
     store: Store,
     per_thing_max: usize,
+    /// Registrations and removals one at a time (with the Thing check or deletion that goes
+    /// with them), so neither the per-Thing bound nor a Thing's deletion can be raced.
+    edits: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
+
+/// Records read per page when all of a Thing's certificates are read.
+const SCAN_PAGE: usize = 256;
 
 /// Checks a fingerprint's form: 64 hex digits (any case; stored lower-case), `:` separators
 /// allowed as `openssl x509 -fingerprint -sha256` prints them.
@@ -149,6 +155,30 @@ impl DeviceCertificates {
         DeviceCertificates {
             store,
             per_thing_max,
+            edits: std::sync::Arc::default(),
+        }
+    }
+
+    /// Holds off every other registration and removal while the guard lives: a caller checks
+    /// that the Thing exists (or deletes it) under it.
+    pub async fn edit(&self) -> tokio::sync::OwnedMutexGuard<()> {
+        self.edits.clone().lock_owned().await
+    }
+
+    /// Every record of `thing` (all of them, whatever the bound is now), by key.
+    fn records(&self, thing: &str) -> Result<Vec<(String, Vec<u8>)>, CertificateError> {
+        let prefix = Self::prefix(thing);
+        let mut all = Vec::new();
+        loop {
+            let after = all.last().map(|(key, _): &(String, Vec<u8>)| key.clone());
+            let page = self
+                .store
+                .kv_scan_prefix_after(&prefix, after.as_deref(), SCAN_PAGE)?;
+            let full = page.len() == SCAN_PAGE;
+            all.extend(page);
+            if !full {
+                return Ok(all);
+            }
         }
     }
 
@@ -201,7 +231,8 @@ impl DeviceCertificates {
         }
     }
 
-    /// Registers `fingerprint` for `thing` (the caller checked that the Thing exists).
+    /// Registers `fingerprint` for `thing` (the caller holds [`Self::edit`] and checked that
+    /// the Thing exists).
     pub async fn register(
         &self,
         thing: &str,
@@ -217,11 +248,7 @@ impl DeviceCertificates {
                 status: existing.status,
             });
         }
-        let registered = self
-            .store
-            .kv_scan_prefix(&Self::prefix(thing), self.per_thing_max)?
-            .len();
-        if registered >= self.per_thing_max {
+        if self.records(thing)?.len() >= self.per_thing_max {
             return Err(CertificateError::Full(thing.to_owned(), self.per_thing_max));
         }
         let record = CertificateRecord {
@@ -249,13 +276,14 @@ impl DeviceCertificates {
         Ok(Self::view(thing, &fingerprint, &record))
     }
 
-    /// Revokes `fingerprint` of `thing` (durably); revoking a revoked one changes nothing.
+    /// Revokes `fingerprint` of `thing` (durably); revoking a revoked one changes nothing. The
+    /// flag says whether this call revoked it.
     pub async fn revoke(
         &self,
         thing: &str,
         fingerprint: &str,
         now_ms: u64,
-    ) -> Result<CertificateView, CertificateError> {
+    ) -> Result<(CertificateView, bool), CertificateError> {
         let fingerprint = normalize_fingerprint(fingerprint)?;
         let Some(mut record) = self.read(thing, &fingerprint)? else {
             return Err(CertificateError::NotFound {
@@ -263,14 +291,15 @@ impl DeviceCertificates {
                 fingerprint,
             });
         };
-        if record.status == CertificateStatus::Active {
+        let active = record.status == CertificateStatus::Active;
+        if active {
             record.status = CertificateStatus::Revoked;
             record.revoked_at_ms = Some(now_ms);
             self.store
                 .kv_put(&Self::key(thing, &fingerprint), Self::encode(&record)?)
                 .await?;
         }
-        Ok(Self::view(thing, &fingerprint, &record))
+        Ok((Self::view(thing, &fingerprint, &record), active))
     }
 
     /// One certificate of `thing`.
@@ -287,8 +316,7 @@ impl DeviceCertificates {
     /// Every certificate of `thing`, by fingerprint.
     pub fn list(&self, thing: &str) -> Result<Vec<CertificateView>, CertificateError> {
         let prefix = Self::prefix(thing);
-        self.store
-            .kv_scan_prefix(&prefix, self.per_thing_max)?
+        self.records(thing)?
             .into_iter()
             .map(|(key, bytes)| {
                 let record = Self::decode(&key, &bytes)?;
@@ -321,11 +349,11 @@ impl DeviceCertificates {
         Ok(any.then(|| digest.finalize().into()))
     }
 
-    /// Removes every certificate of `thing` (the Thing was deleted); returns how many.
+    /// Removes every certificate of `thing` (it is being deleted; the caller holds
+    /// [`Self::edit`]); returns how many.
     pub async fn remove_all(&self, thing: &str) -> Result<usize, CertificateError> {
         let keys: Vec<String> = self
-            .store
-            .kv_scan_prefix(&Self::prefix(thing), self.per_thing_max)?
+            .records(thing)?
             .into_iter()
             .map(|(key, _)| key)
             .collect();
@@ -390,8 +418,11 @@ mod tests {
         );
         let before = certs.active_digest("dev-1").expect("digest");
         assert!(before.is_some());
-        let revoked = certs.revoke("dev-1", &fp, 20).await.expect("revoke");
+        let (revoked, changed) = certs.revoke("dev-1", &fp, 20).await.expect("revoke");
+        assert!(changed);
         assert_eq!(revoked.status, CertificateStatus::Revoked);
+        let (_, again) = certs.revoke("dev-1", &fp, 21).await.expect("revoke again");
+        assert!(!again, "revoking a revoked certificate changes nothing");
         assert_eq!(revoked.revoked_at_ms, Some(20));
         assert_eq!(
             certs.standing("dev-1", &fp).expect("read"),

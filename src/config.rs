@@ -44,6 +44,10 @@ pub struct Config {
     pub mqtt_wss_listen: Option<SocketAddr>,
     /// The HTTP path of MQTT over WebSocket.
     pub mqtt_ws_path: String,
+    /// Web origins (`https://console.example.com`) whose pages may have a browser's client
+    /// certificate taken as a device's identity over WebSocket; from any other page (an upgrade
+    /// with an `Origin` header) the certificate is ignored and the client must log in.
+    pub mqtt_ws_origins_allowed: Vec<String>,
     /// The server certificate, PEM (the chain may follow it in the file).
     pub tls_cert_file: Option<PathBuf>,
     /// The server certificate's private key, PEM.
@@ -280,6 +284,7 @@ impl Default for Config {
             mqtt_ws_listen: None,
             mqtt_wss_listen: None,
             mqtt_ws_path: "/mqtt".into(),
+            mqtt_ws_origins_allowed: Vec::new(),
             tls_cert_file: None,
             tls_key_file: None,
             tls_client_ca_file: None,

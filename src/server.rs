@@ -411,6 +411,7 @@ pub async fn serve(
             write_stall_max: Duration::from_millis(config.mqtt_write_stall_max_ms),
             subscribe_durable_wait: Duration::from_millis(config.mqtt_subscribe_durable_wait_ms),
             ws_path: config.mqtt_ws_path.clone(),
+            ws_origins_allowed: config.mqtt_ws_origins_allowed.clone(),
         },
         listeners: mqtt_listener_stats.clone(),
     });

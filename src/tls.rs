@@ -5,8 +5,9 @@
 //!
 //! - rustls only (TLS 1.2 and 1.3, the ring provider), no OpenSSL.
 //! - A handshake has `handshake_timeout` to finish, and at most `handshakes_max` run at once
-//!   (past it a new socket is closed at once), so a flood of slow or half-open handshakes cannot
-//!   starve established connections.
+//!   on the device listeners and as many on HTTPS (past it a new socket is closed at once), so
+//!   a flood of slow or half-open handshakes cannot starve established connections, nor lock
+//!   operators out of HTTPS.
 //! - [`Tls::reload`] reads the files again and swaps the configuration in for new handshakes;
 //!   established connections keep theirs. A file that fails to load keeps the previous
 //!   configuration (logged); at start-up it fails the start with a message naming the file.
@@ -67,7 +68,8 @@ pub struct TlsSettings {
     pub client_identity: ClientIdentity,
     /// Time a handshake has to finish.
     pub handshake_timeout: Duration,
-    /// Handshakes in progress at once.
+    /// Handshakes in progress at once, on the device listeners (MQTT over TLS, secure
+    /// WebSocket) together, and apart from them on HTTPS.
     pub handshakes_max: usize,
 }
 
@@ -169,7 +171,10 @@ pub struct Tls {
     settings: TlsSettings,
     current: RwLock<Arc<Configs>>,
     stamps: Mutex<Stamps>,
-    handshakes: Arc<Semaphore>,
+    /// Handshakes in progress, devices' and API clients' apart: a flood on the device port
+    /// cannot lock operators out of HTTPS.
+    device_handshakes: Arc<Semaphore>,
+    api_handshakes: Arc<Semaphore>,
     /// Handshake outcomes.
     pub stats: TlsStats,
 }
@@ -221,7 +226,8 @@ impl Tls {
         let config = build_both(&settings)?;
         let stamps = stamps(&settings);
         Ok(Arc::new(Tls {
-            handshakes: Arc::new(Semaphore::new(settings.handshakes_max)),
+            device_handshakes: Arc::new(Semaphore::new(settings.handshakes_max)),
+            api_handshakes: Arc::new(Semaphore::new(settings.handshakes_max)),
             settings,
             current: RwLock::new(Arc::new(config)),
             stamps: Mutex::new(stamps),
@@ -280,7 +286,11 @@ impl Tls {
         stream: TcpStream,
     ) -> Result<(TlsStream<TcpStream>, Option<PeerCertificate>), HandshakeFailed> {
         let peer = stream.peer_addr().ok();
-        let Ok(_permit) = self.handshakes.clone().try_acquire_owned() else {
+        let handshakes = match peers {
+            Peers::Devices => &self.device_handshakes,
+            Peers::ApiClients => &self.api_handshakes,
+        };
+        let Ok(_permit) = handshakes.clone().try_acquire_owned() else {
             self.stats.failed_busy.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(
                 ?peer,

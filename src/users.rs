@@ -400,12 +400,12 @@ impl MqttUsers {
         Some(self.authenticated(username, record))
     }
 
-    /// The registered Thing's `mqttClientId`, if it is registered (and its record readable).
     /// Whether `thing` is registered.
     pub fn thing_registered(&self, thing: &str) -> Result<bool, UserError> {
         Ok(self.store.get_thing(thing)?.is_some())
     }
 
+    /// The registered Thing's `mqttClientId`, if it is registered (and its record readable).
     fn thing_client_id(&self, thing: &str) -> Option<String> {
         let bytes = self.store.get_thing(thing).ok().flatten()?;
         match thinghub_actors::codec::decode_index_record(thing, &bytes) {

@@ -374,7 +374,7 @@ async fn a_device_certificate_is_its_things_identity_until_revoked() {
     let server = start(
         dir.path(),
         &certs,
-        &["mqtt-tls-listen", "http-tls-listen"],
+        &["mqtt-tls-listen", "http-tls-listen", "mqtt-wss-listen"],
         "optional",
     );
     let https = certs.https();
@@ -442,6 +442,45 @@ async fn a_device_certificate_is_its_things_identity_until_revoked() {
     assert_eq!(registered["fingerprint"], certs.device_fingerprint.as_str());
     assert_eq!(registered["status"], "ACTIVE");
     assert_eq!(registered["subjectName"], "dev-1");
+
+    // Over secure WebSocket too, but not from a browser page of an origin not allowed: a
+    // browser shows its certificate to any page.
+    let wss = server.listener("mqtt_wss");
+    let over_wss = |origin: Option<&'static str>| {
+        let tls = certs.client_tls(true);
+        async move {
+            Client::connect_to(
+                &format!("wss://127.0.0.1:{}/mqtt", wss.port()),
+                wss.port(),
+                "dev-1",
+                None,
+                move |options| {
+                    options.set_transport(Transport::Wss(tls));
+                    if let Some(origin) = origin {
+                        options.set_request_modifier(move |mut request| async move {
+                            request.headers_mut().insert(
+                                "origin",
+                                tokio_tungstenite::tungstenite::http::HeaderValue::from_static(
+                                    origin,
+                                ),
+                            );
+                            request
+                        });
+                    }
+                },
+            )
+            .await
+            .map(|(client, _)| client)
+        }
+    };
+    refused_with(
+        over_wss(Some("https://elsewhere.example")).await,
+        ConnectReturnCode::NotAuthorized,
+    );
+    over_wss(None)
+        .await
+        .expect("the certificate over secure WebSocket")
+        .kill();
 
     // Now the certificate is the device: no password, its Thing's topics only.
     let mut device = tls_client(&server, "dev-1", None, certs.client_tls(true))
@@ -531,6 +570,28 @@ async fn a_device_certificate_is_its_things_identity_until_revoked() {
     .await;
     assert_eq!(status, 403);
 
+    // Revoking another of the Thing's certificates leaves this connection alone.
+    let other = "ab".repeat(32);
+    let (status, _) = https_call(
+        &https,
+        &server,
+        reqwest::Method::POST,
+        certificates,
+        Some(json!({"fingerprint": other})),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let (status, _) = https_call(
+        &https,
+        &server,
+        reqwest::Method::POST,
+        &format!("{certificates}/{other}/revoke"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    shadow_round_trip(&mut device, "dev-1", 2).await;
+
     // Revocation: the live connection closes, and the certificate is refused from then on.
     let fingerprint = certs.device_fingerprint.clone();
     let (status, revoked) = https_call(
@@ -563,7 +624,13 @@ async fn a_device_certificate_is_its_things_identity_until_revoked() {
     let (status, list) =
         https_call(&https, &server, reqwest::Method::GET, certificates, None).await;
     assert_eq!(status, 200);
-    assert_eq!(list["items"][0]["status"], "REVOKED", "{list}");
+    let statuses: Vec<&Value> = list["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|c| &c["status"])
+        .collect();
+    assert_eq!(statuses, vec!["REVOKED", "REVOKED"], "{list}");
 
     // Deleting the Thing removes its certificates: a new Thing of that name has none.
     let (status, _) = https_call(
@@ -733,8 +800,9 @@ async fn a_handshake_flood_is_bounded_and_established_connections_keep_working()
         dir.path(),
         &format!(
             "http_listen = \"127.0.0.1:0\"\nmqtt_listen = \"127.0.0.1:0\"\n\
-             mqtt_tls_listen = \"127.0.0.1:0\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n\
-             tls_handshakes_max = 4\ntls_handshake_timeout_ms = 1000\n",
+             mqtt_tls_listen = \"127.0.0.1:0\"\nhttp_tls_listen = \"127.0.0.1:0\"\n\
+             tls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n\
+             tls_handshakes_max = 4\ntls_handshake_timeout_ms = 5000\n",
             certs.path("server.pem"),
             certs.path("server.key"),
         ),
@@ -748,8 +816,8 @@ async fn a_handshake_flood_is_bounded_and_established_connections_keep_working()
     )
     .await
     .expect("TLS connect");
-    // Sockets that open and never say hello: four hold every handshake slot, the rest are
-    // closed at once, and the four are dropped at the handshake timeout.
+    // Sockets that open and never say hello: four hold every device handshake slot (for 5 s),
+    // the rest are closed at once, and the four are dropped at the handshake timeout.
     let tls = server.listener("mqtt_tls");
     let mut silent = Vec::new();
     for _ in 0..12 {
@@ -759,8 +827,17 @@ async fn a_handshake_flood_is_bounded_and_established_connections_keep_working()
         m["tlsHandshakeFailures"]["busy"].as_u64() >= Some(8)
     })
     .await;
-    // The established connection is served meanwhile.
+    // The established connection is served meanwhile, and HTTPS has handshakes of its own.
     shadow_round_trip(&mut device, "dev-1", 5).await;
+    let (status, _) = https_call(
+        &certs.https(),
+        &server,
+        reqwest::Method::GET,
+        "/api/v1/things/dev-1",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "HTTPS during a device handshake flood");
     metrics_until(&server, "the handshake timeouts", |m| {
         m["tlsHandshakeFailures"]["timeout"].as_u64() >= Some(4)
     })
@@ -798,4 +875,109 @@ async fn a_hangup_without_tls_is_logged_and_the_server_keeps_serving() {
     }
     let (status, _) = common::call(reqwest::Method::GET, &server.url("/healthz"), None).await;
     assert_eq!(status, 200);
+}
+
+/// An MQTT 3.1.1 packet: fixed header byte, remaining length (< 128 here), body.
+fn packet(first: u8, body: &[u8]) -> Vec<u8> {
+    assert!(body.len() < 128);
+    let mut out = vec![first, body.len() as u8];
+    out.extend_from_slice(body);
+    out
+}
+
+/// A length-prefixed MQTT string.
+fn mqtt_str(text: &str) -> Vec<u8> {
+    let mut out = (text.len() as u16).to_be_bytes().to_vec();
+    out.extend_from_slice(text.as_bytes());
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_framing_packets_across_and_within_messages() {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &["--mqtt-ws-listen", "127.0.0.1:0"]);
+    common::create(
+        &server,
+        "/api/v1/authentication/users",
+        json!({"username": "app", "password": "app-pw", "superuser": true}),
+    )
+    .await;
+    let ws = server.listener("mqtt_ws");
+    let connect_ws = || async {
+        let mut request = format!("ws://127.0.0.1:{}/mqtt", ws.port())
+            .into_client_request()
+            .expect("request");
+        request.headers_mut().insert(
+            "sec-websocket-protocol",
+            tokio_tungstenite::tungstenite::http::HeaderValue::from_static("mqtt"),
+        );
+        let stream = tokio::net::TcpStream::connect(ws).await.expect("connect");
+        let (socket, response) = tokio_tungstenite::client_async(request, stream)
+            .await
+            .expect("upgrade");
+        assert_eq!(
+            response.headers()["sec-websocket-protocol"],
+            "mqtt",
+            "the subprotocol is echoed"
+        );
+        socket
+    };
+    let mut socket = connect_ws().await;
+    // CONNECT (3.1.1, clean, username + password) split over two binary messages.
+    let mut body = mqtt_str("MQTT");
+    body.extend_from_slice(&[4, 0b1100_0010, 0, 30]);
+    body.extend(mqtt_str("raw-ws"));
+    body.extend(mqtt_str("app"));
+    body.extend(mqtt_str("app-pw"));
+    let connect = packet(0x10, &body);
+    let (first, second) = connect.split_at(7);
+    for part in [first, second] {
+        socket
+            .send(Message::Binary(part.to_vec().into()))
+            .await
+            .expect("send");
+    }
+    // Then SUBSCRIBE and PINGREQ in one message.
+    let mut subscribe = vec![0, 1];
+    subscribe.extend(mqtt_str("raw/ws"));
+    subscribe.push(1);
+    let mut both = packet(0x82, &subscribe);
+    both.extend(packet(0xC0, &[]));
+    socket
+        .send(Message::Binary(both.into()))
+        .await
+        .expect("send");
+    // CONNACK, SUBACK and PINGRESP arrive, however the server frames them.
+    let mut received = Vec::new();
+    let want = [0x20, 2, 0, 0, 0x90, 3, 0, 1, 1, 0xD0, 0];
+    while received.len() < want.len() {
+        match tokio::time::timeout(WAIT, socket.next())
+            .await
+            .expect("in time")
+        {
+            Some(Ok(Message::Binary(bytes))) => received.extend_from_slice(&bytes),
+            Some(Ok(_)) => {}
+            other => panic!("connection ended: {other:?}"),
+        }
+    }
+    assert_eq!(received, want);
+    // A text message is not MQTT: the server closes the connection.
+    socket
+        .send(Message::Text("hello".into()))
+        .await
+        .expect("send");
+    let closed = tokio::time::timeout(WAIT, async {
+        loop {
+            match socket.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "a text message closes the connection");
 }

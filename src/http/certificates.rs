@@ -89,6 +89,8 @@ pub async fn register(
     Path(thing): Path<String>,
     JsonBody(body): JsonBody<RegisterCertificate>,
 ) -> Result<Response, ApiError> {
+    // The Thing is checked and the record written with no deletion of the Thing in between.
+    let _edit = state.users.certificates().edit().await;
     registered(&state, &thing)?;
     let (fingerprint, subject_name) = match (body.certificate_pem, body.fingerprint) {
         (Some(pem), None) => {
@@ -206,21 +208,38 @@ pub async fn revoke(
     Path((thing, fingerprint)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
     registered(&state, &thing)?;
-    let view = state
+    let (view, revoked) = state
         .users
         .certificates()
         .revoke(&thing, &fingerprint, SystemClock.now_ms())
         .await?;
-    tracing::info!(%thing, fingerprint = %view.fingerprint, "device certificate revoked");
-    // The Thing's certificate connections close now (a device with another active
-    // certificate reconnects and keeps its session; with none left the session goes).
-    crate::mqtt::revoke_user(
-        &state.broker,
-        &state.acl,
-        &state.users,
-        &certificate_owner(&thing),
-    );
+    if revoked {
+        tracing::info!(%thing, fingerprint = %view.fingerprint, "device certificate revoked");
+        close_connections_of(&state, &thing, &view.fingerprint);
+    }
     Ok(Json(json!(view)))
+}
+
+/// Closes what a revoked certificate still holds: the Thing's connection if it is made with that
+/// certificate; with no active certificate left, also the Thing's certificate sessions.
+fn close_connections_of(state: &AppState, thing: &str, fingerprint: &str) {
+    let owner = certificate_owner(thing);
+    let close = match state.users.rights(&owner) {
+        // Another certificate is still active: only a connection made with this one closes.
+        Ok(Some(rights)) => rights
+            .thing_client_id
+            .and_then(|client_id| state.broker.client(&client_id))
+            .is_some_and(|client| {
+                client.connected
+                    && client.username.as_deref() == Some(owner.as_str())
+                    && client.certificate_fingerprint.as_deref() == Some(fingerprint)
+            }),
+        // None left (or unreadable: fail closed): every certificate session goes.
+        Ok(None) | Err(_) => true,
+    };
+    if close {
+        crate::mqtt::revoke_user(&state.broker, &state.acl, &state.users, &owner);
+    }
 }
 
 impl From<UserError> for CertificateError {

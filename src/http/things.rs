@@ -169,6 +169,8 @@ pub async fn delete(
     // Its device certificates go first: a crash in between leaves a Thing without them (its
     // device refused until an operator registers one again), never certificates that would
     // let a device in as a new Thing of the same name.
+    // Under the registry's edit lock: no registration can slip in between.
+    let _edit = state.users.certificates().edit().await;
     let removed = state
         .users
         .certificates()

@@ -62,6 +62,9 @@ pub struct ConnectionConfig {
     pub subscribe_durable_wait: Duration,
     /// The HTTP path MQTT over WebSocket is served on.
     pub ws_path: String,
+    /// Browser origins whose pages may use a client certificate as the identity over
+    /// WebSocket (`mqtt_ws_origins_allowed`).
+    pub ws_origins_allowed: Vec<String>,
 }
 
 /// What every connection shares.
@@ -187,6 +190,7 @@ pub async fn serve(
     peer: SocketAddr,
     ctx: Arc<MqttContext>,
     permit: Option<OwnedSemaphorePermit>,
+    accepted_at: Instant,
 ) {
     let mut conn = Conn {
         version: Version::V311,
@@ -205,8 +209,9 @@ pub async fn serve(
         traffic: ctx.broker.stats.traffic.clone(),
         c8y_prefix: None,
     };
-    let connect = match tokio::time::timeout(
-        ctx.config.connect_timeout,
+    // The connect timeout counts from the accept, TLS handshake and WebSocket upgrade included.
+    let connect = match tokio::time::timeout_at(
+        accepted_at + ctx.config.connect_timeout,
         Box::pin(read_connect(&mut conn, &ctx)),
     )
     .await

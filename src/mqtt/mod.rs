@@ -290,6 +290,7 @@ async fn accept_loop(
                         peer,
                         ctx.clone(),
                         permit,
+                        tokio::time::Instant::now(),
                     ));
                 } else {
                     tokio::spawn(open(
@@ -299,6 +300,7 @@ async fn accept_loop(
                         listener.tls.clone(),
                         ctx.clone(),
                         permit,
+                        stop.clone(),
                     ));
                 }
             }
@@ -321,17 +323,25 @@ async fn open(
     tls: Option<Arc<Tls>>,
     ctx: Arc<MqttContext>,
     permit: Option<OwnedSemaphorePermit>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    let accepted_at = tokio::time::Instant::now();
     let kind = opened.kind();
     if permit.is_none() {
         tracing::warn!(%peer, listener = kind.as_str(), "connection limit reached; closing before the handshake");
         return;
     }
-    // Boxed: the handshakes' state is gone once the connection runs.
-    let Some((io, certificate)) = Box::pin(handshake(stream, peer, kind, tls, &ctx)).await else {
+    // Boxed: the handshakes' state is gone once the connection runs. A shutdown ends it (the
+    // broker's close reaches only connections past CONNECT).
+    let opening = Box::pin(handshake(stream, peer, kind, tls, &ctx, accepted_at));
+    let opened_io = tokio::select! {
+        opened_io = opening => opened_io,
+        _ = stop.wait_for(|stop| *stop) => return,
+    };
+    let Some((io, certificate)) = opened_io else {
         return;
     };
-    connection::serve(io, opened, certificate, peer, ctx, permit).await;
+    connection::serve(io, opened, certificate, peer, ctx, permit, accepted_at).await;
 }
 
 /// The TLS handshake and/or WebSocket upgrade of a new socket (bounded in time).
@@ -341,6 +351,7 @@ async fn handshake(
     kind: ListenerKind,
     tls: Option<Arc<Tls>>,
     ctx: &MqttContext,
+    accepted_at: tokio::time::Instant,
 ) -> Option<(Transport, Option<crate::tls::PeerCertificate>)> {
     let (stream, certificate): (Box<dyn transport::Io>, _) = match (kind, tls) {
         (ListenerKind::Tls | ListenerKind::Wss, Some(tls)) => {
@@ -362,15 +373,26 @@ async fn handshake(
     if kind == ListenerKind::Tls {
         return Some((Transport::Stream(stream), certificate));
     }
-    // The upgrade counts against the time a client has to send CONNECT.
+    // The upgrade counts against the time a client has to send CONNECT (from the accept).
     let upgrade = transport::accept_websocket(
         stream,
         &ctx.config.ws_path,
         // A message may hold a whole packet and a bit of the next.
         ctx.config.packet_bytes_max.saturating_mul(2),
     );
-    match tokio::time::timeout(ctx.config.connect_timeout, upgrade).await {
-        Ok(Ok(ws)) => Some((Transport::WebSocket(Box::new(ws)), certificate)),
+    match tokio::time::timeout_at(accepted_at + ctx.config.connect_timeout, upgrade).await {
+        Ok(Ok((ws, origin))) => {
+            // A browser presents its certificate to any page's WebSocket: from a page whose
+            // origin is not allowed, the certificate is no identity (its user logs in).
+            let certificate = match (certificate, origin) {
+                (Some(cert), Some(origin)) if !ctx.config.ws_origins_allowed.contains(&origin) => {
+                    tracing::info!(%peer, %origin, fingerprint = %cert.fingerprint, "client certificate from a browser page of an origin not in mqtt_ws_origins_allowed: not used as the identity");
+                    None
+                }
+                (certificate, _) => certificate,
+            };
+            Some((Transport::WebSocket(Box::new(ws)), certificate))
+        }
         Ok(Err(e)) => {
             ctx.listeners
                 .ws_upgrades_refused

@@ -271,9 +271,15 @@ where
     }
 }
 
+/// tungstenite's read buffer per WebSocket connection.
+const WS_READ_BUFFER_BYTES: usize = 4096;
+
 /// The WebSocket subprotocols MQTT clients ask for: `mqtt` (MQTT 3.1.1 and 5.0) and the
 /// `mqttv3.1` of older clients.
 const MQTT_SUBPROTOCOLS: [&str; 2] = ["mqtt", "mqttv3.1"];
+
+/// An accepted WebSocket and the `Origin` its upgrade request carried (a browser page's).
+pub type Upgraded = (WebSocketStream<Box<dyn Io>>, Option<String>);
 
 /// Answers a WebSocket upgrade on `stream`: the request must be for `path` and offer an MQTT
 /// subprotocol (echoed back); anything else gets a 4xx answer naming what was wrong.
@@ -281,10 +287,16 @@ pub async fn accept_websocket(
     stream: Box<dyn Io>,
     path: &str,
     message_bytes_max: usize,
-) -> Result<WebSocketStream<Box<dyn Io>>, String> {
+) -> Result<Upgraded, String> {
+    let mut origin = None;
     // The callback's type is tungstenite's (its error is an HTTP response).
     #[allow(clippy::result_large_err)]
     let check = |request: &Request, mut response: Response| -> Result<Response, ErrorResponse> {
+        origin = request
+            .headers()
+            .get("origin")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let refuse = |status: StatusCode, why: String| {
             let mut answer = ErrorResponse::new(Some(why));
             *answer.status_mut() = status;
@@ -320,10 +332,16 @@ pub async fn accept_websocket(
         }
         Ok(response)
     };
+    // tungstenite allocates its read buffer up front (128 KiB by default) and keeps its write
+    // buffer at its largest: small and written through, an idle connection holds 4 KiB.
     let config = WebSocketConfig::default()
+        .read_buffer_size(WS_READ_BUFFER_BYTES)
+        .write_buffer_size(0)
+        .max_write_buffer_size(message_bytes_max.saturating_mul(2))
         .max_message_size(Some(message_bytes_max))
         .max_frame_size(Some(message_bytes_max));
-    tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(config))
+    let ws = tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(config))
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    Ok((ws, origin))
 }
