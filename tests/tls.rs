@@ -142,6 +142,18 @@ async fn tls_client(
     .map(|(client, _)| client)
 }
 
+/// dev-1 over TLS with its password (user `dev-1`, `dev-pw`) and no client certificate.
+async fn password_device(server: &Server, certs: &Certs) -> Client {
+    tls_client(
+        server,
+        "dev-1",
+        Some(("dev-1", "dev-pw")),
+        certs.client_tls(false),
+    )
+    .await
+    .expect("TLS connect with a password")
+}
+
 fn refused_with(result: Result<Client, ConnectionError>, code: ConnectReturnCode) {
     match result {
         Err(ConnectionError::ConnectionRefused(got)) => assert_eq!(got, code),
@@ -227,14 +239,7 @@ async fn tls_https_and_websocket_listeners_serve_one_broker() {
     }
 
     // A device over TLS with a password (no client certificate: optional).
-    let mut device = tls_client(
-        &server,
-        "dev-1",
-        Some(("dev-1", "dev-pw")),
-        certs.client_tls(false),
-    )
-    .await
-    .expect("TLS connect with a password");
+    let mut device = password_device(&server, &certs).await;
     // The backend over WebSocket sees what the TLS device does (one broker).
     let ws = server.listener("mqtt_ws");
     let (mut app, _) = Client::connect_to(
@@ -808,14 +813,7 @@ async fn a_handshake_flood_is_bounded_and_established_connections_keep_working()
         ),
     );
     common::register_device(&server, "dev-1", "dev-pw").await;
-    let mut device = tls_client(
-        &server,
-        "dev-1",
-        Some(("dev-1", "dev-pw")),
-        certs.client_tls(false),
-    )
-    .await
-    .expect("TLS connect");
+    let mut device = password_device(&server, &certs).await;
     // Sockets that open and never say hello: four hold every device handshake slot (for 5 s),
     // the rest are closed at once, and the four are dropped at the handshake timeout.
     let tls = server.listener("mqtt_tls");

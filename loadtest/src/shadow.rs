@@ -430,15 +430,15 @@ pub async fn run(
     let operator_every =
         (run.desired_share > 0.0).then(|| (1.0 / run.desired_share).round().max(1.0) as u64);
     let server_pid = target.server_pid();
-    let shadow = {
+    let shadow_phase = |endpoint: Endpoint, label: &'static str| {
         let target = target.clone();
         phase(
-            target.mqtt,
+            endpoint,
             bench.clone(),
             run.devices,
             run.seconds,
             run.rate,
-            "shadow",
+            label,
             move |i| Work::Shadow {
                 thing: format!("bench-{i}"),
                 http: operator_every.map(|every| (target.clone(), every)),
@@ -446,27 +446,10 @@ pub async fn run(
             None,
             server_pid,
         )
-        .await?
     };
+    let shadow = shadow_phase(target.mqtt.into(), "shadow").await?;
     let over_tls = if run.tls {
-        let target = target.clone();
-        Some(
-            phase(
-                target.endpoint(true)?,
-                bench.clone(),
-                run.devices,
-                run.seconds,
-                run.rate,
-                "shadow-tls",
-                move |i| Work::Shadow {
-                    thing: format!("bench-{i}"),
-                    http: operator_every.map(|every| (target.clone(), every)),
-                },
-                None,
-                server_pid,
-            )
-            .await?,
-        )
+        Some(shadow_phase(target.endpoint(true)?, "shadow-tls").await?)
     } else {
         None
     };
