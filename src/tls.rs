@@ -235,11 +235,6 @@ impl Tls {
         }))
     }
 
-    /// Where client certificates name their device.
-    pub fn client_identity(&self) -> ClientIdentity {
-        self.settings.client_identity
-    }
-
     /// Reads the files again; on success new handshakes use them (established connections keep
     /// theirs), on failure the previous configuration stays.
     pub fn reload(&self) -> Result<(), TlsError> {
@@ -339,7 +334,7 @@ impl Tls {
 }
 
 /// The fingerprint and device name of a DER certificate.
-pub fn peer_certificate(der: &[u8], identity: ClientIdentity) -> PeerCertificate {
+fn peer_certificate(der: &[u8], identity: ClientIdentity) -> PeerCertificate {
     PeerCertificate {
         fingerprint: fingerprint(der),
         name: certificate_name(der, identity),

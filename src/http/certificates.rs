@@ -15,7 +15,7 @@ use super::openapi::ErrorBody;
 #[allow(unused_imports)]
 use super::schema as s;
 use super::AppState;
-use crate::certificates::{certificate_owner, CertificateError};
+use crate::certificates::CertificateError;
 use crate::users::UserError;
 
 impl From<CertificateError> for ApiError {
@@ -207,6 +207,8 @@ pub async fn revoke(
     State(state): State<AppState>,
     Path((thing, fingerprint)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
+    // Not between a Thing's deletion and the removal of its certificates (it would put one back).
+    let _edit = state.users.certificates().edit().await;
     registered(&state, &thing)?;
     let (view, revoked) = state
         .users
@@ -215,31 +217,15 @@ pub async fn revoke(
         .await?;
     if revoked {
         tracing::info!(%thing, fingerprint = %view.fingerprint, "device certificate revoked");
-        close_connections_of(&state, &thing, &view.fingerprint);
+        crate::mqtt::revoke_certificate(
+            &state.broker,
+            &state.acl,
+            &state.users,
+            &thing,
+            &view.fingerprint,
+        );
     }
     Ok(Json(json!(view)))
-}
-
-/// Closes what a revoked certificate still holds: the Thing's connection if it is made with that
-/// certificate; with no active certificate left, also the Thing's certificate sessions.
-fn close_connections_of(state: &AppState, thing: &str, fingerprint: &str) {
-    let owner = certificate_owner(thing);
-    let close = match state.users.rights(&owner) {
-        // Another certificate is still active: only a connection made with this one closes.
-        Ok(Some(rights)) => rights
-            .thing_client_id
-            .and_then(|client_id| state.broker.client(&client_id))
-            .is_some_and(|client| {
-                client.connected
-                    && client.username.as_deref() == Some(owner.as_str())
-                    && client.certificate_fingerprint.as_deref() == Some(fingerprint)
-            }),
-        // None left (or unreadable: fail closed): every certificate session goes.
-        Ok(None) | Err(_) => true,
-    };
-    if close {
-        crate::mqtt::revoke_user(&state.broker, &state.acl, &state.users, &owner);
-    }
 }
 
 impl From<UserError> for CertificateError {

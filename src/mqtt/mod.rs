@@ -86,6 +86,34 @@ pub fn revoke_user(broker: &Broker, acl: &Acl, users: &MqttUsers, username: &str
     closed
 }
 
+/// A device certificate of `thing` was revoked: the Thing's connection closes if it was made
+/// with that certificate; with no active certificate left (or the records unreadable: fail
+/// closed), every certificate session of the Thing goes (as for a deleted user).
+pub fn revoke_certificate(
+    broker: &Broker,
+    acl: &Acl,
+    users: &MqttUsers,
+    thing: &str,
+    fingerprint: &str,
+) {
+    let owner = crate::certificates::certificate_owner(thing);
+    let close = match users.rights(&owner) {
+        // Another certificate is still active: only a connection made with this one closes.
+        Ok(Some(rights)) => rights
+            .thing_client_id
+            .and_then(|client_id| broker.client(&client_id))
+            .is_some_and(|client| {
+                client.connected
+                    && client.username.as_deref() == Some(owner.as_str())
+                    && client.certificate_fingerprint.as_deref() == Some(fingerprint)
+            }),
+        Ok(None) | Err(_) => true,
+    };
+    if close {
+        revoke_user(broker, acl, users, &owner);
+    }
+}
+
 /// The ACL rules changed: subscriptions they no longer allow are removed from every session.
 pub fn reauthorize_subscriptions(broker: &Broker, acl: &Acl) -> usize {
     let removed = broker.reauthorize_subscriptions(&|who: &Identity, filter: &str| {
