@@ -543,3 +543,187 @@ async fn bulk_registration_streams_ndjson_with_an_answer_per_line() {
     let (status, thing) = call(Method::GET, &server.url("/api/v1/things/bulk"), None).await;
     assert_eq!((status, thing["thingName"].clone()), (200, json!("bulk")));
 }
+
+/// The names of a listing followed to its end (every page).
+async fn all_names(server: &Server, query: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut url = server.url(&format!("/api/v1/things?limit=2&{query}"));
+    for _ in 0..20 {
+        let (status, page) = call(Method::GET, &url, None).await;
+        assert_eq!(status, 200, "{query}: {page}");
+        for item in page["items"].as_array().expect("items") {
+            names.push(item["thingName"].as_str().expect("name").to_owned());
+        }
+        match page["nextCursor"].as_str() {
+            Some(cursor) => {
+                url = server.url(&format!("/api/v1/things?limit=2&{query}&cursor={cursor}"))
+            }
+            None => return names,
+        }
+    }
+    panic!("{query}: the listing never ended");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_filters_by_name_prefix_type_group_and_online() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    for (name, kind) in [
+        ("lamp", "lamp"),
+        ("lamp-1", "lamp"),
+        ("lamp-2", "lamp"),
+        ("lamp-3", "spare"),
+        ("lampshade", "lamp"),
+        ("fan-1", "fan"),
+        ("la", "lamp"),
+    ] {
+        common::create(
+            &server,
+            "/api/v1/things",
+            json!({"thingName": name, "thingType": kind}),
+        )
+        .await;
+    }
+    common::register_device(&server, "lamp-9", "pw").await;
+    common::create(
+        &server,
+        "/api/v1/thing-groups",
+        json!({"groupName": "hall"}),
+    )
+    .await;
+    for name in ["fan-1", "lamp-2", "lamp-9"] {
+        common::create(
+            &server,
+            "/api/v1/thing-groups/hall/things",
+            json!({"thingName": name}),
+        )
+        .await;
+    }
+    let (_device, _) =
+        common::device::Device::connect(&server, "lamp-9", ("lamp-9", "pw"), true).await;
+
+    // A prefix starts at the name equal to it and stops past the last name with it.
+    assert_eq!(
+        all_names(&server, "prefix=lamp").await,
+        ["lamp", "lamp-1", "lamp-2", "lamp-3", "lamp-9", "lampshade"]
+    );
+    assert_eq!(all_names(&server, "prefix=lamp-").await.len(), 4);
+    assert!(all_names(&server, "prefix=zz").await.is_empty());
+    assert_eq!(
+        all_names(&server, "prefix=lamp&thingType=lamp").await,
+        ["lamp", "lamp-1", "lamp-2", "lampshade"]
+    );
+    assert_eq!(
+        all_names(&server, "thingGroup=hall").await,
+        ["fan-1", "lamp-2", "lamp-9"]
+    );
+    assert_eq!(
+        all_names(&server, "thingGroup=hall&prefix=lamp").await,
+        ["lamp-2", "lamp-9"]
+    );
+    assert_eq!(all_names(&server, "online=true").await, ["lamp-9"]);
+    assert_eq!(all_names(&server, "online=false").await.len(), 7);
+    let (_, page) = call(
+        Method::GET,
+        &server.url("/api/v1/things?prefix=lamp-9"),
+        None,
+    )
+    .await;
+    assert_eq!(page["items"][0]["online"], true);
+
+    for (query, status) in [
+        ("thingGroup=nope", 404),
+        ("online=maybe", 400),
+        ("colour=red", 400),
+    ] {
+        let (got, body) = call(
+            Method::GET,
+            &server.url(&format!("/api/v1/things?{query}")),
+            None,
+        )
+        .await;
+        assert_eq!(got, status, "{query}: {body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_reads_newest_first_filtered_by_type() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    common::create(&server, "/api/v1/things", json!({"thingName": "t"})).await;
+    for i in 0..5 {
+        let (status, _) = call(
+            Method::POST,
+            &server.url("/api/v1/things/t/shadow"),
+            Some(json!({"state": {"desired": {"i": i}}})),
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    let (status, _) = call(
+        Method::POST,
+        &server.url("/api/v1/things/t/commands"),
+        Some(json!({"action": "blink"})),
+    )
+    .await;
+    assert_eq!(status, 201);
+
+    let seqs = |page: &serde_json::Value| -> Vec<u64> {
+        page["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .map(|e| e["seq"].as_u64().expect("seq"))
+            .collect()
+    };
+    let (_, page) = call(
+        Method::GET,
+        &server.url("/api/v1/things/t/history?order=newest&limit=3"),
+        None,
+    )
+    .await;
+    assert_eq!(seqs(&page), [7, 6, 5]);
+    assert_eq!(page["items"][0]["type"], "CommandSent");
+    let before = page["nextBeforeSeq"].as_u64().expect("a next page");
+    let (_, page) = call(
+        Method::GET,
+        &server.url(&format!(
+            "/api/v1/things/t/history?order=newest&limit=10&beforeSeq={before}"
+        )),
+        None,
+    )
+    .await;
+    assert_eq!(seqs(&page), [4, 3, 2, 1]);
+    assert!(page["nextBeforeSeq"].is_null());
+
+    let (_, page) = call(
+        Method::GET,
+        &server.url("/api/v1/things/t/history?order=newest&type=ShadowUpdated&limit=2"),
+        None,
+    )
+    .await;
+    assert_eq!(seqs(&page), [6, 5]);
+    let (_, page) = call(
+        Method::GET,
+        &server.url("/api/v1/things/t/history?order=newest&type=JobQueued"),
+        None,
+    )
+    .await;
+    assert_eq!(seqs(&page), Vec::<u64>::new());
+
+    // Mixing the two ways of paging is refused, as is an unknown order.
+    for query in [
+        "order=newest&fromSeq=2",
+        "beforeSeq=3",
+        "type=ShadowUpdated",
+        "order=sideways",
+    ] {
+        let (status, body) = call(
+            Method::GET,
+            &server.url(&format!("/api/v1/things/t/history?{query}")),
+            None,
+        )
+        .await;
+        assert_eq!(status, 400, "{query}: {body}");
+    }
+}

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 use serde_json::{Map, Value};
-use thinghub_storage::{Claim, StorageError, Store};
+use thinghub_storage::{Claim, RecordedEvent, StorageError, Store};
 
 use crate::codec;
 use crate::registry::Registry;
@@ -744,6 +744,16 @@ impl Things {
         list_things(&self.store, after, limit).map_err(storage_failure)
     }
 
+    /// One Thing's registry summary (`None`: not registered), read without waking its actor.
+    pub fn summary(&self, name: &str) -> Result<Option<ThingSummary>, Rejection> {
+        let Some(bytes) = self.store.get_thing(name).map_err(storage_failure)? else {
+            return Ok(None);
+        };
+        summary_of(name.to_owned(), &bytes)
+            .map(Some)
+            .map_err(storage_failure)
+    }
+
     /// A registered Thing's connections, newest first (see [`list_connections`]).
     pub fn connections(
         &self,
@@ -756,6 +766,27 @@ impl Things {
         self.require_registered(name, None)?;
         list_connections(&self.store, name, since_ms, until_ms, before_seq, limit)
             .map_err(storage_failure)
+    }
+
+    /// A Thing's history newest first, before `before_seq`, only `event_type` when given (see
+    /// [`read_history_rev`]).
+    pub fn history_rev(
+        &self,
+        name: &str,
+        event_type: Option<&str>,
+        before_seq: Option<u64>,
+        limit: usize,
+    ) -> Result<(Vec<HistoryEntry>, Option<u64>), Rejection> {
+        thing::validate_thing_name(name)?;
+        let page = read_history_rev(&self.store, name, event_type, before_seq, limit)
+            .map_err(storage_failure)?;
+        if page.0.is_empty() && before_seq.is_none() && event_type.is_none() {
+            return Err(Rejection::new(
+                RejectionKind::ThingNotFound,
+                format!("Thing '{name}' has no history"),
+            ));
+        }
+        Ok(page)
     }
 
     /// A Thing's history from `from_seq` (inclusive), oldest first.
@@ -846,10 +877,10 @@ pub fn list_measurements(
     let (items, next_before_seq) = scan_log_rev(
         store,
         name,
-        codec::MEASUREMENTS_RECORDED,
+        Some(codec::MEASUREMENTS_RECORDED),
         query.before_seq,
         limit,
-        |event| {
+        |_, event| {
             let ThingEvent::MeasurementsRecorded(mut measurement) = event else {
                 return None;
             };
@@ -876,10 +907,10 @@ pub fn list_measurements(
 fn scan_log_rev<T>(
     store: &Store,
     name: &str,
-    event_type: &str,
+    event_type: Option<&str>,
     before_seq: Option<u64>,
     limit: usize,
-    mut keep: impl FnMut(ThingEvent) -> Option<T>,
+    mut keep: impl FnMut(&RecordedEvent, ThingEvent) -> Option<T>,
 ) -> Result<(Vec<(u64, T)>, Option<u64>), StorageError> {
     let mut items = Vec::new();
     let mut below = before_seq.unwrap_or(u64::MAX);
@@ -896,8 +927,8 @@ fn scan_log_rev<T>(
         for recorded in &batch {
             scanned += 1;
             below = recorded.seq;
-            if recorded.envelope.event_type == event_type {
-                if let Some(item) = keep(codec::decode_event(name, recorded)?) {
+            if event_type.is_none_or(|t| recorded.envelope.event_type == t) {
+                if let Some(item) = keep(recorded, codec::decode_event(name, recorded)?) {
                     items.push((recorded.seq, item));
                     if items.len() >= limit {
                         return Ok((items, Some(recorded.seq)));
@@ -912,6 +943,27 @@ fn scan_log_rev<T>(
             return Ok((items, None));
         }
     }
+}
+
+/// Reads a Thing's history newest first from before `before_seq`, only entries of
+/// `event_type` when given, scanning at most [`EVENTS_SCAN_RECORDS_MAX`] records per page.
+/// Returns the entries and where the next page starts (`None` at the beginning of the log).
+pub fn read_history_rev(
+    store: &Store,
+    name: &str,
+    event_type: Option<&str>,
+    before_seq: Option<u64>,
+    limit: usize,
+) -> Result<(Vec<HistoryEntry>, Option<u64>), StorageError> {
+    let (items, next) = scan_log_rev(
+        store,
+        name,
+        event_type,
+        before_seq,
+        limit,
+        |recorded, event| Some(history_entry(recorded, &event)),
+    )?;
+    Ok((items.into_iter().map(|(_, entry)| entry).collect(), next))
 }
 
 /// A page of events, newest first.
@@ -934,10 +986,10 @@ pub fn list_events(
     let (items, next_before_seq) = scan_log_rev(
         store,
         name,
-        codec::EVENT_INGESTED,
+        Some(codec::EVENT_INGESTED),
         query.before_seq,
         limit,
-        |event| {
+        |_, event| {
             let ThingEvent::EventIngested(event) = event else {
                 return None;
             };
@@ -1059,16 +1111,29 @@ pub fn list_things(
     store
         .list_things(after, limit)?
         .into_iter()
-        .map(|(name, bytes)| {
-            let record = codec::decode_index_record(&name, &bytes)?;
-            Ok(ThingSummary {
-                name,
-                mqtt_client_id: record.mqtt_client_id,
-                thing_type: record.thing_type,
-                created_at_ms: record.created_at_ms,
-            })
-        })
+        .map(|(name, bytes)| summary_of(name, &bytes))
         .collect()
+}
+
+fn summary_of(name: String, bytes: &[u8]) -> Result<ThingSummary, StorageError> {
+    let record = codec::decode_index_record(&name, bytes)?;
+    Ok(ThingSummary {
+        name,
+        mqtt_client_id: record.mqtt_client_id,
+        thing_type: record.thing_type,
+        created_at_ms: record.created_at_ms,
+    })
+}
+
+fn history_entry(recorded: &RecordedEvent, event: &ThingEvent) -> HistoryEntry {
+    HistoryEntry {
+        seq: recorded.seq,
+        recorded_at_ms: recorded.envelope.recorded_at_ms,
+        event_type: recorded.envelope.event_type.clone(),
+        event_version: recorded.envelope.event_version,
+        summary: codec::summarize(event),
+        event: serde_json::to_value(event).unwrap_or(Value::Null),
+    }
 }
 
 /// Reads and decodes a Thing's log for people and auditors (`thinghub audit`, the history API).
@@ -1083,14 +1148,7 @@ pub fn read_history(
         .iter()
         .map(|recorded| {
             let event = codec::decode_event(name, recorded)?;
-            Ok(HistoryEntry {
-                seq: recorded.seq,
-                recorded_at_ms: recorded.envelope.recorded_at_ms,
-                event_type: recorded.envelope.event_type.clone(),
-                event_version: recorded.envelope.event_version,
-                summary: codec::summarize(&event),
-                event: serde_json::to_value(&event).unwrap_or(Value::Null),
-            })
+            Ok(history_entry(recorded, &event))
         })
         .collect()
 }

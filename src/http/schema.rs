@@ -30,9 +30,20 @@ pub struct Health {
 #[serde(rename_all = "camelCase")]
 pub struct ThingPage {
     /// In name order.
-    pub items: Vec<ThingSummary>,
+    pub items: Vec<ThingListItem>,
     /// Pass as `cursor` for the next page; null on the last.
     pub next_cursor: Option<String>,
+}
+
+/// A Thing in a listing.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ThingListItem {
+    /// The registry's summary.
+    #[serde(flatten)]
+    pub summary: ThingSummary,
+    /// Whether its MQTT client is connected now.
+    pub online: bool,
 }
 
 /// A Thing with its groups.
@@ -162,14 +173,19 @@ pub struct ShadowDeleted {
     pub client_token: Option<String>,
 }
 
-/// A page of a Thing's audit history (oldest first).
+/// A page of a Thing's audit history.
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HistoryPage {
     /// Entries.
     pub items: Vec<HistoryEntry>,
-    /// Pass as `fromSeq` for the next page; null on the last.
-    pub next_from_seq: Option<u64>,
+    /// Oldest first: pass as `fromSeq` for the next page; null on the last.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_from_seq: Option<Option<u64>>,
+    /// Newest first (`order=newest`): pass as `beforeSeq` for the next page; null at the
+    /// beginning of the log.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_before_seq: Option<Option<u64>>,
 }
 
 /// A device event.

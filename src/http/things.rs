@@ -11,6 +11,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use thinghub_actors::service::EventQuery;
 use thinghub_actors::thing::{Origin, RegisterThing, ShadowUpdate};
+use thinghub_actors::ThingSummary;
 
 use super::error::ApiError;
 use super::extract::{JsonBody, QueryParams};
@@ -70,15 +71,6 @@ pub async fn create(
         .into_response())
 }
 
-/// Paging parameters.
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
-#[serde(deny_unknown_fields)]
-pub struct Page {
-    limit: Option<usize>,
-    cursor: Option<String>,
-}
-
 const PAGE_LIMIT_DEFAULT: usize = 100;
 
 pub(super) fn page_limit(requested: Option<usize>, max: usize) -> Result<usize, ApiError> {
@@ -101,29 +93,160 @@ fn decode_cursor(cursor: &str) -> Result<String, ApiError> {
         .ok_or_else(|| ApiError::bad_request("invalid cursor"))
 }
 
+/// Paging and filters of the Things listing.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ListParams {
+    /// Page size.
+    limit: Option<usize>,
+    /// The previous page's `nextCursor`.
+    cursor: Option<String>,
+    /// Only names that start with this.
+    prefix: Option<String>,
+    /// Only Things of this type.
+    thing_type: Option<String>,
+    /// Only members of this group.
+    thing_group: Option<String>,
+    /// Only Things whose MQTT client is connected (`true`) or not (`false`).
+    online: Option<bool>,
+}
+
+/// Most registry records one filtered page reads; past it the page ends early with a
+/// `nextCursor` (a bound on the cost of sparse filters).
+pub const THINGS_SCAN_RECORDS_MAX: usize = 10_000;
+/// Records read per step of a filtered scan.
+const THINGS_SCAN_STEP: usize = 256;
+
+/// Where a listing's candidates come from: the registry in name order, or a group's members.
+enum Source<'a> {
+    Registry,
+    Group(&'a str),
+}
+
+impl Source<'_> {
+    /// The next candidates after `after`, in name order.
+    fn next(&self, state: &AppState, after: Option<&str>) -> Result<Vec<ThingSummary>, ApiError> {
+        match self {
+            Source::Registry => Ok(state.things.list(after, THINGS_SCAN_STEP)?),
+            Source::Group(group) => {
+                let names = state.groups.members(group, after, THINGS_SCAN_STEP)?;
+                let mut out = Vec::with_capacity(names.len());
+                for name in names {
+                    match state.things.summary(&name)? {
+                        Some(summary) => out.push(summary),
+                        // A member deleted since: a placeholder keeps the scan moving.
+                        None => out.push(ThingSummary {
+                            name,
+                            mqtt_client_id: String::new(),
+                            thing_type: None,
+                            created_at_ms: 0,
+                        }),
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// Whether the Thing's own MQTT client is connected now.
+fn is_online(state: &AppState, summary: &ThingSummary) -> bool {
+    !summary.mqtt_client_id.is_empty()
+        && state
+            .broker
+            .client(&summary.mqtt_client_id)
+            .is_some_and(|c| c.connected && c.thing.as_deref() == Some(summary.name.as_str()))
+}
+
 #[utoipa::path(
     get,
     path = "/things",
     tag = "things",
-    summary = "List Things",
-    params(Page),
+    summary = "List Things, optionally filtered by name prefix, type, group and online status",
+    params(ListParams),
     responses(
-        (status = 200, description = "A page of Things", body = s::ThingPage),
+        (status = 200, description = "A page of Things. With filters, a page may hold fewer than `limit` and still have a `nextCursor` (at most 10,000 records are read per page).", body = s::ThingPage),
+        (status = 400, description = "A parameter is invalid.", body = ErrorBody),
+        (status = 404, description = "No such group.", body = ErrorBody),
         (status = 503, description = "Storage unavailable.", body = ErrorBody)
     )
 )]
 pub async fn list(
     State(state): State<AppState>,
-    QueryParams(page): QueryParams<Page>,
+    QueryParams(params): QueryParams<ListParams>,
 ) -> Result<Json<Value>, ApiError> {
-    let limit = page_limit(page.limit, state.limits.list_limit_max)?;
-    let after = page.cursor.as_deref().map(decode_cursor).transpose()?;
-    let mut items = state.things.list(after.as_deref(), limit + 1)?;
-    let next = (items.len() > limit).then(|| {
-        items.truncate(limit);
-        items.last().map(|last| encode_cursor(&last.name))
-    });
-    Ok(Json(json!({"items": items, "nextCursor": next.flatten()})))
+    let limit = page_limit(params.limit, state.limits.list_limit_max)?;
+    let mut after = params.cursor.as_deref().map(decode_cursor).transpose()?;
+    let prefix = params.prefix.as_deref().filter(|p| !p.is_empty());
+    let source = match params.thing_group.as_deref() {
+        Some(group) => Source::Group(group),
+        None => Source::Registry,
+    };
+    let mut items: Vec<ThingSummary> = Vec::new();
+    let keep = |summary: &ThingSummary| {
+        !summary.mqtt_client_id.is_empty()
+            && params
+                .thing_type
+                .as_ref()
+                .is_none_or(|t| summary.thing_type.as_ref() == Some(t))
+            && params
+                .online
+                .is_none_or(|online| is_online(&state, summary) == online)
+    };
+    // The names with the prefix start at the prefix itself, then follow it in order.
+    if let (Some(prefix), None, Source::Registry) = (prefix, &after, &source) {
+        if let Some(summary) = state.things.summary(prefix).ok().flatten() {
+            if keep(&summary) {
+                items.push(summary);
+            }
+        }
+        after = Some(prefix.to_owned());
+    }
+    let mut scanned = 0;
+    let mut next = None;
+    'scan: loop {
+        let batch = source.next(&state, after.as_deref())?;
+        let exhausted = batch.len() < THINGS_SCAN_STEP;
+        for summary in batch {
+            scanned += 1;
+            after = Some(summary.name.clone());
+            if let Some(prefix) = prefix {
+                if !summary.name.starts_with(prefix) {
+                    if summary.name.as_str() > prefix {
+                        // Past every name with the prefix (the registry is in name order).
+                        break 'scan;
+                    }
+                    continue;
+                }
+            }
+            if keep(&summary) {
+                items.push(summary);
+                if items.len() > limit {
+                    items.truncate(limit);
+                    next = items.last().map(|last| encode_cursor(&last.name));
+                    break 'scan;
+                }
+            }
+            if scanned >= THINGS_SCAN_RECORDS_MAX {
+                next = after.as_deref().map(encode_cursor);
+                break 'scan;
+            }
+        }
+        if exhausted {
+            break;
+        }
+    }
+    let items: Vec<Value> = items
+        .into_iter()
+        .map(|summary| {
+            let online = is_online(&state, &summary);
+            let mut item = json!(summary);
+            item["online"] = json!(online);
+            item
+        })
+        .collect();
+    Ok(Json(json!({"items": items, "nextCursor": next})))
 }
 
 #[utoipa::path(
@@ -308,15 +431,34 @@ pub async fn delete_shadow(
 #[into_params(parameter_in = Query)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HistoryParams {
+    /// Oldest first: the first seq to read.
     from_seq: Option<u64>,
+    /// Page size.
     limit: Option<usize>,
+    /// `oldest` (the default: from `fromSeq` on) or `newest` (backwards from `beforeSeq`).
+    order: Option<HistoryOrder>,
+    /// Newest first: read entries below this seq (the previous page's `nextBeforeSeq`).
+    before_seq: Option<u64>,
+    /// Only entries of this type (`ShadowUpdated`, `CommandSent`...).
+    #[serde(rename = "type")]
+    event_type: Option<String>,
+}
+
+/// Which way a history page reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum HistoryOrder {
+    /// From the first entry on.
+    Oldest,
+    /// From the last entry back.
+    Newest,
 }
 
 #[utoipa::path(
     get,
     path = "/things/{name}/history",
     tag = "things",
-    summary = "Read the audit history, oldest first",
+    summary = "Read the audit history, oldest first, or newest first filtered by type",
     params(("name" = String, Path, description = "Thing name: 1..=128 of [a-zA-Z0-9:_-]", example = "sensor-1"), HistoryParams),
     responses(
         (status = 200, description = "A page of history", body = s::HistoryPage),
@@ -330,6 +472,25 @@ pub async fn history(
     QueryParams(params): QueryParams<HistoryParams>,
 ) -> Result<Json<Value>, ApiError> {
     let limit = page_limit(params.limit, state.limits.list_limit_max)?;
+    if params.order == Some(HistoryOrder::Newest) {
+        if params.from_seq.is_some() {
+            return Err(ApiError::bad_request(
+                "fromSeq reads oldest first; with order=newest, page with beforeSeq",
+            ));
+        }
+        let (items, next) = state.things.history_rev(
+            &name,
+            params.event_type.as_deref(),
+            params.before_seq,
+            limit,
+        )?;
+        return Ok(Json(json!({"items": items, "nextBeforeSeq": next})));
+    }
+    if params.before_seq.is_some() || params.event_type.is_some() {
+        return Err(ApiError::bad_request(
+            "beforeSeq and type apply to order=newest",
+        ));
+    }
     let from_seq = params.from_seq.unwrap_or(1);
     let mut items = state.things.history(&name, from_seq, limit + 1)?;
     let next = (items.len() > limit).then(|| {
