@@ -519,6 +519,22 @@ impl ApiKeys {
             .then(|| Self::principal(key, &record, now_ms))
     }
 
+    /// What a sign-in holds to notice its key later revoked, replaced or expired without its
+    /// secret: the stored secret hash (new at every creation), or a mark for the env key.
+    /// `None`: the key is gone or expired.
+    pub fn stamp(&self, key: &str, now_ms: u64) -> Option<String> {
+        if self
+            .env_key
+            .as_ref()
+            .is_some_and(|(env_key, _)| env_key == key)
+        {
+            return Some("env".into());
+        }
+        let record = self.load(key)?;
+        Self::principal(key, &record, now_ms).ok()?;
+        Some(record.secret_hash)
+    }
+
     /// Verifies `key:secret` (argon2 on a cache miss: call it off the async workers). An
     /// expired key is told apart only once its secret verified.
     pub fn authenticate(

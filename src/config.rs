@@ -124,6 +124,12 @@ pub struct Config {
     pub publish_bulk_max: usize,
     /// How often `/api/v1/stats` samples the counters for its rates, milliseconds.
     pub stats_sample_interval_ms: u64,
+    /// Serve the operator console at `/console`.
+    pub console_enabled: bool,
+    /// Console sign-ins held at once (each in memory until it expires or signs out).
+    pub console_sessions_max: usize,
+    /// How long a console sign-in lasts, milliseconds.
+    pub console_session_ttl_ms: u64,
     /// Things whose deadlines are being fired at once by the deadline timer.
     pub deadline_fire_concurrency_max: usize,
     /// Longest sleep of the deadline timer between index scans, milliseconds.
@@ -322,6 +328,9 @@ impl Default for Config {
             job_rollout_in_flight_max: 64,
             publish_bulk_max: 100,
             stats_sample_interval_ms: 5_000,
+            console_enabled: true,
+            console_sessions_max: 1024,
+            console_session_ttl_ms: 8 * 60 * 60 * 1000,
             deadline_fire_concurrency_max: 512,
             deadline_scan_interval_max_ms: 1_000,
             storage_cache_bytes: 64 * 1024 * 1024,
@@ -621,6 +630,8 @@ impl Config {
             ),
             ("publish_bulk_max", self.publish_bulk_max as u64),
             ("stats_sample_interval_ms", self.stats_sample_interval_ms),
+            ("console_sessions_max", self.console_sessions_max as u64),
+            ("console_session_ttl_ms", self.console_session_ttl_ms),
             (
                 "deadline_fire_concurrency_max",
                 self.deadline_fire_concurrency_max as u64,

@@ -329,6 +329,13 @@ pub async fn serve(
             publish_bulk_max: config.publish_bulk_max,
             subscribe_durable_wait: Duration::from_millis(config.mqtt_subscribe_durable_wait_ms),
             cumulocity: config.cumulocity,
+            console: config
+                .console_enabled
+                .then_some(crate::http::console::ConsoleLimits {
+                    sessions_max: config.console_sessions_max,
+                    session_ttl: Duration::from_millis(config.console_session_ttl_ms),
+                    refresh_every: Duration::from_millis(config.stats_sample_interval_ms),
+                }),
         },
         started: std::time::Instant::now(),
         transports: crate::http::Transports {

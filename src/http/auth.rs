@@ -48,14 +48,6 @@ pub async fn authenticate(
     mut request: Request,
     next: Next,
 ) -> Response {
-    let unauthorized = |message: &str| {
-        let mut response = ApiError::new(StatusCode::UNAUTHORIZED, message).into_response();
-        response.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            header::HeaderValue::from_static("Basic realm=\"thinghub\""),
-        );
-        response
-    };
     let address = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
@@ -63,45 +55,11 @@ pub async fn authenticate(
     let (key, secret) = match credentials(&request) {
         Ok(pair) => pair,
         // No secret was tried (a probe, a misconfigured client): refused, not counted.
-        Err(message) => return unauthorized(message),
+        Err(message) => return refusal_response(KeyCheckRefusal::Unauthorized(message.into())),
     };
-    let now_ms = state.things.now_ms();
-    let verdict = match state.keys.authenticate_cached(&key, &secret, now_ms) {
-        Some(verdict) => verdict,
-        None => {
-            if let Verdict::Wait(wait) = state.throttle.check(address, Some(&key)) {
-                let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-                let mut response = ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    format!("too many failed authentications; retry in {seconds} s"),
-                )
-                .into_response();
-                response.headers_mut().insert(
-                    header::RETRY_AFTER,
-                    header::HeaderValue::from(seconds.max(1)),
-                );
-                return response;
-            }
-            let keys = state.keys.clone();
-            let name = key.clone();
-            // A first verification runs argon2 (tens of ms of CPU): off the async workers.
-            let verdict =
-                tokio::task::spawn_blocking(move || keys.authenticate(&name, &secret, now_ms))
-                    .await
-                    .unwrap_or(Err(KeyRefusal::Invalid));
-            match &verdict {
-                Err(KeyRefusal::Invalid) => state.throttle.failed(address, Some(&key), "http"),
-                _ => state.throttle.succeeded(address, &key),
-            }
-            verdict
-        }
-    };
-    let principal: Principal = match verdict {
+    let principal = match verify_key(&state, address, &key, secret).await {
         Ok(principal) => principal,
-        Err(KeyRefusal::Invalid) => return unauthorized("invalid API key or secret"),
-        Err(KeyRefusal::Expired(at_ms)) => {
-            return unauthorized(&format!("API key '{key}' expired at {at_ms} (Unix ms)"))
-        }
+        Err(refusal) => return refusal_response(refusal),
     };
     let path = request.extensions().get::<OriginalUri>().map_or_else(
         || request.uri().path().to_owned(),
@@ -112,4 +70,89 @@ pub async fn authenticate(
     }
     request.extensions_mut().insert(principal);
     next.run(request).await
+}
+
+/// Why a key and secret were not accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyCheckRefusal {
+    /// Wrong, unknown or expired: what to tell the caller.
+    Unauthorized(String),
+    /// Too many failed attempts from this address or for this key: retry after this many
+    /// seconds.
+    Throttled(u64),
+}
+
+impl std::fmt::Display for KeyCheckRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeyCheckRefusal::Unauthorized(message) => f.write_str(message),
+            KeyCheckRefusal::Throttled(seconds) => {
+                write!(f, "too many failed authentications; retry in {seconds} s")
+            }
+        }
+    }
+}
+
+fn refusal_response(refusal: KeyCheckRefusal) -> Response {
+    match refusal {
+        KeyCheckRefusal::Unauthorized(message) => {
+            let mut response = ApiError::new(StatusCode::UNAUTHORIZED, message).into_response();
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Basic realm=\"thinghub\""),
+            );
+            response
+        }
+        KeyCheckRefusal::Throttled(seconds) => {
+            let mut response = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                KeyCheckRefusal::Throttled(seconds).to_string(),
+            )
+            .into_response();
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                header::HeaderValue::from(seconds.max(1)),
+            );
+            response
+        }
+    }
+}
+
+/// Verifies an API key and its secret, as the API and the console's sign-in both do: a cached
+/// verification first; otherwise argon2 off the async workers, with failures throttled per
+/// source address and per key.
+pub async fn verify_key(
+    state: &AppState,
+    address: IpAddr,
+    key: &str,
+    secret: String,
+) -> Result<Principal, KeyCheckRefusal> {
+    let now_ms = state.things.now_ms();
+    let verdict = match state.keys.authenticate_cached(key, &secret, now_ms) {
+        Some(verdict) => verdict,
+        None => {
+            if let Verdict::Wait(wait) = state.throttle.check(address, Some(key)) {
+                let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                return Err(KeyCheckRefusal::Throttled(seconds));
+            }
+            let keys = state.keys.clone();
+            let name = key.to_owned();
+            // A first verification runs argon2 (tens of ms of CPU): off the async workers.
+            let verdict =
+                tokio::task::spawn_blocking(move || keys.authenticate(&name, &secret, now_ms))
+                    .await
+                    .unwrap_or(Err(KeyRefusal::Invalid));
+            match &verdict {
+                Err(KeyRefusal::Invalid) => state.throttle.failed(address, Some(key), "http"),
+                _ => state.throttle.succeeded(address, key),
+            }
+            verdict
+        }
+    };
+    verdict.map_err(|refusal| match refusal {
+        KeyRefusal::Invalid => KeyCheckRefusal::Unauthorized("invalid API key or secret".into()),
+        KeyRefusal::Expired(at_ms) => {
+            KeyCheckRefusal::Unauthorized(format!("API key '{key}' expired at {at_ms} (Unix ms)"))
+        }
+    })
 }

@@ -215,6 +215,11 @@ impl Drop for Open {
     }
 }
 
+/// Request extension: whether the request came over HTTPS (the console marks its cookie
+/// `Secure` then).
+#[derive(Debug, Clone, Copy)]
+pub struct OverTls(pub bool);
+
 #[allow(clippy::too_many_arguments)]
 async fn connection(
     stream: TcpStream,
@@ -230,7 +235,7 @@ async fn connection(
     let _open = Open(stats, tls.is_some());
     let _ = stream.set_nodelay(true);
     match tls {
-        None => serve_connection(stream, peer, router, config, stop, permit).await,
+        None => serve_connection(stream, peer, false, router, config, stop, permit).await,
         Some(tls) => {
             // Boxed: the handshake's state is gone once the connection runs.
             let Ok((stream, _)) =
@@ -238,14 +243,16 @@ async fn connection(
             else {
                 return;
             };
-            serve_connection(stream, peer, router, config, stop, permit).await;
+            serve_connection(stream, peer, true, router, config, stop, permit).await;
         }
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     stream: S,
     peer: SocketAddr,
+    secure: bool,
     router: Router,
     config: ListenerConfig,
     mut stop: watch::Receiver<bool>,
@@ -255,6 +262,7 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     let router = TowerToHyperService::new(router);
     let service = service_fn(move |mut request: hyper::Request<Incoming>| {
         request.extensions_mut().insert(ConnectInfo(peer));
+        request.extensions_mut().insert(OverTls(secure));
         request
             .extensions_mut()
             .insert(BodyReadTimeout(config.body_read_timeout));

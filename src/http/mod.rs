@@ -11,6 +11,7 @@ pub mod bulk;
 mod certificates;
 mod clients;
 mod commands;
+pub mod console;
 mod device_registrations;
 mod devices;
 pub mod error;
@@ -72,6 +73,8 @@ pub struct HttpLimits {
     pub subscribe_durable_wait: std::time::Duration,
     /// Cumulocity devices are served: a `c8y_...` command must render as its `s/ds` row.
     pub cumulocity: bool,
+    /// The operator console's bounds (`None`: not served).
+    pub console: Option<console::ConsoleLimits>,
 }
 
 /// What every handler can reach.
@@ -252,7 +255,11 @@ pub fn app(state: AppState) -> Router {
         state.clone(),
         auth::authenticate,
     ));
-    Router::new()
+    let console = state.limits.console.map(|limits| {
+        console::router(state.clone(), documented_routes(), limits)
+            .layer(DefaultBodyLimit::max(state.limits.body_bytes_max))
+    });
+    let api = Router::new()
         .route("/healthz", get(healthz))
         .route(
             "/api/v1/openapi.json",
@@ -263,7 +270,17 @@ pub fn app(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.limits.body_bytes_max))
         .layer(axum::middleware::map_response(json_errors))
-        .with_state(state)
+        .with_state(state);
+    // The console renders its own (HTML) errors, so it sits outside the JSON error wrapper.
+    match console {
+        Some(console) => console.merge(api),
+        None => api,
+    }
+}
+
+/// The documented routes alone (what the console calls in-process).
+fn documented_routes() -> Router<AppState> {
+    documented().0
 }
 
 /// Largest error body read back to wrap it in JSON.

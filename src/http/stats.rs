@@ -46,6 +46,34 @@ impl StatsHistory {
         }
     }
 
+    /// One counter's rate per second between consecutive samples, oldest first, as (seconds
+    /// before now, rate): the console's charts.
+    pub fn series(&self, group: &str, key: &str) -> Vec<(f64, f64)> {
+        let samples = self.lock();
+        let now = Instant::now();
+        let value = |sample: &Sample| {
+            sample
+                .1
+                .iter()
+                .find(|(g, k, _)| *g == group && *k == key)
+                .map(|(_, _, v)| *v)
+        };
+        samples
+            .iter()
+            .zip(samples.iter().skip(1))
+            .filter_map(|(before, after)| {
+                let seconds = after.0.duration_since(before.0).as_secs_f64();
+                let (v0, v1) = (value(before)?, value(after)?);
+                (seconds > 0.0).then(|| {
+                    (
+                        now.duration_since(after.0).as_secs_f64(),
+                        (v1 - v0).max(0.0) / seconds,
+                    )
+                })
+            })
+            .collect()
+    }
+
     /// The oldest sample no older than `window` (the oldest there is if none is that old).
     fn since(&self, window: Duration) -> Option<Sample> {
         let samples = self.lock();

@@ -1,0 +1,198 @@
+//! Console sign-ins: an opaque random id in an HttpOnly, SameSite=Strict cookie names a
+//! session held in memory (a restart signs everyone out). Each session has its own CSRF token,
+//! which every form that changes something carries back. The number of sessions and their
+//! lifetime are bounded (`console_sessions_max`, `console_session_ttl_ms`).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use rand::RngCore;
+
+use crate::auth::Principal;
+
+/// The cookie's name.
+pub const COOKIE: &str = "thinghub_console";
+
+/// One signed-in operator.
+#[derive(Debug, Clone)]
+pub struct Session {
+    /// Who signed in (the API key, its role).
+    pub principal: Principal,
+    /// What the key's record looked like at sign-in ([`crate::auth::ApiKeys::stamp`]): a key
+    /// deleted or replaced since ends the session.
+    pub stamp: String,
+    /// The token every changing form must carry.
+    pub csrf: String,
+    /// When the sign-in ends.
+    pub expires_at: Instant,
+    /// A message for the next page shown (the outcome of the last action).
+    pub flash: Option<Flash>,
+}
+
+/// The outcome of an action, shown once on the next page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Flash {
+    /// Whether it went through.
+    pub ok: bool,
+    /// What to tell the operator.
+    pub message: String,
+}
+
+/// Why a sign-in was not kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionsFull(pub usize);
+
+/// The sessions of this process.
+pub struct Sessions {
+    sessions: Mutex<HashMap<String, Session>>,
+    max: usize,
+    ttl: Duration,
+}
+
+fn random_token() -> String {
+    let mut bytes = [0u8; 32];
+    // ThreadRng is a CSPRNG (ChaCha, reseeded from the OS).
+    rand::thread_rng().fill_bytes(&mut bytes);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// Equality that takes as long whatever the first difference is.
+pub fn same_token(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |diff, (x, y)| diff | (x ^ y))
+            == 0
+}
+
+impl Sessions {
+    /// At most `max` sessions, each for `ttl`.
+    pub fn new(max: usize, ttl: Duration) -> Sessions {
+        Sessions {
+            sessions: Mutex::new(HashMap::new()),
+            max,
+            ttl,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How long a sign-in lasts.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// Starts a session; returns its id (the cookie's value). Expired sessions make room
+    /// first; past `max` live ones, refused.
+    pub fn create(&self, principal: Principal, stamp: String) -> Result<String, SessionsFull> {
+        let now = Instant::now();
+        let mut sessions = self.lock();
+        if sessions.len() >= self.max {
+            sessions.retain(|_, s| s.expires_at > now);
+        }
+        if sessions.len() >= self.max {
+            return Err(SessionsFull(self.max));
+        }
+        let id = random_token();
+        sessions.insert(
+            id.clone(),
+            Session {
+                principal,
+                stamp,
+                csrf: random_token(),
+                expires_at: now + self.ttl,
+                flash: None,
+            },
+        );
+        Ok(id)
+    }
+
+    /// The live session with this id, its flash taken out (shown once).
+    pub fn get(&self, id: &str) -> Option<Session> {
+        let mut sessions = self.lock();
+        let session = sessions.get_mut(id)?;
+        if session.expires_at <= Instant::now() {
+            sessions.remove(id);
+            return None;
+        }
+        let shown = session.clone();
+        session.flash = None;
+        Some(shown)
+    }
+
+    /// Leaves a message for the session's next page.
+    pub fn flash(&self, id: &str, flash: Flash) {
+        if let Some(session) = self.lock().get_mut(id) {
+            session.flash = Some(flash);
+        }
+    }
+
+    /// Signs out.
+    pub fn remove(&self, id: &str) {
+        self.lock().remove(id);
+    }
+
+    /// Live sessions (for the metrics).
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether none is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Role;
+
+    fn viewer() -> Principal {
+        Principal {
+            key: "k".into(),
+            role: Role::Viewer,
+            things: None,
+        }
+    }
+
+    #[test]
+    fn given_a_full_table_when_one_more_signs_in_then_it_is_refused_until_one_expires() {
+        let sessions = Sessions::new(1, Duration::from_millis(50));
+        let first = sessions.create(viewer(), "s".into()).expect("room");
+        assert_eq!(sessions.create(viewer(), "s".into()), Err(SessionsFull(1)));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while sessions.get(&first).is_some() {
+            assert!(Instant::now() < deadline, "the session never expired");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(sessions.create(viewer(), "s".into()).is_ok());
+    }
+
+    #[test]
+    fn given_a_flash_when_the_session_is_read_twice_then_it_is_shown_once() {
+        let sessions = Sessions::new(4, Duration::from_secs(60));
+        let id = sessions.create(viewer(), "s".into()).expect("room");
+        let flash = Flash {
+            ok: true,
+            message: "done".into(),
+        };
+        sessions.flash(&id, flash.clone());
+        assert_eq!(sessions.get(&id).and_then(|s| s.flash), Some(flash));
+        assert_eq!(sessions.get(&id).and_then(|s| s.flash), None);
+    }
+
+    #[test]
+    fn tokens_are_unguessable_and_compared_whole() {
+        let (a, b) = (random_token(), random_token());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 43);
+        assert!(same_token(&a, &a.clone()));
+        assert!(!same_token(&a, &b));
+        assert!(!same_token(&a, &a[..42]));
+    }
+}
