@@ -695,6 +695,15 @@ async fn history_reads_newest_first_filtered_by_type() {
     .await;
     assert_eq!(seqs(&page), [4, 3, 2, 1]);
     assert!(page["nextBeforeSeq"].is_null());
+    // A page that ends exactly at the first entry has no next page either.
+    let (_, page) = call(
+        Method::GET,
+        &server.url("/api/v1/things/t/history?order=newest&limit=4&beforeSeq=5"),
+        None,
+    )
+    .await;
+    assert_eq!(seqs(&page), [4, 3, 2, 1]);
+    assert!(page["nextBeforeSeq"].is_null(), "{page}");
 
     let (_, page) = call(
         Method::GET,
@@ -712,11 +721,20 @@ async fn history_reads_newest_first_filtered_by_type() {
     assert_eq!(seqs(&page), Vec::<u64>::new());
 
     // Mixing the two ways of paging is refused, as is an unknown order.
+    // A Thing with no log is a 404 whatever the filter; an unknown type is a 400.
+    let (status, _) = call(
+        Method::GET,
+        &server.url("/api/v1/things/nope/history?order=newest&type=ShadowUpdated"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
     for query in [
         "order=newest&fromSeq=2",
         "beforeSeq=3",
         "type=ShadowUpdated",
         "order=sideways",
+        "order=newest&type=Shadowupdated",
     ] {
         let (status, body) = call(
             Method::GET,

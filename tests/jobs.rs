@@ -827,3 +827,57 @@ async fn a_step_timeout_fires_after_kill_9() {
     let (_, of_thing) = call(Method::GET, &server.url("/api/v1/things/lamp/jobs"), None).await;
     assert_eq!(of_thing["items"][0]["status"], "TIMED_OUT", "{of_thing}");
 }
+
+async fn job_gauges(server: &Server) -> Value {
+    let (status, metrics) = call(Method::GET, &server.url("/api/v1/metrics"), None).await;
+    assert_eq!(status, 200);
+    metrics["jobs"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_by_status_are_counted_as_they_change_and_again_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let mut lamp = device(&server, "lamp").await;
+    register_device(&server, "fan", "pw").await;
+    assert_eq!(
+        job_gauges(&server).await,
+        json!({"inProgress": 0, "completed": 0, "canceled": 0})
+    );
+    for id in ["waiting", "stopped", "open"] {
+        create(
+            &server,
+            "/api/v1/jobs",
+            json!({"jobId": id, "document": {}, "targets": {"thingNames": ["fan"]}}),
+        )
+        .await;
+    }
+    create(
+        &server,
+        "/api/v1/jobs",
+        json!({"jobId": "lamp-job", "document": {}, "targets": {"thingNames": ["lamp"]}}),
+    )
+    .await;
+    let (status, _) = call(
+        Method::POST,
+        &server.url("/api/v1/jobs/stopped/cancel"),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let jobs = "$emqx/things/lamp/jobs";
+    lamp.publish(
+        &format!("{jobs}/lamp-job/update"),
+        r#"{"status":"SUCCEEDED"}"#,
+    )
+    .await;
+    wait_for_job(&server, "lamp-job", |j| j["status"] == "COMPLETED").await;
+    let want = json!({"inProgress": 2, "completed": 1, "canceled": 1});
+    assert_eq!(job_gauges(&server).await, want);
+
+    // A restart counts them again from the stored jobs.
+    drop(lamp);
+    server.stop();
+    let server = Server::start(dir.path(), &[]);
+    assert_eq!(job_gauges(&server).await, want);
+}

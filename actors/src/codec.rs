@@ -417,6 +417,35 @@ pub fn summarize(event: &ThingEvent) -> String {
     }
 }
 
+/// Every `event_type` [`event_type`] gives (what a Thing's log holds), for filters that must
+/// refuse a type that cannot match.
+pub const EVENT_TYPES: &[&str] = &[
+    THING_REGISTERED,
+    THING_DELETED,
+    SHADOW_UPDATED,
+    SHADOW_DELETED,
+    EVENT_INGESTED,
+    THING_CONNECTED,
+    THING_DISCONNECTED,
+    COMMAND_SENT,
+    COMMAND_RESPONDED,
+    COMMAND_TIMED_OUT,
+    COMMAND_CANCELED,
+    COMMAND_RESPONSE_REFUSED,
+    JOB_QUEUED,
+    JOB_EXECUTION_UPDATED,
+    JOB_EXECUTION_TIMED_OUT,
+    JOB_EXECUTION_CANCELED,
+    JOB_EXECUTION_REMOVED,
+    ALARM_ARMED,
+    ALARM_DISARMED,
+    ALARM_RAISED,
+    ALARM_ACKNOWLEDGED,
+    ALARM_CLEARED,
+    ALARM_SEVERITY_CHANGED,
+    MEASUREMENTS_RECORDED,
+];
+
 /// The `event_type` string of an event.
 pub fn event_type(event: &ThingEvent) -> &'static str {
     match event {

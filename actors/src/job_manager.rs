@@ -21,6 +21,7 @@ mod rollout;
 pub use rollout::{ExponentialRate, Pace, RateIncreaseCriteria, RATE_PER_MINUTE_MAX};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -396,6 +397,37 @@ struct Inner {
     writes: tokio::sync::Mutex<()>,
     /// Jobs the counter aborted, whose cancellation is still to be told to the Things.
     aborted: Mutex<Vec<String>>,
+    /// Jobs by status (the metrics).
+    counts: JobCounts,
+}
+
+/// Jobs by status: counted when the jobs are loaded at start ([`JobManager::recover`]) and
+/// kept as jobs are created and end (a storage failure between the two can leave them off
+/// until the next start).
+#[derive(Debug, Default)]
+pub struct JobCounts {
+    /// Jobs in progress.
+    pub in_progress: AtomicU64,
+    /// Jobs completed.
+    pub completed: AtomicU64,
+    /// Jobs canceled (by an operator or their abort criteria).
+    pub canceled: AtomicU64,
+}
+
+impl JobCounts {
+    /// A job in progress ended as `to`.
+    fn ended(&self, to: JobStatus) {
+        let _ = self
+            .in_progress
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(1))
+            });
+        match to {
+            JobStatus::Completed => self.completed.fetch_add(1, Ordering::Relaxed),
+            JobStatus::Canceled => self.canceled.fetch_add(1, Ordering::Relaxed),
+            JobStatus::InProgress => self.in_progress.fetch_add(1, Ordering::Relaxed),
+        };
+    }
 }
 
 fn storage(e: StorageError) -> Rejection {
@@ -465,8 +497,14 @@ impl JobManager {
                 watched: Mutex::new(HashSet::new()),
                 writes: tokio::sync::Mutex::new(()),
                 aborted: Mutex::new(Vec::new()),
+                counts: JobCounts::default(),
             }),
         }
+    }
+
+    /// Jobs by status.
+    pub fn counts(&self) -> &JobCounts {
+        &self.inner.counts
     }
 
     fn watched(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
@@ -489,6 +527,12 @@ impl JobManager {
             let Ok(record) = decode_record(&bytes) else {
                 continue;
             };
+            let counter = match record.status {
+                JobStatus::InProgress => &self.inner.counts.in_progress,
+                JobStatus::Completed => &self.inner.counts.completed,
+                JobStatus::Canceled => &self.inner.counts.canceled,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
             match record.status {
                 JobStatus::InProgress => recovered.rolling_out.push(record.job_id),
                 JobStatus::Canceled if record.terminal_count() < record.targets => {
@@ -689,6 +733,10 @@ impl JobManager {
             self.inner.store.sync().await.map_err(storage)?;
         }
         self.watched().extend(job.things.iter().cloned());
+        self.inner
+            .counts
+            .in_progress
+            .fetch_add(1, Ordering::Relaxed);
         tracing::info!(job = %record.job_id, targets = record.targets, "job created");
         let manager = self.clone();
         let job_id = record.job_id.clone();
@@ -951,6 +999,7 @@ impl JobManager {
                 ));
             }
             let now_ms = self.inner.clock.now_ms();
+            let was_in_progress = record.status == JobStatus::InProgress;
             record.status = JobStatus::Canceled;
             record.force_canceled |= force;
             record.reason_code = reason_code.or(record.reason_code);
@@ -964,6 +1013,9 @@ impl JobManager {
                 )])
                 .map_err(storage)?;
             self.inner.store.sync().await.map_err(storage)?;
+            if was_in_progress {
+                self.inner.counts.ended(JobStatus::Canceled);
+            }
             record
         };
         let manager = self.clone();
@@ -1140,6 +1192,7 @@ impl JobManager {
         if record.status == JobStatus::InProgress {
             if let Some(criterion) = record.abort_criteria.iter().find(|c| c.met(&record.counts)) {
                 record.status = JobStatus::Canceled;
+                self.inner.counts.ended(JobStatus::Canceled);
                 record.reason_code = Some(format!(
                     "aborted: {}% of executed Things {}",
                     criterion.threshold_percentage,
@@ -1154,6 +1207,7 @@ impl JobManager {
                     .push(job_id.to_owned());
             } else if !record.continuous && record.terminal_count() >= record.targets {
                 record.status = JobStatus::Completed;
+                self.inner.counts.ended(JobStatus::Completed);
                 record.completed_at_ms = Some(record.last_updated_at_ms);
                 tracing::info!(job = %job_id, "job completed");
             }

@@ -778,9 +778,21 @@ impl Things {
         limit: usize,
     ) -> Result<(Vec<HistoryEntry>, Option<u64>), Rejection> {
         thing::validate_thing_name(name)?;
+        if let Some(unknown) = event_type.filter(|t| !codec::EVENT_TYPES.contains(t)) {
+            return Err(Rejection::new(
+                RejectionKind::InvalidRequest,
+                format!(
+                    "unknown history type '{unknown}' (one of {})",
+                    codec::EVENT_TYPES.join(", ")
+                ),
+            ));
+        }
         let page = read_history_rev(&self.store, name, event_type, before_seq, limit)
             .map_err(storage_failure)?;
-        if page.0.is_empty() && before_seq.is_none() && event_type.is_none() {
+        if page.0.is_empty()
+            && before_seq.is_none()
+            && self.store.last_seq(name).map_err(storage_failure)? == 0
+        {
             return Err(Rejection::new(
                 RejectionKind::ThingNotFound,
                 format!("Thing '{name}' has no history"),
@@ -931,12 +943,13 @@ fn scan_log_rev<T>(
                 if let Some(item) = keep(recorded, codec::decode_event(name, recorded)?) {
                     items.push((recorded.seq, item));
                     if items.len() >= limit {
-                        return Ok((items, Some(recorded.seq)));
+                        // Nothing is below the log's first record.
+                        return Ok((items, (recorded.seq > 1).then_some(recorded.seq)));
                     }
                 }
             }
             if scanned >= EVENTS_SCAN_RECORDS_MAX {
-                return Ok((items, Some(recorded.seq)));
+                return Ok((items, (recorded.seq > 1).then_some(recorded.seq)));
             }
         }
         if batch.len() < EVENTS_SCAN_STEP || batch_end <= 1 {

@@ -689,6 +689,22 @@ fn collect(state: &AppState) -> Vec<Metric> {
             label: Some(("outcome", label)),
         });
     }
+    let jobs = state.jobs.counts();
+    for (counter, key, label) in [
+        (&jobs.in_progress, "inProgress", "in_progress"),
+        (&jobs.completed, "completed", "completed"),
+        (&jobs.canceled, "canceled", "canceled"),
+    ] {
+        metrics.push(Metric {
+            name: "thinghub_jobs",
+            kind: "gauge",
+            help: "Jobs by status (counted at start, kept as jobs are created and end).",
+            value: load(counter),
+            group: "jobs",
+            key,
+            label: Some(("status", label)),
+        });
+    }
     for (number, name) in PACKET_TYPES.iter().enumerate().skip(1) {
         metrics.push(Metric {
             name: "thinghub_mqtt_packets_received_total",

@@ -125,12 +125,17 @@ enum Source<'a> {
 }
 
 impl Source<'_> {
-    /// The next candidates after `after`, in name order.
-    fn next(&self, state: &AppState, after: Option<&str>) -> Result<Vec<ThingSummary>, ApiError> {
+    /// Up to `step` candidates after `after`, in name order.
+    fn next(
+        &self,
+        state: &AppState,
+        after: Option<&str>,
+        step: usize,
+    ) -> Result<Vec<ThingSummary>, ApiError> {
         match self {
-            Source::Registry => Ok(state.things.list(after, THINGS_SCAN_STEP)?),
+            Source::Registry => Ok(state.things.list(after, step)?),
             Source::Group(group) => {
-                let names = state.groups.members(group, after, THINGS_SCAN_STEP)?;
+                let names = state.groups.members(group, after, step)?;
                 let mut out = Vec::with_capacity(names.len());
                 for name in names {
                     match state.things.summary(&name)? {
@@ -155,8 +160,7 @@ fn is_online(state: &AppState, summary: &ThingSummary) -> bool {
     !summary.mqtt_client_id.is_empty()
         && state
             .broker
-            .client(&summary.mqtt_client_id)
-            .is_some_and(|c| c.connected && c.thing.as_deref() == Some(summary.name.as_str()))
+            .thing_connected(&summary.mqtt_client_id, &summary.name)
 }
 
 #[utoipa::path(
@@ -203,11 +207,21 @@ pub async fn list(
         }
         after = Some(prefix.to_owned());
     }
+    // Unfiltered, one read of a page and one more (to know whether another page follows).
+    let filtered = prefix.is_some()
+        || params.thing_type.is_some()
+        || params.online.is_some()
+        || matches!(source, Source::Group(_));
+    let step = if filtered {
+        THINGS_SCAN_STEP
+    } else {
+        limit + 1
+    };
     let mut scanned = 0;
     let mut next = None;
     'scan: loop {
-        let batch = source.next(&state, after.as_deref())?;
-        let exhausted = batch.len() < THINGS_SCAN_STEP;
+        let batch = source.next(&state, after.as_deref(), step)?;
+        let exhausted = batch.len() < step;
         for summary in batch {
             scanned += 1;
             after = Some(summary.name.clone());

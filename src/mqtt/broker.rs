@@ -1219,6 +1219,15 @@ impl Broker {
         state.sessions.get(client_id).map(|s| view(client_id, s))
     }
 
+    /// Whether `client_id` is connected now as Thing `thing`'s device (no view is built).
+    pub fn thing_connected(&self, client_id: &str, thing: &str) -> bool {
+        let state = self.lock();
+        state
+            .sessions
+            .get(client_id)
+            .is_some_and(|s| s.connection.is_some() && s.identity.thing.as_deref() == Some(thing))
+    }
+
     /// Disconnects a client (reason "kicked") and discards its session. False if unknown.
     pub fn kick(&self, client_id: &str) -> bool {
         let mut guard = self.lock();
