@@ -523,16 +523,22 @@ impl ApiKeys {
     /// secret: the stored secret hash (new at every creation), or a mark for the env key.
     /// `None`: the key is gone or expired.
     pub fn stamp(&self, key: &str, now_ms: u64) -> Option<String> {
-        if self
-            .env_key
-            .as_ref()
-            .is_some_and(|(env_key, _)| env_key == key)
-        {
-            return Some("env".into());
-        }
-        let record = self.load(key)?;
+        // A stored key of the env key's name is checked as stored (its deletion must count).
+        let Some(record) = self.load(key) else {
+            return self
+                .env_key
+                .as_ref()
+                .is_some_and(|(env_key, _)| env_key == key)
+                .then(|| "env".into());
+        };
         Self::principal(key, &record, now_ms).ok()?;
-        Some(record.secret_hash)
+        // A digest: the session need not hold the hash itself.
+        Some(
+            sha256(&record.secret_hash)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+        )
     }
 
     /// Verifies `key:secret` (argon2 on a cache miss: call it off the async workers). An

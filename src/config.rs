@@ -128,6 +128,8 @@ pub struct Config {
     pub console_enabled: bool,
     /// Console sign-ins held at once (each in memory until it expires or signs out).
     pub console_sessions_max: usize,
+    /// Console sign-ins of one API key held at once (its oldest ends past it).
+    pub console_sessions_per_key_max: usize,
     /// How long a console sign-in lasts, milliseconds.
     pub console_session_ttl_ms: u64,
     /// Things whose deadlines are being fired at once by the deadline timer.
@@ -330,6 +332,7 @@ impl Default for Config {
             stats_sample_interval_ms: 5_000,
             console_enabled: true,
             console_sessions_max: 1024,
+            console_sessions_per_key_max: 16,
             console_session_ttl_ms: 8 * 60 * 60 * 1000,
             deadline_fire_concurrency_max: 512,
             deadline_scan_interval_max_ms: 1_000,
@@ -631,6 +634,10 @@ impl Config {
             ("publish_bulk_max", self.publish_bulk_max as u64),
             ("stats_sample_interval_ms", self.stats_sample_interval_ms),
             ("console_sessions_max", self.console_sessions_max as u64),
+            (
+                "console_sessions_per_key_max",
+                self.console_sessions_per_key_max as u64,
+            ),
             ("console_session_ttl_ms", self.console_session_ttl_ms),
             (
                 "deadline_fire_concurrency_max",
@@ -766,6 +773,12 @@ impl Config {
                 "http_keep_alive_idle_ms ({}) must not exceed http_header_read_timeout_ms ({}): \
                  an idle connection is also waiting for a request's headers",
                 self.http_keep_alive_idle_ms, self.http_header_read_timeout_ms
+            )));
+        }
+        if self.console_session_ttl_ms < 1000 {
+            return Err(ConfigError::Invalid(format!(
+                "console_session_ttl_ms ({}) must be at least 1000: the cookie's lifetime is whole seconds",
+                self.console_session_ttl_ms
             )));
         }
         if self.auth_backoff_base_ms > self.auth_backoff_max_ms {

@@ -333,6 +333,7 @@ pub async fn serve(
                 .console_enabled
                 .then_some(crate::http::console::ConsoleLimits {
                     sessions_max: config.console_sessions_max,
+                    sessions_per_key_max: config.console_sessions_per_key_max,
                     session_ttl: Duration::from_millis(config.console_session_ttl_ms),
                     refresh_every: Duration::from_millis(config.stats_sample_interval_ms),
                 }),

@@ -232,6 +232,8 @@ async fn an_operator_edits_a_shadow_sends_a_command_and_follows_a_job_in_the_bro
     // The overview counts the command; its charts have the traffic of the last seconds.
     browser.goto(&server.url("/console/")).await;
     assert_eq!(browser.text("#commands-succeeded").await, "1");
+    assert_eq!(browser.text("#jobs-completed").await, "1");
+    assert_eq!(browser.text("#jobs-inProgress").await, "0");
     browser.screenshot("overview").await;
     // With JavaScript the figures refresh in place (every second at this sample rate).
     browser.find("#live[data-refreshed]").await;
@@ -472,6 +474,17 @@ async fn sessions_are_http_only_strict_and_end_with_their_key() {
     assert_eq!(refused.status(), 403);
     let (status, _) = page(&server, "thinghub_console=forged", "/console/things").await;
     assert_eq!(status, 303, "a forged cookie is sent to the sign-in page");
+    // `key:secret` pasted whole into the key field signs in too.
+    let pasted = no_redirects()
+        .post(server.url("/console/login"))
+        .form(&[
+            ("key", format!("{ADMIN_KEY}:{ADMIN_SECRET}")),
+            ("secret", String::new()),
+        ])
+        .send()
+        .await
+        .expect("sign in");
+    assert_eq!(pasted.status(), 303);
 
     // The cookie: HttpOnly, SameSite=Strict, scoped to the console, expiring.
     let operator = create(
@@ -604,8 +617,208 @@ async fn names_and_payloads_render_as_text_never_as_markup() {
     let (_, html) = page(&server, &cookie, "/console/things/lamp-1").await;
     assert!(html.contains("&lt;img src=x onerror=alert(2)&gt;"));
     assert!(html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
+    // An unknown page, or a listing the API refuses, is an HTML page with the status.
+    let (status, html) = page(&server, &cookie, "/console/nowhere").await;
+    assert_eq!(status, 404);
+    assert!(html.contains("no page /console/nowhere"), "{html}");
+    let (status, html) = page(&server, &cookie, "/console/things?group=nope").await;
+    assert_eq!(status, 404);
+    assert!(html.contains("nope"), "{html}");
     // An unknown Thing is a 404 page that says so.
     let (status, html) = page(&server, &cookie, "/console/things/nope").await;
     assert_eq!(status, 404);
     assert!(html.contains("Thing &#39;nope&#39; not found") || html.contains("not found"));
+}
+
+async fn post_form(server: &Server, cookie: &str, path: &str, form: &[(&str, &str)]) -> u16 {
+    let origin = format!("http://{}", server.http);
+    no_redirects()
+        .post(server.url(path))
+        .header("cookie", cookie)
+        .header("origin", origin)
+        .form(form)
+        .send()
+        .await
+        .expect("post")
+        .status()
+        .as_u16()
+}
+
+/// The flash message the next page shows (once).
+async fn flash(server: &Server, cookie: &str, path: &str) -> String {
+    let (_, html) = page(server, cookie, path).await;
+    let at = html.find("id=\"flash\"").expect("a flash message");
+    let text = &html[at..];
+    let start = text.find('>').expect("tag end") + 1;
+    text[start..].split('<').next().expect("text").to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forms_cancel_a_command_and_a_job_and_kick_a_client() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    register_device(&server, "lamp-1", "pw").await;
+    let (_lamp, _) = Device::connect(&server, "lamp-1", ("lamp-1", "pw"), true).await;
+    let (cookie, _) = session(&server, ADMIN_KEY, ADMIN_SECRET).await;
+    let (_, html) = page(&server, &cookie, "/console/things/lamp-1").await;
+    let csrf = csrf_of(&html);
+
+    // Send and cancel a command.
+    let status = post_form(
+        &server,
+        &cookie,
+        "/console/things/lamp-1/commands",
+        &[("csrf", &csrf), ("action", "blink"), ("ttl", "600")],
+    )
+    .await;
+    assert_eq!(status, 303);
+    let sent = flash(&server, &cookie, "/console/things/lamp-1").await;
+    let execution = sent
+        .strip_prefix("Command ")
+        .and_then(|rest| rest.strip_suffix(" sent."))
+        .unwrap_or_else(|| panic!("{sent}"))
+        .to_owned();
+    let status = post_form(
+        &server,
+        &cookie,
+        &format!("/console/things/lamp-1/commands/{execution}/cancel"),
+        &[("csrf", &csrf)],
+    )
+    .await;
+    assert_eq!(status, 303);
+    assert_eq!(
+        flash(&server, &cookie, "/console/things/lamp-1").await,
+        format!("Command {execution} canceled.")
+    );
+    let (_, command) = call(
+        Method::GET,
+        &server.url(&format!("/api/v1/things/lamp-1/commands/{execution}")),
+        None,
+    )
+    .await;
+    assert_eq!(command["status"], "CANCELED");
+    // Bad input on a form is told on the page, and nothing is sent.
+    post_form(
+        &server,
+        &cookie,
+        "/console/things/lamp-1/commands",
+        &[
+            ("csrf", &csrf),
+            ("action", "blink"),
+            ("params", "{not json"),
+        ],
+    )
+    .await;
+    let refused = flash(&server, &cookie, "/console/things/lamp-1").await;
+    assert!(refused.starts_with("params is not valid JSON"), "{refused}");
+    post_form(
+        &server,
+        &cookie,
+        "/console/things/lamp-1/commands",
+        &[("csrf", &csrf), ("action", ""), ("ttl", "60")],
+    )
+    .await;
+    let refused = flash(&server, &cookie, "/console/things/lamp-1").await;
+    assert!(refused.starts_with("400"), "{refused}");
+
+    // Create a job with a rollout rate, then cancel it.
+    let status = post_form(
+        &server,
+        &cookie,
+        "/console/jobs",
+        &[
+            ("csrf", &csrf),
+            ("job_id", "slow"),
+            ("document", r#"{"step": 1}"#),
+            ("things", "lamp-1"),
+            ("maximum_per_minute", "1"),
+        ],
+    )
+    .await;
+    assert_eq!(status, 303);
+    assert_eq!(
+        flash(&server, &cookie, "/console/jobs/slow").await,
+        "Job slow created."
+    );
+    let status = post_form(
+        &server,
+        &cookie,
+        "/console/jobs/slow/cancel",
+        &[
+            ("csrf", &csrf),
+            ("force", "true"),
+            ("reason_code", "WRONG_FILE"),
+        ],
+    )
+    .await;
+    assert_eq!(status, 303);
+    assert_eq!(
+        flash(&server, &cookie, "/console/jobs/slow").await,
+        "Job slow canceled."
+    );
+    let (_, job) = call(Method::GET, &server.url("/api/v1/jobs/slow"), None).await;
+    assert_eq!(
+        (&job["status"], &job["reasonCode"]),
+        (&json!("CANCELED"), &json!("WRONG_FILE"))
+    );
+    // A job without targets is the API's 400, shown on the jobs page.
+    post_form(
+        &server,
+        &cookie,
+        "/console/jobs",
+        &[("csrf", &csrf), ("document", "{}")],
+    )
+    .await;
+    assert!(flash(&server, &cookie, "/console/jobs")
+        .await
+        .starts_with("400"));
+
+    // Kick the device's client.
+    let status = post_form(
+        &server,
+        &cookie,
+        "/console/clients/lamp-1/kick",
+        &[("csrf", &csrf)],
+    )
+    .await;
+    assert_eq!(status, 303);
+    assert_eq!(
+        flash(&server, &cookie, "/console/clients").await,
+        "Client lamp-1 kicked."
+    );
+    let (_, thing) = call(Method::GET, &server.url("/api/v1/things/lamp-1"), None).await;
+    assert_eq!(thing["lastDisconnectReason"], "kicked");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sign_ins_are_bounded_and_expire() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start_configured(
+        dir.path(),
+        "console_sessions_max = 1\nconsole_session_ttl_ms = 1000",
+    );
+    let (cookie, set_cookie) = session(&server, ADMIN_KEY, ADMIN_SECRET).await;
+    assert!(set_cookie.contains("Max-Age=1"), "{set_cookie}");
+    let full = no_redirects()
+        .post(server.url("/console/login"))
+        .form(&[("key", ADMIN_KEY), ("secret", ADMIN_SECRET)])
+        .send()
+        .await
+        .expect("sign in");
+    assert_eq!(full.status(), 503);
+    assert!(full
+        .text()
+        .await
+        .expect("body")
+        .contains("console_sessions_max"));
+    // The first session ends by itself; then there is room again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while page(&server, &cookie, "/console/things").await.0 == 200 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the session never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    session(&server, ADMIN_KEY, ADMIN_SECRET).await;
 }

@@ -9,11 +9,14 @@
     function tick() {
       fetch(url, { credentials: "same-origin", headers: { "Accept": "text/html" } })
         .then(function (response) {
-          if (response.redirected || !response.ok) { return null; }
+          // Signed out (sent to the sign-in page): stop. A failed answer (a restart, a 503):
+          // try again later.
+          if (response.redirected) { return undefined; }
+          if (!response.ok) { setTimeout(tick, every * 2); return undefined; }
           return response.text();
         })
         .then(function (html) {
-          if (html !== null) {
+          if (typeof html === "string") {
             section.innerHTML = html;
             section.setAttribute("data-refreshed", String(Date.now()));
             setTimeout(tick, every);

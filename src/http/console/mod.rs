@@ -46,6 +46,8 @@ const API_BODY_BYTES_MAX: usize = 8 * 1024 * 1024;
 pub struct ConsoleLimits {
     /// Sign-ins held at once.
     pub sessions_max: usize,
+    /// Sign-ins of one API key held at once (its oldest ends past it).
+    pub sessions_per_key_max: usize,
     /// How long one lasts.
     pub session_ttl: std::time::Duration,
     /// How often the overview's figures refresh in the browser (the statistics sample
@@ -68,13 +70,21 @@ pub struct Console {
 
 /// The console's routes, under `/console`.
 pub fn router(app: AppState, api: Router<AppState>, limits: ConsoleLimits) -> Router {
+    // The API's own body bound: a form cannot make a request the API would not take.
     let api = api
         .route_layer(axum::middleware::from_fn(authorize_in_process))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            app.limits.body_bytes_max,
+        ))
         .with_state(app.clone());
     let console = Console {
         app,
         api,
-        sessions: Arc::new(Sessions::new(limits.sessions_max, limits.session_ttl)),
+        sessions: Arc::new(Sessions::new(
+            limits.sessions_max,
+            limits.sessions_per_key_max,
+            limits.session_ttl,
+        )),
         refresh_every: limits.refresh_every.max(std::time::Duration::from_secs(1)),
     };
     Router::new()
@@ -102,6 +112,7 @@ pub fn router(app: AppState, api: Router<AppState>, limits: ConsoleLimits) -> Ro
         .route("/console/clients/{id}/kick", post(pages::kick_client))
         .route("/console/assets/console.css", get(css))
         .route("/console/assets/console.js", get(js))
+        .route("/console/{*rest}", axum::routing::any(no_such_page))
         .layer(axum::middleware::from_fn(security_headers))
         .with_state(console)
 }
@@ -147,6 +158,17 @@ async fn security_headers(request: Request, next: Next) -> Response {
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     }
     response
+}
+
+async fn no_such_page(uri: Uri) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        view::bare(
+            "Not found",
+            &format!("The console has no page {}", uri.path()),
+        ),
+    )
+        .into_response()
 }
 
 async fn css() -> Response {
@@ -255,9 +277,15 @@ impl Console {
             Err(never) => match never {},
         };
         let status = response.status();
-        let bytes = axum::body::to_bytes(response.into_body(), API_BODY_BYTES_MAX)
-            .await
-            .unwrap_or_default();
+        let Ok(bytes) = axum::body::to_bytes(response.into_body(), API_BODY_BYTES_MAX).await else {
+            tracing::warn!(%uri, "console: an API answer was too large to read");
+            return Reply {
+                status: StatusCode::BAD_GATEWAY,
+                body: serde_json::json!({
+                    "message": format!("the answer was larger than the console reads ({API_BODY_BYTES_MAX} bytes)")
+                }),
+            };
+        };
         let body = if bytes.is_empty() {
             Value::Null
         } else {
@@ -312,6 +340,18 @@ impl Console {
         Ok(signed)
     }
 
+    /// A whole page for `who`, with the message the last action left (shown once).
+    pub fn page(
+        &self,
+        who: &Signed,
+        section: view::Section,
+        title: &str,
+        body: maud::Markup,
+    ) -> maud::Markup {
+        let flash = self.sessions.take_flash(&who.id);
+        view::page(who, flash.as_ref(), section, title, body)
+    }
+
     /// Leaves the outcome of an action for the next page.
     pub fn flash(&self, who: &Signed, reply: &Reply, done: impl Into<String>) {
         let flash = if reply.ok() {
@@ -351,13 +391,13 @@ impl IntoResponse for Refusal {
     }
 }
 
-/// Why a browser says this request is cross-site, if it does (`Sec-Fetch-Site`, or an
-/// `Origin` that is not this host).
+/// Why a browser says this request is cross-site, if it does. `Sec-Fetch-Site` decides when
+/// the browser sends it (every current one does; it also holds behind a proxy that rewrites
+/// `Host`); otherwise an `Origin` that is not this host is refused.
 fn cross_site(headers: &HeaderMap) -> Option<&'static str> {
     if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
-        if !matches!(site, "same-origin" | "none") {
-            return Some("the request came from another site");
-        }
+        return (!matches!(site, "same-origin" | "none"))
+            .then_some("the request came from another site");
     }
     if let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
         let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
@@ -418,11 +458,24 @@ async fn login(
         return Refusal::Forbidden(why).into_response();
     }
     let peer = peer_of(peer);
-    let key = form.key.trim();
-    let principal = match verify_key(&console.app, peer.ip(), key, form.secret).await {
+    let (key, secret) = match form.key.trim().split_once(':') {
+        // `key:secret` pasted whole into the key field.
+        Some((key, secret)) if form.secret.is_empty() => (key.to_owned(), secret.to_owned()),
+        _ => (form.key.trim().to_owned(), form.secret),
+    };
+    let key = key.as_str();
+    // Only the key's name goes to the log, bounded (never a secret typed in the wrong field).
+    let logged: String = key
+        .split(':')
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .take(64)
+        .collect();
+    let principal = match verify_key(&console.app, peer.ip(), key, secret).await {
         Ok(principal) => principal,
         Err(refusal) => {
-            tracing::info!(key, %peer, "console: sign-in refused");
+            tracing::info!(key = %logged, %peer, "console: sign-in refused");
             return (
                 StatusCode::UNAUTHORIZED,
                 view::login(Some(&refusal.to_string())),
@@ -447,7 +500,15 @@ async fn login(
             .into_response();
     };
     let role = principal.role;
-    let id = match console.sessions.create(principal, stamp) {
+    let keys = console.app.keys.clone();
+    let now_ms = console.app.things.now_ms();
+    let still_valid =
+        |s: &Session| keys.stamp(&s.principal.key, now_ms).as_deref() == Some(s.stamp.as_str());
+    let previous = cookie(&headers);
+    let id = match console
+        .sessions
+        .create(principal, stamp, previous.as_deref(), still_valid)
+    {
         Ok(id) => id,
         Err(full) => {
             return (
@@ -460,7 +521,7 @@ async fn login(
                 .into_response()
         }
     };
-    tracing::info!(key, role = role.as_str(), %peer, "console: signed in");
+    tracing::info!(key = %logged, role = role.as_str(), %peer, "console: signed in");
     let secure = if tls.is_some_and(|t| t.0 .0) {
         "; Secure"
     } else {
@@ -523,6 +584,36 @@ pub fn encode(text: &str) -> String {
 mod tests {
     use super::*;
 
+    /// The in-process gate must see the whole path, as the API's middleware does: a nested
+    /// router's view (`/api-keys`) would slip past the admin-only prefixes.
+    #[tokio::test]
+    async fn the_in_process_gate_checks_the_whole_path_of_a_nested_route() {
+        let api = Router::new()
+            .nest(
+                "/api/v1",
+                Router::new().route("/api-keys", get(|| async { "listed" })),
+            )
+            .route_layer(axum::middleware::from_fn(authorize_in_process));
+        let call = |role: Role| {
+            let mut request = axum::http::Request::get("/api/v1/api-keys")
+                .body(Body::empty())
+                .expect("request");
+            request.extensions_mut().insert(Principal {
+                key: "k".into(),
+                role,
+                things: None,
+            });
+            request
+                .extensions_mut()
+                .insert(OriginalUri(Uri::from_static("/api/v1/api-keys")));
+            api.clone().oneshot(request)
+        };
+        let refused = call(Role::Operator).await.expect("answer");
+        assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+        let allowed = call(Role::Admin).await.expect("answer");
+        assert_eq!(allowed.status(), StatusCode::OK);
+    }
+
     #[test]
     fn segments_are_encoded_so_a_name_cannot_leave_its_place() {
         assert_eq!(encode("a/../b?c=d&e"), "a%2F..%2Fb%3Fc%3Dd%26e");
@@ -548,7 +639,17 @@ mod tests {
         headers.remove(header::ORIGIN);
         headers.insert("sec-fetch-site", HeaderValue::from_static("cross-site"));
         assert!(cross_site(&headers).is_some());
+        headers.insert("sec-fetch-site", HeaderValue::from_static("same-site"));
+        assert!(
+            cross_site(&headers).is_some(),
+            "another port of the host is another origin"
+        );
+        // Behind a proxy that rewrites Host, the browser's word decides.
         headers.insert("sec-fetch-site", HeaderValue::from_static("same-origin"));
+        headers.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("https://console.example"),
+        );
         assert_eq!(cross_site(&headers), None);
     }
 }

@@ -10,6 +10,8 @@ use maud::{html, Markup};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
+use thinghub_actors::codec::EVENT_TYPES;
+
 use super::view::{self, badge, pretty, text, time_of, Section};
 use super::{encode, peer_of, Console, Peer, Refusal, Reply, Signed};
 
@@ -20,30 +22,6 @@ type Page = Result<Response, Refusal>;
 const PAGE_ROWS: usize = 50;
 /// History entries per timeline page.
 const HISTORY_ROWS: usize = 50;
-/// Jobs counted per status on the overview (more shows as "N+").
-const JOBS_COUNTED_MAX: usize = 1000;
-
-/// History entry types, for the timeline's filter.
-const HISTORY_KINDS: &[&str] = &[
-    "ThingRegistered",
-    "ShadowUpdated",
-    "ShadowDeleted",
-    "EventIngested",
-    "ThingConnected",
-    "ThingDisconnected",
-    "CommandSent",
-    "CommandResponded",
-    "CommandTimedOut",
-    "CommandCanceled",
-    "JobQueued",
-    "JobExecutionUpdated",
-    "JobExecutionTimedOut",
-    "JobExecutionCanceled",
-    "AlarmRaised",
-    "AlarmCleared",
-    "MeasurementsRecorded",
-    "ThingDeleted",
-];
 
 fn get_of(c: &Console, headers: &HeaderMap, peer: Peer) -> Result<Signed, Refusal> {
     c.signed(headers, peer_of(peer))
@@ -73,6 +51,15 @@ fn items(reply: &Reply) -> &[Value] {
         .map_or(&[], Vec::as_slice)
 }
 
+/// A listing page's status: the API's when it refused (a 404 group, a 400 filter).
+fn answer_status(reply: &Reply) -> StatusCode {
+    if reply.ok() {
+        StatusCode::OK
+    } else {
+        reply.status
+    }
+}
+
 fn see_other(to: &str) -> Response {
     Redirect::to(to).into_response()
 }
@@ -100,7 +87,7 @@ pub async fn overview(State(c): State<Console>, headers: HeaderMap, peer: Peer) 
     let who = get_of(&c, &headers, peer)?;
     let live = live(&c, &who).await;
     let every = c.refresh_every;
-    Ok(view::page(
+    Ok(c.page(
         &who,
         Section::Overview,
         "Overview",
@@ -123,21 +110,6 @@ async fn live(c: &Console, who: &Signed) -> Markup {
     if !stats.ok() {
         return view::unreadable("The statistics", &stats.error());
     }
-    let jobs = futures_util::future::join_all(["IN_PROGRESS", "COMPLETED", "CANCELED"].map(
-        |status| async move {
-            let uri = format!("/api/v1/jobs?status={status}&limit={JOBS_COUNTED_MAX}");
-            let reply = c.call(who, Method::GET, &uri, None).await;
-            let count = items(&reply).len();
-            let more = reply.body.get("nextCursor").is_some_and(|n| !n.is_null());
-            (
-                status,
-                reply
-                    .ok()
-                    .then(|| format!("{count}{}", if more { "+" } else { "" })),
-            )
-        },
-    ))
-    .await;
     let now = &stats.body["current"];
     let rate = &stats.body["rates"]["oneMinute"];
     let n = |v: &Value| v.as_f64().map_or_else(|| "–".into(), |v| format!("{v:.0}"));
@@ -180,8 +152,8 @@ async fn live(c: &Console, who: &Signed) -> Markup {
             section {
                 h2 { "Jobs" }
                 table.compact { tbody {
-                    @for (status, count) in &jobs {
-                        tr { th { a href={"/console/jobs?status=" (status)} { (badge(status)) } } td { (count.as_deref().unwrap_or("–")) } }
+                    @for (status, key) in [("IN_PROGRESS", "inProgress"), ("COMPLETED", "completed"), ("CANCELED", "canceled")] {
+                        tr { th { a href={"/console/jobs?status=" (status)} { (badge(status)) } } td #{"jobs-" (key)} { (n(&now["jobs"][key])) } }
                     }
                 } }
             }
@@ -235,22 +207,25 @@ pub async fn things(
         ],
     );
     let reply = c.call(&who, Method::GET, &uri, None).await;
-    // Last seen: the newest connection of each Thing on the page (the registry's log, no actor
-    // woken).
+    // Last seen: now when online; else the end of the newest connection in the Thing's log
+    // (no actor woken).
     let seen = futures_util::future::join_all(items(&reply).iter().map(|item| {
         let c = &c;
         let who = &who;
         async move {
+            if item["online"] == json!(true) {
+                return "now".to_owned();
+            }
             let name = item["thingName"].as_str().unwrap_or_default();
             let uri = format!("/api/v1/things/{}/connectivity?limit=1", encode(name));
             let reply = c.call(who, Method::GET, &uri, None).await;
-            let newest = items(&reply).first().cloned().unwrap_or(Value::Null);
-            if item["online"] == json!(true) {
-                "now".to_owned()
-            } else if newest.is_null() {
-                "never".to_owned()
-            } else {
-                time_of(&newest["disconnectedAt"])
+            match items(&reply).first() {
+                None if reply.ok() => "never".to_owned(),
+                None => "–".to_owned(),
+                Some(newest) if newest["disconnectedAt"].is_null() => {
+                    time_of(&newest["connectedAt"])
+                }
+                Some(newest) => time_of(&newest["disconnectedAt"]),
             }
         }
     }))
@@ -301,7 +276,11 @@ pub async fn things(
             @if let Some(next) = next { p { a.next href=(next) { "Next page →" } } }
         }
     };
-    Ok(view::page(&who, Section::Things, "Things", body).into_response())
+    Ok((
+        answer_status(&reply),
+        c.page(&who, Section::Things, "Things", body),
+    )
+        .into_response())
 }
 
 /// The Thing page's history filter and paging.
@@ -351,7 +330,7 @@ pub async fn thing(
     if !described.ok() {
         let status = described.status;
         let body = view::unreadable(&format!("Thing '{name}'"), &described.error());
-        return Ok((status, view::page(&who, Section::Things, &name, body)).into_response());
+        return Ok((status, c.page(&who, Section::Things, &name, body)).into_response());
     }
     let t = &described.body;
     let here = format!("/console/things/{}", encode(&name));
@@ -434,7 +413,7 @@ pub async fn thing(
             }
         }
     };
-    Ok(view::page(&who, Section::Things, &name, body).into_response())
+    Ok(c.page(&who, Section::Things, &name, body).into_response())
 }
 
 /// Seconds (the jobs API's unit) as ms for [`time_of`].
@@ -539,7 +518,7 @@ fn history_section(here: &str, q: &ThingQuery, history: &Reply) -> Markup {
             form.filters method="get" action=(here) {
                 label { "Kind" select name="kind" id="history-kind" {
                     option value="" selected[q.kind.is_empty()] { "all" }
-                    @for kind in HISTORY_KINDS { option value=(kind) selected[q.kind == *kind] { (kind) } }
+                    @for kind in EVENT_TYPES { option value=(kind) selected[q.kind == *kind] { (kind) } }
                 } }
                 button type="submit" { "Filter" }
             }
@@ -778,7 +757,11 @@ pub async fn jobs(
             }
         }
     };
-    Ok(view::page(&who, Section::Jobs, "Jobs", body).into_response())
+    Ok((
+        answer_status(&reply),
+        c.page(&who, Section::Jobs, "Jobs", body),
+    )
+        .into_response())
 }
 
 /// The create-job form.
@@ -892,7 +875,7 @@ pub async fn job(
     );
     if !job.ok() {
         let body = view::unreadable(&format!("Job '{id}'"), &job.error());
-        return Ok((job.status, view::page(&who, Section::Jobs, &id, body)).into_response());
+        return Ok((job.status, c.page(&who, Section::Jobs, &id, body)).into_response());
     }
     let j = &job.body;
     let here = format!("/console/jobs/{}", encode(&id));
@@ -947,7 +930,8 @@ pub async fn job(
             @if let Some(next) = next { p { a.next href=(next) { "Next page →" } } }
         }
     };
-    Ok(view::page(&who, Section::Jobs, &format!("Job {id}"), body).into_response())
+    Ok(c.page(&who, Section::Jobs, &format!("Job {id}"), body)
+        .into_response())
 }
 
 /// The cancel-job form.
@@ -1031,7 +1015,11 @@ pub async fn clients(
             @if let Some(next) = next { p { a.next href=(next) { "Next page →" } } }
         }
     };
-    Ok(view::page(&who, Section::Clients, "Clients", body).into_response())
+    Ok((
+        answer_status(&reply),
+        c.page(&who, Section::Clients, "Clients", body),
+    )
+        .into_response())
 }
 
 fn kick_form(who: &Signed, id: &str) -> Markup {
@@ -1063,7 +1051,7 @@ pub async fn client(
         .await;
     if !reply.ok() {
         let body = view::unreadable(&format!("Client '{id}'"), &reply.error());
-        return Ok((reply.status, view::page(&who, Section::Clients, &id, body)).into_response());
+        return Ok((reply.status, c.page(&who, Section::Clients, &id, body)).into_response());
     }
     let k = &reply.body;
     let body = html! {
@@ -1083,7 +1071,10 @@ pub async fn client(
         h2 { "Subscriptions" }
         ul #subscriptions { @for s in k["subscriptions"].as_array().map_or(&[][..], Vec::as_slice) { li { code { (text(s)) } } } }
     };
-    Ok(view::page(&who, Section::Clients, &format!("Client {id}"), body).into_response())
+    Ok(
+        c.page(&who, Section::Clients, &format!("Client {id}"), body)
+            .into_response(),
+    )
 }
 
 /// `POST /console/clients/{id}/kick`.

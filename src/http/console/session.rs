@@ -48,6 +48,7 @@ pub struct SessionsFull(pub usize);
 pub struct Sessions {
     sessions: Mutex<HashMap<String, Session>>,
     max: usize,
+    per_key_max: usize,
     ttl: Duration,
 }
 
@@ -68,11 +69,12 @@ pub fn same_token(a: &str, b: &str) -> bool {
 }
 
 impl Sessions {
-    /// At most `max` sessions, each for `ttl`.
-    pub fn new(max: usize, ttl: Duration) -> Sessions {
+    /// At most `max` sessions, `per_key_max` of one API key, each for `ttl`.
+    pub fn new(max: usize, per_key_max: usize, ttl: Duration) -> Sessions {
         Sessions {
             sessions: Mutex::new(HashMap::new()),
             max,
+            per_key_max: per_key_max.max(1),
             ttl,
         }
     }
@@ -86,13 +88,49 @@ impl Sessions {
         self.ttl
     }
 
-    /// Starts a session; returns its id (the cookie's value). Expired sessions make room
-    /// first; past `max` live ones, refused.
-    pub fn create(&self, principal: Principal, stamp: String) -> Result<String, SessionsFull> {
+    /// Starts a session; returns its id (the cookie's value). The browser's previous session
+    /// (`replacing`) ends, and so does the key's oldest once it holds `per_key_max` (one key
+    /// signing in over and over cannot fill the table). When the table is full, expired
+    /// sessions and those `still_valid` rejects (their key deleted or replaced) make room;
+    /// past `max` live ones, refused.
+    pub fn create(
+        &self,
+        principal: Principal,
+        stamp: String,
+        replacing: Option<&str>,
+        still_valid: impl Fn(&Session) -> bool,
+    ) -> Result<String, SessionsFull> {
         let now = Instant::now();
         let mut sessions = self.lock();
+        if let Some(old) = replacing {
+            sessions.remove(old);
+        }
+        loop {
+            let of_key = sessions
+                .iter()
+                .filter(|(_, s)| s.principal.key == principal.key);
+            let (count, oldest) =
+                of_key.fold((0, None::<(&String, Instant)>), |(n, oldest), (id, s)| {
+                    let older = oldest.is_none_or(|(_, at)| s.expires_at < at);
+                    (
+                        n + 1,
+                        if older {
+                            Some((id, s.expires_at))
+                        } else {
+                            oldest
+                        },
+                    )
+                });
+            match oldest {
+                Some((id, _)) if count >= self.per_key_max => {
+                    let id = id.clone();
+                    sessions.remove(&id);
+                }
+                _ => break,
+            }
+        }
         if sessions.len() >= self.max {
-            sessions.retain(|_, s| s.expires_at > now);
+            sessions.retain(|_, s| s.expires_at > now && still_valid(s));
         }
         if sessions.len() >= self.max {
             return Err(SessionsFull(self.max));
@@ -111,17 +149,20 @@ impl Sessions {
         Ok(id)
     }
 
-    /// The live session with this id, its flash taken out (shown once).
+    /// The live session with this id.
     pub fn get(&self, id: &str) -> Option<Session> {
         let mut sessions = self.lock();
-        let session = sessions.get_mut(id)?;
+        let session = sessions.get(id)?;
         if session.expires_at <= Instant::now() {
             sessions.remove(id);
             return None;
         }
-        let shown = session.clone();
-        session.flash = None;
-        Some(shown)
+        Some(session.clone())
+    }
+
+    /// Takes the session's message out (a page shows it once).
+    pub fn take_flash(&self, id: &str) -> Option<Flash> {
+        self.lock().get_mut(id).and_then(|s| s.flash.take())
     }
 
     /// Leaves a message for the session's next page.
@@ -135,16 +176,6 @@ impl Sessions {
     pub fn remove(&self, id: &str) {
         self.lock().remove(id);
     }
-
-    /// Live sessions (for the metrics).
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    /// Whether none is held.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 #[cfg(test)]
@@ -152,9 +183,9 @@ mod tests {
     use super::*;
     use crate::auth::Role;
 
-    fn viewer() -> Principal {
+    fn key(name: &str) -> Principal {
         Principal {
-            key: "k".into(),
+            key: name.into(),
             role: Role::Viewer,
             things: None,
         }
@@ -162,28 +193,85 @@ mod tests {
 
     #[test]
     fn given_a_full_table_when_one_more_signs_in_then_it_is_refused_until_one_expires() {
-        let sessions = Sessions::new(1, Duration::from_millis(50));
-        let first = sessions.create(viewer(), "s".into()).expect("room");
-        assert_eq!(sessions.create(viewer(), "s".into()), Err(SessionsFull(1)));
+        let sessions = Sessions::new(1, 4, Duration::from_millis(50));
+        let first = sessions
+            .create(key("a"), "s".into(), None, |_| true)
+            .expect("room");
+        assert_eq!(
+            sessions.create(key("b"), "s".into(), None, |_| true),
+            Err(SessionsFull(1))
+        );
         let deadline = Instant::now() + Duration::from_secs(5);
         while sessions.get(&first).is_some() {
             assert!(Instant::now() < deadline, "the session never expired");
             std::thread::sleep(Duration::from_millis(10));
         }
-        assert!(sessions.create(viewer(), "s".into()).is_ok());
+        assert!(sessions
+            .create(key("b"), "s".into(), None, |_| true)
+            .is_ok());
     }
 
     #[test]
-    fn given_a_flash_when_the_session_is_read_twice_then_it_is_shown_once() {
-        let sessions = Sessions::new(4, Duration::from_secs(60));
-        let id = sessions.create(viewer(), "s".into()).expect("room");
+    fn given_a_key_signing_in_again_and_again_then_only_its_oldest_sessions_go() {
+        let sessions = Sessions::new(3, 2, Duration::from_secs(60));
+        let other = sessions
+            .create(key("other"), "s".into(), None, |_| true)
+            .expect("room");
+        let ids: Vec<String> = (0..10)
+            .map(|_| {
+                sessions
+                    .create(key("a"), "s".into(), None, |_| true)
+                    .expect("room")
+            })
+            .collect();
+        assert!(
+            sessions.get(&other).is_some(),
+            "another key's session stays"
+        );
+        assert!(sessions.get(&ids[9]).is_some() && sessions.get(&ids[8]).is_some());
+        assert!(
+            sessions.get(&ids[7]).is_none(),
+            "past per_key_max the oldest go"
+        );
+        // Signing in again from the same browser replaces its session.
+        let again = sessions
+            .create(key("a"), "s".into(), Some(&ids[9]), |_| true)
+            .expect("room");
+        assert!(sessions.get(&ids[9]).is_none() && sessions.get(&again).is_some());
+    }
+
+    #[test]
+    fn given_a_full_table_then_sessions_of_revoked_keys_make_room() {
+        let sessions = Sessions::new(2, 2, Duration::from_secs(60));
+        let revoked = sessions
+            .create(key("gone"), "old".into(), None, |_| true)
+            .expect("room");
+        sessions
+            .create(key("a"), "s".into(), None, |_| true)
+            .expect("room");
+        assert!(sessions
+            .create(key("b"), "s".into(), None, |s| s.stamp != "old")
+            .is_ok());
+        assert!(sessions.get(&revoked).is_none());
+    }
+
+    #[test]
+    fn given_a_flash_when_it_is_taken_then_it_is_shown_once() {
+        let sessions = Sessions::new(4, 4, Duration::from_secs(60));
+        let id = sessions
+            .create(key("a"), "s".into(), None, |_| true)
+            .expect("room");
         let flash = Flash {
             ok: true,
             message: "done".into(),
         };
         sessions.flash(&id, flash.clone());
-        assert_eq!(sessions.get(&id).and_then(|s| s.flash), Some(flash));
-        assert_eq!(sessions.get(&id).and_then(|s| s.flash), None);
+        assert!(
+            sessions.get(&id).is_some_and(|s| s.flash.is_some()),
+            "reading keeps it"
+        );
+        assert_eq!(sessions.take_flash(&id), Some(flash));
+        assert_eq!(sessions.take_flash(&id), None);
     }
 
     #[test]

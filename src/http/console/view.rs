@@ -32,8 +32,14 @@ fn head(title: &str) -> Markup {
     }
 }
 
-/// A whole page for a signed-in operator.
-pub fn page(who: &Signed, section: Section, title: &str, body: Markup) -> Markup {
+/// A whole page for a signed-in operator, with the last action's outcome.
+pub fn page(
+    who: &Signed,
+    flash: Option<&Flash>,
+    section: Section,
+    title: &str,
+    body: Markup,
+) -> Markup {
     let nav = [
         (Section::Overview, "/console/", "Overview"),
         (Section::Things, "/console/things", "Things"),
@@ -63,7 +69,7 @@ pub fn page(who: &Signed, section: Section, title: &str, body: Markup) -> Markup
                     }
                 }
                 main {
-                    @if let Some(flash) = &who.session.flash { (flash_box(flash)) }
+                    @if let Some(flash) = flash { (flash_box(flash)) }
                     h1 { (title) }
                     (body)
                 }
@@ -213,6 +219,6 @@ mod tests {
     fn times_are_utc_calendar_dates() {
         assert_eq!(time(0), "1970-01-01 00:00:00");
         assert_eq!(time(951_782_400_000), "2000-02-29 00:00:00");
-        assert_eq!(time(1_796_356_799_000), "2026-12-03 23:59:59");
+        assert_eq!(time(1_796_342_399_000), "2026-12-03 23:59:59");
     }
 }
