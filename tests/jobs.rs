@@ -838,7 +838,7 @@ async fn job_gauges(server: &Server) -> Value {
 async fn jobs_by_status_are_counted_as_they_change_and_again_at_start() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = Server::start(dir.path(), &[]);
-    let mut lamp = device(&server, "lamp").await;
+    let lamp = device(&server, "lamp").await;
     register_device(&server, "fan", "pw").await;
     assert_eq!(
         job_gauges(&server).await,

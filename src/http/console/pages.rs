@@ -74,9 +74,28 @@ fn json_field(name: &str, value: &str) -> Result<Option<Value>, String> {
         .map_err(|e| format!("{name} is not valid JSON: {e}"))
 }
 
-fn flash_error(c: &Console, who: &Signed, message: String) {
+/// A form refused before the API: why, on the page it goes back to.
+fn refuse_form(c: &Console, who: &Signed, why: impl Into<String>, back: &str) -> Page {
+    let message = why.into();
     c.sessions
         .flash(&who.id, super::session::Flash { ok: false, message });
+    Ok(see_other(back))
+}
+
+/// A form's API call: its outcome (`done` of the answer, or the API's refusal) on the page it
+/// goes back to.
+async fn act(
+    c: &Console,
+    who: &Signed,
+    (method, uri): (Method, &str),
+    body: Option<&Value>,
+    done: impl FnOnce(&Value) -> String,
+    back: &str,
+) -> Page {
+    let reply = c.call(who, method, uri, body).await;
+    let done = done(&reply.body);
+    c.flash(who, &reply, done);
+    Ok(see_other(back))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -559,14 +578,8 @@ pub async fn update_desired(
     let back = format!("/console/things/{}#shadow", encode(&name));
     let desired = match json_field("desired", &form.desired) {
         Ok(Some(Value::Object(desired))) => Value::Object(desired),
-        Ok(_) => {
-            flash_error(&c, &who, "desired must be a JSON object".into());
-            return Ok(see_other(&back));
-        }
-        Err(why) => {
-            flash_error(&c, &who, why);
-            return Ok(see_other(&back));
-        }
+        Ok(_) => return refuse_form(&c, &who, "desired must be a JSON object", &back),
+        Err(why) => return refuse_form(&c, &who, why, &back),
     };
     let mut body = json!({"state": {"desired": desired}});
     if let Ok(version) = form.version.trim().parse::<u64>() {
@@ -575,13 +588,8 @@ pub async fn update_desired(
         }
     }
     let uri = format!("/api/v1/things/{}/shadow", encode(&name));
-    let reply = c.call(&who, Method::POST, &uri, Some(&body)).await;
-    let done = format!(
-        "Desired state updated (version {}).",
-        text(&reply.body["version"])
-    );
-    c.flash(&who, &reply, done);
-    Ok(see_other(&back))
+    let done = |b: &Value| format!("Desired state updated (version {}).", text(&b["version"]));
+    act(&c, &who, (Method::POST, &uri), Some(&body), done, &back).await
 }
 
 /// The send-command form.
@@ -608,29 +616,20 @@ pub async fn send_command(
     match json_field("params", &form.params) {
         Ok(None) => {}
         Ok(Some(params)) => body["params"] = params,
-        Err(why) => {
-            flash_error(&c, &who, why);
-            return Ok(see_other(&back));
-        }
+        Err(why) => return refuse_form(&c, &who, why, &back),
     }
     if !form.ttl.trim().is_empty() {
         match form.ttl.trim().parse::<u64>() {
             Ok(ttl) => body["ttl"] = json!(ttl),
             Err(_) => {
-                flash_error(
-                    &c,
-                    &who,
-                    format!("ttl must be whole seconds, not '{}'", form.ttl),
-                );
-                return Ok(see_other(&back));
+                let why = format!("ttl must be whole seconds, not '{}'", form.ttl);
+                return refuse_form(&c, &who, why, &back);
             }
         }
     }
     let uri = format!("/api/v1/things/{}/commands", encode(&name));
-    let reply = c.call(&who, Method::POST, &uri, Some(&body)).await;
-    let done = format!("Command {} sent.", text(&reply.body["executionId"]));
-    c.flash(&who, &reply, done);
-    Ok(see_other(&back))
+    let done = |b: &Value| format!("Command {} sent.", text(&b["executionId"]));
+    act(&c, &who, (Method::POST, &uri), Some(&body), done, &back).await
 }
 
 /// `POST /console/things/{name}/commands/{id}/cancel`.
@@ -647,12 +646,9 @@ pub async fn cancel_command(
         encode(&name),
         encode(&id)
     );
-    let reply = c.call(&who, Method::POST, &uri, None).await;
-    c.flash(&who, &reply, format!("Command {id} canceled."));
-    Ok(see_other(&format!(
-        "/console/things/{}#commands",
-        encode(&name)
-    )))
+    let back = format!("/console/things/{}#commands", encode(&name));
+    let done = |_: &Value| format!("Command {id} canceled.");
+    act(&c, &who, (Method::POST, &uri), None, done, &back).await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -792,16 +788,11 @@ pub async fn create_job(
     Form(form): Form<JobForm>,
 ) -> Page {
     let who = c.signed_change(&headers, peer_of(peer), &form.csrf)?;
+    const FORM: &str = "/console/jobs#create-job";
     let document = match json_field("document", &form.document) {
         Ok(Some(document)) => document,
-        Ok(None) => {
-            flash_error(&c, &who, "document is required (a JSON object)".into());
-            return Ok(see_other("/console/jobs#create-job"));
-        }
-        Err(why) => {
-            flash_error(&c, &who, why);
-            return Ok(see_other("/console/jobs#create-job"));
-        }
+        Ok(None) => return refuse_form(&c, &who, "document is required (a JSON object)", FORM),
+        Err(why) => return refuse_form(&c, &who, why, FORM),
     };
     let mut targets = Map::new();
     let (things, groups) = (names(&form.things), names(&form.groups));
@@ -822,12 +813,8 @@ pub async fn create_job(
         match form.maximum_per_minute.trim().parse::<u64>() {
             Ok(rate) => body["rollout"] = json!({"maximumPerMinute": rate}),
             Err(_) => {
-                flash_error(
-                    &c,
-                    &who,
-                    "the rollout rate must be a whole number per minute".into(),
-                );
-                return Ok(see_other("/console/jobs#create-job"));
+                let why = "the rollout rate must be a whole number per minute";
+                return refuse_form(&c, &who, why, FORM);
             }
         }
     }
@@ -836,7 +823,7 @@ pub async fn create_job(
         .await;
     if !reply.ok() {
         c.flash(&who, &reply, "");
-        return Ok(see_other("/console/jobs#create-job"));
+        return Ok(see_other(FORM));
     }
     let id = reply.body["jobId"].as_str().unwrap_or_default().to_owned();
     c.flash(&who, &reply, format!("Job {id} created."));
@@ -957,9 +944,9 @@ pub async fn cancel_job(
         body["reasonCode"] = json!(form.reason_code.trim());
     }
     let uri = format!("/api/v1/jobs/{}/cancel", encode(&id));
-    let reply = c.call(&who, Method::POST, &uri, Some(&body)).await;
-    c.flash(&who, &reply, format!("Job {id} canceled."));
-    Ok(see_other(&format!("/console/jobs/{}", encode(&id))))
+    let back = format!("/console/jobs/{}", encode(&id));
+    let done = |_: &Value| format!("Job {id} canceled.");
+    act(&c, &who, (Method::POST, &uri), Some(&body), done, &back).await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1087,7 +1074,14 @@ pub async fn kick_client(
 ) -> Page {
     let who = c.signed_change(&headers, peer_of(peer), &form.csrf)?;
     let uri = format!("/api/v1/clients/{}", encode(&id));
-    let reply = c.call(&who, Method::DELETE, &uri, None).await;
-    c.flash(&who, &reply, format!("Client {id} kicked."));
-    Ok(see_other("/console/clients"))
+    let done = |_: &Value| format!("Client {id} kicked.");
+    act(
+        &c,
+        &who,
+        (Method::DELETE, &uri),
+        None,
+        done,
+        "/console/clients",
+    )
+    .await
 }
