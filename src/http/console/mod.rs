@@ -286,11 +286,12 @@ impl Console {
                 }),
             };
         };
-        let body = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes)
-                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+        let body = match serde_json::from_slice::<Value>(&bytes) {
+            _ if bytes.is_empty() => Value::Null,
+            Ok(json) => json,
+            // As the API's own error layer does: a 5xx's details are not passed on.
+            Err(_) if status.is_server_error() => Value::Null,
+            Err(_) => Value::String(String::from_utf8_lossy(&bytes).into_owned()),
         };
         if status.is_server_error() {
             tracing::warn!(%uri, status = status.as_u16(), "console: the API failed");
