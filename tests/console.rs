@@ -210,6 +210,9 @@ async fn an_operator_edits_a_shadow_sends_a_command_and_follows_a_job_in_the_bro
         })
         .await;
     assert_eq!(browser.text("#count-SUCCEEDED").await, "1");
+    // The page's script sized the progress bar (the no-JavaScript test sees it did not).
+    let bar = browser.find(".progress .bar").await;
+    assert!(bar.attr("style").await.expect("attribute").is_some());
     browser.screenshot("job").await;
     browser.goto(&server.url("/console/jobs")).await;
     assert!(browser.text("#jobs").await.contains("fw-2"));
@@ -332,6 +335,61 @@ async fn a_viewer_sees_no_forms_and_what_it_tries_anyway_is_refused() {
     )
     .await;
     assert_eq!(status, 404, "the viewer's update must not have landed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_read_only_pages_are_readable_without_javascript() {
+    if !browser::available() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    create(
+        &server,
+        "/api/v1/things",
+        json!({"thingName": "lamp-1", "thingType": "lamp"}),
+    )
+    .await;
+    let (status, _) = call(
+        Method::POST,
+        &server.url("/api/v1/things/lamp-1/shadow"),
+        Some(json!({"state": {"desired": {"color": "red"}}})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    create(
+        &server,
+        "/api/v1/jobs",
+        json!({"jobId": "fw-1", "document": {}, "targets": {"thingNames": ["lamp-1"]}}),
+    )
+    .await;
+
+    let browser = Browser::start_without_javascript(1280, 1000).await;
+    assert_eq!(
+        browser
+            .client
+            .execute("return 1", vec![])
+            .await
+            .ok()
+            .and_then(|v| v.as_i64()),
+        Some(1),
+        "WebDriver's own scripts still run; the page's do not"
+    );
+    sign_in(&browser, &server, ADMIN_KEY, ADMIN_SECRET).await;
+    assert_eq!(browser.text("#things-registered .value").await, "1");
+    assert!(!browser.has("#live[data-refreshed]").await);
+    browser.goto(&server.url("/console/things?type=lamp")).await;
+    assert!(browser.text("#things").await.contains("lamp-1"));
+    browser.goto(&server.url("/console/things/lamp-1")).await;
+    assert!(browser.text("#delta").await.contains("\"red\""));
+    browser.screenshot("no-javascript-thing").await;
+    browser.goto(&server.url("/console/jobs/fw-1")).await;
+    assert!(browser.text("#job-status").await.contains("IN_PROGRESS"));
+    // The page's script would size the progress bars: it did not run.
+    let bar = browser.find(".progress .bar").await;
+    assert_eq!(bar.attr("style").await.expect("attribute"), None);
+    browser.goto(&server.url("/console/clients")).await;
+    browser.find("main h1").await;
 }
 
 /// A page on another site (`localhost` vs `127.0.0.1`) that posts to the console as soon as it

@@ -52,6 +52,15 @@ fn free_port() -> u16 {
 impl Browser {
     /// Starts chromedriver on loopback and a headless chromium session of `width`×`height`.
     pub async fn start(width: u32, height: u32) -> Browser {
+        Browser::start_with(width, height, true).await
+    }
+
+    /// [`Browser::start`] with JavaScript turned off (what a page must be readable without).
+    pub async fn start_without_javascript(width: u32, height: u32) -> Browser {
+        Browser::start_with(width, height, false).await
+    }
+
+    async fn start_with(width: u32, height: u32, javascript: bool) -> Browser {
         let mut tries = 0;
         loop {
             tries += 1;
@@ -78,6 +87,10 @@ impl Browser {
                             "--disable-dev-shm-usage", "--no-first-run",
                             format!("--window-size={width},{height}"),
                         ],
+                        "prefs": {
+                            "profile.managed_default_content_settings.javascript":
+                                if javascript { 1 } else { 2 },
+                        },
                     }),
                 );
                 builder.capabilities(capabilities);
