@@ -402,8 +402,7 @@ struct Inner {
 }
 
 /// Jobs by status: counted when the jobs are loaded at start ([`JobManager::recover`]) and
-/// kept as jobs are created and end (a storage failure between the two can leave them off
-/// until the next start).
+/// kept as job records are written (created, canceled, ended by their counts).
 #[derive(Debug, Default)]
 pub struct JobCounts {
     /// Jobs in progress.
@@ -730,13 +729,14 @@ impl JobManager {
                 .collect();
             batch.push((key, Some(encode(&record)?)));
             self.inner.store.kv_apply_behind(batch).map_err(storage)?;
+            // Counted once applied (a failed sync still leaves the job for its end to count).
+            self.inner
+                .counts
+                .in_progress
+                .fetch_add(1, Ordering::Relaxed);
             self.inner.store.sync().await.map_err(storage)?;
         }
         self.watched().extend(job.things.iter().cloned());
-        self.inner
-            .counts
-            .in_progress
-            .fetch_add(1, Ordering::Relaxed);
         tracing::info!(job = %record.job_id, targets = record.targets, "job created");
         let manager = self.clone();
         let job_id = record.job_id.clone();
@@ -1189,10 +1189,10 @@ impl JobManager {
         }
         *record.counts.entry(after.as_str().to_owned()).or_insert(0) += 1;
         record.last_updated_at_ms = at_ms;
+        let was = record.status;
         if record.status == JobStatus::InProgress {
             if let Some(criterion) = record.abort_criteria.iter().find(|c| c.met(&record.counts)) {
                 record.status = JobStatus::Canceled;
-                self.inner.counts.ended(JobStatus::Canceled);
                 record.reason_code = Some(format!(
                     "aborted: {}% of executed Things {}",
                     criterion.threshold_percentage,
@@ -1207,7 +1207,6 @@ impl JobManager {
                     .push(job_id.to_owned());
             } else if !record.continuous && record.terminal_count() >= record.targets {
                 record.status = JobStatus::Completed;
-                self.inner.counts.ended(JobStatus::Completed);
                 record.completed_at_ms = Some(record.last_updated_at_ms);
                 tracing::info!(job = %job_id, "job completed");
             }
@@ -1219,6 +1218,11 @@ impl JobManager {
                 Some(encode_record(record)?),
             ),
         ])?;
+        // Counted once written: a failed write leaves the stored job in progress, and the
+        // event that ends it later counts it then.
+        if was != record.status {
+            self.inner.counts.ended(record.status);
+        }
         Ok(true)
     }
 }
