@@ -214,6 +214,10 @@ pub struct NewApiKey {
     pub things: Option<Vec<String>>,
 }
 
+/// Storage could not be read (logged where it happened).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StorageUnreadable;
+
 /// Why a key was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeyRefusal {
@@ -468,18 +472,24 @@ impl ApiKeys {
     }
 
     fn load(&self, key: &str) -> Option<ApiKeyRecord> {
+        self.load_checked(key).ok().flatten()
+    }
+
+    /// The stored record; `Err` when storage could not be read (a record that does not decode
+    /// is logged and read as absent).
+    fn load_checked(&self, key: &str) -> Result<Option<ApiKeyRecord>, StorageUnreadable> {
         match self.store.kv_get(&format!("{KEY_PREFIX}{key}")) {
             Ok(Some(bytes)) => match Envelope::from_bytes(&bytes).and_then(|e| e.payload_as()) {
-                Ok(record) => Some(record),
+                Ok(record) => Ok(Some(record)),
                 Err(e) => {
                     tracing::error!(key, error = %e, "stored API key record is unreadable");
-                    None
+                    Ok(None)
                 }
             },
-            Ok(None) => None,
+            Ok(None) => Ok(None),
             Err(e) => {
                 tracing::error!(error = %e, "cannot read API key");
-                None
+                Err(StorageUnreadable)
             }
         }
     }
@@ -520,25 +530,27 @@ impl ApiKeys {
     }
 
     /// What a sign-in holds to notice its key later revoked, replaced or expired without its
-    /// secret: the stored secret hash (new at every creation), or a mark for the env key.
-    /// `None`: the key is gone or expired.
-    pub fn stamp(&self, key: &str, now_ms: u64) -> Option<String> {
+    /// secret: a digest of the stored secret hash (new at every creation), or a mark for the
+    /// env key. `None`: the key is gone or expired; `Err`: storage could not tell.
+    pub fn stamp(&self, key: &str, now_ms: u64) -> Result<Option<String>, StorageUnreadable> {
         // A stored key of the env key's name is checked as stored (its deletion must count).
-        let Some(record) = self.load(key) else {
-            return self
+        let Some(record) = self.load_checked(key)? else {
+            return Ok(self
                 .env_key
                 .as_ref()
                 .is_some_and(|(env_key, _)| env_key == key)
-                .then(|| "env".into());
+                .then(|| "env".into()));
         };
-        Self::principal(key, &record, now_ms).ok()?;
+        if Self::principal(key, &record, now_ms).is_err() {
+            return Ok(None);
+        }
         // A digest: the session need not hold the hash itself.
-        Some(
+        Ok(Some(
             sha256(&record.secret_hash)
                 .iter()
                 .map(|b| format!("{b:02x}"))
                 .collect(),
-        )
+        ))
     }
 
     /// Verifies `key:secret` (argon2 on a cache miss: call it off the async workers). An

@@ -305,17 +305,16 @@ impl Console {
         let id = cookie(headers).ok_or_else(to_login)?;
         let session = self.sessions.get(&id).ok_or_else(to_login)?;
         let now_ms = self.app.things.now_ms();
-        if self
-            .app
-            .keys
-            .stamp(&session.principal.key, now_ms)
-            .as_deref()
-            != Some(session.stamp.as_str())
-        {
-            // Deleted, replaced or expired since sign-in.
-            self.sessions.remove(&id);
-            tracing::info!(key = %session.principal.key, "console: a session's API key is gone; signed out");
-            return Err(to_login());
+        match self.app.keys.stamp(&session.principal.key, now_ms) {
+            Ok(stamp) if stamp.as_deref() == Some(session.stamp.as_str()) => {}
+            Ok(_) => {
+                // Deleted, replaced or expired since sign-in.
+                self.sessions.remove(&id);
+                tracing::info!(key = %session.principal.key, "console: a session's API key is gone; signed out");
+                return Err(to_login());
+            }
+            // Not known now: refused, the session kept (the API fails closed likewise).
+            Err(_) => return Err(Refusal::Unavailable),
         }
         Ok(Signed { id, session, peer })
     }
@@ -377,6 +376,8 @@ pub enum Refusal {
     SignIn,
     /// A form refused before it reached the API (cross-site, no CSRF token): a 403 page.
     Forbidden(&'static str),
+    /// The session's key could not be checked (storage unreadable): a 503 page.
+    Unavailable,
 }
 
 impl IntoResponse for Refusal {
@@ -386,6 +387,14 @@ impl IntoResponse for Refusal {
             Refusal::Forbidden(why) => (
                 StatusCode::FORBIDDEN,
                 view::bare("Refused", &format!("Refused: {why}")),
+            )
+                .into_response(),
+            Refusal::Unavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                view::bare(
+                    "Unavailable",
+                    "The sign-in could not be checked (storage is unavailable); try again.",
+                ),
             )
                 .into_response(),
         }
@@ -493,22 +502,33 @@ async fn login(
         )
             .into_response();
     }
-    let Some(stamp) = console.app.keys.stamp(key, console.app.things.now_ms()) else {
-        return (
-            StatusCode::UNAUTHORIZED,
-            view::login(Some("invalid API key or secret")),
-        )
-            .into_response();
+    let now_ms = console.app.things.now_ms();
+    let stamp = match console.app.keys.stamp(key, now_ms) {
+        Ok(Some(stamp)) => stamp,
+        Ok(None) => {
+            return (
+                StatusCode::UNAUTHORIZED,
+                view::login(Some("invalid API key or secret")),
+            )
+                .into_response()
+        }
+        Err(_) => return Refusal::Unavailable.into_response(),
     };
     let role = principal.role;
-    let keys = console.app.keys.clone();
-    let now_ms = console.app.things.now_ms();
-    let still_valid =
-        |s: &Session| keys.stamp(&s.principal.key, now_ms).as_deref() == Some(s.stamp.as_str());
+    // A full table: the sessions whose key is gone or replaced make room. Their keys are read
+    // here, once each and outside the table's lock; one that cannot be read stays.
+    let revoked = console
+        .sessions
+        .stamps_if_full()
+        .into_iter()
+        .filter(|(key, stamp)| {
+            matches!(console.app.keys.stamp(key, now_ms), Ok(now) if now.as_deref() != Some(stamp.as_str()))
+        })
+        .collect();
     let previous = cookie(&headers);
     let id = match console
         .sessions
-        .create(principal, stamp, previous.as_deref(), still_valid)
+        .create(principal, stamp, previous.as_deref(), &revoked)
     {
         Ok(id) => id,
         Err(full) => {

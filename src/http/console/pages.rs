@@ -239,7 +239,9 @@ pub async fn things(
             let uri = format!("/api/v1/things/{}/connectivity?limit=1", encode(name));
             let reply = c.call(who, Method::GET, &uri, None).await;
             match items(&reply).first() {
-                None if reply.ok() => "never".to_owned(),
+                // The scan is bounded: none found in its reach is not "never".
+                None if reply.ok() && reply.body["nextCursor"].is_null() => "never".to_owned(),
+                None if reply.ok() => "long ago".to_owned(),
                 None => "–".to_owned(),
                 Some(newest) if newest["disconnectedAt"].is_null() => {
                     time_of(&newest["connectedAt"])

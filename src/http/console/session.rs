@@ -88,17 +88,31 @@ impl Sessions {
         self.ttl
     }
 
+    /// The distinct (key, stamp) pairs of the sessions when the table is full (none
+    /// otherwise): what a sign-in checks, outside the lock, before [`Sessions::create`].
+    pub fn stamps_if_full(&self) -> Vec<(String, String)> {
+        let sessions = self.lock();
+        if sessions.len() < self.max {
+            return Vec::new();
+        }
+        let distinct: std::collections::HashSet<(String, String)> = sessions
+            .values()
+            .map(|s| (s.principal.key.clone(), s.stamp.clone()))
+            .collect();
+        distinct.into_iter().collect()
+    }
+
     /// Starts a session; returns its id (the cookie's value). The browser's previous session
     /// (`replacing`) ends, and so does the key's oldest once it holds `per_key_max` (one key
     /// signing in over and over cannot fill the table). When the table is full, expired
-    /// sessions and those `still_valid` rejects (their key deleted or replaced) make room;
-    /// past `max` live ones, refused.
+    /// sessions and those whose (key, stamp) is in `revoked` (found by the caller from
+    /// [`Sessions::stamps_if_full`]) make room; past `max` live ones, refused.
     pub fn create(
         &self,
         principal: Principal,
         stamp: String,
         replacing: Option<&str>,
-        still_valid: impl Fn(&Session) -> bool,
+        revoked: &std::collections::HashSet<(String, String)>,
     ) -> Result<String, SessionsFull> {
         let now = Instant::now();
         let mut sessions = self.lock();
@@ -130,7 +144,9 @@ impl Sessions {
             }
         }
         if sessions.len() >= self.max {
-            sessions.retain(|_, s| s.expires_at > now && still_valid(s));
+            sessions.retain(|_, s| {
+                s.expires_at > now && !revoked.contains(&(s.principal.key.clone(), s.stamp.clone()))
+            });
         }
         if sessions.len() >= self.max {
             return Err(SessionsFull(self.max));
@@ -183,6 +199,10 @@ mod tests {
     use super::*;
     use crate::auth::Role;
 
+    fn none() -> std::collections::HashSet<(String, String)> {
+        std::collections::HashSet::new()
+    }
+
     fn key(name: &str) -> Principal {
         Principal {
             key: name.into(),
@@ -195,10 +215,10 @@ mod tests {
     fn given_a_full_table_when_one_more_signs_in_then_it_is_refused_until_one_expires() {
         let sessions = Sessions::new(1, 4, Duration::from_millis(50));
         let first = sessions
-            .create(key("a"), "s".into(), None, |_| true)
+            .create(key("a"), "s".into(), None, &none())
             .expect("room");
         assert_eq!(
-            sessions.create(key("b"), "s".into(), None, |_| true),
+            sessions.create(key("b"), "s".into(), None, &none()),
             Err(SessionsFull(1))
         );
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -206,21 +226,19 @@ mod tests {
             assert!(Instant::now() < deadline, "the session never expired");
             std::thread::sleep(Duration::from_millis(10));
         }
-        assert!(sessions
-            .create(key("b"), "s".into(), None, |_| true)
-            .is_ok());
+        assert!(sessions.create(key("b"), "s".into(), None, &none()).is_ok());
     }
 
     #[test]
     fn given_a_key_signing_in_again_and_again_then_only_its_oldest_sessions_go() {
         let sessions = Sessions::new(3, 2, Duration::from_secs(60));
         let other = sessions
-            .create(key("other"), "s".into(), None, |_| true)
+            .create(key("other"), "s".into(), None, &none())
             .expect("room");
         let ids: Vec<String> = (0..10)
             .map(|_| {
                 sessions
-                    .create(key("a"), "s".into(), None, |_| true)
+                    .create(key("a"), "s".into(), None, &none())
                     .expect("room")
             })
             .collect();
@@ -235,7 +253,7 @@ mod tests {
         );
         // Signing in again from the same browser replaces its session.
         let again = sessions
-            .create(key("a"), "s".into(), Some(&ids[9]), |_| true)
+            .create(key("a"), "s".into(), Some(&ids[9]), &none())
             .expect("room");
         assert!(sessions.get(&ids[9]).is_none() && sessions.get(&again).is_some());
     }
@@ -244,14 +262,21 @@ mod tests {
     fn given_a_full_table_then_sessions_of_revoked_keys_make_room() {
         let sessions = Sessions::new(2, 2, Duration::from_secs(60));
         let revoked = sessions
-            .create(key("gone"), "old".into(), None, |_| true)
+            .create(key("gone"), "old".into(), None, &none())
             .expect("room");
         sessions
-            .create(key("a"), "s".into(), None, |_| true)
+            .create(key("a"), "s".into(), None, &none())
             .expect("room");
-        assert!(sessions
-            .create(key("b"), "s".into(), None, |s| s.stamp != "old")
-            .is_ok());
+        assert_eq!(
+            sessions.stamps_if_full().len(),
+            2,
+            "full: the sign-in checks each (key, stamp)"
+        );
+        let gone = [("gone".to_owned(), "old".to_owned())]
+            .into_iter()
+            .collect();
+        let id = sessions.create(key("b"), "s".into(), None, &gone);
+        assert!(id.is_ok());
         assert!(sessions.get(&revoked).is_none());
     }
 
@@ -259,7 +284,7 @@ mod tests {
     fn given_a_flash_when_it_is_taken_then_it_is_shown_once() {
         let sessions = Sessions::new(4, 4, Duration::from_secs(60));
         let id = sessions
-            .create(key("a"), "s".into(), None, |_| true)
+            .create(key("a"), "s".into(), None, &none())
             .expect("room");
         let flash = Flash {
             ok: true,
