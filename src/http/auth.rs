@@ -94,28 +94,25 @@ impl std::fmt::Display for KeyCheckRefusal {
 }
 
 fn refusal_response(refusal: KeyCheckRefusal) -> Response {
-    match refusal {
-        KeyCheckRefusal::Unauthorized(message) => {
-            let mut response = ApiError::new(StatusCode::UNAUTHORIZED, message).into_response();
-            response.headers_mut().insert(
+    let (status, header) = match refusal {
+        KeyCheckRefusal::Unauthorized(_) => (
+            StatusCode::UNAUTHORIZED,
+            (
                 header::WWW_AUTHENTICATE,
                 header::HeaderValue::from_static("Basic realm=\"thinghub\""),
-            );
-            response
-        }
-        KeyCheckRefusal::Throttled(seconds) => {
-            let mut response = ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                KeyCheckRefusal::Throttled(seconds).to_string(),
-            )
-            .into_response();
-            response.headers_mut().insert(
+            ),
+        ),
+        KeyCheckRefusal::Throttled(seconds) => (
+            StatusCode::TOO_MANY_REQUESTS,
+            (
                 header::RETRY_AFTER,
                 header::HeaderValue::from(seconds.max(1)),
-            );
-            response
-        }
-    }
+            ),
+        ),
+    };
+    let mut response = ApiError::new(status, refusal.to_string()).into_response();
+    response.headers_mut().insert(header.0, header.1);
+    response
 }
 
 /// Verifies an API key and its secret, as the API and the console's sign-in both do: a cached

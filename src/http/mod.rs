@@ -250,15 +250,16 @@ pub fn app(state: AppState) -> Router {
         tracing::error!(error = %e, "the OpenAPI document cannot be rendered");
         String::from("{}")
     }));
+    // The console calls the same routes in-process, behind its own gate.
+    let console = state.limits.console.map(|limits| {
+        console::router(state.clone(), documented.clone(), limits)
+            .layer(DefaultBodyLimit::max(state.limits.body_bytes_max))
+    });
     // Every documented route needs a key; the document itself and the health check do not.
     let authenticated = documented.route_layer(axum::middleware::from_fn_with_state(
         state.clone(),
         auth::authenticate,
     ));
-    let console = state.limits.console.map(|limits| {
-        console::router(state.clone(), documented_routes(), limits)
-            .layer(DefaultBodyLimit::max(state.limits.body_bytes_max))
-    });
     let api = Router::new()
         .route("/healthz", get(healthz))
         .route(
@@ -276,11 +277,6 @@ pub fn app(state: AppState) -> Router {
         Some(console) => console.merge(api),
         None => api,
     }
-}
-
-/// The documented routes alone (what the console calls in-process).
-fn documented_routes() -> Router<AppState> {
-    documented().0
 }
 
 /// Largest error body read back to wrap it in JSON.

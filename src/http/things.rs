@@ -187,22 +187,22 @@ pub async fn list(
         Some(group) => Source::Group(group),
         None => Source::Registry,
     };
-    let mut items: Vec<ThingSummary> = Vec::new();
+    // Each kept Thing with whether it is online (looked up once).
+    let mut items: Vec<(ThingSummary, bool)> = Vec::new();
     let keep = |summary: &ThingSummary| {
-        !summary.mqtt_client_id.is_empty()
+        let wanted = !summary.mqtt_client_id.is_empty()
             && params
                 .thing_type
                 .as_ref()
-                .is_none_or(|t| summary.thing_type.as_ref() == Some(t))
-            && params
-                .online
-                .is_none_or(|online| is_online(&state, summary) == online)
+                .is_none_or(|t| summary.thing_type.as_ref() == Some(t));
+        let online = wanted.then(|| is_online(&state, summary))?;
+        params.online.is_none_or(|o| o == online).then_some(online)
     };
     // The names with the prefix start at the prefix itself, then follow it in order.
     if let (Some(prefix), None, Source::Registry) = (prefix, &after, &source) {
         if let Some(summary) = state.things.summary(prefix).ok().flatten() {
-            if keep(&summary) {
-                items.push(summary);
+            if let Some(online) = keep(&summary) {
+                items.push((summary, online));
             }
         }
         after = Some(prefix.to_owned());
@@ -234,11 +234,11 @@ pub async fn list(
                     continue;
                 }
             }
-            if keep(&summary) {
-                items.push(summary);
+            if let Some(online) = keep(&summary) {
+                items.push((summary, online));
                 if items.len() > limit {
                     items.truncate(limit);
-                    next = items.last().map(|last| encode_cursor(&last.name));
+                    next = items.last().map(|(last, _)| encode_cursor(&last.name));
                     break 'scan;
                 }
             }
@@ -253,8 +253,7 @@ pub async fn list(
     }
     let items: Vec<Value> = items
         .into_iter()
-        .map(|summary| {
-            let online = is_online(&state, &summary);
+        .map(|(summary, online)| {
             let mut item = json!(summary);
             item["online"] = json!(online);
             item
