@@ -140,6 +140,9 @@ pub struct Config {
     pub storage_cache_bytes: u64,
     /// Most appends made durable by one group commit.
     pub commit_batch_appends_max: usize,
+    /// Appends one log epoch (one sled database under `log/`) takes before the next starts:
+    /// bounds what opening the store replays.
+    pub storage_epoch_appends_max: u64,
     /// How long graceful shutdown waits for Things to stop.
     pub shutdown_timeout_ms: u64,
     /// How often the effects cursor is saved and the MQTT sessions and retained messages are
@@ -338,6 +341,7 @@ impl Default for Config {
             deadline_scan_interval_max_ms: 1_000,
             storage_cache_bytes: 64 * 1024 * 1024,
             commit_batch_appends_max: 4096,
+            storage_epoch_appends_max: 2_000_000,
             shutdown_timeout_ms: 10_000,
             effects_checkpoint_interval_ms: 200,
             effects_straggler_grace_ms: 10_000,
@@ -651,6 +655,7 @@ impl Config {
                 "commit_batch_appends_max",
                 self.commit_batch_appends_max as u64,
             ),
+            ("storage_epoch_appends_max", self.storage_epoch_appends_max),
             (
                 "effects_checkpoint_interval_ms",
                 self.effects_checkpoint_interval_ms,

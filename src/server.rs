@@ -81,6 +81,7 @@ pub async fn serve(
         data_dir: config.data_dir.clone(),
         cache_bytes: config.storage_cache_bytes,
         commit_batch_appends_max: config.commit_batch_appends_max,
+        epoch_appends_max: config.storage_epoch_appends_max,
     })?;
     // Before any Thing is activated (the deadline timer activates some at once).
     let backfilled = thinghub_actors::service::backfill_client_ids(&store).await?;

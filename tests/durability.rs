@@ -72,7 +72,30 @@ async fn a_clean_restart_keeps_state_and_version() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_loses_no_acknowledged_update() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = Server::start(dir.path(), &["--snapshot-every-events", "7"]);
+    let start = || Server::start(dir.path(), &["--snapshot-every-events", "7"]);
+    hammer_kill_9_and_verify(start).await;
+}
+
+/// The same with log epochs of 40 appends: the kill falls among epoch rolls and the sealing
+/// reopens, and the restart reads every Thing's history across the epochs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_loses_no_acknowledged_update_across_log_epochs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let start = || {
+        Server::start_configured(
+            dir.path(),
+            "snapshot_every_events = 7\nstorage_epoch_appends_max = 40\n",
+        )
+    };
+    hammer_kill_9_and_verify(start).await;
+    let epochs = std::fs::read_dir(dir.path().join("data").join("log"))
+        .expect("log dir")
+        .count();
+    assert!(epochs >= 5, "the log rolled over several epochs: {epochs}");
+}
+
+async fn hammer_kill_9_and_verify(start: impl Fn() -> Server) {
+    let server = start();
     let things: Vec<String> = (0..6).map(|i| format!("k{i}")).collect();
     for name in &things {
         register(&server, name).await;
@@ -129,7 +152,7 @@ async fn kill_9_loses_no_acknowledged_update() {
     let acked = acked.lock().expect("lock").clone();
     let total: usize = acked.values().map(Vec::len).sum();
 
-    let server = Server::start(dir.path(), &[]);
+    let server = start();
     for name in &things {
         let mut history = Vec::new();
         let mut from = 1;

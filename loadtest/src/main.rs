@@ -1253,7 +1253,7 @@ async fn restart(
         let seconds = started.elapsed().as_secs_f64();
         store.sync().await?;
         caught_up_effects(&store).await?;
-        (already, seconds)
+        (already, seconds, store.log_epochs().len() - 1)
     };
     let disk = target::dir_bytes(&dir.path);
     let mut to_listening = histogram();
@@ -1295,6 +1295,7 @@ async fn restart(
             },
         )
         .number("data dir on disk, MiB", disk as f64 / 1048576.0, 0)
+        .number("log epochs (sled databases under log/)", filled.2 as f64, 0)
         .latencies("process start -> listening", &to_listening)
         .latencies(
             "process start -> first Thing served (its replay included)",

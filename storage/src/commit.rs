@@ -1,9 +1,12 @@
-//! Group commit: one thread makes every pending write durable with one flush + fsync.
+//! Group commit: one thread makes every pending write durable with one flush + fsync per
+//! database.
 //!
 //! Writers insert into sled (memory), then hand the committer a waiter and await it. The thread
-//! takes every waiter queued so far (up to the batch bound), flushes sled, `fsync`s the database
-//! file and any new blob files (sled's flush only issues `sync_file_range`, which is not a
-//! durability barrier, and it never syncs blobs), then wakes them all. Writes that arrive during
+//! takes every waiter queued so far (up to the batch bound), flushes every log epoch that is not
+//! sealed (oldest first) and then the main database, `fsync`ing each one's database file and any
+//! new blob files (sled's flush only issues `sync_file_range`, which is not a durability barrier,
+//! and it never syncs blobs), then wakes them all. A database the flush found clean is not
+//! fsynced. Writes that arrive during
 //! a flush form the next batch, so the cost is one fsync per batch, not per write. Exactly one
 //! flush is ever in flight (sled's concurrent `flush_async` deadlocks, upstream issue #1308).
 
@@ -16,6 +19,7 @@ use std::time::Instant;
 
 use tokio::sync::oneshot;
 
+use crate::epoch::Epochs;
 use crate::feed::FeedClock;
 use crate::StorageError;
 
@@ -48,24 +52,24 @@ pub(crate) struct GroupCommit {
 impl GroupCommit {
     pub(crate) fn start(
         db: sled::Db,
+        epochs: Arc<Epochs>,
         data_dir: &Path,
         batch_waiters_max: usize,
         feed: Arc<FeedClock>,
     ) -> Result<GroupCommit, StorageError> {
-        let db_file = File::open(data_dir.join("db"))
+        let main = DbFiles::open(data_dir)
             .map_err(|e| StorageError::Db(format!("open db file for fsync: {e}")))?;
         let (tx, rx) = mpsc::channel::<Waiter>();
         let counters = Arc::new(Counters::default());
         let thread_counters = counters.clone();
-        let blobs_dir = data_dir.join("blobs");
         let thread = std::thread::Builder::new()
             .name("thinghub-commit".into())
             .spawn(move || {
                 let mut syncer = Syncer {
                     db,
-                    db_file,
-                    blobs_dir,
-                    synced_blobs: HashSet::new(),
+                    main,
+                    epochs,
+                    epoch_files: Vec::new(),
                 };
                 run(
                     rx,
@@ -113,16 +117,23 @@ impl Drop for GroupCommit {
     }
 }
 
-struct Syncer {
-    db: sled::Db,
+/// The files of one sled database that a commit fsyncs.
+struct DbFiles {
     db_file: File,
     blobs_dir: PathBuf,
     synced_blobs: HashSet<std::ffi::OsString>,
 }
 
-impl Syncer {
-    fn make_durable(&mut self) -> std::io::Result<()> {
-        self.db.flush().map_err(std::io::Error::other)?;
+impl DbFiles {
+    fn open(dir: &Path) -> std::io::Result<DbFiles> {
+        Ok(DbFiles {
+            db_file: File::open(dir.join("db"))?,
+            blobs_dir: dir.join("blobs"),
+            synced_blobs: HashSet::new(),
+        })
+    }
+
+    fn sync(&mut self) -> std::io::Result<()> {
         self.db_file.sync_all()?;
         self.sync_new_blobs()
     }
@@ -150,6 +161,41 @@ impl Syncer {
         }
         self.synced_blobs = present;
         Ok(())
+    }
+}
+
+struct Syncer {
+    db: sled::Db,
+    main: DbFiles,
+    epochs: Arc<Epochs>,
+    /// Files of the epochs flushed so far, by epoch id (dropped once the epoch is sealed).
+    epoch_files: Vec<(u64, DbFiles)>,
+}
+
+impl Syncer {
+    fn make_durable(&mut self) -> std::io::Result<()> {
+        // Epochs first: an append's index changes (main database) are written after its events.
+        let unsealed = self.epochs.unsealed();
+        self.epoch_files
+            .retain(|(id, _)| unsealed.iter().any(|e| e.id == *id));
+        for epoch in unsealed {
+            let Some(dir) = epoch.dir.as_deref() else {
+                continue;
+            };
+            if !epoch.flush_for_commit()? {
+                continue;
+            }
+            let files = match self.epoch_files.iter().position(|(id, _)| *id == epoch.id) {
+                Some(i) => &mut self.epoch_files[i].1,
+                None => {
+                    self.epoch_files.push((epoch.id, DbFiles::open(dir)?));
+                    &mut self.epoch_files.last_mut().expect("just pushed").1
+                }
+            };
+            files.sync()?;
+        }
+        self.db.flush().map_err(std::io::Error::other)?;
+        self.main.sync()
     }
 }
 

@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{oneshot, watch};
 
+use crate::epoch::{Epoch, Epochs};
 use crate::{thing_key, StorageError, Store};
 
 /// Blocks one combiner records before it hands the role to a waiting append (so that no append
@@ -36,8 +37,8 @@ const COMBINE_ROUNDS_MAX: usize = 4;
 
 /// What a waiting append is told.
 pub(crate) enum Turn {
-    /// Its entry is recorded (or recording it failed).
-    Recorded(Result<(), StorageError>),
+    /// Its entry is recorded in this epoch, where its events go too (or recording it failed).
+    Recorded(Result<Arc<Epoch>, StorageError>),
     /// It records the pending entries itself now (its own included).
     Combine,
 }
@@ -92,8 +93,8 @@ impl Drop for Writing {
 /// role, or after the role was handed to it and before it looked, nobody else would ever record
 /// the pending entries: every later append would wait for good. Dropping this records them.
 struct Role<'a> {
-    clock: &'a FeedClock,
-    feed: &'a sled::Tree,
+    clock: &'a Arc<FeedClock>,
+    epochs: &'a Arc<Epochs>,
     combining: bool,
     turn: Option<oneshot::Receiver<Turn>>,
 }
@@ -109,7 +110,7 @@ impl Drop for Role<'_> {
             }
         }
         if self.combining {
-            let _ = self.clock.combine(self.feed);
+            let _ = self.clock.combine(self.epochs);
         }
     }
 }
@@ -135,14 +136,14 @@ impl FeedClock {
     }
 
     /// Takes the next position for an append about to write `entry` and returns once the entry
-    /// is recorded in `feed` (not yet durable): by this append if nobody else is recording
+    /// is recorded in the feed (not yet durable): by this append if nobody else is recording
     /// (flat combining: it records every entry registered meanwhile too), or by the append
-    /// recording now.
+    /// recording now. Returns the epoch the entry went to: the append's events go there too.
     pub(crate) async fn record(
         self: &Arc<Self>,
-        feed: &sled::Tree,
+        epochs: &Arc<Epochs>,
         entry: Vec<u8>,
-    ) -> Result<Writing, StorageError> {
+    ) -> Result<(Writing, Arc<Epoch>), StorageError> {
         let (writing, mut waiting) = {
             let mut state = self.lock();
             let position = state.next;
@@ -173,7 +174,7 @@ impl FeedClock {
         // pending on its way out if it held the role.
         let mut role = Role {
             clock: self,
-            feed,
+            epochs,
             combining: waiting.is_none(),
             turn: waiting.take(),
         };
@@ -183,8 +184,8 @@ impl FeedClock {
                 // then holds many entries; alone, this costs one trip through the scheduler.
                 tokio::task::yield_now().await;
                 role.combining = false;
-                self.combine(feed)?;
-                return Ok(writing);
+                let epoch = self.combine(epochs)?;
+                return Ok((writing, epoch));
             }
             let Some(turn) = role.turn.as_mut() else {
                 return Err(StorageError::Closed);
@@ -192,16 +193,17 @@ impl FeedClock {
             let told = turn.await;
             role.turn = None;
             match told {
-                Ok(Turn::Recorded(result)) => return result.map(|()| writing),
+                Ok(Turn::Recorded(result)) => return result.map(|epoch| (writing, epoch)),
                 Ok(Turn::Combine) => role.combining = true,
                 Err(_) => return Err(StorageError::Closed),
             }
         }
     }
 
-    /// Records pending entries in blocks; the first block holds the caller's own entry, whose
-    /// result is returned. Hands the role over after [`COMBINE_ROUNDS_MAX`] blocks.
-    fn combine(&self, feed: &sled::Tree) -> Result<(), StorageError> {
+    /// Records pending entries in blocks, each in the epoch [`Epochs::for_block`] picks; the
+    /// first block holds the caller's own entry, whose result is returned. Hands the role over
+    /// after [`COMBINE_ROUNDS_MAX`] blocks.
+    fn combine(self: &Arc<Self>, epochs: &Arc<Epochs>) -> Result<Arc<Epoch>, StorageError> {
         let mut own = None;
         for round in 0.. {
             let (first, pending) = {
@@ -232,10 +234,10 @@ impl FeedClock {
             for (entry, _) in &pending {
                 block.extend_from_slice(entry);
             }
-            let result = feed
-                .insert(first.to_be_bytes(), block)
-                .map(|_| ())
-                .map_err(StorageError::from);
+            let result = epochs.for_block(first, self).and_then(|epoch| {
+                epoch.with(|trees| Ok(trees.feed.insert(first.to_be_bytes(), block)?))?;
+                Ok(epoch)
+            });
             if let Err(e) = &result {
                 tracing::error!(error = %e, first, "cannot record change-feed entries; their appends fail");
             }
@@ -246,7 +248,11 @@ impl FeedClock {
             }
             own.get_or_insert(result);
         }
-        own.unwrap_or(Ok(()))
+        own.unwrap_or_else(|| {
+            Err(StorageError::Db(
+                "the change-feed entry was not recorded".into(),
+            ))
+        })
     }
 
     /// The next position to hand out.
@@ -263,6 +269,12 @@ impl FeedClock {
         } else {
             state.writing_first
         }
+    }
+
+    /// Resolves when every position up to `than` is durable.
+    pub(crate) async fn wait_durable_past(&self, than: u64) {
+        let mut durable = self.durable.subscribe();
+        let _ = durable.wait_for(|end| *end > than).await;
     }
 
     /// The flush that started at `end` succeeded.
@@ -363,14 +375,41 @@ impl Store {
         if start >= end || limit == 0 {
             return Ok(Vec::new());
         }
+        let epochs = self.inner.epochs.all();
+        let mut out = Vec::new();
+        for (i, epoch) in epochs.iter().enumerate() {
+            // Positions of epoch i are below where epoch i + 1 starts.
+            if epochs
+                .get(i + 1)
+                .is_some_and(|next| next.first_position() <= start)
+            {
+                continue;
+            }
+            let done = epoch
+                .with(|trees| self.read_feed_blocks(&trees.feed, start, end, limit, &mut out))?;
+            if done || epoch.first_position() >= end {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads one epoch's entries in `start..end` into `out`; true once it holds `limit`.
+    fn read_feed_blocks(
+        &self,
+        feed: &sled::Tree,
+        start: u64,
+        end: u64,
+        limit: usize,
+        out: &mut Vec<FeedEntry>,
+    ) -> Result<bool, StorageError> {
         // The block holding `start` begins at or before it.
         // (A malformed key there: scan from the first block; the loop below skips it.)
-        let from = match self.inner.feed.range(..=start.to_be_bytes()).next_back() {
+        let from = match feed.range(..=start.to_be_bytes()).next_back() {
             Some(item) => block_first(&item?.0).unwrap_or(0),
             None => 0,
         };
-        let mut out = Vec::new();
-        for item in self.inner.feed.range(from.to_be_bytes()..end.to_be_bytes()) {
+        for item in feed.range(from.to_be_bytes()..end.to_be_bytes()) {
             let (key, value) = item?;
             let block = match decode_block(&key, &value) {
                 Ok(block) => block,
@@ -390,12 +429,12 @@ impl Store {
                 if entry.position >= start && entry.position < end {
                     out.push(entry);
                     if out.len() == limit {
-                        return Ok(out);
+                        return Ok(true);
                     }
                 }
             }
         }
-        Ok(out)
+        Ok(false)
     }
 
     /// Feed blocks found damaged (and skipped) by `read_feed` since the store opened.
@@ -454,7 +493,9 @@ impl Store {
     }
 
     /// Removes feed blocks whose every entry is at or below every consumer's cursor, at most
-    /// `limit` blocks, always keeping the last block. Returns how many went.
+    /// `limit` blocks, always keeping the last block. Returns how many went. Only the current
+    /// epoch is trimmed: a sealed epoch is never written again (its blocks stay, about 20
+    /// bytes per append; its events are kept anyway).
     pub fn trim_feed(&self, limit: usize) -> Result<usize, StorageError> {
         let mut slowest = u64::MAX;
         for item in self.inner.cursors.iter() {
@@ -468,36 +509,48 @@ impl Store {
         }
         // A block can go when the next block starts at or below slowest + 1 (all its entries
         // are handled); the last block always stays.
-        let mut removable = Vec::new();
-        let mut previous: Option<sled::IVec> = None;
-        for key in self.inner.feed.iter().keys() {
-            let key = key?;
-            let next_first = block_first(&key)?;
-            match previous.take() {
-                Some(prev) if next_first <= slowest.saturating_add(1) => removable.push(prev),
-                Some(_) => break,
-                None => {}
-            }
-            if removable.len() >= limit {
-                break;
-            }
-            previous = Some(key);
-        }
-        for key in &removable {
-            self.inner.feed.remove(key)?;
-        }
-        Ok(removable.len())
+        self.inner
+            .epochs
+            .current()
+            .with(|trees| trim_blocks(&trees.feed, slowest, limit))
     }
 
     /// Entries in the feed now (walks it: O(n); tests and `check`).
     pub fn feed_len(&self) -> Result<usize, StorageError> {
         let mut n = 0;
-        for item in self.inner.feed.iter() {
-            let (key, value) = item?;
-            n += decode_block(&key, &value)?.len();
+        for epoch in self.inner.epochs.all() {
+            epoch.with(|trees| {
+                for item in trees.feed.iter() {
+                    let (key, value) = item?;
+                    n += decode_block(&key, &value)?.len();
+                }
+                Ok(())
+            })?;
         }
         Ok(n)
     }
+}
+
+fn trim_blocks(feed: &sled::Tree, slowest: u64, limit: usize) -> Result<usize, StorageError> {
+    let mut removable = Vec::new();
+    let mut previous: Option<sled::IVec> = None;
+    for key in feed.iter().keys() {
+        let key = key?;
+        let next_first = block_first(&key)?;
+        match previous.take() {
+            Some(prev) if next_first <= slowest.saturating_add(1) => removable.push(prev),
+            Some(_) => break,
+            None => {}
+        }
+        if removable.len() >= limit {
+            break;
+        }
+        previous = Some(key);
+    }
+    for key in &removable {
+        feed.remove(key)?;
+    }
+    Ok(removable.len())
 }
 
 /// Where an open resumes: after the feed's last entry (1 for an empty feed) and after every
@@ -505,10 +558,17 @@ impl Store {
 /// positions may have no entry: an append that failed or was cancelled before recording it).
 /// A damaged last block is skipped past by the count it claims, bounded by its size.
 pub(crate) fn next_position_after(
-    feed: &sled::Tree,
+    epochs: &[Arc<Epoch>],
     cursors: &sled::Tree,
 ) -> Result<u64, StorageError> {
-    let mut next = match feed.last()? {
+    let mut last = None;
+    for epoch in epochs.iter().rev() {
+        last = epoch.with(|trees| Ok(trees.feed.last()?))?;
+        if last.is_some() {
+            break;
+        }
+    }
+    let mut next = match last {
         Some((key, value)) => {
             let first = block_first(&key)?;
             let count = match decode_block(&key, &value) {
@@ -588,8 +648,12 @@ mod tests {
         assert_eq!(position, 11, "after the cursor");
         store
             .inner
-            .feed
-            .insert(20u64.to_be_bytes(), &b"\xff\xff\xff\xffdamaged"[..])
+            .epochs
+            .current()
+            .with(|t| {
+                Ok(t.feed
+                    .insert(20u64.to_be_bytes(), &b"\xff\xff\xff\xffdamaged"[..])?)
+            })
             .expect("damage");
         store.sync().await.expect("sync");
         drop(store);
@@ -608,8 +672,12 @@ mod tests {
         let c = store.append(batch("c", 1, 1)).await.expect("c");
         store
             .inner
-            .feed
-            .insert(b.to_be_bytes(), &b"\x00\x00\x00\x05truncated"[..])
+            .epochs
+            .current()
+            .with(|t| {
+                Ok(t.feed
+                    .insert(b.to_be_bytes(), &b"\x00\x00\x00\x05truncated"[..])?)
+            })
             .expect("damage");
         let read: Vec<u64> = store
             .read_feed(0, 10)

@@ -179,7 +179,38 @@ impl Store {
         &self,
         mut visit: impl FnMut(WalkedEvent) -> ControlFlow<()>,
     ) -> Result<(), StorageError> {
-        for item in self.inner.events.iter() {
+        // One Thing's events may span epochs: merge the epochs' walks by key (keys are unique
+        // across epochs).
+        let epochs = self.inner.epochs.all();
+        let held = epochs
+            .iter()
+            .map(|epoch| epoch.read())
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut walks: Vec<_> = held
+            .iter()
+            .map(|epoch| epoch.trees().events.iter().peekable())
+            .collect();
+        loop {
+            let mut next: Option<(usize, sled::IVec)> = None;
+            for (i, walk) in walks.iter_mut().enumerate() {
+                match walk.peek() {
+                    None => {}
+                    Some(Err(_)) => {
+                        next = Some((i, sled::IVec::default()));
+                        break;
+                    }
+                    Some(Ok((key, _))) if next.as_ref().is_none_or(|(_, least)| key < least) => {
+                        next = Some((i, key.clone()));
+                    }
+                    Some(Ok(_)) => {}
+                }
+            }
+            let Some((i, _)) = next else {
+                break;
+            };
+            let Some(item) = walks[i].next() else {
+                break;
+            };
             let (key, value) = item?;
             let (thing, seq) = match split_event_key(&key) {
                 Ok((thing, seq)) => (Ok(thing), seq),

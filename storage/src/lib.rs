@@ -5,6 +5,8 @@
 //!
 //! - [`log`]: `events` tree, key = thing key ‖ seq (big-endian), and the group commit that makes
 //!   many concurrent appends durable with one flush + fsync.
+//! - [`epoch`]: the events and the feed are rolled over several sled databases (`log/{id}/`),
+//!   so that an open never replays more than about one epoch of writes.
 //! - [`snapshot`]: `snapshots` tree, one (seq, state) per Thing.
 //! - [`index`]: `things` (registry listing), `client_ids` and `deadlines` (timer index) trees, derived from the
 //!   log, written right after the events that justify them and repaired by the Thing's owner.
@@ -17,6 +19,7 @@
 //! A thing key is `len(name) as u8 ‖ name`, so no Thing's key is a prefix of another's.
 
 pub mod codec;
+mod epoch;
 pub mod feed;
 pub mod index;
 pub mod integrity;
@@ -33,6 +36,7 @@ use std::sync::Arc;
 
 pub use codec::{CodecError, Envelope};
 pub use commit::CommitStats;
+pub use epoch::EpochInfo;
 pub use feed::FeedEntry;
 pub use index::{Claim, DeadlineEntry, IndexOp, OnlineEntry};
 pub use kv::KvPage;
@@ -126,19 +130,24 @@ impl From<CodecError> for StorageError {
 pub struct StoreConfig {
     /// Directory holding the sled database.
     pub data_dir: PathBuf,
-    /// sled page cache size in bytes.
+    /// sled page cache size in bytes: half for the main database, half for the current log
+    /// epoch; each sealed epoch has a sixteenth more (at least 1 MiB).
     pub cache_bytes: u64,
     /// Most appends made durable by one flush (bounds the latency of a batch).
     pub commit_batch_appends_max: usize,
+    /// Appends one log epoch takes before the next one starts (bounds what an open replays).
+    pub epoch_appends_max: u64,
 }
 
 impl StoreConfig {
-    /// Defaults for a data directory: 64 MiB cache, batches of up to 4096 appends.
+    /// Defaults for a data directory: 64 MiB cache, batches of up to 4096 appends, epochs of
+    /// 2M appends.
     pub fn new(data_dir: impl Into<PathBuf>) -> StoreConfig {
         StoreConfig {
             data_dir: data_dir.into(),
             cache_bytes: 64 * 1024 * 1024,
             commit_batch_appends_max: 4096,
+            epoch_appends_max: 2_000_000,
         }
     }
 }
@@ -151,7 +160,8 @@ pub struct Store {
 
 struct Inner {
     db: sled::Db,
-    events: sled::Tree,
+    /// The event log and the feed, over one database per epoch.
+    epochs: Arc<epoch::Epochs>,
     snapshots: sled::Tree,
     things: sled::Tree,
     client_ids: sled::Tree,
@@ -159,7 +169,6 @@ struct Inner {
     alarms: sled::Tree,
     online: sled::Tree,
     kv: sled::Tree,
-    feed: sled::Tree,
     cursors: sled::Tree,
     sessions: sled::Tree,
     retained: sled::Tree,
@@ -173,63 +182,52 @@ struct Inner {
 impl Drop for Inner {
     fn drop(&mut self) {
         self.thing_count.stop();
+        self.epochs.close();
     }
 }
 
 impl Store {
     /// Opens (or creates) the store in `config.data_dir` and starts the group-commit thread.
     pub fn open(config: &StoreConfig) -> Result<Store, StorageError> {
-        std::fs::create_dir_all(&config.data_dir)
-            .map_err(|e| StorageError::Db(format!("create {}: {e}", config.data_dir.display())))?;
-        let dir = &config.data_dir;
-        // sled panics instead of failing on some damage: the panic is a damaged file too.
-        let opened = std::panic::catch_unwind(|| {
-            sled::Config::new()
-                .path(dir)
-                .cache_capacity(config.cache_bytes)
-                // Durability is ours (group commit); sled's background flusher only adds IO.
-                .flush_every_ms(None)
-                .open()
-        });
-        let db = match opened {
-            Ok(Ok(db)) => db,
-            Ok(Err(sled::Error::Io(io)))
-                if io.kind() == std::io::ErrorKind::WouldBlock
-                    || io.to_string().contains("lock") =>
-            {
-                return Err(StorageError::Locked(dir.clone()))
-            }
-            Ok(Err(e)) => {
-                return Err(integrity::diagnose(dir, Some(&e)).unwrap_or_else(|| e.into()))
-            }
-            Err(_) => {
-                return Err(integrity::diagnose(dir, None)
-                    .unwrap_or_else(|| StorageError::Db("sled failed while opening".into())))
-            }
-        };
-        let feed = db.open_tree("feed")?;
+        let started = std::time::Instant::now();
+        let db = open_sled(
+            &config.data_dir,
+            epoch::current_cache_bytes(config.cache_bytes),
+        )?;
+        let epochs = Arc::new(epoch::Epochs::open(
+            &db,
+            &config.data_dir,
+            config.cache_bytes,
+            config.epoch_appends_max,
+        )?);
         let cursors = db.open_tree("cursors")?;
-        let feed_clock = Arc::new(feed::FeedClock::new(feed::next_position_after(
-            &feed, &cursors,
-        )?));
+        let next_position = feed::next_position_after(&epochs.all(), &cursors)?;
+        epochs.start_current(next_position)?;
+        let feed_clock = Arc::new(feed::FeedClock::new(next_position));
         let committer = commit::GroupCommit::start(
             db.clone(),
+            epochs.clone(),
             &config.data_dir,
             config.commit_batch_appends_max,
             feed_clock.clone(),
         )?;
+        tracing::info!(
+            data_dir = %config.data_dir.display(),
+            log_epochs = epochs.all().len() - 1,
+            open_ms = started.elapsed().as_millis() as u64,
+            "opened the store"
+        );
         let things = db.open_tree("things")?;
         let thing_count = count::ThingCount::start(things.clone())
             .map_err(|e| StorageError::Db(format!("cannot start counting the Things: {e}")))?;
         Ok(Store {
             inner: Arc::new(Inner {
                 thing_count,
-                feed,
+                epochs,
                 cursors,
                 sessions: db.open_tree("sessions")?,
                 retained: db.open_tree("retained")?,
                 feed_clock,
-                events: db.open_tree("events")?,
                 snapshots: db.open_tree("snapshots")?,
                 things,
                 client_ids: db.open_tree("client_ids")?,
@@ -267,7 +265,35 @@ impl Store {
 
     /// Bytes the database occupies on disk.
     pub fn size_on_disk_bytes(&self) -> Result<u64, StorageError> {
-        Ok(self.inner.db.size_on_disk()?)
+        Ok(self.inner.db.size_on_disk()? + self.inner.epochs.size_on_disk_bytes()?)
+    }
+}
+
+/// Opens (or creates) the sled database in `dir`: the main one, or one epoch of the log.
+/// A lock held by another handle is [`StorageError::Locked`]; damage is named by
+/// [`integrity::diagnose`].
+pub(crate) fn open_sled(dir: &Path, cache_bytes: u64) -> Result<sled::Db, StorageError> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| StorageError::Db(format!("create {}: {e}", dir.display())))?;
+    // sled panics instead of failing on some damage: the panic is a damaged file too.
+    let opened = std::panic::catch_unwind(|| {
+        sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            // Durability is ours (group commit); sled's background flusher only adds IO.
+            .flush_every_ms(None)
+            .open()
+    });
+    match opened {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(sled::Error::Io(io)))
+            if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("lock") =>
+        {
+            Err(StorageError::Locked(dir.to_owned()))
+        }
+        Ok(Err(e)) => Err(integrity::diagnose(dir, Some(&e)).unwrap_or_else(|| e.into())),
+        Err(_) => Err(integrity::diagnose(dir, None)
+            .unwrap_or_else(|| StorageError::Db("sled failed while opening".into()))),
     }
 }
 

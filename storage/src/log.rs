@@ -71,12 +71,12 @@ impl Store {
         // counts as being written until the events are, so the group commit knows which
         // positions a flush covers.
         let entry = crate::feed::entry_for(&batch.thing, batch.first_seq, batch.events.len())?;
-        let writing = self
+        let (writing, epoch) = self
             .inner
             .feed_clock
-            .record(&self.inner.feed, entry)
+            .record(&self.inner.epochs, entry)
             .await?;
-        self.write_batch(&batch)?;
+        epoch.with(|trees| self.write_batch(&trees.events, &batch))?;
         let position = writing.position;
         drop(writing);
         self.inner.committer.wait_durable().await?;
@@ -91,7 +91,7 @@ impl Store {
     /// of several events uses `apply_batch`, to keep them all-or-nothing. Index changes are
     /// written after the events (new deadlines before them): indexes are derived from the log,
     /// and the owner of a Thing repairs them on activation if a crash fell between the writes.
-    fn write_batch(&self, batch: &AppendBatch) -> Result<(), StorageError> {
+    fn write_batch(&self, events: &sled::Tree, batch: &AppendBatch) -> Result<(), StorageError> {
         let prefix = thing_key(&batch.thing)?;
         // A new deadline goes in *before* the events that set it: a crash in between leaves an
         // entry with nothing due (the timer activates the Thing, which removes it), never a
@@ -110,8 +110,8 @@ impl Store {
             if let Some((key, value)) = writes.pop() {
                 // Detect a reused sequence number from the insert itself (no second lookup on the
                 // hot path); put the old record back before reporting it.
-                if let Some(previous) = self.inner.events.insert(key.as_slice(), value)? {
-                    self.inner.events.insert(key, previous)?;
+                if let Some(previous) = events.insert(key.as_slice(), value)? {
+                    events.insert(key, previous)?;
                     return Err(StorageError::SequenceConflict {
                         thing: batch.thing.clone(),
                         seq: batch.first_seq,
@@ -119,7 +119,7 @@ impl Store {
                 }
             }
         } else if let Some((first_key, _)) = writes.first() {
-            if self.inner.events.contains_key(first_key)? {
+            if events.contains_key(first_key)? {
                 return Err(StorageError::SequenceConflict {
                     thing: batch.thing.clone(),
                     seq: batch.first_seq,
@@ -129,7 +129,7 @@ impl Store {
             for (key, value) in writes {
                 sled_batch.insert(key, value);
             }
-            self.inner.events.apply_batch(sled_batch)?;
+            events.apply_batch(sled_batch)?;
         }
         for op in &batch.index {
             if !matches!(op, IndexOp::PutDeadline { .. }) {
@@ -213,7 +213,8 @@ impl Store {
 
     /// Reads up to `limit` events of `thing` with seq ≥ `from_seq`, in order.
     ///
-    /// A record that does not decode is an error naming the Thing and its seq.
+    /// A record that does not decode is an error naming the Thing and its seq. The log spans
+    /// epochs: one Thing's events in a later epoch always follow those in an earlier one.
     pub fn read_events(
         &self,
         thing: &str,
@@ -223,12 +224,22 @@ impl Store {
         let prefix = thing_key(thing)?;
         let start = event_key(&prefix, from_seq);
         let end = event_key(&prefix, u64::MAX);
-        self.inner
-            .events
-            .range(start..=end)
-            .take(limit)
-            .map(|item| decode_record(thing, prefix.len(), item?))
-            .collect()
+        let mut out = Vec::new();
+        for epoch in self.inner.epochs.all() {
+            if out.len() >= limit {
+                break;
+            }
+            epoch.with(|trees| {
+                for item in trees.events.range(start.as_slice()..=end.as_slice()) {
+                    out.push(decode_record(thing, prefix.len(), item?)?);
+                    if out.len() >= limit {
+                        break;
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        Ok(out)
     }
 
     /// Reads up to `limit` events of `thing` with seq ≤ `until_seq`, newest first.
@@ -241,29 +252,48 @@ impl Store {
         let prefix = thing_key(thing)?;
         let start = event_key(&prefix, 0);
         let end = event_key(&prefix, until_seq);
-        self.inner
-            .events
-            .range(start..=end)
-            .rev()
-            .take(limit)
-            .map(|item| decode_record(thing, prefix.len(), item?))
-            .collect()
+        let mut out = Vec::new();
+        for epoch in self.inner.epochs.all().iter().rev() {
+            if out.len() >= limit {
+                break;
+            }
+            epoch.with(|trees| {
+                for item in trees.events.range(start.as_slice()..=end.as_slice()).rev() {
+                    out.push(decode_record(thing, prefix.len(), item?)?);
+                    if out.len() >= limit {
+                        break;
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        Ok(out)
     }
 
     /// The highest sequence number in `thing`'s log (0 when it has none).
     pub fn last_seq(&self, thing: &str) -> Result<u64, StorageError> {
         let prefix = thing_key(thing)?;
-        match self.inner.events.scan_prefix(&prefix).next_back() {
-            None => Ok(0),
-            Some(item) => {
-                let (key, _) = item?;
-                seq_of(prefix.len(), &key).ok_or_else(|| StorageError::Corrupt {
-                    thing: thing.to_owned(),
-                    seq: 0,
-                    reason: "malformed event key".into(),
-                })
+        for epoch in self.inner.epochs.all().iter().rev() {
+            let last = epoch.with(
+                |trees| match trees.events.scan_prefix(&prefix).next_back() {
+                    None => Ok(None),
+                    Some(item) => {
+                        let (key, _) = item?;
+                        seq_of(prefix.len(), &key)
+                            .map(Some)
+                            .ok_or_else(|| StorageError::Corrupt {
+                                thing: thing.to_owned(),
+                                seq: 0,
+                                reason: "malformed event key".into(),
+                            })
+                    }
+                },
+            )?;
+            if let Some(seq) = last {
+                return Ok(seq);
             }
         }
+        Ok(0)
     }
 
     /// Writes raw bytes as an event record, bypassing encoding (tests of corruption handling).
@@ -275,7 +305,22 @@ impl Store {
         bytes: &[u8],
     ) -> Result<(), StorageError> {
         let key = event_key(&thing_key(thing)?, seq);
-        self.inner.events.insert(key, bytes)?;
+        // Over the record where it is (any epoch), else into the current epoch.
+        let epochs = self.inner.epochs.all();
+        let mut holder = epochs.last().cloned().ok_or(StorageError::Closed)?;
+        for epoch in &epochs {
+            if epoch.with(|trees| Ok(trees.events.contains_key(&key)?))? {
+                holder = epoch.clone();
+            }
+        }
+        // A sealed epoch is not flushed by the group commit any more: flush it here.
+        holder.with(|trees| {
+            trees.events.insert(key, bytes)?;
+            if let Some(db) = &trees.db {
+                db.flush()?;
+            }
+            Ok(())
+        })?;
         self.sync().await
     }
 }

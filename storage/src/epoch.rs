@@ -1,0 +1,662 @@
+//! The event log and the change feed, rolled over several sled databases ("epochs") so that
+//! opening the store never replays more than a bounded amount of log.
+//!
+//! sled 0.34 writes its recovery snapshot only while it opens a database: an open replays every
+//! log record written since the previous open, so a server that ran for a long time paid for
+//! all its writes at its next start (27.5 s after 50M events). Here every append's events and
+//! feed entry go to the *current* epoch, `log/{id}/` under the data directory, and once it holds
+//! [`crate::StoreConfig::epoch_appends_max`] appends the next one starts. The previous epoch,
+//! once everything written to it is durable, is sealed (no more writes) and reopened once in
+//! the background, which writes its snapshot: from then on opening it costs what loading its
+//! snapshot costs, not a replay. An open therefore replays at most the current epoch and one
+//! epoch whose reopen a crash interrupted, plus the main database's own writes (indexes,
+//! snapshots, cursors, sessions: a small share of the volume).
+//!
+//! Epoch 0 is the `events` and `feed` trees of the main database, where data directories
+//! written before epochs existed keep their log; nothing is written there any more.
+//!
+//! Crash contract across databases:
+//! - an append's feed entry and its events go to the same epoch (the feed's combiner picks the
+//!   epoch for a whole block and each append writes its events where its entry went), so sled's
+//!   recovery of a prefix of that database keeps "events on disk have their feed entry";
+//! - one Thing's appends run one after another, so its events in a later epoch always have
+//!   higher sequence numbers than those in an earlier one;
+//! - the group commit flushes and fsyncs every epoch that is not sealed, oldest first, then the
+//!   main database: a crash during a commit can leave an append's events durable and its index
+//!   changes (main database) lost, which the Thing's owner repairs when it activates (the effects
+//!   consumer activates it again after the restart, since its position was never passed).
+//!   Deadline index entries are written before the events, as before: if sled wrote an epoch's
+//!   buffer to its file before the main database's, the same repair and redelivery cover it.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+use crate::feed::FeedClock;
+use crate::StorageError;
+
+/// How long a reopen waits for sled to let go of a database it just closed (sled releases its
+/// file lock from its own threads a moment after the last handle is dropped).
+const REOPEN_LOCK_WAIT: Duration = Duration::from_secs(30);
+
+/// The trees of one epoch.
+pub(crate) struct EpochTrees {
+    pub(crate) events: sled::Tree,
+    pub(crate) feed: sled::Tree,
+    /// The epoch's own database (`None` for epoch 0, whose trees are in the main database).
+    pub(crate) db: Option<sled::Db>,
+}
+
+/// One database of the rolled log.
+pub(crate) struct Epoch {
+    pub(crate) id: u64,
+    /// The first change-feed position recorded in it (0 for epoch 0); set once when an empty
+    /// epoch left by the previous run becomes the current one.
+    first_position: AtomicU64,
+    /// Its directory (`None` for epoch 0).
+    pub(crate) dir: Option<PathBuf>,
+    /// `None` only if a reopen failed (the error says so on every read).
+    trees: RwLock<Option<EpochTrees>>,
+    /// Nothing is written to it any more and everything in it is durable: the group commit
+    /// skips it.
+    sealed: AtomicBool,
+}
+
+impl Epoch {
+    /// Runs `f` on the epoch's trees (waiting while the epoch is being reopened).
+    pub(crate) fn with<T>(
+        &self,
+        f: impl FnOnce(&EpochTrees) -> Result<T, StorageError>,
+    ) -> Result<T, StorageError> {
+        f(self.read()?.trees())
+    }
+
+    /// Holds the epoch's trees for a longer read (waiting while it is being reopened).
+    pub(crate) fn read(&self) -> Result<EpochRead<'_>, StorageError> {
+        let guard = self.trees.read().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            return Err(StorageError::Db(format!(
+                "log epoch {} could not be reopened after it was sealed; restart the server",
+                self.id
+            )));
+        }
+        Ok(EpochRead(guard))
+    }
+
+    pub(crate) fn first_position(&self) -> u64 {
+        self.first_position.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn is_sealed(&self) -> bool {
+        self.sealed.load(Ordering::Acquire)
+    }
+
+    /// Flushes the epoch's database for the group commit, unless it is sealed or being
+    /// reopened (then everything in it is durable already). Returns whether it flushed.
+    pub(crate) fn flush_for_commit(&self) -> std::io::Result<bool> {
+        if self.is_sealed() {
+            return Ok(false);
+        }
+        let guard = match self.trees.try_read() {
+            Ok(guard) => guard,
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(false),
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+        };
+        match guard.as_ref().and_then(|t| t.db.as_ref()) {
+            Some(db) => db.flush().map(|_| true).map_err(std::io::Error::other),
+            None => Ok(false),
+        }
+    }
+}
+
+/// An epoch's trees, held for reading.
+pub(crate) struct EpochRead<'a>(std::sync::RwLockReadGuard<'a, Option<EpochTrees>>);
+
+impl EpochRead<'_> {
+    pub(crate) fn trees(&self) -> &EpochTrees {
+        self.0.as_ref().expect("checked when taken")
+    }
+}
+
+/// Every epoch, oldest first; the last is the current one.
+pub(crate) struct Epochs {
+    /// `log/` under the data directory.
+    dir: PathBuf,
+    cache_bytes: u64,
+    /// Appends an epoch takes before the next one starts.
+    appends_max: u64,
+    list: RwLock<Vec<Arc<Epoch>>>,
+    /// Seals running now, and whether the store is closing (then no seal starts).
+    sealing: std::sync::Mutex<(usize, bool)>,
+    sealed_all: std::sync::Condvar,
+}
+
+/// The page cache of the current epoch: half of the store's (the main database has the other
+/// half).
+pub(crate) fn current_cache_bytes(cache_bytes: u64) -> u64 {
+    cache_bytes / 2
+}
+
+/// The page cache of a sealed epoch: a sixteenth of the store's (at least 1 MiB). Sealed epochs
+/// are read when a Thing that was idle since activates, or a history reaches back.
+fn sealed_cache_bytes(cache_bytes: u64) -> u64 {
+    (cache_bytes / 16).max(1 << 20)
+}
+
+fn epoch_dir(log_dir: &Path, id: u64) -> PathBuf {
+    log_dir.join(format!("{id:010}"))
+}
+
+/// Opens `dir` as a sled database the way the store does (see [`crate::open_sled`]).
+fn open_epoch_trees(dir: &Path, cache_bytes: u64) -> Result<EpochTrees, StorageError> {
+    let db = crate::open_sled(dir, cache_bytes)?;
+    Ok(EpochTrees {
+        events: db.open_tree("events")?,
+        feed: db.open_tree("feed")?,
+        db: Some(db),
+    })
+}
+
+/// fsyncs a directory, so that a file or directory created in it survives a power loss.
+fn sync_dir(dir: &Path) -> Result<(), StorageError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| StorageError::Db(format!("fsync {}: {e}", dir.display())))
+}
+
+impl Epochs {
+    /// Opens epoch 0 (the main database's trees) and every epoch under `data_dir/log/`. Every
+    /// epoch found is sealed: the open just wrote its snapshot. The caller then calls
+    /// [`Epochs::start_current`] once it knows the next feed position.
+    pub(crate) fn open(
+        main: &sled::Db,
+        data_dir: &Path,
+        cache_bytes: u64,
+        appends_max: u64,
+    ) -> Result<Epochs, StorageError> {
+        let dir = data_dir.join("log");
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| StorageError::Db(format!("create {}: {e}", dir.display())))?;
+        let mut ids = Vec::new();
+        let entries = std::fs::read_dir(&dir)
+            .map_err(|e| StorageError::Db(format!("read {}: {e}", dir.display())))?;
+        for entry in entries {
+            let entry =
+                entry.map_err(|e| StorageError::Db(format!("read {}: {e}", dir.display())))?;
+            let name = entry.file_name();
+            match name.to_str().and_then(|n| n.parse::<u64>().ok()) {
+                Some(id) if id > 0 => ids.push(id),
+                _ => tracing::warn!(entry = ?entry.path(), "not a log epoch; left alone"),
+            }
+        }
+        ids.sort_unstable();
+        let mut list = vec![Arc::new(Epoch {
+            id: 0,
+            first_position: AtomicU64::new(0),
+            dir: None,
+            trees: RwLock::new(Some(EpochTrees {
+                events: main.open_tree("events")?,
+                feed: main.open_tree("feed")?,
+                db: None,
+            })),
+            sealed: AtomicBool::new(true),
+        })];
+        let mut opened = Vec::with_capacity(ids.len());
+        let newest = ids.last().copied();
+        for id in ids {
+            let path = epoch_dir(&dir, id);
+            // The newest may go on taking appends (if it is empty): it gets a writer's cache.
+            let cache = if Some(id) == newest {
+                current_cache_bytes(cache_bytes)
+            } else {
+                sealed_cache_bytes(cache_bytes)
+            };
+            let trees = open_epoch_trees(&path, cache)?;
+            let first_position = match trees.feed.first()? {
+                Some((key, _)) => <[u8; 8]>::try_from(key.as_ref())
+                    .map(u64::from_be_bytes)
+                    .ok(),
+                None => None,
+            };
+            opened.push((id, path, trees, first_position));
+        }
+        // An epoch with no feed entry (created just before a stop) holds nothing: it starts
+        // where the next one does, so that reads skip it (the newest one is set by
+        // `start_current`).
+        let mut following = u64::MAX;
+        let mut firsts = vec![0; opened.len()];
+        for (i, (_, _, _, first)) in opened.iter().enumerate().rev() {
+            firsts[i] = first.unwrap_or(following);
+            following = firsts[i];
+        }
+        for ((id, path, trees, _), first_position) in opened.into_iter().zip(firsts) {
+            list.push(Arc::new(Epoch {
+                id,
+                first_position: AtomicU64::new(first_position),
+                dir: Some(path),
+                trees: RwLock::new(Some(trees)),
+                sealed: AtomicBool::new(true),
+            }));
+        }
+        Ok(Epochs {
+            dir,
+            cache_bytes,
+            appends_max: appends_max.max(1),
+            list: RwLock::new(list),
+            sealing: std::sync::Mutex::new((0, false)),
+            sealed_all: std::sync::Condvar::new(),
+        })
+    }
+
+    /// Every epoch, oldest first.
+    pub(crate) fn all(&self) -> Vec<Arc<Epoch>> {
+        self.list.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The epoch appends go to now.
+    pub(crate) fn current(&self) -> Arc<Epoch> {
+        let list = self.list.read().unwrap_or_else(|p| p.into_inner());
+        list.last().cloned().expect("epoch 0 is always there")
+    }
+
+    /// Picks where appends go after an open: the newest epoch if it is still empty, else a new
+    /// one starting at `next_position` (so the epochs just opened, whose snapshots the open
+    /// wrote, stay sealed).
+    pub(crate) fn start_current(&self, next_position: u64) -> Result<(), StorageError> {
+        let current = self.current();
+        let empty = current.dir.is_some() && current.with(|t| Ok(t.feed.is_empty()))?;
+        if empty {
+            current
+                .first_position
+                .store(next_position, Ordering::Release);
+            current.sealed.store(false, Ordering::Release);
+            return Ok(());
+        }
+        self.push_new(current.id + 1, next_position).map(|_| ())
+    }
+
+    fn push_new(&self, id: u64, first_position: u64) -> Result<Arc<Epoch>, StorageError> {
+        let path = epoch_dir(&self.dir, id);
+        let trees = open_epoch_trees(&path, current_cache_bytes(self.cache_bytes))?;
+        sync_dir(&path)?;
+        sync_dir(&self.dir)?;
+        let epoch = Arc::new(Epoch {
+            id,
+            first_position: AtomicU64::new(first_position),
+            dir: Some(path),
+            trees: RwLock::new(Some(trees)),
+            sealed: AtomicBool::new(false),
+        });
+        self.list
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(epoch.clone());
+        tracing::info!(
+            epoch = id,
+            first_position,
+            "the event log continues in a new epoch"
+        );
+        Ok(epoch)
+    }
+
+    /// The epoch a feed block starting at `first` goes to: the current one, or a new one if the
+    /// current is full. Only the feed's combiner calls this (one at a time, in position order).
+    /// A new epoch's predecessor is sealed and reopened in the background once every position
+    /// before `first` is durable.
+    pub(crate) fn for_block(
+        self: &Arc<Self>,
+        first: u64,
+        clock: &Arc<FeedClock>,
+    ) -> Result<Arc<Epoch>, StorageError> {
+        let current = self.current();
+        if current.dir.is_some()
+            && first.saturating_sub(current.first_position()) < self.appends_max
+        {
+            return Ok(current);
+        }
+        let next = self.push_new(current.id + 1, first)?;
+        let epochs = Arc::downgrade(self);
+        let clock = clock.clone();
+        let sealing = current.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    // Every position of the sealed epoch is below `first`.
+                    clock.wait_durable_past(first.saturating_sub(1)).await;
+                    let _ = tokio::task::spawn_blocking(move || seal(&epochs, &sealing)).await;
+                });
+            }
+            // No runtime (tools that append synchronously do not exist today): the epoch
+            // stays writable-flagged, so the group commit keeps flushing it; it is sealed at
+            // the next open.
+            Err(_) => tracing::warn!(epoch = current.id, "no runtime to seal the previous epoch"),
+        }
+        Ok(next)
+    }
+
+    /// Epochs the group commit must flush (not sealed), oldest first.
+    pub(crate) fn unsealed(&self) -> Vec<Arc<Epoch>> {
+        self.list
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|e| !e.is_sealed())
+            .cloned()
+            .collect()
+    }
+
+    /// Stops new seals and waits for the running ones, so that no epoch database stays open
+    /// after the store is dropped (its file lock would refuse the next open).
+    pub(crate) fn close(&self) {
+        let mut sealing = self.sealing.lock().unwrap_or_else(|p| p.into_inner());
+        sealing.1 = true;
+        while sealing.0 > 0 {
+            sealing = self
+                .sealed_all
+                .wait(sealing)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Bytes on disk of every epoch's own database.
+    pub(crate) fn size_on_disk_bytes(&self) -> Result<u64, StorageError> {
+        let mut total = 0;
+        for epoch in self.all() {
+            total += epoch.with(|t| match &t.db {
+                Some(db) => Ok(db.size_on_disk()?),
+                None => Ok(0),
+            })?;
+        }
+        Ok(total)
+    }
+}
+
+/// Seals `epoch` (everything in it is durable and nothing more will be written) and reopens its
+/// database so that sled writes its snapshot. Readers of the epoch wait meanwhile.
+fn seal(epochs: &Weak<Epochs>, epoch: &Epoch) {
+    let Some(epochs) = epochs.upgrade() else {
+        return; // the store is closed: the next open writes the snapshot
+    };
+    {
+        let mut sealing = epochs.sealing.lock().unwrap_or_else(|p| p.into_inner());
+        if sealing.1 {
+            return; // closing: the next open writes the snapshot
+        }
+        sealing.0 += 1;
+    }
+    reopen(&epochs, epoch);
+    let mut sealing = epochs.sealing.lock().unwrap_or_else(|p| p.into_inner());
+    sealing.0 -= 1;
+    epochs.sealed_all.notify_all();
+}
+
+fn reopen(epochs: &Epochs, epoch: &Epoch) {
+    let Some(dir) = epoch.dir.clone() else {
+        return;
+    };
+    epoch.sealed.store(true, Ordering::Release);
+    let started = Instant::now();
+    let mut trees = epoch.trees.write().unwrap_or_else(|p| p.into_inner());
+    if let Some(old) = trees.take() {
+        if let Some(db) = &old.db {
+            if let Err(e) = db.flush() {
+                tracing::error!(epoch = epoch.id, error = %e, "flush before reopening a sealed epoch failed");
+            }
+        }
+        drop(old);
+    }
+    let deadline = Instant::now() + REOPEN_LOCK_WAIT;
+    let reopened = loop {
+        match open_epoch_trees(&dir, sealed_cache_bytes(epochs.cache_bytes)) {
+            Err(StorageError::Locked(_)) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => break other,
+        }
+    };
+    match reopened {
+        Ok(opened) => {
+            *trees = Some(opened);
+            tracing::info!(
+                epoch = epoch.id,
+                reopen_ms = started.elapsed().as_millis() as u64,
+                "sealed a log epoch and wrote its recovery snapshot"
+            );
+        }
+        Err(e) => {
+            tracing::error!(epoch = epoch.id, error = %e, "cannot reopen a sealed log epoch; reads that need it fail until a restart");
+        }
+    }
+}
+
+/// One epoch of the event log as [`crate::Store::log_epochs`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EpochInfo {
+    /// Its id (0: the trees in the main database that data directories written before epochs
+    /// existed keep).
+    pub id: u64,
+    /// The first change-feed position recorded in it.
+    pub first_position: u64,
+    /// Sealed: nothing more is written to it, and its recovery snapshot is written (or being
+    /// written).
+    pub sealed: bool,
+}
+
+impl crate::Store {
+    /// The epochs of the event log, oldest first; the last takes the appends.
+    pub fn log_epochs(&self) -> Vec<EpochInfo> {
+        self.inner
+            .epochs
+            .all()
+            .iter()
+            .map(|e| EpochInfo {
+                id: e.id,
+                first_position: e.first_position(),
+                sealed: e.is_sealed(),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ops::ControlFlow;
+    use std::time::{Duration, Instant};
+
+    use crate::{AppendBatch, Envelope, IndexOp, Store, StoreConfig};
+
+    fn config(dir: &std::path::Path, appends_max: u64) -> StoreConfig {
+        StoreConfig {
+            epoch_appends_max: appends_max,
+            ..StoreConfig::new(dir)
+        }
+    }
+
+    fn envelope(n: u64) -> Envelope {
+        Envelope::new("Tested", 1, n, &n).expect("envelope")
+    }
+
+    async fn append(store: &Store, thing: &str, first_seq: u64, n: u64) -> u64 {
+        store
+            .append(AppendBatch {
+                thing: thing.into(),
+                first_seq,
+                events: (first_seq..first_seq + n).map(envelope).collect(),
+                index: vec![],
+            })
+            .await
+            .expect("append")
+    }
+
+    /// Waits (at most 10 s) until every epoch but the current one is sealed and reopened.
+    async fn sealed_behind(store: &Store) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let epochs = store.log_epochs();
+            if epochs[..epochs.len() - 1].iter().all(|e| e.sealed) {
+                // Sealed is set before the reopen: a read waits for it to finish.
+                store.last_seq("a").expect("readable after the reopen");
+                return;
+            }
+            assert!(Instant::now() < deadline, "not sealed: {epochs:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn seqs(events: &[crate::RecordedEvent]) -> Vec<u64> {
+        events.iter().map(|e| e.seq).collect()
+    }
+
+    /// Given epochs of 3 appends, when two Things append 10 times each (one of them two events
+    /// at a time), then the log spans several epochs, the previous ones get sealed, and every
+    /// read (forward with a limit, newest first, the last seq, the feed, the check's walk)
+    /// sees one Thing's events in order across them, before and after a reopen.
+    #[tokio::test]
+    async fn a_log_rolled_over_epochs_reads_as_one_log() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&config(dir.path(), 3)).expect("open");
+        let mut positions = Vec::new();
+        for i in 0..10u64 {
+            positions.push(append(&store, "a", 1 + 2 * i, 2).await);
+            positions.push(append(&store, "b", 1 + i, 1).await);
+        }
+        let epochs = store.log_epochs();
+        assert_eq!(
+            epochs.len(),
+            1 + 7,
+            "epoch 0 and 20 appends in epochs of 3: {epochs:?}"
+        );
+        assert!(!epochs.last().expect("current").sealed);
+        sealed_behind(&store).await;
+
+        let check = |store: &Store| {
+            let a = store.read_events("a", 1, 100).expect("a");
+            assert_eq!(seqs(&a), (1..=20).collect::<Vec<_>>());
+            assert_eq!(a[6].envelope, envelope(7));
+            assert_eq!(
+                seqs(&store.read_events("a", 5, 7).expect("page")),
+                (5..=11).collect::<Vec<_>>()
+            );
+            assert_eq!(
+                seqs(&store.read_events_rev("a", 12, 4).expect("rev")),
+                [12, 11, 10, 9]
+            );
+            assert_eq!(store.last_seq("a").expect("a"), 20);
+            assert_eq!(store.last_seq("b").expect("b"), 10);
+            assert_eq!(store.last_seq("c").expect("c"), 0);
+            let feed = store.read_feed(0, 100).expect("feed");
+            assert_eq!(
+                feed.iter().map(|e| e.position).collect::<Vec<_>>(),
+                positions
+            );
+            assert_eq!(
+                store
+                    .read_feed(positions[7], 3)
+                    .expect("from the middle")
+                    .iter()
+                    .map(|e| e.position)
+                    .collect::<Vec<_>>(),
+                positions[8..11]
+            );
+            let mut walked = Vec::new();
+            store
+                .walk_events(|e| {
+                    walked.push((e.thing.expect("name"), e.seq));
+                    ControlFlow::Continue(())
+                })
+                .expect("walk");
+            let expected: Vec<(String, u64)> = (1..=20)
+                .map(|s| ("a".to_owned(), s))
+                .chain((1..=10).map(|s| ("b".to_owned(), s)))
+                .collect();
+            assert_eq!(walked, expected);
+        };
+        check(&store);
+        drop(store);
+
+        let store = Store::reopen_in_process(&config(dir.path(), 3)).expect("reopen");
+        check(&store);
+        let epochs = store.log_epochs();
+        assert!(
+            epochs[..epochs.len() - 1].iter().all(|e| e.sealed),
+            "{epochs:?}"
+        );
+        let next = append(&store, "a", 21, 1).await;
+        assert!(next > *positions.last().expect("last"), "positions go on");
+        assert_eq!(store.read_events("a", 20, 10).expect("tail").len(), 2);
+    }
+
+    /// Given a data directory written before epochs (its events and feed in the main
+    /// database), when the store opens it, then those events are epoch 0, readable with the
+    /// new ones, and new appends go to a new epoch.
+    #[tokio::test]
+    async fn a_data_directory_from_before_epochs_keeps_its_log_as_epoch_0() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let db = crate::open_sled(dir.path(), 1 << 20).expect("sled");
+            let events = db.open_tree("events").expect("events");
+            let feed = db.open_tree("feed").expect("feed");
+            let prefix = crate::thing_key("old").expect("key");
+            for seq in 1..=3u64 {
+                let mut key = prefix.clone();
+                key.extend_from_slice(&seq.to_be_bytes());
+                events
+                    .insert(key, envelope(seq).to_bytes().expect("bytes"))
+                    .expect("insert");
+            }
+            let mut block = 1u32.to_be_bytes().to_vec();
+            block.extend_from_slice(&crate::feed::entry_for("old", 1, 3).expect("entry"));
+            feed.insert(1u64.to_be_bytes(), block).expect("feed");
+            db.flush().expect("flush");
+        }
+        let store = Store::reopen_in_process(&config(dir.path(), 100)).expect("open");
+        assert_eq!(store.last_seq("old").expect("seq"), 3);
+        let position = append(&store, "old", 4, 1).await;
+        assert_eq!(position, 2, "positions go on after the old feed");
+        assert_eq!(
+            seqs(&store.read_events("old", 1, 10).expect("read")),
+            [1, 2, 3, 4]
+        );
+        let epochs = store.log_epochs();
+        assert_eq!(
+            epochs.iter().map(|e| (e.id, e.sealed)).collect::<Vec<_>>(),
+            [(0, true), (1, false)]
+        );
+        assert!(dir
+            .path()
+            .join("log")
+            .join("0000000001")
+            .join("db")
+            .exists());
+        assert_eq!(store.read_feed(0, 10).expect("feed").len(), 2);
+    }
+
+    /// Given an epoch left empty by the previous run, when the store opens, then appends go
+    /// on in it instead of starting another one; an index change lands in the main database.
+    #[tokio::test]
+    async fn an_empty_newest_epoch_is_reused_at_the_next_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(Store::open(&config(dir.path(), 100)).expect("open"));
+        let store = Store::reopen_in_process(&config(dir.path(), 100)).expect("reopen");
+        assert_eq!(store.log_epochs().len(), 2);
+        store
+            .append(AppendBatch {
+                thing: "t".into(),
+                first_seq: 1,
+                events: vec![envelope(1)],
+                index: vec![IndexOp::PutThing(b"rec".to_vec())],
+            })
+            .await
+            .expect("append");
+        drop(store);
+        let store = Store::reopen_in_process(&config(dir.path(), 100)).expect("reopen");
+        assert_eq!(
+            store.log_epochs().len(),
+            3,
+            "epoch 1 holds an append: a new one starts"
+        );
+        assert_eq!(store.list_things(None, 10).expect("list").len(), 1);
+        assert_eq!(store.last_seq("t").expect("seq"), 1);
+    }
+}
