@@ -202,9 +202,8 @@ impl Epochs {
             })),
             sealed: AtomicBool::new(true),
         })];
-        let mut opened = Vec::with_capacity(ids.len());
         let newest = ids.last().copied();
-        for id in ids {
+        let open_one = |id: u64| -> Result<_, StorageError> {
             let path = epoch_dir(&dir, id);
             // The newest may go on taking appends (if it is empty): it gets a writer's cache.
             let cache = if Some(id) == newest {
@@ -219,8 +218,41 @@ impl Epochs {
                     .ok(),
                 None => None,
             };
-            opened.push((id, path, trees, first_position));
+            Ok((id, path, trees, first_position))
+        };
+        // Opening a sealed epoch is loading its snapshot (CPU and reads): one thread per core.
+        let workers = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(ids.len().max(1));
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let mut results: Vec<_> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..workers)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut mine = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, Ordering::Relaxed);
+                            let Some(&id) = ids.get(i) else {
+                                return mine;
+                            };
+                            mine.push((i, open_one(id)));
+                        }
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap_or_default())
+                .collect()
+        });
+        if results.len() != ids.len() {
+            return Err(StorageError::Db("opening a log epoch panicked".into()));
         }
+        results.sort_unstable_by_key(|(i, _)| *i);
+        let opened = results
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect::<Result<Vec<_>, _>>()?;
         // An epoch with no feed entry (created just before a stop) holds nothing: it starts
         // where the next one does, so that reads skip it (the newest one is set by
         // `start_current`).

@@ -15,13 +15,14 @@ use crate::{Envelope, StorageError, Store};
 
 /// What to tell an operator whose snapshot file is damaged.
 const ADVICE_SNAPSHOT: &str = "sled's snapshot is only a cache of its log: with the server \
-    stopped, move every snap.* file out of the data directory (renaming inside it is not \
+    stopped, move every snap.* file out of that database's directory (renaming inside it is not \
     enough: sled reads every file whose name starts with snap.) and start again; sled rebuilds \
     the snapshot from its log (slow for a large log). Then run `thinghub check`.";
 const ADVICE_CONF: &str = "conf only holds sled's settings: with the server stopped, move it out \
-    of the data directory and start again; sled writes it anew with the same defaults.";
+    of that database's directory and start again; sled writes it anew with the same defaults.";
 const ADVICE_RESTORE: &str = "the log itself is damaged: restore the data directory from a \
-    backup (conf, db, snap.* and blobs/ copied together with the server stopped). On a copy you \
+    backup (the whole data directory, the log epochs under log/ included, copied together with \
+    the server stopped). On a copy you \
     may try moving snap.* aside and running `thinghub check` on it to see what is still \
     readable.";
 

@@ -224,8 +224,24 @@ impl Store {
         let prefix = thing_key(thing)?;
         let start = event_key(&prefix, from_seq);
         let end = event_key(&prefix, u64::MAX);
+        let epochs = self.inner.epochs.all();
+        // Older epochs hold only lower seqs: walking back from the newest, the first epoch whose
+        // first event of this Thing is at or before `from_seq` is where the read starts, so a
+        // Thing that wrote lately reads only the last epochs (and does not wait for an older
+        // one being sealed). A Thing with no event at all reads every epoch.
+        let mut first_epoch = 0;
+        for (i, epoch) in epochs.iter().enumerate().rev() {
+            let first = epoch.with(|trees| match trees.events.scan_prefix(&prefix).next() {
+                Some(item) => Ok(seq_of(prefix.len(), &item?.0)),
+                None => Ok(None),
+            })?;
+            if first.is_some_and(|seq| seq <= from_seq) {
+                first_epoch = i;
+                break;
+            }
+        }
         let mut out = Vec::new();
-        for epoch in self.inner.epochs.all() {
+        for epoch in &epochs[first_epoch..] {
             if out.len() >= limit {
                 break;
             }
