@@ -5,8 +5,8 @@
 //! takes every waiter queued so far (up to the batch bound), flushes every log epoch that is not
 //! sealed (oldest first) and then the main database, `fsync`ing each one's database file and any
 //! new blob files (sled's flush only issues `sync_file_range`, which is not a durability barrier,
-//! and it never syncs blobs), then wakes them all. A database the flush found clean is not
-//! fsynced. Writes that arrive during
+//! and it never syncs blobs), then wakes them all. Every such database is fsynced even when the
+//! flush wrote nothing: sled writes a full buffer to its file on its own, without an fsync. Writes that arrive during
 //! a flush form the next batch, so the cost is one fsync per batch, not per write. Exactly one
 //! flush is ever in flight (sled's concurrent `flush_async` deadlocks, upstream issue #1308).
 

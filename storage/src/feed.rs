@@ -271,12 +271,6 @@ impl FeedClock {
         }
     }
 
-    /// Resolves when every position up to `than` is durable.
-    pub(crate) async fn wait_durable_past(&self, than: u64) {
-        let mut durable = self.durable.subscribe();
-        let _ = durable.wait_for(|end| *end > than).await;
-    }
-
     /// The flush that started at `end` succeeded.
     pub(crate) fn durable_to(&self, end: u64) {
         self.durable.send_if_modified(|durable| {
@@ -385,9 +379,13 @@ impl Store {
             {
                 continue;
             }
+            // An epoch starting at or after the end holds nothing readable yet.
+            if epoch.first_position() >= end {
+                continue;
+            }
             let done = epoch
                 .with(|trees| self.read_feed_blocks(&trees.feed, start, end, limit, &mut out))?;
-            if done || epoch.first_position() >= end {
+            if done {
                 break;
             }
         }

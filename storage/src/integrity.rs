@@ -181,7 +181,8 @@ impl Store {
         mut visit: impl FnMut(WalkedEvent) -> ControlFlow<()>,
     ) -> Result<(), StorageError> {
         // One Thing's events may span epochs: merge the epochs' walks by key (keys are unique
-        // across epochs).
+        // across epochs). Every epoch stays held for the walk: `check` runs with the server
+        // stopped, where nothing seals an epoch meanwhile.
         let epochs = self.inner.epochs.all();
         let held = epochs
             .iter()
