@@ -406,6 +406,8 @@ async fn metrics_are_served_as_json_and_prometheus_text_to_admins_only() {
         metrics["storage"]["durableWrites"].as_u64().unwrap_or(0) >= 1,
         "{metrics}"
     );
+    assert_eq!(metrics["storage"]["logEpochs"], 1, "{metrics}");
+    assert_eq!(metrics["storage"]["logEpochsUnsealed"], 1, "{metrics}");
     assert_eq!(metrics["mqtt"]["connections"], 0, "{metrics}");
 
     let response = common::client()

@@ -65,6 +65,14 @@ fn collect(state: &AppState) -> Vec<Metric> {
     let things = registry.stats();
     let timer = registry.deadline_stats();
     let commit = registry.context().store.commit_stats();
+    // Epoch 0 (the main database's trees from before epochs) is not a database of its own.
+    let epochs: Vec<_> = registry
+        .context()
+        .store
+        .log_epochs()
+        .into_iter()
+        .filter(|e| e.id > 0)
+        .collect();
     let broker = &state.broker.stats;
     let counts = state.broker.counts();
     let (sessions, connections) = (counts.sessions, counts.connected);
@@ -155,6 +163,22 @@ fn collect(state: &AppState) -> Vec<Metric> {
             commit.flush_us_total as f64 / 1e6,
             "storage",
             "commitSecondsTotal",
+        ),
+        m(
+            "thinghub_storage_log_epochs",
+            "gauge",
+            "Log epochs (one sled database each under log/).",
+            epochs.len() as f64,
+            "storage",
+            "logEpochs",
+        ),
+        m(
+            "thinghub_storage_log_epochs_unsealed",
+            "gauge",
+            "Log epochs still flushed by the group commit (the current one, and one being sealed).",
+            epochs.iter().filter(|e| !e.sealed).count() as f64,
+            "storage",
+            "logEpochsUnsealed",
         ),
         m(
             "thinghub_mqtt_connections",

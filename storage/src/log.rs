@@ -63,6 +63,23 @@ fn decode_record(
     Ok(RecordedEvent { seq, envelope })
 }
 
+/// Decodes records from `items` into `out` until it holds `limit`.
+fn decode_into(
+    thing: &str,
+    prefix_len: usize,
+    items: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
+    limit: usize,
+    out: &mut Vec<RecordedEvent>,
+) -> Result<(), StorageError> {
+    for item in items {
+        if out.len() >= limit {
+            break;
+        }
+        out.push(decode_record(thing, prefix_len, item?)?);
+    }
+    Ok(())
+}
+
 impl Store {
     /// Appends `batch` and returns its change-feed position once it is durable (group commit:
     /// flush + fsync; the feed entry is durable with it).
@@ -246,13 +263,8 @@ impl Store {
                 break;
             }
             epoch.with(|trees| {
-                for item in trees.events.range(start.as_slice()..=end.as_slice()) {
-                    out.push(decode_record(thing, prefix.len(), item?)?);
-                    if out.len() >= limit {
-                        break;
-                    }
-                }
-                Ok(())
+                let items = trees.events.range(start.as_slice()..=end.as_slice());
+                decode_into(thing, prefix.len(), items, limit, &mut out)
             })?;
         }
         Ok(out)
@@ -274,13 +286,8 @@ impl Store {
                 break;
             }
             epoch.with(|trees| {
-                for item in trees.events.range(start.as_slice()..=end.as_slice()).rev() {
-                    out.push(decode_record(thing, prefix.len(), item?)?);
-                    if out.len() >= limit {
-                        break;
-                    }
-                }
-                Ok(())
+                let items = trees.events.range(start.as_slice()..=end.as_slice()).rev();
+                decode_into(thing, prefix.len(), items, limit, &mut out)
             })?;
         }
         Ok(out)
