@@ -175,7 +175,7 @@ fn collect(state: &AppState) -> Vec<Metric> {
         m(
             "thinghub_storage_log_epochs_unsealed",
             "gauge",
-            "Log epochs still flushed by the group commit (the current one, and one being sealed).",
+            "Log epochs still flushed by the group commit: the current one, and any whose earlier positions are not yet durable.",
             epochs.iter().filter(|e| !e.sealed).count() as f64,
             "storage",
             "logEpochsUnsealed",

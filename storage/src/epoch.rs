@@ -52,8 +52,8 @@ pub(crate) struct EpochTrees {
 /// One database of the rolled log.
 pub(crate) struct Epoch {
     pub(crate) id: u64,
-    /// The first change-feed position recorded in it (0 for epoch 0); set once when an empty
-    /// epoch left by the previous run becomes the current one.
+    /// The first change-feed position recorded in it (0 for epoch 0); set once more when an
+    /// empty epoch left by the previous run becomes the current one.
     first_position: AtomicU64,
     /// Its directory (`None` for epoch 0).
     pub(crate) dir: Option<PathBuf>,
@@ -83,41 +83,37 @@ impl Epoch {
             Ok(guard) => guard,
             Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
             Err(std::sync::TryLockError::WouldBlock) => {
-                let wait = || self.trees.read().unwrap_or_else(|p| p.into_inner());
-                match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-                    Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
-                        tokio::task::block_in_place(wait)
-                    }
-                    _ => wait(),
-                }
+                off_the_runtime(|| self.trees.read().unwrap_or_else(|p| p.into_inner()))
             }
         };
         if guard.is_some() {
             return Ok(EpochRead(guard));
         }
         drop(guard);
-        let mut trees = self.trees.write().unwrap_or_else(|p| p.into_inner());
-        if trees.is_none() {
-            let dir = self.dir.as_deref().ok_or(StorageError::Closed)?;
-            match open_epoch_trees(dir, self.cache_bytes) {
-                Ok(opened) => {
-                    tracing::info!(
-                        epoch = self.id,
-                        "reopened a log epoch after a failed reopen"
-                    );
-                    *trees = Some(opened);
-                }
-                Err(e) => {
-                    return Err(StorageError::Db(format!(
-                        "log epoch {} ({}) cannot be opened: {e}",
-                        self.id,
-                        dir.display()
-                    )))
-                }
-            }
-        }
-        drop(trees);
+        off_the_runtime(|| self.open_again())?;
         self.read()
+    }
+
+    /// Opens the epoch again after a reopen failed (the write lock keeps readers out meanwhile).
+    fn open_again(&self) -> Result<(), StorageError> {
+        let mut trees = self.trees.write().unwrap_or_else(|p| p.into_inner());
+        if trees.is_some() {
+            return Ok(()); // another reader did it
+        }
+        let dir = self.dir.as_deref().ok_or(StorageError::Closed)?;
+        let opened = open_existing_epoch(dir, self.cache_bytes).map_err(|e| {
+            StorageError::Db(format!(
+                "log epoch {} ({}) cannot be opened: {e}",
+                self.id,
+                dir.display()
+            ))
+        })?;
+        tracing::info!(
+            epoch = self.id,
+            "opened a log epoch again after a failed reopen"
+        );
+        *trees = Some(opened);
+        Ok(())
     }
 
     pub(crate) fn first_position(&self) -> u64 {
@@ -212,12 +208,39 @@ fn open_epoch_trees(dir: &Path, cache_bytes: u64) -> Result<EpochTrees, StorageE
     })
 }
 
-/// Removes an epoch that holds nothing (no feed entry, no event); its database was just closed.
-fn remove_empty_epoch(log_dir: &Path, path: &Path) -> Result<(), StorageError> {
-    std::fs::remove_dir_all(path)
-        .map_err(|e| StorageError::Db(format!("remove the empty epoch {}: {e}", path.display())))?;
-    tracing::info!(epoch = %path.display(), "removed a log epoch that held nothing");
-    sync_dir(log_dir)
+/// Runs `wait`, which may block for long (a sled open), without holding up the async runtime's
+/// workers when called on one of them (`block_in_place` on a multi-threaded runtime).
+fn off_the_runtime<T>(wait: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(wait),
+        _ => wait(),
+    }
+}
+
+/// Opens an existing epoch whose previous handle was just dropped, waiting (at most
+/// [`REOPEN_LOCK_WAIT`]) while sled still holds its file lock.
+fn open_after_close(dir: &Path, cache_bytes: u64) -> Result<EpochTrees, StorageError> {
+    let deadline = Instant::now() + REOPEN_LOCK_WAIT;
+    loop {
+        match open_existing_epoch(dir, cache_bytes) {
+            Err(StorageError::Locked(_)) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Opens an epoch that must already exist: a missing database is an error, never a new empty
+/// one in its place.
+fn open_existing_epoch(dir: &Path, cache_bytes: u64) -> Result<EpochTrees, StorageError> {
+    if !dir.join("db").is_file() {
+        return Err(StorageError::Db(format!(
+            "{} holds no database file (db)",
+            dir.display()
+        )));
+    }
+    open_epoch_trees(dir, cache_bytes)
 }
 
 /// fsyncs a directory, so that a file or directory created in it survives a power loss.
@@ -229,9 +252,8 @@ fn sync_dir(dir: &Path) -> Result<(), StorageError> {
 
 impl Epochs {
     /// Opens epoch 0 (the main database's trees) and every epoch under `data_dir/log/`. Every
-    /// epoch found is sealed (the open just wrote its snapshot); one that holds nothing (created
-    /// just before a stop) is removed. The caller then calls [`Epochs::start_current`] once it
-    /// knows the next feed position.
+    /// epoch found is sealed (the open just wrote its snapshot). The caller then calls
+    /// [`Epochs::start_current`] once it knows the next feed position.
     pub(crate) fn open(
         main: &sled::Db,
         data_dir: &Path,
@@ -247,14 +269,15 @@ impl Epochs {
         for entry in entries {
             let entry =
                 entry.map_err(|e| StorageError::Db(format!("read {}: {e}", dir.display())))?;
-            // Only the names this store writes: `0000000001`, not `1` or `+1`.
+            // Only directories named as this store names them: `0000000001`, not `1` or `+1`.
+            let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
             let id = entry.file_name().to_str().and_then(|name| {
                 name.parse::<u64>()
                     .ok()
                     .filter(|id| epoch_dir(&dir, *id) == entry.path())
             });
             match id {
-                Some(id) if id > 0 => ids.push(id),
+                Some(id) if id > 0 && is_dir => ids.push(id),
                 _ => tracing::warn!(entry = ?entry.path(), "not a log epoch; left alone"),
             }
         }
@@ -269,8 +292,7 @@ impl Epochs {
                     .ok(),
                 None => None,
             };
-            let empty = first_position.is_none() && trees.events.is_empty();
-            Ok((id, path, trees, first_position, empty))
+            Ok((id, path, trees, first_position))
         };
         // Opening a sealed epoch is loading its snapshot (CPU and reads): one thread per core.
         let workers = std::thread::available_parallelism()
@@ -301,18 +323,13 @@ impl Epochs {
             return Err(StorageError::Db("opening a log epoch panicked".into()));
         }
         results.sort_unstable_by_key(|(i, _)| *i);
-        let mut opened = Vec::with_capacity(ids.len());
-        for (_, result) in results {
-            let (id, path, trees, first, empty) = result?;
-            if empty {
-                drop(trees);
-                remove_empty_epoch(&dir, &path)?;
-                continue;
-            }
-            opened.push((id, path, trees, first));
-        }
-        // Every kept epoch has a feed entry (an append records its entry before its events),
-        // unless a test wrote raw events: such an epoch starts where the next one does.
+        let opened = results
+            .into_iter()
+            .map(|(_, result)| result)
+            .collect::<Result<Vec<_>, _>>()?;
+        // An epoch with no feed entry holds nothing (an append records its entry before its
+        // events; it was created just before a stop): it starts where the next one does, so that
+        // reads skip it. The newest one, if empty, goes on taking appends (`start_current`).
         let mut following = u64::MAX;
         let mut firsts = vec![0; opened.len()];
         for (i, (_, _, _, first)) in opened.iter().enumerate().rev() {
@@ -361,10 +378,30 @@ impl Epochs {
         list.last().cloned().expect("epoch 0 is always there")
     }
 
-    /// Starts the epoch appends go to after an open, at `next_position`: a new one, so that the
-    /// epochs just opened (whose snapshots the open wrote) stay sealed with a reader's cache.
+    /// Starts the epoch appends go to after an open, at `next_position`: the newest epoch if it
+    /// holds nothing (a start without appends; reopened with a writer's cache), else a new one,
+    /// so that the epochs just opened (whose snapshots the open wrote) stay sealed.
     pub(crate) fn start_current(&self, next_position: u64) -> Result<(), StorageError> {
-        let id = self.current().id + 1;
+        let current = self.current();
+        let empty = current.dir.is_some()
+            && current.with(|t| Ok(t.feed.is_empty() && t.events.is_empty()))?;
+        if let (true, Some(dir)) = (empty, current.dir.as_deref()) {
+            let mut trees = current.trees.write().unwrap_or_else(|p| p.into_inner());
+            drop(trees.take());
+            *trees = Some(open_after_close(
+                dir,
+                current_cache_bytes(self.cache_bytes),
+            )?);
+            current
+                .first_position
+                .store(next_position, Ordering::Release);
+            current.sealed.store(false, Ordering::Release);
+            return Ok(());
+        }
+        let id = current
+            .id
+            .checked_add(1)
+            .ok_or_else(|| StorageError::Db("log epoch ids are exhausted".into()))?;
         self.push_new(id, next_position).map(|_| ())
     }
 
@@ -413,8 +450,13 @@ impl Epochs {
         {
             return Ok(current);
         }
-        let next = self.push_new(current.id + 1, first)?;
+        let id = current
+            .id
+            .checked_add(1)
+            .ok_or_else(|| StorageError::Db("log epoch ids are exhausted".into()))?;
+        let next = self.push_new(id, first)?;
         let epochs = Arc::downgrade(self);
+        let gate = self.gate.clone();
         // Weak references and a receiver only: if the store goes away first, so does this task.
         let mut durable = clock.durable.subscribe();
         let sealing = Arc::downgrade(&current);
@@ -423,7 +465,8 @@ impl Epochs {
                 runtime.spawn(async move {
                     // Every position of the sealed epoch is below `first`.
                     if durable.wait_for(|end| *end >= first).await.is_ok() {
-                        let _ = tokio::task::spawn_blocking(move || seal(&epochs, &sealing)).await;
+                        let _ = tokio::task::spawn_blocking(move || seal(&gate, &epochs, &sealing))
+                            .await;
                     }
                 });
             }
@@ -474,24 +517,32 @@ impl Epochs {
 
 /// Seals `epoch` (everything in it is durable and nothing more will be written) and reopens its
 /// database so that sled writes its snapshot. Readers of the epoch wait meanwhile.
-fn seal(epochs: &Weak<Epochs>, epoch: &Weak<Epoch>) {
-    let (Some(epochs), Some(epoch)) = (epochs.upgrade(), epoch.upgrade()) else {
-        return; // the store is closed: the next open writes the snapshot
-    };
-    let sealing = {
-        let mut state = epochs.gate.state.lock().unwrap_or_else(|p| p.into_inner());
+fn seal(gate: &Arc<SealGate>, epochs: &Weak<Epochs>, epoch: &Weak<Epoch>) {
+    // Counted before taking any handle, so declared first and dropped last on every path (an
+    // early return, a panic): `close` returns only once this seal has let go of the store.
+    let _sealing = {
+        let mut state = gate.state.lock().unwrap_or_else(|p| p.into_inner());
         if state.1 {
             return; // closing: the next open writes the snapshot
         }
         state.0 += 1;
-        Sealing(epochs.gate.clone())
+        Sealing(gate.clone())
     };
-    reopen(&epoch);
-    // Let go of the store before saying this seal is done: if the store was dropped meanwhile,
-    // its databases close here, before `close` returns.
-    drop(epoch);
-    drop(epochs);
-    drop(sealing);
+    let Some(epochs) = epochs.upgrade() else {
+        return; // the store is closed: the next open writes the snapshot
+    };
+    if epochs
+        .gate
+        .state
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .1
+    {
+        return;
+    }
+    if let Some(epoch) = epoch.upgrade() {
+        reopen(&epoch);
+    }
 }
 
 fn reopen(epoch: &Epoch) {
@@ -509,15 +560,7 @@ fn reopen(epoch: &Epoch) {
         }
         drop(old);
     }
-    let deadline = Instant::now() + REOPEN_LOCK_WAIT;
-    let reopened = loop {
-        match open_epoch_trees(&dir, epoch.cache_bytes) {
-            Err(StorageError::Locked(_)) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            other => break other,
-        }
-    };
+    let reopened = open_after_close(&dir, epoch.cache_bytes);
     match reopened {
         Ok(opened) => {
             *trees = Some(opened);
@@ -735,24 +778,21 @@ mod tests {
         assert_eq!(store.read_feed(0, 10).expect("feed").len(), 2);
     }
 
-    /// Given epochs left empty by previous runs (started, then stopped before any append),
-    /// when the store opens, then they are removed and appends go to a new epoch; an index
-    /// change lands in the main database; a directory under `log/` not named like an epoch is
-    /// left alone.
+    /// Given an epoch left empty by previous runs (started, then stopped before any append),
+    /// when the store opens, then appends go on in it instead of starting another one; an index
+    /// change lands in the main database; entries under `log/` not named like an epoch, or not
+    /// directories, are left alone.
     #[tokio::test]
-    async fn empty_epochs_are_removed_at_the_next_open() {
+    async fn an_empty_newest_epoch_is_reused_at_the_next_open() {
         let dir = tempfile::tempdir().expect("tempdir");
         drop(Store::open(&config(dir.path(), 100)).expect("open"));
         drop(Store::reopen_in_process(&config(dir.path(), 100)).expect("reopen"));
         std::fs::create_dir_all(dir.path().join("log").join("7")).expect("stray dir");
+        std::fs::write(dir.path().join("log").join("0000000009"), b"x").expect("stray file");
         let store = Store::reopen_in_process(&config(dir.path(), 100)).expect("reopen");
         let ids: Vec<u64> = store.log_epochs().iter().map(|e| e.id).collect();
-        assert_eq!(
-            ids,
-            [0, 1],
-            "the empty ones went; the new one takes the next id"
-        );
-        assert!(!dir.path().join("log").join("0000000002").exists());
+        assert_eq!(ids, [0, 1], "epoch 1 held nothing: appends go on in it");
+        assert!(!store.log_epochs()[1].sealed);
         assert!(dir.path().join("log").join("7").exists(), "left alone");
         store
             .append(AppendBatch {
@@ -766,7 +806,7 @@ mod tests {
         drop(store);
         let store = Store::reopen_in_process(&config(dir.path(), 100)).expect("reopen");
         let ids: Vec<u64> = store.log_epochs().iter().map(|e| e.id).collect();
-        assert_eq!(ids, [0, 1, 2], "epoch 1 holds an append and stays");
+        assert_eq!(ids, [0, 1, 2], "epoch 1 holds an append: a new one starts");
         assert_eq!(store.list_things(None, 10).expect("list").len(), 1);
         assert_eq!(store.last_seq("t").expect("seq"), 1);
         assert_eq!(store.read_feed(0, 10).expect("feed").len(), 1);

@@ -71,10 +71,7 @@ fn decode_into(
     limit: usize,
     out: &mut Vec<RecordedEvent>,
 ) -> Result<(), StorageError> {
-    for item in items {
-        if out.len() >= limit {
-            break;
-        }
+    for item in items.take(limit.saturating_sub(out.len())) {
         out.push(decode_record(thing, prefix_len, item?)?);
     }
     Ok(())
