@@ -408,6 +408,7 @@ async fn metrics_are_served_as_json_and_prometheus_text_to_admins_only() {
     );
     assert_eq!(metrics["storage"]["logEpochs"], 1, "{metrics}");
     assert_eq!(metrics["storage"]["logEpochsUnsealed"], 1, "{metrics}");
+    assert_eq!(metrics["storage"]["logEpochsPacked"], 0, "{metrics}");
     assert_eq!(metrics["mqtt"]["connections"], 0, "{metrics}");
 
     let response = common::client()

@@ -1278,6 +1278,7 @@ async fn restart(
         to_served.saturating_record(spawned.elapsed().as_micros() as u64);
         server.kill9().await?;
     }
+    let (packed_disk, pack_wait) = settled_disk(&client, &dir.path).await?;
     let mut report = report::Report::new("restart");
     report
         .param("events", things as u64 * per_thing)
@@ -1296,12 +1297,72 @@ async fn restart(
         )
         .number("data dir on disk, MiB", disk as f64 / 1048576.0, 0)
         .number("log epochs (sled databases under log/)", filled.2 as f64, 0)
+        .number(
+            "bytes on disk per event, as written",
+            disk as f64 / (things as u64 * per_thing).max(1) as f64,
+            0,
+        )
+        .number(
+            "data dir on disk once every sealed epoch is packed, MiB",
+            packed_disk as f64 / 1048576.0,
+            0,
+        )
+        .number(
+            "bytes on disk per event, packed",
+            packed_disk as f64 / (things as u64 * per_thing).max(1) as f64,
+            0,
+        )
+        .number("wait for packing, s", pack_wait.as_secs_f64(), 1)
         .latencies("process start -> listening", &to_listening)
         .latencies(
             "process start -> first Thing served (its replay included)",
             &to_served,
         );
     report.finish(report_dir)
+}
+
+/// How long the restart scenario waits for a server to pack its sealed log epochs.
+const PACK_WAIT_SECS_MAX: u64 = 1800;
+
+/// Starts the server on `data_dir` once more, waits until every sealed log epoch is packed (and
+/// the unpacked copies are removed), stops it and returns the data dir's size then, with the
+/// time the wait took.
+async fn settled_disk(
+    client: &reqwest::Client,
+    data_dir: &std::path::Path,
+) -> Result<(u64, Duration)> {
+    let server = mqtt::ChildServer::start_in(data_dir).await?;
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(PACK_WAIT_SECS_MAX);
+    loop {
+        let metrics: serde_json::Value = client
+            .get(format!("http://{}/api/v1/metrics", server.http))
+            .basic_auth(mqtt::ADMIN.0, Some(mqtt::ADMIN.1))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let storage = &metrics["storage"];
+        let (epochs, packed) = (
+            storage["logEpochs"].as_u64().unwrap_or(0),
+            storage["logEpochsPacked"].as_u64().unwrap_or(0),
+        );
+        let aside = std::fs::read_dir(data_dir.join("log"))?
+            .filter_map(|e| e.ok())
+            .any(|e| e.file_name().to_string_lossy().contains('.'));
+        // Every epoch but the current one.
+        if packed + 1 >= epochs && !aside {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("{packed} of {epochs} log epochs packed after {PACK_WAIT_SECS_MAX} s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let waited = started.elapsed();
+    server.kill9().await?;
+    Ok((target::dir_bytes(data_dir), waited))
 }
 
 /// Leaves the data as a server that kept up with its effects would (the effects cursor at the

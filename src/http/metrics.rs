@@ -181,6 +181,14 @@ fn collect(state: &AppState) -> Vec<Metric> {
             "logEpochsUnsealed",
         ),
         m(
+            "thinghub_storage_log_epochs_packed",
+            "gauge",
+            "Sealed log epochs rewritten into blocks of records in key order (what a sealed epoch becomes once packed in the background).",
+            epochs.iter().filter(|e| e.packed).count() as f64,
+            "storage",
+            "logEpochsPacked",
+        ),
+        m(
             "thinghub_mqtt_connections",
             "gauge",
             "Connected MQTT clients.",

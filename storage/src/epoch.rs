@@ -35,6 +35,7 @@ use std::sync::{Arc, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use crate::feed::FeedClock;
+use crate::packed::{self, EventTree};
 use crate::StorageError;
 
 /// How long a reopen waits for sled to let go of a database it just closed (sled releases its
@@ -43,7 +44,7 @@ const REOPEN_LOCK_WAIT: Duration = Duration::from_secs(30);
 
 /// The trees of one epoch.
 pub(crate) struct EpochTrees {
-    pub(crate) events: sled::Tree,
+    pub(crate) events: EventTree,
     pub(crate) feed: sled::Tree,
     /// The epoch's own database (`None` for epoch 0, whose trees are in the main database).
     pub(crate) db: Option<sled::Db>,
@@ -120,6 +121,14 @@ impl Epoch {
         self.first_position.load(Ordering::Acquire)
     }
 
+    /// Whether its events are packed (`false` while it is being swapped for its packed copy).
+    pub(crate) fn is_packed(&self) -> bool {
+        match self.trees.try_read() {
+            Ok(trees) => trees.as_ref().is_some_and(|t| t.events.is_packed()),
+            Err(_) => false,
+        }
+    }
+
     pub(crate) fn is_sealed(&self) -> bool {
         self.sealed.load(Ordering::Acquire)
     }
@@ -161,6 +170,8 @@ pub(crate) struct Epochs {
     list: RwLock<Vec<Arc<Epoch>>>,
     /// Seals running now, and whether the store is closing.
     gate: Arc<SealGate>,
+    /// Held while an epoch is packed: one at a time (each is a few seconds of one core).
+    packing: std::sync::Mutex<()>,
 }
 
 /// Seals running now, and whether the store is closing (then no seal starts). Shared with the
@@ -201,8 +212,18 @@ fn epoch_dir(log_dir: &Path, id: u64) -> PathBuf {
 /// Opens `dir` as a sled database the way the store does (see [`crate::open_sled`]).
 fn open_epoch_trees(dir: &Path, cache_bytes: u64) -> Result<EpochTrees, StorageError> {
     let db = crate::open_sled(dir, cache_bytes)?;
+    // A packed database is only ever put in an epoch's place complete.
+    let events = if db
+        .tree_names()
+        .iter()
+        .any(|name| name.as_ref() == b"packed")
+    {
+        EventTree::Packed(db.open_tree("packed")?)
+    } else {
+        EventTree::Plain(db.open_tree("events")?)
+    };
     Ok(EpochTrees {
-        events: db.open_tree("events")?,
+        events,
         feed: db.open_tree("feed")?,
         db: Some(db),
     })
@@ -250,6 +271,87 @@ fn sync_dir(dir: &Path) -> Result<(), StorageError> {
         .map_err(|e| StorageError::Db(format!("fsync {}: {e}", dir.display())))
 }
 
+/// Where an epoch is packed before it takes the epoch's place.
+fn packing_dir(epoch_dir: &Path) -> PathBuf {
+    epoch_dir.with_extension("packed")
+}
+
+/// Where an epoch's unpacked database goes while its packed one takes its place.
+fn replaced_dir(epoch_dir: &Path) -> PathBuf {
+    epoch_dir.with_extension("old")
+}
+
+fn remove_dir(dir: &Path) -> Result<(), StorageError> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(StorageError::Db(format!("remove {}: {e}", dir.display())))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn rename(from: &Path, to: &Path) -> Result<(), StorageError> {
+    std::fs::rename(from, to).map_err(|e| {
+        StorageError::Db(format!(
+            "rename {} to {}: {e}",
+            from.display(),
+            to.display()
+        ))
+    })
+}
+
+/// Finishes what a stop cut short while an epoch was being packed (see [`pack_in_place`]): an
+/// epoch moved aside (`{id}.old`) whose packed database took its place is removed; one whose
+/// packed database did not take its place yet is put back (packed again later); a packed
+/// database that never took its place (`{id}.packed`) is removed.
+fn finish_interrupted_packs(log_dir: &Path) -> Result<(), StorageError> {
+    let entries = std::fs::read_dir(log_dir)
+        .map_err(|e| StorageError::Db(format!("read {}: {e}", log_dir.display())))?;
+    let mut aside = Vec::new();
+    let mut unfinished = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Some(id) = path
+            .file_stem()
+            .and_then(|stem| stem.to_str())
+            .and_then(|stem| stem.parse::<u64>().ok())
+            .filter(|id| epoch_dir(log_dir, *id).with_extension("") == path.with_extension(""))
+        else {
+            continue;
+        };
+        if path == replaced_dir(&epoch_dir(log_dir, id)) {
+            aside.push(id);
+        } else if path == packing_dir(&epoch_dir(log_dir, id)) {
+            unfinished.push(path);
+        }
+    }
+    for id in aside {
+        let (dir, old) = (
+            epoch_dir(log_dir, id),
+            replaced_dir(&epoch_dir(log_dir, id)),
+        );
+        if dir.exists() {
+            tracing::info!(
+                epoch = id,
+                "removing the unpacked copy of a packed log epoch"
+            );
+            remove_dir(&old)?;
+        } else {
+            tracing::warn!(
+                epoch = id,
+                "a log epoch was being packed: putting it back as it was"
+            );
+            rename(&old, &dir)?;
+            sync_dir(log_dir)?;
+        }
+    }
+    for path in unfinished {
+        tracing::info!(dir = %path.display(), "removing an unfinished packed log epoch");
+        remove_dir(&path)?;
+    }
+    Ok(())
+}
+
 impl Epochs {
     /// Opens epoch 0 (the main database's trees) and every epoch under `data_dir/log/`. Every
     /// epoch found is sealed (the open just wrote its snapshot). The caller then calls
@@ -263,6 +365,7 @@ impl Epochs {
         let dir = data_dir.join("log");
         std::fs::create_dir_all(&dir)
             .map_err(|e| StorageError::Db(format!("create {}: {e}", dir.display())))?;
+        finish_interrupted_packs(&dir)?;
         let mut ids = Vec::new();
         let entries = std::fs::read_dir(&dir)
             .map_err(|e| StorageError::Db(format!("read {}: {e}", dir.display())))?;
@@ -341,7 +444,7 @@ impl Epochs {
             first_position: AtomicU64::new(0),
             dir: None,
             trees: RwLock::new(Some(EpochTrees {
-                events: main.open_tree("events")?,
+                events: EventTree::Plain(main.open_tree("events")?),
                 feed: main.open_tree("feed")?,
                 db: None,
             })),
@@ -364,6 +467,7 @@ impl Epochs {
             appends_max: appends_max.max(1),
             list: RwLock::new(list),
             gate: Arc::default(),
+            packing: std::sync::Mutex::new(()),
         })
     }
 
@@ -477,6 +581,30 @@ impl Epochs {
         Ok(next)
     }
 
+    /// Packs, one after another in the background, the sealed epochs an open found unpacked
+    /// (sealed by a stop before they were packed, or written by a version that did not pack).
+    pub(crate) fn pack_sealed_in_background(self: &Arc<Self>) {
+        let unpacked: Vec<Weak<Epoch>> = self
+            .all()
+            .iter()
+            .filter(|e| e.dir.is_some() && e.is_sealed())
+            .filter(|e| e.with(|t| Ok(!t.events.is_packed())).unwrap_or(false))
+            .map(Arc::downgrade)
+            .collect();
+        if unpacked.is_empty() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return; // packed by the next open that has a runtime
+        };
+        let (epochs, gate) = (Arc::downgrade(self), self.gate.clone());
+        runtime.spawn_blocking(move || {
+            for epoch in &unpacked {
+                seal(&gate, &epochs, epoch);
+            }
+        });
+    }
+
     /// Epochs the group commit must flush (not sealed), oldest first.
     pub(crate) fn unsealed(&self) -> Vec<Arc<Epoch>> {
         self.list
@@ -541,8 +669,113 @@ fn seal(gate: &Arc<SealGate>, epochs: &Weak<Epochs>, epoch: &Weak<Epoch>) {
         return;
     }
     if let Some(epoch) = epoch.upgrade() {
-        reopen(&epoch);
+        epoch.sealed.store(true, Ordering::Release);
+        pack_or_reopen(&epochs, &epoch);
     }
+}
+
+/// Packs a sealed epoch (see [`crate::packed`]) and puts the packed database in its place, whose
+/// snapshot is written before: from then on opening it is loading that. If packing fails, the
+/// epoch is reopened as it is instead, which writes its snapshot.
+fn pack_or_reopen(epochs: &Epochs, epoch: &Epoch) {
+    let Some(dir) = epoch.dir.clone() else {
+        return;
+    };
+    let _one_at_a_time = epochs.packing.lock().unwrap_or_else(|p| p.into_inner());
+    let started = Instant::now();
+    match pack_in_place(epochs, epoch, &dir) {
+        Ok(Some(counts)) => tracing::info!(
+            epoch = epoch.id,
+            records = counts.records,
+            blocks = counts.blocks,
+            pack_ms = started.elapsed().as_millis() as u64,
+            "sealed a log epoch and packed it"
+        ),
+        Ok(None) => {}
+        Err(e) => {
+            tracing::error!(epoch = epoch.id, error = %e, "cannot pack a sealed log epoch; reopening it as it is");
+            let _ = remove_dir(&packing_dir(&dir));
+            reopen(epoch);
+        }
+    }
+}
+
+/// Copies the sealed `epoch` packed into `{id}.packed`, writes that database's snapshot, then
+/// swaps the directories (`{id}` -> `{id}.old`, `{id}.packed` -> `{id}`, fsync of `log/`) while
+/// readers wait, opens the packed one and removes the old one. A stop at any point leaves
+/// either the old epoch or the complete packed one in place ([`finish_interrupted_packs`]).
+/// `None`: nothing done (packed already, or the store is closing).
+fn pack_in_place(
+    epochs: &Epochs,
+    epoch: &Epoch,
+    dir: &Path,
+) -> Result<Option<packed::PackCounts>, StorageError> {
+    let closing = || {
+        epochs
+            .gate
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+    };
+    let new_dir = packing_dir(dir);
+    remove_dir(&new_dir)?;
+    let counts = {
+        let held = epoch.read()?;
+        let trees = held.trees();
+        if trees.events.is_packed() {
+            return Ok(None);
+        }
+        let db = crate::open_sled(&new_dir, epoch.cache_bytes)?;
+        let counts = packed::pack(&trees.events, &trees.feed, &db, &closing)?;
+        drop(db);
+        match counts {
+            Some(counts) => counts,
+            None => {
+                // Closing: the next open removes what was written (its lock may still be held).
+                return Ok(None);
+            }
+        }
+    };
+    if closing() {
+        return Ok(None); // the next open removes the copy
+    }
+    // Opening it once writes its snapshot (replaying what was just written, off the readers'
+    // way); sled writes its `conf` without an fsync.
+    drop(open_after_close(&new_dir, epoch.cache_bytes)?);
+    std::fs::File::open(new_dir.join("conf"))
+        .and_then(|conf| conf.sync_all())
+        .map_err(|e| StorageError::Db(format!("fsync {}: {e}", new_dir.join("conf").display())))?;
+    sync_dir(&new_dir)?;
+    let old_dir = replaced_dir(dir);
+    let log_dir = dir.parent().unwrap_or(dir);
+    let mut trees = epoch.trees.write().unwrap_or_else(|p| p.into_inner());
+    if let Some(old) = trees.take() {
+        drop(old);
+    }
+    let swapped = rename(dir, &old_dir).and_then(|()| match rename(&new_dir, dir) {
+        Ok(()) => sync_dir(log_dir),
+        Err(e) => {
+            rename(&old_dir, dir)?;
+            Err(e)
+        }
+    });
+    if let Err(e) = swapped {
+        // The old database is back in place (or, if even that failed, the next open puts it
+        // back): reopen it for the readers.
+        *trees = open_after_close(dir, epoch.cache_bytes).ok();
+        return Err(e);
+    }
+    match open_after_close(dir, epoch.cache_bytes) {
+        Ok(opened) => *trees = Some(opened),
+        // The next read tries again.
+        Err(e) => tracing::error!(epoch = epoch.id, error = %e, "cannot open a packed log epoch"),
+    }
+    drop(trees);
+    if let Err(e) = remove_dir(&old_dir) {
+        tracing::warn!(epoch = epoch.id, error = %e, "cannot remove an unpacked log epoch; the next open does");
+    }
+    Ok(Some(counts))
 }
 
 fn reopen(epoch: &Epoch) {
@@ -587,6 +820,8 @@ pub struct EpochInfo {
     /// Sealed: nothing more is written to it, and its recovery snapshot is written (or being
     /// written).
     pub sealed: bool,
+    /// Packed: its events rewritten into blocks in key order (see the `packed` module).
+    pub packed: bool,
 }
 
 impl crate::Store {
@@ -600,6 +835,7 @@ impl crate::Store {
                 id: e.id,
                 first_position: e.first_position(),
                 sealed: e.is_sealed(),
+                packed: e.is_packed(),
             })
             .collect()
     }
@@ -647,6 +883,42 @@ mod tests {
             }
             assert!(Instant::now() < deadline, "not sealed: {epochs:?}");
             tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Waits (at most 30 s) until every epoch but epoch 0 and the current one is packed and
+    /// nothing but epochs is left under `log/` in `dir`.
+    async fn packed_behind(store: &Store, dir: &std::path::Path) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let epochs = store.log_epochs();
+            if epochs[1..epochs.len() - 1].iter().all(|e| e.packed) && leftovers(dir).is_empty() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "not packed: {epochs:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Names under `log/` that are not epochs.
+    fn leftovers(dir: &std::path::Path) -> Vec<String> {
+        std::fs::read_dir(dir.join("log"))
+            .expect("log dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|name| name.contains('.'))
+            .collect()
+    }
+
+    fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+        std::fs::create_dir_all(to).expect("create");
+        for entry in std::fs::read_dir(from).expect("read") {
+            let entry = entry.expect("entry");
+            let target = to.join(entry.file_name());
+            if entry.file_type().expect("type").is_dir() {
+                copy_dir(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), target).expect("copy");
+            }
         }
     }
 
@@ -719,6 +991,8 @@ mod tests {
             assert_eq!(walked, expected);
         };
         check(&store);
+        packed_behind(&store, dir.path()).await;
+        check(&store);
         drop(store);
 
         let store = Store::reopen_in_process(&config(dir.path(), 3)).expect("reopen");
@@ -728,6 +1002,13 @@ mod tests {
             epochs[..epochs.len() - 1].iter().all(|e| e.sealed),
             "{epochs:?}"
         );
+        assert!(
+            epochs[1..epochs.len() - 2].iter().all(|e| e.packed),
+            "packed epochs open packed: {epochs:?}"
+        );
+        // The epoch that was current is packed in the background.
+        packed_behind(&store, dir.path()).await;
+        check(&store);
         let next = append(&store, "a", 21, 1).await;
         assert!(next > *positions.last().expect("last"), "positions go on");
         assert_eq!(store.read_events("a", 20, 10).expect("tail").len(), 2);
@@ -810,5 +1091,69 @@ mod tests {
         assert_eq!(store.list_things(None, 10).expect("list").len(), 1);
         assert_eq!(store.last_seq("t").expect("seq"), 1);
         assert_eq!(store.read_feed(0, 10).expect("feed").len(), 1);
+    }
+
+    /// Given a log whose sealed epochs are packed, when a stop had cut short packing in each
+    /// way it can (a packed copy not yet in place; an epoch moved aside before its packed copy
+    /// took its place; the unpacked copy left beside a packed epoch), then the next open puts
+    /// the epoch back or removes the leftover, every event reads as before, and the epochs that
+    /// were put back get packed again.
+    #[tokio::test]
+    async fn a_pack_cut_short_is_finished_or_undone_at_the_next_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&config(dir.path(), 2)).expect("open");
+        for seq in 1..=8u64 {
+            append(&store, "a", seq, 1).await;
+        }
+        sealed_behind(&store).await;
+        packed_behind(&store, dir.path()).await;
+        let expected = seqs(&store.read_events("a", 1, 100).expect("read"));
+        assert_eq!(expected, (1..=8).collect::<Vec<_>>());
+        let epochs = store.log_epochs();
+        drop(store);
+
+        let log = dir.path().join("log");
+        let name = |id: u64| format!("{id:010}");
+        // Epoch 1: a packed copy was being written.
+        copy_dir(&log.join(name(1)), &log.join(format!("{}.packed", name(1))));
+        // Epoch 2: moved aside; its packed copy (here: a damaged one) not yet in place.
+        std::fs::rename(log.join(name(2)), log.join(format!("{}.old", name(2)))).expect("aside");
+        std::fs::create_dir_all(log.join(format!("{}.packed", name(2)))).expect("mkdir");
+        std::fs::write(
+            log.join(format!("{}.packed", name(2))).join("db"),
+            b"partial",
+        )
+        .expect("write");
+        // Epoch 3: packed and in place, its unpacked copy not removed yet.
+        copy_dir(&log.join(name(3)), &log.join(format!("{}.old", name(3))));
+
+        let store = Store::reopen_in_process(&config(dir.path(), 2)).expect("reopen");
+        // (The epoch that was current may be being packed now.)
+        let left = leftovers(dir.path());
+        for name in ["1.packed", "2.packed", "2.old", "3.old"] {
+            assert!(
+                !left.iter().any(|l| l.ends_with(name)),
+                "{name} left: {left:?}"
+            );
+        }
+        assert_eq!(
+            seqs(&store.read_events("a", 1, 100).expect("read")),
+            expected
+        );
+        assert_eq!(
+            seqs(&store.read_events_rev("a", 8, 100).expect("rev")),
+            (1..=8).rev().collect::<Vec<_>>()
+        );
+        assert_eq!(
+            store.log_epochs().len(),
+            epochs.len() + 1,
+            "a new current epoch"
+        );
+        packed_behind(&store, dir.path()).await;
+        assert_eq!(
+            seqs(&store.read_events("a", 1, 100).expect("read")),
+            expected
+        );
+        assert_eq!(leftovers(dir.path()), Vec::<String>::new());
     }
 }

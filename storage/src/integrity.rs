@@ -190,7 +190,7 @@ impl Store {
             .collect::<Result<Vec<_>, _>>()?;
         let mut walks: Vec<_> = held
             .iter()
-            .map(|epoch| epoch.trees().events.iter().peekable())
+            .map(|epoch| epoch.trees().events.range(&[], None).peekable())
             .collect();
         loop {
             let mut next: Option<(usize, sled::IVec)> = None;

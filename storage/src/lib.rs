@@ -10,6 +10,7 @@
 //! - [`snapshot`]: `snapshots` tree, one (seq, state) per Thing.
 //! - [`index`]: `things` (registry listing), `client_ids` and `deadlines` (timer index) trees, derived from the
 //!   log, written right after the events that justify them and repaired by the Thing's owner.
+//! - [`packed`]: sealed epochs rewritten once into blocks of records, in key order (disk).
 //! - [`feed`]: the change feed (one commit-ordered position per append) and consumer cursors.
 //! - [`records`]: MQTT sessions and retained messages kept between runs.
 //! - [`kv`]: small durable key/value records (API keys, credentials).
@@ -25,6 +26,7 @@ pub mod index;
 pub mod integrity;
 pub mod kv;
 pub mod log;
+mod packed;
 pub mod records;
 pub mod snapshot;
 
@@ -203,6 +205,7 @@ impl Store {
         let cursors = db.open_tree("cursors")?;
         let next_position = feed::next_position_after(&epochs.all(), &cursors)?;
         epochs.start_current(next_position)?;
+        epochs.pack_sealed_in_background();
         let feed_clock = Arc::new(feed::FeedClock::new(next_position));
         let committer = commit::GroupCommit::start(
             db.clone(),

@@ -67,7 +67,7 @@ fn decode_record(
 fn decode_into(
     thing: &str,
     prefix_len: usize,
-    items: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
+    items: impl Iterator<Item = Result<(sled::IVec, sled::IVec), StorageError>>,
     limit: usize,
     out: &mut Vec<RecordedEvent>,
 ) -> Result<(), StorageError> {
@@ -90,7 +90,7 @@ impl Store {
             .feed_clock
             .record(&self.inner.epochs, entry)
             .await?;
-        epoch.with(|trees| self.write_batch(&trees.events, &batch))?;
+        epoch.with(|trees| self.write_batch(trees.events.for_writing()?, &batch))?;
         let position = writing.position;
         drop(writing);
         self.inner.committer.wait_durable().await?;
@@ -238,6 +238,7 @@ impl Store {
         let prefix = thing_key(thing)?;
         let start = event_key(&prefix, from_seq);
         let end = event_key(&prefix, u64::MAX);
+        let start_of_thing = event_key(&prefix, 0);
         let epochs = self.inner.epochs.all();
         // Older epochs hold only lower seqs: walking back from the newest, the first epoch whose
         // first event of this Thing is at or before `from_seq` is where the read starts, so a
@@ -245,9 +246,11 @@ impl Store {
         // one being sealed). A Thing with no event at all reads every epoch.
         let mut first_epoch = 0;
         for (i, epoch) in epochs.iter().enumerate().rev() {
-            let first = epoch.with(|trees| match trees.events.scan_prefix(&prefix).next() {
-                Some(item) => Ok(seq_of(prefix.len(), &item?.0)),
-                None => Ok(None),
+            let first = epoch.with(|trees| {
+                match trees.events.range(&start_of_thing, Some(&end)).next() {
+                    Some(item) => Ok(seq_of(prefix.len(), &item?.0)),
+                    None => Ok(None),
+                }
             })?;
             if first.is_some_and(|seq| seq <= from_seq) {
                 first_epoch = i;
@@ -260,7 +263,7 @@ impl Store {
                 break;
             }
             epoch.with(|trees| {
-                let items = trees.events.range(start.as_slice()..=end.as_slice());
+                let items = trees.events.range(&start, Some(&end));
                 decode_into(thing, prefix.len(), items, limit, &mut out)
             })?;
         }
@@ -283,7 +286,7 @@ impl Store {
                 break;
             }
             epoch.with(|trees| {
-                let items = trees.events.range(start.as_slice()..=end.as_slice()).rev();
+                let items = trees.events.range_rev(&start, &end);
                 decode_into(thing, prefix.len(), items, limit, &mut out)
             })?;
         }
@@ -293,22 +296,21 @@ impl Store {
     /// The highest sequence number in `thing`'s log (0 when it has none).
     pub fn last_seq(&self, thing: &str) -> Result<u64, StorageError> {
         let prefix = thing_key(thing)?;
+        let (first, last) = (event_key(&prefix, 0), event_key(&prefix, u64::MAX));
         for epoch in self.inner.epochs.all().iter().rev() {
-            let last = epoch.with(
-                |trees| match trees.events.scan_prefix(&prefix).next_back() {
-                    None => Ok(None),
-                    Some(item) => {
-                        let (key, _) = item?;
-                        seq_of(prefix.len(), &key)
-                            .map(Some)
-                            .ok_or_else(|| StorageError::Corrupt {
-                                thing: thing.to_owned(),
-                                seq: 0,
-                                reason: "malformed event key".into(),
-                            })
-                    }
-                },
-            )?;
+            let last = epoch.with(|trees| match trees.events.range_rev(&first, &last).next() {
+                None => Ok(None),
+                Some(item) => {
+                    let (key, _) = item?;
+                    seq_of(prefix.len(), &key)
+                        .map(Some)
+                        .ok_or_else(|| StorageError::Corrupt {
+                            thing: thing.to_owned(),
+                            seq: 0,
+                            reason: "malformed event key".into(),
+                        })
+                }
+            })?;
             if let Some(seq) = last {
                 return Ok(seq);
             }
@@ -329,13 +331,17 @@ impl Store {
         let epochs = self.inner.epochs.all();
         let mut holder = epochs.last().cloned().ok_or(StorageError::Closed)?;
         for epoch in &epochs {
-            if epoch.with(|trees| Ok(trees.events.contains_key(&key)?))? {
+            let found = epoch.with(|trees| match trees.events.range(&key, Some(&key)).next() {
+                Some(item) => item.map(|_| true),
+                None => Ok(false),
+            })?;
+            if found {
                 holder = epoch.clone();
             }
         }
         // A sealed epoch is not flushed by the group commit any more: flush it here.
         holder.with(|trees| {
-            trees.events.insert(key, bytes)?;
+            trees.events.put_raw(&key, bytes)?;
             if let Some(db) = &trees.db {
                 db.flush()?;
             }
