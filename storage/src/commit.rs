@@ -118,14 +118,14 @@ impl Drop for GroupCommit {
 }
 
 /// The files of one sled database that a commit fsyncs.
-struct DbFiles {
+pub(crate) struct DbFiles {
     db_file: File,
     blobs_dir: PathBuf,
     synced_blobs: HashSet<std::ffi::OsString>,
 }
 
 impl DbFiles {
-    fn open(dir: &Path) -> std::io::Result<DbFiles> {
+    pub(crate) fn open(dir: &Path) -> std::io::Result<DbFiles> {
         Ok(DbFiles {
             db_file: File::open(dir.join("db"))?,
             blobs_dir: dir.join("blobs"),
@@ -133,7 +133,7 @@ impl DbFiles {
         })
     }
 
-    fn sync(&mut self) -> std::io::Result<()> {
+    pub(crate) fn sync(&mut self) -> std::io::Result<()> {
         self.db_file.sync_all()?;
         self.sync_new_blobs()
     }

@@ -209,6 +209,13 @@ fn epoch_dir(log_dir: &Path, id: u64) -> PathBuf {
     log_dir.join(format!("{id:010}"))
 }
 
+impl EpochTrees {
+    /// Whether this is a whole packed copy (see [`packed::is_complete`]).
+    fn is_complete_pack(&self) -> bool {
+        self.events.is_packed() && self.db.as_ref().is_some_and(packed::is_complete)
+    }
+}
+
 /// Opens `dir` as a sled database the way the store does (see [`crate::open_sled`]).
 fn open_epoch_trees(dir: &Path, cache_bytes: u64) -> Result<EpochTrees, StorageError> {
     let db = crate::open_sled(dir, cache_bytes)?;
@@ -301,10 +308,11 @@ fn rename(from: &Path, to: &Path) -> Result<(), StorageError> {
 }
 
 /// Finishes what a stop cut short while an epoch was being packed (see [`pack_in_place`]): an
-/// epoch moved aside (`{id}.old`) whose packed database took its place is removed; one whose
-/// packed database did not take its place yet is put back (packed again later); a packed
-/// database that never took its place (`{id}.packed`) is removed.
-fn finish_interrupted_packs(log_dir: &Path) -> Result<(), StorageError> {
+/// epoch moved aside (`{id}.old`) whose packed database did not take its place yet is put back
+/// (packed again later); a packed database that never took its place (`{id}.packed`) is
+/// removed. Returns the ids whose packed database did take its place, with the unpacked one
+/// still beside it: that one is removed once the packed one opens, else put back.
+fn finish_interrupted_packs(log_dir: &Path) -> Result<Vec<u64>, StorageError> {
     let entries = std::fs::read_dir(log_dir)
         .map_err(|e| StorageError::Db(format!("read {}: {e}", log_dir.display())))?;
     let mut aside = Vec::new();
@@ -325,17 +333,14 @@ fn finish_interrupted_packs(log_dir: &Path) -> Result<(), StorageError> {
             unfinished.push(path);
         }
     }
+    let mut replaced = Vec::new();
     for id in aside {
         let (dir, old) = (
             epoch_dir(log_dir, id),
             replaced_dir(&epoch_dir(log_dir, id)),
         );
         if dir.exists() {
-            tracing::info!(
-                epoch = id,
-                "removing the unpacked copy of a packed log epoch"
-            );
-            remove_dir(&old)?;
+            replaced.push(id);
         } else {
             tracing::warn!(
                 epoch = id,
@@ -349,7 +354,7 @@ fn finish_interrupted_packs(log_dir: &Path) -> Result<(), StorageError> {
         tracing::info!(dir = %path.display(), "removing an unfinished packed log epoch");
         remove_dir(&path)?;
     }
-    Ok(())
+    Ok(replaced)
 }
 
 impl Epochs {
@@ -365,7 +370,7 @@ impl Epochs {
         let dir = data_dir.join("log");
         std::fs::create_dir_all(&dir)
             .map_err(|e| StorageError::Db(format!("create {}: {e}", dir.display())))?;
-        finish_interrupted_packs(&dir)?;
+        let replaced = finish_interrupted_packs(&dir)?;
         let mut ids = Vec::new();
         let entries = std::fs::read_dir(&dir)
             .map_err(|e| StorageError::Db(format!("read {}: {e}", dir.display())))?;
@@ -388,7 +393,28 @@ impl Epochs {
         let sealed_cache = sealed_cache_bytes(cache_bytes);
         let open_one = |id: u64| -> Result<_, StorageError> {
             let path = epoch_dir(&dir, id);
-            let trees = open_epoch_trees(&path, sealed_cache)?;
+            let opened = open_epoch_trees(&path, sealed_cache);
+            // A packed copy swapped in before a stop must open whole (sled opens a damaged log
+            // as what it can recover of it), else the unpacked epoch beside it goes back.
+            let trees = match opened {
+                Err(StorageError::Locked(dir)) => return Err(StorageError::Locked(dir)),
+                Ok(trees) if !replaced.contains(&id) || trees.is_complete_pack() => trees,
+                Err(e) if !replaced.contains(&id) => return Err(e),
+                not_whole => {
+                    let why = match &not_whole {
+                        Err(e) => e.to_string(),
+                        Ok(_) => "its completion record is missing".to_owned(),
+                    };
+                    drop(not_whole);
+                    tracing::error!(epoch = id, error = %why, "the packed copy of a log epoch is not whole; putting the unpacked one back");
+                    let failed = packing_dir(&path);
+                    rename(&path, &failed)?;
+                    rename(&replaced_dir(&path), &path)?;
+                    sync_dir(&dir)?;
+                    let _ = remove_dir(&failed);
+                    open_epoch_trees(&path, sealed_cache)?
+                }
+            };
             let first_position = match trees.feed.first()? {
                 Some((key, _)) => <[u8; 8]>::try_from(key.as_ref())
                     .map(u64::from_be_bytes)
@@ -430,6 +456,17 @@ impl Epochs {
             .into_iter()
             .map(|(_, result)| result)
             .collect::<Result<Vec<_>, _>>()?;
+        // Every packed copy swapped in before a stop opened: the unpacked epochs can go.
+        for id in replaced {
+            let old = replaced_dir(&epoch_dir(&dir, id));
+            if old.exists() {
+                tracing::info!(
+                    epoch = id,
+                    "removing the unpacked copy of a packed log epoch"
+                );
+                remove_dir(&old)?;
+            }
+        }
         // An epoch with no feed entry holds nothing (an append records its entry before its
         // events; it was created just before a stop): it starts where the next one does, so that
         // reads skip it. The newest one, if empty, goes on taking appends (`start_current`).
@@ -682,6 +719,15 @@ fn pack_or_reopen(epochs: &Epochs, epoch: &Epoch) {
         return;
     };
     let _one_at_a_time = epochs.packing.lock().unwrap_or_else(|p| p.into_inner());
+    if epochs
+        .gate
+        .state
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .1
+    {
+        return; // closing (while waiting for another pack): the next open packs it
+    }
     let started = Instant::now();
     match pack_in_place(epochs, epoch, &dir) {
         Ok(Some(counts)) => tracing::info!(
@@ -743,9 +789,13 @@ fn pack_in_place(
     // Opening it once writes its snapshot (replaying what was just written, off the readers'
     // way); sled writes its `conf` without an fsync.
     drop(open_after_close(&new_dir, epoch.cache_bytes)?);
-    std::fs::File::open(new_dir.join("conf"))
+    // Its db file and blobs (sled fsyncs neither blobs nor their directory), then its `conf`:
+    // the unpacked epoch is removed once this one is in place.
+    crate::commit::DbFiles::open(&new_dir)
+        .and_then(|mut files| files.sync())
+        .and_then(|()| std::fs::File::open(new_dir.join("conf")))
         .and_then(|conf| conf.sync_all())
-        .map_err(|e| StorageError::Db(format!("fsync {}: {e}", new_dir.join("conf").display())))?;
+        .map_err(|e| StorageError::Db(format!("fsync {}: {e}", new_dir.display())))?;
     sync_dir(&new_dir)?;
     let old_dir = replaced_dir(dir);
     let log_dir = dir.parent().unwrap_or(dir);
@@ -766,10 +816,29 @@ fn pack_in_place(
         *trees = open_after_close(dir, epoch.cache_bytes).ok();
         return Err(e);
     }
-    match open_after_close(dir, epoch.cache_bytes) {
+    let opened = open_after_close(dir, epoch.cache_bytes).and_then(|opened| {
+        if opened.is_complete_pack() {
+            Ok(opened)
+        } else {
+            Err(StorageError::Db("its completion record is missing".into()))
+        }
+    });
+    match opened {
         Ok(opened) => *trees = Some(opened),
-        // The next read tries again.
-        Err(e) => tracing::error!(epoch = epoch.id, error = %e, "cannot open a packed log epoch"),
+        Err(e) => {
+            // Put the unpacked epoch back (the packed copy goes; a later open packs again).
+            let failed = packing_dir(dir);
+            let back = rename(dir, &failed)
+                .and_then(|()| rename(&old_dir, dir))
+                .and_then(|()| sync_dir(log_dir));
+            *trees = open_after_close(dir, epoch.cache_bytes).ok();
+            back?;
+            let _ = remove_dir(&failed);
+            return Err(StorageError::Db(format!(
+                "the packed copy of log epoch {} does not open ({e}); the epoch is kept unpacked",
+                epoch.id
+            )));
+        }
     }
     drop(trees);
     if let Err(e) = remove_dir(&old_dir) {
@@ -1095,20 +1164,20 @@ mod tests {
 
     /// Given a log whose sealed epochs are packed, when a stop had cut short packing in each
     /// way it can (a packed copy not yet in place; an epoch moved aside before its packed copy
-    /// took its place; the unpacked copy left beside a packed epoch), then the next open puts
-    /// the epoch back or removes the leftover, every event reads as before, and the epochs that
+    /// took its place; the unpacked copy left beside a packed epoch that opens, or beside one
+    /// that does not), then the next open puts the epoch back or removes the leftover, every event reads as before, and the epochs that
     /// were put back get packed again.
     #[tokio::test]
     async fn a_pack_cut_short_is_finished_or_undone_at_the_next_open() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(&config(dir.path(), 2)).expect("open");
-        for seq in 1..=8u64 {
+        for seq in 1..=10u64 {
             append(&store, "a", seq, 1).await;
         }
         sealed_behind(&store).await;
         packed_behind(&store, dir.path()).await;
         let expected = seqs(&store.read_events("a", 1, 100).expect("read"));
-        assert_eq!(expected, (1..=8).collect::<Vec<_>>());
+        assert_eq!(expected, (1..=10).collect::<Vec<_>>());
         let epochs = store.log_epochs();
         drop(store);
 
@@ -1126,11 +1195,15 @@ mod tests {
         .expect("write");
         // Epoch 3: packed and in place, its unpacked copy not removed yet.
         copy_dir(&log.join(name(3)), &log.join(format!("{}.old", name(3))));
+        // Epoch 4: its packed copy swapped in, but it does not open (damaged).
+        std::fs::rename(log.join(name(4)), log.join(format!("{}.old", name(4)))).expect("aside");
+        std::fs::create_dir_all(log.join(name(4))).expect("mkdir");
+        std::fs::write(log.join(name(4)).join("db"), vec![0xA5; 4096]).expect("write");
 
         let store = Store::reopen_in_process(&config(dir.path(), 2)).expect("reopen");
         // (The epoch that was current may be being packed now.)
         let left = leftovers(dir.path());
-        for name in ["1.packed", "2.packed", "2.old", "3.old"] {
+        for name in ["1.packed", "2.packed", "2.old", "3.old", "4.old"] {
             assert!(
                 !left.iter().any(|l| l.ends_with(name)),
                 "{name} left: {left:?}"
@@ -1141,8 +1214,8 @@ mod tests {
             expected
         );
         assert_eq!(
-            seqs(&store.read_events_rev("a", 8, 100).expect("rev")),
-            (1..=8).rev().collect::<Vec<_>>()
+            seqs(&store.read_events_rev("a", 10, 100).expect("rev")),
+            (1..=10).rev().collect::<Vec<_>>()
         );
         assert_eq!(
             store.log_epochs().len(),

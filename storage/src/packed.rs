@@ -461,8 +461,25 @@ pub(crate) fn pack(
     if cancelled() {
         return Ok(None);
     }
+    // Written last: sled recovers a prefix of its log, so with this everything else is there.
+    into.open_tree(COMPLETE_TREE)?
+        .insert(COMPLETE_KEY, &counts.records.to_be_bytes())?;
     into.flush()?;
     Ok(Some(counts))
+}
+
+const COMPLETE_TREE: &str = "packed_meta";
+const COMPLETE_KEY: &str = "records";
+
+/// Whether `db` is a whole packed copy (its completion record, written last, is there).
+pub(crate) fn is_complete(db: &sled::Db) -> bool {
+    db.tree_names()
+        .iter()
+        .any(|name| name.as_ref() == COMPLETE_TREE.as_bytes())
+        && db
+            .open_tree(COMPLETE_TREE)
+            .and_then(|tree| tree.get(COMPLETE_KEY))
+            .is_ok_and(|record| record.is_some())
 }
 
 #[cfg(test)]
