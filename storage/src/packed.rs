@@ -282,6 +282,21 @@ fn decode_block_range(
     Ok((records, false))
 }
 
+/// The block a walk goes on with; `None` (the walk is over, `done` set) if there is none, an
+/// error (also ending the walk) if it cannot be read.
+fn ended_unless_found(
+    block: Option<sled::Result<Record>>,
+    done: &mut bool,
+) -> Option<Result<Record, StorageError>> {
+    match block {
+        Some(Ok(block)) => Some(Ok(block)),
+        other => {
+            *done = true;
+            other.map(|read| read.map_err(StorageError::from))
+        }
+    }
+}
+
 /// Forward over a packed tree: the block at or before `start`, then the following ones until
 /// a block starts after `end`.
 struct Forward<'a> {
@@ -315,16 +330,9 @@ impl Iterator for Forward<'_> {
                     .range::<&[u8], _>((Bound::Excluded(last.as_ref()), Bound::Unbounded))
                     .next(),
             };
-            let (key, value) = match block {
-                None => {
-                    self.done = true;
-                    return None;
-                }
-                Some(Err(e)) => {
-                    self.done = true;
-                    return Some(Err(e.into()));
-                }
-                Some(Ok(block)) => block,
+            let (key, value) = match ended_unless_found(block, &mut self.done)? {
+                Ok(block) => block,
+                Err(e) => return Some(Err(e)),
             };
             if self
                 .end
@@ -377,16 +385,9 @@ impl Iterator for Backward<'_> {
                 None => self.tree.range(..=self.end.as_slice()).next_back(),
                 Some(before) => self.tree.range(..before.as_ref()).next_back(),
             };
-            let (key, value) = match block {
-                None => {
-                    self.done = true;
-                    return None;
-                }
-                Some(Err(e)) => {
-                    self.done = true;
-                    return Some(Err(e.into()));
-                }
-                Some(Ok(block)) => block,
+            let (key, value) = match ended_unless_found(block, &mut self.done)? {
+                Ok(block) => block,
+                Err(e) => return Some(Err(e)),
             };
             match decode_block_range(&key, &value, &self.start, Some(&self.end)) {
                 Ok((records, _)) => self.buffered = records,
