@@ -76,8 +76,9 @@ async fn kill_9_loses_no_acknowledged_update() {
     hammer_kill_9_and_verify(start).await;
 }
 
-/// The same with log epochs of 40 appends: the kill falls among epoch rolls and the sealing
-/// reopens, and the restart reads every Thing's history across the epochs.
+/// The same with log epochs of 40 appends: the kill falls among epoch rolls, packs and swaps,
+/// and the restart reads every Thing's history across the epochs. Then every sealed epoch gets
+/// packed, and `check` finds every Thing's log consistent with its snapshot and indexes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_loses_no_acknowledged_update_across_log_epochs() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -92,6 +93,29 @@ async fn kill_9_loses_no_acknowledged_update_across_log_epochs() {
         .expect("log dir")
         .count();
     assert!(epochs >= 5, "the log rolled over several epochs: {epochs}");
+
+    let server = start();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let (status, metrics) = call(Method::GET, &server.url("/api/v1/metrics"), None).await;
+        assert_eq!(status, 200);
+        let storage = &metrics["storage"];
+        let epochs = storage["logEpochs"].as_u64().expect("logEpochs");
+        let packed = storage["logEpochsPacked"]
+            .as_u64()
+            .expect("logEpochsPacked");
+        if epochs >= 5 && packed + 1 == epochs {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sealed epochs not packed: {storage}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let (status, logs) = server.stop();
+    assert!(status.success(), "{logs:?}");
+    common::assert_check_finds_no_problem(&dir.path().join("data"));
 }
 
 async fn hammer_kill_9_and_verify(start: impl Fn() -> Server) {

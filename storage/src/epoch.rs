@@ -642,6 +642,13 @@ impl Epochs {
         });
     }
 
+    /// Holds off packing (waiting for a pack that runs) while the guard lives: for writes to a
+    /// sealed epoch, which only tests of damaged records make.
+    #[cfg(feature = "test-util")]
+    pub(crate) fn packing_paused(&self) -> std::sync::MutexGuard<'_, ()> {
+        off_the_runtime(|| self.packing.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     /// Epochs the group commit must flush (not sealed), oldest first.
     pub(crate) fn unsealed(&self) -> Vec<Arc<Epoch>> {
         self.list

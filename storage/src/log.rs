@@ -327,6 +327,8 @@ impl Store {
         bytes: &[u8],
     ) -> Result<(), StorageError> {
         let key = event_key(&thing_key(thing)?, seq);
+        // No epoch is packed meanwhile (a pack copying the epoch would miss this write).
+        let packing = self.inner.epochs.packing_paused();
         // Over the record where it is (any epoch), else into the current epoch.
         let epochs = self.inner.epochs.all();
         let mut holder = epochs.last().cloned().ok_or(StorageError::Closed)?;
@@ -347,6 +349,7 @@ impl Store {
             }
             Ok(())
         })?;
+        drop(packing);
         self.sync().await
     }
 }
