@@ -182,6 +182,13 @@ struct SealGate {
     done: std::sync::Condvar,
 }
 
+impl SealGate {
+    /// Whether the store is closing (no seal starts, a running pack stops).
+    fn closing(&self) -> bool {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).1
+    }
+}
+
 /// Counts a running seal; done (whatever happens, a panic included) when dropped.
 struct Sealing(Arc<SealGate>);
 
@@ -307,6 +314,17 @@ fn rename(from: &Path, to: &Path) -> Result<(), StorageError> {
     })
 }
 
+/// Puts the unpacked epoch (`{id}.old`) back in place of a packed copy at `dir` that is not
+/// whole, and removes that copy.
+fn put_back_unpacked(dir: &Path) -> Result<(), StorageError> {
+    let failed = packing_dir(dir);
+    rename(dir, &failed)?;
+    rename(&replaced_dir(dir), dir)?;
+    sync_dir(dir.parent().unwrap_or(dir))?;
+    let _ = remove_dir(&failed);
+    Ok(())
+}
+
 /// Finishes what a stop cut short while an epoch was being packed (see [`pack_in_place`]): an
 /// epoch moved aside (`{id}.old`) whose packed database did not take its place yet is put back
 /// (packed again later); a packed database that never took its place (`{id}.packed`) is
@@ -407,11 +425,7 @@ impl Epochs {
                     };
                     drop(not_whole);
                     tracing::error!(epoch = id, error = %why, "the packed copy of a log epoch is not whole; putting the unpacked one back");
-                    let failed = packing_dir(&path);
-                    rename(&path, &failed)?;
-                    rename(&replaced_dir(&path), &path)?;
-                    sync_dir(&dir)?;
-                    let _ = remove_dir(&failed);
+                    put_back_unpacked(&path)?;
                     open_epoch_trees(&path, sealed_cache)?
                 }
             };
@@ -624,8 +638,7 @@ impl Epochs {
         let unpacked: Vec<Weak<Epoch>> = self
             .all()
             .iter()
-            .filter(|e| e.dir.is_some() && e.is_sealed())
-            .filter(|e| e.with(|t| Ok(!t.events.is_packed())).unwrap_or(false))
+            .filter(|e| e.dir.is_some() && e.is_sealed() && !e.is_packed())
             .map(Arc::downgrade)
             .collect();
         if unpacked.is_empty() {
@@ -687,8 +700,8 @@ impl Epochs {
     }
 }
 
-/// Seals `epoch` (everything in it is durable and nothing more will be written) and reopens its
-/// database so that sled writes its snapshot. Readers of the epoch wait meanwhile.
+/// Seals `epoch` (everything in it is durable and nothing more will be written) and packs it
+/// ([`pack_or_reopen`]), unless the store is closing.
 fn seal(gate: &Arc<SealGate>, epochs: &Weak<Epochs>, epoch: &Weak<Epoch>) {
     // Counted before taking any handle, so declared first and dropped last on every path (an
     // early return, a panic): `close` returns only once this seal has let go of the store.
@@ -703,13 +716,7 @@ fn seal(gate: &Arc<SealGate>, epochs: &Weak<Epochs>, epoch: &Weak<Epoch>) {
     let Some(epochs) = epochs.upgrade() else {
         return; // the store is closed: the next open writes the snapshot
     };
-    if epochs
-        .gate
-        .state
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .1
-    {
+    if epochs.gate.closing() {
         return;
     }
     if let Some(epoch) = epoch.upgrade() {
@@ -726,13 +733,7 @@ fn pack_or_reopen(epochs: &Epochs, epoch: &Epoch) {
         return;
     };
     let _one_at_a_time = epochs.packing.lock().unwrap_or_else(|p| p.into_inner());
-    if epochs
-        .gate
-        .state
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .1
-    {
+    if epochs.gate.closing() {
         return; // closing (while waiting for another pack): the next open packs it
     }
     let started = Instant::now();
@@ -763,14 +764,7 @@ fn pack_in_place(
     epoch: &Epoch,
     dir: &Path,
 ) -> Result<Option<packed::PackCounts>, StorageError> {
-    let closing = || {
-        epochs
-            .gate
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .1
-    };
+    let closing = || epochs.gate.closing();
     let new_dir = packing_dir(dir);
     remove_dir(&new_dir)?;
     let counts = {
@@ -807,9 +801,7 @@ fn pack_in_place(
     let old_dir = replaced_dir(dir);
     let log_dir = dir.parent().unwrap_or(dir);
     let mut trees = epoch.trees.write().unwrap_or_else(|p| p.into_inner());
-    if let Some(old) = trees.take() {
-        drop(old);
-    }
+    drop(trees.take());
     let swapped = rename(dir, &old_dir).and_then(|()| match rename(&new_dir, dir) {
         Ok(()) => sync_dir(log_dir),
         Err(e) => {
@@ -833,14 +825,10 @@ fn pack_in_place(
     match opened {
         Ok(opened) => *trees = Some(opened),
         Err(e) => {
-            // Put the unpacked epoch back (the packed copy goes; a later open packs again).
-            let failed = packing_dir(dir);
-            let back = rename(dir, &failed)
-                .and_then(|()| rename(&old_dir, dir))
-                .and_then(|()| sync_dir(log_dir));
+            // The packed copy goes; a later open packs again.
+            let back = put_back_unpacked(dir);
             *trees = open_after_close(dir, epoch.cache_bytes).ok();
             back?;
-            let _ = remove_dir(&failed);
             return Err(StorageError::Db(format!(
                 "the packed copy of log epoch {} does not open ({e}); the epoch is kept unpacked",
                 epoch.id
