@@ -1,7 +1,8 @@
 //! Group commit: one thread makes every pending write durable with one flush + fsync per
 //! database.
 //!
-//! Writers insert into sled (memory), then hand the committer a waiter and await it. The thread
+//! Writers insert into sled (memory), then hand the committer a waiter and await it (appends are
+//! handed over by the append that wrote them, see `feed`). The thread
 //! takes every waiter queued so far (up to the batch bound), flushes every log epoch that is not
 //! sealed (oldest first) and then the main database, `fsync`ing each one's database file and any
 //! new blob files (sled's flush only issues `sync_file_range`, which is not a durability barrier,
@@ -20,10 +21,11 @@ use std::time::Instant;
 use tokio::sync::oneshot;
 
 use crate::epoch::Epochs;
-use crate::feed::FeedClock;
+use crate::feed::{FeedClock, Turn};
 use crate::StorageError;
 
-type Waiter = oneshot::Sender<Result<(), StorageError>>;
+/// Told `Turn::Done` once everything written before it was handed over is durable.
+pub(crate) type Waiter = oneshot::Sender<Turn>;
 
 /// Counters of the group commit since the store was opened.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -90,12 +92,35 @@ impl GroupCommit {
     /// Resolves once every write made before the call is durable.
     pub(crate) async fn wait_durable(&self) -> Result<(), StorageError> {
         let (waiter, done) = oneshot::channel();
-        {
-            let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
-            let tx = guard.as_ref().ok_or(StorageError::Closed)?;
-            tx.send(waiter).map_err(|_| StorageError::Closed)?;
+        self.enqueue(vec![waiter]);
+        match done.await {
+            Ok(Turn::Done(result)) => result,
+            Ok(Turn::Combine) | Err(_) => Err(StorageError::Closed),
         }
-        done.await.map_err(|_| StorageError::Closed)?
+    }
+
+    /// Hands `waiters` over: each is told once every write made before this call is durable
+    /// (or at once that the store is closed).
+    pub(crate) fn enqueue(&self, waiters: Vec<Waiter>) {
+        if waiters.is_empty() {
+            return;
+        }
+        let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        let mut refused = Vec::new();
+        match guard.as_ref() {
+            Some(tx) => {
+                for waiter in waiters {
+                    if let Err(mpsc::SendError(waiter)) = tx.send(waiter) {
+                        refused.push(waiter);
+                    }
+                }
+            }
+            None => refused = waiters,
+        }
+        drop(guard);
+        for waiter in refused {
+            let _ = waiter.send(Turn::Done(Err(StorageError::Closed)));
+        }
     }
 
     pub(crate) fn stats(&self) -> CommitStats {
@@ -233,7 +258,7 @@ fn run(
             .waiters
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
         for waiter in batch.drain(..) {
-            let _ = waiter.send(result.clone());
+            let _ = waiter.send(Turn::Done(result.clone()));
         }
     }
     // Channel closed: make anything written since the last batch durable before exiting.

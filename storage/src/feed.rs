@@ -11,8 +11,10 @@
 //! own, and a second insert per append cut the group commit's throughput at 1,000 writers to
 //! 0.55x. Appends combine (flat combining): the first to register while nobody records becomes
 //! the recorder and inserts every entry registered meanwhile as one block (key = first
-//! position, value = the entries in order); the others wait for it. Under load a block holds
-//! many entries; alone, an append inserts its own small block inline.
+//! position, value = the entries in order), then the events of each of those appends, and
+//! hands them to the group commit; the others sleep until their append is durable (one
+//! wake-up each). Under load a block holds many entries; alone, an append inserts its own
+//! small block and its events inline.
 //!
 //! The clock knows which positions are still being written; when a group commit starts it reads
 //! the lowest of them (or the next position if none): every position below is written, so once
@@ -28,8 +30,8 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{oneshot, watch};
 
-use crate::epoch::{Epoch, Epochs};
-use crate::{thing_key, StorageError, Store};
+use crate::epoch::Epoch;
+use crate::{thing_key, AppendBatch, StorageError, Store};
 
 /// Blocks one combiner records before it hands the role to a waiting append (so that no append
 /// records others' entries for long).
@@ -37,10 +39,20 @@ const COMBINE_ROUNDS_MAX: usize = 4;
 
 /// What a waiting append is told.
 pub(crate) enum Turn {
-    /// Its entry is recorded in this epoch, where its events go too (or recording it failed).
-    Recorded(Result<Arc<Epoch>, StorageError>),
-    /// It records the pending entries itself now (its own included).
+    /// Its events are written and durable (or recording, writing or syncing them failed).
+    Done(Result<(), StorageError>),
+    /// It records and writes the pending appends itself now (its own included).
     Combine,
+}
+
+/// An append registered and not yet written.
+struct Pending {
+    entry: Vec<u8>,
+    batch: AppendBatch,
+    /// Dropped once its events are written (or failed): only then is the position written.
+    writing: Writing,
+    /// Told when it is done; taken to hand the combiner role to it (it puts a new one back).
+    done: Option<oneshot::Sender<Turn>>,
 }
 
 /// What appends and the group commit share about the feed.
@@ -59,9 +71,8 @@ struct ClockState {
     /// finished ones at the front are dropped, so the front is the lowest still writing).
     writing: VecDeque<bool>,
     writing_first: u64,
-    /// Entries registered and not yet recorded, from position `pending_first` on (the sender
-    /// is absent for the combiner's own entry).
-    pending: Vec<(Vec<u8>, Option<oneshot::Sender<Turn>>)>,
+    /// Appends registered and not yet written, from position `pending_first` on.
+    pending: Vec<Pending>,
     pending_first: u64,
     /// An append is recording entries now.
     combining: bool,
@@ -90,11 +101,11 @@ impl Drop for Writing {
 
 /// The recording role as one append holds it (or may be handed it). If the append's future is
 /// dropped (a timeout or a `select!` around it, an actor killed mid-handler) while it holds the
-/// role, or after the role was handed to it and before it looked, nobody else would ever record
-/// the pending entries: every later append would wait for good. Dropping this records them.
+/// role, or after the role was handed to it and before it looked, nobody else would ever write
+/// the pending appends: every later append would wait for good. Dropping this writes them.
 struct Role<'a> {
     clock: &'a Arc<FeedClock>,
-    epochs: &'a Arc<Epochs>,
+    store: &'a Store,
     combining: bool,
     turn: Option<oneshot::Receiver<Turn>>,
 }
@@ -110,7 +121,7 @@ impl Drop for Role<'_> {
             }
         }
         if self.combining {
-            let _ = self.clock.combine(self.epochs);
+            self.clock.combine(self.store);
         }
     }
 }
@@ -135,16 +146,21 @@ impl FeedClock {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes the next position for an append about to write `entry` and returns once the entry
-    /// is recorded in the feed (not yet durable): by this append if nobody else is recording
-    /// (flat combining: it records every entry registered meanwhile too), or by the append
-    /// recording now. Returns the epoch the entry went to: the append's events go there too.
-    pub(crate) async fn record(
+    /// Appends `batch` (its feed entry `entry`) and returns its position once it is durable.
+    ///
+    /// The append registers; the first to register while nobody records becomes the combiner
+    /// (flat combining) and, for every append registered meanwhile, records the entries as one
+    /// block, writes each append's events after it into the block's epoch and hands each to the
+    /// group commit. The others sleep until the group commit (or a failure) wakes them: one
+    /// wake-up per append, where recording the entry and waiting for durability were two.
+    pub(crate) async fn append(
         self: &Arc<Self>,
-        epochs: &Arc<Epochs>,
+        store: &Store,
         entry: Vec<u8>,
-    ) -> Result<(Writing, Arc<Epoch>), StorageError> {
-        let (writing, mut waiting) = {
+        batch: AppendBatch,
+    ) -> Result<u64, StorageError> {
+        let (done, rx) = oneshot::channel();
+        let (position, combining) = {
             let mut state = self.lock();
             let position = state.next;
             state.next += 1;
@@ -155,56 +171,69 @@ impl FeedClock {
             if state.pending.is_empty() {
                 state.pending_first = position;
             }
-            let waiting = if state.combining {
-                let (tx, rx) = oneshot::channel();
-                state.pending.push((entry, Some(tx)));
-                Some(rx)
-            } else {
-                state.combining = true;
-                state.pending.push((entry, None));
-                None
-            };
-            let writing = Writing {
-                clock: self.clone(),
-                position,
-            };
-            (writing, waiting)
+            state.pending.push(Pending {
+                entry,
+                batch,
+                writing: Writing {
+                    clock: self.clone(),
+                    position,
+                },
+                done: Some(done),
+            });
+            let combining = !state.combining;
+            state.combining = true;
+            (position, combining)
         };
-        // Declared after `writing`, so dropped before it: a cancelled append records what is
-        // pending on its way out if it held the role.
         let mut role = Role {
             clock: self,
-            epochs,
-            combining: waiting.is_none(),
-            turn: waiting.take(),
+            store,
+            combining,
+            turn: Some(rx),
         };
         loop {
             if role.combining {
                 // Let the appends that are ready to run register first: under load the block
-                // then holds many entries; alone, this costs one trip through the scheduler.
+                // then holds many; alone, this costs one trip through the scheduler.
                 tokio::task::yield_now().await;
                 role.combining = false;
-                let epoch = self.combine(epochs)?;
-                return Ok((writing, epoch));
+                self.combine(store);
             }
             let Some(turn) = role.turn.as_mut() else {
                 return Err(StorageError::Closed);
             };
             let told = turn.await;
-            role.turn = None;
             match told {
-                Ok(Turn::Recorded(result)) => return result.map(|epoch| (writing, epoch)),
-                Ok(Turn::Combine) => role.combining = true,
-                Err(_) => return Err(StorageError::Closed),
+                Ok(Turn::Done(result)) => {
+                    role.turn = None;
+                    return result.map(|()| position);
+                }
+                Ok(Turn::Combine) => {
+                    // The role came with this append's own sender: put a new one in its place
+                    // (nobody else touches the pending appends while this one holds the role).
+                    let (done, rx) = oneshot::channel();
+                    {
+                        let mut state = self.lock();
+                        let index = position.checked_sub(state.pending_first);
+                        if let Some(own) = index.and_then(|i| state.pending.get_mut(i as usize)) {
+                            own.done = Some(done);
+                        }
+                    }
+                    role.turn = Some(rx);
+                    role.combining = true;
+                }
+                Err(_) => {
+                    role.turn = None;
+                    return Err(StorageError::Closed);
+                }
             }
         }
     }
 
-    /// Records pending entries in blocks, each in the epoch [`Epochs::for_block`] picks; the
-    /// first block holds the caller's own entry, whose result is returned. Hands the role over
-    /// after [`COMBINE_ROUNDS_MAX`] blocks.
-    fn combine(self: &Arc<Self>, epochs: &Arc<Epochs>) -> Result<Arc<Epoch>, StorageError> {
-        let mut own = None;
+    /// Writes the pending appends in blocks: each block's entries into the feed of the epoch
+    /// [`Epochs::for_block`] picks, then each append's events into that epoch, then hands each
+    /// append to the group commit (or tells it why it failed). Hands the role over after
+    /// [`COMBINE_ROUNDS_MAX`] blocks.
+    fn combine(self: &Arc<Self>, store: &Store) {
         for round in 0.. {
             let (first, pending) = {
                 let mut state = self.lock();
@@ -213,12 +242,12 @@ impl FeedClock {
                     break;
                 }
                 if round >= COMBINE_ROUNDS_MAX {
-                    // The oldest waiting append still listening records the rest (its own entry
+                    // The oldest waiting append still listening writes the rest (its own
                     // included); if none listens any more, this one goes on.
                     let handed_over = state
                         .pending
                         .iter_mut()
-                        .filter_map(|(_, tx)| tx.take())
+                        .filter_map(|p| p.done.take())
                         .any(|next| next.send(Turn::Combine).is_ok());
                     if handed_over {
                         break;
@@ -228,31 +257,37 @@ impl FeedClock {
                 state.pending_first += state.pending.len() as u64;
                 (first, std::mem::take(&mut state.pending))
             };
+            // Outside the lock from here: dropping a `Writing` takes it.
             let mut block =
-                Vec::with_capacity(4 + pending.iter().map(|(e, _)| e.len()).sum::<usize>());
+                Vec::with_capacity(4 + pending.iter().map(|p| p.entry.len()).sum::<usize>());
             block.extend_from_slice(&(pending.len() as u32).to_be_bytes());
-            for (entry, _) in &pending {
-                block.extend_from_slice(entry);
+            for p in &pending {
+                block.extend_from_slice(&p.entry);
             }
-            let result = epochs.for_block(first, self).and_then(|epoch| {
+            let recorded = store.inner.epochs.for_block(first, self).and_then(|epoch| {
                 epoch.with(|trees| Ok(trees.feed.insert(first.to_be_bytes(), block)?))?;
                 Ok(epoch)
             });
-            if let Err(e) = &result {
+            if let Err(e) = &recorded {
                 tracing::error!(error = %e, first, "cannot record change-feed entries; their appends fail");
             }
-            for (_, waiter) in pending {
-                if let Some(waiter) = waiter {
-                    let _ = waiter.send(Turn::Recorded(result.clone()));
+            let mut written = Vec::with_capacity(pending.len());
+            for p in pending {
+                let result = recorded.as_ref().map_err(Clone::clone).and_then(|epoch| {
+                    epoch.with(|trees| store.write_batch(trees.events.for_writing()?, &p.batch))
+                });
+                // The position is written (whatever the outcome) before the group commit looks.
+                drop(p.writing);
+                match (result, p.done) {
+                    (Ok(()), Some(done)) => written.push(done),
+                    (Err(e), Some(done)) => {
+                        let _ = done.send(Turn::Done(Err(e)));
+                    }
+                    (_, None) => {}
                 }
             }
-            own.get_or_insert(result);
+            store.inner.committer.enqueue(written);
         }
-        own.unwrap_or_else(|| {
-            Err(StorageError::Db(
-                "the change-feed entry was not recorded".into(),
-            ))
-        })
     }
 
     /// The next position to hand out.

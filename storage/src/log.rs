@@ -81,20 +81,11 @@ impl Store {
     /// Appends `batch` and returns its change-feed position once it is durable (group commit:
     /// flush + fsync; the feed entry is durable with it).
     pub async fn append(&self, batch: AppendBatch) -> Result<u64, StorageError> {
-        // The feed entry is recorded first (events on disk always have one); the position
-        // counts as being written until the events are, so the group commit knows which
-        // positions a flush covers.
+        // The feed entry is recorded before the events (events on disk always have one); the
+        // position counts as being written until the events are, so the group commit knows
+        // which positions a flush covers.
         let entry = crate::feed::entry_for(&batch.thing, batch.first_seq, batch.events.len())?;
-        let (writing, epoch) = self
-            .inner
-            .feed_clock
-            .record(&self.inner.epochs, entry)
-            .await?;
-        epoch.with(|trees| self.write_batch(trees.events.for_writing()?, &batch))?;
-        let position = writing.position;
-        drop(writing);
-        self.inner.committer.wait_durable().await?;
-        Ok(position)
+        self.inner.feed_clock.append(self, entry, batch).await
     }
 
     /// Writes a batch to the database without waiting for durability.
@@ -105,7 +96,11 @@ impl Store {
     /// of several events uses `apply_batch`, to keep them all-or-nothing. Index changes are
     /// written after the events (new deadlines before them): indexes are derived from the log,
     /// and the owner of a Thing repairs them on activation if a crash fell between the writes.
-    fn write_batch(&self, events: &sled::Tree, batch: &AppendBatch) -> Result<(), StorageError> {
+    pub(crate) fn write_batch(
+        &self,
+        events: &sled::Tree,
+        batch: &AppendBatch,
+    ) -> Result<(), StorageError> {
         let prefix = thing_key(&batch.thing)?;
         // A new deadline goes in *before* the events that set it: a crash in between leaves an
         // entry with nothing due (the timer activates the Thing, which removes it), never a

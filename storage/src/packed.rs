@@ -207,7 +207,8 @@ fn get_varint(bytes: &[u8], at: &mut usize) -> Option<u64> {
     None
 }
 
-/// The records of a block, in key order.
+/// The records of a block, in key order (a whole-block read: tests and the test-util writer).
+#[cfg(any(test, feature = "test-util"))]
 pub(crate) fn decode_block(block_key: &[u8], block: &[u8]) -> Result<Vec<Record>, StorageError> {
     Ok(decode_block_range(block_key, block, &[], None)?.0)
 }
