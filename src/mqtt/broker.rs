@@ -89,9 +89,19 @@ impl Message {
     /// A JSON document the server publishes on `topic`: QoS 1, never retained (so never refused
     /// by a retained bound), no properties.
     pub fn from_server(topic: String, payload: &serde_json::Value) -> Message {
+        Message::server_json(topic, Message::render(payload))
+    }
+
+    /// A JSON document's bytes, rendered once for several messages.
+    pub fn render(payload: &serde_json::Value) -> Bytes {
+        Bytes::from(payload.to_string())
+    }
+
+    /// [`Message::from_server`] with the document already rendered.
+    pub fn server_json(topic: String, payload: Bytes) -> Message {
         Message {
             topic: Arc::from(topic),
-            payload: Bytes::from(payload.to_string()),
+            payload,
             qos: 1,
             retain: false,
             publisher: None,
@@ -1374,9 +1384,7 @@ impl Broker {
 
     /// Whether any subscription matches `topic`.
     pub fn has_subscribers(&self, topic: &str) -> bool {
-        let mut matched = Vec::new();
-        self.lock().trie.matching(topic, &mut matched);
-        !matched.is_empty()
+        self.lock().trie.matches_any(topic)
     }
 
     /// The id of this process's first connection: a smaller one was opened by an earlier run.

@@ -65,11 +65,32 @@ impl MqttEffects {
         let _ = self.broker.publish(Message::from_server(topic, payload));
     }
 
+    /// Publishes `payload` on each of `topics`, rendered once.
+    fn publish_each(&self, topics: impl Iterator<Item = String>, payload: &Value) {
+        let payload = Message::render(payload);
+        for topic in topics {
+            let _ = self
+                .broker
+                .publish(Message::server_json(topic, payload.clone()));
+        }
+    }
+
     /// Publishes `payload` on `shadow/{tail}` in every enabled namespace.
     fn shadow_broadcast(&self, thing: &str, tail: &str, payload: &Value) {
-        for namespace in self.topics.namespaces() {
-            self.publish(self.topics.shadow(*namespace, thing, tail), payload);
-        }
+        let namespaces = self.topics.namespaces().iter();
+        self.publish_each(
+            namespaces.map(|namespace| self.topics.shadow(*namespace, thing, tail)),
+            payload,
+        );
+    }
+
+    /// Publishes `payload` on `jobs/{tail}` in every enabled namespace.
+    fn jobs_broadcast(&self, thing: &str, tail: &str, payload: &Value) {
+        let namespaces = self.topics.namespaces().iter();
+        self.publish_each(
+            namespaces.map(|namespace| self.topics.jobs(*namespace, thing, tail)),
+            payload,
+        );
     }
 
     fn render(&self, thing: &str, effect: &Effect) {
@@ -97,16 +118,11 @@ impl MqttEffects {
             }
             Effect::ShadowDeleted(reply) => self.shadow_broadcast(thing, "delete/accepted", reply),
             Effect::CommandRequested(execution) => {
-                let request = execution.request_json();
-                for namespace in self.topics.namespaces() {
-                    let topic = self.topics.execution(
-                        *namespace,
-                        thing,
-                        &execution.execution_id,
-                        "request",
-                    );
-                    self.publish(topic, &request);
-                }
+                let topics = self.topics.namespaces().iter().map(|namespace| {
+                    let id = &execution.execution_id;
+                    self.topics.execution(*namespace, thing, id, "request")
+                });
+                self.publish_each(topics, &execution.request_json());
                 if let Some(children) = self
                     .cumulocity
                     .as_ref()
@@ -130,16 +146,8 @@ impl MqttEffects {
                     self.publish(topic, &stored.to_json(None));
                 }
             }
-            Effect::JobsNotify(notify) => {
-                for namespace in self.topics.namespaces() {
-                    self.publish(self.topics.jobs(*namespace, thing, "notify"), notify);
-                }
-            }
-            Effect::JobsNotifyNext(next) => {
-                for namespace in self.topics.namespaces() {
-                    self.publish(self.topics.jobs(*namespace, thing, "notify-next"), next);
-                }
-            }
+            Effect::JobsNotify(notify) => self.jobs_broadcast(thing, "notify", notify),
+            Effect::JobsNotifyNext(next) => self.jobs_broadcast(thing, "notify-next", next),
             Effect::CommandAnswered { .. } | Effect::CommandEnded { .. } => {}
         }
     }

@@ -236,6 +236,12 @@ impl<V: PartialEq + Clone> FilterTrie<V> {
         collect(&self.root, &levels, 0, dollar, out);
     }
 
+    /// Whether any filter matches `topic` (as [`FilterTrie::matching`], without collecting).
+    pub fn matches_any(&self, topic: &str) -> bool {
+        let levels: Vec<&str> = topic.split('/').collect();
+        any_match(&self.root, &levels, 0, topic.starts_with('$'))
+    }
+
     /// Number of (filter, value) pairs.
     pub fn len(&self) -> usize {
         self.len
@@ -299,6 +305,24 @@ fn collect<V: Clone>(
             collect(child, rest, depth + 1, dollar, out);
         }
     }
+}
+
+fn any_match<V>(node: &Node<V>, levels: &[&str], depth: usize, dollar: bool) -> bool {
+    let wildcards_allowed = !(depth == 0 && dollar);
+    if wildcards_allowed && !node.multi.is_empty() {
+        return true;
+    }
+    let Some((level, rest)) = levels.split_first() else {
+        return !node.here.is_empty();
+    };
+    node.children
+        .get(*level)
+        .is_some_and(|child| any_match(child, rest, depth + 1, dollar))
+        || (wildcards_allowed
+            && node
+                .children
+                .get("+")
+                .is_some_and(|child| any_match(child, rest, depth + 1, dollar)))
 }
 
 #[cfg(test)]
@@ -424,5 +448,47 @@ mod tests {
         trie.matching("a/b", &mut out);
         assert_eq!(out.len(), 3);
         assert_eq!(trie.len(), 4);
+    }
+
+    /// `matches_any` answers exactly whether `matching` finds something, `$` rule included.
+    #[test]
+    fn the_trie_knows_whether_anything_matches_without_collecting() {
+        let mut trie = FilterTrie::default();
+        for (filter, value) in [
+            ("a/b", 1),
+            ("a/+/c", 2),
+            ("x/#", 3),
+            ("+/y", 4),
+            ("$aws/things/t/shadow/update/documents", 5),
+            ("$SYS/#", 6),
+        ] {
+            trie.insert(filter, value);
+        }
+        let topics = [
+            "a/b",
+            "a/q/c",
+            "a/q",
+            "x",
+            "x/1/2",
+            "q/y",
+            "q/z",
+            "a",
+            "$aws/things/t/shadow/update/documents",
+            "$aws/things/u/shadow/update/documents",
+            "$x/y",
+            "$SYS/load",
+            "b/b",
+        ];
+        for topic in topics {
+            let mut out = Vec::new();
+            trie.matching(topic, &mut out);
+            assert_eq!(trie.matches_any(topic), !out.is_empty(), "{topic}");
+        }
+        assert!(
+            trie.matches_any("q/y") && !trie.matches_any("$x/y"),
+            "`+` never matches a `$` first level"
+        );
+        assert!(trie.remove("+/y", &4));
+        assert!(!trie.matches_any("q/y"));
     }
 }
