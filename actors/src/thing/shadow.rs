@@ -469,8 +469,17 @@ impl Shadow {
 
     /// Bytes of `{"desired":..,"reported":..}` as compact JSON (the size limit's measure).
     pub fn state_bytes(&self) -> usize {
+        /// The state as it is measured, borrowed (no copy of either section).
+        #[derive(Serialize)]
+        struct State<'a> {
+            desired: &'a Map<String, Value>,
+            reported: &'a Map<String, Value>,
+        }
         let mut counter = ByteCounter(0);
-        let state = serde_json::json!({"desired": self.desired, "reported": self.reported});
+        let state = State {
+            desired: &self.desired,
+            reported: &self.reported,
+        };
         // Writing to a counter cannot fail.
         let _ = serde_json::to_writer(&mut counter, &state);
         counter.0
@@ -919,6 +928,21 @@ mod tests {
 
     fn rejected(body: Value) -> Rejection {
         ShadowUpdate::from_json(&body, &limits()).expect_err("rejected")
+    }
+
+    /// The size limit measures `{"desired":..,"reported":..}` as compact JSON.
+    #[test]
+    fn state_bytes_are_the_compact_json_of_both_sections() {
+        let shadow = given(&[
+            json!({"state": {"reported": {"temp": 21.5, "fw": {"v": "1.2"}}}}),
+            json!({"state": {"desired": {"led": "on", "list": [1, 2, 3]}}}),
+        ]);
+        let state = json!({"desired": shadow.desired, "reported": shadow.reported});
+        assert_eq!(shadow.state_bytes(), state.to_string().len());
+        assert_eq!(
+            Shadow::default().state_bytes(),
+            r#"{"desired":{},"reported":{}}"#.len()
+        );
     }
 
     #[test]
