@@ -169,7 +169,10 @@ pub struct FilterTrie<V> {
 
 #[derive(Debug)]
 struct Node<V> {
+    /// Literal next levels.
     children: HashMap<String, Node<V>>,
+    /// The `+` next level (apart: a lookup per level is saved for topics, which never hold `+`).
+    plus: Option<Box<Node<V>>>,
     /// Subscribers whose filter ends here.
     here: Vec<V>,
     /// Subscribers of `.../#` at this node.
@@ -180,6 +183,7 @@ impl<V> Default for Node<V> {
     fn default() -> Self {
         Node {
             children: HashMap::new(),
+            plus: None,
             here: Vec::new(),
             multi: Vec::new(),
         }
@@ -209,7 +213,11 @@ impl<V: PartialEq + Clone> FilterTrie<V> {
                 self.len += 1;
                 return true;
             }
-            node = node.children.entry(level.to_owned()).or_default();
+            node = if level == "+" {
+                node.plus.get_or_insert_with(Box::default)
+            } else {
+                node.children.entry(level.to_owned()).or_default()
+            };
         }
         if node.here.contains(&value) {
             return false;
@@ -260,14 +268,32 @@ fn remove_at<V: PartialEq>(node: &mut Node<V>, levels: &[&str], value: &V) -> bo
     if *first == "#" && rest.is_empty() {
         return remove_value(&mut node.multi, value);
     }
-    let Some(child) = node.children.get_mut(*first) else {
+    let child = if *first == "+" {
+        node.plus.as_deref_mut()
+    } else {
+        node.children.get_mut(*first)
+    };
+    let Some(child) = child else {
         return false;
     };
     let removed = remove_at(child, rest, value);
-    if child.children.is_empty() && child.here.is_empty() && child.multi.is_empty() {
-        node.children.remove(*first);
+    if child.is_empty() {
+        if *first == "+" {
+            node.plus = None;
+        } else {
+            node.children.remove(*first);
+        }
     }
     removed
+}
+
+impl<V> Node<V> {
+    fn is_empty(&self) -> bool {
+        self.children.is_empty()
+            && self.plus.is_none()
+            && self.here.is_empty()
+            && self.multi.is_empty()
+    }
 }
 
 fn remove_value<V: PartialEq>(values: &mut Vec<V>, value: &V) -> bool {
@@ -301,7 +327,7 @@ fn collect<V: Clone>(
         collect(child, rest, depth + 1, dollar, out);
     }
     if wildcards_allowed {
-        if let Some(child) = node.children.get("+") {
+        if let Some(child) = node.plus.as_deref() {
             collect(child, rest, depth + 1, dollar, out);
         }
     }
@@ -320,8 +346,8 @@ fn any_match<V>(node: &Node<V>, levels: &[&str], depth: usize, dollar: bool) -> 
         .is_some_and(|child| any_match(child, rest, depth + 1, dollar))
         || (wildcards_allowed
             && node
-                .children
-                .get("+")
+                .plus
+                .as_deref()
                 .is_some_and(|child| any_match(child, rest, depth + 1, dollar)))
 }
 
