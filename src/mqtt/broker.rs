@@ -1387,6 +1387,12 @@ impl Broker {
         self.lock().trie.matches_any(topic)
     }
 
+    /// Whether any subscription could match a topic whose last level is `level` (false: none
+    /// does, whatever the levels before it).
+    pub fn may_have_subscribers_ending(&self, level: &str) -> bool {
+        self.lock().trie.may_match_ending(level)
+    }
+
     /// The id of this process's first connection: a smaller one was opened by an earlier run.
     pub fn first_connection_id(&self) -> u64 {
         self.first_connection_id

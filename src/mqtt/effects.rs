@@ -155,6 +155,10 @@ impl MqttEffects {
 
 impl EffectSink for MqttEffects {
     fn wants_documents(&self, thing: &str) -> bool {
+        // Nobody subscribes to any `.../documents` in most fleets: known without a topic.
+        if !self.broker.may_have_subscribers_ending("documents") {
+            return false;
+        }
         self.topics.namespaces().iter().any(|namespace| {
             self.broker
                 .has_subscribers(&self.topics.shadow(*namespace, thing, "update/documents"))

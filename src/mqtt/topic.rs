@@ -165,6 +165,11 @@ pub fn intersects(a: &str, b: &str) -> bool {
 pub struct FilterTrie<V> {
     root: Node<V>,
     len: usize,
+    /// Filters by their literal last level, and those ending in a wildcard (which can match
+    /// any last level): whether a topic can match anything is then known from its last level
+    /// alone most of the time, without walking.
+    ends: HashMap<String, usize>,
+    wildcard_ends: usize,
 }
 
 #[derive(Debug)]
@@ -195,6 +200,8 @@ impl<V> Default for FilterTrie<V> {
         FilterTrie {
             root: Node::default(),
             len: 0,
+            ends: HashMap::new(),
+            wildcard_ends: 0,
         }
     }
 }
@@ -202,6 +209,18 @@ impl<V> Default for FilterTrie<V> {
 impl<V: PartialEq + Clone> FilterTrie<V> {
     /// Adds `value` under `filter` (a validated, non-shared filter). Returns false if present.
     pub fn insert(&mut self, filter: &str, value: V) -> bool {
+        let inserted = self.insert_value(filter, value);
+        if inserted {
+            self.len += 1;
+            match last_level(filter) {
+                "+" | "#" => self.wildcard_ends += 1,
+                last => *self.ends.entry(last.to_owned()).or_default() += 1,
+            }
+        }
+        inserted
+    }
+
+    fn insert_value(&mut self, filter: &str, value: V) -> bool {
         let mut node = &mut self.root;
         let mut levels = filter.split('/').peekable();
         while let Some(level) = levels.next() {
@@ -210,7 +229,6 @@ impl<V: PartialEq + Clone> FilterTrie<V> {
                     return false;
                 }
                 node.multi.push(value);
-                self.len += 1;
                 return true;
             }
             node = if level == "+" {
@@ -223,7 +241,6 @@ impl<V: PartialEq + Clone> FilterTrie<V> {
             return false;
         }
         node.here.push(value);
-        self.len += 1;
         true
     }
 
@@ -233,8 +250,25 @@ impl<V: PartialEq + Clone> FilterTrie<V> {
         let removed = remove_at(&mut self.root, &levels, value);
         if removed {
             self.len -= 1;
+            match last_level(filter) {
+                "+" | "#" => self.wildcard_ends -= 1,
+                last => {
+                    if let Some(n) = self.ends.get_mut(last) {
+                        *n -= 1;
+                        if *n == 0 {
+                            self.ends.remove(last);
+                        }
+                    }
+                }
+            }
         }
         removed
+    }
+
+    /// Whether some filter could match a topic whose last level is `level` (a filter with that
+    /// literal last level, or one ending in a wildcard): false means no topic ending so does.
+    pub fn may_match_ending(&self, level: &str) -> bool {
+        self.wildcard_ends > 0 || self.ends.contains_key(level)
     }
 
     /// Every value whose filter matches `topic`, applying the `$` rule.
@@ -246,6 +280,9 @@ impl<V: PartialEq + Clone> FilterTrie<V> {
 
     /// Whether any filter matches `topic` (as [`FilterTrie::matching`], without collecting).
     pub fn matches_any(&self, topic: &str) -> bool {
+        if !self.may_match_ending(last_level(topic)) {
+            return false;
+        }
         let levels: Vec<&str> = topic.split('/').collect();
         any_match(&self.root, &levels, 0, topic.starts_with('$'))
     }
@@ -331,6 +368,11 @@ fn collect<V: Clone>(
             collect(child, rest, depth + 1, dollar, out);
         }
     }
+}
+
+/// The last level of a topic or filter.
+fn last_level(name: &str) -> &str {
+    name.rsplit('/').next().unwrap_or(name)
 }
 
 fn any_match<V>(node: &Node<V>, levels: &[&str], depth: usize, dollar: bool) -> bool {
@@ -516,5 +558,18 @@ mod tests {
         );
         assert!(trie.remove("+/y", &4));
         assert!(!trie.matches_any("q/y"));
+        // Known from the last level alone: a wildcard ending matches any, a literal only itself.
+        assert!(trie.may_match_ending("documents"), "x/# ends in a wildcard");
+        assert!(trie.remove("x/#", &3) && trie.remove("$SYS/#", &6));
+        assert!(trie.may_match_ending("documents") && trie.may_match_ending("c"));
+        assert!(!trie.may_match_ending("y") && !trie.may_match_ending("accepted"));
+        assert!(trie.remove("$aws/things/t/shadow/update/documents", &5));
+        assert!(!trie.may_match_ending("documents"));
+        assert!(!trie.matches_any("$aws/things/t/shadow/update/documents"));
+        trie.insert("a/b/+", 7);
+        assert!(
+            trie.may_match_ending("documents"),
+            "+ ends match any last level"
+        );
     }
 }
