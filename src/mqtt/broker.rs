@@ -1696,8 +1696,52 @@ impl Broker {
         }
         let mut matched = Vec::new();
         state.trie.matching(&message.topic, &mut matched);
-        // One delivery per client (at the highest QoS among its matching subscriptions, with
-        // the identifiers of all of them), one member per share group.
+        let deliveries = match matched.len() {
+            0 => return Ok(0),
+            // The usual case of a device's reply topic: one plain subscription.
+            1 if matched[0].share.is_none() => {
+                let subscriber = matched.swap_remove(0);
+                if subscriber.options.no_local
+                    && message.publisher.as_ref() == Some(&subscriber.client)
+                {
+                    return Ok(0);
+                }
+                let ids = subscriber.options.subscription_id.into_iter().collect();
+                vec![(subscriber, ids)]
+            }
+            _ => Self::deliveries(state, matched, &message),
+        };
+        let fair_share = self.fair_share(state.sessions.len());
+        let mut delivered = 0;
+        for (subscriber, subscription_ids) in deliveries {
+            let Some(session) = state.sessions.get_mut(&subscriber.client) else {
+                continue;
+            };
+            if session.kept() {
+                state.dirty.insert(subscriber.client.clone());
+            }
+            let pending = Pending {
+                topic: message.topic.clone(),
+                payload: message.payload.clone(),
+                qos: message.qos.min(subscriber.options.qos),
+                retain: message.retain && subscriber.options.retain_as_published,
+                subscription_ids,
+                properties: message.properties.clone(),
+                expires_at: message.expires_at,
+            };
+            self.enqueue(session, pending, fair_share);
+            delivered += 1;
+        }
+        Ok(delivered)
+    }
+
+    /// One delivery per client (at the highest QoS among its matching subscriptions, with the
+    /// identifiers of all of them), one member per share group.
+    fn deliveries(
+        state: &mut State,
+        matched: Vec<Subscriber>,
+        message: &Message,
+    ) -> Vec<(Subscriber, Vec<usize>)> {
         let mut per_client: HashMap<Arc<str>, (Subscriber, Vec<usize>)> = HashMap::new();
         let mut groups: HashMap<(Arc<str>, Arc<str>), Vec<Subscriber>> = HashMap::new();
         for subscriber in matched {
@@ -1734,28 +1778,7 @@ impl Broker {
             *cursor = cursor.wrapping_add(1);
             add_delivery(&mut per_client, chosen);
         }
-        let fair_share = self.fair_share(state.sessions.len());
-        let mut delivered = 0;
-        for (client, (subscriber, subscription_ids)) in per_client {
-            let Some(session) = state.sessions.get_mut(&client) else {
-                continue;
-            };
-            if session.kept() {
-                state.dirty.insert(client.clone());
-            }
-            let pending = Pending {
-                topic: message.topic.clone(),
-                payload: message.payload.clone(),
-                qos: message.qos.min(subscriber.options.qos),
-                retain: message.retain && subscriber.options.retain_as_published,
-                subscription_ids,
-                properties: message.properties.clone(),
-                expires_at: message.expires_at,
-            };
-            self.enqueue(session, pending, fair_share);
-            delivered += 1;
-        }
-        Ok(delivered)
+        per_client.into_values().collect()
     }
 
     /// Stores (or clears, for an empty payload) the retained message of a topic, within bounds.
