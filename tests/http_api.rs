@@ -359,6 +359,14 @@ async fn listing_pages_with_a_cursor_and_deletes_keep_history() {
     assert_eq!(status, 204);
     let (status, _) = call(Method::GET, &server.url("/api/v1/things/c"), None).await;
     assert_eq!(status, 404);
+    // Its actor may still be running: an update reaches it and is refused there as unknown.
+    let (status, body) = call(
+        Method::POST,
+        &server.url("/api/v1/things/c/shadow"),
+        Some(json!({"state":{"desired":{"x":3}}})),
+    )
+    .await;
+    assert_eq!(status, 404, "{body}");
     let (_, page) = call(Method::GET, &server.url("/api/v1/things"), None).await;
     assert_eq!(page["items"].as_array().expect("items").len(), 4);
     let (status, history) = call(Method::GET, &server.url("/api/v1/things/c/history"), None).await;

@@ -140,6 +140,16 @@ impl Things {
         self.require_registered(name, None)
     }
 
+    /// [`Things::require_registered`] for a request its Thing checks again (a command that
+    /// answers 404 on an unregistered Thing): a Thing whose actor is running passes without
+    /// the index read, which only keeps unknown names from starting actors.
+    fn require_routable(&self, name: &str, token: Option<&String>) -> Result<(), Rejection> {
+        if self.registry.is_active(name) {
+            return thing::validate_thing_name(name).map_err(|r| r.with_token(token.cloned()));
+        }
+        self.require_registered(name, token)
+    }
+
     fn require_registered(&self, name: &str, token: Option<&String>) -> Result<(), Rejection> {
         thing::validate_thing_name(name).map_err(|r| r.with_token(token.cloned()))?;
         match self.store.get_thing(name) {
@@ -253,7 +263,7 @@ impl Things {
         update: ShadowUpdate,
         origin: Origin,
     ) -> Result<ShadowUpdateResult, Rejection> {
-        self.require_registered(name, update.client_token.as_ref())?;
+        self.require_routable(name, update.client_token.as_ref())?;
         let request = Request::Command(ThingCommand::UpdateShadow {
             update,
             origin,
