@@ -1696,20 +1696,17 @@ impl Broker {
         }
         let mut matched = Vec::new();
         state.trie.matching(&message.topic, &mut matched);
+        // No-local subscriptions do not get their own client's messages.
+        matched.retain(|s| !(s.options.no_local && message.publisher.as_ref() == Some(&s.client)));
         let deliveries = match matched.len() {
             0 => return Ok(0),
             // The usual case of a device's reply topic: one plain subscription.
             1 if matched[0].share.is_none() => {
                 let subscriber = matched.swap_remove(0);
-                if subscriber.options.no_local
-                    && message.publisher.as_ref() == Some(&subscriber.client)
-                {
-                    return Ok(0);
-                }
                 let ids = subscriber.options.subscription_id.into_iter().collect();
                 vec![(subscriber, ids)]
             }
-            _ => Self::deliveries(state, matched, &message),
+            _ => Self::deliveries(state, matched),
         };
         let fair_share = self.fair_share(state.sessions.len());
         let mut delivered = 0;
@@ -1737,18 +1734,10 @@ impl Broker {
 
     /// One delivery per client (at the highest QoS among its matching subscriptions, with the
     /// identifiers of all of them), one member per share group.
-    fn deliveries(
-        state: &mut State,
-        matched: Vec<Subscriber>,
-        message: &Message,
-    ) -> Vec<(Subscriber, Vec<usize>)> {
+    fn deliveries(state: &mut State, matched: Vec<Subscriber>) -> Vec<(Subscriber, Vec<usize>)> {
         let mut per_client: HashMap<Arc<str>, (Subscriber, Vec<usize>)> = HashMap::new();
         let mut groups: HashMap<(Arc<str>, Arc<str>), Vec<Subscriber>> = HashMap::new();
         for subscriber in matched {
-            if subscriber.options.no_local && message.publisher.as_ref() == Some(&subscriber.client)
-            {
-                continue;
-            }
             match &subscriber.share {
                 Some(group) => groups
                     .entry((group.clone(), subscriber.filter.clone()))

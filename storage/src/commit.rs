@@ -1,9 +1,9 @@
 //! Group commit: one thread makes every pending write durable with one flush + fsync per
 //! database.
 //!
-//! Writers insert into sled (memory), then hand the committer a waiter and await it (appends are
-//! handed over by the append that wrote them, see `feed`). The thread
-//! takes every waiter queued so far (up to the batch bound), flushes every log epoch that is not
+//! Writers insert into sled (memory), then hand the committer a waiter and await it (an append's
+//! waiter is handed over by whoever wrote it, see `feed`). The thread takes every waiter
+//! queued so far (up to the batch bound), flushes every log epoch that is not
 //! sealed (oldest first) and then the main database, `fsync`ing each one's database file and any
 //! new blob files (sled's flush only issues `sync_file_range`, which is not a durability barrier,
 //! and it never syncs blobs), then wakes them all. Every such database is fsynced even when the
