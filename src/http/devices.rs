@@ -1,6 +1,8 @@
 //! Device ThingDatas API (`/api/v1/thing-datas/...`): what a device without MQTT uses.
 //! Same semantics and error codes as the MQTT topics.
 
+use std::sync::Arc;
+
 use axum::extract::{Extension, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -75,7 +77,7 @@ pub async fn report(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     JsonBody(body): JsonBody<Value>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Arc<Value>>, ApiError> {
     let Some(object) = body.as_object() else {
         return Err(ApiError::bad_request("Payload must be a JSON object"));
     };

@@ -1,6 +1,7 @@
 //! Management API: the Thing registry, shadows (operator side) and history.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
@@ -395,7 +396,7 @@ pub async fn update_shadow(
     State(state): State<AppState>,
     Path(name): Path<String>,
     JsonBody(body): JsonBody<Value>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Arc<Value>>, ApiError> {
     let update = ShadowUpdate::from_json(&body, &state.limits.shadow)?;
     // Durable when it returns; the desired change, the delta and `update/accepted` are the
     // Thing's effects, on their way whatever happens to this request now.

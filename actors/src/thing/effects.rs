@@ -10,6 +10,8 @@
 //!
 //! Effects name no topic: the sink (the MQTT frontend) renders them.
 
+use std::sync::Arc;
+
 use serde_json::Value;
 
 use super::commands::{CommandEvent, CommandStatus};
@@ -31,13 +33,13 @@ pub enum Effect {
         mqtt_client_id: String,
     },
     /// A shadow update was accepted: its document (AWS `update/accepted`), for every listener.
-    ShadowAccepted(Value),
+    ShadowAccepted(Arc<Value>),
     /// An operator changed desired: `{state:{desired}, version, timestamp}` for the device.
-    DesiredPushed(Value),
+    DesiredPushed(Arc<Value>),
     /// Desired differs from reported after the change: `{version, timestamp, state, metadata}`.
-    Delta(Value),
+    Delta(Arc<Value>),
     /// `{previous, current, timestamp, clientToken}` (rendered only when the sink wants them).
-    Documents(Value),
+    Documents(Arc<Value>),
     /// The shadow document was deleted: `{version, timestamp, clientToken}`.
     ShadowDeleted(Value),
     /// A command execution to request from the device.
@@ -214,8 +216,13 @@ pub fn for_recovery(
             }
             ThingEvent::ShadowUpdated(update) => {
                 shadow_changed = true;
-                effects.push(Effect::ShadowAccepted(shadow::accepted_of(update)));
-                effects.extend(shadow::desired_pushed_of(update).map(Effect::DesiredPushed));
+                effects.push(Effect::ShadowAccepted(Arc::new(shadow::accepted_of(
+                    update,
+                ))));
+                effects.extend(
+                    shadow::desired_pushed_of(update)
+                        .map(|desired| Effect::DesiredPushed(Arc::new(desired))),
+                );
             }
             ThingEvent::ShadowDeleted(deleted) => {
                 shadow_changed = true;
@@ -240,12 +247,12 @@ pub fn for_recovery(
     if shadow_changed && now.registration.is_some() && now.shadow.exists {
         let (state, metadata) = now.shadow.delta();
         if !state.is_empty() {
-            effects.push(Effect::Delta(serde_json::json!({
+            effects.push(Effect::Delta(Arc::new(serde_json::json!({
                 "version": now.shadow.version,
                 "timestamp": now_s,
                 "state": state,
                 "metadata": metadata,
-            })));
+            }))));
         }
     }
     effects

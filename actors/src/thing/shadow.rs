@@ -12,6 +12,8 @@
 //!
 //! Everything here is pure: time comes in as an argument.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -671,18 +673,22 @@ pub fn json_eq(a: &Value, b: &Value) -> bool {
 }
 
 /// What an accepted update produced, for every channel to render.
+///
+/// The documents are shared (`Arc`): the requester's reply and the effects for everyone else
+/// hold the same one, where each used to be a deep copy of the JSON tree (~3% of the server's
+/// CPU per durable shadow round trip).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ShadowUpdateResult {
     /// `{state, metadata, version, timestamp, clientToken}` as AWS `update/accepted`.
-    pub accepted: Value,
+    pub accepted: Arc<Value>,
     /// `{version, timestamp, state, metadata}` if desired differs from reported afterwards.
-    pub delta: Option<Value>,
+    pub delta: Option<Arc<Value>>,
     /// `{previous, current, timestamp, clientToken}` as AWS `update/documents`, when asked for
     /// (it copies the whole document twice, so it is rendered only if someone listens).
-    pub documents: Option<Value>,
+    pub documents: Option<Arc<Value>>,
     /// The desired change made by an operator (`{state:{desired}, version, timestamp}`), to be
     /// published to the device on `shadow/update`; `None` for device updates.
-    pub desired_published: Option<Value>,
+    pub desired_published: Option<Arc<Value>>,
     /// The new version.
     pub version: u64,
 }
@@ -805,7 +811,7 @@ fn update_result(
         if let Some(token) = &event.client_token {
             delta.insert("clientToken".into(), token.clone().into());
         }
-        Value::Object(delta)
+        Arc::new(Value::Object(delta))
     });
 
     let documents = want_documents.then(|| {
@@ -816,12 +822,12 @@ fn update_result(
         if let Some(token) = &event.client_token {
             documents.insert("clientToken".into(), token.clone().into());
         }
-        Value::Object(documents)
+        Arc::new(Value::Object(documents))
     });
 
     ShadowUpdateResult {
-        accepted: accepted_of(event),
-        desired_published: desired_pushed_of(event),
+        accepted: Arc::new(accepted_of(event)),
+        desired_published: desired_pushed_of(event).map(Arc::new),
         delta,
         documents,
         version: event.version,
@@ -965,7 +971,7 @@ mod tests {
             json!({"temp":{"timestamp":NOW_S},"nested":{"a":{"timestamp":NOW_S}}})
         );
         assert_eq!(
-            result.accepted,
+            *result.accepted,
             json!({"state":{"reported":{"temp":21.5,"nested":{"a":1}}},
                    "metadata":{"reported":{"temp":{"timestamp":NOW_S},"nested":{"a":{"timestamp":NOW_S}}}},
                    "version":1,"timestamp":NOW_S,"clientToken":"t1"})
@@ -1183,8 +1189,8 @@ mod tests {
         )
         .expect("accepted");
         assert_eq!(
-            result.desired_published,
-            Some(json!({"state":{"desired":{"t":24}},"version":1,"timestamp":NOW_S}))
+            result.desired_published.as_deref(),
+            Some(&json!({"state":{"desired":{"t":24}},"version":1,"timestamp":NOW_S}))
         );
     }
 
