@@ -1,8 +1,6 @@
 //! Device ThingDatas API (`/api/v1/thing-datas/...`): what a device without MQTT uses.
 //! Same semantics and error codes as the MQTT topics.
 
-use std::sync::Arc;
-
 use axum::extract::{Extension, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -77,7 +75,7 @@ pub async fn report(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     JsonBody(body): JsonBody<Value>,
-) -> Result<Json<Arc<Value>>, ApiError> {
+) -> Result<Response, ApiError> {
     let Some(object) = body.as_object() else {
         return Err(ApiError::bad_request("Payload must be a JSON object"));
     };
@@ -114,7 +112,7 @@ pub async fn report(
         .things
         .update_shadow(&name, update, Origin::Device)
         .await?;
-    Ok(Json(result.accepted))
+    Ok(super::json_text(&result.accepted))
 }
 
 /// `POST /api/v1/thing-datas/events` `{thingName, eventType, severity, data?, timestamp?}`: 201

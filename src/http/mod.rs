@@ -279,6 +279,17 @@ pub fn app(state: AppState) -> Router {
     }
 }
 
+/// A 200 whose body is JSON text already rendered (a shadow's `update/accepted`, shared with
+/// the MQTT channel's copy of it).
+pub(crate) fn json_text(text: &str) -> Response {
+    let mut response = Response::new(axum::body::Body::from(text.to_owned()));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
 /// Largest error body read back to wrap it in JSON.
 const ERROR_BODY_BYTES_MAX: usize = 16 * 1024;
 

@@ -1,7 +1,6 @@
 //! Management API: the Thing registry, shadows (operator side) and history.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
@@ -396,7 +395,7 @@ pub async fn update_shadow(
     State(state): State<AppState>,
     Path(name): Path<String>,
     JsonBody(body): JsonBody<Value>,
-) -> Result<Json<Arc<Value>>, ApiError> {
+) -> Result<Response, ApiError> {
     let update = ShadowUpdate::from_json(&body, &state.limits.shadow)?;
     // Durable when it returns; the desired change, the delta and `update/accepted` are the
     // Thing's effects, on their way whatever happens to this request now.
@@ -404,7 +403,7 @@ pub async fn update_shadow(
         .things
         .update_shadow(&name, update, Origin::Operator)
         .await?;
-    Ok(Json(result.accepted))
+    Ok(super::json_text(&result.accepted))
 }
 
 /// Optional body of a shadow deletion.

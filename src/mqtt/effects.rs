@@ -25,6 +25,7 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use serde_json::Value;
 use thinghub_actors::outbox::EffectSink;
 use thinghub_actors::thing::effects::Effect;
@@ -67,7 +68,11 @@ impl MqttEffects {
 
     /// Publishes `payload` on each of `topics`, rendered once.
     fn publish_each(&self, topics: impl Iterator<Item = String>, payload: &Value) {
-        let payload = Message::render(payload);
+        self.publish_rendered(topics, Message::render(payload));
+    }
+
+    /// Publishes the JSON text `payload` on each of `topics`.
+    fn publish_rendered(&self, topics: impl Iterator<Item = String>, payload: Bytes) {
         for topic in topics {
             let _ = self
                 .broker
@@ -79,6 +84,15 @@ impl MqttEffects {
     fn shadow_broadcast(&self, thing: &str, tail: &str, payload: &Value) {
         let namespaces = self.topics.namespaces().iter();
         self.publish_each(
+            namespaces.map(|namespace| self.topics.shadow(*namespace, thing, tail)),
+            payload,
+        );
+    }
+
+    /// [`Self::shadow_broadcast`] of a document already rendered.
+    fn shadow_broadcast_rendered(&self, thing: &str, tail: &str, payload: Bytes) {
+        let namespaces = self.topics.namespaces().iter();
+        self.publish_rendered(
             namespaces.map(|namespace| self.topics.shadow(*namespace, thing, tail)),
             payload,
         );
@@ -105,9 +119,11 @@ impl MqttEffects {
                     tracing::info!(%thing, client_id = %mqtt_client_id, "Thing deleted: its MQTT session was closed");
                 }
             }
-            Effect::ShadowAccepted(accepted) => {
-                self.shadow_broadcast(thing, "update/accepted", accepted)
-            }
+            Effect::ShadowAccepted(accepted) => self.shadow_broadcast_rendered(
+                thing,
+                "update/accepted",
+                Bytes::copy_from_slice(accepted.as_bytes()),
+            ),
             Effect::DesiredPushed(desired) => self.publish(
                 self.topics.shadow(Namespace::Native, thing, "update"),
                 desired,

@@ -32,8 +32,9 @@ pub enum Effect {
         /// The client id it held.
         mqtt_client_id: String,
     },
-    /// A shadow update was accepted: its document (AWS `update/accepted`), for every listener.
-    ShadowAccepted(Arc<Value>),
+    /// A shadow update was accepted: its document (AWS `update/accepted`) as JSON text, for
+    /// every listener.
+    ShadowAccepted(Arc<str>),
     /// An operator changed desired: `{state:{desired}, version, timestamp}` for the device.
     DesiredPushed(Arc<Value>),
     /// Desired differs from reported after the change: `{version, timestamp, state, metadata}`.
@@ -216,9 +217,7 @@ pub fn for_recovery(
             }
             ThingEvent::ShadowUpdated(update) => {
                 shadow_changed = true;
-                effects.push(Effect::ShadowAccepted(Arc::new(shadow::accepted_of(
-                    update,
-                ))));
+                effects.push(Effect::ShadowAccepted(shadow::accepted_of(update)));
                 effects.extend(
                     shadow::desired_pushed_of(update)
                         .map(|desired| Effect::DesiredPushed(Arc::new(desired))),

@@ -703,7 +703,62 @@ fn has_empty_object(map: &Map<String, Value>) -> bool {
     })
 }
 
+/// `update/accepted` built as a JSON map, as it was before it was serialized straight from the
+/// event: `accepted_of` must print exactly this.
+fn accepted_as_json_map(event: &shadow::ShadowUpdated) -> Value {
+    let mut state = Map::new();
+    let mut metadata = Map::new();
+    for (name, patch) in [("desired", &event.desired), ("reported", &event.reported)] {
+        if let Some(patch) = patch {
+            state.insert(name.into(), patch.to_json());
+            let meta = match patch {
+                shadow::SectionPatch::Clear => Value::Null,
+                shadow::SectionPatch::Merge(map) => {
+                    Value::Object(shadow::patch_metadata(map, event.timestamp_s))
+                }
+            };
+            metadata.insert(name.into(), meta);
+        }
+    }
+    let mut accepted = Map::new();
+    accepted.insert("state".into(), Value::Object(state));
+    accepted.insert("metadata".into(), Value::Object(metadata));
+    accepted.insert("version".into(), event.version.into());
+    accepted.insert("timestamp".into(), event.timestamp_s.into());
+    if let Some(token) = &event.client_token {
+        accepted.insert("clientToken".into(), token.clone().into());
+    }
+    Value::Object(accepted)
+}
+
 proptest! {
+    #[test]
+    fn accepted_text_is_the_json_map_printed(
+        desired in section(),
+        reported in section(),
+        token in prop::option::of("[a-z\"\\\\]{0,4}"),
+        version in 1u64..9,
+    ) {
+        let mut state = Map::new();
+        if let Some(d) = desired { state.insert("desired".into(), d); }
+        if let Some(r) = reported { state.insert("reported".into(), r); }
+        let mut body = json!({"state": state});
+        if let Some(token) = &token { body["clientToken"] = token.clone().into(); }
+        if let Ok(update) = ShadowUpdate::from_json(&body, &ShadowLimits::default()) {
+            let event = shadow::ShadowUpdated {
+                desired: update.desired,
+                reported: update.reported,
+                version,
+                timestamp_s: 1_700_000_000,
+                client_token: update.client_token,
+                origin: Origin::Device,
+                delta: None,
+            };
+            let printed = serde_json::to_string(&accepted_as_json_map(&event)).expect("JSON");
+            prop_assert_eq!(&*shadow::accepted_of(&event), printed.as_str());
+        }
+    }
+
     #[test]
     fn replaying_the_log_rebuilds_the_live_state(commands in prop::collection::vec(command(), 0..40)) {
         let (live, log) = run_live(&commands);
