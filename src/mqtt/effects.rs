@@ -82,11 +82,7 @@ impl MqttEffects {
 
     /// Publishes `payload` on `shadow/{tail}` in every enabled namespace.
     fn shadow_broadcast(&self, thing: &str, tail: &str, payload: &Value) {
-        let namespaces = self.topics.namespaces().iter();
-        self.publish_each(
-            namespaces.map(|namespace| self.topics.shadow(*namespace, thing, tail)),
-            payload,
-        );
+        self.shadow_broadcast_rendered(thing, tail, Message::render(payload));
     }
 
     /// [`Self::shadow_broadcast`] of a document already rendered.

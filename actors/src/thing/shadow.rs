@@ -596,21 +596,6 @@ fn merge_object(
     }
 }
 
-/// Metadata for the leaves a request names (null leaves included), for the accepted reply.
-pub fn patch_metadata(patch: &Map<String, Value>, stamp_s: u64) -> Map<String, Value> {
-    let stamp = Value::from(stamp_s);
-    patch
-        .iter()
-        .map(|(key, value)| {
-            let meta = match value {
-                Value::Object(child) => Value::Object(patch_metadata(child, stamp_s)),
-                _ => leaf_metadata(&stamp),
-            };
-            (key.clone(), meta)
-        })
-        .collect()
-}
-
 fn delta_into(
     desired: &Map<String, Value>,
     reported: &Map<String, Value>,
@@ -802,7 +787,8 @@ impl Serialize for Sections<'_> {
     }
 }
 
-/// [`patch_metadata`] serialized without building it.
+/// Metadata for the leaves a patch names (null leaves included), for the accepted reply: the
+/// patch's shape with every leaf `{"timestamp": stamp}`.
 struct PatchMetadata<'a>(&'a Map<String, Value>, u64);
 
 impl Serialize for PatchMetadata<'_> {

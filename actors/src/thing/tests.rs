@@ -714,7 +714,7 @@ fn accepted_as_json_map(event: &shadow::ShadowUpdated) -> Value {
             let meta = match patch {
                 shadow::SectionPatch::Clear => Value::Null,
                 shadow::SectionPatch::Merge(map) => {
-                    Value::Object(shadow::patch_metadata(map, event.timestamp_s))
+                    Value::Object(metadata_as_json_map(map, event.timestamp_s))
                 }
             };
             metadata.insert(name.into(), meta);
@@ -729,6 +729,20 @@ fn accepted_as_json_map(event: &shadow::ShadowUpdated) -> Value {
         accepted.insert("clientToken".into(), token.clone().into());
     }
     Value::Object(accepted)
+}
+
+/// The metadata of a patch as a JSON map: its shape, every leaf `{"timestamp": stamp}`.
+fn metadata_as_json_map(patch: &Map<String, Value>, stamp: u64) -> Map<String, Value> {
+    patch
+        .iter()
+        .map(|(key, value)| {
+            let meta = match value {
+                Value::Object(child) => Value::Object(metadata_as_json_map(child, stamp)),
+                _ => json!({ "timestamp": stamp }),
+            };
+            (key.clone(), meta)
+        })
+        .collect()
 }
 
 proptest! {
