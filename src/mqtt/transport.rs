@@ -10,11 +10,12 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use futures_util::{SinkExt as _, StreamExt as _};
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
@@ -144,18 +145,26 @@ impl Transport {
     /// the future is dropped, nothing was consumed.
     pub async fn read_into(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
         match self {
-            Transport::Tcp { reader, .. } => loop {
-                reader.readable().await?;
-                let mut chunk = [0u8; READ_CHUNK_BYTES];
-                match reader.try_read(&mut chunk) {
-                    Ok(n) => {
-                        buf.extend_from_slice(&chunk[..n]);
-                        return Ok(n);
+            // `poll_read`, not `readable` + `try_read`: a read that fills less than the chunk
+            // drained the socket, and tokio then clears the readiness itself, so the next
+            // read waits for epoll instead of costing a `recvfrom` that returns EAGAIN (one
+            // wasted syscall per request otherwise). The chunk lives only during one poll, so
+            // an idle connection's future does not carry it.
+            Transport::Tcp { reader, .. } => {
+                std::future::poll_fn(|cx| {
+                    let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK_BYTES];
+                    let mut read = ReadBuf::uninit(&mut chunk);
+                    match std::pin::Pin::new(&mut *reader).poll_read(cx, &mut read) {
+                        Poll::Ready(Ok(())) => {
+                            buf.extend_from_slice(read.filled());
+                            Poll::Ready(Ok(read.filled().len()))
+                        }
+                        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                        Poll::Pending => Poll::Pending,
                     }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                    Err(e) => return Err(e),
-                }
-            },
+                })
+                .await
+            }
             // Straight into the buffer: a stack chunk held across this await would sit in
             // every connection's future (TCP ones too), 4 KiB each while idle.
             Transport::Stream(stream) => {
