@@ -557,16 +557,40 @@ fn topics(bytes: &[u8]) {
         }
     }
     if a_ok && topic_ok {
+        // The trie holds exact filters and wildcard filters apart; with both of the two
+        // filters in it, it finds each once exactly when `matches` says so, and forgets each.
         let mut trie = FilterTrie::default();
         trie.insert(a, 1u8);
+        if b_ok {
+            trie.insert(b, 2u8);
+        }
         let mut found = Vec::new();
         trie.matching(t, &mut found);
+        found.sort_unstable();
+        let mut expected = Vec::new();
+        if topic::matches(a, t) {
+            expected.push(1u8);
+        }
+        if b_ok && topic::matches(b, t) {
+            expected.push(2u8);
+        }
+        assert_eq!(found, expected, "trie vs matches: {a:?} {b:?} {t:?}");
         assert_eq!(
-            found.is_empty(),
-            !topic::matches(a, t),
-            "trie vs matches: {a:?} {t:?}"
+            trie.matches_any(t),
+            !expected.is_empty(),
+            "{a:?} {b:?} {t:?}"
         );
         assert!(trie.remove(a, &1u8));
+        if b_ok {
+            assert!(trie.remove(b, &2u8));
+        }
+        assert!(trie.is_empty());
+        found.clear();
+        trie.matching(t, &mut found);
+        assert!(
+            found.is_empty(),
+            "removed filters still match: {a:?} {b:?} {t:?}"
+        );
     }
 }
 

@@ -163,7 +163,12 @@ pub fn intersects(a: &str, b: &str) -> bool {
 /// topic's depth (not to the number of subscriptions).
 #[derive(Debug)]
 pub struct FilterTrie<V> {
+    /// Filters without wildcards (a device's own reply topics, mostly), by the one topic each
+    /// matches: routing a topic is one lookup of the whole name, not a walk level by level.
+    exact: HashMap<String, Vec<V>>,
+    /// Filters with a wildcard; walked only while there is any.
     root: Node<V>,
+    wildcard_filters: usize,
     len: usize,
     /// Filters by their literal last level, and those ending in a wildcard (which can match
     /// any last level): whether a topic can match anything is then known from its last level
@@ -198,7 +203,9 @@ impl<V> Default for Node<V> {
 impl<V> Default for FilterTrie<V> {
     fn default() -> Self {
         FilterTrie {
+            exact: HashMap::new(),
             root: Node::default(),
+            wildcard_filters: 0,
             len: 0,
             ends: HashMap::new(),
             wildcard_ends: 0,
@@ -221,11 +228,21 @@ impl<V: PartialEq + Clone> FilterTrie<V> {
     }
 
     fn insert_value(&mut self, filter: &str, value: V) -> bool {
+        if !has_wildcard(filter) {
+            let values = self.exact.entry(filter.to_owned()).or_default();
+            if values.contains(&value) {
+                return false;
+            }
+            values.push(value);
+            return true;
+        }
+        self.wildcard_filters += 1;
         let mut node = &mut self.root;
         let mut levels = filter.split('/').peekable();
         while let Some(level) = levels.next() {
             if level == "#" && levels.peek().is_none() {
                 if node.multi.contains(&value) {
+                    self.wildcard_filters -= 1;
                     return false;
                 }
                 node.multi.push(value);
@@ -238,6 +255,7 @@ impl<V: PartialEq + Clone> FilterTrie<V> {
             };
         }
         if node.here.contains(&value) {
+            self.wildcard_filters -= 1;
             return false;
         }
         node.here.push(value);
@@ -246,8 +264,25 @@ impl<V: PartialEq + Clone> FilterTrie<V> {
 
     /// Removes `value` from `filter`; returns whether it was there. Empty nodes are pruned.
     pub fn remove(&mut self, filter: &str, value: &V) -> bool {
-        let levels: Vec<&str> = filter.split('/').collect();
-        let removed = remove_at(&mut self.root, &levels, value);
+        let removed = if has_wildcard(filter) {
+            let levels: Vec<&str> = filter.split('/').collect();
+            let removed = remove_at(&mut self.root, &levels, value);
+            if removed {
+                self.wildcard_filters -= 1;
+            }
+            removed
+        } else {
+            match self.exact.get_mut(filter) {
+                Some(values) => {
+                    let removed = remove_value(values, value);
+                    if values.is_empty() {
+                        self.exact.remove(filter);
+                    }
+                    removed
+                }
+                None => false,
+            }
+        };
         if removed {
             self.len -= 1;
             match last_level(filter) {
@@ -273,6 +308,12 @@ impl<V: PartialEq + Clone> FilterTrie<V> {
 
     /// Every value whose filter matches `topic`, applying the `$` rule.
     pub fn matching(&self, topic: &str, out: &mut Vec<V>) {
+        if let Some(values) = self.exact.get(topic) {
+            out.extend(values.iter().cloned());
+        }
+        if self.wildcard_filters == 0 {
+            return;
+        }
         let levels: Vec<&str> = topic.split('/').collect();
         let dollar = topic.starts_with('$');
         collect(&self.root, &levels, 0, dollar, out);
@@ -281,6 +322,12 @@ impl<V: PartialEq + Clone> FilterTrie<V> {
     /// Whether any filter matches `topic` (as [`FilterTrie::matching`], without collecting).
     pub fn matches_any(&self, topic: &str) -> bool {
         if !self.may_match_ending(last_level(topic)) {
+            return false;
+        }
+        if self.exact.contains_key(topic) {
+            return true;
+        }
+        if self.wildcard_filters == 0 {
             return false;
         }
         let levels: Vec<&str> = topic.split('/').collect();
@@ -368,6 +415,11 @@ fn collect<V: Clone>(
             collect(child, rest, depth + 1, dollar, out);
         }
     }
+}
+
+/// Whether a (validated) filter holds `+` or `#`, so it can match more than one topic.
+fn has_wildcard(filter: &str) -> bool {
+    filter.split('/').any(|level| level == "+" || level == "#")
 }
 
 /// The last level of a topic or filter.
