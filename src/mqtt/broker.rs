@@ -1690,6 +1690,20 @@ impl Broker {
         self.route(&mut state, message)
     }
 
+    /// [`Broker::publish`] of several messages under one lock (a server publication on each
+    /// enabled namespace's topic); refusals are not reported.
+    pub fn publish_all(&self, messages: Vec<Message>) {
+        let now = Instant::now();
+        let mut state = self.lock();
+        for message in messages {
+            if message.expired(now) {
+                self.stats.messages_expired.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let _ = self.route(&mut state, message);
+        }
+    }
+
     fn route(&self, state: &mut State, message: Message) -> Result<usize, PublishRefusal> {
         if message.retain {
             self.retain(state, &message)?;

@@ -73,11 +73,11 @@ impl MqttEffects {
 
     /// Publishes the JSON text `payload` on each of `topics`.
     fn publish_rendered(&self, topics: impl Iterator<Item = String>, payload: Bytes) {
-        for topic in topics {
-            let _ = self
-                .broker
-                .publish(Message::server_json(topic, payload.clone()));
-        }
+        // The topics are formatted before the broker's lock is taken, then routed under one.
+        let messages = topics
+            .map(|topic| Message::server_json(topic, payload.clone()))
+            .collect();
+        self.broker.publish_all(messages);
     }
 
     /// Publishes `payload` on `shadow/{tail}` in every enabled namespace.
