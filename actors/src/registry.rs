@@ -228,8 +228,9 @@ impl Registry {
     /// Sends `request` to the Thing `name` (activating it if needed) and awaits the answer.
     /// 429 when the Thing already has `requests_in_flight_max` requests in flight.
     pub async fn request(&self, name: &str, request: Request) -> Result<Response, Rejection> {
-        let _place = self.admit(name)?;
-        self.ask(name, request).await
+        let (reply, answer) = oneshot::channel();
+        let _place = self.admit_and_route(name, ThingMsg::Request { request, reply })?;
+        self.answer(name, answer).await
     }
 
     /// Sends `request` without taking one of the Thing's request places: for the node's own
@@ -238,6 +239,15 @@ impl Registry {
     pub(crate) async fn ask(&self, name: &str, request: Request) -> Result<Response, Rejection> {
         let (reply, answer) = oneshot::channel();
         self.route(name, ThingMsg::Request { request, reply });
+        self.answer(name, answer).await
+    }
+
+    /// The Thing's answer to a routed request, or why there is none.
+    async fn answer(
+        &self,
+        name: &str,
+        answer: oneshot::Receiver<Result<Response, Rejection>>,
+    ) -> Result<Response, Rejection> {
         let timeout = Duration::from_millis(self.inner.config.request_timeout_ms);
         match tokio::time::timeout(timeout, answer).await {
             Ok(Ok(answer)) => answer,
@@ -265,11 +275,21 @@ impl Registry {
         }
     }
 
-    fn admit<'r>(&'r self, name: &'r str) -> Result<InFlight<'r>, Rejection> {
+    /// Takes one of the Thing's request places and delivers `message`, under one lock of its
+    /// shard (a request on the hot path locks the shard here and once more to give the place
+    /// back). Refused, the message is dropped undelivered.
+    fn admit_and_route<'r>(
+        &'r self,
+        name: &'r str,
+        message: ThingMsg,
+    ) -> Result<InFlight<'r>, Rejection> {
         let shard = self.shard_of(name);
         let max = self.inner.config.requests_in_flight_max;
         let mut map = lock(&self.inner.shards[shard]);
-        let count = map.in_flight.entry(name.to_owned()).or_insert(0);
+        let count = match map.in_flight.get_mut(name) {
+            Some(count) => count,
+            None => map.in_flight.entry(name.to_owned()).or_insert(0),
+        };
         if *count >= max {
             return Err(Rejection::new(
                 RejectionKind::TooManyRequests,
@@ -277,11 +297,13 @@ impl Registry {
             ));
         }
         *count += 1;
-        Ok(InFlight {
+        let place = InFlight {
             registry: self,
             shard,
             name,
-        })
+        };
+        self.route_locked(shard, map, name, message);
+        Ok(place)
     }
 
     fn shard_of(&self, name: &str) -> usize {
@@ -293,8 +315,18 @@ impl Registry {
     /// Delivers a message to the Thing's current incarnation, or buffers it for the next one.
     pub fn route(&self, name: &str, message: ThingMsg) {
         let shard_index = self.shard_of(name);
-        let shard = &self.inner.shards[shard_index];
-        let mut map = lock(shard);
+        let map = lock(&self.inner.shards[shard_index]);
+        self.route_locked(shard_index, map, name, message);
+    }
+
+    /// [`Registry::route`] with the Thing's shard already locked.
+    fn route_locked(
+        &self,
+        shard_index: usize,
+        mut map: MutexGuard<'_, ShardMap>,
+        name: &str,
+        message: ThingMsg,
+    ) {
         match map.slots.get_mut(name) {
             Some(Slot::Active { actor, last_routed }) => {
                 *last_routed = Instant::now();
