@@ -978,9 +978,16 @@ async fn session_loop(
             if !keep_alive.is_zero() {
                 deadline.as_mut().reset(Instant::now() + keep_alive);
             }
-            // Boxed: handling a packet (fast-path requests to Thing actors included) needs
-            // kilobytes of future state that an idle connection should not carry.
-            match Box::pin(handle_packet(conn, ctx, session, packet)).await {
+            // Boxed: handling a publish or a subscribe (fast-path requests to Thing actors
+            // included) needs kilobytes of future state that an idle connection should not
+            // carry. Every other packet (a device's PUBACK for each reply, PINGREQ) is handled
+            // at once, without allocating that future.
+            let handled = if matches!(packet, Packet::Publish(..) | Packet::Subscribe(..)) {
+                Box::pin(handle_packet(conn, ctx, session, packet)).await
+            } else {
+                handle_control(conn, ctx, session, packet)
+            };
+            match handled {
                 Ok(None) => {}
                 Ok(Some(reason)) => {
                     // Acknowledgements already queued still go out (bounded).
@@ -1193,19 +1200,31 @@ async fn handle_packet(
     session: &mut Session,
     packet: Packet,
 ) -> std::io::Result<Option<CloseReason>> {
+    match packet {
+        Packet::Publish(publish, properties) => {
+            handle_publish(conn, ctx, session, publish, properties).await
+        }
+        Packet::Subscribe(subscribe, properties) => {
+            handle_subscribe(conn, ctx, session, subscribe, properties).await
+        }
+        other => handle_control(conn, ctx, session, other),
+    }
+}
+
+/// Every packet but PUBLISH and SUBSCRIBE: handled without waiting on anything.
+fn handle_control(
+    conn: &mut Conn,
+    ctx: &MqttContext,
+    session: &mut Session,
+    packet: Packet,
+) -> std::io::Result<Option<CloseReason>> {
     let client_id = session.identity.client_id.as_str();
     let connection_id = session.connection_id;
     match packet {
-        Packet::Publish(publish, properties) => {
-            return handle_publish(conn, ctx, session, publish, properties).await;
-        }
         Packet::PubAck(ack, _) => ctx.broker.acknowledged(client_id, connection_id, ack.pkid),
         Packet::PubRec(rec, _) => ctx.broker.received(client_id, connection_id, rec.pkid),
         Packet::PubComp(comp, _) => ctx.broker.acknowledged(client_id, connection_id, comp.pkid),
         Packet::PubRel(rel, _) => handle_pubrel(conn, ctx, session, rel.pkid)?,
-        Packet::Subscribe(subscribe, properties) => {
-            return handle_subscribe(conn, ctx, session, subscribe, properties).await;
-        }
         Packet::Unsubscribe(unsubscribe, _) => handle_unsubscribe(conn, ctx, session, unsubscribe)?,
         Packet::PingReq(_) => conn.queue(Packet::PingResp(PingResp))?,
         Packet::Disconnect(disconnect, properties) => {
