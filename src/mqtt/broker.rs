@@ -2445,7 +2445,10 @@ fn add_delivery(
     match per_client.get_mut(&subscriber.client) {
         Some((best, ids)) => {
             ids.extend(id);
-            if subscriber.options.qos > best.options.qos {
+            // The highest QoS; at equal QoS, Retain As Published if any of them asked for it:
+            // the outcome must not depend on the order the subscription index lists them in.
+            let (new, old) = (&subscriber.options, &best.options);
+            if (new.qos, new.retain_as_published) > (old.qos, old.retain_as_published) {
                 *best = subscriber;
             }
         }
@@ -3075,6 +3078,36 @@ pub(crate) mod tests {
         let mut ids = got[0].subscription_ids.clone();
         ids.sort_unstable();
         assert_eq!(ids, [1, 7]);
+    }
+
+    #[test]
+    fn overlapping_subscriptions_keep_retain_as_published_whatever_their_order() {
+        // An exact filter and a wildcard one at the same QoS, in both roles and both orders:
+        // the retained flag goes out when either subscription asked for it.
+        for (exact_rap, subscribe_exact_first) in
+            [(true, true), (true, false), (false, true), (false, false)]
+        {
+            let broker = broker();
+            let mut c = attach(&broker, "c", true, 0);
+            let mut exact = options(1);
+            exact.retain_as_published = exact_rap;
+            let mut wildcard = options(1);
+            wildcard.retain_as_published = !exact_rap;
+            if subscribe_exact_first {
+                subscribe_with(&broker, "c", "a/b", exact);
+                subscribe_with(&broker, "c", "a/#", wildcard);
+            } else {
+                subscribe_with(&broker, "c", "a/#", wildcard);
+                subscribe_with(&broker, "c", "a/b", exact);
+            }
+            broker.publish(message("a/b", 1, true)).expect("published");
+            let got = publishes(&mut c.rx);
+            assert_eq!(got.len(), 1, "one delivery per client");
+            assert!(
+                got[0].retain,
+                "retain as published (exact asked: {exact_rap}, exact first: {subscribe_exact_first})"
+            );
+        }
     }
 
     fn will(topic: &str, delay_s: u64) -> Will {
