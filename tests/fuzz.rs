@@ -560,10 +560,13 @@ fn topics(bytes: &[u8]) {
         // The trie holds exact filters and wildcard filters apart; with both of the two
         // filters in it, it finds each once exactly when `matches` says so, and forgets each.
         let mut trie = FilterTrie::default();
-        trie.insert(a, 1u8);
+        assert!(trie.insert(a, 1u8));
+        assert!(!trie.insert(a, 1u8), "a duplicate is refused: {a:?}");
         if b_ok {
-            trie.insert(b, 2u8);
+            assert!(trie.insert(b, 2u8));
+            assert!(!trie.insert(b, 2u8), "a duplicate is refused: {b:?}");
         }
+        assert_eq!(trie.len(), 1 + usize::from(b_ok));
         let mut found = Vec::new();
         trie.matching(t, &mut found);
         found.sort_unstable();
