@@ -1682,12 +1682,9 @@ impl Broker {
     /// Returns the number of sessions it was delivered or queued to; refused (and neither
     /// retained nor routed) when retaining it would pass a retained bound.
     pub fn publish(&self, message: Message) -> Result<usize, PublishRefusal> {
-        if message.expired(Instant::now()) {
-            self.stats.messages_expired.fetch_add(1, Ordering::Relaxed);
-            return Ok(0);
-        }
+        let now = Instant::now();
         let mut state = self.lock();
-        self.route(&mut state, message)
+        self.route_unexpired(&mut state, message, now)
     }
 
     /// [`Broker::publish`] of several messages under one lock (a server publication on each
@@ -1696,12 +1693,22 @@ impl Broker {
         let now = Instant::now();
         let mut state = self.lock();
         for message in messages {
-            if message.expired(now) {
-                self.stats.messages_expired.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            let _ = self.route(&mut state, message);
+            let _ = self.route_unexpired(&mut state, message, now);
         }
+    }
+
+    /// Routes `message` unless it expired before it could be (counted, delivered to no one).
+    fn route_unexpired(
+        &self,
+        state: &mut State,
+        message: Message,
+        now: Instant,
+    ) -> Result<usize, PublishRefusal> {
+        if message.expired(now) {
+            self.stats.messages_expired.fetch_add(1, Ordering::Relaxed);
+            return Ok(0);
+        }
+        self.route(state, message)
     }
 
     fn route(&self, state: &mut State, message: Message) -> Result<usize, PublishRefusal> {
