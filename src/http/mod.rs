@@ -33,7 +33,7 @@ use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
-use axum::response::Response;
+use axum::response::{IntoResponse as _, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use thinghub_actors::thing::{CommandLimits, EventLimits, ShadowLimits};
@@ -280,14 +280,13 @@ pub fn app(state: AppState) -> Router {
 }
 
 /// A 200 whose body is JSON text already rendered (a shadow's `update/accepted`, shared with
-/// the MQTT channel's copy of it).
+/// the MQTT channel's copy of it; the OpenAPI document).
 pub(crate) fn json_text(text: &str) -> Response {
-    let mut response = Response::new(axum::body::Body::from(text.to_owned()));
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        text.to_owned(),
+    )
+        .into_response()
 }
 
 /// Largest error body read back to wrap it in JSON.

@@ -8,8 +8,7 @@
 
 use std::sync::Arc;
 
-use axum::http::header;
-use axum::response::IntoResponse;
+use axum::response::Response;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, OpenApi, Ref, ResponseBuilder};
 use utoipa::ToSchema;
@@ -137,9 +136,6 @@ pub fn finish(openapi: &mut OpenApi) {
     tag = "meta",
     responses((status = 200, description = "The OpenAPI 3.1 document of this server.", content_type = "application/json", body = Object)),
 )]
-pub async fn document(doc: Arc<str>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        doc.to_string(),
-    )
+pub async fn document(doc: Arc<str>) -> Response {
+    super::json_text(&doc)
 }
