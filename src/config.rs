@@ -143,6 +143,9 @@ pub struct Config {
     /// Appends one log epoch (one sled database under `log/`) takes before the next starts:
     /// bounds what opening the store replays.
     pub storage_epoch_appends_max: u64,
+    /// Bytes of write-ahead records (`wal/`) after which the group commit flushes the log
+    /// epochs into sled and starts a new segment: bounds what opening the store replays.
+    pub storage_wal_bytes_max: u64,
     /// How long graceful shutdown waits for Things to stop.
     pub shutdown_timeout_ms: u64,
     /// How often the effects cursor is saved and the MQTT sessions and retained messages are
@@ -342,6 +345,7 @@ impl Default for Config {
             storage_cache_bytes: 64 * 1024 * 1024,
             commit_batch_appends_max: 4096,
             storage_epoch_appends_max: 2_000_000,
+            storage_wal_bytes_max: 16 * 1024 * 1024,
             shutdown_timeout_ms: 10_000,
             effects_checkpoint_interval_ms: 200,
             effects_straggler_grace_ms: 10_000,
@@ -656,6 +660,7 @@ impl Config {
                 self.commit_batch_appends_max as u64,
             ),
             ("storage_epoch_appends_max", self.storage_epoch_appends_max),
+            ("storage_wal_bytes_max", self.storage_wal_bytes_max),
             (
                 "effects_checkpoint_interval_ms",
                 self.effects_checkpoint_interval_ms,

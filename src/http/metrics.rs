@@ -143,7 +143,7 @@ fn collect(state: &AppState) -> Vec<Metric> {
         m(
             "thinghub_storage_commits_total",
             "counter",
-            "Group commits (flush + fsync).",
+            "Group commits (write-ahead fsync, main database flush + fsync).",
             commit.batches as f64,
             "storage",
             "commits",
@@ -159,10 +159,18 @@ fn collect(state: &AppState) -> Vec<Metric> {
         m(
             "thinghub_storage_commit_seconds_total",
             "counter",
-            "Time spent in flush + fsync.",
+            "Time spent in group commits (write-ahead sync, flush + fsync).",
             commit.flush_us_total as f64 / 1e6,
             "storage",
             "commitSecondsTotal",
+        ),
+        m(
+            "thinghub_storage_checkpoints_total",
+            "counter",
+            "Group commits that flushed the log epochs into sled and dropped older write-ahead segments.",
+            commit.checkpoints as f64,
+            "storage",
+            "checkpoints",
         ),
         m(
             "thinghub_storage_log_epochs",

@@ -1,15 +1,24 @@
-//! Group commit: one thread makes every pending write durable with one flush + fsync per
-//! database.
+//! Group commit: one thread makes every pending write durable with one write + fsync of the
+//! write-ahead segment and one flush + fsync of the main database.
 //!
 //! Writers insert into sled (memory), then hand the committer a waiter and await it (an append's
-//! waiter is handed over by whoever wrote it, see `feed`). The thread takes every waiter
-//! queued so far (up to the batch bound), flushes every log epoch that is not
-//! sealed (oldest first) and then the main database, `fsync`ing each one's database file and any
-//! new blob files (sled's flush only issues `sync_file_range`, which is not a durability barrier,
-//! and it never syncs blobs), then wakes them all. Every such database is fsynced even when the
-//! flush wrote nothing: sled writes a full buffer to its file on its own, without an fsync. Writes that arrive during
-//! a flush form the next batch, so the cost is one fsync per batch, not per write. Exactly one
-//! flush is ever in flight (sled's concurrent `flush_async` deadlocks, upstream issue #1308).
+//! waiter is handed over by whoever wrote it, see `feed`; the feed's combiner has framed the
+//! append's writes to its log epoch as write-ahead records by then, see `wal`). The thread takes
+//! every waiter queued so far (up to the batch bound), writes the queued write-ahead records to
+//! the current segment and `fdatasync`s it, then flushes the main database (indexes, snapshots,
+//! sessions, cursors, key/values), `fsync`ing its database file and any new blob files (sled's
+//! flush only issues `sync_file_range`, which is not a durability barrier, and it never syncs
+//! blobs), then wakes them all. The main database is fsynced even when the flush wrote nothing:
+//! sled writes a full buffer to its file on its own, without an fsync.
+//!
+//! The log epochs are flushed only at a checkpoint: once `wal_bytes_max` bytes of records were
+//! written since the last one, when a write-ahead write or sync failed (a failed fsync leaves
+//! the file's state unknown), and at the end. A checkpoint starts a new segment, flushes and
+//! fsyncs every epoch that is not sealed (oldest first), and then removes the older segments.
+//! Writes that arrive during a commit form the next batch, so the cost is one commit per batch,
+//! not per write. Exactly one flush of a database is ever in flight (sled's concurrent
+//! `flush_async` deadlocks, upstream issue #1308; a seal's flush of its epoch takes the
+//! epoch's flush lock).
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -22,6 +31,7 @@ use tokio::sync::oneshot;
 
 use crate::epoch::Epochs;
 use crate::feed::{FeedClock, Turn};
+use crate::wal::{WalBuffer, WalFiles};
 use crate::StorageError;
 
 /// Told `Turn::Done` once everything written before it was handed over is durable.
@@ -36,6 +46,8 @@ pub struct CommitStats {
     pub waiters: u64,
     /// Total time spent in flush + fsync, microseconds.
     pub flush_us_total: u64,
+    /// Checkpoints completed (log epochs flushed into sled, older write-ahead segments removed).
+    pub checkpoints: u64,
 }
 
 #[derive(Default)]
@@ -43,6 +55,15 @@ struct Counters {
     batches: AtomicU64,
     waiters: AtomicU64,
     flush_us_total: AtomicU64,
+    checkpoints: AtomicU64,
+}
+
+/// The write-ahead side of the group commit (see [`crate::wal`]).
+pub(crate) struct WriteAhead {
+    pub(crate) files: WalFiles,
+    pub(crate) buffer: Arc<WalBuffer>,
+    /// Bytes written to segments after which a commit is a checkpoint.
+    pub(crate) bytes_max: u64,
 }
 
 pub(crate) struct GroupCommit {
@@ -56,6 +77,7 @@ impl GroupCommit {
         db: sled::Db,
         epochs: Arc<Epochs>,
         data_dir: &Path,
+        wal: WriteAhead,
         batch_waiters_max: usize,
         feed: Arc<FeedClock>,
     ) -> Result<GroupCommit, StorageError> {
@@ -72,6 +94,8 @@ impl GroupCommit {
                     main,
                     epochs,
                     epoch_files: Vec::new(),
+                    wal,
+                    checkpoint_due: false,
                 };
                 run(
                     rx,
@@ -128,6 +152,7 @@ impl GroupCommit {
             batches: self.counters.batches.load(Ordering::Relaxed),
             waiters: self.counters.waiters.load(Ordering::Relaxed),
             flush_us_total: self.counters.flush_us_total.load(Ordering::Relaxed),
+            checkpoints: self.counters.checkpoints.load(Ordering::Relaxed),
         }
     }
 }
@@ -195,11 +220,49 @@ struct Syncer {
     epochs: Arc<Epochs>,
     /// Files of the epochs flushed so far, by epoch id (dropped once the epoch is sealed).
     epoch_files: Vec<(u64, DbFiles)>,
+    wal: WriteAhead,
+    /// The next commit is a checkpoint (a write-ahead write or sync failed).
+    checkpoint_due: bool,
 }
 
 impl Syncer {
-    fn make_durable(&mut self) -> std::io::Result<()> {
-        // Epochs first: an append's index changes (main database) are written after its events.
+    /// Makes everything written before the call durable; a checkpoint if `checkpoint` or due.
+    /// Returns whether it was one.
+    fn make_durable(&mut self, mut checkpoint: bool) -> std::io::Result<bool> {
+        let written_ahead = self.write_ahead(&mut checkpoint);
+        if written_ahead.is_err() {
+            // Whatever was written to the segment may be lost in part: from now on only a
+            // flush of the epochs themselves vouches for those appends.
+            self.checkpoint_due = true;
+        }
+        written_ahead?;
+        // The main database last: an append's index changes are written after its events.
+        self.db.flush().map_err(std::io::Error::other)?;
+        self.main.sync()?;
+        if checkpoint {
+            self.wal.files.remove_older()?;
+            self.checkpoint_due = false;
+        }
+        Ok(checkpoint)
+    }
+
+    /// The appends' records made durable: synced in the segment, or (a checkpoint) flushed in
+    /// the epochs themselves, with later records going to a new segment.
+    fn write_ahead(&mut self, checkpoint: &mut bool) -> std::io::Result<()> {
+        self.wal.files.write_pending(&self.wal.buffer)?;
+        *checkpoint = *checkpoint
+            || self.wal.buffer.take_checkpoint_request()
+            || self.checkpoint_due
+            || self.wal.files.since_checkpoint_bytes() >= self.wal.bytes_max;
+        if !*checkpoint {
+            return self.wal.files.sync();
+        }
+        self.wal.files.rotate()?;
+        self.flush_epochs()
+    }
+
+    /// Flushes and fsyncs every epoch that is not sealed, oldest first.
+    fn flush_epochs(&mut self) -> std::io::Result<()> {
         let unsealed = self.epochs.unsealed();
         self.epoch_files
             .retain(|(id, _)| unsealed.iter().any(|e| e.id == *id));
@@ -219,8 +282,7 @@ impl Syncer {
             };
             files.sync()?;
         }
-        self.db.flush().map_err(std::io::Error::other)?;
-        self.main.sync()
+        Ok(())
     }
 }
 
@@ -243,10 +305,18 @@ fn run(
         let started = Instant::now();
         // Every feed position below this is written now, so durable once the flush succeeds.
         let feed_end = feed.written_end();
-        let result = syncer.make_durable().map_err(|e| {
-            tracing::error!(error = %e, "group commit failed; writes in this batch are not durable");
-            StorageError::CommitFailed(e.to_string())
-        });
+        let result = match syncer.make_durable(false) {
+            Ok(checkpoint) => {
+                if checkpoint {
+                    counters.checkpoints.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "group commit failed; writes in this batch are not durable");
+                Err(StorageError::CommitFailed(e.to_string()))
+            }
+        };
         counters
             .flush_us_total
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
@@ -261,10 +331,11 @@ fn run(
             let _ = waiter.send(Turn::Done(result.clone()));
         }
     }
-    // Channel closed: make anything written since the last batch durable before exiting.
+    // Channel closed: make anything written since the last batch durable in sled itself before
+    // exiting (the next open then has no segment to replay).
     let feed_end = feed.written_end();
-    match syncer.make_durable() {
-        Ok(()) => feed.durable_to(feed_end),
+    match syncer.make_durable(true) {
+        Ok(_) => feed.durable_to(feed_end),
         Err(e) => tracing::error!(error = %e, "final flush at shutdown failed"),
     }
 }

@@ -65,6 +65,9 @@ pub(crate) struct Epoch {
     /// Nothing is written to it any more and everything in it is durable: the group commit
     /// skips it.
     sealed: AtomicBool,
+    /// Held while its database is flushed: by the group commit's checkpoint or by its seal, one
+    /// at a time (sled's concurrent flushes of one database can deadlock, upstream #1308).
+    flushing: std::sync::Mutex<()>,
 }
 
 impl Epoch {
@@ -139,6 +142,7 @@ impl Epoch {
         if self.is_sealed() {
             return Ok(false);
         }
+        let _one_flush = self.flushing.lock().unwrap_or_else(|p| p.into_inner());
         let guard = match self.trees.try_read() {
             Ok(guard) => guard,
             Err(std::sync::TryLockError::WouldBlock) => return Ok(false),
@@ -148,6 +152,23 @@ impl Epoch {
             Some(db) => db.flush().map(|_| true).map_err(std::io::Error::other),
             None => Ok(false),
         }
+    }
+
+    /// Flushes and fsyncs its database (before it is sealed: from then on the group commit's
+    /// checkpoints skip it, and its write-ahead records may go).
+    fn make_durable(&self) -> Result<(), StorageError> {
+        let Some(dir) = self.dir.as_deref() else {
+            return Ok(());
+        };
+        let _one_flush = self.flushing.lock().unwrap_or_else(|p| p.into_inner());
+        let held = self.read()?;
+        if let Some(db) = &held.trees().db {
+            db.flush()?;
+            crate::commit::DbFiles::open(dir)
+                .and_then(|mut files| files.sync())
+                .map_err(|e| StorageError::Db(format!("fsync {}: {e}", dir.display())))?;
+        }
+        Ok(())
     }
 }
 
@@ -384,6 +405,7 @@ impl Epochs {
         data_dir: &Path,
         cache_bytes: u64,
         appends_max: u64,
+        wal_dir: &Path,
     ) -> Result<Epochs, StorageError> {
         let dir = data_dir.join("log");
         std::fs::create_dir_all(&dir)
@@ -429,12 +451,7 @@ impl Epochs {
                     open_epoch_trees(&path, sealed_cache)?
                 }
             };
-            let first_position = match trees.feed.first()? {
-                Some((key, _)) => <[u8; 8]>::try_from(key.as_ref())
-                    .map(u64::from_be_bytes)
-                    .ok(),
-                None => None,
-            };
+            let first_position = first_position_of(&trees.feed)?;
             Ok((id, path, trees, first_position))
         };
         // Opening a sealed epoch is loading its snapshot (CPU and reads): one thread per core.
@@ -466,10 +483,11 @@ impl Epochs {
             return Err(StorageError::Db("opening a log epoch panicked".into()));
         }
         results.sort_unstable_by_key(|(i, _)| *i);
-        let opened = results
+        let mut opened = results
             .into_iter()
             .map(|(_, result)| result)
             .collect::<Result<Vec<_>, _>>()?;
+        replay_written_ahead(&dir, wal_dir, sealed_cache, &mut opened)?;
         // Every packed copy swapped in before a stop opened: the unpacked epochs can go.
         for id in replaced {
             let old = replaced_dir(&epoch_dir(&dir, id));
@@ -501,6 +519,7 @@ impl Epochs {
             })),
             cache_bytes: 0,
             sealed: AtomicBool::new(true),
+            flushing: std::sync::Mutex::new(()),
         })];
         for ((id, path, trees, _), first_position) in opened.into_iter().zip(firsts) {
             list.push(Arc::new(Epoch {
@@ -510,6 +529,7 @@ impl Epochs {
                 trees: RwLock::new(Some(trees)),
                 cache_bytes: sealed_cache,
                 sealed: AtomicBool::new(true),
+                flushing: std::sync::Mutex::new(()),
             }));
         }
         Ok(Epochs {
@@ -577,6 +597,7 @@ impl Epochs {
             // Once sealed and reopened, a reader's cache.
             cache_bytes: sealed_cache_bytes(self.cache_bytes),
             sealed: AtomicBool::new(false),
+            flushing: std::sync::Mutex::new(()),
         });
         self.list
             .write()
@@ -700,6 +721,90 @@ impl Epochs {
     }
 }
 
+/// An opened epoch: id, directory, trees, first feed position recorded in it.
+type Opened = (u64, PathBuf, EpochTrees, Option<u64>);
+
+fn first_position_of(feed: &sled::Tree) -> Result<Option<u64>, StorageError> {
+    Ok(match feed.first()? {
+        Some((key, _)) => <[u8; 8]>::try_from(key.as_ref())
+            .map(u64::from_be_bytes)
+            .ok(),
+        None => None,
+    })
+}
+
+/// Puts back into the epochs what the write-ahead segments hold (see [`crate::wal`]), then
+/// flushes and fsyncs every epoch written to, so that the segments can go. A packed epoch is
+/// skipped: it was packed from its database after that was made durable. An epoch named by a
+/// record and missing (its directory lost with a power cut) is created again.
+fn replay_written_ahead(
+    log_dir: &Path,
+    wal_dir: &Path,
+    cache_bytes: u64,
+    opened: &mut Vec<Opened>,
+) -> Result<(), StorageError> {
+    let started = Instant::now();
+    let mut touched: Vec<u64> = Vec::new();
+    let mut writes = 0u64;
+    let records = crate::wal::replay(wal_dir, |write| {
+        let index = match opened.binary_search_by_key(&write.epoch, |(id, ..)| *id) {
+            Ok(index) => index,
+            Err(index) => {
+                if write.epoch == 0 {
+                    return Err(StorageError::Db(
+                        "a write-ahead record names log epoch 0, which takes no writes".into(),
+                    ));
+                }
+                let path = epoch_dir(log_dir, write.epoch);
+                tracing::warn!(
+                    epoch = write.epoch,
+                    "a write-ahead record names a log epoch that is missing; creating it again"
+                );
+                let trees = open_epoch_trees(&path, cache_bytes)?;
+                sync_dir(log_dir)?;
+                opened.insert(index, (write.epoch, path, trees, None));
+                index
+            }
+        };
+        let trees = &opened[index].2;
+        let EventTree::Plain(events) = &trees.events else {
+            return Ok(()); // packed: whole already
+        };
+        let tree = match write.tree {
+            crate::wal::WalTree::Feed => &trees.feed,
+            crate::wal::WalTree::Events => events,
+        };
+        tree.insert(write.key, write.value)?;
+        writes += 1;
+        if !touched.contains(&write.epoch) {
+            touched.push(write.epoch);
+        }
+        Ok(())
+    })?;
+    for (id, path, trees, first) in opened.iter_mut() {
+        if !touched.contains(id) {
+            continue;
+        }
+        if let Some(db) = &trees.db {
+            db.flush()?;
+            crate::commit::DbFiles::open(path)
+                .and_then(|mut files| files.sync())
+                .map_err(|e| StorageError::Db(format!("fsync {}: {e}", path.display())))?;
+        }
+        *first = first_position_of(&trees.feed)?;
+    }
+    if records > 0 {
+        tracing::info!(
+            records,
+            writes,
+            epochs = touched.len(),
+            replay_ms = started.elapsed().as_millis() as u64,
+            "replayed the write-ahead segments into the log"
+        );
+    }
+    Ok(())
+}
+
 /// Seals `epoch` (everything in it is durable and nothing more will be written) and packs it
 /// ([`pack_or_reopen`]), unless the store is closing.
 fn seal(gate: &Arc<SealGate>, epochs: &Weak<Epochs>, epoch: &Weak<Epoch>) {
@@ -720,6 +825,12 @@ fn seal(gate: &Arc<SealGate>, epochs: &Weak<Epochs>, epoch: &Weak<Epoch>) {
         return;
     }
     if let Some(epoch) = epoch.upgrade() {
+        // Its appends were durable through the write-ahead segments; from now on nothing else
+        // (checkpoints skip it, a pack reads it) may rely on them.
+        if let Err(e) = epoch.make_durable() {
+            tracing::error!(epoch = epoch.id, error = %e, "cannot flush a log epoch to seal it; it stays unsealed (checkpoints keep flushing it)");
+            return;
+        }
         epoch.sealed.store(true, Ordering::Release);
         pack_or_reopen(&epochs, &epoch);
     }
@@ -1223,5 +1334,81 @@ mod tests {
             expected
         );
         assert_eq!(leftovers(dir.path()), Vec::<String>::new());
+    }
+
+    fn segments_in(dir: &std::path::Path) -> usize {
+        std::fs::read_dir(dir.join("wal"))
+            .map(|entries| entries.count())
+            .unwrap_or(0)
+    }
+
+    /// Given appends acknowledged while sled never wrote them (no checkpoint yet), when
+    /// the data directory is copied as it is on disk and opened, then every acknowledged event
+    /// and feed entry is there: the write-ahead segments were replayed into the epoch, which
+    /// then holds them on its own (the copy opens whole a second time). Without its `wal/` the
+    /// same copy lacks them, so it is the segments that carried them.
+    #[tokio::test]
+    async fn appends_acknowledged_before_any_checkpoint_are_replayed_from_the_segments() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&config(dir.path(), 1_000)).expect("open");
+        // Appends of several events first: sled writes its buffer for each `apply_batch`.
+        append(&store, "b", 1, 3).await;
+        append(&store, "b", 4, 2).await;
+        for seq in 1..=20 {
+            append(&store, "a", seq, 1).await;
+        }
+        assert_eq!(store.commit_stats().checkpoints, 0);
+        let copy = tempfile::tempdir().expect("tempdir");
+        copy_dir(dir.path(), copy.path());
+        let without_wal = tempfile::tempdir().expect("tempdir");
+        copy_dir(dir.path(), without_wal.path());
+        std::fs::remove_dir_all(without_wal.path().join("wal")).expect("remove wal");
+        {
+            let bare = Store::open(&config(without_wal.path(), 1_000)).expect("open bare");
+            let bare_seq = bare.last_seq("a").expect("last seq");
+            assert!(
+                bare_seq < 20,
+                "sled wrote the appends itself ({bare_seq}): the test shows nothing"
+            );
+        }
+        for open in 0..2 {
+            let copied = Store::open(&config(copy.path(), 1_000)).expect("open the copy");
+            let a = copied.read_events("a", 1, 100).expect("read a");
+            // (The first open appends a 21st.)
+            assert_eq!(seqs(&a), (1..=20 + open).collect::<Vec<_>>(), "open {open}");
+            assert_eq!(a[4].envelope, envelope(5));
+            let b = copied.read_events("b", 1, 100).expect("read b");
+            assert_eq!(seqs(&b), vec![1, 2, 3, 4, 5], "open {open}");
+            let feed = copied.read_feed(0, 100).expect("feed");
+            assert_eq!(feed.len(), 22 + open as usize, "open {open}");
+            // The replayed segments are gone; one new one takes the next appends.
+            assert_eq!(segments_in(copy.path()), 1);
+            assert_eq!(append(&copied, "a", 21 + open, 1).await, 23 + open);
+        }
+    }
+
+    /// Given checkpoints after every commit (`wal_bytes_max` of 1 byte), when Things append,
+    /// then the epochs are flushed into sled and the older segments removed (one is kept as
+    /// the next one's file): a copy of the
+    /// directory without its `wal/` still holds every acknowledged event.
+    #[tokio::test]
+    async fn checkpoints_flush_the_epochs_and_remove_older_segments() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = StoreConfig {
+            wal_bytes_max: 1,
+            ..config(dir.path(), 1_000)
+        };
+        let store = Store::open(&config).expect("open");
+        for seq in 1..=10 {
+            append(&store, "a", seq, 1).await;
+        }
+        assert!(store.commit_stats().checkpoints >= 10);
+        // The current segment and the next one's (recycled) file.
+        assert_eq!(segments_in(dir.path()), 2);
+        let copy = tempfile::tempdir().expect("tempdir");
+        copy_dir(dir.path(), copy.path());
+        std::fs::remove_dir_all(copy.path().join("wal")).expect("remove wal");
+        let copied = Store::open(&StoreConfig::new(copy.path())).expect("open the copy");
+        assert_eq!(copied.last_seq("a").expect("last seq"), 10);
     }
 }

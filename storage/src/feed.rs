@@ -31,6 +31,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{oneshot, watch};
 
 use crate::epoch::Epoch;
+use crate::wal::{WalRecord, WalTree};
 use crate::{thing_key, AppendBatch, StorageError, Store};
 
 /// Blocks one combiner records before it hands the role to a waiting append (so that no append
@@ -43,6 +44,18 @@ pub(crate) enum Turn {
     Done(Result<(), StorageError>),
     /// It records and writes the pending appends itself now (its own included).
     Combine,
+}
+
+/// Asks for a checkpoint if dropped while the thread panics (a combiner's writes that no
+/// write-ahead record describes).
+struct CheckpointIfUnwinding<'a>(&'a crate::wal::WalBuffer);
+
+impl Drop for CheckpointIfUnwinding<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.request_checkpoint();
+        }
+    }
 }
 
 /// An append registered and not yet written.
@@ -264,20 +277,30 @@ impl FeedClock {
             for p in &pending {
                 block.extend_from_slice(&p.entry);
             }
-            let recorded = store.inner.epochs.for_block(first, self).and_then(|epoch| {
-                epoch.with(|trees| Ok(trees.feed.insert(first.to_be_bytes(), block)?))?;
-                Ok(epoch)
+            // The round's writes to its epoch, framed as one write-ahead record (see `wal`).
+            let mut recorded = store.inner.epochs.for_block(first, self).and_then(|epoch| {
+                let key = first.to_be_bytes();
+                let mut ahead = WalRecord::new(epoch.id);
+                ahead.put(WalTree::Feed, &key, &block);
+                epoch.with(|trees| Ok(trees.feed.insert(key, block)?))?;
+                Ok((epoch, ahead))
             });
             if let Err(e) = &recorded {
                 tracing::error!(error = %e, first, "cannot record change-feed entries; their appends fail");
             }
             let mut written = Vec::with_capacity(pending.len());
+            let mut writings = Vec::with_capacity(pending.len());
+            // Should writing panic, the writes made so far are made durable by a checkpoint
+            // (dropped before the positions count as written).
+            let unwinding = CheckpointIfUnwinding(&store.inner.wal);
             for p in pending {
-                let result = recorded.as_ref().map_err(Clone::clone).and_then(|epoch| {
-                    epoch.with(|trees| store.write_batch(trees.events.for_writing()?, &p.batch))
-                });
-                // The position is written (whatever the outcome) before the group commit looks.
-                drop(p.writing);
+                let result = match &mut recorded {
+                    Ok((epoch, ahead)) => epoch.with(|trees| {
+                        store.write_batch(trees.events.for_writing()?, &p.batch, ahead)
+                    }),
+                    Err(e) => Err(e.clone()),
+                };
+                writings.push(p.writing);
                 match (result, p.done) {
                     (Ok(()), Some(done)) => written.push(done),
                     (Err(e), Some(done)) => {
@@ -286,6 +309,14 @@ impl FeedClock {
                     (_, None) => {}
                 }
             }
+            // The record is queued before the positions count as written: a commit that sees
+            // them written also writes their record.
+            if let Ok((_, ahead)) = recorded {
+                store.inner.wal.push(ahead);
+            }
+            drop(unwinding);
+            // The positions are written (whatever the outcome) before the group commit looks.
+            drop(writings);
             store.inner.committer.enqueue(written);
         }
     }

@@ -32,6 +32,7 @@ pub mod snapshot;
 
 mod commit;
 mod count;
+mod wal;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -139,17 +140,21 @@ pub struct StoreConfig {
     pub commit_batch_appends_max: usize,
     /// Appends one log epoch takes before the next one starts (bounds what an open replays).
     pub epoch_appends_max: u64,
+    /// Bytes of write-ahead records (see [`wal`]) after which the group commit flushes the log
+    /// epochs into sled and starts over (bounds what an open replays from them).
+    pub wal_bytes_max: u64,
 }
 
 impl StoreConfig {
     /// Defaults for a data directory: 64 MiB cache, batches of up to 4096 appends, epochs of
-    /// 2M appends.
+    /// 2M appends, checkpoints every 16 MiB of write-ahead records.
     pub fn new(data_dir: impl Into<PathBuf>) -> StoreConfig {
         StoreConfig {
             data_dir: data_dir.into(),
             cache_bytes: 64 * 1024 * 1024,
             commit_batch_appends_max: 4096,
             epoch_appends_max: 2_000_000,
+            wal_bytes_max: 16 * 1024 * 1024,
         }
     }
 }
@@ -175,6 +180,8 @@ struct Inner {
     sessions: sled::Tree,
     retained: sled::Tree,
     feed_clock: Arc<feed::FeedClock>,
+    /// Write-ahead records of the appends, waiting for the group commit.
+    wal: Arc<wal::WalBuffer>,
     /// Registered Things (see [`count`]).
     thing_count: Arc<count::ThingCount>,
     committer: commit::GroupCommit,
@@ -196,12 +203,17 @@ impl Store {
             &config.data_dir,
             epoch::current_cache_bytes(config.cache_bytes),
         )?;
+        let wal_dir = config.data_dir.join("wal");
         let epochs = Arc::new(epoch::Epochs::open(
             &db,
             &config.data_dir,
             config.cache_bytes,
             config.epoch_appends_max,
+            &wal_dir,
         )?);
+        // The segments were replayed into the epochs (and those made durable): start over.
+        let wal_files = wal::WalFiles::start(&wal_dir)?;
+        let wal = Arc::new(wal::WalBuffer::default());
         let cursors = db.open_tree("cursors")?;
         let next_position = feed::next_position_after(&epochs.all(), &cursors)?;
         epochs.start_current(next_position)?;
@@ -211,6 +223,11 @@ impl Store {
             db.clone(),
             epochs.clone(),
             &config.data_dir,
+            commit::WriteAhead {
+                files: wal_files,
+                buffer: wal.clone(),
+                bytes_max: config.wal_bytes_max,
+            },
             config.commit_batch_appends_max,
             feed_clock.clone(),
         )?;
@@ -231,6 +248,7 @@ impl Store {
                 sessions: db.open_tree("sessions")?,
                 retained: db.open_tree("retained")?,
                 feed_clock,
+                wal,
                 snapshots: db.open_tree("snapshots")?,
                 things,
                 client_ids: db.open_tree("client_ids")?,
@@ -268,7 +286,9 @@ impl Store {
 
     /// Bytes the database occupies on disk.
     pub fn size_on_disk_bytes(&self) -> Result<u64, StorageError> {
-        Ok(self.inner.db.size_on_disk()? + self.inner.epochs.size_on_disk_bytes()?)
+        Ok(self.inner.db.size_on_disk()?
+            + self.inner.epochs.size_on_disk_bytes()?
+            + wal::WalFiles::size_on_disk_bytes(&self.inner.data_dir.join("wal")))
     }
 }
 

@@ -7,6 +7,7 @@
 //! writers for one Thing.
 
 use crate::index::{alarm_key, deadline_key, IndexOp};
+use crate::wal::{WalRecord, WalTree};
 use crate::{thing_key, Envelope, StorageError, Store};
 
 /// Events to append to one Thing's log (all or nothing), with the index changes they imply.
@@ -100,6 +101,7 @@ impl Store {
         &self,
         events: &sled::Tree,
         batch: &AppendBatch,
+        ahead: &mut WalRecord,
     ) -> Result<(), StorageError> {
         let prefix = thing_key(&batch.thing)?;
         // A new deadline goes in *before* the events that set it: a crash in between leaves an
@@ -115,6 +117,30 @@ impl Store {
             let seq = batch.first_seq + i as u64;
             writes.push((event_key(&prefix, seq), envelope.to_bytes()?));
         }
+        // The events go into the write-ahead record too, taken back if they are refused.
+        let mark = ahead.mark();
+        for (key, value) in &writes {
+            ahead.put(WalTree::Events, key, value);
+        }
+        let written = Self::insert_events(events, batch, writes);
+        if written.is_err() {
+            ahead.rewind(mark);
+        }
+        written?;
+        for op in &batch.index {
+            if !matches!(op, IndexOp::PutDeadline { .. }) {
+                self.apply_index_op(&batch.thing, &prefix, op)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Inserts one append's events, refusing a sequence number already taken.
+    fn insert_events(
+        events: &sled::Tree,
+        batch: &AppendBatch,
+        mut writes: Vec<(Vec<u8>, Vec<u8>)>,
+    ) -> Result<(), StorageError> {
         if writes.len() == 1 {
             if let Some((key, value)) = writes.pop() {
                 // Detect a reused sequence number from the insert itself (no second lookup on the
@@ -139,11 +165,6 @@ impl Store {
                 sled_batch.insert(key, value);
             }
             events.apply_batch(sled_batch)?;
-        }
-        for op in &batch.index {
-            if !matches!(op, IndexOp::PutDeadline { .. }) {
-                self.apply_index_op(&batch.thing, &prefix, op)?;
-            }
         }
         Ok(())
     }
@@ -336,7 +357,8 @@ impl Store {
                 holder = epoch.clone();
             }
         }
-        // A sealed epoch is not flushed by the group commit any more: flush it here.
+        // A sealed epoch is not flushed by the group commit any more: flush it here. The write
+        // is written ahead too, else an open would replay the record it replaces over it.
         holder.with(|trees| {
             trees.events.put_raw(&key, bytes)?;
             if let Some(db) = &trees.db {
@@ -344,6 +366,9 @@ impl Store {
             }
             Ok(())
         })?;
+        let mut ahead = WalRecord::new(holder.id);
+        ahead.put(WalTree::Events, &key, bytes);
+        self.inner.wal.push(ahead);
         drop(packing);
         self.sync().await
     }
