@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{oneshot, watch};
 
 use crate::epoch::Epoch;
-use crate::wal::{WalRecord, WalTree};
+use crate::wal::{WalBuffer, WalRecord, WalTree};
 use crate::{thing_key, AppendBatch, StorageError, Store};
 
 /// Blocks one combiner records before it hands the role to a waiting append (so that no append
@@ -44,18 +44,6 @@ pub(crate) enum Turn {
     Done(Result<(), StorageError>),
     /// It records and writes the pending appends itself now (its own included).
     Combine,
-}
-
-/// Asks for a checkpoint if dropped while the thread panics (a combiner's writes that no
-/// write-ahead record describes).
-struct CheckpointIfUnwinding<'a>(&'a crate::wal::WalBuffer);
-
-impl Drop for CheckpointIfUnwinding<'_> {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            self.0.request_checkpoint();
-        }
-    }
 }
 
 /// An append registered and not yet written.
@@ -75,6 +63,9 @@ pub(crate) struct FeedClock {
     pub(crate) durable: watch::Sender<u64>,
     /// Blocks `read_feed` found undecodable and skipped.
     damaged_blocks: std::sync::atomic::AtomicU64,
+    /// Where the combiner queues its write-ahead records (asked for a checkpoint if a position
+    /// is given up while its writer panics: the writes it made are described by no record).
+    wal: Arc<WalBuffer>,
 }
 
 struct ClockState {
@@ -100,6 +91,11 @@ pub(crate) struct Writing {
 
 impl Drop for Writing {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // Before the position counts as written: a commit that sees it written then flushes
+            // the epochs themselves.
+            self.clock.wal.request_checkpoint();
+        }
         let mut state = self.clock.lock();
         let index = (self.position - state.writing_first) as usize;
         if let Some(flag) = state.writing.get_mut(index) {
@@ -140,7 +136,7 @@ impl Drop for Role<'_> {
 }
 
 impl FeedClock {
-    pub(crate) fn new(next: u64) -> FeedClock {
+    pub(crate) fn new(next: u64, wal: Arc<WalBuffer>) -> FeedClock {
         FeedClock {
             state: Mutex::new(ClockState {
                 next,
@@ -152,6 +148,7 @@ impl FeedClock {
             }),
             durable: watch::Sender::new(next),
             damaged_blocks: std::sync::atomic::AtomicU64::new(0),
+            wal,
         }
     }
 
@@ -290,9 +287,6 @@ impl FeedClock {
             }
             let mut written = Vec::with_capacity(pending.len());
             let mut writings = Vec::with_capacity(pending.len());
-            // Should writing panic, the writes made so far are made durable by a checkpoint
-            // (dropped before the positions count as written).
-            let unwinding = CheckpointIfUnwinding(&store.inner.wal);
             for p in pending {
                 let result = match &mut recorded {
                     Ok((epoch, ahead)) => epoch.with(|trees| {
@@ -312,9 +306,8 @@ impl FeedClock {
             // The record is queued before the positions count as written: a commit that sees
             // them written also writes their record.
             if let Ok((_, ahead)) = recorded {
-                store.inner.wal.push(ahead);
+                self.wal.push(ahead);
             }
-            drop(unwinding);
             // The positions are written (whatever the outcome) before the group commit looks.
             drop(writings);
             store.inner.committer.enqueue(written);

@@ -21,7 +21,8 @@ const ADVICE_SNAPSHOT: &str = "sled's snapshot is only a cache of its log: with 
 const ADVICE_CONF: &str = "conf only holds sled's settings: with the server stopped, move it out \
     of that database's directory and start again; sled writes it anew with the same defaults.";
 const ADVICE_RESTORE: &str = "the log itself is damaged: restore the data directory from a \
-    backup (the whole data directory, the log epochs under log/ included, copied together with \
+    backup (the whole data directory, the log epochs under log/ and the write-ahead segments \
+    under wal/ included, copied together with \
     the server stopped). On a copy you \
     may try moving snap.* aside and running `thinghub check` on it to see what is still \
     readable.";

@@ -4,9 +4,12 @@
 //! (`event_type`, `event_version`, `recorded_at_ms`, payload), see [`codec`].
 //!
 //! - [`log`]: `events` tree, key = thing key ‖ seq (big-endian), and the group commit that makes
-//!   many concurrent appends durable with one flush + fsync.
+//!   many concurrent appends durable with one write + fsync of a write-ahead segment and one
+//!   flush + fsync of the main database.
 //! - [`epoch`]: the events and the feed are rolled over several sled databases (`log/{id}/`),
 //!   so that an open never replays more than about one epoch of writes.
+//! - `wal`: the write-ahead segments (`wal/`) that make appends durable between two flushes of
+//!   the epochs (checkpoints), replayed into them by the next open after a crash.
 //! - [`snapshot`]: `snapshots` tree, one (seq, state) per Thing.
 //! - [`index`]: `things` (registry listing), `client_ids` and `deadlines` (timer index) trees, derived from the
 //!   log, written right after the events that justify them and repaired by the Thing's owner.
@@ -140,8 +143,9 @@ pub struct StoreConfig {
     pub commit_batch_appends_max: usize,
     /// Appends one log epoch takes before the next one starts (bounds what an open replays).
     pub epoch_appends_max: u64,
-    /// Bytes of write-ahead records (see [`wal`]) after which the group commit flushes the log
-    /// epochs into sled and starts over (bounds what an open replays from them).
+    /// Bytes of write-ahead records (`wal/`) after which the group commit flushes the log epochs
+    /// into sled and starts a new segment (bounds what an open replays from them; the segment
+    /// files take up to about twice this on disk).
     pub wal_bytes_max: u64,
 }
 
@@ -211,14 +215,15 @@ impl Store {
             config.epoch_appends_max,
             &wal_dir,
         )?);
-        // The segments were replayed into the epochs (and those made durable): start over.
-        let wal_files = wal::WalFiles::start(&wal_dir)?;
+        // The segments were replayed into the epochs (and those made durable): start over. A
+        // segment holds `wal_bytes_max` and at most one batch more.
+        let wal_files = wal::WalFiles::start(&wal_dir, config.wal_bytes_max.saturating_mul(2))?;
         let wal = Arc::new(wal::WalBuffer::default());
         let cursors = db.open_tree("cursors")?;
         let next_position = feed::next_position_after(&epochs.all(), &cursors)?;
         epochs.start_current(next_position)?;
         epochs.pack_sealed_in_background();
-        let feed_clock = Arc::new(feed::FeedClock::new(next_position));
+        let feed_clock = Arc::new(feed::FeedClock::new(next_position, wal.clone()));
         let committer = commit::GroupCommit::start(
             db.clone(),
             epochs.clone(),

@@ -117,16 +117,7 @@ impl Store {
             let seq = batch.first_seq + i as u64;
             writes.push((event_key(&prefix, seq), envelope.to_bytes()?));
         }
-        // The events go into the write-ahead record too, taken back if they are refused.
-        let mark = ahead.mark();
-        for (key, value) in &writes {
-            ahead.put(WalTree::Events, key, value);
-        }
-        let written = Self::insert_events(events, batch, writes);
-        if written.is_err() {
-            ahead.rewind(mark);
-        }
-        written?;
+        Self::insert_events(events, batch, writes, ahead)?;
         for op in &batch.index {
             if !matches!(op, IndexOp::PutDeadline { .. }) {
                 self.apply_index_op(&batch.thing, &prefix, op)?;
@@ -135,36 +126,60 @@ impl Store {
         Ok(())
     }
 
-    /// Inserts one append's events, refusing a sequence number already taken.
+    /// Inserts one append's events, refusing a sequence number already taken, and describes in
+    /// `ahead` (the write-ahead record) what it left in the tree.
     fn insert_events(
         events: &sled::Tree,
         batch: &AppendBatch,
         mut writes: Vec<(Vec<u8>, Vec<u8>)>,
+        ahead: &mut WalRecord,
     ) -> Result<(), StorageError> {
+        let conflict = || StorageError::SequenceConflict {
+            thing: batch.thing.clone(),
+            seq: batch.first_seq,
+        };
+        let mark = ahead.mark();
+        for (key, value) in &writes {
+            ahead.put(WalTree::Events, key, value);
+        }
         if writes.len() == 1 {
             if let Some((key, value)) = writes.pop() {
                 // Detect a reused sequence number from the insert itself (no second lookup on the
-                // hot path); put the old record back before reporting it.
-                if let Some(previous) = events.insert(key.as_slice(), value)? {
-                    events.insert(key, previous)?;
-                    return Err(StorageError::SequenceConflict {
-                        thing: batch.thing.clone(),
-                        seq: batch.first_seq,
-                    });
+                // hot path); put the old record back before reporting it. The put-back is written
+                // ahead too: sled may have written the refused record to its file already.
+                let inserted = events.insert(key.as_slice(), value);
+                match inserted {
+                    Ok(None) => {}
+                    Ok(Some(previous)) => {
+                        ahead.rewind(mark);
+                        ahead.put(WalTree::Events, &key, &previous);
+                        events.insert(key, previous)?;
+                        return Err(conflict());
+                    }
+                    Err(e) => {
+                        ahead.rewind(mark);
+                        return Err(e.into());
+                    }
                 }
             }
         } else if let Some((first_key, _)) = writes.first() {
-            if events.contains_key(first_key)? {
-                return Err(StorageError::SequenceConflict {
-                    thing: batch.thing.clone(),
-                    seq: batch.first_seq,
-                });
+            let refused = match events.contains_key(first_key) {
+                Ok(true) => Some(conflict()),
+                Ok(false) => None,
+                Err(e) => Some(e.into()),
+            };
+            if let Some(e) = refused {
+                ahead.rewind(mark);
+                return Err(e);
             }
             let mut sled_batch = sled::Batch::default();
             for (key, value) in writes {
                 sled_batch.insert(key, value);
             }
-            events.apply_batch(sled_batch)?;
+            if let Err(e) = events.apply_batch(sled_batch) {
+                ahead.rewind(mark);
+                return Err(e.into());
+            }
         }
         Ok(())
     }
@@ -358,17 +373,15 @@ impl Store {
             }
         }
         // A sealed epoch is not flushed by the group commit any more: flush it here. The write
-        // is written ahead too, else an open would replay the record it replaces over it.
-        holder.with(|trees| {
-            trees.events.put_raw(&key, bytes)?;
-            if let Some(db) = &trees.db {
-                db.flush()?;
-            }
-            Ok(())
-        })?;
-        let mut ahead = WalRecord::new(holder.id);
-        ahead.put(WalTree::Events, &key, bytes);
-        self.inner.wal.push(ahead);
+        // is written ahead too (epoch 0, the main database's, takes no write-ahead records),
+        // else an open would replay the record it replaces over it.
+        holder.with(|trees| trees.events.put_raw(&key, bytes))?;
+        holder.make_durable()?;
+        if holder.id > 0 {
+            let mut ahead = WalRecord::new(holder.id);
+            ahead.put(WalTree::Events, &key, bytes);
+            self.inner.wal.push(ahead);
+        }
         drop(packing);
         self.sync().await
     }
@@ -385,6 +398,53 @@ mod tests {
 
     fn open(dir: &tempfile::TempDir) -> Store {
         Store::open(&StoreConfig::new(dir.path())).expect("open")
+    }
+
+    /// Given an acknowledged event at seq 1, when an append at seq 1 is refused, then the
+    /// write-ahead record describes the acknowledged event put back (sled may have written the
+    /// refused one to its file before the put-back), and a refused append of several events
+    /// describes nothing.
+    #[tokio::test]
+    async fn a_refused_append_writes_ahead_the_event_it_put_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&dir);
+        let batch = |first_seq: u64, n: u64| AppendBatch {
+            thing: "a".into(),
+            first_seq,
+            events: (0..n).map(|i| envelope(100 + i)).collect(),
+            index: vec![],
+        };
+        store
+            .append(AppendBatch {
+                events: vec![envelope(1)],
+                ..batch(1, 1)
+            })
+            .await
+            .expect("append");
+        let epoch = store.inner.epochs.current();
+        for (refused, expected) in [
+            (
+                batch(1, 1),
+                vec![(
+                    WalTree::Events,
+                    event_key(&thing_key("a").expect("key"), 1),
+                    envelope(1).to_bytes().expect("bytes"),
+                )],
+            ),
+            (batch(1, 2), vec![]),
+        ] {
+            let mut ahead = WalRecord::new(epoch.id);
+            let result = epoch
+                .with(|trees| store.write_batch(trees.events.for_writing()?, &refused, &mut ahead));
+            assert!(
+                matches!(result, Err(StorageError::SequenceConflict { seq: 1, .. })),
+                "{result:?}"
+            );
+            assert_eq!(ahead.writes(), expected);
+        }
+        let events = store.read_events("a", 1, 10).expect("read");
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].envelope, envelope(1));
     }
 
     #[tokio::test]

@@ -7,19 +7,24 @@
 //! run). Now the feed's combiner, after writing a round's feed block and events into the
 //! epoch's sled trees (memory), also frames those writes as one record in a shared buffer
 //! ([`WalBuffer`]); the group commit writes the buffer to the current segment file and
-//! `fdatasync`s it: one write and one fsync per batch. sled is flushed only at a
+//! `fdatasync`s it: one write and one fsync per batch. The epochs are flushed only at a
 //! *checkpoint*: once [`crate::StoreConfig::wal_bytes_max`] bytes went into the segments since
-//! the last one (or at a seal, a write failure or a close), the commit starts a new segment,
-//! flushes and fsyncs every epoch that is not sealed, and only then removes the older segments.
+//! the last one, after a write-ahead write or sync failed, when writes were made that no record
+//! describes (a record too large to frame, a writer that panicked) and at close, the commit
+//! starts a new segment, flushes and fsyncs every epoch that is not sealed, and only then
+//! removes the older segments. An epoch is also flushed and fsynced on its own just before it
+//! is sealed (checkpoints skip sealed epochs).
 //!
 //! Only the epochs' `events` and `feed` trees are written ahead; the main database (indexes,
 //! snapshots, cursors, sessions, key/values) is still flushed by every commit, after the
 //! segment is synced, so an append's index changes are never durable before its events.
-//! Removals are not written ahead: the feed trimmed behind its consumers can get a block back
-//! after a crash, below every cursor, until the next trim.
+//! Removals are not written ahead: a feed block trimmed behind its consumers since the last
+//! checkpoint can come back after a crash, below every cursor (no consumer reads it again); it
+//! stays in its epoch (which the open seals) as a few dead bytes.
 //!
 //! Opening the store replays the segments into their epochs before anything reads them
-//! ([`replay`]), flushes those epochs and removes the segments. Replaying is exact: one
+//! ([`replay`]), flushes those epochs, recycles the largest segment file as its first segment
+//! and removes the others. Replaying is exact: one
 //! combiner writes at a time and frames its writes in the order it made them, so the records
 //! are in the order sled applied them, and a replayed write puts back the same key and value.
 //! A record cut short by a crash (its length or checksum does not hold) ends its segment:
@@ -100,6 +105,16 @@ impl WalRecord {
         self.bytes
             .extend_from_slice(&(value.len() as u32).to_be_bytes());
         self.bytes.extend_from_slice(value);
+    }
+
+    /// The writes it holds: (tree, key, value).
+    #[cfg(test)]
+    pub(crate) fn writes(&self) -> Vec<(WalTree, Vec<u8>, Vec<u8>)> {
+        parse_payload(&self.bytes[FRAME_HEADER_BYTES..])
+            .expect("a record built here parses")
+            .into_iter()
+            .map(|w| (w.tree, w.key.to_vec(), w.value.to_vec()))
+            .collect()
     }
 
     fn has_writes(&self) -> bool {
@@ -240,10 +255,16 @@ pub(crate) fn replay(
         while at < bytes.len() {
             match framed_payload(segment, &bytes[at..]) {
                 Some(payload) => {
-                    let Some(writes) = parse_payload(payload) else {
-                        tracing::error!(segment = %path.display(), offset = at, "a write-ahead record checks but does not parse; ignoring the rest of its segment");
-                        break;
-                    };
+                    // Its checksum holds, so it is what was written: a record this code cannot
+                    // read is not skipped (acknowledged appends would go with it).
+                    let writes = parse_payload(payload).ok_or_else(|| {
+                        StorageError::Db(format!(
+                            "write-ahead segment {} holds a record at offset {at} that its \
+                             checksum vouches for but that does not parse (written by another \
+                             version?); keep the data directory and report it",
+                            path.display()
+                        ))
+                    })?;
                     for write in writes {
                         apply(write)?;
                     }
@@ -307,26 +328,36 @@ pub(crate) struct WalFiles {
     /// Written to the current segment and not yet synced.
     unsynced: bool,
     spare: Vec<u8>,
+    /// Larger segment files are removed, not recycled (one huge batch does not keep a huge
+    /// file for good).
+    recycle_bytes_max: u64,
 }
 
 impl WalFiles {
     /// Starts writing in `dir` once an open replayed its segments (their writes are durable in
-    /// the epochs now): the largest is recycled as the first segment of this run, the others
-    /// are removed.
-    pub(crate) fn start(dir: &Path) -> Result<WalFiles, StorageError> {
+    /// the epochs now): the largest, unless over `recycle_bytes_max`, is recycled as the first
+    /// segment of this run; the others are removed.
+    pub(crate) fn start(dir: &Path, recycle_bytes_max: u64) -> Result<WalFiles, StorageError> {
         let db_error = |what: &str, e: std::io::Error| {
             StorageError::Db(format!("{what} {}: {e}", dir.display()))
         };
-        std::fs::create_dir_all(dir).map_err(|e| db_error("create", e))?;
+        if !dir.is_dir() {
+            std::fs::create_dir_all(dir).map_err(|e| db_error("create", e))?;
+            if let Some(parent) = dir.parent() {
+                sync_dir(parent).map_err(|e| db_error("fsync the parent of", e))?;
+            }
+        }
         let existing = segments(dir)?;
         let segment = existing.last().map_or(1, |last| last + 1);
-        let largest = existing
+        let size = |s: u64| std::fs::metadata(segment_path(dir, s)).map_or(0, |m| m.len());
+        let recycled = existing
             .iter()
-            .max_by_key(|s| std::fs::metadata(segment_path(dir, **s)).map_or(0, |m| m.len()))
-            .copied();
+            .copied()
+            .filter(|s| size(*s) <= recycle_bytes_max)
+            .max_by_key(|s| size(*s));
         for old in existing {
             let path = segment_path(dir, old);
-            if Some(old) == largest {
+            if Some(old) == recycled {
                 std::fs::rename(&path, segment_path(dir, segment))
                     .map_err(|e| db_error("recycle a segment of", e))?;
             } else {
@@ -343,6 +374,7 @@ impl WalFiles {
             since_checkpoint_bytes: 0,
             unsynced: false,
             spare: Vec::new(),
+            recycle_bytes_max,
         })
     }
 
@@ -393,25 +425,33 @@ impl WalFiles {
     /// Last step of a checkpoint: the segments before the current one are no longer needed.
     /// The newest of them becomes the next segment's file: overwriting blocks a file already
     /// has makes an `fdatasync` cheaper than growing a file (2026-12-04, ext4: 50 against 78
-    /// µs of CPU, 102 against 180 µs of wall time per 4 KiB write + sync).
+    /// µs of CPU, 102 against 180 µs of wall time per 4 KiB write + sync). A segment that cannot
+    /// be removed is tried again at the next checkpoint (an open meanwhile replays it again,
+    /// which writes what the epochs hold already).
     pub(crate) fn remove_older(&mut self) -> std::io::Result<()> {
-        let Some(newest) = self.older.pop() else {
+        let Some(&newest) = self.older.last() else {
             return Ok(());
         };
         let next = segment_path(&self.dir, self.segment + 1);
-        if next.exists() {
-            self.older.push(newest);
-        } else {
-            std::fs::rename(segment_path(&self.dir, newest), next)?;
+        let newest_path = segment_path(&self.dir, newest);
+        let small =
+            std::fs::metadata(&newest_path).is_ok_and(|m| m.len() <= self.recycle_bytes_max);
+        if small && !next.exists() && std::fs::rename(&newest_path, &next).is_ok() {
+            self.older.pop();
         }
-        for segment in self.older.drain(..) {
-            match std::fs::remove_file(segment_path(&self.dir, segment)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
+        let mut failed = None;
+        self.older.retain(|segment| {
+            match std::fs::remove_file(segment_path(&self.dir, *segment)) {
+                Ok(()) => false,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+                Err(e) => {
+                    failed.get_or_insert(e);
+                    true
+                }
             }
-        }
-        sync_dir(&self.dir)
+        });
+        sync_dir(&self.dir)?;
+        failed.map_or(Ok(()), Err)
     }
 
     /// Bytes in the segment files now.
@@ -461,7 +501,7 @@ mod tests {
     fn records_written_and_synced_replay_in_order_across_segments() {
         let dir = tempfile::tempdir().expect("tempdir");
         let buffer = WalBuffer::default();
-        let mut files = WalFiles::start(dir.path()).expect("start");
+        let mut files = WalFiles::start(dir.path(), u64::MAX).expect("start");
         buffer.push(record(
             3,
             &[
@@ -508,7 +548,7 @@ mod tests {
         );
         // Starting again recycles what was replayed as a new segment after it.
         drop(files);
-        let files = WalFiles::start(dir.path()).expect("start again");
+        let files = WalFiles::start(dir.path(), u64::MAX).expect("start again");
         assert!(replayed(dir.path()).is_empty());
         assert_eq!(files.segment, 4);
         assert_eq!(segments(dir.path()).expect("segments"), vec![4]);
@@ -518,7 +558,7 @@ mod tests {
     fn a_record_cut_short_or_damaged_ends_its_segment_only() {
         let dir = tempfile::tempdir().expect("tempdir");
         let buffer = WalBuffer::default();
-        let mut files = WalFiles::start(dir.path()).expect("start");
+        let mut files = WalFiles::start(dir.path(), u64::MAX).expect("start");
         buffer.push(record(1, &[(WalTree::Events, b"a", b"kept")]));
         buffer.push(record(1, &[(WalTree::Events, b"b", b"cut short")]));
         files.write_pending(&buffer).expect("write");
@@ -550,5 +590,41 @@ mod tests {
         std::fs::write(&first, &zeros).expect("zeros");
         let seen = replayed(dir.path());
         assert_eq!(seen.last().map(|w| w.0), Some(2));
+    }
+
+    #[test]
+    fn a_segment_over_the_recycling_bound_is_removed_not_recycled() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let buffer = WalBuffer::default();
+        let mut files = WalFiles::start(dir.path(), 64).expect("start");
+        buffer.push(record(1, &[(WalTree::Events, b"k", &[7; 100])]));
+        files.write_pending(&buffer).expect("write");
+        files.sync().expect("sync");
+        files.rotate().expect("rotate");
+        files.remove_older().expect("remove");
+        assert_eq!(segments(dir.path()).expect("segments"), vec![2]);
+        drop(files);
+        // Nor at a start.
+        std::fs::write(segment_path(dir.path(), 2), [0; 100]).expect("fill");
+        let files = WalFiles::start(dir.path(), 64).expect("start");
+        assert_eq!(files.segment, 3);
+        let file_len = std::fs::metadata(segment_path(dir.path(), 3))
+            .expect("metadata")
+            .len();
+        assert_eq!(file_len, 0);
+    }
+
+    #[test]
+    fn a_record_its_checksum_vouches_for_that_does_not_parse_stops_the_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut payload = 5u64.to_be_bytes().to_vec();
+        payload.push(7); // no such tree
+        payload.extend_from_slice(&[0; 8]);
+        let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&checksum(1, &payload).to_be_bytes());
+        frame.extend_from_slice(&payload);
+        std::fs::write(segment_path(dir.path(), 1), &frame).expect("write");
+        let error = replay(dir.path(), |_| Ok(())).expect_err("refused");
+        assert!(error.to_string().contains("does not parse"), "{error}");
     }
 }
