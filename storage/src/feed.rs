@@ -65,7 +65,7 @@ pub(crate) struct FeedClock {
     damaged_blocks: std::sync::atomic::AtomicU64,
     /// Where the combiner queues its write-ahead records (asked for a checkpoint if a position
     /// is given up while its writer panics: the writes it made are described by no record).
-    wal: Arc<WalBuffer>,
+    pub(crate) wal: Arc<WalBuffer>,
 }
 
 struct ClockState {

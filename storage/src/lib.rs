@@ -184,8 +184,6 @@ struct Inner {
     sessions: sled::Tree,
     retained: sled::Tree,
     feed_clock: Arc<feed::FeedClock>,
-    /// Write-ahead records of the appends, waiting for the group commit.
-    wal: Arc<wal::WalBuffer>,
     /// Registered Things (see [`count`]).
     thing_count: Arc<count::ThingCount>,
     committer: commit::GroupCommit,
@@ -253,7 +251,6 @@ impl Store {
                 sessions: db.open_tree("sessions")?,
                 retained: db.open_tree("retained")?,
                 feed_clock,
-                wal,
                 snapshots: db.open_tree("snapshots")?,
                 things,
                 client_ids: db.open_tree("client_ids")?,

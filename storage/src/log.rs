@@ -380,7 +380,7 @@ impl Store {
         if holder.id > 0 {
             let mut ahead = WalRecord::new(holder.id);
             ahead.put(WalTree::Events, &key, bytes);
-            self.inner.wal.push(ahead);
+            self.inner.feed_clock.wal.push(ahead);
         }
         drop(packing);
         self.sync().await
