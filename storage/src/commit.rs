@@ -95,7 +95,6 @@ impl GroupCommit {
                     epochs,
                     epoch_files: Vec::new(),
                     wal,
-                    checkpoint_due: false,
                 };
                 run(
                     rx,
@@ -221,26 +220,23 @@ struct Syncer {
     /// Files of the epochs flushed so far, by epoch id (dropped once the epoch is sealed).
     epoch_files: Vec<(u64, DbFiles)>,
     wal: WriteAhead,
-    /// The next commit is a checkpoint (a write-ahead write or sync failed).
-    checkpoint_due: bool,
 }
 
 impl Syncer {
-    /// Makes everything written before the call durable; a checkpoint if `checkpoint` or due.
-    /// Returns whether it was one.
+    /// Makes everything written before the call durable; a checkpoint if `checkpoint` or one
+    /// was asked for. Returns whether it was one.
     fn make_durable(&mut self, mut checkpoint: bool) -> std::io::Result<bool> {
         let written_ahead = self.write_ahead(&mut checkpoint);
         if written_ahead.is_err() {
             // Whatever was written to the segment may be lost in part: from now on only a
             // flush of the epochs themselves vouches for those appends.
-            self.checkpoint_due = true;
+            self.wal.buffer.request_checkpoint();
         }
         written_ahead?;
         // The main database last: an append's index changes are written after its events.
         self.db.flush().map_err(std::io::Error::other)?;
         self.main.sync()?;
         if checkpoint {
-            self.checkpoint_due = false;
             // Everything is durable in sled now; a segment left behind is only replayed again.
             if let Err(e) = self.wal.files.remove_older() {
                 tracing::warn!(error = %e, "cannot remove the write-ahead segments a checkpoint made unnecessary; trying again at the next one");
@@ -255,7 +251,6 @@ impl Syncer {
         self.wal.files.write_pending(&self.wal.buffer)?;
         *checkpoint = *checkpoint
             || self.wal.buffer.take_checkpoint_request()
-            || self.checkpoint_due
             || self.wal.files.since_checkpoint_bytes() >= self.wal.bytes_max;
         if !*checkpoint {
             return self.wal.files.sync();

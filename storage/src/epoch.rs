@@ -164,13 +164,10 @@ impl Epoch {
         };
         let _one_flush = self.flushing.lock().unwrap_or_else(|p| p.into_inner());
         let held = self.read()?;
-        if let Some(db) = &held.trees().db {
-            db.flush()?;
-            crate::commit::DbFiles::open(dir)
-                .and_then(|mut files| files.sync())
-                .map_err(|e| StorageError::Db(format!("fsync {}: {e}", dir.display())))?;
+        match &held.trees().db {
+            Some(db) => flush_and_sync(db, dir),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 
@@ -723,6 +720,14 @@ impl Epochs {
     }
 }
 
+/// Flushes an epoch's database and fsyncs its files (sled's flush alone is no barrier).
+fn flush_and_sync(db: &sled::Db, dir: &Path) -> Result<(), StorageError> {
+    db.flush()?;
+    crate::commit::DbFiles::open(dir)
+        .and_then(|mut files| files.sync())
+        .map_err(|e| StorageError::Db(format!("fsync {}: {e}", dir.display())))
+}
+
 /// An opened epoch: id, directory, trees, first feed position recorded in it.
 type Opened = (u64, PathBuf, EpochTrees, Option<u64>);
 
@@ -788,10 +793,7 @@ fn replay_written_ahead(
             continue;
         }
         if let Some(db) = &trees.db {
-            db.flush()?;
-            crate::commit::DbFiles::open(path)
-                .and_then(|mut files| files.sync())
-                .map_err(|e| StorageError::Db(format!("fsync {}: {e}", path.display())))?;
+            flush_and_sync(db, path)?;
         }
         *first = first_position_of(&trees.feed)?;
     }

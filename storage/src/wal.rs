@@ -127,7 +127,8 @@ impl WalRecord {
 #[derive(Default)]
 pub(crate) struct WalBuffer {
     pending: Mutex<Vec<u8>>,
-    /// Some write could not be written ahead: the next commit flushes the epochs themselves.
+    /// Some write is not vouched for by a synced record (none describes it, or writing or
+    /// syncing the segment failed): the next commit flushes the epochs themselves.
     checkpoint_requested: AtomicBool,
 }
 
@@ -159,7 +160,7 @@ impl WalBuffer {
         }
     }
 
-    /// Makes the next commit a checkpoint (writes were made that no record describes).
+    /// Makes the next commit a checkpoint.
     pub(crate) fn request_checkpoint(&self) {
         self.checkpoint_requested.store(true, Ordering::Release);
     }
