@@ -1,7 +1,7 @@
 //! Group commit: one thread makes every pending write durable with one write + fsync of the
 //! write-ahead segment and one flush + fsync of the main database.
 //!
-//! Writers insert into sled (memory), then hand the committer a waiter and await it (an append's
+//! Writers write to memory (an epoch's memory table, the main database's sled trees), then hand the committer a waiter and await it (an append's
 //! waiter is handed over by whoever wrote it, see `feed`; the feed's combiner has framed the
 //! append's writes to its log epoch as write-ahead records by then, see `wal`). The thread takes
 //! every waiter queued so far (up to the batch bound), writes the queued write-ahead records to
@@ -13,8 +13,10 @@
 //!
 //! The log epochs are flushed only at a checkpoint: once `wal_bytes_max` bytes of records were
 //! written since the last one, when a write-ahead write or sync failed (a failed fsync leaves
-//! the file's state unknown), and at the end. A checkpoint starts a new segment, flushes and
-//! fsyncs every epoch that is not sealed (oldest first), and then removes the older segments.
+//! the file's state unknown), and at the end. A checkpoint freezes the epochs' memory tables as
+//! it closes the segment, starts a new one, writes each frozen table into its epoch as a run and
+//! flushes and fsyncs every epoch that is not sealed (oldest first, see `memtable`), and then
+//! removes the older segments.
 //! Writes that arrive during a commit form the next batch, so the cost is one commit per batch,
 //! not per write. Exactly one flush of a database is ever in flight (sled's concurrent
 //! `flush_async` deadlocks, upstream issue #1308; a seal's flush of its epoch takes the
@@ -93,7 +95,6 @@ impl GroupCommit {
                     db,
                     main,
                     epochs,
-                    epoch_files: Vec::new(),
                     wal,
                 };
                 run(
@@ -218,7 +219,6 @@ struct Syncer {
     main: DbFiles,
     epochs: Arc<Epochs>,
     /// Files of the epochs flushed so far, by epoch id (dropped once the epoch is sealed).
-    epoch_files: Vec<(u64, DbFiles)>,
     wal: WriteAhead,
 }
 
@@ -248,37 +248,30 @@ impl Syncer {
     /// The appends' records made durable: synced in the segment, or (a checkpoint) flushed in
     /// the epochs themselves, with later records going to a new segment.
     fn write_ahead(&mut self, checkpoint: &mut bool) -> std::io::Result<()> {
-        self.wal.files.write_pending(&self.wal.buffer)?;
-        *checkpoint = *checkpoint
-            || self.wal.buffer.take_checkpoint_request()
-            || self.wal.files.since_checkpoint_bytes() >= self.wal.bytes_max;
+        *checkpoint = *checkpoint || self.wal.buffer.take_checkpoint_request();
         if !*checkpoint {
-            return self.wal.files.sync();
+            self.wal.files.write_pending(&self.wal.buffer)?;
+            if self.wal.files.since_checkpoint_bytes() < self.wal.bytes_max {
+                return self.wal.files.sync();
+            }
+            *checkpoint = true;
+        }
+        // The queued records go to the current segment and the memory tables are frozen under
+        // its number, while no combiner is between a table write and its record (see
+        // `memtable`): each frozen table holds exactly the events those records describe.
+        let unsealed = self.epochs.unsealed();
+        {
+            let _round = self.wal.buffer.round();
+            self.wal.files.write_pending(&self.wal.buffer)?;
+            let segment = self.wal.files.segment();
+            for epoch in &unsealed {
+                epoch.memtable.freeze(segment);
+            }
         }
         self.wal.files.rotate()?;
-        self.flush_epochs()
-    }
-
-    /// Flushes and fsyncs every epoch that is not sealed, oldest first.
-    fn flush_epochs(&mut self) -> std::io::Result<()> {
-        let unsealed = self.epochs.unsealed();
-        self.epoch_files
-            .retain(|(id, _)| unsealed.iter().any(|e| e.id == *id));
+        // Oldest first; each also flushes and fsyncs its database (its feed blocks).
         for epoch in unsealed {
-            let Some(dir) = epoch.dir.as_deref() else {
-                continue;
-            };
-            if !epoch.flush_for_commit()? {
-                continue;
-            }
-            let files = match self.epoch_files.iter().position(|(id, _)| *id == epoch.id) {
-                Some(i) => &mut self.epoch_files[i].1,
-                None => {
-                    self.epoch_files.push((epoch.id, DbFiles::open(dir)?));
-                    &mut self.epoch_files.last_mut().expect("just pushed").1
-                }
-            };
-            files.sync()?;
+            epoch.persist_frozen().map_err(std::io::Error::other)?;
         }
         Ok(())
     }

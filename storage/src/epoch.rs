@@ -18,13 +18,15 @@
 //!
 //! Crash contract across databases:
 //! - an append's feed entry and its events go to the same epoch (the feed's combiner picks the
-//!   epoch for a whole block and each append writes its events where its entry went), so sled's
+//!   epoch for a whole block and each append writes its events where its entry went), and its
+//!   events reach that database (in a run, at a checkpoint) after its feed entry, so sled's
 //!   recovery of a prefix of that database keeps "events on disk have their feed entry";
 //! - one Thing's appends run one after another, so its events in a later epoch always have
 //!   higher sequence numbers than those in an earlier one;
 //! - the group commit syncs the write-ahead segment holding the appends' writes to their epochs
-//!   (see [`crate::wal`]; the epochs themselves are flushed at checkpoints and seals, and an
-//!   open replays the segments into them first), then flushes and fsyncs the main database: a
+//!   (see [`crate::wal`]; the epochs themselves are written, their memory tables as runs, and
+//!   flushed at checkpoints and seals, and an open replays the segments into them first, see
+//!   [`crate::memtable`]), then flushes and fsyncs the main database: a
 //!   crash during a commit can leave an append's events durable and its index changes (main
 //!   database) lost, which the Thing's owner repairs when it activates (the effects
 //!   consumer activates it again after the restart, since its position was never passed).
@@ -37,7 +39,8 @@ use std::sync::{Arc, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use crate::feed::FeedClock;
-use crate::packed::{self, EventTree};
+use crate::memtable::{MemTable, FINAL_RUN};
+use crate::packed::{self, EventTree, Record, Records};
 use crate::StorageError;
 
 /// How long a reopen waits for sled to let go of a database it just closed (sled releases its
@@ -46,7 +49,10 @@ const REOPEN_LOCK_WAIT: Duration = Duration::from_secs(30);
 
 /// The trees of one epoch.
 pub(crate) struct EpochTrees {
+    /// Events written one by one (by versions before runs), or the packed epoch.
     pub(crate) events: EventTree,
+    /// The runs checkpoints wrote (see [`crate::memtable`]), oldest first; none once packed.
+    pub(crate) runs: Vec<(u64, EventTree)>,
     pub(crate) feed: sled::Tree,
     /// The epoch's own database (`None` for epoch 0, whose trees are in the main database).
     pub(crate) db: Option<sled::Db>,
@@ -70,6 +76,8 @@ pub(crate) struct Epoch {
     /// Held while its database is flushed: by the group commit's checkpoint or by its seal, one
     /// at a time (sled's concurrent flushes of one database can deadlock, upstream #1308).
     flushing: std::sync::Mutex<()>,
+    /// Its events since the last checkpoint (see [`crate::memtable`]).
+    pub(crate) memtable: MemTable,
 }
 
 impl Epoch {
@@ -138,26 +146,120 @@ impl Epoch {
         self.sealed.load(Ordering::Acquire)
     }
 
-    /// Flushes the epoch's database for the group commit, unless it is sealed or being
-    /// reopened (then everything in it is durable already). Returns whether it flushed.
-    pub(crate) fn flush_for_commit(&self) -> std::io::Result<bool> {
-        if self.is_sealed() {
-            return Ok(false);
-        }
-        let _one_flush = self.flushing.lock().unwrap_or_else(|p| p.into_inner());
-        let guard = match self.trees.try_read() {
-            Ok(guard) => guard,
-            Err(std::sync::TryLockError::WouldBlock) => return Ok(false),
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-        };
-        match guard.as_ref().and_then(|t| t.db.as_ref()) {
-            Some(db) => db.flush().map(|_| true).map_err(std::io::Error::other),
-            None => Ok(false),
-        }
+    /// One Thing's records with `start ≤ key ≤ end` (both keys of one Thing), in key order or,
+    /// with `rev`, newest first, at most `limit`: its database's (events one by one, then the
+    /// runs oldest first) and then its memory table's. One Thing's events in a later source
+    /// always follow those in an earlier one.
+    pub(crate) fn records(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        rev: bool,
+        limit: usize,
+    ) -> Result<Vec<Record>, StorageError> {
+        // The table first: a run written meanwhile is then in the database too, and skipped.
+        let seen = self.memtable.range(start, Some(end));
+        self.with(|trees| {
+            let mut sources: Vec<&EventTree> = vec![&trees.events];
+            sources.extend(
+                trees
+                    .runs
+                    .iter()
+                    .filter(|(id, _)| !seen.frozen_runs.contains(id))
+                    .map(|(_, run)| run),
+            );
+            let mut out = Vec::new();
+            if rev {
+                out.extend(seen.records.into_iter().rev().take(limit));
+                for source in sources.iter().rev() {
+                    if out.len() >= limit {
+                        break;
+                    }
+                    for item in source.range_rev(start, end).take(limit - out.len()) {
+                        out.push(item?);
+                    }
+                }
+            } else {
+                for source in sources {
+                    if out.len() >= limit {
+                        break;
+                    }
+                    for item in source.range(start, Some(end)).take(limit - out.len()) {
+                        out.push(item?);
+                    }
+                }
+                let room = limit.saturating_sub(out.len());
+                out.extend(seen.records.into_iter().take(room));
+            }
+            Ok(out)
+        })
     }
 
-    /// Flushes and fsyncs its database (before it is sealed: from then on the group commit's
-    /// checkpoints skip it, and its write-ahead records may go).
+    /// Writes `value` under `key` where the key is (a run, the events written one by one, the
+    /// memory table), else in the memory table, or the database of an epoch that takes no
+    /// appends (tests of damaged records). Returns whether it went to the memory table.
+    #[cfg(feature = "test-util")]
+    pub(crate) fn put_raw(&self, key: &[u8], value: &[u8]) -> Result<bool, StorageError> {
+        if self.memtable.replace(key, value) {
+            return Ok(true);
+        }
+        let in_database = self.with(|trees| {
+            for (_, run) in trees.runs.iter().rev() {
+                if run.range(key, Some(key)).next().transpose()?.is_some() {
+                    run.put_raw(key, value)?;
+                    return Ok(true);
+                }
+            }
+            let held = trees
+                .events
+                .range(key, Some(key))
+                .next()
+                .transpose()?
+                .is_some();
+            if held || self.dir.is_none() || self.is_sealed() {
+                trees.events.put_raw(key, value)?;
+                return Ok(true);
+            }
+            Ok(false)
+        })?;
+        if !in_database {
+            self.memtable.put(key, value);
+        }
+        Ok(!in_database)
+    }
+
+    /// Writes the memory table's frozen parts as runs, then flushes and fsyncs the database
+    /// (its feed included). The group commit's checkpoint and the seal call this, one at a time.
+    pub(crate) fn persist_frozen(&self) -> Result<(), StorageError> {
+        let Some(dir) = self.dir.as_deref() else {
+            return Ok(());
+        };
+        let _one_flush = self.flushing.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(db) = self.read()?.trees().db.clone() else {
+            return Ok(());
+        };
+        let frozen = self.memtable.frozen();
+        let mut written = Vec::with_capacity(frozen.len());
+        for (run, table) in &frozen {
+            written.push((*run, packed::write_run(&db, *run, table)?));
+        }
+        flush_and_sync(&db, dir)?;
+        if !written.is_empty() {
+            let mut trees = self.trees.write().unwrap_or_else(|p| p.into_inner());
+            if let Some(trees) = trees.as_mut() {
+                for (run, tree) in written {
+                    trees.runs.push((run, EventTree::Packed(tree)));
+                }
+            }
+        }
+        for (run, _) in &frozen {
+            self.memtable.written(*run);
+        }
+        Ok(())
+    }
+
+    /// Flushes and fsyncs its database (tests of damaged records write to sealed epochs).
+    #[cfg(feature = "test-util")]
     pub(crate) fn make_durable(&self) -> Result<(), StorageError> {
         let Some(dir) = self.dir.as_deref() else {
             return Ok(());
@@ -241,6 +343,27 @@ impl EpochTrees {
     fn is_complete_pack(&self) -> bool {
         self.events.is_packed() && self.db.as_ref().is_some_and(packed::is_complete)
     }
+
+    /// Whether its database holds no event.
+    fn holds_no_event(&self) -> bool {
+        self.events.is_empty() && self.runs.iter().all(|(_, run)| run.is_empty())
+    }
+
+    /// Every event in its database, in key order (the runs named in `skip` left out).
+    pub(crate) fn all_records(&self, skip: &[u64]) -> Records<'_> {
+        let mut sources = vec![self.events.range(&[], None)];
+        for (id, run) in &self.runs {
+            if !skip.contains(id) {
+                sources.push(run.range(&[], None));
+            }
+        }
+        packed::merged(sources)
+    }
+
+    /// The highest run written (0 if none).
+    fn last_run(&self) -> u64 {
+        self.runs.last().map_or(0, |(id, _)| *id)
+    }
 }
 
 /// Opens `dir` as a sled database the way the store does (see [`crate::open_sled`]).
@@ -258,6 +381,7 @@ fn open_epoch_trees(dir: &Path, cache_bytes: u64) -> Result<EpochTrees, StorageE
     };
     Ok(EpochTrees {
         events,
+        runs: packed::open_runs(&db)?,
         feed: db.open_tree("feed")?,
         db: Some(db),
     })
@@ -513,12 +637,14 @@ impl Epochs {
             dir: None,
             trees: RwLock::new(Some(EpochTrees {
                 events: EventTree::Plain(main.open_tree("events")?),
+                runs: Vec::new(),
                 feed: main.open_tree("feed")?,
                 db: None,
             })),
             cache_bytes: 0,
             sealed: AtomicBool::new(true),
             flushing: std::sync::Mutex::new(()),
+            memtable: MemTable::default(),
         })];
         for ((id, path, trees, _), first_position) in opened.into_iter().zip(firsts) {
             list.push(Arc::new(Epoch {
@@ -529,6 +655,7 @@ impl Epochs {
                 cache_bytes: sealed_cache,
                 sealed: AtomicBool::new(true),
                 flushing: std::sync::Mutex::new(()),
+                memtable: MemTable::default(),
             }));
         }
         Ok(Epochs {
@@ -558,7 +685,8 @@ impl Epochs {
     pub(crate) fn start_current(&self, next_position: u64) -> Result<(), StorageError> {
         let current = self.current();
         let empty = current.dir.is_some()
-            && current.with(|t| Ok(t.feed.is_empty() && t.events.is_empty()))?;
+            && current.memtable.is_empty()
+            && current.with(|t| Ok(t.feed.is_empty() && t.holds_no_event()))?;
         if let (true, Some(dir)) = (empty, current.dir.as_deref()) {
             let mut trees = current.trees.write().unwrap_or_else(|p| p.into_inner());
             drop(trees.take());
@@ -597,6 +725,7 @@ impl Epochs {
             cache_bytes: sealed_cache_bytes(self.cache_bytes),
             sealed: AtomicBool::new(false),
             flushing: std::sync::Mutex::new(()),
+            memtable: MemTable::default(),
         });
         self.list
             .write()
@@ -753,6 +882,9 @@ fn replay_written_ahead(
     let started = Instant::now();
     let mut touched: Vec<u64> = Vec::new();
     let mut writes = 0u64;
+    let mut last_segment = 0u64;
+    // Events for each epoch's new run, by epoch id.
+    let mut tables: std::collections::BTreeMap<u64, crate::memtable::Table> = Default::default();
     let records = crate::wal::replay(wal_dir, |write| {
         let index = match opened.binary_search_by_key(&write.epoch, |(id, ..)| *id) {
             Ok(index) => index,
@@ -773,15 +905,28 @@ fn replay_written_ahead(
                 index
             }
         };
+        last_segment = last_segment.max(write.segment);
         let trees = &opened[index].2;
         let EventTree::Plain(events) = &trees.events else {
             return Ok(()); // packed: whole already
         };
-        let tree = match write.tree {
-            crate::wal::WalTree::Feed => &trees.feed,
-            crate::wal::WalTree::Events => events,
-        };
-        tree.insert(write.key, write.value)?;
+        match write.tree {
+            crate::wal::WalTree::Feed => {
+                trees.feed.insert(write.key, write.value)?;
+            }
+            // Written one by one by a version before runs: put back the same way.
+            crate::wal::WalTree::Events if !events.is_empty() => {
+                events.insert(write.key, write.value)?;
+            }
+            // In a run already.
+            crate::wal::WalTree::Events if write.segment <= trees.last_run() => return Ok(()),
+            crate::wal::WalTree::Events => {
+                tables
+                    .entry(write.epoch)
+                    .or_default()
+                    .insert(sled::IVec::from(write.key), sled::IVec::from(write.value));
+            }
+        }
         writes += 1;
         if !touched.contains(&write.epoch) {
             touched.push(write.epoch);
@@ -793,6 +938,12 @@ fn replay_written_ahead(
             continue;
         }
         if let Some(db) = &trees.db {
+            // The replayed events become a run named after the newest segment replayed, which
+            // holds them all (the segments written from now on have higher numbers).
+            if let Some(table) = tables.remove(id) {
+                let run = packed::write_run(db, last_segment, &table)?;
+                trees.runs.push((last_segment, EventTree::Packed(run)));
+            }
             flush_and_sync(db, path)?;
         }
         *first = first_position_of(&trees.feed)?;
@@ -830,8 +981,10 @@ fn seal(gate: &Arc<SealGate>, epochs: &Weak<Epochs>, epoch: &Weak<Epoch>) {
     }
     if let Some(epoch) = epoch.upgrade() {
         // Its appends were durable through the write-ahead segments; from now on nothing else
-        // (checkpoints skip it, a pack reads it) may rely on them.
-        if let Err(e) = epoch.make_durable() {
+        // (checkpoints skip it, a pack reads it) may rely on them. It takes no more events:
+        // what its memory table holds is its last run.
+        epoch.memtable.freeze(FINAL_RUN);
+        if let Err(e) = epoch.persist_frozen() {
             tracing::error!(epoch = epoch.id, error = %e, "cannot flush a log epoch to seal and pack it; left as it is (checkpoints flush it while it is unsealed; the next open packs it)");
             return;
         }
@@ -889,7 +1042,7 @@ fn pack_in_place(
             return Ok(None);
         }
         let db = crate::open_sled(&new_dir, epoch.cache_bytes)?;
-        let counts = packed::pack(&trees.events, &trees.feed, &db, &closing)?;
+        let counts = packed::pack(trees.all_records(&[]), &trees.feed, &db, &closing)?;
         drop(db);
         match counts {
             Some(counts) => counts,
@@ -1389,6 +1542,49 @@ mod tests {
             assert_eq!(segments_in(copy.path()), 1);
             assert_eq!(append(&copied, "a", 21 + open, 1).await, 23 + open);
         }
+    }
+
+    /// Given appends written ahead in a segment and then, at the store's close, into a run
+    /// named after that segment, when the data directory is opened with that segment back in
+    /// `wal/` (a crash after the run was made durable and before the segment was removed), then
+    /// its events are not replayed a second time: every seq reads once, forwards and back.
+    #[tokio::test]
+    async fn a_segment_whose_events_are_in_a_run_is_not_replayed_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&config(dir.path(), 1_000)).expect("open");
+        for seq in 1..=5 {
+            append(&store, "a", seq, 1).await;
+        }
+        append(&store, "b", 1, 3).await;
+        assert_eq!(store.commit_stats().checkpoints, 0);
+        let early_wal = tempfile::tempdir().expect("tempdir");
+        copy_dir(&dir.path().join("wal"), early_wal.path());
+        drop(store); // checkpoints: the events go to a run
+        let copy = tempfile::tempdir().expect("tempdir");
+        copy_dir(dir.path(), copy.path());
+        std::fs::remove_dir_all(copy.path().join("wal")).expect("remove wal");
+        copy_dir(early_wal.path(), &copy.path().join("wal"));
+        let copied = Store::open(&config(copy.path(), 1_000)).expect("open the copy");
+        assert_eq!(
+            seqs(&copied.read_events("a", 1, 100).expect("read")),
+            vec![1, 2, 3, 4, 5]
+        );
+        assert_eq!(
+            seqs(&copied.read_events_rev("a", 100, 100).expect("rev")),
+            vec![5, 4, 3, 2, 1]
+        );
+        assert_eq!(
+            seqs(&copied.read_events("b", 1, 100).expect("read")),
+            vec![1, 2, 3]
+        );
+        let mut walked = 0;
+        copied
+            .walk_events(|_| {
+                walked += 1;
+                std::ops::ControlFlow::Continue(())
+            })
+            .expect("walk");
+        assert_eq!(walked, 8);
     }
 
     /// Given checkpoints after every commit (`wal_bytes_max` of 1 byte), when Things append,

@@ -274,7 +274,9 @@ impl FeedClock {
             for p in &pending {
                 block.extend_from_slice(&p.entry);
             }
-            // The round's writes to its epoch, framed as one write-ahead record (see `wal`).
+            // The round's writes to its epoch, framed as one write-ahead record (see `wal`);
+            // no checkpoint freezes the epoch's memory table until the record is queued.
+            let round = self.wal.round();
             let mut recorded = store.inner.epochs.for_block(first, self).and_then(|epoch| {
                 let key = first.to_be_bytes();
                 let mut ahead = WalRecord::new(epoch.id);
@@ -289,9 +291,7 @@ impl FeedClock {
             let mut writings = Vec::with_capacity(pending.len());
             for p in pending {
                 let result = match &mut recorded {
-                    Ok((epoch, ahead)) => epoch.with(|trees| {
-                        store.write_batch(trees.events.for_writing()?, &p.batch, ahead)
-                    }),
+                    Ok((epoch, ahead)) => store.write_batch(epoch, &p.batch, ahead),
                     Err(e) => Err(e.clone()),
                 };
                 writings.push(p.writing);
@@ -308,6 +308,7 @@ impl FeedClock {
             if let Ok((_, ahead)) = recorded {
                 self.wal.push(ahead);
             }
+            drop(round);
             // The positions are written (whatever the outcome) before the group commit looks.
             drop(writings);
             store.inner.committer.enqueue(written);

@@ -191,7 +191,19 @@ impl Store {
             .collect::<Result<Vec<_>, _>>()?;
         let mut walks: Vec<_> = held
             .iter()
-            .map(|epoch| epoch.trees().events.range(&[], None).peekable())
+            .zip(&epochs)
+            .map(|(trees, epoch)| {
+                // Its database's events and its memory table's (a run written meanwhile is
+                // left out of the database's, as a read does).
+                let table = epoch.memtable.range(&[], None);
+                let in_table: crate::packed::Records<'_> =
+                    Box::new(table.records.into_iter().map(Ok));
+                crate::packed::merged(vec![
+                    trees.trees().all_records(&table.frozen_runs),
+                    in_table,
+                ])
+                .peekable()
+            })
             .collect();
         loop {
             let mut next: Option<(usize, sled::IVec)> = None;

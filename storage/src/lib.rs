@@ -29,6 +29,7 @@ pub mod index;
 pub mod integrity;
 pub mod kv;
 pub mod log;
+mod memtable;
 mod packed;
 pub mod records;
 pub mod snapshot;

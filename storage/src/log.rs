@@ -2,10 +2,14 @@
 //! the change feed, see [`crate::feed`]).
 //!
 //! Key = thing key ‖ seq (u64 big-endian), so one Thing's events are contiguous and in order.
-//! Value = an [`Envelope`]. Sequence numbers start at 1 and are never reused: an append whose
-//! first key already exists is refused ([`StorageError::SequenceConflict`]), which catches two
-//! writers for one Thing.
+//! Value = an [`Envelope`]. Sequence numbers start at 1 and are never reused. An append whose
+//! first key is taken among the appends since the last checkpoint (the epoch's memory table)
+//! is refused ([`StorageError::SequenceConflict`]): two writers for one Thing start from the
+//! same last seq, so the second one's first append collides with the first one's. (Before the
+//! memory table the check covered the current epoch's sled tree; it never covered older
+//! epochs.)
 
+use crate::epoch::Epoch;
 use crate::index::{alarm_key, deadline_key, IndexOp};
 use crate::wal::{WalRecord, WalTree};
 use crate::{thing_key, Envelope, StorageError, Store};
@@ -89,17 +93,14 @@ impl Store {
         self.inner.feed_clock.append(self, entry, batch).await
     }
 
-    /// Writes a batch to the database without waiting for durability.
-    ///
-    /// Events go in with plain inserts, never `apply_batch` or a transaction: those take sled's
-    /// global write guard, which waits for any flush in progress (a flush holds the read guard
-    /// through its IO) and then routes every later operation through the lock. Only an append
-    /// of several events uses `apply_batch`, to keep them all-or-nothing. Index changes are
+    /// Writes a batch without waiting for durability: its events to the memory table of
+    /// `epoch` (see [`crate::memtable`]; durable through the write-ahead record they are
+    /// described in, `ahead`), its index changes to the main database. Index changes are
     /// written after the events (new deadlines before them): indexes are derived from the log,
     /// and the owner of a Thing repairs them on activation if a crash fell between the writes.
     pub(crate) fn write_batch(
         &self,
-        events: &sled::Tree,
+        epoch: &Epoch,
         batch: &AppendBatch,
         ahead: &mut WalRecord,
     ) -> Result<(), StorageError> {
@@ -117,7 +118,7 @@ impl Store {
             let seq = batch.first_seq + i as u64;
             writes.push((event_key(&prefix, seq), envelope.to_bytes()?));
         }
-        Self::insert_events(events, batch, writes, ahead)?;
+        Self::insert_events(epoch, batch, writes, ahead)?;
         for op in &batch.index {
             if !matches!(op, IndexOp::PutDeadline { .. }) {
                 self.apply_index_op(&batch.thing, &prefix, op)?;
@@ -126,60 +127,28 @@ impl Store {
         Ok(())
     }
 
-    /// Inserts one append's events, refusing a sequence number already taken, and describes in
-    /// `ahead` (the write-ahead record) what it left in the tree.
+    /// Puts one append's events in the epoch's memory table, refusing a sequence number taken
+    /// there already (the appends since the last checkpoint: a second writer for one Thing
+    /// collides with the first within moments), and describes them in `ahead`.
     fn insert_events(
-        events: &sled::Tree,
+        epoch: &Epoch,
         batch: &AppendBatch,
-        mut writes: Vec<(Vec<u8>, Vec<u8>)>,
+        writes: Vec<(Vec<u8>, Vec<u8>)>,
         ahead: &mut WalRecord,
     ) -> Result<(), StorageError> {
-        let conflict = || StorageError::SequenceConflict {
-            thing: batch.thing.clone(),
-            seq: batch.first_seq,
-        };
+        if epoch.dir.is_none() {
+            return Err(StorageError::Db("log epoch 0 takes no more events".into()));
+        }
         let mark = ahead.mark();
         for (key, value) in &writes {
             ahead.put(WalTree::Events, key, value);
         }
-        if writes.len() == 1 {
-            if let Some((key, value)) = writes.pop() {
-                // Detect a reused sequence number from the insert itself (no second lookup on the
-                // hot path); put the old record back before reporting it. The put-back is written
-                // ahead too: sled may have written the refused record to its file already.
-                let inserted = events.insert(key.as_slice(), value);
-                match inserted {
-                    Ok(None) => {}
-                    Ok(Some(previous)) => {
-                        ahead.rewind(mark);
-                        ahead.put(WalTree::Events, &key, &previous);
-                        events.insert(key, previous)?;
-                        return Err(conflict());
-                    }
-                    Err(e) => {
-                        ahead.rewind(mark);
-                        return Err(e.into());
-                    }
-                }
-            }
-        } else if let Some((first_key, _)) = writes.first() {
-            let refused = match events.contains_key(first_key) {
-                Ok(true) => Some(conflict()),
-                Ok(false) => None,
-                Err(e) => Some(e.into()),
-            };
-            if let Some(e) = refused {
-                ahead.rewind(mark);
-                return Err(e);
-            }
-            let mut sled_batch = sled::Batch::default();
-            for (key, value) in writes {
-                sled_batch.insert(key, value);
-            }
-            if let Err(e) = events.apply_batch(sled_batch) {
-                ahead.rewind(mark);
-                return Err(e.into());
-            }
+        if !epoch.memtable.insert_new(writes) {
+            ahead.rewind(mark);
+            return Err(StorageError::SequenceConflict {
+                thing: batch.thing.clone(),
+                seq: batch.first_seq,
+            });
         }
         Ok(())
     }
@@ -277,12 +246,10 @@ impl Store {
         // one being sealed). A Thing with no event at all reads every epoch.
         let mut first_epoch = 0;
         for (i, epoch) in epochs.iter().enumerate().rev() {
-            let first = epoch.with(|trees| {
-                match trees.events.range(&start_of_thing, Some(&end)).next() {
-                    Some(item) => Ok(seq_of(prefix.len(), &item?.0)),
-                    None => Ok(None),
-                }
-            })?;
+            let first = match epoch.records(&start_of_thing, &end, false, 1)?.first() {
+                Some((key, _)) => seq_of(prefix.len(), key),
+                None => None,
+            };
             if first.is_some_and(|seq| seq <= from_seq) {
                 first_epoch = i;
                 break;
@@ -293,10 +260,14 @@ impl Store {
             if out.len() >= limit {
                 break;
             }
-            epoch.with(|trees| {
-                let items = trees.events.range(&start, Some(&end));
-                decode_into(thing, prefix.len(), items, limit, &mut out)
-            })?;
+            let items = epoch.records(&start, &end, false, limit - out.len())?;
+            decode_into(
+                thing,
+                prefix.len(),
+                items.into_iter().map(Ok),
+                limit,
+                &mut out,
+            )?;
         }
         Ok(out)
     }
@@ -316,10 +287,14 @@ impl Store {
             if out.len() >= limit {
                 break;
             }
-            epoch.with(|trees| {
-                let items = trees.events.range_rev(&start, &end);
-                decode_into(thing, prefix.len(), items, limit, &mut out)
-            })?;
+            let items = epoch.records(&start, &end, true, limit - out.len())?;
+            decode_into(
+                thing,
+                prefix.len(),
+                items.into_iter().map(Ok),
+                limit,
+                &mut out,
+            )?;
         }
         Ok(out)
     }
@@ -329,21 +304,12 @@ impl Store {
         let prefix = thing_key(thing)?;
         let (first, last) = (event_key(&prefix, 0), event_key(&prefix, u64::MAX));
         for epoch in self.inner.epochs.all().iter().rev() {
-            let last = epoch.with(|trees| match trees.events.range_rev(&first, &last).next() {
-                None => Ok(None),
-                Some(item) => {
-                    let (key, _) = item?;
-                    seq_of(prefix.len(), &key)
-                        .map(Some)
-                        .ok_or_else(|| StorageError::Corrupt {
-                            thing: thing.to_owned(),
-                            seq: 0,
-                            reason: "malformed event key".into(),
-                        })
-                }
-            })?;
-            if let Some(seq) = last {
-                return Ok(seq);
+            if let Some((key, _)) = epoch.records(&first, &last, true, 1)?.first() {
+                return seq_of(prefix.len(), key).ok_or_else(|| StorageError::Corrupt {
+                    thing: thing.to_owned(),
+                    seq: 0,
+                    reason: "malformed event key".into(),
+                });
             }
         }
         Ok(0)
@@ -364,22 +330,18 @@ impl Store {
         let epochs = self.inner.epochs.all();
         let mut holder = epochs.last().cloned().ok_or(StorageError::Closed)?;
         for epoch in &epochs {
-            let found = epoch.with(|trees| match trees.events.range(&key, Some(&key)).next() {
-                Some(item) => item.map(|_| true),
-                None => Ok(false),
-            })?;
-            if found {
+            if !epoch.records(&key, &key, false, 1)?.is_empty() {
                 holder = epoch.clone();
             }
         }
-        // A sealed epoch is not flushed by the group commit any more: flush it here. The write
-        // is written ahead too (epoch 0, the main database's, takes no write-ahead records),
-        // else an open would replay the record it replaces over it.
-        holder.with(|trees| trees.events.put_raw(&key, bytes))?;
+        // A write to the epoch's database is flushed here (the group commit does not flush a
+        // sealed epoch); one to its memory table is written ahead like an append's.
+        let in_table = holder.put_raw(&key, bytes)?;
         holder.make_durable()?;
-        if holder.id > 0 {
+        if in_table {
             let mut ahead = WalRecord::new(holder.id);
             ahead.put(WalTree::Events, &key, bytes);
+            let _round = self.inner.feed_clock.wal.round();
             self.inner.feed_clock.wal.push(ahead);
         }
         drop(packing);
@@ -400,12 +362,11 @@ mod tests {
         Store::open(&StoreConfig::new(dir.path())).expect("open")
     }
 
-    /// Given an acknowledged event at seq 1, when an append at seq 1 is refused, then the
-    /// write-ahead record describes the acknowledged event put back (sled may have written the
-    /// refused one to its file before the put-back), and a refused append of several events
-    /// describes nothing.
+    /// Given an acknowledged event at seq 1, when an append at seq 1 (of one event or several)
+    /// is refused, then its write-ahead record describes nothing and the log still reads the
+    /// acknowledged event.
     #[tokio::test]
-    async fn a_refused_append_writes_ahead_the_event_it_put_back() {
+    async fn a_refused_append_writes_nothing() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = open(&dir);
         let batch = |first_seq: u64, n: u64| AppendBatch {
@@ -422,25 +383,14 @@ mod tests {
             .await
             .expect("append");
         let epoch = store.inner.epochs.current();
-        for (refused, expected) in [
-            (
-                batch(1, 1),
-                vec![(
-                    WalTree::Events,
-                    event_key(&thing_key("a").expect("key"), 1),
-                    envelope(1).to_bytes().expect("bytes"),
-                )],
-            ),
-            (batch(1, 2), vec![]),
-        ] {
+        for refused in [batch(1, 1), batch(1, 2)] {
             let mut ahead = WalRecord::new(epoch.id);
-            let result = epoch
-                .with(|trees| store.write_batch(trees.events.for_writing()?, &refused, &mut ahead));
+            let result = store.write_batch(&epoch, &refused, &mut ahead);
             assert!(
                 matches!(result, Err(StorageError::SequenceConflict { seq: 1, .. })),
                 "{result:?}"
             );
-            assert_eq!(ahead.writes(), expected);
+            assert_eq!(ahead.writes(), vec![]);
         }
         let events = store.read_events("a", 1, 10).expect("read");
         assert_eq!(events.len(), 1);

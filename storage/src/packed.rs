@@ -2,14 +2,18 @@
 //! consecutive records, so that a sealed epoch takes a fraction of the disk it took while it
 //! was written.
 //!
-//! While an epoch takes appends, every event is its own sled entry, inserted in whatever order
-//! Things write: sled rewrites a leaf (at most 16 entries) each time it changes and reclaims a
-//! log segment only once half of it is dead, so a small event costs about 5x its bytes on
-//! disk. Once the epoch is sealed nothing changes in it any more: its records are copied, in
-//! key order, into a new database as blocks of at least [`PACKED_BLOCK_BYTES_MIN`] (key = the
-//! block's first record key; value = the records, each key stored as what it does not share
-//! with the previous one), and the new database takes the old one's place (see
-//! [`crate::epoch`]). A read seeks the block at or before its first key and decodes forward.
+//! While an epoch takes appends, its events reach its database in *runs*: each checkpoint
+//! writes the events of its memory table (see [`crate::memtable`]) as one tree of blocks in this
+//! layout. Versions before runs inserted every event as its own sled entry, in whatever order
+//! Things wrote: sled rewrites a leaf (at most 16 entries) each time it changes and reclaims a
+//! log segment only once half of it is dead, so a small event cost about 5x its bytes on disk
+//! (such epochs still read and pack). Once the epoch is sealed nothing changes in it any more:
+//! its records (those entries and the runs, merged by key) are copied, in key order, into a new
+//! database as blocks of at least [`PACKED_BLOCK_BYTES_MIN`] (key = the block's first record
+//! key; value = the records, each key stored as what it does not share with the previous one),
+//! and the new database takes the old one's place (see [`crate::epoch`]). A read seeks the
+//! block at or before its first key and decodes forward; a read of one Thing's events reads
+//! the runs one after another (a Thing's events in a later run follow those in an earlier one).
 //!
 //! Block format (version 1): one byte `1`, then per record: varint shared-prefix length,
 //! varint suffix length, the suffix, varint value length, the value. The first record's key is
@@ -49,17 +53,6 @@ pub(crate) enum EventTree {
 impl EventTree {
     pub(crate) fn is_packed(&self) -> bool {
         matches!(self, EventTree::Packed(_))
-    }
-
-    /// The tree appends write to (never a packed epoch: only the current epoch takes appends,
-    /// and only sealed ones are packed).
-    pub(crate) fn for_writing(&self) -> Result<&sled::Tree, StorageError> {
-        match self {
-            EventTree::Plain(tree) => Ok(tree),
-            EventTree::Packed(_) => Err(StorageError::Db(
-                "a packed log epoch takes no more events".into(),
-            )),
-        }
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -417,7 +410,7 @@ pub(crate) struct PackCounts {
 /// new database `into`, and flushes it. Returns `None` if `cancelled` said so meanwhile (the
 /// store is closing; the new database is then incomplete and must be thrown away).
 pub(crate) fn pack(
-    events: &EventTree,
+    events: Records<'_>,
     feed: &sled::Tree,
     into: &sled::Db,
     cancelled: &dyn Fn() -> bool,
@@ -445,7 +438,7 @@ pub(crate) fn pack(
         }
         Ok(true)
     };
-    for record in events.range(&[], None) {
+    for record in events {
         let (key, value) = record?;
         writer.push(&key, &value);
         counts.records += 1;
@@ -468,6 +461,122 @@ pub(crate) fn pack(
         .insert(COMPLETE_KEY, &counts.records.to_be_bytes())?;
     into.flush()?;
     Ok(Some(counts))
+}
+
+/// The tree that lists an epoch's runs (see [`crate::memtable`]): key = run (u64 BE), value =
+/// its record count (u64 BE). A run's tree counts only once listed here.
+const RUNS_TREE: &str = "runs";
+
+fn run_tree_name(run: u64) -> String {
+    format!("run.{run:020}")
+}
+
+/// Writes `table` as run `run` of the epoch database `db`: its records in blocks, then its
+/// entry in the list of runs (sled recovers a prefix of its log, so a listed run is whole).
+/// Not flushed: the caller flushes and fsyncs the database.
+pub(crate) fn write_run(
+    db: &sled::Db,
+    run: u64,
+    table: &crate::memtable::Table,
+) -> Result<sled::Tree, StorageError> {
+    let tree = db.open_tree(run_tree_name(run))?;
+    // Whatever an attempt that failed midway left.
+    tree.clear()?;
+    let mut writer = BlockWriter::default();
+    for (key, value) in table {
+        writer.push(key, value);
+        if writer.len_bytes() >= PACKED_BLOCK_BYTES_MIN {
+            if let Some((key, block)) = writer.finish() {
+                tree.insert(key, block)?;
+            }
+        }
+    }
+    if let Some((key, block)) = writer.finish() {
+        tree.insert(key, block)?;
+    }
+    db.open_tree(RUNS_TREE)?
+        .insert(run.to_be_bytes(), &(table.len() as u64).to_be_bytes())?;
+    Ok(tree)
+}
+
+/// The runs of an epoch database, oldest first; a run's tree that is not listed (its writing
+/// was cut short) is dropped.
+pub(crate) fn open_runs(db: &sled::Db) -> Result<Vec<(u64, EventTree)>, StorageError> {
+    let listed = db.open_tree(RUNS_TREE)?;
+    let mut runs = Vec::new();
+    for item in listed.iter() {
+        let (key, _) = item?;
+        let run = <[u8; 8]>::try_from(key.as_ref())
+            .map(u64::from_be_bytes)
+            .map_err(|_| StorageError::Db(format!("malformed run key {key:02x?}")))?;
+        runs.push(run);
+    }
+    for name in db.tree_names() {
+        let Some(run) = std::str::from_utf8(&name)
+            .ok()
+            .and_then(|name| name.strip_prefix("run."))
+            .and_then(|run| run.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if !runs.contains(&run) {
+            tracing::info!(run, "dropping a log run whose writing was cut short");
+            db.drop_tree(&name)?;
+        }
+    }
+    runs.iter()
+        .map(|run| Ok((*run, EventTree::Packed(db.open_tree(run_tree_name(*run))?))))
+        .collect()
+}
+
+/// Merges sources, each in key order with keys no other one holds, into one walk in key order.
+pub(crate) fn merged(sources: Vec<Records<'_>>) -> Records<'_> {
+    if sources.len() == 1 {
+        return sources.into_iter().next().expect("one source");
+    }
+    let heads = sources.iter().map(|_| None).collect();
+    Box::new(Merged {
+        sources,
+        heads,
+        started: false,
+    })
+}
+
+struct Merged<'a> {
+    sources: Vec<Records<'a>>,
+    heads: Vec<Option<Record>>,
+    started: bool,
+}
+
+impl Iterator for Merged<'_> {
+    type Item = Result<Record, StorageError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if !self.started {
+            self.started = true;
+            for (i, source) in self.sources.iter_mut().enumerate() {
+                match source.next() {
+                    Some(Ok(record)) => self.heads[i] = Some(record),
+                    Some(Err(e)) => return Some(Err(e)),
+                    None => {}
+                }
+            }
+        }
+        let least = self
+            .heads
+            .iter()
+            .enumerate()
+            .filter_map(|(i, head)| head.as_ref().map(|(key, _)| (i, key)))
+            .min_by(|a, b| a.1.cmp(b.1))
+            .map(|(i, _)| i)?;
+        let record = self.heads[least].take();
+        match self.sources[least].next() {
+            Some(Ok(next)) => self.heads[least] = Some(next),
+            Some(Err(e)) => return Some(Err(e)),
+            None => {}
+        }
+        record.map(Ok)
+    }
 }
 
 const COMPLETE_TREE: &str = "packed_meta";
@@ -525,18 +634,47 @@ mod tests {
             ),
             ranges in proptest::collection::vec(((0u8..7, 0u64..420), (0u8..7, 0u64..420)), 8),
         ) {
+            // The epoch's events: some one by one in its plain tree, some in a run (one key in
+            // one place only, as appends leave them); packing merges both.
             let (_plain_dir, plain_db) = temp_db();
             let plain = plain_db.open_tree("events").expect("tree");
-            for ((thing, seq), value) in &events {
-                plain.insert(key(*thing, *seq), value.as_slice()).expect("insert");
+            let all: std::collections::BTreeMap<Vec<u8>, Vec<u8>> = events
+                .iter()
+                .map(|((thing, seq), value)| (key(*thing, *seq), value.clone()))
+                .collect();
+            let mut in_run = crate::memtable::Table::new();
+            for (i, (k, value)) in all.iter().enumerate() {
+                if i % 3 == 1 {
+                    in_run.insert(IVec::from(k.as_slice()), IVec::from(value.as_slice()));
+                } else {
+                    plain.insert(k.as_slice(), value.as_slice()).expect("insert");
+                }
             }
+            let run = write_run(&plain_db, 9, &in_run).expect("run");
+            let runs = open_runs(&plain_db).expect("runs");
+            prop_assert_eq!(runs.len(), 1);
+            prop_assert_eq!(
+                collect(runs[0].1.range(&[], None)).len(),
+                in_run.len()
+            );
+            drop(run);
             let plain = EventTree::Plain(plain);
             let (_packed_dir, packed_db) = temp_db();
             let feed = plain_db.open_tree("feed").expect("tree");
-            let counts = pack(&plain, &feed, &packed_db, &|| false)
-                .expect("pack")
-                .expect("not cancelled");
-            prop_assert_eq!(counts.records, events.len() as u64);
+            let counts = pack(
+                merged(vec![plain.range(&[], None), runs[0].1.range(&[], None)]),
+                &feed,
+                &packed_db,
+                &|| false,
+            )
+            .expect("pack")
+            .expect("not cancelled");
+            prop_assert_eq!(counts.records, all.len() as u64);
+            // The plain tree with every event, to read the packed copy against.
+            let whole = plain_db.open_tree("events").expect("tree");
+            for (k, value) in &in_run {
+                whole.insert(k, value).expect("insert");
+            }
             let packed = EventTree::Packed(packed_db.open_tree("packed").expect("tree"));
             prop_assert_eq!(collect(packed.range(&[], None)), collect(plain.range(&[], None)));
             for ((a_thing, a_seq), (b_thing, b_seq)) in ranges {

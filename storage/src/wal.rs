@@ -4,16 +4,19 @@
 //! A group commit that flushed sled paid, for every batch, sled's hand-off of its log buffer
 //! to its IO pool (which wakes all seven of the pool's threads), the write, two fsyncs and a
 //! listing of the blob directory (2026-12-04 profile: 17% of the server's CPU in a shadow
-//! run). Now the feed's combiner, after writing a round's feed block and events into the
-//! epoch's sled trees (memory), also frames those writes as one record in a shared buffer
-//! ([`WalBuffer`]); the group commit writes the buffer to the current segment file and
-//! `fdatasync`s it: one write and one fsync per batch. The epochs are flushed only at a
-//! *checkpoint*: once [`crate::StoreConfig::wal_bytes_max`] bytes went into the segments since
-//! the last one, after a write-ahead write or sync failed, when writes were made that no record
-//! describes (a record too large to frame, a writer that panicked) and at close, the commit
-//! starts a new segment, flushes and fsyncs every epoch that is not sealed, and only then
-//! removes the older segments. An epoch is also flushed and fsynced on its own just before it
-//! is sealed (checkpoints skip sealed epochs).
+//! run). Now the feed's combiner, after writing a round's feed block into the epoch's sled
+//! `feed` tree and its events into the epoch's memory table (see [`crate::memtable`]), also
+//! frames those writes as one record in a shared buffer ([`WalBuffer`]); the group commit
+//! writes the buffer to the current segment file and `fdatasync`s it: one write and one fsync
+//! per batch. The epochs are written to only at a *checkpoint*: once
+//! [`crate::StoreConfig::wal_bytes_max`] bytes went into the segments since the last one, after
+//! a write-ahead write or sync failed, when writes were made that no record describes (a record
+//! too large to frame, a writer that panicked) and at close, the commit freezes the memory
+//! tables as it closes the current segment, starts a new one, writes each frozen table into its
+//! epoch as a run named after the closed segment, flushes and fsyncs every epoch that is not
+//! sealed, and only then removes the older segments. An epoch's table is also written and its
+//! database flushed and fsynced on its own just before it is sealed (checkpoints skip sealed
+//! epochs).
 //!
 //! Only the epochs' `events` and `feed` trees are written ahead; the main database (indexes,
 //! snapshots, cursors, sessions, key/values) is still flushed by every commit, after the
@@ -23,10 +26,12 @@
 //! stays in its epoch (which the open seals) as a few dead bytes.
 //!
 //! Opening the store replays the segments into their epochs before anything reads them
-//! ([`replay`]), flushes those epochs, recycles the largest segment file as its first segment
-//! and removes the others. Replaying is exact: one
-//! combiner writes at a time and frames its writes in the order it made them, so the records
-//! are in the order sled applied them, and a replayed write puts back the same key and value.
+//! ([`replay`]), writes the replayed events of each epoch as one more run, flushes those
+//! epochs, recycles the largest segment file as its first segment and removes the others.
+//! Events of a record in a segment numbered at or below an epoch's newest run are in that run
+//! already and are skipped (a crash between a checkpoint's fsync and its removal of the
+//! segments). Replaying is exact otherwise: one combiner writes at a time and frames its writes
+//! in the order it made them, and a replayed write puts back the same key and value.
 //! A record cut short by a crash (its length or checksum does not hold) ends its segment:
 //! nothing after it in that segment was acknowledged, since a batch is acknowledged only once
 //! its segment is synced up to its end.
@@ -110,7 +115,7 @@ impl WalRecord {
     /// The writes it holds: (tree, key, value).
     #[cfg(test)]
     pub(crate) fn writes(&self) -> Vec<(WalTree, Vec<u8>, Vec<u8>)> {
-        parse_payload(&self.bytes[FRAME_HEADER_BYTES..])
+        parse_payload(0, &self.bytes[FRAME_HEADER_BYTES..])
             .expect("a record built here parses")
             .into_iter()
             .map(|w| (w.tree, w.key.to_vec(), w.value.to_vec()))
@@ -130,9 +135,19 @@ pub(crate) struct WalBuffer {
     /// Some write is not vouched for by a synced record (none describes it, or writing or
     /// syncing the segment failed): the next commit flushes the epochs themselves.
     checkpoint_requested: AtomicBool,
+    /// Held by the feed's combiner from its round's first write to an epoch's memory table
+    /// until the round's record is queued, and by a checkpoint while it takes the queued
+    /// records and freezes the tables: so a frozen table holds exactly the events of the
+    /// records written before it (see [`crate::memtable`]).
+    round: Mutex<()>,
 }
 
 impl WalBuffer {
+    /// See the `round` field.
+    pub(crate) fn round(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.round.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Frames `record` and queues it for the next commit (nothing if it holds no write). Its
     /// checksum is filled in when it is written, since it covers the segment it goes to. A
     /// record too large to frame (over 4 GiB) asks for a checkpoint instead, which makes its
@@ -234,6 +249,8 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 
 /// One write read back from a segment.
 pub(crate) struct Replayed<'a> {
+    /// The segment the record was in.
+    pub(crate) segment: u64,
     pub(crate) epoch: u64,
     pub(crate) tree: WalTree,
     pub(crate) key: &'a [u8],
@@ -258,7 +275,7 @@ pub(crate) fn replay(
                 Some(payload) => {
                     // Its checksum holds, so it is what was written: a record this code cannot
                     // read is not skipped (acknowledged appends would go with it).
-                    let writes = parse_payload(payload).ok_or_else(|| {
+                    let writes = parse_payload(segment, payload).ok_or_else(|| {
                         StorageError::Db(format!(
                             "write-ahead segment {} holds a record at offset {at} that its \
                              checksum vouches for but that does not parse (written by another \
@@ -291,7 +308,7 @@ fn framed_payload(segment: u64, bytes: &[u8]) -> Option<&[u8]> {
     (len >= 8 && checksum(segment, payload) == crc).then_some(payload)
 }
 
-fn parse_payload(payload: &[u8]) -> Option<Vec<Replayed<'_>>> {
+fn parse_payload(segment: u64, payload: &[u8]) -> Option<Vec<Replayed<'_>>> {
     let epoch = u64::from_be_bytes(payload.get(..8)?.try_into().ok()?);
     let mut rest = &payload[8..];
     let mut writes = Vec::new();
@@ -301,6 +318,7 @@ fn parse_payload(payload: &[u8]) -> Option<Vec<Replayed<'_>>> {
         let (value, after) = length_prefixed(after)?;
         rest = after;
         writes.push(Replayed {
+            segment,
             epoch,
             tree,
             key,
@@ -403,6 +421,11 @@ impl WalFiles {
             self.unsynced = false;
         }
         Ok(())
+    }
+
+    /// The segment records are written to now.
+    pub(crate) fn segment(&self) -> u64 {
+        self.segment
     }
 
     pub(crate) fn since_checkpoint_bytes(&self) -> u64 {
