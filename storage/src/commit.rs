@@ -259,15 +259,19 @@ impl Syncer {
         // The queued records go to the current segment and the memory tables are frozen under
         // its number, while no combiner is between a table write and its record (see
         // `memtable`): each frozen table holds exactly the events those records describe.
-        let unsealed = self.epochs.unsealed();
-        {
+        // The epochs are listed under the lock too: a combiner may be creating one.
+        let unsealed = {
             let _round = self.wal.buffer.round();
+            let unsealed = self.epochs.unsealed();
             self.wal.files.write_pending(&self.wal.buffer)?;
             let segment = self.wal.files.segment();
             for epoch in &unsealed {
                 epoch.memtable.freeze(segment);
             }
-        }
+            unsealed
+        };
+        // If this fails, the next checkpoint writes to the same segment and freezes under the
+        // same number: the tables merge (see `MemTable::freeze`).
         self.wal.files.rotate()?;
         // Oldest first; each also flushes and fsyncs its database (its feed blocks).
         for epoch in unsealed {

@@ -157,9 +157,11 @@ impl Epoch {
         rev: bool,
         limit: usize,
     ) -> Result<Vec<Record>, StorageError> {
-        // The table first: a run written meanwhile is then in the database too, and skipped.
-        let seen = self.memtable.range(start, Some(end));
         self.with(|trees| {
+            // The table is read while the trees are held: a checkpoint lists a run it wrote in
+            // them before the table lets go of it, so a run the table still holds frozen is
+            // skipped here and none is missed.
+            let seen = self.memtable.range(start, Some(end), rev, limit);
             let mut sources: Vec<&EventTree> = vec![&trees.events];
             sources.extend(
                 trees
@@ -170,7 +172,7 @@ impl Epoch {
             );
             let mut out = Vec::new();
             if rev {
-                out.extend(seen.records.into_iter().rev().take(limit));
+                out.extend(seen.records.into_iter().take(limit));
                 for source in sources.iter().rev() {
                     if out.len() >= limit {
                         break;
@@ -235,21 +237,32 @@ impl Epoch {
             return Ok(());
         };
         let _one_flush = self.flushing.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(db) = self.read()?.trees().db.clone() else {
+        let frozen = self.memtable.frozen();
+        if frozen.is_empty() && self.is_sealed() {
+            return Ok(()); // durable since its seal; a reopen or a pack may be running
+        }
+        // Held through the flush: a reopen (which flushes too; sled's concurrent flushes of one
+        // database can deadlock) or a pack's swap waits for it.
+        let held = self.read()?;
+        let Some(db) = held.trees().db.as_ref() else {
             return Ok(());
         };
-        let frozen = self.memtable.frozen();
         let mut written = Vec::with_capacity(frozen.len());
         for (run, table) in &frozen {
-            written.push((*run, packed::write_run(&db, *run, table)?));
+            written.push((*run, packed::write_run(db, *run, table)?));
         }
-        flush_and_sync(&db, dir)?;
+        flush_and_sync(db, dir)?;
+        drop(held);
         if !written.is_empty() {
             let mut trees = self.trees.write().unwrap_or_else(|p| p.into_inner());
             if let Some(trees) = trees.as_mut() {
                 for (run, tree) in written {
-                    trees.runs.push((run, EventTree::Packed(tree)));
+                    // A reopen meanwhile found it listed already.
+                    if !trees.runs.iter().any(|(id, _)| *id == run) {
+                        trees.runs.push((run, EventTree::Packed(tree)));
+                    }
                 }
+                trees.runs.sort_unstable_by_key(|(id, _)| *id);
             }
         }
         for (run, _) in &frozen {
@@ -710,12 +723,7 @@ impl Epochs {
     fn push_new(&self, id: u64, first_position: u64) -> Result<Arc<Epoch>, StorageError> {
         let path = epoch_dir(&self.dir, id);
         let trees = open_epoch_trees(&path, current_cache_bytes(self.cache_bytes))?;
-        // sled writes its `conf` without an fsync.
-        std::fs::File::open(path.join("conf"))
-            .and_then(|conf| conf.sync_all())
-            .map_err(|e| StorageError::Db(format!("fsync {}: {e}", path.join("conf").display())))?;
-        sync_dir(&path)?;
-        sync_dir(&self.dir)?;
+        sync_new_epoch(&path, &self.dir)?;
         let epoch = Arc::new(Epoch {
             id,
             first_position: AtomicU64::new(first_position),
@@ -849,6 +857,16 @@ impl Epochs {
     }
 }
 
+/// Makes a new epoch database's directory entries durable: sled writes its `conf` without an
+/// fsync.
+fn sync_new_epoch(path: &Path, log_dir: &Path) -> Result<(), StorageError> {
+    std::fs::File::open(path.join("conf"))
+        .and_then(|conf| conf.sync_all())
+        .map_err(|e| StorageError::Db(format!("fsync {}: {e}", path.join("conf").display())))?;
+    sync_dir(path)?;
+    sync_dir(log_dir)
+}
+
 /// Flushes an epoch's database and fsyncs its files (sled's flush alone is no barrier).
 fn flush_and_sync(db: &sled::Db, dir: &Path) -> Result<(), StorageError> {
     db.flush()?;
@@ -900,7 +918,7 @@ fn replay_written_ahead(
                     "a write-ahead record names a log epoch that is missing; creating it again"
                 );
                 let trees = open_epoch_trees(&path, cache_bytes)?;
-                sync_dir(log_dir)?;
+                sync_new_epoch(&path, log_dir)?;
                 opened.insert(index, (write.epoch, path, trees, None));
                 index
             }
@@ -914,12 +932,12 @@ fn replay_written_ahead(
             crate::wal::WalTree::Feed => {
                 trees.feed.insert(write.key, write.value)?;
             }
-            // Written one by one by a version before runs: put back the same way.
-            crate::wal::WalTree::Events if !events.is_empty() => {
-                events.insert(write.key, write.value)?;
-            }
             // In a run already.
             crate::wal::WalTree::Events if write.segment <= trees.last_run() => return Ok(()),
+            // Written one by one by a version before runs: put back the same way.
+            crate::wal::WalTree::Events if trees.runs.is_empty() && !events.is_empty() => {
+                events.insert(write.key, write.value)?;
+            }
             crate::wal::WalTree::Events => {
                 tables
                     .entry(write.epoch)

@@ -195,7 +195,7 @@ impl Store {
             .map(|(trees, epoch)| {
                 // Its database's events and its memory table's (a run written meanwhile is
                 // left out of the database's, as a read does).
-                let table = epoch.memtable.range(&[], None);
+                let table = epoch.memtable.range(&[], None, false, usize::MAX);
                 let in_table: crate::packed::Records<'_> =
                     Box::new(table.records.into_iter().map(Ok));
                 crate::packed::merged(vec![

@@ -336,14 +336,17 @@ impl Store {
         }
         // A write to the epoch's database is flushed here (the group commit does not flush a
         // sealed epoch); one to its memory table is written ahead like an append's.
+        // Under the round lock, as a combiner's write: a checkpoint freezes the table with the
+        // record or without either.
+        let round = self.inner.feed_clock.wal.round();
         let in_table = holder.put_raw(&key, bytes)?;
         holder.make_durable()?;
         if in_table {
             let mut ahead = WalRecord::new(holder.id);
             ahead.put(WalTree::Events, &key, bytes);
-            let _round = self.inner.feed_clock.wal.round();
             self.inner.feed_clock.wal.push(ahead);
         }
+        drop(round);
         drop(packing);
         self.sync().await
     }

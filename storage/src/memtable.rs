@@ -87,21 +87,35 @@ impl MemTable {
     /// Whether `key` is here and, if so, replaces its value (tests of damaged records).
     #[cfg(feature = "test-util")]
     pub(crate) fn replace(&self, key: &[u8], value: &[u8]) -> bool {
-        if let Some(old) = self.lock().active.get_mut(key) {
-            *old = IVec::from(value);
-            return true;
+        let mut state = self.lock();
+        let state = &mut *state;
+        let tables = state
+            .frozen
+            .iter_mut()
+            .map(|(_, table)| Arc::make_mut(table))
+            .chain(std::iter::once(&mut state.active));
+        for table in tables {
+            if let Some(old) = table.get_mut(key) {
+                *old = IVec::from(value);
+                return true;
+            }
         }
         false
     }
 
-    /// Freezes what the table holds as run `run` (nothing if it holds nothing).
+    /// Freezes what the table holds as run `run` (nothing if it holds nothing). A checkpoint
+    /// that could not start its next segment freezes again under the same number: the two
+    /// tables become one run.
     pub(crate) fn freeze(&self, run: u64) {
         let mut state = self.lock();
         if state.active.is_empty() {
             return;
         }
-        let table = std::mem::take(&mut state.active);
-        state.frozen.push((run, Arc::new(table)));
+        let mut table = std::mem::take(&mut state.active);
+        match state.frozen.last_mut() {
+            Some((last, frozen)) if *last == run => Arc::make_mut(frozen).append(&mut table),
+            _ => state.frozen.push((run, Arc::new(table))),
+        }
     }
 
     /// The frozen tables, oldest first (to be written as runs).
@@ -119,9 +133,10 @@ impl MemTable {
         state.active.is_empty() && state.frozen.is_empty()
     }
 
-    /// Records with `start ≤ key ≤ end` (no upper bound if `end` is `None`), in key order. The
-    /// frozen tables and the active one hold disjoint keys.
-    pub(crate) fn range(&self, start: &[u8], end: Option<&[u8]>) -> Seen {
+    /// Records with `start ≤ key ≤ end` (no upper bound if `end` is `None`), in key order or,
+    /// with `rev`, newest key first, at most `limit`. The frozen tables and the active one hold
+    /// disjoint keys.
+    pub(crate) fn range(&self, start: &[u8], end: Option<&[u8]>, rev: bool, limit: usize) -> Seen {
         let state = self.lock();
         let upper = end.map_or(std::ops::Bound::Unbounded, std::ops::Bound::Included);
         let bounds = (std::ops::Bound::Included(start), upper);
@@ -132,16 +147,18 @@ impl MemTable {
             .map(|(_, table)| table.as_ref())
             .chain(std::iter::once(&state.active));
         for table in tables {
-            records.extend(
-                table
-                    .range::<[u8], _>(bounds)
-                    .map(|(k, v)| (k.clone(), v.clone())),
-            );
+            let range = table.range::<[u8], _>(bounds);
+            let copied = |(k, v): (&IVec, &IVec)| (k.clone(), v.clone());
+            if rev {
+                records.extend(range.rev().take(limit).map(copied));
+            } else {
+                records.extend(range.take(limit).map(copied));
+            }
         }
-        if state.frozen.is_empty() {
-            // One table: in key order already.
-        } else {
-            records.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        if !state.frozen.is_empty() {
+            // Several tables: merge, then keep the first `limit`.
+            records.sort_unstable_by(|a, b| if rev { b.0.cmp(&a.0) } else { a.0.cmp(&b.0) });
+            records.truncate(limit);
         }
         Seen {
             frozen_runs: state.frozen.iter().map(|(id, _)| *id).collect(),
@@ -169,7 +186,7 @@ mod tests {
             (b"a2".to_vec(), b"y".to_vec()),
             (b"a3".to_vec(), b"z".to_vec())
         ]));
-        let seen = table.range(b"a", None);
+        let seen = table.range(b"a", None, false, usize::MAX);
         assert_eq!(seen.frozen_runs, vec![7]);
         assert_eq!(
             keys(&seen),
@@ -185,15 +202,47 @@ mod tests {
         table.freeze(3);
         table.insert_new(vec![(b"a1".to_vec(), b"1".to_vec())]);
         assert_eq!(
-            keys(&table.range(b"a", Some(b"c"))),
+            keys(&table.range(b"a", Some(b"c"), false, usize::MAX)),
             vec![b"a1".to_vec(), b"b1".to_vec()]
         );
         table.written(3);
-        let seen = table.range(b"a", Some(b"c"));
+        let seen = table.range(b"a", Some(b"c"), false, usize::MAX);
         assert!(seen.frozen_runs.is_empty());
         assert_eq!(keys(&seen), vec![b"a1".to_vec()]);
         table.freeze(4);
         table.written(4);
         assert!(table.is_empty());
+    }
+
+    /// Given a table frozen as run 5 (a checkpoint whose next segment could not start), when
+    /// more events are frozen under 5 again, then run 5 holds both: one table, never two
+    /// tables of one run (writing the second would replace the first).
+    #[test]
+    fn freezing_again_under_the_same_run_merges_the_tables() {
+        let table = MemTable::default();
+        table.insert_new(vec![(b"a1".to_vec(), b"x".to_vec())]);
+        table.freeze(5);
+        table.insert_new(vec![(b"a2".to_vec(), b"y".to_vec())]);
+        table.freeze(5);
+        let frozen = table.frozen();
+        assert_eq!(frozen.len(), 1);
+        assert_eq!(frozen[0].1.len(), 2);
+        table.insert_new(vec![(b"a3".to_vec(), b"z".to_vec())]);
+        table.freeze(6);
+        assert_eq!(table.frozen().len(), 2);
+    }
+
+    #[test]
+    fn a_range_is_bounded_and_reads_backwards_across_tables() {
+        let table = MemTable::default();
+        for (run, seq) in [(1, b'1'), (2, b'2')] {
+            table.insert_new(vec![(vec![b'a', seq], b"v".to_vec())]);
+            table.freeze(run);
+        }
+        table.insert_new(vec![(b"a3".to_vec(), b"v".to_vec())]);
+        let newest = table.range(b"a", Some(b"b"), true, 2);
+        assert_eq!(keys(&newest), vec![b"a3".to_vec(), b"a2".to_vec()]);
+        let oldest = table.range(b"a", Some(b"b"), false, 1);
+        assert_eq!(keys(&oldest), vec![b"a1".to_vec()]);
     }
 }

@@ -479,8 +479,11 @@ pub(crate) fn write_run(
     run: u64,
     table: &crate::memtable::Table,
 ) -> Result<sled::Tree, StorageError> {
+    let listed = db.open_tree(RUNS_TREE)?;
+    // An attempt whose flush failed may have listed it already: unlisted before it is cleared
+    // (sled recovers a prefix of its log, so a listed run is never a cleared one).
+    listed.remove(run.to_be_bytes())?;
     let tree = db.open_tree(run_tree_name(run))?;
-    // Whatever an attempt that failed midway left.
     tree.clear()?;
     let mut writer = BlockWriter::default();
     for (key, value) in table {
@@ -494,8 +497,7 @@ pub(crate) fn write_run(
     if let Some((key, block)) = writer.finish() {
         tree.insert(key, block)?;
     }
-    db.open_tree(RUNS_TREE)?
-        .insert(run.to_be_bytes(), &(table.len() as u64).to_be_bytes())?;
+    listed.insert(run.to_be_bytes(), &(table.len() as u64).to_be_bytes())?;
     Ok(tree)
 }
 
