@@ -199,9 +199,24 @@ impl Epoch {
 
     /// Writes `value` under `key` where the key is (a run, the events written one by one, the
     /// memory table), else in the memory table, or the database of an epoch that takes no
-    /// appends (tests of damaged records). Returns whether it went to the memory table.
+    /// appends (tests of damaged records), then flushes and fsyncs its database, all under its
+    /// flush lock (no run is being written meanwhile). Returns whether it went to the memory
+    /// table.
     #[cfg(feature = "test-util")]
     pub(crate) fn put_raw(&self, key: &[u8], value: &[u8]) -> Result<bool, StorageError> {
+        let _one_flush = self.flushing.lock().unwrap_or_else(|p| p.into_inner());
+        let in_table = self.put_raw_held(key, value)?;
+        if let Some(dir) = self.dir.as_deref() {
+            let held = self.read()?;
+            if let Some(db) = &held.trees().db {
+                flush_and_sync(db, dir)?;
+            }
+        }
+        Ok(in_table)
+    }
+
+    #[cfg(feature = "test-util")]
+    fn put_raw_held(&self, key: &[u8], value: &[u8]) -> Result<bool, StorageError> {
         if self.memtable.replace(key, value) {
             return Ok(true);
         }
@@ -241,12 +256,17 @@ impl Epoch {
         if frozen.is_empty() && self.is_sealed() {
             return Ok(()); // durable since its seal; a reopen or a pack may be running
         }
+        let runs: Vec<u64> = frozen.iter().map(|(run, _)| *run).collect();
         // Held through the flush: a reopen (which flushes too; sled's concurrent flushes of one
         // database can deadlock) or a pack's swap waits for it.
         let held = self.read()?;
         let Some(db) = held.trees().db.as_ref() else {
             return Ok(());
         };
+        // A failed flush may have left some of them listed: all are unlisted (at once) before
+        // any is rewritten, so no listed run above a cleared one makes an open skip segments
+        // that still hold its events.
+        packed::unlist_runs(db, &runs)?;
         let mut written = Vec::with_capacity(frozen.len());
         for (run, table) in &frozen {
             written.push((*run, packed::write_run(db, *run, table)?));
@@ -269,20 +289,6 @@ impl Epoch {
             self.memtable.written(*run);
         }
         Ok(())
-    }
-
-    /// Flushes and fsyncs its database (tests of damaged records write to sealed epochs).
-    #[cfg(feature = "test-util")]
-    pub(crate) fn make_durable(&self) -> Result<(), StorageError> {
-        let Some(dir) = self.dir.as_deref() else {
-            return Ok(());
-        };
-        let _one_flush = self.flushing.lock().unwrap_or_else(|p| p.into_inner());
-        let held = self.read()?;
-        match &held.trees().db {
-            Some(db) => flush_and_sync(db, dir),
-            None => Ok(()),
-        }
     }
 }
 

@@ -340,7 +340,6 @@ impl Store {
         // record or without either.
         let round = self.inner.feed_clock.wal.round();
         let in_table = holder.put_raw(&key, bytes)?;
-        holder.make_durable()?;
         if in_table {
             let mut ahead = WalRecord::new(holder.id);
             ahead.put(WalTree::Events, &key, bytes);

@@ -501,6 +501,19 @@ pub(crate) fn write_run(
     Ok(tree)
 }
 
+/// Removes the listings of `runs` in one atomic batch (see [`crate::epoch::Epoch::persist_frozen`]).
+pub(crate) fn unlist_runs(db: &sled::Db, runs: &[u64]) -> Result<(), StorageError> {
+    if runs.is_empty() {
+        return Ok(());
+    }
+    let mut batch = sled::Batch::default();
+    for run in runs {
+        batch.remove(&run.to_be_bytes());
+    }
+    db.open_tree(RUNS_TREE)?.apply_batch(batch)?;
+    Ok(())
+}
+
 /// The runs of an epoch database, oldest first; a run's tree that is not listed (its writing
 /// was cut short) is dropped.
 pub(crate) fn open_runs(db: &sled::Db) -> Result<Vec<(u64, EventTree)>, StorageError> {
