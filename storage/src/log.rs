@@ -68,18 +68,26 @@ fn decode_record(
     Ok(RecordedEvent { seq, envelope })
 }
 
-/// Decodes records from `items` into `out` until it holds `limit`.
-fn decode_into(
+/// Reads `thing`'s records with `start ≤ key ≤ end` from `epochs`, in the order given (newest
+/// key first within each with `rev`), and decodes up to `limit` of them.
+fn read_epochs<'a>(
     thing: &str,
     prefix_len: usize,
-    items: impl Iterator<Item = Result<(sled::IVec, sled::IVec), StorageError>>,
+    epochs: impl Iterator<Item = &'a std::sync::Arc<Epoch>>,
+    (start, end): (&[u8], &[u8]),
+    rev: bool,
     limit: usize,
-    out: &mut Vec<RecordedEvent>,
-) -> Result<(), StorageError> {
-    for item in items.take(limit.saturating_sub(out.len())) {
-        out.push(decode_record(thing, prefix_len, item?)?);
+) -> Result<Vec<RecordedEvent>, StorageError> {
+    let mut out = Vec::new();
+    for epoch in epochs {
+        if out.len() >= limit {
+            break;
+        }
+        for record in epoch.records(start, end, rev, limit - out.len())? {
+            out.push(decode_record(thing, prefix_len, record)?);
+        }
     }
-    Ok(())
+    Ok(out)
 }
 
 impl Store {
@@ -255,21 +263,14 @@ impl Store {
                 break;
             }
         }
-        let mut out = Vec::new();
-        for epoch in &epochs[first_epoch..] {
-            if out.len() >= limit {
-                break;
-            }
-            let items = epoch.records(&start, &end, false, limit - out.len())?;
-            decode_into(
-                thing,
-                prefix.len(),
-                items.into_iter().map(Ok),
-                limit,
-                &mut out,
-            )?;
-        }
-        Ok(out)
+        read_epochs(
+            thing,
+            prefix.len(),
+            epochs[first_epoch..].iter(),
+            (&start, &end),
+            false,
+            limit,
+        )
     }
 
     /// Reads up to `limit` events of `thing` with seq ≤ `until_seq`, newest first.
@@ -282,21 +283,15 @@ impl Store {
         let prefix = thing_key(thing)?;
         let start = event_key(&prefix, 0);
         let end = event_key(&prefix, until_seq);
-        let mut out = Vec::new();
-        for epoch in self.inner.epochs.all().iter().rev() {
-            if out.len() >= limit {
-                break;
-            }
-            let items = epoch.records(&start, &end, true, limit - out.len())?;
-            decode_into(
-                thing,
-                prefix.len(),
-                items.into_iter().map(Ok),
-                limit,
-                &mut out,
-            )?;
-        }
-        Ok(out)
+        let epochs = self.inner.epochs.all();
+        read_epochs(
+            thing,
+            prefix.len(),
+            epochs.iter().rev(),
+            (&start, &end),
+            true,
+            limit,
+        )
     }
 
     /// The highest sequence number in `thing`'s log (0 when it has none).
