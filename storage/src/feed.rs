@@ -11,8 +11,8 @@
 //! own, and a second insert per append cut the group commit's throughput at 1,000 writers to
 //! 0.55x. Appends combine (flat combining): the first to register while nobody records becomes
 //! the recorder and inserts every entry registered meanwhile as one block (key = first
-//! position, value = the entries in order), then the events of each of those appends, and
-//! hands them to the group commit; the others sleep until their append is durable (one
+//! position, value = the entries in order), then puts the events of each of those appends in
+//! the epoch's memory table (see [`crate::memtable`]), and hands them to the group commit; the others sleep until their append is durable (one
 //! wake-up each). Under load a block holds many entries; alone, an append inserts its own
 //! small block and its events inline.
 //!

@@ -8,12 +8,14 @@
 //!   flush + fsync of the main database.
 //! - [`epoch`]: the events and the feed are rolled over several sled databases (`log/{id}/`),
 //!   so that an open never replays more than about one epoch of writes.
-//! - `wal`: the write-ahead segments (`wal/`) that make appends durable between two flushes of
-//!   the epochs (checkpoints), replayed into them by the next open after a crash.
+//! - `wal`: the write-ahead segments (`wal/`) that make appends durable between two checkpoints
+//!   of the epochs, replayed into them by the next open after a crash.
+//! - `memtable`: the current epoch's events since the last checkpoint, in memory; each
+//!   checkpoint writes them into the epoch as one packed run.
 //! - [`snapshot`]: `snapshots` tree, one (seq, state) per Thing.
 //! - [`index`]: `things` (registry listing), `client_ids` and `deadlines` (timer index) trees, derived from the
 //!   log, written right after the events that justify them and repaired by the Thing's owner.
-//! - [`packed`]: sealed epochs rewritten once into blocks of records, in key order (disk).
+//! - [`packed`]: the block layout of runs and of sealed epochs, rewritten once in key order (disk).
 //! - [`feed`]: the change feed (one commit-ordered position per append) and consumer cursors.
 //! - [`records`]: MQTT sessions and retained messages kept between runs.
 //! - [`kv`]: small durable key/value records (API keys, credentials).
