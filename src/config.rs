@@ -143,8 +143,9 @@ pub struct Config {
     /// Appends one log epoch (one sled database under `log/`) takes before the next starts:
     /// bounds what opening the store replays.
     pub storage_epoch_appends_max: u64,
-    /// Bytes of write-ahead records (`wal/`) after which the group commit flushes the log
-    /// epochs into sled and starts a new segment: bounds what opening the store replays.
+    /// Bytes of write-ahead records (`wal/`) after which the group commit writes the events
+    /// held in memory into the log epochs as runs, flushes them and starts a new segment
+    /// (a checkpoint): bounds that memory and what opening the store after a crash replays.
     pub storage_wal_bytes_max: u64,
     /// How long graceful shutdown waits for Things to stop.
     pub shutdown_timeout_ms: u64,

@@ -167,7 +167,7 @@ fn collect(state: &AppState) -> Vec<Metric> {
         m(
             "thinghub_storage_checkpoints_total",
             "counter",
-            "Group commits that flushed the log epochs into sled and dropped older write-ahead segments.",
+            "Checkpoints: group commits that wrote the in-memory events into the log epochs, flushed them and dropped older write-ahead segments.",
             commit.checkpoints as f64,
             "storage",
             "checkpoints",

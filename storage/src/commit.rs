@@ -1,9 +1,10 @@
 //! Group commit: one thread makes every pending write durable with one write + fsync of the
 //! write-ahead segment and one flush + fsync of the main database.
 //!
-//! Writers write to memory (an epoch's memory table, the main database's sled trees), then hand the committer a waiter and await it (an append's
-//! waiter is handed over by whoever wrote it, see `feed`; the feed's combiner has framed the
-//! append's writes to its log epoch as write-ahead records by then, see `wal`). The thread takes
+//! Writers write to memory (an epoch's memory table, the main database's sled trees), then
+//! hand the committer a waiter and await it (an append's waiter is handed over by whoever
+//! wrote it, see `feed`; the feed's combiner has framed the append's writes to its log epoch
+//! as write-ahead records by then, see `wal`). The thread takes
 //! every waiter queued so far (up to the batch bound), writes the queued write-ahead records to
 //! the current segment and `fdatasync`s it, then flushes the main database (indexes, snapshots,
 //! sessions, cursors, key/values), `fsync`ing its database file and any new blob files (sled's
@@ -48,7 +49,8 @@ pub struct CommitStats {
     pub waiters: u64,
     /// Total time spent in flush + fsync, microseconds.
     pub flush_us_total: u64,
-    /// Checkpoints completed (log epochs flushed into sled, older write-ahead segments removed).
+    /// Checkpoints completed (memory tables written into the log epochs as runs, the epochs
+    /// flushed, older write-ahead segments removed).
     pub checkpoints: u64,
 }
 
@@ -229,7 +231,7 @@ impl Syncer {
         let written_ahead = self.write_ahead(&mut checkpoint);
         if written_ahead.is_err() {
             // Whatever was written to the segment may be lost in part: from now on only a
-            // flush of the epochs themselves vouches for those appends.
+            // checkpoint (the epochs' own runs, flushed) vouches for those appends.
             self.wal.buffer.request_checkpoint();
         }
         written_ahead?;

@@ -12,7 +12,8 @@
 //! 0.55x. Appends combine (flat combining): the first to register while nobody records becomes
 //! the recorder and inserts every entry registered meanwhile as one block (key = first
 //! position, value = the entries in order), then puts the events of each of those appends in
-//! the epoch's memory table (see [`crate::memtable`]), and hands them to the group commit; the others sleep until their append is durable (one
+//! the epoch's memory table (see [`crate::memtable`]), and hands them to the group commit; the
+//! others sleep until their append is durable (one
 //! wake-up each). Under load a block holds many entries; alone, an append inserts its own
 //! small block and its events inline.
 //!
@@ -92,8 +93,8 @@ pub(crate) struct Writing {
 impl Drop for Writing {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            // Before the position counts as written: a commit that sees it written then flushes
-            // the epochs themselves.
+            // Before the position counts as written: a commit that sees it written is then a
+            // checkpoint, which writes whatever the memory tables hold into the epochs.
             self.clock.wal.request_checkpoint();
         }
         let mut state = self.clock.lock();

@@ -146,9 +146,9 @@ pub struct StoreConfig {
     pub commit_batch_appends_max: usize,
     /// Appends one log epoch takes before the next one starts (bounds what an open replays).
     pub epoch_appends_max: u64,
-    /// Bytes of write-ahead records (`wal/`) after which the group commit flushes the log epochs
-    /// into sled and starts a new segment (bounds what an open replays from them; the segment
-    /// files take up to about twice this on disk).
+    /// Bytes of write-ahead records (`wal/`) after which the group commit writes the events held
+    /// in memory into the log epochs as runs, flushes them and starts a new segment (bounds that
+    /// memory and what an open replays; the segment files take up to about twice this on disk).
     pub wal_bytes_max: u64,
 }
 

@@ -147,16 +147,14 @@ impl Store {
         if epoch.dir.is_none() {
             return Err(StorageError::Db("log epoch 0 takes no more events".into()));
         }
-        let mark = ahead.mark();
-        for (key, value) in &writes {
-            ahead.put(WalTree::Events, key, value);
-        }
-        if !epoch.memtable.insert_new(writes) {
-            ahead.rewind(mark);
+        if !epoch.memtable.insert_new(&writes) {
             return Err(StorageError::SequenceConflict {
                 thing: batch.thing.clone(),
                 seq: batch.first_seq,
             });
+        }
+        for (key, value) in &writes {
+            ahead.put(WalTree::Events, key, value);
         }
         Ok(())
     }

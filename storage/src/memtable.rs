@@ -57,7 +57,7 @@ impl MemTable {
 
     /// Inserts one append's events unless its first key is taken already (`false`: nothing
     /// inserted).
-    pub(crate) fn insert_new(&self, writes: Vec<(Vec<u8>, Vec<u8>)>) -> bool {
+    pub(crate) fn insert_new(&self, writes: &[(Vec<u8>, Vec<u8>)]) -> bool {
         let mut state = self.lock();
         let Some((first, _)) = writes.first() else {
             return true;
@@ -71,7 +71,9 @@ impl MemTable {
             return false;
         }
         for (key, value) in writes {
-            state.active.insert(IVec::from(key), IVec::from(value));
+            state
+                .active
+                .insert(IVec::from(key.as_slice()), IVec::from(value.as_slice()));
         }
         true
     }
@@ -178,11 +180,11 @@ mod tests {
     #[test]
     fn a_taken_first_key_is_refused_in_the_active_and_the_frozen_tables() {
         let table = MemTable::default();
-        assert!(table.insert_new(vec![(b"a1".to_vec(), b"x".to_vec())]));
-        assert!(!table.insert_new(vec![(b"a1".to_vec(), b"y".to_vec())]));
+        assert!(table.insert_new(&[(b"a1".to_vec(), b"x".to_vec())]));
+        assert!(!table.insert_new(&[(b"a1".to_vec(), b"y".to_vec())]));
         table.freeze(7);
-        assert!(!table.insert_new(vec![(b"a1".to_vec(), b"z".to_vec())]));
-        assert!(table.insert_new(vec![
+        assert!(!table.insert_new(&[(b"a1".to_vec(), b"z".to_vec())]));
+        assert!(table.insert_new(&[
             (b"a2".to_vec(), b"y".to_vec()),
             (b"a3".to_vec(), b"z".to_vec())
         ]));
@@ -198,9 +200,9 @@ mod tests {
     #[test]
     fn a_written_run_leaves_the_table() {
         let table = MemTable::default();
-        table.insert_new(vec![(b"b1".to_vec(), b"12345".to_vec())]);
+        table.insert_new(&[(b"b1".to_vec(), b"12345".to_vec())]);
         table.freeze(3);
-        table.insert_new(vec![(b"a1".to_vec(), b"1".to_vec())]);
+        table.insert_new(&[(b"a1".to_vec(), b"1".to_vec())]);
         assert_eq!(
             keys(&table.range(b"a", Some(b"c"), false, usize::MAX)),
             vec![b"a1".to_vec(), b"b1".to_vec()]
@@ -220,14 +222,14 @@ mod tests {
     #[test]
     fn freezing_again_under_the_same_run_merges_the_tables() {
         let table = MemTable::default();
-        table.insert_new(vec![(b"a1".to_vec(), b"x".to_vec())]);
+        table.insert_new(&[(b"a1".to_vec(), b"x".to_vec())]);
         table.freeze(5);
-        table.insert_new(vec![(b"a2".to_vec(), b"y".to_vec())]);
+        table.insert_new(&[(b"a2".to_vec(), b"y".to_vec())]);
         table.freeze(5);
         let frozen = table.frozen();
         assert_eq!(frozen.len(), 1);
         assert_eq!(frozen[0].1.len(), 2);
-        table.insert_new(vec![(b"a3".to_vec(), b"z".to_vec())]);
+        table.insert_new(&[(b"a3".to_vec(), b"z".to_vec())]);
         table.freeze(6);
         assert_eq!(table.frozen().len(), 2);
     }
@@ -236,10 +238,10 @@ mod tests {
     fn a_range_is_bounded_and_reads_backwards_across_tables() {
         let table = MemTable::default();
         for (run, seq) in [(1, b'1'), (2, b'2')] {
-            table.insert_new(vec![(vec![b'a', seq], b"v".to_vec())]);
+            table.insert_new(&[(vec![b'a', seq], b"v".to_vec())]);
             table.freeze(run);
         }
-        table.insert_new(vec![(b"a3".to_vec(), b"v".to_vec())]);
+        table.insert_new(&[(b"a3".to_vec(), b"v".to_vec())]);
         let newest = table.range(b"a", Some(b"b"), true, 2);
         assert_eq!(keys(&newest), vec![b"a3".to_vec(), b"a2".to_vec()]);
         let oldest = table.range(b"a", Some(b"b"), false, 1);

@@ -473,17 +473,15 @@ fn run_tree_name(run: u64) -> String {
 
 /// Writes `table` as run `run` of the epoch database `db`: its records in blocks, then its
 /// entry in the list of runs (sled recovers a prefix of its log, so a listed run is whole).
-/// Not flushed: the caller flushes and fsyncs the database.
+/// The run must not be listed (see [`unlist_runs`]). Not flushed: the caller flushes and
+/// fsyncs the database.
 pub(crate) fn write_run(
     db: &sled::Db,
     run: u64,
     table: &crate::memtable::Table,
 ) -> Result<sled::Tree, StorageError> {
-    let listed = db.open_tree(RUNS_TREE)?;
-    // An attempt whose flush failed may have listed it already: unlisted before it is cleared
-    // (sled recovers a prefix of its log, so a listed run is never a cleared one).
-    listed.remove(run.to_be_bytes())?;
     let tree = db.open_tree(run_tree_name(run))?;
+    // Whatever an attempt that failed midway left.
     tree.clear()?;
     let mut writer = BlockWriter::default();
     for (key, value) in table {
@@ -497,7 +495,8 @@ pub(crate) fn write_run(
     if let Some((key, block)) = writer.finish() {
         tree.insert(key, block)?;
     }
-    listed.insert(run.to_be_bytes(), &(table.len() as u64).to_be_bytes())?;
+    db.open_tree(RUNS_TREE)?
+        .insert(run.to_be_bytes(), &(table.len() as u64).to_be_bytes())?;
     Ok(tree)
 }
 

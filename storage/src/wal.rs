@@ -91,16 +91,6 @@ impl WalRecord {
         WalRecord { bytes }
     }
 
-    /// Where the record ends now (to take back writes that did not happen).
-    pub(crate) fn mark(&self) -> usize {
-        self.bytes.len()
-    }
-
-    /// Forgets the writes added since `mark`.
-    pub(crate) fn rewind(&mut self, mark: usize) {
-        self.bytes.truncate(mark);
-    }
-
     pub(crate) fn put(&mut self, tree: WalTree, key: &[u8], value: &[u8]) {
         self.bytes.reserve(9 + key.len() + value.len());
         self.bytes.push(tree.byte());
@@ -133,7 +123,8 @@ impl WalRecord {
 pub(crate) struct WalBuffer {
     pending: Mutex<Vec<u8>>,
     /// Some write is not vouched for by a synced record (none describes it, or writing or
-    /// syncing the segment failed): the next commit flushes the epochs themselves.
+    /// syncing the segment failed): the next commit is a checkpoint, which writes the epochs'
+    /// memory tables into them and flushes them.
     checkpoint_requested: AtomicBool,
     /// Held by the feed's combiner from its round's first write to an epoch's memory table
     /// until the round's record is queued, and by a checkpoint while it takes the queued
