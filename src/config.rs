@@ -147,6 +147,11 @@ pub struct Config {
     /// held in memory into the log epochs as runs, flushes them and starts a new segment
     /// (a checkpoint): bounds that memory and what opening the store after a crash replays.
     pub storage_wal_bytes_max: u64,
+    /// Bytes the events waiting in memory for a checkpoint may take (values plus a fixed
+    /// overhead per event and per Thing; normally under about twice `storage_wal_bytes_max`).
+    /// Past it, as when checkpoints keep failing on a full disk, changes are refused (503)
+    /// instead of filling the memory. At least twice `storage_wal_bytes_max`.
+    pub storage_memtable_bytes_max: u64,
     /// How long graceful shutdown waits for Things to stop.
     pub shutdown_timeout_ms: u64,
     /// How often the effects cursor is saved and the MQTT sessions and retained messages are
@@ -347,6 +352,7 @@ impl Default for Config {
             commit_batch_appends_max: 4096,
             storage_epoch_appends_max: 2_000_000,
             storage_wal_bytes_max: 16 * 1024 * 1024,
+            storage_memtable_bytes_max: 64 * 1024 * 1024,
             shutdown_timeout_ms: 10_000,
             effects_checkpoint_interval_ms: 200,
             effects_straggler_grace_ms: 10_000,
@@ -663,6 +669,10 @@ impl Config {
             ("storage_epoch_appends_max", self.storage_epoch_appends_max),
             ("storage_wal_bytes_max", self.storage_wal_bytes_max),
             (
+                "storage_memtable_bytes_max",
+                self.storage_memtable_bytes_max,
+            ),
+            (
                 "effects_checkpoint_interval_ms",
                 self.effects_checkpoint_interval_ms,
             ),
@@ -784,6 +794,14 @@ impl Config {
                 "http_keep_alive_idle_ms ({}) must not exceed http_header_read_timeout_ms ({}): \
                  an idle connection is also waiting for a request's headers",
                 self.http_keep_alive_idle_ms, self.http_header_read_timeout_ms
+            )));
+        }
+        if self.storage_memtable_bytes_max < self.storage_wal_bytes_max.saturating_mul(2) {
+            return Err(ConfigError::Invalid(format!(
+                "storage_memtable_bytes_max ({}) must be at least twice storage_wal_bytes_max \
+                 ({}): the events of a checkpoint being written and of the next one are held \
+                 in memory together",
+                self.storage_memtable_bytes_max, self.storage_wal_bytes_max
             )));
         }
         if self.console_session_ttl_ms < 1000 {

@@ -83,6 +83,7 @@ pub async fn serve(
         commit_batch_appends_max: config.commit_batch_appends_max,
         epoch_appends_max: config.storage_epoch_appends_max,
         wal_bytes_max: config.storage_wal_bytes_max,
+        memtable_bytes_max: config.storage_memtable_bytes_max,
     })?;
     // Before any Thing is activated (the deadline timer activates some at once).
     let backfilled = thinghub_actors::service::backfill_client_ids(&store).await?;

@@ -668,6 +668,11 @@ impl ThingActorState {
         let count = decision.events.len() as u64;
         let position = match self.context.store.append(batch).await {
             Ok(position) => position,
+            // Refused before anything was written: the state stands, the client may retry.
+            Err(e @ StorageError::Busy(_)) => {
+                self.context.counters.refused(&command);
+                return Err(Rejection::new(RejectionKind::Unavailable, e.to_string()));
+            }
             Err(e) => {
                 tracing::error!(thing = %self.thing.name, error = %e, "append failed; reloading from storage");
                 // The write may or may not have reached the log: take storage as the truth (the

@@ -65,6 +65,7 @@ fn collect(state: &AppState) -> Vec<Metric> {
     let things = registry.stats();
     let timer = registry.deadline_stats();
     let commit = registry.context().store.commit_stats();
+    let memtable = registry.context().store.memtable_stats();
     // Epoch 0 (the main database's trees from before epochs) is not a database of its own.
     let epochs: Vec<_> = registry
         .context()
@@ -171,6 +172,22 @@ fn collect(state: &AppState) -> Vec<Metric> {
             commit.checkpoints as f64,
             "storage",
             "checkpoints",
+        ),
+        m(
+            "thinghub_storage_memtable_bytes",
+            "gauge",
+            "Bytes of events held in memory until a checkpoint writes them into the log epochs (counted against storage_memtable_bytes_max).",
+            memtable.bytes as f64,
+            "storage",
+            "memtableBytes",
+        ),
+        m(
+            "thinghub_storage_writes_refused_total",
+            "counter",
+            "Appends refused because the events waiting in memory reached storage_memtable_bytes_max (checkpoints failing or behind).",
+            memtable.refused as f64,
+            "storage",
+            "writesRefused",
         ),
         m(
             "thinghub_storage_log_epochs",

@@ -125,6 +125,12 @@ impl GroupCommit {
         }
     }
 
+    /// Starts a group commit even if no write waits for one (one that needs a checkpoint).
+    pub(crate) fn wake(&self) {
+        let (waiter, _) = oneshot::channel();
+        self.enqueue(vec![waiter]);
+    }
+
     /// Hands `waiters` over: each is told once every write made before this call is durable
     /// (or at once that the store is closed).
     pub(crate) fn enqueue(&self, waiters: Vec<Waiter>) {

@@ -39,7 +39,7 @@ use std::sync::{Arc, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use crate::feed::FeedClock;
-use crate::memtable::{MemTable, FINAL_RUN};
+use crate::memtable::{MemBudget, MemTable, FINAL_RUN};
 use crate::packed::{self, EventTree, Record, Records};
 use crate::StorageError;
 
@@ -313,6 +313,8 @@ pub(crate) struct Epochs {
     gate: Arc<SealGate>,
     /// Held while an epoch is packed: one at a time (each is a few seconds of one core).
     packing: std::sync::Mutex<()>,
+    /// What the epochs' memory tables may hold together.
+    budget: Arc<MemBudget>,
 }
 
 /// Seals running now, and whether the store is closing (then no seal starts). Shared with the
@@ -548,6 +550,7 @@ impl Epochs {
         cache_bytes: u64,
         appends_max: u64,
         wal_dir: &Path,
+        budget: Arc<MemBudget>,
     ) -> Result<Epochs, StorageError> {
         let dir = data_dir.join("log");
         std::fs::create_dir_all(&dir)
@@ -663,7 +666,7 @@ impl Epochs {
             cache_bytes: 0,
             sealed: AtomicBool::new(true),
             flushing: std::sync::Mutex::new(()),
-            memtable: MemTable::default(),
+            memtable: MemTable::new(budget.clone()),
         })];
         for ((id, path, trees, _), first_position) in opened.into_iter().zip(firsts) {
             list.push(Arc::new(Epoch {
@@ -674,7 +677,7 @@ impl Epochs {
                 cache_bytes: sealed_cache,
                 sealed: AtomicBool::new(true),
                 flushing: std::sync::Mutex::new(()),
-                memtable: MemTable::default(),
+                memtable: MemTable::new(budget.clone()),
             }));
         }
         Ok(Epochs {
@@ -684,7 +687,13 @@ impl Epochs {
             list: RwLock::new(list),
             gate: Arc::default(),
             packing: std::sync::Mutex::new(()),
+            budget,
         })
+    }
+
+    /// How full the epochs' memory tables are.
+    pub(crate) fn memtable_stats(&self) -> crate::memtable::MemTableStats {
+        self.budget.stats()
     }
 
     /// Every epoch, oldest first.
@@ -739,7 +748,7 @@ impl Epochs {
             cache_bytes: sealed_cache_bytes(self.cache_bytes),
             sealed: AtomicBool::new(false),
             flushing: std::sync::Mutex::new(()),
-            memtable: MemTable::default(),
+            memtable: MemTable::new(self.budget.clone()),
         });
         self.list
             .write()
@@ -948,7 +957,7 @@ fn replay_written_ahead(
                 tables
                     .entry(write.epoch)
                     .or_default()
-                    .insert(sled::IVec::from(write.key), sled::IVec::from(write.value));
+                    .insert(write.key, sled::IVec::from(write.value))?;
             }
         }
         writes += 1;

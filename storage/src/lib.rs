@@ -32,6 +32,7 @@ pub mod integrity;
 pub mod kv;
 pub mod log;
 mod memtable;
+pub use memtable::MemTableStats;
 mod packed;
 pub mod records;
 pub mod snapshot;
@@ -94,6 +95,9 @@ pub enum StorageError {
         "data directory {0} is locked by another process (is a thinghub server running on it?)"
     )]
     Locked(PathBuf),
+    /// The store refuses writes for now (nothing was written); says why.
+    #[error("storage is refusing writes for now: {0}")]
+    Busy(String),
     /// The store is shutting down.
     #[error("storage is shut down")]
     Closed,
@@ -150,11 +154,17 @@ pub struct StoreConfig {
     /// in memory into the log epochs as runs, flushes them and starts a new segment (bounds that
     /// memory and what an open replays; the segment files take up to about twice this on disk).
     pub wal_bytes_max: u64,
+    /// Bytes the events held in memory until a checkpoint may take, counted over every epoch
+    /// (values plus a fixed overhead per event and per Thing). Normally they stay under about
+    /// twice `wal_bytes_max`; past this bound (checkpoints failing, as on a full disk) appends
+    /// are refused with [`StorageError::Busy`] instead of filling the memory.
+    pub memtable_bytes_max: u64,
 }
 
 impl StoreConfig {
     /// Defaults for a data directory: 64 MiB cache, batches of up to 4096 appends, epochs of
-    /// 2M appends, checkpoints every 16 MiB of write-ahead records.
+    /// 2M appends, checkpoints every 16 MiB of write-ahead records, 64 MiB of events in
+    /// memory.
     pub fn new(data_dir: impl Into<PathBuf>) -> StoreConfig {
         StoreConfig {
             data_dir: data_dir.into(),
@@ -162,6 +172,7 @@ impl StoreConfig {
             commit_batch_appends_max: 4096,
             epoch_appends_max: 2_000_000,
             wal_bytes_max: 16 * 1024 * 1024,
+            memtable_bytes_max: 64 * 1024 * 1024,
         }
     }
 }
@@ -215,6 +226,7 @@ impl Store {
             config.cache_bytes,
             config.epoch_appends_max,
             &wal_dir,
+            memtable::MemBudget::new(config.memtable_bytes_max),
         )?);
         // The segments were replayed into the epochs (and those made durable): start over. A
         // segment holds `wal_bytes_max` and at most one batch more.
@@ -287,6 +299,11 @@ impl Store {
     /// Group-commit counters since open.
     pub fn commit_stats(&self) -> CommitStats {
         self.inner.committer.stats()
+    }
+
+    /// How full the memory tables (the events waiting for a checkpoint) are.
+    pub fn memtable_stats(&self) -> MemTableStats {
+        self.inner.epochs.memtable_stats()
     }
 
     /// Bytes the database occupies on disk.

@@ -11,6 +11,7 @@
 
 use crate::epoch::Epoch;
 use crate::index::{alarm_key, deadline_key, IndexOp};
+use crate::memtable::Refused;
 use crate::wal::{WalRecord, WalTree};
 use crate::{thing_key, Envelope, StorageError, Store};
 
@@ -126,7 +127,15 @@ impl Store {
             let seq = batch.first_seq + i as u64;
             writes.push((event_key(&prefix, seq), envelope.to_bytes()?));
         }
-        Self::insert_events(epoch, batch, writes, ahead)?;
+        if let Err(e) = Self::insert_events(epoch, batch, writes, ahead) {
+            if matches!(e, StorageError::Busy(_)) {
+                // Only a checkpoint frees that memory, and only a group commit makes one: ask
+                // for both (no append may be left to start a commit).
+                self.inner.feed_clock.wal.request_checkpoint();
+                self.inner.committer.wake();
+            }
+            return Err(e);
+        }
         for op in &batch.index {
             if !matches!(op, IndexOp::PutDeadline { .. }) {
                 self.apply_index_op(&batch.thing, &prefix, op)?;
@@ -147,11 +156,21 @@ impl Store {
         if epoch.dir.is_none() {
             return Err(StorageError::Db("log epoch 0 takes no more events".into()));
         }
-        if !epoch.memtable.insert_new(&writes) {
-            return Err(StorageError::SequenceConflict {
-                thing: batch.thing.clone(),
-                seq: batch.first_seq,
-            });
+        match epoch.memtable.insert_new(&writes) {
+            Ok(()) => {}
+            Err(Refused::Taken) => {
+                return Err(StorageError::SequenceConflict {
+                    thing: batch.thing.clone(),
+                    seq: batch.first_seq,
+                })
+            }
+            Err(Refused::Full { used, max }) => {
+                return Err(StorageError::Busy(format!(
+                    "{used} bytes of events wait in memory to be written to the database, at \
+                     the bound of {max} (memtable_bytes_max); checkpoints are failing or behind, \
+                     see the server log"
+                )))
+            }
         }
         for (key, value) in &writes {
             ahead.put(WalTree::Events, key, value);
@@ -390,6 +409,64 @@ mod tests {
         let events = store.read_events("a", 1, 10).expect("read");
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].envelope, envelope(1));
+    }
+
+    /// Given a store whose checkpoints come rarely (a large `wal_bytes_max`) and whose memory
+    /// tables may hold little, when a Thing appends until the bound, then the next append is
+    /// refused as busy, naming the bound, with nothing written; the refusal starts a checkpoint,
+    /// after which appends go in again, and every acknowledged event reads back.
+    #[tokio::test]
+    async fn appends_past_the_memory_bound_are_refused_until_a_checkpoint_frees_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&StoreConfig {
+            wal_bytes_max: 1 << 30,
+            memtable_bytes_max: 2048,
+            ..StoreConfig::new(dir.path())
+        })
+        .expect("open");
+        let append = |seq: u64| AppendBatch {
+            thing: "a".into(),
+            first_seq: seq,
+            events: vec![envelope(seq)],
+            index: vec![],
+        };
+        let mut seq = 1;
+        let refusal = loop {
+            match store.append(append(seq)).await {
+                Ok(_) => seq += 1,
+                Err(e) => break e,
+            }
+            assert!(seq < 1000, "never refused");
+        };
+        assert!(
+            matches!(&refusal, StorageError::Busy(why) if why.contains("memtable_bytes_max")),
+            "{refusal}"
+        );
+        assert_eq!(
+            store.last_seq("a").expect("seq"),
+            seq - 1,
+            "nothing written"
+        );
+        assert!(store.memtable_stats().refused >= 1);
+        // Bounded polling: the checkpoint the refusal asked for frees the tables.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match store.append(append(seq)).await {
+                Ok(_) => break,
+                Err(StorageError::Busy(_)) => {
+                    assert!(std::time::Instant::now() < deadline, "still refused");
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(store.commit_stats().checkpoints >= 1);
+        let events = store.read_events("a", 1, 10_000).expect("read");
+        assert_eq!(events.len() as u64, seq);
+        assert!(events
+            .iter()
+            .zip(1..)
+            .all(|(e, n)| e.seq == n && e.envelope == envelope(n)));
     }
 
     #[tokio::test]

@@ -484,14 +484,15 @@ pub(crate) fn write_run(
     // Whatever an attempt that failed midway left.
     tree.clear()?;
     let mut writer = BlockWriter::default();
-    for (key, value) in table {
+    table.for_each_sorted(|key, value| {
         writer.push(key, value);
         if writer.len_bytes() >= PACKED_BLOCK_BYTES_MIN {
             if let Some((key, block)) = writer.finish() {
                 tree.insert(key, block)?;
             }
         }
-    }
+        Ok::<(), StorageError>(())
+    })?;
     if let Some((key, block)) = writer.finish() {
         tree.insert(key, block)?;
     }
@@ -656,10 +657,10 @@ mod tests {
                 .iter()
                 .map(|((thing, seq), value)| (key(*thing, *seq), value.clone()))
                 .collect();
-            let mut in_run = crate::memtable::Table::new();
+            let mut in_run = crate::memtable::Table::default();
             for (i, (k, value)) in all.iter().enumerate() {
                 if i % 3 == 1 {
-                    in_run.insert(IVec::from(k.as_slice()), IVec::from(value.as_slice()));
+                    in_run.insert(k, IVec::from(value.as_slice())).expect("an event key");
                 } else {
                     plain.insert(k.as_slice(), value.as_slice()).expect("insert");
                 }
@@ -686,9 +687,9 @@ mod tests {
             prop_assert_eq!(counts.records, all.len() as u64);
             // The plain tree with every event, to read the packed copy against.
             let whole = plain_db.open_tree("events").expect("tree");
-            for (k, value) in &in_run {
-                whole.insert(k, value).expect("insert");
-            }
+            in_run
+                .for_each_sorted(|k, value| whole.insert(k, value).map(drop))
+                .expect("insert");
             let packed = EventTree::Packed(packed_db.open_tree("packed").expect("tree"));
             prop_assert_eq!(collect(packed.range(&[], None)), collect(plain.range(&[], None)));
             for ((a_thing, a_seq), (b_thing, b_seq)) in ranges {
