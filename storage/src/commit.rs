@@ -23,7 +23,7 @@
 //! `flush_async` deadlocks, upstream issue #1308; a seal's flush of its epoch takes the
 //! epoch's flush lock).
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -71,7 +71,8 @@ pub(crate) struct WriteAhead {
 }
 
 pub(crate) struct GroupCommit {
-    tx: std::sync::Mutex<Option<mpsc::Sender<Waiter>>>,
+    /// A combiner round's waiters go over as one message (one wake-up of the thread at most).
+    tx: std::sync::Mutex<Option<mpsc::Sender<Vec<Waiter>>>>,
     thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     counters: Arc<Counters>,
 }
@@ -87,7 +88,7 @@ impl GroupCommit {
     ) -> Result<GroupCommit, StorageError> {
         let main = DbFiles::open(data_dir)
             .map_err(|e| StorageError::Db(format!("open db file for fsync: {e}")))?;
-        let (tx, rx) = mpsc::channel::<Waiter>();
+        let (tx, rx) = mpsc::channel::<Vec<Waiter>>();
         let counters = Arc::new(Counters::default());
         let thread_counters = counters.clone();
         let thread = std::thread::Builder::new()
@@ -138,17 +139,13 @@ impl GroupCommit {
             return;
         }
         let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
-        let mut refused = Vec::new();
-        match guard.as_ref() {
-            Some(tx) => {
-                for waiter in waiters {
-                    if let Err(mpsc::SendError(waiter)) = tx.send(waiter) {
-                        refused.push(waiter);
-                    }
-                }
-            }
-            None => refused = waiters,
-        }
+        let refused = match guard.as_ref() {
+            Some(tx) => match tx.send(waiters) {
+                Ok(()) => Vec::new(),
+                Err(mpsc::SendError(waiters)) => waiters,
+            },
+            None => waiters,
+        };
         drop(guard);
         for waiter in refused {
             let _ = waiter.send(Turn::Done(Err(StorageError::Closed)));
@@ -290,21 +287,30 @@ impl Syncer {
 }
 
 fn run(
-    rx: mpsc::Receiver<Waiter>,
+    rx: mpsc::Receiver<Vec<Waiter>>,
     syncer: &mut Syncer,
     batch_waiters_max: usize,
     counters: &Counters,
     feed: &FeedClock,
 ) {
     let mut batch: Vec<Waiter> = Vec::with_capacity(batch_waiters_max);
-    while let Ok(first) = rx.recv() {
-        batch.push(first);
-        while batch.len() < batch_waiters_max {
-            match rx.try_recv() {
-                Ok(waiter) => batch.push(waiter),
+    // Waiters received and not in a batch yet (a round's may not all fit in one).
+    let mut queued: VecDeque<Waiter> = VecDeque::new();
+    loop {
+        if queued.is_empty() {
+            match rx.recv() {
+                Ok(waiters) => queued.extend(waiters),
                 Err(_) => break,
             }
         }
+        while queued.len() < batch_waiters_max {
+            match rx.try_recv() {
+                Ok(waiters) => queued.extend(waiters),
+                Err(_) => break,
+            }
+        }
+        let taken = queued.len().min(batch_waiters_max);
+        batch.extend(queued.drain(..taken));
         let started = Instant::now();
         // Every feed position below this is written now, so durable once the flush succeeds.
         let feed_end = feed.written_end();
