@@ -40,6 +40,10 @@ use crate::StorageError;
 /// Told `Turn::Done` once everything written before it was handed over is durable.
 pub(crate) type Waiter = oneshot::Sender<Turn>;
 
+/// How long the commit thread waits, with nothing to commit, before it tries again a
+/// checkpoint that failed.
+const CHECKPOINT_RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Counters of the group commit since the store was opened.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CommitStats {
@@ -128,8 +132,10 @@ impl GroupCommit {
 
     /// Starts a group commit even if no write waits for one (one that needs a checkpoint).
     pub(crate) fn wake(&self) {
-        let (waiter, _) = oneshot::channel();
-        self.enqueue(vec![waiter]);
+        let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = guard.as_ref() {
+            let _ = tx.send(Vec::new());
+        }
     }
 
     /// Hands `waiters` over: each is told once every write made before this call is durable
@@ -253,7 +259,9 @@ impl Syncer {
     /// The appends' records made durable: synced in the segment, or (a checkpoint) flushed in
     /// the epochs themselves, with later records going to a new segment.
     fn write_ahead(&mut self, checkpoint: &mut bool) -> std::io::Result<()> {
-        *checkpoint = *checkpoint || self.wal.buffer.take_checkpoint_request();
+        *checkpoint = *checkpoint
+            || self.wal.buffer.take_checkpoint_request()
+            || self.epochs.memtables_want_checkpoint();
         if !*checkpoint {
             self.wal.files.write_pending(&self.wal.buffer)?;
             if self.wal.files.since_checkpoint_bytes() < self.wal.bytes_max {
@@ -298,9 +306,21 @@ fn run(
     let mut queued: VecDeque<Waiter> = VecDeque::new();
     loop {
         if queued.is_empty() {
-            match rx.recv() {
+            // A checkpoint that failed is asked for again; while nothing else comes it is
+            // tried again now and then, so the memory it would free (appends are refused
+            // past `memtable_bytes_max`) does not wait for an append that cannot come.
+            let received = if syncer.wal.buffer.checkpoint_requested() {
+                match rx.recv_timeout(CHECKPOINT_RETRY_INTERVAL) {
+                    Ok(waiters) => Ok(waiters),
+                    Err(mpsc::RecvTimeoutError::Timeout) => Ok(Vec::new()),
+                    Err(mpsc::RecvTimeoutError::Disconnected) => Err(()),
+                }
+            } else {
+                rx.recv().map_err(drop)
+            };
+            match received {
                 Ok(waiters) => queued.extend(waiters),
-                Err(_) => break,
+                Err(()) => break,
             }
         }
         while queued.len() < batch_waiters_max {

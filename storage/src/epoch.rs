@@ -696,6 +696,16 @@ impl Epochs {
         self.budget.stats()
     }
 
+    /// Whether an append may start (see [`MemBudget::admits`]).
+    pub(crate) fn admits(&self) -> Result<(), crate::memtable::Full> {
+        self.budget.admits()
+    }
+
+    /// Whether the memory tables hold enough that the next group commit should checkpoint.
+    pub(crate) fn memtables_want_checkpoint(&self) -> bool {
+        self.budget.wants_checkpoint()
+    }
+
     /// Every epoch, oldest first.
     pub(crate) fn all(&self) -> Vec<Arc<Epoch>> {
         self.list.read().unwrap_or_else(|p| p.into_inner()).clone()

@@ -155,9 +155,10 @@ pub struct StoreConfig {
     /// memory and what an open replays; the segment files take up to about twice this on disk).
     pub wal_bytes_max: u64,
     /// Bytes the events held in memory until a checkpoint may take, counted over every epoch
-    /// (values plus a fixed overhead per event and per Thing). Normally they stay under about
-    /// twice `wal_bytes_max`; past this bound (checkpoints failing, as on a full disk) appends
-    /// are refused with [`StorageError::Busy`] instead of filling the memory.
+    /// (values plus a fixed overhead per event and per Thing). A group commit also makes a
+    /// checkpoint once they hold half of this; past all of it (checkpoints failing, as on a
+    /// full disk) appends are refused with [`StorageError::Busy`] before they start, instead
+    /// of filling the memory.
     pub memtable_bytes_max: u64,
 }
 

@@ -95,11 +95,33 @@ impl Store {
     /// Appends `batch` and returns its change-feed position once it is durable (group commit:
     /// flush + fsync; the feed entry is durable with it).
     pub async fn append(&self, batch: AppendBatch) -> Result<u64, StorageError> {
+        self.admit()?;
         // The feed entry is recorded before the events (events on disk always have one); the
         // position counts as being written until the events are, so the group commit knows
         // which positions a flush covers.
         let entry = crate::feed::entry_for(&batch.thing, batch.first_seq, batch.events.len())?;
         self.inner.feed_clock.append(self, entry, batch).await
+    }
+
+    /// Refuses an append before it takes a change-feed position (so it leaves nothing behind)
+    /// while the events waiting in memory for a checkpoint hold `memtable_bytes_max`.
+    fn admit(&self) -> Result<(), StorageError> {
+        let full = match self.inner.epochs.admits() {
+            Ok(()) => return Ok(()),
+            Err(full) => full,
+        };
+        if full.first {
+            // Only a checkpoint frees that memory, and only a group commit makes one: ask for
+            // both, as no admitted append may be left to start a commit. While checkpoints
+            // fail, the commit thread tries again on its own (see `commit`).
+            self.inner.feed_clock.wal.request_checkpoint();
+            self.inner.committer.wake();
+        }
+        Err(StorageError::Busy(format!(
+            "{} bytes of events wait in memory to be written to the database, at the bound of \
+             {} (memtable_bytes_max); checkpoints are failing or behind, see the server log",
+            full.used, full.max
+        )))
     }
 
     /// Writes a batch without waiting for durability: its events to the memory table of
@@ -127,15 +149,7 @@ impl Store {
             let seq = batch.first_seq + i as u64;
             writes.push((event_key(&prefix, seq), envelope.to_bytes()?));
         }
-        if let Err(e) = Self::insert_events(epoch, batch, writes, ahead) {
-            if matches!(e, StorageError::Busy(_)) {
-                // Only a checkpoint frees that memory, and only a group commit makes one: ask
-                // for both (no append may be left to start a commit).
-                self.inner.feed_clock.wal.request_checkpoint();
-                self.inner.committer.wake();
-            }
-            return Err(e);
-        }
+        Self::insert_events(epoch, batch, writes, ahead)?;
         for op in &batch.index {
             if !matches!(op, IndexOp::PutDeadline { .. }) {
                 self.apply_index_op(&batch.thing, &prefix, op)?;
@@ -164,12 +178,12 @@ impl Store {
                     seq: batch.first_seq,
                 })
             }
-            Err(Refused::Full { used, max }) => {
-                return Err(StorageError::Busy(format!(
-                    "{used} bytes of events wait in memory to be written to the database, at \
-                     the bound of {max} (memtable_bytes_max); checkpoints are failing or behind, \
-                     see the server log"
-                )))
+            Err(Refused::Malformed) => {
+                return Err(StorageError::Corrupt {
+                    thing: batch.thing.clone(),
+                    seq: batch.first_seq,
+                    reason: "an event key that is not one".into(),
+                })
             }
         }
         for (key, value) in &writes {
@@ -411,44 +425,71 @@ mod tests {
         assert_eq!(events[0].envelope, envelope(1));
     }
 
-    /// Given a store whose checkpoints come rarely (a large `wal_bytes_max`) and whose memory
-    /// tables may hold little, when a Thing appends until the bound, then the next append is
-    /// refused as busy, naming the bound, with nothing written; the refusal starts a checkpoint,
-    /// after which appends go in again, and every acknowledged event reads back.
+    /// Given a store whose checkpoints fail (the next write-ahead segment cannot be created:
+    /// a directory is in its place), when a Thing keeps appending, then the appends whose
+    /// commit failed stay in memory until the tables hold `memtable_bytes_max`, and the next
+    /// append is refused as busy, naming the bound, before it takes a change-feed position.
+    /// Once segments can be created again, the commit thread's retry makes the checkpoint (no
+    /// append is needed to start it), appends go in again, and every event written reads back.
     #[tokio::test]
     async fn appends_past_the_memory_bound_are_refused_until_a_checkpoint_frees_it() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(&StoreConfig {
             wal_bytes_max: 1 << 30,
-            memtable_bytes_max: 2048,
+            memtable_bytes_max: 4096,
             ..StoreConfig::new(dir.path())
         })
         .expect("open");
+        let wal = dir.path().join("wal");
+        let current = std::fs::read_dir(&wal)
+            .expect("wal")
+            .filter_map(|e| {
+                e.ok()?
+                    .file_name()
+                    .to_str()?
+                    .strip_suffix(".wal")?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .max()
+            .expect("a segment");
+        let blocker = crate::wal::segment_path(&wal, current + 1);
+        std::fs::create_dir(&blocker).expect("block the next segment");
         let append = |seq: u64| AppendBatch {
             thing: "a".into(),
             first_seq: seq,
             events: vec![envelope(seq)],
             index: vec![],
         };
-        let mut seq = 1;
+        let (mut seq, mut failed) = (1, 0);
         let refusal = loop {
             match store.append(append(seq)).await {
-                Ok(_) => seq += 1,
+                Ok(_) => {}
+                // Written, outcome unknown to the caller: the seq is taken.
+                Err(StorageError::CommitFailed(_)) => failed += 1,
                 Err(e) => break e,
             }
+            seq += 1;
             assert!(seq < 1000, "never refused");
         };
         assert!(
             matches!(&refusal, StorageError::Busy(why) if why.contains("memtable_bytes_max")),
             "{refusal}"
         );
+        assert!(failed > 0, "the checkpoints failed");
+        let position = store.inner.feed_clock.next();
+        assert!(matches!(
+            store.append(append(seq)).await,
+            Err(StorageError::Busy(_))
+        ));
         assert_eq!(
-            store.last_seq("a").expect("seq"),
-            seq - 1,
-            "nothing written"
+            store.inner.feed_clock.next(),
+            position,
+            "no feed position taken"
         );
-        assert!(store.memtable_stats().refused >= 1);
-        // Bounded polling: the checkpoint the refusal asked for frees the tables.
+        assert!(store.memtable_stats().refused >= 2);
+        std::fs::remove_dir(&blocker).expect("unblock");
+        // Bounded polling: the commit thread tries the checkpoint again on its own.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
             match store.append(append(seq)).await {

@@ -3,8 +3,8 @@
 //! An append's events are durable through the write-ahead segments (see [`crate::wal`]) as soon
 //! as the group commit syncs them; writing each one into sled as well cost a third of the
 //! server's CPU per durable shadow round trip (2026-12-05: 30.5 against 20.3 µs with the insert
-//! left out, `shadow --devices 200`). So the epoch that takes appends keeps them here, in key
-//! order, and each checkpoint writes what it holds into the epoch's database as one *run*: a
+//! left out, `shadow --devices 200`). So the epoch that takes appends keeps them here, by Thing
+//! and seq, and each checkpoint writes what it holds into the epoch's database as one *run*: a
 //! tree in the packed layout (see [`crate::packed`]), written in one go and fsynced before the
 //! segments that held its events go. Readers see the runs and this table as one log.
 //!
@@ -74,8 +74,10 @@ impl MemBudget {
         }
     }
 
-    /// Whether an append may go in; logs when that changes.
-    fn admits(&self) -> Result<(), Refused> {
+    /// Whether an append may start, checked before it takes a change-feed position (so a
+    /// refused append leaves nothing behind); logs when that changes. The appends already
+    /// admitted may take the tables past the bound by at most what they hold.
+    pub(crate) fn admits(&self) -> Result<(), Full> {
         let used = self.used.load(Ordering::Relaxed);
         if used < self.max {
             if self.refusing.swap(false, Ordering::Relaxed) {
@@ -88,12 +90,14 @@ impl MemBudget {
             return Ok(());
         }
         self.refused.fetch_add(1, Ordering::Relaxed);
-        if !self.refusing.swap(true, Ordering::Relaxed) {
+        let first = !self.refusing.swap(true, Ordering::Relaxed);
+        if first {
             tracing::warn!(used, max = self.max, "events waiting in memory for a checkpoint reached memtable_bytes_max; appends are refused until a checkpoint writes them out");
         }
-        Err(Refused::Full {
+        Err(Full {
             used,
             max: self.max,
+            first,
         })
     }
 
@@ -106,7 +110,20 @@ impl MemBudget {
     }
 
     fn release(&self, bytes: u64) {
-        self.used.fetch_sub(bytes, Ordering::Relaxed);
+        let before = self
+            .used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                Some(used.saturating_sub(bytes))
+            })
+            .unwrap_or_default();
+        debug_assert!(before >= bytes, "released {bytes} of {before} bytes held");
+    }
+
+    /// Whether the tables hold half their bound: the next group commit makes a checkpoint, so
+    /// the bound is only reached when checkpoints fail (counting a fixed overhead per event,
+    /// the tables may fill faster than the write-ahead records that trigger checkpoints).
+    pub(crate) fn wants_checkpoint(&self) -> bool {
+        self.used.load(Ordering::Relaxed) >= self.max / 2
     }
 }
 
@@ -130,14 +147,14 @@ fn event_bytes(value: &[u8]) -> u64 {
     value.len() as u64 + EVENT_OVERHEAD_BYTES
 }
 
+/// One Thing's events in a table, by seq.
+type Events = Vec<(u64, IVec)>;
+
 /// Events by Thing, each Thing's in seq order. A map of Things rather than one ordered map of
 /// keys: an append is a hash lookup and a push at the end of its Thing's list, where an ordered
 /// map compared long shared key prefixes at every level (3.4% of the server's CPU per durable
 /// shadow round trip, 2026-12-05). Key order is only needed when a table is written as a run
 /// (off the request path) and by whole-table reads.
-/// One Thing's events in a table, by seq.
-type Events = Vec<(u64, IVec)>;
-
 #[derive(Default, Clone)]
 pub(crate) struct Table {
     things: HashMap<Box<[u8]>, Events>,
@@ -212,20 +229,32 @@ impl Table {
     /// two counted and this one no longer does (a Thing in both is one Thing now).
     fn append(&mut self, other: Table) -> u64 {
         let mut bytes = other.bytes;
+        let mut len = other.len;
         for (thing, mut events) in other.things {
             match self.things.get_mut(&thing) {
                 Some(mine) => {
                     // One Thing's list now, counted once.
                     bytes -= thing.len() as u64 + THING_OVERHEAD_BYTES;
                     mine.append(&mut events);
-                    mine.sort_unstable_by_key(|(seq, _)| *seq);
+                    // Stable: of two events under one seq the later one stays (as the ordered
+                    // map's `append` kept it), in the earlier one's place.
+                    mine.sort_by_key(|(seq, _)| *seq);
+                    mine.dedup_by(|later, earlier| {
+                        let same = later.0 == earlier.0;
+                        if same {
+                            std::mem::swap(&mut later.1, &mut earlier.1);
+                            bytes -= event_bytes(&later.1);
+                            len -= 1;
+                        }
+                        same
+                    });
                 }
                 None => {
                     self.things.insert(thing, events);
                 }
             }
         }
-        self.len += other.len;
+        self.len += len;
         self.bytes += bytes;
         other.bytes - bytes
     }
@@ -339,18 +368,24 @@ impl Drop for MemTable {
     }
 }
 
+/// The tables of a store hold their bound: `used` of `max` bytes.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Full {
+    /// Bytes held.
+    pub(crate) used: u64,
+    /// The bound.
+    pub(crate) max: u64,
+    /// Whether the appends before were admitted (the first refusal after them).
+    pub(crate) first: bool,
+}
+
 /// Why [`MemTable::insert_new`] put nothing in.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Refused {
     /// The first key is taken already.
     Taken,
-    /// The tables of the store hold their budget already: `used` of `max` bytes.
-    Full {
-        /// Bytes held.
-        used: u64,
-        /// The bound.
-        max: u64,
-    },
+    /// A key is not an event key.
+    Malformed,
 }
 
 /// What a reader saw of the table: the runs it holds frozen (the reader skips those runs in the
@@ -374,16 +409,17 @@ impl MemTable {
     }
 
     /// Inserts one append's events (event keys, in seq order) unless its first key is taken
-    /// already or the store's tables hold their budget; then nothing is inserted.
+    /// already; then nothing is inserted. Counts them against the store's bound (checked
+    /// before the append started: [`MemBudget::admits`]).
     pub(crate) fn insert_new(&self, writes: &[(Vec<u8>, Vec<u8>)]) -> Result<(), Refused> {
-        let mut state = self.lock();
         let Some((first, _)) = writes.first() else {
             return Ok(());
         };
-        let Some((thing, seq)) = split(first) else {
-            debug_assert!(false, "not an event key");
-            return Err(Refused::Taken);
-        };
+        if !writes.iter().all(|(key, _)| split(key).is_some()) {
+            return Err(Refused::Malformed);
+        }
+        let (thing, seq) = split(first).ok_or(Refused::Malformed)?;
+        let mut state = self.lock();
         let taken = state.active.contains(thing, seq)
             || state
                 .frozen
@@ -392,13 +428,13 @@ impl MemTable {
         if taken {
             return Err(Refused::Taken);
         }
-        self.budget.admits()?;
         let mut grown = 0i64;
         for (key, value) in writes {
             if let Some((thing, seq)) = split(key) {
                 grown += state.active.put(thing, seq, IVec::from(value.as_slice()));
             }
         }
+        drop(state);
         self.budget.grow(grown);
         Ok(())
     }
@@ -596,32 +632,77 @@ mod tests {
         assert_eq!(keys(&across), vec![key(b'a', 3)]);
     }
 
-    /// Given tables of a store holding their budget, when an append comes, then it is refused
-    /// with nothing inserted, in any epoch's table; once a run is written, appends go in again.
+    /// Given tables of a store holding their bound, when an append asks, then it is refused
+    /// (the first refusal of a run says so, to start a checkpoint), whatever epoch's table
+    /// holds the bytes; once a run is written, appends are admitted again.
     #[test]
-    fn appends_are_refused_while_the_tables_hold_their_budget() {
+    fn appends_are_refused_while_the_tables_hold_their_bound() {
         let budget = MemBudget::new(300);
         let (older, newer) = (MemTable::new(budget.clone()), MemTable::new(budget.clone()));
         older.insert_new(&one(b'a', 1, &[7; 100])).expect("in");
         older.freeze(1);
+        assert_eq!(budget.admits(), Ok(()));
+        assert!(budget.wants_checkpoint(), "half the bound");
         newer
             .insert_new(&one(b'b', 1, &[7; 10]))
-            .expect("under the bound");
-        let full = newer.insert_new(&one(b'b', 2, b"x"));
-        assert!(
-            matches!(full, Err(Refused::Full { max: 300, .. })),
-            "{full:?}"
+            .expect("admitted before");
+        assert!(budget.wants_checkpoint());
+        let used = budget.stats().bytes;
+        assert!(used >= 300);
+        assert_eq!(
+            budget.admits(),
+            Err(Full {
+                used,
+                max: 300,
+                first: true
+            })
         );
-        assert_eq!(keys(&all(&newer)), vec![key(b'b', 1)], "nothing inserted");
-        assert_eq!(budget.stats().refused, 1);
+        assert!(matches!(budget.admits(), Err(Full { first: false, .. })));
+        assert_eq!(budget.stats().refused, 2);
         older.written(1);
-        assert_eq!(newer.insert_new(&one(b'b', 2, b"x")), Ok(()));
+        assert_eq!(budget.admits(), Ok(()));
         drop(newer);
         assert_eq!(
             budget.stats().bytes,
             0,
             "a dropped table gives its bytes back"
         );
+    }
+
+    /// Given two tables frozen under one run that both hold a seq (a conflict the check did not
+    /// see), when they merge, then the later event stays, once, and the bytes counted shrink
+    /// by the one that went.
+    #[test]
+    fn a_merge_keeps_the_later_of_two_events_under_one_key() {
+        let (mut first, mut second) = (Table::default(), Table::default());
+        first
+            .insert(&key(b'a', 1), IVec::from(&b"old"[..]))
+            .expect("in");
+        first
+            .insert(&key(b'a', 2), IVec::from(&b"two"[..]))
+            .expect("in");
+        second
+            .insert(&key(b'a', 1), IVec::from(&b"new"[..]))
+            .expect("in");
+        let (before, second_bytes) = (first.bytes, second.bytes);
+        let merged_away = first.append(second);
+        assert_eq!(first.len(), 2);
+        let mut seen = Vec::new();
+        first
+            .for_each_sorted(|k, v| {
+                seen.push((k.to_vec(), v.to_vec()));
+                Ok::<(), ()>(())
+            })
+            .expect("walk");
+        assert_eq!(
+            seen,
+            vec![
+                (key(b'a', 1), b"new".to_vec()),
+                (key(b'a', 2), b"two".to_vec())
+            ]
+        );
+        assert_eq!(first.bytes + merged_away, before + second_bytes);
+        assert_eq!(merged_away, 2 + THING_OVERHEAD_BYTES + event_bytes(b"old"));
     }
 
     proptest::proptest! {

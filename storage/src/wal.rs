@@ -171,6 +171,11 @@ impl WalBuffer {
         self.checkpoint_requested.store(true, Ordering::Release);
     }
 
+    /// Whether a checkpoint is asked for (without taking the request).
+    pub(crate) fn checkpoint_requested(&self) -> bool {
+        self.checkpoint_requested.load(Ordering::Acquire)
+    }
+
     /// Whether a checkpoint was asked for since the last call.
     pub(crate) fn take_checkpoint_request(&self) -> bool {
         self.checkpoint_requested.swap(false, Ordering::AcqRel)
@@ -205,7 +210,7 @@ fn seal_frames(segment: u64, frames: &mut [u8]) {
     }
 }
 
-fn segment_path(dir: &Path, segment: u64) -> PathBuf {
+pub(crate) fn segment_path(dir: &Path, segment: u64) -> PathBuf {
     dir.join(format!("{segment:020}.wal"))
 }
 
