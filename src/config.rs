@@ -929,6 +929,30 @@ mod tests {
     }
 
     #[test]
+    fn the_memory_bound_of_the_log_must_hold_two_checkpoints() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("thinghub.toml");
+        let write = |memtable: u64| {
+            std::fs::write(
+                &path,
+                format!("storage_wal_bytes_max = 1000\nstorage_memtable_bytes_max = {memtable}\n"),
+            )
+            .expect("write");
+            Config::load(&ServeArgs {
+                config: Some(path.clone()),
+                ..ServeArgs::default()
+            })
+        };
+        let err = write(1999).expect_err("under twice the checkpoint size");
+        assert!(
+            err.to_string()
+                .contains("storage_memtable_bytes_max (1999)"),
+            "{err}"
+        );
+        assert_eq!(write(2000).expect("load").storage_memtable_bytes_max, 2000);
+    }
+
+    #[test]
     fn tls_listeners_need_their_files_and_a_server_needs_a_listener() {
         let tls = ServeArgs {
             mqtt_tls_listen: Some("127.0.0.1:8883".parse().expect("addr")),
