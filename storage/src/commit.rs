@@ -13,8 +13,11 @@
 //! sled writes a full buffer to its file on its own, without an fsync.
 //!
 //! The log epochs are flushed only at a checkpoint: once `wal_bytes_max` bytes of records were
-//! written since the last one, when a write-ahead write or sync failed (a failed fsync leaves
-//! the file's state unknown), and at the end. A checkpoint freezes the epochs' memory tables as
+//! written since the last one, once the memory tables hold half of `memtable_bytes_max`, when
+//! a write-ahead write or sync failed (a failed fsync leaves the file's state unknown), when an
+//! append was refused at that bound, and at the end. A checkpoint that failed is tried again
+//! by the next commit, or, if none comes, by the thread itself after a wait that doubles from
+//! 100 ms to 5 s while the attempts keep failing (the refused appends cannot start one). A checkpoint freezes the epochs' memory tables as
 //! it closes the segment, starts a new one, writes each frozen table into its epoch as a run and
 //! flushes and fsyncs every epoch that is not sealed (oldest first, see `memtable`), and then
 //! removes the older segments.
@@ -40,9 +43,13 @@ use crate::StorageError;
 /// Told `Turn::Done` once everything written before it was handed over is durable.
 pub(crate) type Waiter = oneshot::Sender<Turn>;
 
-/// How long the commit thread waits, with nothing to commit, before it tries again a
-/// checkpoint that failed.
-const CHECKPOINT_RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+/// How long the commit thread first waits, with nothing to commit, before it tries again a
+/// checkpoint that failed; each failed try doubles the wait, up to
+/// [`CHECKPOINT_RETRY_INTERVAL_MAX`] (a failing disk is not hammered with rewrites of every
+/// frozen table), and a success resets it.
+const CHECKPOINT_RETRY_INTERVAL_MIN: std::time::Duration = std::time::Duration::from_millis(100);
+/// The longest wait between two tries of a failing checkpoint with nothing else to commit.
+const CHECKPOINT_RETRY_INTERVAL_MAX: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Counters of the group commit since the store was opened.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -229,7 +236,7 @@ struct Syncer {
     db: sled::Db,
     main: DbFiles,
     epochs: Arc<Epochs>,
-    /// Files of the epochs flushed so far, by epoch id (dropped once the epoch is sealed).
+    /// The write-ahead segments and the records queued for them.
     wal: WriteAhead,
 }
 
@@ -304,13 +311,14 @@ fn run(
     let mut batch: Vec<Waiter> = Vec::with_capacity(batch_waiters_max);
     // Waiters received and not in a batch yet (a round's may not all fit in one).
     let mut queued: VecDeque<Waiter> = VecDeque::new();
+    let mut retry_after = CHECKPOINT_RETRY_INTERVAL_MIN;
     loop {
         if queued.is_empty() {
             // A checkpoint that failed is asked for again; while nothing else comes it is
             // tried again now and then, so the memory it would free (appends are refused
             // past `memtable_bytes_max`) does not wait for an append that cannot come.
             let received = if syncer.wal.buffer.checkpoint_requested() {
-                match rx.recv_timeout(CHECKPOINT_RETRY_INTERVAL) {
+                match rx.recv_timeout(retry_after) {
                     Ok(waiters) => Ok(waiters),
                     Err(mpsc::RecvTimeoutError::Timeout) => Ok(Vec::new()),
                     Err(mpsc::RecvTimeoutError::Disconnected) => Err(()),
@@ -351,6 +359,9 @@ fn run(
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         if result.is_ok() {
             feed.durable_to(feed_end);
+            retry_after = CHECKPOINT_RETRY_INTERVAL_MIN;
+        } else {
+            retry_after = (retry_after * 2).min(CHECKPOINT_RETRY_INTERVAL_MAX);
         }
         counters.batches.fetch_add(1, Ordering::Relaxed);
         counters

@@ -93,7 +93,9 @@ fn read_epochs<'a>(
 
 impl Store {
     /// Appends `batch` and returns its change-feed position once it is durable (group commit:
-    /// flush + fsync; the feed entry is durable with it).
+    /// flush + fsync; the feed entry is durable with it). Refused with [`StorageError::Busy`],
+    /// before anything is written, while the events waiting in memory for a checkpoint hold
+    /// `memtable_bytes_max`.
     pub async fn append(&self, batch: AppendBatch) -> Result<u64, StorageError> {
         self.admit()?;
         // The feed entry is recorded before the events (events on disk always have one); the
@@ -110,10 +112,12 @@ impl Store {
             Ok(()) => return Ok(()),
             Err(full) => full,
         };
-        if full.first {
+        if full.first || !self.inner.feed_clock.wal.checkpoint_requested() {
             // Only a checkpoint frees that memory, and only a group commit makes one: ask for
-            // both, as no admitted append may be left to start a commit. While checkpoints
-            // fail, the commit thread tries again on its own (see `commit`).
+            // both, as no admitted append may be left to start a commit (asked again whenever
+            // no request is pending: a checkpoint may have run before the last admitted
+            // appends went in). While checkpoints fail, the commit thread tries again on its
+            // own (see `commit`).
             self.inner.feed_clock.wal.request_checkpoint();
             self.inner.committer.wake();
         }

@@ -119,9 +119,10 @@ impl MemBudget {
         debug_assert!(before >= bytes, "released {bytes} of {before} bytes held");
     }
 
-    /// Whether the tables hold half their bound: the next group commit makes a checkpoint, so
-    /// the bound is only reached when checkpoints fail (counting a fixed overhead per event,
-    /// the tables may fill faster than the write-ahead records that trigger checkpoints).
+    /// Whether the tables hold half their bound: the next group commit makes a checkpoint (the
+    /// tables count a fixed overhead per event, so they may fill faster than the write-ahead
+    /// records that trigger checkpoints). The bound itself is then reached only when
+    /// checkpoints fail or fall behind (or one admitted append is larger than half of it).
     pub(crate) fn wants_checkpoint(&self) -> bool {
         self.used.load(Ordering::Relaxed) >= self.max / 2
     }
@@ -225,16 +226,17 @@ impl Table {
         grown as i64
     }
 
-    /// Moves every event of `other` in (the two hold different keys); returns the bytes the
-    /// two counted and this one no longer does (a Thing in both is one Thing now).
+    /// Moves every event of `other` in (of two events under one key, `other`'s stays); returns
+    /// the bytes the two counted and this one no longer does (a Thing in both is one Thing now,
+    /// an event replaced is gone).
     fn append(&mut self, other: Table) -> u64 {
-        let mut bytes = other.bytes;
+        let mut freed = 0;
         let mut len = other.len;
         for (thing, mut events) in other.things {
             match self.things.get_mut(&thing) {
                 Some(mine) => {
                     // One Thing's list now, counted once.
-                    bytes -= thing.len() as u64 + THING_OVERHEAD_BYTES;
+                    freed += thing.len() as u64 + THING_OVERHEAD_BYTES;
                     mine.append(&mut events);
                     // Stable: of two events under one seq the later one stays (as the ordered
                     // map's `append` kept it), in the earlier one's place.
@@ -243,7 +245,7 @@ impl Table {
                         let same = later.0 == earlier.0;
                         if same {
                             std::mem::swap(&mut later.1, &mut earlier.1);
-                            bytes -= event_bytes(&later.1);
+                            freed += event_bytes(&later.1);
                             len -= 1;
                         }
                         same
@@ -255,8 +257,8 @@ impl Table {
             }
         }
         self.len += len;
-        self.bytes += bytes;
-        other.bytes - bytes
+        self.bytes = self.bytes + other.bytes - freed;
+        freed
     }
 
     /// The Things' keys in key order, with their events.
@@ -512,7 +514,8 @@ impl MemTable {
 
     /// Records with `start ≤ key ≤ end` (no upper bound if `end` is `None`), in key order or,
     /// with `rev`, newest key first, at most `limit`. The frozen tables and the active one hold
-    /// disjoint keys.
+    /// disjoint keys as appends leave them (one writer per Thing, and an append whose first
+    /// key is taken is refused).
     pub(crate) fn range(&self, start: &[u8], end: Option<&[u8]>, rev: bool, limit: usize) -> Seen {
         let state = self.lock();
         let mut records: Vec<Record> = Vec::new();
@@ -675,8 +678,11 @@ mod tests {
     #[test]
     fn a_merge_keeps_the_later_of_two_events_under_one_key() {
         let (mut first, mut second) = (Table::default(), Table::default());
+        // The replaced event is larger than all `second` adds (its removal must not be
+        // taken from `second`'s count alone).
+        let old = vec![b'o'; 200];
         first
-            .insert(&key(b'a', 1), IVec::from(&b"old"[..]))
+            .insert(&key(b'a', 1), IVec::from(old.as_slice()))
             .expect("in");
         first
             .insert(&key(b'a', 2), IVec::from(&b"two"[..]))
@@ -702,7 +708,7 @@ mod tests {
             ]
         );
         assert_eq!(first.bytes + merged_away, before + second_bytes);
-        assert_eq!(merged_away, 2 + THING_OVERHEAD_BYTES + event_bytes(b"old"));
+        assert_eq!(merged_away, 2 + THING_OVERHEAD_BYTES + event_bytes(&old));
     }
 
     proptest::proptest! {

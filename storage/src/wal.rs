@@ -123,8 +123,10 @@ impl WalRecord {
 pub(crate) struct WalBuffer {
     pending: Mutex<Vec<u8>>,
     /// Some write is not vouched for by a synced record (none describes it, or writing or
-    /// syncing the segment failed): the next commit is a checkpoint, which writes the epochs'
-    /// memory tables into them and flushes them.
+    /// syncing the segment failed), or an append was refused because the memory tables hold
+    /// their bound: the next commit is a checkpoint, which writes the epochs' memory tables
+    /// into them and flushes them. While it is set and nothing comes to commit, the commit
+    /// thread makes that checkpoint on its own after a wait (see `commit`).
     checkpoint_requested: AtomicBool,
     /// Held by the feed's combiner from its round's first write to an epoch's memory table
     /// until the round's record is queued, and by a checkpoint while it takes the queued
