@@ -268,7 +268,7 @@ impl Syncer {
     fn write_ahead(&mut self, checkpoint: &mut bool) -> std::io::Result<()> {
         *checkpoint = *checkpoint
             || self.wal.buffer.take_checkpoint_request()
-            || self.epochs.memtables_want_checkpoint();
+            || self.epochs.budget().wants_checkpoint();
         if !*checkpoint {
             self.wal.files.write_pending(&self.wal.buffer)?;
             if self.wal.files.since_checkpoint_bytes() < self.wal.bytes_max {

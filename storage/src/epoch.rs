@@ -691,19 +691,9 @@ impl Epochs {
         })
     }
 
-    /// How full the epochs' memory tables are.
-    pub(crate) fn memtable_stats(&self) -> crate::memtable::MemTableStats {
-        self.budget.stats()
-    }
-
-    /// Whether an append may start (see [`MemBudget::admits`]).
-    pub(crate) fn admits(&self) -> Result<(), crate::memtable::Full> {
-        self.budget.admits()
-    }
-
-    /// Whether the memory tables hold enough that the next group commit should checkpoint.
-    pub(crate) fn memtables_want_checkpoint(&self) -> bool {
-        self.budget.wants_checkpoint()
+    /// What the epochs' memory tables may hold together, and hold now.
+    pub(crate) fn budget(&self) -> &MemBudget {
+        &self.budget
     }
 
     /// Every epoch, oldest first.

@@ -304,7 +304,7 @@ impl Store {
 
     /// How full the memory tables (the events waiting for a checkpoint) are.
     pub fn memtable_stats(&self) -> MemTableStats {
-        self.inner.epochs.memtable_stats()
+        self.inner.epochs.budget().stats()
     }
 
     /// Bytes the database occupies on disk.

@@ -38,7 +38,8 @@ pub struct RecordedEvent {
     pub envelope: Envelope,
 }
 
-fn event_key(prefix: &[u8], seq: u64) -> Vec<u8> {
+/// The key of event `seq` of the Thing whose key is `prefix` (see [`crate::thing_key`]).
+pub(crate) fn event_key(prefix: &[u8], seq: u64) -> Vec<u8> {
     let mut key = Vec::with_capacity(prefix.len() + 8);
     key.extend_from_slice(prefix);
     key.extend_from_slice(&seq.to_be_bytes());
@@ -108,7 +109,7 @@ impl Store {
     /// Refuses an append before it takes a change-feed position (so it leaves nothing behind)
     /// while the events waiting in memory for a checkpoint hold `memtable_bytes_max`.
     fn admit(&self) -> Result<(), StorageError> {
-        let full = match self.inner.epochs.admits() {
+        let full = match self.inner.epochs.budget().admits() {
             Ok(()) => return Ok(()),
             Err(full) => full,
         };

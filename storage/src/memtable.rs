@@ -299,9 +299,7 @@ impl Table {
         out: &mut Vec<Record>,
     ) {
         let record = |thing: &[u8], seq: u64, value: &IVec| {
-            let mut key = Vec::with_capacity(thing.len() + 8);
-            join(thing, seq, &mut key);
-            (IVec::from(key), value.clone())
+            (IVec::from(crate::log::event_key(thing, seq)), value.clone())
         };
         // One Thing's range (every read but a whole-table walk): its list only.
         if let (Some((thing, first)), Some((end_thing, last))) = (split(start), end.and_then(split))
