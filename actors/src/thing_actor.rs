@@ -616,14 +616,14 @@ impl ThingActorState {
         }
         let now_ms = self.context.clock.now_ms();
         let limits = self.context.limits;
-        let decision = match self.guarded(|me| thing::decide(&me.thing, &command, now_ms, &limits))
-        {
-            Ok(decision) => decision,
-            Err(rejection) => {
-                self.context.counters.refused(&command);
-                return Err(rejection);
-            }
-        };
+        let mut decision =
+            match self.guarded(|me| thing::decide(&me.thing, &command, now_ms, &limits)) {
+                Ok(decision) => decision,
+                Err(rejection) => {
+                    self.context.counters.refused(&command);
+                    return Err(rejection);
+                }
+            };
         // Only command, job and alarm events move deadlines: other requests (the shadow hot
         // path) skip this.
         let has_job_events = decision.job_events().next().is_some();
@@ -685,8 +685,8 @@ impl ThingActorState {
         };
         let effects = self.guarded(|me| {
             let jobs_before = has_job_events.then(|| me.thing.jobs.pending_view());
+            thing::apply_decision(&mut me.thing, &mut decision);
             for event in &decision.events {
-                thing::apply(&mut me.thing, event);
                 me.context.counters.durable(event);
             }
             me.thing.last_seq += count;

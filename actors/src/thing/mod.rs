@@ -609,6 +609,9 @@ pub struct Decision {
     pub events: Vec<ThingEvent>,
     /// The reply.
     pub reply: Reply,
+    /// The shadow as the decision's `ShadowUpdated` event leaves it, which deciding had to
+    /// compute anyway: [`apply_decision`] moves it in rather than merging the update again.
+    pub shadow: Option<Box<shadow::Shadow>>,
 }
 
 /// A Thing as the registry API shows it.
@@ -765,6 +768,7 @@ pub fn decide(
                 Rejection::new(RejectionKind::Internal, "registration did not register")
             })?;
             Ok(Decision {
+                shadow: None,
                 events: vec![event],
                 reply: Reply::Registered(description),
             })
@@ -806,6 +810,7 @@ pub fn decide(
                 deleted_at_ms: now_ms,
             }));
             Ok(Decision {
+                shadow: None,
                 events,
                 reply: Reply::Deleted {
                     mqtt_client_id: registration.mqtt_client_id.clone(),
@@ -837,6 +842,7 @@ pub fn decide(
             Ok(Decision {
                 events,
                 reply: Reply::ShadowUpdated(Box::new(result)),
+                shadow: Some(Box::new(next)),
             })
         }
         ThingCommand::DeleteShadow {
@@ -854,6 +860,7 @@ pub fn decide(
                 &state.name,
             )?;
             Ok(Decision {
+                shadow: None,
                 reply: Reply::ShadowDeleted(shadow::deleted_of(&event)),
                 events: vec![ThingEvent::ShadowDeleted(event)],
             })
@@ -866,6 +873,7 @@ pub fn decide(
             let mut events = vec![ThingEvent::EventIngested(ingested.clone())];
             events.extend(data_events(state, state.required_interval_ms(), now_ms));
             Ok(Decision {
+                shadow: None,
                 events,
                 reply: Reply::EventStored(ingested),
             })
@@ -888,6 +896,7 @@ pub fn decide(
                     .map(ThingEvent::Alarm),
             );
             Ok(Decision {
+                shadow: None,
                 events,
                 reply: Reply::Recorded,
             })
@@ -919,6 +928,7 @@ pub fn decide(
                 );
             }
             Ok(Decision {
+                shadow: None,
                 events,
                 reply: Reply::Recorded,
             })
@@ -936,6 +946,7 @@ pub fn decide(
                 _ => Vec::new(),
             };
             Ok(Decision {
+                shadow: None,
                 events: events.into_iter().map(ThingEvent::Alarm).collect(),
                 reply: Reply::Recorded,
             })
@@ -948,6 +959,7 @@ pub fn decide(
             let mut events = vec![ThingEvent::MeasurementsRecorded(record.recorded(now_ms))];
             events.extend(data_events(state, state.required_interval_ms(), now_ms));
             Ok(Decision {
+                shadow: None,
                 events,
                 reply: Reply::Recorded,
             })
@@ -1109,6 +1121,7 @@ fn alarm_decision(state: &ThingState, alarm_type: &str, events: Vec<AlarmEvent>)
         alarms.apply(event);
     }
     Decision {
+        shadow: None,
         events: events.into_iter().map(ThingEvent::Alarm).collect(),
         reply: Reply::Alarm(alarms.alarms.get(alarm_type).cloned()),
     }
@@ -1116,6 +1129,7 @@ fn alarm_decision(state: &ThingState, alarm_type: &str, events: Vec<AlarmEvent>)
 
 fn job_decision(decision: jobs::JobDecision) -> Decision {
     Decision {
+        shadow: None,
         events: decision.events.into_iter().map(ThingEvent::Job).collect(),
         reply: Reply::Job(decision.outcome),
     }
@@ -1123,6 +1137,7 @@ fn job_decision(decision: jobs::JobDecision) -> Decision {
 
 fn command_decision(decision: commands::CommandDecision) -> Decision {
     Decision {
+        shadow: None,
         events: decision
             .events
             .into_iter()
@@ -1179,6 +1194,32 @@ fn device_alarm_data(state: &ThingState, events: &mut Vec<alarms::AlarmEvent>, n
     }
 }
 
+/// Folds a decision's events into the state it was decided on, as [`apply`] of each event
+/// does, except that the shadow the update computed is moved in instead of merged again (the
+/// replay law checks that the two agree).
+pub fn apply_decision(state: &mut ThingState, decision: &mut Decision) {
+    let mut decided = decision.shadow.take();
+    for event in &decision.events {
+        match (event, decided.take()) {
+            (ThingEvent::ShadowUpdated(updated), Some(next)) => {
+                shadow_data(state, updated);
+                state.shadow = *next;
+            }
+            (event, decided_later) => {
+                decided = decided_later;
+                apply(state, event);
+            }
+        }
+    }
+}
+
+/// An update from the device is data from it (the required-interval watch).
+fn shadow_data(state: &mut ThingState, updated: &ShadowUpdated) {
+    if updated.origin == Origin::Device {
+        state.last_data_at_ms = Some(updated.timestamp_s.saturating_mul(1000));
+    }
+}
+
 /// Folds one event into the state. Holds no rules: every check happened in [`decide`].
 pub fn apply(state: &mut ThingState, event: &ThingEvent) {
     match event {
@@ -1203,9 +1244,7 @@ pub fn apply(state: &mut ThingState, event: &ThingEvent) {
             });
         }
         ThingEvent::ShadowUpdated(updated) => {
-            if updated.origin == Origin::Device {
-                state.last_data_at_ms = Some(updated.timestamp_s.saturating_mul(1000));
-            }
+            shadow_data(state, updated);
             state.shadow.apply_updated(updated)
         }
         ThingEvent::ShadowDeleted(deleted) => state.shadow.apply_deleted(deleted),

@@ -77,14 +77,20 @@ pub struct ShadowUpdate {
 impl ShadowUpdate {
     /// Parses a request body (`{"state":{...},"clientToken"?,"version"?}`) from raw bytes.
     pub fn parse(bytes: &[u8], limits: &ShadowLimits) -> Result<ShadowUpdate, Rejection> {
-        let value = parse_json_object(bytes)?;
-        ShadowUpdate::from_json(&value, limits)
+        ShadowUpdate::from_value(parse_json_object(bytes)?, limits)
     }
 
     /// Validates an already parsed request body. JSON outside `state`, `clientToken` and
     /// `version` is ignored.
     pub fn from_json(body: &Value, limits: &ShadowLimits) -> Result<ShadowUpdate, Rejection> {
-        let Some(body) = body.as_object() else {
+        ShadowUpdate::from_value(body.clone(), limits)
+    }
+
+    /// [`ShadowUpdate::from_json`] of a body it may take apart: the sections' maps move into
+    /// the update rather than being copied (a copy of each was a tenth of the allocations of a
+    /// durable shadow round trip).
+    pub fn from_value(mut body: Value, limits: &ShadowLimits) -> Result<ShadowUpdate, Rejection> {
+        let Some(body) = body.as_object_mut() else {
             return Err(Rejection::new(
                 RejectionKind::InvalidRequest,
                 "Payload must be a JSON object",
@@ -103,14 +109,14 @@ impl ShadowUpdate {
             },
             Some(_) => return reject("Invalid version: must be a non-negative integer"),
         };
-        let state = match body.get("state") {
+        let state = match body.get_mut("state") {
             None | Some(Value::Null) => return reject("Missing required node: state"),
             Some(Value::Object(state)) => state,
             Some(_) => return reject("State node must be an object"),
         };
         let mut sections = [None, None];
         for (slot, name) in sections.iter_mut().zip(["desired", "reported"]) {
-            *slot = match state.get(name) {
+            *slot = match state.get_mut(name) {
                 None => None,
                 Some(Value::Null) => Some(SectionPatch::Clear),
                 Some(Value::Object(map)) => {
@@ -124,7 +130,7 @@ impl ShadowUpdate {
                     if map.values().any(contains_null_in_array) {
                         return reject(&format!("{name}: arrays must not contain null"));
                     }
-                    Some(SectionPatch::Merge(map.clone()))
+                    Some(SectionPatch::Merge(std::mem::take(map)))
                 }
                 Some(_) => return reject(&format!("{} node must be an object", capital(name))),
             };

@@ -659,16 +659,15 @@ fn run_live(commands: &[ThingCommand]) -> (ThingState, Vec<ThingEvent>) {
     let mut state = ThingState::new("p");
     let mut log = Vec::new();
     for (i, command) in commands.iter().enumerate() {
-        if let Ok(decision) = decide(
+        if let Ok(mut decision) = decide(
             &state,
             command,
             NOW_MS + i as u64 * 1000,
             &Limits::default(),
         ) {
-            for event in decision.events {
-                apply(&mut state, &event);
-                log.push(event);
-            }
+            // As the actor does: the replay law then checks that it agrees with `apply`.
+            apply_decision(&mut state, &mut decision);
+            log.extend(decision.events);
         }
     }
     (state, log)
