@@ -169,7 +169,13 @@ impl Topics {
 
     /// `{ns}/things/{thing}/shadow/{tail}`.
     pub fn shadow(&self, namespace: Namespace, thing: &str, tail: &str) -> String {
-        format!("{}/things/{thing}/shadow/{tail}", self.prefix_of(namespace))
+        // Built at its length (it is built for every shadow reply; `format!` grew it twice).
+        let prefix = self.prefix_of(namespace);
+        let mut topic = String::with_capacity(prefix.len() + thing.len() + tail.len() + 16);
+        for part in [prefix, "/things/", thing, "/shadow/", tail] {
+            topic.push_str(part);
+        }
+        topic
     }
 
     /// `{ns}/things/{thing}/jobs/{tail}`.

@@ -83,7 +83,9 @@ impl Envelope {
 
     /// The envelope's stored bytes: a four-element array (see the module docs).
     pub fn to_bytes(&self) -> Result<Vec<u8>, CodecError> {
-        encode_positional(self)
+        // The array's header, the type's string header and two integers take at most 24 bytes.
+        let capacity = self.payload.len() + self.event_type.len() + 24;
+        encode_positional_into(Vec::with_capacity(capacity), self)
     }
 
     /// Parses stored bytes into an envelope.
@@ -99,7 +101,19 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
 
 /// Encodes a value as MessagePack with structs as arrays (no field names).
 fn encode_positional<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
-    rmp_serde::to_vec(value).map_err(|e| CodecError(format!("encode: {e}")))
+    encode_positional_into(Vec::with_capacity(ENCODE_CAPACITY_BYTES), value)
+}
+
+/// Where a positional encoding starts: a shadow update's payload fits, where a buffer grown
+/// from nothing was reallocated five or six times on every append.
+const ENCODE_CAPACITY_BYTES: usize = 256;
+
+fn encode_positional_into<T: Serialize + ?Sized>(
+    mut buf: Vec<u8>,
+    value: &T,
+) -> Result<Vec<u8>, CodecError> {
+    rmp_serde::encode::write(&mut buf, value).map_err(|e| CodecError(format!("encode: {e}")))?;
+    Ok(buf)
 }
 
 /// Decodes MessagePack written by [`encode`] or [`encode_positional`].
