@@ -670,7 +670,13 @@ fn shadow_json(bytes: &[u8]) {
     if let Ok(body) = parse_json_object(bytes) {
         let _ = client_token_of(body.as_object().unwrap_or(&Map::new()), &limits.shadow);
     }
-    let Ok(update) = ShadowUpdate::parse(bytes, &limits.shadow) else {
+    // The parser that reads only the parts it needs agrees with the one through a `Value`,
+    // errors and their messages included.
+    let parsed = ShadowUpdate::parse(bytes, &limits.shadow);
+    let through_value =
+        parse_json_object(bytes).and_then(|body| ShadowUpdate::from_value(body, &limits.shadow));
+    assert_eq!(parsed, through_value);
+    let Ok(update) = parsed else {
         return;
     };
     for origin in [Origin::Device, Origin::Operator] {
@@ -696,6 +702,10 @@ fn fuzz_shadow_json() {
         r#"{"state":{"desired":{"speed":null},"reported":null}}"#,
         r#"{"state":{"reported":{"a":{"b":{"c":{"d":{"e":1}}}}}},"version":7}"#,
         r#"{"state":{"desired":{"arr":[1,[2,3],{"x":true}]}},"clientToken":"0123456789"}"#,
+        r#"{"state":{"reported":{"a":1}},"state":{"desired":null},"other":[1e400]}"#,
+        r#"{"clientToken":7,"state":[{"desired":{}}],"version":-1}"#,
+        r#"{"state":{"desired":{"a":1},"desired":"x","reported":{"b":[null]}},"clientToken":"t"}"#,
+        r#"["state",{"desired":{}}]"#,
     ];
     fuzz(Target {
         name: "shadow-json",
