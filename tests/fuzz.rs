@@ -640,10 +640,11 @@ fn registered() -> ThingState {
 /// replays the events on a copy: the two must agree.
 fn decide_and_apply(state: &mut ThingState, command: &ThingCommand, now_ms: u64) {
     let limits = Limits::default();
-    if let Ok(decision) = thing::decide(state, command, now_ms, &limits) {
+    if let Ok(mut decision) = thing::decide(state, command, now_ms, &limits) {
         let before = state.clone();
+        // As the actor applies it; the replay below folds `apply` over the events.
+        thing::apply_decision(state, &mut decision);
         for event in &decision.events {
-            thing::apply(state, event);
             // Every event survives its stored form.
             let envelope = actor_codec::encode_event(event, now_ms).expect("encodes");
             let recorded = RecordedEvent {

@@ -561,7 +561,7 @@ impl Cumulocity {
             Upstream::Inventory { fragment, value } => {
                 self.ensure(identity, target, None, None, None).await?;
                 let body = json!({"state": {"reported": {fragment: value}}});
-                let update = ShadowUpdate::from_json(&body, &self.shadow_limits)
+                let update = ShadowUpdate::from_value(body, &self.shadow_limits)
                     .map_err(|e| error(41, "0", e.message))?;
                 self.things
                     .update_shadow(target, update, Origin::Device)

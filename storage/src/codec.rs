@@ -83,7 +83,8 @@ impl Envelope {
 
     /// The envelope's stored bytes: a four-element array (see the module docs).
     pub fn to_bytes(&self) -> Result<Vec<u8>, CodecError> {
-        // The array's header, the type's string header and two integers take at most 24 bytes.
+        // The array's header, the type's and the payload's length headers and the two integers
+        // take at most 23 bytes.
         let capacity = self.payload.len() + self.event_type.len() + 24;
         encode_positional_into(Vec::with_capacity(capacity), self)
     }

@@ -1195,21 +1195,21 @@ fn device_alarm_data(state: &ThingState, events: &mut Vec<alarms::AlarmEvent>, n
 }
 
 /// Folds a decision's events into the state it was decided on, as [`apply`] of each event
-/// does, except that the shadow the update computed is moved in instead of merged again (the
-/// replay law checks that the two agree).
+/// does, except that the shadow a shadow update's decision computed is moved in instead of
+/// merged again (the replay law checks that the two agree). That shadow is what the update,
+/// the decision's first event, leaves; anything else is folded with [`apply`].
 pub fn apply_decision(state: &mut ThingState, decision: &mut Decision) {
-    let mut decided = decision.shadow.take();
-    for event in &decision.events {
-        match (event, decided.take()) {
-            (ThingEvent::ShadowUpdated(updated), Some(next)) => {
-                shadow_data(state, updated);
-                state.shadow = *next;
-            }
-            (event, decided_later) => {
-                decided = decided_later;
-                apply(state, event);
-            }
-        }
+    let decided = decision.shadow.take();
+    let mut events = decision.events.iter();
+    if let (Some(next), Some(ThingEvent::ShadowUpdated(updated))) =
+        (decided, decision.events.first())
+    {
+        shadow_data(state, updated);
+        state.shadow = *next;
+        events.next();
+    }
+    for event in events {
+        apply(state, event);
     }
 }
 

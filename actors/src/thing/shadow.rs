@@ -360,11 +360,22 @@ pub fn client_token_of(
     body: &Map<String, Value>,
     limits: &ShadowLimits,
 ) -> Result<Option<String>, Rejection> {
-    token_of(body.get("clientToken").cloned(), limits)
+    Ok(checked_token(body.get("clientToken"), limits)?.map(str::to_owned))
 }
 
-/// [`client_token_of`] of the `clientToken` value itself.
+/// [`client_token_of`] of the `clientToken` value itself, taken rather than copied.
 fn token_of(token: Option<Value>, limits: &ShadowLimits) -> Result<Option<String>, Rejection> {
+    checked_token(token.as_ref(), limits)?;
+    Ok(match token {
+        Some(Value::String(token)) => Some(token),
+        _ => None,
+    })
+}
+
+fn checked_token<'v>(
+    token: Option<&'v Value>,
+    limits: &ShadowLimits,
+) -> Result<Option<&'v str>, Rejection> {
     match token {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(token)) if token.len() <= limits.client_token_bytes_max => {
@@ -874,7 +885,7 @@ pub struct ShadowUpdateResult {
 }
 
 /// Decides an update against `shadow`: the event to append, the replies it will produce and
-/// the shadow the event makes (what the decision saw; the caller may read it, not keep it).
+/// the shadow the event makes (the state takes it as it is, see `thing::apply_decision`).
 pub fn decide_update(
     shadow: &Shadow,
     update: &ShadowUpdate,
@@ -932,15 +943,11 @@ pub fn decide_update(
 /// Serialized straight from the event: building it as a `serde_json::Value` first and then
 /// printing that was 8% of the server's CPU per durable shadow round trip.
 pub fn accepted_of(event: &ShadowUpdated) -> Arc<str> {
-    // Serializing borrowed maps and numbers cannot fail; the buffer is sized for a small
-    // update (one grown from nothing was reallocated on every update).
-    let mut text = Vec::with_capacity(ACCEPTED_CAPACITY_BYTES);
-    let _ = serde_json::to_writer(&mut text, &Accepted(event));
-    String::from_utf8(text).unwrap_or_default().into()
+    // Serializing borrowed maps and numbers into a String cannot fail.
+    serde_json::to_string(&Accepted(event))
+        .unwrap_or_default()
+        .into()
 }
-
-/// Where `accepted_of`'s buffer starts.
-const ACCEPTED_CAPACITY_BYTES: usize = 256;
 
 /// The `update/accepted` document of an event, serialized without a copy of its patches.
 struct Accepted<'a>(&'a ShadowUpdated);
