@@ -231,7 +231,12 @@ pub fn qos_of(number: u8) -> QoS {
 
 /// The header fields rumqttd keeps private: (qos, packet id, dup).
 pub fn publish_header(publish: &Publish) -> (u8, u16, bool) {
-    let bytes = publish.serialize();
+    // Serialized without its topic and payload (a clone shares their bytes): reading three
+    // header fields copied the whole payload.
+    let mut header = publish.clone();
+    header.topic = Bytes::new();
+    header.payload = Bytes::new();
+    let bytes = header.serialize();
     let header = bytes[0];
     let pkid = u16::from_be_bytes([bytes[1], bytes[2]]);
     ((header >> 1) & 0b11, pkid, header & 0b1000 != 0)
