@@ -237,9 +237,16 @@ fn drain_seq<'de, A: serde::de::SeqAccess<'de>>(mut seq: A) -> Result<(), A::Err
     Ok(())
 }
 
-/// A visitor that maps every non-object, non-null JSON value to `other`.
+/// The part of a visitor that maps `null` to `$null` and every other value that is not an
+/// object to `$other` (consumed as a `Value` would be).
 macro_rules! other_values {
-    ($other:expr) => {
+    ($null:expr, $other:expr) => {
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("any valid JSON value")
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok($null)
+        }
         fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Self::Value, E> {
             Ok($other)
         }
@@ -267,13 +274,7 @@ impl<'de> Deserialize<'de> for Body {
         struct BodyVisitor;
         impl<'de> serde::de::Visitor<'de> for BodyVisitor {
             type Value = Body;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("any valid JSON value")
-            }
-            other_values!(Body::NotObject);
-            fn visit_unit<E: serde::de::Error>(self) -> Result<Body, E> {
-                Ok(Body::NotObject)
-            }
+            other_values!(Body::NotObject, Body::NotObject);
             fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Body, A::Error> {
                 let mut parts = BodyParts::default();
                 while let Some(key) = map.next_key::<Key>()? {
@@ -296,13 +297,7 @@ impl<'de> Deserialize<'de> for StatePart {
         struct StateVisitor;
         impl<'de> serde::de::Visitor<'de> for StateVisitor {
             type Value = StatePart;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("any valid JSON value")
-            }
-            other_values!(StatePart::NotObject);
-            fn visit_unit<E: serde::de::Error>(self) -> Result<StatePart, E> {
-                Ok(StatePart::Null)
-            }
+            other_values!(StatePart::Null, StatePart::NotObject);
             fn visit_map<A: serde::de::MapAccess<'de>>(
                 self,
                 mut map: A,
