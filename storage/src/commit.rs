@@ -20,7 +20,11 @@
 //! 100 ms to 5 s while the attempts keep failing (the refused appends cannot start one). A checkpoint freezes the epochs' memory tables as
 //! it closes the segment, starts a new one, writes each frozen table into its epoch as a run and
 //! flushes and fsyncs every epoch that is not sealed (oldest first, see `memtable`), and then
-//! removes the older segments.
+//! removes the older segments. A routine checkpoint (the segment or the tables at their share of
+//! the bounds) syncs the closed segment and leaves the writing and flushing to a second thread,
+//! so the commits after it do not wait for the epochs; one runs at a time, and a commit waits
+//! for it only when the next segment is full too. A checkpoint asked for (after a failure, for a
+//! refused append, at the end) runs inline, after any background one.
 //! Writes that arrive during a commit form the next batch, so the cost is one commit per batch,
 //! not per write. Exactly one flush of a database is ever in flight (sled's concurrent
 //! `flush_async` deadlocks, upstream issue #1308; a seal's flush of its epoch takes the
@@ -35,7 +39,7 @@ use std::time::Instant;
 
 use tokio::sync::oneshot;
 
-use crate::epoch::Epochs;
+use crate::epoch::{Epoch, Epochs};
 use crate::feed::{FeedClock, Turn};
 use crate::wal::{WalBuffer, WalFiles};
 use crate::StorageError;
@@ -81,9 +85,13 @@ pub(crate) struct WriteAhead {
     pub(crate) bytes_max: u64,
 }
 
+/// The commit thread's queue, shared with the thread itself: a background checkpoint takes a
+/// sender from it to wake the thread when it ends, and the store's close empties it.
+type Queue = Arc<std::sync::Mutex<Option<mpsc::Sender<Vec<Waiter>>>>>;
+
 pub(crate) struct GroupCommit {
     /// A combiner round's waiters go over as one message (one wake-up of the thread at most).
-    tx: std::sync::Mutex<Option<mpsc::Sender<Vec<Waiter>>>>,
+    tx: Queue,
     thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     counters: Arc<Counters>,
 }
@@ -100,6 +108,9 @@ impl GroupCommit {
         let main = DbFiles::open(data_dir)
             .map_err(|e| StorageError::Db(format!("open db file for fsync: {e}")))?;
         let (tx, rx) = mpsc::channel::<Vec<Waiter>>();
+        let tx: Queue = Arc::new(std::sync::Mutex::new(Some(tx)));
+        let persister = Persister::start(tx.clone())
+            .map_err(|e| StorageError::Db(format!("spawn checkpoint thread: {e}")))?;
         let counters = Arc::new(Counters::default());
         let thread_counters = counters.clone();
         let thread = std::thread::Builder::new()
@@ -110,6 +121,7 @@ impl GroupCommit {
                     main,
                     epochs,
                     wal,
+                    persister,
                 };
                 run(
                     rx,
@@ -121,7 +133,7 @@ impl GroupCommit {
             })
             .map_err(|e| StorageError::Db(format!("spawn commit thread: {e}")))?;
         Ok(GroupCommit {
-            tx: std::sync::Mutex::new(Some(tx)),
+            tx,
             thread: std::sync::Mutex::new(Some(thread)),
             counters,
         })
@@ -238,58 +250,94 @@ struct Syncer {
     epochs: Arc<Epochs>,
     /// The write-ahead segments and the records queued for them.
     wal: WriteAhead,
+    /// Writes a routine checkpoint's frozen tables into their epochs off this thread.
+    persister: Persister,
 }
 
 impl Syncer {
-    /// Makes everything written before the call durable; a checkpoint if `checkpoint` or one
-    /// was asked for. Returns whether it was one.
-    fn make_durable(&mut self, mut checkpoint: bool) -> std::io::Result<bool> {
-        let written_ahead = self.write_ahead(&mut checkpoint);
+    /// Makes everything written before the call durable; a checkpoint inline if `checkpoint` or
+    /// one was asked for. Returns how many checkpoints ended (inline, or in the background
+    /// since the last call).
+    fn make_durable(&mut self, checkpoint: bool) -> std::io::Result<u64> {
+        let mut ended = self.reap(false);
+        let written_ahead = self.write_ahead(checkpoint, &mut ended);
         if written_ahead.is_err() {
             // Whatever was written to the segment may be lost in part: from now on only a
             // checkpoint (the epochs' own runs, flushed) vouches for those appends.
             self.wal.buffer.request_checkpoint();
         }
-        written_ahead?;
+        let inline = written_ahead?;
         // The main database last: an append's index changes are written after its events.
         self.db.flush().map_err(std::io::Error::other)?;
         self.main.sync()?;
-        if checkpoint {
+        if inline {
             // Everything is durable in sled now; a segment left behind is only replayed again.
-            if let Err(e) = self.wal.files.remove_older() {
-                tracing::warn!(error = %e, "cannot remove the write-ahead segments a checkpoint made unnecessary; trying again at the next one");
-            }
+            self.remove_older_segments();
+            ended += 1;
         }
-        Ok(checkpoint)
+        Ok(ended)
     }
 
-    /// The appends' records made durable: synced in the segment, or (a checkpoint) flushed in
-    /// the epochs themselves, with later records going to a new segment.
-    fn write_ahead(&mut self, checkpoint: &mut bool) -> std::io::Result<()> {
-        *checkpoint = *checkpoint
-            || self.wal.buffer.take_checkpoint_request()
-            || self.epochs.budget().wants_checkpoint();
-        if !*checkpoint {
-            self.wal.files.write_pending(&self.wal.buffer)?;
-            if self.wal.files.since_checkpoint_bytes() < self.wal.bytes_max {
-                return self.wal.files.sync();
-            }
-            *checkpoint = true;
+    /// The appends' records made durable: synced in the segment, or (an inline checkpoint)
+    /// flushed in the epochs themselves, with later records going to a new segment. Returns
+    /// whether it made an inline checkpoint.
+    ///
+    /// A checkpoint that is due only because the segment or the memory tables reached their
+    /// share of the bounds runs in the background: the records are synced in the segment
+    /// first, so the appends waiting on this commit (and the ones after it) do not wait for the
+    /// epochs' writes and fsyncs, which took tens of milliseconds every second or two under
+    /// load. One such checkpoint runs at a time; the next waits for it only once the new
+    /// segment is full as well (what bounds the segments on disk). A checkpoint asked for (a
+    /// failed write or sync, a write no record describes, a refused append, the close) is made
+    /// inline, after any background one ends: its appends have no synced record to rely on.
+    fn write_ahead(&mut self, checkpoint: bool, ended: &mut u64) -> std::io::Result<bool> {
+        if checkpoint || self.wal.buffer.take_checkpoint_request() {
+            *ended += self.reap(true);
+            // This one writes whatever a failed background one left frozen.
+            self.wal.buffer.take_checkpoint_request();
+            self.checkpoint_inline()?;
+            return Ok(true);
         }
-        // The queued records go to the current segment and the memory tables are frozen under
-        // its number, while no combiner is between a table write and its record (see
-        // `memtable`): each frozen table holds exactly the events those records describe.
-        // The epochs are listed under the lock too: a combiner may be creating one.
-        let unsealed = {
-            let _round = self.wal.buffer.round();
-            let unsealed = self.epochs.unsealed();
-            self.wal.files.write_pending(&self.wal.buffer)?;
-            let segment = self.wal.files.segment();
-            for epoch in &unsealed {
-                epoch.memtable.freeze(segment);
+        self.wal.files.write_pending(&self.wal.buffer)?;
+        let segment_full = self.wal.files.since_checkpoint_bytes() >= self.wal.bytes_max;
+        if !segment_full && !self.epochs.budget().wants_checkpoint() {
+            self.wal.files.sync()?;
+            return Ok(false);
+        }
+        if self.persister.running {
+            if !segment_full {
+                // The running checkpoint frees the tables' memory when it ends.
+                self.wal.files.sync()?;
+                return Ok(false);
             }
-            unsealed
-        };
+            *ended += self.reap(true);
+            if self.wal.buffer.take_checkpoint_request() {
+                // It failed: its tables are still frozen, and an inline one writes them.
+                self.checkpoint_inline()?;
+                return Ok(true);
+            }
+        }
+        let unsealed = self.freeze_tables()?;
+        // The frozen tables' records are all in this segment: synced, they vouch for them
+        // until the background checkpoint has written the tables into the epochs.
+        self.wal.files.sync()?;
+        self.wal.files.rotate()?;
+        if let Err(unsealed) = self.persister.start_job(unsealed) {
+            // Its thread is gone (it panicked): inline, as before there was one.
+            tracing::error!("the checkpoint thread stopped; checkpoints are made inline");
+            for epoch in unsealed {
+                epoch.persist_frozen().map_err(std::io::Error::other)?;
+            }
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// A checkpoint on this thread: the tables frozen, the next segment started instead of
+    /// syncing this one, the frozen tables written and their epochs flushed and fsynced. The
+    /// caller removes the older segments once the main database is synced too.
+    fn checkpoint_inline(&mut self) -> std::io::Result<()> {
+        let unsealed = self.freeze_tables()?;
         // If this fails, the next checkpoint writes to the same segment and freezes under the
         // same number: the tables merge (see `MemTable::freeze`).
         self.wal.files.rotate()?;
@@ -298,6 +346,147 @@ impl Syncer {
             epoch.persist_frozen().map_err(std::io::Error::other)?;
         }
         Ok(())
+    }
+
+    /// Writes the queued records to the current segment and freezes every unsealed epoch's
+    /// memory table under its number, while no combiner is between a table write and its
+    /// record (see `memtable`): each frozen table holds exactly the events those records
+    /// describe. The epochs are listed under the lock too: a combiner may be creating one.
+    fn freeze_tables(&mut self) -> std::io::Result<Vec<Arc<Epoch>>> {
+        let _round = self.wal.buffer.round();
+        let unsealed = self.epochs.unsealed();
+        self.wal.files.write_pending(&self.wal.buffer)?;
+        let segment = self.wal.files.segment();
+        for epoch in &unsealed {
+            epoch.memtable.freeze(segment);
+        }
+        Ok(unsealed)
+    }
+
+    /// Takes the outcome of the background checkpoint if it ended (waits for it with `wait`):
+    /// once its tables are in the epochs the older segments go; if it failed, the next commit
+    /// makes one inline. Returns 1 if a checkpoint ended well.
+    fn reap(&mut self, wait: bool) -> u64 {
+        match self.persister.outcome(wait) {
+            None => 0,
+            Some(Ok(())) => {
+                self.remove_older_segments();
+                1
+            }
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "a checkpoint failed to write the memory tables into the log epochs; the next commit tries again");
+                self.wal.buffer.request_checkpoint();
+                0
+            }
+        }
+    }
+
+    fn remove_older_segments(&mut self) {
+        if let Err(e) = self.wal.files.remove_older() {
+            tracing::warn!(error = %e, "cannot remove the write-ahead segments a checkpoint made unnecessary; trying again at the next one");
+        }
+    }
+}
+
+/// A checkpoint's epochs to write out, and a sender to wake the commit thread once done.
+struct PersistJob {
+    epochs: Vec<Arc<Epoch>>,
+    wake: Option<mpsc::Sender<Vec<Waiter>>>,
+}
+
+/// The thread that writes a routine checkpoint's frozen tables into their epochs, flushes
+/// and fsyncs them (`Epoch::persist_frozen`; a seal's flush of the same epoch waits on its
+/// flush lock), while the commit thread goes on syncing segments.
+struct Persister {
+    jobs: Option<mpsc::Sender<PersistJob>>,
+    outcomes: mpsc::Receiver<Result<(), StorageError>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// The commit thread's queue (a sender is taken from it per job, see [`Queue`]).
+    queue: Queue,
+    /// A job was started and its outcome not taken yet.
+    running: bool,
+}
+
+impl Persister {
+    fn start(queue: Queue) -> std::io::Result<Persister> {
+        let (jobs, job_rx) = mpsc::channel::<PersistJob>();
+        let (outcome_tx, outcomes) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("thinghub-checkpoint".into())
+            .spawn(move || {
+                for job in job_rx {
+                    let started = Instant::now();
+                    let outcome = job.epochs.iter().try_for_each(|e| e.persist_frozen());
+                    tracing::debug!(
+                        epochs = job.epochs.len(),
+                        checkpoint_ms = started.elapsed().as_millis() as u64,
+                        ok = outcome.is_ok(),
+                        "checkpoint wrote the memory tables into the log epochs"
+                    );
+                    if outcome_tx.send(outcome).is_err() {
+                        break;
+                    }
+                    // After the outcome: the commit it starts takes it.
+                    if let Some(wake) = job.wake {
+                        let _ = wake.send(Vec::new());
+                    }
+                }
+            })?;
+        Ok(Persister {
+            jobs: Some(jobs),
+            outcomes,
+            thread: Some(thread),
+            queue,
+            running: false,
+        })
+    }
+
+    /// Hands `epochs` to the thread, or gives them back if it is gone.
+    fn start_job(&mut self, epochs: Vec<Arc<Epoch>>) -> Result<(), Vec<Arc<Epoch>>> {
+        let wake = self.queue.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let Some(jobs) = self.jobs.as_ref() else {
+            return Err(epochs);
+        };
+        match jobs.send(PersistJob { epochs, wake }) {
+            Ok(()) => {
+                self.running = true;
+                Ok(())
+            }
+            Err(mpsc::SendError(job)) => Err(job.epochs),
+        }
+    }
+
+    /// The running job's outcome if it ended (or, with `wait`, once it ends); `None` if none
+    /// runs or it has not ended.
+    fn outcome(&mut self, wait: bool) -> Option<Result<(), StorageError>> {
+        if !self.running {
+            return None;
+        }
+        let outcome = if wait {
+            self.outcomes.recv().map_err(|_| ())
+        } else {
+            match self.outcomes.try_recv() {
+                Ok(outcome) => Ok(outcome),
+                Err(mpsc::TryRecvError::Empty) => return None,
+                Err(mpsc::TryRecvError::Disconnected) => Err(()),
+            }
+        };
+        self.running = false;
+        Some(outcome.unwrap_or_else(|()| {
+            Err(StorageError::Db(
+                "the checkpoint thread stopped before it ended its checkpoint".into(),
+            ))
+        }))
+    }
+}
+
+impl Drop for Persister {
+    fn drop(&mut self) {
+        // Closing its queue ends the thread once its job is done.
+        self.jobs.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
@@ -343,10 +532,8 @@ fn run(
         // Every feed position below this is written now, so durable once the flush succeeds.
         let feed_end = feed.written_end();
         let result = match syncer.make_durable(false) {
-            Ok(checkpoint) => {
-                if checkpoint {
-                    counters.checkpoints.fetch_add(1, Ordering::Relaxed);
-                }
+            Ok(ended) => {
+                counters.checkpoints.fetch_add(ended, Ordering::Relaxed);
                 Ok(())
             }
             Err(e) => {
@@ -375,7 +562,10 @@ fn run(
     // exiting (the next open then has no segment to replay).
     let feed_end = feed.written_end();
     match syncer.make_durable(true) {
-        Ok(_) => feed.durable_to(feed_end),
+        Ok(ended) => {
+            counters.checkpoints.fetch_add(ended, Ordering::Relaxed);
+            feed.durable_to(feed_end);
+        }
         Err(e) => tracing::error!(error = %e, "final flush at shutdown failed"),
     }
 }

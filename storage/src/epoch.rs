@@ -1634,14 +1634,95 @@ mod tests {
         for seq in 1..=10 {
             append(&store, "a", seq, 1).await;
         }
-        assert!(store.commit_stats().checkpoints >= 10);
-        // Only the current segment: the others are over twice `wal_bytes_max`, so removed
-        // rather than recycled.
-        assert_eq!(segments_in(dir.path()), 1);
+        // Routine checkpoints end in the background (bounded polling). Then only the current
+        // segment is left: the others are over twice `wal_bytes_max`, so removed rather than
+        // recycled.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while store.commit_stats().checkpoints < 10 || segments_in(dir.path()) != 1 {
+            assert!(Instant::now() < deadline, "checkpoints still running");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let copy = tempfile::tempdir().expect("tempdir");
         copy_dir(dir.path(), copy.path());
         std::fs::remove_dir_all(copy.path().join("wal")).expect("remove wal");
         let copied = Store::open(&StoreConfig::new(copy.path())).expect("open the copy");
         assert_eq!(copied.last_seq("a").expect("last seq"), 10);
+    }
+
+    fn segment_files(dir: &std::path::Path) -> Vec<std::ffi::OsString> {
+        let mut names: Vec<_> = std::fs::read_dir(dir.join("wal"))
+            .expect("wal")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Given a routine checkpoint (the memory table at half its bound) whose writing into the
+    /// epoch is held up (the test holds the epoch's flush lock), when the Thing goes on
+    /// appending, then each append is acknowledged meanwhile (durable in the synced segments),
+    /// a copy of the directory taken then (a crash) holds every one of them, and once the
+    /// checkpoint may go on it ends in the background and its segment is removed.
+    #[tokio::test]
+    // Held across the appends on purpose: only the checkpoint thread takes this lock.
+    #[allow(clippy::await_holding_lock)]
+    async fn appends_do_not_wait_for_a_routine_checkpoint() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&StoreConfig {
+            wal_bytes_max: 1 << 30,
+            memtable_bytes_max: 64 * 1024,
+            ..config(dir.path(), 1_000_000)
+        })
+        .expect("open");
+        let epoch = store.inner.epochs.unsealed().pop().expect("current epoch");
+        let first = segment_files(dir.path());
+        assert_eq!(first.len(), 1);
+        // Bounded: an append that waited for the held-up checkpoint would wait for good.
+        let acknowledged = |seq| {
+            let store = &store;
+            async move {
+                tokio::time::timeout(Duration::from_secs(10), append(store, "a", seq, 1))
+                    .await
+                    .expect("acknowledged while the checkpoint is held up")
+            }
+        };
+        let held = epoch.flushing.lock().expect("flush lock");
+        let mut seq = 0;
+        while segment_files(dir.path()) == first {
+            seq += 1;
+            assert!(seq < 10_000, "no checkpoint started");
+            acknowledged(seq).await;
+        }
+        let started_at = seq;
+        for _ in 0..50 {
+            seq += 1;
+            acknowledged(seq).await;
+        }
+        assert_eq!(
+            store.commit_stats().checkpoints,
+            0,
+            "the checkpoint is held up"
+        );
+        assert!(segment_files(dir.path()).contains(&first[0]));
+        let copy = tempfile::tempdir().expect("tempdir");
+        copy_dir(dir.path(), copy.path());
+        drop(held);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while store.commit_stats().checkpoints < 1 || segment_files(dir.path()).contains(&first[0])
+        {
+            assert!(Instant::now() < deadline, "the checkpoint did not end");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            seqs(&store.read_events("a", 1, 10_000).expect("read")),
+            (1..=seq).collect::<Vec<_>>()
+        );
+        drop(store);
+        let copied = Store::open(&StoreConfig::new(copy.path())).expect("open the copy");
+        assert_eq!(
+            seqs(&copied.read_events("a", 1, 10_000).expect("read the copy")),
+            (1..=seq).collect::<Vec<_>>(),
+            "acknowledged while the checkpoint (from seq {started_at}) was held up"
+        );
     }
 }
