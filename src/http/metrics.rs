@@ -168,7 +168,7 @@ fn collect(state: &AppState) -> Vec<Metric> {
         m(
             "thinghub_storage_checkpoints_total",
             "counter",
-            "Checkpoints: group commits that wrote the in-memory events into the log epochs, flushed them and dropped older write-ahead segments.",
+            "Checkpoints ended: the in-memory events written into the log epochs and flushed (on the checkpoint thread, or inline in a group commit), older write-ahead segments dropped.",
             commit.checkpoints as f64,
             "storage",
             "checkpoints",

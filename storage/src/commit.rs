@@ -122,6 +122,7 @@ impl GroupCommit {
                     epochs,
                     wal,
                     persister,
+                    checkpoints_ended: 0,
                 };
                 run(
                     rx,
@@ -252,15 +253,17 @@ struct Syncer {
     wal: WriteAhead,
     /// Writes a routine checkpoint's frozen tables into their epochs off this thread.
     persister: Persister,
+    /// Checkpoints that ended well since the commit loop last counted them.
+    checkpoints_ended: u64,
 }
 
 impl Syncer {
     /// Makes everything written before the call durable; a checkpoint inline if `checkpoint` or
-    /// one was asked for. Returns how many checkpoints ended (inline, or in the background
-    /// since the last call).
-    fn make_durable(&mut self, checkpoint: bool) -> std::io::Result<u64> {
-        let mut ended = self.reap(false);
-        let written_ahead = self.write_ahead(checkpoint, &mut ended);
+    /// one was asked for (checkpoints that end, inline or in the background, are counted in
+    /// `checkpoints_ended`).
+    fn make_durable(&mut self, checkpoint: bool) -> std::io::Result<()> {
+        self.reap(false);
+        let written_ahead = self.write_ahead(checkpoint);
         if written_ahead.is_err() {
             // Whatever was written to the segment may be lost in part: from now on only a
             // checkpoint (the epochs' own runs, flushed) vouches for those appends.
@@ -273,9 +276,9 @@ impl Syncer {
         if inline {
             // Everything is durable in sled now; a segment left behind is only replayed again.
             self.remove_older_segments();
-            ended += 1;
+            self.checkpoints_ended += 1;
         }
-        Ok(ended)
+        Ok(())
     }
 
     /// The appends' records made durable: synced in the segment, or (an inline checkpoint)
@@ -290,9 +293,9 @@ impl Syncer {
     /// segment is full as well (what bounds the segments on disk). A checkpoint asked for (a
     /// failed write or sync, a write no record describes, a refused append, the close) is made
     /// inline, after any background one ends: its appends have no synced record to rely on.
-    fn write_ahead(&mut self, checkpoint: bool, ended: &mut u64) -> std::io::Result<bool> {
+    fn write_ahead(&mut self, checkpoint: bool) -> std::io::Result<bool> {
         if checkpoint || self.wal.buffer.take_checkpoint_request() {
-            *ended += self.reap(true);
+            self.reap(true);
             // This one writes whatever a failed background one left frozen.
             self.wal.buffer.take_checkpoint_request();
             self.checkpoint_inline()?;
@@ -300,17 +303,19 @@ impl Syncer {
         }
         self.wal.files.write_pending(&self.wal.buffer)?;
         let segment_full = self.wal.files.since_checkpoint_bytes() >= self.wal.bytes_max;
-        if !segment_full && !self.epochs.budget().wants_checkpoint() {
+        let budget = self.epochs.budget();
+        if !segment_full && !budget.wants_checkpoint() {
             self.wal.files.sync()?;
             return Ok(false);
         }
         if self.persister.running {
-            if !segment_full {
+            if !segment_full && !budget.nearly_full() {
                 // The running checkpoint frees the tables' memory when it ends.
                 self.wal.files.sync()?;
                 return Ok(false);
             }
-            *ended += self.reap(true);
+            // Waiting here, not refusing appends at the bound (which would wait for it too).
+            self.reap(true);
             if self.wal.buffer.take_checkpoint_request() {
                 // It failed: its tables are still frozen, and an inline one writes them.
                 self.checkpoint_inline()?;
@@ -365,18 +370,17 @@ impl Syncer {
 
     /// Takes the outcome of the background checkpoint if it ended (waits for it with `wait`):
     /// once its tables are in the epochs the older segments go; if it failed, the next commit
-    /// makes one inline. Returns 1 if a checkpoint ended well.
-    fn reap(&mut self, wait: bool) -> u64 {
+    /// makes one inline.
+    fn reap(&mut self, wait: bool) {
         match self.persister.outcome(wait) {
-            None => 0,
+            None => {}
             Some(Ok(())) => {
                 self.remove_older_segments();
-                1
+                self.checkpoints_ended += 1;
             }
             Some(Err(e)) => {
                 tracing::error!(error = %e, "a checkpoint failed to write the memory tables into the log epochs; the next commit tries again");
                 self.wal.buffer.request_checkpoint();
-                0
             }
         }
     }
@@ -531,11 +535,13 @@ fn run(
         let started = Instant::now();
         // Every feed position below this is written now, so durable once the flush succeeds.
         let feed_end = feed.written_end();
-        let result = match syncer.make_durable(false) {
-            Ok(ended) => {
-                counters.checkpoints.fetch_add(ended, Ordering::Relaxed);
-                Ok(())
-            }
+        let made = syncer.make_durable(false);
+        counters.checkpoints.fetch_add(
+            std::mem::take(&mut syncer.checkpoints_ended),
+            Ordering::Relaxed,
+        );
+        let result = match made {
+            Ok(()) => Ok(()),
             Err(e) => {
                 tracing::error!(error = %e, "group commit failed; writes in this batch are not durable");
                 Err(StorageError::CommitFailed(e.to_string()))
@@ -561,11 +567,13 @@ fn run(
     // Channel closed: make anything written since the last batch durable in sled itself before
     // exiting (the next open then has no segment to replay).
     let feed_end = feed.written_end();
-    match syncer.make_durable(true) {
-        Ok(ended) => {
-            counters.checkpoints.fetch_add(ended, Ordering::Relaxed);
-            feed.durable_to(feed_end);
-        }
+    let made = syncer.make_durable(true);
+    counters.checkpoints.fetch_add(
+        std::mem::take(&mut syncer.checkpoints_ended),
+        Ordering::Relaxed,
+    );
+    match made {
+        Ok(()) => feed.durable_to(feed_end),
         Err(e) => tracing::error!(error = %e, "final flush at shutdown failed"),
     }
 }

@@ -150,9 +150,10 @@ pub struct StoreConfig {
     pub commit_batch_appends_max: usize,
     /// Appends one log epoch takes before the next one starts (bounds what an open replays).
     pub epoch_appends_max: u64,
-    /// Bytes of write-ahead records (`wal/`) after which the group commit writes the events held
-    /// in memory into the log epochs as runs, flushes them and starts a new segment (bounds that
-    /// memory and what an open replays; the segment files take up to about twice this on disk).
+    /// Bytes of write-ahead records (`wal/`) after which the group commit starts a new segment
+    /// and has the events held in memory written into the log epochs as runs and flushed, on
+    /// the checkpoint thread (bounds that memory and what an open replays; the segment files
+    /// take up to about twice this on disk).
     pub wal_bytes_max: u64,
     /// Bytes the events held in memory until a checkpoint may take, counted over every epoch
     /// (values plus a fixed overhead per event and per Thing). A group commit also makes a

@@ -119,12 +119,20 @@ impl MemBudget {
         debug_assert!(before >= bytes, "released {bytes} of {before} bytes held");
     }
 
-    /// Whether the tables hold half their bound: the next group commit makes a checkpoint (the
+    /// Whether the tables hold half their bound: the next group commit makes a checkpoint, or
+    /// while one runs in the background, goes on until [`MemBudget::nearly_full`] (the
     /// tables count a fixed overhead per event, so they may fill faster than the write-ahead
     /// records that trigger checkpoints). The bound itself is then reached only when
-    /// checkpoints fail or fall behind (or one admitted append is larger than half of it).
+    /// checkpoints fail or fall behind (or one admitted append is larger than a quarter of it).
     pub(crate) fn wants_checkpoint(&self) -> bool {
         self.used.load(Ordering::Relaxed) >= self.max / 2
+    }
+
+    /// Whether the tables hold three quarters of their bound: a commit then waits for a
+    /// checkpoint running in the background (whose frozen tables still count here) rather than
+    /// let appends reach the bound and be refused.
+    pub(crate) fn nearly_full(&self) -> bool {
+        self.used.load(Ordering::Relaxed) >= self.max - self.max / 4
     }
 }
 
@@ -644,10 +652,12 @@ mod tests {
         older.freeze(1);
         assert_eq!(budget.admits(), Ok(()));
         assert!(budget.wants_checkpoint(), "half the bound");
+        assert!(!budget.nearly_full(), "{} of 300", budget.stats().bytes);
         newer
             .insert_new(&one(b'b', 1, &[7; 10]))
             .expect("admitted before");
         assert!(budget.wants_checkpoint());
+        assert!(budget.nearly_full());
         let used = budget.stats().bytes;
         assert!(used >= 300);
         assert_eq!(

@@ -9,12 +9,15 @@
 //! frames those writes as one record in a shared buffer ([`WalBuffer`]); the group commit
 //! writes the buffer to the current segment file and `fdatasync`s it: one write and one fsync
 //! per batch. The epochs are written to only at a *checkpoint*: once
-//! [`crate::StoreConfig::wal_bytes_max`] bytes went into the segments since the last one, after
-//! a write-ahead write or sync failed, when writes were made that no record describes (a record
-//! too large to frame, a writer that panicked) and at close, the commit freezes the memory
-//! tables as it closes the current segment, starts a new one, writes each frozen table into its
-//! epoch as a run named after the closed segment, flushes and fsyncs every epoch that is not
-//! sealed, and only then removes the older segments. An epoch's table is also written and its
+//! [`crate::StoreConfig::wal_bytes_max`] bytes went into the segments since the last one or the
+//! memory tables hold half their bound, after a write-ahead write or sync failed, when writes
+//! were made that no record describes (a record too large to frame, a writer that panicked)
+//! and at close, the commit freezes the memory tables as it closes the current segment, starts
+//! a new one, writes each frozen table into its epoch as a run named after the closed segment,
+//! flushes and fsyncs every epoch that is not sealed, and only then removes the older segments.
+//! A routine checkpoint (the first two causes) syncs the closed segment first and leaves the
+//! writing and flushing of the epochs to the checkpoint thread (see [`crate::commit`]); the
+//! segments go at the first commit after it reports. An epoch's table is also written and its
 //! database flushed and fsynced on its own just before it is sealed (checkpoints skip sealed
 //! epochs).
 //!
@@ -338,7 +341,8 @@ pub(crate) struct WalFiles {
     dir: PathBuf,
     file: File,
     segment: u64,
-    /// Segments before the current one, removed at the end of the next checkpoint.
+    /// Segments before the current one, removed once a checkpoint has written their events
+    /// into the epochs.
     older: Vec<u64>,
     /// Bytes written to segments since the last checkpoint.
     since_checkpoint_bytes: u64,
@@ -430,8 +434,9 @@ impl WalFiles {
         self.since_checkpoint_bytes
     }
 
-    /// First step of a checkpoint: later records go to the next segment. The caller then makes
-    /// every epoch durable in sled and calls [`WalFiles::remove_older`].
+    /// First step of a checkpoint: later records go to the next segment. Once every epoch is
+    /// durable in sled (inline or on the checkpoint thread) the commit thread calls
+    /// [`WalFiles::remove_older`].
     pub(crate) fn rotate(&mut self) -> std::io::Result<()> {
         let next = self.segment + 1;
         let file = open_segment(&self.dir, next)?;
