@@ -153,6 +153,18 @@ async fn queued_bytes_are_bounded_per_session_and_in_total() {
         c.subscribe(&format!("box/{id}"), QoS::AtLeastOnce).await;
         c.kill();
     }
+    // Until the server has seen both go, a message may still be sent to the dead connection
+    // (then held in flight for the resume, neither queued nor dropped).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    for id in ["q1", "q2"] {
+        while client_view(&server, id).await["connected"] != false {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{id} still connected"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     let publisher = backend(&server, "pub", false).await;
     for id in ["q1", "q2"] {
         for _ in 0..20 {
