@@ -150,9 +150,8 @@ pub struct Config {
     /// Bytes the events waiting in memory for a checkpoint may take (values plus a fixed
     /// overhead per event and per Thing). A group commit also starts a checkpoint once they
     /// hold half of this, and waits for a running one at three quarters; past all of it, as
-    /// when checkpoints keep failing on a full disk,
-    /// changes are refused (503) instead of filling the memory. At least twice
-    /// `storage_wal_bytes_max`.
+    /// when checkpoints keep failing on a full disk, changes are refused (503) instead of
+    /// filling the memory. At least twice `storage_wal_bytes_max`.
     pub storage_memtable_bytes_max: u64,
     /// How long graceful shutdown waits for Things to stop.
     pub shutdown_timeout_ms: u64,

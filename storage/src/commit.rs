@@ -122,15 +122,9 @@ impl GroupCommit {
                     epochs,
                     wal,
                     persister,
-                    checkpoints_ended: 0,
+                    counters: thread_counters,
                 };
-                run(
-                    rx,
-                    &mut syncer,
-                    batch_waiters_max.max(1),
-                    &thread_counters,
-                    &feed,
-                );
+                run(rx, &mut syncer, batch_waiters_max.max(1), &feed);
             })
             .map_err(|e| StorageError::Db(format!("spawn commit thread: {e}")))?;
         Ok(GroupCommit {
@@ -253,14 +247,13 @@ struct Syncer {
     wal: WriteAhead,
     /// Writes a routine checkpoint's frozen tables into their epochs off this thread.
     persister: Persister,
-    /// Checkpoints that ended well since the commit loop last counted them.
-    checkpoints_ended: u64,
+    /// Where the checkpoints that end (inline or in the background) are counted.
+    counters: Arc<Counters>,
 }
 
 impl Syncer {
     /// Makes everything written before the call durable; a checkpoint inline if `checkpoint` or
-    /// one was asked for (checkpoints that end, inline or in the background, are counted in
-    /// `checkpoints_ended`).
+    /// one was asked for.
     fn make_durable(&mut self, checkpoint: bool) -> std::io::Result<()> {
         self.reap(false);
         let written_ahead = self.write_ahead(checkpoint);
@@ -274,9 +267,8 @@ impl Syncer {
         self.db.flush().map_err(std::io::Error::other)?;
         self.main.sync()?;
         if inline {
-            // Everything is durable in sled now; a segment left behind is only replayed again.
-            self.remove_older_segments();
-            self.checkpoints_ended += 1;
+            // Everything is durable in sled now.
+            self.checkpoint_ended();
         }
         Ok(())
     }
@@ -289,15 +281,15 @@ impl Syncer {
     /// share of the bounds runs in the background: the records are synced in the segment
     /// first, so the appends waiting on this commit (and the ones after it) do not wait for the
     /// epochs' writes and fsyncs (80-130 ms every 3 s at 37k appends/s, 2026-12-05), which
-    /// were the p99.9 of every request. One such checkpoint runs at a time; the next waits for it only once the new
-    /// segment is full as well (what bounds the segments on disk). A checkpoint asked for (a
-    /// failed write or sync, a write no record describes, a refused append, the close) is made
-    /// inline, after any background one ends: its appends have no synced record to rely on.
+    /// were the p99.9 of every request. One such checkpoint runs at a time; a commit waits for
+    /// it only once the new segment is full as well (what bounds the segments on disk) or the
+    /// tables hold three quarters of their bound (rather than refuse appends at it). A
+    /// checkpoint asked for (a failed write or sync, a write no record describes, a refused
+    /// append, the close) is made inline, after any background one ends: its appends have no
+    /// synced record to rely on.
     fn write_ahead(&mut self, checkpoint: bool) -> std::io::Result<bool> {
         if checkpoint || self.wal.buffer.take_checkpoint_request() {
             self.reap(true);
-            // This one writes whatever a failed background one left frozen.
-            self.wal.buffer.take_checkpoint_request();
             self.checkpoint_inline()?;
             return Ok(true);
         }
@@ -316,7 +308,7 @@ impl Syncer {
             }
             // Waiting here, not refusing appends at the bound (which would wait for it too).
             self.reap(true);
-            if self.wal.buffer.take_checkpoint_request() {
+            if self.wal.buffer.checkpoint_requested() {
                 // It failed: its tables are still frozen, and an inline one writes them.
                 self.checkpoint_inline()?;
                 return Ok(true);
@@ -330,9 +322,7 @@ impl Syncer {
         if let Err(unsealed) = self.persister.start_job(unsealed) {
             // Its thread is gone (it panicked): inline, as before there was one.
             tracing::error!("the checkpoint thread stopped; checkpoints are made inline");
-            for epoch in unsealed {
-                epoch.persist_frozen().map_err(std::io::Error::other)?;
-            }
+            persist(&unsealed).map_err(std::io::Error::other)?;
             return Ok(true);
         }
         Ok(false)
@@ -340,17 +330,15 @@ impl Syncer {
 
     /// A checkpoint on this thread: the tables frozen, the next segment started instead of
     /// syncing this one, the frozen tables written and their epochs flushed and fsynced. The
-    /// caller removes the older segments once the main database is synced too.
+    /// caller removes the older segments once the main database is synced too. It also writes
+    /// whatever a failed background checkpoint left frozen, so it takes that one's request.
     fn checkpoint_inline(&mut self) -> std::io::Result<()> {
+        self.wal.buffer.take_checkpoint_request();
         let unsealed = self.freeze_tables()?;
         // If this fails, the next checkpoint writes to the same segment and freezes under the
         // same number: the tables merge (see `MemTable::freeze`).
         self.wal.files.rotate()?;
-        // Oldest first; each also flushes and fsyncs its database (its feed blocks).
-        for epoch in unsealed {
-            epoch.persist_frozen().map_err(std::io::Error::other)?;
-        }
-        Ok(())
+        persist(&unsealed).map_err(std::io::Error::other)
     }
 
     /// Writes the queued records to the current segment and freezes every unsealed epoch's
@@ -374,10 +362,7 @@ impl Syncer {
     fn reap(&mut self, wait: bool) {
         match self.persister.outcome(wait) {
             None => {}
-            Some(Ok(())) => {
-                self.remove_older_segments();
-                self.checkpoints_ended += 1;
-            }
+            Some(Ok(())) => self.checkpoint_ended(),
             Some(Err(e)) => {
                 tracing::error!(error = %e, "a checkpoint failed to write the memory tables into the log epochs; the next commit tries again");
                 self.wal.buffer.request_checkpoint();
@@ -385,11 +370,20 @@ impl Syncer {
         }
     }
 
-    fn remove_older_segments(&mut self) {
+    /// A checkpoint's tables are durable in the epochs: the older segments go, and it counts.
+    fn checkpoint_ended(&mut self) {
+        // A segment left behind is only replayed again.
         if let Err(e) = self.wal.files.remove_older() {
             tracing::warn!(error = %e, "cannot remove the write-ahead segments a checkpoint made unnecessary; trying again at the next one");
         }
+        self.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// Writes the frozen tables of `epochs` into them, oldest first; each also flushes and fsyncs
+/// its database (its feed blocks).
+fn persist(epochs: &[Arc<Epoch>]) -> Result<(), StorageError> {
+    epochs.iter().try_for_each(|epoch| epoch.persist_frozen())
 }
 
 /// A checkpoint's epochs to write out, and a sender to wake the commit thread once done.
@@ -420,7 +414,7 @@ impl Persister {
             .spawn(move || {
                 for job in job_rx {
                     let started = Instant::now();
-                    let outcome = job.epochs.iter().try_for_each(|e| e.persist_frozen());
+                    let outcome = persist(&job.epochs);
                     tracing::debug!(
                         epochs = job.epochs.len(),
                         checkpoint_ms = started.elapsed().as_millis() as u64,
@@ -498,9 +492,9 @@ fn run(
     rx: mpsc::Receiver<Vec<Waiter>>,
     syncer: &mut Syncer,
     batch_waiters_max: usize,
-    counters: &Counters,
     feed: &FeedClock,
 ) {
+    let counters = syncer.counters.clone();
     let mut batch: Vec<Waiter> = Vec::with_capacity(batch_waiters_max);
     // Waiters received and not in a batch yet (a round's may not all fit in one).
     let mut queued: VecDeque<Waiter> = VecDeque::new();
@@ -535,12 +529,7 @@ fn run(
         let started = Instant::now();
         // Every feed position below this is written now, so durable once the flush succeeds.
         let feed_end = feed.written_end();
-        let made = syncer.make_durable(false);
-        counters.checkpoints.fetch_add(
-            std::mem::take(&mut syncer.checkpoints_ended),
-            Ordering::Relaxed,
-        );
-        let result = match made {
+        let result = match syncer.make_durable(false) {
             Ok(()) => Ok(()),
             Err(e) => {
                 tracing::error!(error = %e, "group commit failed; writes in this batch are not durable");
@@ -567,12 +556,7 @@ fn run(
     // Channel closed: make anything written since the last batch durable in sled itself before
     // exiting (the next open then has no segment to replay).
     let feed_end = feed.written_end();
-    let made = syncer.make_durable(true);
-    counters.checkpoints.fetch_add(
-        std::mem::take(&mut syncer.checkpoints_ended),
-        Ordering::Relaxed,
-    );
-    match made {
+    match syncer.make_durable(true) {
         Ok(()) => feed.durable_to(feed_end),
         Err(e) => tracing::error!(error = %e, "final flush at shutdown failed"),
     }

@@ -74,7 +74,8 @@ pub(crate) struct Epoch {
     /// skips it.
     sealed: AtomicBool,
     /// Held while its database is flushed: by a checkpoint (on the commit thread or the
-    /// checkpoint thread) or by its seal, one at a time (sled's concurrent flushes of one database can deadlock, upstream #1308).
+    /// checkpoint thread) or by its seal, one at a time (sled's concurrent flushes of one
+    /// database can deadlock, upstream #1308).
     flushing: std::sync::Mutex<()>,
     /// Its events since the last checkpoint (see [`crate::memtable`]).
     pub(crate) memtable: MemTable,
